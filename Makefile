@@ -1,0 +1,45 @@
+# Two commands for a fresh machine: `make run` and `make test`. Everything else here serves them.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+RUN_DIR ?= runs/make-run
+
+.PHONY: run test install install-dev fixtures clean help
+
+help:
+	@echo "make run   - install into $(VENV) and run the main job on the embedded defaults"
+	@echo "make test  - install into $(VENV) (with dev extras) and run the whole test suite"
+
+$(PY):
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required (found %s); set PYTHON=python3.11" % sys.version.split()[0]'
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -U pip setuptools wheel
+
+# Runtime install; re-run when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PIP) install -e .
+	@touch $@
+
+# Test install: dev tools plus llama-cpp-python (compiled from its sdist, for the interop test).
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(PIP) install -e '.[dev,interop]'
+	@touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+run: install
+	RYZ_RUN_DIR=$(RUN_DIR) $(PY) scripts/make_run.py
+
+test: install-dev
+	$(PY) -m pytest -q
+
+# Dev only: regenerate the transformers parity fixtures (torch + transformers in a separate venv).
+fixtures:
+	$(PYTHON) -m venv .venv-scripts
+	.venv-scripts/bin/pip install -q -r scripts/requirements-fixtures.txt
+	.venv-scripts/bin/python scripts/make_fixtures.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache $(RUN_DIR)

@@ -1,0 +1,194 @@
+"""`ryz`: the command line. Each subcommand imports what it needs lazily, so engine commands
+(`serve`, `generate`, `bench`, `quantize`) never import Prefect.
+
+Conventions (DESIGN.md): `--json` prints machine-readable output on stdout and nothing else there;
+progress and logs go to stderr; a failed check exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _print_json(value) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=False, default=str) + "\n")
+
+
+@contextmanager
+def _progress(total: int, desc: str, enabled: bool = True):
+    """A byte-counting tqdm bar on stderr; yields the update callback."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, disable=not enabled, leave=False) as bar:
+        yield bar.update
+
+
+def _store():
+    from engine.settings import get_settings
+    from engine.store import open_store
+
+    return open_store(settings=get_settings())
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+def cmd_config_show(args) -> int:
+    from engine.settings import describe_settings, get_settings
+
+    rows = describe_settings(get_settings())
+    if args.json:
+        _print_json({r["name"]: {"value": r["value"], "source": r["source"], "env": r["env"]} for r in rows})
+        return 0
+    width = max(len(r["env"]) for r in rows)
+    for r in rows:
+        print(f"{r['env']:<{width}}  {r['value']!s:<40}  ({r['source']})")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    import numpy as np
+
+    from engine.shapes import get_shape
+    from engine.synth import plan_tensors, write_synthetic_checkpoint
+
+    shape = get_shape(args.shape)
+    total = sum(int(np.prod(s)) * 2 for _, s, _ in plan_tensors(shape))
+    with _progress(total, f"synth {args.shape}", not args.json) as update:
+        out = write_synthetic_checkpoint(shape, args.output, seed=args.seed, progress=update)
+    result = {"path": str(out.resolve()), "shape": args.shape, "seed": args.seed, "config": shape.as_dict()}
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"wrote a random {args.shape} BitNet checkpoint (seed {args.seed}) to {out}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from engine.quantize import planned_bytes, quantize_to_store
+    from engine.settings import get_settings
+
+    settings = get_settings()
+    weights = args.weights or settings.weights_type
+    head = args.head or settings.head_type
+    store = _store()
+    with _progress(planned_bytes(args.model_dir, weights, head), "quantize", not args.json) as update:
+        manifest = quantize_to_store(args.model_dir, store, settings.cache_dir / "tmp", weights, head, update)
+    if args.json:
+        _print_json(manifest)
+        return 0
+    hp, params = manifest["hyperparameters"], manifest["parameters"]
+    rel = [t["rel_error"] for t in manifest["tensors"] if t.get("rel_error") is not None and t["type"] in ("tq2_0", "tq1_0")]
+    print(manifest["artifact_id"])
+    print(f"  architecture  {manifest['architecture']['gguf']} ({manifest['architecture']['hf_class']}, FFN {manifest['architecture']['ffn_activation']})", file=sys.stderr)
+    print(f"  shape         hidden {hp['hidden']}, {hp['layers']} layers, {hp['heads']}/{hp['kv_heads']} heads, FFN {hp['ffn']}, vocab {hp['vocab']}", file=sys.stderr)
+    print(f"  parameters    {params['total']:,} ({params['ternary']:,} ternary)", file=sys.stderr)
+    print(f"  types         weights {weights}, head {head}, norms f32", file=sys.stderr)
+    print(f"  size          {manifest['size']:,} bytes; {manifest['bytes_per_token']:,} bytes read per decoded token", file=sys.stderr)
+    if rel:
+        print(f"  ternary error mean relative L2 {sum(rel) / len(rel):.4f} (max {max(rel):.4f})", file=sys.stderr)
+    print(f"  store         {store.url}", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from engine.reference import ReferenceModel
+    from engine.refs import resolve_model
+    from engine.tokenizer import ModelTokenizer
+
+    path = resolve_model(args.model, _store())
+    model = ReferenceModel(path)
+    tokenizer = ModelTokenizer(model.file)
+    prompt_ids = tokenizer.encode(args.prompt)
+    ids = model.generate(prompt_ids, args.max_tokens, stop_ids=tokenizer.stop_ids)
+    text = tokenizer.decode(ids)
+    if args.json:
+        _print_json({"text": text, "token_ids": ids, "prompt_token_ids": prompt_ids, "engine": "reference"})
+    else:
+        print(text)
+    return 0
+
+
+def cmd_artifacts(args) -> int:
+    store = _store()
+    rows = store.list_artifacts(kind=args.kind)
+    if args.json:
+        _print_json(rows)
+        return 0
+    for m in rows:
+        print(f"{m['artifact_id'][:19]}  {m.get('kind', '?'):<8} {m.get('size', 0):>14,}  {m.get('created', '')}  {m.get('source', {}).get('path', '')}")
+    return 0
+
+
+def cmd_artifact_show(args) -> int:
+    store = _store()
+    _print_json(store.get_manifest(store.resolve(args.ref)))
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ryz", description="Ryzanstein: ternary LLMs on CPUs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable, help: str, json_flag: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        p.set_defaults(handler=handler)
+        return p
+
+    config = sub.add_parser("config", help="show the effective settings").add_subparsers(dest="config_command", required=True)
+    show = config.add_parser("show", help="print every setting, its value and where it came from")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=cmd_config_show)
+
+    p = command("synth", cmd_synth, "write a random-weight Hugging Face BitNet checkpoint of a named shape")
+    p.add_argument("--shape", required=True, help="tiny, medium or bitnet-2b4t")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = command("quantize", cmd_quantize, "quantize a Hugging Face checkpoint into a ternary GGUF artifact")
+    p.add_argument("model_dir", type=Path)
+    p.add_argument("--weights", choices=["tq2_0", "tq1_0"], help="ternary GGUF type (default RYZ_WEIGHTS_TYPE)")
+    p.add_argument("--head", choices=["q8_0", "q6_k", "f16"], help="embedding/head type (default RYZ_HEAD_TYPE)")
+
+    p = command("generate", cmd_generate, "greedy-decode with the numpy reference forward (slow: the yardstick)")
+    p.add_argument("model", help="artifact id or prefix, or a .gguf path")
+    p.add_argument("prompt")
+    p.add_argument("--max-tokens", type=int, default=32)
+
+    p = command("artifacts", cmd_artifacts, "list the artifacts in the store")
+    p.add_argument("--kind", help="only this kind (model, ...)")
+    p = command("artifact", cmd_artifact_show, "print one artifact's manifest (JSON)", json_flag=False)
+    p.add_argument("ref", help="artifact id or prefix (>= 12 hex digits)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.errors import RyzError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except RyzError as exc:
+        print(f"ryz: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"ryz: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("ryz: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
