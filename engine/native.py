@@ -1,0 +1,263 @@
+"""ctypes binding of the native engine (native/include/ryz.h). The only module that loads the library.
+
+`NativeModel` has the reference's interface (`forward(tokens, cache)`, `generate`), so tests and the
+lm-eval adapter can switch between them; `load_library` finds or builds the kernel build for this CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.errors import RyzError
+from engine.ggufio import LINEAR_NAMES, ModelFile, tensor_name
+
+ABI_VERSION = 1
+GGML_TYPE_IDS = {"f32": 0, "f16": 1, "q8_0": 8, "q6_k": 14, "tq1_0": 34, "tq2_0": 35}
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3}
+ISA_NAMES = {v: k for k, v in ISAS.items()}
+KV_TYPES = {"f32": 0, "f16": 1}
+_STATUS = {1: "invalid argument", 2: "out of memory", 3: "unsupported", 4: "capacity exceeded", 5: "wrong call order"}
+
+
+class NativeError(RyzError, RuntimeError):
+    """A native call failed; the message is the library's own (ryz_last_error)."""
+
+
+class NativeCapacityError(NativeError):
+    """A sequence would exceed the context's positions."""
+
+
+class _Hparams(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_int32) for n in ("hidden", "layers", "heads", "kv_heads", "head_dim", "ffn", "vocab")] + [
+        ("rope_theta", ctypes.c_float), ("rms_eps", ctypes.c_float),
+        ("ffn_act", ctypes.c_int32), ("sub_norms", ctypes.c_int32), ("tied", ctypes.c_int32)]
+
+
+class _Tuning(ctypes.Structure):
+    _fields_ = [("gemm_token_tile", ctypes.c_int32), ("rows_per_task", ctypes.c_int32)]
+
+
+_P = ctypes.c_void_p
+_I32, _I64, _F32 = ctypes.c_int32, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "ryz_abi_version": (_I32, []),
+    "ryz_isa": (_I32, []),
+    "ryz_isa_name": (ctypes.c_char_p, [_I32]),
+    "ryz_isa_supported": (_I32, [_I32]),
+    "ryz_set_isa": (_I32, [_I32]),
+    "ryz_last_error": (ctypes.c_char_p, []),
+    "ryz_source_hash": (ctypes.c_char_p, []),
+    "ryz_model_new": (_I32, [ctypes.POINTER(_Hparams), ctypes.POINTER(_P)]),
+    "ryz_model_set_tensor": (_I32, [_P, ctypes.c_char_p, _P, _I32, _I64, _I64]),
+    "ryz_model_finalize": (_I32, [_P, _I32]),
+    "ryz_model_repack_seconds": (ctypes.c_double, [_P]),
+    "ryz_model_repacked_bytes": (_I64, [_P]),
+    "ryz_model_free": (None, [_P]),
+    "ryz_context_new": (_I32, [_P, _I32, _I32, _I32, _I32, ctypes.POINTER(_P)]),
+    "ryz_context_free": (None, [_P]),
+    "ryz_context_set_tuning": (_I32, [_P, ctypes.POINTER(_Tuning)]),
+    "ryz_seq_length": (_I32, [_P, _I32]),
+    "ryz_seq_truncate": (_I32, [_P, _I32, _I32]),
+    "ryz_seq_copy": (_I32, [_P, _I32, _I32, _I32]),
+    "ryz_context_kv_bytes": (_I64, [_P]),
+    "ryz_forward": (_I32, [_P, _I32, _P, _P, _P, _P]),
+    "ryz_ternary_packed_bytes": (ctypes.c_size_t, [_I64, _I64]),
+    "ryz_ternary_pack": (_I32, [_P, _I32, _I64, _I64, _P]),
+    "ryz_ternary_gemm": (_I32, [_P, _I64, _I64, _P, _I32, _P]),
+    "ryz_quantize_activations": (_I32, [_P, _I32, _I64, _P, _P, _P]),
+    "ryz_dense_gemm": (_I32, [_P, _I32, _I64, _I64, _P, _I32, _P]),
+    "ryz_read_bandwidth": (ctypes.c_double, [_I64, _I32, _I32]),
+}
+
+
+class Library:
+    """The loaded shared library with every symbol's signature declared and status codes checked."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.lib = ctypes.CDLL(str(self.path))
+        except OSError as exc:
+            raise NativeError(f"cannot load the native library {self.path}: {exc}; rebuild it with `ryz build-kernels --force`") from None
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            fn = getattr(self.lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+        if self.lib.ryz_abi_version() != ABI_VERSION:
+            raise NativeError(f"{self.path} has ABI {self.lib.ryz_abi_version()}, this engine needs {ABI_VERSION}; run `ryz build-kernels --force`")
+
+    def check(self, status: int, what: str) -> None:
+        if status == 0:
+            return
+        message = (self.lib.ryz_last_error() or b"").decode() or _STATUS.get(status, f"status {status}")
+        cls = NativeCapacityError if status == 4 else NativeError
+        raise cls(f"{what}: {message}")
+
+    @property
+    def isa(self) -> str:
+        return ISA_NAMES[self.lib.ryz_isa()]
+
+    def isa_supported(self, isa: str) -> bool:
+        return bool(self.lib.ryz_isa_supported(ISAS[isa]))
+
+    def set_isa(self, isa: str) -> None:
+        if isa == "auto":
+            for name in ("avx512", "avx2", "neon", "scalar"):
+                if self.isa_supported(name):
+                    isa = name
+                    break
+        if isa not in ISAS:
+            raise ValueError(f"unknown ISA {isa!r}; choose auto, {', '.join(ISAS)}")
+        self.check(self.lib.ryz_set_isa(ISAS[isa]), f"RYZ_ISA={isa}")
+
+    # Kernel entry points (tests, autotuner).
+    def ternary_pack(self, raw: np.ndarray, qtype: str, rows: int, cols: int) -> np.ndarray:
+        out = np.zeros(self.lib.ryz_ternary_packed_bytes(rows, cols), dtype=np.uint8)
+        raw = np.ascontiguousarray(raw)
+        self.check(self.lib.ryz_ternary_pack(raw.ctypes.data, GGML_TYPE_IDS[qtype], rows, cols, out.ctypes.data), "ternary_pack")
+        return out
+
+    def ternary_gemm(self, packed: np.ndarray, rows: int, cols: int, act: np.ndarray) -> np.ndarray:
+        act = np.ascontiguousarray(act, dtype=np.int8).reshape(-1, cols)
+        out = np.zeros((act.shape[0], rows), dtype=np.int32)
+        self.check(self.lib.ryz_ternary_gemm(packed.ctypes.data, rows, cols, act.ctypes.data, act.shape[0], out.ctypes.data), "ternary_gemm")
+        return out
+
+    def quantize_activations(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+        q = np.zeros(x.shape, dtype=np.int8)
+        scale = np.zeros(x.shape[0], dtype=np.float32)
+        sums = np.zeros(x.shape[0], dtype=np.int32)
+        self.check(self.lib.ryz_quantize_activations(x.ctypes.data, x.shape[0], x.shape[1], q.ctypes.data, scale.ctypes.data, sums.ctypes.data), "quantize_activations")
+        return q, scale, sums
+
+    def dense_gemm(self, raw: np.ndarray, qtype: str, rows: int, cols: int, x: np.ndarray) -> np.ndarray:
+        raw = np.ascontiguousarray(raw)
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, cols)
+        out = np.zeros((x.shape[0], rows), dtype=np.float32)
+        self.check(self.lib.ryz_dense_gemm(raw.ctypes.data, GGML_TYPE_IDS[qtype], rows, cols, x.ctypes.data, x.shape[0], out.ctypes.data), "dense_gemm")
+        return out
+
+    def read_bandwidth(self, nbytes: int, threads: int, repeats: int = 3) -> float:
+        """GB/s streamed with SIMD loads (best of `repeats`)."""
+        return float(self.lib.ryz_read_bandwidth(nbytes, threads, repeats))
+
+
+@dataclass
+class NativeCache:
+    """A sequence slot in a NativeModel's context (the reference's KVCache counterpart)."""
+
+    seq: int
+    model: NativeModel
+
+    @property
+    def length(self) -> int:
+        return self.model.library.lib.ryz_seq_length(self.model.context, self.seq)
+
+
+class NativeModel:
+    """A GGUF model artifact on the native engine: mmap'd tensors, repacked ternary weights."""
+
+    def __init__(self, path: str | Path, library: Library, threads: int = 1, max_seqs: int = 1,
+                 max_positions: int | None = None, kv_type: str = "f16", token_tile: int = 0):
+        self.library = library
+        self.file = ModelFile(path)
+        self.hp = hp = self.file.hparams
+        lib = library.lib
+        params = _Hparams(hp.hidden, hp.layers, hp.heads, hp.kv_heads, hp.head_dim, hp.ffn, hp.vocab, hp.rope_theta, hp.rms_eps,
+                          1 if hp.ffn_act == "relu2" else 0, int(hp.sub_norms), int(hp.tied))
+        handle = _P()
+        library.check(lib.ryz_model_new(ctypes.byref(params), ctypes.byref(handle)), "model_new")
+        self.model = handle
+        self.context = _P()
+        self._arrays = []  # keep every mapped array alive as long as the native model points into it
+        try:
+            for name in self._tensor_names():
+                data = np.asarray(self.file.raw(name))
+                shape = self.file.shape(name)
+                rows, cols = (1, shape[0]) if len(shape) == 1 else shape
+                self._arrays.append(data)
+                library.check(lib.ryz_model_set_tensor(handle, name.encode(), data.ctypes.data, GGML_TYPE_IDS[self.file.tensor_type(name)], rows, cols), name)
+            library.check(lib.ryz_model_finalize(handle, max(threads, 1)), "model_finalize")
+            ctx = _P()
+            positions = max_positions or hp.context
+            library.check(lib.ryz_context_new(handle, max(threads, 1), max_seqs, positions, KV_TYPES[kv_type], ctypes.byref(ctx)), "context_new")
+            self.context = ctx
+            if token_tile:
+                library.check(lib.ryz_context_set_tuning(ctx, ctypes.byref(_Tuning(token_tile, 0))), "set_tuning")
+        except BaseException:
+            self.close()
+            raise
+        self.max_seqs, self.max_positions = max_seqs, positions
+        self.repack_seconds = lib.ryz_model_repack_seconds(handle)
+
+    def _tensor_names(self) -> list[str]:
+        names = ["token_embd.weight", "output_norm.weight"] + ([] if self.hp.tied else ["output.weight"])
+        for i in range(self.hp.layers):
+            names += [tensor_name(i, s) for s in ("attn_norm", "ffn_norm")]
+            if self.hp.sub_norms:
+                names += [tensor_name(i, s) for s in ("attn_sub_norm", "ffn_sub_norm")]
+            for stem in LINEAR_NAMES.values():
+                names.append(tensor_name(i, stem))
+                if tensor_name(i, stem, "scale") in self.file.tensors:
+                    names.append(tensor_name(i, stem, "scale"))
+        return names
+
+    def close(self) -> None:
+        lib = self.library.lib
+        if getattr(self, "context", None):
+            lib.ryz_context_free(self.context)
+            self.context = None
+        if getattr(self, "model", None):
+            lib.ryz_model_free(self.model)
+            self.model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def new_cache(self, seq: int = 0) -> NativeCache:
+        self.library.check(self.library.lib.ryz_seq_truncate(self.context, seq, 0), "seq_truncate")
+        return NativeCache(seq, self)
+
+    def forward_batch(self, tokens: np.ndarray, seq_ids: np.ndarray, want_logits: np.ndarray | None = None) -> np.ndarray:
+        """One step over tokens of any sequences; logits for the selected tokens (default: the last)."""
+        tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+        seq_ids = np.ascontiguousarray(seq_ids, dtype=np.int32)
+        if want_logits is None:
+            n_out = 1
+            want_ptr = None
+        else:
+            want = np.ascontiguousarray(want_logits, dtype=np.uint8)
+            n_out = int(want.sum())
+            want_ptr = want.ctypes.data
+        logits = np.zeros((max(n_out, 1), self.hp.vocab), dtype=np.float32)
+        self.library.check(self.library.lib.ryz_forward(self.context, len(tokens), tokens.ctypes.data, seq_ids.ctypes.data,
+                                                        want_ptr, logits.ctypes.data), "forward")
+        return logits[:n_out]
+
+    def forward(self, tokens, cache: NativeCache | None = None) -> np.ndarray:
+        """Logits (len(tokens), vocab) for `tokens` after what `cache` holds, as ReferenceModel.forward."""
+        cache = cache if cache is not None else self.new_cache()
+        tokens = np.asarray(tokens, dtype=np.int32)
+        if tokens.size == 0:
+            raise ValueError("forward needs at least one token")
+        return self.forward_batch(tokens, np.full(len(tokens), cache.seq, np.int32), np.ones(len(tokens), np.uint8))
+
+    def generate(self, prompt: list[int], max_tokens: int, stop_ids: set[int] | None = None) -> list[int]:
+        cache = self.new_cache()
+        tokens = np.asarray(prompt, dtype=np.int32)
+        logits = self.forward_batch(tokens, np.full(len(tokens), cache.seq, np.int32))[-1]
+        out: list[int] = []
+        for _ in range(max_tokens):
+            token = int(np.argmax(logits))
+            out.append(token)
+            if stop_ids and token in stop_ids:
+                break
+            logits = self.forward_batch(np.array([token], np.int32), np.array([cache.seq], np.int32))[-1]
+        return out

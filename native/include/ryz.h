@@ -1,0 +1,113 @@
+/* Ryzanstein native engine: the whole C ABI.
+ *
+ * POD structs, integer status codes, no exceptions across this boundary. Python reaches it through
+ * ctypes (engine/native.py, the only importer). Tensors are passed by pointer into the caller's
+ * memory-mapped GGUF; ternary weights are repacked into the kernels' layout at finalize time, every
+ * other tensor is read in place, so the caller must keep the mapping alive while the model lives.
+ */
+#ifndef RYZ_H
+#define RYZ_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define RYZ_ABI_VERSION 1
+
+#if defined(__GNUC__)
+#define RYZ_API __attribute__((visibility("default")))
+#else
+#define RYZ_API
+#endif
+
+typedef enum {
+    RYZ_OK = 0,
+    RYZ_ERR_INVALID_ARGUMENT = 1, /* bad shape, type, name, token id, position or sequence */
+    RYZ_ERR_OUT_OF_MEMORY = 2,
+    RYZ_ERR_UNSUPPORTED = 3,      /* a type or ISA this build cannot run */
+    RYZ_ERR_CAPACITY = 4,         /* a sequence would exceed the context's capacity */
+    RYZ_ERR_STATE = 5             /* call order: e.g. forward on a model that is not finalized */
+} ryz_status;
+
+/* GGML type ids of the tensors we accept (values match ggml's enum). */
+enum {
+    RYZ_TYPE_F32 = 0, RYZ_TYPE_F16 = 1, RYZ_TYPE_Q8_0 = 8, RYZ_TYPE_Q6_K = 14,
+    RYZ_TYPE_TQ1_0 = 34, RYZ_TYPE_TQ2_0 = 35
+};
+
+enum { RYZ_ACT_SILU = 0, RYZ_ACT_RELU2 = 1 };
+enum { RYZ_KV_F32 = 0, RYZ_KV_F16 = 1 };
+enum { RYZ_ISA_SCALAR = 0, RYZ_ISA_AVX2 = 1, RYZ_ISA_AVX512 = 2, RYZ_ISA_NEON = 3 };
+
+typedef struct {
+    int32_t hidden, layers, heads, kv_heads, head_dim, ffn, vocab;
+    float rope_theta, rms_eps;
+    int32_t ffn_act;    /* RYZ_ACT_* */
+    int32_t sub_norms;  /* 1: attn_sub_norm / ffn_sub_norm present */
+    int32_t tied;       /* 1: token_embd is also the output head */
+} ryz_hparams;
+
+/* Tuning parameters the autotuner sweeps (0 = built-in default). */
+typedef struct {
+    int32_t gemm_token_tile;  /* tokens processed per weight pass in the batched GEMM */
+    int32_t rows_per_task;    /* output rows per work item handed to a thread */
+} ryz_tuning;
+
+typedef struct ryz_model ryz_model;
+typedef struct ryz_context ryz_context;
+
+/* Library */
+RYZ_API int32_t ryz_abi_version(void);
+RYZ_API int32_t ryz_isa(void);                   /* the kernel family in use (RYZ_ISA_*) */
+RYZ_API const char *ryz_isa_name(int32_t isa);
+RYZ_API int32_t ryz_isa_supported(int32_t isa);  /* 1 if compiled in and this CPU + OS can run it */
+RYZ_API ryz_status ryz_set_isa(int32_t isa);     /* force a path (tests, RYZ_ISA); fails if unsupported */
+RYZ_API const char *ryz_last_error(void);         /* message for the last failing call on this thread */
+RYZ_API const char *ryz_source_hash(void);        /* hash of the sources this library was built from */
+
+/* Model */
+RYZ_API ryz_status ryz_model_new(const ryz_hparams *hp, ryz_model **out);
+/* Register one GGUF tensor by its GGUF name (e.g. "blk.3.attn_q.weight"); rows x cols in numpy order. */
+RYZ_API ryz_status ryz_model_set_tensor(ryz_model *m, const char *name, const void *data, int32_t type, int64_t rows, int64_t cols);
+RYZ_API ryz_status ryz_model_finalize(ryz_model *m, int32_t n_threads);  /* checks completeness, repacks ternary weights */
+RYZ_API double ryz_model_repack_seconds(const ryz_model *m);
+RYZ_API int64_t ryz_model_repacked_bytes(const ryz_model *m);
+RYZ_API void ryz_model_free(ryz_model *m);
+
+/* Context: a thread pool, scratch buffers, and one KV cache per sequence. */
+RYZ_API ryz_status ryz_context_new(ryz_model *m, int32_t n_threads, int32_t max_seqs, int32_t max_positions, int32_t kv_type, ryz_context **out);
+RYZ_API void ryz_context_free(ryz_context *c);
+RYZ_API ryz_status ryz_context_set_tuning(ryz_context *c, const ryz_tuning *t);
+RYZ_API int32_t ryz_seq_length(const ryz_context *c, int32_t seq);
+RYZ_API ryz_status ryz_seq_truncate(ryz_context *c, int32_t seq, int32_t length);  /* 0 resets */
+RYZ_API ryz_status ryz_seq_copy(ryz_context *c, int32_t src, int32_t dst, int32_t length);  /* shared-prefix reuse */
+RYZ_API int64_t ryz_context_kv_bytes(const ryz_context *c);
+
+/* One forward step over a batch of tokens from any sequences. Each token's position must equal its
+ * sequence's length at that point (tokens of one sequence in order). `want_logits[i]` != 0 selects the
+ * tokens whose logits are written, densely in batch order, to `logits` (rows of `vocab` floats);
+ * NULL selects the last token of the batch only. */
+RYZ_API ryz_status ryz_forward(ryz_context *c, int32_t n_tokens, const int32_t *tokens, const int32_t *seq_ids,
+                       const uint8_t *want_logits, float *logits);
+
+/* Kernels, exposed for tests and the autotuner (they use the current ISA). */
+RYZ_API size_t ryz_ternary_packed_bytes(int64_t rows, int64_t cols);
+RYZ_API ryz_status ryz_ternary_pack(const void *src, int32_t type, int64_t rows, int64_t cols, uint8_t *dst);
+/* out[t * rows + r] = sum_k W[r, k] * act[t * cols + k] over ternary W (packed), int8 activations. */
+RYZ_API ryz_status ryz_ternary_gemm(const uint8_t *packed, int64_t rows, int64_t cols, const int8_t *act,
+                            int32_t n_tokens, int32_t *out);
+/* Per-token absmax int8 quantization: q = clamp(rint(x * 127 / max|x|)); scale[t] = 127 / max|x|. */
+RYZ_API ryz_status ryz_quantize_activations(const float *x, int32_t n_tokens, int64_t cols, int8_t *q, float *scale, int32_t *sums);
+/* out[t * rows + r] = dot(dequant(W[r]), x[t]) for a Q8_0, Q6_K, F16 or F32 head / embedding. */
+RYZ_API ryz_status ryz_dense_gemm(const void *w, int32_t type, int64_t rows, int64_t cols, const float *x, int32_t n_tokens, float *out);
+/* Memory read bandwidth probe: streams `bytes` with SIMD loads on n_threads threads, `repeats` times. */
+RYZ_API double ryz_read_bandwidth(int64_t bytes, int32_t n_threads, int32_t repeats);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* RYZ_H */

@@ -1,0 +1,110 @@
+// The kernels' own ABI entry points (tests, autotuner, benchmark) and the bandwidth probe.
+#include <algorithm>
+#include <chrono>
+#include <thread>
+#include <vector>
+
+#include "internal.h"
+#include "threads.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+namespace ryz {
+namespace {
+
+// Sums 64-byte lines with the widest loads the CPU has, so the probe measures what SIMD kernels can read.
+#if defined(__x86_64__) || defined(_M_X64)
+__attribute__((target("avx512f"))) uint64_t read_avx512(const uint8_t *p, size_t bytes) {
+    __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+    for (size_t i = 0; i + 128 <= bytes; i += 128) {
+        acc0 = _mm512_xor_si512(acc0, _mm512_load_si512(p + i));
+        acc1 = _mm512_xor_si512(acc1, _mm512_load_si512(p + i + 64));
+    }
+    return static_cast<uint64_t>(_mm512_reduce_add_epi64(_mm512_xor_si512(acc0, acc1)));
+}
+__attribute__((target("avx2"))) uint64_t read_avx2(const uint8_t *p, size_t bytes) {
+    __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+    for (size_t i = 0; i + 64 <= bytes; i += 64) {
+        acc0 = _mm256_xor_si256(acc0, _mm256_load_si256(reinterpret_cast<const __m256i *>(p + i)));
+        acc1 = _mm256_xor_si256(acc1, _mm256_load_si256(reinterpret_cast<const __m256i *>(p + i + 32)));
+    }
+    const __m256i x = _mm256_xor_si256(acc0, acc1);
+    return static_cast<uint64_t>(_mm256_extract_epi64(x, 0) ^ _mm256_extract_epi64(x, 1) ^ _mm256_extract_epi64(x, 2) ^ _mm256_extract_epi64(x, 3));
+}
+#endif
+
+uint64_t read_scalar(const uint8_t *p, size_t bytes) {
+    uint64_t acc = 0;
+    for (size_t i = 0; i + 8 <= bytes; i += 8) acc ^= *reinterpret_cast<const uint64_t *>(p + i);
+    return acc;
+}
+
+uint64_t read_block(const uint8_t *p, size_t bytes) {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (kernels().isa == RYZ_ISA_AVX512) return read_avx512(p, bytes);
+    if (kernels().isa == RYZ_ISA_AVX2) return read_avx2(p, bytes);
+#endif
+    return read_scalar(p, bytes);
+}
+
+}  // namespace
+}  // namespace ryz
+
+using namespace ryz;
+
+extern "C" {
+
+ryz_status ryz_ternary_gemm(const uint8_t *packed, int64_t rows, int64_t cols, const int8_t *act, int32_t n_tokens, int32_t *out) {
+    if (!packed || !act || !out || n_tokens < 1) return fail(RYZ_ERR_INVALID_ARGUMENT, "null argument or no tokens");
+    if (rows <= 0 || rows % TILE_ROWS || cols <= 0 || cols % QK_K)
+        return fail(RYZ_ERR_INVALID_ARGUMENT, "rows must be a multiple of 4 and cols of 256");
+    std::vector<int32_t> sums(n_tokens);
+    for (int32_t t = 0; t < n_tokens; ++t) {
+        int32_t s = 0;
+        for (int64_t k = 0; k < cols; ++k) s += act[t * cols + k];
+        sums[t] = s;
+    }
+    kernels().ternary_gemm(packed, 0, rows, cols, act, sums.data(), n_tokens, 0, out, rows);
+    return RYZ_OK;
+}
+
+ryz_status ryz_quantize_activations(const float *x, int32_t n_tokens, int64_t cols, int8_t *q, float *scale, int32_t *sums) {
+    if (!x || !q || !scale || !sums || n_tokens < 1 || cols < 1) return fail(RYZ_ERR_INVALID_ARGUMENT, "null argument or empty input");
+    for (int32_t t = 0; t < n_tokens; ++t) kernels().quantize_act(x + t * cols, cols, q + t * cols, scale + t, sums + t);
+    return RYZ_OK;
+}
+
+ryz_status ryz_dense_gemm(const void *w, int32_t type, int64_t rows, int64_t cols, const float *x, int32_t n_tokens, float *out) {
+    if (!w || !x || !out || rows < 1 || n_tokens < 1) return fail(RYZ_ERR_INVALID_ARGUMENT, "null argument or empty input");
+    if (row_bytes(type, cols) == 0 || (type == RYZ_TYPE_Q8_0 && cols % QK8_0) || (type == RYZ_TYPE_Q6_K && cols % QK_K))
+        return fail(RYZ_ERR_UNSUPPORTED, "dense type must be F32, F16, Q8_0 or Q6_K with whole blocks");
+    kernels().dense_gemm(w, type, 0, rows, cols, x, n_tokens, out, rows);
+    return RYZ_OK;
+}
+
+double ryz_read_bandwidth(int64_t bytes, int32_t n_threads, int32_t repeats) {
+    if (bytes < (1 << 20) || n_threads < 1 || repeats < 1) return 0.0;
+    AlignedBuffer buffer;
+    if (!buffer.allocate(static_cast<size_t>(bytes))) return 0.0;
+    for (int64_t i = 0; i < bytes; i += 4096) buffer.get()[i] = static_cast<uint8_t>(i);  // fault pages in
+    ThreadPool pool(n_threads);
+    std::vector<uint64_t> sink(n_threads);
+    double best = 0.0;
+    for (int32_t r = 0; r < repeats; ++r) {
+        const auto start = std::chrono::steady_clock::now();
+        pool.run([&](int ti, int nt) {
+            int64_t b, e;
+            split_range(bytes, 4096, ti, nt, &b, &e);
+            sink[ti] += read_block(buffer.get() + b, static_cast<size_t>(e - b));
+        });
+        const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+        best = std::max(best, static_cast<double>(bytes) / seconds);
+    }
+    volatile uint64_t keep = 0;
+    for (uint64_t s : sink) keep = keep ^ s;
+    return best / 1e9;  // GB/s
+}
+
+}  // extern "C"

@@ -1,0 +1,389 @@
+// The BitNet b1.58 forward over a batch of tokens from any sequences, one C call per step.
+//
+// Same computation and, where it matters, the same float order as engine/reference.py:
+//   per layer  n = rms(x) -> int8 -> q,k,v (ternary GEMM) -> rope -> KV cache -> causal GQA attention
+//              -> [attn_sub_norm] -> int8 -> o_proj -> x += ;  m = rms(x) -> int8 -> gate, up -> act(gate)*up
+//              -> [ffn_sub_norm] -> int8 -> down -> x +=
+//   then rms(x) -> dense head GEMM for the tokens whose logits are wanted.
+// A BitLinear output is float(int32 sum) / activation_scale * weight_scale, as the reference computes it.
+// Every parallel region splits work statically by thread index, so results never depend on timing.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <new>
+
+#include "internal.h"
+#include "threads.h"
+
+namespace ryz {
+
+struct KVSeq {
+    AlignedBuffer keys, values;  // [layer][position][kv_heads * head_dim], fp32 or fp16
+    int32_t length = 0;
+};
+
+}  // namespace ryz
+
+struct ryz_context {
+    ryz_model *model = nullptr;
+    std::unique_ptr<ryz::ThreadPool> pool;
+    int32_t max_seqs = 0, max_positions = 0, kv_type = RYZ_KV_F16;
+    std::vector<ryz::KVSeq> seqs;
+    ryz_tuning tuning{8, 0};
+    std::vector<float> rope_cos, rope_sin;  // [position][head_dim / 2]
+    // Scratch, grown to the largest batch seen.
+    int32_t capacity = 0;
+    std::vector<float> x, xb, q, k, v, att, gate, up, act_scale, head_in;
+    std::vector<int8_t> act;
+    std::vector<int32_t> act_sum, acc, positions;
+};
+
+namespace ryz {
+
+namespace {
+
+size_t kv_elem_bytes(int32_t kv_type) { return kv_type == RYZ_KV_F32 ? 4 : 2; }
+
+void rms_norm(const float *x, const float *w, int64_t n, float eps, float *out) {
+    float sum = 0.0f;
+    for (int64_t i = 0; i < n; ++i) sum += x[i] * x[i];
+    const float denom = std::sqrt(sum / static_cast<float>(n) + eps);
+    for (int64_t i = 0; i < n; ++i) out[i] = x[i] / denom * w[i];
+}
+
+// Quantize n tokens of `cols` activations (rows of `x`) into the context's int8 buffer.
+void quantize_tokens(ryz_context *c, const float *x, int32_t n, int64_t cols) {
+    const Kernels &kern = kernels();
+    c->pool->run([&](int ti, int nt) {
+        int64_t b, e;
+        split_range(n, 1, ti, nt, &b, &e);
+        for (int64_t t = b; t < e; ++t)
+            kern.quantize_act(x + t * cols, cols, c->act.data() + t * cols, &c->act_scale[t], &c->act_sum[t]);
+    });
+}
+
+// out[t, r] = float(acc) / act_scale[t] * w.scale for each linear, all run in one parallel region
+// (q, k, v share their input activations, as do gate and up).
+struct LinearJob {
+    const TernaryLinear *w;
+    float *out;  // [n][w->rows]
+};
+
+void bit_linears(ryz_context *c, const LinearJob *jobs, int n_jobs, int32_t n) {
+    const Kernels &kern = kernels();
+    int64_t total_rows = 0;
+    for (int j = 0; j < n_jobs; ++j) total_rows += jobs[j].w->rows;
+    const int64_t cols = jobs[0].w->cols;
+    const int32_t tile = c->tuning.gemm_token_tile;
+    c->pool->run([&](int ti, int nt) {
+        int64_t begin, end;  // this thread's share of all jobs' rows, in whole row tiles
+        split_range(total_rows, TILE_ROWS, ti, nt, &begin, &end);
+        int64_t offset = 0;
+        for (int j = 0; j < n_jobs; ++j) {
+            const TernaryLinear &w = *jobs[j].w;
+            const int64_t rb = std::max<int64_t>(begin - offset, 0), re = std::min<int64_t>(end - offset, w.rows);
+            if (rb < re) {
+                int32_t *acc = c->acc.data() + offset * n;  // [job rows][...]: disjoint per job
+                kern.ternary_gemm(w.packed.get(), rb, re, cols, c->act.data(), c->act_sum.data(), n, tile, acc, w.rows);
+                for (int32_t t = 0; t < n; ++t) {
+                    const float act_scale = c->act_scale[t];
+                    float *out = jobs[j].out + int64_t(t) * w.rows;
+                    const int32_t *a = acc + int64_t(t) * w.rows;
+                    for (int64_t r = rb; r < re; ++r) out[r] = static_cast<float>(a[r]) / act_scale * w.scale;
+                }
+            }
+            offset += w.rows;
+        }
+    });
+}
+
+void rope(const ryz_context *c, float *vec, int32_t n_heads, int32_t head_dim, int32_t pos) {
+    const int32_t half = head_dim / 2;
+    const float *cs = c->rope_cos.data() + int64_t(pos) * half, *sn = c->rope_sin.data() + int64_t(pos) * half;
+    for (int32_t h = 0; h < n_heads; ++h) {
+        float *v = vec + int64_t(h) * head_dim;
+        for (int32_t i = 0; i < half; ++i) {  // NEOX: rotate the two halves (transformers' rotate_half)
+            const float a = v[i], b = v[i + half];
+            v[i] = a * cs[i] - b * sn[i];
+            v[i + half] = b * cs[i] + a * sn[i];
+        }
+    }
+}
+
+inline float kv_load(const uint8_t *base, int32_t kv_type, int64_t index) {
+    if (kv_type == RYZ_KV_F32) return reinterpret_cast<const float *>(base)[index];
+    return fp16_to_fp32(reinterpret_cast<const fp16_t *>(base)[index]);
+}
+
+inline void kv_store(uint8_t *base, int32_t kv_type, int64_t index, float value) {
+    if (kv_type == RYZ_KV_F32) reinterpret_cast<float *>(base)[index] = value;
+    else reinterpret_cast<fp16_t *>(base)[index] = fp32_to_fp16(value);
+}
+
+ryz_status ensure_seq(ryz_context *c, int32_t seq) {
+    KVSeq &s = c->seqs[seq];
+    if (s.keys.get()) return RYZ_OK;
+    const ryz_hparams &hp = c->model->hp;
+    const size_t bytes = size_t(hp.layers) * c->max_positions * hp.kv_heads * hp.head_dim * kv_elem_bytes(c->kv_type);
+    if (!s.keys.allocate(bytes) || !s.values.allocate(bytes)) return fail(RYZ_ERR_OUT_OF_MEMORY, "out of memory for the KV cache");
+    return RYZ_OK;
+}
+
+void grow_scratch(ryz_context *c, int32_t n) {
+    if (n <= c->capacity) return;
+    const ryz_hparams &hp = c->model->hp;
+    const int64_t q_dim = int64_t(hp.heads) * hp.head_dim, kv_dim = int64_t(hp.kv_heads) * hp.head_dim;
+    const int64_t widest = std::max<int64_t>({hp.hidden, q_dim, hp.ffn});
+    const int64_t all_rows = q_dim + 2 * kv_dim + 2 * int64_t(hp.ffn) + hp.hidden;
+    c->x.resize(size_t(n) * hp.hidden);
+    c->xb.resize(size_t(n) * widest);
+    c->q.resize(size_t(n) * q_dim);
+    c->k.resize(size_t(n) * kv_dim);
+    c->v.resize(size_t(n) * kv_dim);
+    c->att.resize(size_t(n) * q_dim);
+    c->gate.resize(size_t(n) * hp.ffn);
+    c->up.resize(size_t(n) * hp.ffn);
+    c->act.resize(size_t(n) * widest);
+    c->act_scale.resize(n);
+    c->act_sum.resize(n);
+    c->acc.resize(size_t(n) * all_rows);
+    c->positions.resize(n);
+    c->head_in.resize(size_t(n) * hp.hidden);
+    c->capacity = n;
+}
+
+void attention(ryz_context *c, int layer, int32_t n, const int32_t *seq_ids) {
+    const ryz_hparams &hp = c->model->hp;
+    const int32_t d = hp.head_dim, group = hp.heads / hp.kv_heads;
+    const int64_t kv_dim = int64_t(hp.kv_heads) * d, q_dim = int64_t(hp.heads) * d;
+    const size_t eb = kv_elem_bytes(c->kv_type);
+    const float inv_sqrt = std::sqrt(static_cast<float>(d));
+    c->pool->run([&](int ti, int nt) {
+        std::vector<float> scores(c->max_positions);
+        int64_t b, e;
+        split_range(int64_t(n) * hp.heads, 1, ti, nt, &b, &e);
+        for (int64_t item = b; item < e; ++item) {
+            const int32_t t = static_cast<int32_t>(item / hp.heads), h = static_cast<int32_t>(item % hp.heads);
+            const int32_t pos = c->positions[t], kvh = h / group;
+            const KVSeq &s = c->seqs[seq_ids[t]];
+            const uint8_t *keys = s.keys.get() + size_t(layer) * c->max_positions * kv_dim * eb;
+            const uint8_t *values = s.values.get() + size_t(layer) * c->max_positions * kv_dim * eb;
+            const float *qv = c->q.data() + int64_t(t) * q_dim + int64_t(h) * d;
+            float max_score = -INFINITY;
+            for (int32_t p = 0; p <= pos; ++p) {
+                float dot = 0.0f;
+                const int64_t base = int64_t(p) * kv_dim + int64_t(kvh) * d;
+                for (int32_t i = 0; i < d; ++i) dot += qv[i] * kv_load(keys, c->kv_type, base + i);
+                scores[p] = dot / inv_sqrt;
+                max_score = std::max(max_score, scores[p]);
+            }
+            float sum = 0.0f;
+            for (int32_t p = 0; p <= pos; ++p) {
+                scores[p] = std::exp(scores[p] - max_score);
+                sum += scores[p];
+            }
+            float *out = c->att.data() + int64_t(t) * q_dim + int64_t(h) * d;
+            std::fill(out, out + d, 0.0f);
+            for (int32_t p = 0; p <= pos; ++p) {
+                const float prob = scores[p] / sum;
+                const int64_t base = int64_t(p) * kv_dim + int64_t(kvh) * d;
+                for (int32_t i = 0; i < d; ++i) out[i] += prob * kv_load(values, c->kv_type, base + i);
+            }
+        }
+    });
+}
+
+// Per-token work (norms, element-wise ops) split across threads by token.
+template <typename Fn>
+void per_token(ryz_context *c, int32_t n, Fn fn) {
+    c->pool->run([&](int ti, int nt) {
+        int64_t b, e;
+        split_range(n, 1, ti, nt, &b, &e);
+        for (int64_t t = b; t < e; ++t) fn(static_cast<int32_t>(t));
+    });
+}
+
+}  // namespace
+
+}  // namespace ryz
+
+using namespace ryz;
+
+extern "C" {
+
+ryz_status ryz_context_new(ryz_model *m, int32_t n_threads, int32_t max_seqs, int32_t max_positions, int32_t kv_type,
+                           ryz_context **out) {
+    if (!m || !out) return fail(RYZ_ERR_INVALID_ARGUMENT, "null argument");
+    if (!m->finalized) return fail(RYZ_ERR_STATE, "finalize the model before creating a context");
+    if (n_threads < 1 || max_seqs < 1 || max_positions < 1 || (kv_type != RYZ_KV_F32 && kv_type != RYZ_KV_F16))
+        return fail(RYZ_ERR_INVALID_ARGUMENT, "n_threads, max_seqs and max_positions must be >= 1 and kv_type F32 or F16");
+    auto *c = new (std::nothrow) ryz_context();
+    if (!c) return fail(RYZ_ERR_OUT_OF_MEMORY, "out of memory");
+    c->model = m;
+    c->pool = std::make_unique<ThreadPool>(n_threads);
+    c->max_seqs = max_seqs;
+    c->max_positions = max_positions;
+    c->kv_type = kv_type;
+    c->seqs.resize(max_seqs);
+    const ryz_hparams &hp = m->hp;
+    const int32_t half = hp.head_dim / 2;
+    c->rope_cos.resize(size_t(max_positions) * half);
+    c->rope_sin.resize(size_t(max_positions) * half);
+    for (int32_t i = 0; i < half; ++i) {
+        // As the reference: float32 theta^(2i/d), its float32 inverse, times the float32 position.
+        const float inv_freq = 1.0f / std::pow(hp.rope_theta, static_cast<float>(2 * i) / static_cast<float>(hp.head_dim));
+        for (int32_t p = 0; p < max_positions; ++p) {
+            const float angle = static_cast<float>(p) * inv_freq;
+            c->rope_cos[size_t(p) * half + i] = std::cos(angle);
+            c->rope_sin[size_t(p) * half + i] = std::sin(angle);
+        }
+    }
+    *out = c;
+    return RYZ_OK;
+}
+
+void ryz_context_free(ryz_context *c) { delete c; }
+
+ryz_status ryz_context_set_tuning(ryz_context *c, const ryz_tuning *t) {
+    if (!c || !t) return fail(RYZ_ERR_INVALID_ARGUMENT, "null argument");
+    c->tuning.gemm_token_tile = t->gemm_token_tile > 0 ? t->gemm_token_tile : 8;
+    c->tuning.rows_per_task = t->rows_per_task;
+    return RYZ_OK;
+}
+
+int32_t ryz_seq_length(const ryz_context *c, int32_t seq) {
+    return (c && seq >= 0 && seq < c->max_seqs) ? c->seqs[seq].length : -1;
+}
+
+ryz_status ryz_seq_truncate(ryz_context *c, int32_t seq, int32_t length) {
+    if (!c || seq < 0 || seq >= c->max_seqs) return fail(RYZ_ERR_INVALID_ARGUMENT, "sequence id out of range");
+    if (length < 0 || length > c->seqs[seq].length) return fail(RYZ_ERR_INVALID_ARGUMENT, "can only truncate to a length <= the current one");
+    c->seqs[seq].length = length;
+    return RYZ_OK;
+}
+
+ryz_status ryz_seq_copy(ryz_context *c, int32_t src, int32_t dst, int32_t length) {
+    if (!c || src < 0 || dst < 0 || src >= c->max_seqs || dst >= c->max_seqs || src == dst)
+        return fail(RYZ_ERR_INVALID_ARGUMENT, "sequence ids out of range or equal");
+    if (length < 0 || length > c->seqs[src].length) return fail(RYZ_ERR_INVALID_ARGUMENT, "copy length exceeds the source sequence");
+    if (ryz_status st = ensure_seq(c, dst)) return st;
+    const ryz_hparams &hp = c->model->hp;
+    const size_t row = size_t(hp.kv_heads) * hp.head_dim * kv_elem_bytes(c->kv_type);
+    for (int32_t l = 0; l < hp.layers; ++l) {
+        const size_t off = size_t(l) * c->max_positions * row;
+        std::memcpy(c->seqs[dst].keys.get() + off, c->seqs[src].keys.get() + off, size_t(length) * row);
+        std::memcpy(c->seqs[dst].values.get() + off, c->seqs[src].values.get() + off, size_t(length) * row);
+    }
+    c->seqs[dst].length = length;
+    return RYZ_OK;
+}
+
+int64_t ryz_context_kv_bytes(const ryz_context *c) {
+    if (!c) return 0;
+    int64_t total = 0;
+    for (const auto &s : c->seqs) total += static_cast<int64_t>(s.keys.size + s.values.size);
+    return total;
+}
+
+ryz_status ryz_forward(ryz_context *c, int32_t n, const int32_t *tokens, const int32_t *seq_ids, const uint8_t *want_logits,
+                       float *logits) {
+    if (!c || !tokens || !seq_ids || !logits || n < 1) return fail(RYZ_ERR_INVALID_ARGUMENT, "null argument or empty batch");
+    const ryz_model *m = c->model;
+    const ryz_hparams &hp = m->hp;
+    grow_scratch(c, n);
+    // Validate everything before touching any state: ids, sequences, capacity; assign positions.
+    std::vector<int32_t> lengths(c->max_seqs);
+    for (int32_t s = 0; s < c->max_seqs; ++s) lengths[s] = c->seqs[s].length;
+    for (int32_t t = 0; t < n; ++t) {
+        if (tokens[t] < 0 || tokens[t] >= hp.vocab)
+            return fail(RYZ_ERR_INVALID_ARGUMENT, "token id " + std::to_string(tokens[t]) + " out of range [0, " + std::to_string(hp.vocab) + ")");
+        if (seq_ids[t] < 0 || seq_ids[t] >= c->max_seqs) return fail(RYZ_ERR_INVALID_ARGUMENT, "sequence id out of range");
+        if (lengths[seq_ids[t]] >= c->max_positions)
+            return fail(RYZ_ERR_CAPACITY, "sequence " + std::to_string(seq_ids[t]) + " is full (" + std::to_string(c->max_positions) + " positions)");
+        c->positions[t] = lengths[seq_ids[t]]++;
+    }
+    for (int32_t t = 0; t < n; ++t)
+        if (ryz_status st = ensure_seq(c, seq_ids[t])) return st;
+
+    const int64_t q_dim = int64_t(hp.heads) * hp.head_dim, kv_dim = int64_t(hp.kv_heads) * hp.head_dim;
+    const Kernels &kern = kernels();
+    float *x = c->x.data(), *xb = c->xb.data();
+
+    per_token(c, n, [&](int32_t t) { dequantize_row(m->token_embd.data, m->token_embd.type, tokens[t], hp.hidden, x + int64_t(t) * hp.hidden); });
+
+    for (int32_t l = 0; l < hp.layers; ++l) {
+        const Layer &layer = m->layers[l];
+        // Attention block.
+        per_token(c, n, [&](int32_t t) { rms_norm(x + int64_t(t) * hp.hidden, layer.attn_norm, hp.hidden, hp.rms_eps, xb + int64_t(t) * hp.hidden); });
+        quantize_tokens(c, xb, n, hp.hidden);
+        const LinearJob qkv[3] = {{&layer.linear[Q], c->q.data()}, {&layer.linear[K], c->k.data()}, {&layer.linear[V], c->v.data()}};
+        bit_linears(c, qkv, 3, n);
+        per_token(c, n, [&](int32_t t) {
+            float *qt = c->q.data() + int64_t(t) * q_dim, *kt = c->k.data() + int64_t(t) * kv_dim, *vt = c->v.data() + int64_t(t) * kv_dim;
+            rope(c, qt, hp.heads, hp.head_dim, c->positions[t]);
+            rope(c, kt, hp.kv_heads, hp.head_dim, c->positions[t]);
+            KVSeq &s = c->seqs[seq_ids[t]];
+            const size_t base = (size_t(l) * c->max_positions + c->positions[t]) * kv_dim;
+            for (int64_t i = 0; i < kv_dim; ++i) {
+                kv_store(s.keys.get(), c->kv_type, int64_t(base) + i, kt[i]);
+                kv_store(s.values.get(), c->kv_type, int64_t(base) + i, vt[i]);
+            }
+        });
+        attention(c, l, n, seq_ids);
+        if (hp.sub_norms)
+            per_token(c, n, [&](int32_t t) { rms_norm(c->att.data() + int64_t(t) * q_dim, layer.attn_sub_norm, q_dim, hp.rms_eps, xb + int64_t(t) * q_dim); });
+        else
+            std::memcpy(xb, c->att.data(), sizeof(float) * size_t(n) * q_dim);
+        quantize_tokens(c, xb, n, q_dim);
+        const LinearJob o[1] = {{&layer.linear[O], c->gate.data()}};  // gate buffer as scratch
+        bit_linears(c, o, 1, n);
+        per_token(c, n, [&](int32_t t) {
+            float *xt = x + int64_t(t) * hp.hidden;
+            const float *y = c->gate.data() + int64_t(t) * hp.hidden;
+            for (int32_t i = 0; i < hp.hidden; ++i) xt[i] += y[i];
+            rms_norm(xt, layer.ffn_norm, hp.hidden, hp.rms_eps, xb + int64_t(t) * hp.hidden);
+        });
+        // Feed-forward block.
+        quantize_tokens(c, xb, n, hp.hidden);
+        const LinearJob gate_up[2] = {{&layer.linear[GATE], c->gate.data()}, {&layer.linear[UP], c->up.data()}};
+        bit_linears(c, gate_up, 2, n);
+        per_token(c, n, [&](int32_t t) {
+            float *g = c->gate.data() + int64_t(t) * hp.ffn;
+            const float *u = c->up.data() + int64_t(t) * hp.ffn;
+            for (int32_t i = 0; i < hp.ffn; ++i) {
+                const float a = hp.ffn_act == RYZ_ACT_RELU2 ? (g[i] > 0.0f ? g[i] * g[i] : 0.0f) : g[i] / (1.0f + std::exp(-g[i]));
+                g[i] = a * u[i];
+            }
+            if (hp.sub_norms) rms_norm(g, layer.ffn_sub_norm, hp.ffn, hp.rms_eps, xb + int64_t(t) * hp.ffn);
+            else std::memcpy(xb + int64_t(t) * hp.ffn, g, sizeof(float) * hp.ffn);
+        });
+        quantize_tokens(c, xb, n, hp.ffn);
+        const LinearJob down[1] = {{&layer.linear[DOWN], c->up.data()}};
+        bit_linears(c, down, 1, n);
+        per_token(c, n, [&](int32_t t) {
+            float *xt = x + int64_t(t) * hp.hidden;
+            const float *y = c->up.data() + int64_t(t) * hp.hidden;
+            for (int32_t i = 0; i < hp.hidden; ++i) xt[i] += y[i];
+        });
+    }
+
+    // Head: only the tokens whose logits are wanted.
+    int32_t n_out = 0;
+    for (int32_t t = 0; t < n; ++t) {
+        if (want_logits ? want_logits[t] != 0 : t == n - 1) {
+            rms_norm(x + int64_t(t) * hp.hidden, m->output_norm, hp.hidden, hp.rms_eps, c->head_in.data() + int64_t(n_out) * hp.hidden);
+            ++n_out;
+        }
+    }
+    if (n_out > 0) {
+        c->pool->run([&](int ti, int nt) {
+            int64_t b, e;
+            split_range(hp.vocab, 64, ti, nt, &b, &e);
+            if (b < e) kern.dense_gemm(m->output.data, m->output.type, b, e, hp.hidden, c->head_in.data(), n_out, logits, hp.vocab);
+        });
+    }
+    for (int32_t t = 0; t < n; ++t) c->seqs[seq_ids[t]].length = c->positions[t] + 1;
+    return RYZ_OK;
+}
+
+}  // extern "C"

@@ -1,0 +1,64 @@
+// Shared between the library's translation units; nothing here crosses the C ABI.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "../include/ryz.h"
+#include "../kernels/kernels.h"
+#include "blocks.h"
+
+namespace ryz {
+
+const Kernels &kernels();  // the table chosen by dispatch (or forced by ryz_set_isa)
+ryz_status fail(ryz_status status, const std::string &message);  // records ryz_last_error
+
+// 64-byte aligned, zero-initialised buffer (cache lines and AVX-512 loads).
+struct AlignedBuffer {
+    struct Free { void operator()(void *p) const { std::free(p); } };
+    std::unique_ptr<uint8_t, Free> data;
+    size_t size = 0;
+    bool allocate(size_t bytes);
+    uint8_t *get() const { return data.get(); }
+};
+
+struct DenseTensor {
+    const void *data = nullptr;
+    int32_t type = -1;
+    int64_t rows = 0, cols = 0;
+};
+
+struct TernaryLinear {
+    AlignedBuffer packed;  // T2P layout
+    int64_t rows = 0, cols = 0;
+    float scale = 1.0f;    // real weight = code * scale
+};
+
+enum LinearSlot { Q, K, V, O, GATE, UP, DOWN, N_LINEARS };
+
+struct Layer {
+    const float *attn_norm = nullptr, *ffn_norm = nullptr, *attn_sub_norm = nullptr, *ffn_sub_norm = nullptr;
+    TernaryLinear linear[N_LINEARS];
+};
+
+struct Source {  // a registered GGUF tensor, before finalize
+    const void *data = nullptr;
+    int32_t type = -1;
+    int64_t rows = 0, cols = 0;
+};
+
+}  // namespace ryz
+
+struct ryz_model {
+    ryz_hparams hp{};
+    std::vector<ryz::Layer> layers;
+    ryz::DenseTensor token_embd, output;  // output.data == token_embd.data when tied
+    const float *output_norm = nullptr;
+    std::vector<std::pair<std::string, ryz::Source>> sources;
+    bool finalized = false;
+    double repack_seconds = 0.0;
+    int64_t repacked_bytes = 0;
+};

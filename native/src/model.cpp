@@ -1,0 +1,251 @@
+// Model: tensors registered by GGUF name, checked against the hyperparameters, ternary weights
+// repacked from TQ2_0 / TQ1_0 into the kernels' T2P layout (blocks.h); everything else read in place.
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <thread>
+
+#include "internal.h"
+
+namespace ryz {
+
+bool AlignedBuffer::allocate(size_t bytes) {
+    const size_t rounded = (bytes + 63) / 64 * 64;
+    void *p = std::aligned_alloc(64, rounded ? rounded : 64);
+    if (!p) return false;
+    std::memset(p, 0, rounded);
+    data.reset(static_cast<uint8_t *>(p));
+    size = bytes;
+    return true;
+}
+
+namespace {
+
+constexpr fp16_t FP16_ONE = 0x3C00;
+
+const char *const LINEAR_STEMS[N_LINEARS] = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
+
+// TQ2_0 block -> one T2P 64-byte block (codes+1 unchanged, only their positions move).
+// TQ2_0 keeps column c*128 + l*32 + m in byte c*32 + m, bits 2l; T2P keeps column 64L + j in byte j,
+// bits 2L. So T2P byte j < 32 gathers columns j, 64+j, 128+j, 192+j = (c0,l0), (c0,l2), (c1,l0), (c1,l2)
+// of source bytes j and 32+j; byte 32+j gathers planes l1 and l3 of the same two source bytes.
+inline void tq2_to_t2p(const uint8_t *qs, uint8_t *dst) {
+    for (int j = 0; j < 32; ++j) {
+        const uint8_t a = qs[j], b = qs[32 + j];
+        dst[j] = static_cast<uint8_t>((a & 3) | ((a >> 4 & 3) << 2) | ((b & 3) << 4) | ((b >> 4 & 3) << 6));
+        dst[32 + j] = static_cast<uint8_t>((a >> 2 & 3) | ((a >> 6 & 3) << 2) | ((b >> 2 & 3) << 4) | ((b >> 6 & 3) << 6));
+    }
+}
+
+// TQ1_0 block -> 256 codes+1 in column order: qs[0..32) carry columns 32n + m (digit n of byte m),
+// qs[32..48) columns 160 + 16n + m, qh columns 240 + 4n + m. Digit n of a byte q is the top base-3
+// digit of q * 3^n (mod 256), read as (q * 3^n mod 256) * 3 >> 8 (the bytes are stored pre-scaled).
+inline void tq1_codes(const block_tq1_0 &blk, uint8_t *codes) {
+    static const uint8_t pow3[5] = {1, 3, 9, 27, 81};
+    auto digit = [](uint8_t q, uint8_t p) { return static_cast<uint8_t>((static_cast<uint16_t>(static_cast<uint8_t>(q * p)) * 3) >> 8); };
+    for (int n = 0; n < 5; ++n)
+        for (int m = 0; m < 32; ++m) codes[32 * n + m] = digit(blk.qs[m], pow3[n]);
+    for (int n = 0; n < 5; ++n)
+        for (int m = 0; m < 16; ++m) codes[160 + 16 * n + m] = digit(blk.qs[32 + m], pow3[n]);
+    for (int n = 0; n < 4; ++n)
+        for (int m = 0; m < 4; ++m) codes[240 + 4 * n + m] = digit(blk.qh[m], pow3[n]);
+}
+
+inline void codes_to_t2p(const uint8_t *codes, uint8_t *dst) {
+    for (int j = 0; j < 64; ++j)
+        dst[j] = static_cast<uint8_t>(codes[j] | codes[64 + j] << 2 | codes[128 + j] << 4 | codes[192 + j] << 6);
+}
+
+// Block scales: ours are exactly 1.0. Files from other converters (llama.cpp's) store the tensor scale
+// in every block instead; accept that when all non-zero blocks agree, folding it into the tensor scale.
+// A zero block scale means an all-zero block whatever its codes say, so its codes become 0 (stored 1).
+ryz_status block_scale(const uint8_t *src, int32_t type, int64_t n_blocks, float *common) {
+    const size_t stride = type == RYZ_TYPE_TQ2_0 ? sizeof(block_tq2_0) : sizeof(block_tq1_0);
+    const size_t offset = type == RYZ_TYPE_TQ2_0 ? offsetof(block_tq2_0, d) : offsetof(block_tq1_0, d);
+    fp16_t found = 0;
+    for (int64_t i = 0; i < n_blocks; ++i) {
+        fp16_t d;
+        std::memcpy(&d, src + i * stride + offset, sizeof d);
+        if ((d & 0x7FFF) == 0) continue;
+        if (found == 0) found = d;
+        if (d != found) {
+            return fail(RYZ_ERR_UNSUPPORTED, "ternary tensor has differing block scales; only per-tensor scales "
+                                             "(Ryzanstein's block scale 1, or one shared value) are supported");
+        }
+    }
+    *common = found == 0 ? 1.0f : fp16_to_fp32(found);
+    return RYZ_OK;
+}
+
+ryz_status pack_rows(const uint8_t *src, int32_t type, int64_t row_begin, int64_t row_end, int64_t cols, uint8_t *dst) {
+    const int64_t blocks = cols / QK_K;
+    uint8_t codes[QK_K];
+    for (int64_t r = row_begin; r < row_end; ++r) {
+        const int64_t tile = r / TILE_ROWS, in_tile = r % TILE_ROWS;
+        for (int64_t b = 0; b < blocks; ++b) {
+            uint8_t *out = dst + ((tile * blocks + b) * TILE_ROWS + in_tile) * T2P_BLOCK_BYTES;
+            if (type == RYZ_TYPE_TQ2_0) {
+                const block_tq2_0 &blk = reinterpret_cast<const block_tq2_0 *>(src)[r * blocks + b];
+                if ((blk.d & 0x7FFF) == 0) { std::memset(out, 0x55, T2P_BLOCK_BYTES); continue; }  // all codes 0
+                tq2_to_t2p(blk.qs, out);
+            } else {
+                const block_tq1_0 &blk = reinterpret_cast<const block_tq1_0 *>(src)[r * blocks + b];
+                if ((blk.d & 0x7FFF) == 0) { std::memset(out, 0x55, T2P_BLOCK_BYTES); continue; }
+                tq1_codes(blk, codes);
+                codes_to_t2p(codes, out);
+            }
+        }
+    }
+    return RYZ_OK;
+}
+
+ryz_status check_ternary_shape(int32_t type, int64_t rows, int64_t cols) {
+    if (type != RYZ_TYPE_TQ2_0 && type != RYZ_TYPE_TQ1_0)
+        return fail(RYZ_ERR_UNSUPPORTED, "ternary weights must be TQ2_0 or TQ1_0, got GGML type " + std::to_string(type));
+    if (cols <= 0 || cols % QK_K)
+        return fail(RYZ_ERR_INVALID_ARGUMENT, "ternary row length " + std::to_string(cols) + " is not a multiple of 256");
+    if (rows <= 0 || rows % TILE_ROWS)
+        return fail(RYZ_ERR_INVALID_ARGUMENT, "ternary row count " + std::to_string(rows) + " is not a multiple of 4");
+    return RYZ_OK;
+}
+
+ryz_status pack_parallel(const void *src, int32_t type, int64_t rows, int64_t cols, uint8_t *dst, int n_threads) {
+    if (n_threads <= 1 || rows < 64) return pack_rows(static_cast<const uint8_t *>(src), type, 0, rows, cols, dst);
+    std::vector<std::thread> threads;
+    for (int i = 0; i < n_threads; ++i) {
+        threads.emplace_back([=] {
+            const int64_t per = (rows / TILE_ROWS + n_threads - 1) / n_threads * TILE_ROWS;
+            const int64_t begin = i * per, end = std::min(rows, begin + per);
+            if (begin < end) pack_rows(static_cast<const uint8_t *>(src), type, begin, end, cols, dst);
+        });
+    }
+    for (auto &t : threads) t.join();
+    return RYZ_OK;
+}
+
+const Source *find(const ryz_model *m, const std::string &name) {
+    for (const auto &entry : m->sources)
+        if (entry.first == name) return &entry.second;
+    return nullptr;
+}
+
+ryz_status require(const ryz_model *m, const std::string &name, int64_t rows, int64_t cols, const Source **out) {
+    const Source *s = find(m, name);
+    if (!s) return fail(RYZ_ERR_INVALID_ARGUMENT, "tensor '" + name + "' was not registered");
+    if (s->rows != rows || s->cols != cols) {
+        return fail(RYZ_ERR_INVALID_ARGUMENT, "tensor '" + name + "' is " + std::to_string(s->rows) + "x" + std::to_string(s->cols) +
+                                                  ", expected " + std::to_string(rows) + "x" + std::to_string(cols));
+    }
+    *out = s;
+    return RYZ_OK;
+}
+
+ryz_status require_f32(const ryz_model *m, const std::string &name, int64_t n, const float **out) {
+    const Source *s;
+    if (ryz_status st = require(m, name, 1, n, &s)) return st;
+    if (s->type != RYZ_TYPE_F32) return fail(RYZ_ERR_UNSUPPORTED, "norm '" + name + "' must be F32");
+    *out = static_cast<const float *>(s->data);
+    return RYZ_OK;
+}
+
+ryz_status require_dense(const ryz_model *m, const std::string &name, int64_t rows, int64_t cols, DenseTensor *out) {
+    const Source *s;
+    if (ryz_status st = require(m, name, rows, cols, &s)) return st;
+    if (row_bytes(s->type, cols) == 0 || (s->type == RYZ_TYPE_Q8_0 && cols % QK8_0) || (s->type == RYZ_TYPE_Q6_K && cols % QK_K))
+        return fail(RYZ_ERR_UNSUPPORTED, "embedding/head '" + name + "' must be F32, F16, Q8_0 or Q6_K with whole blocks");
+    *out = DenseTensor{s->data, s->type, rows, cols};
+    return RYZ_OK;
+}
+
+}  // namespace
+
+}  // namespace ryz
+
+using namespace ryz;
+
+extern "C" {
+
+ryz_status ryz_model_new(const ryz_hparams *hp, ryz_model **out) {
+    if (!hp || !out) return fail(RYZ_ERR_INVALID_ARGUMENT, "null argument");
+    if (hp->hidden <= 0 || hp->layers <= 0 || hp->heads <= 0 || hp->kv_heads <= 0 || hp->head_dim <= 0 || hp->ffn <= 0 ||
+        hp->vocab <= 0 || hp->heads % hp->kv_heads || hp->head_dim % 2 || (hp->ffn_act != RYZ_ACT_SILU && hp->ffn_act != RYZ_ACT_RELU2))
+        return fail(RYZ_ERR_INVALID_ARGUMENT, "invalid hyperparameters (sizes must be positive, heads a multiple of kv_heads, head_dim even)");
+    auto *m = new (std::nothrow) ryz_model();
+    if (!m) return fail(RYZ_ERR_OUT_OF_MEMORY, "out of memory");
+    m->hp = *hp;
+    m->layers.resize(hp->layers);
+    *out = m;
+    return RYZ_OK;
+}
+
+ryz_status ryz_model_set_tensor(ryz_model *m, const char *name, const void *data, int32_t type, int64_t rows, int64_t cols) {
+    if (!m || !name || !data) return fail(RYZ_ERR_INVALID_ARGUMENT, "null argument");
+    if (m->finalized) return fail(RYZ_ERR_STATE, "model is already finalized");
+    m->sources.emplace_back(name, Source{data, type, rows, cols});
+    return RYZ_OK;
+}
+
+ryz_status ryz_model_finalize(ryz_model *m, int32_t n_threads) {
+    if (!m) return fail(RYZ_ERR_INVALID_ARGUMENT, "null model");
+    if (m->finalized) return RYZ_OK;
+    const ryz_hparams &hp = m->hp;
+    const int64_t q_dim = int64_t(hp.heads) * hp.head_dim, kv_dim = int64_t(hp.kv_heads) * hp.head_dim;
+    if (ryz_status st = require_dense(m, "token_embd.weight", hp.vocab, hp.hidden, &m->token_embd)) return st;
+    if (hp.tied) {
+        m->output = m->token_embd;
+    } else if (ryz_status st = require_dense(m, "output.weight", hp.vocab, hp.hidden, &m->output)) {
+        return st;
+    }
+    if (ryz_status st = require_f32(m, "output_norm.weight", hp.hidden, &m->output_norm)) return st;
+    const int64_t shapes[N_LINEARS][2] = {{q_dim, hp.hidden}, {kv_dim, hp.hidden}, {kv_dim, hp.hidden}, {hp.hidden, q_dim},
+                                          {hp.ffn, hp.hidden},  {hp.ffn, hp.hidden},  {hp.hidden, hp.ffn}};
+    const auto started = std::chrono::steady_clock::now();
+    for (int i = 0; i < hp.layers; ++i) {
+        Layer &layer = m->layers[i];
+        const std::string p = "blk." + std::to_string(i) + ".";
+        if (ryz_status st = require_f32(m, p + "attn_norm.weight", hp.hidden, &layer.attn_norm)) return st;
+        if (ryz_status st = require_f32(m, p + "ffn_norm.weight", hp.hidden, &layer.ffn_norm)) return st;
+        if (hp.sub_norms) {
+            if (ryz_status st = require_f32(m, p + "attn_sub_norm.weight", q_dim, &layer.attn_sub_norm)) return st;
+            if (ryz_status st = require_f32(m, p + "ffn_sub_norm.weight", hp.ffn, &layer.ffn_sub_norm)) return st;
+        }
+        for (int s = 0; s < N_LINEARS; ++s) {
+            const Source *w;
+            const std::string name = p + LINEAR_STEMS[s];
+            if (ryz_status st = require(m, name + ".weight", shapes[s][0], shapes[s][1], &w)) return st;
+            if (ryz_status st = check_ternary_shape(w->type, w->rows, w->cols)) return fail(st, name + ".weight: " + ryz_last_error());
+            float tensor_scale = 1.0f, block = 1.0f;
+            if (const Source *scale = find(m, name + ".scale")) {
+                if (scale->type != RYZ_TYPE_F32) return fail(RYZ_ERR_UNSUPPORTED, name + ".scale must be F32");
+                tensor_scale = *static_cast<const float *>(scale->data);
+            }
+            if (ryz_status st = block_scale(static_cast<const uint8_t *>(w->data), w->type, w->rows * (w->cols / QK_K), &block)) return st;
+            TernaryLinear &lin = layer.linear[s];
+            lin.rows = w->rows;
+            lin.cols = w->cols;
+            lin.scale = block == 1.0f ? tensor_scale : tensor_scale * block;
+            if (!lin.packed.allocate(t2p_bytes(w->rows, w->cols))) return fail(RYZ_ERR_OUT_OF_MEMORY, "out of memory repacking " + name);
+            pack_parallel(w->data, w->type, w->rows, w->cols, lin.packed.get(), n_threads);
+            m->repacked_bytes += static_cast<int64_t>(lin.packed.size);
+        }
+    }
+    m->repack_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    m->sources.clear();
+    m->finalized = true;
+    return RYZ_OK;
+}
+
+double ryz_model_repack_seconds(const ryz_model *m) { return m ? m->repack_seconds : 0.0; }
+int64_t ryz_model_repacked_bytes(const ryz_model *m) { return m ? m->repacked_bytes : 0; }
+void ryz_model_free(ryz_model *m) { delete m; }
+
+size_t ryz_ternary_packed_bytes(int64_t rows, int64_t cols) { return t2p_bytes(rows, cols); }
+
+ryz_status ryz_ternary_pack(const void *src, int32_t type, int64_t rows, int64_t cols, uint8_t *dst) {
+    if (!src || !dst) return fail(RYZ_ERR_INVALID_ARGUMENT, "null argument");
+    if (ryz_status st = check_ternary_shape(type, rows, cols)) return st;
+    return pack_rows(static_cast<const uint8_t *>(src), type, 0, rows, cols, dst);
+}
+
+}  // extern "C"

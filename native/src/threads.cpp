@@ -1,0 +1,72 @@
+#include "threads.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+static inline void cpu_relax() { _mm_pause(); }
+#elif defined(__aarch64__)
+static inline void cpu_relax() { asm volatile("yield"); }
+#else
+static inline void cpu_relax() {}
+#endif
+
+namespace ryz {
+
+// Spins before sleeping: long enough to bridge the gaps between a step's parallel regions.
+constexpr int SPINS_BEFORE_SLEEP = 1 << 16;
+
+ThreadPool::ThreadPool(int n_threads) : n_threads_(n_threads < 1 ? 1 : n_threads) {
+    for (int i = 1; i < n_threads_; ++i) workers_.emplace_back(&ThreadPool::worker, this, i);
+}
+
+ThreadPool::~ThreadPool() {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        stop_.store(true);
+        generation_.fetch_add(1);
+    }
+    wake_.notify_all();
+    for (auto &t : workers_) t.join();
+}
+
+void ThreadPool::run(const std::function<void(int, int)> &fn) {
+    if (n_threads_ == 1) {
+        fn(0, 1);
+        return;
+    }
+    job_ = &fn;
+    pending_.store(n_threads_ - 1, std::memory_order_relaxed);
+    // seq_cst pairs with the worker's sleepers_ increment: either it sees the new generation before
+    // sleeping, or we see it asleep and wake it (under the lock, so the wake cannot be lost).
+    generation_.fetch_add(1);
+    if (sleepers_.load() > 0) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        wake_.notify_all();
+    }
+    fn(0, n_threads_);
+    while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
+}
+
+void ThreadPool::worker(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+        int spins = 0;
+        uint64_t now;
+        while ((now = generation_.load(std::memory_order_acquire)) == seen) {
+            if (++spins < SPINS_BEFORE_SLEEP) {
+                cpu_relax();
+                continue;
+            }
+            std::unique_lock<std::mutex> lock(mutex_);
+            sleepers_.fetch_add(1);
+            wake_.wait(lock, [&] { return generation_.load() != seen; });
+            sleepers_.fetch_sub(1);
+            spins = 0;
+        }
+        seen = now;
+        if (stop_.load()) return;
+        (*job_)(index, n_threads_);
+        pending_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+}
+
+}  // namespace ryz
