@@ -19,6 +19,8 @@ different model. `{arch}.ffn_activation` records `relu2` or `silu`.
 from __future__ import annotations
 
 import json
+import mmap
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,22 +153,136 @@ def _pre_tokenizer_name(spec: dict) -> str:
 
 # --- reading ------------------------------------------------------------------------------------------
 
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # GGUF order (innermost first), as gguf's reader reports it
+    tensor_type: gguf.GGMLQuantizationType
+    offset: int             # absolute byte offset of the data in the file
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class LazyArray:
+    """A metadata array left unparsed (the 128k-entry vocabulary and merges): its place in the file."""
+
+    elem_type: int
+    count: int
+    offset: int
+
+
+class _Cursor:
+    def __init__(self, buf: memoryview, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def unpack(self, fmt: str):
+        try:
+            (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        except struct.error:
+            raise GGUFFormatError(f"{self.path}: truncated GGUF header") from None
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.unpack("<Q")
+        if self.pos + n > len(self.buf):
+            raise GGUFFormatError(f"{self.path}: truncated GGUF header")
+        value = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        self.pos += n
+        return value
+
+    def skip_value(self, vtype: int) -> None:
+        if vtype in _SCALARS:
+            self.pos += struct.calcsize(_SCALARS[vtype])
+        elif vtype == _STRING:
+            length = self.unpack("<Q")  # (not `pos += unpack()`: unpack moves pos first)
+            self.pos += length
+        else:
+            raise GGUFFormatError(f"{self.path}: unknown GGUF value type {vtype}")
+
+    def value(self, vtype: int, lazy_arrays: bool):
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            elem, count = self.unpack("<I"), self.unpack("<Q")
+            start = self.pos
+            if elem in _SCALARS:  # fixed size: skip in one step
+                self.pos += count * struct.calcsize(_SCALARS[elem])
+            else:
+                for _ in range(count):
+                    self.skip_value(elem)
+            if lazy_arrays and count > 64:
+                return LazyArray(elem, count, start)
+            sub = _Cursor(self.buf, self.path)
+            sub.pos = start
+            return [sub.value(elem, False) for _ in range(count)]
+        raise GGUFFormatError(f"{self.path}: unknown GGUF value type {vtype}")
+
+
+def read_gguf_index(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
+    """Metadata (large arrays left lazy) and tensor infos of a GGUF file, without reading tensor data.
+    gguf's GGUFReader parses every vocabulary entry eagerly, seconds on a 128k vocabulary."""
+    with path.open("rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    buf = memoryview(mapped)
+    try:
+        cur = _Cursor(buf, path)
+        if bytes(buf[:4]) != GGUF_MAGIC:
+            raise GGUFFormatError(f"{path}: not a GGUF file (bad magic)")
+        cur.pos = 4
+        version, n_tensors, n_kv = cur.unpack("<I"), cur.unpack("<Q"), cur.unpack("<Q")
+        if version not in (2, 3):
+            raise GGUFFormatError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+        metadata = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            metadata[key] = cur.value(cur.unpack("<I"), lazy_arrays=True)
+        infos = []
+        for _ in range(n_tensors):
+            name = cur.string()
+            dims = tuple(cur.unpack("<Q") for _ in range(cur.unpack("<I")))
+            infos.append((name, dims, cur.unpack("<I"), cur.unpack("<Q")))
+        alignment = int(metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+        data_start = (cur.pos + alignment - 1) // alignment * alignment
+        tensors = {}
+        for name, dims, type_id, offset in infos:
+            qtype = gguf.GGMLQuantizationType(type_id)
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            n_bytes = int(np.prod(dims, dtype=np.int64)) // block * type_size
+            if data_start + offset + n_bytes > len(buf):
+                raise GGUFFormatError(f"{path}: tensor {name!r} extends past the end of the file (truncated?)")
+            tensors[name] = TensorInfo(name, dims, qtype, data_start + offset, n_bytes)
+        return metadata, tensors
+    finally:
+        buf.release()
+        mapped.close()
+
+
 class ModelFile:
-    """A model artifact opened for reading (memory-mapped)."""
+    """A model artifact opened for reading: header parsed lazily, tensors memory-mapped on demand."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self.reader = gguf.GGUFReader(self.path, "r")
-        except (ValueError, OSError, IndexError) as exc:
+            self.metadata, self.tensors = read_gguf_index(self.path)
+        except (ValueError, OSError) as exc:
+            if isinstance(exc, GGUFFormatError):
+                raise
             raise GGUFFormatError(f"{self.path}: not a readable GGUF file ({exc})") from None
+        self._map = None
         self.arch = self.get_str("general.architecture")
         if self.arch not in ARCHES:
             raise GGUFFormatError(f"{self.path}: architecture {self.arch!r} is not a BitNet model artifact (expected one of {ARCHES})")
         schema = self.get("ryz.schema", 1)
         if schema != FORMAT_SCHEMA:
             raise GGUFFormatError(f"{self.path}: ryz.schema {schema} is not supported by this build (supports {FORMAT_SCHEMA}); upgrade Ryzanstein")
-        self.tensors = {t.name: t for t in self.reader.tensors}
         a = self.arch
         heads = int(self.get(f"{a}.attention.head_count"))
         hidden = int(self.get(f"{a}.embedding_length"))
@@ -174,19 +290,31 @@ class ModelFile:
             hidden=hidden, layers=int(self.get(f"{a}.block_count")), heads=heads,
             kv_heads=int(self.get(f"{a}.attention.head_count_kv", heads)),
             head_dim=int(self.get(f"{a}.attention.key_length", hidden // heads)),
-            ffn=int(self.get(f"{a}.feed_forward_length")), vocab=int(self.get(f"{a}.vocab_size", 0)) or self.tensors["token_embd.weight"].shape[-1],
+            ffn=int(self.get(f"{a}.feed_forward_length")), vocab=int(self.get(f"{a}.vocab_size", 0)) or self.shape("token_embd.weight")[0],
             context=int(self.get(f"{a}.context_length", 4096)), rope_theta=float(self.get(f"{a}.rope.freq_base", 10000.0)),
             rms_eps=float(self.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
             ffn_act=self.get_str(f"{a}.ffn_activation", "silu"),
             sub_norms="blk.0.attn_sub_norm.weight" in self.tensors, tied="output.weight" not in self.tensors)
 
     def get(self, key: str, default=None):
-        field = self.reader.get_field(key)
-        if field is None:
+        value = self.metadata.get(key)
+        if value is None:
             if default is None:
                 raise GGUFFormatError(f"{self.path}: metadata key {key!r} is missing")
             return default
-        return field.contents()
+        if isinstance(value, LazyArray):
+            return self._array(value)
+        return value
+
+    def _array(self, lazy: LazyArray) -> list:
+        with self.path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            buf = memoryview(mapped)
+            try:
+                cur = _Cursor(buf, self.path)
+                cur.pos = lazy.offset
+                return [cur.value(lazy.elem_type, False) for _ in range(lazy.count)]
+            finally:
+                buf.release()
 
     def get_str(self, key: str, default: str | None = None) -> str:
         return str(self.get(key, default))
@@ -195,10 +323,19 @@ class ModelFile:
         return self._tensor(name).tensor_type.name.lower()
 
     def raw(self, name: str) -> np.ndarray:
-        """The stored bytes (uint8, rows x bytes per row) or values (F32/F16) of one tensor."""
-        return self._tensor(name).data
+        """The stored bytes (uint8, rows x bytes per row) or values (F32/F16) of one tensor, memory-mapped."""
+        info = self._tensor(name)
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        data = self._map[info.offset:info.offset + info.n_bytes]
+        rows_shape = tuple(int(d) for d in reversed(info.shape))
+        if info.tensor_type == gguf.GGMLQuantizationType.F32:
+            return data.view(np.float32).reshape(rows_shape)
+        if info.tensor_type == gguf.GGMLQuantizationType.F16:
+            return data.view(np.float16).reshape(rows_shape)
+        return data.reshape(*rows_shape[:-1], -1)
 
-    def _tensor(self, name: str):
+    def _tensor(self, name: str) -> TensorInfo:
         try:
             return self.tensors[name]
         except KeyError:
@@ -213,9 +350,9 @@ class ModelFile:
 
     @property
     def chat_template(self) -> str | None:
-        field = self.reader.get_field(gguf.Keys.Tokenizer.CHAT_TEMPLATE)
-        return None if field is None else field.contents()
+        value = self.metadata.get(gguf.Keys.Tokenizer.CHAT_TEMPLATE)
+        return None if value is None else str(value)
 
     def special_token(self, key: str) -> int | None:
-        field = self.reader.get_field(key)
-        return None if field is None else int(field.contents())
+        value = self.metadata.get(key)
+        return None if value is None else int(value)

@@ -13,8 +13,8 @@ class ModelTokenizer:
         self.tokenizer = Tokenizer.from_str(model_file.tokenizer_json)
         self.bos_id = model_file.special_token(gguf.Keys.Tokenizer.BOS_ID)
         self.eos_id = model_file.special_token(gguf.Keys.Tokenizer.EOS_ID)
-        add_bos = model_file.reader.get_field(gguf.Keys.Tokenizer.ADD_BOS)
-        self.add_bos = bool(add_bos.contents()) if add_bos is not None else self.bos_id is not None
+        add_bos = model_file.metadata.get(gguf.Keys.Tokenizer.ADD_BOS)
+        self.add_bos = bool(add_bos) if add_bos is not None else self.bos_id is not None
         self.chat_template = model_file.chat_template
         # Stop at eos and at any end-of-turn marker the vocabulary has.
         self.stop_ids = {i for i in (self.eos_id, self.tokenizer.token_to_id("<|eot_id|>")) if i is not None}

@@ -112,7 +112,7 @@ def test_manifest(tiny_gguf):
     assert all(0.0 < t["zero_fraction"] < 1.0 and 0.0 < t["rel_error"] < 1.0 and t["scale"] > 0 for t in ternary)
     # bytes per token: every ternary linear, norm and scale, plus the whole tied head; not the file header.
     model = ModelFile(path)
-    tensor_bytes = sum(int(t.n_bytes) for t in model.reader.tensors)
+    tensor_bytes = sum(t.n_bytes for t in model.tensors.values())
     assert manifest["bytes_per_token"] == tensor_bytes
 
 
