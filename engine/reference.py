@@ -20,6 +20,13 @@ from engine.ggufio import LINEAR_NAMES, ModelFile, tensor_name
 ACT_EPS = np.float32(1e-5)  # transformers' clamp on max|x| before 127 / max|x|
 
 
+def exp32(x: np.ndarray) -> np.ndarray:
+    """exp rounded once from float64: the correctly rounded float32 result (to within double rounding),
+    which the native engine computes the same way, so the two never differ by an ulp here. One ulp
+    is enough to flip an int8 activation step in the next layer."""
+    return np.exp(np.asarray(x, dtype=np.float64)).astype(np.float32)
+
+
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     variance = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
     return (x / np.sqrt(variance + np.float32(eps))) * weight
@@ -68,7 +75,9 @@ class ReferenceModel:
             self.layers.append(layer)
         half = hp.head_dim // 2
         # As transformers computes it: float32 inverse frequencies theta^(-2i/d).
-        self.inv_freq = (np.float32(1.0) / (np.float32(hp.rope_theta) ** (np.arange(0, half, dtype=np.float32) * 2 / np.float32(hp.head_dim)))).astype(np.float32)
+        exponent = np.arange(0, half, dtype=np.float32) * 2 / np.float32(hp.head_dim)
+        # transformers: 1 / theta ** (2i / d) in float32; the power is taken in float64 and rounded once.
+        self.inv_freq = (np.float32(1.0) / (np.float64(np.float32(hp.rope_theta)) ** exponent.astype(np.float64)).astype(np.float32)).astype(np.float32)
 
     def _dense(self, name: str) -> np.ndarray:
         kind = self.file.tensor_type(name)
@@ -83,8 +92,8 @@ class ReferenceModel:
     def _rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """NEOX-style rotation of the two halves of each head (transformers' rotate_half)."""
         freqs = positions.astype(np.float32)[:, None] * self.inv_freq[None, :]
-        emb = np.concatenate([freqs, freqs], axis=-1)
-        cos, sin = np.cos(emb)[:, None, :], np.sin(emb)[:, None, :]
+        emb = np.concatenate([freqs, freqs], axis=-1).astype(np.float64)  # cos/sin rounded once, as exp32
+        cos, sin = np.cos(emb).astype(np.float32)[:, None, :], np.sin(emb).astype(np.float32)[:, None, :]
         half = x.shape[-1] // 2
         rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
         return x * cos + rotated * sin
@@ -92,7 +101,25 @@ class ReferenceModel:
     def _ffn_act(self, x: np.ndarray) -> np.ndarray:
         if self.hp.ffn_act == "relu2":
             return np.square(np.maximum(x, 0))
-        return x / (np.float32(1.0) + np.exp(-x))
+        return x / (np.float32(1.0) + exp32(-x))
+
+    def _attention(self, q: np.ndarray, keys: np.ndarray, values: np.ndarray, start: int) -> np.ndarray:
+        """Causal attention, written so every float sum has a fixed order the native engine repeats:
+        dot products and the softmax denominator are numpy's pairwise sums over a contiguous last axis
+        (8 interleaved partial sums, then a fixed tree), and the weighted sum of values runs
+        sequentially over positions. Each token sees exactly its own prefix, never masked entries."""
+        sqrt_d = np.float32(np.sqrt(self.hp.head_dim))
+        out = np.empty_like(q)
+        for t in range(q.shape[0]):
+            visible = start + t + 1
+            scores = np.ascontiguousarray(np.sum(q[t][None] * keys[:visible], axis=-1).T) / sqrt_d  # (heads, T)
+            scores = exp32(scores - scores.max(axis=-1, keepdims=True))
+            probs = scores / np.sum(scores, axis=-1, keepdims=True)
+            acc = np.zeros(q.shape[1:], dtype=np.float32)
+            for p in range(visible):
+                acc = acc + probs[:, p, None] * values[p]
+            out[t] = acc
+        return out
 
     def forward(self, tokens: list[int] | np.ndarray, cache: KVCache | None = None) -> np.ndarray:
         """Logits (len(tokens), vocab) for `tokens` appended after what `cache` already holds."""
@@ -108,7 +135,6 @@ class ReferenceModel:
         positions = np.arange(start, start + n)
         x = self.embedding[tokens]
         group = hp.heads // hp.kv_heads
-        causal = np.triu(np.full((n, start + n), -np.inf, dtype=np.float32), k=start + 1)
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer["attn_norm"], hp.rms_eps)
             q = self._rope(layer["attn_q"](h).reshape(n, hp.heads, hp.head_dim), positions)
@@ -122,10 +148,7 @@ class ReferenceModel:
                 cache.values[i] = np.concatenate([cache.values[i], v])
             keys = np.repeat(cache.keys[i], group, axis=1)      # (T, heads, d): query head j uses kv head j // group
             values = np.repeat(cache.values[i], group, axis=1)
-            scores = np.einsum("nhd,thd->hnt", q, keys) / np.float32(np.sqrt(hp.head_dim)) + causal
-            scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-            probs = scores / scores.sum(axis=-1, keepdims=True)
-            attn = np.einsum("hnt,thd->nhd", probs, values).reshape(n, hp.heads * hp.head_dim)
+            attn = self._attention(q, keys, values, start).reshape(n, hp.heads * hp.head_dim)
             if hp.sub_norms:
                 attn = rms_norm(attn, layer["attn_sub_norm"], hp.rms_eps)
             x = x + layer["attn_output"](attn)

@@ -103,6 +103,8 @@ RYZ_API ryz_status ryz_ternary_gemm(const uint8_t *packed, int64_t rows, int64_t
 RYZ_API ryz_status ryz_quantize_activations(const float *x, int32_t n_tokens, int64_t cols, int8_t *q, float *scale, int32_t *sums);
 /* out[t * rows + r] = dot(dequant(W[r]), x[t]) for a Q8_0, Q6_K, F16 or F32 head / embedding. */
 RYZ_API ryz_status ryz_dense_gemm(const void *w, int32_t type, int64_t rows, int64_t cols, const float *x, int32_t n_tokens, float *out);
+/* The k largest logits, largest first (ties: lower id first). */
+RYZ_API ryz_status ryz_top_k(const float *logits, int64_t n, int32_t k, int32_t *ids, float *values);
 /* Memory read bandwidth probe: streams `bytes` with SIMD loads on n_threads threads, `repeats` times. */
 RYZ_API double ryz_read_bandwidth(int64_t bytes, int32_t n_threads, int32_t repeats);
 

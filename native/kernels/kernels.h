@@ -3,6 +3,7 @@
 // its scalar twin bit for bit on integer outputs.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace ryz {
@@ -27,12 +28,44 @@ struct Kernels {
 
     // One token: scale = 127 / max(max|x|, 1e-5); q = clamp(rint(x * scale), -128, 127); sum = sum q.
     void (*quantize_act)(const float *x, int64_t cols, int8_t *q, float *scale, int32_t *sum);
+
+    // Attention over a KV cache stored as F32 or F16 (kv_type RYZ_KV_*), rows `stride` elements apart:
+    //   scores[p] = dot(q, key_p) for p < n_pos;   out[i] = sum_p probs[p] * value_p[i].
+    // Entries left null fall back to the scalar ones (forward.cpp), so a family may omit them.
+    void (*kv_dot)(const float *q, const void *keys, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *scores);
+    void (*kv_axpy)(const float *probs, const void *values, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *out);
 };
 
 const Kernels &kernels_scalar();
 const Kernels *kernels_avx2();    // nullptr when not compiled in
 const Kernels *kernels_avx512();  // nullptr when not compiled in
 const Kernels *kernels_neon();    // nullptr when not compiled in
+
+// numpy's pairwise summation (the order np.sum uses over a contiguous axis), so float sums here
+// repeat the reference's bit for bit: below 8 terms a plain loop; up to 128 terms eight interleaved
+// partial sums r[j] += term[8i + j] combined as ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7)), then the tail;
+// above 128, the two halves (the first a multiple of 8 long) summed recursively.
+template <typename Term>
+float pairwise_sum(const Term &term, int64_t n, int64_t first = 0) {  // sums term(first .. first + n - 1)
+    if (n < 8) {
+        float res = 0.0f;
+        for (int64_t i = 0; i < n; ++i) res += term(first + i);
+        return res;
+    }
+    if (n <= 128) {
+        float r[8];
+        for (int j = 0; j < 8; ++j) r[j] = term(first + j);
+        int64_t i = 8;
+        for (; i < n - (n % 8); i += 8)
+            for (int j = 0; j < 8; ++j) r[j] += term(first + i + j);
+        float res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; ++i) res += term(first + i);
+        return res;
+    }
+    int64_t n2 = n / 2;
+    n2 -= n2 % 8;
+    return pairwise_sum(term, n2, first) + pairwise_sum(term, n - n2, first + n2);
+}
 
 // Shared scalar helpers (scalar.cpp), used by SIMD files for ragged tails and rare types.
 void dense_gemm_scalar(const void *w, int32_t type, int64_t row_begin, int64_t row_end, int64_t cols,

@@ -171,8 +171,24 @@ static void quantize_act_scalar(const float *x, int64_t cols, int8_t *q, float *
     *sum = total;
 }
 
+static inline float kv_at(const void *base, int32_t kv_type, int64_t index) {
+    if (kv_type == RYZ_KV_F32) return static_cast<const float *>(base)[index];
+    return fp16_to_fp32(static_cast<const fp16_t *>(base)[index]);
+}
+
+static void kv_dot_scalar(const float *q, const void *keys, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *scores) {
+    for (int32_t p = 0; p < n_pos; ++p)
+        scores[p] = pairwise_sum([&](int64_t i) { return q[i] * kv_at(keys, kv_type, p * stride + i); }, d);
+}
+
+static void kv_axpy_scalar(const float *probs, const void *values, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *out) {
+    for (int32_t i = 0; i < d; ++i) out[i] = 0.0f;
+    for (int32_t p = 0; p < n_pos; ++p)
+        for (int32_t i = 0; i < d; ++i) out[i] += probs[p] * kv_at(values, kv_type, p * stride + i);
+}
+
 const Kernels &kernels_scalar() {
-    static const Kernels k{RYZ_ISA_SCALAR, ternary_gemm_scalar, dense_gemm_scalar, quantize_act_scalar};
+    static const Kernels k{RYZ_ISA_SCALAR, ternary_gemm_scalar, dense_gemm_scalar, quantize_act_scalar, kv_dot_scalar, kv_axpy_scalar};
     return k;
 }
 

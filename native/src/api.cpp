@@ -84,6 +84,33 @@ ryz_status ryz_dense_gemm(const void *w, int32_t type, int64_t rows, int64_t col
     return RYZ_OK;
 }
 
+ryz_status ryz_top_k(const float *logits, int64_t n, int32_t k, int32_t *ids, float *values) {
+    if (!logits || !ids || !values || n < 1 || k < 1 || k > n) return fail(RYZ_ERR_INVALID_ARGUMENT, "need 1 <= k <= n and non-null buffers");
+    // A size-k min-heap by (value, -index): ties resolve to the lower index, as numpy's argmax does.
+    std::vector<std::pair<float, int64_t>> heap;
+    heap.reserve(static_cast<size_t>(k));
+    auto worse = [](const std::pair<float, int64_t> &a, const std::pair<float, int64_t> &b) {
+        return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    for (int64_t i = 0; i < n; ++i) {
+        const float v = logits[i];
+        if (static_cast<int32_t>(heap.size()) < k) {
+            heap.emplace_back(v, i);
+            std::push_heap(heap.begin(), heap.end(), worse);
+        } else if (v > heap.front().first) {
+            std::pop_heap(heap.begin(), heap.end(), worse);
+            heap.back() = {v, i};
+            std::push_heap(heap.begin(), heap.end(), worse);
+        }
+    }
+    std::sort_heap(heap.begin(), heap.end(), worse);
+    for (int32_t j = 0; j < k; ++j) {
+        ids[j] = static_cast<int32_t>(heap[j].second);
+        values[j] = heap[j].first;
+    }
+    return RYZ_OK;
+}
+
 double ryz_read_bandwidth(int64_t bytes, int32_t n_threads, int32_t repeats) {
     if (bytes < (1 << 20) || n_threads < 1 || repeats < 1) return 0.0;
     AlignedBuffer buffer;

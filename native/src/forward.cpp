@@ -42,11 +42,14 @@ namespace ryz {
 
 namespace {
 
+// Transcendentals are taken in double and rounded once, exactly as engine/reference.py does: an ulp of
+// difference in exp would flip int8 activation steps downstream.
+inline float exp_f32(float x) { return static_cast<float>(std::exp(static_cast<double>(x))); }
+
 size_t kv_elem_bytes(int32_t kv_type) { return kv_type == RYZ_KV_F32 ? 4 : 2; }
 
 void rms_norm(const float *x, const float *w, int64_t n, float eps, float *out) {
-    float sum = 0.0f;
-    for (int64_t i = 0; i < n; ++i) sum += x[i] * x[i];
+    const float sum = pairwise_sum([x](int64_t i) { return x[i] * x[i]; }, n);
     const float denom = std::sqrt(sum / static_cast<float>(n) + eps);
     for (int64_t i = 0; i < n; ++i) out[i] = x[i] / denom * w[i];
 }
@@ -54,6 +57,10 @@ void rms_norm(const float *x, const float *w, int64_t n, float eps, float *out) 
 // Quantize n tokens of `cols` activations (rows of `x`) into the context's int8 buffer.
 void quantize_tokens(ryz_context *c, const float *x, int32_t n, int64_t cols) {
     const Kernels &kern = kernels();
+    if (n == 1) {  // decode: not worth a barrier
+        kern.quantize_act(x, cols, c->act.data(), &c->act_scale[0], &c->act_sum[0]);
+        return;
+    }
     c->pool->run([&](int ti, int nt) {
         int64_t b, e;
         split_range(n, 1, ti, nt, &b, &e);
@@ -110,11 +117,6 @@ void rope(const ryz_context *c, float *vec, int32_t n_heads, int32_t head_dim, i
     }
 }
 
-inline float kv_load(const uint8_t *base, int32_t kv_type, int64_t index) {
-    if (kv_type == RYZ_KV_F32) return reinterpret_cast<const float *>(base)[index];
-    return fp16_to_fp32(reinterpret_cast<const fp16_t *>(base)[index]);
-}
-
 inline void kv_store(uint8_t *base, int32_t kv_type, int64_t index, float value) {
     if (kv_type == RYZ_KV_F32) reinterpret_cast<float *>(base)[index] = value;
     else reinterpret_cast<fp16_t *>(base)[index] = fp32_to_fp16(value);
@@ -157,38 +159,30 @@ void attention(ryz_context *c, int layer, int32_t n, const int32_t *seq_ids) {
     const int32_t d = hp.head_dim, group = hp.heads / hp.kv_heads;
     const int64_t kv_dim = int64_t(hp.kv_heads) * d, q_dim = int64_t(hp.heads) * d;
     const size_t eb = kv_elem_bytes(c->kv_type);
-    const float inv_sqrt = std::sqrt(static_cast<float>(d));
+    const float sqrt_d = std::sqrt(static_cast<float>(d));
+    const Kernels &kern = kernels(), &scalar = kernels_scalar();
+    const auto kv_dot = kern.kv_dot ? kern.kv_dot : scalar.kv_dot;
+    const auto kv_axpy = kern.kv_axpy ? kern.kv_axpy : scalar.kv_axpy;
     c->pool->run([&](int ti, int nt) {
         std::vector<float> scores(c->max_positions);
         int64_t b, e;
         split_range(int64_t(n) * hp.heads, 1, ti, nt, &b, &e);
         for (int64_t item = b; item < e; ++item) {
             const int32_t t = static_cast<int32_t>(item / hp.heads), h = static_cast<int32_t>(item % hp.heads);
-            const int32_t pos = c->positions[t], kvh = h / group;
+            const int32_t n_pos = c->positions[t] + 1, kvh = h / group;  // causal: positions 0..pos
             const KVSeq &s = c->seqs[seq_ids[t]];
-            const uint8_t *keys = s.keys.get() + size_t(layer) * c->max_positions * kv_dim * eb;
-            const uint8_t *values = s.values.get() + size_t(layer) * c->max_positions * kv_dim * eb;
-            const float *qv = c->q.data() + int64_t(t) * q_dim + int64_t(h) * d;
+            const size_t layer_off = (size_t(layer) * c->max_positions * kv_dim + size_t(kvh) * d) * eb;
+            kv_dot(c->q.data() + int64_t(t) * q_dim + int64_t(h) * d, s.keys.get() + layer_off, c->kv_type, kv_dim, n_pos, d, scores.data());
             float max_score = -INFINITY;
-            for (int32_t p = 0; p <= pos; ++p) {
-                float dot = 0.0f;
-                const int64_t base = int64_t(p) * kv_dim + int64_t(kvh) * d;
-                for (int32_t i = 0; i < d; ++i) dot += qv[i] * kv_load(keys, c->kv_type, base + i);
-                scores[p] = dot / inv_sqrt;
+            for (int32_t p = 0; p < n_pos; ++p) {
+                scores[p] = scores[p] / sqrt_d;
                 max_score = std::max(max_score, scores[p]);
             }
-            float sum = 0.0f;
-            for (int32_t p = 0; p <= pos; ++p) {
-                scores[p] = std::exp(scores[p] - max_score);
-                sum += scores[p];
-            }
-            float *out = c->att.data() + int64_t(t) * q_dim + int64_t(h) * d;
-            std::fill(out, out + d, 0.0f);
-            for (int32_t p = 0; p <= pos; ++p) {
-                const float prob = scores[p] / sum;
-                const int64_t base = int64_t(p) * kv_dim + int64_t(kvh) * d;
-                for (int32_t i = 0; i < d; ++i) out[i] += prob * kv_load(values, c->kv_type, base + i);
-            }
+            for (int32_t p = 0; p < n_pos; ++p) scores[p] = exp_f32(scores[p] - max_score);
+            const float *e_scores = scores.data();
+            const float sum = pairwise_sum([e_scores](int64_t p) { return e_scores[p]; }, n_pos);
+            for (int32_t p = 0; p < n_pos; ++p) scores[p] = scores[p] / sum;
+            kv_axpy(scores.data(), s.values.get() + layer_off, c->kv_type, kv_dim, n_pos, d, c->att.data() + int64_t(t) * q_dim + int64_t(h) * d);
         }
     });
 }
@@ -196,6 +190,10 @@ void attention(ryz_context *c, int layer, int32_t n, const int32_t *seq_ids) {
 // Per-token work (norms, element-wise ops) split across threads by token.
 template <typename Fn>
 void per_token(ryz_context *c, int32_t n, Fn fn) {
+    if (n == 1) {  // decode: not worth a barrier
+        fn(0);
+        return;
+    }
     c->pool->run([&](int ti, int nt) {
         int64_t b, e;
         split_range(n, 1, ti, nt, &b, &e);
@@ -231,11 +229,12 @@ ryz_status ryz_context_new(ryz_model *m, int32_t n_threads, int32_t max_seqs, in
     c->rope_sin.resize(size_t(max_positions) * half);
     for (int32_t i = 0; i < half; ++i) {
         // As the reference: float32 theta^(2i/d), its float32 inverse, times the float32 position.
-        const float inv_freq = 1.0f / std::pow(hp.rope_theta, static_cast<float>(2 * i) / static_cast<float>(hp.head_dim));
+        const float exponent = static_cast<float>(2 * i) / static_cast<float>(hp.head_dim);
+        const float inv_freq = 1.0f / static_cast<float>(std::pow(static_cast<double>(hp.rope_theta), static_cast<double>(exponent)));
         for (int32_t p = 0; p < max_positions; ++p) {
             const float angle = static_cast<float>(p) * inv_freq;
-            c->rope_cos[size_t(p) * half + i] = std::cos(angle);
-            c->rope_sin[size_t(p) * half + i] = std::sin(angle);
+            c->rope_cos[size_t(p) * half + i] = static_cast<float>(std::cos(static_cast<double>(angle)));
+            c->rope_sin[size_t(p) * half + i] = static_cast<float>(std::sin(static_cast<double>(angle)));
         }
     }
     *out = c;
@@ -351,7 +350,7 @@ ryz_status ryz_forward(ryz_context *c, int32_t n, const int32_t *tokens, const i
             float *g = c->gate.data() + int64_t(t) * hp.ffn;
             const float *u = c->up.data() + int64_t(t) * hp.ffn;
             for (int32_t i = 0; i < hp.ffn; ++i) {
-                const float a = hp.ffn_act == RYZ_ACT_RELU2 ? (g[i] > 0.0f ? g[i] * g[i] : 0.0f) : g[i] / (1.0f + std::exp(-g[i]));
+                const float a = hp.ffn_act == RYZ_ACT_RELU2 ? (g[i] > 0.0f ? g[i] * g[i] : 0.0f) : g[i] / (1.0f + exp_f32(-g[i]));
                 g[i] = a * u[i];
             }
             if (hp.sub_norms) rms_norm(g, layer.ffn_sub_norm, hp.ffn, hp.rms_eps, xb + int64_t(t) * hp.ffn);

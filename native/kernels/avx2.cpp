@@ -1,0 +1,411 @@
+// AVX2 kernels (AVX2, FMA, F16C; this file alone is built with those flags).
+//
+// Layouts (src/blocks.h; scalar.cpp is the spec):
+//   T2P ternary: packed[tile][block][row][64], 4 rows per tile, one 64-byte block per 256 columns.
+//     Byte j of a row's block holds code+1 of column 64l + j in bits 2l..2l+1. A 32-byte half h of
+//     the block (bytes 32h..32h+31) therefore holds, in plane l, columns 64l + 32h + 0..31: one ymm of
+//     activations per plane and half.
+//   Activations: int8, row-major [token][cols], plus act_sums[token] = the sum of that token's row.
+//   Dense (head / embedding): ggml's F32, F16, Q8_0 and Q6_K rows, read in place.
+//
+// Ternary arithmetic: vpmaddubsw multiplies unsigned bytes (the stored code+1) by signed bytes (the
+// activations) and adds adjacent pairs into int16, saturating. Then vpmaddwd with ones widens pairs
+// of int16 into int32 lanes. sum (code_k+1) * a_k - act_sums[t] = sum code_k * a_k, as in the
+// AVX-512 file. Planes are not shifted down one by one: with y = x >> 4 (one vpsrlw per 32 bytes),
+//   plane 0 = x & 0x03, plane 1 = x & 0x0C (= 4 * code), plane 2 = y & 0x03, plane 3 = y & 0x0C (4x),
+// and per row and half  s = 4 * (maddubs(p0) + maddubs(p2)) + (maddubs(p1) + maddubs(p3)),  which is
+// 4 times the true partial sum; the int32 total is divided by 4 at the end (exact: every term is a
+// multiple of 4).
+// No saturation or wrap-around, even for the unused 2-bit code 3 that a TQ2_0 file could carry:
+//   one vpmaddubsw pair:   |u0*a0 + u1*a1| <= 2 * 12 * 128 = 3072  (u <= 12 for a scaled plane,
+//                          <= 3 unscaled: 768)  < 32767, so vpmaddubsw never saturates;
+//   unscaled sum of 2:     <= 1536, times 4: <= 6144;  scaled sum of 2: <= 6144;  s <= 12288;
+//   per row over a block (two halves): <= 24576 < 32767; then vpmaddwd (exact) adds 2 of those per
+//   int32 lane and block: lanes stay below cols * 192 < 2^31.
+// All exact integer arithmetic: the result equals the scalar kernel's bit for bit.
+//
+// Dense arithmetic: as in avx512.cpp: each weight dequantised with dequantize_row's operations, FMA
+// into per-row accumulators with the AVX-512 kernels' 16-lane assignment (two ymm) and reduction
+// tree, so AVX2, AVX-512 and NEON return the same bits. A row's result depends only on the row and x.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstring>
+
+#include "../include/ryz.h"
+#include "../src/blocks.h"
+#include "kernels.h"
+
+namespace ryz {
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Ternary GEMV / GEMM
+// ---------------------------------------------------------------------------------------------
+
+// Lane i of the result = sum of the lanes of a_i (integers: order-free).
+inline __m128i hsum4_epi32(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
+    const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+    return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+}
+
+inline __m256i load32(const void *p) { return _mm256_loadu_si256(static_cast<const __m256i *>(p)); }
+
+// One 32-byte half of a row's block against one token's activations for that block (a points at
+// column 32h of the block): returns the int32 partial sums, 4x the true value (see the header).
+struct Planes {
+    __m256i p0, p1, p2, p3;
+};
+inline Planes unpack(__m256i x, __m256i m03, __m256i m0c) {
+    const __m256i y = _mm256_srli_epi16(x, 4);  // bits leaking in from the high byte are masked off
+    return {_mm256_and_si256(x, m03), _mm256_and_si256(x, m0c), _mm256_and_si256(y, m03), _mm256_and_si256(y, m0c)};
+}
+inline __m256i half_dot(const Planes &p, const int8_t *a, __m256i ones) {
+    const __m256i x1 = _mm256_add_epi16(_mm256_maddubs_epi16(p.p0, load32(a)), _mm256_maddubs_epi16(p.p2, load32(a + 128)));
+    const __m256i x4 = _mm256_add_epi16(_mm256_maddubs_epi16(p.p1, load32(a + 64)), _mm256_maddubs_epi16(p.p3, load32(a + 192)));
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_slli_epi16(x1, 2), x4), ones);
+}
+
+// Decode: one tile (4 rows) against one token. Per row and block: 2 loads, 2 shifts, 8 ands, 8
+// vpmaddubsw (activations as memory operands; the 8 activation vectors of a block are shared by the
+// tile's 4 rows through L1), 8 int16 adds, one vpmaddwd. The two halves are summed in int16 before
+// widening (bound above). Software prefetch as in the AVX-512 GEMV.
+constexpr int64_t GEMV_PREFETCH = 4096;
+
+inline __m128i gemv_tile(const uint8_t *w, int64_t blocks, const int8_t *act) {
+    const __m256i m03 = _mm256_set1_epi8(0x03), m0c = _mm256_set1_epi8(0x0C), ones = _mm256_set1_epi16(1);
+    __m256i acc0 = _mm256_setzero_si256(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+    for (int64_t b = 0; b < blocks; ++b, w += TILE_ROWS * T2P_BLOCK_BYTES, act += QK_K) {
+        for (int r = 0; r < TILE_ROWS; ++r) _mm_prefetch(reinterpret_cast<const char *>(w + GEMV_PREFETCH + r * 64), _MM_HINT_T0);
+#define RYZ_ROW(r, acc)                                                                                                  \
+        {                                                                                                                \
+            const Planes lo = unpack(load32(w + r * T2P_BLOCK_BYTES), m03, m0c);                                         \
+            const Planes hi = unpack(load32(w + r * T2P_BLOCK_BYTES + 32), m03, m0c);                                    \
+            const __m256i x1 = _mm256_add_epi16(                                                                         \
+                _mm256_add_epi16(_mm256_maddubs_epi16(lo.p0, load32(act)), _mm256_maddubs_epi16(lo.p2, load32(act + 128))), \
+                _mm256_add_epi16(_mm256_maddubs_epi16(hi.p0, load32(act + 32)), _mm256_maddubs_epi16(hi.p2, load32(act + 160)))); \
+            const __m256i x4 = _mm256_add_epi16(                                                                         \
+                _mm256_add_epi16(_mm256_maddubs_epi16(lo.p1, load32(act + 64)), _mm256_maddubs_epi16(lo.p3, load32(act + 192))), \
+                _mm256_add_epi16(_mm256_maddubs_epi16(hi.p1, load32(act + 96)), _mm256_maddubs_epi16(hi.p3, load32(act + 224)))); \
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_add_epi16(_mm256_slli_epi16(x1, 2), x4), ones));        \
+        }
+        RYZ_ROW(0, acc0) RYZ_ROW(1, acc1) RYZ_ROW(2, acc2) RYZ_ROW(3, acc3)
+#undef RYZ_ROW
+    }
+    return _mm_srai_epi32(hsum4_epi32(acc0, acc1, acc2, acc3), 2);
+}
+
+// Prefill / batched decode: one row times T tokens (16 ymm registers: 4 planes + T accumulators +
+// 3 constants + temporaries, so T <= 6 and one row at a time). The planes of each 32-byte half are
+// unpacked once and reused by the T tokens; the tile's 4 rows run one after another over the same
+// activations, which stay in L1.
+template <int T>
+void gemm_micro(const uint8_t *w, int64_t blocks, int64_t cols, const int8_t *act, const int32_t *sums, int32_t *out,
+                int64_t out_stride) {
+    const __m256i m03 = _mm256_set1_epi8(0x03), m0c = _mm256_set1_epi8(0x0C), ones = _mm256_set1_epi16(1);
+    __m256i acc[T];
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_si256();
+    for (int64_t b = 0; b < blocks; ++b, w += TILE_ROWS * T2P_BLOCK_BYTES, act += QK_K) {
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+            const Planes p = unpack(load32(w + 32 * h), m03, m0c);
+#pragma GCC unroll 8
+            for (int t = 0; t < T; ++t) acc[t] = _mm256_add_epi32(acc[t], half_dot(p, act + t * cols + 32 * h, ones));
+        }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) {
+        const __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc[t]), _mm256_extracti128_si256(acc[t], 1));
+        const __m128i s2 = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+        out[t * out_stride] = (_mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 1))) >> 2) - sums[t];
+    }
+}
+
+using MicroFn = void (*)(const uint8_t *, int64_t, int64_t, const int8_t *, const int32_t *, int32_t *, int64_t);
+
+// Token tiles 1..6; larger requests act as 6. Default 4 (measured; see the report).
+constexpr int MAX_TOKEN_TILE = 6;
+constexpr int DEFAULT_TOKEN_TILE = 4;
+const MicroFn MICRO[MAX_TOKEN_TILE + 1] = {nullptr, gemm_micro<1>, gemm_micro<2>, gemm_micro<3>,
+                                           gemm_micro<4>, gemm_micro<5>, gemm_micro<6>};
+
+// Token blocks sized for L2, as in avx512.cpp.
+constexpr int64_t ACT_BLOCK_BYTES = 128 * 1024;
+
+void ternary_gemm_avx2(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
+                       const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
+    const int64_t blocks = cols / QK_K;
+    const int64_t tile_bytes = blocks * TILE_ROWS * T2P_BLOCK_BYTES;
+    if (row_end <= row_begin || n_tokens < 1 || blocks < 1) return;
+    if (n_tokens == 1) {
+        for (int64_t r = row_begin; r < row_end; r += TILE_ROWS) {
+            const __m128i s = _mm_sub_epi32(gemv_tile(packed + (r / TILE_ROWS) * tile_bytes, blocks, act), _mm_set1_epi32(act_sums[0]));
+            _mm_storeu_si128(reinterpret_cast<__m128i *>(out + r), s);
+        }
+        return;
+    }
+    const int tt = token_tile < 1 ? DEFAULT_TOKEN_TILE : std::min(token_tile, MAX_TOKEN_TILE);
+    const int64_t token_block = std::max<int64_t>(tt, ACT_BLOCK_BYTES / cols / tt * tt);
+    for (int64_t t0 = 0; t0 < n_tokens; t0 += token_block) {
+        const int64_t t_end = std::min<int64_t>(n_tokens, t0 + token_block);
+        for (int64_t r = row_begin; r < row_end; r += TILE_ROWS) {
+            const uint8_t *w = packed + (r / TILE_ROWS) * tile_bytes;
+            for (int64_t t = t0; t < t_end; t += tt) {
+                const int n = static_cast<int>(std::min<int64_t>(tt, t_end - t));
+                for (int i = 0; i < TILE_ROWS; ++i)
+                    MICRO[n](w + i * T2P_BLOCK_BYTES, blocks, cols, act + t * cols, act_sums + t, out + t * out_stride + r + i, out_stride);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dense GEMM (output head, embedding)
+// ---------------------------------------------------------------------------------------------
+
+inline float half_to_float(fp16_t h) { return _cvtsh_ss(h); }  // F16C: exact, like fp16_to_fp32
+
+// Per row two accumulators, lo and hi: lane i of lo takes the columns k = i (mod 16), lane i of hi the
+// columns k = 8 + i (mod 16), in increasing k. The reduction is (hi + lo), then the 128-bit halves,
+// then (s0 + s2) + (s1 + s3): the same lane assignment and tree as the AVX-512 and NEON kernels (GCC's
+// _mm512_reduce_add_ps), so the three SIMD families return the same bits for the same row.
+inline float reduce16(__m256 lo, __m256 hi) {
+    const __m256 v = _mm256_add_ps(hi, lo);
+    const __m128 s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    const __m128 s2 = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+
+// Reduce and store with compile-time indices (a runtime index keeps GCC's accumulators in memory).
+template <int R>
+inline void store_rows(const __m256 (&acc)[R][2], float *out, int n_rows) {
+    float res[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) res[r] = reduce16(acc[r][0], acc[r][1]);
+    for (int r = 0; r < n_rows; ++r) out[r] = res[r];
+}
+
+constexpr int64_t DENSE_PREFETCH = 2048;
+inline void prefetch(const uint8_t *p) { _mm_prefetch(reinterpret_cast<const char *>(p), _MM_HINT_T0); }
+// Rows of a pass are consecutive: past a row's end, prefetch the same row of the next pass.
+inline size_t prefetch_offset(size_t off, size_t rb, int R) {
+    return off + DENSE_PREFETCH + (off + DENSE_PREFETCH >= rb ? (R - 1) * rb : 0);
+}
+
+// The kernels below do 4 rows x 1 token (8 accumulators of the 16 ymm registers); the weights of a
+// pass stay in L1 for the next token. Rows past the end of the range repeat the last row (results
+// discarded), so every row goes through the same operations.
+constexpr int R = 4;
+#define RYZ_DENSE_ROWS              \
+    const uint8_t *rows[R];         \
+    for (int i = 0; i < R; ++i) rows[i] = w + static_cast<size_t>(std::min(i, n_rows - 1)) * rb;
+#define RYZ_DENSE_ZERO                                                 \
+    __m256 acc[R][2];                                                  \
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+
+// F32 / F16 rows, one 64-byte line of each row per step. A ragged column tail goes through a
+// zero-padded copy, and its lanes past the end keep their accumulator (blend): they add nothing,
+// not even a -0 + 0, as the AVX-512 masked FMA.
+template <bool HALF>
+void dense_plain(const uint8_t *w, size_t rb, int n_rows, int64_t cols, const float *x, float *out) {
+    RYZ_DENSE_ROWS
+    RYZ_DENSE_ZERO
+    constexpr int ES = HALF ? 2 : 4;
+    constexpr int STEP = 64 / ES;
+    auto load_w = [](const uint8_t *p) {
+        if constexpr (HALF) {
+            return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
+        } else {
+            return _mm256_loadu_ps(reinterpret_cast<const float *>(p));
+        }
+    };
+    int64_t k = 0;
+    for (; k + STEP <= cols; k += STEP) {
+        const size_t pf = prefetch_offset(static_cast<size_t>(k * ES), rb, R);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) prefetch(rows[r] + pf);
+#pragma GCC unroll 4
+        for (int j = 0; j < STEP; j += 8) {
+            const __m256 xv = _mm256_loadu_ps(x + k + j);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) acc[r][(j / 8) % 2] = _mm256_fmadd_ps(load_w(rows[r] + (k + j) * ES), xv, acc[r][(j / 8) % 2]);
+        }
+    }
+    for (; k < cols; k += 8) {  // k stays a multiple of 8, so (k / 8) % 2 picks the accumulator
+        const int n = static_cast<int>(std::min<int64_t>(8, cols - k));
+        alignas(32) float xb[8] = {};
+        std::memcpy(xb, x + k, static_cast<size_t>(n) * 4);
+        const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+        const int h = static_cast<int>((k / 8) % 2);
+        for (int r = 0; r < R; ++r) {
+            alignas(32) uint8_t wb[32] = {};
+            std::memcpy(wb, rows[r] + k * ES, static_cast<size_t>(n) * ES);
+            acc[r][h] = _mm256_blendv_ps(acc[r][h], _mm256_fmadd_ps(load_w(wb), _mm256_load_ps(xb), acc[r][h]), keep);
+        }
+    }
+    store_rows<R>(acc, out, n_rows);
+}
+
+// Q8_0 rows: a block (32 columns, four vectors) per step; d converted once per block and row; the
+// values d * q are exact in float, as in dequantize_row.
+void dense_q8_0(const uint8_t *w, size_t rb, int n_rows, int64_t cols, const float *x, float *out) {
+    RYZ_DENSE_ROWS
+    RYZ_DENSE_ZERO
+    for (int64_t b = 0; b < cols / QK8_0; ++b) {
+        const size_t pf = prefetch_offset(b * sizeof(block_q8_0), rb, R);
+        __m256 d[R];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            prefetch(rows[r] + pf);
+            fp16_t dh;
+            std::memcpy(&dh, rows[r] + b * sizeof(block_q8_0) + offsetof(block_q8_0, d), sizeof dh);
+            d[r] = _mm256_set1_ps(half_to_float(dh));
+        }
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) {
+            const __m256 xv = _mm256_loadu_ps(x + b * QK8_0 + 8 * c);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) {
+                const uint8_t *qs = rows[r] + b * sizeof(block_q8_0) + offsetof(block_q8_0, qs) + 8 * c;
+                const __m256 wv = _mm256_mul_ps(d[r], _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i *>(qs)))));
+                acc[r][c % 2] = _mm256_fmadd_ps(wv, xv, acc[r][c % 2]);
+            }
+        }
+    }
+    store_rows<R>(acc, out, n_rows);
+}
+
+// Q6_K rows, decoded group by group (32 columns) and multiplied in at once, as in avx512.cpp's
+// dense_q6_k (same layout notes); values (d * scale) * (q - 32) as in dequantize_row.
+void dense_q6_k(const uint8_t *w, size_t rb, int n_rows, int64_t cols, const float *x, float *out) {
+    RYZ_DENSE_ROWS
+    RYZ_DENSE_ZERO
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
+    for (int64_t b = 0; b < cols / QK_K; ++b) {
+        const size_t pf = prefetch_offset(b * sizeof(block_q6_k), rb, R);
+        const float *xb = x + b * QK_K;
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+            for (int i = 0; i < 256; i += 64) prefetch(rows[r] + pf + i);
+            const block_q6_k *blk = reinterpret_cast<const block_q6_k *>(rows[r] + b * sizeof(block_q6_k));
+            const float d = half_to_float(blk->d);
+            for (int h = 0; h < 2; ++h) {
+                const __m256i ql0 = load32(blk->ql + 64 * h), ql1 = load32(blk->ql + 64 * h + 32), qh = load32(blk->qh + 32 * h);
+#pragma GCC unroll 4
+                for (int g = 0; g < 4; ++g) {
+                    const __m256i lo = (g & 2) ? _mm256_and_si256(_mm256_srli_epi16(g & 1 ? ql1 : ql0, 4), m4) : _mm256_and_si256(g & 1 ? ql1 : ql0, m4);
+                    const __m256i hi = _mm256_and_si256(g ? _mm256_srli_epi16(qh, 2 * g) : qh, m2);
+                    const __m256i v = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), bias);
+                    const __m128i v0 = _mm256_castsi256_si128(v), v1 = _mm256_extracti128_si256(v, 1);
+                    const __m256 s0 = _mm256_set1_ps(d * static_cast<float>(blk->scales[8 * h + 2 * g]));
+                    const __m256 s1 = _mm256_set1_ps(d * static_cast<float>(blk->scales[8 * h + 2 * g + 1]));
+                    const float *xc = xb + 128 * h + 32 * g;
+                    acc[r][0] = _mm256_fmadd_ps(_mm256_mul_ps(s0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v0))), _mm256_loadu_ps(xc), acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(_mm256_mul_ps(s0, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v0, 8)))), _mm256_loadu_ps(xc + 8), acc[r][1]);
+                    acc[r][0] = _mm256_fmadd_ps(_mm256_mul_ps(s1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v1))), _mm256_loadu_ps(xc + 16), acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(_mm256_mul_ps(s1, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v1, 8)))), _mm256_loadu_ps(xc + 24), acc[r][1]);
+                }
+            }
+        }
+    }
+    store_rows<R>(acc, out, n_rows);
+}
+
+#undef RYZ_DENSE_ROWS
+#undef RYZ_DENSE_ZERO
+
+using DenseFn = void (*)(const uint8_t *, size_t, int, int64_t, const float *, float *);
+
+template <DenseFn F>
+void dense_rows(const uint8_t *w, size_t rb, int64_t row_begin, int64_t row_end, int64_t cols, const float *x,
+                int32_t n_tokens, float *out, int64_t out_stride) {
+    for (int64_t r = row_begin; r < row_end; r += R) {
+        const int n_rows = static_cast<int>(std::min<int64_t>(R, row_end - r));
+        for (int32_t t = 0; t < n_tokens; ++t) F(w + static_cast<size_t>(r) * rb, rb, n_rows, cols, x + t * cols, out + t * out_stride + r);
+    }
+}
+
+void dense_gemm_avx2(const void *w, int32_t type, int64_t row_begin, int64_t row_end, int64_t cols, const float *x,
+                     int32_t n_tokens, float *out, int64_t out_stride) {
+    const uint8_t *base = static_cast<const uint8_t *>(w);
+    const size_t rb = row_bytes(type, cols);
+    switch (type) {
+        case RYZ_TYPE_F32: dense_rows<dense_plain<false>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride); break;
+        case RYZ_TYPE_F16: dense_rows<dense_plain<true>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride); break;
+        case RYZ_TYPE_Q8_0: dense_rows<dense_q8_0>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride); break;
+        case RYZ_TYPE_Q6_K: dense_rows<dense_q6_k>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride); break;
+        default: dense_gemm_scalar(w, type, row_begin, row_end, cols, x, n_tokens, out, out_stride); break;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantisation
+// ---------------------------------------------------------------------------------------------
+
+// Bit-identical to quantize_act_scalar, for the reasons given in avx512.cpp: max is exact and
+// order-free (vmaxps returns its second operand on NaN, as fmax returns the non-NaN one); same scalar
+// scale; one rounded multiply; vroundps(NEAREST) = rint half-to-even; max(v, -128) then min(v, 127),
+// which sends NaN to -128 as the scalar fmax/fmin do. The ragged tail runs the scalar expressions.
+void quantize_act_avx2(const float *x, int64_t cols, int8_t *q, float *scale, int32_t *sum) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= cols; k += 16) {
+        m0 = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)), m0);
+        m1 = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + k + 8)), m1);
+    }
+    __m256 m = _mm256_max_ps(m0, m1);
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    float amax = std::fmax(_mm_cvtss_f32(m4), _mm_cvtss_f32(_mm_movehdup_ps(m4)));
+    for (; k < cols; ++k) amax = std::fmax(amax, std::fabs(x[k]));
+    const float s = 127.0f / std::fmax(amax, 1e-5f);
+
+    const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256i total = _mm256_setzero_si256();
+    auto quant8 = [&](const float *p) {
+        const __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(p), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
+    };
+    for (k = 0; k + 32 <= cols; k += 32) {
+        const __m256i i0 = quant8(x + k), i1 = quant8(x + k + 8), i2 = quant8(x + k + 16), i3 = quant8(x + k + 24);
+        total = _mm256_add_epi32(_mm256_add_epi32(total, _mm256_add_epi32(i0, i1)), _mm256_add_epi32(i2, i3));
+        // in-range values: the saturating packs are plain narrowing; they interleave 128-bit lanes,
+        // the permute puts the 32 bytes back in order
+        const __m256i w16 = _mm256_packs_epi32(i0, i1), w16b = _mm256_packs_epi32(i2, i3);
+        _mm256_storeu_si256(reinterpret_cast<__m256i *>(q + k), _mm256_permutevar8x32_epi32(_mm256_packs_epi16(w16, w16b), order));
+    }
+    const __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+    const __m128i t2 = _mm_add_epi32(t, _mm_unpackhi_epi64(t, t));
+    int32_t acc = _mm_cvtsi128_si32(_mm_add_epi32(t2, _mm_shuffle_epi32(t2, 1)));
+    for (; k < cols; ++k) {
+        const float v = std::fmin(std::fmax(std::rint(x[k] * s), -128.0f), 127.0f);
+        q[k] = static_cast<int8_t>(v);
+        acc += q[k];
+    }
+    *scale = s;
+    *sum = acc;
+}
+
+}  // namespace
+
+const Kernels *kernels_avx2() {
+    // kv_dot / kv_axpy left null: forward.cpp falls back to the scalar ones.
+    static const Kernels k{RYZ_ISA_AVX2, ternary_gemm_avx2, dense_gemm_avx2, quantize_act_avx2, nullptr, nullptr};
+    return &k;
+}
+
+#else
+
+const Kernels *kernels_avx2() { return nullptr; }
+
+#endif
+
+}  // namespace ryz

@@ -1,0 +1,469 @@
+// AVX-512 kernels (F, BW, VL, DQ, VNNI; this file alone is built with those flags).
+//
+// Layouts (src/blocks.h; scalar.cpp is the spec):
+//   T2P ternary: packed[tile][block][row][64], 4 rows per tile, one 64-byte block per 256 columns.
+//     Byte j of a row's block holds code+1 of column 64l + j in bits 2l..2l+1, so one 64-byte load
+//     holds all four planes and plane l lines up byte for byte with the activations
+//     act[256b + 64l .. 256b + 64l + 63] (one zmm). A tile's blocks are one sequential stream.
+//   Activations: int8, row-major [token][cols], plus act_sums[token] = the sum of that token's row.
+//   Dense (head / embedding): ggml's F32, F16, Q8_0 and Q6_K rows, read in place.
+//
+// Ternary arithmetic: vpdpbusd multiplies unsigned bytes by signed bytes and adds each group of 4
+// products to an int32 lane, without saturation (unlike vpmaddubsw). The unsigned operand is the
+// stored code+1 in {0,1,2}, the signed one the int8 activation, so a row accumulates
+// sum (code_k+1) * a_k = sum code_k * a_k + sum a_k: subtracting act_sums[t] once per output folds the
+// -1 offset back in, with no decode to -1/0/+1 and no sign games. Overflow: with the largest 2-bit
+// field (3, unused but possible in a TQ2_0 file) and the GEMV's planes scaled by up to 64 (see
+// gemv_tile), a lane stays below cols * 384 < 2^31 for cols < 5.5M. All of it is exact integer
+// arithmetic, so the result equals the scalar kernel's bit for bit whatever the order.
+//
+// Dense arithmetic: each weight is dequantised with the operations dequantize_row uses (so the same
+// float value), then multiplied into per-row float accumulators with FMA, lane i taking columns
+// i mod 16 in increasing order, and reduced by one fixed tree at the end. A row's result depends only
+// on the row and x: not on row_begin, on which rows share a pass, on n_tokens or on the thread. It
+// differs from the scalar (sequential, unfused) sum by rounding only.
+
+// GCC 12 reports its own _mm512_undefined_* placeholders inside the intrinsics as uninitialised
+// (GCC PR 105593, fixed in 13); the warning is about the header, not this file.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <type_traits>
+#include <cmath>
+#include <cstring>
+
+#include "../include/ryz.h"
+#include "../src/blocks.h"
+#include "kernels.h"
+
+namespace ryz {
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Ternary GEMV / GEMM
+// ---------------------------------------------------------------------------------------------
+
+// vpdpbusd acc += u8 x s8. GCC 12 allocates registers badly around the intrinsic (a copy in and out of
+// every accumulator per use, and spills once more than a few are live: the decode loop ran ~1.3x
+// slower), so GCC gets the instruction as inline asm; the "vm" constraint still lets it fold the
+// activation load into a memory operand. Other compilers use the intrinsic.
+inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+#if defined(__GNUC__) && !defined(__clang__)
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "vm"(s8));
+    return acc;
+#else
+    return _mm512_dpbusd_epi32(acc, u8, s8);
+#endif
+}
+
+// Sum each of four int32 vectors: result lane i = sum of all lanes of a_i (integer: order-free).
+inline __m128i hsum4_epi32(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
+    const __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
+    const __m512i s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+    // per 128-bit lane: [a0, a1, a0, a1] + [a2, a3, a2, a3] halves -> [a0, a1, a2, a3]
+    const __m512i s = _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
+    const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+// Decode: one row tile (4 rows) against one token; the tile's blocks are one forward stream.
+// Per 64-byte block of a row: one load, four vpand with 0x03 / 0x0C / 0x30 / 0xC0 and four vpdpbusd
+// against the block's four activation vectors (loaded once per tile block, shared by its 4 rows).
+// No shifts: plane l is left in place, i.e. multiplied by 4^l, and goes to its own accumulator, which
+// is divided back by an arithmetic shift at the end of the row. That division is exact: every
+// product added to accumulator l is 4^l * (code+1) * a. Why: on Zen 5 vpsrlw competes with vpdpbusd
+// for the same two ports, so unpacking by shifts held the loop at ~3.5 cycles per 64 bytes; vpand
+// runs on any of 4 ports, and the loop gets near the 2 cycles of its 4 vpdpbusd (hot in L2/L3:
+// 72 -> ~105 GB/s). Bound for the scaled accumulators: a lane adds cols/64 products of at most
+// 192 * 128, i.e. < cols * 384 < 2^31.
+// The 16 accumulators (4 rows x 4 planes) also cover vpdpbusd's latency (4 cycles, 2 per cycle).
+// Software prefetch 4 KB ahead (16 tile blocks): the hardware prefetcher alone left the loop at ~78%
+// of a plain streaming read from DRAM, with it ~90% (Zen 5; a NTA hint or 1-2 KB was no better).
+constexpr int64_t GEMV_PREFETCH = 4096;
+
+inline __m128i gemv_tile(const uint8_t *w, int64_t blocks, const int8_t *act) {
+    const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0C), m2 = _mm512_set1_epi8(0x30),
+                  m3 = _mm512_set1_epi8(static_cast<char>(0xC0));
+    // acc<row><plane>, written out: GCC 12 keeps an array of accumulators in memory.
+    __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    __m512i a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+    for (int64_t b = 0; b < blocks; ++b, w += TILE_ROWS * T2P_BLOCK_BYTES, act += QK_K) {
+        for (int r = 0; r < TILE_ROWS; ++r) _mm_prefetch(reinterpret_cast<const char *>(w + GEMV_PREFETCH + r * 64), _MM_HINT_T0);
+        const __m512i v0 = _mm512_loadu_si512(act);
+        const __m512i v1 = _mm512_loadu_si512(act + 64);
+        const __m512i v2 = _mm512_loadu_si512(act + 128);
+        const __m512i v3 = _mm512_loadu_si512(act + 192);
+#define RYZ_ROW(r)                                                        \
+        {                                                                 \
+            const __m512i x = _mm512_loadu_si512(w + r * T2P_BLOCK_BYTES); \
+            a##r##0 = dpbusd(a##r##0, _mm512_and_si512(x, m0), v0);       \
+            a##r##1 = dpbusd(a##r##1, _mm512_and_si512(x, m1), v1);       \
+            a##r##2 = dpbusd(a##r##2, _mm512_and_si512(x, m2), v2);       \
+            a##r##3 = dpbusd(a##r##3, _mm512_and_si512(x, m3), v3);       \
+        }
+        RYZ_ROW(0) RYZ_ROW(1) RYZ_ROW(2) RYZ_ROW(3)
+#undef RYZ_ROW
+    }
+#define RYZ_COMBINE(r) _mm512_add_epi32(_mm512_add_epi32(a##r##0, _mm512_srai_epi32(a##r##1, 2)), \
+                                        _mm512_add_epi32(_mm512_srai_epi32(a##r##2, 4), _mm512_srai_epi32(a##r##3, 6)))
+    const __m128i s = hsum4_epi32(RYZ_COMBINE(0), RYZ_COMBINE(1), RYZ_COMBINE(2), RYZ_COMBINE(3));
+#undef RYZ_COMBINE
+    return s;
+}
+
+// Prefill / batched decode: one row tile (4 rows) times T tokens, held in 4*T zmm accumulators across
+// the whole row. Each weight plane is unpacked once per block and reused by the T tokens (token_tile);
+// each activation vector is loaded once per plane and reused by the 4 rows (GCC folds it into the
+// vpdpbusd memory operand instead when that is cheaper: the load ports have room, 2 per cycle).
+// Here the planes are shifted down (vpsrlw + vpand) rather than kept scaled as in the GEMV: scaled
+// planes would need 4 accumulators per (row, token); the shifts are amortised over T tokens instead.
+// Per plane step: 4T vpdpbusd, T activation loads, <= 4 shift/and pairs.
+template <int T>
+inline void gemm_micro(const uint8_t *w, int64_t blocks, int64_t cols, const int8_t *act, const int32_t *sums,
+                       int32_t *out, int64_t out_stride) {
+    const __m512i m3 = _mm512_set1_epi8(3);
+    __m512i acc[TILE_ROWS][T];
+#pragma GCC unroll 4
+    for (int r = 0; r < TILE_ROWS; ++r)
+#pragma GCC unroll 8
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
+    for (int64_t b = 0; b < blocks; ++b, w += TILE_ROWS * T2P_BLOCK_BYTES, act += QK_K) {
+#pragma GCC unroll 4
+        for (int l = 0; l < 4; ++l) {
+            __m512i p[TILE_ROWS];
+#pragma GCC unroll 4
+            for (int r = 0; r < TILE_ROWS; ++r) {
+                const __m512i x = _mm512_loadu_si512(w + r * T2P_BLOCK_BYTES);
+                p[r] = _mm512_and_si512(l == 0 ? x : _mm512_srli_epi16(x, 2 * l), m3);
+            }
+#pragma GCC unroll 8
+            for (int t = 0; t < T; ++t) {
+                const __m512i a = _mm512_loadu_si512(act + t * cols + 64 * l);
+#pragma GCC unroll 4
+                for (int r = 0; r < TILE_ROWS; ++r) acc[r][t] = dpbusd(acc[r][t], p[r], a);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) {
+        const __m128i s = _mm_sub_epi32(hsum4_epi32(acc[0][t], acc[1][t], acc[2][t], acc[3][t]), _mm_set1_epi32(sums[t]));
+        _mm_storeu_si128(reinterpret_cast<__m128i *>(out + t * out_stride), s);
+    }
+}
+
+using MicroFn = void (*)(const uint8_t *, int64_t, int64_t, const int8_t *, const int32_t *, int32_t *, int64_t);
+
+// Token tiles 1..6 (4 x 6 = 24 accumulators + 4 planes + activation + mask = 30 of 32 zmm). Larger
+// requests act as 6: 2-row halves of the tile with 7-8 tokens were measured at ~60% of the 4-row
+// kernels (each activation vector then feeds only 2 vpdpbusd). Default 6: 4, 5 and 6 are within noise
+// of each other on Zen 5 (~95% of vpdpbusd peak at a steady clock), 6 unpacks least often.
+constexpr int MAX_TOKEN_TILE = 6;
+constexpr int DEFAULT_TOKEN_TILE = 6;
+const MicroFn MICRO[MAX_TOKEN_TILE + 1] = {nullptr, gemm_micro<1>, gemm_micro<2>, gemm_micro<3>,
+                                           gemm_micro<4>, gemm_micro<5>, gemm_micro<6>};
+
+// Token blocks: the micro-kernel re-reads the activations of its tokens for every tile, so they must
+// come from L2, not L3: all of them would not fit (512 tokens x 6912 columns = 3.5 MB, re-read per
+// tile of ~30 us would need ~117 GB/s). Tokens are taken ACT_BLOCK_BYTES of activations at a time;
+// within a block every tile of the range passes, its weights (cols bytes) staying in L1 across the
+// block's token tiles. (Output lines: the 4 tiles that fill one are at most a block's worth of token
+// lines apart, so they stay in L1 too.)
+constexpr int64_t ACT_BLOCK_BYTES = 128 * 1024;
+
+void ternary_gemm_avx512(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
+                         const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
+    const int64_t blocks = cols / QK_K;
+    const int64_t tile_bytes = blocks * TILE_ROWS * T2P_BLOCK_BYTES;
+    if (row_end <= row_begin || n_tokens < 1 || blocks < 1) return;
+    if (n_tokens == 1) {
+        for (int64_t r = row_begin; r < row_end; r += TILE_ROWS) {
+            const __m128i s = _mm_sub_epi32(gemv_tile(packed + (r / TILE_ROWS) * tile_bytes, blocks, act), _mm_set1_epi32(act_sums[0]));
+            _mm_storeu_si128(reinterpret_cast<__m128i *>(out + r), s);
+        }
+        return;
+    }
+    const int tt = token_tile < 1 ? DEFAULT_TOKEN_TILE : std::min(token_tile, MAX_TOKEN_TILE);
+    const int64_t token_block = std::max<int64_t>(tt, ACT_BLOCK_BYTES / cols / tt * tt);
+    for (int64_t t0 = 0; t0 < n_tokens; t0 += token_block) {
+        const int64_t t_end = std::min<int64_t>(n_tokens, t0 + token_block);
+        for (int64_t r = row_begin; r < row_end; r += TILE_ROWS) {
+            const uint8_t *w = packed + (r / TILE_ROWS) * tile_bytes;
+            for (int64_t t = t0; t < t_end; t += tt) {
+                const int n = static_cast<int>(std::min<int64_t>(tt, t_end - t));
+                MICRO[n](w, blocks, cols, act + t * cols, act_sums + t, out + t * out_stride + r, out_stride);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dense GEMM (output head, embedding)
+// ---------------------------------------------------------------------------------------------
+
+inline float half_to_float(fp16_t h) { return _cvtsh_ss(h); }  // F16C: exact, like fp16_to_fp32
+
+// Every dense kernel below computes, per row and token, one accumulator vector whose lane i sums the
+// products of columns k = i (mod 16) in increasing k with FMA, then _mm512_reduce_add_ps (a fixed
+// tree). Rows are processed R at a time so each x vector feeds R rows; rows past the end of the range
+// repeat the last row and are discarded, so every row goes through the identical operations. Each
+// row is its own stream: software prefetch DENSE_PREFETCH bytes ahead in each, as in the GEMV (the
+// head is 100s of MB, read once per token; without it the loop reached ~40% of a plain read).
+constexpr int64_t DENSE_PREFETCH = 2048;
+
+inline void prefetch(const uint8_t *p) { _mm_prefetch(reinterpret_cast<const char *>(p), _MM_HINT_T0); }
+
+// The R rows of a pass are consecutive in memory, so DENSE_PREFETCH past byte `off` of a row is the
+// same row further on, or once that runs past the row's end, the same row of the next pass (R rows
+// down): without that jump every pass started with R cold streams.
+inline size_t prefetch_offset(size_t off, size_t rb, int R) {
+    return off + DENSE_PREFETCH + (off + DENSE_PREFETCH >= rb ? (R - 1) * rb : 0);
+}
+
+// Row pointers of a pass: rows past the end of the range repeat the last row (results discarded).
+#define RYZ_DENSE_ROWS                                                                              \
+    const uint8_t *rows[R];                                                                         \
+    for (int i = 0; i < R; ++i) rows[i] = w + static_cast<size_t>(std::min(i, n_rows - 1)) * rb;
+
+// Reduce and store: compile-time indices only (a runtime index would make GCC keep the accumulator
+// array in memory and store it on every loop iteration).
+template <int R, int T>
+inline void store_rows(const __m512 (&acc)[R][T], float *out, int64_t out_stride, int n_rows) {
+#pragma GCC unroll 4
+    for (int t = 0; t < T; ++t) {
+        float res[R];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) res[r] = _mm512_reduce_add_ps(acc[r][t]);
+        for (int r = 0; r < n_rows; ++r) out[t * out_stride + r] = res[r];
+    }
+}
+
+// F32 / F16 rows, one 64-byte line of each row per step (one prefetch per row). 4 rows per pass: 8
+// rows (more FMA chains) measured slower, from DRAM and for 4 tokens (register pressure).
+template <bool HALF, int R, int T>
+void dense_plain(const uint8_t *w, size_t rb, int n_rows, int64_t cols, const float *x, float *out, int64_t out_stride) {
+    RYZ_DENSE_ROWS
+    constexpr int ES = HALF ? 2 : 4;          // element size
+    constexpr int STEP = 64 / ES;             // columns per 64-byte line of a row: one prefetch each
+    __m512 acc[R][T];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+    auto chunk = [&](int64_t k, __mmask16 m) {
+        __m512 wv[R];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            if constexpr (HALF) {
+                wv[r] = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, rows[r] + k * ES));
+            } else {
+                wv[r] = _mm512_maskz_loadu_ps(m, rows[r] + k * ES);
+            }
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < T; ++t) {
+            const __m512 xv = _mm512_maskz_loadu_ps(m, x + t * cols + k);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) acc[r][t] = _mm512_mask3_fmadd_ps(wv[r], xv, acc[r][t], m);
+        }
+    };
+    int64_t k = 0;
+    for (; k + STEP <= cols; k += STEP) {
+        const size_t pf = prefetch_offset(static_cast<size_t>(k * ES), rb, R);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) prefetch(rows[r] + pf);
+#pragma GCC unroll 2
+        for (int j = 0; j < STEP; j += 16) chunk(k + j, static_cast<__mmask16>(0xFFFF));
+    }
+    for (; k < cols; k += 16)  // masked-off lanes keep their accumulator unchanged
+        chunk(k, cols - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (cols - k)) - 1));
+    store_rows<R, T>(acc, out, out_stride, n_rows);
+}
+
+// Q8_0 rows, a block (32 columns, two vectors) per step: d converted once per block, values d * q
+// (an 11-bit by 8-bit product: exact in float, the same value dequantize_row makes). 8 rows per pass:
+// from DRAM ~90% of a plain read, against ~80% with 4 (the loop is not far above DRAM speed, hot
+// ~45 GB/s on Zen 5, so more independent streams help).
+template <int R, int T>
+void dense_q8_0(const uint8_t *w, size_t rb, int n_rows, int64_t cols, const float *x, float *out, int64_t out_stride) {
+    RYZ_DENSE_ROWS
+    __m512 acc[R][T];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < cols / QK8_0; ++b) {
+        const size_t pf = prefetch_offset(b * sizeof(block_q8_0), rb, R);
+        __m512 w0[R], w1[R];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            const uint8_t *blk = rows[r] + b * sizeof(block_q8_0);
+            prefetch(rows[r] + pf);
+            fp16_t dh;
+            std::memcpy(&dh, blk + offsetof(block_q8_0, d), sizeof dh);
+            const __m512 d = _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(dh)));
+            const uint8_t *qs = blk + offsetof(block_q8_0, qs);
+            w0[r] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(qs)))));
+            w1[r] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(qs + 16)))));
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < T; ++t) {
+            const __m512 x0 = _mm512_loadu_ps(x + t * cols + b * QK8_0), x1 = _mm512_loadu_ps(x + t * cols + b * QK8_0 + 16);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(w1[r], x1, _mm512_fmadd_ps(w0[r], x0, acc[r][t]));
+        }
+    }
+    store_rows<R, T>(acc, out, out_stride, n_rows);
+}
+
+// Q6_K rows. Half h (128 columns) of a block in ggml's layout, l = 0..31: column 32g + l of the half is
+//   g = 0: ql[l] & 15 | (qh[l] & 3) << 4        g = 1: ql[l+32] & 15 | (qh[l] >> 2 & 3) << 4
+//   g = 2: ql[l] >> 4 | (qh[l] >> 4 & 3) << 4   g = 3: ql[l+32] >> 4 | (qh[l] >> 6 & 3) << 4
+// minus 32, with scale[8h + 2g + l / 16]. Each group of 32 is built with 256-bit byte ops, widened to
+// two float vectors and multiplied into the accumulators at once (no buffer: GCC turned a
+// dequantise-to-L1 version into spill-heavy code at half this speed). Values are dequantize_row's:
+// (d * scale) * (q - 32), d * scale exact (11-bit by 8-bit), one rounding for the product with q.
+template <int R, int T>
+void dense_q6_k(const uint8_t *w, size_t rb, int n_rows, int64_t cols, const float *x, float *out, int64_t out_stride) {
+    RYZ_DENSE_ROWS
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
+    __m512 acc[R][T];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < cols / QK_K; ++b) {
+        const size_t pf = prefetch_offset(b * sizeof(block_q6_k), rb, R);
+        const float *xb = x + b * QK_K;
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            for (int i = 0; i < 256; i += 64) prefetch(rows[r] + pf + i);
+            const block_q6_k *blk = reinterpret_cast<const block_q6_k *>(rows[r] + b * sizeof(block_q6_k));
+            alignas(64) float sc[16];
+            _mm512_store_ps(sc, _mm512_mul_ps(_mm512_set1_ps(half_to_float(blk->d)),
+                                              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(blk->scales))))));
+            for (int h = 0; h < 2; ++h) {
+                const __m256i ql0 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk->ql + 64 * h));
+                const __m256i ql1 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk->ql + 64 * h + 32));
+                const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk->qh + 32 * h));
+#pragma GCC unroll 4
+                for (int g = 0; g < 4; ++g) {
+                    const __m256i lo = (g & 2) ? _mm256_and_si256(_mm256_srli_epi16(g & 1 ? ql1 : ql0, 4), m4) : _mm256_and_si256(g & 1 ? ql1 : ql0, m4);
+                    const __m256i hi = _mm256_and_si256(g ? _mm256_srli_epi16(qh, 2 * g) : qh, m2);
+                    const __m256i v = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), bias);
+                    const __m512 w0 = _mm512_mul_ps(_mm512_set1_ps(sc[8 * h + 2 * g]), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v))));
+                    const __m512 w1 = _mm512_mul_ps(_mm512_set1_ps(sc[8 * h + 2 * g + 1]), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1))));
+                    const float *xc = xb + 128 * h + 32 * g;
+#pragma GCC unroll 4
+                    for (int t = 0; t < T; ++t)
+                        acc[r][t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xc + t * cols + 16), _mm512_fmadd_ps(w0, _mm512_loadu_ps(xc + t * cols), acc[r][t]));
+                }
+            }
+        }
+    }
+    store_rows<R, T>(acc, out, out_stride, n_rows);
+}
+
+using DenseFn = void (*)(const uint8_t *, size_t, int, int64_t, const float *, float *, int64_t);
+
+// R rows per pass and kernels for 4 (if registers allow), 2 and 1 tokens; n_tokens is covered greedily.
+template <int R, DenseFn F1, DenseFn F2, DenseFn F4 = nullptr>
+void dense_rows(const uint8_t *w, size_t rb, int64_t row_begin, int64_t row_end, int64_t cols, const float *x,
+                int32_t n_tokens, float *out, int64_t out_stride) {
+    for (int64_t r = row_begin; r < row_end; r += R) {
+        const int n_rows = static_cast<int>(std::min<int64_t>(R, row_end - r));
+        const uint8_t *first = w + static_cast<size_t>(r) * rb;
+        int32_t t = 0;
+        if constexpr (F4 != nullptr)
+            for (; t + 4 <= n_tokens; t += 4) F4(first, rb, n_rows, cols, x + t * cols, out + t * out_stride + r, out_stride);
+        for (; t + 2 <= n_tokens; t += 2) F2(first, rb, n_rows, cols, x + t * cols, out + t * out_stride + r, out_stride);
+        for (; t < n_tokens; ++t) F1(first, rb, n_rows, cols, x + t * cols, out + t * out_stride + r, out_stride);
+    }
+}
+
+void dense_gemm_avx512(const void *w, int32_t type, int64_t row_begin, int64_t row_end, int64_t cols, const float *x,
+                       int32_t n_tokens, float *out, int64_t out_stride) {
+    const uint8_t *base = static_cast<const uint8_t *>(w);
+    const size_t rb = row_bytes(type, cols);
+    switch (type) {
+        case RYZ_TYPE_F32:
+            dense_rows<4, dense_plain<false, 4, 1>, dense_plain<false, 4, 2>, dense_plain<false, 4, 4>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
+            break;
+        case RYZ_TYPE_F16:
+            dense_rows<4, dense_plain<true, 4, 1>, dense_plain<true, 4, 2>, dense_plain<true, 4, 4>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
+            break;
+        case RYZ_TYPE_Q8_0:
+            // 8 rows for decode; 4 rows x up to 4 tokens otherwise (8 x 2 runs out of registers). A
+            // row's operations are the same either way, so its result does not depend on n_tokens.
+            if (n_tokens == 1)
+                dense_rows<8, dense_q8_0<8, 1>, dense_q8_0<8, 1>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
+            else
+                dense_rows<4, dense_q8_0<4, 1>, dense_q8_0<4, 2>, dense_q8_0<4, 4>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
+            break;
+        case RYZ_TYPE_Q6_K:
+            dense_rows<4, dense_q6_k<4, 1>, dense_q6_k<4, 2>, dense_q6_k<4, 4>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
+            break;
+        default:
+            dense_gemm_scalar(w, type, row_begin, row_end, cols, x, n_tokens, out, out_stride);
+            break;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantisation
+// ---------------------------------------------------------------------------------------------
+
+// Bit-identical to quantize_act_scalar: max is exact and order-free; the scale is the same scalar
+// expression; x * s is one rounded float multiply (no FMA); roundscale(NEAREST) is rint with
+// round-half-even; clamping with max(v, -128) then min(v, 127) mirrors fmax/fmin, including NaN
+// (vmaxps returns its second operand when either is NaN, as fmax returns the non-NaN one):
+// a NaN |x| leaves the running max unchanged and a NaN product becomes -128, as in the scalar code.
+void quantize_act_avx512(const float *x, int64_t cols, int8_t *q, float *scale, int32_t *sum) {
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    __m512 m0 = _mm512_setzero_ps(), m1 = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= cols; k += 32) {
+        m0 = _mm512_max_ps(_mm512_andnot_ps(sign, _mm512_loadu_ps(x + k)), m0);
+        m1 = _mm512_max_ps(_mm512_andnot_ps(sign, _mm512_loadu_ps(x + k + 16)), m1);
+    }
+    for (; k < cols; k += 16) {
+        const __mmask16 m = cols - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (cols - k)) - 1);
+        m0 = _mm512_max_ps(_mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(m, x + k)), m0);
+    }
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+    const float s = 127.0f / std::fmax(amax, 1e-5f);
+    const __m512 vs = _mm512_set1_ps(s), lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
+    __m512i total = _mm512_setzero_si512();
+    for (k = 0; k < cols; k += 16) {
+        const __mmask16 m = cols - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (cols - k)) - 1);
+        const __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512i i = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi));
+        _mm_mask_storeu_epi8(q + k, m, _mm512_cvtepi32_epi8(i));
+        total = _mm512_add_epi32(total, _mm512_maskz_mov_epi32(m, i));
+    }
+    *scale = s;
+    *sum = _mm512_reduce_add_epi32(total);
+}
+
+}  // namespace
+
+const Kernels *kernels_avx512() {
+    // kv_dot / kv_axpy left null: forward.cpp falls back to the scalar ones.
+    static const Kernels k{RYZ_ISA_AVX512, ternary_gemm_avx512, dense_gemm_avx512, quantize_act_avx512, nullptr, nullptr};
+    return &k;
+}
+
+#else
+
+const Kernels *kernels_avx512() { return nullptr; }
+
+#endif
+
+}  // namespace ryz

@@ -1,0 +1,343 @@
+// NEON kernels (AArch64, Armv8.2-A with the dot-product extension; this file is built with
+// -march=armv8.2-a+dotprod+fp16).
+//
+// Layouts (src/blocks.h; scalar.cpp is the spec):
+//   T2P ternary: packed[tile][block][row][64], 4 rows per tile, one 64-byte block per 256 columns.
+//     Byte j of a row's block holds code+1 of column 64l + j in bits 2l..2l+1, so the 16-byte slice
+//     j0..j0+15 holds, in plane l, columns 64l + j0 .. 64l + j0 + 15: one q register of activations.
+//   Activations: int8, row-major [token][cols], plus act_sums[token] = the sum of that token's row.
+//   Dense (head / embedding): ggml's F32, F16, Q8_0 and Q6_K rows, read in place.
+//
+// Ternary arithmetic: sdot (vdotq_s32) multiplies signed bytes by signed bytes and adds each group of
+// 4 products to an int32 lane. The stored code+1 in {0,1,2} is a valid signed byte too, so, as on x86,
+// the kernels multiply code+1 and subtract act_sums[t] once per output: sum (code_k+1) * a_k - sum a_k
+// = sum code_k * a_k. That saves decoding every plane to -1/0/+1 (a vsub per 16 bytes; both are exact).
+// The GEMV keeps planes 1 and 2 in place (x & 0x0C = 4 * code, x & 0x30 = 16 * code, both < 128 so
+// still valid signed bytes) in their own accumulators, divided back exactly at the end; plane 3 is
+// x >> 6 (0xC0 would read as negative). Bound: a lane adds cols/64 products of at most 48 * 128, so
+// it stays below cols * 96 < 2^31. Exact integer arithmetic: bit-identical to the scalar kernel.
+//
+// Dense arithmetic: each weight dequantised with dequantize_row's operations; per row four float32x4
+// accumulators A0..A3 where lane i of A_j takes the columns k = 4j + i (mod 16) in increasing order,
+// with FMA; then (A1 + A3) + (A0 + A2) and the pairwise sum of the lanes (s0 + s2) + (s1 + s3). That
+// is the AVX-512 kernels' lane assignment and GCC's _mm512_reduce_add_ps tree, so for the same
+// dequantised values the two produce the same bits. A row's result depends only on the row and x.
+#include <cmath>
+#include <cstddef>
+#include <cstring>
+
+#include "../include/ryz.h"
+#include "../src/blocks.h"
+#include "kernels.h"
+
+#if defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+#include <arm_neon.h>
+#endif
+
+namespace ryz {
+
+#if defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Ternary GEMV / GEMM
+// ---------------------------------------------------------------------------------------------
+
+inline int8x16_t s8(uint8x16_t v) { return vreinterpretq_s8_u8(v); }
+
+// Decode: one tile (4 rows) against one token. Per 16-byte slice j of the block: the four activation
+// vectors of that slice (one per plane) are loaded once and used by the 4 rows; per row one load,
+// four plane ops (3 and + 1 shift) and four sdot into per-plane accumulators (16 in all: they also
+// cover sdot latency).
+inline int32x4_t gemv_tile(const uint8_t *w, int64_t blocks, const int8_t *act) {
+    const uint8x16_t m03 = vdupq_n_u8(0x03), m0c = vdupq_n_u8(0x0C), m30 = vdupq_n_u8(0x30);
+    int32x4_t acc[TILE_ROWS][4];
+    for (int r = 0; r < TILE_ROWS; ++r)
+        for (int l = 0; l < 4; ++l) acc[r][l] = vdupq_n_s32(0);
+    for (int64_t b = 0; b < blocks; ++b, w += TILE_ROWS * T2P_BLOCK_BYTES, act += QK_K) {
+        __builtin_prefetch(w + 2048);
+        __builtin_prefetch(w + 2048 + 64);
+        __builtin_prefetch(w + 2048 + 128);
+        __builtin_prefetch(w + 2048 + 192);
+        for (int j = 0; j < 4; ++j) {
+            const int8x16_t a0 = vld1q_s8(act + 16 * j), a1 = vld1q_s8(act + 64 + 16 * j);
+            const int8x16_t a2 = vld1q_s8(act + 128 + 16 * j), a3 = vld1q_s8(act + 192 + 16 * j);
+            for (int r = 0; r < TILE_ROWS; ++r) {
+                const uint8x16_t x = vld1q_u8(w + r * T2P_BLOCK_BYTES + 16 * j);
+                acc[r][0] = vdotq_s32(acc[r][0], s8(vandq_u8(x, m03)), a0);
+                acc[r][1] = vdotq_s32(acc[r][1], s8(vandq_u8(x, m0c)), a1);
+                acc[r][2] = vdotq_s32(acc[r][2], s8(vandq_u8(x, m30)), a2);
+                acc[r][3] = vdotq_s32(acc[r][3], s8(vshrq_n_u8(x, 6)), a3);
+            }
+        }
+    }
+    int32_t s[TILE_ROWS];
+    for (int r = 0; r < TILE_ROWS; ++r) {
+        const int32x4_t v = vaddq_s32(vaddq_s32(acc[r][0], vshrq_n_s32(acc[r][1], 2)), vaddq_s32(vshrq_n_s32(acc[r][2], 4), acc[r][3]));
+        s[r] = vaddvq_s32(v);
+    }
+    return vld1q_s32(s);
+}
+
+// Prefill / batched decode: one tile (4 rows) times T tokens in 4T accumulators (32 q registers:
+// 4 raw slices + 4 planes + 4T accumulators + activation + mask, so T <= 4). Each plane is unpacked
+// (shift + and) once per slice and reused by the T tokens.
+template <int T>
+void gemm_micro(const uint8_t *w, int64_t blocks, int64_t cols, const int8_t *act, const int32_t *sums, int32_t *out,
+                int64_t out_stride) {
+    const uint8x16_t m03 = vdupq_n_u8(0x03);
+    int32x4_t acc[TILE_ROWS][T];
+    for (int r = 0; r < TILE_ROWS; ++r)
+        for (int t = 0; t < T; ++t) acc[r][t] = vdupq_n_s32(0);
+    for (int64_t b = 0; b < blocks; ++b, w += TILE_ROWS * T2P_BLOCK_BYTES, act += QK_K) {
+        for (int j = 0; j < 4; ++j) {
+            uint8x16_t x[TILE_ROWS];
+            for (int r = 0; r < TILE_ROWS; ++r) x[r] = vld1q_u8(w + r * T2P_BLOCK_BYTES + 16 * j);
+            for (int l = 0; l < 4; ++l) {
+                int8x16_t p[TILE_ROWS];
+                for (int r = 0; r < TILE_ROWS; ++r) {
+                    uint8x16_t v;
+                    switch (l) {  // constant after unrolling
+                        case 0: v = vandq_u8(x[r], m03); break;
+                        case 1: v = vandq_u8(vshrq_n_u8(x[r], 2), m03); break;
+                        case 2: v = vandq_u8(vshrq_n_u8(x[r], 4), m03); break;
+                        default: v = vshrq_n_u8(x[r], 6); break;
+                    }
+                    p[r] = s8(v);
+                }
+                for (int t = 0; t < T; ++t) {
+                    const int8x16_t a = vld1q_s8(act + t * cols + 64 * l + 16 * j);
+                    for (int r = 0; r < TILE_ROWS; ++r) acc[r][t] = vdotq_s32(acc[r][t], p[r], a);
+                }
+            }
+        }
+    }
+    for (int t = 0; t < T; ++t)
+        for (int r = 0; r < TILE_ROWS; ++r) out[t * out_stride + r] = vaddvq_s32(acc[r][t]) - sums[t];
+}
+
+using MicroFn = void (*)(const uint8_t *, int64_t, int64_t, const int8_t *, const int32_t *, int32_t *, int64_t);
+
+// Token tiles 1..4; larger requests act as 4 (the default).
+constexpr int MAX_TOKEN_TILE = 4;
+constexpr int DEFAULT_TOKEN_TILE = 4;
+const MicroFn MICRO[MAX_TOKEN_TILE + 1] = {nullptr, gemm_micro<1>, gemm_micro<2>, gemm_micro<3>, gemm_micro<4>};
+
+// Token blocks sized for L2, as in avx512.cpp.
+constexpr int64_t ACT_BLOCK_BYTES = 128 * 1024;
+
+void ternary_gemm_neon(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
+                       const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
+    const int64_t blocks = cols / QK_K;
+    const int64_t tile_bytes = blocks * TILE_ROWS * T2P_BLOCK_BYTES;
+    if (row_end <= row_begin || n_tokens < 1 || blocks < 1) return;
+    if (n_tokens == 1) {
+        for (int64_t r = row_begin; r < row_end; r += TILE_ROWS)
+            vst1q_s32(out + r, vsubq_s32(gemv_tile(packed + (r / TILE_ROWS) * tile_bytes, blocks, act), vdupq_n_s32(act_sums[0])));
+        return;
+    }
+    const int tt = token_tile < 1 ? DEFAULT_TOKEN_TILE : (token_tile < MAX_TOKEN_TILE ? token_tile : MAX_TOKEN_TILE);
+    int64_t token_block = ACT_BLOCK_BYTES / cols / tt * tt;
+    if (token_block < tt) token_block = tt;
+    for (int64_t t0 = 0; t0 < n_tokens; t0 += token_block) {
+        const int64_t t_end = t0 + token_block < n_tokens ? t0 + token_block : n_tokens;
+        for (int64_t r = row_begin; r < row_end; r += TILE_ROWS) {
+            const uint8_t *w = packed + (r / TILE_ROWS) * tile_bytes;
+            for (int64_t t = t0; t < t_end; t += tt) {
+                const int n = static_cast<int>(t_end - t < tt ? t_end - t : tt);
+                MICRO[n](w, blocks, cols, act + t * cols, act_sums + t, out + t * out_stride + r, out_stride);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dense GEMM (output head, embedding)
+// ---------------------------------------------------------------------------------------------
+
+inline float half_to_float(fp16_t h) {
+    __fp16 v;
+    std::memcpy(&v, &h, sizeof v);
+    return static_cast<float>(v);  // exact
+}
+
+// 16 dequantised columns of a row as four vectors (columns k + 4j .. k + 4j + 3 in w[j]).
+struct Chunk {
+    float32x4_t w[4];
+};
+
+inline Chunk widen_scaled(int8x16_t q, float scale) {  // scale * q, one rounding, as dequantize_row
+    const int16x8_t lo = vmovl_s8(vget_low_s8(q)), hi = vmovl_s8(vget_high_s8(q));
+    const float32x4_t s = vdupq_n_f32(scale);
+    return {{vmulq_f32(s, vcvtq_f32_s32(vmovl_s16(vget_low_s16(lo)))), vmulq_f32(s, vcvtq_f32_s32(vmovl_s16(vget_high_s16(lo)))),
+             vmulq_f32(s, vcvtq_f32_s32(vmovl_s16(vget_low_s16(hi)))), vmulq_f32(s, vcvtq_f32_s32(vmovl_s16(vget_high_s16(hi))))}};
+}
+
+struct DecodeF32 {
+    static constexpr bool ragged = true;  // rows may end in a partial chunk
+    static Chunk chunk(const uint8_t *row, int64_t k) {
+        const float *p = reinterpret_cast<const float *>(row) + k;
+        return {{vld1q_f32(p), vld1q_f32(p + 4), vld1q_f32(p + 8), vld1q_f32(p + 12)}};
+    }
+};
+struct DecodeF16 {
+    static constexpr bool ragged = true;
+    static Chunk chunk(const uint8_t *row, int64_t k) {
+        const float16_t *p = reinterpret_cast<const float16_t *>(row) + k;
+        const float16x8_t a = vld1q_f16(p), b = vld1q_f16(p + 8);
+        return {{vcvt_f32_f16(vget_low_f16(a)), vcvt_high_f32_f16(a), vcvt_f32_f16(vget_low_f16(b)), vcvt_high_f32_f16(b)}};
+    }
+};
+struct DecodeQ8_0 {  // d * q: exact in float
+    static constexpr bool ragged = false;
+    static Chunk chunk(const uint8_t *row, int64_t k) {
+        const block_q8_0 *blk = reinterpret_cast<const block_q8_0 *>(row) + k / QK8_0;
+        return widen_scaled(vld1q_s8(blk->qs + k % QK8_0), half_to_float(blk->d));
+    }
+};
+// Q6_K chunk c of a block (16 columns, one sub-block scale): half h = c / 8, ggml group g = (c % 8) / 2
+// and part s = c % 2:  g = 0: ql[l] & 15, qh bits 0..1;  1: ql[l+32] & 15, bits 2..3;  2: ql[l] >> 4,
+// bits 4..5;  3: ql[l+32] >> 4, bits 6..7;  l = 16 s + 0..15;  value (d * sc[8h + 2g + s]) * (q - 32).
+struct DecodeQ6_K {
+    static constexpr bool ragged = false;
+    static Chunk chunk(const uint8_t *row, int64_t k) {
+        const block_q6_k *blk = reinterpret_cast<const block_q6_k *>(row) + k / QK_K;
+        const int c = static_cast<int>(k % QK_K) / 16, h = c / 8, g = (c % 8) / 2, s = c % 2;
+        const uint8x16_t ql = vld1q_u8(blk->ql + 64 * h + 32 * (g & 1) + 16 * s);
+        const uint8x16_t qh = vld1q_u8(blk->qh + 32 * h + 16 * s);
+        const uint8x16_t lo = (g & 2) ? vshrq_n_u8(ql, 4) : vandq_u8(ql, vdupq_n_u8(0x0F));
+        const uint8x16_t hi = vandq_u8(vshlq_u8(qh, vdupq_n_s8(static_cast<int8_t>(-2 * g))), vdupq_n_u8(3));
+        const int8x16_t q = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(lo, vshlq_n_u8(hi, 4))), vdupq_n_s8(32));
+        return widen_scaled(q, half_to_float(blk->d) * static_cast<float>(blk->scales[8 * h + 2 * g + s]));
+    }
+};
+
+// The fixed reduction: (A1 + A3) + (A0 + A2), then (s0 + s2) + (s1 + s3) (see the header).
+inline float reduce16(const float32x4_t (&a)[4]) {
+    const float32x4_t s = vaddq_f32(vaddq_f32(a[3], a[1]), vaddq_f32(a[2], a[0]));
+    const float32x2_t t = vadd_f32(vget_high_f32(s), vget_low_f32(s));
+    return vget_lane_f32(t, 0) + vget_lane_f32(t, 1);
+}
+
+// 4 rows per pass (16 accumulators), one token per pass over them; rows past the end of the range
+// repeat the last row and are discarded. A ragged F32/F16 column tail goes through a zero-padded
+// copy, and lanes past the end keep their accumulator (vbsl).
+template <class D>
+void dense_typed(const uint8_t *w, size_t rb, int64_t row_begin, int64_t row_end, int64_t cols, const float *x,
+                 int32_t n_tokens, float *out, int64_t out_stride, int es) {
+    constexpr int R = 4;
+    const int64_t full = cols / 16 * 16;
+    for (int64_t r0 = row_begin; r0 < row_end; r0 += R) {
+        const int n_rows = static_cast<int>(row_end - r0 < R ? row_end - r0 : R);
+        const uint8_t *rows[R];
+        for (int i = 0; i < R; ++i) rows[i] = w + static_cast<size_t>(r0 + (i < n_rows ? i : n_rows - 1)) * rb;
+        for (int32_t t = 0; t < n_tokens; ++t) {
+            const float *xt = x + t * cols;
+            float32x4_t acc[R][4];
+            for (int r = 0; r < R; ++r)
+                for (int j = 0; j < 4; ++j) acc[r][j] = vdupq_n_f32(0.0f);
+            for (int64_t k = 0; k < full; k += 16) {
+                const int64_t pf = k * static_cast<int64_t>(rb) / cols + 1024;  // the row's byte offset of column k, ahead
+                for (int r = 0; r < R; ++r) __builtin_prefetch(rows[r] + pf);
+                const float32x4_t x0 = vld1q_f32(xt + k), x1 = vld1q_f32(xt + k + 4), x2 = vld1q_f32(xt + k + 8), x3 = vld1q_f32(xt + k + 12);
+                for (int r = 0; r < R; ++r) {
+                    const Chunk c = D::chunk(rows[r], k);
+                    acc[r][0] = vfmaq_f32(acc[r][0], c.w[0], x0);
+                    acc[r][1] = vfmaq_f32(acc[r][1], c.w[1], x1);
+                    acc[r][2] = vfmaq_f32(acc[r][2], c.w[2], x2);
+                    acc[r][3] = vfmaq_f32(acc[r][3], c.w[3], x3);
+                }
+            }
+            if constexpr (D::ragged) {  // F32 / F16 only: quantised rows are whole blocks
+              if (full < cols) {
+                const int n = static_cast<int>(cols - full);
+                float xb[16] = {};
+                std::memcpy(xb, xt + full, static_cast<size_t>(n) * 4);
+                for (int r = 0; r < R; ++r) {
+                    alignas(16) uint8_t wb[64] = {};
+                    std::memcpy(wb, rows[r] + full * es, static_cast<size_t>(n) * es);
+                    const Chunk c = D::chunk(wb, 0);
+                    for (int j = 0; j < 4; ++j) {
+                        const int32_t lanes[4] = {4 * j, 4 * j + 1, 4 * j + 2, 4 * j + 3};
+                        const uint32x4_t keep = vcltq_s32(vld1q_s32(lanes), vdupq_n_s32(n));
+                        acc[r][j] = vbslq_f32(keep, vfmaq_f32(acc[r][j], c.w[j], vld1q_f32(xb + 4 * j)), acc[r][j]);
+                    }
+                }
+              }
+            }
+            for (int r = 0; r < n_rows; ++r) out[t * out_stride + r0 + r] = reduce16(acc[r]);
+        }
+    }
+}
+
+void dense_gemm_neon(const void *w, int32_t type, int64_t row_begin, int64_t row_end, int64_t cols, const float *x,
+                     int32_t n_tokens, float *out, int64_t out_stride) {
+    const uint8_t *base = static_cast<const uint8_t *>(w);
+    const size_t rb = row_bytes(type, cols);
+    switch (type) {
+        case RYZ_TYPE_F32: dense_typed<DecodeF32>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride, 4); break;
+        case RYZ_TYPE_F16: dense_typed<DecodeF16>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride, 2); break;
+        // es: element size for the ragged-tail copy, which only F32 / F16 rows can have
+        case RYZ_TYPE_Q8_0: dense_typed<DecodeQ8_0>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride, 1); break;
+        case RYZ_TYPE_Q6_K: dense_typed<DecodeQ6_K>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride, 1); break;
+        default: dense_gemm_scalar(w, type, row_begin, row_end, cols, x, n_tokens, out, out_stride); break;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantisation
+// ---------------------------------------------------------------------------------------------
+
+// Bit-identical to quantize_act_scalar: fmaxnm / fminnm are IEEE maxNum / minNum like fmax / fmin
+// (a quiet NaN loses to a number), so a NaN |x| leaves the running max alone and a NaN product is
+// clamped to -128 as in the scalar code; max is exact and order-free; same scalar scale; one rounded
+// multiply; frintn rounds half to even like rint in the default mode; fcvtzs of an integral in-range
+// value is exact. The ragged tail runs the scalar expressions.
+void quantize_act_neon(const float *x, int64_t cols, int8_t *q, float *scale, int32_t *sum) {
+    float32x4_t m0 = vdupq_n_f32(0.0f), m1 = m0;
+    int64_t k = 0;
+    for (; k + 8 <= cols; k += 8) {
+        m0 = vmaxnmq_f32(m0, vabsq_f32(vld1q_f32(x + k)));
+        m1 = vmaxnmq_f32(m1, vabsq_f32(vld1q_f32(x + k + 4)));
+    }
+    float amax = vmaxnmvq_f32(vmaxnmq_f32(m0, m1));
+    for (; k < cols; ++k) amax = std::fmax(amax, std::fabs(x[k]));
+    const float s = 127.0f / std::fmax(amax, 1e-5f);
+    const float32x4_t lo = vdupq_n_f32(-128.0f), hi = vdupq_n_f32(127.0f);
+    int32x4_t total = vdupq_n_s32(0);
+    auto quant4 = [&](const float *p) {
+        const float32x4_t v = vrndnq_f32(vmulq_f32(vld1q_f32(p), vdupq_n_f32(s)));
+        return vcvtq_s32_f32(vminnmq_f32(vmaxnmq_f32(v, lo), hi));
+    };
+    for (k = 0; k + 16 <= cols; k += 16) {
+        const int32x4_t i0 = quant4(x + k), i1 = quant4(x + k + 4), i2 = quant4(x + k + 8), i3 = quant4(x + k + 12);
+        total = vaddq_s32(vaddq_s32(total, vaddq_s32(i0, i1)), vaddq_s32(i2, i3));
+        const int16x8_t a = vcombine_s16(vmovn_s32(i0), vmovn_s32(i1)), b = vcombine_s16(vmovn_s32(i2), vmovn_s32(i3));
+        vst1q_s8(q + k, vcombine_s8(vmovn_s16(a), vmovn_s16(b)));
+    }
+    int32_t acc = vaddvq_s32(total);
+    for (; k < cols; ++k) {
+        const float v = std::fmin(std::fmax(std::rint(x[k] * s), -128.0f), 127.0f);
+        q[k] = static_cast<int8_t>(v);
+        acc += q[k];
+    }
+    *scale = s;
+    *sum = acc;
+}
+
+}  // namespace
+
+const Kernels *kernels_neon() {
+    // kv_dot / kv_axpy left null: forward.cpp falls back to the scalar ones.
+    static const Kernels k{RYZ_ISA_NEON, ternary_gemm_neon, dense_gemm_neon, quantize_act_neon, nullptr, nullptr};
+    return &k;
+}
+
+#else
+
+const Kernels *kernels_neon() { return nullptr; }
+
+#endif
+
+}  // namespace ryz

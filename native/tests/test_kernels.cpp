@@ -1,0 +1,640 @@
+// Kernel tests: every SIMD family compiled in and supported by this CPU against the scalar kernels
+// (the executable spec), through the C ABI only. No framework: one line per failure, a final
+// "N passed, M failed" line, non-zero exit status on failure.
+//
+//   ternary GEMM       bit-exact vs scalar (integer arithmetic has one right answer), random and
+//                      extreme codes/activations, rows a multiple of 4 but not of 8/16, cols 256..2816,
+//                      n_tokens 1..70, every token tile when the library exports ryz_ternary_gemm_tiled,
+//                      buffers at odd addresses; the scalar kernel itself against a naive reference
+//   quantization       bit-exact vs scalar: ties at .5, zeros, huge, tiny, subnormal, inf and NaN
+//   dense GEMM         F32/F16/Q8_0/Q6_K within a rounding-error bound (see dense_tolerance), plus
+//                      determinism: the same bits run to run, over any row sub-range, and whatever the
+//                      batch (a row's result must not depend on which rows or tokens share a call);
+//                      and the same bits from every SIMD family (AVX2, AVX-512 and NEON share the lane
+//                      assignment and reduction tree, so logits do not depend on the machine)
+//   ternary pack       TQ2_0 and TQ1_0 blocks built here from random codes repack to the T2P bytes
+//                      built here from the same codes; then GEMM on the repacked weights
+#include <dlfcn.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "ryz.h"
+
+namespace {
+
+int g_passed = 0, g_failed = 0;
+
+void check(bool ok, const char *fmt, ...) {
+    if (ok) {
+        ++g_passed;
+        return;
+    }
+    ++g_failed;
+    std::va_list ap;
+    va_start(ap, fmt);
+    std::printf("FAIL: ");
+    std::vprintf(fmt, ap);
+    std::printf("\n");
+    va_end(ap);
+}
+
+struct Rng {  // splitmix64: fixed seed, same sequence everywhere
+    uint64_t s;
+    explicit Rng(uint64_t seed) : s(seed) {}
+    uint64_t next() {
+        uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        return z ^ (z >> 31);
+    }
+    int range(int lo, int hi) { return lo + static_cast<int>(next() % static_cast<uint64_t>(hi - lo + 1)); }  // [lo, hi]
+    float uniform() { return static_cast<float>(next() >> 40) / 16777216.0f; }                                  // [0, 1)
+    float symmetric() { return 2.0f * uniform() - 1.0f; }
+};
+
+// A buffer whose data pointer sits `offset` bytes past a 64-byte boundary (kernels must not assume alignment).
+template <class T>
+struct Buffer {
+    std::vector<uint8_t> storage;
+    T *ptr = nullptr;
+    size_t n = 0;
+    Buffer(size_t count, size_t offset) : storage(count * sizeof(T) + 128), n(count) {
+        uintptr_t base = reinterpret_cast<uintptr_t>(storage.data());
+        base = (base + 63) & ~static_cast<uintptr_t>(63);
+        ptr = reinterpret_cast<T *>(base + offset);
+    }
+    T &operator[](size_t i) { return ptr[i]; }
+    const T &operator[](size_t i) const { return ptr[i]; }
+};
+
+const char *isa_name(int32_t isa) {
+    static const char *names[] = {"scalar", "avx2", "avx512", "neon"};
+    return isa >= 0 && isa < 4 ? names[isa] : "?";
+}
+
+// Optional ABI entry with an explicit token tile; the sweep over tiles runs when the library has it.
+using TiledFn = ryz_status (*)(const uint8_t *, int64_t, int64_t, const int8_t *, int32_t, int32_t, int32_t *);
+TiledFn tiled_gemm() {
+    static TiledFn fn = reinterpret_cast<TiledFn>(dlsym(RTLD_DEFAULT, "ryz_ternary_gemm_tiled"));
+    return fn;
+}
+
+// ---------------------------------------------------------------------------------------------
+// fp16 helpers (test-side, independent of the library)
+// ---------------------------------------------------------------------------------------------
+
+float half_to_float(uint16_t h) {
+    const int sign = h >> 15, exp = (h >> 10) & 31, mant = h & 1023;
+    float v;
+    if (exp == 0) v = std::ldexp(static_cast<float>(mant), -24);
+    else if (exp == 31) v = mant ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+    else v = std::ldexp(static_cast<float>(mant + 1024), exp - 25);
+    return sign ? -v : v;
+}
+
+uint16_t float_to_half(float f) {  // round to nearest even, finite normal/subnormal range only (test data)
+    uint16_t best = 0;
+    const uint16_t sign = std::signbit(f) ? 0x8000 : 0;
+    const float a = std::fabs(f);
+    // binary search on the monotone positive half range [0, 0x7BFF]
+    uint16_t lo = 0, hi = 0x7BFF;
+    while (lo < hi) {
+        const uint16_t mid = static_cast<uint16_t>((lo + hi + 1) / 2);
+        if (half_to_float(mid) <= a) lo = mid; else hi = static_cast<uint16_t>(mid - 1);
+    }
+    best = lo;
+    if (lo < 0x7BFF) {
+        const float d0 = a - half_to_float(lo), d1 = half_to_float(static_cast<uint16_t>(lo + 1)) - a;
+        if (d1 < d0 || (d1 == d0 && (lo & 1))) best = static_cast<uint16_t>(lo + 1);
+    }
+    return static_cast<uint16_t>(sign | best);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ternary: weights as codes+1 in {0, 1, 2} (3 also tested: the unused 2-bit value of TQ2_0)
+// ---------------------------------------------------------------------------------------------
+
+constexpr int QK = 256, TILE = 4, BLOCK_BYTES = 64;
+
+// T2P (src/blocks.h): packed[tile][block][row][64]; byte j holds code+1 of column 64l + j in bits 2l.
+std::vector<uint8_t> make_t2p(const std::vector<uint8_t> &codes, int64_t rows, int64_t cols) {
+    const int64_t blocks = cols / QK;
+    std::vector<uint8_t> out(static_cast<size_t>(rows * blocks * BLOCK_BYTES));
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t b = 0; b < blocks; ++b) {
+            uint8_t *dst = &out[static_cast<size_t>(((r / TILE * blocks + b) * TILE + r % TILE) * BLOCK_BYTES)];
+            const uint8_t *c = &codes[static_cast<size_t>(r * cols + b * QK)];
+            for (int j = 0; j < 64; ++j)
+                dst[j] = static_cast<uint8_t>(c[j] | c[64 + j] << 2 | c[128 + j] << 4 | c[192 + j] << 6);
+        }
+    return out;
+}
+
+// Codes with every block kind: random, all 0 (all -1), all 1 (all 0), all 2 (all +1), and optionally 3.
+std::vector<uint8_t> random_codes(Rng &rng, int64_t rows, int64_t cols, bool allow3) {
+    std::vector<uint8_t> codes(static_cast<size_t>(rows * cols));
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t b = 0; b < cols / QK; ++b) {
+            const int kind = rng.range(0, 7);
+            uint8_t *c = &codes[static_cast<size_t>(r * cols + b * QK)];
+            for (int k = 0; k < QK; ++k) {
+                if (kind <= 3) c[k] = static_cast<uint8_t>(allow3 ? rng.range(0, 3) : rng.range(0, 2));
+                else if (kind == 4) c[k] = 0;
+                else if (kind == 5) c[k] = 1;
+                else if (kind == 6) c[k] = 2;
+                else c[k] = static_cast<uint8_t>(allow3 ? 3 : 2);
+            }
+        }
+    return codes;
+}
+
+// Per token: random, all 127, all -128, alternating 127/-128, random in {-128, 127}.
+void random_acts(Rng &rng, int8_t *act, int32_t n_tokens, int64_t cols) {
+    for (int32_t t = 0; t < n_tokens; ++t) {
+        const int kind = t == 0 ? rng.range(0, 4) : (t % 5 + rng.range(0, 1)) % 5;
+        int8_t *a = act + t * cols;
+        for (int64_t k = 0; k < cols; ++k) {
+            switch (kind) {
+                case 0: a[k] = static_cast<int8_t>(rng.range(-128, 127)); break;
+                case 1: a[k] = 127; break;
+                case 2: a[k] = -128; break;
+                case 3: a[k] = static_cast<int8_t>(k % 2 ? -128 : 127); break;
+                default: a[k] = static_cast<int8_t>(rng.range(0, 1) ? -128 : 127); break;
+            }
+        }
+    }
+}
+
+std::vector<int32_t> naive_ternary(const std::vector<uint8_t> &codes, int64_t rows, int64_t cols, const int8_t *act, int32_t n_tokens) {
+    std::vector<int32_t> out(static_cast<size_t>(rows * n_tokens));
+    for (int32_t t = 0; t < n_tokens; ++t)
+        for (int64_t r = 0; r < rows; ++r) {
+            int64_t acc = 0;
+            for (int64_t k = 0; k < cols; ++k) acc += (codes[static_cast<size_t>(r * cols + k)] - 1) * act[t * cols + k];
+            out[static_cast<size_t>(t * rows + r)] = static_cast<int32_t>(acc);
+        }
+    return out;
+}
+
+size_t first_mismatch(const int32_t *a, const int32_t *b, size_t n) {
+    for (size_t i = 0; i < n; ++i)
+        if (a[i] != b[i]) return i;
+    return n;
+}
+
+std::vector<int32_t> g_simd_isas;
+
+// One ternary shape: scalar reference once, then every SIMD family and token tile against it.
+void ternary_case(Rng &rng, int64_t rows, int64_t cols, int32_t n_tokens, const std::vector<int32_t> &tiles, bool allow3, bool naive) {
+    const std::vector<uint8_t> codes = random_codes(rng, rows, cols, allow3);
+    const std::vector<uint8_t> t2p = make_t2p(codes, rows, cols);
+    Buffer<uint8_t> w(t2p.size(), static_cast<size_t>(rng.range(1, 63)));
+    std::memcpy(w.ptr, t2p.data(), t2p.size());
+    Buffer<int8_t> act(static_cast<size_t>(n_tokens * cols), static_cast<size_t>(rng.range(1, 63)));
+    random_acts(rng, act.ptr, n_tokens, cols);
+    const size_t n_out = static_cast<size_t>(rows * n_tokens);
+
+    std::vector<int32_t> ref(n_out, 0x7EADBEEF);
+    ryz_set_isa(RYZ_ISA_SCALAR);
+    ryz_status st = ryz_ternary_gemm(w.ptr, rows, cols, act.ptr, n_tokens, ref.data());
+    check(st == RYZ_OK, "ternary scalar %lldx%lld n=%d: status %d (%s)", (long long)rows, (long long)cols, n_tokens, st, ryz_last_error());
+    if (naive) {
+        const std::vector<int32_t> want = naive_ternary(codes, rows, cols, act.ptr, n_tokens);
+        const size_t i = first_mismatch(ref.data(), want.data(), n_out);
+        check(i == n_out, "ternary scalar vs naive %lldx%lld n=%d: out[%zu] = %d, want %d", (long long)rows, (long long)cols,
+              n_tokens, i, i < n_out ? ref[i] : 0, i < n_out ? want[i] : 0);
+    }
+    for (int32_t isa : g_simd_isas) {
+        ryz_set_isa(isa);
+        Buffer<int32_t> out(n_out, 4 * static_cast<size_t>(rng.range(1, 15)));
+        std::fill(out.ptr, out.ptr + n_out, 0x7EADBEEF);
+        st = ryz_ternary_gemm(w.ptr, rows, cols, act.ptr, n_tokens, out.ptr);
+        size_t i = first_mismatch(out.ptr, ref.data(), n_out);
+        check(st == RYZ_OK && i == n_out, "ternary %s %lldx%lld n=%d%s: out[%zu] = %d, scalar %d", isa_name(isa), (long long)rows,
+              (long long)cols, n_tokens, allow3 ? " (code 3)" : "", i, i < n_out ? out[i] : 0, i < n_out ? ref[i] : 0);
+        if (!tiled_gemm()) continue;
+        for (int32_t tile : tiles) {
+            std::fill(out.ptr, out.ptr + n_out, 0x7EADBEEF);
+            st = tiled_gemm()(w.ptr, rows, cols, act.ptr, n_tokens, tile, out.ptr);
+            i = first_mismatch(out.ptr, ref.data(), n_out);
+            check(st == RYZ_OK && i == n_out, "ternary %s %lldx%lld n=%d token_tile=%d: out[%zu] = %d, scalar %d", isa_name(isa),
+                  (long long)rows, (long long)cols, n_tokens, tile, i, i < n_out ? out[i] : 0, i < n_out ? ref[i] : 0);
+        }
+    }
+}
+
+void test_ternary() {
+    Rng rng(1);
+    const std::vector<int32_t> all_tiles = {-1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 1000};
+    const std::vector<int32_t> some_tiles = {1, 3, 4, 8, 13};
+    // Every n_tokens 1..70 on small shapes (ragged token tails for every tile).
+    for (int32_t n = 1; n <= 70; ++n) ternary_case(rng, n % 2 ? 4 : 12, 256 * (1 + n % 3), n, all_tiles, false, n <= 6);
+    // Every cols 256..2816 x rows 4, 12, 260 x a spread of token counts (ragged against every tile).
+    for (int64_t cols = 256; cols <= 2816; cols += 256)
+        for (int64_t rows : {4, 12, 260})
+            for (int32_t n : {1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 17, 33, 64, 70}) ternary_case(rng, rows, cols, n, some_tiles, false, false);
+    // Larger decode and prefill shapes, and the unused code 3 (kernels must match scalar anyway).
+    ternary_case(rng, 260, 2560, 1, all_tiles, false, true);
+    ternary_case(rng, 132, 6912, 1, some_tiles, false, false);
+    ternary_case(rng, 68, 2560, 70, some_tiles, false, false);
+    ternary_case(rng, 12, 1024, 11, all_tiles, true, true);
+    ternary_case(rng, 8, 8192, 3, some_tiles, true, false);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantization
+// ---------------------------------------------------------------------------------------------
+
+void quantize_case(const char *what, const std::vector<float> &x, int32_t n_tokens, int64_t cols, Rng &rng) {
+    Buffer<float> in(x.size(), 4 * static_cast<size_t>(rng.range(0, 15)));
+    std::memcpy(in.ptr, x.data(), x.size() * sizeof(float));
+    std::vector<int8_t> q_ref(x.size());
+    std::vector<float> s_ref(n_tokens);
+    std::vector<int32_t> sum_ref(n_tokens);
+    ryz_set_isa(RYZ_ISA_SCALAR);
+    check(ryz_quantize_activations(in.ptr, n_tokens, cols, q_ref.data(), s_ref.data(), sum_ref.data()) == RYZ_OK,
+          "quantize scalar %s: %s", what, ryz_last_error());
+    for (int32_t isa : g_simd_isas) {
+        ryz_set_isa(isa);
+        Buffer<int8_t> q(x.size(), static_cast<size_t>(rng.range(1, 63)));
+        std::vector<float> s(n_tokens);
+        std::vector<int32_t> sum(n_tokens);
+        const ryz_status st = ryz_quantize_activations(in.ptr, n_tokens, cols, q.ptr, s.data(), sum.data());
+        size_t bad = x.size();
+        for (size_t i = 0; i < x.size(); ++i)
+            if (q[i] != q_ref[i]) { bad = i; break; }
+        check(st == RYZ_OK && bad == x.size(), "quantize %s %s cols=%lld: q[%zu] = %d, scalar %d (x = %.9g)", isa_name(isa), what,
+              (long long)cols, bad, bad < x.size() ? q[bad] : 0, bad < x.size() ? q_ref[bad] : 0, bad < x.size() ? x[bad] : 0.0);
+        check(std::memcmp(s.data(), s_ref.data(), s.size() * sizeof(float)) == 0 && sum == sum_ref,
+              "quantize %s %s cols=%lld: scale or sum differs (%.9g vs %.9g, %d vs %d)", isa_name(isa), what, (long long)cols, s[0], s_ref[0],
+              sum[0], sum_ref[0]);
+    }
+}
+
+void test_quantize() {
+    Rng rng(2);
+    // Random data over lengths that exercise every vector tail, several tokens per call.
+    for (int64_t cols : {1, 2, 7, 15, 16, 17, 31, 32, 33, 63, 64, 65, 100, 255, 256, 257, 1000, 2560, 6912}) {
+        const int32_t n = 3;
+        std::vector<float> x(static_cast<size_t>(n * cols));
+        for (int32_t t = 0; t < n; ++t) {
+            const float mag = t == 0 ? 1.0f : t == 1 ? 3.0e4f : 1.0e-3f;
+            for (int64_t k = 0; k < cols; ++k) x[t * cols + k] = mag * rng.symmetric();
+        }
+        quantize_case("random", x, n, cols, rng);
+    }
+    // Exact ties: max|x| = 127 makes the scale exactly 1, so k + 0.5 lands on a tie (half to even).
+    for (int64_t cols : {256, 259}) {
+        std::vector<float> x(static_cast<size_t>(cols));
+        for (int64_t k = 0; k < cols; ++k) x[k] = static_cast<float>(k % 255 - 127) + (k % 3 ? 0.5f : 0.0f);
+        x[0] = -127.0f;
+        quantize_case("ties", x, 1, cols, rng);
+        // max 254: scale 0.5, odd integers become ties
+        for (int64_t k = 0; k < cols; ++k) x[k] = static_cast<float>(k % 509 - 254);
+        quantize_case("ties-half-scale", x, 1, cols, rng);
+    }
+    {
+        std::vector<float> zeros(512, 0.0f);
+        quantize_case("zeros", zeros, 2, 256, rng);
+        std::vector<float> neg(300, -0.0f);
+        quantize_case("negative zeros", neg, 1, 300, rng);
+    }
+    {
+        const float specials[] = {std::numeric_limits<float>::max(), -std::numeric_limits<float>::max(), 1.0e30f, -2.5e37f,
+                                  1.0e-30f, -1.0e-38f, std::numeric_limits<float>::denorm_min(), 3.0e-41f, -7.0e-44f, 0.0f};
+        std::vector<float> x(512);
+        for (size_t k = 0; k < x.size(); ++k) x[k] = specials[rng.range(0, 9)] * (rng.uniform() + 0.5f);
+        quantize_case("huge", x, 2, 256, rng);
+        for (size_t k = 0; k < x.size(); ++k) x[k] = (k % 2 ? 1.0e-30f : -3.0e-41f) * static_cast<float>(k % 7);  // all below 1e-5
+        quantize_case("tiny", x, 2, 256, rng);
+        for (size_t k = 0; k < x.size(); ++k) x[k] = 1.0e-5f * rng.symmetric();
+        quantize_case("around-floor", x, 2, 256, rng);
+    }
+    {  // Non-finite input: the scalar code defines the result (NaN -> -128, inf makes the scale 0).
+        std::vector<float> x(768);
+        for (size_t k = 0; k < x.size(); ++k) x[k] = rng.symmetric();
+        x[5] = std::numeric_limits<float>::quiet_NaN();
+        x[300] = -std::numeric_limits<float>::quiet_NaN();
+        x[600] = std::numeric_limits<float>::infinity();
+        x[601] = -std::numeric_limits<float>::infinity();
+        quantize_case("non-finite", x, 3, 256, rng);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dense GEMM
+// ---------------------------------------------------------------------------------------------
+
+size_t dense_row_bytes(int32_t type, int64_t cols) {
+    switch (type) {
+        case RYZ_TYPE_F32: return static_cast<size_t>(cols) * 4;
+        case RYZ_TYPE_F16: return static_cast<size_t>(cols) * 2;
+        case RYZ_TYPE_Q8_0: return static_cast<size_t>(cols / 32) * 34;
+        case RYZ_TYPE_Q6_K: return static_cast<size_t>(cols / 256) * 210;
+        default: return 0;
+    }
+}
+
+// Random rows of `type`, and the same rows dequantised in double (ggml's layouts, independent of the library).
+void random_dense(Rng &rng, int32_t type, int64_t rows, int64_t cols, std::vector<uint8_t> &w, std::vector<double> &deq) {
+    const size_t rb = dense_row_bytes(type, cols);
+    w.assign(rb * static_cast<size_t>(rows), 0);
+    deq.assign(static_cast<size_t>(rows * cols), 0.0);
+    for (int64_t r = 0; r < rows; ++r) {
+        uint8_t *row = &w[rb * static_cast<size_t>(r)];
+        double *y = &deq[static_cast<size_t>(r * cols)];
+        if (type == RYZ_TYPE_F32) {
+            for (int64_t k = 0; k < cols; ++k) {
+                const float v = rng.symmetric();
+                std::memcpy(row + 4 * k, &v, 4);
+                y[k] = v;
+            }
+        } else if (type == RYZ_TYPE_F16) {
+            for (int64_t k = 0; k < cols; ++k) {
+                const uint16_t h = float_to_half(rng.symmetric());
+                std::memcpy(row + 2 * k, &h, 2);
+                y[k] = half_to_float(h);
+            }
+        } else if (type == RYZ_TYPE_Q8_0) {
+            for (int64_t b = 0; b < cols / 32; ++b) {
+                uint8_t *blk = row + 34 * b;
+                const uint16_t d = float_to_half(0.001f + 0.05f * rng.uniform());
+                std::memcpy(blk, &d, 2);
+                for (int j = 0; j < 32; ++j) {
+                    const int8_t q = static_cast<int8_t>(rng.range(-128, 127));
+                    blk[2 + j] = static_cast<uint8_t>(q);
+                    y[b * 32 + j] = half_to_float(d) * q;
+                }
+            }
+        } else {  // Q6_K: ql[128] qh[64] scales[16] d
+            for (int64_t b = 0; b < cols / 256; ++b) {
+                uint8_t *blk = row + 210 * b;
+                for (int j = 0; j < 192; ++j) blk[j] = static_cast<uint8_t>(rng.next());
+                for (int j = 0; j < 16; ++j) blk[192 + j] = static_cast<uint8_t>(static_cast<int8_t>(rng.range(-128, 127)));
+                const uint16_t d = float_to_half(0.0005f + 0.002f * rng.uniform());
+                std::memcpy(blk + 208, &d, 2);
+                const uint8_t *ql = blk, *qh = blk + 128;
+                const int8_t *sc = reinterpret_cast<const int8_t *>(blk + 192);
+                double *o = y + b * 256;
+                for (int half = 0; half < 2; ++half) {
+                    for (int l = 0; l < 32; ++l) {
+                        const int is = l / 16;
+                        const int q1 = ((ql[l] & 0xF) | ((qh[l] >> 0 & 3) << 4)) - 32;
+                        const int q2 = ((ql[l + 32] & 0xF) | ((qh[l] >> 2 & 3) << 4)) - 32;
+                        const int q3 = ((ql[l] >> 4) | ((qh[l] >> 4 & 3) << 4)) - 32;
+                        const int q4 = ((ql[l + 32] >> 4) | ((qh[l] >> 6 & 3) << 4)) - 32;
+                        // the float rounding of ggml's (d * scale) * q, so the values are exactly the kernels'
+                        const float dd = half_to_float(d);
+                        o[l] = (dd * static_cast<float>(sc[is])) * static_cast<float>(q1);
+                        o[l + 32] = (dd * static_cast<float>(sc[is + 2])) * static_cast<float>(q2);
+                        o[l + 64] = (dd * static_cast<float>(sc[is + 4])) * static_cast<float>(q3);
+                        o[l + 96] = (dd * static_cast<float>(sc[is + 6])) * static_cast<float>(q4);
+                    }
+                    o += 128; ql += 64; qh += 32; sc += 8;
+                }
+            }
+        }
+    }
+}
+
+// Tolerance. Both kernels sum n = cols products in float, in different orders (scalar: sequential,
+// unfused; SIMD: 16/8/4 lane partial sums with FMA, then a tree). Each result is within
+// gamma_n * sum_k |w_k x_k| of the exact dot product (gamma_n = n u / (1 - n u), u = 2^-24; Higham,
+// Accuracy and Stability, 3.1; the weights are dequantised by the same float operations in both), so
+// two kernels differ by at most 2 gamma_n sum |w x|. A bound relative to sum |w x|, not to the result,
+// is what holds under cancellation. A small absolute term covers results that underflow.
+double dense_tolerance(const double *w, const float *x, int64_t cols) {
+    double abs_sum = 0.0;
+    for (int64_t k = 0; k < cols; ++k) abs_sum += std::fabs(w[k] * x[k]);
+    const double u = std::ldexp(1.0, -24), n = static_cast<double>(cols) + 1.0;
+    return 2.0 * (n * u / (1.0 - n * u)) * abs_sum + 1e-30;
+}
+
+void dense_case(Rng &rng, int32_t type, int64_t rows, int64_t cols, int32_t n_tokens) {
+    static const char *names[] = {"F32", "F16"};
+    const char *tn = type == RYZ_TYPE_Q8_0 ? "Q8_0" : type == RYZ_TYPE_Q6_K ? "Q6_K" : names[type];
+    std::vector<uint8_t> wbytes;
+    std::vector<double> deq;
+    random_dense(rng, type, rows, cols, wbytes, deq);
+    // GGUF data is 32-byte aligned, and Q8_0 / Q6_K blocks are 34 / 210 bytes: their blocks are 2-byte
+    // aligned (the fp16 scale), not more. F32 / F16 rows: 4-byte aligned here.
+    const bool block_rows = type == RYZ_TYPE_Q8_0 || type == RYZ_TYPE_Q6_K;
+    Buffer<uint8_t> w(wbytes.size(), (block_rows ? 2 : 4) * static_cast<size_t>(rng.range(1, 15)));
+    std::memcpy(w.ptr, wbytes.data(), wbytes.size());
+    Buffer<float> x(static_cast<size_t>(n_tokens * cols), 4 * static_cast<size_t>(rng.range(0, 15)));
+    for (size_t i = 0; i < x.n; ++i) x[i] = rng.symmetric() * (i % 7 == 0 ? 10.0f : 1.0f);
+    const size_t n_out = static_cast<size_t>(rows * n_tokens);
+
+    std::vector<float> ref(n_out);
+    ryz_set_isa(RYZ_ISA_SCALAR);
+    check(ryz_dense_gemm(w.ptr, type, rows, cols, x.ptr, n_tokens, ref.data()) == RYZ_OK, "dense scalar %s: %s", tn, ryz_last_error());
+    std::vector<double> tol(n_out);
+    for (int32_t t = 0; t < n_tokens; ++t)
+        for (int64_t r = 0; r < rows; ++r) {
+            const size_t o = static_cast<size_t>(t * rows + r);
+            tol[o] = dense_tolerance(&deq[static_cast<size_t>(r * cols)], x.ptr + t * cols, cols);
+            double exact = 0.0;
+            for (int64_t k = 0; k < cols; ++k) exact += deq[static_cast<size_t>(r * cols + k)] * x[static_cast<size_t>(t * cols + k)];
+            // the scalar kernel against the double-precision definition (half the two-kernel bound)
+            check(std::fabs(ref[o] - exact) <= tol[o] / 2,
+                  "dense scalar %s %lldx%lld: row %lld token %d = %.9g, exact %.9g", tn, (long long)rows, (long long)cols, (long long)r, t,
+                  ref[o], exact);
+        }
+
+    std::vector<float> first_family;  // the SIMD families share lane assignment and reduction tree
+    for (int32_t isa : g_simd_isas) {
+        ryz_set_isa(isa);
+        Buffer<float> out(n_out, 4 * static_cast<size_t>(rng.range(1, 15)));
+        ryz_status st = ryz_dense_gemm(w.ptr, type, rows, cols, x.ptr, n_tokens, out.ptr);
+        if (isa != RYZ_ISA_SCALAR) {
+            if (first_family.empty()) first_family.assign(out.ptr, out.ptr + n_out);
+            else check(std::memcmp(first_family.data(), out.ptr, n_out * 4) == 0, "dense %s %s %lldx%lld: differs from %s bit for bit",
+                       isa_name(isa), tn, (long long)rows, (long long)cols, isa_name(g_simd_isas[0]));
+        }
+        size_t bad = n_out;
+        double worst = 0.0;
+        for (size_t i = 0; i < n_out; ++i) {
+            const double err = std::fabs(static_cast<double>(out[i]) - ref[i]);
+            if (!(err <= tol[i])) { bad = i; break; }
+            worst = std::max(worst, err / tol[i]);
+        }
+        check(st == RYZ_OK && bad == n_out, "dense %s %s %lldx%lld n=%d: out[%zu] = %.9g, scalar %.9g, tolerance %.3g", isa_name(isa), tn,
+              (long long)rows, (long long)cols, n_tokens, bad, bad < n_out ? out[bad] : 0.0f, bad < n_out ? ref[bad] : 0.0f,
+              bad < n_out ? tol[bad] : 0.0);
+
+        // Determinism: run twice; every row sub-range (as a shifted matrix); each token on its own.
+        Buffer<float> again(n_out, 4 * static_cast<size_t>(rng.range(1, 15)));
+        st = ryz_dense_gemm(w.ptr, type, rows, cols, x.ptr, n_tokens, again.ptr);
+        check(st == RYZ_OK && std::memcmp(out.ptr, again.ptr, n_out * 4) == 0, "dense %s %s: two runs differ", isa_name(isa), tn);
+        const size_t rb = dense_row_bytes(type, cols);
+        for (int trial = 0; trial < 3; ++trial) {
+            const int64_t b = rng.range(0, static_cast<int>(rows - 1)), e = rng.range(static_cast<int>(b + 1), static_cast<int>(rows));
+            std::vector<float> part(static_cast<size_t>((e - b) * n_tokens));
+            st = ryz_dense_gemm(w.ptr + rb * static_cast<size_t>(b), type, e - b, cols, x.ptr, n_tokens, part.data());
+            bool same = st == RYZ_OK;
+            for (int32_t t = 0; t < n_tokens; ++t)
+                for (int64_t r = b; r < e; ++r) same = same && std::memcmp(&part[static_cast<size_t>(t * (e - b) + r - b)], &out[static_cast<size_t>(t * rows + r)], 4) == 0;
+            check(same, "dense %s %s: rows [%lld, %lld) computed alone differ from the full call", isa_name(isa), tn, (long long)b, (long long)e);
+        }
+        bool same = true;
+        for (int32_t t = 0; t < n_tokens && n_tokens > 1; ++t) {
+            std::vector<float> one(static_cast<size_t>(rows));
+            ryz_dense_gemm(w.ptr, type, rows, cols, x.ptr + t * cols, 1, one.data());
+            same = same && std::memcmp(one.data(), &out[static_cast<size_t>(t * rows)], static_cast<size_t>(rows) * 4) == 0;
+        }
+        check(same, "dense %s %s: a token's result depends on the batch it is in", isa_name(isa), tn);
+    }
+}
+
+void test_dense() {
+    Rng rng(3);
+    for (int32_t type : {RYZ_TYPE_F32, RYZ_TYPE_F16, RYZ_TYPE_Q8_0, RYZ_TYPE_Q6_K}) {
+        const bool any_cols = type == RYZ_TYPE_F32 || type == RYZ_TYPE_F16;
+        int i = 0;
+        for (int64_t rows : {1, 3, 4, 5, 9, 37})
+            for (int32_t n : {1, 2, 3, 7}) {
+                const int64_t cols = (i++ % 2) ? 2560 : 512;
+                dense_case(rng, type, rows, cols, n);
+            }
+        if (any_cols)
+            for (int64_t cols : {1, 15, 17, 100, 250, 1000}) dense_case(rng, type, 6, cols, 2);
+        dense_case(rng, type, 67, 256 * 3, 1);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ternary pack from TQ2_0 / TQ1_0
+// ---------------------------------------------------------------------------------------------
+
+// TQ2_0 (ggml): qs[c*32 + m] bits 2l hold code+1 of column c*128 + l*32 + m; then fp16 d.
+std::vector<uint8_t> make_tq2(const std::vector<uint8_t> &codes, int64_t rows, int64_t cols, const std::vector<uint16_t> &d) {
+    const int64_t blocks = cols / QK;
+    std::vector<uint8_t> out(static_cast<size_t>(rows * blocks * 66), 0);
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t b = 0; b < blocks; ++b) {
+            uint8_t *blk = &out[static_cast<size_t>((r * blocks + b) * 66)];
+            const uint8_t *c = &codes[static_cast<size_t>(r * cols + b * QK)];
+            for (int k = 0; k < QK; ++k) blk[(k / 128) * 32 + k % 32] |= static_cast<uint8_t>(c[k] << (2 * ((k % 128) / 32)));
+            std::memcpy(blk + 64, &d[static_cast<size_t>(r * blocks + b)], 2);
+        }
+    return out;
+}
+
+// TQ1_0 (gguf-py quants.py): columns 0..159 as 32 bytes of five base-3 digits (digit n of byte m is
+// column 32n + m, weight 3^(4-n)), 160..239 as 16 bytes (column 160 + 16n + m), 240..255 as 4 bytes
+// of four digits (column 240 + 4n + m, weights 81, 27, 9, 3); each byte v stored as ceil(v * 256 / 243).
+std::vector<uint8_t> make_tq1(const std::vector<uint8_t> &codes, int64_t rows, int64_t cols, const std::vector<uint16_t> &d) {
+    const int64_t blocks = cols / QK;
+    std::vector<uint8_t> out(static_cast<size_t>(rows * blocks * 54), 0);
+    static const int pow3[5] = {81, 27, 9, 3, 1};
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t b = 0; b < blocks; ++b) {
+            uint8_t *blk = &out[static_cast<size_t>((r * blocks + b) * 54)];
+            const uint8_t *c = &codes[static_cast<size_t>(r * cols + b * QK)];
+            int v[52] = {0};
+            for (int m = 0; m < 32; ++m)
+                for (int n = 0; n < 5; ++n) v[m] += c[32 * n + m] * pow3[n];
+            for (int m = 0; m < 16; ++m)
+                for (int n = 0; n < 5; ++n) v[32 + m] += c[160 + 16 * n + m] * pow3[n];
+            for (int m = 0; m < 4; ++m)
+                for (int n = 0; n < 4; ++n) v[48 + m] += c[240 + 4 * n + m] * pow3[n];
+            for (int i = 0; i < 52; ++i) blk[i] = static_cast<uint8_t>((v[i] * 256 + 242) / 243);
+            std::memcpy(blk + 52, &d[static_cast<size_t>(r * blocks + b)], 2);
+        }
+    return out;
+}
+
+void test_pack() {
+    Rng rng(4);
+    for (int32_t type : {RYZ_TYPE_TQ2_0, RYZ_TYPE_TQ1_0}) {
+        const char *tn = type == RYZ_TYPE_TQ2_0 ? "TQ2_0" : "TQ1_0";
+        for (auto shape : {std::pair<int64_t, int64_t>{4, 256}, {12, 768}, {20, 2560}, {8, 6912}}) {
+            const int64_t rows = shape.first, cols = shape.second, blocks = cols / QK;
+            std::vector<uint8_t> codes = random_codes(rng, rows, cols, false);
+            std::vector<uint16_t> d(static_cast<size_t>(rows * blocks), 0x3C00);  // block scale 1.0
+            const bool zero_block = rows >= 12;  // a zero block scale means an all-zero block (stored code+1 = 1)
+            if (zero_block) d[5] = 0x0000;
+            const std::vector<uint8_t> src = type == RYZ_TYPE_TQ2_0 ? make_tq2(codes, rows, cols, d) : make_tq1(codes, rows, cols, d);
+            if (zero_block) std::memset(&codes[static_cast<size_t>((5 / blocks) * cols + (5 % blocks) * QK)], 1, QK);
+            const std::vector<uint8_t> want = make_t2p(codes, rows, cols);
+            check(ryz_ternary_packed_bytes(rows, cols) == want.size(), "pack %s %lldx%lld: packed size %zu, want %zu", tn, (long long)rows,
+                  (long long)cols, ryz_ternary_packed_bytes(rows, cols), want.size());
+            std::vector<uint8_t> got(want.size() + 64, 0xA5);
+            const ryz_status st = ryz_ternary_pack(src.data(), type, rows, cols, got.data());
+            size_t bad = want.size();
+            for (size_t i = 0; i < want.size(); ++i)
+                if (got[i] != want[i]) { bad = i; break; }
+            bool tail_ok = true;
+            for (size_t i = want.size(); i < got.size(); ++i) tail_ok = tail_ok && got[i] == 0xA5;
+            check(st == RYZ_OK && bad == want.size() && tail_ok, "pack %s %lldx%lld: status %d, byte %zu = 0x%02x, want 0x%02x%s", tn,
+                  (long long)rows, (long long)cols, st, bad, bad < want.size() ? got[bad] : 0, bad < want.size() ? want[bad] : 0,
+                  tail_ok ? "" : " (wrote past the end)");
+            // End to end: GEMM on the repacked weights equals the naive product with the codes.
+            std::vector<int8_t> act(static_cast<size_t>(3 * cols));
+            random_acts(rng, act.data(), 3, cols);
+            const std::vector<int32_t> ref = naive_ternary(codes, rows, cols, act.data(), 3);
+            for (int32_t isa : g_simd_isas) {
+                ryz_set_isa(isa);
+                for (int32_t n : {1, 3}) {
+                    std::vector<int32_t> out(static_cast<size_t>(rows * n));
+                    ryz_ternary_gemm(got.data(), rows, cols, act.data(), n, out.data());
+                    bool same = true;
+                    for (int32_t t = 0; t < n; ++t)
+                        for (int64_t r = 0; r < rows; ++r) same = same && out[static_cast<size_t>(t * rows + r)] == ref[static_cast<size_t>(t * rows + r)];
+                    check(same, "pack %s %lldx%lld then ternary GEMM %s n=%d differs from the naive product", tn, (long long)rows, (long long)cols,
+                          isa_name(isa), n);
+                }
+            }
+        }
+    }
+    // Shapes the packer must refuse.
+    std::vector<uint8_t> src(66 * 8), dst(64 * 8);
+    check(ryz_ternary_pack(src.data(), RYZ_TYPE_TQ2_0, 2, 256, dst.data()) != RYZ_OK, "pack accepted rows not a multiple of 4");
+    check(ryz_ternary_pack(src.data(), RYZ_TYPE_TQ2_0, 4, 100, dst.data()) != RYZ_OK, "pack accepted cols not a multiple of 256");
+    check(ryz_ternary_pack(src.data(), RYZ_TYPE_Q8_0, 4, 256, dst.data()) != RYZ_OK, "pack accepted a non-ternary type");
+}
+
+}  // namespace
+
+int main() {
+    const auto start = std::chrono::steady_clock::now();
+    const int32_t initial = ryz_isa();
+    std::printf("ryz kernel tests: ABI %d, default ISA %s\n", ryz_abi_version(), isa_name(initial));
+    check(ryz_isa_supported(RYZ_ISA_SCALAR) == 1, "scalar kernels must always be supported");
+    check(ryz_set_isa(99) != RYZ_OK, "ryz_set_isa accepted an unknown family");
+    for (int32_t isa : {RYZ_ISA_AVX2, RYZ_ISA_AVX512, RYZ_ISA_NEON}) {
+        if (ryz_isa_supported(isa)) {
+            check(ryz_set_isa(isa) == RYZ_OK && ryz_isa() == isa, "ryz_set_isa(%s) failed though supported", isa_name(isa));
+            g_simd_isas.push_back(isa);
+        } else {
+            check(ryz_set_isa(isa) != RYZ_OK, "ryz_set_isa(%s) succeeded though unsupported", isa_name(isa));
+        }
+    }
+    // Always exercise scalar-vs-scalar too, so the harness runs even on a machine without SIMD.
+    std::string families = "scalar";
+    for (int32_t isa : g_simd_isas) families += std::string(", ") + isa_name(isa);
+    std::printf("testing: %s%s\n", families.c_str(), tiled_gemm() ? "" : " (ryz_ternary_gemm_tiled not exported: default token tile only)");
+    if (g_simd_isas.empty()) g_simd_isas.push_back(RYZ_ISA_SCALAR);
+
+    struct { const char *name; void (*fn)(); } suites[] = {
+        {"ternary", test_ternary}, {"quantize", test_quantize}, {"dense", test_dense}, {"pack", test_pack}};
+    for (const auto &s : suites) {
+        const int before = g_failed;
+        const auto t0 = std::chrono::steady_clock::now();
+        s.fn();
+        std::printf("%-9s %s (%.2f s)\n", s.name, g_failed == before ? "ok" : "FAILED",
+                    std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    ryz_set_isa(initial);
+    std::printf("total %.2f s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    std::printf("%d passed, %d failed\n", g_passed, g_failed);
+    return g_failed == 0 ? 0 : 1;
+}
