@@ -21,9 +21,9 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install -e .
 	@touch $@
 
-# Test install: dev tools plus llama-cpp-python (compiled from its sdist, for the interop test).
+# Test install: dev tools, llama-cpp-python (compiled from its sdist, for the interop tests), onnxruntime (bench peer tests) and Prefect (tasks/ tests).
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(PIP) install -e '.[dev,interop]'
+	$(PIP) install -e '.[dev,interop,bench,pipeline]'
 	@touch $@
 
 install: $(VENV)/.installed

@@ -52,3 +52,14 @@ class GGUFFormatError(RyzError, ValueError):
 
 class ModelReferenceError(RyzError, LookupError):
     """A model reference (`name:version`, alias, artifact id or GGUF path) resolves to nothing."""
+
+
+# --- kernel builds ----------------------------------------------------------------------------------
+
+class BuildError(RyzError, RuntimeError):
+    """The native kernel build failed: `cmake --build ... failed (exit 2); last lines: ...; full log: <path>`."""
+
+
+class ToolchainNotFoundError(BuildError):
+    """No C++ compiler or CMake >= 3.25 to build the kernels:
+    `no C++ compiler found (looked for c++, g++, clang++); install one: apt-get install g++ cmake`."""

@@ -68,8 +68,10 @@ _SIGNATURES = {
     "ryz_ternary_packed_bytes": (ctypes.c_size_t, [_I64, _I64]),
     "ryz_ternary_pack": (_I32, [_P, _I32, _I64, _I64, _P]),
     "ryz_ternary_gemm": (_I32, [_P, _I64, _I64, _P, _I32, _P]),
+    "ryz_ternary_gemm_tiled": (_I32, [_P, _I64, _I64, _P, _I32, _I32, _P]),
     "ryz_quantize_activations": (_I32, [_P, _I32, _I64, _P, _P, _P]),
     "ryz_dense_gemm": (_I32, [_P, _I32, _I64, _I64, _P, _I32, _P]),
+    "ryz_top_k": (_I32, [_P, _I64, _I32, _P, _P]),
     "ryz_read_bandwidth": (ctypes.c_double, [_I64, _I32, _I32]),
 }
 
@@ -120,10 +122,11 @@ class Library:
         self.check(self.lib.ryz_ternary_pack(raw.ctypes.data, GGML_TYPE_IDS[qtype], rows, cols, out.ctypes.data), "ternary_pack")
         return out
 
-    def ternary_gemm(self, packed: np.ndarray, rows: int, cols: int, act: np.ndarray) -> np.ndarray:
+    def ternary_gemm(self, packed: np.ndarray, rows: int, cols: int, act: np.ndarray, token_tile: int = 0) -> np.ndarray:
         act = np.ascontiguousarray(act, dtype=np.int8).reshape(-1, cols)
         out = np.zeros((act.shape[0], rows), dtype=np.int32)
-        self.check(self.lib.ryz_ternary_gemm(packed.ctypes.data, rows, cols, act.ctypes.data, act.shape[0], out.ctypes.data), "ternary_gemm")
+        self.check(self.lib.ryz_ternary_gemm_tiled(packed.ctypes.data, rows, cols, act.ctypes.data, act.shape[0], token_tile,
+                                                   out.ctypes.data), "ternary_gemm")
         return out
 
     def quantize_activations(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -140,6 +143,13 @@ class Library:
         out = np.zeros((x.shape[0], rows), dtype=np.float32)
         self.check(self.lib.ryz_dense_gemm(raw.ctypes.data, GGML_TYPE_IDS[qtype], rows, cols, x.ctypes.data, x.shape[0], out.ctypes.data), "dense_gemm")
         return out
+
+    def top_k(self, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k largest values and their ids, largest first (ties: lower id first)."""
+        logits = np.ascontiguousarray(logits, dtype=np.float32).ravel()
+        ids, values = np.zeros(k, np.int32), np.zeros(k, np.float32)
+        self.check(self.lib.ryz_top_k(logits.ctypes.data, logits.size, k, ids.ctypes.data, values.ctypes.data), "top_k")
+        return ids, values
 
     def read_bandwidth(self, nbytes: int, threads: int, repeats: int = 3) -> float:
         """GB/s streamed with SIMD loads (best of `repeats`)."""

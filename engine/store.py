@@ -107,6 +107,12 @@ def _extra(extra: dict | None, current: dict) -> dict:
     return extra
 
 
+def _put_extra(kind: str, manifest: dict | None) -> dict:
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"artifact kind must be a non-empty string, got {kind!r}")
+    return _extra(manifest, {"schema": SCHEMA, "kind": kind})
+
+
 def _stat_key(path: Path) -> tuple[int, int]:
     st = path.stat()
     return st.st_size, st.st_mtime_ns
@@ -159,18 +165,16 @@ class ArtifactStore(ABC):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"cannot store {path}: not a file")
-        extra = _extra(manifest, {"schema": SCHEMA, "kind": kind})
+        extra = _put_extra(kind, manifest)
         hex_, size = self._put_blob(path, progress)
         return self._add_manifest(hex_, kind, size, extra)
 
     def put_bytes(self, data: bytes, kind: str, manifest: dict | None = None) -> str:
-        extra = _extra(manifest, {"schema": SCHEMA, "kind": kind})
+        extra = _put_extra(kind, manifest)
         hex_, size = self._put_blob(bytes(data), None)
         return self._add_manifest(hex_, kind, size, extra)
 
     def _add_manifest(self, hex_: str, kind: str, size: int, extra: dict) -> str:
-        if not isinstance(kind, str) or not kind:
-            raise ValueError(f"artifact kind must be a non-empty string, got {kind!r}")
         artifact_id = f"sha256:{hex_}"
         if not self._exists(_manifest_rel(hex_)):
             doc = {"schema": SCHEMA, "artifact_id": artifact_id, "kind": kind, "size": size,

@@ -133,6 +133,43 @@ def cmd_artifact_show(args) -> int:
     return 0
 
 
+def cmd_build_kernels(args) -> int:
+    from engine.build import autotune, build_kernels, load_library, read_manifest
+    from engine.settings import get_settings
+
+    build = build_kernels(force=args.force)  # progress goes to stderr
+    library = load_library()
+    entry = None
+    if args.model:
+        from engine.refs import resolve_model
+
+        entry = autotune(library, resolve_model(args.model, _store()))
+    if args.json:
+        _print_json(read_manifest(build.directory))
+        return 0
+    print(build.key)
+    print(f"  library   {build.path}", file=sys.stderr)
+    print(f"  cache     {'hit' if build.cache_hit else 'miss (built in %.1f s)' % build.manifest['build_seconds']}", file=sys.stderr)
+    print(f"  isa       {library.isa} (RYZ_ISA={get_settings().isa})", file=sys.stderr)
+    if entry:
+        w = entry["winner"]
+        print(f"  autotune  {entry['signature']}: gemm_token_tile {w.get('gemm_token_tile')}, threads decode "
+              f"{w.get('threads_decode')} / prefill {w.get('threads_prefill')}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from evaluations.bench import format_report, run_bench
+
+    result = run_bench(args.target, threads=args.threads, prompt=args.prompt, gen=args.gen, repeats=args.repeats,
+                       peers=args.peers, weights=args.weights, head=args.head, library=args.library, ubatch=args.ubatch)
+    if args.json:
+        _print_json(result)
+    else:
+        print(format_report(result))
+    return 0
+
+
 # --- parser ---------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +202,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="artifact id or prefix, or a .gguf path")
     p.add_argument("prompt")
     p.add_argument("--max-tokens", type=int, default=32)
+
+    p = command("build-kernels", cmd_build_kernels, "build (or find cached) native kernels for this CPU; optionally autotune on a model")
+    p.add_argument("--model", help="autotune on this model's linear shapes (artifact id or prefix, or a .gguf path)")
+    p.add_argument("--force", action="store_true", help="rebuild even if a build with the same key is cached")
+
+    p = command("bench", cmd_bench, "measure prefill/decode tok/s, TTFT, peak RSS and the roofline fraction (--peers: "
+                "against llama.cpp and onnxruntime on the same machine)")
+    p.add_argument("target", metavar="SHAPE_OR_ARTIFACT",
+                   help="a shape (tiny, medium, bitnet-2b4t: random weights, synthesized once and cached) or a model reference")
+    p.add_argument("--threads", type=int, help="compute threads (default RYZ_THREADS, else all physical cores)")
+    p.add_argument("--prompt", type=int, default=512, help="prompt tokens for prefill and TTFT (default 512)")
+    p.add_argument("--gen", type=int, default=128, help="decoded tokens (default 128)")
+    p.add_argument("--repeats", type=int, default=3, help="measured runs, interleaved with the peers'; medians are reported")
+    p.add_argument("--peers", action="store_true", help="also run llama.cpp (TQ2_0 and TQ1_0) and onnxruntime MatMulNBits")
+    p.add_argument("--weights", choices=["tq2_0", "tq1_0"], help="ternary type a shape is quantized to (default RYZ_WEIGHTS_TYPE)")
+    p.add_argument("--head", choices=["q8_0", "q6_k", "f16"], help="head type a shape is quantized to (default RYZ_HEAD_TYPE)")
+    p.add_argument("--ubatch", type=int, default=0, help="prefill chunk in tokens (default 0: the whole prompt in one call)")
+    p.add_argument("--library", type=Path, help="a prebuilt native library (default: the kernel build for this CPU)")
 
     p = command("artifacts", cmd_artifacts, "list the artifacts in the store")
     p.add_argument("--kind", help="only this kind (model, ...)")

@@ -25,3 +25,27 @@ def moto_server():
             yield f"http://{host}:{port}"
         finally:
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def kernel_build():
+    """The native kernel build for this CPU, built once per machine: it lives in the real settings cache
+    ($RYZ_HOME/cache/kernels/<key>, default ~/.ryzanstein) because the key makes reuse safe. Skips when
+    no C++ compiler or CMake is installed; a failing build fails the tests that need it."""
+    from engine.build import build_kernels
+    from engine.errors import ToolchainNotFoundError
+    from engine.settings import Settings
+
+    try:
+        return build_kernels(settings=Settings())
+    except ToolchainNotFoundError as exc:
+        pytest.skip(f"cannot build the native kernels: {exc}")
+
+
+@pytest.fixture(scope="session")
+def native_library(kernel_build):
+    """engine.native.Library over the session's kernel build (RYZ_ISA from the environment applied)."""
+    from engine.build import load_library
+    from engine.settings import Settings
+
+    return load_library(settings=Settings(), build_if_missing=False)

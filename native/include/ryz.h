@@ -99,6 +99,9 @@ RYZ_API ryz_status ryz_ternary_pack(const void *src, int32_t type, int64_t rows,
 /* out[t * rows + r] = sum_k W[r, k] * act[t * cols + k] over ternary W (packed), int8 activations. */
 RYZ_API ryz_status ryz_ternary_gemm(const uint8_t *packed, int64_t rows, int64_t cols, const int8_t *act,
                             int32_t n_tokens, int32_t *out);
+/* The same with an explicit token tile (tokens sharing one unpacking of a weight block; 0 = default). */
+RYZ_API ryz_status ryz_ternary_gemm_tiled(const uint8_t *packed, int64_t rows, int64_t cols, const int8_t *act,
+                                  int32_t n_tokens, int32_t token_tile, int32_t *out);
 /* Per-token absmax int8 quantization: q = clamp(rint(x * 127 / max|x|)); scale[t] = 127 / max|x|. */
 RYZ_API ryz_status ryz_quantize_activations(const float *x, int32_t n_tokens, int64_t cols, int8_t *q, float *scale, int32_t *sums);
 /* out[t * rows + r] = dot(dequant(W[r]), x[t]) for a Q8_0, Q6_K, F16 or F32 head / embedding. */

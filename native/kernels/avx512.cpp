@@ -164,7 +164,8 @@ using MicroFn = void (*)(const uint8_t *, int64_t, int64_t, const int8_t *, cons
 // Token tiles 1..6 (4 x 6 = 24 accumulators + 4 planes + activation + mask = 30 of 32 zmm). Larger
 // requests act as 6: 2-row halves of the tile with 7-8 tokens were measured at ~60% of the 4-row
 // kernels (each activation vector then feeds only 2 vpdpbusd). Default 6: 4, 5 and 6 are within noise
-// of each other on Zen 5 (~95% of vpdpbusd peak at a steady clock), 6 unpacks least often.
+// of each other on Zen 5 (64 tokens: 90-95% of the vpdpbusd peak in short runs at full clock), and 6
+// unpacks least often.
 constexpr int MAX_TOKEN_TILE = 6;
 constexpr int DEFAULT_TOKEN_TILE = 6;
 const MicroFn MICRO[MAX_TOKEN_TILE + 1] = {nullptr, gemm_micro<1>, gemm_micro<2>, gemm_micro<3>,
@@ -182,7 +183,12 @@ void ternary_gemm_avx512(const uint8_t *packed, int64_t row_begin, int64_t row_e
                          const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
     const int64_t blocks = cols / QK_K;
     const int64_t tile_bytes = blocks * TILE_ROWS * T2P_BLOCK_BYTES;
-    if (row_end <= row_begin || n_tokens < 1 || blocks < 1) return;
+    if (row_end <= row_begin || n_tokens < 1) return;
+    if (blocks < 1) {  // empty rows: the sums are 0, as the scalar kernel writes
+        for (int32_t t = 0; t < n_tokens; ++t)
+            for (int64_t r = row_begin; r < row_end; ++r) out[t * out_stride + r] = 0;
+        return;
+    }
     if (n_tokens == 1) {
         for (int64_t r = row_begin; r < row_end; r += TILE_ROWS) {
             const __m128i s = _mm_sub_epi32(gemv_tile(packed + (r / TILE_ROWS) * tile_bytes, blocks, act), _mm_set1_epi32(act_sums[0]));
@@ -455,8 +461,8 @@ void quantize_act_avx512(const float *x, int64_t cols, int8_t *q, float *scale, 
 }  // namespace
 
 const Kernels *kernels_avx512() {
-    // kv_dot / kv_axpy left null: forward.cpp falls back to the scalar ones.
-    static const Kernels k{RYZ_ISA_AVX512, ternary_gemm_avx512, dense_gemm_avx512, quantize_act_avx512, nullptr, nullptr};
+    // Attention: the AVX2 kernels (their 8-lane order is the reference's; see avx2.cpp).
+    static const Kernels k{RYZ_ISA_AVX512, ternary_gemm_avx512, dense_gemm_avx512, quantize_act_avx512, kv_dot_avx2, kv_axpy_avx2};
     return &k;
 }
 

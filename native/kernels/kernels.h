@@ -67,6 +67,10 @@ float pairwise_sum(const Term &term, int64_t n, int64_t first = 0) {  // sums te
     return pairwise_sum(term, n2, first) + pairwise_sum(term, n - n2, first + n2);
 }
 
+// The AVX2 attention kernels, shared by the AVX-512 family (avx2.cpp explains why).
+void kv_dot_avx2(const float *q, const void *keys, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *scores);
+void kv_axpy_avx2(const float *probs, const void *values, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *out);
+
 // Shared scalar helpers (scalar.cpp), used by SIMD files for ragged tails and rare types.
 void dense_gemm_scalar(const void *w, int32_t type, int64_t row_begin, int64_t row_end, int64_t cols,
                        const float *x, int32_t n_tokens, float *out, int64_t out_stride);

@@ -131,7 +131,12 @@ void ternary_gemm_neon(const uint8_t *packed, int64_t row_begin, int64_t row_end
                        const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
     const int64_t blocks = cols / QK_K;
     const int64_t tile_bytes = blocks * TILE_ROWS * T2P_BLOCK_BYTES;
-    if (row_end <= row_begin || n_tokens < 1 || blocks < 1) return;
+    if (row_end <= row_begin || n_tokens < 1) return;
+    if (blocks < 1) {  // empty rows: the sums are 0, as the scalar kernel writes
+        for (int32_t t = 0; t < n_tokens; ++t)
+            for (int64_t r = row_begin; r < row_end; ++r) out[t * out_stride + r] = 0;
+        return;
+    }
     if (n_tokens == 1) {
         for (int64_t r = row_begin; r < row_end; r += TILE_ROWS)
             vst1q_s32(out + r, vsubq_s32(gemv_tile(packed + (r / TILE_ROWS) * tile_bytes, blocks, act), vdupq_n_s32(act_sums[0])));

@@ -10,6 +10,10 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC PR 105593: false positives inside the AVX-512 headers
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 namespace ryz {
 namespace {
@@ -57,6 +61,11 @@ using namespace ryz;
 extern "C" {
 
 ryz_status ryz_ternary_gemm(const uint8_t *packed, int64_t rows, int64_t cols, const int8_t *act, int32_t n_tokens, int32_t *out) {
+    return ryz_ternary_gemm_tiled(packed, rows, cols, act, n_tokens, 0, out);
+}
+
+ryz_status ryz_ternary_gemm_tiled(const uint8_t *packed, int64_t rows, int64_t cols, const int8_t *act, int32_t n_tokens,
+                                  int32_t token_tile, int32_t *out) {
     if (!packed || !act || !out || n_tokens < 1) return fail(RYZ_ERR_INVALID_ARGUMENT, "null argument or no tokens");
     if (rows <= 0 || rows % TILE_ROWS || cols <= 0 || cols % QK_K)
         return fail(RYZ_ERR_INVALID_ARGUMENT, "rows must be a multiple of 4 and cols of 256");
@@ -66,7 +75,7 @@ ryz_status ryz_ternary_gemm(const uint8_t *packed, int64_t rows, int64_t cols, c
         for (int64_t k = 0; k < cols; ++k) s += act[t * cols + k];
         sums[t] = s;
     }
-    kernels().ternary_gemm(packed, 0, rows, cols, act, sums.data(), n_tokens, 0, out, rows);
+    kernels().ternary_gemm(packed, 0, rows, cols, act, sums.data(), n_tokens, token_tile, out, rows);
     return RYZ_OK;
 }
 

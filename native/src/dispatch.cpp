@@ -10,6 +10,9 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
+#elif defined(__aarch64__) && defined(__linux__)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
 #endif
 
 namespace ryz {
@@ -46,8 +49,8 @@ CpuFeatures probe() {
         f.avx512vl = os_avx512 && (b & (1u << 31));
         f.avx512vnni = os_avx512 && (c & (1u << 11));
     }
-#elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
-    f.neon_dotprod = true;
+#elif defined(__aarch64__) && defined(__linux__)
+    f.neon_dotprod = (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;  // run-time: only neon.cpp is built with +dotprod
 #endif
     return f;
 }

@@ -29,7 +29,7 @@ struct ryz_context {
     std::unique_ptr<ryz::ThreadPool> pool;
     int32_t max_seqs = 0, max_positions = 0, kv_type = RYZ_KV_F16;
     std::vector<ryz::KVSeq> seqs;
-    ryz_tuning tuning{8, 0};
+    ryz_tuning tuning{0, 0};  // 0: each kernel family's default tile
     std::vector<float> rope_cos, rope_sin;  // [position][head_dim / 2]
     // Scratch, grown to the largest batch seen.
     int32_t capacity = 0;
@@ -245,7 +245,7 @@ void ryz_context_free(ryz_context *c) { delete c; }
 
 ryz_status ryz_context_set_tuning(ryz_context *c, const ryz_tuning *t) {
     if (!c || !t) return fail(RYZ_ERR_INVALID_ARGUMENT, "null argument");
-    c->tuning.gemm_token_tile = t->gemm_token_tile > 0 ? t->gemm_token_tile : 8;
+    c->tuning.gemm_token_tile = t->gemm_token_tile > 0 ? t->gemm_token_tile : 0;
     c->tuning.rows_per_task = t->rows_per_task;
     return RYZ_OK;
 }

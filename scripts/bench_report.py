@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Render docs/benchmarks.md's result tables from `ryz bench --json` records.
+
+    python scripts/bench_report.py docs/bench/bitnet-2b4t-t2.json docs/bench/bitnet-2b4t-t1.json
+    python scripts/bench_report.py --write docs/benchmarks.md docs/bench/*.json
+
+Prints markdown (results per record, then the targets as met / not met). With --write, replaces the text
+between `<!-- bench:begin -->` and `<!-- bench:end -->` in that file and leaves the rest alone.
+The targets are the issue's: decode >= 1.75x llama.cpp's best ternary type and >= 70 % of the roofline
+(multi-threaded run), prefill pp512 >= 3.5x, single-thread decode >= 1.5x, load < 3 s warm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+LLAMA = ("llama.cpp-tq2_0", "llama.cpp-tq1_0")
+TARGETS = {"decode_ratio": 1.75, "roofline": 0.70, "prefill_ratio": 3.5, "single_thread_ratio": 1.5, "load_seconds": 3.0}
+
+
+def _num(value, fmt: str = ".2f") -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def best_llama(record: dict, key: str) -> tuple[str | None, float | None]:
+    """The llama.cpp ternary type with the highest `key` in this record."""
+    runs = [(name, record["peers"][name].get(key)) for name in LLAMA if name in record.get("peers", {})]
+    runs = [(n, v) for n, v in runs if v]
+    return max(runs, key=lambda nv: nv[1]) if runs else (None, None)
+
+
+def results_table(record: dict, source: str) -> str:
+    rows = [("ryzanstein", record)] + sorted(record.get("peers", {}).items())
+    lines = [f"#### {record['target']}, {record['threads']} thread{'s' if record['threads'] != 1 else ''} "
+             f"(`{source}`)", "",
+             f"pp{record['prompt']} / tg{record['gen']}, median of {record['repeats']} interleaved runs; "
+             f"bandwidth probe {_num(record['bandwidth_gb_s'])} GB/s (samples {record.get('bandwidth_samples')}); "
+             f"ISA {record['isa']}; started {record.get('started', '?')}.", "",
+             "| engine | decode tok/s | prefill tok/s | TTFT ms | peak RSS MB | bytes/token | roofline | decode x | prefill x |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    ours_d, ours_p = record.get("decode_tok_s"), record.get("prefill_tok_s")
+    for name, d in rows:
+        if d.get("decode_tok_s") is None:
+            lines.append(f"| {name} | error: {d.get('error', '?')} | | | | | | | |")
+            continue
+        dx = ours_d / d["decode_tok_s"] if name != "ryzanstein" and ours_d else None
+        px = ours_p / d["prefill_tok_s"] if name != "ryzanstein" and ours_p and d.get("prefill_tok_s") else None
+        bpt = d.get("bytes_per_token")
+        lines.append(f"| {name} | {_num(d['decode_tok_s'])} | {_num(d.get('prefill_tok_s'), '.1f')} | {_num(d.get('ttft_ms'), '.0f')} | "
+                     f"{_num(d.get('peak_rss_mb'), '.0f')} | {'—' if not bpt else f'{bpt / 1e6:.1f} MB'} | "
+                     f"{_num(d.get('roofline_fraction'))} | {'' if dx is None else f'{dx:.2f}x'} | {'' if px is None else f'{px:.2f}x'} |")
+    lines += ["", "decode x / prefill x: ryzanstein's speed divided by that engine's (> 1: we are faster). "
+              f"Load {_num(record.get('load_seconds'))} s (repack {_num(record.get('repack_seconds'))} s); "
+              f"KV reads apart from bytes/token: {record.get('kv_bytes_per_token', 0) / 1e6:.1f} MB/token on average over tg{record['gen']}."]
+    notes = {name: d["note"] for name, d in record.get("peers", {}).items() if d.get("note")}
+    for name, note in notes.items():
+        lines.append(f"- {name}: {note}")
+    return "\n".join(lines)
+
+
+def targets_table(records: list[dict]) -> str:
+    multi = max(records, key=lambda r: r["threads"])
+    single = next((r for r in records if r["threads"] == 1), None)
+    rows = []
+
+    def verdict(value, target, higher=True):
+        if value is None:
+            return "not measured"
+        return "**met**" if (value >= target if higher else value < target) else "**not met**"
+
+    name, llama_d = best_llama(multi, "decode_tok_s")
+    ratio = multi["decode_tok_s"] / llama_d if llama_d else None
+    rows.append((f"decode >= 1.75x llama.cpp best ternary type ({multi['threads']} threads)",
+                 f"{_num(ratio)}x vs {name or '—'}", verdict(ratio, TARGETS["decode_ratio"])))
+    rows.append((f"decode >= 70 % of roofline ({multi['threads']} threads)", f"{_num(multi['roofline_fraction'] * 100, '.0f')} %",
+                 verdict(multi["roofline_fraction"], TARGETS["roofline"])))
+    name, llama_p = best_llama(multi, "prefill_tok_s")
+    ratio = multi["prefill_tok_s"] / llama_p if llama_p else None
+    rows.append((f"prefill pp{multi['prompt']} >= 3.5x llama.cpp best ternary type", f"{_num(ratio)}x vs {name or '—'}",
+                 verdict(ratio, TARGETS["prefill_ratio"])))
+    if single:
+        name, llama_1 = best_llama(single, "decode_tok_s")
+        ratio = single["decode_tok_s"] / llama_1 if llama_1 else None
+        rows.append(("single-thread decode >= 1.5x llama.cpp best ternary type", f"{_num(ratio)}x vs {name or '—'}",
+                     verdict(ratio, TARGETS["single_thread_ratio"])))
+    else:
+        rows.append(("single-thread decode >= 1.5x llama.cpp best ternary type", "—", "not measured"))
+    load = max(r["load_seconds"] for r in records)
+    rows.append(("load < 3 s warm (incl. repack; worst of the runs' medians)", f"{_num(load)} s", verdict(load, TARGETS["load_seconds"], higher=False)))
+    lines = ["| target | measured | verdict |", "|---|---|---|"] + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def render(paths: list[Path]) -> str:
+    records = [(p, json.loads(p.read_text())) for p in paths]
+    records.sort(key=lambda pr: -pr[1]["threads"])
+    parts = ["### Targets", "", targets_table([r for _, r in records]), "", "### Results", ""]
+    for path, record in records:
+        parts += [results_table(record, path.as_posix()), ""]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("records", nargs="+", type=Path, help="`ryz bench --json` outputs")
+    parser.add_argument("--write", type=Path, help="replace the marked section of this markdown file")
+    args = parser.parse_args(argv)
+    text = render(args.records)
+    if not args.write:
+        sys.stdout.write(text)
+        return 0
+    doc = args.write.read_text()
+    if BEGIN not in doc or END not in doc:
+        print(f"{args.write} has no {BEGIN} ... {END} section", file=sys.stderr)
+        return 1
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    args.write.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

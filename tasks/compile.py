@@ -1,0 +1,75 @@
+"""Prefect tasks for the kernel build: detect the CPU, compile native/ for it, autotune on a model."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import CacheKeyFnPolicy
+
+from engine import build
+from engine.errors import RyzError
+
+
+def _build_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
+    """The build key, the library's hash and its path while that build is on disk; None (run the task) when
+    it is missing, forced, or cannot be planned, so a cached result never names a deleted library."""
+    if parameters.get("force"):
+        return None
+    try:
+        cached = build.find_build()
+    except RyzError:
+        return None
+    if cached is None:
+        return None
+    where = hashlib.sha256(str(cached.path).encode()).hexdigest()[:8]  # the result is the path: key it too
+    return f"ryz-kernel-build-{cached.key}-{cached.manifest['library']['sha256'][:16]}-{where}"
+
+
+@task(name="detect-cpu")
+def detect_cpu() -> dict:
+    """Fingerprint this CPU: ISA flags, caches, cores and the id that keys kernel builds."""
+    fingerprint = build.cpu_fingerprint()
+    get_run_logger().info("CPU %s (%s), %d cores, fingerprint %s", fingerprint["model_name"], fingerprint["arch"],
+                          fingerprint["physical_cores"], fingerprint["fingerprint_id"])
+    return fingerprint
+
+
+@task(name="compile-kernels", cache_policy=CacheKeyFnPolicy(cache_key_fn=_build_cache_key))
+def compile_kernels(force: bool = False) -> str:
+    """Build the native kernels for this CPU (a cached build is reused) and return the library path.
+
+    Args:
+        force: rebuild even if a build with the same key exists.
+
+    Returns:
+        The path of libryz.so; its directory name is the build key.
+
+    Example:
+        >>> path = compile_kernels()          # ~/.ryzanstein/cache/kernels/<key>/libryz.so
+    """
+    logger = get_run_logger()
+    result = build.build_kernels(force=force, progress=logger.info)
+    logger.info("kernel build %s (%s): %s", result.key, "cache hit" if result.cache_hit else
+                f"built in {result.manifest['build_seconds']:.1f} s", result.path)
+    return str(result.path)
+
+
+@task(name="autotune-kernels")
+def autotune_kernels(model_artifact_path: str) -> dict:
+    """Sweep the tuning knobs on a model's linear shapes; record and return the winner.
+
+    Args:
+        model_artifact_path: local path of the model's GGUF (e.g. `store.local_path(artifact_id)`).
+
+    Returns:
+        {"build_key", "signature", "isa", "winner", "truncated", "seconds"}; the whole table is in build.json.
+    """
+    logger = get_run_logger()
+    library = build.load_library(progress=logger.info)
+    entry = build.autotune(library, Path(model_artifact_path), progress=logger.info)
+    logger.info("autotune %s on %s: %s", entry["signature"], entry["isa"], entry["winner"])
+    return {"build_key": library.path.parent.name, "signature": entry["signature"], "isa": entry["isa"],
+            "winner": entry["winner"], "truncated": entry["truncated"], "seconds": entry["seconds"]}
