@@ -13,6 +13,9 @@ namespace ryz {
 
 // Spins before sleeping: long enough to bridge the gaps between a step's parallel regions.
 constexpr int SPINS_BEFORE_SLEEP = 1 << 16;
+// Spins before yielding the core. On a loaded machine the thread we wait for may be runnable on this
+// very core: spinning through our whole time slice would stall the region by milliseconds.
+constexpr int SPINS_BEFORE_YIELD = 1 << 10;
 
 ThreadPool::ThreadPool(int n_threads) : n_threads_(n_threads < 1 ? 1 : n_threads) {
     for (int i = 1; i < n_threads_; ++i) workers_.emplace_back(&ThreadPool::worker, this, i);
@@ -43,7 +46,10 @@ void ThreadPool::run(const std::function<void(int, int)> &fn) {
         wake_.notify_all();
     }
     fn(0, n_threads_);
-    while (pending_.load(std::memory_order_acquire) != 0) cpu_relax();
+    for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+        if (spins < SPINS_BEFORE_YIELD) cpu_relax();
+        else std::this_thread::yield();
+    }
 }
 
 void ThreadPool::worker(int index) {
@@ -53,7 +59,8 @@ void ThreadPool::worker(int index) {
         uint64_t now;
         while ((now = generation_.load(std::memory_order_acquire)) == seen) {
             if (++spins < SPINS_BEFORE_SLEEP) {
-                cpu_relax();
+                if (spins < SPINS_BEFORE_YIELD) cpu_relax();
+                else std::this_thread::yield();
                 continue;
             }
             std::unique_lock<std::mutex> lock(mutex_);
