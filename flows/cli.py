@@ -104,13 +104,20 @@ def cmd_generate(args) -> int:
     from engine.tokenizer import ModelTokenizer
 
     path = resolve_model(args.model, _store())
-    model = ReferenceModel(path)
+    if args.engine == "native":
+        from engine.build import load_library
+        from engine.native import NativeModel
+        from engine.settings import get_settings
+
+        model = NativeModel(path, load_library(), threads=get_settings().threads or 1)
+    else:
+        model = ReferenceModel(path)
     tokenizer = ModelTokenizer(model.file)
     prompt_ids = tokenizer.encode(args.prompt)
     ids = model.generate(prompt_ids, args.max_tokens, stop_ids=tokenizer.stop_ids)
     text = tokenizer.decode(ids)
     if args.json:
-        _print_json({"text": text, "token_ids": ids, "prompt_token_ids": prompt_ids, "engine": "reference"})
+        _print_json({"text": text, "token_ids": ids, "prompt_token_ids": prompt_ids, "engine": args.engine})
     else:
         print(text)
     return 0
@@ -172,6 +179,13 @@ def cmd_bench(args) -> int:
 
 # --- parser ---------------------------------------------------------------------------------------
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ryz", description="Ryzanstein: ternary LLMs on CPUs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -198,10 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["tq2_0", "tq1_0"], help="ternary GGUF type (default RYZ_WEIGHTS_TYPE)")
     p.add_argument("--head", choices=["q8_0", "q6_k", "f16"], help="embedding/head type (default RYZ_HEAD_TYPE)")
 
-    p = command("generate", cmd_generate, "greedy-decode with the numpy reference forward (slow: the yardstick)")
+    p = command("generate", cmd_generate, "greedy-decode (default: the numpy reference forward, slow: the yardstick)")
     p.add_argument("model", help="artifact id or prefix, or a .gguf path")
     p.add_argument("prompt")
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-tokens", type=_positive_int, default=32)
+    p.add_argument("--engine", choices=["reference", "native"], default="reference",
+                   help="reference: numpy (default); native: the C++ kernels built for this CPU")
 
     p = command("build-kernels", cmd_build_kernels, "build (or find cached) native kernels for this CPU; optionally autotune on a model")
     p.add_argument("--model", help="autotune on this model's linear shapes (artifact id or prefix, or a .gguf path)")

@@ -103,3 +103,15 @@ def test_engine_commands_do_not_import_prefect():
     code = "import sys, flows.cli; flows.cli.build_parser(); print('prefect' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
     assert out.stdout.strip() == "False"
+
+
+def test_generate_native_equals_reference(ryz, tiny_dir, native_library):
+    manifest = json.loads(ryz("quantize", str(tiny_dir), "--json").stdout)
+    reference = json.loads(ryz("generate", manifest["artifact_id"], "hello", "--max-tokens", "6", "--json").stdout)
+    native = json.loads(ryz("generate", manifest["artifact_id"], "hello", "--max-tokens", "6", "--engine", "native", "--json").stdout)
+    assert native["engine"] == "native" and native["token_ids"] == reference["token_ids"]
+
+
+def test_max_tokens_must_be_positive(ryz):
+    proc = ryz("generate", "x.gguf", "hi", "--max-tokens", "0", ok=False)
+    assert proc.returncode == 2 and "must be at least 1" in proc.stderr
