@@ -11,7 +11,6 @@ knobs on a model's linear shapes and records the table and the winner in build.j
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -24,7 +23,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from engine.locks import file_lock
 from engine.errors import BuildError, SchemaVersionError, ToolchainNotFoundError
 from engine.settings import Settings, get_settings
 
@@ -353,14 +352,9 @@ def _complete(directory: Path) -> dict | None:
     return manifest
 
 
-@contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """Exclusive per-key lock (lock files are kept: deleting them would race)."""
-    lock = directory.parent / ".locks" / f"{directory.name}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
+def _locked(directory: Path):
+    """Exclusive per-key lock."""
+    return file_lock(directory.parent / ".locks" / f"{directory.name}.lock")
 
 
 def _write_json_atomic(path: Path, doc: dict) -> None:

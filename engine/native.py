@@ -260,14 +260,10 @@ class NativeModel:
         return self.forward_batch(tokens, np.full(len(tokens), cache.seq, np.int32), np.ones(len(tokens), np.uint8))
 
     def generate(self, prompt: list[int], max_tokens: int, stop_ids: set[int] | None = None) -> list[int]:
-        cache = self.new_cache()
+        from engine.reference import greedy_decode
+
+        seq = self.new_cache().seq
         tokens = np.asarray(prompt, dtype=np.int32)
-        logits = self.forward_batch(tokens, np.full(len(tokens), cache.seq, np.int32))[-1]
-        out: list[int] = []
-        for _ in range(max_tokens):
-            token = int(np.argmax(logits))
-            out.append(token)
-            if stop_ids and token in stop_ids:
-                break
-            logits = self.forward_batch(np.array([token], np.int32), np.array([cache.seq], np.int32))[-1]
-        return out
+        first = self.forward_batch(tokens, np.full(len(tokens), seq, np.int32))[-1]
+        step = lambda token: self.forward_batch(np.array([token], np.int32), np.array([seq], np.int32))[-1]  # noqa: E731
+        return greedy_decode(first, step, max_tokens, stop_ids)

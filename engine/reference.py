@@ -163,12 +163,16 @@ class ReferenceModel:
     def generate(self, prompt: list[int], max_tokens: int, stop_ids: set[int] | None = None) -> list[int]:
         """Greedy decoding with a KV cache; stops early at any of `stop_ids`."""
         cache = KVCache()
-        logits = self.forward(prompt, cache)[-1]
-        out: list[int] = []
-        for _ in range(max_tokens):
-            token = int(np.argmax(logits))
-            out.append(token)
-            if stop_ids and token in stop_ids:
-                break
-            logits = self.forward([token], cache)[-1]
-        return out
+        return greedy_decode(self.forward(prompt, cache)[-1], lambda token: self.forward([token], cache)[-1], max_tokens, stop_ids)
+
+
+def greedy_decode(logits: np.ndarray, step, max_tokens: int, stop_ids: set[int] | None = None) -> list[int]:
+    """Argmax decoding from the prompt's last logits; `step(token)` returns the next logits."""
+    out: list[int] = []
+    for _ in range(max_tokens):
+        token = int(np.argmax(logits))
+        out.append(token)
+        if (stop_ids and token in stop_ids) or len(out) == max_tokens:
+            break
+        logits = step(token)
+    return out

@@ -12,7 +12,6 @@ A manifest is written only after its blob is complete, so a listed artifact alwa
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import json
@@ -28,6 +27,7 @@ from urllib.parse import unquote, urlparse
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from engine.locks import file_lock
 from engine.errors import (AmbiguousReferenceError, ArtifactNotFoundError, ConflictError, IntegrityError,
                            SchemaVersionError, StoreError)
 from engine.settings import Settings, get_settings
@@ -378,13 +378,8 @@ class FileStore(ArtifactStore):
             return None
         return data, hashlib.sha256(data).hexdigest()
 
-    @contextmanager
-    def _lock(self, rel: str) -> Iterator[None]:
-        lock = self.root / "locks" / f"{rel}.lock"  # lock files are never deleted: deleting them would race
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            yield  # closing the file releases the lock
+    def _lock(self, rel: str):
+        return file_lock(self.root / "locks" / f"{rel}.lock")
 
     def _write_cas(self, rel: str, data: bytes, expected_etag: str | None) -> str:
         with self._lock(rel):

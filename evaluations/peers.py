@@ -20,7 +20,6 @@ Every peer reports `{"error": "..."}` instead of raising when it cannot run.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import platform
@@ -32,11 +31,12 @@ import tarfile
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from engine.locks import file_lock
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 # ggml-org/llama.cpp commit vendored by each llama-cpp-python sdist (its CHANGELOG: "update llama.cpp to
@@ -134,17 +134,6 @@ def run_measured(cmd: list[str], timeout: float, env: dict | None = None, cwd: s
 
 def tail(text: str, lines: int = 12) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
-
-
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # --- GGUF copies for llama.cpp --------------------------------------------------------------------
@@ -281,7 +270,7 @@ def ensure_llama_bench(cache_dir: Path, version: str = LLAMA_CPP_PYTHON_VERSION,
     """Build (once) and return llama.cpp's llama-bench from the llama-cpp-python `version` sdist."""
     peers = Path(cache_dir) / "peers"
     jobs = jobs or max(1, len(os.sched_getaffinity(0)))
-    with _locked(peers / ".llama.cpp.lock"):
+    with file_lock(peers / ".llama.cpp.lock"):
         known = KNOWN_LLAMA_CPP_COMMITS.get(version)
         if known:
             cached = _cached_build(peers / f"llama.cpp-{known[:7]}", version)
@@ -533,7 +522,7 @@ def ensure_ort_model(cache_dir: Path, hp: dict, block_size: int = ORT_BLOCK_SIZE
     root = Path(cache_dir) / "peers" / "onnx"
     target = root / key
     model_path = target / "model.onnx"
-    with _locked(root / ".lock"):
+    with file_lock(root / ".lock"):
         if model_path.is_file():
             return model_path
         log(f"building the onnxruntime MatMulNBits graph ({hp['layers']} layers)")
