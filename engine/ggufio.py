@@ -335,6 +335,20 @@ class ModelFile:
             return data.view(np.float16).reshape(rows_shape)
         return data.reshape(*rows_shape[:-1], -1)
 
+    def release(self, names) -> None:
+        """Drop the named tensors' pages from this process's resident set (they stay in the page cache
+        and fault back in if read again): the native engine repacks ternary weights and never reads
+        the file's copies after that."""
+        if self._map is None:
+            return
+        page = mmap.PAGESIZE
+        for name in names:
+            info = self._tensor(name)
+            start = (info.offset + page - 1) // page * page
+            end = (info.offset + info.n_bytes) // page * page
+            if end > start:
+                self._map._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def _tensor(self, name: str) -> TensorInfo:
         try:
             return self.tensors[name]
