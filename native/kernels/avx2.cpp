@@ -136,39 +136,15 @@ constexpr int DEFAULT_TOKEN_TILE = 4;
 const MicroFn MICRO[MAX_TOKEN_TILE + 1] = {nullptr, gemm_micro<1>, gemm_micro<2>, gemm_micro<3>,
                                            gemm_micro<4>, gemm_micro<5>, gemm_micro<6>};
 
-// Token blocks sized for L2, as in avx512.cpp.
-constexpr int64_t ACT_BLOCK_BYTES = 128 * 1024;
-
 void ternary_gemm_avx2(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
                        const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
     const int64_t blocks = cols / QK_K;
-    const int64_t tile_bytes = blocks * TILE_ROWS * T2P_BLOCK_BYTES;
-    if (row_end <= row_begin || n_tokens < 1) return;
-    if (blocks < 1) {  // empty rows: the sums are 0, as the scalar kernel writes
-        for (int32_t t = 0; t < n_tokens; ++t)
-            for (int64_t r = row_begin; r < row_end; ++r) out[t * out_stride + r] = 0;
-        return;
-    }
-    if (n_tokens == 1) {
-        for (int64_t r = row_begin; r < row_end; r += TILE_ROWS) {
-            const __m128i s = _mm_sub_epi32(gemv_tile(packed + (r / TILE_ROWS) * tile_bytes, blocks, act), _mm_set1_epi32(act_sums[0]));
-            _mm_storeu_si128(reinterpret_cast<__m128i *>(out + r), s);
-        }
-        return;
-    }
-    const int tt = token_tile < 1 ? DEFAULT_TOKEN_TILE : std::min(token_tile, MAX_TOKEN_TILE);
-    const int64_t token_block = std::max<int64_t>(tt, ACT_BLOCK_BYTES / cols / tt * tt);
-    for (int64_t t0 = 0; t0 < n_tokens; t0 += token_block) {
-        const int64_t t_end = std::min<int64_t>(n_tokens, t0 + token_block);
-        for (int64_t r = row_begin; r < row_end; r += TILE_ROWS) {
-            const uint8_t *w = packed + (r / TILE_ROWS) * tile_bytes;
-            for (int64_t t = t0; t < t_end; t += tt) {
-                const int n = static_cast<int>(std::min<int64_t>(tt, t_end - t));
-                for (int i = 0; i < TILE_ROWS; ++i)
-                    MICRO[n](w + i * T2P_BLOCK_BYTES, blocks, cols, act + t * cols, act_sums + t, out + t * out_stride + r + i, out_stride);
-            }
-        }
-    }
+    ternary_gemm_tiles(packed, row_begin, row_end, cols, n_tokens, token_tile, MAX_TOKEN_TILE, DEFAULT_TOKEN_TILE, out, out_stride,
+        [&](const uint8_t *w, int64_t r) { _mm_storeu_si128(reinterpret_cast<__m128i *>(out + r), _mm_sub_epi32(gemv_tile(w, blocks, act), _mm_set1_epi32(act_sums[0]))); },
+        [&](int n, const uint8_t *w, int64_t t, int64_t r) {
+            for (int i = 0; i < TILE_ROWS; ++i)  // AVX2's micro-kernel takes one row at a time
+                MICRO[n](w + i * T2P_BLOCK_BYTES, blocks, cols, act + t * cols, act_sums + t, out + t * out_stride + r + i, out_stride);
+        });
 }
 
 // ---------------------------------------------------------------------------------------------

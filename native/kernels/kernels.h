@@ -3,8 +3,11 @@
 // its scalar twin bit for bit on integer outputs.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+
+#include "../src/blocks.h"
 
 namespace ryz {
 
@@ -65,6 +68,41 @@ float pairwise_sum(const Term &term, int64_t n, int64_t first = 0) {  // sums te
     int64_t n2 = n / 2;
     n2 -= n2 % 8;
     return pairwise_sum(term, n2, first) + pairwise_sum(term, n - n2, first + n2);
+}
+
+// The loop structure every SIMD ternary GEMM shares; only the inner kernels are the ISA's own.
+// Decode (one token): `gemv(tile_weights, r)` writes the 4 outputs of the row tile starting at row r.
+// Prefill: tokens in blocks of about GEMM_ACT_BLOCK_BYTES of activations (so they are re-read from
+// L2, not L3: 512 tokens x 6912 columns would be 3.5 MB), every row tile of the range per block (its
+// weights stay in L1 across the block's token tiles), then `micro(n, tile_weights, t, r)` for n <= tile
+// tokens starting at token t. token_tile < 1 picks `default_tile`; larger than `max_tile` acts as it.
+constexpr int64_t GEMM_ACT_BLOCK_BYTES = 128 * 1024;
+
+template <typename Gemv, typename Micro>
+void ternary_gemm_tiles(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, int32_t n_tokens,
+                        int32_t token_tile, int max_tile, int default_tile, int32_t *out, int64_t out_stride,
+                        Gemv gemv, Micro micro) {
+    const int64_t blocks = cols / QK_K;
+    const int64_t tile_bytes = blocks * TILE_ROWS * T2P_BLOCK_BYTES;
+    if (row_end <= row_begin || n_tokens < 1) return;
+    if (blocks < 1) {  // empty rows: the sums are 0, as the scalar kernel writes
+        for (int32_t t = 0; t < n_tokens; ++t)
+            for (int64_t r = row_begin; r < row_end; ++r) out[t * out_stride + r] = 0;
+        return;
+    }
+    if (n_tokens == 1) {
+        for (int64_t r = row_begin; r < row_end; r += TILE_ROWS) gemv(packed + (r / TILE_ROWS) * tile_bytes, r);
+        return;
+    }
+    const int tt = token_tile < 1 ? default_tile : std::min<int>(token_tile, max_tile);
+    const int64_t token_block = std::max<int64_t>(tt, GEMM_ACT_BLOCK_BYTES / cols / tt * tt);
+    for (int64_t t0 = 0; t0 < n_tokens; t0 += token_block) {
+        const int64_t t_end = std::min<int64_t>(n_tokens, t0 + token_block);
+        for (int64_t r = row_begin; r < row_end; r += TILE_ROWS) {
+            const uint8_t *w = packed + (r / TILE_ROWS) * tile_bytes;
+            for (int64_t t = t0; t < t_end; t += tt) micro(static_cast<int>(std::min<int64_t>(tt, t_end - t)), w, t, r);
+        }
+    }
 }
 
 // The AVX2 attention kernels, shared by the AVX-512 family (avx2.cpp explains why).

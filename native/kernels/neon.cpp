@@ -124,37 +124,12 @@ constexpr int MAX_TOKEN_TILE = 4;
 constexpr int DEFAULT_TOKEN_TILE = 4;
 const MicroFn MICRO[MAX_TOKEN_TILE + 1] = {nullptr, gemm_micro<1>, gemm_micro<2>, gemm_micro<3>, gemm_micro<4>};
 
-// Token blocks sized for L2, as in avx512.cpp.
-constexpr int64_t ACT_BLOCK_BYTES = 128 * 1024;
-
 void ternary_gemm_neon(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
                        const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
     const int64_t blocks = cols / QK_K;
-    const int64_t tile_bytes = blocks * TILE_ROWS * T2P_BLOCK_BYTES;
-    if (row_end <= row_begin || n_tokens < 1) return;
-    if (blocks < 1) {  // empty rows: the sums are 0, as the scalar kernel writes
-        for (int32_t t = 0; t < n_tokens; ++t)
-            for (int64_t r = row_begin; r < row_end; ++r) out[t * out_stride + r] = 0;
-        return;
-    }
-    if (n_tokens == 1) {
-        for (int64_t r = row_begin; r < row_end; r += TILE_ROWS)
-            vst1q_s32(out + r, vsubq_s32(gemv_tile(packed + (r / TILE_ROWS) * tile_bytes, blocks, act), vdupq_n_s32(act_sums[0])));
-        return;
-    }
-    const int tt = token_tile < 1 ? DEFAULT_TOKEN_TILE : (token_tile < MAX_TOKEN_TILE ? token_tile : MAX_TOKEN_TILE);
-    int64_t token_block = ACT_BLOCK_BYTES / cols / tt * tt;
-    if (token_block < tt) token_block = tt;
-    for (int64_t t0 = 0; t0 < n_tokens; t0 += token_block) {
-        const int64_t t_end = t0 + token_block < n_tokens ? t0 + token_block : n_tokens;
-        for (int64_t r = row_begin; r < row_end; r += TILE_ROWS) {
-            const uint8_t *w = packed + (r / TILE_ROWS) * tile_bytes;
-            for (int64_t t = t0; t < t_end; t += tt) {
-                const int n = static_cast<int>(t_end - t < tt ? t_end - t : tt);
-                MICRO[n](w, blocks, cols, act + t * cols, act_sums + t, out + t * out_stride + r, out_stride);
-            }
-        }
-    }
+    ternary_gemm_tiles(packed, row_begin, row_end, cols, n_tokens, token_tile, MAX_TOKEN_TILE, DEFAULT_TOKEN_TILE, out, out_stride,
+        [&](const uint8_t *w, int64_t r) { vst1q_s32(out + r, vsubq_s32(gemv_tile(w, blocks, act), vdupq_n_s32(act_sums[0]))); },
+        [&](int n, const uint8_t *w, int64_t t, int64_t r) { MICRO[n](w, blocks, cols, act + t * cols, act_sums + t, out + t * out_stride + r, out_stride); });
 }
 
 // ---------------------------------------------------------------------------------------------
