@@ -37,7 +37,7 @@ import numpy as np
 from engine.locks import file_lock
 from engine.errors import RyzError
 from evaluations import peers as peers_mod
-from evaluations.peers import log, run_measured, tail
+from evaluations.peers import log, run_json_worker
 
 SCHEMA = 1
 DEFAULT_PROMPT = 512
@@ -308,12 +308,7 @@ def _worker(spec: dict) -> dict:
 
 
 def run_ours(spec: dict) -> dict:
-    done = run_measured([sys.executable, "-m", "evaluations.bench", "worker", json.dumps(spec)], timeout=WORKER_TIMEOUT)
-    if done.returncode != 0:
-        raise BenchError(f"the benchmark worker exited {done.returncode}: {tail(done.stderr, 12)}")
-    out = json.loads(done.stdout)
-    out["peak_rss_mb"] = round(done.peak_rss_mb, 1)
-    return out
+    return run_json_worker("evaluations.bench", "worker", spec, WORKER_TIMEOUT, "the benchmark worker", BenchError)
 
 
 # --- the benchmark ----------------------------------------------------------------------------------

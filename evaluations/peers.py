@@ -541,15 +541,20 @@ def ensure_ort_model(cache_dir: Path, hp: dict, block_size: int = ORT_BLOCK_SIZE
     return model_path
 
 
-def run_ort(model_path: Path, hidden: int, threads: int, prompt: int, gen: int) -> dict:
-    """One measured onnxruntime round in its own process (see `_ort_worker`)."""
-    spec = {"model": str(model_path), "hidden": hidden, "threads": threads, "prompt": prompt, "gen": gen}
-    done = run_measured([sys.executable, "-m", "evaluations.peers", "ort-worker", json.dumps(spec)], timeout=RUN_TIMEOUT)
+def run_json_worker(module: str, command: str, spec: dict, timeout: float, what: str, error=RuntimeError) -> dict:
+    """`python -m module command SPEC_JSON` in its own measured process: its JSON result plus `peak_rss_mb`."""
+    done = run_measured([sys.executable, "-m", module, command, json.dumps(spec)], timeout=timeout)
     if done.returncode != 0:
-        raise RuntimeError(f"onnxruntime worker exited {done.returncode}: {tail(done.stderr, 8)}")
+        raise error(f"{what} exited {done.returncode}: {tail(done.stderr, 12)}")
     out = json.loads(done.stdout)
     out["peak_rss_mb"] = round(done.peak_rss_mb, 1)
     return out
+
+
+def run_ort(model_path: Path, hidden: int, threads: int, prompt: int, gen: int) -> dict:
+    """One measured onnxruntime round in its own process (see `_ort_worker`)."""
+    spec = {"model": str(model_path), "hidden": hidden, "threads": threads, "prompt": prompt, "gen": gen}
+    return run_json_worker("evaluations.peers", "ort-worker", spec, RUN_TIMEOUT, "onnxruntime worker")
 
 
 def _ort_worker(spec: dict) -> dict:
