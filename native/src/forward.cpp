@@ -31,6 +31,7 @@ struct ryz_context {
     std::vector<ryz::KVSeq> seqs;
     ryz_tuning tuning{0, 0};  // 0: each kernel family's default tile
     std::vector<float> rope_cos, rope_sin;  // [position][head_dim / 2]
+    std::vector<std::vector<float>> scores;  // per thread: attention scores over max_positions
     // Scratch, grown to the largest batch seen.
     int32_t capacity = 0;
     std::vector<float> x, xb, q, k, v, att, gate, up, act_scale, head_in;
@@ -164,7 +165,7 @@ void attention(ryz_context *c, int layer, int32_t n, const int32_t *seq_ids) {
     const auto kv_dot = kern.kv_dot ? kern.kv_dot : scalar.kv_dot;
     const auto kv_axpy = kern.kv_axpy ? kern.kv_axpy : scalar.kv_axpy;
     c->pool->run([&](int ti, int nt) {
-        std::vector<float> scores(c->max_positions);
+        std::vector<float> &scores = c->scores[ti];
         int64_t b, e;
         split_range(int64_t(n) * hp.heads, 1, ti, nt, &b, &e);
         for (int64_t item = b; item < e; ++item) {
@@ -223,6 +224,7 @@ ryz_status ryz_context_new(ryz_model *m, int32_t n_threads, int32_t max_seqs, in
     c->max_positions = max_positions;
     c->kv_type = kv_type;
     c->seqs.resize(max_seqs);
+    c->scores.assign(n_threads, std::vector<float>(max_positions));
     const ryz_hparams &hp = m->hp;
     const int32_t half = hp.head_dim / 2;
     c->rope_cos.resize(size_t(max_positions) * half);
