@@ -15,7 +15,7 @@ import numpy as np
 from engine.errors import RyzError
 from engine.ggufio import LINEAR_NAMES, ModelFile, tensor_name
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 GGML_TYPE_IDS = {"f32": 0, "f16": 1, "q8_0": 8, "q6_k": 14, "tq1_0": 34, "tq2_0": 35}
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3}
 ISA_NAMES = {v: k for k, v in ISAS.items()}
@@ -63,6 +63,7 @@ _SIGNATURES = {
     "ryz_seq_length": (_I32, [_P, _I32]),
     "ryz_seq_truncate": (_I32, [_P, _I32, _I32]),
     "ryz_seq_copy": (_I32, [_P, _I32, _I32, _I32]),
+    "ryz_seq_release": (_I32, [_P, _I32]),
     "ryz_context_kv_bytes": (_I64, [_P]),
     "ryz_forward": (_I32, [_P, _I32, _P, _P, _P, _P]),
     "ryz_ternary_packed_bytes": (ctypes.c_size_t, [_I64, _I64]),
@@ -203,7 +204,7 @@ class NativeModel:
         except BaseException:
             self.close()
             raise
-        self.max_seqs, self.max_positions = max_seqs, positions
+        self.max_seqs, self.max_positions, self.kv_type = max_seqs, positions, kv_type
         self.repack_seconds = lib.ryz_model_repack_seconds(handle)
 
     def _tensor_names(self) -> list[str]:
@@ -236,6 +237,30 @@ class NativeModel:
     def new_cache(self, seq: int = 0) -> NativeCache:
         self.library.check(self.library.lib.ryz_seq_truncate(self.context, seq, 0), "seq_truncate")
         return NativeCache(seq, self)
+
+    def seq_length(self, seq: int) -> int:
+        return self.library.lib.ryz_seq_length(self.context, seq)
+
+    def truncate_seq(self, seq: int, length: int) -> None:
+        self.library.check(self.library.lib.ryz_seq_truncate(self.context, seq, length), "seq_truncate")
+
+    def copy_seq(self, src: int, dst: int, length: int) -> None:
+        """dst's KV becomes the first `length` positions of src's (shared-prefix reuse)."""
+        self.library.check(self.library.lib.ryz_seq_copy(self.context, src, dst, length), "seq_copy")
+
+    def release_seq(self, seq: int) -> None:
+        """Free the slot's KV memory; the next forward on it allocates again."""
+        self.library.check(self.library.lib.ryz_seq_release(self.context, seq), "seq_release")
+
+    def kv_bytes(self) -> int:
+        """KV memory currently allocated over all sequence slots."""
+        return self.library.lib.ryz_context_kv_bytes(self.context)
+
+    @property
+    def kv_bytes_per_seq(self) -> int:
+        """What one slot allocates on first use (keys + values for every position)."""
+        elem = 2 if self.kv_type == "f16" else 4
+        return 2 * self.hp.layers * self.max_positions * self.hp.kv_heads * self.hp.head_dim * elem
 
     def forward_batch(self, tokens: np.ndarray, seq_ids: np.ndarray, want_logits: np.ndarray | None = None) -> np.ndarray:
         """One step over tokens of any sequences; logits for the selected tokens (default: the last)."""

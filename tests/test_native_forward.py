@@ -112,6 +112,25 @@ def test_batch_of_sequences_equals_separate_runs(models, native_library):
         assert _rel(together[s], alone[s]) < 1e-6
 
 
+def test_prefix_copy_and_release(models, native_library):
+    """A copied prefix continues exactly like the original; a released slot frees its KV and works again."""
+    model = NativeModel(models["tiny"], native_library, threads=1, max_seqs=2, max_positions=64, kv_type="f32")
+    full = model.forward(PROMPT, model.new_cache(0))
+    model.copy_seq(0, 1, 10)
+    tail = model.forward(PROMPT[10:], _cache(model, 1))
+    np.testing.assert_array_equal(tail, full[10:])
+    assert model.kv_bytes() == 2 * model.kv_bytes_per_seq
+    model.release_seq(1)
+    assert model.kv_bytes() == model.kv_bytes_per_seq and model.seq_length(1) == 0
+    np.testing.assert_array_equal(model.forward(PROMPT, model.new_cache(1)), full)
+
+
+def _cache(model, seq):
+    from engine.native import NativeCache
+
+    return NativeCache(seq, model)
+
+
 def test_threads_do_not_change_results(models, native_library):
     one = NativeModel(models["tiny"], native_library, threads=1, max_positions=64, kv_type="f32").forward(PROMPT)
     two = NativeModel(models["tiny"], native_library, threads=2, max_positions=64, kv_type="f32").forward(PROMPT)

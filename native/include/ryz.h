@@ -15,7 +15,7 @@
 extern "C" {
 #endif
 
-#define RYZ_ABI_VERSION 1
+#define RYZ_ABI_VERSION 2
 
 #if defined(__GNUC__)
 #define RYZ_API __attribute__((visibility("default")))
@@ -84,6 +84,7 @@ RYZ_API ryz_status ryz_context_set_tuning(ryz_context *c, const ryz_tuning *t);
 RYZ_API int32_t ryz_seq_length(const ryz_context *c, int32_t seq);
 RYZ_API ryz_status ryz_seq_truncate(ryz_context *c, int32_t seq, int32_t length);  /* 0 resets */
 RYZ_API ryz_status ryz_seq_copy(ryz_context *c, int32_t src, int32_t dst, int32_t length);  /* shared-prefix reuse */
+RYZ_API ryz_status ryz_seq_release(ryz_context *c, int32_t seq);  /* frees the slot's KV memory (allocated again on next use) */
 RYZ_API int64_t ryz_context_kv_bytes(const ryz_context *c);
 
 /* One forward step over a batch of tokens from any sequences. Each token's position must equal its

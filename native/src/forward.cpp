@@ -279,6 +279,12 @@ ryz_status ryz_seq_copy(ryz_context *c, int32_t src, int32_t dst, int32_t length
     return RYZ_OK;
 }
 
+ryz_status ryz_seq_release(ryz_context *c, int32_t seq) {
+    if (!c || seq < 0 || seq >= c->max_seqs) return fail(RYZ_ERR_INVALID_ARGUMENT, "sequence id out of range");
+    c->seqs[seq] = ryz::KVSeq{};
+    return RYZ_OK;
+}
+
 int64_t ryz_context_kv_bytes(const ryz_context *c) {
     if (!c) return 0;
     int64_t total = 0;
