@@ -63,3 +63,41 @@ class BuildError(RyzError, RuntimeError):
 class ToolchainNotFoundError(BuildError):
     """No C++ compiler or CMake >= 3.25 to build the kernels:
     `no C++ compiler found (looked for c++, g++, clang++); install one: apt-get install g++ cmake`."""
+
+
+# --- requests and generation ------------------------------------------------------------------------
+
+class InvalidRequestError(RyzError, ValueError):
+    """A request parameter is out of range or malformed; the server answers HTTP 400 with this message:
+    `temperature must be between 0 and 2 (0 means greedy), got 3.5`. `param` names the offending field
+    (OpenAI's error `param`), e.g. `temperature` or `messages[2].content`."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class ChatTemplateError(InvalidRequestError):
+    """The chat template could not render the messages: it raised (`raise_exception`), hit a sandbox
+    violation, or is not valid Jinja: `chat template refused the messages: Conversation roles must
+    alternate user/assistant/user/assistant/...`. An InvalidRequestError, so the server answers 400."""
+
+
+class SamplingError(RyzError, RuntimeError):
+    """No token can be sampled: every token is disallowed by the constrained-decoding mask, or the model
+    produced NaN logits: `the allowed-token mask allows none of the 128256 tokens; the grammar cannot be
+    continued from here — check the JSON schema / grammar accepts the text generated so far`."""
+
+
+# --- structured output (engine/structured.py) -------------------------------------------------------
+
+class TokenNotAllowedError(RyzError, ValueError):
+    """A token was fed to a constrained-decoding matcher that its grammar forbids at that point:
+    `token 88 ('x') is not allowed by the grammar after 12 tokens; sample with the mask from
+    Matcher.allowed()`. The matcher is left unchanged, so a caller may pick another token."""
+
+
+class UnsupportedTokenizerError(RyzError, ValueError):
+    """The model's tokenizer cannot drive constrained decoding (response_format, tools): `this model's
+    tokenizer (WordPiece) is not supported for structured output: ...; serve a model with a BPE
+    tokenizer or drop response_format/tools from the request`."""

@@ -25,5 +25,14 @@ class ModelTokenizer:
             ids = [self.bos_id, *ids]  # tokenizer.json files without a post-processor leave bos to us
         return ids
 
+    def encode_chat(self, text: str) -> list[int]:
+        """Ids of a rendered chat prompt. The template already wrote the special tokens (usually bos
+        first), so the post-processor adds nothing and bos is prepended only when the model wants one
+        and the text does not start with it: exactly one bos either way."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if self.add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
+            ids = [self.bos_id, *ids]
+        return ids
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -177,6 +177,50 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from engine.server import serve
+    from engine.settings import get_settings
+
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "threads": args.threads, "max_seqs": args.max_seqs,
+                                   "max_context": args.max_context}.items() if v is not None}
+    settings = get_settings().model_copy(update=overrides)
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
+        print(f"ryz serve: warning: binding {settings.host} without RYZ_API_KEYS: anyone who can reach it can use it",
+              file=sys.stderr)
+    serve(args.model, settings=settings)
+    return 0
+
+
+def cmd_continue_config(args) -> int:
+    import httpx
+
+    from deployments import render_continue_config
+    from engine.settings import get_settings
+
+    settings = get_settings()
+    url = (args.url or f"http://{settings.host}:{settings.port}").rstrip("/")
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        response = httpx.get(f"{url}/v1/models", headers=headers, timeout=10)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        print(f"ryz continue-config: cannot list models at {url}/v1/models ({exc}); start `ryz serve` first or pass --url",
+              file=sys.stderr)
+        return 1
+    models = [m["id"] for m in response.json()["data"]]
+    text = render_continue_config(url, models, api_key=args.api_key)
+    if args.output:
+        out = Path(args.output).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out)
+        print(f"wrote {out}", file=sys.stderr)
+    else:
+        print(text, end="")
+    return 0
+
+
 # --- parser ---------------------------------------------------------------------------------------
 
 def _positive_int(text: str) -> int:
@@ -236,6 +280,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head", choices=["q8_0", "q6_k", "f16"], help="head type a shape is quantized to (default RYZ_HEAD_TYPE)")
     p.add_argument("--ubatch", type=int, default=0, help="prefill chunk in tokens (default 0: the whole prompt in one call)")
     p.add_argument("--library", type=Path, help="a prebuilt native library (default: the kernel build for this CPU)")
+
+    p = command("serve", cmd_serve, "serve a model over an OpenAI-compatible HTTP API (continuous batching, canary router)",
+                json_flag=False)
+    p.add_argument("--model", help="model loaded as production: artifact id or prefix, or a .gguf path "
+                                   "(omitted: start empty and load through POST /admin/variants)")
+    p.add_argument("--host", help="bind address (default RYZ_HOST, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default RYZ_PORT, 8000)")
+    p.add_argument("--threads", type=int, help="compute threads (default RYZ_THREADS, else all cores)")
+    p.add_argument("--max-seqs", type=_positive_int, help="concurrent sequences (default RYZ_MAX_SEQS)")
+    p.add_argument("--max-context", type=_positive_int, help="positions per sequence (default RYZ_MAX_CONTEXT)")
+
+    p = command("continue-config", cmd_continue_config, "write a Continue.dev config pointing at a running `ryz serve`",
+                json_flag=False)
+    p.add_argument("--url", default=None, help="server base URL (default http://RYZ_HOST:RYZ_PORT)")
+    p.add_argument("--api-key", help="key Continue sends (one of RYZ_API_KEYS), if the server needs one")
+    p.add_argument("-o", "--output", help="write here (for example ~/.continue/config.yaml) instead of stdout")
 
     p = command("artifacts", cmd_artifacts, "list the artifacts in the store")
     p.add_argument("--kind", help="only this kind (model, ...)")

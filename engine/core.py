@@ -1,0 +1,291 @@
+"""The engine core: one model, one scheduler, one loop thread that steps them.
+
+`EngineCore.step()` reads like the diagram: schedule -> execute the batch forward -> sample and
+update. Callers on any thread `submit()` a `GenerationRequest` with a sink callable that receives
+`Delta`s (new text, token ids, logprobs, and finally a finish reason or an error); `AsyncEngine` turns
+that into an async iterator for the HTTP layer, which sees nothing else of the engine (`EngineClient`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from engine.sampling import Sample, Sampler, SamplingParams, token_logprobs
+from engine.scheduler import Chunk, QueueFullError, Scheduler, SchedulerConfig
+from engine.textstream import IncrementalDetokenizer, StopMatcher
+
+__all__ = ["AsyncEngine", "Delta", "EngineClient", "EngineCore", "GenerationRequest", "QueueFullError"]
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int = 16
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: set[int] = field(default_factory=set)  # besides the model's own eos / end-of-turn ids
+    ignore_eos: bool = False
+    grammar: Any = None             # engine.structured.Grammar: constrains every sampled token
+    prompt_logprobs: int | None = None  # echo scoring: logprob of each prompt token and its top alternatives
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class Delta:
+    """What one engine step produced for one request."""
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Sample] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length", "abort"
+    error: str | None = None
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+class EngineClient(Protocol):
+    """What the HTTP server may call."""
+
+    model_id: str
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]: ...
+
+    def stats(self) -> dict: ...
+
+
+@dataclass
+class _Live:
+    request: GenerationRequest
+    sink: Callable[[Delta], None]
+    sampler: Sampler
+    detokenizer: IncrementalDetokenizer
+    stopper: StopMatcher
+    matcher: Any
+    arrival: float
+    generated: list[int] = field(default_factory=list)
+    prompt_logprobs: list = field(default_factory=list)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    stop_string_hit: bool = False
+
+
+class EngineCore:
+    def __init__(self, model, tokenizer, config: SchedulerConfig, model_id: str = "model", metrics=None):
+        self.model, self.tokenizer, self.model_id, self.metrics = model, tokenizer, model_id, metrics
+        self.vocab = model.hp.vocab
+        self.scheduler = Scheduler(config)
+        self.config = config
+        self._live: dict[str, _Live] = {}
+        self._aborts: set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=f"ryz-engine-{model_id}", daemon=True)
+        self._thread.start()
+
+    # -- called from any thread ---------------------------------------------------------------------
+    def submit(self, request: GenerationRequest, sink: Callable[[Delta], None]) -> None:
+        """Queue a request. Raises QueueFullError at capacity, ValueError for a prompt that cannot fit."""
+        request.params.validate()
+        live = _Live(request, sink, Sampler(request.params, self.vocab),
+                     IncrementalDetokenizer(self.tokenizer.tokenizer, prefix_ids=request.prompt_ids[-4:]),
+                     StopMatcher(request.stop), request.grammar.matcher() if request.grammar is not None else None,
+                     time.perf_counter())
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the engine is shutting down")
+            self.scheduler.add(request.request_id, request.prompt_ids, request.prompt_logprobs is not None)
+            self._live[request.request_id] = live
+            self._wake.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            if request_id in self._live:
+                self._aborts.add(request_id)
+                self._wake.notify()
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"waiting": self.scheduler.num_waiting, "running": self.scheduler.num_running,
+                    "kv_bytes": self.model.kv_bytes(), "slots": self.config.slots,
+                    "prefix_hits": self.scheduler.prefix_hits, "prefix_tokens_reused": self.scheduler.prefix_tokens_reused}
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    def close(self) -> None:
+        """Stop the loop; requests still in flight end with finish_reason "abort"."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join()
+        for live in list(self._live.values()):
+            live.sink(Delta(finish_reason="abort", completion_tokens=len(live.generated)))
+        self._live.clear()
+        if hasattr(self.model, "close"):
+            self.model.close()
+
+    # -- the loop thread -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._aborts and not self.scheduler.has_work():
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                for request_id in self._aborts:
+                    self._end(request_id, Delta(finish_reason="abort"))
+                self._aborts.clear()
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - one failing batch must not take the server down
+                with self._lock:
+                    for request_id in list(self._live):
+                        self._end(request_id, Delta(error=f"engine error: {exc}"))
+
+    def step(self) -> None:
+        """Schedule -> execute -> update."""
+        with self._lock:
+            plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return
+        for src, dst, length in plan.copies:
+            self.model.copy_seq(src, dst, length)
+        for slot, length in plan.truncations:
+            self.model.truncate_seq(slot, length)
+        tokens = np.concatenate([np.asarray(c.tokens, np.int32) for c in plan.chunks])
+        seq_ids = np.concatenate([np.full(len(c.tokens), c.slot, np.int32) for c in plan.chunks])
+        want = np.zeros(len(tokens), np.uint8)
+        offset = 0
+        for c in plan.chunks:
+            if c.logits_for_all:
+                want[offset:offset + len(c.tokens)] = 1
+            elif c.samples:
+                want[offset + len(c.tokens) - 1] = 1
+            offset += len(c.tokens)
+        logits = self.model.forward_batch(tokens, seq_ids, want)
+        if self.metrics is not None:
+            self.metrics.step(len(tokens))
+        row = 0
+        with self._lock:
+            for chunk in plan.chunks:
+                rows = len(chunk.tokens) if chunk.logits_for_all else int(chunk.samples)
+                self._update(chunk, logits[row:row + rows] if rows else None)
+                row += rows
+
+    def _update(self, chunk: Chunk, logits: np.ndarray | None) -> None:
+        live = self._live.get(chunk.request_id)
+        if live is None:
+            return
+        request = live.request
+        if chunk.logits_for_all:
+            prompt = request.prompt_ids
+            next_ids = prompt[chunk.start + 1:chunk.start + 1 + len(chunk.tokens)]
+            if chunk.start == 0:
+                live.prompt_logprobs.append(None)  # nothing predicts the first prompt token
+            live.prompt_logprobs += token_logprobs(logits[:len(next_ids)], next_ids, request.prompt_logprobs or 0)
+        if not chunk.samples:
+            return
+        if request.max_tokens == 0:
+            self._end(request.request_id, Delta(finish_reason="length"))
+            return
+        self._sample(live, logits[-1])
+
+    def _sample(self, live: _Live, logits: np.ndarray) -> None:
+        request = live.request
+        now = time.perf_counter()
+        allowed = live.matcher.allowed() if live.matcher is not None else None
+        sample = live.sampler.sample(logits, request.prompt_ids, live.generated, allowed)
+        token = sample.token
+        live.generated.append(token)
+        if live.matcher is not None:
+            live.matcher.accept(token)
+        if self.metrics is not None:
+            if live.first_token_at is None:
+                self.metrics.ttft(now - live.arrival)
+            else:
+                self.metrics.token_latency(now - live.last_token_at)
+        live.first_token_at = live.first_token_at or now
+        live.last_token_at = now
+        finish = None
+        text = ""
+        stops = self.tokenizer.stop_ids | request.stop_token_ids
+        if token in stops and not request.ignore_eos:
+            finish = "stop"
+        else:
+            text, stopped = live.stopper.push(live.detokenizer.push(token))
+            if stopped:
+                finish, live.stop_string_hit = "stop", True
+            elif live.matcher is not None and live.matcher.is_finished():
+                finish = "stop"
+        if finish is None and (len(live.generated) >= request.max_tokens
+                               or len(request.prompt_ids) + len(live.generated) >= self.config.max_context):
+            finish = "length"
+        delta = Delta(text=text, token_ids=[token], logprobs=[sample] if request.params.logprobs is not None else [])
+        if finish is None:
+            self.scheduler.append_token(request.request_id, token)
+            live.sink(delta)
+            return
+        delta.finish_reason = finish
+        self._end(request.request_id, delta)
+
+    def _end(self, request_id: str, delta: Delta) -> None:
+        """Finish a request (lock held): flush held-back text, free its slot, send the last delta."""
+        live = self._live.pop(request_id, None)
+        if live is None:
+            return
+        if delta.finish_reason in ("length", "stop") and not live.stop_string_hit:
+            delta.text += live.stopper.push(live.detokenizer.flush())[0] + live.stopper.flush()
+        for slot in self.scheduler.finish(request_id):
+            self.model.release_seq(slot)
+        delta.prompt_tokens = len(live.request.prompt_ids)
+        delta.completion_tokens = len(live.generated)
+        if live.request.prompt_logprobs is not None:
+            delta.prompt_logprobs = live.prompt_logprobs
+        if self.metrics is not None:
+            self.metrics.finished(delta)
+        live.sink(delta)
+
+
+class AsyncEngine:
+    """An EngineCore behind an async iterator per request (the EngineClient the server uses)."""
+
+    def __init__(self, core: EngineCore):
+        self.core = core
+        self.model_id = core.model_id
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Submit now (so capacity errors raise here, before any response starts); iterate the deltas."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self.core.submit(request, lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta))
+        return self._deltas(request.request_id, queue)
+
+    async def _deltas(self, request_id: str, queue) -> AsyncIterator[Delta]:
+        done = False
+        try:
+            while not done:
+                delta = await queue.get()
+                done = delta.done
+                yield delta
+        finally:
+            if not done:  # the consumer went away (client disconnect): free the slot now
+                self.core.abort(request_id)
+
+    def stats(self) -> dict:
+        return self.core.stats()
