@@ -395,18 +395,20 @@ def create_app(settings: Settings | None = None, model_ref: str | None = None,
                                            for i in dict.fromkeys(ids)]}
 
     # -- inference ------------------------------------------------------------------------------------
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = _parse(CompletionBody, await _json(request))
+    async def routed(request: Request, body_type: type[_Common]) -> tuple[Any, Variant]:
+        body = _parse(body_type, await _json(request))
         variant = state.route(body.model, request.headers.get("x-session-id") or body.user)
         request.state.variant = variant.name
+        return body, variant
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body, variant = await routed(request, CompletionBody)
         return await _run_completion(state, variant, body)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        body = _parse(ChatBody, await _json(request))
-        variant = state.route(body.model, request.headers.get("x-session-id") or body.user)
-        request.state.variant = variant.name
+        body, variant = await routed(request, ChatBody)
         return await _run_chat(state, variant, body)
 
     # -- admin ----------------------------------------------------------------------------------------
