@@ -1,11 +1,12 @@
 """Peers for `ryz bench`: llama.cpp's llama-bench and onnxruntime's MatMulNBits, on the same machine.
 
 * **llama.cpp** is built from the `llama-cpp-python` sdist's vendored source (downloaded once with pip,
-  the benchmark's only network access) into `<cache>/peers/llama.cpp-<commit>`; only the `llama-bench`
-  target. It runs on our own GGUF, written once with TQ2_0 and once with TQ1_0 weights; a `ryz-bitnet`
-  file (relu² FFN, which llama.cpp refuses) is first copied with only its architecture renamed to
-  `bitnet` (`write_llama_cpp_copy`). llama.cpp's bitnet graph uses a SiLU FFN: the same work, so the
-  same speed, but different outputs.
+  the benchmark's only network access) into `<cache>/peers/llama.cpp-<commit>`; only the targets asked
+  for (`ensure_llama_cpp`): `llama-bench` here, `llama-server` for `ryz bench-serve`
+  (evaluations/serve_bench.py), both in the same tree. It runs on our own GGUF, written once with TQ2_0
+  and once with TQ1_0 weights; a `ryz-bitnet` file (relu² FFN, which llama.cpp refuses) is first copied
+  with only its architecture renamed to `bitnet` (`write_llama_cpp_copy`). llama.cpp's bitnet graph uses
+  a SiLU FFN: the same work, so the same speed, but different outputs.
 * **onnxruntime**: one ONNX graph of MatMulNBits (com.microsoft) nodes: per layer the 7 ternary
   matmuls (q, k, v, o, gate, up, down) at bits=2, then an 8-bit MatMulNBits head on the last row.
   Ternary codes -1/0/1 are stored as 2-bit codes 0/1/2 with zero point 1, every block scale is the
@@ -43,19 +44,34 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 # ggml-org/llama.cpp@0c1e57098"). Used to find a cached build without downloading, and as the last resort
 # when the sdist carries neither its submodule HEAD nor a matching CHANGELOG line.
 KNOWN_LLAMA_CPP_COMMITS = {"0.3.36": "0c1e57098bba43ac29e6e3b677cdceebdd22334f"}
-LLAMA_BENCH_CMAKE_FLAGS = [
+LLAMA_CPP_CMAKE_FLAGS = [
     "-DCMAKE_BUILD_TYPE=Release",
     "-DGGML_NATIVE=ON",             # -march=native: the best llama.cpp can do on this CPU
-    "-DBUILD_SHARED_LIBS=OFF",      # one self-contained llama-bench binary
+    "-DBUILD_SHARED_LIBS=OFF",      # self-contained binaries
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
-    "-DLLAMA_BUILD_SERVER=OFF",
     "-DLLAMA_BUILD_APP=OFF",
-    "-DLLAMA_BUILD_TOOLS=ON",       # llama-bench lives in tools/
-    "-DLLAMA_BUILD_UI=OFF",
-    "-DLLAMA_USE_PREBUILT_UI=OFF",  # never download web UI assets
-    "-DLLAMA_OPENSSL=OFF",          # (LLAMA_CURL is gone in this version: no network code is needed)
+    "-DLLAMA_BUILD_TOOLS=ON",       # llama-bench and llama-server live in tools/
+    "-DLLAMA_BUILD_UI=OFF",         # llama-server: no npm build of the web UI ...
+    "-DLLAMA_USE_PREBUILT_UI=OFF",  # ... and never download its prebuilt assets (an empty UI is embedded)
+    "-DLLAMA_OPENSSL=OFF",          # cpp-httplib without TLS (LLAMA_CURL is gone in this version: no network code)
 ]
+# The configure switch a target needs beyond the common flags (tools/CMakeLists.txt adds tools/server, with
+# its vendored cpp-httplib, only when LLAMA_BUILD_SERVER is on). Off otherwise, so a llama-bench-only
+# tree configures no more than it builds.
+LLAMA_CPP_TARGET_SWITCHES = {"llama-server": "LLAMA_BUILD_SERVER"}
+
+
+def llama_cpp_cmake_flags(targets, commit: str) -> list[str]:
+    """The cmake configure flags of a llama.cpp tree that builds `targets` (the union of everything the
+    tree has built, so reconfiguring for a new target keeps the old ones' objects valid)."""
+    switches = sorted(set(LLAMA_CPP_TARGET_SWITCHES.values()))
+    wanted = {LLAMA_CPP_TARGET_SWITCHES[t] for t in targets if t in LLAMA_CPP_TARGET_SWITCHES}
+    # BUILD_COMMIT comes from git, which the sdist lacks: pass the commit so the binaries report it.
+    return (LLAMA_CPP_CMAKE_FLAGS + [f"-D{s}={'ON' if s in wanted else 'OFF'}" for s in switches]
+            + [f"-DLLAMA_BUILD_COMMIT={commit[:7]}"])
+
+
 BUILD_TIMEOUT = 3600
 RUN_TIMEOUT = 1800
 OWN_ARCH_PREFIX = "ryz-bitnet."
@@ -196,7 +212,25 @@ def write_llama_cpp_copy(src: str | Path, dst: str | Path, weights: str | None =
     return dst
 
 
-# --- llama.cpp: build llama-bench from the llama-cpp-python sdist --------------------------------------
+# --- llama.cpp: build llama-bench / llama-server from the llama-cpp-python sdist ---------------------
+
+@dataclass
+class LlamaCppBuild:
+    """One cached llama.cpp tree (`<cache>/peers/llama.cpp-<commit7>`: `src/`, `build/`, `build.json`,
+    `build.log`) and the binaries it has built so far."""
+    root: Path
+    commit: str
+    version: str
+    binaries: dict[str, Path]
+    cached: bool                           # every requested target was already built
+    build_seconds: dict[str, float | None]  # per target: the wall time of the build that produced it
+    flags: dict[str, list[str]]            # per target: the configure flags it was built with
+
+    def describe(self, target: str) -> dict:
+        return {"binary": str(self.binaries[target]), "commit": self.commit, "version": self.version,
+                "cached": self.cached, "build_seconds": self.build_seconds.get(target), "flags": self.flags.get(target, []),
+                "source": f"llama-cpp-python=={self.version} sdist, vendor/llama.cpp"}
+
 
 @dataclass
 class LlamaBench:
@@ -266,16 +300,25 @@ def _extract_sdist(archive: Path, dest: Path) -> Path:
     return dest
 
 
-def ensure_llama_bench(cache_dir: Path, version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int | None = None) -> LlamaBench:
-    """Build (once) and return llama.cpp's llama-bench from the llama-cpp-python `version` sdist."""
+def ensure_llama_cpp(cache_dir: Path, targets=("llama-bench",), version: str = LLAMA_CPP_PYTHON_VERSION,
+                     jobs: int | None = None) -> LlamaCppBuild:
+    """Build (once) and return llama.cpp's `targets` from the llama-cpp-python `version` sdist.
+
+    All targets share one source tree and one build directory per commit: a target added later (say
+    llama-server after llama-bench) reconfigures that directory with the union of the targets' switches
+    and builds incrementally, reusing ggml, llama and common objects, with no new download."""
+    targets = tuple(dict.fromkeys(targets))
     peers = Path(cache_dir) / "peers"
     jobs = jobs or max(1, len(os.sched_getaffinity(0)))
     with file_lock(peers / ".llama.cpp.lock"):
         known = KNOWN_LLAMA_CPP_COMMITS.get(version)
         if known:
-            cached = _cached_build(peers / f"llama.cpp-{known[:7]}", version)
-            if cached:
-                return cached
+            tree = peers / f"llama.cpp-{known[:7]}"
+            found = _cached_build(tree, version, targets)
+            if found:
+                return found
+            if _build_meta(tree) is not None and (tree / "src" / "CMakeLists.txt").is_file():
+                return _build(tree, known, version, targets, jobs)  # the same source: no download
         for attempt in (1, 2):
             work = Path(tempfile.mkdtemp(prefix="llama.cpp-src-", dir=peers))
             try:
@@ -288,55 +331,87 @@ def ensure_llama_bench(cache_dir: Path, version: str = LLAMA_CPP_PYTHON_VERSION,
                         raise RuntimeError(f"cannot unpack {archive.name}: {exc}") from None
                     continue
                 commit = sdist_llama_cpp_commit(work, version)
-                target = peers / f"llama.cpp-{commit[:7]}"
-                cached = _cached_build(target, version)
-                if cached:
-                    return cached
-                if target.exists():
-                    shutil.rmtree(target)
-                target.mkdir(parents=True)
-                os.replace(work / "vendor" / "llama.cpp", target / "src")
-                return _build(target, commit, version, jobs)
+                tree = peers / f"llama.cpp-{commit[:7]}"
+                found = _cached_build(tree, version, targets)
+                if found:
+                    return found
+                if not (_build_meta(tree) is not None and (tree / "src" / "CMakeLists.txt").is_file()):
+                    if tree.exists():  # no finished build: start over from the fresh source
+                        shutil.rmtree(tree)
+                    tree.mkdir(parents=True)
+                    os.replace(work / "vendor" / "llama.cpp", tree / "src")
+                return _build(tree, commit, version, targets, jobs)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
     raise AssertionError("unreachable")
 
 
-def _cached_build(target: Path, version: str) -> LlamaBench | None:
-    info = target / "build.json"
-    binary = target / "build" / "bin" / "llama-bench"
-    if not (info.is_file() and binary.is_file()):
+def ensure_llama_bench(cache_dir: Path, version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int | None = None) -> LlamaBench:
+    """Build (once) and return llama.cpp's llama-bench from the llama-cpp-python `version` sdist."""
+    b = ensure_llama_cpp(cache_dir, ("llama-bench",), version, jobs)
+    return LlamaBench(b.binaries["llama-bench"], b.commit, b.version, b.cached, b.build_seconds.get("llama-bench"),
+                      b.flags.get("llama-bench", []))
+
+
+def _build_meta(tree: Path) -> dict | None:
+    """`build.json` of a tree with at least one finished build, its `targets` filled in for records
+    written before there was more than one target (llama-bench only)."""
+    info = tree / "build.json"
+    if not info.is_file():
         return None
     meta = json.loads(info.read_text())
-    return LlamaBench(binary, meta["commit"], meta.get("version", version), True, meta.get("build_seconds"), meta.get("flags", []))
+    if "targets" not in meta:
+        meta["targets"] = {"llama-bench": {"flags": meta.get("flags", []), "build_seconds": meta.get("build_seconds")}}
+    return meta
 
 
-def _build(target: Path, commit: str, version: str, jobs: int) -> LlamaBench:
+def _cached_build(tree: Path, version: str, targets) -> LlamaCppBuild | None:
+    meta = _build_meta(tree)
+    if meta is None:
+        return None
+    built = {t: tree / "build" / "bin" / t for t in meta["targets"] if (tree / "build" / "bin" / t).is_file()}
+    if not all(t in built for t in targets):
+        return None
+    return LlamaCppBuild(tree, meta["commit"], meta.get("version", version), built, True,
+                         {t: meta["targets"][t].get("build_seconds") for t in built},
+                         {t: meta["targets"][t].get("flags", []) for t in built})
+
+
+def _build(tree: Path, commit: str, version: str, targets, jobs: int) -> LlamaCppBuild:
     if not shutil.which("cmake") or not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
-        raise RuntimeError("building llama-bench needs cmake and a C++ compiler on PATH")
-    build = target / "build"
-    # BUILD_COMMIT comes from git, which the sdist lacks: pass the commit so llama-bench's JSON carries it.
-    flags = LLAMA_BENCH_CMAKE_FLAGS + [f"-DLLAMA_BUILD_COMMIT={commit[:7]}"]
+        raise RuntimeError(f"building {', '.join(targets)} needs cmake and a C++ compiler on PATH")
+    build = tree / "build"
+    meta = _build_meta(tree) or {"targets": {}}
+    done_before = {t: v for t, v in meta["targets"].items() if (build / "bin" / t).is_file()}
+    missing = [t for t in targets if t not in done_before]
+    flags = llama_cpp_cmake_flags(set(done_before) | set(targets), commit)
     start = time.perf_counter()
-    log(f"building llama.cpp {commit[:7]} llama-bench in {target} (a few minutes)")
-    with (target / "build.log").open("w") as build_log:
-        for cmd in (["cmake", "-S", str(target / "src"), "-B", str(build), *flags],
-                    ["cmake", "--build", str(build), "--target", "llama-bench", "-j", str(jobs)]):
+    log(f"building llama.cpp {commit[:7]} {' '.join(missing)} in {tree} (a few minutes)")
+    with (tree / "build.log").open("a") as build_log:
+        for cmd in (["cmake", "-S", str(tree / "src"), "-B", str(build), *flags],
+                    ["cmake", "--build", str(build), "--target", *missing, "-j", str(jobs)]):
             build_log.write("$ " + " ".join(cmd) + "\n")
             build_log.flush()
             done = run_measured(cmd, timeout=BUILD_TIMEOUT)
             build_log.write(done.stdout + done.stderr)
             if done.returncode != 0:
-                raise RuntimeError(f"`{' '.join(cmd[:3])} ...` failed (log: {target / 'build.log'}): {tail(done.stdout + done.stderr, 8)}")
-    binary = build / "bin" / "llama-bench"
-    if not binary.is_file():
-        raise RuntimeError(f"the llama.cpp build produced no {binary}")
+                raise RuntimeError(f"`{' '.join(cmd[:3])} ...` failed (log: {tree / 'build.log'}): {tail(done.stdout + done.stderr, 8)}")
+    for t in missing:
+        if not (build / "bin" / t).is_file():
+            raise RuntimeError(f"the llama.cpp build produced no {build / 'bin' / t}")
     seconds = round(time.perf_counter() - start, 1)
-    meta = {"commit": commit, "version": version, "flags": flags, "build_seconds": seconds,
-            "compiler": _compiler_version(), "machine": platform.machine()}
-    (target / "build.json").write_text(json.dumps(meta, indent=2))
-    log(f"built llama-bench in {seconds:.0f} s")
-    return LlamaBench(binary, commit, version, False, seconds, flags)
+    targets_meta = {**done_before, **{t: {"flags": flags, "build_seconds": seconds} for t in missing}}
+    record = {"commit": commit, "version": version, "flags": flags, "targets": targets_meta,
+              "compiler": _compiler_version(), "machine": platform.machine()}
+    if "llama-bench" in targets_meta:  # the fields readers of the single-target record know
+        record["build_seconds"] = targets_meta["llama-bench"].get("build_seconds")
+    tmp = tree / "build.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, tree / "build.json")
+    log(f"built {' '.join(missing)} in {seconds:.0f} s")
+    binaries = {t: build / "bin" / t for t in targets_meta}
+    return LlamaCppBuild(tree, commit, version, binaries, False, {t: v.get("build_seconds") for t, v in targets_meta.items()},
+                         {t: v.get("flags", []) for t, v in targets_meta.items()})
 
 
 def _compiler_version() -> str:

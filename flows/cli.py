@@ -281,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ubatch", type=int, default=0, help="prefill chunk in tokens (default 0: the whole prompt in one call)")
     p.add_argument("--library", type=Path, help="a prebuilt native library (default: the kernel build for this CPU)")
 
+    from evaluations import serve_bench
+    serve_bench.add_arguments(command("bench-serve", serve_bench.main, serve_bench.HELP))
+
     p = command("serve", cmd_serve, "serve a model over an OpenAI-compatible HTTP API (continuous batching, canary router)",
                 json_flag=False)
     p.add_argument("--model", help="model loaded as production: artifact id or prefix, or a .gguf path "
