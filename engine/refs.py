@@ -1,7 +1,7 @@
 """Model references (DESIGN.md "Names every command agrees on") resolved to a local GGUF path.
 
-Accepted now: an artifact id or unique prefix (>= 12 hex digits) and a GGUF file path. `name:version`
-and aliases are answered by the registry once it exists.
+Accepted: `name:version`, an alias (`production`, `canary`, `previous`), an artifact id or unique
+prefix (>= 12 hex digits), or a GGUF file path. Registry references resolve to the version's artifact.
 """
 
 from __future__ import annotations
@@ -22,11 +22,20 @@ def resolve_model(ref: str, store: ArtifactStore) -> Path:
         if not path.is_file():
             raise ModelReferenceError(f"GGUF file {ref!r} does not exist")
         return path
+    return store.local_path(resolve_artifact(ref, store))
+
+
+def resolve_artifact(ref: str, store: ArtifactStore) -> str:
+    """The full artifact id a non-path model reference names."""
+    from engine.registry import Registry, is_registry_ref
+
     if _HEX_PREFIX.match(ref):
         try:
-            return store.local_path(store.resolve(ref))
+            return store.resolve(ref)
         except ArtifactNotFoundError:
             raise ModelReferenceError(f"no artifact {ref!r} in {store.url}; list them with `ryz artifacts`") from None
+    if is_registry_ref(ref):
+        return Registry(store).get(ref).artifact_id
     raise ModelReferenceError(
-        f"cannot resolve model reference {ref!r}: pass an artifact id (sha256:... or a prefix of >= 12 hex digits) "
-        "or a path to a .gguf file (name:version and aliases need the registry)")
+        f"cannot resolve model reference {ref!r}: pass name:version, an alias (production, canary, previous), an "
+        "artifact id (sha256:... or a prefix of >= 12 hex digits) or a path to a .gguf file")

@@ -424,7 +424,7 @@ def create_app(settings: Settings | None = None, model_ref: str | None = None,
             raise APIError(400, f"variant name must be 'production' or 'canary', got {name!r}", param="name")
         if not isinstance(ref, str) or not ref:
             raise APIError(400, "`model` must be a model reference (artifact id)", param="model")
-        if "/" in ref or ref.endswith(".gguf"):
+        if ref.endswith(".gguf") or ref.startswith(("/", ".", "~")):
             raise APIError(400, "admin loads models from the artifact store by reference; file paths are not "
                                 "accepted over HTTP (start the server with --model PATH instead)", param="model")
         try:

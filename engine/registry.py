@@ -1,0 +1,255 @@
+"""The model registry: versions, aliases and the event log, in the artifact store (DESIGN.md "Registry").
+
+Everything lives in one JSON document (`registry/state`) written with compare-and-swap, so every
+change, however many versions and aliases it touches, is one atomic write: a promotion moves
+`previous` and `production` and updates both versions' statuses together, and its event is appended
+in the same write. Two writers racing: the loser's write fails its etag check (local: flock + re-check
++ rename; S3: conditional PUT, atomic in S3 itself), re-reads and re-applies its change on the new
+state, up to a bound, and then raises ConflictError naming what it tried. Nothing is lost and nothing
+is ever deleted: rollbacks move aliases and statuses and append events.
+
+Versions are immutable in what they point at (artifact, kernel build, evaluation record, source);
+only their status moves: candidate -> canary -> production -> retired, or rejected / rolled_back.
+"""
+
+from __future__ import annotations
+
+import copy
+import getpass
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from engine.errors import ConflictError, ModelReferenceError, SchemaVersionError
+
+SCHEMA = 1
+STATE_KEY = "registry/state"
+ALIASES = ("production", "canary", "previous")
+STATUSES = ("candidate", "canary", "production", "retired", "rejected", "rolled_back")
+_NAME_VERSION = re.compile(r"^(?P<name>[^:\s]+):(?P<version>\d+)$")
+_MAX_ATTEMPTS = 8
+
+
+def default_actor() -> str:
+    try:
+        return f"user:{getpass.getuser()}"
+    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+        return "user:unknown"
+
+
+def _empty_state() -> dict:
+    return {"schema": SCHEMA, "models": {}, "aliases": {}, "events": []}
+
+
+@dataclass(frozen=True)
+class Version:
+    name: str
+    version: int
+    artifact_id: str
+    status: str
+    created: float
+    source: dict
+    evaluation: str | None = None    # artifact id of the evaluation record
+    kernel_build: str | None = None  # kernel build key
+    extra: dict | None = None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "version": self.version, "artifact_id": self.artifact_id, "status": self.status,
+                "created": self.created, "source": self.source, "evaluation": self.evaluation,
+                "kernel_build": self.kernel_build, **({"extra": self.extra} if self.extra else {})}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> Version:
+        return cls(doc["name"], doc["version"], doc["artifact_id"], doc["status"], doc["created"], doc.get("source", {}),
+                   doc.get("evaluation"), doc.get("kernel_build"), doc.get("extra"))
+
+
+class Registry:
+    def __init__(self, store, actor: str | None = None):
+        self.store = store
+        self.actor = actor or default_actor()
+
+    # -- reading ------------------------------------------------------------------------------------
+    def _read(self) -> tuple[dict, str | None]:
+        doc, etag = self.store.read_document(STATE_KEY)
+        if doc is None:
+            return _empty_state(), None
+        if doc.get("schema") != SCHEMA:
+            raise SchemaVersionError(f"registry document in {self.store.url} has schema {doc.get('schema')!r}; this "
+                                     f"version of ryzanstein reads schema {SCHEMA}: upgrade ryzanstein")
+        return doc, etag
+
+    def versions(self, name: str | None = None) -> list[Version]:
+        state, _ = self._read()
+        return [Version.from_json(v) for n, vs in sorted(state["models"].items()) if name in (None, n) for v in vs]
+
+    def aliases(self) -> dict[str, dict]:
+        return dict(self._read()[0]["aliases"])
+
+    def history(self, name: str | None = None) -> list[dict]:
+        events = self._read()[0]["events"]
+        return [e for e in events if name is None or e.get("name") == name]
+
+    def get(self, ref: str) -> Version:
+        """A version by `name:version`, alias, or bare name (its newest version)."""
+        state, _ = self._read()
+        return _lookup(state, ref)
+
+    def find_source(self, repo: str, revision: str) -> Version | None:
+        """The version registered from this exact source revision, if any (discovery's novelty test)."""
+        for v in self.versions():
+            if v.source.get("repo") == repo and v.source.get("revision") == revision:
+                return v
+        return None
+
+    # -- writing (one CAS write per change) -----------------------------------------------------------
+    def update(self, change: Callable[[dict], Any], describe: str) -> Any:
+        """Apply `change` to a copy of the state and write it if nobody wrote in between; re-read and
+        re-apply on conflict. `change` raises to refuse, returns the caller's result."""
+        for _attempt in range(_MAX_ATTEMPTS):
+            state, etag = self._read()
+            new = copy.deepcopy(state)
+            result = change(new)
+            try:
+                self.store.write_document(STATE_KEY, new, etag)
+                return result
+            except ConflictError:
+                time.sleep(0.01 * (_attempt + 1))
+        raise ConflictError(f"registry in {self.store.url}: {describe} lost {_MAX_ATTEMPTS} compare-and-swap races in a "
+                            "row to other writers; nothing was changed. Retry, or find the process writing in a loop")
+
+    def register(self, name: str, artifact_id: str, source: dict, evaluation: str | None = None,
+                 kernel_build: str | None = None, reason: str = "registered", status: str = "candidate",
+                 extra: dict | None = None) -> Version:
+        """A new version of `name` (the next integer), status candidate."""
+        _check_status(status)
+
+        def change(state: dict) -> Version:
+            versions = state["models"].setdefault(name, [])
+            version = Version(name, 1 + max((v["version"] for v in versions), default=0), artifact_id, status, time.time(),
+                              source, evaluation, kernel_build, extra)
+            versions.append(version.to_json())
+            self._event(state, "register", version, reason)
+            return version
+
+        return self.update(change, f"registering {name}")
+
+    def set_status(self, ref: str, status: str, reason: str) -> Version:
+        _check_status(status)
+
+        def change(state: dict) -> Version:
+            version = _lookup(state, ref)
+            _store_version(state, version, status)
+            self._event(state, f"status:{status}", version, reason, previous_status=version.status)
+            return _lookup(state, version.ref)
+
+        return self.update(change, f"setting {ref} to {status}")
+
+    def set_alias(self, alias: str, ref: str | None, reason: str, expected: str | None = "any") -> None:
+        """Point `alias` at `ref` (None removes it). `expected` (a `name:version` or None) makes the move
+        conditional on what the alias names now, for callers that read it earlier."""
+        _check_alias(alias)
+
+        def change(state: dict) -> None:
+            current = state["aliases"].get(alias)
+            current_ref = f"{current['name']}:{current['version']}" if current else None
+            if expected != "any" and expected != current_ref:
+                raise ConflictError(f"alias {alias} names {current_ref}, not {expected}: someone moved it; re-read and retry")
+            if ref is None:
+                state["aliases"].pop(alias, None)
+                self._event(state, f"alias:{alias}", None, reason, alias_from=current_ref, alias_to=None)
+                return
+            version = _lookup(state, ref)
+            state["aliases"][alias] = {"name": version.name, "version": version.version}
+            self._event(state, f"alias:{alias}", version, reason, alias_from=current_ref, alias_to=version.ref)
+
+        self.update(change, f"moving alias {alias}")
+
+    def promote(self, ref: str, reason: str) -> None:
+        """`previous` <- production, `production` <- ref, canary alias cleared; statuses follow. One write."""
+        def change(state: dict) -> None:
+            version = _lookup(state, ref)
+            old = state["aliases"].get("production")
+            if old:
+                old_version = _lookup(state, f"{old['name']}:{old['version']}")
+                if old_version.ref == version.ref:
+                    raise ConflictError(f"{version.ref} is already production")
+                state["aliases"]["previous"] = old
+                _store_version(state, old_version, "retired")
+            state["aliases"]["production"] = {"name": version.name, "version": version.version}
+            if (canary := state["aliases"].get("canary")) and (canary["name"], canary["version"]) == (version.name, version.version):
+                state["aliases"].pop("canary")
+            _store_version(state, version, "production")
+            self._event(state, "promote", version, reason,
+                        alias_from=f"{old['name']}:{old['version']}" if old else None, alias_to=version.ref)
+
+        self.update(change, f"promoting {ref}")
+
+    def rollback(self, reason: str) -> Version:
+        """Undo the last promotion: `previous` serves again as production; the demoted version is rolled_back."""
+        def change(state: dict) -> Version:
+            prev, prod = state["aliases"].get("previous"), state["aliases"].get("production")
+            if not prev:
+                raise ModelReferenceError("nothing to roll back to: the alias `previous` is not set")
+            back = _lookup(state, f"{prev['name']}:{prev['version']}")
+            if prod:
+                _store_version(state, _lookup(state, f"{prod['name']}:{prod['version']}"), "rolled_back")
+            state["aliases"]["production"] = prev
+            state["aliases"].pop("previous")
+            _store_version(state, back, "production")
+            self._event(state, "rollback", back, reason,
+                        alias_from=f"{prod['name']}:{prod['version']}" if prod else None, alias_to=back.ref)
+            return _lookup(state, back.ref)
+
+        return self.update(change, "rolling back")
+
+    def _event(self, state: dict, action: str, version: Version | None, reason: str, **fields) -> None:
+        state["events"].append({"time": time.time(), "actor": self.actor, "action": action,
+                                "name": version.name if version else None, "version": version.version if version else None,
+                                "reason": reason, **{k: v for k, v in fields.items() if v is not None}})
+
+
+def _check_status(status: str) -> None:
+    if status not in STATUSES:
+        raise ValueError(f"unknown status {status!r}; one of {', '.join(STATUSES)}")
+
+
+def _check_alias(alias: str) -> None:
+    if alias not in ALIASES:
+        raise ValueError(f"unknown alias {alias!r}; one of {', '.join(ALIASES)}")
+
+
+def _store_version(state: dict, version: Version, status: str) -> None:
+    for doc in state["models"][version.name]:
+        if doc["version"] == version.version:
+            doc["status"] = status
+
+
+def _lookup(state: dict, ref: str) -> Version:
+    if ref in ALIASES:
+        target = state["aliases"].get(ref)
+        if not target:
+            raise ModelReferenceError(f"the alias {ref!r} is not set; `ryz registry aliases` shows the ones that are")
+        ref = f"{target['name']}:{target['version']}"
+    match = _NAME_VERSION.match(ref)
+    name, number = (match["name"], int(match["version"])) if match else (ref, None)
+    versions = state["models"].get(name)
+    if not versions:
+        raise ModelReferenceError(f"no model named {name!r} in the registry; `ryz registry list` shows what is there")
+    if number is None:
+        return Version.from_json(max(versions, key=lambda v: v["version"]))
+    for doc in versions:
+        if doc["version"] == number:
+            return Version.from_json(doc)
+    raise ModelReferenceError(f"{name} has no version {number} (versions: {', '.join(str(v['version']) for v in versions)})")
+
+
+def is_registry_ref(ref: str) -> bool:
+    """An alias or `name:version` (as opposed to an artifact id or a path)."""
+    return ref in ALIASES or bool(_NAME_VERSION.match(ref))
