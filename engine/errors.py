@@ -101,3 +101,34 @@ class UnsupportedTokenizerError(RyzError, ValueError):
     """The model's tokenizer cannot drive constrained decoding (response_format, tools): `this model's
     tokenizer (WordPiece) is not supported for structured output: ...; serve a model with a BPE
     tokenizer or drop response_format/tools from the request`."""
+
+
+# --- evaluations (evaluations/) ---------------------------------------------------------------------
+
+class TaskDataOfflineError(RyzError, ConnectionError):
+    """An lm-eval task's data lives on the Hugging Face Hub, which cannot be reached.
+
+    "task 'arc_easy' needs the dataset allenai/ai2_arc from the Hugging Face Hub, which is unreachable
+    (offline: HF_DATASETS_OFFLINE=1); run the offline suites (mmlu_offline, humaneval_offline, demo_*) or set
+    HF_ENDPOINT to a reachable mirror"
+    """
+
+
+class TaskDataError(RyzError, FileNotFoundError):
+    """A bundled task's data file (a path relative to its YAML, or pkg://package/path) does not exist."""
+
+
+# --- discovery (engine/discovery.py) ----------------------------------------------------------------
+
+class HubError(RyzError, ConnectionError):
+    """The Hugging Face Hub could not answer a discovery request: `listing models: HTTP 503 from
+    http://127.0.0.1:8123/api/models (request id abc); the Hub is failing, retry later`. `retryable` is
+    True for 408/429/5xx, timeouts, network errors and malformed responses, False for 4xx such as a
+    missing or gated repo."""
+
+    def __init__(self, message: str, retryable: bool):
+        super().__init__(message)
+        self.retryable = retryable
+
+    def __reduce__(self):  # Prefect pickles task exceptions into failed states
+        return type(self), (str(self), self.retryable)

@@ -46,6 +46,32 @@ class Settings(BaseSettings):
     kv_budget_mb: int = Field(8192, ge=1, description="KV cache memory over all sequences of one model; caps max_seqs")
     prefix_cache_slots: int = Field(2, ge=0, description="idle sequences whose KV is kept to reuse shared prompt prefixes")
     max_request_bytes: int = Field(4 << 20, ge=1024, description="largest request body accepted")
+    # Discovery (flows/discovery.py, docs/discovery.md): where candidates come from and which are kept.
+    hf_endpoint: str = Field(default_factory=lambda: os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/"),
+                             description="Hugging Face Hub base URL discovery asks (default $HF_ENDPOINT, else huggingface.co)")
+    discovery_hf_search: str = Field("bitnet", description="`hf` source: only models whose id contains this")
+    discovery_hf_filter: list[str] = Field(default_factory=list, description="`hf` source: Hub tags every model must have, e.g. [\"safetensors\"]")
+    discovery_hf_sort: Literal["downloads", "likes", "last_modified", "created_at", "trending_score"] = Field(
+        "downloads", description="`hf` source: Hub order of the listing (candidates keep it)")
+    discovery_hf_limit: int = Field(50, ge=1, le=1000, description="`hf` source: models listed per run")
+    discovery_local_paths: list[str] = Field(default_factory=lambda: [str(Path(__file__).resolve().parents[1] / "examples" / "zoo")],
+                                             description="`local` source: model directories, or folders of them (zoo.json order if present)")
+    discovery_hf_cache: str = Field(default_factory=lambda: os.environ.get("HF_HUB_CACHE") or str(
+        Path(os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface") / "hub"),
+        description="`local` source: HF cache also scanned (models--org--name/snapshots/<sha>); empty: not scanned")
+    discovery_architectures: list[str] = Field(["BitNetForCausalLM", "BitnetForCausalLM", "LlamaForCausalLM"],
+                                               description="architectures (config.json `architectures[0]`) kept")
+    discovery_bitnet_only: list[str] = Field(["LlamaForCausalLM"],
+                                             description="architectures kept only with a bitnet quantization_config (ternary-trained)")
+    discovery_licenses: list[str] = Field(
+        ["mit", "apache-2.0", "bsd-2-clause", "bsd-3-clause", "cc-by-4.0", "llama3", "llama3.1", "llama3.2", "llama3.3",
+         "falcon-llm-license"], description="licenses kept (Hub ids; `other` is judged by its license_name)")
+    discovery_min_params: int = Field(0, ge=0, description="fewest parameters kept (ternary weights counted unpacked)")
+    discovery_max_params: int = Field(10_000_000_000, ge=1, description="most parameters kept")
+    discovery_max_size_gb: float = Field(16.0, gt=0, description="largest download / directory kept, GB (1e9 bytes)")
+    discovery_timeout: float = Field(30.0, gt=0, description="seconds one Hub request may take before it counts as failed")
+    discovery_retries: int = Field(3, ge=0, description="retries of a failed Hub request (429, 5xx, timeout, malformed JSON)")
+    discovery_retry_delay: float = Field(2.0, ge=0, description="seconds before the first retry; doubles each retry")
 
     @field_validator("home", mode="after")
     @classmethod
