@@ -72,6 +72,13 @@ class Settings(BaseSettings):
     discovery_timeout: float = Field(30.0, gt=0, description="seconds one Hub request may take before it counts as failed")
     discovery_retries: int = Field(3, ge=0, description="retries of a failed Hub request (429, 5xx, timeout, malformed JSON)")
     discovery_retry_delay: float = Field(2.0, ge=0, description="seconds before the first retry; doubles each retry")
+    # Gates (evaluations/gates.py): when a candidate may be released, or a CI change may merge.
+    gate_accuracy_margin: float = Field(0.02, ge=0, description="per task, how much worse than production the headline "
+                                        "metric may be (absolute; relative for perplexities) before a significant shortfall fails")
+    gate_speed_margin: float = Field(0.10, ge=0, lt=1, description="how much lower than production decode tok/s may be (fraction)")
+    gate_floors: dict[str, float] = Field({"demo_mc": 0.35, "demo_gen": 0.05},
+                                          description="first model ever (no production): minimum headline metric per task")
+    gate_min_decode_tok_s: float = Field(0.0, ge=0, description="first model ever: minimum decode tok/s (0: no floor)")
 
     @field_validator("home", mode="after")
     @classmethod

@@ -227,6 +227,25 @@ def cmd_continue_config(args) -> int:
     return 0
 
 
+def cmd_pipeline_run(args) -> int:
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.run import pipeline_run
+
+    result = pipeline_run(source=args.source, path=str(Path(args.path).resolve()) if args.path else None, suite=args.suite,
+                          limit=args.limit)
+    if args.json:
+        _print_json(result)
+    else:
+        for r in result["candidates"]:
+            print(f"{r['repo']:<40} {r.get('version') or '-':<28} {r['status']:<10} {r['reason']}")
+        if not result["candidates"]:
+            print("nothing new since the last run")
+    print(f"report: {result['report']}")
+    return 0
+
+
 def _registry():
     from engine.registry import Registry
 
@@ -373,6 +392,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=None, help="server base URL (default http://RYZ_HOST:RYZ_PORT)")
     p.add_argument("--api-key", help="key Continue sends (one of RYZ_API_KEYS), if the server needs one")
     p.add_argument("-o", "--output", help="write here (for example ~/.continue/config.yaml) instead of stdout")
+
+    pipeline = sub.add_parser("pipeline", help="the main job: discover, quantize, build, verify, evaluate, register").add_subparsers(
+        dest="pipeline_command", required=True)
+    p = pipeline.add_parser("run", help="run discovery and the candidate pipeline for each new model (Prefect, ephemeral "
+                                       "unless PREFECT_API_URL is set)")
+    p.set_defaults(handler=cmd_pipeline_run)
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.add_argument("--source", choices=["local", "hf"], default="local", help="where to discover (default local: the demo zoo)")
+    p.add_argument("--path", help="local source: a model directory or a folder of them (default RYZ_DISCOVERY_LOCAL_PATHS)")
+    p.add_argument("--suite", default="gate", help="evaluation suite (default gate)")
+    p.add_argument("--limit", type=int, help="examples per task (default: the suite's own limits)")
 
     registry = sub.add_parser("registry", help="model versions, aliases and their history").add_subparsers(
         dest="registry_command", required=True)

@@ -1,0 +1,93 @@
+"""Offline gates: is a candidate's evaluation record good enough to release (DESIGN.md "Release" 1)?
+
+Against a baseline (production's record): per task, the headline metric may be worse by at most the
+margin, and only a shortfall beyond the margin that is significant given both stderrs fails
+(shortfall - margin > 1.96 x sqrt(se_c^2 + se_b^2); without stderr the point estimates decide); decode
+tok/s may be lower by at most the speed margin (a fraction). Without a baseline (the first model ever):
+absolute floors per task. Every verdict carries its numbers, because it becomes a registry event.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+Z = 1.96
+# Which metric speaks for a task, and whether higher is better.
+HEADLINE = (("acc_norm", True), ("acc", True), ("exact_match", True), ("pass@1", True), ("word_perplexity", False),
+            ("byte_perplexity", False), ("bits_per_byte", False))
+
+
+@dataclass
+class GateResult:
+    passed: bool
+    reasons: list[str]     # every failed check, in words and numbers
+    checks: list[str]      # every check made, passed or not
+
+    def summary(self) -> str:
+        return "; ".join(self.reasons) if self.reasons else f"all {len(self.checks)} gate checks passed"
+
+
+def headline(task_result: dict) -> tuple[str, bool] | None:
+    metrics = task_result["metrics"]
+    for name, higher in HEADLINE:
+        if name in metrics and metrics[name]["value"] is not None:
+            return name, higher
+    return None
+
+
+def compare_to_baseline(candidate: dict, baseline: dict, accuracy_margin: float, speed_margin: float) -> GateResult:
+    reasons, checks = [], []
+    for task, result in sorted(candidate["tasks"].items()):
+        if task not in baseline["tasks"] or (h := headline(result)) is None:
+            continue
+        metric, higher = h
+        c, b = result["metrics"][metric], baseline["tasks"][task]["metrics"].get(metric)
+        if b is None:
+            continue
+        # For lower-is-better metrics the margin is relative (perplexities have no fixed scale).
+        shortfall = (b["value"] - c["value"]) if higher else (c["value"] - b["value"]) / max(b["value"], 1e-12)
+        margin = accuracy_margin
+        se = math.hypot(c["stderr"] or 0.0, b["stderr"] or 0.0) if (c["stderr"] is not None and b["stderr"] is not None) else 0.0
+        if not higher:
+            se /= max(b["value"], 1e-12)
+        worse = shortfall - margin > Z * se
+        text = (f"{task} {metric} {c['value']:.4f} vs production {b['value']:.4f} "
+                f"({'-' if higher else '+'}{abs(shortfall):.4f}{'' if higher else ' relative'}, margin {margin:.3f}, "
+                f"{Z} x stderr {Z * se:.4f})")
+        checks.append(text)
+        if worse:
+            reasons.append(f"accuracy: {text}")
+    cb, bb = candidate.get("bench"), baseline.get("bench")
+    if cb and bb:
+        floor = bb["decode_tok_s"] * (1 - speed_margin)
+        text = (f"decode {cb['decode_tok_s']:.1f} tok/s vs production {bb['decode_tok_s']:.1f} "
+                f"(floor {floor:.1f} = {1 - speed_margin:.2f} x production)")
+        checks.append(text)
+        if cb["decode_tok_s"] < floor:
+            reasons.append(f"speed: {text}")
+    return GateResult(not reasons, reasons, checks)
+
+
+def check_floors(candidate: dict, floors: dict[str, float], min_decode_tok_s: float) -> GateResult:
+    """The first model ever: absolute floors (task -> minimum headline value; higher-is-better metrics)."""
+    reasons, checks = [], []
+    for task, floor in sorted(floors.items()):
+        result = candidate["tasks"].get(task)
+        if result is None:
+            continue  # a floor for a task this suite did not run
+        metric, higher = headline(result) or (None, True)
+        if metric is None:
+            continue
+        value = result["metrics"][metric]["value"]
+        ok = value >= floor if higher else value <= floor
+        text = f"{task} {metric} {value:.4f} {'>=' if higher else '<='} floor {floor:.4f}"
+        checks.append(text)
+        if not ok:
+            reasons.append(f"floor: {task} {metric} {value:.4f} below the floor {floor:.4f}")
+    if (bench := candidate.get("bench")) and min_decode_tok_s > 0:
+        text = f"decode {bench['decode_tok_s']:.1f} tok/s >= floor {min_decode_tok_s:.1f}"
+        checks.append(text)
+        if bench["decode_tok_s"] < min_decode_tok_s:
+            reasons.append(f"floor: decode {bench['decode_tok_s']:.1f} tok/s below {min_decode_tok_s:.1f}")
+    return GateResult(not reasons, reasons, checks)

@@ -1,0 +1,40 @@
+"""Offline gates: margins, stderr significance, perplexity direction, speed, floors."""
+
+from __future__ import annotations
+
+from evaluations.gates import check_floors, compare_to_baseline
+
+
+def record(acc, se=0.02, ppl=10.0, decode=40.0):
+    return {"tasks": {"demo_mc": {"metrics": {"acc": {"value": acc, "stderr": se}}, "n": 200},
+                      "demo_ppl": {"metrics": {"word_perplexity": {"value": ppl, "stderr": None}}, "n": 50}},
+            "bench": {"decode_tok_s": decode, "prefill_tok_s": 100.0}}
+
+
+def test_within_margin_or_noise_passes():
+    assert compare_to_baseline(record(0.60), record(0.61), 0.02, 0.1).passed
+    assert compare_to_baseline(record(0.55, se=0.04), record(0.60, se=0.04), 0.02, 0.1).passed  # 3 points short, noisy
+
+
+def test_significant_shortfall_fails_with_numbers():
+    result = compare_to_baseline(record(0.40, se=0.01), record(0.60, se=0.01), 0.02, 0.1)
+    assert not result.passed
+    assert "demo_mc acc 0.4000 vs production 0.6000" in result.reasons[0]
+
+
+def test_perplexity_is_lower_is_better_and_relative():
+    assert compare_to_baseline(record(0.6, ppl=9.0), record(0.6, ppl=10.0), 0.02, 0.1).passed
+    bad = compare_to_baseline(record(0.6, ppl=12.0), record(0.6, ppl=10.0), 0.02, 0.1)
+    assert not bad.passed and "word_perplexity" in bad.reasons[0]
+
+
+def test_speed_margin():
+    assert compare_to_baseline(record(0.6, decode=37.0), record(0.6, decode=40.0), 0.02, 0.1).passed
+    slow = compare_to_baseline(record(0.6, decode=30.0), record(0.6, decode=40.0), 0.02, 0.1)
+    assert not slow.passed and "decode 30.0 tok/s vs production 40.0" in slow.reasons[0]
+
+
+def test_floors_for_the_first_model():
+    assert check_floors(record(0.5), {"demo_mc": 0.35}, 0).passed
+    low = check_floors(record(0.3), {"demo_mc": 0.35, "unknown_task": 0.9}, 50.0)
+    assert not low.passed and len(low.reasons) == 2
