@@ -35,6 +35,7 @@ class GenerationRequest:
     grammar: Any = None             # engine.structured.Grammar: constrains every sampled token
     prompt_logprobs: int | None = None  # echo scoring: logprob of each prompt token and its top alternatives
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    arrival: float = field(default_factory=time.perf_counter)  # TTFT counts from here (the server sets it on receipt)
 
 
 @dataclass
@@ -101,7 +102,7 @@ class EngineCore:
         live = _Live(request, sink, Sampler(request.params, self.vocab),
                      IncrementalDetokenizer(self.tokenizer.tokenizer, prefix_ids=request.prompt_ids[-4:]),
                      StopMatcher(request.stop), request.grammar.matcher() if request.grammar is not None else None,
-                     time.perf_counter())
+                     request.arrival)
         with self._lock:
             if self._stopping:
                 raise RuntimeError("the engine is shutting down")

@@ -209,6 +209,13 @@ class Registry:
 
         return self.update(change, "rolling back")
 
+    def note(self, ref: str, action: str, reason: str, **fields) -> None:
+        """An event about a version that changes nothing else (a canary step's analysis, a pause)."""
+        def change(state: dict) -> None:
+            self._event(state, action, _lookup(state, ref), reason, **fields)
+
+        self.update(change, f"noting {action} for {ref}")
+
     def _event(self, state: dict, action: str, version: Version | None, reason: str, **fields) -> None:
         state["events"].append({"time": time.time(), "actor": self.actor, "action": action,
                                 "name": version.name if version else None, "version": version.version if version else None,

@@ -183,6 +183,7 @@ class ServingState:
         self.draining = False
         self.loading: set[str] = set()
         self.load_errors: dict[str, str] = {}
+        self.faults = {"canary_error_rate": settings.fault_canary_error_rate, "canary_latency_ms": settings.fault_canary_latency_ms}
         self._lock = threading.Lock()
 
     def load(self, name: str, ref: str) -> Variant:
@@ -283,6 +284,7 @@ class ServingState:
                 "load_errors": dict(self.load_errors),
                 "in_flight": self.in_flight(),
                 "served_model_name": self.settings.served_model_name,
+                "faults": dict(self.faults),
             }
 
     def close(self) -> None:
@@ -396,20 +398,23 @@ def create_app(settings: Settings | None = None, model_ref: str | None = None,
 
     # -- inference ------------------------------------------------------------------------------------
     async def routed(request: Request, body_type: type[_Common]) -> tuple[Any, Variant]:
+        request.state.arrival = time.perf_counter()
         body = _parse(body_type, await _json(request))
         variant = state.route(body.model, request.headers.get("x-session-id") or body.user)
         request.state.variant = variant.name
+        if variant.name == CANARY:
+            await _inject_faults(state.faults)
         return body, variant
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body, variant = await routed(request, CompletionBody)
-        return await _run_completion(state, variant, body)
+        return await _run_completion(state, variant, body, request.state.arrival)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body, variant = await routed(request, ChatBody)
-        return await _run_chat(state, variant, body)
+        return await _run_chat(state, variant, body, request.state.arrival)
 
     # -- admin ----------------------------------------------------------------------------------------
     @app.get("/admin/state")
@@ -454,6 +459,17 @@ def create_app(settings: Settings | None = None, model_ref: str | None = None,
         state.metrics.canary_weight.set(weight)
         return state.describe()
 
+    @app.post("/admin/faults")
+    async def admin_faults(request: Request):
+        body = await _json(request)
+        for key, value in body.items():
+            if key not in state.faults or not isinstance(value, (int, float)) or value < 0 or \
+                    (key == "canary_error_rate" and value > 1):
+                raise APIError(400, f"faults take canary_error_rate (0-1) and canary_latency_ms (>= 0), got {key}={value!r}",
+                               param=key)
+            state.faults[key] = float(value)
+        return state.describe()
+
     @app.post("/admin/promote")
     async def admin_promote():
         state.promote()
@@ -466,6 +482,16 @@ def create_app(settings: Settings | None = None, model_ref: str | None = None,
         return state.describe()
 
     return app
+
+
+async def _inject_faults(faults: dict) -> None:
+    """Release drills: make the canary slow or failing on purpose (RYZ_FAULT_CANARY_*, POST /admin/faults; off by default)."""
+    import random
+
+    if faults["canary_latency_ms"]:
+        await asyncio.sleep(faults["canary_latency_ms"] / 1000)
+    if faults["canary_error_rate"] and random.random() < faults["canary_error_rate"]:
+        raise APIError(500, "injected canary fault (RYZ_FAULT_CANARY_ERROR_RATE)", "server_error", code="injected_fault")
 
 
 def _load_logged(state: ServingState, name: str, ref: str) -> None:
@@ -573,7 +599,7 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _run_completion(state: ServingState, variant: Variant, body: CompletionBody):
+async def _run_completion(state: ServingState, variant: Variant, body: CompletionBody, arrival: float):
     tok = variant.loaded.tokenizer
     vocab = variant.loaded.model.hp.vocab
     if body.suffix:
@@ -600,7 +626,7 @@ async def _run_completion(state: ServingState, variant: Variant, body: Completio
         prompt_ids_all.append(ids)
         requests.append(GenerationRequest(ids, params, max_tokens, _stops(body.stop), set(body.stop_token_ids or []),
                                           body.ignore_eos, grammar, body.logprobs if body.echo and body.logprobs is not None else
-                                          (0 if body.echo else None)))
+                                          (0 if body.echo else None), arrival=arrival))
     streams = _submit_all(variant, requests)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     headers = {VARIANT_HEADER: variant.name}
@@ -698,7 +724,7 @@ def _response_grammar(variant: Variant, response_format: dict | None):
         raise APIError(400, str(exc), param="response_format") from None
 
 
-async def _run_chat(state: ServingState, variant: Variant, body: ChatBody):
+async def _run_chat(state: ServingState, variant: Variant, body: ChatBody, arrival: float):
     from engine.chat import render_chat, validate_messages
     from engine.tools import parse_tool_calls, validate_tools
 
@@ -731,7 +757,7 @@ async def _run_chat(state: ServingState, variant: Variant, body: ChatBody):
     prompt_ids = tok.encode_chat(text)
     max_tokens = _check_lengths(state, prompt_ids, body.max_completion_tokens or body.max_tokens, variant.loaded.model.hp.vocab)
     request = GenerationRequest(prompt_ids, params, max_tokens, _stops(body.stop), set(body.stop_token_ids or []),
-                                body.ignore_eos, grammar)
+                                body.ignore_eos, grammar, arrival=arrival)
     stream = _submit_all(variant, [request])[0]
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     headers = {VARIANT_HEADER: variant.name}

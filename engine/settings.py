@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     kv_budget_mb: int = Field(8192, ge=1, description="KV cache memory over all sequences of one model; caps max_seqs")
     prefix_cache_slots: int = Field(2, ge=0, description="idle sequences whose KV is kept to reuse shared prompt prefixes")
     max_request_bytes: int = Field(4 << 20, ge=1024, description="largest request body accepted")
+    fault_canary_error_rate: float = Field(0.0, ge=0, le=1, description="testing: fraction of canary requests answered "
+                                           "with an injected 500 (release rollback drills)")
+    fault_canary_latency_ms: float = Field(0.0, ge=0, description="testing: extra delay before each canary request starts")
     # Discovery (flows/discovery.py, docs/discovery.md): where candidates come from and which are kept.
     hf_endpoint: str = Field(default_factory=lambda: os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/"),
                              description="Hugging Face Hub base URL discovery asks (default $HF_ENDPOINT, else huggingface.co)")
@@ -79,6 +82,19 @@ class Settings(BaseSettings):
     gate_floors: dict[str, float] = Field({"demo_mc": 0.35, "demo_gen": 0.05},
                                           description="first model ever (no production): minimum headline metric per task")
     gate_min_decode_tok_s: float = Field(0.0, ge=0, description="first model ever: minimum decode tok/s (0: no floor)")
+    # Release (flows/release.py, docs/release.md): canary steps and their analysis.
+    release_steps: list[int] = Field([5, 25, 50, 100], description="canary traffic weights, in order (percent)")
+    release_servers: list[str] = Field(default_factory=list, description="admin base URLs of every serving replica "
+                                       "(default: http://RYZ_HOST:RYZ_PORT)")
+    release_min_requests: int = Field(20, ge=1, description="canary requests a step needs before it is judged")
+    release_step_timeout: float = Field(600.0, gt=0, description="seconds a step waits for enough canary traffic, then pauses")
+    release_error_margin: float = Field(0.02, ge=0, description="canary error rate may exceed production's by this (absolute)")
+    release_ttft_ratio: float = Field(1.2, gt=0, description="canary p95 TTFT may be at most this x production's")
+    release_speed_ratio: float = Field(0.9, gt=0, description="canary decode tok/s must be at least this x production's")
+    release_synthetic_load: bool = Field(False, description="drive bounded synthetic traffic during canary steps "
+                                         "(on in `ryz pipeline run`; production releases observe real traffic only)")
+    release_load_concurrency: int = Field(4, ge=1, description="synthetic load: concurrent clients")
+    notify_webhook: str | None = Field(None, description="URL that gets a JSON POST for every reject, abort, pause and promotion")
 
     @field_validator("home", mode="after")
     @classmethod

@@ -1,0 +1,143 @@
+"""Canary analysis: compare the canary with production from the server's Prometheus `/metrics`.
+
+Counters and histograms are cumulative, so a step is judged on the difference between a snapshot at
+its start and one at its end: requests and errors (5xx), p95 TTFT (linear interpolation inside the
+histogram bucket, as Prometheus' histogram_quantile does), and decode speed (output tokens per second
+of inter-token time: count / sum of the per-token latency histogram). Too few canary requests is not
+a verdict but "inconclusive": the release pauses instead of passing on no evidence.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+_LINE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Prometheus text exposition -> (name, labels, value) samples."""
+    samples = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _LINE.match(line)
+        if m:
+            samples.append((m["name"], dict(_LABEL.findall(m["labels"] or "")), float(m["value"])))
+    return samples
+
+
+@dataclass
+class VariantStats:
+    requests: float = 0.0
+    errors: float = 0.0
+    ttft_buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
+    tpot_sum: float = 0.0
+    tpot_count: float = 0.0
+
+    def minus(self, earlier: VariantStats) -> VariantStats:
+        return VariantStats(self.requests - earlier.requests, self.errors - earlier.errors,
+                            {le: c - earlier.ttft_buckets.get(le, 0.0) for le, c in self.ttft_buckets.items()},
+                            self.tpot_sum - earlier.tpot_sum, self.tpot_count - earlier.tpot_count)
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def ttft_p95(self) -> float | None:
+        return histogram_quantile(0.95, self.ttft_buckets)
+
+    @property
+    def decode_tok_s(self) -> float | None:
+        return self.tpot_count / self.tpot_sum if self.tpot_sum > 0 else None
+
+
+def snapshot(metrics_text: str) -> dict[str, VariantStats]:
+    """Per variant: cumulative requests, 5xx errors, TTFT buckets and per-token latency totals."""
+    stats: dict[str, VariantStats] = {}
+    for name, labels, value in parse_metrics(metrics_text):
+        variant = labels.get("variant")
+        if variant is None:
+            continue
+        s = stats.setdefault(variant, VariantStats())
+        if name == "ryz_requests_total":
+            s.requests += value
+            if labels.get("status", "").startswith("5"):
+                s.errors += value
+        elif name == "ryz_time_to_first_token_seconds_bucket":
+            s.ttft_buckets[math.inf if labels["le"] == "+Inf" else float(labels["le"])] = value
+        elif name == "ryz_time_per_output_token_seconds_sum":
+            s.tpot_sum = value
+        elif name == "ryz_time_per_output_token_seconds_count":
+            s.tpot_count = value
+    return stats
+
+
+def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """The q-quantile of a cumulative histogram, interpolated linearly inside its bucket."""
+    if not buckets:
+        return None
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]]
+    if total <= 0:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for le in bounds:
+        count = buckets[le]
+        if count >= rank:
+            if math.isinf(le):
+                return lower  # beyond the last finite bound: report that bound, as Prometheus does
+            return lower + (le - lower) * ((rank - below) / (count - below) if count > below else 1.0)
+        lower, below = le, count
+    return lower
+
+
+@dataclass
+class Thresholds:
+    min_requests: int = 20
+    max_error_rate_delta: float = 0.02   # canary error rate may exceed production's by this much (absolute)
+    max_ttft_ratio: float = 1.2          # canary p95 TTFT <= ratio x production's
+    min_speed_ratio: float = 0.9         # canary decode tok/s >= ratio x production's
+
+
+@dataclass
+class Verdict:
+    outcome: str       # "pass", "fail", "inconclusive"
+    reasons: list[str]
+    canary: dict
+    production: dict
+
+    def summary(self) -> str:
+        return "; ".join(self.reasons)
+
+
+def _describe(s: VariantStats) -> dict:
+    return {"requests": int(s.requests), "errors": int(s.errors), "error_rate": s.error_rate,
+            "ttft_p95_ms": None if s.ttft_p95 is None else s.ttft_p95 * 1000, "decode_tok_s": s.decode_tok_s}
+
+
+def compare(canary: VariantStats, production: VariantStats, t: Thresholds, step: int) -> Verdict:
+    """Judge one step from the two variants' deltas over it: the failed checks, or every check if none failed."""
+    c, p = _describe(canary), _describe(production)
+    n = c["requests"]
+    where = f"over {n} requests at step {step}%"
+    if n < t.min_requests:
+        return Verdict("inconclusive", [f"only {n} canary requests at step {step}% (need {t.min_requests})"], c, p)
+    checks = [(c["error_rate"] <= p["error_rate"] + t.max_error_rate_delta,
+               f"canary error rate {c['error_rate']:.1%} {{op}} production {p['error_rate']:.1%} + {t.max_error_rate_delta:.1%} {where}",
+               ("<=", ">"))]
+    if c["ttft_p95_ms"] is not None and p["ttft_p95_ms"] is not None:
+        checks.append((c["ttft_p95_ms"] <= t.max_ttft_ratio * p["ttft_p95_ms"],
+                       f"canary p95 TTFT {c['ttft_p95_ms']:.0f} ms {{op}} {t.max_ttft_ratio} x production {p['ttft_p95_ms']:.0f} ms {where}",
+                       ("<=", ">")))
+    if c["decode_tok_s"] is not None and p["decode_tok_s"] is not None:
+        checks.append((c["decode_tok_s"] >= t.min_speed_ratio * p["decode_tok_s"],
+                       f"canary decode {c['decode_tok_s']:.1f} tok/s {{op}} {t.min_speed_ratio} x production {p['decode_tok_s']:.1f} tok/s {where}",
+                       (">=", "<")))
+    failed = [text.format(op=ops[1]) for ok, text, ops in checks if not ok]
+    if failed:
+        return Verdict("fail", failed, c, p)
+    return Verdict("pass", [text.format(op=ops[0]) for _ok, text, ops in checks], c, p)

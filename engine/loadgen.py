@@ -1,0 +1,55 @@
+"""Bounded synthetic traffic against a server, for canary analysis where there are no real users.
+
+Clients post short completions with prompts drawn from a list, without session keys, so the router
+draws each request independently; every client stops when told to or at its deadline. Responses are
+not checked here: the server's own metrics are what the analysis reads.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import httpx
+
+
+class SyntheticLoad:
+    def __init__(self, base_url: str, model: str, prompts: list[str], concurrency: int = 4, max_tokens: int = 16,
+                 api_key: str | None = None, deadline_s: float = 900.0, seed: int = 0):
+        if not prompts:
+            raise ValueError("synthetic load needs at least one prompt")
+        self.base_url, self.model, self.prompts = base_url.rstrip("/"), model, prompts
+        self.concurrency, self.max_tokens, self.deadline_s = concurrency, max_tokens, deadline_s
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.sent = self.failed = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._client, args=(seed + i,), daemon=True) for i in range(concurrency)]
+
+    def __enter__(self) -> SyntheticLoad:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+    def _client(self, seed: int) -> None:
+        rng = random.Random(seed)
+        end = time.monotonic() + self.deadline_s
+        with httpx.Client(base_url=self.base_url, timeout=60, headers=self.headers) as client:
+            while not self._stop.is_set() and time.monotonic() < end:
+                body = {"model": self.model, "prompt": rng.choice(self.prompts), "max_tokens": self.max_tokens,
+                        "temperature": 0.7, "seed": rng.randrange(1 << 30)}
+                try:
+                    ok = client.post("/v1/completions", json=body).status_code < 500
+                except httpx.HTTPError:
+                    ok = False
+                with self._lock:
+                    self.sent += 1
+                    self.failed += not ok
+                if not ok:
+                    self._stop.wait(0.05)

@@ -1,0 +1,114 @@
+"""Release flow: offline gates -> canary steps (weight, traffic, analysis) -> promote, or reject / pause / abort."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+from prefect.transactions import transaction
+
+from engine.registry import Registry
+from engine.releases import ReleaseStore, new_release
+from engine.settings import get_settings
+from engine.store import open_store
+from tasks.notify import notify_release
+from tasks.release import (abort_release, check_offline_gates, load_canary, load_production, mark_canary,
+                           observe_canary_step, promote_in_registry, promote_on_servers, reject_version, replicas,
+                           set_canary_weight)
+
+
+class StepFailed(RuntimeError):
+    """Raised inside a step's transaction so its rollback hooks undo the step."""
+
+
+@flow(name="release")
+def release(ref: str | None = None, release_id: str | None = None, synthetic_load: bool | None = None,
+            force_promote: bool = False) -> dict:
+    """Release `ref` (a registry version), or resume `release_id` from its recorded step.
+
+    Returns:
+        the release record (engine/releases.py): status promoted, rejected, paused or aborted, with its log.
+    """
+    settings, store = get_settings(), ReleaseStore(open_store())
+    actor = f"flow-run:{flow_run.get_id() or 'local'}"
+    load = settings.release_synthetic_load if synthetic_load is None else synthetic_load
+    rel = store.get(release_id) if release_id else _open(store, ref)
+    rid, ref = rel["id"], rel["ref"]
+    name, version = rel["name"], rel["version"]
+    old_production = _production_artifact()
+    # Offline gates: reject, bootstrap the first model straight to production, or go on to the canary.
+    if rel["status"] == "gating":
+        gate = check_offline_gates(rid, ref)
+        if not gate["passed"]:
+            reject_version(rid, ref, gate["reason"], actor)
+            return _finish(store, rid, "rejected", gate["reason"])
+        if gate["bootstrap"]:
+            with transaction():
+                load_production(rid, rel["artifact_id"], None)
+                promote_in_registry(rid, ref, gate["reason"], actor)
+            store.set_status(rid, "promoted", gate["reason"])
+            return _finish(store, rid, "promoted", gate["reason"])
+        store.set_status(rid, "canary", gate["reason"])
+    elif rel["status"] in ("paused", "pause_requested"):
+        store.set_status(rid, "canary", f"resumed at step {rel['steps'][min(rel['step_index'], len(rel['steps']) - 1)]}%")
+    # Canary steps: each one transaction; a failed analysis raises inside it, so its hooks undo the step.
+    for i in range(store.get(rid)["step_index"], 0 if force_promote else len(rel["steps"])):
+        weight = rel["steps"][i]
+        try:
+            with transaction():
+                if i == 0 and not _canary_loaded(rel["artifact_id"]):
+                    load_canary(rid, rel["artifact_id"])
+                    mark_canary(rid, ref, actor)
+                set_canary_weight(rid, i, weight)
+                result = observe_canary_step(rid, ref, actor, i, weight, load)
+                if result["outcome"] in ("fail", "aborted"):
+                    raise StepFailed("; ".join(result["reasons"]))
+        except StepFailed as failed:
+            abort_release(rid, ref, f"canary step {weight}% failed: {failed}", actor)
+            return _finish(store, rid, "aborted", f"canary step {weight}% failed: {failed}")
+        except Exception as exc:
+            store.set_status(rid, "failed", f"{type(exc).__name__}: {exc}; the step's transaction restored servers and registry")
+            raise
+        if result["outcome"] in ("inconclusive", "paused"):
+            reason = "; ".join(result["reasons"])
+            store.update(rid, lambda doc: doc.update(step_index=i))
+            store.set_status(rid, "paused", f"paused at step {weight}%: {reason}; `ryz release resume` continues here")
+            return _finish(store, rid, "paused", reason)
+        store.update(rid, lambda doc, i=i: doc.update(step_index=i + 1))
+    # Promote: servers and registry in one transaction.
+    reason = (f"forced promotion of {ref}" if force_promote else
+              f"{ref} passed every canary step ({', '.join(f'{s}%' for s in rel['steps'])})")
+    with transaction():
+        promote_on_servers(rid, old_production)
+        promote_in_registry(rid, ref, reason, actor)
+    store.set_status(rid, "promoted", reason)
+    return _finish(store, rid, "promoted", reason)
+
+
+def _open(store: ReleaseStore, ref: str | None) -> dict:
+    if not ref:
+        raise ValueError("release needs a model reference (name:version) or a release_id to resume")
+    version = Registry(open_store()).get(ref)
+    return store.create(new_release(version.name, version.version, version.artifact_id, get_settings().release_steps))
+
+
+def _production_artifact() -> str | None:
+    try:
+        return Registry(open_store()).get("production").artifact_id
+    except Exception:  # noqa: BLE001 - no production yet
+        return None
+
+
+def _canary_loaded(artifact_id: str) -> bool:
+    return all(s["variants"].get("canary", {}).get("ref") == artifact_id for s in replicas().state())
+
+
+def _finish(store: ReleaseStore, rid: str, outcome: str, reason: str) -> dict:
+    rel = store.get(rid)
+    kind = {"promoted": "promoted", "rejected": "rejected", "paused": "paused", "aborted": "aborted"}[outcome]
+    notify_release(kind, rel["name"], rel["version"], reason, rid)
+    lines = [f"# Release {rid}: {rel['ref']} {outcome}", "", reason, "", "| when | event | reason |", "|---|---|---|"]
+    lines += [f"| {e['time']:.0f} | {e['event']} | {e['reason']} |" for e in rel["log"]]
+    create_markdown_artifact(key="release", markdown="\n".join(lines), description=f"{rel['ref']}: {outcome}")
+    get_run_logger().info("release %s: %s %s: %s", rid, rel["ref"], outcome, reason)
+    return rel

@@ -1,0 +1,332 @@
+"""Prefect tasks of a release: gates, canary moves on the servers and in the registry, step analysis, promotion.
+
+Every task that changes a server or the registry has an `on_rollback` hook that undoes it, so the
+transaction around a release step leaves servers and aliases as they were when anything in the step
+fails. Tasks take the release id and step, which key their cache (a retried release never reuses an
+aborted attempt's results), and log through the release record what they did and why.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import get_run_logger, task
+from prefect.transactions import Transaction, get_transaction
+
+from engine.admin import Replicas
+from engine.canary import Thresholds, VariantStats, compare, snapshot
+from engine.registry import Registry
+from engine.releases import ReleaseStore
+from engine.settings import Settings, get_settings
+from engine.store import open_store
+
+
+def replicas(settings: Settings | None = None) -> Replicas:
+    settings = settings or get_settings()
+    return Replicas(settings.release_servers or [f"http://{settings.host}:{settings.port}"], settings.admin_token)
+
+
+def registry(actor: str) -> Registry:
+    return Registry(open_store(), actor=actor)
+
+
+def releases() -> ReleaseStore:
+    return ReleaseStore(open_store())
+
+
+def _note_rollback(txn: Transaction, what: str) -> None:
+    release_id = txn.get("release_id", None)
+    if release_id:
+        releases().log(release_id, "rollback-hook", f"transaction rolled back: {what}")
+
+
+# -- offline gates ----------------------------------------------------------------------------------------
+@task(name="check-offline-gates")
+def check_offline_gates(release_id: str, ref: str) -> dict:
+    """Parity, then accuracy and speed against production's record (or the floors for the first model).
+
+    Returns:
+        {"passed", "reason", "checks", "bootstrap"}: bootstrap is true when there is no production yet.
+    """
+    from evaluations.evaluate import load_record
+    from evaluations.gates import check_floors, compare_to_baseline
+
+    settings = get_settings()
+    store = open_store()
+    reg = Registry(store)
+    version = reg.get(ref)
+    if version.status == "rejected":
+        return {"passed": False, "reason": f"{ref} was rejected by the pipeline", "checks": [], "bootstrap": False}
+    if not version.evaluation:
+        return {"passed": False, "reason": f"{ref} has no evaluation record", "checks": [], "bootstrap": False}
+    record = load_record(version.evaluation, store)
+    if not record.get("valid"):
+        return {"passed": False, "reason": "evaluation record invalid: " + "; ".join(record.get("failures", [])),
+                "checks": [], "bootstrap": False}
+    try:
+        production = reg.get("production")
+    except Exception:  # noqa: BLE001 - no production yet: the floors apply
+        production = None
+    if production is None:
+        gate = check_floors(record, settings.gate_floors, settings.gate_min_decode_tok_s)
+        reason = ("first model: " + gate.summary()) if gate.passed else gate.summary()
+    else:
+        baseline = load_record(production.evaluation, store) if production.evaluation else None
+        if baseline is None:
+            gate = check_floors(record, settings.gate_floors, settings.gate_min_decode_tok_s)
+        else:
+            gate = compare_to_baseline(record, baseline, settings.gate_accuracy_margin, settings.gate_speed_margin)
+        reason = gate.summary() if not gate.passed else f"offline gates vs production {production.ref}: {gate.summary()}"
+    get_run_logger().info("offline gates for %s: %s", ref, reason)
+    return {"passed": gate.passed, "reason": reason, "checks": gate.checks, "bootstrap": production is None}
+
+
+# -- server and registry moves, each undone by its rollback hook ------------------------------------------
+@task(name="load-canary")
+def load_canary(release_id: str, artifact_id: str) -> None:
+    """Load the version into every replica's canary slot (weight stays 0)."""
+    get_transaction().set("release_id", release_id)
+    replicas().load("canary", artifact_id)
+    releases().log(release_id, "canary-loaded", f"canary {artifact_id[:19]} loaded on the servers")
+
+
+@load_canary.on_rollback
+def _unload_canary(txn: Transaction) -> None:
+    group = replicas()
+    for action in (lambda: group.set_weight(0), lambda: group.unload("canary")):
+        try:
+            action()
+        except Exception:  # noqa: BLE001 - a replica without a canary is already undone
+            pass
+    _note_rollback(txn, "canary weight 0 and canary unloaded")
+
+
+@task(name="set-canary-weight")
+def set_canary_weight(release_id: str, step: int, weight: int) -> None:
+    """Send `weight` percent of routed traffic to the canary on every replica."""
+    get_transaction().set("release_id", release_id)
+    replicas().set_weight(weight)
+    releases().log(release_id, "weight", f"canary weight {weight}%", step=step)
+
+
+@set_canary_weight.on_rollback
+def _weight_to_zero(txn: Transaction) -> None:
+    try:
+        replicas().set_weight(0)
+    except Exception:  # noqa: BLE001 - canary already gone
+        pass
+    _note_rollback(txn, "canary weight back to 0")
+
+
+@task(name="mark-canary")
+def mark_canary(release_id: str, ref: str, actor: str) -> None:
+    """Registry: alias `canary` -> ref, status canary."""
+    txn = get_transaction()
+    txn.set("release_id", release_id)
+    reg = registry(actor)
+    txn.set("previous_canary", reg.aliases().get("canary"))
+    txn.set("ref", ref)
+    txn.set("actor", actor)
+    reg.set_alias("canary", ref, f"release {release_id}: canary steps start")
+    reg.set_status(ref, "canary", f"release {release_id}: in canary")
+
+
+@mark_canary.on_rollback
+def _unmark_canary(txn: Transaction) -> None:
+    reg = registry(txn.get("actor"))
+    previous = txn.get("previous_canary")
+    reason = "transaction rollback: canary step undone"
+    reg.set_alias("canary", f"{previous['name']}:{previous['version']}" if previous else None, reason)
+    reg.set_status(txn.get("ref"), "candidate", reason)
+    _note_rollback(txn, "registry canary alias and status restored")
+
+
+@task(name="promote-on-servers")
+def promote_on_servers(release_id: str, old_production_artifact: str | None) -> None:
+    """The canary's engine becomes production on every replica; the canary slot empties."""
+    txn = get_transaction()
+    txn.set("release_id", release_id)
+    txn.set("old_production_artifact", old_production_artifact)
+    replicas().promote()
+
+
+@promote_on_servers.on_rollback
+def _restore_production(txn: Transaction) -> None:
+    artifact = txn.get("old_production_artifact")
+    if artifact:
+        replicas().load("production", artifact)
+    _note_rollback(txn, f"servers' production restored to {artifact[:19] if artifact else 'nothing'}")
+
+
+@task(name="load-production")
+def load_production(release_id: str, artifact_id: str, old_production_artifact: str | None) -> None:
+    """Load a version straight into production (first model, or a rollback)."""
+    txn = get_transaction()
+    txn.set("release_id", release_id)
+    txn.set("old_production_artifact", old_production_artifact)
+    replicas().load("production", artifact_id)
+
+
+load_production.on_rollback(_restore_production)
+
+
+@task(name="promote-in-registry")
+def promote_in_registry(release_id: str, ref: str, reason: str, actor: str) -> None:
+    """Registry: previous <- production, production <- ref (one compare-and-swap write)."""
+    txn = get_transaction()
+    txn.set("release_id", release_id)
+    reg = registry(actor)
+    txn.set("aliases_before", reg.aliases())
+    txn.set("statuses_before", {v.ref: v.status for v in reg.versions()})
+    txn.set("actor", actor)
+    reg.promote(ref, reason)
+
+
+@promote_in_registry.on_rollback
+def _restore_aliases(txn: Transaction) -> None:
+    reg = registry(txn.get("actor"))
+    before, statuses = txn.get("aliases_before"), txn.get("statuses_before")
+    reason = "transaction rollback: promotion undone"
+
+    def change(state: dict) -> None:
+        state["aliases"] = before
+        for name, versions in state["models"].items():
+            for v in versions:
+                v["status"] = statuses.get(f"{name}:{v['version']}", v["status"])
+        state["events"].append({"time": time.time(), "actor": reg.actor, "action": "rollback-hook", "name": None,
+                                "version": None, "reason": reason})
+
+    reg.update(change, "restoring aliases")
+    _note_rollback(txn, "registry aliases and statuses restored")
+
+
+# -- analysis -----------------------------------------------------------------------------------------------
+def _sum(stats: list[dict[str, VariantStats]], variant: str) -> VariantStats:
+    total = VariantStats()
+    for s in stats:
+        v = s.get(variant)
+        if v is None:
+            continue
+        total.requests += v.requests
+        total.errors += v.errors
+        total.tpot_sum += v.tpot_sum
+        total.tpot_count += v.tpot_count
+        for le, c in v.ttft_buckets.items():
+            total.ttft_buckets[le] = total.ttft_buckets.get(le, 0.0) + c
+    return total
+
+
+@task(name="observe-canary-step")
+def observe_canary_step(release_id: str, ref: str, actor: str, step: int, weight: int, synthetic_load: bool) -> dict:
+    """Wait for enough canary requests (or the deadline, or a pause/abort request), then compare the variants.
+
+    Returns:
+        {"outcome": pass|fail|inconclusive|paused|aborted, "reasons", "canary", "production"}.
+    """
+    from contextlib import nullcontext
+
+    settings = get_settings()
+    group = replicas(settings)
+    store = releases()
+    thresholds = Thresholds(settings.release_min_requests, settings.release_error_margin, settings.release_ttft_ratio,
+                            settings.release_speed_ratio)
+    before = [snapshot(text) for text in group.metrics()]
+    load = nullcontext()
+    if synthetic_load:
+        from engine.loadgen import SyntheticLoad
+
+        load = SyntheticLoad(group.clients[0].base_url, settings.served_model_name, _load_prompts(),
+                             settings.release_load_concurrency, api_key=_first_api_key(settings),
+                             deadline_s=settings.release_step_timeout)
+    deadline = time.monotonic() + settings.release_step_timeout
+    outcome = None
+    with load:
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            status = store.get(release_id)["status"]
+            if status in ("pause_requested", "abort_requested"):
+                outcome = status.removesuffix("_requested").replace("pause", "paused").replace("abort", "aborted")
+                break
+            now = [snapshot(text) for text in group.metrics()]
+            if _sum(now, "canary").requests - _sum(before, "canary").requests >= thresholds.min_requests:
+                break
+    after = [snapshot(text) for text in group.metrics()]
+    verdict = compare(_sum(after, "canary").minus(_sum(before, "canary")),
+                      _sum(after, "production").minus(_sum(before, "production")), thresholds, weight)
+    result = {"outcome": outcome or verdict.outcome, "reasons": verdict.reasons if outcome is None else [f"{outcome} by request"],
+              "canary": verdict.canary, "production": verdict.production}
+    store.log(release_id, f"step-{result['outcome']}", "; ".join(result["reasons"]), step=step, weight=weight,
+              canary=verdict.canary, production=verdict.production)
+    registry(actor).note(ref, f"canary-{weight}%:{result['outcome']}", "; ".join(result["reasons"]), release=release_id)
+    get_run_logger().info("step %d%%: %s: %s", weight, result["outcome"], "; ".join(result["reasons"]))
+    return result
+
+
+def _first_api_key(settings: Settings) -> str | None:
+    keys = [k.strip() for k in (settings.api_keys or "").split(",") if k.strip()]
+    return keys[0] if keys else None
+
+
+def _load_prompts() -> list[str]:
+    """Prompts from the demo gate tasks (the suite the candidates were judged on), else fixed sentences."""
+    import json
+    from pathlib import Path
+
+    prompts = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "evaluations" / "tasks" / "demo").glob("*.jsonl")):
+        with path.open() as handle:
+            for line in handle:
+                item = json.loads(line)
+                text = item.get("prompt") or item.get("question") or item.get("context") or item.get("text")
+                if isinstance(text, str) and text.strip():
+                    prompts.append(text[:400])
+                if len(prompts) >= 200:
+                    return prompts
+    return prompts or ["The quick brown fox", "Once upon a time", "def add(a, b):", "2 + 3 ="]
+
+
+# -- outcomes -------------------------------------------------------------------------------------------------
+def abort_actions(release_id: str, ref: str, reason: str, actor: str) -> None:
+    """Canary weight 0 and unloaded everywhere, registry status rolled_back (production untouched), release aborted."""
+    group = replicas()
+    for action in (lambda: group.set_weight(0), lambda: group.unload("canary")):
+        try:
+            action()
+        except Exception:  # noqa: BLE001 - nothing to undo on that replica
+            pass
+    reg = registry(actor)
+    canary = reg.aliases().get("canary")
+    if canary and f"{canary['name']}:{canary['version']}" == ref:
+        reg.set_alias("canary", None, f"release {release_id} aborted")
+    reg.set_status(ref, "rolled_back", reason)
+    releases().set_status(release_id, "aborted", reason)
+
+
+@task(name="abort-release")
+def abort_release(release_id: str, ref: str, reason: str, actor: str) -> None:
+    """Abort: see abort_actions."""
+    abort_actions(release_id, ref, reason, actor)
+    get_run_logger().warning("release %s of %s aborted: %s", release_id, ref, reason)
+
+
+@task(name="reject-version")
+def reject_version(release_id: str, ref: str, reason: str, actor: str) -> None:
+    """Offline gates failed: the version is rejected with the reason; servers are not touched."""
+    registry(actor).set_status(ref, "rejected", reason)
+    releases().set_status(release_id, "rejected", reason)
+    get_run_logger().warning("%s rejected: %s", ref, reason)
+
+
+def rollback_production(actor: str, reason: str) -> dict:
+    """Undo the last promotion: `previous` serves as production again (registry and every replica)."""
+    reg = registry(actor)
+    before = reg.get("production")
+    back = reg.rollback(reason)
+    try:
+        replicas().load("production", back.artifact_id)
+    except Exception:
+        reg.update(lambda state: state["aliases"].update({"production": {"name": before.name, "version": before.version},
+                                                           "previous": {"name": back.name, "version": back.version}}),
+                   "undoing a rollback the servers refused")
+        raise
+    return {"production": back.ref, "rolled_back": before.ref}

@@ -1,0 +1,218 @@
+"""The release flow end to end: a real `ryz serve` process, the registry in a file store, Prefect's engine.
+
+Models are tiny synthetic ones; evaluation records are hand-made (their numbers decide the offline
+gates, which tests/test_gates.py covers in detail). Faults are injected through the server's
+/admin/faults. Thresholds are loosened for TTFT and speed (two engines share two cores, so their
+latencies are noisy) except where a test injects latency on purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+pytest.importorskip("prefect")
+
+from engine.admin import AdminClient  # noqa: E402
+from engine.registry import Registry  # noqa: E402
+from engine.settings import reload_settings  # noqa: E402
+from engine.store import open_store  # noqa: E402
+from tests import checkpoints  # noqa: E402
+
+TOKEN = "release-test-token"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _record(model_id: str, acc: float, decode: float = 100.0) -> dict:
+    return {"schema": 1, "model": {"artifact_id": model_id}, "suite": "gate", "valid": True, "failures": [],
+            "tasks": {"demo_mc": {"metrics": {"acc": {"value": acc, "stderr": 0.02}}, "n": 200}},
+            "bench": {"decode_tok_s": decode, "prefill_tok_s": 500.0, "ttft_ms": 5.0, "peak_rss_mb": 100.0, "threads": 1,
+                      "roofline_fraction": 0.5}}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, kernel_build):
+    """RYZ_HOME with the session's kernel build, three registered versions with records, a running server."""
+    from evaluations.evaluate import store_record
+    from engine.quantize import quantize_to_store
+
+    root = tmp_path_factory.mktemp("release")
+    home = root / "home"
+    shutil.copytree(kernel_build.directory, home / "cache" / "kernels" / kernel_build.key)
+    port = _free_port()
+    variables = {"RYZ_HOME": str(home), "RYZ_ADMIN_TOKEN": TOKEN, "RYZ_PORT": str(port), "RYZ_THREADS": "1",
+                 "RYZ_MAX_SEQS": "4", "RYZ_MAX_CONTEXT": "256", "RYZ_RELEASE_STEPS": "[50, 100]",
+                 "RYZ_RELEASE_MIN_REQUESTS": "8", "RYZ_RELEASE_STEP_TIMEOUT": "30", "RYZ_RELEASE_TTFT_RATIO": "50",
+                 "RYZ_RELEASE_SPEED_RATIO": "0.02", "RYZ_RELEASE_SYNTHETIC_LOAD": "true", "RYZ_GATE_FLOORS": '{"demo_mc": 0.3}',
+                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    mp = pytest.MonkeyPatch()
+    for k, v in variables.items():
+        mp.setenv(k, v)
+    reload_settings()
+    store = open_store()
+    registry = Registry(store, actor="test")
+    versions = {}
+    for name, seed, acc in (("good", 5, 0.6), ("better", 9, 0.62), ("worse", 11, 0.2), ("fourth", 13, 0.61)):
+        manifest = quantize_to_store(checkpoints.synth(root / name, seed=seed), store, root / "work")
+        record_id = store_record(_record(manifest["artifact_id"], acc), store)
+        versions[name] = registry.register("demo", manifest["artifact_id"], {"repo": "demo", "revision": name},
+                                           evaluation=record_id).ref
+    log = open(root / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve"], env={**os.environ}, stdout=log, stderr=log,
+                              start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    else:
+        raise TimeoutError((root / "server.log").read_text())
+    try:
+        yield {"base": base, "versions": versions, "registry": registry, "admin": AdminClient(base, TOKEN), "log": root / "server.log"}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        mp.undo()
+        reload_settings()
+
+
+@pytest.fixture(scope="module")
+def harness(env, tmp_path_factory):
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(tmp_path_factory.mktemp("results"))}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+def _aliases(env) -> dict:
+    return {a: f"{t['name']}:{t['version']}" for a, t in env["registry"].aliases().items()}
+
+
+def _server_models(env) -> dict:
+    return {n: v["ref"] for n, v in env["admin"].state()["variants"].items()}
+
+
+def test_release_story(env, harness):
+    """Bootstrap, a passing canary, an offline reject, faults rolled back, a pause and resume, rollback."""
+    from flows.release import release
+    from tasks.release import rollback_production
+
+    v = env["versions"]
+    reg = env["registry"]
+    # 1. The first model goes straight to production (floors).
+    first = release(ref=v["good"])
+    assert first["status"] == "promoted" and "first model" in first["log"][-1]["reason"]
+    assert _aliases(env) == {"production": v["good"]}
+    assert _server_models(env) == {"production": reg.get(v["good"]).artifact_id}
+
+    # 2. A better model passes both canary steps and is promoted; previous <- old production.
+    second = release(ref=v["better"])
+    assert second["status"] == "promoted", second["log"]
+    assert _aliases(env) == {"production": v["better"], "previous": v["good"]}
+    assert _server_models(env) == {"production": reg.get(v["better"]).artifact_id}
+    steps = [e for e in reg.history() if e["action"].startswith("canary-")]
+    assert [e["action"] for e in steps] == ["canary-50%:pass", "canary-100%:pass"]
+    assert "canary error rate" in steps[0]["reason"] and "over" in steps[0]["reason"]
+
+    # 3. A much worse model is rejected at the offline gate; servers untouched.
+    third = release(ref=v["worse"])
+    assert third["status"] == "rejected" and "demo_mc acc 0.2000 vs production 0.6200" in third["log"][-1]["reason"]
+    assert reg.get(v["worse"]).status == "rejected"
+    assert _server_models(env) == {"production": reg.get(v["better"]).artifact_id}
+
+    # 4. A failing canary (injected 5xx) is aborted at the first step; production untouched.
+    env["admin"].set_faults(canary_error_rate=0.6)
+    try:
+        fourth = release(ref=v["fourth"])
+    finally:
+        env["admin"].set_faults(canary_error_rate=0)
+    assert fourth["status"] == "aborted" and "canary error rate" in fourth["log"][-1]["reason"]
+    assert reg.get(v["fourth"]).status == "rolled_back"
+    assert _aliases(env) == {"production": v["better"], "previous": v["good"]}
+    assert _server_models(env) == {"production": reg.get(v["better"]).artifact_id}
+    assert env["admin"].state()["weights"]["canary"] == 0
+
+    # 5. Rollback: previous serves again, in the registry and on the server.
+    result = rollback_production("test", "drill")
+    assert result == {"production": v["good"], "rolled_back": v["better"]}
+    assert _server_models(env) == {"production": reg.get(v["good"]).artifact_id}
+    history = [e["action"] for e in reg.history()]
+    assert history[-1] == "rollback" and "promote" in history
+
+
+def test_latency_fault_and_inconclusive_pause(env, harness, monkeypatch):
+    from flows.release import release
+
+    reg = env["registry"]
+    aid = reg.get(env["versions"]["fourth"]).artifact_id
+    slow = reg.register("demo", aid, {"repo": "demo", "revision": "slow"}, evaluation=reg.get(env["versions"]["fourth"]).evaluation).ref
+    before = (_aliases(env), _server_models(env))
+    monkeypatch.setenv("RYZ_RELEASE_TTFT_RATIO", "1.5")
+    reload_settings()
+    env["admin"].set_faults(canary_latency_ms=300)
+    try:
+        rel = release(ref=slow)
+    finally:
+        env["admin"].set_faults(canary_latency_ms=0)
+        monkeypatch.delenv("RYZ_RELEASE_TTFT_RATIO")
+        reload_settings()
+    assert rel["status"] == "aborted" and "p95 TTFT" in rel["log"][-1]["reason"], rel["log"]
+    assert (_aliases(env), _server_models(env)) == before
+
+    # Too little traffic: no synthetic load and a short deadline -> paused at the first step, canary loaded.
+    quiet = reg.register("demo", aid, {"repo": "demo", "revision": "quiet"}, evaluation=reg.get(slow).evaluation).ref
+    monkeypatch.setenv("RYZ_RELEASE_STEP_TIMEOUT", "2")
+    reload_settings()
+    try:
+        paused = release(ref=quiet, synthetic_load=False)
+    finally:
+        monkeypatch.delenv("RYZ_RELEASE_STEP_TIMEOUT")
+        reload_settings()
+    assert paused["status"] == "paused" and "only 0 canary requests" in paused["log"][-1]["reason"]
+    assert _server_models(env).get("canary") == aid
+    resumed = release(release_id=paused["id"], synthetic_load=True)
+    assert resumed["status"] == "promoted", resumed["log"]
+    assert _aliases(env)["production"] == quiet
+
+
+def test_an_exception_mid_step_restores_servers_and_registry(env, harness, monkeypatch):
+    import flows.release as flow_module
+    from prefect import task
+
+    reg = env["registry"]
+    aid = reg.get(env["versions"]["better"]).artifact_id
+    crash = reg.register("demo", aid, {"repo": "demo", "revision": "crash"}, evaluation=reg.get(env["versions"]["better"]).evaluation).ref
+    before = (_aliases(env), _server_models(env), env["admin"].state()["weights"])
+
+    @task(name="observe-canary-step")
+    def exploding_observe(*args, **kwargs):
+        raise RuntimeError("metrics backend exploded")
+
+    monkeypatch.setattr(flow_module, "observe_canary_step", exploding_observe)
+    with pytest.raises(RuntimeError, match="exploded"):
+        flow_module.release(ref=crash)
+    assert (_aliases(env), _server_models(env), env["admin"].state()["weights"]) == before
+    assert reg.get(crash).status == "candidate"
+    rel = flow_module.ReleaseStore(open_store()).latest()
+    assert rel["status"] == "failed"
+    assert any(e["event"] == "rollback-hook" for e in rel["log"])
+    assert any(e["action"] == "rollback-hook" or "transaction rollback" in e["reason"] for e in reg.history())
