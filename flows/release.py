@@ -12,7 +12,7 @@ from engine.releases import ReleaseStore, new_release
 from engine.settings import get_settings
 from engine.store import open_store
 from tasks.notify import notify_release
-from tasks.release import (abort_release, check_offline_gates, load_canary, load_production, mark_canary,
+from tasks.release import (abort_release, check_offline_gates, ensure_production_served, load_canary, load_production, mark_canary,
                            observe_canary_step, promote_in_registry, promote_on_servers, reject_version, replicas,
                            set_canary_weight)
 
@@ -52,6 +52,8 @@ def release(ref: str | None = None, release_id: str | None = None, synthetic_loa
     elif rel["status"] in ("paused", "pause_requested"):
         store.set_status(rid, "canary", f"resumed at step {rel['steps'][min(rel['step_index'], len(rel['steps']) - 1)]}%")
     # Canary steps: each one transaction; a failed analysis raises inside it, so its hooks undo the step.
+    if old_production:
+        ensure_production_served(rid, old_production)
     for i in range(store.get(rid)["step_index"], 0 if force_promote else len(rel["steps"])):
         weight = rel["steps"][i]
         try:

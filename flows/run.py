@@ -1,22 +1,28 @@
-"""The main job: discover -> per-candidate pipeline -> release (issue 7) -> run report."""
+"""The main job: discover -> per-candidate pipeline -> release through the canary -> run report."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import time
 from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from engine.settings import get_settings, reload_settings
 from flows.discovery import discover_models
 from flows.pipeline import candidate_pipeline
+from flows.release import release
 from tasks.report import write_run_report
 
 
 @flow(name="pipeline-run")
 def pipeline_run(source: Literal["local", "hf"] = "local", path: str | None = None, suite: str = "gate",
-                 limit: int | None = None) -> dict:
-    """Discover new models and take each, in the order the source lists them, through the candidate pipeline.
+                 limit: int | None = None, release_candidates: bool = True) -> dict:
+    """Discover new models and take each, in the order the source lists them, through the candidate pipeline
+    and then the release flow, against a server of its own on 127.0.0.1 (stopped at the end).
 
     Returns:
         {"report": path, "candidates": [per-candidate results]}.
@@ -26,16 +32,48 @@ def pipeline_run(source: Literal["local", "hf"] = "local", path: str | None = No
     # Discover: new (repo, revision) pairs only; a second run with nothing new stops here.
     candidates = discover_models(source=source, local_paths=[path] if path else None)
     results = []
-    for candidate in candidates:
-        # Pipeline: one subflow per candidate; a failing candidate is reported, the others still run.
-        state = candidate_pipeline(candidate["repo"], candidate["revision"], candidate["source"], candidate.get("path"),
-                                   suite=suite, limit=limit, return_state=True)
-        outcome = state.result(raise_on_failure=False) if state.is_completed() else None
-        if outcome is None:
-            outcome = {"status": "failed", "version": None, "reason": f"pipeline failed: {state.message or state.name}"}
-        # Release: the canary flow arrives with issue 7; until then candidates wait in the registry.
-        results.append({"repo": candidate["repo"], "revision": candidate["revision"], **outcome,
-                        "version": outcome.get("version") and f"{outcome['name']}:{outcome['version']}"})
+    with contextlib.ExitStack() as stack:
+        server = None
+        for candidate in candidates:
+            # Pipeline: one subflow per candidate; a failing candidate is reported, the others still run.
+            state = candidate_pipeline(candidate["repo"], candidate["revision"], candidate["source"], candidate.get("path"),
+                                       suite=suite, limit=limit, return_state=True)
+            outcome = state.result(raise_on_failure=False) if state.is_completed() else None
+            if outcome is None:
+                outcome = {"status": "failed", "version": None, "reason": f"pipeline failed: {state.message or state.name}"}
+            ref = outcome.get("version") and f"{outcome['name']}:{outcome['version']}"
+            # Release: gates, canary steps with synthetic traffic, promotion; the server starts with the first one.
+            if release_candidates and outcome["status"] == "candidate":
+                server = server or stack.enter_context(_own_server())
+                rel = release(ref=ref, synthetic_load=True, return_state=True)
+                rel = rel.result(raise_on_failure=False) if rel.is_completed() else None
+                if rel is None:
+                    outcome = {**outcome, "release": "failed", "reason": outcome["reason"] + "; release flow failed"}
+                else:
+                    final = {"promoted": "production", "rejected": "rejected", "aborted": "rolled_back"}.get(rel["status"], rel["status"])
+                    outcome = {**outcome, "status": final, "release": rel["status"], "reason": rel["log"][-1]["reason"]}
+            results.append({"repo": candidate["repo"], "revision": candidate["revision"], **outcome, "version": ref})
     report = write_run_report(flow_run.get_name() or "local", source, suite, results, time.monotonic() - started)
     logger.info("%s; report: %s", f"{len(results)} new candidate(s)" if results else "nothing new since the last run", report)
     return {"report": report, "candidates": results}
+
+
+@contextlib.contextmanager
+def _own_server():
+    """A local `ryz serve` with a generated admin token; the release tasks address it through the settings."""
+    from engine.localserver import LocalServer
+
+    settings = get_settings()
+    with LocalServer(settings.home / "logs" / "pipeline-serve.log") as server:
+        saved = {k: os.environ.get(k) for k in ("RYZ_ADMIN_TOKEN", "RYZ_RELEASE_SERVERS")}
+        os.environ.update(RYZ_ADMIN_TOKEN=server.token, RYZ_RELEASE_SERVERS=json.dumps([server.url]))
+        reload_settings()
+        try:
+            yield server
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            reload_settings()

@@ -141,6 +141,16 @@ def _unmark_canary(txn: Transaction) -> None:
     _note_rollback(txn, "registry canary alias and status restored")
 
 
+@task(name="ensure-production-served")
+def ensure_production_served(release_id: str, artifact_id: str) -> None:
+    """A replica that (re)started without the registry's production loads it, so the canary has a baseline."""
+    group = replicas()
+    for client, state in zip(group.clients, group.state()):
+        if state["variants"].get("production", {}).get("ref") != artifact_id:
+            client.load("production", artifact_id)
+            releases().log(release_id, "production-loaded", f"{client.base_url} had no production: loaded {artifact_id[:19]}")
+
+
 @task(name="promote-on-servers")
 def promote_on_servers(release_id: str, old_production_artifact: str | None) -> None:
     """The canary's engine becomes production on every replica; the canary slot empties."""
