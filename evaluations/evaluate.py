@@ -187,6 +187,10 @@ def tasks_from_results(out: dict, limit: int | None) -> dict:
             tasks[task] = {"metrics": metrics, "n": None if n is None else int(n), "limit": limit,
                            "size": None if s.get("original") is None else int(s["original"]), "group": False,
                            "higher_is_better": {k: bool(v) for k, v in (higher.get(task) or {}).items()}}
+    for group, subtasks in groups.items():  # leaves name their group: gates judge the group's aggregate
+        for leaf in _leaves(group, groups) if subtasks else []:
+            if leaf in tasks and not tasks[leaf].get("group"):
+                tasks[leaf]["parent"] = group
     return tasks
 
 

@@ -57,7 +57,7 @@ def _summary(version: dict, parity: dict, evaluation: dict | None, reason: str) 
         lines.append(f"- evaluation record `{evaluation['record_id']}`" + (f" ([report]({evaluation['report']}))" if evaluation.get("report") else ""))
         lines += ["", "| task | metric | value | stderr |", "|---|---|---|---|"]
         for task, result in evaluation["tasks"].items():
-            for metric, m in result["metrics"].items():
+            for metric, m in result["metrics"].items() if not result.get("parent") else ():
                 stderr = "n/a" if m["stderr"] is None else f"{m['stderr']:.4f}"
                 lines.append(f"| {task} | {metric} | {m['value']:.4f} | {stderr} |")
         if evaluation.get("bench"):

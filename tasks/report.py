@@ -22,7 +22,7 @@ def _metrics(evaluation: dict | None) -> list[dict]:
         return []
     return [{"task": task, "metric": metric, "value": m["value"], "stderr": m["stderr"]}
             for task, result in evaluation["tasks"].items() for metric, m in result["metrics"].items()
-            if metric in ("acc", "acc_norm", "exact_match", "word_perplexity")]
+            if metric in ("acc", "acc_norm", "exact_match", "word_perplexity") and not result.get("parent")]
 
 
 @task(name="write-run-report")

@@ -38,3 +38,10 @@ def test_floors_for_the_first_model():
     assert check_floors(record(0.5), {"demo_mc": 0.35}, 0).passed
     low = check_floors(record(0.3), {"demo_mc": 0.35, "unknown_task": 0.9}, 50.0)
     assert not low.passed and len(low.reasons) == 2
+
+
+def test_group_subtasks_are_judged_through_the_group():
+    candidate, baseline = record(0.6), record(0.6)
+    candidate["tasks"]["mmlu_offline_law"] = {"metrics": {"acc": {"value": 0.0, "stderr": 0.1}}, "n": 4, "parent": "mmlu_offline"}
+    baseline["tasks"]["mmlu_offline_law"] = {"metrics": {"acc": {"value": 1.0, "stderr": 0.1}}, "n": 4, "parent": "mmlu_offline"}
+    assert compare_to_baseline(candidate, baseline, 0.02, 0.1).passed
