@@ -1,0 +1,88 @@
+"""The main job (`ryz pipeline run`) under a real temporary Prefect: discovery -> candidate pipeline -> release ->
+report, twice (the second run finds nothing new), and a crash mid-pipeline that a re-run resumes from the store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+pytest.importorskip("prefect")
+
+from engine.registry import Registry  # noqa: E402
+from engine.settings import reload_settings  # noqa: E402
+from engine.store import open_store  # noqa: E402
+from tests import checkpoints  # noqa: E402
+
+
+@pytest.fixture
+def home(tmp_path, kernel_build, monkeypatch):
+    home = tmp_path / "home"
+    shutil.copytree(kernel_build.directory, home / "cache" / "kernels" / kernel_build.key)
+    zoo = tmp_path / "zoo"
+    for name, seed in (("alpha", 1), ("beta", 2)):
+        checkpoints.synth(zoo / name, seed=seed)
+    (zoo / "zoo.json").write_text(json.dumps({"models": ["alpha", "beta"]}))
+    for k, v in {"RYZ_HOME": str(home), "RYZ_DISCOVERY_HF_CACHE": "", "RYZ_GATE_FLOORS": '{"demo_mc": 0.0}',
+                 "RYZ_RELEASE_STEPS": "[100]", "RYZ_RELEASE_MIN_REQUESTS": "5", "RYZ_RELEASE_TTFT_RATIO": "50",
+                 "RYZ_RELEASE_SPEED_RATIO": "0.02", "RYZ_THREADS": "1"}.items():
+        monkeypatch.setenv(k, v)
+    reload_settings()
+    yield {"home": home, "zoo": zoo}
+    reload_settings()
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(tmp_path_factory.mktemp("results"))}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+def test_pipeline_run_twice_and_resume_after_a_crash(home, harness, monkeypatch):
+    import engine.quantize
+    import evaluations.evaluate
+    from flows.run import pipeline_run
+
+    quantized = []
+    real_quantize = engine.quantize.quantize_to_store
+    monkeypatch.setattr(engine.quantize, "quantize_to_store", lambda *a, **k: quantized.append(a[0]) or real_quantize(*a, **k))
+    import tasks.quantize
+    monkeypatch.setattr(tasks.quantize, "quantize_to_store", engine.quantize.quantize_to_store)
+
+    # A crash while evaluating the second model: the first is released, the second is reported failed.
+    real_evaluate = evaluations.evaluate.evaluate_model
+
+    def crash_on_beta(artifact_id, **kw):
+        manifest = open_store().get_manifest(artifact_id)
+        if manifest["source"]["repo"] == "beta":
+            raise RuntimeError("evaluation host lost")
+        return real_evaluate(artifact_id, **kw)
+
+    monkeypatch.setattr(evaluations.evaluate, "evaluate_model", crash_on_beta)
+    first = pipeline_run(source="local", path=str(home["zoo"]), suite="demo_mc", limit=4)
+    outcomes = {c["repo"]: c for c in first["candidates"]}
+    assert outcomes["alpha"]["status"] == "production" and outcomes["alpha"]["release"] == "promoted"
+    assert outcomes["beta"]["status"] == "failed" and "pipeline failed" in outcomes["beta"]["reason"]
+    assert len(quantized) == 2
+    report = (home["home"] / "reports").glob("pipeline-*.html")
+    assert any("alpha:1" in p.read_text() for p in report)
+
+    # Re-run: beta is still new (never registered); its quantized artifact is found, not made again.
+    monkeypatch.setattr(evaluations.evaluate, "evaluate_model", real_evaluate)
+    second = pipeline_run(source="local", path=str(home["zoo"]), suite="demo_mc", limit=4)
+    assert [c["repo"] for c in second["candidates"]] == ["beta"]
+    assert len(quantized) == 2
+    assert second["candidates"][0]["status"] in ("production", "rejected", "rolled_back")
+
+    # Nothing new: a no-op that says so.
+    third = pipeline_run(source="local", path=str(home["zoo"]), suite="demo_mc", limit=4)
+    assert third["candidates"] == []
+    assert "Nothing new" in open(third["report"]).read()
+    registry = Registry(open_store())
+    assert {v.name for v in registry.versions()} == {"alpha", "beta"}
+    assert [e["action"] for e in registry.history()][:2] == ["register", "promote"]
