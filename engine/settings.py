@@ -82,6 +82,25 @@ class Settings(BaseSettings):
     gate_floors: dict[str, float] = Field({"demo_mc": 0.35, "demo_gen": 0.05},
                                           description="first model ever (no production): minimum headline metric per task")
     gate_min_decode_tok_s: float = Field(0.0, ge=0, description="first model ever: minimum decode tok/s (0: no floor)")
+    # Retrieval index (engine/embedder.py, engine/corpus.py, engine/index.py, flows/index.py, docs/retrieval.md)
+    index_dir: Path | None = Field(None, description="working directory of the built index (default $RYZ_HOME/indexes/default)")
+    index_collection: str = Field("ryz-index", description="collection name on a Qdrant server (RYZ_QDRANT_URL set)")
+    index_precision: Literal["int8", "fp32"] = Field("int8", description="embedder ONNX weights: int8 (per-channel, "
+                                                     "dynamic activations) or fp32")
+    index_dims: Literal[384, 256, 128] = Field(384, description="embedding dims kept (Matryoshka-style truncation of MiniLM's "
+                                               "384, renormalised; MiniLM is not MRL-trained, so truncation costs recall)")
+    index_batch_size: int = Field(32, ge=1, le=1024, description="texts embedded per onnxruntime call")
+    index_quantization: Literal["none", "int8", "binary1", "binary1.5", "binary2"] = Field(
+        "binary2", description="vector codes held in RAM: binary 1/1.5/2 bits, scalar int8, or none (float32)")
+    index_oversampling: float = Field(4.0, ge=1.0, description="candidates fetched with the codes per result, then rescored")
+    index_rescore: bool = Field(True, description="rescore candidates with the original float vectors (kept on disk)")
+    index_hnsw: bool = Field(True, description="HNSW graph over the codes; false: a plain full scan of the codes")
+    index_hnsw_m: int = Field(16, ge=4, le=128, description="HNSW links per node")
+    index_hnsw_ef: int = Field(128, ge=10, description="HNSW search beam width")
+    index_chunk_chars: int = Field(1000, ge=100, description="largest chunk, characters (cut on headings, definitions, blank lines)")
+    index_chunk_overlap: int = Field(150, ge=0, description="characters of whole lines repeated at the start of the next chunk")
+    index_max_file_bytes: int = Field(1 << 20, ge=1, description="files larger than this are skipped (counted)")
+    index_eval_queries: int = Field(200, ge=10, description="held-out queries `ryz index eval` measures recall@10 and latency on")
     # Release (flows/release.py, docs/release.md): canary steps and their analysis.
     release_steps: list[int] = Field([5, 25, 50, 100], description="canary traffic weights, in order (percent)")
     release_servers: list[str] = Field(default_factory=list, description="admin base URLs of every serving replica "

@@ -242,17 +242,6 @@ def _load_library(library: str | Path | None, settings):
     return load_library(settings=settings)
 
 
-def _tuning(library, path: Path) -> dict:
-    """The autotuned knobs the kernel build recorded for this model's shape, if any."""
-    try:
-        from engine.build import read_manifest, tuned_parameters
-
-        manifest = read_manifest(library.path.parent)
-        return (tuned_parameters(manifest, path, library.isa) or {}) if manifest else {}
-    except Exception:  # noqa: BLE001 - tuning is optional
-        return {}
-
-
 def _vm_hwm_mb() -> float | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -427,9 +416,10 @@ def run_bench(spec: str, threads: int | None = None, prompt: int = DEFAULT_PROMP
     threads = threads or default_threads(settings)
     target = resolve_target(spec, settings, weights, head)
     lib = _load_library(library, settings)
-    tuning = _tuning(lib, target.path)
+    from engine.build import token_tile_for
+
     worker_spec = {"library": str(lib.path), "model": str(target.path), "threads": threads, "prompt": prompt, "gen": gen,
-                   "ubatch": ubatch, "isa": settings.isa, "token_tile": tuning.get("gemm_token_tile") or 0}
+                   "ubatch": ubatch, "isa": settings.isa, "token_tile": token_tile_for(lib, target.path)}
 
     peer_list: list[_Peer] = []
     tmp_root = settings.cache_dir / "tmp"
@@ -487,7 +477,7 @@ def run_bench(spec: str, threads: int | None = None, prompt: int = DEFAULT_PROMP
         "gen": gen,
         "ubatch": ubatch or prompt,
         "repeats": repeats,
-        "tuning": tuning,
+        "tuning": {"gemm_token_tile": worker_spec["token_tile"]},
         "library": str(lib.path),
         "samples": {k: [_round(o[k]) for o in ours] for k in ("decode_tok_s", "prefill_tok_s", "ttft_ms", "load_seconds", "peak_rss_mb")},
         "bandwidth_samples": [_round(b) for b in bandwidth],

@@ -60,7 +60,12 @@ def compare_to_baseline(candidate: dict, baseline: dict, accuracy_margin: float,
         if worse:
             reasons.append(f"accuracy: {text}")
     cb, bb = candidate.get("bench"), baseline.get("bench")
-    if cb and bb:
+    cpu_c = (candidate.get("environment") or {}).get("cpu_fingerprint")
+    cpu_b = (baseline.get("environment") or {}).get("cpu_fingerprint")
+    if cb and bb and cpu_c and cpu_b and cpu_c != cpu_b:
+        # Speeds measured on different CPUs do not compare (a CI runner vs the machine that wrote the baseline).
+        checks.append(f"decode speed not compared: baseline measured on CPU {cpu_b}, this run on {cpu_c}")
+    elif cb and bb:
         floor = bb["decode_tok_s"] * (1 - speed_margin)
         text = (f"decode {cb['decode_tok_s']:.1f} tok/s vs production {bb['decode_tok_s']:.1f} "
                 f"(floor {floor:.1f} = {1 - speed_margin:.2f} x production)")

@@ -178,6 +178,11 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    if args.bundle:
+        if args.model:
+            raise ValueError("--bundle serves the bundle's own model; drop --model")
+        from flows.bundle_cli import cmd_serve_bundle
+        return cmd_serve_bundle(args)
     from engine.server import serve
     from engine.settings import get_settings
 
@@ -243,6 +248,39 @@ def cmd_pipeline_run(args) -> int:
         if not result["candidates"]:
             print("nothing new since the last run")
     print(f"report: {result['report']}")
+    return 0
+
+
+def cmd_ci_bench(args) -> int:
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.evaluate import evaluate
+
+    baseline = args.baseline if args.baseline and Path(args.baseline).exists() else None
+    if args.baseline and baseline is None and not args.write_baseline:
+        print(f"ryz ci-bench: no baseline record at {args.baseline}; run once with --write-baseline on the main branch",
+              file=sys.stderr)
+        return 2
+    state = evaluate(model=args.model, suite=args.suite, limit=args.limit, baseline=baseline, return_state=True)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        print(f"ci-bench FAILED: {result}", file=sys.stderr)
+        return 1
+    if args.write_baseline:
+        from engine.store import open_store
+        from evaluations.evaluate import load_record
+
+        out = Path(args.baseline)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(load_record(result["record_id"], open_store()), indent=1) + "\n")
+        tmp.replace(out)
+        print(f"baseline written to {out}", file=sys.stderr)
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"ci-bench passed: {result['verdict']}")
     return 0
 
 
@@ -529,12 +567,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="compute threads (default RYZ_THREADS, else all cores)")
     p.add_argument("--max-seqs", type=_positive_int, help="concurrent sequences (default RYZ_MAX_SEQS)")
     p.add_argument("--max-context", type=_positive_int, help="positions per sequence (default RYZ_MAX_CONTEXT)")
+    p.add_argument("--bundle", type=Path, help="serve a bundle directory (`ryz bundle REF -o DIR`): verified, no registry or store")
+
+    from flows.bundle_cli import add_bundle_arguments, cmd_bundle
+    add_bundle_arguments(command("bundle", cmd_bundle, "write a registry version's self-contained serving bundle "
+                                 "(GGUF, kernels, settings, systemd/compose/Kubernetes files)"))
 
     p = command("continue-config", cmd_continue_config, "write a Continue.dev config pointing at a running `ryz serve`",
                 json_flag=False)
     p.add_argument("--url", default=None, help="server base URL (default http://RYZ_HOST:RYZ_PORT)")
     p.add_argument("--api-key", help="key Continue sends (one of RYZ_API_KEYS), if the server needs one")
     p.add_argument("-o", "--output", help="write here (for example ~/.continue/config.yaml) instead of stdout")
+
+    p = command("ci-bench", cmd_ci_bench, "CI: evaluate a model (suite + speed) and fail on a regression against a "
+                                          "stored baseline record (what .github/workflows/ci-bench.yml runs)")
+    p.add_argument("--model", default="examples/zoo/ryz-demo-m", help="model reference or checkpoint directory "
+                                                                        "(default: the demo zoo's ryz-demo-m)")
+    p.add_argument("--suite", default="demo_mc,demo_gen", help="suite or task list (default demo_mc,demo_gen)")
+    p.add_argument("--limit", type=int, default=50, help="examples per task (default 50)")
+    p.add_argument("--baseline", default="ci/baseline-record.json", help="baseline evaluation record (JSON file)")
+    p.add_argument("--write-baseline", action="store_true", help="store this run's record as the new baseline")
 
     pipeline = sub.add_parser("pipeline", help="the main job: discover, quantize, build, verify, evaluate, register").add_subparsers(
         dest="pipeline_command", required=True)

@@ -11,6 +11,7 @@ from engine.registry import Registry
 from engine.releases import ReleaseStore, new_release
 from engine.settings import get_settings
 from engine.store import open_store
+from tasks.bundle import build_serving_bundle
 from tasks.notify import notify_release
 from tasks.release import (abort_release, check_offline_gates, ensure_production_served, load_canary, load_production, mark_canary,
                            observe_canary_step, promote_in_registry, promote_on_servers, reject_version, replicas,
@@ -47,6 +48,7 @@ def release(ref: str | None = None, release_id: str | None = None, synthetic_loa
                 load_production(rid, rel["artifact_id"], None)
                 promote_in_registry(rid, ref, gate["reason"], actor)
             store.set_status(rid, "promoted", gate["reason"])
+            _bundle(rid, ref)
             return _finish(store, rid, "promoted", gate["reason"])
         store.set_status(rid, "canary", gate["reason"])
     elif rel["status"] in ("paused", "pause_requested"):
@@ -84,7 +86,16 @@ def release(ref: str | None = None, release_id: str | None = None, synthetic_loa
         promote_on_servers(rid, old_production)
         promote_in_registry(rid, ref, reason, actor)
     store.set_status(rid, "promoted", reason)
+    _bundle(rid, ref)
     return _finish(store, rid, "promoted", reason)
+
+
+def _bundle(rid: str, ref: str) -> None:
+    """The promoted version's serving bundle; a failure here is logged, not fatal (the promotion happened)."""
+    bundled = build_serving_bundle(rid, ref, return_state=True)
+    if not bundled.is_completed():
+        get_run_logger().warning("release %s: serving bundle of %s not built (%s); `ryz bundle %s -o DIR` makes one",
+                                 rid, ref, bundled.message, ref)
 
 
 def _open(store: ReleaseStore, ref: str | None) -> dict:

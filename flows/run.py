@@ -51,7 +51,8 @@ def pipeline_run(source: Literal["local", "hf"] = "local", path: str | None = No
                     outcome = {**outcome, "release": "failed", "reason": outcome["reason"] + "; release flow failed"}
                 else:
                     final = {"promoted": "production", "rejected": "rejected", "aborted": "rolled_back"}.get(rel["status"], rel["status"])
-                    outcome = {**outcome, "status": final, "release": rel["status"], "reason": rel["log"][-1]["reason"]}
+                    why = next((e["reason"] for e in reversed(rel["log"]) if e["event"] == rel["status"]), rel["log"][-1]["reason"])
+                    outcome = {**outcome, "status": final, "release": rel["status"], "reason": why}
             results.append({"repo": candidate["repo"], "revision": candidate["revision"], **outcome, "version": ref})
     report = write_run_report(flow_run.get_name() or "local", source, suite, results, time.monotonic() - started)
     logger.info("%s; report: %s", f"{len(results)} new candidate(s)" if results else "nothing new since the last run", report)

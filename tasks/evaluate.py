@@ -28,4 +28,4 @@ def evaluate_model(artifact_id: str, suite: str = "gate", limit: int | None = No
         "evaluation of %s on %s: %s (record %s)", artifact_id[:19], suite,
         "valid" if record["valid"] else "INVALID: " + "; ".join(record["failures"]), record_id)
     return {"record_id": record_id, "valid": record["valid"], "failures": record["failures"], "tasks": record["tasks"],
-            "bench": record["bench"], "report": record.get("report")}
+            "bench": record["bench"], "environment": record.get("environment"), "report": record.get("report")}

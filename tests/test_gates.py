@@ -45,3 +45,10 @@ def test_group_subtasks_are_judged_through_the_group():
     candidate["tasks"]["mmlu_offline_law"] = {"metrics": {"acc": {"value": 0.0, "stderr": 0.1}}, "n": 4, "parent": "mmlu_offline"}
     baseline["tasks"]["mmlu_offline_law"] = {"metrics": {"acc": {"value": 1.0, "stderr": 0.1}}, "n": 4, "parent": "mmlu_offline"}
     assert compare_to_baseline(candidate, baseline, 0.02, 0.1).passed
+
+
+def test_speed_is_not_compared_across_cpus():
+    candidate, baseline = record(0.6, decode=10.0), record(0.6, decode=40.0)
+    candidate["environment"], baseline["environment"] = {"cpu_fingerprint": "a"}, {"cpu_fingerprint": "b"}
+    result = compare_to_baseline(candidate, baseline, 0.02, 0.1)
+    assert result.passed and any("not compared" in c for c in result.checks)

@@ -1,0 +1,50 @@
+"""`ryz ci-bench` (the entry point of .github/workflows/ci-bench.yml): writes a baseline, passes against it, and
+fails with exit 1 against a baseline that is far better."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+pytest.importorskip("prefect")
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(tmp_path_factory.mktemp("results"))}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+def test_ci_bench_baseline_pass_and_regression(tmp_path, kernel_build, monkeypatch, capsys, harness):
+    from engine.settings import reload_settings
+    from flows.cli import main
+    from tests import checkpoints
+
+    home = tmp_path / "home"
+    shutil.copytree(kernel_build.directory, home / "cache" / "kernels" / kernel_build.key)
+    monkeypatch.setenv("RYZ_HOME", str(home))
+    reload_settings()
+    model = checkpoints.synth(tmp_path / "model", seed=3)
+    baseline = tmp_path / "ci" / "baseline.json"
+    args = ["ci-bench", "--model", str(model), "--suite", "demo_mc", "--limit", "8", "--baseline", str(baseline)]
+    try:
+        assert main(args) == 2  # no baseline yet: says how to make one
+        assert main([*args, "--write-baseline"]) == 0
+        record = json.loads(baseline.read_text())
+        assert record["tasks"]["demo_mc"]["n"] == 8
+        capsys.readouterr()
+        assert main([*args, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["passed"] is True
+        for metric in record["tasks"]["demo_mc"]["metrics"].values():
+            metric.update(value=1.0, stderr=0.0)  # a baseline this model cannot match
+        baseline.write_text(json.dumps(record))
+        assert main(args) == 1
+        assert "demo_mc" in capsys.readouterr().err
+    finally:
+        reload_settings()
