@@ -265,10 +265,11 @@ def run_suite_bench(path: Path, threads: int | None, library, settings) -> dict:
 
 def evaluate_model(model: str, suite: str = "gate", limit: int | None = None, bench: bool = True, engine: str = "native",
                    threads: int | None = None, *, library: str | Path | None = None, allow_unsafe_code: bool = False,
-                   store=None, settings=None, validate: bool = True) -> dict:
+                   store=None, settings=None, validate: bool = True, only_tasks: list[str] | None = None) -> dict:
     """Run `suite` on `model` (any model reference) with lm-eval in-process (one call per distinct limit),
     then the speed benchmark unless `bench` is false; returns the schema-1 record with `valid`/`failures`
-    filled by validate_record (unless `validate` is false). `library`: a prebuilt native library."""
+    filled by validate_record (unless `validate` is false). `library`: a prebuilt native library.
+    `only_tasks`: run just these of the suite's tasks, with the suite's limits (one shard; see merge_records)."""
     from engine.settings import get_settings
     from engine.store import open_store
 
@@ -280,6 +281,9 @@ def evaluate_model(model: str, suite: str = "gate", limit: int | None = None, be
     wall = time.perf_counter()
     described = describe_model(model, store)
     suite_info, calls, skipped = plan_suite(suite, limit, allow_unsafe_code)
+    if only_tasks is not None:
+        calls = [{**c, "tasks": [t for t in c["tasks"] if t in only_tasks]} for c in calls]
+        calls = [c for c in calls if c["tasks"]]
     for s in skipped:
         log(f"skipping {s['task']}: {s['why']}")
 
@@ -334,6 +338,37 @@ def evaluate_model(model: str, suite: str = "gate", limit: int | None = None, be
         "lm_eval_seconds": round(lm_eval_seconds, 2),
         "seconds": round(time.perf_counter() - wall, 2),
     }
+    if validate:
+        start = time.perf_counter()
+        record["failures"] = validate_record(record)
+        record["valid"] = not record["failures"]
+        record["validation_seconds"] = round(time.perf_counter() - start, 3)
+    return record
+
+
+def shard_tasks(suite: str, limit: int | None, shards: int, allow_unsafe_code: bool = False) -> list[list[str]]:
+    """The suite's tasks dealt round-robin into at most `shards` groups (each an `only_tasks` list)."""
+    _, calls, _ = plan_suite(suite, limit, allow_unsafe_code)
+    names = [t for c in calls for t in c["tasks"]]
+    groups = [names[i::max(1, shards)] for i in range(max(1, shards))]
+    return [g for g in groups if g]
+
+
+def merge_records(parts: list[dict], bench: dict | None, validate: bool = True) -> dict:
+    """One record from shard records of the same model and suite (plans, tasks and timings joined) plus the
+    benchmark, validated as a whole: the result equals what one serial evaluate_model would have produced."""
+    if not parts:
+        raise ValueError("merge_records needs at least one shard")
+    record = {**parts[0], "tasks": {}, "plan": [], "bench": bench, "lm_eval_seconds": 0.0, "shards": len(parts)}
+    for part in parts:
+        if (part["model"]["artifact_id"], part["suite"]) != (record["model"]["artifact_id"], record["suite"]):
+            raise ValueError("shards of different models or suites cannot be merged")
+        record["tasks"].update(part["tasks"])
+        record["plan"] += part["plan"]
+        record["lm_eval_seconds"] = round(record["lm_eval_seconds"] + part.get("lm_eval_seconds", 0.0), 2)
+    record["seconds"] = round(max(p.get("seconds", 0.0) for p in parts) + ((bench or {}).get("seconds") or 0.0), 2)
+    for key in ("valid", "failures", "validation_seconds"):
+        record.pop(key, None)
     if validate:
         start = time.perf_counter()
         record["failures"] = validate_record(record)

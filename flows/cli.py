@@ -255,14 +255,16 @@ def cmd_ci_bench(args) -> int:
     import os
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.evaluate import evaluate
+    from flows.evaluate import with_runner
 
     baseline = args.baseline if args.baseline and Path(args.baseline).exists() else None
     if args.baseline and baseline is None and not args.write_baseline:
         print(f"ryz ci-bench: no baseline record at {args.baseline}; run once with --write-baseline on the main branch",
               file=sys.stderr)
         return 2
-    state = evaluate(model=args.model, suite=args.suite, limit=args.limit, baseline=baseline, return_state=True)
+    evaluate = with_runner(args.runner, args.shards)
+    state = evaluate(model=args.model, suite=args.suite, limit=args.limit, baseline=baseline, shards=args.shards,
+                     return_state=True)
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):
         print(f"ci-bench FAILED: {result}", file=sys.stderr)
@@ -587,6 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50, help="examples per task (default 50)")
     p.add_argument("--baseline", default="ci/baseline-record.json", help="baseline evaluation record (JSON file)")
     p.add_argument("--write-baseline", action="store_true", help="store this run's record as the new baseline")
+    p.add_argument("--shards", type=_positive_int, default=1, help="run the suite's tasks as N concurrent shards")
+    p.add_argument("--runner", help="dask (a local cluster of --shards workers) or dask=ADDRESS (an existing scheduler)")
 
     pipeline = sub.add_parser("pipeline", help="the main job: discover, quantize, build, verify, evaluate, register").add_subparsers(
         dest="pipeline_command", required=True)

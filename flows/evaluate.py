@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 
 from engine.settings import get_settings
-from tasks.evaluate import evaluate_model
+from tasks.evaluate import bench_artifact, evaluate_model, evaluate_shard, plan_evaluation_shards, store_evaluation
 
 
 class GateFailed(RuntimeError):
@@ -59,13 +59,20 @@ def load_baseline(baseline: str | None) -> dict | None:
 
 
 @flow(name="evaluate")
-def evaluate(model: str, suite: str = "gate", limit: int | None = None, baseline: str | None = "production") -> dict:
-    """Evaluate `model` and gate it against `baseline` (a record file or registry ref; none: the settings' floors)."""
+def evaluate(model: str, suite: str = "gate", limit: int | None = None, baseline: str | None = "production",
+             shards: int = 1) -> dict:
+    """Evaluate `model` and gate it against `baseline` (a record file or registry ref; none: the settings' floors).
+    With `shards` > 1 the suite's tasks run as that many concurrent tasks on the flow's task runner (Dask)."""
     from evaluations.gates import check_floors, compare_to_baseline
 
     settings = get_settings()
     artifact_id = resolve_model_artifact(model)
-    evaluation = evaluate_model(artifact_id, suite, limit)
+    if shards > 1:
+        groups = plan_evaluation_shards(suite, limit, shards)
+        parts = evaluate_shard.map(unmapped(artifact_id), unmapped(suite), unmapped(limit), groups)
+        evaluation = store_evaluation(parts.result(), bench_artifact(artifact_id))
+    else:
+        evaluation = evaluate_model(artifact_id, suite, limit)
     base = load_baseline(baseline)
     if not evaluation["valid"]:
         gate = None
@@ -84,3 +91,18 @@ def evaluate(model: str, suite: str = "gate", limit: int | None = None, baseline
     if not passed:
         raise GateFailed(f"{model}: {verdict}")
     return {"artifact_id": artifact_id, "record_id": evaluation["record_id"], "verdict": verdict, "passed": passed}
+
+
+def with_runner(runner: str | None, shards: int):
+    """The evaluate flow on a task runner: None (threads in this process), "dask" (a LocalCluster of `shards`
+    single-threaded workers) or "dask=ADDRESS" (an existing Dask scheduler, workers on other machines)."""
+    if not runner:
+        return evaluate
+    kind, _, address = runner.partition("=")
+    if kind != "dask":
+        raise ValueError(f"--runner takes dask or dask=ADDRESS, got {runner!r}")
+    from prefect_dask import DaskTaskRunner
+
+    task_runner = DaskTaskRunner(address=address) if address else DaskTaskRunner(
+        cluster_kwargs={"n_workers": max(1, shards), "threads_per_worker": 1})
+    return evaluate.with_options(task_runner=task_runner)

@@ -1,4 +1,9 @@
-"""Prefect task: evaluate a model artifact (lm-eval suite + speed benchmark) into a validated, stored record."""
+"""Prefect tasks: evaluate a model artifact (lm-eval suite + speed benchmark) into a validated, stored record.
+
+`evaluate_model` runs the whole suite in one task. For scale-out the same work is split: `evaluate_shard`
+runs some of the suite's tasks (any task runner, e.g. Dask workers on several machines), `bench_artifact`
+measures speed on the machine the record is about, and `store_evaluation` merges, validates and stores.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +12,65 @@ from prefect import get_run_logger, task
 from engine.store import open_store
 
 
+def _summary(record: dict, record_id: str) -> dict:
+    return {"record_id": record_id, "valid": record["valid"], "failures": record["failures"], "tasks": record["tasks"],
+            "bench": record["bench"], "environment": record.get("environment"), "report": record.get("report")}
+
+
+def _store(record: dict) -> dict:
+    from evaluations.evaluate import store_record
+    from evaluations.report import report_record
+
+    store = open_store()
+    record_id = store_record(record, store)
+    record["record_id"] = record_id
+    record["report"] = str(report_record(record, store))
+    (get_run_logger().info if record["valid"] else get_run_logger().error)(
+        "evaluation of %s on %s: %s (record %s)", record["model"]["artifact_id"][:19], record["suite"],
+        "valid" if record["valid"] else "INVALID: " + "; ".join(record["failures"]), record_id)
+    return _summary(record, record_id)
+
+
 @task(name="evaluate-model", timeout_seconds=6 * 3600)
 def evaluate_model(artifact_id: str, suite: str = "gate", limit: int | None = None) -> dict:
     """Run the suite and the benchmark on the artifact, validate the record (Great Expectations), store it.
 
     Returns:
-        {"record_id", "valid", "failures", "tasks", "bench", "report"}: the stored record's id and its summary.
+        {"record_id", "valid", "failures", "tasks", "bench", "environment", "report"}.
     """
     from evaluations.evaluate import evaluate_model as run_evaluation
-    from evaluations.evaluate import store_record
-    from evaluations.report import report_record
 
-    logger = get_run_logger()
-    store = open_store()
-    record = run_evaluation(artifact_id, suite=suite, limit=limit)
-    record_id = store_record(record, store)
-    record["record_id"] = record_id
-    record["report"] = str(report_record(record, store))
-    (logger.info if record["valid"] else logger.error)(
-        "evaluation of %s on %s: %s (record %s)", artifact_id[:19], suite,
-        "valid" if record["valid"] else "INVALID: " + "; ".join(record["failures"]), record_id)
-    return {"record_id": record_id, "valid": record["valid"], "failures": record["failures"], "tasks": record["tasks"],
-            "bench": record["bench"], "environment": record.get("environment"), "report": record.get("report")}
+    return _store(run_evaluation(artifact_id, suite=suite, limit=limit))
+
+
+@task(name="plan-evaluation-shards")
+def plan_evaluation_shards(suite: str, limit: int | None, shards: int) -> list[list[str]]:
+    """The suite's tasks in at most `shards` groups."""
+    from evaluations.evaluate import shard_tasks
+
+    return shard_tasks(suite, limit, shards)
+
+
+@task(name="evaluate-shard", timeout_seconds=6 * 3600, retries=1)
+def evaluate_shard(artifact_id: str, suite: str, limit: int | None, tasks: list[str]) -> dict:
+    """Some of the suite's tasks (with the suite's limits), no benchmark, not yet validated."""
+    from evaluations.evaluate import evaluate_model as run_evaluation
+
+    return run_evaluation(artifact_id, suite=suite, limit=limit, bench=False, validate=False, only_tasks=tasks)
+
+
+@task(name="bench-artifact", timeout_seconds=3600)
+def bench_artifact(artifact_id: str) -> dict:
+    """The evaluation's speed benchmark, on this machine."""
+    from engine.settings import get_settings
+    from evaluations.evaluate import run_suite_bench
+
+    return run_suite_bench(open_store().local_path(artifact_id), None, None, get_settings())
+
+
+@task(name="store-evaluation")
+def store_evaluation(parts: list[dict], bench: dict | None) -> dict:
+    """Merge shard records and the benchmark into one record, validate it, store it with its report."""
+    from evaluations.evaluate import merge_records
+
+    return _store(merge_records(parts, bench))

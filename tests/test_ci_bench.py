@@ -48,3 +48,30 @@ def test_ci_bench_baseline_pass_and_regression(tmp_path, kernel_build, monkeypat
         assert "demo_mc" in capsys.readouterr().err
     finally:
         reload_settings()
+
+
+def test_evaluate_flow_sharded_on_dask_equals_serial(tmp_path, kernel_build, monkeypatch, harness):
+    """The evaluate flow fanned out over a Dask LocalCluster gives the same metrics as the serial run."""
+    pytest.importorskip("prefect_dask")
+    from engine.settings import reload_settings
+    from flows.evaluate import with_runner
+    from tests import checkpoints
+
+    home = tmp_path / "home"
+    shutil.copytree(kernel_build.directory, home / "cache" / "kernels" / kernel_build.key)
+    monkeypatch.setenv("RYZ_HOME", str(home))
+    monkeypatch.setenv("RYZ_GATE_FLOORS", "{}")
+    reload_settings()
+    model = str(checkpoints.synth(tmp_path / "model", seed=4))
+    try:
+        serial = with_runner(None, 1)(model=model, suite="demo_mc,demo_gen", limit=6, baseline=None)
+        sharded = with_runner("dask", 2)(model=model, suite="demo_mc,demo_gen", limit=6, baseline=None, shards=2)
+    finally:
+        reload_settings()
+    from engine.store import open_store
+    from evaluations.evaluate import load_record
+
+    a, b = (load_record(r["record_id"], open_store()) for r in (serial, sharded))
+    assert set(a["tasks"]) == set(b["tasks"]) == {"demo_mc", "demo_gen"}
+    assert {t: v["metrics"] for t, v in a["tasks"].items()} == {t: v["metrics"] for t, v in b["tasks"].items()}
+    assert b["shards"] == 2 and b["valid"]
