@@ -53,10 +53,10 @@ class IndexConfig:
     dims: int = 384
     quantization: Quantization = "binary1"
     hnsw: bool = True
-    hnsw_m: int = 16
+    hnsw_m: int = 8
     hnsw_ef_construct: int = 100
     hnsw_ef: int = 128
-    oversampling: float = 4.0
+    oversampling: float = 16.0
     rescore: bool = True
 
     def __post_init__(self):
@@ -94,8 +94,9 @@ def edge_config(cfg: IndexConfig):
     # with quantization the originals only serve rescoring: on disk (mmap); without, they are what is searched
     vectors = qe.EdgeVectorParams(size=cfg.dims, distance=qe.Distance.Cosine,
                                   memory=qe.Memory.Cold if quant is not None else qe.Memory.Cached)
-    hnsw = qe.HnswIndexConfig(m=cfg.hnsw_m, ef_construct=cfg.hnsw_ef_construct, full_scan_threshold=10)
-    optimizers = qe.EdgeOptimizersConfig(indexing_threshold=1000 if cfg.hnsw else 2**40, default_segment_number=1)
+    # plain: m=0 builds no graph, but segments are still optimized (codes built, originals moved to disk)
+    hnsw = qe.HnswIndexConfig(m=cfg.hnsw_m if cfg.hnsw else 0, ef_construct=cfg.hnsw_ef_construct, full_scan_threshold=10)
+    optimizers = qe.EdgeOptimizersConfig(indexing_threshold=1000, default_segment_number=1)
     return qe.EdgeConfig(vectors=vectors, quantization_config=quant, hnsw_config=hnsw, optimizers=optimizers,
                          wal_enabled=False, payload_memory=qe.Memory.Cold)
 
@@ -161,6 +162,10 @@ class EdgeIndex:
             for rec in self.shard.retrieve(list(ids[start:start + UPSERT_BATCH]), with_payload=False, with_vector=True):
                 out[_as_id(rec.id)] = np.asarray(_plain_vector(rec.vector), np.float32)
         return out
+
+    def retrieve_points(self, ids: list[str]) -> list[tuple[str, np.ndarray, dict]]:
+        return [(_as_id(rec.id), np.asarray(_plain_vector(rec.vector), np.float32), rec.payload or {})
+                for rec in self.shard.retrieve(list(ids), with_payload=True, with_vector=True)]
 
     def scroll(self, with_vectors: bool = True, with_payload: bool = True) -> Iterable[tuple[str, np.ndarray | None, dict | None]]:
         import qdrant_edge as qe
@@ -302,7 +307,7 @@ def server_collection_params(cfg: IndexConfig) -> dict:
             "quantization_config": quant,
             "hnsw_config": models.HnswConfigDiff(m=cfg.hnsw_m if cfg.hnsw else 0, ef_construct=cfg.hnsw_ef_construct,
                                                  full_scan_threshold=10),
-            "optimizers_config": models.OptimizersConfigDiff(indexing_threshold=1000 if cfg.hnsw else 0)}
+            "optimizers_config": models.OptimizersConfigDiff(indexing_threshold=1000, default_segment_number=1)}
 
 
 def theoretical_bytes(cfg: IndexConfig) -> dict:
@@ -372,6 +377,7 @@ def update_index(index_dir: Path, scan: CorpusScan, embedder, cfg: IndexConfig, 
     index_dir = Path(index_dir)
     state = None if full else read_state(index_dir)
     backend = "server" if qdrant_url else "edge"
+    restructure = False  # only the shard's structure changed: a new shard from the old one's vectors and payloads
     if state is not None:
         why = []
         if state["config"] and IndexConfig(**state["config"]).structure() != cfg.structure():
@@ -381,7 +387,11 @@ def update_index(index_dir: Path, scan: CorpusScan, embedder, cfg: IndexConfig, 
                        f"{embedder.onnx_sha256[:19]}/{embedder.dims}")
         if state["backend"] != backend:
             why.append(f"backend {state['backend']} -> {backend}")
-        if why:
+        if why == [f"configuration {IndexConfig(**state['config']).structure()} -> {cfg.structure()}"] \
+                and backend == "edge" and state["config"]["dims"] == cfg.dims:
+            log(f"new shard, vectors reused (same embedder): {why[0]}")
+            restructure = True
+        elif why:
             log(f"full rebuild: {'; '.join(why)}")
             state = None
     old_files: dict = state["files"] if state else {}
@@ -411,10 +421,18 @@ def update_index(index_dir: Path, scan: CorpusScan, embedder, cfg: IndexConfig, 
     log(f"{len(scan.files)} files: {len(changed)} changed or new, {len(deleted)} deleted; {len(new_chunks)} chunks "
         f"to write ({len(to_embed)} to embed, {len(reuse)} reused), {len(stale)} to delete")
 
-    if state is not None and not (changed or deleted):  # nothing to do: the index stays byte for byte
+    carried = sorted({i for p, e in files.items() if p not in {f.path for f in changed} for i in e["chunks"]}) \
+        if restructure else []
+    if state is not None and not (changed or deleted or restructure):  # the shard stays byte for byte
         points = sum(len(e["chunks"]) for e in files.values())
+        reconfigured = state["config"] != cfg.to_json()
+        if reconfigured:  # search knobs only (oversampling, rescore, hnsw_ef): the state file is rewritten
+            tmp = index_dir / f".tmp-{secrets.token_hex(6)}-{STATE_FILE}"
+            tmp.write_text(json.dumps({**state, "config": cfg.to_json(), "updated": time.time()}) + "\n")
+            os.replace(tmp, index_dir / STATE_FILE)
+            log(f"search configuration {state['config']} -> {cfg.to_json()}")
         return {"files": len(scan.files), "changed": 0, "deleted": 0, "chunks": points, "embedded": 0, "reused": 0,
-                "removed": 0, "embed_s": 0.0, "read_errors": [], "full": False}
+                "removed": 0, "embed_s": 0.0, "read_errors": [], "full": False, "reconfigured": reconfigured}
 
     # Embed first: the slow, failure-prone step; nothing has been written yet
     started = time.perf_counter()
@@ -428,15 +446,24 @@ def update_index(index_dir: Path, scan: CorpusScan, embedder, cfg: IndexConfig, 
     try:
         work.mkdir()
         if backend == "edge":
-            if state is not None:
+            if state is not None and not restructure:
                 shutil.copytree(index_dir / SHARD_DIR, work / SHARD_DIR)
                 idx = EdgeIndex.open(work / SHARD_DIR, cfg)
             else:
                 idx = EdgeIndex.create(work / SHARD_DIR, cfg)
+            if restructure:  # copy every chunk that stays, vector and payload, from the old shard
+                old_idx = EdgeIndex.open(index_dir / SHARD_DIR, IndexConfig(**state["config"]))
+                try:
+                    for start in range(0, len(carried), UPSERT_BATCH):
+                        batch = old_idx.retrieve_points(carried[start:start + UPSERT_BATCH])
+                        idx.upsert([b[0] for b in batch], np.stack([b[1] for b in batch]), [b[2] for b in batch])
+                    reused_old = old_idx.retrieve_vectors([c.id for c, _ in reuse]) if reuse else {}
+                finally:
+                    old_idx.close()
         else:
             idx = ServerIndex(qdrant_url, collection, cfg, create=state is None)
         try:
-            reused = idx.retrieve_vectors([c.id for c, _ in reuse]) if reuse else {}
+            reused = reused_old if restructure else idx.retrieve_vectors([c.id for c, _ in reuse]) if reuse else {}
             if missing := [c.id for c, _ in reuse if c.id not in reused]:
                 raise RetrievalIndexError(f"{len(missing)} chunks listed in {STATE_FILE} are missing from the index "
                                           f"(first: {missing[0]}); rebuild it with --full")
@@ -470,8 +497,8 @@ def update_index(index_dir: Path, scan: CorpusScan, embedder, cfg: IndexConfig, 
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"files": len(scan.files), "changed": len(changed), "deleted": len(deleted), "chunks": points,
-            "embedded": len(to_embed), "reused": len(reuse), "removed": len(stale), "embed_s": round(embed_s, 3),
-            "read_errors": read_errors, "full": state is None}
+            "embedded": len(to_embed), "reused": len(reuse) + len(carried), "removed": len(stale), "embed_s": round(embed_s, 3),
+            "read_errors": read_errors, "full": state is None or restructure, "reconfigured": restructure}
 
 
 # --- packing ---------------------------------------------------------------------------------------

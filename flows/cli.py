@@ -560,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     from evaluations import serve_bench
     serve_bench.add_arguments(command("bench-serve", serve_bench.main, serve_bench.HELP))
 
+    from flows.index_cli import add_index_commands
+    add_index_commands(sub)
+
     p = command("serve", cmd_serve, "serve a model over an OpenAI-compatible HTTP API (continuous batching, canary router)",
                 json_flag=False)
     p.add_argument("--model", help="model loaded as production: artifact id or prefix, or a .gguf path "

@@ -34,7 +34,7 @@ def build_index(corpus_dir: str, index_dir: str | None = None, quantization: str
     # Extract + transform + load: changed files -> chunks -> vectors -> Qdrant (swapped in only when complete)
     update = update_corpus_index(corpus_dir, index_dir, quantization, full, strict)
     quantization = update["quantization"]
-    unchanged = not (update["changed"] or update["deleted"] or update["full"])
+    unchanged = not (update["changed"] or update["deleted"] or update["full"] or update["reconfigured"])
     if unchanged and (existing := find_index_version(corpus_dir, update["revision"], quantization)):
         get_run_logger().info("%s unchanged since %s:%d; nothing to store", corpus_dir, existing["name"], existing["version"])
         return {"update": update, "evaluation": (existing.get("extra") or {}).get("evaluation", {}),
@@ -61,12 +61,14 @@ def build_index(corpus_dir: str, index_dir: str | None = None, quantization: str
 
 @flow(name="evaluate-index", log_prints=True)
 def evaluate_index_flow(index_dir: str, quantizations: list[str] | None = None, dims: list[int] | None = None,
-                        index_kinds: list[bool] | None = None, queries: int | None = None, label: str = "") -> dict:
+                        index_kinds: list[bool] | None = None, queries: int | None = None, oversampling: float | None = None,
+                        rescore: bool | None = None, hnsw_m: int | None = None, label: str = "") -> dict:
     """recall@10 / compression / p50-p95 latency of an index for each quantization, as a table artifact and a report."""
     from engine.index import QUANTIZATIONS
     from evaluations.retrieval import format_table
 
-    result = evaluate_built_index(index_dir, queries, quantizations or list(QUANTIZATIONS), dims, index_kinds)
+    search = {k: v for k, v in {"oversampling": oversampling, "rescore": rescore, "hnsw_m": hnsw_m}.items() if v is not None}
+    result = evaluate_built_index(index_dir, queries, quantizations or list(QUANTIZATIONS), dims, index_kinds, search)
     s = result["summary"]
     description = f"Index recall@10 vs exact float search: {label or index_dir}, {s['chunks']} chunks, {s['queries']} queries"
     create_table_artifact(key=EVAL_KEY, table=result["rows"], description=description)

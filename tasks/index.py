@@ -62,7 +62,8 @@ def update_corpus_index(corpus_dir: str, index_dir: str, quantization: str | Non
 
 @task(name="evaluate-index")
 def evaluate_built_index(index_dir: str, queries: int | None = None, quantizations: list[str] | None = None,
-                         dims: list[int] | None = None, index_kinds: list[bool] | None = None) -> dict:
+                         dims: list[int] | None = None, index_kinds: list[bool] | None = None,
+                         search: dict | None = None) -> dict:
     """Measure recall@10 against exact float search and p50/p95 latency (evaluations/retrieval.py).
 
     Returns:
@@ -79,7 +80,7 @@ def evaluate_built_index(index_dir: str, queries: int | None = None, quantizatio
     quantizations = quantizations or [state["config"]["quantization"]]
     with tempfile.TemporaryDirectory(prefix="ryz-index-eval-") as work:
         return evaluate_index(Path(index_dir), _embedder(state["embedder"]["dims"]), quantizations, dims, index_kinds,
-                              queries or settings.index_eval_queries, workdir=Path(work))
+                              queries or settings.index_eval_queries, search_overrides=search, workdir=Path(work))
 
 
 @task(name="store-index", retries=2, retry_delay_seconds=[1, 5])

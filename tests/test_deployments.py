@@ -51,7 +51,7 @@ def test_deploy_all_and_run_one_through_a_worker(prefect_api, tmp_path):
 
     import asyncio
 
-    assert asyncio.run(names()) == ["discovery", "evaluate", "pipeline", "pipeline-run"]
+    assert asyncio.run(names()) == ["discovery", "evaluate", "index", "pipeline", "pipeline-run"]
     run = run_deployment("discover-models/discovery", parameters={"source": "local", "local_paths": [str(zoo)]}, timeout=0)
     worker = _prefect(["worker", "start", "--pool", "ryz-local", "--run-once"], env, timeout=300)
     assert worker.returncode == 0, worker.stdout + worker.stderr

@@ -173,6 +173,13 @@ def test_edge_index_persists_and_reindexes_incrementally(corpus, embedder, tmp_p
     assert idx.count() == third["chunks"] == sum(len(e["chunks"]) for e in state["files"].values())
     idx.close()
     assert "src/colors.py" not in paths and "src/shapes.py" in paths
+    # another quantization: a new shard from the stored vectors and payloads, nothing re-embedded
+    fourth = update_index(index_dir, scan_corpus(corpus), embedder, IndexConfig(quantization="int8"), chunk_chars=120,
+                          overlap_chars=20)
+    assert (fourth["embedded"], fourth["reused"], fourth["chunks"]) == (0, third["chunks"], third["chunks"])
+    idx, state = open_index(index_dir)
+    assert state["config"]["quantization"] == "int8" and idx.search(query, 1)[0]["payload"]["path"]
+    idx.close()
 
 
 def test_failed_update_leaves_the_index_untouched(corpus, embedder, tmp_path, monkeypatch):
@@ -289,6 +296,13 @@ def test_index_commands_build_eval_publish(corpus, export_dir, tmp_path, monkeyp
     monkeypatch.setenv("RYZ_HOME", str(home))
     monkeypatch.setenv("RYZ_INDEX_CHUNK_CHARS", "120")
     monkeypatch.setenv("RYZ_INDEX_CHUNK_OVERLAP", "20")
+    monkeypatch.setenv("RYZ_INDEX_MAX_FILE_BYTES", "4096")
+    topics = ["ramen broth", "kubernetes pods", "tax returns", "violin practice", "solar panels", "sourdough starter",
+              "bicycle gears", "chess openings", "coral reefs", "jazz chords", "volcano eruptions", "tea ceremonies",
+              "marathon training", "bee keeping", "glacier melt", "origami cranes", "compiler passes", "moon phases"]
+    for i, topic in enumerate(topics):
+        (corpus / "notes" / f"{i}.md").parent.mkdir(exist_ok=True)
+        (corpus / "notes" / f"{i}.md").write_text(f"# {topic.title()}\n\nA short note about {topic}, written for test {i}.\n")
     reload_settings()
     try:
         assert main(["index", "build", str(corpus), "--json"]) == 0
@@ -298,7 +312,8 @@ def test_index_commands_build_eval_publish(corpus, export_dir, tmp_path, monkeyp
         from engine.store import open_store
 
         manifest = open_store().get_manifest(first["artifact_id"])
-        assert manifest["kind"] == "index" and manifest["quantization"] == "binary2" and manifest["dims"] == 384
+        assert manifest["kind"] == "index" and manifest["quantization"] == reload_settings().index_quantization
+        assert manifest["dims"] == 384
         assert manifest["embedder"]["onnx_sha256"].startswith("sha256:") and manifest["evaluation"]["recall_at_10"] >= 0.9
         assert main(["index", "build", str(corpus), "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["unchanged"] is True
