@@ -17,6 +17,15 @@ from engine.store import open_store
 from tests.checkpoints import falcon3_variant, synth
 from tests.hub_server import HubReplay
 
+
+@pytest.fixture(autouse=True)
+def _hub_online(monkeypatch):
+    """These tests talk to the replay Hub on 127.0.0.1; `datasets` (imported by other tests) turns
+    huggingface_hub's offline switch on process-wide when HF_DATASETS_OFFLINE is set."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
 BITNET = "microsoft/bitnet-b1.58-2B-4T"
 BITNET_SHA = "04c3b9ba8d4d2ba1a8d2c1e7d2a9b0f3c6e1d2a4"
 FALCON = "tiiuae/Falcon3-1B-Instruct-1.58bit"
