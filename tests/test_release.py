@@ -217,3 +217,77 @@ def test_an_exception_mid_step_restores_servers_and_registry(env, harness, monke
     assert rel["status"] == "failed"
     assert any(e["event"] == "rollback-hook" for e in rel["log"])
     assert any(e["action"] == "rollback-hook" or "transaction rollback" in e["reason"] for e in reg.history())
+
+
+class _Webhook:
+    """A JSON sink on 127.0.0.1 collecting what the release POSTs."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's name
+                received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, event: str, timeout: float = 10) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for payload in self.received:
+                if payload["event"] == event:
+                    return payload
+            time.sleep(0.05)
+        raise AssertionError(f"no {event} among {self.received}")
+
+
+def test_manual_control_from_the_cli_and_notifications(env, harness, monkeypatch, capsys):
+    from flows.cli import main
+
+    from flows.release import release
+
+    hook = _Webhook()
+    reg = env["registry"]
+    if "production" not in reg.aliases():  # run alone: bootstrap a production first
+        release(ref=env["versions"]["good"])
+    donor = reg.get(env["versions"]["better"])
+    fresh = reg.register("demo", donor.artifact_id, {"repo": "demo", "revision": "manual"}, evaluation=donor.evaluation).ref
+    monkeypatch.setenv("RYZ_NOTIFY_WEBHOOK", hook.url)
+    monkeypatch.setenv("RYZ_RELEASE_STEP_TIMEOUT", "1")
+    monkeypatch.setenv("RYZ_RELEASE_SYNTHETIC_LOAD", "false")
+    reload_settings()
+
+    def cli(*argv) -> tuple[int, dict | None]:
+        capsys.readouterr()
+        code = main(list(argv))
+        out = capsys.readouterr().out
+        return code, json.loads(out) if out.strip().startswith("{") else None
+
+    try:
+        code, rel = cli("release", "start", fresh, "--json")  # no traffic: pauses at the first step
+        assert rel["status"] == "paused" and code == 0
+        assert hook.wait_for("ryzanstein.release.paused")["model"] == fresh
+        assert cli("release", "status", "--json")[1]["id"] == rel["id"]
+        assert cli("release", "promote")[0] == 1  # steps remain: needs --force
+        code, aborted = cli("release", "abort", "--reason", "operator says no", "--json")
+        assert aborted["status"] == "aborted" and reg.get(fresh).status == "rolled_back"
+        assert "canary" not in _server_models(env)
+        assert any(e["reason"] == "operator says no" for e in reg.history())
+        # A retry after an abort starts clean: a new release id, from the first step.
+        code, again = cli("release", "start", fresh, "--json")
+        assert again["id"] != rel["id"] and again["status"] == "paused"
+        code, promoted = cli("release", "promote", "--force", "--json")
+        assert promoted["status"] == "promoted" and _aliases(env)["production"] == fresh
+        assert hook.wait_for("ryzanstein.release.promoted")["reason"].startswith("forced promotion")
+    finally:
+        hook.server.shutdown()
