@@ -382,7 +382,8 @@ void quantize_act_avx2(const float *x, int64_t cols, int8_t *q, float *scale, in
 // (engine/reference.py), not chosen for speed: a dot product is numpy's pairwise sum, which for up to
 // 128 terms is exactly eight interleaved partial sums (one 8-lane vector: lane j adds term 8i + j in
 // order) folded as ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7)); products are rounded before the add (mul then
-// add, never FMA). Wider vectors would reorder the sums, so the AVX-512 family uses these too.
+// add, never FMA). A 16-lane sum would reorder them: the AVX-512 family keeps these 8-lane sums, two
+// positions per zmm (avx512.cpp), and falls back to these kernels for other head sizes.
 // Value sums run sequentially over positions, so any lane width is exact there.
 namespace {
 
@@ -404,7 +405,30 @@ void kv_dot_avx2(const float *q, const void *keys, int32_t kv_type, int64_t stri
         kernels_scalar().kv_dot(q, keys, kv_type, stride, n_pos, d, scores);
         return;
     }
-    for (int32_t p = 0; p < n_pos; ++p) {
+    // Four positions at a time: each position's sum is one chain of d/8 dependent adds (4 cycles each),
+    // so one position alone left the core idle between them; four independent chains fill that time.
+    // Each position's operations and their order are unchanged.
+    int32_t p = 0;
+    for (; p + 4 <= n_pos; p += 4) {
+        const int64_t row = int64_t(p) * stride;
+        const __m256 q0 = _mm256_loadu_ps(q);
+        __m256 r0 = _mm256_mul_ps(q0, load8(keys, kv_type, row));
+        __m256 r1 = _mm256_mul_ps(q0, load8(keys, kv_type, row + stride));
+        __m256 r2 = _mm256_mul_ps(q0, load8(keys, kv_type, row + 2 * stride));
+        __m256 r3 = _mm256_mul_ps(q0, load8(keys, kv_type, row + 3 * stride));
+        for (int32_t i = 8; i < d; i += 8) {
+            const __m256 qi = _mm256_loadu_ps(q + i);
+            r0 = _mm256_add_ps(r0, _mm256_mul_ps(qi, load8(keys, kv_type, row + i)));
+            r1 = _mm256_add_ps(r1, _mm256_mul_ps(qi, load8(keys, kv_type, row + stride + i)));
+            r2 = _mm256_add_ps(r2, _mm256_mul_ps(qi, load8(keys, kv_type, row + 2 * stride + i)));
+            r3 = _mm256_add_ps(r3, _mm256_mul_ps(qi, load8(keys, kv_type, row + 3 * stride + i)));
+        }
+        scores[p] = fold8(r0);
+        scores[p + 1] = fold8(r1);
+        scores[p + 2] = fold8(r2);
+        scores[p + 3] = fold8(r3);
+    }
+    for (; p < n_pos; ++p) {
         const int64_t row = int64_t(p) * stride;
         __m256 r = _mm256_mul_ps(_mm256_loadu_ps(q), load8(keys, kv_type, row));
         for (int32_t i = 8; i < d; i += 8) r = _mm256_add_ps(r, _mm256_mul_ps(_mm256_loadu_ps(q + i), load8(keys, kv_type, row + i)));

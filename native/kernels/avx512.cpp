@@ -7,6 +7,7 @@
 //     act[256b + 64l .. 256b + 64l + 63] (one zmm). A tile's blocks are one sequential stream.
 //   Activations: int8, row-major [token][cols], plus act_sums[token] = the sum of that token's row.
 //   Dense (head / embedding): ggml's F32, F16, Q8_0 and Q6_K rows, read in place.
+//   KV cache (attention): F32 or F16 rows of kv_heads * head_dim, `stride` elements apart.
 //
 // Ternary arithmetic: vpdpbusd multiplies unsigned bytes by signed bytes and adds each group of 4
 // products to an int32 lane, without saturation (unlike vpmaddubsw). The unsigned operand is the
@@ -16,6 +17,10 @@
 // field (3, unused but possible in a TQ2_0 file) and the GEMV's planes scaled by up to 64 (see
 // gemv_tile), a lane stays below cols * 384 < 2^31 for cols < 5.5M. All of it is exact integer
 // arithmetic, so the result equals the scalar kernel's bit for bit whatever the order.
+//
+// Attention arithmetic: the reference's float order, exactly as the AVX2 kernels (see avx2.cpp): an
+// 8-lane pairwise sum per dot product (two positions per zmm here), and value sums sequential over
+// positions (16 lanes are exact there). Equal to the AVX2 and scalar kernels bit for bit.
 //
 // Dense arithmetic: each weight is dequantised with the operations dequantize_row uses (so the same
 // float value), then multiplied into per-row float accumulators with FMA, lane i taking columns
@@ -64,6 +69,18 @@ inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
 #endif
 }
 
+// A loaded vector pinned in a register. Without it GCC 12 folds the load into every use: the GEMV loaded
+// each weight vector 4 times (once per vpand) and each activation vector 4 times (once per row), 32
+// 64-byte loads per 256 weight bytes where 8 suffice, so the load ports, not vpdpbusd, set the pace.
+// Pinned, one Zen 5 core streams a 512 MB matrix from DRAM at 35-38 GB/s instead of 16-19 (the
+// single-thread read probe: 42), and runs ~4x faster hot in L2.
+inline __m512i in_register(__m512i x) {
+#if defined(__GNUC__)
+    __asm__("" : "+v"(x));
+#endif
+    return x;
+}
+
 // Sum each of four int32 vectors: result lane i = sum of all lanes of a_i (integer: order-free).
 inline __m128i hsum4_epi32(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
     const __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
@@ -97,17 +114,17 @@ inline __m128i gemv_tile(const uint8_t *w, int64_t blocks, const int8_t *act) {
     __m512i a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
     for (int64_t b = 0; b < blocks; ++b, w += TILE_ROWS * T2P_BLOCK_BYTES, act += QK_K) {
         for (int r = 0; r < TILE_ROWS; ++r) _mm_prefetch(reinterpret_cast<const char *>(w + GEMV_PREFETCH + r * 64), _MM_HINT_T0);
-        const __m512i v0 = _mm512_loadu_si512(act);
-        const __m512i v1 = _mm512_loadu_si512(act + 64);
-        const __m512i v2 = _mm512_loadu_si512(act + 128);
-        const __m512i v3 = _mm512_loadu_si512(act + 192);
-#define RYZ_ROW(r)                                                        \
-        {                                                                 \
-            const __m512i x = _mm512_loadu_si512(w + r * T2P_BLOCK_BYTES); \
-            a##r##0 = dpbusd(a##r##0, _mm512_and_si512(x, m0), v0);       \
-            a##r##1 = dpbusd(a##r##1, _mm512_and_si512(x, m1), v1);       \
-            a##r##2 = dpbusd(a##r##2, _mm512_and_si512(x, m2), v2);       \
-            a##r##3 = dpbusd(a##r##3, _mm512_and_si512(x, m3), v3);       \
+        const __m512i v0 = in_register(_mm512_loadu_si512(act));
+        const __m512i v1 = in_register(_mm512_loadu_si512(act + 64));
+        const __m512i v2 = in_register(_mm512_loadu_si512(act + 128));
+        const __m512i v3 = in_register(_mm512_loadu_si512(act + 192));
+#define RYZ_ROW(r)                                                                     \
+        {                                                                              \
+            const __m512i x = in_register(_mm512_loadu_si512(w + r * T2P_BLOCK_BYTES)); \
+            a##r##0 = dpbusd(a##r##0, _mm512_and_si512(x, m0), v0);                    \
+            a##r##1 = dpbusd(a##r##1, _mm512_and_si512(x, m1), v1);                    \
+            a##r##2 = dpbusd(a##r##2, _mm512_and_si512(x, m2), v2);                    \
+            a##r##3 = dpbusd(a##r##3, _mm512_and_si512(x, m3), v3);                    \
         }
         RYZ_ROW(0) RYZ_ROW(1) RYZ_ROW(2) RYZ_ROW(3)
 #undef RYZ_ROW
@@ -121,8 +138,9 @@ inline __m128i gemv_tile(const uint8_t *w, int64_t blocks, const int8_t *act) {
 
 // Prefill / batched decode: one row tile (4 rows) times T tokens, held in 4*T zmm accumulators across
 // the whole row. Each weight plane is unpacked once per block and reused by the T tokens (token_tile);
-// each activation vector is loaded once per plane and reused by the 4 rows (GCC folds it into the
-// vpdpbusd memory operand instead when that is cheaper: the load ports have room, 2 per cycle).
+// each activation vector is loaded once per plane and reused by the 4 rows (pinned in a register:
+// folded into the 4 vpdpbusd, it was 4 loads, 112 per block for 96 vpdpbusd, more than the 2 load
+// ports retire in the 48 cycles those take).
 // Here the planes are shifted down (vpsrlw + vpand) rather than kept scaled as in the GEMV: scaled
 // planes would need 4 accumulators per (row, token); the shifts are amortised over T tokens instead.
 // Per plane step: 4T vpdpbusd, T activation loads, <= 4 shift/and pairs.
@@ -146,7 +164,7 @@ inline void gemm_micro(const uint8_t *w, int64_t blocks, int64_t cols, const int
             }
 #pragma GCC unroll 8
             for (int t = 0; t < T; ++t) {
-                const __m512i a = _mm512_loadu_si512(act + t * cols + 64 * l);
+                const __m512i a = in_register(_mm512_loadu_si512(act + t * cols + 64 * l));
 #pragma GCC unroll 4
                 for (int r = 0; r < TILE_ROWS; ++r) acc[r][t] = dpbusd(acc[r][t], p[r], a);
             }
@@ -427,11 +445,104 @@ void quantize_act_avx512(const float *x, int64_t cols, int8_t *q, float *scale, 
     *sum = _mm512_reduce_add_epi32(total);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Attention
+// ---------------------------------------------------------------------------------------------
+
+// Dot products q . key_p in numpy's pairwise order for d <= 128 terms: lane j of an 8-lane sum adds
+// term 8i + j in order, then ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7)), mul then add (see avx2.cpp). A zmm
+// holds two positions, p in lanes 0-7 and p + 1 in lanes 8-15, against q repeated in both halves, so
+// each position's lanes see exactly the AVX2 kernel's operations with half the instructions; four
+// such vectors (8 positions) keep the add chains' latency covered.
+template <bool HALF>
+inline __m512 load_pair(const void *keys, int64_t row0, int64_t row1) {
+    if constexpr (HALF) {
+        const fp16_t *k = static_cast<const fp16_t *>(keys);
+        const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i *>(k + row0));
+        const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i *>(k + row1));
+        return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1));
+    } else {
+        const float *k = static_cast<const float *>(keys);
+        return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(k + row0)), _mm256_loadu_ps(k + row1), 1);
+    }
+}
+
+inline void fold_pair(__m512 r, float *scores) {  // the 8-lane fold of each half
+    alignas(64) float v[16];
+    _mm512_store_ps(v, r);
+    scores[0] = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+    scores[1] = ((v[8] + v[9]) + (v[10] + v[11])) + ((v[12] + v[13]) + (v[14] + v[15]));
+}
+
+template <bool HALF>
+void kv_dot_pairs(const float *q, const void *keys, int64_t stride, int32_t n_pos, int32_t d, float *scores) {
+    __m512 qq[16];  // q[8i .. 8i+7] in both halves
+    for (int32_t i = 0; i < d; i += 8) qq[i / 8] = _mm512_broadcast_f32x8(_mm256_loadu_ps(q + i));
+    int32_t p = 0;
+    for (; p + 8 <= n_pos; p += 8) {
+        const int64_t row = int64_t(p) * stride;
+        __m512 r[4];
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) r[j] = _mm512_mul_ps(qq[0], load_pair<HALF>(keys, row + 2 * j * stride, row + (2 * j + 1) * stride));
+        for (int32_t i = 8; i < d; i += 8)
+#pragma GCC unroll 4
+            for (int j = 0; j < 4; ++j)
+                r[j] = _mm512_add_ps(r[j], _mm512_mul_ps(qq[i / 8], load_pair<HALF>(keys, row + 2 * j * stride + i, row + (2 * j + 1) * stride + i)));
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) fold_pair(r[j], scores + p + 2 * j);
+    }
+    for (; p + 2 <= n_pos; p += 2) {
+        const int64_t row = int64_t(p) * stride;
+        __m512 r = _mm512_mul_ps(qq[0], load_pair<HALF>(keys, row, row + stride));
+        for (int32_t i = 8; i < d; i += 8) r = _mm512_add_ps(r, _mm512_mul_ps(qq[i / 8], load_pair<HALF>(keys, row + i, row + stride + i)));
+        fold_pair(r, scores + p);
+    }
+    if (p < n_pos) kv_dot_avx2(q, static_cast<const uint8_t *>(keys) + int64_t(p) * stride * (HALF ? 2 : 4), HALF ? RYZ_KV_F16 : RYZ_KV_F32,
+                               stride, n_pos - p, d, scores + p);
+}
+
+void kv_dot_avx512(const float *q, const void *keys, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *scores) {
+    if (d % 8 || d < 8 || d > 128) kv_dot_avx2(q, keys, kv_type, stride, n_pos, d, scores);  // which falls back to scalar
+    else if (kv_type == RYZ_KV_F32) kv_dot_pairs<false>(q, keys, stride, n_pos, d, scores);
+    else kv_dot_pairs<true>(q, keys, stride, n_pos, d, scores);
+}
+
+// Weighted sum of values: out[i] = sum_p probs[p] * value_p[i], sequential over p for every i, as the
+// scalar kernel and the reference add them; each lane owns one i, so 16 lanes give the same bits as
+// the AVX2 kernel's 8 with half the instructions.
+template <bool HALF>
+void kv_axpy_rows(const float *probs, const void *values, int64_t stride, int32_t n_pos, int32_t d, float *out) {
+    for (int32_t i0 = 0; i0 < d; i0 += 128) {  // up to 8 accumulators live across the position loop
+        const int n_vec = std::min(128, d - i0) / 16;
+        __m512 acc[8];
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
+        for (int32_t p = 0; p < n_pos; ++p) {
+            const __m512 w = _mm512_set1_ps(probs[p]);
+            const int64_t row = int64_t(p) * stride + i0;
+#pragma GCC unroll 8
+            for (int j = 0; j < 8; ++j) {
+                if (j >= n_vec) break;
+                __m512 v;
+                if constexpr (HALF) v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(static_cast<const fp16_t *>(values) + row + 16 * j)));
+                else v = _mm512_loadu_ps(static_cast<const float *>(values) + row + 16 * j);
+                acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(w, v));
+            }
+        }
+        for (int j = 0; j < n_vec; ++j) _mm512_storeu_ps(out + i0 + 16 * j, acc[j]);
+    }
+}
+
+void kv_axpy_avx512(const float *probs, const void *values, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *out) {
+    if (d % 16) kv_axpy_avx2(probs, values, kv_type, stride, n_pos, d, out);
+    else if (kv_type == RYZ_KV_F32) kv_axpy_rows<false>(probs, values, stride, n_pos, d, out);
+    else kv_axpy_rows<true>(probs, values, stride, n_pos, d, out);
+}
+
 }  // namespace
 
 const Kernels *kernels_avx512() {
-    // Attention: the AVX2 kernels (their 8-lane order is the reference's; see avx2.cpp).
-    static const Kernels k{RYZ_ISA_AVX512, ternary_gemm_avx512, dense_gemm_avx512, quantize_act_avx512, kv_dot_avx2, kv_axpy_avx2};
+    static const Kernels k{RYZ_ISA_AVX512, ternary_gemm_avx512, dense_gemm_avx512, quantize_act_avx512, kv_dot_avx512, kv_axpy_avx512};
     return &k;
 }
 

@@ -105,7 +105,7 @@ void ternary_gemm_tiles(const uint8_t *packed, int64_t row_begin, int64_t row_en
     }
 }
 
-// The AVX2 attention kernels, shared by the AVX-512 family (avx2.cpp explains why).
+// The AVX2 attention kernels, the AVX-512 family's fallback for head sizes its own do not cover.
 void kv_dot_avx2(const float *q, const void *keys, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *scores);
 void kv_axpy_avx2(const float *probs, const void *values, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *out);
 

@@ -77,30 +77,50 @@ struct LinearJob {
     float *out;  // [n][w->rows]
 };
 
+// Decode (one token per sequence, n small) runs a linear region in chunks of rows (ThreadPool::
+// run_chunks), so a thread that finishes early takes over the rest of a delayed one. 128 rows (a
+// multiple of TILE_ROWS) are 80-220 KB of 2B4T weights, a few microseconds of streaming: the last
+// chunk waited for is short, and claiming one (an atomic add on its owner's cache line) is cheap next
+// to it. Prefill keeps one contiguous range per thread, so its token blocks reuse each activation
+// block across all of a thread's rows (chunked prefill showed no gain we could measure on the busy
+// machine). Either way a row's result does not depend on its range or thread, so neither do the outputs.
+constexpr int64_t LINEAR_CHUNK_ROWS = 128;
+constexpr int32_t CHUNKED_MAX_TOKENS = 4;
+
 void bit_linears(ryz_context *c, const LinearJob *jobs, int n_jobs, int32_t n) {
     const Kernels &kern = kernels();
-    int64_t total_rows = 0;
-    for (int j = 0; j < n_jobs; ++j) total_rows += jobs[j].w->rows;
     const int64_t cols = jobs[0].w->cols;
     const int32_t tile = c->tuning.gemm_token_tile;
+    int64_t first_row[4] = {0, 0, 0, 0};  // where each job's rows start among all jobs' rows (n_jobs <= 3)
+    for (int j = 0; j < n_jobs; ++j) first_row[j + 1] = first_row[j] + jobs[j].w->rows;
+    auto run_rows = [&](int j, int64_t rb, int64_t re) {  // rows [rb, re) of job j, whole row tiles
+        const TernaryLinear &w = *jobs[j].w;
+        int32_t *acc = c->acc.data() + first_row[j] * n;  // [job rows][...]: disjoint per job
+        kern.ternary_gemm(w.packed.get(), rb, re, cols, c->act.data(), c->act_sum.data(), n, tile, acc, w.rows);
+        for (int32_t t = 0; t < n; ++t) {
+            const float act_scale = c->act_scale[t];
+            float *out = jobs[j].out + int64_t(t) * w.rows;
+            const int32_t *a = acc + int64_t(t) * w.rows;
+            for (int64_t r = rb; r < re; ++r) out[r] = static_cast<float>(a[r]) / act_scale * w.scale;
+        }
+    };
+    if (n <= CHUNKED_MAX_TOKENS) {
+        int64_t first_chunk[4] = {0, 0, 0, 0};  // where each job's chunks start
+        for (int j = 0; j < n_jobs; ++j) first_chunk[j + 1] = first_chunk[j] + (jobs[j].w->rows + LINEAR_CHUNK_ROWS - 1) / LINEAR_CHUNK_ROWS;
+        c->pool->run_chunks(first_chunk[n_jobs], [&](int, int64_t chunk) {
+            int j = 0;
+            while (chunk >= first_chunk[j + 1]) ++j;
+            const int64_t rb = (chunk - first_chunk[j]) * LINEAR_CHUNK_ROWS;
+            run_rows(j, rb, std::min<int64_t>(rb + LINEAR_CHUNK_ROWS, jobs[j].w->rows));
+        });
+        return;
+    }
     c->pool->run([&](int ti, int nt) {
         int64_t begin, end;  // this thread's share of all jobs' rows, in whole row tiles
-        split_range(total_rows, TILE_ROWS, ti, nt, &begin, &end);
-        int64_t offset = 0;
+        split_range(first_row[n_jobs], TILE_ROWS, ti, nt, &begin, &end);
         for (int j = 0; j < n_jobs; ++j) {
-            const TernaryLinear &w = *jobs[j].w;
-            const int64_t rb = std::max<int64_t>(begin - offset, 0), re = std::min<int64_t>(end - offset, w.rows);
-            if (rb < re) {
-                int32_t *acc = c->acc.data() + offset * n;  // [job rows][...]: disjoint per job
-                kern.ternary_gemm(w.packed.get(), rb, re, cols, c->act.data(), c->act_sum.data(), n, tile, acc, w.rows);
-                for (int32_t t = 0; t < n; ++t) {
-                    const float act_scale = c->act_scale[t];
-                    float *out = jobs[j].out + int64_t(t) * w.rows;
-                    const int32_t *a = acc + int64_t(t) * w.rows;
-                    for (int64_t r = rb; r < re; ++r) out[r] = static_cast<float>(a[r]) / act_scale * w.scale;
-                }
-            }
-            offset += w.rows;
+            const int64_t rb = std::max<int64_t>(begin - first_row[j], 0), re = std::min<int64_t>(end - first_row[j], jobs[j].w->rows);
+            if (rb < re) run_rows(j, rb, re);
         }
     });
 }
@@ -164,26 +184,31 @@ void attention(ryz_context *c, int layer, int32_t n, const int32_t *seq_ids) {
     const Kernels &kern = kernels(), &scalar = kernels_scalar();
     const auto kv_dot = kern.kv_dot ? kern.kv_dot : scalar.kv_dot;
     const auto kv_axpy = kern.kv_axpy ? kern.kv_axpy : scalar.kv_axpy;
+    // Each thread takes its share of every token's heads (contiguous heads: neighbours share a KV head),
+    // not a contiguous range of tokens: a causal prefill's later tokens attend to more positions, and
+    // splitting by tokens left the first of 2 threads a quarter of the work. An item's result does not
+    // depend on the thread that computes it.
     c->pool->run([&](int ti, int nt) {
         std::vector<float> &scores = c->scores[ti];
-        int64_t b, e;
-        split_range(int64_t(n) * hp.heads, 1, ti, nt, &b, &e);
-        for (int64_t item = b; item < e; ++item) {
-            const int32_t t = static_cast<int32_t>(item / hp.heads), h = static_cast<int32_t>(item % hp.heads);
-            const int32_t n_pos = c->positions[t] + 1, kvh = h / group;  // causal: positions 0..pos
-            const KVSeq &s = c->seqs[seq_ids[t]];
-            const size_t layer_off = (size_t(layer) * c->max_positions * kv_dim + size_t(kvh) * d) * eb;
-            kv_dot(c->q.data() + int64_t(t) * q_dim + int64_t(h) * d, s.keys.get() + layer_off, c->kv_type, kv_dim, n_pos, d, scores.data());
-            float max_score = -INFINITY;
-            for (int32_t p = 0; p < n_pos; ++p) {
-                scores[p] = scores[p] / sqrt_d;
-                max_score = std::max(max_score, scores[p]);
+        int64_t hb, he;
+        split_range(hp.heads, 1, ti, nt, &hb, &he);
+        for (int32_t t = 0; t < n; ++t) {
+            for (int32_t h = static_cast<int32_t>(hb); h < he; ++h) {
+                const int32_t n_pos = c->positions[t] + 1, kvh = h / group;  // causal: positions 0..pos
+                const KVSeq &s = c->seqs[seq_ids[t]];
+                const size_t layer_off = (size_t(layer) * c->max_positions * kv_dim + size_t(kvh) * d) * eb;
+                kv_dot(c->q.data() + int64_t(t) * q_dim + int64_t(h) * d, s.keys.get() + layer_off, c->kv_type, kv_dim, n_pos, d, scores.data());
+                float max_score = -INFINITY;
+                for (int32_t p = 0; p < n_pos; ++p) {
+                    scores[p] = scores[p] / sqrt_d;
+                    max_score = std::max(max_score, scores[p]);
+                }
+                for (int32_t p = 0; p < n_pos; ++p) scores[p] = exp_f32(scores[p] - max_score);
+                const float *e_scores = scores.data();
+                const float sum = pairwise_sum([e_scores](int64_t p) { return e_scores[p]; }, n_pos);
+                for (int32_t p = 0; p < n_pos; ++p) scores[p] = scores[p] / sum;
+                kv_axpy(scores.data(), s.values.get() + layer_off, c->kv_type, kv_dim, n_pos, d, c->att.data() + int64_t(t) * q_dim + int64_t(h) * d);
             }
-            for (int32_t p = 0; p < n_pos; ++p) scores[p] = exp_f32(scores[p] - max_score);
-            const float *e_scores = scores.data();
-            const float sum = pairwise_sum([e_scores](int64_t p) { return e_scores[p]; }, n_pos);
-            for (int32_t p = 0; p < n_pos; ++p) scores[p] = scores[p] / sum;
-            kv_axpy(scores.data(), s.values.get() + layer_off, c->kv_type, kv_dim, n_pos, d, c->att.data() + int64_t(t) * q_dim + int64_t(h) * d);
         }
     });
 }
@@ -383,10 +408,12 @@ ryz_status ryz_forward(ryz_context *c, int32_t n, const int32_t *tokens, const i
         }
     }
     if (n_out > 0) {
-        c->pool->run([&](int ti, int nt) {
-            int64_t b, e;
-            split_range(hp.vocab, 64, ti, nt, &b, &e);
-            if (b < e) kern.dense_gemm(m->output.data, m->output.type, b, e, hp.hidden, c->head_in.data(), n_out, logits, hp.vocab);
+        // In chunks as the linears (a row's logit does not depend on the rows computed with it), each
+        // a few MB, so prefetching past a chunk's end wastes well under 1 % of the reads.
+        constexpr int64_t HEAD_CHUNK_ROWS = 2048;
+        c->pool->run_chunks((hp.vocab + HEAD_CHUNK_ROWS - 1) / HEAD_CHUNK_ROWS, [&](int, int64_t chunk) {
+            const int64_t b = chunk * HEAD_CHUNK_ROWS, e = std::min<int64_t>(b + HEAD_CHUNK_ROWS, hp.vocab);
+            kern.dense_gemm(m->output.data, m->output.type, b, e, hp.hidden, c->head_in.data(), n_out, logits, hp.vocab);
         });
     }
     for (int32_t t = 0; t < n; ++t) c->seqs[seq_ids[t]].length = c->positions[t] + 1;

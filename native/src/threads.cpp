@@ -17,7 +17,7 @@ constexpr int SPINS_BEFORE_SLEEP = 1 << 16;
 // very core: spinning through our whole time slice would stall the region by milliseconds.
 constexpr int SPINS_BEFORE_YIELD = 1 << 10;
 
-ThreadPool::ThreadPool(int n_threads) : n_threads_(n_threads < 1 ? 1 : n_threads) {
+ThreadPool::ThreadPool(int n_threads) : n_threads_(n_threads < 1 ? 1 : n_threads), cursors_(new Cursor[n_threads_]) {
     for (int i = 1; i < n_threads_; ++i) workers_.emplace_back(&ThreadPool::worker, this, i);
 }
 
@@ -50,6 +50,25 @@ void ThreadPool::run(const std::function<void(int, int)> &fn) {
         if (spins < SPINS_BEFORE_YIELD) cpu_relax();
         else std::this_thread::yield();
     }
+}
+
+void ThreadPool::run_chunks(int64_t n_chunks, const std::function<void(int, int64_t)> &fn) {
+    if (n_threads_ == 1) {
+        for (int64_t i = 0; i < n_chunks; ++i) fn(0, i);
+        return;
+    }
+    for (int t = 0; t < n_threads_; ++t) {  // published to the workers by run()'s generation bump
+        int64_t begin, end;
+        split_range(n_chunks, 1, t, n_threads_, &begin, &end);
+        cursors_[t].next.store(begin, std::memory_order_relaxed);
+        cursors_[t].end = end;
+    }
+    run([&](int ti, int nt) {
+        for (int k = 0; k < nt; ++k) {  // own share first, then the next threads' leftovers
+            Cursor &c = cursors_[(ti + k) % nt];
+            for (int64_t i; (i = c.next.fetch_add(1, std::memory_order_relaxed)) < c.end;) fn(ti, i);
+        }
+    });
 }
 
 void ThreadPool::worker(int index) {

@@ -6,6 +6,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -23,10 +24,23 @@ public:
     // Runs fn(thread_index, n_threads) on every thread and returns when all are done.
     void run(const std::function<void(int, int)> &fn);
 
+    // Runs fn(thread_index, chunk) once for every chunk in [0, n_chunks) and returns when all are done.
+    // Each thread first takes the chunks of its own static share in order (one forward stream through
+    // its rows), then helps with the others' remaining chunks, so a thread delayed by another process
+    // on the machine no longer holds the whole region up. Which thread runs a chunk depends on timing;
+    // callers make what a chunk computes independent of that.
+    void run_chunks(int64_t n_chunks, const std::function<void(int, int64_t)> &fn);
+
 private:
     void worker(int index);
 
+    struct alignas(64) Cursor {  // one thread's share of run_chunks: next unclaimed chunk, end
+        std::atomic<int64_t> next{0};
+        int64_t end = 0;
+    };
+
     int n_threads_;
+    std::unique_ptr<Cursor[]> cursors_;
     std::vector<std::thread> workers_;
     const std::function<void(int, int)> *job_ = nullptr;
     std::atomic<uint64_t> generation_{0};
