@@ -6,11 +6,16 @@ them; every response names its variant in the `X-Ryz-Variant` header and every m
 it. Admin routes (load, unload, weights, promote, drain) need `RYZ_ADMIN_TOKEN` as a bearer token and
 change variants without dropping requests in flight: a replaced engine finishes what it started, then
 closes. Errors use OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}}.
+
+Retrieval (engine/retrieval.py, loaded on first use): `/v1/embeddings`, `/v1/retrieve` and chat's `retrieval`
+extension search the registry's production index; chat then answers with the chunks in its system message and
+returns them as `citations`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import threading
@@ -28,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from engine.core import AsyncEngine, Delta, EngineCore, GenerationRequest
 from engine.errors import InvalidRequestError, ModelReferenceError, RyzError
 from engine.metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from engine.retrieval import MAX_TOP_K, Retriever, format_context
 from engine.router import CANARY, PRODUCTION, CanaryRouter
 from engine.sampling import SamplingParams
 from engine.scheduler import QueueFullError, SchedulerConfig
@@ -95,6 +101,25 @@ class ChatBody(_Common):
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
+    retrieval: bool | dict | None = None      # extension: {"top_k": 4, "index": REF} adds retrieved chunks (docs/serving.md)
+
+
+class EmbeddingsBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: str = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class RetrieveBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: str = Field(min_length=1, max_length=4000)
+    top_k: int = Field(5, ge=1, le=50)
+    index: str = Field("production", min_length=1, max_length=200)
 
 
 # -- variants -------------------------------------------------------------------------------------------
@@ -180,6 +205,7 @@ class ServingState:
         self.loading: set[str] = set()
         self.load_errors: dict[str, str] = {}
         self.faults = {"canary_error_rate": settings.fault_canary_error_rate, "canary_latency_ms": settings.fault_canary_latency_ms}
+        self.retrieval = Retriever(settings)   # embedder and indexes load on first use
         self._lock = threading.Lock()
 
     def load(self, name: str, ref: str) -> Variant:
@@ -289,6 +315,7 @@ class ServingState:
             self.variants.clear()
         for v in variants:
             v.core.close()
+        self.retrieval.close()
 
     def route(self, model: str, session_key: str | None) -> Variant:
         """The variant serving a request for `model` (the served name, or a variant's own model id)."""
@@ -410,7 +437,45 @@ def create_app(settings: Settings | None = None, model_ref: str | None = None,
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body, variant = await routed(request, ChatBody)
-        return await _run_chat(state, variant, body, request.state.arrival)
+        citations = await _add_retrieved_context(state, body) if body.retrieval else None
+        return await _run_chat(state, variant, body, request.state.arrival, citations)
+
+    # -- retrieval (the production index, engine/retrieval.py) ----------------------------------------
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        _refuse_when_draining(state)
+        body = _parse(EmbeddingsBody, await _json(request))
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts or any(not isinstance(t, str) for t in texts):
+            raise APIError(400, "input must be a non-empty string or list of strings; token arrays are not supported "
+                                "(this embedder tokenizes itself)", param="input", code="unsupported_input")
+        if len(texts) > EMBED_MAX_INPUTS or any(not t for t in texts):
+            raise APIError(400, f"input takes 1-{EMBED_MAX_INPUTS} non-empty strings", param="input")
+        if body.encoding_format not in ("float", "base64"):
+            raise APIError(400, f"encoding_format must be float or base64, got {body.encoding_format!r}", param="encoding_format")
+        if body.model not in _embedder_names(state):
+            raise APIError(404, f"the embedding model {body.model!r} does not exist; this server embeds with "
+                                f"{state.retrieval.model_id!r}", param="model", code="model_not_found")
+        if body.dimensions is not None and not 1 <= body.dimensions <= 384:
+            raise APIError(400, f"dimensions must be 1-384 (the first k of MiniLM's 384, renormalised), got {body.dimensions}",
+                           param="dimensions")
+        vectors, tokens = await _retrieval_call(state.retrieval.embed, texts, body.dimensions)
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
+                 else v.tolist()} for i, v in enumerate(vectors)]
+        return {"object": "list", "data": data, "model": state.retrieval.model_id,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    @app.post("/v1/retrieve")
+    async def retrieve(request: Request):
+        _refuse_when_draining(state)
+        body = _parse(RetrieveBody, await _json(request))
+        if body.index.startswith(("/", ".", "~")):
+            raise APIError(400, "`index` takes a registry reference (production, index:N) or an artifact id; "
+                                "directories are not accepted over HTTP", param="index")
+        hits, opened = await _retrieval_call(state.retrieval.search, body.query, body.top_k, body.index)
+        return {"object": "list", "data": hits, "index": opened.ref, "artifact_id": opened.artifact_id,
+                "model": state.retrieval.model_id}
 
     # -- admin ----------------------------------------------------------------------------------------
     @app.get("/admin/state")
@@ -528,6 +593,61 @@ def _parse(model: type[BaseModel], body: dict):
 
 
 # -- request handling -----------------------------------------------------------------------------------
+EMBED_MAX_INPUTS = 256
+CHAT_RETRIEVAL_TOP_K = 4
+
+
+def _embedder_names(state: ServingState) -> set[str]:
+    full = state.retrieval.model_id
+    return {full, full.rsplit("/", 1)[-1]}
+
+
+def _refuse_when_draining(state: ServingState) -> None:
+    if state.draining:
+        raise APIError(503, "the server is draining and accepts no new requests", "server_error", code="draining",
+                       headers={"Retry-After": "5"})
+
+
+async def _retrieval_call(fn, *args):
+    """Run a blocking Retriever call off the event loop; its errors as OpenAI-shaped API errors."""
+    from engine.errors import EmbedderError, RetrievalIndexError
+
+    try:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    except ModelReferenceError as exc:   # no production index, unknown index:N
+        raise APIError(404, f"{exc}", param="index", code="index_not_found") from None
+    except (EmbedderError, RetrievalIndexError) as exc:
+        raise APIError(503, str(exc), "server_error", code="retrieval_unavailable") from None
+    except RyzError as exc:              # e.g. an artifact id that is not in the store
+        raise APIError(404, str(exc), param="index", code="index_not_found") from None
+
+
+async def _add_retrieved_context(state: ServingState, body: ChatBody) -> list[dict]:
+    """Chat's `retrieval` setting: search with the last user message, add the numbered chunks to the system
+    message (asking for [n] citations) and return them as the response's `citations`."""
+    options = body.retrieval if isinstance(body.retrieval, dict) else {}
+    unknown = set(options) - {"top_k", "index"}
+    top_k, ref = options.get("top_k", CHAT_RETRIEVAL_TOP_K), options.get("index", "production")
+    if unknown or type(top_k) is not int or not 1 <= top_k <= MAX_TOP_K or not isinstance(ref, str) or \
+            ref.startswith(("/", ".", "~")):
+        raise APIError(400, f"retrieval takes true or {{\"top_k\": 1-{MAX_TOP_K}, \"index\": REF}}", param="retrieval")
+    users = [m for m in body.messages if isinstance(m, dict) and m.get("role") == "user"]
+    content = users[-1].get("content") if users else None
+    if isinstance(content, list):
+        content = " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    if not isinstance(content, str) or not content.strip():
+        raise APIError(400, "retrieval searches with the last user message, and there is none with text", param="retrieval")
+    hits, opened = await _retrieval_call(state.retrieval.search, content[:4000], top_k, ref)
+    context = format_context(hits)
+    first = body.messages[0] if body.messages else None
+    if isinstance(first, dict) and first.get("role") == "system" and isinstance(first.get("content"), str):
+        body.messages = [{**first, "content": f"{first['content']}\n\n{context}"}, *body.messages[1:]]
+    else:
+        body.messages = [{"role": "system", "content": context}, *body.messages]
+    return [{"index": n, "id": h["id"], "score": h["score"], "source": h["source"], "index_ref": opened.ref}
+            for n, h in enumerate(hits, 1)]
+
+
 def _sampling(body: _Common, logprobs: int | None) -> SamplingParams:
     if body.n != 1:
         raise APIError(400, f"n={body.n} is not supported: send n separate requests", param="n")
@@ -720,7 +840,7 @@ def _response_grammar(variant: Variant, response_format: dict | None):
         raise APIError(400, str(exc), param="response_format") from None
 
 
-async def _run_chat(state: ServingState, variant: Variant, body: ChatBody, arrival: float):
+async def _run_chat(state: ServingState, variant: Variant, body: ChatBody, arrival: float, citations: list | None = None):
     from engine.chat import render_chat, validate_messages
     from engine.tools import parse_tool_calls, validate_tools
 
@@ -760,9 +880,9 @@ async def _run_chat(state: ServingState, variant: Variant, body: ChatBody, arriv
     endpoint = "chat"
     buffer_for_tools = bool(tools) and tool_choice != "none"
 
-    def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
+    def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None, extra: dict | None = None) -> str:
         return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                     "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+                     "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}], **(extra or {})})
 
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -770,7 +890,7 @@ async def _run_chat(state: ServingState, variant: Variant, body: ChatBody, arriv
         async def events():
             status = "200"
             try:
-                yield chunk({"role": "assistant", "content": ""})
+                yield chunk({"role": "assistant", "content": ""}, extra={"citations": citations} if citations is not None else None)
                 held = []
                 async for delta in stream:
                     if delta.error:
@@ -811,7 +931,8 @@ async def _run_chat(state: ServingState, variant: Variant, body: ChatBody, arriv
     return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": body.model,
                          "choices": [{"index": 0, "message": message, "finish_reason": finish,
                                       "logprobs": _chat_logprobs(tok, samples) if body.logprobs else None}],
-                         "usage": _usage(last.prompt_tokens, last.completion_tokens)}, headers=headers)
+                         "usage": _usage(last.prompt_tokens, last.completion_tokens),
+                         **({"citations": citations} if citations is not None else {})}, headers=headers)
 
 
 def serve(model_ref: str | None, host: str | None = None, port: int | None = None, settings: Settings | None = None) -> None:

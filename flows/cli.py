@@ -196,6 +196,13 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_mcp(args) -> int:
+    from engine.mcp_server import run_mcp
+
+    run_mcp(args.model, args.index)
+    return 0
+
+
 def cmd_lm_eval(args) -> int:
     from evaluations.lm_eval_cli import run_lm_eval
 
@@ -573,6 +580,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seqs", type=_positive_int, help="concurrent sequences (default RYZ_MAX_SEQS)")
     p.add_argument("--max-context", type=_positive_int, help="positions per sequence (default RYZ_MAX_CONTEXT)")
     p.add_argument("--bundle", type=Path, help="serve a bundle directory (`ryz bundle REF -o DIR`): verified, no registry or store")
+
+    p = command("mcp", cmd_mcp, "run a Model Context Protocol server on stdio: tools search_index (the retrieval index) "
+                "and generate (the production model)", json_flag=False)
+    p.add_argument("--model", default="production", help="model for `generate` (default: the production alias)")
+    p.add_argument("--index", default="production", help="index for `search_index` (default: the production index)")
 
     from flows.bundle_cli import add_bundle_arguments, cmd_bundle
     add_bundle_arguments(command("bundle", cmd_bundle, "write a registry version's self-contained serving bundle "
