@@ -101,6 +101,10 @@ class Thresholds:
     max_error_rate_delta: float = 0.02   # canary error rate may exceed production's by this much (absolute)
     max_ttft_ratio: float = 1.2          # canary p95 TTFT <= ratio x production's
     min_speed_ratio: float = 0.9         # canary decode tok/s >= ratio x production's
+    # Noise floors: a ratio alone fails on jitter when both sides are fast (a 10 ms TTFT doubling to 20 ms on a
+    # busy host); a check fails only when the canary is worse by the ratio AND by this much in absolute terms.
+    min_ttft_delta_ms: float = 50.0
+    min_tpot_delta_ms: float = 2.0
 
 
 @dataclass
@@ -130,11 +134,12 @@ def compare(canary: VariantStats, production: VariantStats, t: Thresholds, step:
                f"canary error rate {c['error_rate']:.1%} {{op}} production {p['error_rate']:.1%} + {t.max_error_rate_delta:.1%} {where}",
                ("<=", ">"))]
     if c["ttft_p95_ms"] is not None and p["ttft_p95_ms"] is not None:
-        checks.append((c["ttft_p95_ms"] <= t.max_ttft_ratio * p["ttft_p95_ms"],
+        checks.append((c["ttft_p95_ms"] <= max(t.max_ttft_ratio * p["ttft_p95_ms"], p["ttft_p95_ms"] + t.min_ttft_delta_ms),
                        f"canary p95 TTFT {c['ttft_p95_ms']:.0f} ms {{op}} {t.max_ttft_ratio} x production {p['ttft_p95_ms']:.0f} ms {where}",
                        ("<=", ">")))
     if c["decode_tok_s"] is not None and p["decode_tok_s"] is not None:
-        checks.append((c["decode_tok_s"] >= t.min_speed_ratio * p["decode_tok_s"],
+        slower_ms = 1000 / c["decode_tok_s"] - 1000 / p["decode_tok_s"]
+        checks.append((c["decode_tok_s"] >= t.min_speed_ratio * p["decode_tok_s"] or slower_ms < t.min_tpot_delta_ms,
                        f"canary decode {c['decode_tok_s']:.1f} tok/s {{op}} {t.min_speed_ratio} x production {p['decode_tok_s']:.1f} tok/s {where}",
                        (">=", "<")))
     failed = [text.format(op=ops[1]) for ok, text, ops in checks if not ok]

@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     release_error_margin: float = Field(0.02, ge=0, description="canary error rate may exceed production's by this (absolute)")
     release_ttft_ratio: float = Field(1.2, gt=0, description="canary p95 TTFT may be at most this x production's")
     release_speed_ratio: float = Field(0.9, gt=0, description="canary decode tok/s must be at least this x production's")
+    release_ttft_min_delta_ms: float = Field(50.0, ge=0, description="noise floor: a TTFT check fails only if the canary's "
+                                             "p95 is also this many ms above production's")
+    release_tpot_min_delta_ms: float = Field(2.0, ge=0, description="noise floor: a speed check fails only if the canary is "
+                                             "also this many ms per token slower")
     release_synthetic_load: bool = Field(False, description="drive bounded synthetic traffic during canary steps "
                                          "(on in `ryz pipeline run`; production releases observe real traffic only)")
     release_load_concurrency: int = Field(4, ge=1, description="synthetic load: concurrent clients")

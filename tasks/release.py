@@ -239,7 +239,7 @@ def observe_canary_step(release_id: str, ref: str, actor: str, step: int, weight
     group = replicas(settings)
     store = releases()
     thresholds = Thresholds(settings.release_min_requests, settings.release_error_margin, settings.release_ttft_ratio,
-                            settings.release_speed_ratio)
+                            settings.release_speed_ratio, settings.release_ttft_min_delta_ms, settings.release_tpot_min_delta_ms)
     before = [snapshot(text) for text in group.metrics()]
     load = nullcontext()
     if synthetic_load:

@@ -52,3 +52,16 @@ def test_speed_is_not_compared_across_cpus():
     candidate["environment"], baseline["environment"] = {"cpu_fingerprint": "a"}, {"cpu_fingerprint": "b"}
     result = compare_to_baseline(candidate, baseline, 0.02, 0.1)
     assert result.passed and any("not compared" in c for c in result.checks)
+
+
+def test_canary_noise_floors():
+    from engine.canary import Thresholds, VariantStats, compare
+
+    def stats(requests, ttft_s, tpot_s):
+        return VariantStats(requests, 0, {0.01: 0, ttft_s: requests, float("inf"): requests}, tpot_s * 100, 100)
+
+    t = Thresholds(min_requests=10)
+    jitter = compare(stats(20, 0.016, 0.0025), stats(20, 0.010, 0.0012), t, 50)  # 2x slower but by ms: noise
+    assert jitter.outcome == "pass", jitter.reasons
+    slow = compare(stats(20, 1.5, 0.030), stats(20, 0.010, 0.020), t, 5)
+    assert slow.outcome == "fail" and any("TTFT" in r for r in slow.reasons) and any("decode" in r for r in slow.reasons)

@@ -86,3 +86,37 @@ def test_pipeline_run_twice_and_resume_after_a_crash(home, harness, monkeypatch)
     registry = Registry(open_store())
     assert {v.name for v in registry.versions()} == {"alpha", "beta"}
     assert [e["action"] for e in registry.history()][:2] == ["register", "promote"]
+
+
+def test_demo_zoo_story(tmp_path, kernel_build, monkeypatch, harness):
+    """From an empty registry: ryz-demo-s becomes production, ryz-demo-m is promoted through the canary steps,
+    the post-training-quantized model is rejected at the offline gate with its reason (DESIGN defaults)."""
+    from pathlib import Path
+
+    from flows.run import pipeline_run
+
+    home = tmp_path / "home"
+    shutil.copytree(kernel_build.directory, home / "cache" / "kernels" / kernel_build.key)
+    monkeypatch.setenv("RYZ_HOME", str(home))
+    monkeypatch.setenv("RYZ_DISCOVERY_HF_CACHE", "")
+    reload_settings()
+    try:
+        result = pipeline_run(source="local", path=str(Path(__file__).resolve().parents[1] / "examples" / "zoo"),
+                              suite="demo_mc,demo_gen", limit=50)
+    finally:
+        reload_settings()
+    fates = {c["repo"]: c for c in result["candidates"]}
+    assert list(fates) == ["ryz-demo-s", "ryz-demo-m", "ryz-demo-ptq"]
+    assert fates["ryz-demo-s"]["status"] == "production" and "first model" in fates["ryz-demo-s"]["reason"]
+    assert fates["ryz-demo-m"]["status"] == "production" and "passed every canary step" in fates["ryz-demo-m"]["reason"]
+    assert fates["ryz-demo-ptq"]["status"] == "rejected" and "vs production" in fates["ryz-demo-ptq"]["reason"]
+    monkeypatch.setenv("RYZ_HOME", str(home))
+    reload_settings()
+    try:
+        registry = Registry(open_store())
+        assert registry.get("production").name == "ryz-demo-m" and registry.get("previous").name == "ryz-demo-s"
+        actions = [e["action"] for e in registry.history()]
+        assert actions.count("promote") == 2 and "status:rejected" in actions
+        assert [a for a in actions if a.startswith("canary-")] == [f"canary-{w}%:pass" for w in (5, 25, 50, 100)]
+    finally:
+        reload_settings()
