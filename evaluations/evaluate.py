@@ -338,11 +338,15 @@ def evaluate_model(model: str, suite: str = "gate", limit: int | None = None, be
         "lm_eval_seconds": round(lm_eval_seconds, 2),
         "seconds": round(time.perf_counter() - wall, 2),
     }
-    if validate:
-        start = time.perf_counter()
-        record["failures"] = validate_record(record)
-        record["valid"] = not record["failures"]
-        record["validation_seconds"] = round(time.perf_counter() - start, 3)
+    return _validated(record) if validate else record
+
+
+def _validated(record: dict) -> dict:
+    """`failures`, `valid` and `validation_seconds` filled in by validate_record."""
+    start = time.perf_counter()
+    record["failures"] = validate_record(record)
+    record["valid"] = not record["failures"]
+    record["validation_seconds"] = round(time.perf_counter() - start, 3)
     return record
 
 
@@ -369,12 +373,7 @@ def merge_records(parts: list[dict], bench: dict | None, validate: bool = True) 
     record["seconds"] = round(max(p.get("seconds", 0.0) for p in parts) + ((bench or {}).get("seconds") or 0.0), 2)
     for key in ("valid", "failures", "validation_seconds"):
         record.pop(key, None)
-    if validate:
-        start = time.perf_counter()
-        record["failures"] = validate_record(record)
-        record["valid"] = not record["failures"]
-        record["validation_seconds"] = round(time.perf_counter() - start, 3)
-    return record
+    return _validated(record) if validate else record
 
 
 def suite_task_names(record: dict) -> list[str]:

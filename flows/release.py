@@ -35,7 +35,6 @@ def release(ref: str | None = None, release_id: str | None = None, synthetic_loa
     load = settings.release_synthetic_load if synthetic_load is None else synthetic_load
     rel = store.get(release_id) if release_id else _open(store, ref)
     rid, ref = rel["id"], rel["ref"]
-    name, version = rel["name"], rel["version"]
     old_production = _production_artifact()
     # Offline gates: reject, bootstrap the first model straight to production, or go on to the canary.
     if rel["status"] == "gating":

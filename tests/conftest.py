@@ -49,3 +49,35 @@ def native_library(kernel_build):
     from engine.settings import Settings
 
     return load_library(settings=Settings(), build_if_missing=False)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """A temporary Prefect API and database for the whole session (one server start, not one per module), and
+    task results in a temporary directory."""
+    pytest.importorskip("prefect", reason="Prefect is the `pipeline` extra")
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(tmp_path_factory.mktemp("prefect-results"))}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path):
+    """An empty artifact store on each backend: a local directory, and a fresh bucket on the moto S3 server."""
+    import uuid
+
+    import boto3
+
+    from engine.settings import Settings
+    from engine.store import open_store
+
+    home = tmp_path / "home"
+    if request.param == "file":
+        return open_store(f"file://{tmp_path / 'store'}", Settings(home=home))
+    endpoint = request.getfixturevalue("moto_server")
+    bucket = f"ryz-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+    return open_store(settings=Settings(home=home, store=f"s3://{bucket}/pfx", s3_endpoint_url=endpoint))

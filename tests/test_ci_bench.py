@@ -11,17 +11,7 @@ import pytest
 pytest.importorskip("prefect")
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(tmp_path_factory.mktemp("results"))}):
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-
-
-def test_ci_bench_baseline_pass_and_regression(tmp_path, kernel_build, monkeypatch, capsys, harness):
+def test_ci_bench_baseline_pass_and_regression(tmp_path, kernel_build, monkeypatch, capsys, prefect_harness):
     from engine.settings import reload_settings
     from flows.cli import main
     from tests import checkpoints
@@ -51,7 +41,7 @@ def test_ci_bench_baseline_pass_and_regression(tmp_path, kernel_build, monkeypat
         reload_settings()
 
 
-def test_evaluate_flow_sharded_on_dask_equals_serial(tmp_path, kernel_build, monkeypatch, harness):
+def test_evaluate_flow_sharded_on_dask_equals_serial(tmp_path, kernel_build, monkeypatch, prefect_harness):
     """The evaluate flow fanned out over a Dask LocalCluster gives the same metrics as the serial run."""
     pytest.importorskip("prefect_dask")
     from engine.settings import reload_settings

@@ -15,19 +15,16 @@ pytest.importorskip("prefect", reason="Prefect is the `pipeline` extra")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory):
-    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(tmp_path_factory.mktemp("results"))}):
-        with prefect_test_harness(server_startup_timeout=120):
-            yield PREFECT_API_URL.value()
-
-
 def _prefect(args: list[str], env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *args], cwd=ROOT, env=env, timeout=timeout,
                           capture_output=True, text=True)
+
+
+@pytest.fixture
+def prefect_api(prefect_harness):
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
 
 
 def test_deploy_all_and_run_one_through_a_worker(prefect_api, tmp_path):

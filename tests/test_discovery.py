@@ -143,16 +143,6 @@ def test_local_source_scans_zoo_order_dirs_and_hf_cache(tmp_path, env):
 
 # --- the flow under a temporary Prefect -------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def prefect_harness(tmp_path_factory):
-    pytest.importorskip("prefect", reason="Prefect is the `pipeline` extra: pip install -e '.[pipeline]'")
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(tmp_path_factory.mktemp("prefect-results"))}):
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-
 
 def _table(state) -> list[dict]:
     """The discovery table artifact this flow run wrote, read back through the Prefect API."""

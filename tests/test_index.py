@@ -272,18 +272,7 @@ def test_qdrant_server_path(corpus, embedder, tmp_path):
         idx.close()
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    pytest.importorskip("prefect")
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(tmp_path_factory.mktemp("results"))}):
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-
-
-def test_index_commands_build_eval_publish(corpus, export_dir, tmp_path, monkeypatch, capsys, harness):
+def test_index_commands_build_eval_publish(corpus, export_dir, tmp_path, monkeypatch, capsys, prefect_harness):
     """`ryz index build` (first build published, re-build of an unchanged corpus stores nothing), `index eval
     --json` rows, `index publish`."""
     import shutil

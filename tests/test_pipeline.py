@@ -33,17 +33,7 @@ def home(tmp_path, kernel_build, monkeypatch):
     reload_settings()
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(tmp_path_factory.mktemp("results"))}):
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-
-
-def test_pipeline_run_twice_and_resume_after_a_crash(home, harness, monkeypatch):
+def test_pipeline_run_twice_and_resume_after_a_crash(home, prefect_harness, monkeypatch):
     import engine.quantize
     import evaluations.evaluate
     from flows.run import pipeline_run
@@ -88,7 +78,7 @@ def test_pipeline_run_twice_and_resume_after_a_crash(home, harness, monkeypatch)
     assert [e["action"] for e in registry.history()][:2] == ["register", "promote"]
 
 
-def test_demo_zoo_story(tmp_path, kernel_build, monkeypatch, harness):
+def test_demo_zoo_story(tmp_path, kernel_build, monkeypatch, prefect_harness):
     """From an empty registry: ryz-demo-s becomes production, ryz-demo-m is promoted through the canary steps,
     the post-training-quantized model is rejected at the offline gate with its reason (DESIGN defaults)."""
     from pathlib import Path

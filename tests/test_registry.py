@@ -4,26 +4,12 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import uuid
 
-import boto3
 import pytest
 
 from engine.errors import ConflictError, ModelReferenceError, SchemaVersionError
 from engine.registry import STATE_KEY, Registry
-from engine.settings import Settings
 from engine.store import FileStore, open_store
-
-
-@pytest.fixture(params=["file", "s3"])
-def store(request, tmp_path):
-    home = tmp_path / "home"
-    if request.param == "file":
-        return open_store(f"file://{tmp_path / 'store'}", Settings(home=home))
-    endpoint = request.getfixturevalue("moto_server")
-    bucket = f"ryz-reg-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
-    return open_store(settings=Settings(home=home, store=f"s3://{bucket}/pfx", s3_endpoint_url=endpoint))
 
 
 def _model(store, data: bytes) -> str:

@@ -93,16 +93,6 @@ def env(tmp_path_factory, kernel_build):
         reload_settings()
 
 
-@pytest.fixture(scope="module")
-def harness(env, tmp_path_factory):
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(tmp_path_factory.mktemp("results"))}):
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-
-
 def _aliases(env) -> dict:
     return {a: f"{t['name']}:{t['version']}" for a, t in env["registry"].aliases().items()}
 
@@ -111,7 +101,7 @@ def _server_models(env) -> dict:
     return {n: v["ref"] for n, v in env["admin"].state()["variants"].items()}
 
 
-def test_release_story(env, harness):
+def test_release_story(env, prefect_harness):
     """Bootstrap, a passing canary, an offline reject, faults rolled back, a pause and resume, rollback."""
     from flows.release import release
     from tasks.release import rollback_production
@@ -160,7 +150,7 @@ def test_release_story(env, harness):
     assert history[-1] == "rollback" and "promote" in history
 
 
-def test_latency_fault_and_inconclusive_pause(env, harness, monkeypatch):
+def test_latency_fault_and_inconclusive_pause(env, prefect_harness, monkeypatch):
     from flows.release import release
 
     reg = env["registry"]
@@ -195,7 +185,7 @@ def test_latency_fault_and_inconclusive_pause(env, harness, monkeypatch):
     assert _aliases(env)["production"] == quiet
 
 
-def test_an_exception_mid_step_restores_servers_and_registry(env, harness, monkeypatch):
+def test_an_exception_mid_step_restores_servers_and_registry(env, prefect_harness, monkeypatch):
     import flows.release as flow_module
     from prefect import task
 
@@ -251,7 +241,7 @@ class _Webhook:
         raise AssertionError(f"no {event} among {self.received}")
 
 
-def test_manual_control_from_the_cli_and_notifications(env, harness, monkeypatch, capsys):
+def test_manual_control_from_the_cli_and_notifications(env, prefect_harness, monkeypatch, capsys):
     from flows.cli import main
 
     from flows.release import release

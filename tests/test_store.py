@@ -6,10 +6,8 @@ import hashlib
 import json
 import multiprocessing
 import os
-import uuid
 from datetime import timedelta, datetime
 
-import boto3
 import pytest
 
 from engine import store as store_mod
@@ -19,17 +17,6 @@ from engine.settings import Settings
 from engine.store import FileStore, S3Store, open_store
 
 MiB = 1 << 20
-
-
-@pytest.fixture(params=["file", "s3"])
-def store(request, tmp_path):
-    home = tmp_path / "home"
-    if request.param == "file":
-        return open_store(f"file://{tmp_path / 'store'}", Settings(home=home))
-    endpoint = request.getfixturevalue("moto_server")
-    bucket = f"ryz-test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
-    return open_store(settings=Settings(home=home, store=f"s3://{bucket}/pfx", s3_endpoint_url=endpoint))
 
 
 def _blob_rel(artifact_id: str) -> str:

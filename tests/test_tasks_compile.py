@@ -13,17 +13,6 @@ from engine.build import TuneShape, read_manifest, write_tuning_model  # noqa: E
 from engine.settings import reload_settings  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def prefect_harness(tmp_path_factory):
-    """A temporary Prefect server and database, and results (the task cache) in a temporary directory."""
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(tmp_path_factory.mktemp("prefect-results"))}):
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-
-
 def test_compile_and_autotune_tasks(prefect_harness, kernel_build, tmp_path):
     from prefect import flow
 
