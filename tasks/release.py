@@ -339,4 +339,6 @@ def rollback_production(actor: str, reason: str) -> dict:
                                                            "previous": {"name": back.name, "version": back.version}}),
                    "undoing a rollback the servers refused")
         raise
-    return {"production": back.ref, "rolled_back": before.ref}
+    # The replicas load the version's model artifact: the same bytes as its bundle's model.gguf (content-addressed);
+    # hosts deployed from bundles redeploy `bundle` itself (`ryz bundle previous -o DIR` fetches it byte for byte).
+    return {"production": back.ref, "rolled_back": before.ref, "bundle": (back.extra or {}).get("bundle")}

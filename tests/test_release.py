@@ -144,7 +144,8 @@ def test_release_story(env, prefect_harness):
 
     # 5. Rollback: previous serves again, in the registry and on the server.
     result = rollback_production("test", "drill")
-    assert result == {"production": v["good"], "rolled_back": v["better"]}
+    assert {k: result[k] for k in ("production", "rolled_back")} == {"production": v["good"], "rolled_back": v["better"]}
+    assert result["bundle"] == reg.get(v["good"]).extra["bundle"]  # built when it was promoted
     assert _server_models(env) == {"production": reg.get(v["good"]).artifact_id}
     history = [e["action"] for e in reg.history()]
     assert history[-1] == "rollback" and "promote" in history
