@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     gate_accuracy_margin: float = Field(0.02, ge=0, description="per task, how much worse than production the headline "
                                         "metric may be (absolute; relative for perplexities) before a significant shortfall fails")
     gate_speed_margin: float = Field(0.10, ge=0, lt=1, description="how much lower than production decode tok/s may be (fraction)")
+    gate_speed_min_delta_ms: float = Field(1.0, ge=0, description="noise floor: a speed gate fails only if the candidate "
+                                           "is also this many ms per token slower")
     gate_floors: dict[str, float] = Field({"demo_mc": 0.35, "demo_gen": 0.05},
                                           description="first model ever (no production): minimum headline metric per task")
     gate_min_decode_tok_s: float = Field(0.0, ge=0, description="first model ever: minimum decode tok/s (0: no floor)")

@@ -79,7 +79,8 @@ def evaluate(model: str, suite: str = "gate", limit: int | None = None, baseline
         verdict = "evaluation record invalid: " + "; ".join(evaluation["failures"])
     else:
         record = {"tasks": evaluation["tasks"], "bench": evaluation["bench"], "environment": evaluation["environment"]}
-        gate = (compare_to_baseline(record, base, settings.gate_accuracy_margin, settings.gate_speed_margin) if base
+        gate = (compare_to_baseline(record, base, settings.gate_accuracy_margin, settings.gate_speed_margin,
+                                    settings.gate_speed_min_delta_ms) if base
                 else check_floors(record, settings.gate_floors, settings.gate_min_decode_tok_s))
         verdict = gate.summary()
     passed = evaluation["valid"] and gate.passed

@@ -75,7 +75,8 @@ def check_offline_gates(release_id: str, ref: str) -> dict:
         if baseline is None:
             gate = check_floors(record, settings.gate_floors, settings.gate_min_decode_tok_s)
         else:
-            gate = compare_to_baseline(record, baseline, settings.gate_accuracy_margin, settings.gate_speed_margin)
+            gate = compare_to_baseline(record, baseline, settings.gate_accuracy_margin, settings.gate_speed_margin,
+                                       settings.gate_speed_min_delta_ms)
         reason = gate.summary() if not gate.passed else f"offline gates vs production {production.ref}: {gate.summary()}"
     get_run_logger().info("offline gates for %s: %s", ref, reason)
     return {"passed": gate.passed, "reason": reason, "checks": gate.checks, "bootstrap": production is None}

@@ -65,3 +65,10 @@ def test_canary_noise_floors():
     assert jitter.outcome == "pass", jitter.reasons
     slow = compare(stats(20, 1.5, 0.030), stats(20, 0.010, 0.020), t, 5)
     assert slow.outcome == "fail" and any("TTFT" in r for r in slow.reasons) and any("decode" in r for r in slow.reasons)
+
+
+def test_speed_noise_floor_for_microsecond_decodes():
+    fast_noise = compare_to_baseline(record(0.6, decode=1653.0), record(0.6, decode=44048.0), 0.02, 0.1)
+    assert fast_noise.passed  # measured on one tiny model: 0.58 ms per token apart is thread wake-up noise
+    slow_big_model = compare_to_baseline(record(0.6, decode=44.0), record(0.6, decode=50.0), 0.02, 0.1)
+    assert not slow_big_model.passed  # 2.7 ms per token slower on a 2B model is a regression
