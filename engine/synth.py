@@ -8,15 +8,13 @@ output is deterministic and independent of write order.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from engine.checkpoint import safetensors_header
+from engine.fsutil import atomic_directory
 from engine.shapes import Shape
 from engine.vocab import build_byte_tokenizer, save_tokenizer_files
 
@@ -76,9 +74,7 @@ def write_synthetic_checkpoint(shape: Shape, out_dir: str | Path, seed: int = 0,
                                progress: Callable[[int], None] | None = None) -> Path:
     """Write config, tokenizer and bf16 safetensors shards to `out_dir` (atomically: temp dir + rename)."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         plan = plan_tensors(shape)
         shards = _assign_shards(plan)
         weight_map: dict[str, str] = {}
@@ -96,12 +92,6 @@ def write_synthetic_checkpoint(shape: Shape, out_dir: str | Path, seed: int = 0,
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"], "do_sample": False}, indent=2))
         save_tokenizer_files(build_byte_tokenizer(shape.vocab), tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

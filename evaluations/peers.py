@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.fsutil import atomic_directory
 from engine.locks import file_lock
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -602,17 +603,10 @@ def ensure_ort_model(cache_dir: Path, hp: dict, block_size: int = ORT_BLOCK_SIZE
             return model_path
         log(f"building the onnxruntime MatMulNBits graph ({hp['layers']} layers)")
         model = build_layers_model(hp, block_size, accuracy_level)
-        work = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
-        try:
+        with atomic_directory(target) as work:
             onnx.save_model(model, str(work / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                             location="weights.bin", size_threshold=1024)
             del model
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(work, target)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
     return model_path
 
 

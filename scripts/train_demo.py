@@ -29,9 +29,7 @@ import json
 import math
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +45,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from engine.fsutil import atomic_directory  # noqa: E402
 from engine.shapes import Shape  # noqa: E402
 from evaluations.demo import corpus  # noqa: E402
 from evaluations.demo.score import load_suites, newline_ids, score_all  # noqa: E402
@@ -343,9 +342,7 @@ def heldout_loss(model: DemoModel, heldout: np.ndarray) -> float:
 
 def write_checkpoint(model: DemoModel, tokenizer, out_dir: Path, record: dict) -> None:
     """config + bf16 safetensors + tokenizer files + generation config, atomically (temp dir, rename)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         config = DEMO_SHAPE.hf_config()
         config["bos_token_id"], config["eos_token_id"] = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
         # Online BitNet quantization, like engine/synth.py: transformers ternarizes the masters at load time
@@ -358,12 +355,6 @@ def write_checkpoint(model: DemoModel, tokenizer, out_dir: Path, record: dict) -
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         save_tokenizer_files(tokenizer, tmp)
         (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def summary(scores: dict) -> dict:
