@@ -9,6 +9,7 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 
 from engine.registry import Registry
 from engine.settings import get_settings
@@ -56,5 +57,8 @@ def write_run_report(run_name: str, source: str, suite: str, results: list[dict]
     with os.fdopen(fd, "w") as handle:
         handle.write(html)
     os.replace(tmp, path)
+    lines = [f"# Pipeline run {run_name}", "", headline, "", f"[HTML report]({path.as_uri()})", ""]
+    lines += [f"- `{r['repo']}` {r.get('version') or ''}: **{r['status']}**: {r['reason']}" for r in rows]
+    create_markdown_artifact(key="pipeline-run", markdown="\n".join(lines), description=headline)
     get_run_logger().info("run report: %s", path)
     return str(path)
