@@ -2,8 +2,8 @@
 
 Counters and histograms are cumulative, so a step is judged on the difference between a snapshot at
 its start and one at its end: requests and errors (5xx), p95 TTFT (linear interpolation inside the
-histogram bucket, as Prometheus' histogram_quantile does), and decode speed (output tokens per second
-of inter-token time: count / sum of the per-token latency histogram). Too few canary requests is not
+histogram bucket, as Prometheus' histogram_quantile does), and decode speed (1 / the median
+time between a request's tokens, from the per-token latency histogram). Too few canary requests is not
 a verdict but "inconclusive": the release pauses instead of passing on no evidence.
 """
 
@@ -36,11 +36,13 @@ class VariantStats:
     ttft_buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
     tpot_sum: float = 0.0
     tpot_count: float = 0.0
+    tpot_buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
 
     def minus(self, earlier: VariantStats) -> VariantStats:
         return VariantStats(self.requests - earlier.requests, self.errors - earlier.errors,
                             {le: c - earlier.ttft_buckets.get(le, 0.0) for le, c in self.ttft_buckets.items()},
-                            self.tpot_sum - earlier.tpot_sum, self.tpot_count - earlier.tpot_count)
+                            self.tpot_sum - earlier.tpot_sum, self.tpot_count - earlier.tpot_count,
+                            {le: c - earlier.tpot_buckets.get(le, 0.0) for le, c in self.tpot_buckets.items()})
 
     @property
     def error_rate(self) -> float:
@@ -52,6 +54,11 @@ class VariantStats:
 
     @property
     def decode_tok_s(self) -> float | None:
+        """1 / median time per output token. The median, not the mean (count / sum): a few tokens stalled
+        behind the other variant's step or a late thread wake-up must not pass for a slower model."""
+        median = histogram_quantile(0.5, self.tpot_buckets)
+        if median:
+            return 1.0 / median
         return self.tpot_count / self.tpot_sum if self.tpot_sum > 0 else None
 
 
@@ -69,6 +76,8 @@ def snapshot(metrics_text: str) -> dict[str, VariantStats]:
                 s.errors += value
         elif name == "ryz_time_to_first_token_seconds_bucket":
             s.ttft_buckets[math.inf if labels["le"] == "+Inf" else float(labels["le"])] = value
+        elif name == "ryz_time_per_output_token_seconds_bucket":
+            s.tpot_buckets[math.inf if labels["le"] == "+Inf" else float(labels["le"])] = value
         elif name == "ryz_time_per_output_token_seconds_sum":
             s.tpot_sum = value
         elif name == "ryz_time_per_output_token_seconds_count":

@@ -3,7 +3,7 @@
 One registry per server (not the process-global one), so tests and several apps in one process do
 not share counters. The release flow reads these from `/metrics` to compare canary with production:
 error rate from `ryz_requests_total`, p95 TTFT from `ryz_time_to_first_token_seconds`, decode speed
-from `ryz_time_per_output_token_seconds` (sum / count = seconds per token).
+from `ryz_time_per_output_token_seconds` (its median).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401 - re-exported for the server
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0)
-TPOT_BUCKETS = (0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+TPOT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+                0.5, 1.0, 2.5)
 
 
 class ServerMetrics:

@@ -224,6 +224,8 @@ def _sum(stats: list[dict[str, VariantStats]], variant: str) -> VariantStats:
         total.tpot_count += v.tpot_count
         for le, c in v.ttft_buckets.items():
             total.ttft_buckets[le] = total.ttft_buckets.get(le, 0.0) + c
+        for le, c in v.tpot_buckets.items():
+            total.tpot_buckets[le] = total.tpot_buckets.get(le, 0.0) + c
     return total
 
 

@@ -58,7 +58,8 @@ def test_canary_noise_floors():
     from engine.canary import Thresholds, VariantStats, compare
 
     def stats(requests, ttft_s, tpot_s):
-        return VariantStats(requests, 0, {0.01: 0, ttft_s: requests, float("inf"): requests}, tpot_s * 100, 100)
+        return VariantStats(requests, 0, {0.01: 0, ttft_s: requests, float("inf"): requests}, tpot_s * 100, 100,
+                            {tpot_s / 2: 0, tpot_s: 100, float("inf"): 100})
 
     t = Thresholds(min_requests=10)
     jitter = compare(stats(20, 0.016, 0.0025), stats(20, 0.010, 0.0012), t, 50)  # 2x slower but by ms: noise
@@ -72,3 +73,13 @@ def test_speed_noise_floor_for_microsecond_decodes():
     assert fast_noise.passed  # measured on one tiny model: 0.58 ms per token apart is thread wake-up noise
     slow_big_model = compare_to_baseline(record(0.6, decode=44.0), record(0.6, decode=50.0), 0.02, 0.1)
     assert not slow_big_model.passed  # 2.7 ms per token slower on a 2B model is a regression
+
+
+def test_canary_speed_is_the_median_not_dragged_by_stalls():
+    from engine.canary import Thresholds, VariantStats, compare
+
+    production = VariantStats(30, 0, {0.02: 30, float("inf"): 30}, 0.05, 100, {0.0005: 0, 0.001: 100, float("inf"): 100})
+    # the same per-token speed, but 3 tokens stalled 100 ms behind the other variant's step: the mean says 3x slower
+    stalled = VariantStats(30, 0, {0.02: 30, float("inf"): 30}, 0.35, 100,
+                           {0.0005: 0, 0.001: 97, 0.1: 100, float("inf"): 100})
+    assert compare(stalled, production, Thresholds(min_requests=10), 5).outcome == "pass"
