@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -519,8 +518,6 @@ def format_report(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "worker":
-        print(json.dumps(_worker(json.loads(sys.argv[2]))))
-        sys.exit(0)
-    print("usage: python -m evaluations.bench worker SPEC_JSON (internal: use `ryz bench`)", file=sys.stderr)
-    sys.exit(2)
+    from evaluations.peers import worker_main
+
+    worker_main("evaluations.bench", "worker", _worker)

@@ -656,9 +656,14 @@ def _ort_worker(spec: dict) -> dict:
             "load_seconds": round(load, 3)}
 
 
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "ort-worker":
-        print(json.dumps(_ort_worker(json.loads(sys.argv[2]))))
+def worker_main(module: str, command: str, work) -> None:
+    """The child side of run_json_worker: `python -m module command SPEC_JSON` prints work(spec) as JSON."""
+    if len(sys.argv) == 3 and sys.argv[1] == command:
+        print(json.dumps(work(json.loads(sys.argv[2]))))
         sys.exit(0)
-    print("usage: python -m evaluations.peers ort-worker SPEC_JSON", file=sys.stderr)
+    print(f"usage: python -m {module} {command} SPEC_JSON (internal: run by `ryz bench`)", file=sys.stderr)
     sys.exit(2)
+
+
+if __name__ == "__main__":
+    worker_main("evaluations.peers", "ort-worker", _ort_worker)
