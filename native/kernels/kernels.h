@@ -72,11 +72,19 @@ float pairwise_sum(const Term &term, int64_t n, int64_t first = 0) {  // sums te
 
 // The loop structure every SIMD ternary GEMM shares; only the inner kernels are the ISA's own.
 // Decode (one token): `gemv(tile_weights, r)` writes the 4 outputs of the row tile starting at row r.
-// Prefill: tokens in blocks of about GEMM_ACT_BLOCK_BYTES of activations (so they are re-read from
-// L2, not L3: 512 tokens x 6912 columns would be 3.5 MB), every row tile of the range per block (its
-// weights stay in L1 across the block's token tiles), then `micro(n, tile_weights, t, r)` for n <= tile
-// tokens starting at token t. token_tile < 1 picks `default_tile`; larger than `max_tile` acts as it.
+// Several tokens: `micro(n, tile_weights, t, r)` for n <= tile tokens starting at token t, nested so
+// that the activations, which a micro call reads tile-times more of than weights, stay in L1:
+//   token blocks of about GEMM_ACT_BLOCK_BYTES of activations (re-read from L2, not L3: 512 tokens x
+//   6912 columns would be 3.5 MB)
+//   > row groups of GEMM_ROW_GROUP_TILES row tiles (their weights, <= 56 KB, are re-read from L2)
+//   > token tiles (<= 6 x 6912 bytes of activations, read from L1 by every row tile of the group)
+//   > row tiles.
+// A block's tokens are split into equal tiles (8 tokens with a tile of 6: 4 + 4, not 6 + 2, whose
+// 2-token pass does as much unpacking per weight for a third of the products). token_tile < 1 picks
+// `default_tile`; larger than `max_tile` acts as it. The sums are exact integers, so no ordering here
+// changes a result.
 constexpr int64_t GEMM_ACT_BLOCK_BYTES = 128 * 1024;
+constexpr int64_t GEMM_ROW_GROUP_TILES = 8;
 
 template <typename Gemv, typename Micro>
 void ternary_gemm_tiles(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, int32_t n_tokens,
@@ -96,11 +104,17 @@ void ternary_gemm_tiles(const uint8_t *packed, int64_t row_begin, int64_t row_en
     }
     const int tt = token_tile < 1 ? default_tile : std::min<int>(token_tile, max_tile);
     const int64_t token_block = std::max<int64_t>(tt, GEMM_ACT_BLOCK_BYTES / cols / tt * tt);
+    const int64_t group_rows = GEMM_ROW_GROUP_TILES * TILE_ROWS;
     for (int64_t t0 = 0; t0 < n_tokens; t0 += token_block) {
-        const int64_t t_end = std::min<int64_t>(n_tokens, t0 + token_block);
-        for (int64_t r = row_begin; r < row_end; r += TILE_ROWS) {
-            const uint8_t *w = packed + (r / TILE_ROWS) * tile_bytes;
-            for (int64_t t = t0; t < t_end; t += tt) micro(static_cast<int>(std::min<int64_t>(tt, t_end - t)), w, t, r);
+        const int64_t in_block = std::min<int64_t>(n_tokens - t0, token_block);
+        const int64_t n_tiles = (in_block + tt - 1) / tt;
+        for (int64_t g = row_begin; g < row_end; g += group_rows) {
+            const int64_t g_end = std::min<int64_t>(row_end, g + group_rows);
+            for (int64_t k = 0; k < n_tiles; ++k) {
+                const int64_t t = t0 + k * in_block / n_tiles, t_next = t0 + (k + 1) * in_block / n_tiles;
+                for (int64_t r = g; r < g_end; r += TILE_ROWS)
+                    micro(static_cast<int>(t_next - t), packed + (r / TILE_ROWS) * tile_bytes, t, r);
+            }
         }
     }
 }

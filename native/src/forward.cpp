@@ -148,7 +148,10 @@ ryz_status ensure_seq(ryz_context *c, int32_t seq) {
     if (s.keys.get()) return RYZ_OK;
     const ryz_hparams &hp = c->model->hp;
     const size_t bytes = size_t(hp.layers) * c->max_positions * hp.kv_heads * hp.head_dim * kv_elem_bytes(c->kv_type);
-    if (!s.keys.allocate(bytes) || !s.values.allocate(bytes)) return fail(RYZ_ERR_OUT_OF_MEMORY, "out of memory for the KV cache");
+    // Not zeroed: attention reads only positions already written. Zeroing touched every page of the
+    // slot's capacity (315 MB for 2B4T at 4096 positions), ~0.1 s on the engine thread per new request,
+    // and made all of it resident; untouched, the pages come in as positions are written.
+    if (!s.keys.allocate(bytes, false) || !s.values.allocate(bytes, false)) return fail(RYZ_ERR_OUT_OF_MEMORY, "out of memory for the KV cache");
     return RYZ_OK;
 }
 

@@ -16,12 +16,12 @@ namespace ryz {
 const Kernels &kernels();  // the table chosen by dispatch (or forced by ryz_set_isa)
 ryz_status fail(ryz_status status, const std::string &message);  // records ryz_last_error
 
-// 64-byte aligned, zero-initialised buffer (cache lines and AVX-512 loads).
+// 64-byte aligned buffer (cache lines and AVX-512 loads), zero-initialised unless `zero` is false.
 struct AlignedBuffer {
     struct Free { void operator()(void *p) const { std::free(p); } };
     std::unique_ptr<uint8_t, Free> data;
     size_t size = 0;
-    bool allocate(size_t bytes);
+    bool allocate(size_t bytes, bool zero = true);
     uint8_t *get() const { return data.get(); }
 };
 

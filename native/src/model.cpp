@@ -10,11 +10,11 @@
 
 namespace ryz {
 
-bool AlignedBuffer::allocate(size_t bytes) {
+bool AlignedBuffer::allocate(size_t bytes, bool zero) {
     const size_t rounded = (bytes + 63) / 64 * 64;
     void *p = std::aligned_alloc(64, rounded ? rounded : 64);
     if (!p) return false;
-    std::memset(p, 0, rounded);
+    if (zero) std::memset(p, 0, rounded);
     data.reset(static_cast<uint8_t *>(p));
     size = bytes;
     return true;
