@@ -13,7 +13,10 @@ fresh subprocess per repeat so nothing pollutes the numbers of another run:
 * **bytes per token** the engine reads to decode one token: the repacked ternary weights (T2P: 64 bytes
   per 256 weights, as `ryz_model_repacked_bytes` reports), norms, scales, the whole head and, untied, one
   embedding row; KV-cache reads are reported apart (`kv_bytes_per_token`);
-* **roofline fraction** = decode tok/s x bytes per token / bandwidth.
+* **roofline fraction** = decode tok/s x bytes per token / bandwidth, per round against the mean of the
+  probes run just before and just after that round's decode (this host's bandwidth swings 45-82 GB/s
+  from one minute to the next with its neighbours' load), then the median over rounds; the fraction of
+  the medians is kept beside it (`roofline_fraction_of_medians`).
 
 Repeats are interleaved with the peers' (evaluations/peers.py): bandwidth, ours, llama.cpp TQ2_0,
 llama.cpp TQ1_0, onnxruntime, then again; the reported numbers are medians, the samples are kept.
@@ -335,14 +338,14 @@ class _Peer:
             self.error = f"{type(exc).__name__}: {exc}"
             log(f"peer {self.name} failed: {self.error}")
 
-    def summary(self, bandwidth: float | None) -> dict:
+    def summary(self, round_bandwidth: list[float]) -> dict:
         if self.error and not self.samples:
             return {"error": self.error, **self.meta}
         keys = ("decode_tok_s", "prefill_tok_s", "ttft_ms", "peak_rss_mb", "load_seconds")
         out = {k: _round(_median([s.get(k) for s in self.samples])) for k in keys if any(k in s for s in self.samples)}
         bpt = self.meta.get("bytes_per_token")
-        if bpt and bandwidth and out.get("decode_tok_s"):
-            out["roofline_fraction"] = _round(out["decode_tok_s"] * bpt / (bandwidth * 1e9), 4)
+        if bpt and round_bandwidth and out.get("decode_tok_s"):
+            out["roofline_fraction"] = roofline(bpt, [s.get("decode_tok_s") for s in self.samples], round_bandwidth)
         out["best"] = _best(self.samples)
         out["samples"] = {k: [_round(s.get(k)) for s in self.samples] for k in ("decode_tok_s", "prefill_tok_s")}
         if self.error:
@@ -399,6 +402,12 @@ def _setup_ort(target: Target, settings, threads: int, prompt: int, gen: int, bl
     return p
 
 
+def roofline(bytes_per_token: int, decode_tok_s: list, round_bandwidth: list[float]) -> float | None:
+    """Median over rounds of decode x bytes per token / that round's bandwidth (rounds missing either are skipped)."""
+    fractions = [d * bytes_per_token / (b * 1e9) for d, b in zip(decode_tok_s, round_bandwidth) if d and b]
+    return _round(statistics.median(fractions), 4) if fractions else None
+
+
 def run_bench(spec: str, threads: int | None = None, prompt: int = DEFAULT_PROMPT, gen: int = DEFAULT_GEN,
               repeats: int = DEFAULT_REPEATS, peers: bool = False, weights: str | None = None, head: str | None = None,
               library: str | Path | None = None, ubatch: int = 0, ort_block_size: int = peers_mod.ORT_BLOCK_SIZE,
@@ -428,13 +437,17 @@ def run_bench(spec: str, threads: int | None = None, prompt: int = DEFAULT_PROMP
             peer_list += _setup_llama_cpp(target, settings, threads, prompt, gen, Path(tmp))
             peer_list.append(_setup_ort(target, settings, threads, prompt, gen, ort_block_size))
         ours: list[dict] = []
-        bandwidth: list[float] = []
+        bandwidth: list[float] = []        # every probe
+        round_bandwidth: list[float] = []  # per round: mean of the probes around our run
         for r in range(repeats):
             log(f"round {r + 1}/{repeats}: bandwidth probe ({threads} threads)")
             bandwidth.append(lib.read_bandwidth(BANDWIDTH_BYTES, threads, BANDWIDTH_REPEATS))
             log(f"round {r + 1}/{repeats}: ryzanstein pp{prompt} tg{gen}")
             ours.append(run_ours(worker_spec))
-            log(f"  decode {ours[-1]['decode_tok_s']:.2f} tok/s, prefill {ours[-1]['prefill_tok_s']:.1f} tok/s")
+            bandwidth.append(lib.read_bandwidth(BANDWIDTH_BYTES, threads, BANDWIDTH_REPEATS))
+            round_bandwidth.append((bandwidth[-2] + bandwidth[-1]) / 2)
+            log(f"  decode {ours[-1]['decode_tok_s']:.2f} tok/s, prefill {ours[-1]['prefill_tok_s']:.1f} tok/s, "
+                f"bandwidth {bandwidth[-2]:.1f} / {bandwidth[-1]:.1f} GB/s before / after")
             for p in peer_list:
                 if p.run and not p.error:
                     log(f"round {r + 1}/{repeats}: {p.name}")
@@ -455,9 +468,10 @@ def run_bench(spec: str, threads: int | None = None, prompt: int = DEFAULT_PROMP
         "peak_rss_mb": _round(_median([o["peak_rss_mb"] for o in ours]), 1),
         "bandwidth_gb_s": _round(bw),
         "bytes_per_token": sizes["bytes_per_token"],
-        "roofline_fraction": _round(decode * sizes["bytes_per_token"] / (bw * 1e9), 4) if bw else None,
+        "roofline_fraction": roofline(sizes["bytes_per_token"], [o["decode_tok_s"] for o in ours], round_bandwidth),
+        "roofline_fraction_of_medians": _round(decode * sizes["bytes_per_token"] / (bw * 1e9), 4) if bw else None,
         "threads": threads,
-        "peers": {p.name: p.summary(bw) for p in peer_list},
+        "peers": {p.name: p.summary(round_bandwidth) for p in peer_list},
         "best": _best(ours),
         "load_seconds": _round(_median([o["load_seconds"] for o in ours])),
         "repack_seconds": _round(_median([o["repack_seconds"] for o in ours])),
@@ -480,13 +494,16 @@ def run_bench(spec: str, threads: int | None = None, prompt: int = DEFAULT_PROMP
         "library": str(lib.path),
         "samples": {k: [_round(o[k]) for o in ours] for k in ("decode_tok_s", "prefill_tok_s", "ttft_ms", "load_seconds", "peak_rss_mb")},
         "bandwidth_samples": [_round(b) for b in bandwidth],
+        "round_bandwidth": [_round(b) for b in round_bandwidth],
         "definitions": {
             "prefill": f"pp{prompt}: one forward_batch over the prompt (ubatch {ubatch or prompt}) on an empty KV cache",
             "decode": f"tg{gen}: greedy token-by-token forward_batch from an empty KV cache (llama-bench's tg)",
             "ttft_ms": "prefill of the prompt + argmax of the first token",
             "bytes_per_token": "weights the engine reads per decoded token (repacked T2P ternary, norms, scales, head); KV reads apart",
-            "roofline_fraction": "decode_tok_s x bytes_per_token / bandwidth_gb_s",
-            "bandwidth_gb_s": f"ryz_read_bandwidth: {BANDWIDTH_BYTES >> 30} GiB streamed with SIMD loads on `threads` threads, best of {BANDWIDTH_REPEATS}; median over repeats",
+            "roofline_fraction": "per round: decode tok/s x bytes_per_token / round_bandwidth (the mean of the probes just before and "
+                                 "just after our decode); median over rounds. Peers: their round's sample against the same round_bandwidth",
+            "roofline_fraction_of_medians": "median decode_tok_s x bytes_per_token / bandwidth_gb_s",
+            "bandwidth_gb_s": f"ryz_read_bandwidth: {BANDWIDTH_BYTES >> 30} GiB streamed with SIMD loads on `threads` threads, best of {BANDWIDTH_REPEATS}; median over all probes (two per round)",
             "peak_rss_mb": "max RSS of the measured process alone (a fresh process per run, its rusage via a minimal parent), median over repeats",
         },
         "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": _loadavg()},

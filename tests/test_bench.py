@@ -42,12 +42,23 @@ def test_bench_tiny_json(tmp_path, kernel_build):
     for key in KEYS:
         assert isinstance(result[key], (int, float)) and result[key] > 0, (key, result[key])
     assert 0 < result["roofline_fraction"] < 1.5
+    assert len(result["bandwidth_samples"]) == 2 and len(result["round_bandwidth"]) == 1  # a probe either side of the round
     assert result["peers"] == {}
     assert result["threads"] >= 1 and result["repeats"] == 1
     # the engine reads T2P (64 bytes / 256 weights), less than the file's TQ2_0 (66 / 256)
     assert result["bytes_per_token"] < result["bytes_per_token_gguf"]
     cached = tmp_path / "home" / "cache" / "bench" / "tiny-tq2_0-q8_0.gguf"
     assert Path(result["file"]) == cached and cached.is_file()
+
+
+def test_roofline_pairs_each_round_with_its_own_bandwidth():
+    from evaluations.bench import roofline
+
+    # a fast round on a quiet host and a slow one on a busy host are each 80 % of their own roofline;
+    # the fraction of the medians (60 tok/s x 1 GB / 60 GB/s = 1.0) would mix the two
+    assert roofline(1_000_000_000, [80.0, 40.0, 60.0], [100.0, 50.0, 75.0]) == 0.8
+    assert roofline(1_000_000_000, [80.0, None], [100.0, 50.0]) == 0.8  # a round without a decode figure is skipped
+    assert roofline(1_000_000_000, [], []) is None
 
 
 def test_llama_cpp_copy_renames_architecture_only(tiny_gguf, tmp_path):
