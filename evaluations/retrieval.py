@@ -145,7 +145,8 @@ def evaluate_vectors(ids: list[str], vectors: np.ndarray, payloads: list[dict], 
                     shutil.rmtree(path, ignore_errors=True)
                 ram = size["ram"]
                 row = {"quantization": quantization, "compression": round(dims * 4 / ram, 2), **result,
-                       "dims": dims, "index": f"hnsw m={cfg.hnsw_m}" if hnsw else "plain", "rescore": cfg.rescore and quantization != "none",
+                       "dims": dims, "index": f"hnsw m={cfg.hnsw_m}" if hnsw else "plain",
+                       "hnsw_ef": cfg.hnsw_ef if hnsw else None, "rescore": cfg.rescore and quantization != "none",
                        "oversampling": cfg.oversampling if quantization != "none" else None,
                        "ram_bytes_per_vector": round(ram, 2), "code_bytes_per_vector": round(size["quantized"], 2),
                        "hnsw_bytes_per_vector": None if size["hnsw"] is None else round(size["hnsw"], 2),
@@ -239,6 +240,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--queries", type=int, default=None, help="held-out queries (default RYZ_INDEX_EVAL_QUERIES)")
     parser.add_argument("--oversampling", type=float, default=None, help="search oversampling (default the index's)")
     parser.add_argument("--hnsw-m", type=int, default=None, help="HNSW links per node of the evaluated shards (default the index's)")
+    parser.add_argument("--hnsw-ef", type=int, default=None, help="HNSW search beam width (default the index's, RYZ_INDEX_HNSW_EF at build)")
     parser.add_argument("--no-rescore", dest="rescore", action="store_false", default=None, help="do not rescore with float vectors")
     parser.add_argument("--seed", type=int, default=0)
     if not any("--json" in a.option_strings for a in parser._actions):
@@ -258,7 +260,7 @@ def main(args) -> int:
         result = evaluate_index(index_dir, embedder_for(state), args.quantization, args.dims, index_kinds_arg(args.index),
                                 args.queries or _settings().index_eval_queries, args.seed,
                                 {k: v for k, v in {"oversampling": args.oversampling, "rescore": args.rescore,
-                                                   "hnsw_m": args.hnsw_m}.items()
+                                                   "hnsw_m": args.hnsw_m, "hnsw_ef": args.hnsw_ef}.items()
                                  if v is not None})
     if args.json:
         sys.stdout.write(json.dumps(result["rows"], indent=2) + "\n")

@@ -62,12 +62,14 @@ def build_index(corpus_dir: str, index_dir: str | None = None, quantization: str
 @flow(name="evaluate-index", log_prints=True)
 def evaluate_index_flow(index_dir: str, quantizations: list[str] | None = None, dims: list[int] | None = None,
                         index_kinds: list[bool] | None = None, queries: int | None = None, oversampling: float | None = None,
-                        rescore: bool | None = None, hnsw_m: int | None = None, label: str = "") -> dict:
+                        rescore: bool | None = None, hnsw_m: int | None = None, label: str = "",
+                        hnsw_ef: int | None = None) -> dict:
     """recall@10 / compression / p50-p95 latency of an index for each quantization, as a table artifact and a report."""
     from engine.index import QUANTIZATIONS
     from evaluations.retrieval import format_table
 
-    search = {k: v for k, v in {"oversampling": oversampling, "rescore": rescore, "hnsw_m": hnsw_m}.items() if v is not None}
+    search = {k: v for k, v in {"oversampling": oversampling, "rescore": rescore, "hnsw_m": hnsw_m,
+                                "hnsw_ef": hnsw_ef}.items() if v is not None}
     result = evaluate_built_index(index_dir, queries, quantizations or list(QUANTIZATIONS), dims, index_kinds, search)
     s = result["summary"]
     description = f"Index recall@10 vs exact float search: {label or index_dir}, {s['chunks']} chunks, {s['queries']} queries"

@@ -53,7 +53,7 @@ def cmd_index_eval(args) -> int:
 
     with resolve_index(args.ref) as index_dir:
         result = evaluate_index_flow(str(index_dir), args.quantization, args.dims, index_kinds_arg(args.index), args.queries,
-                                     args.oversampling, args.rescore, args.hnsw_m, label=args.ref)
+                                     args.oversampling, args.rescore, args.hnsw_m, label=args.ref, hnsw_ef=args.hnsw_ef)
     if args.json:
         _print_json(result["rows"])
     else:

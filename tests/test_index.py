@@ -310,10 +310,11 @@ def test_index_commands_build_eval_publish(corpus, export_dir, tmp_path, monkeyp
         assert main(["index", "build", str(corpus), "--json"]) == 0
         second = json.loads(capsys.readouterr().out)
         assert (second["version"], second["status"]) == ("index:2", "candidate")
-        assert main(["index", "eval", "--json", "--quantization", "int8,binary1", "--queries", "10"]) == 0
+        assert main(["index", "eval", "--json", "--quantization", "int8,binary1", "--queries", "10", "--hnsw-ef", "64"]) == 0
         rows = json.loads(capsys.readouterr().out)
         assert [r["quantization"] for r in rows] == ["int8", "binary1"]
         assert all({"compression", "recall_at_10", "p50_ms", "p95_ms"} <= set(r) for r in rows)
+        assert all(r["hnsw_ef"] == 64 for r in rows)  # a search-time override, recorded in every row
         assert main(["index", "publish", "index:2"]) == 0
         assert main(["index", "publish", "index:2"]) == 1      # already production: an error, said so
     finally:
