@@ -55,7 +55,7 @@ class IndexConfig:
     hnsw: bool = True
     hnsw_m: int = 8
     hnsw_ef_construct: int = 100
-    hnsw_ef: int = 128
+    hnsw_ef: int = 512
     oversampling: float = 16.0
     rescore: bool = True
 
