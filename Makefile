@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: run test install install-dev fixtures zoo clean help
+.PHONY: run test install install-dev fixtures zoo check-neon clean help
 
 help:
 	@echo "make run   - install into $(VENV) and run the main job on the embedded defaults"
@@ -54,6 +54,15 @@ zoo: install
 	.venv-scripts/bin/pip install -q -r scripts/requirements-fixtures.txt
 	.venv-scripts/bin/python scripts/train_demo.py
 	$(PY) -m evaluations.demo.score --zoo examples/zoo > /dev/null
+
+# Dev only: the NEON kernels on an x86 machine. Cross-compiles native/ for aarch64 and runs its kernel tests (NEON
+# against the scalar reference, bit for bit) under qemu user mode. Needs Debian's g++-aarch64-linux-gnu and
+# qemu-user-static (apt); not part of `make test`, whose machines need not have them.
+check-neon:
+	cmake -S native -B build/neon -DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64 \
+	  -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++ -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake --build build/neon -j 2
+	qemu-aarch64-static -L /usr/aarch64-linux-gnu build/neon/ryz_native_tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
