@@ -15,7 +15,7 @@ import numpy as np
 from engine.errors import RyzError
 from engine.ggufio import LINEAR_NAMES, ModelFile, tensor_name
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 GGML_TYPE_IDS = {"f32": 0, "f16": 1, "q8_0": 8, "q6_k": 14, "tq1_0": 34, "tq2_0": 35}
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3}
 ISA_NAMES = {v: k for k, v in ISAS.items()}
@@ -72,6 +72,8 @@ _SIGNATURES = {
     "ryz_ternary_gemm_tiled": (_I32, [_P, _I64, _I64, _P, _I32, _I32, _P]),
     "ryz_quantize_activations": (_I32, [_P, _I32, _I64, _P, _P, _P]),
     "ryz_dense_gemm": (_I32, [_P, _I32, _I64, _I64, _P, _I32, _P]),
+    "ryz_kv_dot": (_I32, [_P, _P, _I32, _I64, _I32, _I32, _P]),
+    "ryz_kv_axpy": (_I32, [_P, _P, _I32, _I64, _I32, _I32, _P]),
     "ryz_top_k": (_I32, [_P, _I64, _I32, _P, _P]),
     "ryz_read_bandwidth": (ctypes.c_double, [_I64, _I32, _I32]),
 }

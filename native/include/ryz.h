@@ -15,7 +15,7 @@
 extern "C" {
 #endif
 
-#define RYZ_ABI_VERSION 2
+#define RYZ_ABI_VERSION 3
 
 #if defined(__GNUC__)
 #define RYZ_API __attribute__((visibility("default")))
@@ -107,6 +107,11 @@ RYZ_API ryz_status ryz_ternary_gemm_tiled(const uint8_t *packed, int64_t rows, i
 RYZ_API ryz_status ryz_quantize_activations(const float *x, int32_t n_tokens, int64_t cols, int8_t *q, float *scale, int32_t *sums);
 /* out[t * rows + r] = dot(dequant(W[r]), x[t]) for a Q8_0, Q6_K, F16 or F32 head / embedding. */
 RYZ_API ryz_status ryz_dense_gemm(const void *w, int32_t type, int64_t rows, int64_t cols, const float *x, int32_t n_tokens, float *out);
+/* Attention over a KV cache of F32 or F16 rows (kv_type RYZ_KV_*), `stride` elements apart, head size d:
+ * scores[p] = dot(q, key_p) for p < n_pos, in numpy's pairwise order; out[i] = sum_p probs[p] * value_p[i],
+ * sequential over p. The forward's own kernels, exposed so tests can hold each family to scalar bit for bit. */
+RYZ_API ryz_status ryz_kv_dot(const float *q, const void *keys, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *scores);
+RYZ_API ryz_status ryz_kv_axpy(const float *probs, const void *values, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *out);
 /* The k largest logits, largest first (ties: lower id first). */
 RYZ_API ryz_status ryz_top_k(const float *logits, int64_t n, int32_t k, int32_t *ids, float *values);
 /* Memory read bandwidth probe: streams `bytes` with SIMD loads on n_threads threads, `repeats` times. */

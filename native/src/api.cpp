@@ -93,6 +93,31 @@ ryz_status ryz_dense_gemm(const void *w, int32_t type, int64_t rows, int64_t col
     return RYZ_OK;
 }
 
+namespace {
+
+ryz_status check_kv_args(const void *a, const void *b, const void *out, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d) {
+    if (!a || !b || !out) return fail(RYZ_ERR_INVALID_ARGUMENT, "null argument");
+    if (kv_type != RYZ_KV_F32 && kv_type != RYZ_KV_F16) return fail(RYZ_ERR_INVALID_ARGUMENT, "kv_type must be RYZ_KV_F32 or RYZ_KV_F16");
+    if (d < 1 || n_pos < 0 || stride < d) return fail(RYZ_ERR_INVALID_ARGUMENT, "need d >= 1, n_pos >= 0 and stride >= d");
+    return RYZ_OK;
+}
+
+}  // namespace
+
+ryz_status ryz_kv_dot(const float *q, const void *keys, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *scores) {
+    if (ryz_status st = check_kv_args(q, keys, scores, kv_type, stride, n_pos, d)) return st;
+    const auto fn = kernels().kv_dot ? kernels().kv_dot : kernels_scalar().kv_dot;  // as the forward picks it
+    fn(q, keys, kv_type, stride, n_pos, d, scores);
+    return RYZ_OK;
+}
+
+ryz_status ryz_kv_axpy(const float *probs, const void *values, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *out) {
+    if (ryz_status st = check_kv_args(probs, values, out, kv_type, stride, n_pos, d)) return st;
+    const auto fn = kernels().kv_axpy ? kernels().kv_axpy : kernels_scalar().kv_axpy;
+    fn(probs, values, kv_type, stride, n_pos, d, out);
+    return RYZ_OK;
+}
+
 ryz_status ryz_top_k(const float *logits, int64_t n, int32_t k, int32_t *ids, float *values) {
     if (!logits || !ids || !values || n < 1 || k < 1 || k > n) return fail(RYZ_ERR_INVALID_ARGUMENT, "need 1 <= k <= n and non-null buffers");
     // A size-k min-heap by (value, -index): ties resolve to the lower index, as numpy's argmax does.

@@ -14,6 +14,9 @@
 //                      assignment and reduction tree, so logits do not depend on the machine)
 //   ternary pack       TQ2_0 and TQ1_0 blocks built here from random codes repack to the T2P bytes
 //                      built here from the same codes; then GEMM on the repacked weights
+//   attention          kv_dot / kv_axpy bit-exact vs scalar (they follow the reference's float order):
+//                      F32 and F16 caches, head sizes on and off every family's fast path, 0..130
+//                      positions, strides of several heads, buffers off 64-byte alignment
 #include <dlfcn.h>
 
 #include <chrono>
@@ -602,6 +605,59 @@ void test_pack() {
     check(ryz_ternary_pack(src.data(), RYZ_TYPE_Q8_0, 4, 256, dst.data()) != RYZ_OK, "pack accepted a non-ternary type");
 }
 
+void attention_case(Rng &rng, int32_t kv_type, int32_t d, int64_t stride, int32_t n_pos) {
+    const size_t es = kv_type == RYZ_KV_F16 ? 2 : 4, n_elems = static_cast<size_t>(std::max<int64_t>(n_pos * stride, 1));
+    Buffer<uint8_t> kv(n_elems * es, es * static_cast<size_t>(rng.range(0, 15)));  // element-aligned, as cache rows are
+    const float scale = rng.range(0, 1) ? 1.0f : 40.0f;  // also large products, where rounding differs most
+    for (size_t i = 0; i < n_elems; ++i) {
+        const float v = scale * rng.symmetric();
+        if (kv_type == RYZ_KV_F16) {
+            const uint16_t h = float_to_half(v);
+            std::memcpy(kv.ptr + 2 * i, &h, 2);
+        } else {
+            std::memcpy(kv.ptr + 4 * i, &v, 4);
+        }
+    }
+    Buffer<float> q(static_cast<size_t>(d), 4 * static_cast<size_t>(rng.range(0, 15)));
+    for (int32_t i = 0; i < d; ++i) q[i] = rng.symmetric();
+    Buffer<float> probs(static_cast<size_t>(std::max(n_pos, 1)), 4 * static_cast<size_t>(rng.range(0, 15)));
+    for (int32_t p = 0; p < n_pos; ++p) probs[p] = rng.uniform();
+    const char *type = kv_type == RYZ_KV_F16 ? "f16" : "f32";
+
+    std::vector<float> ref_scores(static_cast<size_t>(n_pos) + 1, -7.0f), ref_out(static_cast<size_t>(d), -7.0f);
+    ryz_set_isa(RYZ_ISA_SCALAR);
+    check(ryz_kv_dot(q.ptr, kv.ptr, kv_type, stride, n_pos, d, ref_scores.data()) == RYZ_OK, "kv_dot scalar %s d=%d: %s", type, d, ryz_last_error());
+    check(ryz_kv_axpy(probs.ptr, kv.ptr, kv_type, stride, n_pos, d, ref_out.data()) == RYZ_OK, "kv_axpy scalar %s d=%d: %s", type, d, ryz_last_error());
+    for (int32_t isa : g_simd_isas) {
+        ryz_set_isa(isa);
+        std::vector<float> scores(ref_scores.size(), -7.0f), out(ref_out.size(), -7.0f);
+        const ryz_status a = ryz_kv_dot(q.ptr, kv.ptr, kv_type, stride, n_pos, d, scores.data());
+        const ryz_status b = ryz_kv_axpy(probs.ptr, kv.ptr, kv_type, stride, n_pos, d, out.data());
+        size_t i = 0;
+        while (i < scores.size() && std::memcmp(&scores[i], &ref_scores[i], 4) == 0) ++i;
+        check(a == RYZ_OK && i == scores.size(), "kv_dot %s %s d=%d stride=%lld n_pos=%d: scores[%zu] = %.9g, scalar %.9g", isa_name(isa),
+              type, d, (long long)stride, n_pos, i, i < scores.size() ? scores[i] : 0.0, i < scores.size() ? ref_scores[i] : 0.0);
+        i = 0;
+        while (i < out.size() && std::memcmp(&out[i], &ref_out[i], 4) == 0) ++i;
+        check(b == RYZ_OK && i == out.size(), "kv_axpy %s %s d=%d stride=%lld n_pos=%d: out[%zu] = %.9g, scalar %.9g", isa_name(isa),
+              type, d, (long long)stride, n_pos, i, i < out.size() ? out[i] : 0.0, i < out.size() ? ref_out[i] : 0.0);
+    }
+}
+
+void test_attention() {
+    Rng rng(5);
+    // 64 and 128: every family's fast path; 8/16/24: short; 100, 136, 256: off the AVX-512 dot path (d % 8,
+    // d > 128) and, for 100, the value path (d % 16), so the fallbacks are held to scalar too.
+    for (int32_t kv_type : {RYZ_KV_F32, RYZ_KV_F16})
+        for (int32_t d : {8, 16, 24, 64, 100, 128, 136, 256})
+            for (int32_t n_pos : {0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 33, 70, 130})
+                for (int64_t heads : {1, 5}) attention_case(rng, kv_type, d, heads * d + (heads > 1 ? rng.range(0, 1) * 8 : 0), n_pos);
+    float q[8] = {}, out[8];
+    check(ryz_kv_dot(q, q, 7, 8, 1, 8, out) != RYZ_OK, "kv_dot accepted an unknown kv_type");
+    check(ryz_kv_dot(q, q, RYZ_KV_F32, 4, 1, 8, out) != RYZ_OK, "kv_dot accepted a stride below d");
+    check(ryz_kv_axpy(nullptr, q, RYZ_KV_F32, 8, 1, 8, out) != RYZ_OK, "kv_axpy accepted a null argument");
+}
+
 }  // namespace
 
 int main() {
@@ -625,7 +681,8 @@ int main() {
     if (g_simd_isas.empty()) g_simd_isas.push_back(RYZ_ISA_SCALAR);
 
     struct { const char *name; void (*fn)(); } suites[] = {
-        {"ternary", test_ternary}, {"quantize", test_quantize}, {"dense", test_dense}, {"pack", test_pack}};
+        {"ternary", test_ternary}, {"quantize", test_quantize}, {"dense", test_dense}, {"pack", test_pack},
+        {"attention", test_attention}};
     for (const auto &s : suites) {
         const int before = g_failed;
         const auto t0 = std::chrono::steady_clock::now();
