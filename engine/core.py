@@ -78,12 +78,21 @@ class _Live:
     prompt_logprobs: list = field(default_factory=list)
     first_token_at: float | None = None
     last_token_at: float | None = None
+    waited_at_last_token: float = 0.0   # the core's compute_wait when last_token_at was taken
     stop_string_hit: bool = False
 
 
 class EngineCore:
-    def __init__(self, model, tokenizer, config: SchedulerConfig, model_id: str = "model", metrics=None):
+    def __init__(self, model, tokenizer, config: SchedulerConfig, model_id: str = "model", metrics=None,
+                 compute_lock: threading.Lock | None = None):
+        """`compute_lock`: shared by every EngineCore of one server, so one variant's forward runs at a time
+        on all the cores. Two variants computing at once oversubscribe them (each forward uses every core),
+        and the one with less traffic, the canary, was preempted in nearly every step: its tokens read up to
+        8x slower than production's on the same model. The time a step waits for the lock is kept out of
+        the per-token latency (it is the other variant's work, not this model's speed) and counted apart."""
         self.model, self.tokenizer, self.model_id, self.metrics = model, tokenizer, model_id, metrics
+        self._compute_lock = compute_lock or threading.Lock()
+        self.compute_wait = 0.0  # seconds this core's steps waited for another core's forward
         self.vocab = model.hp.vocab
         self.scheduler = Scheduler(config)
         self.config = config
@@ -177,9 +186,13 @@ class EngineCore:
             elif c.samples:
                 want[offset + len(c.tokens) - 1] = 1
             offset += len(c.tokens)
-        logits = self.model.forward_batch(tokens, seq_ids, want)
+        started = time.perf_counter()
+        with self._compute_lock:
+            waited = time.perf_counter() - started
+            logits = self.model.forward_batch(tokens, seq_ids, want)
+        self.compute_wait += waited
         if self.metrics is not None:
-            self.metrics.step(len(tokens))
+            self.metrics.step(len(tokens), waited)
         row = 0
         with self._lock:
             for chunk in plan.chunks:
@@ -218,9 +231,10 @@ class EngineCore:
             if live.first_token_at is None:
                 self.metrics.ttft(now - live.arrival)
             else:
-                self.metrics.token_latency(now - live.last_token_at)
+                self.metrics.token_latency(now - live.last_token_at - (self.compute_wait - live.waited_at_last_token))
         live.first_token_at = live.first_token_at or now
         live.last_token_at = now
+        live.waited_at_last_token = self.compute_wait
         finish = None
         text = ""
         stops = self.tokenizer.stop_ids | request.stop_token_ids

@@ -26,8 +26,11 @@ class ServerMetrics:
         self.kv_bytes = Gauge("ryz_kv_cache_bytes", "KV cache memory allocated", ["variant"], registry=r)
         self.ttft = Histogram("ryz_time_to_first_token_seconds", "Arrival to first generated token", ["variant"],
                               buckets=TTFT_BUCKETS, registry=r)
-        self.tpot = Histogram("ryz_time_per_output_token_seconds", "Time between generated tokens of one request",
-                              ["variant"], buckets=TPOT_BUCKETS, registry=r)
+        self.tpot = Histogram("ryz_time_per_output_token_seconds", "Time between generated tokens of one request, "
+                              "less the time its steps waited for another variant's forward", ["variant"],
+                              buckets=TPOT_BUCKETS, registry=r)
+        self.compute_wait = Counter("ryz_compute_wait_seconds", "Time this variant's steps waited for another "
+                                    "variant's forward (one forward runs at a time)", ["variant"], registry=r)
         self.prompt_tokens = Counter("ryz_prompt_tokens", "Prompt tokens processed", ["variant"], registry=r)
         self.generation_tokens = Counter("ryz_generation_tokens", "Tokens generated", ["variant"], registry=r)
         self.step_tokens = Counter("ryz_engine_step_tokens", "Tokens fed through the model", ["variant"], registry=r)
@@ -62,6 +65,7 @@ class VariantMetrics:
         self._prompt = metrics.prompt_tokens.labels(variant)
         self._generated = metrics.generation_tokens.labels(variant)
         self._step = metrics.step_tokens.labels(variant)
+        self._wait = metrics.compute_wait.labels(variant)
 
     def ttft(self, seconds: float) -> None:
         self._ttft.observe(seconds)
@@ -69,8 +73,9 @@ class VariantMetrics:
     def token_latency(self, seconds: float) -> None:
         self._tpot.observe(seconds)
 
-    def step(self, tokens: int) -> None:
+    def step(self, tokens: int, waited: float = 0.0) -> None:
         self._step.inc(tokens)
+        self._wait.inc(waited)
 
     def finished(self, delta) -> None:
         self._prompt.inc(delta.prompt_tokens)

@@ -206,6 +206,7 @@ class ServingState:
         self.load_errors: dict[str, str] = {}
         self.faults = {"canary_error_rate": settings.fault_canary_error_rate, "canary_latency_ms": settings.fault_canary_latency_ms}
         self.retrieval = Retriever(settings)   # embedder and indexes load on first use
+        self.compute_lock = threading.Lock()     # one variant's forward at a time (engine.core.EngineCore)
         self._lock = threading.Lock()
 
     def load(self, name: str, ref: str) -> Variant:
@@ -222,7 +223,8 @@ class ServingState:
         config = SchedulerConfig(slots=loaded.model.max_seqs, max_context=self.settings.max_context,
                                  prefill_chunk=self.settings.prefill_chunk, prefix_cache_slots=self.settings.prefix_cache_slots,
                                  max_queue=self.settings.max_queue)
-        core = EngineCore(loaded.model, loaded.tokenizer, config, loaded.model_id, self.metrics.for_variant(name))
+        core = EngineCore(loaded.model, loaded.tokenizer, config, loaded.model_id, self.metrics.for_variant(name),
+                          compute_lock=self.compute_lock)
         variant = Variant(name, ref, loaded, core, AsyncEngine(core))
         with self._lock:
             old = self.variants.get(name)

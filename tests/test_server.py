@@ -420,3 +420,39 @@ def test_forced_tool_call(server):
     calls = [tc for c in streamed if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     assert calls and calls[0].function.name in ("get_weather", "get_time"), streamed
     assert streamed[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_variants_take_turns_on_the_cores(models, native_library):
+    """Two variants never run a forward at the same time (each forward uses every core: together they would
+    oversubscribe them and the canary, with less traffic, would be preempted in nearly every step); the time
+    one waits for the other is counted apart from its per-token latency."""
+    from engine.core import GenerationRequest
+    from engine.sampling import SamplingParams
+    from engine.server import ServingState, load_model
+
+    state = ServingState(_settings(models), loader=functools.partial(load_model, library=native_library))
+    try:
+        variants = [state.load("production", models["prod"]), state.load("canary", models["canary"])]
+        spans, spans_lock = [], threading.Lock()
+        for v in variants:
+            def timed(*args, _forward=v.loaded.model.forward_batch, _name=v.name, **kw):
+                start = time.perf_counter()
+                out = _forward(*args, **kw)
+                with spans_lock:
+                    spans.append((start, time.perf_counter(), _name))
+                return out
+            v.loaded.model.forward_batch = timed
+        finished = threading.Semaphore(0)
+        for v in variants:
+            for _ in range(3):
+                v.core.submit(GenerationRequest(prompt_ids=[1, 2, 3], params=SamplingParams(temperature=0.0), max_tokens=24,
+                                                ignore_eos=True), lambda d: (d.finish_reason or d.error) and finished.release())
+        for _ in range(6):
+            assert finished.acquire(timeout=60)
+        spans.sort()
+        assert {name for *_, name in spans} == {"production", "canary"}
+        assert all(end <= next_start for (_, end, _), (next_start, _, _) in zip(spans, spans[1:])), "two forwards overlapped"
+        assert sum(v.core.compute_wait for v in variants) > 0  # they did contend, and the wait was counted
+        assert 'ryz_compute_wait_seconds_total{variant="canary"}' in state.metrics.render().decode()
+    finally:
+        state.close()
