@@ -402,9 +402,15 @@ def _setup_ort(target: Target, settings, threads: int, prompt: int, gen: int, bl
     return p
 
 
+def round_fractions(bytes_per_token: int, decode_tok_s: list, round_bandwidth: list) -> list[tuple[float, float]]:
+    """(roofline fraction, bandwidth GB/s) per round: decode x bytes per token / that round's bandwidth; rounds
+    missing either are skipped."""
+    return [(d * bytes_per_token / (b * 1e9), b) for d, b in zip(decode_tok_s, round_bandwidth) if d and b]
+
+
 def roofline(bytes_per_token: int, decode_tok_s: list, round_bandwidth: list[float]) -> float | None:
-    """Median over rounds of decode x bytes per token / that round's bandwidth (rounds missing either are skipped)."""
-    fractions = [d * bytes_per_token / (b * 1e9) for d, b in zip(decode_tok_s, round_bandwidth) if d and b]
+    """The median over rounds of each round's roofline fraction."""
+    fractions = [f for f, _ in round_fractions(bytes_per_token, decode_tok_s, round_bandwidth)]
     return _round(statistics.median(fractions), 4) if fractions else None
 
 

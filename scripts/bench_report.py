@@ -45,8 +45,10 @@ def best_llama(record: dict, key: str, pick=lambda run, key: run.get(key)) -> tu
 
 def _round_fractions(record: dict) -> list[tuple[float, float]]:
     """(fraction, bandwidth) per round, against the mean of the probes either side of our run."""
-    decodes, bandwidths = (record.get("samples") or {}).get("decode_tok_s") or [], record.get("round_bandwidth") or []
-    return [(d * record["bytes_per_token"] / (b * 1e9), b) for d, b in zip(decodes, bandwidths) if d and b]
+    from evaluations.bench import round_fractions
+
+    return round_fractions(record["bytes_per_token"], (record.get("samples") or {}).get("decode_tok_s") or [],
+                           record.get("round_bandwidth") or [])
 
 
 def _best_round_roofline(record: dict) -> float | None:

@@ -106,15 +106,13 @@ ryz_status check_kv_args(const void *a, const void *b, const void *out, int32_t 
 
 ryz_status ryz_kv_dot(const float *q, const void *keys, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *scores) {
     if (ryz_status st = check_kv_args(q, keys, scores, kv_type, stride, n_pos, d)) return st;
-    const auto fn = kernels().kv_dot ? kernels().kv_dot : kernels_scalar().kv_dot;  // as the forward picks it
-    fn(q, keys, kv_type, stride, n_pos, d, scores);
+    kv_dot_kernel()(q, keys, kv_type, stride, n_pos, d, scores);
     return RYZ_OK;
 }
 
 ryz_status ryz_kv_axpy(const float *probs, const void *values, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *out) {
     if (ryz_status st = check_kv_args(probs, values, out, kv_type, stride, n_pos, d)) return st;
-    const auto fn = kernels().kv_axpy ? kernels().kv_axpy : kernels_scalar().kv_axpy;
-    fn(probs, values, kv_type, stride, n_pos, d, out);
+    kv_axpy_kernel()(probs, values, kv_type, stride, n_pos, d, out);
     return RYZ_OK;
 }
 

@@ -184,9 +184,7 @@ void attention(ryz_context *c, int layer, int32_t n, const int32_t *seq_ids) {
     const int64_t kv_dim = int64_t(hp.kv_heads) * d, q_dim = int64_t(hp.heads) * d;
     const size_t eb = kv_elem_bytes(c->kv_type);
     const float sqrt_d = std::sqrt(static_cast<float>(d));
-    const Kernels &kern = kernels(), &scalar = kernels_scalar();
-    const auto kv_dot = kern.kv_dot ? kern.kv_dot : scalar.kv_dot;
-    const auto kv_axpy = kern.kv_axpy ? kern.kv_axpy : scalar.kv_axpy;
+    const auto kv_dot = kv_dot_kernel(), kv_axpy = kv_axpy_kernel();
     // Each thread takes its share of every token's heads (contiguous heads: neighbours share a KV head),
     // not a contiguous range of tokens: a causal prefill's later tokens attend to more positions, and
     // splitting by tokens left the first of 2 threads a quarter of the work. An item's result does not

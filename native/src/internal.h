@@ -14,6 +14,10 @@
 namespace ryz {
 
 const Kernels &kernels();  // the table chosen by dispatch (or forced by ryz_set_isa)
+
+// The attention kernels the forward runs: the family's own, or scalar's where the family leaves them null.
+inline auto kv_dot_kernel() { return kernels().kv_dot ? kernels().kv_dot : kernels_scalar().kv_dot; }
+inline auto kv_axpy_kernel() { return kernels().kv_axpy ? kernels().kv_axpy : kernels_scalar().kv_axpy; }
 ryz_status fail(ryz_status status, const std::string &message);  // records ryz_last_error
 
 // 64-byte aligned buffer (cache lines and AVX-512 loads), zero-initialised unless `zero` is false.
