@@ -138,14 +138,19 @@ def _distractors(rng: random.Random, kind: str, answer: str) -> list[str]:
     raise ValueError(f"no distractors for {kind!r} items")
 
 
+def _generated(rng: random.Random, kinds: tuple[str, ...], n: int):
+    """(i, kind, prompt, answer) for n items, the kinds in turn. Lazy, so a caller drawing from the same rng
+    between items keeps the draw order (and the committed task data) unchanged."""
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        yield (i, kind, *GENERATORS[kind](rng))
+
+
 def mc_items(seed: int, n: int) -> list[dict]:
     """Multiple choice, 4 choices each: arithmetic result, agreement form, fact, next count."""
     rng = random.Random(seed)
-    kinds = ("arith", "agree", "fact", "count")
     items = []
-    for i in range(n):
-        kind = kinds[i % len(kinds)]
-        prompt, answer = GENERATORS[kind](rng)
+    for i, kind, prompt, answer in _generated(rng, ("arith", "agree", "fact", "count"), n):
         if kind == "count":
             numbers = answer.split()
             prompt = f"{prompt} {' '.join(numbers[:-1])}"
@@ -164,14 +169,8 @@ def mc_items(seed: int, n: int) -> list[dict]:
 
 def gen_items(seed: int, n: int) -> list[dict]:
     """Short-answer generation: the answer is the rest of the line (until the newline)."""
-    rng = random.Random(seed)
-    kinds = ("arith", "fact", "count", "copy")
-    items = []
-    for i in range(n):
-        kind = kinds[i % len(kinds)]
-        prompt, answer = GENERATORS[kind](rng)
-        items.append({"id": i, "kind": kind, "prompt": prompt, "answer": answer})
-    return items
+    return [{"id": i, "kind": kind, "prompt": prompt, "answer": answer}
+            for i, kind, prompt, answer in _generated(random.Random(seed), ("arith", "fact", "count", "copy"), n)]
 
 
 def ppl_items(seed: int, n: int) -> list[dict]:
