@@ -5,6 +5,9 @@
 
 A build runs in a temporary directory next to the final one and is renamed into place only when complete,
 under a per-key file lock, so a crashed build never looks finished and concurrent builders build once.
+Every build proves itself before it is cached: the kernel self-test (engine/selftest.py) runs through the new
+library's ABI; a build that fails it is rebuilt with the fall-back flags (FALLBACK_FLAGS, then without the failing
+SIMD families) or refused with an error naming the kernel and the compiler, never cached as good.
 `load_library` finds or builds the library for this CPU and applies RYZ_ISA; `autotune` times the tuning
 knobs on a model's linear shapes and records the table and the winner in build.json.
 """
@@ -30,8 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine.locks import file_lock
+from engine import selftest
 from engine.errors import BuildError, SchemaVersionError, ToolchainNotFoundError
+from engine.locks import file_lock
 from engine.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -242,7 +246,8 @@ def _find_compiler(settings: Settings) -> str:
     names = [settings.cxx] if settings.cxx else list(COMPILERS)
     for name in names:
         if found := shutil.which(name):
-            return str(Path(found).resolve())
+            # absolute, but not through symlinks: clang++ -> clang-14 would drive the link as C, without libstdc++
+            return os.path.abspath(found)
     if settings.cxx:
         raise ToolchainNotFoundError(f"RYZ_CXX={settings.cxx!r} is not an executable on PATH; fix RYZ_CXX or unset it to use c++/g++/clang++")
     raise ToolchainNotFoundError(
@@ -263,7 +268,7 @@ def compiler_info(settings: Settings | None = None) -> dict[str, str]:
 def build_flags(source: str, sanitize: bool = False) -> list[str]:
     """The CMake cache entries of a host build (RYZ_SOURCE_HASH is recorded in the library). The test
     executable finds libryz.so next to itself ($ORIGIN), so the build directory can be moved or copied."""
-    return ["-DCMAKE_BUILD_TYPE=Release", "-DRYZ_NATIVE=ON", f"-DRYZ_SOURCE_HASH={source}", "-DRYZ_BUILD_TESTS=ON",
+    return ["-DCMAKE_BUILD_TYPE=Release", f"-DRYZ_SOURCE_HASH={source}", "-DRYZ_BUILD_TESTS=ON",
             f"-DRYZ_SANITIZE={'ON' if sanitize else 'OFF'}", "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON", "-DCMAKE_INSTALL_RPATH=$ORIGIN"]
 
 
@@ -342,9 +347,9 @@ def read_manifest(directory: Path) -> dict | None:
 
 
 def _complete(directory: Path) -> dict | None:
-    """The manifest if `directory` holds a complete, intact build."""
+    """The manifest if `directory` holds a complete, intact build that passed its self-test."""
     manifest = read_manifest(directory)
-    if manifest is None:
+    if manifest is None or not (manifest.get("self_test") or {}).get("passed"):
         return None
     lib = directory / manifest.get("library", {}).get("file", LIBRARY_NAME)
     if not lib.is_file() or _sha256_file(lib) != manifest.get("library", {}).get("sha256"):
@@ -381,20 +386,23 @@ def _tail(path: Path, lines: int = 25) -> str:
         return ""
 
 
-def _compile(plan: BuildPlan, work: Path, progress: Progress) -> dict:
-    """Configure and build into `work`; copy the outputs there; return the manifest (without autotune)."""
+def _compile(plan: BuildPlan, work: Path, progress: Progress, extra_flags: list[str]) -> dict:
+    """Configure and build into `work` with the plan's flags plus `extra_flags`; copy the outputs there; return the
+    manifest (without self-test and autotune). Each attempt appends to build.log."""
     tree = work / "cmake-build"
+    shutil.rmtree(tree, ignore_errors=True)
     log_path = work / "build.log"
     cmake, cmake_line = _find_cmake()
     cmake_version = ".".join(map(str, _cmake_version(cmake_line)))
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     jobs = available_cpus()
     start = time.perf_counter()
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:
         try:
-            progress(f"configuring (cmake {cmake_version}, {plan.compiler['cxx_version']})")
+            progress(f"configuring (cmake {cmake_version}, {plan.compiler['cxx_version']}{', ' if extra_flags else ''}"
+                     f"{' '.join(extra_flags)})")
             _run([cmake, "-S", str(plan.native_dir), "-B", str(tree), *generator,
-                  f"-DCMAKE_CXX_COMPILER={plan.compiler['cxx']}", *plan.flags], log)
+                  f"-DCMAKE_CXX_COMPILER={plan.compiler['cxx']}", *plan.flags, *extra_flags], log)
             progress(f"compiling with {jobs} jobs")
             _run([cmake, "--build", str(tree), "-j", str(jobs)], log)
         except subprocess.CalledProcessError as exc:
@@ -409,6 +417,7 @@ def _compile(plan: BuildPlan, work: Path, progress: Progress) -> dict:
         raise BuildError(f"cmake finished but produced no {LIBRARY_NAME} in {tree}; see {log_path}")
     shutil.copy2(lib, work / LIBRARY_NAME)
     tests = tree / TESTS_NAME
+    (work / TESTS_NAME).unlink(missing_ok=True)
     if tests.is_file():
         shutil.copy2(tests, work / TESTS_NAME)
     shutil.rmtree(tree, ignore_errors=True)
@@ -418,6 +427,7 @@ def _compile(plan: BuildPlan, work: Path, progress: Progress) -> dict:
         "key": plan.key,
         "source_hash": plan.source_hash,
         "flags": plan.flags,
+        "extra_flags": extra_flags,
         "compiler": {"path": plan.compiler["cxx"], "version": plan.compiler["cxx_version"]},
         "cmake": {"path": cmake, "version": cmake_version,
                   "generator": "Ninja" if generator else "default"},
@@ -430,13 +440,79 @@ def _compile(plan: BuildPlan, work: Path, progress: Progress) -> dict:
     }
 
 
+FALLBACK_FLAGS = ["-DRYZ_CONSERVATIVE=ON"]  # -O2, no auto-vectorization anywhere (native/CMakeLists.txt)
+
+
+def _prove(library: Path, sanitize: bool) -> dict:
+    """The self-test of a fresh build. A sanitizer build cannot be loaded into an uninstrumented Python, so it runs
+    its own test executable (the full kernel suite, linked with the sanitizer runtime) instead."""
+    if not sanitize:
+        return selftest.run_self_test(library)
+    tests = library.parent / TESTS_NAME
+    if not tests.is_file():
+        return {"passed": False, "families": {}, "failures": [f"a sanitizer build needs {TESTS_NAME} to prove itself"],
+                "seconds": None}
+    start = time.perf_counter()
+    env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:halt_on_error=1", "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
+    try:
+        proc = subprocess.run([str(tests)], capture_output=True, text=True, timeout=selftest.TIMEOUT_S * 3, env=env)
+        ok, out = proc.returncode == 0, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired:
+        ok, out = False, f"{TESTS_NAME} did not finish"
+    failures = [line for line in out.splitlines() if line.startswith("FAIL") or "runtime error" in line or "ERROR" in line]
+    return {"passed": ok, "suite": TESTS_NAME, "families": {}, "failures": failures[:8] or ([] if ok else [out.strip()[-600:]]),
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _compile_proven(plan: BuildPlan, work: Path, progress: Progress, sanitize: bool) -> dict:
+    """Compile and self-test; on failure compile again with the fall-back flags, then also without the SIMD
+    families that still fail. Returns the manifest of the first build that passes (with "self_test" and, when a
+    fall-back was needed, "fallback": the flags added and why); raises BuildError when none does."""
+    extra: list[str] = []
+    attempts: list[dict] = []
+    seconds = 0.0
+    while True:
+        manifest = _compile(plan, work, progress, extra)
+        seconds += manifest["build_seconds"]
+        result = _prove(work / LIBRARY_NAME, sanitize)
+        attempts.append({"extra_flags": list(extra), "passed": result["passed"], "failures": result["failures"]})
+        if result["passed"]:
+            break
+        failing = selftest.failing_families(result)
+        progress(f"kernel self-test FAILED ({' '.join(extra) or 'standard flags'}): {'; '.join(result['failures'][:2])}")
+        if not extra:
+            extra = list(FALLBACK_FLAGS)
+        elif failing and "scalar" not in failing and len(attempts) == 2:
+            extra = [*extra, f"-DRYZ_DISABLE_FAMILIES={';'.join(failing)}"]
+        else:
+            keep = plan.directory.parent / f"failed-{plan.key}.log"
+            shutil.copyfile(work / "build.log", keep)
+            tried = "; ".join(" ".join(a["extra_flags"]) or "standard flags" for a in attempts)
+            raise BuildError(
+                f"the native kernels built by {plan.compiler['cxx']} ({plan.compiler['cxx_version']}) fail their self-test "
+                f"with every flag set tried ({tried}), so they are not used. First failures:\n  "
+                + "\n  ".join(result["failures"][:6])
+                + f"\nThis is a compiler or kernel bug: try another compiler (RYZ_CXX=clang++ or RYZ_CXX=g++-13) and report it "
+                  f"with the build log {keep}")
+    manifest["build_seconds"] = round(seconds, 2)  # every attempt's compile time
+    manifest["self_test"] = result
+    manifest["fallback"] = None if not extra else {
+        "extra_flags": extra, "attempts": attempts,
+        "reason": f"self-test failed with {' '.join(attempts[-2]['extra_flags']) or 'the standard flags'}: "
+                  f"{'; '.join(attempts[-2]['failures'][:2])}"}
+    if extra:
+        progress(f"kernel build uses the fall-back flags {' '.join(extra)} ({manifest['fallback']['reason']})")
+    return manifest
+
+
 def build_kernels(force: bool = False, progress: Progress = print_to_stderr, settings: Settings | None = None,
                   native_dir: str | Path | None = None, sanitize: bool = False) -> KernelBuild:
     """The kernel build for these sources, flags, compiler and CPU: from the cache, or built now.
 
-    A complete build directory (build.json plus the library it names, hash-checked) is a cache hit and runs
-    no cmake; `force` rebuilds it. Raises ToolchainNotFoundError without a compiler or CMake, BuildError
-    when the build fails (its log is kept)."""
+    A complete build directory (build.json plus the library it names, hash-checked, with a passed self-test) is a
+    cache hit and runs no cmake; `force` rebuilds it. A new build is self-tested before it is cached (see
+    `_compile_proven`). Raises ToolchainNotFoundError without a compiler or CMake, BuildError when the build fails
+    or no flag set passes the self-test (its log is kept)."""
     plan = plan_build(settings, native_dir, sanitize)
     if not force and (manifest := _complete(plan.directory)):
         return KernelBuild(plan.directory / manifest["library"]["file"], plan.key, manifest, cache_hit=True)
@@ -448,7 +524,7 @@ def build_kernels(force: bool = False, progress: Progress = print_to_stderr, set
             shutil.rmtree(stale, ignore_errors=True)  # left by a builder that crashed (we hold its lock now)
         work = Path(tempfile.mkdtemp(prefix=f".tmp-{plan.key}-", dir=plan.directory.parent))
         try:
-            manifest = _compile(plan, work, progress)
+            manifest = _compile_proven(plan, work, progress, sanitize)
             _write_json_atomic(work / MANIFEST_NAME, manifest)
             os.chmod(work, 0o755)  # mkdtemp made it private; the cache is as readable as its parent
             old = None
@@ -462,7 +538,8 @@ def build_kernels(force: bool = False, progress: Progress = print_to_stderr, set
             if work.exists():
                 shutil.rmtree(work, ignore_errors=True)
         (plan.directory.parent / f"failed-{plan.key}.log").unlink(missing_ok=True)
-    progress(f"built native kernels {plan.key} in {manifest['build_seconds']:.1f} s: {plan.directory}")
+    progress(f"built native kernels {plan.key} in {manifest['build_seconds']:.1f} s, self-test passed "
+             f"({', '.join(manifest['self_test']['families']) or manifest['self_test'].get('suite')}): {plan.directory}")
     return KernelBuild(plan.directory / LIBRARY_NAME, plan.key, manifest, cache_hit=False)
 
 

@@ -261,6 +261,8 @@ def build_bundle(ref: str, out_dir: str | Path, store: ArtifactStore, settings: 
                 "fingerprint_id": target["fingerprint_id"],
                 "source_hash": source,
                 "sources": NATIVE_SRC,
+                # the proof the shipped library gave on the build host (engine/selftest.py), and any fall-back flags
+                "self_test": _self_test_summary(kernel.manifest) if kernel else None,
             },
             "settings": SETTINGS,
             "deploy": {name: f"{DEPLOY}/{name}" for name in TEMPLATES.values()},
@@ -449,6 +451,12 @@ def bundle_settings(bundle_dir: str | Path, base: Settings | None = None) -> Set
     return Settings.model_validate({**base.model_dump(), **serving})
 
 
+def _self_test_summary(build_manifest: dict) -> dict:
+    test = build_manifest["self_test"]
+    return {"passed": test["passed"], "families": {isa: r["checks"] for isa, r in test.get("families", {}).items()},
+            "fallback_flags": (build_manifest.get("fallback") or {}).get("extra_flags", [])}
+
+
 def _load_library(bundle_dir: Path, manifest: dict, settings: Settings,
                   progress: Callable[[str], None]) -> tuple[Library, str, dict]:
     """The bundle's own library when it was built for this CPU's fingerprint, else one rebuilt from its sources
@@ -457,7 +465,8 @@ def _load_library(bundle_dir: Path, manifest: dict, settings: Settings,
 
     kernel = manifest["kernel_build"]
     here = build.cpu_fingerprint()
-    if kernel.get("library") and kernel["fingerprint"].get("fingerprint_id") == here["fingerprint_id"]:
+    proven = bool((kernel.get("self_test") or {}).get("passed"))
+    if kernel.get("library") and proven and kernel["fingerprint"].get("fingerprint_id") == here["fingerprint_id"]:
         path = (bundle_dir / kernel["library"]).resolve()
         library = build._LOADED.get(path) or Library(path)
         built_from = (library.lib.ryz_source_hash() or b"").decode()
@@ -468,6 +477,7 @@ def _load_library(bundle_dir: Path, manifest: dict, settings: Settings,
         library.set_isa(settings.isa)
         return library, "bundle", json.loads((bundle_dir / KERNELS / build.MANIFEST_NAME).read_text())
     why = ("it carries no kernel build" if not kernel.get("library") else
+           "its kernel build carries no passed self-test" if not proven else
            f"its kernels were built for CPU fingerprint {kernel['fingerprint'].get('fingerprint_id')}, this CPU is "
            f"{here['fingerprint_id']}")
     progress(f"bundle {manifest['ref']}: {why}; building the kernels from its sources (once, into {build.kernels_dir(settings)})")

@@ -158,6 +158,10 @@ def cmd_build_kernels(args) -> int:
     print(f"  library   {build.path}", file=sys.stderr)
     print(f"  cache     {'hit' if build.cache_hit else 'miss (built in %.1f s)' % build.manifest['build_seconds']}", file=sys.stderr)
     print(f"  isa       {library.isa} (RYZ_ISA={get_settings().isa})", file=sys.stderr)
+    families = ", ".join(f"{isa} {r['checks']} checks" for isa, r in build.manifest["self_test"]["families"].items())
+    print(f"  self-test passed ({families})", file=sys.stderr)
+    if fallback := build.manifest.get("fallback"):
+        print(f"  fallback  {' '.join(fallback['extra_flags'])}: {fallback['reason']}", file=sys.stderr)
     if entry:
         w = entry["winner"]
         print(f"  autotune  {entry['signature']}: gemm_token_tile {w.get('gemm_token_tile')}, threads decode "

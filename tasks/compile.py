@@ -39,7 +39,8 @@ def detect_cpu() -> dict:
 
 @task(name="compile-kernels", cache_policy=CacheKeyFnPolicy(cache_key_fn=_build_cache_key))
 def compile_kernels(force: bool = False) -> str:
-    """Build the native kernels for this CPU (a cached build is reused) and return the library path.
+    """Build the native kernels for this CPU (a cached build is reused) and return the library path. A new build
+    passes the kernel self-test before it is cached, or falls back to safer flags, or fails (engine/build.py).
 
     Args:
         force: rebuild even if a build with the same key exists.
@@ -54,6 +55,10 @@ def compile_kernels(force: bool = False) -> str:
     result = build.build_kernels(force=force, progress=logger.info)
     logger.info("kernel build %s (%s): %s", result.key, "cache hit" if result.cache_hit else
                 f"built in {result.manifest['build_seconds']:.1f} s", result.path)
+    families = result.manifest["self_test"]["families"]
+    logger.info("kernel self-test passed: %s", ", ".join(f"{isa} ({r['checks']} checks)" for isa, r in families.items()))
+    if fallback := result.manifest.get("fallback"):
+        logger.warning("kernel build needed the fall-back flags %s: %s", " ".join(fallback["extra_flags"]), fallback["reason"])
     return str(result.path)
 
 

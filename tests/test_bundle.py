@@ -69,6 +69,8 @@ def test_bundle_holds_model_kernels_sources_settings_and_deploy_files(world):
     assert "sha256:" + hashlib.sha256((d / "model.gguf").read_bytes()).hexdigest() == m["artifact_id"] == world["version"].artifact_id
     assert m["kernel_build"]["key"] == kb.key and m["kernel_build"]["fingerprint_id"] == kb.manifest["fingerprint"]["fingerprint_id"]
     assert m["files"]["kernels/libryz.so"]["sha256"] == kb.manifest["library"]["sha256"]
+    assert m["kernel_build"]["self_test"] == {"passed": True, "fallback_flags": [], "families": {
+        isa: r["checks"] for isa, r in kb.manifest["self_test"]["families"].items()}}
     assert json.loads((d / "kernels/build.json").read_text())["key"] == kb.key
     assert (d / "kernels/native-src/CMakeLists.txt").is_file()
     from engine.build import source_hash
@@ -200,6 +202,19 @@ def test_sources_only_bundle_and_rebuild_decision(world, tmp_path, monkeypatch):
     monkeypatch.setattr(build, "build_kernels", no_toolchain)
     with pytest.raises(BundleError, match="rebuilding needs a C\\+\\+ toolchain"):
         bundles.open_bundle(world["dir"], world["settings"], verify=False, progress=lambda m: None)
+
+
+def test_a_bundle_library_without_a_passed_self_test_is_not_loaded(world, monkeypatch):
+    """Its kernels are rebuilt from the bundle's sources (which self-tests them) instead."""
+    from engine import build
+    from engine.errors import ToolchainNotFoundError
+
+    manifest = json.loads((world["dir"] / "bundle.json").read_text())
+    monkeypatch.setattr(build, "build_kernels", lambda **kw: (_ for _ in ()).throw(ToolchainNotFoundError("no C++ compiler found")))
+    for self_test in (None, {"passed": False, "families": {"scalar": 43}, "fallback_flags": []}):
+        manifest["kernel_build"]["self_test"] = self_test
+        with pytest.raises(BundleError, match="its kernel build carries no passed self-test, and rebuilding needs a C\\+\\+ toolchain"):
+            bundles._load_library(world["dir"], manifest, world["settings"], progress=lambda m: None)
 
 
 def test_bundle_refuses_non_registry_references(world, tmp_path):

@@ -4,6 +4,7 @@ executable CMake builds: once from the normal build, once under AddressSanitizer
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -42,3 +43,15 @@ def test_native_kernel_tests_under_sanitizers():
     assert "-DRYZ_SANITIZE=ON" in sanitized.manifest["flags"]
     proc = _run_tests(sanitized.tests_executable, SANITIZER_ENV, timeout=900)
     assert "runtime error" not in proc.stderr  # UBSan reports that survived halt_on_error
+
+
+@pytest.mark.slow
+def test_clang_builds_and_passes_the_kernel_tests():
+    """Both GCC and Clang build kernels that pass the full suite (a Clang build has its own key: the compiler is
+    part of it). Clang is not on these machines by default (Debian's `clang` package installs it)."""
+    if shutil.which("clang++") is None:
+        pytest.skip("clang++ is not installed (apt-get install clang)")
+    clang = build_kernels(settings=Settings(cxx="clang++"), progress=lambda m: None)
+    assert "clang" in clang.manifest["compiler"]["version"] and clang.manifest["self_test"]["passed"]
+    proc = _run_tests(clang.tests_executable)
+    assert proc.stdout.rstrip().endswith(" 0 failed"), proc.stdout[-2000:]

@@ -22,8 +22,6 @@ bool AlignedBuffer::allocate(size_t bytes, bool zero) {
 
 namespace {
 
-constexpr fp16_t FP16_ONE = 0x3C00;
-
 const char *const LINEAR_STEMS[N_LINEARS] = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"};
 
 // TQ2_0 block -> one T2P 64-byte block (codes+1 unchanged, only their positions move).
