@@ -89,7 +89,7 @@ class SamplingError(RyzError, RuntimeError):
     continued from here — check the JSON schema / grammar accepts the text generated so far`."""
 
 
-# --- structured output (engine/structured.py) -------------------------------------------------------
+# --- structured output (engine/serving/structured.py) -------------------------------------------------------
 
 class TokenNotAllowedError(RyzError, ValueError):
     """A token was fed to a constrained-decoding matcher that its grammar forbids at that point:
@@ -125,7 +125,7 @@ class EvaluationRecordError(RyzError, ValueError):
     `ryz eval sha256:1a2b...` first`."""
 
 
-# --- discovery (engine/discovery.py) ----------------------------------------------------------------
+# --- discovery (engine/artifacts/discovery.py) ----------------------------------------------------------------
 
 class HubError(RyzError, ConnectionError):
     """The Hugging Face Hub could not answer a discovery request: `listing models: HTTP 503 from
@@ -141,7 +141,7 @@ class HubError(RyzError, ConnectionError):
         return type(self), (str(self), self.retryable)
 
 
-# --- retrieval index (engine/embedder.py, engine/corpus.py, engine/index.py) ---------------------------
+# --- retrieval index (engine/retrieval/embedder.py, engine/retrieval/corpus.py, engine/retrieval/index.py) ---------------------------
 
 class EmbedderError(RyzError, RuntimeError):
     """The sentence embedder cannot be built or run: `the embedder's weights come from the
@@ -160,7 +160,7 @@ class RetrievalIndexError(RyzError, RuntimeError):
     256; rebuild it with `ryz index build DIR --full``."""
 
 
-# --- serving bundles (engine/bundle.py) -------------------------------------------------------------
+# --- serving bundles (engine/artifacts/bundle.py) -------------------------------------------------------------
 
 class BundleError(RyzError, ValueError):
     """A serving bundle cannot be built, read or served: `/opt/ryzanstein/bundle is not a serving bundle (no

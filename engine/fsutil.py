@@ -1,7 +1,8 @@
-"""Filesystem helper shared by everything that writes a whole directory."""
+"""Filesystem primitives every wing uses: one inter-process lock, and the temp-directory-then-rename write."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -25,3 +26,13 @@ def atomic_directory(target: str | Path, prefix: str | None = None) -> Iterator[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created with its parents). Lock files are never deleted:
+    deleting one while another process waits on it would let a third take a fresh lock beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock

@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     gate_floors: dict[str, float] = Field({"demo_mc": 0.35, "demo_gen": 0.05},
                                           description="first model ever (no production): minimum headline metric per task")
     gate_min_decode_tok_s: float = Field(0.0, ge=0, description="first model ever: minimum decode tok/s (0: no floor)")
-    # Retrieval index (engine/embedder.py, engine/corpus.py, engine/index.py, flows/index.py, docs/retrieval.md)
+    # Retrieval index (engine/retrieval/embedder.py, engine/retrieval/corpus.py, engine/retrieval/index.py, flows/index.py, docs/retrieval.md)
     index_dir: Path | None = Field(None, description="working directory of the built index (default $RYZ_HOME/indexes/default)")
     index_collection: str = Field("ryz-index", description="collection name on a Qdrant server (RYZ_QDRANT_URL set)")
     index_precision: Literal["int8", "fp32"] = Field("int8", description="embedder ONNX weights: int8 (per-channel, "

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.locks import file_lock
+from engine.fsutil import file_lock
 from engine.errors import RyzError
 from evaluations import peers as peers_mod
 from evaluations.peers import log, run_json_worker
@@ -77,9 +77,9 @@ def ensure_shape_gguf(shape_name: str, weights: str, head: str, settings, seed: 
     """`<cache>/bench/<shape>-<weights>-<head>.gguf` (+ `.manifest.json`), synthesized and quantized on
     first use. The random bf16 checkpoint is kept under `<cache>/bench/checkpoints/` so the other
     ternary type (a peer's) quantizes from the very same weights."""
-    from engine.quantize import quantize_checkpoint
-    from engine.shapes import get_shape
-    from engine.synth import write_synthetic_checkpoint
+    from engine.model.quantize import quantize_checkpoint
+    from engine.model.shapes import get_shape
+    from engine.model.synth import write_synthetic_checkpoint
 
     shape = get_shape(shape_name)
     root = bench_dir(settings)
@@ -104,14 +104,14 @@ def ensure_shape_gguf(shape_name: str, weights: str, head: str, settings, seed: 
 
 
 def ternary_type(path: Path) -> str:
-    from engine.ggufio import ModelFile
+    from engine.model.ggufio import ModelFile
 
     file = ModelFile(path)
     return file.tensor_type("blk.0.attn_q.weight")
 
 
 def head_type(path: Path) -> str:
-    from engine.ggufio import ModelFile
+    from engine.model.ggufio import ModelFile
 
     file = ModelFile(path)
     return file.tensor_type("output.weight" if not file.hparams.tied else "token_embd.weight")
@@ -119,7 +119,7 @@ def head_type(path: Path) -> str:
 
 def resolve_target(spec: str, settings, weights: str | None = None, head: str | None = None) -> Target:
     """A named shape (synthesized, cached) or a model reference (artifact id/prefix or GGUF path)."""
-    from engine.shapes import SHAPES
+    from engine.model.shapes import SHAPES
 
     if spec in SHAPES:
         weights = weights or settings.weights_type
@@ -128,8 +128,8 @@ def resolve_target(spec: str, settings, weights: str | None = None, head: str | 
         return Target(path, spec, spec, weights, head, manifest)
     if weights or head:
         raise ValueError("--weights/--head choose how a shape is quantized; a model reference is benchmarked as it is")
-    from engine.refs import resolve_model
-    from engine.store import open_store
+    from engine.artifacts.refs import resolve_model
+    from engine.artifacts.store import open_store
 
     store = open_store(settings=settings)
     path = resolve_model(spec, store)
@@ -154,8 +154,8 @@ def decode_bytes(path: Path, repacked_bytes: int | None = None) -> dict:
     when the worker measured it, else 64 bytes per 256 weights); `bytes_per_token_gguf`: the same with the
     file's own ternary blocks (TQ2_0: 66 bytes per 256), as the artifact manifest counts it. A tied
     embedding is read once, as the head; untied, the embedding adds one row."""
-    from engine import quants
-    from engine.ggufio import ModelFile
+    from engine.model import quants
+    from engine.model.ggufio import ModelFile
 
     file = ModelFile(path)
     hp = file.hparams
@@ -204,7 +204,7 @@ def machine_info() -> dict:
     except OSError:
         pass
     try:
-        from engine.build import cpu_fingerprint
+        from engine.model.build import cpu_fingerprint
 
         fp = cpu_fingerprint()
         info.update(physical_cores=fp["physical_cores"], cache=fp["cache"], isa_flags=sorted(k for k, v in fp["isa"].items() if v))
@@ -225,7 +225,7 @@ def default_threads(settings) -> int:
     if settings.threads:
         return settings.threads
     try:
-        from engine.build import physical_cores
+        from engine.model.build import physical_cores
 
         return physical_cores()
     except Exception:  # noqa: BLE001
@@ -236,10 +236,10 @@ def default_threads(settings) -> int:
 
 def _load_library(library: str | Path | None, settings):
     if library:
-        from engine.native import Library
+        from engine.model.native import Library
 
         return Library(library)
-    from engine.build import load_library
+    from engine.model.build import load_library
 
     return load_library(settings=settings)
 
@@ -256,7 +256,7 @@ def _vm_hwm_mb() -> float | None:
 
 def _worker(spec: dict) -> dict:
     """One measured run of our engine (in its own process): load, warm up, prefill, decode."""
-    from engine.native import Library, NativeModel
+    from engine.model.native import Library, NativeModel
 
     library = Library(spec["library"])
     if spec.get("isa") and spec["isa"] != "auto":
@@ -430,7 +430,7 @@ def run_bench(spec: str, threads: int | None = None, prompt: int = DEFAULT_PROMP
     threads = threads or default_threads(settings)
     target = resolve_target(spec, settings, weights, head)
     lib = _load_library(library, settings)
-    from engine.build import token_tile_for
+    from engine.model.build import token_tile_for
 
     worker_spec = {"library": str(lib.path), "model": str(target.path), "threads": threads, "prompt": prompt, "gen": gen,
                    "ubatch": ubatch, "isa": settings.isa, "token_tile": token_tile_for(lib, target.path)}

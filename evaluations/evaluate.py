@@ -85,8 +85,8 @@ def sha256_file(path: Path) -> str:
 def describe_model(ref: str, store) -> dict:
     """{"ref", "artifact_id", "path", "name", "version"} for any model reference (a GGUF path's artifact id is
     the sha256 of its bytes, whether or not the store holds it)."""
-    from engine.registry import Registry, is_registry_ref
-    from engine.refs import resolve_artifact, resolve_model
+    from engine.artifacts.registry import Registry, is_registry_ref
+    from engine.artifacts.refs import resolve_artifact, resolve_model
 
     path = resolve_model(ref, store)
     version = None
@@ -103,7 +103,7 @@ def describe_model(ref: str, store) -> dict:
         if v is not None:
             version, name = v.ref, v.name
         else:
-            from engine.gc import _model_name
+            from engine.artifacts.gc import _model_name
 
             manifest = store.get_manifest(artifact_id)
             name = _model_name(manifest)
@@ -218,7 +218,7 @@ def describe_environment(settings, library_path: str | None = None) -> dict:
                            "ryzanstein": _version("ryzanstein"), "lm_eval": _version("lm_eval"), "numpy": _version("numpy"),
                            "great_expectations": _version("great_expectations"), "isa_setting": settings.isa}
     try:
-        from engine.build import cpu_fingerprint
+        from engine.model.build import cpu_fingerprint
 
         fp = cpu_fingerprint()
         env["cpu_fingerprint"] = fp.get("fingerprint_id")
@@ -227,7 +227,7 @@ def describe_environment(settings, library_path: str | None = None) -> dict:
         env["cpu_fingerprint"] = None
         env["cpu_fingerprint_error"] = f"{type(exc).__name__}: {exc}"
     try:
-        from engine.build import current_build, find_build, read_manifest
+        from engine.model.build import current_build, find_build, read_manifest
 
         if library_path:
             manifest = read_manifest(Path(library_path).parent)
@@ -252,7 +252,7 @@ def describe_environment(settings, library_path: str | None = None) -> dict:
 
 def run_suite_bench(path: Path, threads: int | None, library, settings) -> dict:
     """The eval's small benchmark (BENCH_PROMPT, BENCH_GEN, BENCH_REPEATS) through evaluations.bench."""
-    from engine.ggufio import ModelFile
+    from engine.model.ggufio import ModelFile
     from evaluations.bench import WARMUP_TOKENS, run_bench
 
     context = int(ModelFile(path).hparams.context or 4096)
@@ -271,7 +271,7 @@ def evaluate_model(model: str, suite: str = "gate", limit: int | None = None, be
     filled by validate_record (unless `validate` is false). `library`: a prebuilt native library.
     `only_tasks`: run just these of the suite's tasks, with the suite's limits (one shard; see merge_records)."""
     from engine.settings import get_settings
-    from engine.store import open_store
+    from engine.artifacts.store import open_store
 
     settings = settings or get_settings()
     store = store or open_store(settings=settings)
@@ -295,8 +295,8 @@ def evaluate_model(model: str, suite: str = "gate", limit: int | None = None, be
     install()
     lib = None
     if engine == "native":
-        from engine.build import load_library
-        from engine.native import Library
+        from engine.model.build import load_library
+        from engine.model.native import Library
 
         lib = Library(library) if library else load_library(settings=settings)
     lm = RyzansteinLM(model=described["path"], engine=engine, threads=threads, library=lib)
@@ -664,7 +664,7 @@ def resolve_record(ref: str, store) -> tuple[str, dict]:
     """(record id, record) for a registry version (its evaluation record, else its model's newest), an
     evaluation record id or prefix, a model artifact id or prefix, or a GGUF path (their newest record)."""
     from engine.errors import ArtifactNotFoundError
-    from engine.registry import Registry, is_registry_ref
+    from engine.artifacts.registry import Registry, is_registry_ref
 
     model_id = None
     if is_registry_ref(ref):
@@ -693,7 +693,7 @@ def resolve_record(ref: str, store) -> tuple[str, dict]:
 
 def registry_records(store) -> list[dict]:
     """The evaluation records of every registry version that has one (the report's chart)."""
-    from engine.registry import Registry
+    from engine.artifacts.registry import Registry
 
     out = []
     for v in Registry(store).versions():

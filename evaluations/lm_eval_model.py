@@ -2,7 +2,7 @@
 
     ryz lm-eval --model ryzanstein --model_args model=REF[,engine=reference][,max_seqs=8] --tasks mmlu_offline
 
-`model` is any model reference `engine.refs.resolve_model` accepts (artifact id or prefix, a .gguf path, and
+`model` is any model reference `engine.artifacts.refs.resolve_model` accepts (artifact id or prefix, a .gguf path, and
 the registry's names and aliases once it answers them). lm-eval 0.4.13 has no plugin discovery: importing
 this module registers the name, which `ryz lm-eval` does before handing its arguments to lm-eval's CLI.
 
@@ -204,13 +204,13 @@ class SequentialBackend:
     def _new_cache(self):
         if hasattr(self.model, "new_cache"):
             return self.model.new_cache()
-        from engine.reference import KVCache
+        from engine.model.reference import KVCache
 
         return KVCache()
 
     @staticmethod
     def _fork(cache):
-        from engine.reference import KVCache
+        from engine.model.reference import KVCache
 
         if isinstance(cache, KVCache):  # layers' arrays are replaced, never written in place: share them
             return KVCache(list(cache.keys), list(cache.values))
@@ -298,7 +298,7 @@ class RyzansteinLM(TemplateLM):
         self.model_ref = str(getattr(getattr(model, "file", None), "path", type(model).__name__))
         self.engine = model
         if tokenizer is None:
-            from engine.tokenizer import ModelTokenizer
+            from engine.model.tokenizer import ModelTokenizer
 
             tokenizer = ModelTokenizer(model.file)
         self.tok = tokenizer
@@ -316,21 +316,21 @@ class RyzansteinLM(TemplateLM):
         self.add_bos = tokenizer.add_bos if add_bos_token is None else bool(add_bos_token)
 
     def _load(self, ref: str, engine: str, max_length: int | None, threads: int | None, library):
-        from engine.refs import resolve_model
+        from engine.artifacts.refs import resolve_model
         from engine.settings import get_settings
-        from engine.store import open_store
+        from engine.artifacts.store import open_store
 
         settings = get_settings()
         path = resolve_model(ref, open_store(settings=settings))
         if engine == "reference":
-            from engine.reference import ReferenceModel
+            from engine.model.reference import ReferenceModel
 
             return ReferenceModel(path)
         if engine != "native":
             raise ValueError(f"engine must be native or reference, got {engine!r}")
-        from engine.build import load_library
-        from engine.ggufio import ModelFile
-        from engine.native import NativeModel
+        from engine.model.build import load_library
+        from engine.model.ggufio import ModelFile
+        from engine.model.native import NativeModel
 
         positions = int(max_length or min(ModelFile(path).hparams.context or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH))
         return NativeModel(path, library or load_library(settings=settings), threads=threads or settings.threads or 1,
@@ -461,7 +461,7 @@ class RyzansteinLM(TemplateLM):
         return self.tok.chat_template or None
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        from engine.chat import render_chat
+        from engine.serving.chat import render_chat
 
         bos = self.tok.tokenizer.id_to_token(self.tok.bos_id) if self.tok.bos_id is not None else ""
         eos = self.tok.tokenizer.id_to_token(self.tok.eos_id) if self.tok.eos_id is not None else ""
@@ -492,10 +492,10 @@ def export_hf_tokenizer(model_ref: str | Path, directory: str | Path) -> Path:
 
     A tokenizer.json without a post-processor gets one that prepends BOS when the model wants it, so the
     Hugging Face tokenizer with add_special_tokens=True encodes exactly as the engine does."""
-    from engine.ggufio import ModelFile
-    from engine.refs import resolve_model
-    from engine.store import open_store
-    from engine.tokenizer import ModelTokenizer
+    from engine.model.ggufio import ModelFile
+    from engine.artifacts.refs import resolve_model
+    from engine.artifacts.store import open_store
+    from engine.model.tokenizer import ModelTokenizer
 
     path = Path(model_ref)
     if not path.is_file():

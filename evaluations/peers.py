@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.fsutil import atomic_directory
-from engine.locks import file_lock
+from engine.fsutil import file_lock
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 # ggml-org/llama.cpp commit vendored by each llama-cpp-python sdist (its CHANGELOG: "update llama.cpp to
@@ -162,7 +162,7 @@ def write_llama_cpp_copy(src: str | Path, dst: str | Path, weights: str | None =
     memory-mapped source with gguf's writer; the output is written atomically."""
     import gguf
 
-    from engine import quants
+    from engine.model import quants
 
     src, dst = Path(src), Path(dst)
     reader = gguf.GGUFReader(src, "r")

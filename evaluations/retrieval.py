@@ -74,7 +74,7 @@ def exact_top_k(queries: np.ndarray, vectors: np.ndarray, k: int = K) -> np.ndar
 
 
 def _unit(x: np.ndarray, dims: int) -> np.ndarray:
-    from engine.embedder import truncate_dims
+    from engine.retrieval.embedder import truncate_dims
 
     return truncate_dims(x, dims)
 
@@ -112,7 +112,7 @@ def evaluate_vectors(ids: list[str], vectors: np.ndarray, payloads: list[dict], 
                      quantizations: list[str], dims_list: list[int], index_kinds: list[bool],
                      workdir: Path) -> list[dict]:
     """One row per (dims, index kind, quantization): the vectors loaded into a fresh Edge shard, measured."""
-    from engine.index import EdgeIndex
+    from engine.retrieval.index import EdgeIndex
 
     full_dims = vectors.shape[1]
     row_of = {i: n for n, i in enumerate(ids)}
@@ -167,7 +167,7 @@ def evaluate_index(index_dir: Path, embedder, quantizations: list[str] | None = 
                    search_overrides: dict | None = None, workdir: Path | None = None) -> dict:
     """Evaluate a built index directory: its vectors re-loaded under each setting. Returns {"rows", "summary"}."""
     from engine.errors import RetrievalIndexError
-    from engine.index import QUANTIZATIONS, open_index, read_payloads_text
+    from engine.retrieval.index import QUANTIZATIONS, open_index, read_payloads_text
 
     idx, state = open_index(index_dir, search_overrides=search_overrides)
     try:
@@ -253,7 +253,7 @@ def index_kinds_arg(value: str | None) -> list[bool] | None:
 
 def main(args) -> int:
     """`ryz index eval` without Prefect: resolve the index, evaluate, print the table (or JSON rows)."""
-    from engine.index import embedder_for, resolve_index
+    from engine.retrieval.index import embedder_for, resolve_index
 
     with resolve_index(args.ref) as index_dir:
         state = json.loads((Path(index_dir) / "ryz-index.json").read_text())

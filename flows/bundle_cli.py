@@ -26,11 +26,11 @@ def add_bundle_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_bundle(args) -> int:
     """Write VERSION_OR_ALIAS's serving bundle: the stored one when it has one, else a new one."""
-    from engine.bundle import build_bundle, describe_bundle, fetch_bundle, store_bundle
+    from engine.artifacts.bundle import build_bundle, describe_bundle, fetch_bundle, store_bundle
     from engine.errors import BundleError
-    from engine.registry import Registry
+    from engine.artifacts.registry import Registry
     from engine.settings import get_settings
-    from engine.store import open_store
+    from engine.artifacts.store import open_store
 
     settings = get_settings()
     store = open_store(settings=settings)
@@ -72,7 +72,7 @@ def cmd_bundle(args) -> int:
 
 def cmd_serve_bundle(args) -> int:
     """`ryz serve --bundle DIR`: the bundle's model, kernels and settings; no registry or store."""
-    from engine.bundle import serve_bundle
+    from engine.serving.bundle import serve_bundle
     from engine.settings import get_settings
 
     overrides = {k: v for k, v in {"threads": args.threads, "max_seqs": args.max_seqs,

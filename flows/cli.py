@@ -33,7 +33,7 @@ def _progress(total: int, desc: str, enabled: bool = True):
 
 def _store():
     from engine.settings import get_settings
-    from engine.store import open_store
+    from engine.artifacts.store import open_store
 
     return open_store(settings=get_settings())
 
@@ -56,8 +56,8 @@ def cmd_config_show(args) -> int:
 def cmd_synth(args) -> int:
     import numpy as np
 
-    from engine.shapes import get_shape
-    from engine.synth import plan_tensors, write_synthetic_checkpoint
+    from engine.model.shapes import get_shape
+    from engine.model.synth import plan_tensors, write_synthetic_checkpoint
 
     shape = get_shape(args.shape)
     total = sum(int(np.prod(s)) * 2 for _, s, _ in plan_tensors(shape))
@@ -72,7 +72,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from engine.quantize import planned_bytes, quantize_to_store
+    from engine.model.quantize import planned_bytes, quantize_to_store
     from engine.settings import get_settings
 
     settings = get_settings()
@@ -99,14 +99,14 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from engine.reference import ReferenceModel
-    from engine.refs import resolve_model
-    from engine.tokenizer import ModelTokenizer
+    from engine.model.reference import ReferenceModel
+    from engine.artifacts.refs import resolve_model
+    from engine.model.tokenizer import ModelTokenizer
 
     path = resolve_model(args.model, _store())
     if args.engine == "native":
-        from engine.build import load_library
-        from engine.native import NativeModel
+        from engine.model.build import load_library
+        from engine.model.native import NativeModel
         from engine.settings import get_settings
 
         model = NativeModel(path, load_library(), threads=get_settings().threads or 1)
@@ -141,14 +141,14 @@ def cmd_artifact_show(args) -> int:
 
 
 def cmd_build_kernels(args) -> int:
-    from engine.build import autotune, build_kernels, load_library, read_manifest
+    from engine.model.build import autotune, build_kernels, load_library, read_manifest
     from engine.settings import get_settings
 
     build = build_kernels(force=args.force)  # progress goes to stderr
     library = load_library()
     entry = None
     if args.model:
-        from engine.refs import resolve_model
+        from engine.artifacts.refs import resolve_model
 
         entry = autotune(library, resolve_model(args.model, _store()))
     if args.json:
@@ -187,7 +187,7 @@ def cmd_serve(args) -> int:
             raise ValueError("--bundle serves the bundle's own model; drop --model")
         from flows.bundle_cli import cmd_serve_bundle
         return cmd_serve_bundle(args)
-    from engine.server import serve
+    from engine.serving.server import serve
     from engine.settings import get_settings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "threads": args.threads, "max_seqs": args.max_seqs,
@@ -201,7 +201,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_mcp(args) -> int:
-    from engine.mcp_server import run_mcp
+    from engine.serving.mcp_server import run_mcp
 
     run_mcp(args.model, args.index)
     return 0
@@ -281,7 +281,7 @@ def cmd_ci_bench(args) -> int:
         print(f"ci-bench FAILED: {result}", file=sys.stderr)
         return 1
     if args.write_baseline:
-        from engine.store import open_store
+        from engine.artifacts.store import open_store
         from evaluations.evaluate import load_record
 
         out = Path(args.baseline)
@@ -298,7 +298,7 @@ def cmd_ci_bench(args) -> int:
 
 
 def _releases():
-    from engine.releases import ReleaseStore
+    from engine.artifacts.releases import ReleaseStore
 
     return ReleaseStore(_store())
 
@@ -382,7 +382,7 @@ def _current(releases, statuses: tuple[str, ...]) -> dict:
 
 
 def _registry():
-    from engine.registry import Registry
+    from engine.artifacts.registry import Registry
 
     return Registry(_store())
 
@@ -436,7 +436,7 @@ def cmd_registry_aliases(args) -> int:
 
 
 def cmd_gc(args) -> int:
-    from engine.gc import collect_garbage
+    from engine.artifacts.gc import collect_garbage
 
     result = collect_garbage(_store(), keep=args.keep, dry_run=args.dry_run)
     if args.json:

@@ -18,9 +18,9 @@ def resolve_model_artifact(model: str) -> str:
     """A model reference (or a checkpoint directory, quantized first) -> its artifact id."""
     from pathlib import Path
 
-    from engine.quantize import directory_revision, quantize_to_store
-    from engine.refs import resolve_artifact
-    from engine.store import open_store
+    from engine.model.quantize import directory_revision, quantize_to_store
+    from engine.artifacts.refs import resolve_artifact
+    from engine.artifacts.store import open_store
 
     store = open_store()
     path = Path(model).expanduser()
@@ -42,8 +42,8 @@ def load_baseline(baseline: str | None) -> dict | None:
     from pathlib import Path
 
     from engine.errors import ModelReferenceError
-    from engine.registry import Registry
-    from engine.store import open_store
+    from engine.artifacts.registry import Registry
+    from engine.artifacts.store import open_store
     from evaluations.evaluate import load_record
 
     if not baseline:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from engine.index import default_index_dir
+from engine.retrieval.index import default_index_dir
 from engine.settings import get_settings
 from tasks.index import evaluate_built_index, find_index_version, register_index, store_index, update_corpus_index
 
@@ -65,7 +65,7 @@ def evaluate_index_flow(index_dir: str, quantizations: list[str] | None = None, 
                         rescore: bool | None = None, hnsw_m: int | None = None, label: str = "",
                         hnsw_ef: int | None = None) -> dict:
     """recall@10 / compression / p50-p95 latency of an index for each quantization, as a table artifact and a report."""
-    from engine.index import QUANTIZATIONS
+    from engine.retrieval.index import QUANTIZATIONS
     from evaluations.retrieval import format_table
 
     search = {k: v for k, v in {"oversampling": oversampling, "rescore": rescore, "hnsw_m": hnsw_m,

@@ -47,7 +47,7 @@ def cmd_index_build(args) -> int:
 
 def cmd_index_eval(args) -> int:
     _quiet_prefect()
-    from engine.index import resolve_index
+    from engine.retrieval.index import resolve_index
     from evaluations.retrieval import format_table, index_kinds_arg
     from flows.index import evaluate_index_flow
 
@@ -64,10 +64,10 @@ def cmd_index_eval(args) -> int:
 
 
 def cmd_index_publish(args) -> int:
-    from engine.index import publish_index
-    from engine.registry import Registry
+    from engine.retrieval.index import publish_index
+    from engine.artifacts.registry import Registry
     from engine.settings import get_settings
-    from engine.store import open_store
+    from engine.artifacts.store import open_store
 
     version = publish_index(Registry(open_store(settings=get_settings())), args.ref, args.reason)
     if args.json:

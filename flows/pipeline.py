@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from engine.store import open_store
+from engine.artifacts.store import open_store
 from tasks.acquire import download_checkpoint
 from tasks.compile import autotune_kernels, compile_kernels
 from tasks.evaluate import evaluate_model

@@ -7,10 +7,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.transactions import transaction
 
-from engine.registry import Registry
-from engine.releases import ReleaseStore, new_release
+from engine.artifacts.registry import Registry
+from engine.artifacts.releases import ReleaseStore, new_release
 from engine.settings import get_settings
-from engine.store import open_store
+from engine.artifacts.store import open_store
 from tasks.bundle import build_serving_bundle
 from tasks.notify import notify_release
 from tasks.release import (abort_release, check_offline_gates, ensure_production_served, load_canary, load_production, mark_canary,
@@ -28,7 +28,7 @@ def release(ref: str | None = None, release_id: str | None = None, synthetic_loa
     """Release `ref` (a registry version), or resume `release_id` from its recorded step.
 
     Returns:
-        the release record (engine/releases.py): status promoted, rejected, paused or aborted, with its log.
+        the release record (engine/artifacts/releases.py): status promoted, rejected, paused or aborted, with its log.
     """
     settings, store = get_settings(), ReleaseStore(open_store())
     actor = f"flow-run:{flow_run.get_id() or 'local'}"

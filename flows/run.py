@@ -62,7 +62,7 @@ def pipeline_run(source: Literal["local", "hf"] = "local", path: str | None = No
 @contextlib.contextmanager
 def _own_server():
     """A local `ryz serve` with a generated admin token; the release tasks address it through the settings."""
-    from engine.localserver import LocalServer
+    from engine.serving.localserver import LocalServer
 
     settings = get_settings()
     with LocalServer(settings.home / "logs" / "pipeline-serve.log") as server:

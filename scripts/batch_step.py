@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
-from engine.build import load_library
-from engine.native import NativeModel
+from engine.model.build import load_library
+from engine.model.native import NativeModel
 from engine.settings import get_settings
 
 

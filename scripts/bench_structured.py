@@ -1,4 +1,4 @@
-"""Measure constrained-decoding libraries for engine/structured.py: compile time and per-token mask cost.
+"""Measure constrained-decoding libraries for engine/serving/structured.py: compile time and per-token mask cost.
 
     .venv/bin/python scripts/bench_structured.py [--bpe PATH_TO_TOKENIZER_JSON]
 
@@ -25,7 +25,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from engine.vocab import EOS, build_byte_tokenizer  # noqa: E402
+from engine.model.vocab import EOS, build_byte_tokenizer  # noqa: E402
 
 NESTED = {
     "type": "object",
@@ -105,8 +105,8 @@ def train_bpe(path: Path, vocab_size: int = 32000) -> Tokenizer:
 
 
 def bench_llguidance(tokenizer: Tokenizer, eos: int, schema: dict, doc_ids: list[int]) -> dict:
-    """Through engine.structured: its tokenizer preparation, compile, and Matcher.allowed() (bool mask)."""
-    from engine.structured import GrammarCompiler
+    """Through engine.serving.structured: its tokenizer preparation, compile, and Matcher.allowed() (bool mask)."""
+    from engine.serving.structured import GrammarCompiler
 
     t0 = time.perf_counter()
     compiler = GrammarCompiler(tokenizer, tokenizer.get_vocab_size(), {eos})
@@ -163,7 +163,7 @@ def bench_outlines(tokenizer: Tokenizer, eos: int, schema: dict, doc_ids: list[i
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-    from engine.vocab import _gpt2_byte_to_unicode
+    from engine.model.vocab import _gpt2_byte_to_unicode
 
     return _gpt2_byte_to_unicode()
 

@@ -48,8 +48,8 @@ import transformers.models.bitnet.modeling_bitnet as hf_modeling_bitnet  # noqa:
 import transformers.models.llama.modeling_llama as hf_modeling_llama  # noqa: E402
 from transformers import BitNetForCausalLM, LlamaForCausalLM  # noqa: E402
 
-from engine.shapes import SHAPES  # noqa: E402
-from engine.vocab import build_byte_tokenizer, save_tokenizer_files  # noqa: E402
+from engine.model.shapes import SHAPES  # noqa: E402
+from engine.model.vocab import build_byte_tokenizer, save_tokenizer_files  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -785,12 +785,12 @@ fixture directory whole (built in a temp dir, then renamed into place). Versions
 
 | directory | what |
 | --- | --- |
-| `hf-bitnet-tiny/` | `BitNetForCausalLM`, shape `SHAPES["tiny"]` (hidden 256, 2 layers, 4 heads / 2 KV heads, head_dim 64, FFN 768, vocab 512, relu2, tied embeddings, rope_theta 500000, rms_norm_eps 1e-5). **bf16 master weights**; `config.json` is `engine.shapes.Shape.hf_config()` plus `"quantization_config": {{"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}}`. |
+| `hf-bitnet-tiny/` | `BitNetForCausalLM`, shape `SHAPES["tiny"]` (hidden 256, 2 layers, 4 heads / 2 KV heads, head_dim 64, FFN 768, vocab 512, relu2, tied embeddings, rope_theta 500000, rms_norm_eps 1e-5). **bf16 master weights**; `config.json` is `engine.model.shapes.Shape.hf_config()` plus `"quantization_config": {{"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}}`. |
 | `hf-bitnet-tiny-packed/` | the same model in the offline packed format of `microsoft/bitnet-b1.58-2B-4T`: `"quantization_config": {{"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline"}}`, uint8 weights (4 ternary values per byte) and a bf16 `weight_scale` of shape `[1]` per linear; norms and the embedding are the same bf16 tensors. |
 | `hf-llama-bitnet-tiny/` | `LlamaForCausalLM` with `"quantization_config": {{"modules_to_not_convert": ["lm_head"], "quant_method": "bitnet"}}` exactly like `tiiuae/Falcon3-*-1.58bit` (the defaults mean `bitlinear`, offline): same tiny sizes, SiLU gated MLP, no sub-norms, **untied** bf16 `lm_head`, rms_norm_eps 1e-6, rope_theta 1000042, `"is_bitnet_config": true`; packed like the fixture above. Its own random weights (seed below). |
 
 Each directory also has `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json` (the byte
-tokenizer of `engine.vocab`: ids 0-255 are bytes, BOS 256, EOS 257), `generation_config.json`,
+tokenizer of `engine.model.vocab`: ids 0-255 are bytes, BOS 256, EOS 257), `generation_config.json`,
 `reference.json` and `reference_logits.npz`.
 
 Random init: N(0, 0.02) for every linear and the embedding (and the Llama `lm_head`), `1 + 0.1 N(0, 1)`

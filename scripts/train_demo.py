@@ -10,7 +10,7 @@ What it does, deterministically (seeded, one fixed thread count, deterministic t
 1. writes the demo_* task data (evaluations/tasks/demo/*.jsonl) from the held-out seed;
 2. generates the training corpus (evaluations.demo.corpus, TRAIN_SEED) and trains the byte-level BPE
    (evaluations.demo.tokenizer, vocab 512);
-3. trains three models of one shape (DemoShape below, a BitNetForCausalLM as engine/reference.py runs it:
+3. trains three models of one shape (DemoShape below, a BitNetForCausalLM as engine/model/reference.py runs it:
    relu² gated FFN, attention and FFN sub-norms, GQA, NeoX RoPE, tied embedding):
      s    quantization-aware (ternary absmean weights + int8 absmax per-token activations, straight-through
           estimators; the engine's own quantizers), STEPS_S steps
@@ -46,7 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from engine.fsutil import atomic_directory  # noqa: E402
-from engine.shapes import Shape  # noqa: E402
+from engine.model.shapes import Shape  # noqa: E402
 from evaluations.demo import corpus  # noqa: E402
 from evaluations.demo.score import load_suites, newline_ids, score_all  # noqa: E402
 from evaluations.demo.tokenizer import BOS, EOS, VOCAB_SIZE, save_tokenizer_files, train_tokenizer  # noqa: E402
@@ -64,7 +64,7 @@ WARMUP = 50
 WEIGHT_DECAY = 0.05
 SEED = 0
 THREADS = 2
-ACT_EPS, SCALE_EPS = 1e-5, 1e-5  # engine/reference.py ACT_EPS, engine/ternary.py SCALE_EPS
+ACT_EPS, SCALE_EPS = 1e-5, 1e-5  # engine/model/reference.py ACT_EPS, engine/model/ternary.py SCALE_EPS
 
 
 @dataclass(frozen=True)
@@ -84,17 +84,17 @@ RECIPES = {
 
 
 # ----------------------------------------------------------------------------------------------------
-# the model: transformers' BitNetForCausalLM as engine/reference.py computes it
+# the model: transformers' BitNetForCausalLM as engine/model/reference.py computes it
 
 
 def ternary_weight(w: torch.Tensor) -> torch.Tensor:
-    """engine/ternary.py quantize_absmean: scale = mean|W|, codes = clip(round(W / scale), -1, 1)."""
+    """engine/model/ternary.py quantize_absmean: scale = mean|W|, codes = clip(round(W / scale), -1, 1)."""
     inverse = 1.0 / w.abs().mean().clamp(min=SCALE_EPS)
     return (w * inverse).round().clamp(-1, 1) / inverse
 
 
 def int8_activation(x: torch.Tensor) -> torch.Tensor:
-    """engine/reference.py quantize_activations: per-token absmax to int8, back to float."""
+    """engine/model/reference.py quantize_activations: per-token absmax to int8, back to float."""
     scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=ACT_EPS)
     return (x * scale).round().clamp(-128, 127) / scale
 
@@ -213,7 +213,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def init_weights(model: DemoModel, seed: int) -> None:
-    """N(0, 0.02) for every linear and the embedding, ones for the norms (engine/synth.py's init without the
+    """N(0, 0.02) for every linear and the embedding, ones for the norms (engine/model/synth.py's init without the
     norm noise)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -345,7 +345,7 @@ def write_checkpoint(model: DemoModel, tokenizer, out_dir: Path, record: dict) -
     with atomic_directory(out_dir) as tmp:
         config = DEMO_SHAPE.hf_config()
         config["bos_token_id"], config["eos_token_id"] = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
-        # Online BitNet quantization, like engine/synth.py: transformers ternarizes the masters at load time
+        # Online BitNet quantization, like engine/model/synth.py: transformers ternarizes the masters at load time
         # (for ryz-demo-ptq that is exactly the post-training quantization that ruins it).
         config["quantization_config"] = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -482,21 +482,21 @@ Generated, never hand-edited: `make zoo` (or `.venv-scripts/bin/python scripts/t
 
 **Shape** (all three): hidden {hidden}, {layers} layers, {heads} heads / {kv_heads} KV heads (head_dim {head_dim}),
 FFN {ffn} (relu² gated, attention and FFN sub-norms), vocab {vocab}, tied embedding, rope_theta 500000,
-rms_norm_eps 1e-5, context {context}: {params:,} parameters, `engine.shapes.SHAPES["tiny"]` with a 256 context.
+rms_norm_eps 1e-5, context {context}: {params:,} parameters, `engine.model.shapes.SHAPES["tiny"]` with a 256 context.
 Every ternary row is a multiple of 256 wide, so `ryz quantize` takes them as they are.
 
 **Data.** {train_docs} documents of the demo language (TRAIN_SEED; five kinds of line: arithmetic facts,
 counting, be-verb agreement across an attractor noun, facts about a fixed world of 24 people, copying
 letters), about 2.4 M tokens. **Tokenizer**: byte-level BPE (`tokenizers`, ByteLevel pre-tokenizer and
 decoder) trained on the first {tok_docs} documents, vocab {vocab}: bytes 0-255, the Llama-3 style specials
-256-260 (BOS `<|begin_of_text|>` 256, EOS 257, the chat template of `engine/vocab.py`), then the merges.
+256-260 (BOS `<|begin_of_text|>` 256, EOS 257, the chat template of `engine/model/vocab.py`), then the merges.
 
 **Training** (`scripts/train_demo.py`, torch {torch}, CPU, {threads} threads, deterministic algorithms, seed 0):
 AdamW (0.9, 0.95), weight decay {wd} on matrices, gradient clip 1.0, {warmup} warmup steps then cosine to
 10%, batch {batch} x {seq} tokens (random windows of the BOS-separated token stream), lr {lr_qat} for QAT and
 {lr_fp} for full precision. QAT uses exactly the engine's quantizers with straight-through estimators:
-weights per tensor absmean ternary (`engine/ternary.py` quantize_absmean: scale = mean|W|, codes =
-clip(round(W / scale), -1, 1)), activations per token absmax int8 (`engine/reference.py`
+weights per tensor absmean ternary (`engine/model/ternary.py` quantize_absmean: scale = mean|W|, codes =
+clip(round(W / scale), -1, 1)), activations per token absmax int8 (`engine/model/reference.py`
 quantize_activations), in every q/k/v/o/gate/up/down projection; embedding/head and norms stay float.
 The exported masters are rounded to bf16 and every score below is measured on those bf16 weights.
 

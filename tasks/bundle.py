@@ -8,12 +8,12 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.runtime import flow_run
 
-from engine.bundle import build_bundle, store_bundle
+from engine.artifacts.bundle import build_bundle, store_bundle
 from engine.errors import ModelReferenceError
-from engine.registry import Registry
-from engine.releases import ReleaseStore
+from engine.artifacts.registry import Registry
+from engine.artifacts.releases import ReleaseStore
 from engine.settings import get_settings
-from engine.store import open_store
+from engine.artifacts.store import open_store
 
 
 def _actor() -> str:

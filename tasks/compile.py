@@ -9,7 +9,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import CacheKeyFnPolicy
 
-from engine import build
+from engine.model import build
 from engine.errors import RyzError
 
 
@@ -40,7 +40,7 @@ def detect_cpu() -> dict:
 @task(name="compile-kernels", cache_policy=CacheKeyFnPolicy(cache_key_fn=_build_cache_key))
 def compile_kernels(force: bool = False) -> str:
     """Build the native kernels for this CPU (a cached build is reused) and return the library path. A new build
-    passes the kernel self-test before it is cached, or falls back to safer flags, or fails (engine/build.py).
+    passes the kernel self-test before it is cached, or falls back to safer flags, or fails (engine/model/build.py).
 
     Args:
         force: rebuild even if a build with the same key exists.

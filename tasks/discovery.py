@@ -8,12 +8,12 @@ from prefect import Task, get_run_logger, task
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.tasks import exponential_backoff
 
-from engine.discovery import Candidate, judge_candidates, list_hub_models, read_hub_model
-from engine.discovery import scan_local_models as scan_local
+from engine.artifacts.discovery import Candidate, judge_candidates, list_hub_models, read_hub_model
+from engine.artifacts.discovery import scan_local_models as scan_local
 from engine.errors import HubError
-from engine.registry import Registry
+from engine.artifacts.registry import Registry
 from engine.settings import Settings, get_settings
-from engine.store import open_store
+from engine.artifacts.store import open_store
 
 
 def retry_if_hub_flaky(_task: Task, _task_run: TaskRun, state: State) -> bool:

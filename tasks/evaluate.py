@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from engine.store import open_store
+from engine.artifacts.store import open_store
 
 
 def _summary(record: dict, record_id: str) -> dict:

@@ -9,14 +9,14 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.runtime import flow_run
 
-from engine.corpus import scan_corpus
-from engine.embedder import Embedder
+from engine.retrieval.corpus import scan_corpus
+from engine.retrieval.embedder import Embedder
 from engine.errors import CorpusError
-from engine.index import (ARTIFACT_KIND, REGISTRY_NAME, IndexConfig, manifest_fields, open_index, pack_index,
+from engine.retrieval.index import (ARTIFACT_KIND, REGISTRY_NAME, IndexConfig, manifest_fields, open_index, pack_index,
                           production_index, publish_index, read_state, update_index)
-from engine.registry import Registry
+from engine.artifacts.registry import Registry
 from engine.settings import get_settings
-from engine.store import open_store
+from engine.artifacts.store import open_store
 
 
 def _actor() -> str:

@@ -9,9 +9,9 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import CacheKeyFnPolicy
 
-from engine.quantize import quantize_to_store
+from engine.model.quantize import quantize_to_store
 from engine.settings import get_settings
-from engine.store import open_store
+from engine.artifacts.store import open_store
 
 
 def find_quantized(store, revision: str, weights: str, head: str) -> str | None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.runtime import flow_run
 
-from engine.registry import Registry
-from engine.store import open_store
+from engine.artifacts.registry import Registry
+from engine.artifacts.store import open_store
 
 
 def _actor() -> str:

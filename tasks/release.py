@@ -13,12 +13,12 @@ import time
 from prefect import get_run_logger, task
 from prefect.transactions import Transaction, get_transaction
 
-from engine.admin import Replicas
-from engine.canary import Thresholds, VariantStats, compare, snapshot
-from engine.registry import Registry
-from engine.releases import ReleaseStore
+from engine.serving.admin import Replicas
+from engine.serving.canary import Thresholds, VariantStats, compare, snapshot
+from engine.artifacts.registry import Registry
+from engine.artifacts.releases import ReleaseStore
 from engine.settings import Settings, get_settings
-from engine.store import open_store
+from engine.artifacts.store import open_store
 
 
 def replicas(settings: Settings | None = None) -> Replicas:
@@ -246,7 +246,7 @@ def observe_canary_step(release_id: str, ref: str, actor: str, step: int, weight
     before = [snapshot(text) for text in group.metrics()]
     load = nullcontext()
     if synthetic_load:
-        from engine.loadgen import SyntheticLoad
+        from engine.serving.loadgen import SyntheticLoad
 
         load = SyntheticLoad(group.clients[0].base_url, settings.served_model_name, _load_prompts(),
                              settings.release_load_concurrency, api_key=_first_api_key(settings),

@@ -11,9 +11,9 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from engine.registry import Registry
+from engine.artifacts.registry import Registry
 from engine.settings import get_settings
-from engine.store import open_store
+from engine.artifacts.store import open_store
 
 _env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"), autoescape=select_autoescape(["html", "j2"]))
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.checkpoint import load_tensor, read_safetensors_header, write_safetensors
-from engine.shapes import SHAPES, Shape
-from engine.synth import write_synthetic_checkpoint
-from engine.ternary import pack_hf_ternary, quantize_absmean
+from engine.model.checkpoint import load_tensor, read_safetensors_header, write_safetensors
+from engine.model.shapes import SHAPES, Shape
+from engine.model.synth import write_synthetic_checkpoint
+from engine.model.ternary import pack_hf_ternary, quantize_absmean
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

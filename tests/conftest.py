@@ -32,7 +32,7 @@ def kernel_build():
     """The native kernel build for this CPU, built once per machine: it lives in the real settings cache
     ($RYZ_HOME/cache/kernels/<key>, default ~/.ryzanstein) because the key makes reuse safe. Skips when
     no C++ compiler or CMake is installed; a failing build fails the tests that need it."""
-    from engine.build import build_kernels
+    from engine.model.build import build_kernels
     from engine.errors import ToolchainNotFoundError
     from engine.settings import Settings
 
@@ -44,8 +44,8 @@ def kernel_build():
 
 @pytest.fixture(scope="session")
 def native_library(kernel_build):
-    """engine.native.Library over the session's kernel build (RYZ_ISA from the environment applied)."""
-    from engine.build import load_library
+    """engine.model.native.Library over the session's kernel build (RYZ_ISA from the environment applied)."""
+    from engine.model.build import load_library
     from engine.settings import Settings
 
     return load_library(settings=Settings(), build_if_missing=False)
@@ -72,7 +72,7 @@ def store(request, tmp_path):
     import boto3
 
     from engine.settings import Settings
-    from engine.store import open_store
+    from engine.artifacts.store import open_store
 
     home = tmp_path / "home"
     if request.param == "file":

@@ -28,11 +28,11 @@ def link_embedder(export_dir: Path, home: Path) -> None:
 
 def publish_index(home: Path, export_dir: Path, docs: dict[str, str] = DOCS) -> str:
     """Build, store, register and publish an index of `docs` in the store under `home`; returns the artifact id."""
-    from engine.corpus import scan_corpus
-    from engine.embedder import Embedder
-    from engine.index import IndexConfig, manifest_fields, pack_index, publish_index as publish, read_state, update_index
-    from engine.registry import Registry
-    from engine.store import open_store
+    from engine.retrieval.corpus import scan_corpus
+    from engine.retrieval.embedder import Embedder
+    from engine.retrieval.index import IndexConfig, manifest_fields, pack_index, publish_index as publish, read_state, update_index
+    from engine.artifacts.registry import Registry
+    from engine.artifacts.store import open_store
 
     link_embedder(export_dir, home)
     corpus = home.parent / "corpus"

@@ -13,9 +13,9 @@ import gguf
 import numpy as np
 import pytest
 
-from engine import quants
-from engine.ggufio import ModelFile
-from engine.quantize import quantize_checkpoint
+from engine.model import quants
+from engine.model.ggufio import ModelFile
+from engine.model.quantize import quantize_checkpoint
 from evaluations import peers
 from tests import checkpoints
 

@@ -1,4 +1,4 @@
-"""The kernel build (engine/build.py): fingerprint, source hash, key, cache hits, forced and failed builds,
+"""The kernel build (engine/model/build.py): fingerprint, source hash, key, cache hits, forced and failed builds,
 a missing toolchain, `ryz build-kernels`, and autotune records."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from engine import build
-from engine.build import (NATIVE_DIR, TOKEN_TILES, TuneShape, autotune, build_kernels, cpu_fingerprint, find_build, load_library,
+from engine.model import build
+from engine.model.build import (NATIVE_DIR, TOKEN_TILES, TuneShape, autotune, build_kernels, cpu_fingerprint, find_build, load_library,
                           read_manifest, source_hash, tuned_parameters, write_tuning_model)
 from engine.errors import BuildError, ToolchainNotFoundError
 from engine.settings import Settings
-from engine.shapes import get_shape
+from engine.model.shapes import get_shape
 
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
 

@@ -1,4 +1,4 @@
-"""Serving bundles (engine/bundle.py): built from a registry version, verified, packed deterministically, stored
+"""Serving bundles (engine/artifacts/bundle.py packs them, engine/serving/bundle.py serves them): built from a registry version, verified, packed deterministically, stored
 and fetched byte for byte, served with no store (same greedy tokens as the registry version's GGUF), and
 deployment files that parse."""
 
@@ -16,13 +16,14 @@ import jsonschema
 import pytest
 import yaml
 
-from engine import bundle as bundles
+from engine.artifacts import bundle as bundles
+from engine.serving import bundle as served_bundles
 from engine.errors import BundleError, ConflictError, ModelReferenceError
-from engine.native import NativeModel
-from engine.quantize import quantize_to_store
-from engine.registry import Registry
+from engine.model.native import NativeModel
+from engine.model.quantize import quantize_to_store
+from engine.artifacts.registry import Registry
 from engine.settings import Settings, reload_settings
-from engine.store import open_store
+from engine.artifacts.store import open_store
 from tests import checkpoints
 from tests.test_server import RunningServer, _free_port
 
@@ -73,7 +74,7 @@ def test_bundle_holds_model_kernels_sources_settings_and_deploy_files(world):
         isa: r["checks"] for isa, r in kb.manifest["self_test"]["families"].items()}}
     assert json.loads((d / "kernels/build.json").read_text())["key"] == kb.key
     assert (d / "kernels/native-src/CMakeLists.txt").is_file()
-    from engine.build import source_hash
+    from engine.model.build import source_hash
 
     assert source_hash(d / "kernels/native-src") == m["kernel_build"]["source_hash"] == kb.manifest["source_hash"]
     assert sorted(p for p in m["files"] if p.startswith("deploy/")) == [
@@ -126,7 +127,7 @@ def test_pack_store_fetch_is_byte_for_byte(world, tmp_path, monkeypatch):
     with pytest.raises(ConflictError, match="already has the serving bundle"):
         registry.attach_bundle(version.ref, "sha256:" + "0" * 64, "another")
     assert registry.history(NAME)[-1]["action"] == "bundle"
-    from engine.gc import referenced_artifacts
+    from engine.artifacts.gc import referenced_artifacts
 
     assert {artifact_id, version.artifact_id} <= set(referenced_artifacts(store))
 
@@ -147,9 +148,9 @@ def test_pack_store_fetch_is_byte_for_byte(world, tmp_path, monkeypatch):
 
 
 def test_bundle_serves_the_registry_versions_greedy_tokens(world, native_library):
-    from engine.tokenizer import ModelTokenizer
+    from engine.model.tokenizer import ModelTokenizer
 
-    opened = bundles.open_bundle(world["dir"], world["settings"])
+    opened = served_bundles.open_bundle(world["dir"], world["settings"])
     assert opened.kernel == "bundle" and opened.library.path.parent == world["dir"] / "kernels"
 
     version = world["version"]
@@ -161,7 +162,7 @@ def test_bundle_serves_the_registry_versions_greedy_tokens(world, native_library
 
     # No store: the environment's store is a path that does not exist; the bundle's settings fill in the rest.
     base = Settings(home=world["home"], store=f"file://{world['root'] / 'no-such-store'}", admin_token=ADMIN)
-    app, settings = bundles.bundle_app(world["dir"], base)
+    app, settings = served_bundles.bundle_app(world["dir"], base)
     assert settings.max_context == 256 and settings.max_seqs == 4 and settings.admin_token == ADMIN
     with RunningServer(app, _free_port()) as server:
         models = [m.id for m in server.client().models.list().data]
@@ -189,7 +190,7 @@ def test_sources_only_bundle_and_rebuild_decision(world, tmp_path, monkeypatch):
 
     # On a CPU with another fingerprint the bundle's kernels are rebuilt from its sources; without a toolchain
     # that is a clear error, not a crash in the library.
-    from engine import build
+    from engine.model import build
     from engine.errors import ToolchainNotFoundError
 
     real = build.cpu_fingerprint()
@@ -201,12 +202,12 @@ def test_sources_only_bundle_and_rebuild_decision(world, tmp_path, monkeypatch):
 
     monkeypatch.setattr(build, "build_kernels", no_toolchain)
     with pytest.raises(BundleError, match="rebuilding needs a C\\+\\+ toolchain"):
-        bundles.open_bundle(world["dir"], world["settings"], verify=False, progress=lambda m: None)
+        served_bundles.open_bundle(world["dir"], world["settings"], verify=False, progress=lambda m: None)
 
 
 def test_a_bundle_library_without_a_passed_self_test_is_not_loaded(world, monkeypatch):
     """Its kernels are rebuilt from the bundle's sources (which self-tests them) instead."""
-    from engine import build
+    from engine.model import build
     from engine.errors import ToolchainNotFoundError
 
     manifest = json.loads((world["dir"] / "bundle.json").read_text())
@@ -214,7 +215,7 @@ def test_a_bundle_library_without_a_passed_self_test_is_not_loaded(world, monkey
     for self_test in (None, {"passed": False, "families": {"scalar": 43}, "fallback_flags": []}):
         manifest["kernel_build"]["self_test"] = self_test
         with pytest.raises(BundleError, match="its kernel build carries no passed self-test, and rebuilding needs a C\\+\\+ toolchain"):
-            bundles._load_library(world["dir"], manifest, world["settings"], progress=lambda m: None)
+            served_bundles._load_library(world["dir"], manifest, world["settings"], progress=lambda m: None)
 
 
 def test_bundle_refuses_non_registry_references(world, tmp_path):

@@ -1,5 +1,5 @@
-"""engine.chat: HF-compatible chat-template rendering in a sandbox, and OpenAI message validation;
-engine.tokenizer.ModelTokenizer.encode_chat: exactly one bos."""
+"""engine.serving.chat: HF-compatible chat-template rendering in a sandbox, and OpenAI message validation;
+engine.model.tokenizer.ModelTokenizer.encode_chat: exactly one bos."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import gguf
 import pytest
 from tokenizers import processors
 
-from engine.chat import render_chat, validate_messages
+from engine.serving.chat import render_chat, validate_messages
 from engine.errors import ChatTemplateError, InvalidRequestError
-from engine.tokenizer import ModelTokenizer
-from engine.vocab import BOS, CHAT_TEMPLATE, EOS, build_byte_tokenizer
+from engine.model.tokenizer import ModelTokenizer
+from engine.model.vocab import BOS, CHAT_TEMPLATE, EOS, build_byte_tokenizer
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
 
@@ -97,7 +97,7 @@ def test_template_errors_are_clear():
 
 
 def test_compiled_templates_are_cached():
-    from engine.chat import _compile
+    from engine.serving.chat import _compile
 
     _compile.cache_clear()
     render_chat(CHAT_TEMPLATE, MESSAGES)
@@ -176,7 +176,7 @@ def test_validation_errors_name_index_and_field(messages, param, pattern):
 # --- ModelTokenizer.encode_chat ---------------------------------------------------------------------
 
 class FakeModelFile:
-    """The parts of engine.ggufio.ModelFile that ModelTokenizer reads."""
+    """The parts of engine.model.ggufio.ModelFile that ModelTokenizer reads."""
 
     def __init__(self, tokenizer, add_bos=True, template=CHAT_TEMPLATE):
         self.tokenizer_json = tokenizer.to_str()

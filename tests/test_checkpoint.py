@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from engine.checkpoint import read_checkpoint
+from engine.model.checkpoint import read_checkpoint
 from engine.errors import CheckpointError, UnsupportedArchitectureError
-from engine.ternary import pack_hf_ternary, quantize_absmean, unpack_hf_ternary
+from engine.model.ternary import pack_hf_ternary, quantize_absmean, unpack_hf_ternary
 from tests import checkpoints
 
 
@@ -42,7 +42,7 @@ def test_reads_other_families(tiny, tmp_path):
 
 
 def test_sharded_checkpoint(tiny, tmp_path, monkeypatch):
-    from engine import synth
+    from engine.model import synth
 
     monkeypatch.setattr(synth, "SHARD_BYTES", 300_000)
     sharded = checkpoints.synth(tmp_path / "sharded")
@@ -122,7 +122,7 @@ def _damage_shape(p):
 def _damage_missing_tensor(p):
     tensors = checkpoints.tensors_of(p)
     del tensors["model.layers.1.mlp.up_proj.weight"]
-    from engine.checkpoint import write_safetensors
+    from engine.model.checkpoint import write_safetensors
 
     write_safetensors(p / "model.safetensors", tensors)
 

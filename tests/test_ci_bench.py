@@ -59,7 +59,7 @@ def test_evaluate_flow_sharded_on_dask_equals_serial(tmp_path, kernel_build, mon
         sharded = with_runner("dask", 2)(model=model, suite="demo_mc,demo_gen", limit=6, baseline=None, shards=2)
     finally:
         reload_settings()
-    from engine.store import open_store
+    from engine.artifacts.store import open_store
     from evaluations.evaluate import load_record
 
     a, b = (load_record(r["record_id"], open_store()) for r in (serial, sharded))

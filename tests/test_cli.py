@@ -91,7 +91,7 @@ def test_config_show(ryz):
 
 
 def test_generate_accepts_a_gguf_path(ryz, tiny_dir, tmp_path):
-    from engine.quantize import quantize_checkpoint
+    from engine.model.quantize import quantize_checkpoint
 
     path = tmp_path / "direct.gguf"
     quantize_checkpoint(tiny_dir, path)

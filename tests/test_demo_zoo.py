@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.checkpoint import read_checkpoint
-from engine.quantize import quantize_checkpoint
+from engine.model.checkpoint import read_checkpoint
+from engine.model.quantize import quantize_checkpoint
 from evaluations.demo import corpus, score
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,11 +9,11 @@ import shutil
 
 import pytest
 
-from engine.discovery import Candidate, judge_candidates, list_hub_models, read_hub_model, scan_local_models
+from engine.artifacts.discovery import Candidate, judge_candidates, list_hub_models, read_hub_model, scan_local_models
 from engine.errors import HubError
-from engine.registry import Registry
+from engine.artifacts.registry import Registry
 from engine.settings import reload_settings
-from engine.store import open_store
+from engine.artifacts.store import open_store
 from tests.checkpoints import falcon3_variant, synth
 from tests.hub_server import HubReplay
 

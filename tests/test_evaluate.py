@@ -20,10 +20,10 @@ import pytest
 pytest.importorskip("lm_eval")
 pytest.importorskip("great_expectations")
 
-from engine.quantize import quantize_checkpoint  # noqa: E402
-from engine.registry import Registry  # noqa: E402
+from engine.model.quantize import quantize_checkpoint  # noqa: E402
+from engine.artifacts.registry import Registry  # noqa: E402
 from engine.settings import Settings  # noqa: E402
-from engine.store import open_store  # noqa: E402
+from engine.artifacts.store import open_store  # noqa: E402
 from evaluations import evaluate, report  # noqa: E402
 from tests import checkpoints  # noqa: E402
 

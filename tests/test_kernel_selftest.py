@@ -1,4 +1,4 @@
-"""Every kernel build proves itself (engine/selftest.py, engine/build.py): the self-test passes on a good build,
+"""Every kernel build proves itself (engine/model/selftest.py, engine/model/build.py): the self-test passes on a good build,
 catches a wrong kernel injected into a copy of native/, and the build then falls back or is refused, never
 cached as good; the parity check runs on every kernel family, not only the dispatched one."""
 
@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from engine import build
-from engine.build import NATIVE_DIR, build_kernels, find_build, read_manifest
+from engine.model import build
+from engine.model.build import NATIVE_DIR, build_kernels, find_build, read_manifest
 from engine.errors import BuildError
-from engine.native import ISAS, Library
-from engine.parity import check_parity
-from engine.quantize import quantize_checkpoint
-from engine.selftest import run_self_test
+from engine.model.native import ISAS, Library
+from engine.model.parity import check_parity
+from engine.model.quantize import quantize_checkpoint
+from engine.model.selftest import run_self_test
 from engine.settings import Settings
 from tests import checkpoints
 

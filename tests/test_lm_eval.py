@@ -22,11 +22,11 @@ import pytest
 lm_eval = pytest.importorskip("lm_eval")
 
 from engine.errors import TaskDataOfflineError  # noqa: E402
-from engine.ggufio import ModelFile  # noqa: E402
-from engine.native import NativeModel  # noqa: E402
-from engine.quantize import quantize_checkpoint  # noqa: E402
-from engine.reference import ReferenceModel  # noqa: E402
-from engine.tokenizer import ModelTokenizer  # noqa: E402
+from engine.model.ggufio import ModelFile  # noqa: E402
+from engine.model.native import NativeModel  # noqa: E402
+from engine.model.quantize import quantize_checkpoint  # noqa: E402
+from engine.model.reference import ReferenceModel  # noqa: E402
+from engine.model.tokenizer import ModelTokenizer  # noqa: E402
 from evaluations import lm_eval_model  # noqa: E402
 from evaluations.lm_eval_model import RyzansteinLM, export_hf_tokenizer  # noqa: E402
 from evaluations.tasks import task_manager  # noqa: E402
@@ -264,7 +264,7 @@ def test_hub_task_fails_with_a_clear_offline_error(tm):
 def test_local_completions_against_the_server_matches_the_adapter(tiny, native_library, tmp_path):
     from lm_eval.api.registry import get_model
 
-    from engine.server import create_app, load_model
+    from engine.serving.server import create_app, load_model
     from engine.settings import Settings
     from tests.test_server import RunningServer, _free_port
 

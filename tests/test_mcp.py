@@ -25,11 +25,11 @@ TIMEOUT_S = 120
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, kernel_build):
-    from engine.embedder import export_embedder
-    from engine.quantize import quantize_to_store
-    from engine.registry import Registry
+    from engine.retrieval.embedder import export_embedder
+    from engine.model.quantize import quantize_to_store
+    from engine.artifacts.registry import Registry
     from engine.settings import Settings
-    from engine.store import open_store
+    from engine.artifacts.store import open_store
 
     root = tmp_path_factory.mktemp("mcp")
     home = root / "home"
@@ -70,8 +70,8 @@ def _payload(result) -> dict:
 
 
 def test_mcp_server_lists_tools_searches_and_generates(home, native_library):
-    from engine.native import NativeModel
-    from engine.tokenizer import ModelTokenizer
+    from engine.model.native import NativeModel
+    from engine.model.tokenizer import ModelTokenizer
 
     ryz_home, gguf = home
     out = asyncio.run(asyncio.wait_for(_session_calls(ryz_home), TIMEOUT_S))

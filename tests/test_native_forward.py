@@ -15,9 +15,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.native import NativeModel
-from engine.quantize import quantize_checkpoint
-from engine.reference import ReferenceModel
+from engine.model.native import NativeModel
+from engine.model.quantize import quantize_checkpoint
+from engine.model.reference import ReferenceModel
 from tests import checkpoints
 
 PROMPT = [256, *b"hello world, this is a test of the native engine"]
@@ -126,7 +126,7 @@ def test_prefix_copy_and_release(models, native_library):
 
 
 def _cache(model, seq):
-    from engine.native import NativeCache
+    from engine.model.native import NativeCache
 
     return NativeCache(seq, model)
 
@@ -138,7 +138,7 @@ def test_threads_do_not_change_results(models, native_library):
 
 
 def test_bad_inputs_are_refused(models, native_library):
-    from engine.native import NativeCapacityError, NativeError
+    from engine.model.native import NativeCapacityError, NativeError
 
     model = NativeModel(models["tiny"], native_library, threads=1, max_positions=8, kv_type="f32")
     with pytest.raises(NativeError, match="token id 9999 out of range"):

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from engine.build import build_kernels
+from engine.model.build import build_kernels
 from engine.errors import ToolchainNotFoundError
 from engine.settings import Settings
 

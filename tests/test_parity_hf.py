@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.quantize import quantize_checkpoint
-from engine.reference import ReferenceModel
+from engine.model.quantize import quantize_checkpoint
+from engine.model.reference import ReferenceModel
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CASES = ["hf-bitnet-tiny", "hf-bitnet-tiny-packed", "hf-llama-bitnet-tiny"]

@@ -10,9 +10,9 @@ import pytest
 
 pytest.importorskip("prefect")
 
-from engine.registry import Registry  # noqa: E402
+from engine.artifacts.registry import Registry  # noqa: E402
 from engine.settings import reload_settings  # noqa: E402
-from engine.store import open_store  # noqa: E402
+from engine.artifacts.store import open_store  # noqa: E402
 from tests import checkpoints  # noqa: E402
 
 
@@ -34,15 +34,15 @@ def home(tmp_path, kernel_build, monkeypatch):
 
 
 def test_pipeline_run_twice_and_resume_after_a_crash(home, prefect_harness, monkeypatch):
-    import engine.quantize
+    import engine.model.quantize
     import evaluations.evaluate
     from flows.run import pipeline_run
 
     quantized = []
-    real_quantize = engine.quantize.quantize_to_store
-    monkeypatch.setattr(engine.quantize, "quantize_to_store", lambda *a, **k: quantized.append(a[0]) or real_quantize(*a, **k))
+    real_quantize = engine.model.quantize.quantize_to_store
+    monkeypatch.setattr(engine.model.quantize, "quantize_to_store", lambda *a, **k: quantized.append(a[0]) or real_quantize(*a, **k))
     import tasks.quantize
-    monkeypatch.setattr(tasks.quantize, "quantize_to_store", engine.quantize.quantize_to_store)
+    monkeypatch.setattr(tasks.quantize, "quantize_to_store", engine.model.quantize.quantize_to_store)
 
     # A crash while evaluating the second model: the first is released, the second is reported failed.
     real_evaluate = evaluations.evaluate.evaluate_model

@@ -6,12 +6,12 @@ import gguf
 import numpy as np
 import pytest
 
-from engine import quants
-from engine.checkpoint import read_checkpoint
-from engine.ggufio import ModelFile
-from engine.quantize import quantize_checkpoint
-from engine.reference import ReferenceModel
-from engine.ternary import quantize_absmean
+from engine.model import quants
+from engine.model.checkpoint import read_checkpoint
+from engine.model.ggufio import ModelFile
+from engine.model.quantize import quantize_checkpoint
+from engine.model.reference import ReferenceModel
+from engine.model.ternary import quantize_absmean
 from tests import checkpoints
 
 
@@ -117,7 +117,7 @@ def test_manifest(tiny_gguf):
 
 
 def test_failed_quantize_leaves_nothing(tiny, tmp_path, monkeypatch):
-    from engine import quantize
+    from engine.model import quantize
 
     calls = {"n": 0}
     real = quants.pack_ternary

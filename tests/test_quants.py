@@ -1,4 +1,4 @@
-"""engine.quants: ternary TQ packing, the numpy Q6_K port, and the gguf wrappers."""
+"""engine.model.quants: ternary TQ packing, the numpy Q6_K port, and the gguf wrappers."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from engine import quants
-from engine.quants import (
+from engine.model import quants
+from engine.model.quants import (
     bytes_per_row,
     dequantize,
     ggml_type,

@@ -8,8 +8,8 @@ import multiprocessing
 import pytest
 
 from engine.errors import ConflictError, ModelReferenceError, SchemaVersionError
-from engine.registry import STATE_KEY, Registry
-from engine.store import FileStore, open_store
+from engine.artifacts.registry import STATE_KEY, Registry
+from engine.artifacts.store import FileStore, open_store
 
 
 def _model(store, data: bytes) -> str:
@@ -112,7 +112,7 @@ def test_unknown_schema_is_refused(tmp_path):
 
 
 def test_model_refs_resolve_through_the_registry(tmp_path):
-    from engine.refs import resolve_model
+    from engine.artifacts.refs import resolve_model
 
     store = FileStore(f"file://{tmp_path}")
     aid = _model(store, b"gguf bytes")
@@ -152,7 +152,7 @@ def test_cli_json_shapes(tmp_path, monkeypatch, capsys):
 
 
 def test_gc_keeps_what_is_referenced(tmp_path):
-    from engine.gc import collect_garbage
+    from engine.artifacts.gc import collect_garbage
 
     store = FileStore(f"file://{tmp_path}")
     reg = Registry(store)

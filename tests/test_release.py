@@ -22,10 +22,10 @@ import pytest
 
 pytest.importorskip("prefect")
 
-from engine.admin import AdminClient  # noqa: E402
-from engine.registry import Registry  # noqa: E402
+from engine.serving.admin import AdminClient  # noqa: E402
+from engine.artifacts.registry import Registry  # noqa: E402
 from engine.settings import reload_settings  # noqa: E402
-from engine.store import open_store  # noqa: E402
+from engine.artifacts.store import open_store  # noqa: E402
 from tests import checkpoints  # noqa: E402
 
 TOKEN = "release-test-token"
@@ -48,7 +48,7 @@ def _record(model_id: str, acc: float, decode: float = 100.0) -> dict:
 def env(tmp_path_factory, kernel_build):
     """RYZ_HOME with the session's kernel build, three registered versions with records, a running server."""
     from evaluations.evaluate import store_record
-    from engine.quantize import quantize_to_store
+    from engine.model.quantize import quantize_to_store
 
     root = tmp_path_factory.mktemp("release")
     home = root / "home"

@@ -24,14 +24,14 @@ EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
 
 @pytest.fixture(scope="module")
 def export_dir():
-    from engine.embedder import export_embedder
+    from engine.retrieval.embedder import export_embedder
 
     return export_embedder(Settings().cache_dir, threads=2)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, export_dir):
-    from engine.quantize import quantize_checkpoint
+    from engine.model.quantize import quantize_checkpoint
 
     root = tmp_path_factory.mktemp("retrieval")
     artifact_id = indexes.publish_index(root / "home", export_dir)
@@ -43,7 +43,7 @@ def world(tmp_path_factory, export_dir):
 
 
 def _server(world, native_library, home):
-    from engine.server import create_app, load_model
+    from engine.serving.server import create_app, load_model
 
     settings = Settings(home=home, max_seqs=2, max_context=2048, threads=2, prefill_chunk=64)
     app = create_app(settings, str(world["gguf"]), loader=functools.partial(load_model, library=native_library))
@@ -143,7 +143,7 @@ def test_without_an_index_retrieval_fails_clearly_and_chat_still_works(world, na
 def test_retrieval_routes_need_the_api_key(world):
     from fastapi.testclient import TestClient
 
-    from engine.server import create_app
+    from engine.serving.server import create_app
 
     with TestClient(create_app(Settings(home=world["home"], api_keys="k1"))) as client:
         for path, body in (("/v1/retrieve", {"query": "bread"}), ("/v1/embeddings", {"model": EMBEDDER, "input": "x"})):

@@ -1,4 +1,4 @@
-"""engine.sampling: greedy, seeded reproducibility, the sampled distribution, filters, penalties, masks,
+"""engine.serving.sampling: greedy, seeded reproducibility, the sampled distribution, filters, penalties, masks,
 validation and raw logprobs."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from engine import sampling
+from engine.serving import sampling
 from engine.errors import InvalidRequestError, RyzError, SamplingError
-from engine.sampling import Sample, Sampler, SamplingParams, apply_penalties, log_softmax, token_logprobs
+from engine.serving.sampling import Sample, Sampler, SamplingParams, apply_penalties, log_softmax, token_logprobs
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
 LOGITS = np.log(PROBS).astype(np.float32) + 3.0  # softmax(LOGITS) == PROBS

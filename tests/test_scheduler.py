@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.scheduler import QueueFullError, Scheduler, SchedulerConfig
+from engine.serving.scheduler import QueueFullError, Scheduler, SchedulerConfig
 
 
 class FakeRunner:

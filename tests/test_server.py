@@ -19,10 +19,10 @@ import openai
 import pytest
 import uvicorn
 
-from engine.native import NativeModel
-from engine.quantize import quantize_checkpoint, quantize_to_store
+from engine.model.native import NativeModel
+from engine.model.quantize import quantize_checkpoint, quantize_to_store
 from engine.settings import Settings
-from engine.store import open_store
+from engine.artifacts.store import open_store
 from tests import checkpoints
 
 ADMIN = "test-admin-token"
@@ -89,7 +89,7 @@ def _settings(models, **kw) -> Settings:
 
 
 def _app(models, native_library, model_ref=None, **kw):
-    from engine.server import create_app, load_model
+    from engine.serving.server import create_app, load_model
 
     return create_app(_settings(models, **kw), model_ref or str(models["gguf"]),
                       loader=functools.partial(load_model, library=native_library))
@@ -109,7 +109,7 @@ def test_models_health_ready(server):
 
 
 def test_completion_matches_native_greedy(server, models, native_library):
-    from engine.tokenizer import ModelTokenizer
+    from engine.model.tokenizer import ModelTokenizer
 
     direct = NativeModel(models["gguf"], native_library, threads=1, max_positions=256)
     tok = ModelTokenizer(direct.file)
@@ -169,8 +169,8 @@ def test_seed_reproducibility(server):
 
 
 def test_logprobs_and_echo_match_the_model(server, models, native_library):
-    from engine.sampling import log_softmax
-    from engine.tokenizer import ModelTokenizer
+    from engine.serving.sampling import log_softmax
+    from engine.model.tokenizer import ModelTokenizer
 
     direct = NativeModel(models["gguf"], native_library, threads=1, max_positions=256)
     tok = ModelTokenizer(direct.file)
@@ -216,7 +216,7 @@ def test_admin_needs_the_token(server):
 def test_admin_disabled_without_a_configured_token(models, native_library):
     from fastapi.testclient import TestClient
 
-    from engine.server import create_app
+    from engine.serving.server import create_app
 
     app = create_app(_settings(models, admin_token=None), None)
     r = TestClient(app).get("/admin/state", headers={"Authorization": "Bearer x"})
@@ -426,9 +426,9 @@ def test_variants_take_turns_on_the_cores(models, native_library):
     """Two variants never run a forward at the same time (each forward uses every core: together they would
     oversubscribe them and the canary, with less traffic, would be preempted in nearly every step); the time
     one waits for the other is counted apart from its per-token latency."""
-    from engine.core import GenerationRequest
-    from engine.sampling import SamplingParams
-    from engine.server import ServingState, load_model
+    from engine.serving.core import GenerationRequest
+    from engine.serving.sampling import SamplingParams
+    from engine.serving.server import ServingState, load_model
 
     state = ServingState(_settings(models), loader=functools.partial(load_model, library=native_library))
     try:

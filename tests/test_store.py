@@ -10,11 +10,11 @@ from datetime import timedelta, datetime
 
 import pytest
 
-from engine import store as store_mod
+from engine.artifacts import store as store_mod
 from engine.errors import (AmbiguousReferenceError, ArtifactNotFoundError, ConflictError, IntegrityError,
                            SchemaVersionError, StoreError)
 from engine.settings import Settings
-from engine.store import FileStore, S3Store, open_store
+from engine.artifacts.store import FileStore, S3Store, open_store
 
 MiB = 1 << 20
 

@@ -1,4 +1,4 @@
-"""engine/structured.py and engine/tools.py with the real llguidance over our byte tokenizer (and a small
+"""engine/serving/structured.py and engine/serving/tools.py with the real llguidance over our byte tokenizer (and a small
 trained BPE): random walks through the matcher must always give JSON that validates against the schema."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from engine.errors import InvalidRequestError, TokenNotAllowedError
-from engine.structured import MAX_SCHEMA_DEPTH, GrammarCompiler
-from engine.tools import parse_tool_calls, tool_grammar_schema, validate_tools
-from engine.vocab import EOS, build_byte_tokenizer
+from engine.serving.schema import MAX_SCHEMA_DEPTH
+from engine.serving.structured import GrammarCompiler
+from engine.serving.tools import parse_tool_calls, tool_grammar_schema, validate_tools
+from engine.model.vocab import EOS, build_byte_tokenizer
 
 EOS_ID = 257
 EOT_ID = 260  # <|eot_id|>: a second stop id

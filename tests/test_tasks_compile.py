@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("prefect", reason="Prefect is the `pipeline` extra: pip install -e '.[pipeline]'")
 
-from engine.build import TuneShape, read_manifest, write_tuning_model  # noqa: E402
+from engine.model.build import TuneShape, read_manifest, write_tuning_model  # noqa: E402
 from engine.settings import reload_settings  # noqa: E402
 
 

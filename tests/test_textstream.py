@@ -1,4 +1,4 @@
-"""engine.textstream: incremental detokenization over our byte-level BPE, and stop-string matching."""
+"""engine.serving.textstream: incremental detokenization over our byte-level BPE, and stop-string matching."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.textstream import IncrementalDetokenizer, StopMatcher
-from engine.vocab import SPECIALS, build_byte_tokenizer
+from engine.serving.textstream import IncrementalDetokenizer, StopMatcher
+from engine.model.vocab import SPECIALS, build_byte_tokenizer
 
 VOCAB = 300
 TOKENIZER = build_byte_tokenizer(VOCAB)

@@ -141,11 +141,11 @@ def score_all(suites: dict[str, list[dict]], encode, decode, logprobs: LogprobsF
 
 def engine_backend(gguf_path: str | Path, engine: str = "reference", threads: int = 1):
     """(encode, decode, logprobs, generate, stop_ids) over a GGUF on the numpy reference or native engine."""
-    from engine.ggufio import ModelFile
-    from engine.tokenizer import ModelTokenizer
+    from engine.model.ggufio import ModelFile
+    from engine.model.tokenizer import ModelTokenizer
 
     if engine == "reference":
-        from engine.reference import KVCache, ReferenceModel
+        from engine.model.reference import KVCache, ReferenceModel
 
         model = ReferenceModel(gguf_path)
         new_cache = KVCache
@@ -154,8 +154,8 @@ def engine_backend(gguf_path: str | Path, engine: str = "reference", threads: in
             cache.keys[:] = [k[:n] for k in cache.keys]
             cache.values[:] = [v[:n] for v in cache.values]
     elif engine == "native":
-        from engine.build import load_library
-        from engine.native import NativeModel
+        from engine.model.build import load_library
+        from engine.model.native import NativeModel
 
         model = NativeModel(gguf_path, load_library(), threads=threads, max_seqs=2, max_positions=512)
         new_cache = lambda: model.new_cache(1)  # noqa: E731 - slot 1; generate() uses slot 0
@@ -195,7 +195,7 @@ def engine_backend(gguf_path: str | Path, engine: str = "reference", threads: in
 def score_checkpoint(model_dir: str | Path, engine: str = "reference", limit: int | None = None,
                      task_dir: str | Path = TASK_DIR, gguf_dir: str | Path | None = None) -> dict:
     """Quantize a checkpoint directory (TQ2_0 + Q8_0 head, `ryz quantize`'s defaults) and score it."""
-    from engine.quantize import quantize_checkpoint
+    from engine.model.quantize import quantize_checkpoint
 
     with tempfile.TemporaryDirectory(dir=gguf_dir) as tmp:
         path = Path(tmp) / (Path(model_dir).name + ".gguf")
@@ -231,7 +231,7 @@ def engine_table(results: dict[str, dict], engine: str, limit: int | None) -> st
     scope = f"the first {limit} items of each suite" if limit else "the full suites"
     return (f"{ENGINE_BEGIN}\nEach checkpoint quantized with `ryz quantize`'s defaults (TQ2_0 weights, Q8_0 embedding/head) and "
             f"scored on {scope} by `python -m evaluations.demo.score --zoo examples/zoo --engine {engine}` "
-            f"({'the numpy reference, engine/reference.py' if engine == 'reference' else 'the native engine'}):\n\n"
+            f"({'the numpy reference, engine/model/reference.py' if engine == 'reference' else 'the native engine'}):\n\n"
             "| model | demo_mc acc | acc_norm | demo_gen exact match | demo_ppl word ppl | bits/byte |\n"
             "| --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows) + f"\n{ENGINE_END}")
 

@@ -1,6 +1,6 @@
 """The demo models' tokenizer: a byte-level BPE trained on the demo corpus with `tokenizers`.
 
-Same conventions as engine/vocab.py's synthetic tokenizer, so both look alike to the engine and to
+Same conventions as engine/model/vocab.py's synthetic tokenizer, so both look alike to the engine and to
 llama.cpp: ids 0-255 are the 256 bytes (GPT-2 byte-to-unicode order), 256-260 the Llama-3 style specials
 (BOS 256, EOS 257, header and end-of-turn markers; the same chat template), then one token per learned
 merge in merge order. Deterministic: the trainer sees the same text in the same order, one thread.
@@ -12,7 +12,7 @@ import os
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from engine.vocab import BOS, EOS, SPECIALS, _gpt2_byte_to_unicode, save_tokenizer_files  # noqa: F401 - re-exported
+from engine.model.vocab import BOS, EOS, SPECIALS, _gpt2_byte_to_unicode, save_tokenizer_files  # noqa: F401 - re-exported
 
 VOCAB_SIZE = 512
 
@@ -39,7 +39,7 @@ def _merges(tokenizer: Tokenizer) -> list:
 
 
 def build_tokenizer(merges: list[tuple[str, str]]) -> Tokenizer:
-    """Bytes, then SPECIALS, then one token per merge: the engine/vocab.py layout with learned merges."""
+    """Bytes, then SPECIALS, then one token per merge: the engine/model/vocab.py layout with learned merges."""
     byte_to_char = _gpt2_byte_to_unicode()
     vocab = {byte_to_char[b]: b for b in range(256)}
     vocab.update({text: 256 + i for i, text in enumerate(SPECIALS)})

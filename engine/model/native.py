@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import RyzError
-from engine.ggufio import LINEAR_NAMES, ModelFile, tensor_name
+from engine.model.ggufio import LINEAR_NAMES, ModelFile, tensor_name
+from engine.model.reference import greedy_decode
 
 ABI_VERSION = 3
 GGML_TYPE_IDS = {"f32": 0, "f16": 1, "q8_0": 8, "q6_k": 14, "tq1_0": 34, "tq2_0": 35}
@@ -289,8 +290,6 @@ class NativeModel:
         return self.forward_batch(tokens, np.full(len(tokens), cache.seq, np.int32), np.ones(len(tokens), np.uint8))
 
     def generate(self, prompt: list[int], max_tokens: int, stop_ids: set[int] | None = None) -> list[int]:
-        from engine.reference import greedy_decode
-
         seq = self.new_cache().seq
         tokens = np.asarray(prompt, dtype=np.int32)
         first = self.forward_batch(tokens, np.full(len(tokens), seq, np.int32))[-1]

@@ -23,7 +23,7 @@ import threading
 from typing import Any
 
 from engine.errors import InvalidRequestError, RyzError
-from engine.retrieval import MAX_TOP_K, Retriever
+from engine.retrieval.search import MAX_TOP_K, Retriever
 from engine.settings import Settings, get_settings
 
 MAX_GENERATE_TOKENS = 1024
@@ -38,12 +38,12 @@ class Generator:
         self._lock = threading.Lock()
 
     def _load(self):
-        from engine.build import load_library
-        from engine.native import NativeModel
-        from engine.refs import resolve_model
-        from engine.server import _physical_cores
-        from engine.store import open_store
-        from engine.tokenizer import ModelTokenizer
+        from engine.model.build import load_library
+        from engine.model.native import NativeModel
+        from engine.artifacts.refs import resolve_model
+        from engine.serving.server import _physical_cores
+        from engine.artifacts.store import open_store
+        from engine.model.tokenizer import ModelTokenizer
 
         path = resolve_model(self.model_ref, open_store(self.settings.store_url, settings=self.settings))
         model = NativeModel(path, self.library or load_library(self.settings), threads=self.settings.threads or _physical_cores(),

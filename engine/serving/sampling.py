@@ -6,7 +6,7 @@ Order (vLLM / llama.cpp): repetition penalty (prompt + generated), frequency/pre
 (generated only), allowed mask, temperature, top-k, top-p, min-p. Reported logprobs are raw: the
 log_softmax of the model's unmodified logits, as OpenAI and vLLM report them.
 
-Cost per Sampler.sample call at vocab 128256 (`python -m engine.sampling`: median of 300 calls on a
+Cost per Sampler.sample call at vocab 128256 (`python -m engine.serving.sampling`: median of 300 calls on a
 shared 2-core x86 box, numpy 2.4; LLM-like logits, an N(0, 2) bulk plus 20 tokens lifted 8-14 above it;
 every case includes the raw logprob of the chosen token):
     greedy 0.10 ms; temperature 0.8 0.20 ms; top_k=40 0.20 ms; top_p=0.9 0.16 ms;

@@ -1,10 +1,10 @@
 """Retrieval for serving (issue 8): embeddings and top-k chunks from the registry's production index.
 
-`Retriever` is what `/v1/embeddings`, `/v1/retrieve`, chat's `retrieval` setting (engine/server.py) and the
-MCP server's `search_index` tool (engine/mcp_server.py) share. Nothing is loaded until first use, so a server
+`Retriever` is what `/v1/embeddings`, `/v1/retrieve`, chat's `retrieval` setting (engine/serving/server.py) and the
+MCP server's `search_index` tool (engine/serving/mcp_server.py) share. Nothing is loaded until first use, so a server
 without an index, or without the `index` extra installed, still serves chat:
 
-* the embedder (engine/embedder.py, ONNX MiniLM at its full 384 dims; fewer dims are a truncation of those,
+* the embedder (engine/retrieval/embedder.py, ONNX MiniLM at its full 384 dims; fewer dims are a truncation of those,
   renormalised), one onnxruntime session per precision;
 * indexes by reference: `production` (the `index` version whose *status* is production, re-read every
   `PRODUCTION_TTL_S` so `ryz index publish` is picked up without a restart), `index`, `index:N` or an artifact
@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import EmbedderError, RetrievalIndexError
+from engine.retrieval.index import open_index, resolve_artifact, unpack_index
+from engine.artifacts.registry import Registry
+from engine.artifacts.store import open_store
 
 PRODUCTION_TTL_S = 5.0          # how long a resolved `production` index reference is trusted
 MAX_OPEN_INDEXES = 3            # opened index artifacts kept per process (the oldest is closed first)
@@ -63,7 +66,7 @@ class Retriever:
     # -- embedder ---------------------------------------------------------------------------------
     @property
     def model_id(self) -> str:
-        from engine.embedder import MODEL_ID
+        from engine.retrieval.embedder import MODEL_ID
 
         return MODEL_ID
 
@@ -73,7 +76,7 @@ class Retriever:
         with self._lock:
             if precision not in self._embedders:
                 try:
-                    from engine.embedder import Embedder
+                    from engine.retrieval.embedder import Embedder
                 except ImportError as exc:
                     raise EmbedderError(f"embeddings need the `index` extra ({exc.name} is missing): {EXTRA_HINT}") from None
                 try:
@@ -86,7 +89,7 @@ class Retriever:
 
     def embed(self, texts: list[str], dims: int | None = None) -> tuple[Any, int]:
         """(unit vectors [n, dims] float32, tokens counted after truncation to the model's 256)."""
-        from engine.embedder import truncate_dims
+        from engine.retrieval.embedder import truncate_dims
 
         embedder = self.embedder()
         vectors = embedder.encode(texts)
@@ -110,10 +113,6 @@ class Retriever:
             return opened
 
     def _resolve(self, ref: str) -> tuple[str, str | None]:
-        from engine.index import resolve_artifact
-        from engine.registry import Registry
-        from engine.store import open_store
-
         cached = self._resolved.get(ref)   # `production` and `index` (the newest) move: re-read after a few seconds
         if cached and time.monotonic() - cached[0] < PRODUCTION_TTL_S:
             return cached[1], cached[2]
@@ -123,12 +122,6 @@ class Retriever:
         return artifact_id, registry_ref
 
     def _open_artifact(self, artifact_id: str, ref: str) -> OpenIndex:
-        try:
-            from engine.index import open_index, unpack_index
-        except ImportError as exc:
-            raise RetrievalIndexError(f"retrieval needs the `index` extra ({exc.name} is missing): {EXTRA_HINT}") from None
-        from engine.store import open_store
-
         store = open_store(self.settings.store_url, settings=self.settings)
         root = self.settings.cache_dir / "indexes" / artifact_id.removeprefix("sha256:")[:16]
         directory = root / str(os.getpid())
@@ -148,7 +141,7 @@ class Retriever:
     def search(self, query: str, top_k: int = 5, ref: str = "production") -> tuple[list[dict], OpenIndex]:
         """The top_k chunks for `query`: [{"id", "score", "text", "source": {"path", "start_line", "end_line",
         "file_sha256"}}], best first, and the index searched."""
-        from engine.embedder import truncate_dims
+        from engine.retrieval.embedder import truncate_dims
 
         if not 1 <= top_k <= MAX_TOP_K:
             raise ValueError(f"top_k must be 1-{MAX_TOP_K}, got {top_k}")

@@ -25,6 +25,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.errors import CorpusError
+
 TEXT_SUFFIXES = frozenset("""
 .md .markdown .mdx .rst .txt .text .adoc .org .tex
 .py .pyi .pyx .pxd .ipynb .c .h .cc .cpp .cxx .hpp .hh .cu .m .mm .rs .go .java .kt .kts .scala .swift .cs .fs
@@ -121,8 +123,6 @@ def is_binary(data: bytes) -> bool:
 
 def scan_corpus(root: str | Path, max_file_bytes: int = 1 << 20, use_git: bool = True) -> CorpusScan:
     """The files of `root` the index reads, with their hashes; see the module docstring for the rules."""
-    from engine.errors import CorpusError
-
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise CorpusError(f"corpus {root} is not a directory: give the directory to index")

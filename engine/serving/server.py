@@ -1,13 +1,13 @@
 """The OpenAI-compatible HTTP server: completions, chat, models, health, metrics, canary admin.
 
-The app sees engines only through `EngineClient` (engine/core.py). It holds up to two variants,
+The app sees engines only through `EngineClient` (engine/serving/core.py). It holds up to two variants,
 `production` and `canary`, and the `CanaryRouter` splits the served model name's traffic between
 them; every response names its variant in the `X-Ryz-Variant` header and every metric is labelled by
 it. Admin routes (load, unload, weights, promote, drain) need `RYZ_ADMIN_TOKEN` as a bearer token and
 change variants without dropping requests in flight: a replaced engine finishes what it started, then
 closes. Errors use OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}}.
 
-Retrieval (engine/retrieval.py, loaded on first use): `/v1/embeddings`, `/v1/retrieve` and chat's `retrieval`
+Retrieval (engine/retrieval/search.py, loaded on first use): `/v1/embeddings`, `/v1/retrieve` and chat's `retrieval`
 extension search the registry's production index; chat then answers with the chunks in its system message and
 returns them as `citations`.
 """
@@ -30,13 +30,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from engine.core import AsyncEngine, Delta, EngineCore, GenerationRequest
+from engine.serving.core import AsyncEngine, Delta, EngineCore, GenerationRequest
 from engine.errors import InvalidRequestError, ModelReferenceError, RyzError
-from engine.metrics import CONTENT_TYPE_LATEST, ServerMetrics
-from engine.retrieval import MAX_TOP_K, Retriever, format_context
-from engine.router import CANARY, PRODUCTION, CanaryRouter
-from engine.sampling import SamplingParams
-from engine.scheduler import QueueFullError, SchedulerConfig
+from engine.serving.metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from engine.retrieval.search import MAX_TOP_K, Retriever, format_context
+from engine.serving.router import CANARY, PRODUCTION, CanaryRouter
+from engine.serving.sampling import SamplingParams
+from engine.serving.scheduler import QueueFullError, SchedulerConfig
 from engine.settings import Settings, get_settings
 
 VARIANT_HEADER = "X-Ryz-Variant"
@@ -147,7 +147,7 @@ class Variant:
 
     def grammar_compiler(self):
         if self._grammars is None:
-            from engine.structured import GrammarCompiler
+            from engine.serving.structured import GrammarCompiler
 
             tok = self.loaded.tokenizer
             self._grammars = GrammarCompiler(tok.tokenizer, self.loaded.model.hp.vocab, set(tok.stop_ids))
@@ -156,11 +156,11 @@ class Variant:
 
 def load_model(ref: str, settings: Settings, slots: int, library=None) -> LoadedModel:
     """Resolve a model reference and open it on the native engine with `slots` sequences."""
-    from engine.build import load_library, token_tile_for
-    from engine.native import NativeModel
-    from engine.refs import resolve_model
-    from engine.store import open_store
-    from engine.tokenizer import ModelTokenizer
+    from engine.model.build import load_library, token_tile_for
+    from engine.model.native import NativeModel
+    from engine.artifacts.refs import resolve_model
+    from engine.artifacts.store import open_store
+    from engine.model.tokenizer import ModelTokenizer
 
     path = resolve_model(ref, open_store(settings.store_url, settings=settings))
     library = library or load_library(settings)
@@ -206,7 +206,7 @@ class ServingState:
         self.load_errors: dict[str, str] = {}
         self.faults = {"canary_error_rate": settings.fault_canary_error_rate, "canary_latency_ms": settings.fault_canary_latency_ms}
         self.retrieval = Retriever(settings)   # embedder and indexes load on first use
-        self.compute_lock = threading.Lock()     # one variant's forward at a time (engine.core.EngineCore)
+        self.compute_lock = threading.Lock()     # one variant's forward at a time (engine.serving.core.EngineCore)
         self._lock = threading.Lock()
 
     def load(self, name: str, ref: str) -> Variant:
@@ -238,9 +238,9 @@ class ServingState:
 
     def _open(self, ref: str) -> LoadedModel:
         # Size the slots by the KV budget; the per-position size needs the model's shape, read from the file.
-        from engine.ggufio import ModelFile
-        from engine.refs import resolve_model
-        from engine.store import open_store
+        from engine.model.ggufio import ModelFile
+        from engine.artifacts.refs import resolve_model
+        from engine.artifacts.store import open_store
 
         try:
             path = resolve_model(ref, open_store(self.settings.store_url, settings=self.settings))
@@ -442,7 +442,7 @@ def create_app(settings: Settings | None = None, model_ref: str | None = None,
         citations = await _add_retrieved_context(state, body) if body.retrieval else None
         return await _run_chat(state, variant, body, request.state.arrival, citations)
 
-    # -- retrieval (the production index, engine/retrieval.py) ----------------------------------------
+    # -- retrieval (the production index, engine/retrieval/search.py) ----------------------------------------
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         _refuse_when_draining(state)
@@ -843,8 +843,8 @@ def _response_grammar(variant: Variant, response_format: dict | None):
 
 
 async def _run_chat(state: ServingState, variant: Variant, body: ChatBody, arrival: float, citations: list | None = None):
-    from engine.chat import render_chat, validate_messages
-    from engine.tools import parse_tool_calls, validate_tools
+    from engine.serving.chat import render_chat, validate_messages
+    from engine.serving.tools import parse_tool_calls, validate_tools
 
     tok = variant.loaded.tokenizer
     if body.top_logprobs is not None and not (body.logprobs and 0 <= body.top_logprobs <= 20):

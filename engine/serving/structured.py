@@ -31,7 +31,7 @@ no runtime dependencies.
 | outlines-core | byte-128k | tool_call | 92 | 197.7 | 1.1 | 84 | 8 | 9 |
 | outlines-core | byte-128k | json_object | 94 | 203.3 | 4632.6 | 91 | 7 | 9 |
 
-byte-512/byte-128k: engine.vocab.build_byte_tokenizer at the tiny and 2B4T shapes (the latter is
+byte-512/byte-128k: engine.model.vocab.build_byte_tokenizer at the tiny and 2B4T shapes (the latter is
 128k ids of which 127,987 are `<|pad_N|>` specials); bpe-32k: a byte-level BPE trained on the stdlib's
 sources (nothing offline has a 32k+ BPE). Mask times include unpacking the bitmask into the bool
 (vocab,) array the Sampler takes.
@@ -63,47 +63,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from engine.errors import InvalidRequestError, SamplingError, TokenNotAllowedError, UnsupportedTokenizerError
+from engine.serving.schema import JSON_OPTIONS, canonical_json, check_json_schema, first_line, parser_limits
+from engine.serving.tools import normalize_tool_choice, tool_grammar_schema, validate_tools
 
-# One-line JSON, json.dumps' separators. Applied over any "x-guidance" options inside a schema.
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-MAX_SCHEMA_BYTES = 64 * 1024   # canonical JSON of one schema (or of a request's whole tools list)
-MAX_SCHEMA_DEPTH = 32          # nested JSON objects/arrays inside the schema document
 CACHE_SIZE = 64                # compiled grammars kept per model
-# Bounds llguidance's grammar build and per-token work: a schema over them is a 400, not a slow server.
-LIMITS = dict(max_grammar_size=200_000, max_lexer_states=100_000, step_max_items=50_000)
-
-
-def canonical_json(value: Any) -> str:
-    """Compact JSON with keys in their given order: property order is the order the model emits them."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-def check_json_schema(schema: Any, where: str, param: str) -> str:
-    """Check `schema` is a JSON schema llguidance can follow and within our caps; return its grammar.
-
-    `where` names the schema in error messages (`response_format.json_schema.schema`); `param` is the
-    OpenAI error param. Needs no tokenizer, so engine/tools.py uses it to validate tool parameters."""
-    if not isinstance(schema, dict):
-        raise InvalidRequestError(f"{where} must be a JSON schema object, got {type(schema).__name__}", param=param)
-    try:
-        text = canonical_json(schema)
-    except (TypeError, ValueError) as exc:
-        raise InvalidRequestError(f"{where} is not serialisable as JSON: {exc}", param=param) from None
-    if len(text.encode()) > MAX_SCHEMA_BYTES:
-        raise InvalidRequestError(f"{where} is {len(text.encode())} bytes of JSON; the limit is {MAX_SCHEMA_BYTES}: "
-                                  "split it or drop descriptions and examples", param=param)
-    if (depth := _depth(schema)) > MAX_SCHEMA_DEPTH:
-        raise InvalidRequestError(f"{where} nests {depth} levels of objects/arrays; the limit is {MAX_SCHEMA_DEPTH}: "
-                                  "flatten it or use $defs/$ref for repeated parts", param=param)
-    try:
-        grammar = llg.LLMatcher.grammar_from_json_schema(text, overrides=JSON_OPTIONS)
-    except ValueError as exc:
-        raise InvalidRequestError(f"{where} is not a valid JSON schema: {exc}", param=param) from None
-    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, None, limits=_limits())
-    if is_error:
-        raise InvalidRequestError(f"{where} is not supported for constrained decoding: {_first_line(messages)}; "
-                                  "remove or rewrite that part of the schema", param=param)
-    return grammar
 
 
 class GrammarCompiler:
@@ -151,12 +114,10 @@ class GrammarCompiler:
         return self._store(key, self._build(check_json_schema(schema, where, param), where, param))
 
     def compile_tools(self, tools: list[dict] | None, tool_choice: Any, parallel_tool_calls: bool = True) -> Grammar | None:
-        """Grammar for OpenAI function calling (design in engine/tools.py): None for "none" (or no tools);
+        """Grammar for OpenAI function calling (design in engine/serving/tools.py): None for "none" (or no tools);
         "required"/a named function -> the output is a call `{"name": ..., "arguments": {...}}` ("required":
         or a non-empty array of calls, unless parallel_tool_calls is false); "auto" -> free text or one call,
         decided by the first non-whitespace character (`{` starts a call)."""
-        from engine.tools import normalize_tool_choice, tool_grammar_schema, validate_tools
-
         if not tools or normalize_tool_choice(tool_choice, tools) == "none":
             validate_tools(tools, tool_choice)
             return None
@@ -181,9 +142,9 @@ class GrammarCompiler:
     # --- internals ---------------------------------------------------------------------------------
 
     def _build(self, grammar: str, where: str, param: str) -> Grammar:
-        matcher = llg.LLMatcher(self._llg, grammar, log_level=0, limits=_limits())
+        matcher = llg.LLMatcher(self._llg, grammar, log_level=0, limits=parser_limits())
         if matcher.is_error():
-            raise InvalidRequestError(f"{where} cannot be compiled for this model: {_first_line([matcher.get_error()])}; "
+            raise InvalidRequestError(f"{where} cannot be compiled for this model: {first_line([matcher.get_error()])}; "
                                       "simplify the schema", param=param)
         return Grammar(matcher, self.vocab_size, self.grammar_vocab, self._llg)
 
@@ -237,7 +198,7 @@ class Matcher:
         self._m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         if self._m.is_error():
             raise SamplingError(f"the constrained-decoding matcher failed after {self._count} tokens: "
-                                f"{_first_line([self._m.get_error()])}; the schema is too complex to follow token by "
+                                f"{first_line([self._m.get_error()])}; the schema is too complex to follow token by "
                                 "token: simplify it (fewer alternatives, shorter patterns)")
         mask = np.zeros(self._vocab_size, dtype=bool)
         mask[: self._n] = np.unpackbits(self._bits.view(np.uint8), count=self._n, bitorder="little").view(bool)
@@ -289,23 +250,3 @@ def _llg_tokenizer(tokenizer: Tokenizer, vocab_size: int, eos_ids: set[int]) -> 
         raise UnsupportedTokenizerError(f"this model's tokenizer ({kind}) is not supported for structured output: "
                                         f"{exc}; serve a model with a BPE tokenizer or drop response_format/tools "
                                         "from the request") from None
-
-
-def _limits() -> llg.LLParserLimits:
-    return llg.LLParserLimits(**LIMITS)
-
-
-def _depth(value: Any) -> int:
-    depth, stack = 0, [(value, 1)]
-    while stack:
-        item, d = stack.pop()
-        if isinstance(item, dict | list):
-            depth = max(depth, d)
-            if d <= MAX_SCHEMA_DEPTH:  # deeper than the cap is already an error: stop walking
-                stack.extend((v, d + 1) for v in (item.values() if isinstance(item, dict) else item))
-    return depth
-
-
-def _first_line(messages: list[str]) -> str:
-    text = next((m for m in messages if m), "unknown error")
-    return text.strip().splitlines()[0] if text.strip() else "unknown error"

@@ -12,11 +12,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from engine import quants
-from engine.checkpoint import Checkpoint, read_checkpoint
-from engine.ggufio import (HEAD_TYPES, LINEAR_NAMES, TERNARY_TYPES, Hyperparams, add_hyperparams, add_tokenizer,
+from engine.model import quants
+from engine.model.checkpoint import Checkpoint, read_checkpoint
+from engine.model.ggufio import (HEAD_TYPES, LINEAR_NAMES, TERNARY_TYPES, Hyperparams, add_hyperparams, add_tokenizer,
                            tensor_name)
-from engine.ternary import TernaryTensor, quantize_absmean, unpack_hf_ternary
+from engine.model.ternary import TernaryTensor, quantize_absmean, unpack_hf_ternary
 
 MANIFEST_SCHEMA = 1
 HEAD_CHUNK_ROWS = 16384  # rows of the embedding quantized at a time (bounds memory on 128k vocabularies)

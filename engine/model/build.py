@@ -5,7 +5,7 @@
 
 A build runs in a temporary directory next to the final one and is renamed into place only when complete,
 under a per-key file lock, so a crashed build never looks finished and concurrent builders build once.
-Every build proves itself before it is cached: the kernel self-test (engine/selftest.py) runs through the new
+Every build proves itself before it is cached: the kernel self-test (engine/model/selftest.py) runs through the new
 library's ABI; a build that fails it is rebuilt with the fall-back flags (FALLBACK_FLAGS, then without the failing
 SIMD families) or refused with an error naming the kernel and the compiler, never cached as good.
 `load_library` finds or builds the library for this CPU and applies RYZ_ISA; `autotune` times the tuning
@@ -33,17 +33,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine import selftest
+from engine.model import selftest
 from engine.errors import BuildError, SchemaVersionError, ToolchainNotFoundError
-from engine.locks import file_lock
+from engine.fsutil import file_lock
 from engine.settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from engine.native import Library
-    from engine.shapes import Shape
+    from engine.model.native import Library
+    from engine.model.shapes import Shape
 
 SCHEMA = 1
-NATIVE_DIR = Path(__file__).resolve().parents[1] / "native"
+NATIVE_DIR = Path(__file__).resolve().parents[2] / "native"
 SOURCE_PARTS = ("CMakeLists.txt", "include", "src", "kernels", "tests")  # what the build reads
 MIN_CMAKE = (3, 25)
 COMPILERS = ("c++", "g++", "clang++")          # cmake's own search order, minus exotic names
@@ -592,7 +592,7 @@ def load_library(settings: Settings | None = None, build_if_missing: bool = True
 
     Raises BuildError when there is no build and `build_if_missing` is false, ToolchainNotFoundError when one
     must be built and no compiler or CMake is installed, NativeError when RYZ_ISA names an ISA this CPU lacks."""
-    from engine.native import Library
+    from engine.model.native import Library
 
     settings = settings or get_settings()
     memo = (kernels_dir(settings), Path(native_dir).resolve() if native_dir else NATIVE_DIR)
@@ -653,14 +653,14 @@ class TuneShape:
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> TuneShape:
-        from engine.ggufio import ModelFile
+        from engine.model.ggufio import ModelFile
 
         hp = ModelFile(path).hparams
         return cls(hp.hidden, hp.heads, hp.kv_heads, hp.head_dim, hp.ffn, hp.layers)
 
 
 def _tune_shape(model: str | Path | TuneShape | Shape | None) -> tuple[TuneShape, str]:
-    from engine.shapes import Shape, get_shape
+    from engine.model.shapes import Shape, get_shape
 
     if model is None:
         return TuneShape.from_shape(get_shape("bitnet-2b4t")), "shape bitnet-2b4t"
@@ -729,8 +729,8 @@ def write_tuning_model(path: str | Path, shape: TuneShape, layers: int = 1, seed
     sweep runs."""
     import gguf
 
-    from engine import quants
-    from engine.ggufio import Hyperparams, add_hyperparams, tensor_name
+    from engine.model import quants
+    from engine.model.ggufio import Hyperparams, add_hyperparams, tensor_name
 
     rng = np.random.default_rng(seed)
     hp = Hyperparams(hidden=shape.hidden, layers=layers, heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
@@ -771,7 +771,7 @@ def tuning_layers(layer_bytes: int, l3_bytes: int | None, model_layers: int = 0)
 
 def _kernel_table(library: Library, shape: TuneShape, clock: _Clock, rng: np.random.Generator) -> list[dict]:
     """Single-threaded ryz_ternary_gemm per distinct linear shape at decode and prefill token counts."""
-    from engine import quants
+    from engine.model import quants
 
     groups: dict[tuple[int, int], list[str]] = {}
     for stem, dims in shape.linears().items():
@@ -801,7 +801,7 @@ def _knob_table(library: Library, shape: TuneShape, layers: int, thread_counts: 
     """A synthetic model's forward (NativeModel.forward_batch) per (threads, token tile) at 64 tokens, and at
     1 token per thread count (the tile cannot matter for one token), in time per layer. Most threads first:
     if the budget runs out, the configurations a server would use are the ones measured."""
-    from engine.native import NativeModel
+    from engine.model.native import NativeModel
 
     layer_bytes = _layer_bytes(library, shape)
     layer_macs = sum(r * c for r, c in shape.linears().values())

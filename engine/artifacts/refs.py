@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from engine.artifacts.registry import Registry, is_registry_ref
+from engine.artifacts.store import ArtifactStore
 from engine.errors import ArtifactNotFoundError, ModelReferenceError
-from engine.store import ArtifactStore
 
 _HEX_PREFIX = re.compile(r"^(sha256:)?[0-9a-f]{12,64}$")
 
@@ -27,8 +28,6 @@ def resolve_model(ref: str, store: ArtifactStore) -> Path:
 
 def resolve_artifact(ref: str, store: ArtifactStore) -> str:
     """The full artifact id a non-path model reference names."""
-    from engine.registry import Registry, is_registry_ref
-
     if _HEX_PREFIX.match(ref):
         try:
             return store.resolve(ref)

@@ -13,7 +13,8 @@ registry or store access, as a directory and as a stored artifact.
 A bundle directory is written atomically (a temporary directory renamed into place). Stored, it is a tar.gz
 with sorted entries, zeroed times and owners and a zero gzip mtime, so packing the same directory twice gives
 the same bytes; the registry names it (`extra["bundle"]` of the version, `Registry.attach_bundle`) and a
-rollback fetches the previous version's bundle byte for byte (`fetch_bundle`).
+rollback fetches the previous version's bundle byte for byte (`fetch_bundle`). Serving one is
+`engine.serving.bundle`.
 """
 
 from __future__ import annotations
@@ -25,22 +26,18 @@ import os
 import re
 import secrets
 import shutil
-import sys
 import tarfile
 import tempfile
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-from engine import build
-from engine.errors import BuildError, BundleError, ModelReferenceError, SchemaVersionError, ToolchainNotFoundError
+from engine.model import build
+from engine.errors import BuildError, BundleError, SchemaVersionError, ToolchainNotFoundError
 from engine.settings import Settings, get_settings
-
-if TYPE_CHECKING:
-    from engine.native import Library
-    from engine.server import LoadedModel
-    from engine.store import ArtifactStore
+from engine.artifacts.store import ArtifactStore
+from engine.model.ggufio import ModelFile
+from engine.artifacts.registry import Registry
 
 SCHEMA = 1
 KIND = "bundle"                       # the artifact kind in the store
@@ -117,7 +114,7 @@ def _target_build(settings: Settings, target_fingerprint: dict | None, progress)
     here = build.cpu_fingerprint()
     target = target_fingerprint or here
     if "fingerprint_id" not in target:
-        raise BundleError("the target fingerprint has no fingerprint_id: pass what `engine.build.cpu_fingerprint()` "
+        raise BundleError("the target fingerprint has no fingerprint_id: pass what `engine.model.build.cpu_fingerprint()` "
                           "(or the detect-cpu task) returns on the target machine")
     if target["fingerprint_id"] == here["fingerprint_id"]:
         found = build.find_build(settings)
@@ -157,8 +154,6 @@ def _copy_sources(dest: Path) -> str:
 
 def _resources(model_path: Path, settings: Settings) -> dict:
     """Kubernetes requests: the model's bytes + its full KV cache over the slots + 512 MiB, and the threads."""
-    from engine.ggufio import ModelFile
-
     hp = ModelFile(model_path).hparams
     per_position = 2 * hp.layers * hp.kv_heads * hp.head_dim * 2          # f16 keys + values
     per_seq = per_position * settings.max_context
@@ -197,8 +192,6 @@ def _render_deploy(dest: Path, context: dict) -> None:
 
 
 def _version_of(ref: str, store: ArtifactStore):
-    from engine.registry import Registry
-
     looks_like_file = ref.endswith(".gguf") or "/" in ref and Path(ref).expanduser().exists()
     if looks_like_file or ref.startswith("sha256:"):
         raise BundleError(f"a bundle serves a registry version, not {ref!r}: pass name:version or an alias "
@@ -212,7 +205,7 @@ def build_bundle(ref: str, out_dir: str | Path, store: ArtifactStore, settings: 
     """Write the serving bundle of registry version `ref` (name:version or an alias) to `out_dir`; returns its
     bundle.json.
 
-    `target_fingerprint`: the CPU it will run on (`engine.build.cpu_fingerprint()` there; default this one).
+    `target_fingerprint`: the CPU it will run on (`engine.model.build.cpu_fingerprint()` there; default this one).
     `deploy`: template variables (DEPLOY_DEFAULTS) for the deployment files. `out_dir` must not exist, or be
     empty, unless `replace` (the old directory is swapped out only once the new one is complete)."""
     settings = settings or get_settings()
@@ -261,7 +254,7 @@ def build_bundle(ref: str, out_dir: str | Path, store: ArtifactStore, settings: 
                 "fingerprint_id": target["fingerprint_id"],
                 "source_hash": source,
                 "sources": NATIVE_SRC,
-                # the proof the shipped library gave on the build host (engine/selftest.py), and any fall-back flags
+                # the proof the shipped library gave on the build host (engine/model/selftest.py), and any fall-back flags
                 "self_test": _self_test_summary(kernel.manifest) if kernel else None,
             },
             "settings": SETTINGS,
@@ -420,162 +413,10 @@ def fetch_bundle(artifact_id: str, store: ArtifactStore, out_dir: str | Path, re
     return manifest
 
 
-# --- serving -------------------------------------------------------------------------------------------
-
-@dataclass
-class OpenedBundle:
-    """A verified bundle ready to serve: its GGUF, a native library for this CPU and its serving settings."""
-
-    directory: Path
-    manifest: dict
-    model_path: Path
-    library: Library
-    kernel: str                        # "bundle" (its own build) or "rebuilt:<key>" (rebuilt from native-src)
-    build_manifest: dict = field(default_factory=dict)
-    overrides: dict = field(default_factory=dict)   # settings.json's serving fields
-
-    @property
-    def artifact_id(self) -> str:
-        return self.manifest["artifact_id"]
-
-
-def bundle_settings(bundle_dir: str | Path, base: Settings | None = None) -> Settings:
-    """`base` (default: the environment's settings) with the bundle's serving fields wherever `base` does not
-    set them itself: explicit settings (RYZ_* variables, constructor arguments) win over the bundle, the bundle
-    wins over defaults. Secrets only ever come from `base`."""
-    base = base or get_settings()
-    doc = json.loads((Path(bundle_dir) / SETTINGS).read_text())
-    if doc.get("schema") != SCHEMA:
-        raise SchemaVersionError(f"{Path(bundle_dir) / SETTINGS} has schema {doc.get('schema')!r}; this Ryzanstein reads {SCHEMA}")
-    serving = {k: v for k, v in doc["serving"].items() if k in SERVING_FIELDS and k not in base.model_fields_set}
-    return Settings.model_validate({**base.model_dump(), **serving})
-
-
 def _self_test_summary(build_manifest: dict) -> dict:
     test = build_manifest["self_test"]
     return {"passed": test["passed"], "families": {isa: r["checks"] for isa, r in test.get("families", {}).items()},
             "fallback_flags": (build_manifest.get("fallback") or {}).get("extra_flags", [])}
-
-
-def _load_library(bundle_dir: Path, manifest: dict, settings: Settings,
-                  progress: Callable[[str], None]) -> tuple[Library, str, dict]:
-    """The bundle's own library when it was built for this CPU's fingerprint, else one rebuilt from its sources
-    into RYZ_HOME's kernel cache (once: the key makes it a cache hit afterwards)."""
-    from engine.native import Library
-
-    kernel = manifest["kernel_build"]
-    here = build.cpu_fingerprint()
-    proven = bool((kernel.get("self_test") or {}).get("passed"))
-    if kernel.get("library") and proven and kernel["fingerprint"].get("fingerprint_id") == here["fingerprint_id"]:
-        path = (bundle_dir / kernel["library"]).resolve()
-        library = build._LOADED.get(path) or Library(path)
-        built_from = (library.lib.ryz_source_hash() or b"").decode()
-        if built_from != kernel["source_hash"]:
-            raise BundleError(f"{kernel['library']} reports sources {built_from[:16]!r}, bundle.json {kernel['source_hash'][:16]!r}; "
-                              "the bundle is inconsistent: build it again")
-        build._LOADED[path] = library
-        library.set_isa(settings.isa)
-        return library, "bundle", json.loads((bundle_dir / KERNELS / build.MANIFEST_NAME).read_text())
-    why = ("it carries no kernel build" if not kernel.get("library") else
-           "its kernel build carries no passed self-test" if not proven else
-           f"its kernels were built for CPU fingerprint {kernel['fingerprint'].get('fingerprint_id')}, this CPU is "
-           f"{here['fingerprint_id']}")
-    progress(f"bundle {manifest['ref']}: {why}; building the kernels from its sources (once, into {build.kernels_dir(settings)})")
-    try:
-        built = build.build_kernels(settings=settings, native_dir=bundle_dir / NATIVE_SRC, progress=progress)
-    except ToolchainNotFoundError as exc:
-        raise BundleError(f"cannot serve the bundle {bundle_dir} on this CPU: {why}, and rebuilding needs a C++ "
-                          f"toolchain: {exc}. Or build the bundle on (or for) this CPU: `ryz bundle {manifest['ref']} -o DIR`") from None
-    library = build.load_library(settings, build_if_missing=False, native_dir=bundle_dir / NATIVE_SRC, progress=progress)
-    return library, f"rebuilt:{built.key}", built.manifest
-
-
-def open_bundle(bundle_dir: str | Path, settings: Settings | None = None, verify: bool = True,
-                progress: Callable[[str], None] = build.print_to_stderr) -> OpenedBundle:
-    """What `ryz serve --bundle DIR` needs, with no registry or store: the bundle verified, its GGUF, a loaded
-    native library for this CPU (the bundle's, or rebuilt from its sources) and its serving settings."""
-    bundle_dir = Path(bundle_dir).expanduser().resolve()
-    manifest = verify_bundle(bundle_dir) if verify else read_bundle_manifest(bundle_dir)
-    settings = settings or bundle_settings(bundle_dir)
-    library, kernel, build_manifest = _load_library(bundle_dir, manifest, settings, progress)
-    overrides = json.loads((bundle_dir / SETTINGS).read_text())["serving"]
-    return OpenedBundle(bundle_dir, manifest, bundle_dir / MODEL, library, kernel, build_manifest, overrides)
-
-
-def bundle_loader(bundle_dir: str | Path, opened: OpenedBundle | None = None, verify: bool = True,
-                  ) -> Callable[[str, Settings, int], LoadedModel]:
-    """A loader for engine.server.create_app(loader=...) that serves the bundle's model and nothing else: it
-    accepts the bundle's artifact id (or a prefix of it), its name:version, or its GGUF path; any other reference
-    is refused (the server has no store to load it from). The bundle is opened on the first load (in the
-    server's background loader, so /health answers while kernels rebuild)."""
-    bundle_dir = Path(bundle_dir).expanduser().resolve()
-    manifest = opened.manifest if opened else read_bundle_manifest(bundle_dir)
-    state = {"opened": opened}
-
-    def load(ref: str, settings: Settings, slots: int) -> LoadedModel:
-        from engine.server import LoadedModel
-        from engine.native import NativeModel
-        from engine.tokenizer import ModelTokenizer
-
-        hex_ = ref.removeprefix("sha256:")
-        ours = (ref in (manifest["ref"], str(bundle_dir / MODEL)) or
-                (len(hex_) >= 12 and manifest["artifact_id"].removeprefix("sha256:").startswith(hex_)))
-        if not ours:
-            raise ModelReferenceError(
-                f"this server serves the bundle of {manifest['ref']} ({manifest['artifact_id'][:19]}) and has no artifact "
-                f"store to load {ref!r} from; deploy that version's bundle instead (`ryz bundle REF -o DIR`)")
-        if state["opened"] is None:
-            state["opened"] = open_bundle(bundle_dir, settings, verify=verify)
-        bundle = state["opened"]
-        model = _open_model(bundle, settings, slots, NativeModel)
-        name = model.file.metadata.get("general.name")
-        model_id = f"{name}@{bundle.artifact_id[:19]}" if name else bundle.artifact_id[:19]   # as a store-loaded artifact
-        return LoadedModel(model, ModelTokenizer(model.file), model_id)
-
-    return load
-
-
-def _open_model(bundle: OpenedBundle, settings: Settings, slots: int, native_model):
-    from engine.ggufio import ModelFile
-
-    hp = ModelFile(bundle.model_path).hparams
-    per_seq = 2 * hp.layers * hp.kv_heads * hp.head_dim * 2 * settings.max_context
-    slots = max(1, min(slots, settings.max_seqs, (settings.kv_budget_mb << 20) // max(per_seq, 1)))   # KV budget
-    tile = build.token_tile_for(bundle.library, bundle.model_path)
-    threads = settings.threads or build.physical_cores()
-    return native_model(bundle.model_path, bundle.library, threads=threads, max_seqs=slots,
-                        max_positions=settings.max_context, token_tile=tile)
-
-
-def bundle_app(bundle_dir: str | Path, settings: Settings | None = None, verify: bool = True):
-    """The server app for a bundle (engine.server.create_app with the bundle loader), and its settings. The
-    settings' store points at an empty directory inside the bundle, so nothing in the server can reach a real
-    store or registry."""
-    from engine.server import create_app
-
-    bundle_dir = Path(bundle_dir).expanduser().resolve()
-    manifest = verify_bundle(bundle_dir) if verify else read_bundle_manifest(bundle_dir)
-    settings = bundle_settings(bundle_dir, settings)
-    settings = settings.model_copy(update={"store": f"file://{bundle_dir / '.no-store'}", "s3_endpoint_url": None})
-    app = create_app(settings, manifest["artifact_id"], loader=bundle_loader(bundle_dir, verify=False))
-    return app, settings
-
-
-def serve_bundle(bundle_dir: str | Path, host: str | None = None, port: int | None = None,
-                 settings: Settings | None = None) -> None:
-    """Verify the bundle and serve it until interrupted (what `ryz serve --bundle DIR` calls); `host`/`port`
-    override the bundle's and the environment's."""
-    import uvicorn
-
-    base = settings or get_settings()
-    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
-    if overrides:
-        base = base.model_copy(update=overrides)
-    app, settings = bundle_app(bundle_dir, base)
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
-        print(f"ryz serve: warning: binding {settings.host} without RYZ_API_KEYS: anyone who can reach it can use it",
-              file=sys.stderr)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10)
 
 
 def describe_bundle(manifest: dict, directory: str | Path, artifact_id: str | None = None, origin: str = "built") -> dict:

@@ -34,8 +34,11 @@ from typing import Callable, Iterable, Literal
 
 import numpy as np
 
-from engine.corpus import Chunk, CorpusScan, chunk_text, embedding_text, read_text
-from engine.errors import RetrievalIndexError, SchemaVersionError
+from engine.artifacts.registry import Registry, Version
+from engine.artifacts.store import open_store
+from engine.errors import ModelReferenceError, RetrievalIndexError, SchemaVersionError
+from engine.retrieval.corpus import Chunk, CorpusScan, chunk_text, embedding_text, read_text
+from engine.settings import get_settings
 
 SCHEMA = 1
 STATE_FILE = "ryz-index.json"
@@ -571,9 +574,7 @@ def default_index_dir(settings) -> Path:
 
 def embedder_for(state: dict, settings=None):
     """The embedder an index was built with (same precision and dims; the ONNX hash is checked by callers)."""
-    from engine.embedder import Embedder
-    from engine.settings import get_settings
-
+    from engine.retrieval.embedder import Embedder
     settings = settings or get_settings()
     emb = state["embedder"]
     return Embedder.load(settings.cache_dir, precision=emb["precision"], dims=emb["dims"],
@@ -589,9 +590,6 @@ def production_index(registry):
 
 def publish_index(registry, ref: str, reason: str):
     """Make index version `ref` the production index; the previous one becomes `retired`. One registry write."""
-    from engine.errors import ModelReferenceError
-    from engine.registry import Version
-
     def change(state: dict):
         versions = state["models"].get(REGISTRY_NAME, [])
         number = int(ref.split(":", 1)[1]) if ref.startswith(f"{REGISTRY_NAME}:") else None
@@ -617,8 +615,6 @@ def publish_index(registry, ref: str, reason: str):
 def resolve_artifact(ref: str, store, registry) -> tuple[str, str | None]:
     """(artifact id, registry ref or None) of an index reference: `production` (the published index), `index`
     (the newest version), `index:N`, or an artifact id / prefix."""
-    from engine.errors import ModelReferenceError
-
     if ref == "production":
         version = production_index(registry)
         if version is None:
@@ -639,10 +635,6 @@ def resolve_artifact(ref: str, store, registry) -> tuple[str, str | None]:
 def resolve_index(ref: str, settings=None):
     """A local index directory for `ref`: an existing index directory as-is, else the artifact (registry
     reference or artifact id) unpacked into a temporary directory removed on exit."""
-    from engine.registry import Registry
-    from engine.settings import get_settings
-    from engine.store import open_store
-
     settings = settings or get_settings()
     if Path(ref).expanduser().is_dir():
         if not (Path(ref).expanduser() / STATE_FILE).is_file():

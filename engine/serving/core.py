@@ -17,9 +17,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from engine.sampling import Sample, Sampler, SamplingParams, token_logprobs
-from engine.scheduler import Chunk, QueueFullError, Scheduler, SchedulerConfig
-from engine.textstream import IncrementalDetokenizer, StopMatcher
+from engine.serving.sampling import Sample, Sampler, SamplingParams, token_logprobs
+from engine.serving.scheduler import Chunk, QueueFullError, Scheduler, SchedulerConfig
+from engine.serving.textstream import IncrementalDetokenizer, StopMatcher
 
 __all__ = ["AsyncEngine", "Delta", "EngineClient", "EngineCore", "GenerationRequest", "QueueFullError"]
 
@@ -32,7 +32,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: set[int] = field(default_factory=set)  # besides the model's own eos / end-of-turn ids
     ignore_eos: bool = False
-    grammar: Any = None             # engine.structured.Grammar: constrains every sampled token
+    grammar: Any = None             # engine.serving.structured.Grammar: constrains every sampled token
     prompt_logprobs: int | None = None  # echo scoring: logprob of each prompt token and its top alternatives
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     arrival: float = field(default_factory=time.perf_counter)  # TTFT counts from here (the server sets it on receipt)

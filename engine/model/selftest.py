@@ -9,7 +9,7 @@ Each check runs on a few small shapes (about a second in all):
                         the bound, and the same bits in every SIMD family (they share one reduction tree)
 
 The full suite (native/tests/test_kernels.cpp, ~20k checks) stays in `make test`; this is what every build runs.
-`run_self_test` executes it in a child process (`python -m engine.selftest LIB --json`), so a miscompiled library
+`run_self_test` executes it in a child process (`python -m engine.model.selftest LIB --json`), so a miscompiled library
 that crashes fails its test instead of the builder. The ISA switch is process-wide, which is one more reason to
 keep it out of a process that serves.
 """
@@ -25,6 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from engine.model import quants
+from engine.model.native import ISAS, KV_TYPES, Library
 
 MAX_FAILURES = 8         # messages kept per family: the first ones say what is wrong
 TIMEOUT_S = 300          # a hung kernel is a failure too
@@ -88,8 +91,6 @@ def _quantize_naive(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _cases(rng: np.random.Generator):
     """The inputs, made once so that every family sees the same ones."""
-    from engine import quants
-
     ternary = []
     for rows, cols, n in TERNARY_CASES:
         codes = rng.integers(-1, 2, size=(rows, cols), dtype=np.int8)
@@ -121,8 +122,6 @@ def _cases(rng: np.random.Generator):
 
 def _family_outputs(library, isa: str, cases) -> dict:
     """Every kernel's outputs on every case, with `isa` forced."""
-    from engine.native import KV_TYPES
-
     ternary, x, dense, kv = cases
     library.set_isa(isa)
     out: dict = {"ternary": [], "quantize": None, "dense": [], "kv": []}
@@ -187,12 +186,10 @@ def _check_family(checks: _Checks, isa: str, cases, got: dict, scalar: dict, sim
 
 
 def self_test(library, seed: int = 0) -> dict:
-    """Run every check on `library` (an engine.native.Library) and restore its ISA afterwards.
+    """Run every check on `library` (an engine.model.native.Library) and restore its ISA afterwards.
 
     Returns {"passed", "families": {isa: {"passed", "checks", "failed", "failures", "seconds"}}, "failures",
     "seconds"}; "failures" names the first failing checks across families ("ternary_gemm scalar vs naive ...")."""
-    from engine.native import ISAS
-
     start = time.perf_counter()
     before = library.isa
     cases = _cases(np.random.default_rng(seed))
@@ -223,9 +220,9 @@ def run_self_test(library_path: str | Path, timeout: float = TIMEOUT_S,
                   runner: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> dict:
     """`self_test` on the library at `library_path`, in a child process. A crash, a hang or unreadable output is a
     failed self-test whose "failures" say so."""
-    cmd = [sys.executable, "-m", "engine.selftest", str(library_path), "--json"]
+    cmd = [sys.executable, "-m", "engine.model.selftest", str(library_path), "--json"]
     try:
-        proc = runner(cmd, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[1])
+        proc = runner(cmd, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[2])
     except subprocess.TimeoutExpired:
         return _crashed(f"the self-test did not finish within {timeout:.0f} s (a kernel hangs)")
     try:
@@ -245,12 +242,10 @@ def failing_families(result: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.selftest", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m engine.model.selftest", description=__doc__.split("\n\n")[0])
     parser.add_argument("library", help="path of a built libryz.so")
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     args = parser.parse_args(argv)
-    from engine.native import Library
-
     try:
         result = self_test(Library(args.library))
     except Exception as exc:  # noqa: BLE001 - any failure of the library under test is a failed self-test

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gguf
 from tokenizers import Tokenizer
 
-from engine.ggufio import ModelFile
+from engine.model.ggufio import ModelFile
 
 
 class ModelTokenizer:

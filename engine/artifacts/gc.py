@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import PurePosixPath
 
-from engine.registry import Registry
+from engine.artifacts.registry import Registry
 
 
 def _model_name(manifest: dict) -> str:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.checkpoint import safetensors_header
+from engine.model.checkpoint import safetensors_header
 from engine.fsutil import atomic_directory
-from engine.shapes import Shape
-from engine.vocab import build_byte_tokenizer, save_tokenizer_files
+from engine.model.shapes import Shape
+from engine.model.vocab import build_byte_tokenizer, save_tokenizer_files
 
 SHARD_BYTES = 2 * 1024**3
 CHUNK_ROWS = 8192  # rows of a large tensor generated at a time

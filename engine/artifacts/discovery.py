@@ -21,9 +21,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from engine.checkpoint import read_safetensors_header
+from engine.artifacts.registry import Registry
 from engine.errors import CheckpointError, HubError
-from engine.registry import Registry
+from engine.model.checkpoint import read_safetensors_header
+from engine.model.quantize import directory_revision
 from engine.settings import Settings
 
 T = TypeVar("T")
@@ -178,8 +179,6 @@ def _model_dirs(root: Path, warn: Callable[[str], None] | None) -> list[Path]:
 def read_local_model(path: str | Path, repo: str | None = None, revision: str | None = None) -> Candidate:
     """Describe a model directory from its config.json, README front matter and safetensors headers (no weights read).
     `revision` defaults to directory_revision (a hash of every file: slow on big models, and what DESIGN.md asks)."""
-    from engine.quantize import directory_revision
-
     path = Path(path)
     candidate = Candidate("local", repo or path.name, revision, str(path))
     try:

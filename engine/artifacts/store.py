@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlparse
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from engine.locks import file_lock
+from engine.fsutil import file_lock
 from engine.errors import (AmbiguousReferenceError, ArtifactNotFoundError, ConflictError, IntegrityError,
                            SchemaVersionError, StoreError)
 from engine.settings import Settings, get_settings

@@ -13,6 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.model.native import ISAS, NativeModel
+from engine.model.reference import ReferenceModel
+from engine.model.tokenizer import ModelTokenizer
+
 PARITY_TOLERANCE = 1e-4
 
 
@@ -23,10 +27,6 @@ def check_parity(path: str | Path, library, prompt: str = "The quick brown fox j
     Returns {"passed", "rel_l2" (the largest), "tolerance", "prompt_tokens", "reference_ids", "native_ids" (the
     dispatched family's), "isa" (the dispatched family), "isas": {isa: {"passed", "rel_l2", "native_ids",
     "reason"}}, "reason"}; the library's ISA is restored afterwards."""
-    from engine.native import ISAS, NativeModel
-    from engine.reference import ReferenceModel
-    from engine.tokenizer import ModelTokenizer
-
     reference = ReferenceModel(path)
     tokenizer = ModelTokenizer(reference.file)
     ids = tokenizer.encode(prompt)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import quants
-from engine.ggufio import LINEAR_NAMES, ModelFile, tensor_name
+from engine.model import quants
+from engine.model.ggufio import LINEAR_NAMES, ModelFile, tensor_name
 
 ACT_EPS = np.float32(1e-5)  # transformers' clamp on max|x| before 127 / max|x|
 

@@ -30,6 +30,7 @@ import secrets
 from typing import Any
 
 from engine.errors import InvalidRequestError
+from engine.serving.schema import check_json_schema
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # OpenAI: letters, digits, underscores and dashes, 64 at most
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -39,8 +40,6 @@ _FENCE = re.compile(r"^```[A-Za-z]*\s*\n?(.*?)\n?```$", re.S)
 def validate_tools(tools: list[dict] | None, tool_choice: Any) -> None:
     """InvalidRequestError naming the first problem: malformed tool, missing or duplicate name, a
     parameters schema that is not an object schema or cannot be followed, tool_choice naming no tool."""
-    from engine.structured import check_json_schema
-
     if tools is not None and not isinstance(tools, list):
         raise InvalidRequestError(f"tools must be a list of {{\"type\": \"function\", \"function\": {{...}}}}, "
                                   f"got {type(tools).__name__}", param="tools")

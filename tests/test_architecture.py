@@ -1,0 +1,41 @@
+"""The layers of engine/ (docs/architecture.md), checked on the code: each wing imports only the wings before it, the
+root imports no wing, nothing in engine/ imports Prefect, and the doc names every module."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import architecture  # noqa: E402
+
+
+def test_each_wing_imports_only_the_wings_before_it():
+    order = architecture.WINGS
+    wrong = []
+    for module, imports in architecture.graph().items():
+        mine = architecture.wing_of(module)
+        for target in imports:
+            theirs = architecture.wing_of(target)
+            if theirs != "root" and (mine == "root" or order.index(theirs) > order.index(mine)):
+                wrong.append(f"{module} ({mine}) imports {target} ({theirs})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_engine_never_imports_prefect():
+    offenders = []
+    for path in (ROOT / "engine").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "prefect"]
+    assert not offenders, offenders
+
+
+def test_architecture_doc_names_every_module():
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    missing = [m for m in architecture.graph() if f"`{m}`" not in doc]
+    assert not missing, f"docs/architecture.md does not list {missing}: run `python scripts/architecture.py` and update it"
