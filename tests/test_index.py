@@ -188,7 +188,7 @@ def test_failed_update_leaves_the_index_untouched(corpus, embedder, tmp_path, mo
     update_index(index_dir, scan_corpus(corpus), embedder, cfg, chunk_chars=200, overlap_chars=20)
     before = (index_dir / STATE_FILE).read_bytes()
     (corpus / "README.md").write_text("# Changed\n\nEntirely different text now.\n")
-    from engine.retrieval.search import index as index_mod
+    from engine.retrieval import index as index_mod
 
     def broken_upsert(self, *a, **k):
         raise OSError("disk full")
