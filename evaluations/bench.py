@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -36,8 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.fsutil import file_lock
+from engine import host
 from engine.errors import RyzError
+from engine.fsutil import file_lock
+from engine.model import loader
+from engine.model.autotune import token_tile_for
 from evaluations import peers as peers_mod
 from evaluations.peers import log, run_json_worker
 
@@ -183,53 +185,8 @@ def decode_bytes(path: Path, repacked_bytes: int | None = None) -> dict:
 
 # --- the machine --------------------------------------------------------------------------------
 
-def machine_info() -> dict:
-    info: dict = {"kernel": platform.release(), "python": platform.python_version(), "arch": platform.machine(),
-                  "logical_cpus": os.cpu_count()}
-    try:
-        info["available_cpus"] = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                info["ram_gb"] = round(int(line.split()[1]) / 1024**2, 1)
-    except OSError:
-        pass
-    try:
-        from engine.model.build import cpu_fingerprint
-
-        fp = cpu_fingerprint()
-        info.update(physical_cores=fp["physical_cores"], cache=fp["cache"], isa_flags=sorted(k for k, v in fp["isa"].items() if v))
-    except Exception:  # noqa: BLE001 - optional detail
-        pass
-    return info
-
-
-def _loadavg() -> list[float] | None:
-    """1/5/15-minute load averages: other work on a shared machine shows up here (noise)."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def default_threads(settings) -> int:
-    if settings.threads:
-        return settings.threads
-    try:
-        from engine.model.build import physical_cores
-
-        return physical_cores()
-    except Exception:  # noqa: BLE001
-        return max(1, len(os.sched_getaffinity(0)))
+machine_info = host.machine_info      # what every record says about the machine
+default_threads = loader.default_threads
 
 
 # --- our engine: one measured run per subprocess ----------------------------------------------------
@@ -256,15 +213,15 @@ def _vm_hwm_mb() -> float | None:
 
 def _worker(spec: dict) -> dict:
     """One measured run of our engine (in its own process): load, warm up, prefill, decode."""
-    from engine.model.native import Library, NativeModel
+    from engine.model.native import Library
 
     library = Library(spec["library"])
     if spec.get("isa") and spec["isa"] != "auto":
         library.set_isa(spec["isa"])
     prompt, gen, ubatch = spec["prompt"], spec["gen"], spec.get("ubatch") or spec["prompt"]
     start = time.perf_counter()
-    model = NativeModel(spec["model"], library, threads=spec["threads"], max_seqs=1,
-                        max_positions=max(prompt, gen + 1) + WARMUP_TOKENS, token_tile=spec.get("token_tile") or 0)
+    model = loader.open_model(spec["model"], "bench", library=library, threads=spec["threads"],
+                              max_positions=max(prompt, gen + 1) + WARMUP_TOKENS, token_tile=spec.get("token_tile") or 0)
     load = time.perf_counter() - start
     rng = np.random.default_rng(spec.get("seed", 0))
     tokens = rng.integers(0, model.hp.vocab, size=prompt, dtype=np.int32)
@@ -426,11 +383,10 @@ def run_bench(spec: str, threads: int | None = None, prompt: int = DEFAULT_PROMP
         raise ValueError("--prompt, --gen and --repeats must be positive")
     started = datetime.now(timezone.utc)
     wall = time.perf_counter()
-    load_start = _loadavg()
+    load_start = host.loadavg()
     threads = threads or default_threads(settings)
     target = resolve_target(spec, settings, weights, head)
     lib = _load_library(library, settings)
-    from engine.model.build import token_tile_for
 
     worker_spec = {"library": str(lib.path), "model": str(target.path), "threads": threads, "prompt": prompt, "gen": gen,
                    "ubatch": ubatch, "isa": settings.isa, "token_tile": token_tile_for(lib, target.path)}
@@ -512,7 +468,7 @@ def run_bench(spec: str, threads: int | None = None, prompt: int = DEFAULT_PROMP
             "bandwidth_gb_s": f"ryz_read_bandwidth: {BANDWIDTH_BYTES >> 30} GiB streamed with SIMD loads on `threads` threads, best of {BANDWIDTH_REPEATS}; median over all probes (two per round)",
             "peak_rss_mb": "max RSS of the measured process alone (a fresh process per run, its rusage via a minimal parent), median over repeats",
         },
-        "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": _loadavg()},
+        "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": host.loadavg()},
         "started": started.isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - wall, 1),
     }

@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from engine import host
 from engine.errors import EvaluationRecordError, SchemaVersionError
 
 SCHEMA = 1
@@ -217,15 +218,9 @@ def describe_environment(settings, library_path: str | None = None) -> dict:
     env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
                            "ryzanstein": _version("ryzanstein"), "lm_eval": _version("lm_eval"), "numpy": _version("numpy"),
                            "great_expectations": _version("great_expectations"), "isa_setting": settings.isa}
-    try:
-        from engine.model.build import cpu_fingerprint
-
-        fp = cpu_fingerprint()
-        env["cpu_fingerprint"] = fp.get("fingerprint_id")
-        env["cpu"] = fp.get("model") or fp.get("model_name")
-    except Exception as exc:  # noqa: BLE001 - recorded, never fatal
-        env["cpu_fingerprint"] = None
-        env["cpu_fingerprint_error"] = f"{type(exc).__name__}: {exc}"
+    info = host.machine_info()
+    env["cpu_fingerprint"] = host.cpu_fingerprint()["fingerprint_id"]
+    env.update({k: info[k] for k in ("cpu", "logical_cpus", "available_cpus", "physical_cores", "ram_gb") if k in info})
     try:
         from engine.model.build import current_build, find_build, read_manifest
 
@@ -238,13 +233,6 @@ def describe_environment(settings, library_path: str | None = None) -> dict:
     except Exception as exc:  # noqa: BLE001
         env["kernel_build"] = None
         env["kernel_build_error"] = f"{type(exc).__name__}: {exc}"
-    try:
-        from evaluations.bench import machine_info
-
-        info = machine_info()
-        env.update({k: info[k] for k in ("cpu", "logical_cpus", "available_cpus", "physical_cores", "ram_gb") if k in info})
-    except Exception:  # noqa: BLE001
-        pass
     return env
 
 

@@ -328,13 +328,12 @@ class RyzansteinLM(TemplateLM):
             return ReferenceModel(path)
         if engine != "native":
             raise ValueError(f"engine must be native or reference, got {engine!r}")
-        from engine.model.build import load_library
         from engine.model.ggufio import ModelFile
-        from engine.model.native import NativeModel
+        from engine.model.loader import open_model
 
         positions = int(max_length or min(ModelFile(path).hparams.context or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH))
-        return NativeModel(path, library or load_library(settings=settings), threads=threads or settings.threads or 1,
-                           max_seqs=self.max_seqs, max_positions=positions)
+        return open_model(path, "eval", settings=settings, library=library, threads=threads, max_seqs=self.max_seqs,
+                          max_positions=positions)
 
     # -- TemplateLM's tokenisation hooks --
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.host import available_cpus
 from engine.fsutil import atomic_directory
 from engine.fsutil import file_lock
 
@@ -310,7 +311,7 @@ def ensure_llama_cpp(cache_dir: Path, targets=("llama-bench",), version: str = L
     and builds incrementally, reusing ggml, llama and common objects, with no new download."""
     targets = tuple(dict.fromkeys(targets))
     peers = Path(cache_dir) / "peers"
-    jobs = jobs or max(1, len(os.sched_getaffinity(0)))
+    jobs = jobs or available_cpus()
     with file_lock(peers / ".llama.cpp.lock"):
         known = KNOWN_LLAMA_CPP_COMMITS.get(version)
         if known:

@@ -492,7 +492,8 @@ def run_serve_bench(target: str, streams=STREAMS, peers: bool = True, ours: bool
     models); else run all of ours' levels, stop it, then the peer's. Our server failing to start raises
     `BenchError`; a peer that cannot run is reported as `{"error": ...}`."""
     from engine.settings import get_settings
-    from evaluations.bench import BenchError, _loadavg, default_threads, machine_info, resolve_target
+    from engine.host import loadavg
+    from evaluations.bench import BenchError, default_threads, machine_info, resolve_target
 
     settings = settings or get_settings()
     levels = sorted({int(n) for n in streams})
@@ -502,7 +503,7 @@ def run_serve_bench(target: str, streams=STREAMS, peers: bool = True, ours: bool
         raise ValueError("nothing to benchmark: neither our server nor a peer")
     started = datetime.now(timezone.utc)
     wall = time.perf_counter()
-    load_start = _loadavg()
+    load_start = loadavg()
     threads = threads or default_threads(settings)
     slots = max(levels)
     tgt = resolve_target(target, settings)
@@ -638,7 +639,7 @@ def run_serve_bench(target: str, streams=STREAMS, peers: bool = True, ours: bool
             "throughput_tok_s": "all generated tokens of the level / its wall time (first send to last byte, prefills included)",
             "generated tokens": "usage.completion_tokens of the final event, else the number of token chunks; must equal gen_tokens",
         },
-        "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": _loadavg()},
+        "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": loadavg()},
         "started": started.isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - wall, 1),
     }

@@ -105,11 +105,9 @@ def cmd_generate(args) -> int:
 
     path = resolve_model(args.model, _store())
     if args.engine == "native":
-        from engine.model.build import load_library
-        from engine.model.native import NativeModel
-        from engine.settings import get_settings
+        from engine.model.loader import open_model
 
-        model = NativeModel(path, load_library(), threads=get_settings().threads or 1)
+        model = open_model(path, "generate")
     else:
         model = ReferenceModel(path)
     tokenizer = ModelTokenizer(model.file)
@@ -141,7 +139,8 @@ def cmd_artifact_show(args) -> int:
 
 
 def cmd_build_kernels(args) -> int:
-    from engine.model.build import autotune, build_kernels, load_library, read_manifest
+    from engine.model.autotune import autotune
+    from engine.model.build import build_kernels, load_library, read_manifest
     from engine.settings import get_settings
 
     build = build_kernels(force=args.force)  # progress goes to stderr

@@ -16,8 +16,7 @@ import time
 
 import numpy as np
 
-from engine.model.build import load_library
-from engine.model.native import NativeModel
+from engine.model.loader import open_model
 from engine.settings import get_settings
 
 
@@ -32,8 +31,8 @@ def main() -> None:
     settings = get_settings()
     path = args.model or str(settings.cache_dir / "bench" / "bitnet-2b4t-tq2_0-q8_0.gguf")
     sizes = [int(v) for v in args.seqs.split(",")]
-    model = NativeModel(path, load_library(settings), threads=args.threads, max_seqs=max(sizes),
-                        max_positions=args.positions + 1)
+    model = open_model(path, "bench", settings=settings, threads=args.threads, max_seqs=max(sizes),
+                       max_positions=args.positions + 1)
     rng = np.random.default_rng(0)
     for seq in range(max(sizes)):
         model.forward_batch(rng.integers(0, 1000, args.positions).astype(np.int32), np.full(args.positions, seq, np.int32))

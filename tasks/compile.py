@@ -9,7 +9,9 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import CacheKeyFnPolicy
 
+from engine import host
 from engine.model import build
+from engine.model.autotune import autotune
 from engine.errors import RyzError
 
 
@@ -31,7 +33,7 @@ def _build_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
 @task(name="detect-cpu")
 def detect_cpu() -> dict:
     """Fingerprint this CPU: ISA flags, caches, cores and the id that keys kernel builds."""
-    fingerprint = build.cpu_fingerprint()
+    fingerprint = host.cpu_fingerprint()
     get_run_logger().info("CPU %s (%s), %d cores, fingerprint %s", fingerprint["model_name"], fingerprint["arch"],
                           fingerprint["physical_cores"], fingerprint["fingerprint_id"])
     return fingerprint
@@ -74,7 +76,7 @@ def autotune_kernels(model_artifact_path: str) -> dict:
     """
     logger = get_run_logger()
     library = build.load_library(progress=logger.info)
-    entry = build.autotune(library, Path(model_artifact_path), progress=logger.info)
+    entry = autotune(library, Path(model_artifact_path), progress=logger.info)
     logger.info("autotune %s on %s: %s", entry["signature"], entry["isa"], entry["winner"])
     return {"build_key": library.path.parent.name, "signature": entry["signature"], "isa": entry["isa"],
             "winner": entry["winner"], "truncated": entry["truncated"], "seconds": entry["seconds"]}

@@ -39,3 +39,16 @@ def test_architecture_doc_names_every_module():
     doc = (ROOT / "docs" / "architecture.md").read_text()
     missing = [m for m in architecture.graph() if f"`{m}`" not in doc]
     assert not missing, f"docs/architecture.md does not list {missing}: run `python scripts/architecture.py` and update it"
+
+
+def test_only_the_model_wing_constructs_native_models():
+    """Everything else loads through engine.model.loader.open_model (one place for threads, tile and KV sizing)."""
+    offenders = []
+    for folder in ("engine", "flows", "tasks", "evaluations", "scripts"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if path.is_relative_to(ROOT / "engine" / "model"):
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "NativeModel":
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, offenders

@@ -15,8 +15,11 @@ from pathlib import Path
 import pytest
 
 from engine.model import build
-from engine.model.build import (NATIVE_DIR, TOKEN_TILES, TuneShape, autotune, build_kernels, cpu_fingerprint, find_build, load_library,
-                          read_manifest, source_hash, tuned_parameters, write_tuning_model)
+from engine.host import cpu_fingerprint
+from engine.model import autotune as tuning
+from engine.model.autotune import TOKEN_TILES, TuneShape, autotune, tuned_parameters, write_tuning_model
+from engine.model.build import (NATIVE_DIR, build_kernels, find_build, load_library,
+                          read_manifest, source_hash)
 from engine.errors import BuildError, ToolchainNotFoundError
 from engine.settings import Settings
 from engine.model.shapes import get_shape
@@ -72,10 +75,10 @@ def test_source_hash_follows_sources_only(tmp_path):
 
 
 def test_tuning_layers_overflow_the_l3():
-    assert build.tuning_layers(17 << 20, 32 << 20, 30) == 4  # 2B4T-sized layers, 32 MiB L3: 4 x 17 MiB > 64 MiB
-    assert build.tuning_layers(1 << 30, 32 << 20, 30) == 1
-    assert build.tuning_layers(200 << 10, 32 << 20, 2) == 2  # a model that fits in cache is timed in cache
-    assert build.tuning_layers(1 << 10, None) == build.MAX_TUNE_LAYERS
+    assert tuning.tuning_layers(17 << 20, 32 << 20, 30) == 4  # 2B4T-sized layers, 32 MiB L3: 4 x 17 MiB > 64 MiB
+    assert tuning.tuning_layers(1 << 30, 32 << 20, 30) == 1
+    assert tuning.tuning_layers(200 << 10, 32 << 20, 2) == 2  # a model that fits in cache is timed in cache
+    assert tuning.tuning_layers(1 << 10, None) == tuning.MAX_TUNE_LAYERS
     assert TuneShape.from_shape(get_shape("bitnet-2b4t")).layers == 30
 
 

@@ -193,8 +193,10 @@ def test_sources_only_bundle_and_rebuild_decision(world, tmp_path, monkeypatch):
     from engine.model import build
     from engine.errors import ToolchainNotFoundError
 
-    real = build.cpu_fingerprint()
-    monkeypatch.setattr(build, "cpu_fingerprint", lambda: {**real, "fingerprint_id": "f" * 16})
+    from engine import host
+
+    real = host.cpu_fingerprint()
+    monkeypatch.setattr(host, "cpu_fingerprint", lambda: {**real, "fingerprint_id": "f" * 16})
 
     def no_toolchain(**kw):
         assert Path(kw["native_dir"]) == world["dir"] / "kernels" / "native-src"

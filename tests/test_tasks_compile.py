@@ -9,7 +9,8 @@ import pytest
 
 pytest.importorskip("prefect", reason="Prefect is the `pipeline` extra: pip install -e '.[pipeline]'")
 
-from engine.model.build import TuneShape, read_manifest, write_tuning_model  # noqa: E402
+from engine.model.autotune import TuneShape, write_tuning_model  # noqa: E402
+from engine.model.build import read_manifest  # noqa: E402
 from engine.settings import reload_settings  # noqa: E402
 
 

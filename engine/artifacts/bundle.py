@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from engine import host
 from engine.model import build
 from engine.errors import BuildError, BundleError, SchemaVersionError, ToolchainNotFoundError
 from engine.settings import Settings, get_settings
@@ -111,10 +112,10 @@ def _target_build(settings: Settings, target_fingerprint: dict | None, progress)
     """The kernel build to ship and the fingerprint it is for. This host's fingerprint (or none given): the
     cached build for this CPU, built now if missing (no toolchain: sources only). Another fingerprint: a
     complete build of the same sources for it in the kernels cache (built there and copied here), else none."""
-    here = build.cpu_fingerprint()
+    here = host.cpu_fingerprint()
     target = target_fingerprint or here
     if "fingerprint_id" not in target:
-        raise BundleError("the target fingerprint has no fingerprint_id: pass what `engine.model.build.cpu_fingerprint()` "
+        raise BundleError("the target fingerprint has no fingerprint_id: pass what `engine.host.cpu_fingerprint()` "
                           "(or the detect-cpu task) returns on the target machine")
     if target["fingerprint_id"] == here["fingerprint_id"]:
         found = build.find_build(settings)
@@ -205,7 +206,7 @@ def build_bundle(ref: str, out_dir: str | Path, store: ArtifactStore, settings: 
     """Write the serving bundle of registry version `ref` (name:version or an alias) to `out_dir`; returns its
     bundle.json.
 
-    `target_fingerprint`: the CPU it will run on (`engine.model.build.cpu_fingerprint()` there; default this one).
+    `target_fingerprint`: the CPU it will run on (`engine.host.cpu_fingerprint()` there; default this one).
     `deploy`: template variables (DEPLOY_DEFAULTS) for the deployment files. `out_dir` must not exist, or be
     empty, unless `replace` (the old directory is swapped out only once the new one is complete)."""
     settings = settings or get_settings()

@@ -21,7 +21,13 @@ GGML_TYPE_IDS = {"f32": 0, "f16": 1, "q8_0": 8, "q6_k": 14, "tq1_0": 34, "tq2_0"
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3}
 ISA_NAMES = {v: k for k, v in ISAS.items()}
 KV_TYPES = {"f32": 0, "f16": 1}
+KV_ELEMENT_BYTES = {"f32": 4, "f16": 2}
 _STATUS = {1: "invalid argument", 2: "out of memory", 3: "unsupported", 4: "capacity exceeded", 5: "wrong call order"}
+
+
+def kv_bytes_per_position(hp, kv_type: str = "f16") -> int:
+    """Keys and values of every layer for one position of one sequence."""
+    return 2 * hp.layers * hp.kv_heads * hp.head_dim * KV_ELEMENT_BYTES[kv_type]
 
 
 class NativeError(RyzError, RuntimeError):
@@ -176,9 +182,9 @@ class NativeModel:
     """A GGUF model artifact on the native engine: mmap'd tensors, repacked ternary weights."""
 
     def __init__(self, path: str | Path, library: Library, threads: int = 1, max_seqs: int = 1,
-                 max_positions: int | None = None, kv_type: str = "f16", token_tile: int = 0):
+                 max_positions: int | None = None, kv_type: str = "f16", token_tile: int = 0, file: ModelFile | None = None):
         self.library = library
-        self.file = ModelFile(path)
+        self.file = file or ModelFile(path)  # a loader that read the file already passes it (engine/model/loader.py)
         self.hp = hp = self.file.hparams
         lib = library.lib
         params = _Hparams(hp.hidden, hp.layers, hp.heads, hp.kv_heads, hp.head_dim, hp.ffn, hp.vocab, hp.rope_theta, hp.rms_eps,
@@ -262,8 +268,7 @@ class NativeModel:
     @property
     def kv_bytes_per_seq(self) -> int:
         """What one slot allocates on first use (keys + values for every position)."""
-        elem = 2 if self.kv_type == "f16" else 4
-        return 2 * self.hp.layers * self.max_positions * self.hp.kv_heads * self.hp.head_dim * elem
+        return kv_bytes_per_position(self.hp, self.kv_type) * self.max_positions
 
     def forward_batch(self, tokens: np.ndarray, seq_ids: np.ndarray, want_logits: np.ndarray | None = None) -> np.ndarray:
         """One step over tokens of any sequences; logits for the selected tokens (default: the last)."""

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.model.native import ISAS, NativeModel
+from engine.model.loader import open_model
+from engine.model.native import ISAS
 from engine.model.reference import ReferenceModel
 from engine.model.tokenizer import ModelTokenizer
 
@@ -37,8 +38,8 @@ def check_parity(path: str | Path, library, prompt: str = "The quick brown fox j
     try:
         for isa in [dispatched] + [name for name in ISAS if name != dispatched and library.isa_supported(name)]:
             library.set_isa(isa)
-            per_isa[isa] = _compare(NativeModel(path, library, threads=1, max_positions=len(ids) + new_tokens + 1, kv_type="f32"),
-                                    ids, ref_logits, ref_ids, new_tokens, tolerance)
+            native = open_model(path, "parity", library=library, max_positions=len(ids) + new_tokens + 1)
+            per_isa[isa] = _compare(native, ids, ref_logits, ref_ids, new_tokens, tolerance)
     finally:
         library.set_isa(dispatched)
     failed = [f"{isa}: {r['reason']}" for isa, r in per_isa.items() if not r["passed"]]

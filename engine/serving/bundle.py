@@ -14,9 +14,10 @@ from pathlib import Path
 from engine.artifacts.bundle import (KERNELS, MODEL, NATIVE_SRC, SCHEMA, SERVING_FIELDS, SETTINGS, read_bundle_manifest,
                                      verify_bundle)
 from engine.errors import BundleError, ModelReferenceError, SchemaVersionError, ToolchainNotFoundError
+from engine import host
 from engine.model import build
-from engine.model.ggufio import ModelFile
-from engine.model.native import Library, NativeModel
+from engine.model.loader import open_model
+from engine.model.native import Library
 from engine.model.tokenizer import ModelTokenizer
 from engine.serving.server import LoadedModel, create_app
 from engine.settings import Settings, get_settings
@@ -56,7 +57,7 @@ def _load_library(bundle_dir: Path, manifest: dict, settings: Settings,
     """The bundle's own library when it was built for this CPU's fingerprint, else one rebuilt from its sources
     into RYZ_HOME's kernel cache (once: the key makes it a cache hit afterwards)."""
     kernel = manifest["kernel_build"]
-    here = build.cpu_fingerprint()
+    here = host.cpu_fingerprint()
     proven = bool((kernel.get("self_test") or {}).get("passed"))
     if kernel.get("library") and proven and kernel["fingerprint"].get("fingerprint_id") == here["fingerprint_id"]:
         path = (bundle_dir / kernel["library"]).resolve()
@@ -95,7 +96,7 @@ def open_bundle(bundle_dir: str | Path, settings: Settings | None = None, verify
 
 
 def bundle_loader(bundle_dir: str | Path, opened: OpenedBundle | None = None, verify: bool = True,
-                  ) -> Callable[[str, Settings, int], LoadedModel]:
+                  ) -> Callable[[str, Settings], LoadedModel]:
     """A loader for engine.serving.server.create_app(loader=...) that serves the bundle's model and nothing else: it
     accepts the bundle's artifact id (or a prefix of it), its name:version, or its GGUF path; any other reference
     is refused (the server has no store to load it from). The bundle is opened on the first load (in the
@@ -104,7 +105,7 @@ def bundle_loader(bundle_dir: str | Path, opened: OpenedBundle | None = None, ve
     manifest = opened.manifest if opened else read_bundle_manifest(bundle_dir)
     state = {"opened": opened}
 
-    def load(ref: str, settings: Settings, slots: int) -> LoadedModel:
+    def load(ref: str, settings: Settings) -> LoadedModel:
         hex_ = ref.removeprefix("sha256:")
         ours = (ref in (manifest["ref"], str(bundle_dir / MODEL)) or
                 (len(hex_) >= 12 and manifest["artifact_id"].removeprefix("sha256:").startswith(hex_)))
@@ -115,23 +116,12 @@ def bundle_loader(bundle_dir: str | Path, opened: OpenedBundle | None = None, ve
         if state["opened"] is None:
             state["opened"] = open_bundle(bundle_dir, settings, verify=verify)
         bundle = state["opened"]
-        model = _open_model(bundle, settings, slots, NativeModel)
+        model = open_model(bundle.model_path, "serve", settings=settings, library=bundle.library)
         name = model.file.metadata.get("general.name")
         model_id = f"{name}@{bundle.artifact_id[:19]}" if name else bundle.artifact_id[:19]   # as a store-loaded artifact
         return LoadedModel(model, ModelTokenizer(model.file), model_id)
 
     return load
-
-
-def _open_model(bundle: OpenedBundle, settings: Settings, slots: int, native_model):
-
-    hp = ModelFile(bundle.model_path).hparams
-    per_seq = 2 * hp.layers * hp.kv_heads * hp.head_dim * 2 * settings.max_context
-    slots = max(1, min(slots, settings.max_seqs, (settings.kv_budget_mb << 20) // max(per_seq, 1)))   # KV budget
-    tile = build.token_tile_for(bundle.library, bundle.model_path)
-    threads = settings.threads or build.physical_cores()
-    return native_model(bundle.model_path, bundle.library, threads=threads, max_seqs=slots,
-                        max_positions=settings.max_context, token_tile=tile)
 
 
 def bundle_app(bundle_dir: str | Path, settings: Settings | None = None, verify: bool = True):

@@ -38,16 +38,14 @@ class Generator:
         self._lock = threading.Lock()
 
     def _load(self):
-        from engine.model.build import load_library
-        from engine.model.native import NativeModel
         from engine.artifacts.refs import resolve_model
-        from engine.serving.server import _physical_cores
         from engine.artifacts.store import open_store
+        from engine.model.loader import open_model
         from engine.model.tokenizer import ModelTokenizer
 
         path = resolve_model(self.model_ref, open_store(self.settings.store_url, settings=self.settings))
-        model = NativeModel(path, self.library or load_library(self.settings), threads=self.settings.threads or _physical_cores(),
-                            max_positions=self.settings.max_context)
+        model = open_model(path, "generate", settings=self.settings, library=self.library,
+                           max_positions=self.settings.max_context)
         return model, ModelTokenizer(model.file)
 
     def generate(self, prompt: str, max_tokens: int) -> dict:

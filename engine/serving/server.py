@@ -30,6 +30,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from engine.artifacts.refs import resolve_model
+from engine.artifacts.store import open_store
+from engine.model.loader import open_model
+from engine.model.tokenizer import ModelTokenizer
 from engine.serving.core import AsyncEngine, Delta, EngineCore, GenerationRequest
 from engine.errors import InvalidRequestError, ModelReferenceError, RyzError
 from engine.serving.metrics import CONTENT_TYPE_LATEST, ServerMetrics
@@ -154,26 +158,12 @@ class Variant:
         return self._grammars
 
 
-def load_model(ref: str, settings: Settings, slots: int, library=None) -> LoadedModel:
-    """Resolve a model reference and open it on the native engine with `slots` sequences."""
-    from engine.model.build import load_library, token_tile_for
-    from engine.model.native import NativeModel
-    from engine.artifacts.refs import resolve_model
-    from engine.artifacts.store import open_store
-    from engine.model.tokenizer import ModelTokenizer
-
+def load_model(ref: str, settings: Settings, library=None) -> LoadedModel:
+    """Resolve a model reference once and open it for serving (engine.model.loader.open_model: threads, tuned
+    tile, KV slots within RYZ_KV_BUDGET_MB)."""
     path = resolve_model(ref, open_store(settings.store_url, settings=settings))
-    library = library or load_library(settings)
-    threads = settings.threads or _physical_cores()
-    model = NativeModel(path, library, threads=threads, max_seqs=slots, max_positions=settings.max_context,
-                        token_tile=token_tile_for(library, path))
+    model = open_model(path, "serve", settings=settings, library=library)
     return LoadedModel(model, ModelTokenizer(model.file), _model_id(ref, model))
-
-
-def _physical_cores() -> int:
-    import os
-
-    return max(1, len(os.sched_getaffinity(0)))
 
 
 def _model_id(ref: str, model) -> str:
@@ -185,16 +175,10 @@ def _model_id(ref: str, model) -> str:
     return f"{name}@{ref[:19]}" if name else ref[:19]
 
 
-def slots_for_budget(settings: Settings, kv_bytes_per_position: int) -> int:
-    """Sequence slots: max_seqs, capped so every slot's full KV fits RYZ_KV_BUDGET_MB."""
-    per_seq = kv_bytes_per_position * settings.max_context
-    return max(1, min(settings.max_seqs, (settings.kv_budget_mb << 20) // max(per_seq, 1)))
-
-
 class ServingState:
     """Variants, router and lifecycle; every change happens under one lock."""
 
-    def __init__(self, settings: Settings, loader: Callable[[str, Settings, int], LoadedModel] | None = None):
+    def __init__(self, settings: Settings, loader: Callable[[str, Settings], LoadedModel] | None = None):
         self.settings = settings
         self.loader = loader or load_model
         self.metrics = ServerMetrics()
@@ -214,7 +198,7 @@ class ServingState:
         with self._lock:
             self.loading.add(name)
         try:
-            loaded = self._open(ref)
+            loaded = self.loader(ref, self.settings)
         except Exception as exc:
             with self._lock:
                 self.loading.discard(name)
@@ -235,20 +219,6 @@ class ServingState:
                 self._retire(old)
             self._publish_info()
         return variant
-
-    def _open(self, ref: str) -> LoadedModel:
-        # Size the slots by the KV budget; the per-position size needs the model's shape, read from the file.
-        from engine.model.ggufio import ModelFile
-        from engine.artifacts.refs import resolve_model
-        from engine.artifacts.store import open_store
-
-        try:
-            path = resolve_model(ref, open_store(self.settings.store_url, settings=self.settings))
-            hp = ModelFile(path).hparams
-            per_position = 2 * hp.layers * hp.kv_heads * hp.head_dim * 2  # f16 keys + values
-        except (RyzError, OSError):
-            per_position = 0
-        return self.loader(ref, self.settings, slots_for_budget(self.settings, per_position) if per_position else self.settings.max_seqs)
 
     def unload(self, name: str) -> None:
         with self._lock:
@@ -342,7 +312,7 @@ class ServingState:
 
 # -- the app --------------------------------------------------------------------------------------------
 def create_app(settings: Settings | None = None, model_ref: str | None = None,
-               loader: Callable[[str, Settings, int], LoadedModel] | None = None) -> FastAPI:
+               loader: Callable[[str, Settings], LoadedModel] | None = None) -> FastAPI:
     """The server app; `model_ref` (if given) is loaded as production in the background at startup."""
     settings = settings or get_settings()
     state = ServingState(settings, loader)

@@ -154,10 +154,9 @@ def engine_backend(gguf_path: str | Path, engine: str = "reference", threads: in
             cache.keys[:] = [k[:n] for k in cache.keys]
             cache.values[:] = [v[:n] for v in cache.values]
     elif engine == "native":
-        from engine.model.build import load_library
-        from engine.model.native import NativeModel
+        from engine.model.loader import open_model
 
-        model = NativeModel(gguf_path, load_library(), threads=threads, max_seqs=2, max_positions=512)
+        model = open_model(gguf_path, "eval", threads=threads, max_seqs=2, max_positions=512)
         new_cache = lambda: model.new_cache(1)  # noqa: E731 - slot 1; generate() uses slot 0
 
         def truncate(cache, n: int) -> None:
