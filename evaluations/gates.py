@@ -80,6 +80,15 @@ def compare_to_baseline(candidate: dict, baseline: dict, accuracy_margin: float,
     return GateResult(not reasons, reasons, checks)
 
 
+def gate(candidate: dict, baseline: dict | None, settings) -> GateResult:
+    """The one rule the release and the CI evaluation share: against the baseline's record with the settings'
+    margins, or, with no baseline (the first model, or a production without a record), the settings' floors."""
+    if baseline is None:
+        return check_floors(candidate, settings.gate_floors, settings.gate_min_decode_tok_s)
+    return compare_to_baseline(candidate, baseline, settings.gate_accuracy_margin, settings.gate_speed_margin,
+                               settings.gate_speed_min_delta_ms)
+
+
 def check_floors(candidate: dict, floors: dict[str, float], min_decode_tok_s: float) -> GateResult:
     """The first model ever: absolute floors (task -> minimum headline value; higher-is-better metrics)."""
     reasons, checks = [], []

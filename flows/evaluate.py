@@ -2,60 +2,16 @@
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact
 
 from engine.settings import get_settings
-from tasks.evaluate import bench_artifact, evaluate_model, evaluate_shard, plan_evaluation_shards, store_evaluation
+from tasks.evaluate import (bench_artifact, evaluate_model, evaluate_shard, load_baseline, plan_evaluation_shards,
+                            resolve_model_artifact, store_evaluation)
 
 
 class GateFailed(RuntimeError):
     """The flow run fails with this: an invalid record or a regression against the baseline."""
-
-
-@task(name="resolve-model")
-def resolve_model_artifact(model: str) -> str:
-    """A model reference (or a checkpoint directory, quantized first) -> its artifact id."""
-    from pathlib import Path
-
-    from engine.model.quantize import directory_revision, quantize_to_store
-    from engine.artifacts.refs import resolve_artifact
-    from engine.artifacts.store import open_store
-
-    store = open_store()
-    path = Path(model).expanduser()
-    if path.is_dir():
-        from tasks.quantize import find_quantized
-
-        revision = directory_revision(path)
-        return find_quantized(store, revision, "tq2_0", "q8_0") or quantize_to_store(
-            path, store, get_settings().cache_dir / "work", source={"type": "local", "repo": path.name, "revision": revision})["artifact_id"]
-    if path.suffix == ".gguf" and path.is_file():
-        return store.put_file(path, kind="model")
-    return resolve_artifact(model, store)
-
-
-@task(name="load-baseline")
-def load_baseline(baseline: str | None) -> dict | None:
-    """The baseline evaluation record: a JSON file, a registry reference (its version's record), or None."""
-    import json
-    from pathlib import Path
-
-    from engine.errors import ModelReferenceError
-    from engine.artifacts.registry import Registry
-    from engine.artifacts.store import open_store
-    from evaluations.evaluate import load_record
-
-    if not baseline:
-        return None
-    if Path(baseline).is_file():
-        return json.loads(Path(baseline).read_text())
-    store = open_store()
-    try:
-        version = Registry(store).get(baseline)
-    except ModelReferenceError:
-        return None  # e.g. no production yet: the floors apply
-    return load_record(version.evaluation, store) if version.evaluation else None
 
 
 @flow(name="evaluate")
@@ -63,7 +19,7 @@ def evaluate(model: str, suite: str = "gate", limit: int | None = None, baseline
              shards: int = 1) -> dict:
     """Evaluate `model` and gate it against `baseline` (a record file or registry ref; none: the settings' floors).
     With `shards` > 1 the suite's tasks run as that many concurrent tasks on the flow's task runner (Dask)."""
-    from evaluations.gates import check_floors, compare_to_baseline
+    from evaluations.gates import gate as combine_gates
 
     settings = get_settings()
     artifact_id = resolve_model_artifact(model)
@@ -79,9 +35,7 @@ def evaluate(model: str, suite: str = "gate", limit: int | None = None, baseline
         verdict = "evaluation record invalid: " + "; ".join(evaluation["failures"])
     else:
         record = {"tasks": evaluation["tasks"], "bench": evaluation["bench"], "environment": evaluation["environment"]}
-        gate = (compare_to_baseline(record, base, settings.gate_accuracy_margin, settings.gate_speed_margin,
-                                    settings.gate_speed_min_delta_ms) if base
-                else check_floors(record, settings.gate_floors, settings.gate_min_decode_tok_s))
+        gate = combine_gates(record, base, settings)
         verdict = gate.summary()
     passed = evaluation["valid"] and gate.passed
     checks = "\n".join(f"- {c}" for c in (gate.checks if gate else []))

@@ -105,10 +105,8 @@ def _open(store: ReleaseStore, ref: str | None) -> dict:
 
 
 def _production_artifact() -> str | None:
-    try:
-        return Registry(open_store()).get("production").artifact_id
-    except Exception:  # noqa: BLE001 - no production yet
-        return None
+    production = Registry(open_store()).find("production")
+    return production.artifact_id if production else None
 
 
 def _canary_loaded(artifact_id: str) -> bool:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from engine.artifacts.store import open_store
+from engine.settings import get_settings
+from tasks.quantize import find_quantized
 
 
 def _summary(record: dict, record_id: str) -> dict:
@@ -62,7 +64,6 @@ def evaluate_shard(artifact_id: str, suite: str, limit: int | None, tasks: list[
 @task(name="bench-artifact", timeout_seconds=3600)
 def bench_artifact(artifact_id: str) -> dict:
     """The evaluation's speed benchmark, on this machine."""
-    from engine.settings import get_settings
     from evaluations.evaluate import run_suite_bench
 
     return run_suite_bench(open_store().local_path(artifact_id), None, None, get_settings())
@@ -74,3 +75,40 @@ def store_evaluation(parts: list[dict], bench: dict | None) -> dict:
     from evaluations.evaluate import merge_records
 
     return _store(merge_records(parts, bench))
+
+
+@task(name="resolve-model")
+def resolve_model_artifact(model: str) -> str:
+    """A model reference (or a checkpoint directory, quantized first) -> its artifact id."""
+    from pathlib import Path
+
+    from engine.model.quantize import directory_revision, quantize_to_store
+    from engine.artifacts.refs import resolve_artifact
+
+    store = open_store()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        revision = directory_revision(path)
+        return find_quantized(store, revision, "tq2_0", "q8_0") or quantize_to_store(
+            path, store, get_settings().cache_dir / "work", source={"type": "local", "repo": path.name, "revision": revision})["artifact_id"]
+    if path.suffix == ".gguf" and path.is_file():
+        return store.put_file(path, kind="model")
+    return resolve_artifact(model, store)
+
+
+@task(name="load-baseline")
+def load_baseline(baseline: str | None) -> dict | None:
+    """The baseline evaluation record: a JSON file, a registry reference (its version's record), or None."""
+    import json
+    from pathlib import Path
+
+    from engine.artifacts.registry import Registry
+    from evaluations.evaluate import load_record
+
+    if not baseline:
+        return None
+    if Path(baseline).is_file():
+        return json.loads(Path(baseline).read_text())
+    store = open_store()
+    version = Registry(store).find(baseline)  # none (e.g. no production yet): the floors apply
+    return load_record(version.evaluation, store) if version and version.evaluation else None

@@ -49,7 +49,7 @@ def check_offline_gates(release_id: str, ref: str) -> dict:
         {"passed", "reason", "checks", "bootstrap"}: bootstrap is true when there is no production yet.
     """
     from evaluations.evaluate import load_record
-    from evaluations.gates import check_floors, compare_to_baseline
+    from evaluations.gates import gate as combine_gates
 
     settings = get_settings()
     store = open_store()
@@ -63,20 +63,12 @@ def check_offline_gates(release_id: str, ref: str) -> dict:
     if not record.get("valid"):
         return {"passed": False, "reason": "evaluation record invalid: " + "; ".join(record.get("failures", [])),
                 "checks": [], "bootstrap": False}
-    try:
-        production = reg.get("production")
-    except Exception:  # noqa: BLE001 - no production yet: the floors apply
-        production = None
+    production = reg.find("production")  # none yet: the floors apply
+    baseline = load_record(production.evaluation, store) if production and production.evaluation else None
+    gate = combine_gates(record, baseline, settings)
     if production is None:
-        gate = check_floors(record, settings.gate_floors, settings.gate_min_decode_tok_s)
         reason = ("first model: " + gate.summary()) if gate.passed else gate.summary()
     else:
-        baseline = load_record(production.evaluation, store) if production.evaluation else None
-        if baseline is None:
-            gate = check_floors(record, settings.gate_floors, settings.gate_min_decode_tok_s)
-        else:
-            gate = compare_to_baseline(record, baseline, settings.gate_accuracy_margin, settings.gate_speed_margin,
-                                       settings.gate_speed_min_delta_ms)
         reason = gate.summary() if not gate.passed else f"offline gates vs production {production.ref}: {gate.summary()}"
     get_run_logger().info("offline gates for %s: %s", ref, reason)
     return {"passed": gate.passed, "reason": reason, "checks": gate.checks, "bootstrap": production is None}

@@ -52,3 +52,16 @@ def test_only_the_model_wing_constructs_native_models():
                 if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "NativeModel":
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not offenders, offenders
+
+
+def test_flows_hold_no_tasks():
+    """Flows are composition: every Prefect task lives in tasks/ (docs/architecture.md)."""
+    found = []
+    for path in (ROOT / "flows").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef):
+                for deco in node.decorator_list:
+                    target = deco.func if isinstance(deco, ast.Call) else deco
+                    if getattr(target, "id", getattr(target, "attr", None)) == "task":
+                        found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not found, found

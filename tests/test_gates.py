@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from evaluations.gates import check_floors, compare_to_baseline
+from engine.settings import Settings
+from evaluations.gates import check_floors, compare_to_baseline, gate
 
 
 def record(acc, se=0.02, ppl=10.0, decode=40.0):
@@ -38,6 +39,17 @@ def test_floors_for_the_first_model():
     assert check_floors(record(0.5), {"demo_mc": 0.35}, 0).passed
     low = check_floors(record(0.3), {"demo_mc": 0.35, "unknown_task": 0.9}, 50.0)
     assert not low.passed and len(low.reasons) == 2
+
+
+def test_one_rule_for_release_and_ci():
+    """`gate`: the baseline with the settings' margins, or the settings' floors when there is no baseline."""
+    settings = Settings(gate_floors={"demo_mc": 0.35}, gate_min_decode_tok_s=0.0, gate_accuracy_margin=0.02,
+                        gate_speed_margin=0.1)
+    assert gate(record(0.5), None, settings).checks == check_floors(record(0.5), {"demo_mc": 0.35}, 0.0).checks
+    assert not gate(record(0.3), None, settings).passed
+    worse = gate(record(0.40, se=0.01), record(0.60, se=0.01), settings)
+    assert worse.reasons == compare_to_baseline(record(0.40, se=0.01), record(0.60, se=0.01), 0.02, 0.1,
+                                                settings.gate_speed_min_delta_ms).reasons and not worse.passed
 
 
 def test_group_subtasks_are_judged_through_the_group():

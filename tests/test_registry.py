@@ -37,6 +37,8 @@ def test_versions_aliases_and_history(store):
     assert reg.find_source("org/demo", "r2").version == 2 and reg.find_source("org/demo", "r3") is None
     with pytest.raises(ModelReferenceError, match="not set"):
         reg.get("canary")
+    assert reg.find("canary") is None and reg.find("no/such-model") is None and reg.find("org/demo:7") is None
+    assert reg.find("production").ref == "org/demo:1"
     with pytest.raises(ModelReferenceError, match="has no version 7"):
         reg.get("org/demo:7")
 

@@ -101,6 +101,14 @@ class Registry:
         state, _ = self._read()
         return _lookup(state, ref)
 
+    def find(self, ref: str) -> Version | None:
+        """`get`, or None when nothing answers to `ref` (an alias that is not set, a name or version not
+        registered): "production, if there is one". A store that cannot be read still raises."""
+        try:
+            return self.get(ref)
+        except ModelReferenceError:
+            return None
+
     def find_source(self, repo: str, revision: str) -> Version | None:
         """The version registered from this exact source revision, if any (discovery's novelty test)."""
         for v in self.versions():
