@@ -30,10 +30,13 @@ import tarfile
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable
 
 from engine import host
 from engine.model import build
+from engine.fsutil import atomic_directory
 from engine.errors import BuildError, BundleError, SchemaVersionError, ToolchainNotFoundError
 from engine.settings import Settings, get_settings
 from engine.artifacts.store import ArtifactStore
@@ -214,9 +217,7 @@ def build_bundle(ref: str, out_dir: str | Path, store: ArtifactStore, settings: 
     _check_deploy(deploy or {})
     _check_destination(out_dir, replace)
     version = _version_of(ref, store)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".tmp-bundle-{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with _bundle_directory(out_dir, replace) as work:
         progress(f"bundling {version.ref} ({version.artifact_id[:19]})")
         store.fetch(version.artifact_id, work / MODEL)              # verified against the artifact id
         kernel, target = _target_build(settings, target_fingerprint, progress)
@@ -266,11 +267,6 @@ def build_bundle(ref: str, out_dir: str | Path, store: ArtifactStore, settings: 
             "files": files,
         }
         (work / MANIFEST).write_text(_dump(manifest))
-        os.chmod(work, 0o755)  # mkdtemp made it private; a bundle is read by the service user
-        _move_into_place(work, out_dir, replace)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
     progress(f"bundle of {version.ref} written to {out_dir}"
              + ("" if manifest["kernel_build"]["library"] else " (kernel sources only: rebuilt on first serve)"))
     return manifest
@@ -292,17 +288,15 @@ def _check_destination(out_dir: Path, replace: bool) -> None:
                               "(`--replace`)")
 
 
-def _move_into_place(work: Path, out_dir: Path, replace: bool) -> None:
-    """Rename the finished bundle to out_dir; an existing directory is moved aside first and removed after."""
-    old = None
-    if out_dir.exists():
-        if not replace and (not out_dir.is_dir() or any(out_dir.iterdir())):
-            raise BundleError(f"{out_dir} appeared while the bundle was being written; nothing was replaced")
-        old = out_dir.with_name(f".old-{out_dir.name}-{secrets.token_hex(4)}")
-        os.replace(out_dir, old)
-    os.replace(work, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+@contextmanager
+def _bundle_directory(out_dir: Path, replace: bool) -> Iterator[Path]:
+    """A bundle is written beside `out_dir` and renamed into place when complete (a bundle is read by the service
+    user: 0755)."""
+    try:
+        with atomic_directory(out_dir, prefix=f".tmp-bundle-{out_dir.name}-", replace=replace) as work:
+            yield work
+    except FileExistsError:
+        raise BundleError(f"{out_dir} appeared while the bundle was being written; nothing was replaced") from None
 
 
 # --- checking ------------------------------------------------------------------------------------------
@@ -397,20 +391,16 @@ def fetch_bundle(artifact_id: str, store: ArtifactStore, out_dir: str | Path, re
     kind = store.get_manifest(artifact_id).get("kind")
     if kind != KIND:
         raise BundleError(f"{artifact_id} is a {kind!r} artifact, not a serving bundle")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".tmp-bundle-{out_dir.name}-", dir=out_dir.parent))
-    try:
-        packed = store.fetch(artifact_id, work / ".bundle.tar.gz")   # sha256-checked against the id
-        target = work / "bundle"
-        with tarfile.open(packed, "r:gz") as tar:
-            if any(not m.isfile() for m in tar.getmembers()):
-                raise BundleError(f"{artifact_id} holds entries that are not regular files; it is not a serving bundle")
-            tar.extractall(target, filter="data")
-        manifest = verify_bundle(target)
-        os.chmod(target, 0o755)
-        _move_into_place(target, out_dir, replace)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with _bundle_directory(out_dir, replace) as work:
+        packed = store.fetch(artifact_id, work.with_name(f"{work.name}.tar.gz"))   # sha256-checked against the id
+        try:
+            with tarfile.open(packed, "r:gz") as tar:
+                if any(not m.isfile() for m in tar.getmembers()):
+                    raise BundleError(f"{artifact_id} holds entries that are not regular files; it is not a serving bundle")
+                tar.extractall(work, filter="data")
+        finally:
+            packed.unlink(missing_ok=True)
+        manifest = verify_bundle(work)
     return manifest
 
 

@@ -22,7 +22,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import BuildError, SchemaVersionError, ToolchainNotFoundError
-from engine.fsutil import file_lock
+from engine.fsutil import atomic_directory, file_lock
 from engine.host import available_cpus, cpu_fingerprint
 from engine.model import selftest
 from engine.model.native import Library
@@ -406,21 +405,10 @@ def build_kernels(force: bool = False, progress: Progress = print_to_stderr, set
             return KernelBuild(plan.directory / manifest["library"]["file"], plan.key, manifest, cache_hit=True)
         for stale in [*plan.directory.parent.glob(f".tmp-{plan.key}-*"), *plan.directory.parent.glob(f".old-{plan.key}-*")]:
             shutil.rmtree(stale, ignore_errors=True)  # left by a builder that crashed (we hold its lock now)
-        work = Path(tempfile.mkdtemp(prefix=f".tmp-{plan.key}-", dir=plan.directory.parent))
-        try:
+        # forced or stale: the old directory is moved aside, never deleted under a process that loaded it
+        with atomic_directory(plan.directory, prefix=f".tmp-{plan.key}-") as work:
             manifest = _compile_proven(plan, work, progress, sanitize)
             write_json_atomic(work / MANIFEST_NAME, manifest)
-            os.chmod(work, 0o755)  # mkdtemp made it private; the cache is as readable as its parent
-            old = None
-            if plan.directory.exists():  # forced or stale: move aside, never delete under a running reader
-                old = plan.directory.with_name(f".old-{plan.key}-{secrets.token_hex(4)}")
-                os.replace(plan.directory, old)
-            os.replace(work, plan.directory)
-            if old:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if work.exists():
-                shutil.rmtree(work, ignore_errors=True)
         (plan.directory.parent / f"failed-{plan.key}.log").unlink(missing_ok=True)
     progress(f"built native kernels {plan.key} in {manifest['build_seconds']:.1f} s, self-test passed "
              f"({', '.join(manifest['self_test']['families']) or manifest['self_test'].get('suite')}): {plan.directory}")

@@ -36,6 +36,7 @@ import numpy as np
 
 from engine.artifacts.registry import Registry, Version
 from engine.artifacts.store import open_store
+from engine.fsutil import atomic_directory
 from engine.errors import ModelReferenceError, RetrievalIndexError, SchemaVersionError
 from engine.retrieval.corpus import Chunk, CorpusScan, chunk_text, embedding_text, read_text
 from engine.settings import get_settings
@@ -444,10 +445,7 @@ def update_index(index_dir: Path, scan: CorpusScan, embedder, cfg: IndexConfig, 
     embed_s = time.perf_counter() - started
 
     # Load: into a copy of the index directory (Edge), swapped in only when complete
-    work = index_dir.parent / f".tmp-{secrets.token_hex(6)}-{index_dir.name}"
-    index_dir.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        work.mkdir()
+    with atomic_directory(index_dir, prefix=f".tmp-{index_dir.name}-") as work:
         if backend == "edge":
             if state is not None and not restructure:
                 shutil.copytree(index_dir / SHARD_DIR, work / SHARD_DIR)
@@ -492,13 +490,6 @@ def update_index(index_dir: Path, scan: CorpusScan, embedder, cfg: IndexConfig, 
                                 "chunk_chars": chunk_chars, "overlap_chars": overlap_chars},
                      "updated": time.time(), "files": dict(sorted(files.items()))}
         (work / STATE_FILE).write_text(json.dumps(new_state) + "\n")
-        old = index_dir.parent / f".old-{secrets.token_hex(6)}-{index_dir.name}"
-        if index_dir.exists():
-            os.replace(index_dir, old)
-        os.replace(work, index_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return {"files": len(scan.files), "changed": len(changed), "deleted": len(deleted), "chunks": points,
             "embedded": len(to_embed), "reused": len(reuse) + len(carried), "removed": len(stale), "embed_s": round(embed_s, 3),
             "read_errors": read_errors, "full": state is None or restructure, "reconfigured": restructure}

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.fsutil import atomic_directory
 from engine.errors import EmbedderError, RetrievalIndexError
 from engine.retrieval.index import open_index, resolve_artifact, unpack_index
 from engine.artifacts.registry import Registry
@@ -127,11 +128,8 @@ class Retriever:
         directory = root / str(os.getpid())
         _remove_dead_copies(root)
         if not (directory / "ryz-index.json").is_file():
-            tmp = root / f".tmp-{os.getpid()}-{threading.get_ident()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            unpack_index(store.local_path(artifact_id), tmp)
-            shutil.rmtree(directory, ignore_errors=True)
-            os.replace(tmp, directory)
+            with atomic_directory(directory, prefix=f".tmp-{os.getpid()}-{threading.get_ident()}-") as tmp:
+                unpack_index(store.local_path(artifact_id), tmp)
         try:
             index, state = open_index(directory)
         except ImportError as exc:
