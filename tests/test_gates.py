@@ -95,3 +95,23 @@ def test_canary_speed_is_the_median_not_dragged_by_stalls():
     stalled = VariantStats(30, 0, {0.02: 30, float("inf"): 30}, 0.35, 100,
                            {0.0005: 0, 0.001: 97, 0.1: 100, float("inf"): 100})
     assert compare(stalled, production, Thresholds(min_requests=10), 5).outcome == "pass"
+
+
+def test_canary_snapshot_reads_the_servers_own_metrics():
+    """snapshot() over what ServerMetrics renders (parsed by prometheus_client's parser), quoted labels and all."""
+    from engine.serving.canary import snapshot
+    from engine.serving.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    for status, n in (("200", 7), ("500", 2), ("400", 3)):
+        for _ in range(n):
+            metrics.requests.labels("canary", "/v1/completions", status).inc()
+    metrics.requests.labels("production", "/v1/chat/completions", "200").inc(5)
+    canary = metrics.for_variant("canary")
+    for seconds in (0.01, 0.02, 0.03):
+        canary.ttft(seconds)
+        canary.token_latency(seconds / 10)
+    stats = snapshot(metrics.render().decode())
+    assert stats["canary"].requests == 12 and stats["canary"].errors == 2 and stats["production"].requests == 5
+    assert stats["canary"].ttft_buckets[float("inf")] == 3 and stats["canary"].tpot_count == 3
+    assert 0.0 < stats["canary"].ttft_p95 <= 0.05 and stats["canary"].decode_tok_s > 100

@@ -10,23 +10,15 @@ a verdict but "inconclusive": the release pauses instead of passing on no eviden
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
-_LINE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)')
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
-    """Prometheus text exposition -> (name, labels, value) samples."""
-    samples = []
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _LINE.match(line)
-        if m:
-            samples.append((m["name"], dict(_LABEL.findall(m["labels"] or "")), float(m["value"])))
-    return samples
+    """Prometheus text exposition -> (name, labels, value) samples, by prometheus_client's own parser."""
+    return [(sample.name, dict(sample.labels), float(sample.value))
+            for family in text_string_to_metric_families(text) for sample in family.samples]
 
 
 @dataclass
