@@ -10,6 +10,7 @@ class RyzError(Exception):
 
 # --- artifact store -------------------------------------------------------------------------------
 
+
 class StoreError(RyzError, OSError):
     """The artifact store could not be read or written."""
 
@@ -36,6 +37,7 @@ class SchemaVersionError(RyzError, ValueError):
 
 # --- checkpoints and quantization -----------------------------------------------------------------
 
+
 class CheckpointError(RyzError, ValueError):
     """A Hugging Face model directory is missing files, corrupt, or inconsistent."""
 
@@ -50,11 +52,13 @@ class GGUFFormatError(RyzError, ValueError):
 
 # --- references -------------------------------------------------------------------------------------
 
+
 class ModelReferenceError(RyzError, LookupError):
     """A model reference (`name:version`, alias, artifact id or GGUF path) resolves to nothing."""
 
 
 # --- kernel builds ----------------------------------------------------------------------------------
+
 
 class BuildError(RyzError, RuntimeError):
     """The native kernel build failed: `cmake --build ... failed (exit 2); last lines: ...; full log: <path>`."""
@@ -66,6 +70,7 @@ class ToolchainNotFoundError(BuildError):
 
 
 # --- requests and generation ------------------------------------------------------------------------
+
 
 class InvalidRequestError(RyzError, ValueError):
     """A request parameter is out of range or malformed; the server answers HTTP 400 with this message:
@@ -91,6 +96,7 @@ class SamplingError(RyzError, RuntimeError):
 
 # --- structured output (engine/serving/structured.py) -------------------------------------------------------
 
+
 class TokenNotAllowedError(RyzError, ValueError):
     """A token was fed to a constrained-decoding matcher that its grammar forbids at that point:
     `token 88 ('x') is not allowed by the grammar after 12 tokens; sample with the mask from
@@ -104,6 +110,7 @@ class UnsupportedTokenizerError(RyzError, ValueError):
 
 
 # --- evaluations (evaluations/) ---------------------------------------------------------------------
+
 
 class TaskDataOfflineError(RyzError, ConnectionError):
     """An lm-eval task's data lives on the Hugging Face Hub, which cannot be reached.
@@ -127,6 +134,7 @@ class EvaluationRecordError(RyzError, ValueError):
 
 # --- discovery (engine/artifacts/discovery.py) ----------------------------------------------------------------
 
+
 class HubError(RyzError, ConnectionError):
     """The Hugging Face Hub could not answer a discovery request: `listing models: HTTP 503 from
     http://127.0.0.1:8123/api/models (request id abc); the Hub is failing, retry later`. `retryable` is
@@ -142,6 +150,7 @@ class HubError(RyzError, ConnectionError):
 
 
 # --- retrieval index (engine/retrieval/embedder.py, engine/retrieval/corpus.py, engine/retrieval/index.py) ---------------------------
+
 
 class EmbedderError(RyzError, RuntimeError):
     """The sentence embedder cannot be built or run: `the embedder's weights come from the
@@ -161,6 +170,7 @@ class RetrievalIndexError(RyzError, RuntimeError):
 
 
 # --- serving bundles (engine/artifacts/bundle.py) -------------------------------------------------------------
+
 
 class BundleError(RyzError, ValueError):
     """A serving bundle cannot be built, read or served: `/opt/ryzanstein/bundle is not a serving bundle (no

@@ -13,8 +13,9 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_directory(target: str | Path, prefix: str | None = None, *, replace: bool = True,
-                     mode: int = 0o755) -> Iterator[Path]:
+def atomic_directory(
+    target: str | Path, prefix: str | None = None, *, replace: bool = True, mode: int = 0o755
+) -> Iterator[Path]:
     """A temporary directory beside `target` to fill; on success it becomes `target`, on any failure (Ctrl-C
     included) it is removed, so a half-written directory never appears at `target`.
 

@@ -16,8 +16,17 @@ from pathlib import Path
 from typing import Any
 
 # /proc/cpuinfo flag -> our name, for the features the kernels (or their compiler flags) use.
-_X86_FLAGS = {"avx2": "avx2", "fma": "fma", "f16c": "f16c", "avx512f": "avx512f", "avx512bw": "avx512bw",
-              "avx512vl": "avx512vl", "avx512dq": "avx512dq", "avx512_vnni": "avx512vnni", "avx_vnni": "avxvnni"}
+_X86_FLAGS = {
+    "avx2": "avx2",
+    "fma": "fma",
+    "f16c": "f16c",
+    "avx512f": "avx512f",
+    "avx512bw": "avx512bw",
+    "avx512vl": "avx512vl",
+    "avx512dq": "avx512dq",
+    "avx512_vnni": "avx512vnni",
+    "avx_vnni": "avxvnni",
+}
 _ARM_FLAGS = {"asimd": "neon", "asimddp": "asimddp", "asimdhp": "asimdhp", "fphp": "fphp"}
 
 
@@ -46,7 +55,11 @@ def _cache_sizes() -> dict[str, int | None]:
         name = {("1", "Data"): "l1d", ("2", "Unified"): "l2", ("3", "Unified"): "l3"}.get((level.strip(), kind.strip()))
         if name:
             sizes[name] = _parse_size(size)
-    for name, conf in (("l1d", "SC_LEVEL1_DCACHE_SIZE"), ("l2", "SC_LEVEL2_CACHE_SIZE"), ("l3", "SC_LEVEL3_CACHE_SIZE")):
+    for name, conf in (
+        ("l1d", "SC_LEVEL1_DCACHE_SIZE"),
+        ("l2", "SC_LEVEL2_CACHE_SIZE"),
+        ("l3", "SC_LEVEL3_CACHE_SIZE"),
+    ):
         if sizes[name] is None and conf in os.sysconf_names:
             try:
                 value = os.sysconf(conf)
@@ -115,7 +128,9 @@ def cpu_fingerprint() -> dict[str, Any]:
         "available_cpus": available_cpus(),
     }
     codegen = {"arch": arch, "isa": isa, "cache": fingerprint["cache"]}
-    fingerprint["fingerprint_id"] = hashlib.sha256(json.dumps(codegen, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    fingerprint["fingerprint_id"] = hashlib.sha256(
+        json.dumps(codegen, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()[:16]
     return fingerprint
 
 
@@ -136,10 +151,17 @@ def loadavg() -> list[float] | None:
 def machine_info() -> dict[str, Any]:
     """What a benchmark or evaluation record says about the machine it ran on."""
     fp = cpu_fingerprint()
-    info: dict[str, Any] = {"kernel": platform.release(), "python": platform.python_version(), "arch": platform.machine(),
-                            "cpu": fp["model_name"], "logical_cpus": fp["logical_cpus"], "available_cpus": fp["available_cpus"],
-                            "physical_cores": fp["physical_cores"], "cache": fp["cache"],
-                            "isa_flags": sorted(k for k, v in fp["isa"].items() if v)}
+    info: dict[str, Any] = {
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "arch": platform.machine(),
+        "cpu": fp["model_name"],
+        "logical_cpus": fp["logical_cpus"],
+        "available_cpus": fp["available_cpus"],
+        "physical_cores": fp["physical_cores"],
+        "cache": fp["cache"],
+        "isa_flags": sorted(k for k, v in fp["isa"].items() if v),
+    }
     for line in (_read("/proc/meminfo") or "").splitlines():
         if line.startswith("MemTotal:"):
             info["ram_gb"] = round(int(line.split()[1]) / 1024**2, 1)

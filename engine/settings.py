@@ -24,11 +24,15 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RYZ_", extra="ignore")
 
     home: Path = Field(default_factory=_default_home, description="root for the file store, caches and builds")
-    store: str = Field("", description="artifact store URL: file:///path or s3://bucket/prefix (default: file://$RYZ_HOME/store)")
+    store: str = Field(
+        "", description="artifact store URL: file:///path or s3://bucket/prefix (default: file://$RYZ_HOME/store)"
+    )
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto, Ceph...); unset: AWS")
     threads: int = Field(0, ge=0, description="compute threads; 0 = all physical cores")
     isa: Literal["auto", "avx512", "avx2", "neon", "scalar"] = Field("auto", description="force a kernel path")
-    cxx: str | None = Field(None, description="C++ compiler for the kernel build (name or path); unset: c++, g++ or clang++ on PATH")
+    cxx: str | None = Field(
+        None, description="C++ compiler for the kernel build (name or path); unset: c++, g++ or clang++ on PATH"
+    )
     weights_type: Literal["tq2_0", "tq1_0"] = Field("tq2_0", description="default ternary GGUF type")
     head_type: Literal["q8_0", "q6_k", "f16"] = Field("q8_0", description="default embedding/head GGUF type")
     qdrant_url: str | None = Field(None, description="Qdrant server; unset: embedded Qdrant Edge")
@@ -37,90 +41,185 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="port `ryz serve` listens on")
     admin_token: str | None = Field(None, description="bearer token for /admin routes; unset: admin routes are off")
     api_keys: str | None = Field(None, description="comma-separated bearer keys for /v1 routes; unset: no key needed")
-    served_model_name: str = Field("ryzanstein", description="model name clients use; routed between production and canary")
+    served_model_name: str = Field(
+        "ryzanstein", description="model name clients use; routed between production and canary"
+    )
     max_seqs: int = Field(8, ge=1, le=256, description="sequences decoded together (continuous batching slots)")
     max_context: int = Field(4096, ge=16, description="positions per sequence (prompt + generated)")
     max_queue: int = Field(64, ge=0, description="requests waiting for a slot before new ones get 429")
     max_tokens_limit: int = Field(4096, ge=1, description="upper bound a request's max_tokens may ask for")
-    prefill_chunk: int = Field(128, ge=1, description="prompt tokens per engine step, so long prompts do not stall decoding")
+    prefill_chunk: int = Field(
+        128, ge=1, description="prompt tokens per engine step, so long prompts do not stall decoding"
+    )
     kv_budget_mb: int = Field(8192, ge=1, description="KV cache memory over all sequences of one model; caps max_seqs")
-    prefix_cache_slots: int = Field(2, ge=0, description="idle sequences whose KV is kept to reuse shared prompt prefixes")
+    prefix_cache_slots: int = Field(
+        2, ge=0, description="idle sequences whose KV is kept to reuse shared prompt prefixes"
+    )
     max_request_bytes: int = Field(4 << 20, ge=1024, description="largest request body accepted")
-    fault_canary_error_rate: float = Field(0.0, ge=0, le=1, description="testing: fraction of canary requests answered "
-                                           "with an injected 500 (release rollback drills)")
-    fault_canary_latency_ms: float = Field(0.0, ge=0, description="testing: extra delay before each canary request starts")
+    fault_canary_error_rate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="testing: fraction of canary requests answered with an injected 500 (release rollback drills)",
+    )
+    fault_canary_latency_ms: float = Field(
+        0.0, ge=0, description="testing: extra delay before each canary request starts"
+    )
     # Discovery (flows/discovery.py, docs/discovery.md): where candidates come from and which are kept.
-    hf_endpoint: str = Field(default_factory=lambda: os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/"),
-                             description="Hugging Face Hub base URL discovery asks (default $HF_ENDPOINT, else huggingface.co)")
+    hf_endpoint: str = Field(
+        default_factory=lambda: os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/"),
+        description="Hugging Face Hub base URL discovery asks (default $HF_ENDPOINT, else huggingface.co)",
+    )
     discovery_hf_search: str = Field("bitnet", description="`hf` source: only models whose id contains this")
-    discovery_hf_filter: list[str] = Field(default_factory=list, description="`hf` source: Hub tags every model must have, e.g. [\"safetensors\"]")
+    discovery_hf_filter: list[str] = Field(
+        default_factory=list, description='`hf` source: Hub tags every model must have, e.g. ["safetensors"]'
+    )
     discovery_hf_sort: Literal["downloads", "likes", "last_modified", "created_at", "trending_score"] = Field(
-        "downloads", description="`hf` source: Hub order of the listing (candidates keep it)")
+        "downloads", description="`hf` source: Hub order of the listing (candidates keep it)"
+    )
     discovery_hf_limit: int = Field(50, ge=1, le=1000, description="`hf` source: models listed per run")
-    discovery_local_paths: list[str] = Field(default_factory=lambda: [str(Path(__file__).resolve().parents[1] / "examples" / "zoo")],
-                                             description="`local` source: model directories, or folders of them (zoo.json order if present)")
-    discovery_hf_cache: str = Field(default_factory=lambda: os.environ.get("HF_HUB_CACHE") or str(
-        Path(os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface") / "hub"),
-        description="`local` source: HF cache also scanned (models--org--name/snapshots/<sha>); empty: not scanned")
-    discovery_architectures: list[str] = Field(["BitNetForCausalLM", "BitnetForCausalLM", "LlamaForCausalLM"],
-                                               description="architectures (config.json `architectures[0]`) kept")
-    discovery_bitnet_only: list[str] = Field(["LlamaForCausalLM"],
-                                             description="architectures kept only with a bitnet quantization_config (ternary-trained)")
+    discovery_local_paths: list[str] = Field(
+        default_factory=lambda: [str(Path(__file__).resolve().parents[1] / "examples" / "zoo")],
+        description="`local` source: model directories, or folders of them (zoo.json order if present)",
+    )
+    discovery_hf_cache: str = Field(
+        default_factory=lambda: (
+            os.environ.get("HF_HUB_CACHE")
+            or str(
+                Path(
+                    os.environ.get("HF_HOME")
+                    or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+                )
+                / "hub"
+            )
+        ),
+        description="`local` source: HF cache also scanned (models--org--name/snapshots/<sha>); empty: not scanned",
+    )
+    discovery_architectures: list[str] = Field(
+        ["BitNetForCausalLM", "BitnetForCausalLM", "LlamaForCausalLM"],
+        description="architectures (config.json `architectures[0]`) kept",
+    )
+    discovery_bitnet_only: list[str] = Field(
+        ["LlamaForCausalLM"], description="architectures kept only with a bitnet quantization_config (ternary-trained)"
+    )
     discovery_licenses: list[str] = Field(
-        ["mit", "apache-2.0", "bsd-2-clause", "bsd-3-clause", "cc-by-4.0", "llama3", "llama3.1", "llama3.2", "llama3.3",
-         "falcon-llm-license"], description="licenses kept (Hub ids; `other` is judged by its license_name)")
+        [
+            "mit",
+            "apache-2.0",
+            "bsd-2-clause",
+            "bsd-3-clause",
+            "cc-by-4.0",
+            "llama3",
+            "llama3.1",
+            "llama3.2",
+            "llama3.3",
+            "falcon-llm-license",
+        ],
+        description="licenses kept (Hub ids; `other` is judged by its license_name)",
+    )
     discovery_min_params: int = Field(0, ge=0, description="fewest parameters kept (ternary weights counted unpacked)")
     discovery_max_params: int = Field(10_000_000_000, ge=1, description="most parameters kept")
     discovery_max_size_gb: float = Field(16.0, gt=0, description="largest download / directory kept, GB (1e9 bytes)")
-    discovery_timeout: float = Field(30.0, gt=0, description="seconds one Hub request may take before it counts as failed")
-    discovery_retries: int = Field(3, ge=0, description="retries of a failed Hub request (429, 5xx, timeout, malformed JSON)")
+    discovery_timeout: float = Field(
+        30.0, gt=0, description="seconds one Hub request may take before it counts as failed"
+    )
+    discovery_retries: int = Field(
+        3, ge=0, description="retries of a failed Hub request (429, 5xx, timeout, malformed JSON)"
+    )
     discovery_retry_delay: float = Field(2.0, ge=0, description="seconds before the first retry; doubles each retry")
     # Gates (evaluations/gates.py): when a candidate may be released, or a CI change may merge.
-    gate_accuracy_margin: float = Field(0.02, ge=0, description="per task, how much worse than production the headline "
-                                        "metric may be (absolute; relative for perplexities) before a significant shortfall fails")
-    gate_speed_margin: float = Field(0.10, ge=0, lt=1, description="how much lower than production decode tok/s may be (fraction)")
-    gate_speed_min_delta_ms: float = Field(1.0, ge=0, description="noise floor: a speed gate fails only if the candidate "
-                                           "is also this many ms per token slower")
-    gate_floors: dict[str, float] = Field({"demo_mc": 0.35, "demo_gen": 0.05},
-                                          description="first model ever (no production): minimum headline metric per task")
+    gate_accuracy_margin: float = Field(
+        0.02,
+        ge=0,
+        description="per task, how much worse than production the headline "
+        "metric may be (absolute; relative for perplexities) before a significant shortfall fails",
+    )
+    gate_speed_margin: float = Field(
+        0.10, ge=0, lt=1, description="how much lower than production decode tok/s may be (fraction)"
+    )
+    gate_speed_min_delta_ms: float = Field(
+        1.0,
+        ge=0,
+        description="noise floor: a speed gate fails only if the candidate is also this many ms per token slower",
+    )
+    gate_floors: dict[str, float] = Field(
+        {"demo_mc": 0.35, "demo_gen": 0.05},
+        description="first model ever (no production): minimum headline metric per task",
+    )
     gate_min_decode_tok_s: float = Field(0.0, ge=0, description="first model ever: minimum decode tok/s (0: no floor)")
     # Retrieval index (engine/retrieval/embedder.py, engine/retrieval/corpus.py, engine/retrieval/index.py, flows/index.py, docs/retrieval.md)
-    index_dir: Path | None = Field(None, description="working directory of the built index (default $RYZ_HOME/indexes/default)")
+    index_dir: Path | None = Field(
+        None, description="working directory of the built index (default $RYZ_HOME/indexes/default)"
+    )
     index_collection: str = Field("ryz-index", description="collection name on a Qdrant server (RYZ_QDRANT_URL set)")
-    index_precision: Literal["int8", "fp32"] = Field("int8", description="embedder ONNX weights: int8 (per-channel, "
-                                                     "dynamic activations) or fp32")
-    index_dims: Literal[384, 256, 128] = Field(384, description="embedding dims kept (Matryoshka-style truncation of MiniLM's "
-                                               "384, renormalised; MiniLM is not MRL-trained, so truncation costs recall)")
+    index_precision: Literal["int8", "fp32"] = Field(
+        "int8", description="embedder ONNX weights: int8 (per-channel, dynamic activations) or fp32"
+    )
+    index_dims: Literal[384, 256, 128] = Field(
+        384,
+        description="embedding dims kept (Matryoshka-style truncation of MiniLM's "
+        "384, renormalised; MiniLM is not MRL-trained, so truncation costs recall)",
+    )
     index_batch_size: int = Field(32, ge=1, le=1024, description="texts embedded per onnxruntime call")
     index_quantization: Literal["none", "int8", "binary1", "binary1.5", "binary2"] = Field(
-        "binary1", description="vector codes held in RAM: binary 1/1.5/2 bits, scalar int8, or none (float32)")
-    index_oversampling: float = Field(16.0, ge=1.0, description="candidates fetched with the codes per result, then rescored")
+        "binary1", description="vector codes held in RAM: binary 1/1.5/2 bits, scalar int8, or none (float32)"
+    )
+    index_oversampling: float = Field(
+        16.0, ge=1.0, description="candidates fetched with the codes per result, then rescored"
+    )
     index_rescore: bool = Field(True, description="rescore candidates with the original float vectors (kept on disk)")
     index_hnsw: bool = Field(True, description="HNSW graph over the codes; false: a plain full scan of the codes")
     index_hnsw_m: int = Field(8, ge=4, le=128, description="HNSW links per node (its links are held in RAM too)")
-    index_hnsw_ef: int = Field(512, ge=10, description="HNSW search beam width (128 gave recall@10 0.92 at 112k chunks, "
-                                                        "512 0.97: docs/benchmarks.md)")
-    index_chunk_chars: int = Field(1000, ge=100, description="largest chunk, characters (cut on headings, definitions, blank lines)")
-    index_chunk_overlap: int = Field(150, ge=0, description="characters of whole lines repeated at the start of the next chunk")
+    index_hnsw_ef: int = Field(
+        512,
+        ge=10,
+        description="HNSW search beam width (128 gave recall@10 0.92 at 112k chunks, 512 0.97: docs/benchmarks.md)",
+    )
+    index_chunk_chars: int = Field(
+        1000, ge=100, description="largest chunk, characters (cut on headings, definitions, blank lines)"
+    )
+    index_chunk_overlap: int = Field(
+        150, ge=0, description="characters of whole lines repeated at the start of the next chunk"
+    )
     index_max_file_bytes: int = Field(1 << 20, ge=1, description="files larger than this are skipped (counted)")
-    index_eval_queries: int = Field(200, ge=10, description="held-out queries `ryz index eval` measures recall@10 and latency on")
+    index_eval_queries: int = Field(
+        200, ge=10, description="held-out queries `ryz index eval` measures recall@10 and latency on"
+    )
     # Release (flows/release.py, docs/release.md): canary steps and their analysis.
     release_steps: list[int] = Field([5, 25, 50, 100], description="canary traffic weights, in order (percent)")
-    release_servers: list[str] = Field(default_factory=list, description="admin base URLs of every serving replica "
-                                       "(default: http://RYZ_HOST:RYZ_PORT)")
+    release_servers: list[str] = Field(
+        default_factory=list, description="admin base URLs of every serving replica (default: http://RYZ_HOST:RYZ_PORT)"
+    )
     release_min_requests: int = Field(20, ge=1, description="canary requests a step needs before it is judged")
-    release_step_timeout: float = Field(600.0, gt=0, description="seconds a step waits for enough canary traffic, then pauses")
-    release_error_margin: float = Field(0.02, ge=0, description="canary error rate may exceed production's by this (absolute)")
+    release_step_timeout: float = Field(
+        600.0, gt=0, description="seconds a step waits for enough canary traffic, then pauses"
+    )
+    release_error_margin: float = Field(
+        0.02, ge=0, description="canary error rate may exceed production's by this (absolute)"
+    )
     release_ttft_ratio: float = Field(1.2, gt=0, description="canary p95 TTFT may be at most this x production's")
-    release_speed_ratio: float = Field(0.9, gt=0, description="canary decode tok/s must be at least this x production's")
-    release_ttft_min_delta_ms: float = Field(50.0, ge=0, description="noise floor: a TTFT check fails only if the canary's "
-                                             "p95 is also this many ms above production's")
-    release_tpot_min_delta_ms: float = Field(2.0, ge=0, description="noise floor: a speed check fails only if the canary is "
-                                             "also this many ms per token slower")
-    release_synthetic_load: bool = Field(False, description="drive bounded synthetic traffic during canary steps "
-                                         "(on in `ryz pipeline run`; production releases observe real traffic only)")
+    release_speed_ratio: float = Field(
+        0.9, gt=0, description="canary decode tok/s must be at least this x production's"
+    )
+    release_ttft_min_delta_ms: float = Field(
+        50.0,
+        ge=0,
+        description="noise floor: a TTFT check fails only if the canary's p95 is also this many ms above production's",
+    )
+    release_tpot_min_delta_ms: float = Field(
+        2.0,
+        ge=0,
+        description="noise floor: a speed check fails only if the canary is also this many ms per token slower",
+    )
+    release_synthetic_load: bool = Field(
+        False,
+        description="drive bounded synthetic traffic during canary steps "
+        "(on in `ryz pipeline run`; production releases observe real traffic only)",
+    )
     release_load_concurrency: int = Field(4, ge=1, description="synthetic load: concurrent clients")
-    notify_webhook: str | None = Field(None, description="URL that gets a JSON POST for every reject, abort, pause and promotion")
+    notify_webhook: str | None = Field(
+        None, description="URL that gets a JSON POST for every reject, abort, pause and promotion"
+    )
 
     @field_validator("home", mode="after")
     @classmethod
@@ -142,24 +241,34 @@ def describe_settings(settings: Settings) -> list[dict[str, Any]]:
     for name, field in Settings.model_fields.items():
         env_name = f"RYZ_{name.upper()}"
         value = getattr(settings, name)
-        rows.append({
-            "name": name,
-            "env": env_name,
-            "value": str(value) if isinstance(value, Path) else value,
-            "source": f"env {env_name}" if env_name in os.environ else "default",
-            "description": field.description or "",
-        })
-    rows.append({
-        "name": "store_url", "env": "RYZ_STORE", "value": settings.store_url,
-        "source": "env RYZ_STORE" if settings.store else "derived from RYZ_HOME",
-        "description": "effective artifact store",
-    })
+        rows.append(
+            {
+                "name": name,
+                "env": env_name,
+                "value": str(value) if isinstance(value, Path) else value,
+                "source": f"env {env_name}" if env_name in os.environ else "default",
+                "description": field.description or "",
+            }
+        )
+    rows.append(
+        {
+            "name": "store_url",
+            "env": "RYZ_STORE",
+            "value": settings.store_url,
+            "source": "env RYZ_STORE" if settings.store else "derived from RYZ_HOME",
+            "description": "effective artifact store",
+        }
+    )
     for hf_name in ("HF_ENDPOINT", "HF_HOME", "HF_HUB_OFFLINE"):
-        rows.append({
-            "name": hf_name.lower(), "env": hf_name, "value": os.environ.get(hf_name),
-            "source": f"env {hf_name}" if hf_name in os.environ else "unset (huggingface_hub default)",
-            "description": "read by huggingface_hub",
-        })
+        rows.append(
+            {
+                "name": hf_name.lower(),
+                "env": hf_name,
+                "value": os.environ.get(hf_name),
+                "source": f"env {hf_name}" if hf_name in os.environ else "unset (huggingface_hub default)",
+                "description": "read by huggingface_hub",
+            }
+        )
     return rows
 
 

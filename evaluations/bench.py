@@ -47,8 +47,8 @@ SCHEMA = 1
 DEFAULT_PROMPT = 512
 DEFAULT_GEN = 128
 DEFAULT_REPEATS = 3
-BANDWIDTH_BYTES = 1 << 30      # DESIGN.md: the probe streams at least 1 GiB
-BANDWIDTH_REPEATS = 3          # passes per probe (the probe keeps its best)
+BANDWIDTH_BYTES = 1 << 30  # DESIGN.md: the probe streams at least 1 GiB
+BANDWIDTH_REPEATS = 3  # passes per probe (the probe keeps its best)
 WORKER_TIMEOUT = 3600
 WARMUP_TOKENS = 8
 LLAMA_CPP_PEERS = {"llama.cpp-tq2_0": "tq2_0", "llama.cpp-tq1_0": "tq1_0"}
@@ -60,11 +60,12 @@ class BenchError(RyzError, RuntimeError):
 
 # --- the model under test -------------------------------------------------------------------------
 
+
 @dataclass
 class Target:
     path: Path
-    label: str                     # the shape name or the reference as given
-    shape: str | None              # set when synthesized from a named shape
+    label: str  # the shape name or the reference as given
+    shape: str | None  # set when synthesized from a named shape
     weights: str
     head: str
     manifest: dict | None = None
@@ -96,8 +97,13 @@ def ensure_shape_gguf(shape_name: str, weights: str, head: str, settings, seed: 
             write_synthetic_checkpoint(shape, checkpoint, seed=seed)
         log(f"quantizing it to {path.name}")
         start = time.perf_counter()
-        manifest = quantize_checkpoint(checkpoint, path, weights=weights, head=head,
-                                       source={"type": "synthetic", "shape": shape_name, "seed": seed})
+        manifest = quantize_checkpoint(
+            checkpoint,
+            path,
+            weights=weights,
+            head=head,
+            source={"type": "synthetic", "shape": shape_name, "seed": seed},
+        )
         manifest["quantize_seconds"] = round(time.perf_counter() - start, 1)
         tmp = manifest_path.with_name(manifest_path.name + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1))
@@ -149,6 +155,7 @@ def resolve_target(spec: str, settings, weights: str | None = None, head: str | 
 
 # --- bytes per token ----------------------------------------------------------------------------
 
+
 def decode_bytes(path: Path, repacked_bytes: int | None = None) -> dict:
     """Bytes read to decode one token, from the GGUF's tensor table.
 
@@ -176,20 +183,35 @@ def decode_bytes(path: Path, repacked_bytes: int | None = None) -> dict:
             other += nbytes
     engine_ternary = repacked_bytes if repacked_bytes else ternary_t2p
     kv_per_position = 2 * hp.layers * hp.kv_heads * hp.head_dim * 2  # K and V, f16
-    return {"bytes_per_token": int(other + engine_ternary), "bytes_per_token_gguf": int(other + ternary_gguf),
-            "ternary_bytes_engine": int(engine_ternary), "ternary_bytes_gguf": int(ternary_gguf),
-            "head_bytes": int(file.tensors[head_name].n_bytes), "kv_bytes_per_position": kv_per_position,
-            "hparams": {"hidden": hp.hidden, "layers": hp.layers, "heads": hp.heads, "kv_heads": hp.kv_heads,
-                        "head_dim": hp.head_dim, "ffn": hp.ffn, "vocab": hp.vocab, "tied": hp.tied, "ffn_act": hp.ffn_act}}
+    return {
+        "bytes_per_token": int(other + engine_ternary),
+        "bytes_per_token_gguf": int(other + ternary_gguf),
+        "ternary_bytes_engine": int(engine_ternary),
+        "ternary_bytes_gguf": int(ternary_gguf),
+        "head_bytes": int(file.tensors[head_name].n_bytes),
+        "kv_bytes_per_position": kv_per_position,
+        "hparams": {
+            "hidden": hp.hidden,
+            "layers": hp.layers,
+            "heads": hp.heads,
+            "kv_heads": hp.kv_heads,
+            "head_dim": hp.head_dim,
+            "ffn": hp.ffn,
+            "vocab": hp.vocab,
+            "tied": hp.tied,
+            "ffn_act": hp.ffn_act,
+        },
+    }
 
 
 # --- the machine --------------------------------------------------------------------------------
 
-machine_info = host.machine_info      # what every record says about the machine
+machine_info = host.machine_info  # what every record says about the machine
 default_threads = loader.default_threads
 
 
 # --- our engine: one measured run per subprocess ----------------------------------------------------
+
 
 def _load_library(library: str | Path | None, settings):
     if library:
@@ -220,8 +242,14 @@ def _worker(spec: dict) -> dict:
         library.set_isa(spec["isa"])
     prompt, gen, ubatch = spec["prompt"], spec["gen"], spec.get("ubatch") or spec["prompt"]
     start = time.perf_counter()
-    model = loader.open_model(spec["model"], "bench", library=library, threads=spec["threads"],
-                              max_positions=max(prompt, gen + 1) + WARMUP_TOKENS, token_tile=spec.get("token_tile") or 0)
+    model = loader.open_model(
+        spec["model"],
+        "bench",
+        library=library,
+        threads=spec["threads"],
+        max_positions=max(prompt, gen + 1) + WARMUP_TOKENS,
+        token_tile=spec.get("token_tile") or 0,
+    )
     load = time.perf_counter() - start
     rng = np.random.default_rng(spec.get("seed", 0))
     tokens = rng.integers(0, model.hp.vocab, size=prompt, dtype=np.int32)
@@ -233,7 +261,7 @@ def _worker(spec: dict) -> dict:
     model.new_cache(0)
     start = time.perf_counter()
     for i in range(0, prompt, ubatch):
-        logits = model.forward_batch(tokens[i:i + ubatch], seq[: len(tokens[i:i + ubatch])])
+        logits = model.forward_batch(tokens[i : i + ubatch], seq[: len(tokens[i : i + ubatch])])
     prefill = time.perf_counter() - start
     first = int(np.argmax(logits[-1]))
     ttft = time.perf_counter() - start
@@ -246,11 +274,17 @@ def _worker(spec: dict) -> dict:
         logits = model.forward_batch(token, one)
         token[0] = int(np.argmax(logits[-1]))
     decode = time.perf_counter() - start
-    out = {"prefill_tok_s": prompt / prefill, "ttft_ms": ttft * 1e3, "decode_tok_s": gen / decode,
-           "load_seconds": load, "repack_seconds": float(model.repack_seconds),
-           "repacked_bytes": int(library.lib.ryz_model_repacked_bytes(model.model)),
-           "kv_bytes": int(library.lib.ryz_context_kv_bytes(model.context)), "isa": library.isa,
-           "vm_hwm_mb": _vm_hwm_mb()}
+    out = {
+        "prefill_tok_s": prompt / prefill,
+        "ttft_ms": ttft * 1e3,
+        "decode_tok_s": gen / decode,
+        "load_seconds": load,
+        "repack_seconds": float(model.repack_seconds),
+        "repacked_bytes": int(library.lib.ryz_model_repacked_bytes(model.model)),
+        "kv_bytes": int(library.lib.ryz_context_kv_bytes(model.context)),
+        "isa": library.isa,
+        "vm_hwm_mb": _vm_hwm_mb(),
+    }
     model.close()
     return out
 
@@ -260,6 +294,7 @@ def run_ours(spec: dict) -> dict:
 
 
 # --- the benchmark ----------------------------------------------------------------------------------
+
 
 def _median(values: list[float]) -> float | None:
     values = [v for v in values if v is not None]
@@ -331,10 +366,15 @@ def _setup_llama_cpp(target: Target, settings, threads: int, prompt: int, gen: i
             log(f"writing the llama.cpp copy ({weights}, architecture bitnet)")
             copy = peers_mod.write_llama_cpp_copy(src, tmp / f"{p.name}.gguf", transcode)
             sizes = decode_bytes(copy)
-            p.meta = {"weights": weights, "head": target.head, "llama_cpp_commit": bench.commit,
-                      "llama_cpp_python_sdist": bench.version, "bytes_per_token": sizes["bytes_per_token_gguf"],
-                      "note": "llama.cpp's bitnet graph (SiLU FFN) on the same tensors, architecture key renamed"}
-            p.run = (lambda copy=copy: peers_mod.run_llama_bench(bench, copy, threads, prompt, gen, 1))
+            p.meta = {
+                "weights": weights,
+                "head": target.head,
+                "llama_cpp_commit": bench.commit,
+                "llama_cpp_python_sdist": bench.version,
+                "bytes_per_token": sizes["bytes_per_token_gguf"],
+                "note": "llama.cpp's bitnet graph (SiLU FFN) on the same tensors, architecture key renamed",
+            }
+            p.run = lambda copy=copy: peers_mod.run_llama_bench(bench, copy, threads, prompt, gen, 1)
         except Exception as exc:  # noqa: BLE001
             p.error = f"{type(exc).__name__}: {exc}"
     return result
@@ -349,8 +389,13 @@ def _setup_ort(target: Target, settings, threads: int, prompt: int, gen: int, bl
         hp = decode_bytes(target.path)["hparams"]
         model = peers_mod.ensure_ort_model(settings.cache_dir, hp, block_size)
         weights_file = model.with_name("weights.bin")
-        p.meta = {"note": peers_mod.ORT_NOTE, "onnxruntime": onnxruntime.__version__, "block_size": block_size,
-                  "accuracy_level": 4, "bytes_per_token": weights_file.stat().st_size if weights_file.is_file() else None}
+        p.meta = {
+            "note": peers_mod.ORT_NOTE,
+            "onnxruntime": onnxruntime.__version__,
+            "block_size": block_size,
+            "accuracy_level": 4,
+            "bytes_per_token": weights_file.stat().st_size if weights_file.is_file() else None,
+        }
         p.run = lambda: peers_mod.run_ort(model, hp["hidden"], threads, prompt, gen)
     except ImportError as exc:
         p.error = f"onnxruntime/onnx not installed ({exc.name}): pip install '.[bench]'"
@@ -371,10 +416,20 @@ def roofline(bytes_per_token: int, decode_tok_s: list, round_bandwidth: list[flo
     return _round(statistics.median(fractions), 4) if fractions else None
 
 
-def run_bench(spec: str, threads: int | None = None, prompt: int = DEFAULT_PROMPT, gen: int = DEFAULT_GEN,
-              repeats: int = DEFAULT_REPEATS, peers: bool = False, weights: str | None = None, head: str | None = None,
-              library: str | Path | None = None, ubatch: int = 0, ort_block_size: int = peers_mod.ORT_BLOCK_SIZE,
-              settings=None) -> dict:
+def run_bench(
+    spec: str,
+    threads: int | None = None,
+    prompt: int = DEFAULT_PROMPT,
+    gen: int = DEFAULT_GEN,
+    repeats: int = DEFAULT_REPEATS,
+    peers: bool = False,
+    weights: str | None = None,
+    head: str | None = None,
+    library: str | Path | None = None,
+    ubatch: int = 0,
+    ort_block_size: int = peers_mod.ORT_BLOCK_SIZE,
+    settings=None,
+) -> dict:
     """Benchmark `spec` (a shape name or a model reference); returns the `ryz bench --json` record."""
     from engine.settings import get_settings
 
@@ -388,8 +443,16 @@ def run_bench(spec: str, threads: int | None = None, prompt: int = DEFAULT_PROMP
     target = resolve_target(spec, settings, weights, head)
     lib = _load_library(library, settings)
 
-    worker_spec = {"library": str(lib.path), "model": str(target.path), "threads": threads, "prompt": prompt, "gen": gen,
-                   "ubatch": ubatch, "isa": settings.isa, "token_tile": token_tile_for(lib, target.path)}
+    worker_spec = {
+        "library": str(lib.path),
+        "model": str(target.path),
+        "threads": threads,
+        "prompt": prompt,
+        "gen": gen,
+        "ubatch": ubatch,
+        "isa": settings.isa,
+        "token_tile": token_tile_for(lib, target.path),
+    }
 
     peer_list: list[_Peer] = []
     tmp_root = settings.cache_dir / "tmp"
@@ -399,7 +462,7 @@ def run_bench(spec: str, threads: int | None = None, prompt: int = DEFAULT_PROMP
             peer_list += _setup_llama_cpp(target, settings, threads, prompt, gen, Path(tmp))
             peer_list.append(_setup_ort(target, settings, threads, prompt, gen, ort_block_size))
         ours: list[dict] = []
-        bandwidth: list[float] = []        # every probe
+        bandwidth: list[float] = []  # every probe
         round_bandwidth: list[float] = []  # per round: mean of the probes around our run
         for r in range(repeats):
             log(f"round {r + 1}/{repeats}: bandwidth probe ({threads} threads)")
@@ -408,8 +471,10 @@ def run_bench(spec: str, threads: int | None = None, prompt: int = DEFAULT_PROMP
             ours.append(run_ours(worker_spec))
             bandwidth.append(lib.read_bandwidth(BANDWIDTH_BYTES, threads, BANDWIDTH_REPEATS))
             round_bandwidth.append((bandwidth[-2] + bandwidth[-1]) / 2)
-            log(f"  decode {ours[-1]['decode_tok_s']:.2f} tok/s, prefill {ours[-1]['prefill_tok_s']:.1f} tok/s, "
-                f"bandwidth {bandwidth[-2]:.1f} / {bandwidth[-1]:.1f} GB/s before / after")
+            log(
+                f"  decode {ours[-1]['decode_tok_s']:.2f} tok/s, prefill {ours[-1]['prefill_tok_s']:.1f} tok/s, "
+                f"bandwidth {bandwidth[-2]:.1f} / {bandwidth[-1]:.1f} GB/s before / after"
+            )
             for p in peer_list:
                 if p.run and not p.error:
                     log(f"round {r + 1}/{repeats}: {p.name}")
@@ -454,7 +519,10 @@ def run_bench(spec: str, threads: int | None = None, prompt: int = DEFAULT_PROMP
         "repeats": repeats,
         "tuning": {"gemm_token_tile": worker_spec["token_tile"]},
         "library": str(lib.path),
-        "samples": {k: [_round(o[k]) for o in ours] for k in ("decode_tok_s", "prefill_tok_s", "ttft_ms", "load_seconds", "peak_rss_mb")},
+        "samples": {
+            k: [_round(o[k]) for o in ours]
+            for k in ("decode_tok_s", "prefill_tok_s", "ttft_ms", "load_seconds", "peak_rss_mb")
+        },
         "bandwidth_samples": [_round(b) for b in bandwidth],
         "round_bandwidth": [_round(b) for b in round_bandwidth],
         "definitions": {
@@ -463,7 +531,7 @@ def run_bench(spec: str, threads: int | None = None, prompt: int = DEFAULT_PROMP
             "ttft_ms": "prefill of the prompt + argmax of the first token",
             "bytes_per_token": "weights the engine reads per decoded token (repacked T2P ternary, norms, scales, head); KV reads apart",
             "roofline_fraction": "per round: decode tok/s x bytes_per_token / round_bandwidth (the mean of the probes just before and "
-                                 "just after our decode); median over rounds. Peers: their round's sample against the same round_bandwidth",
+            "just after our decode); median over rounds. Peers: their round's sample against the same round_bandwidth",
             "roofline_fraction_of_medians": "median decode_tok_s x bytes_per_token / bandwidth_gb_s",
             "bandwidth_gb_s": f"ryz_read_bandwidth: {BANDWIDTH_BYTES >> 30} GiB streamed with SIMD loads on `threads` threads, best of {BANDWIDTH_REPEATS}; median over all probes (two per round)",
             "peak_rss_mb": "max RSS of the measured process alone (a fresh process per run, its rusage via a minimal parent), median over repeats",
@@ -477,22 +545,28 @@ def run_bench(spec: str, threads: int | None = None, prompt: int = DEFAULT_PROMP
 
 def format_report(r: dict) -> str:
     """The human table `ryz bench` prints without --json."""
-    lines = [f"{r['target']} ({r['weights']}/{r['head']}, {r['isa']}, {r['threads']} threads, pp{r['prompt']} tg{r['gen']}, "
-             f"median of {r['repeats']})",
-             f"{'engine':<26}{'decode tok/s':>14}{'prefill tok/s':>15}{'TTFT ms':>10}{'RSS MB':>9}{'roofline':>10}"]
+    lines = [
+        f"{r['target']} ({r['weights']}/{r['head']}, {r['isa']}, {r['threads']} threads, pp{r['prompt']} tg{r['gen']}, "
+        f"median of {r['repeats']})",
+        f"{'engine':<26}{'decode tok/s':>14}{'prefill tok/s':>15}{'TTFT ms':>10}{'RSS MB':>9}{'roofline':>10}",
+    ]
 
     def row(name, d):
         if "error" in d and d.get("decode_tok_s") is None:
             return f"{name:<26}  error: {d['error']}"
         rf = d.get("roofline_fraction")
-        return (f"{name:<26}{d.get('decode_tok_s') or 0:>14.2f}{d.get('prefill_tok_s') or 0:>15.1f}{d.get('ttft_ms') or 0:>10.0f}"
-                f"{d.get('peak_rss_mb') or 0:>9.0f}{'' if rf is None else f'{rf:.2f}':>10}")
+        return (
+            f"{name:<26}{d.get('decode_tok_s') or 0:>14.2f}{d.get('prefill_tok_s') or 0:>15.1f}{d.get('ttft_ms') or 0:>10.0f}"
+            f"{d.get('peak_rss_mb') or 0:>9.0f}{'' if rf is None else f'{rf:.2f}':>10}"
+        )
 
     lines.append(row("ryzanstein", r))
     for name, d in r["peers"].items():
         lines.append(row(name, d))
-    lines.append(f"bandwidth {r['bandwidth_gb_s']} GB/s; {r['bytes_per_token']:,} bytes/token (engine), "
-                 f"{r['bytes_per_token_gguf']:,} (GGUF); load {r['load_seconds']} s (repack {r['repack_seconds']} s)")
+    lines.append(
+        f"bandwidth {r['bandwidth_gb_s']} GB/s; {r['bytes_per_token']:,} bytes/token (engine), "
+        f"{r['bytes_per_token_gguf']:,} (GGUF); load {r['load_seconds']} s (repack {r['repack_seconds']} s)"
+    )
     return "\n".join(lines)
 
 

@@ -38,23 +38,50 @@ from engine.errors import EvaluationRecordError, SchemaVersionError
 
 SCHEMA = 1
 KIND = "evaluation"
-BENCH_PROMPT = 128     # prompt tokens of the eval's benchmark (prefill, TTFT)
-BENCH_GEN = 32         # decoded tokens (decode tok/s)
-BENCH_REPEATS = 1      # one measured worker process: enough to compare versions, ~seconds on demo models
-BENCH_FIELDS = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "threads", "roofline_fraction",
-                "bandwidth_gb_s", "bytes_per_token", "kv_bytes_per_token", "load_seconds", "prompt", "gen", "repeats",
-                "isa", "library")
+BENCH_PROMPT = 128  # prompt tokens of the eval's benchmark (prefill, TTFT)
+BENCH_GEN = 32  # decoded tokens (decode tok/s)
+BENCH_REPEATS = 1  # one measured worker process: enough to compare versions, ~seconds on demo models
+BENCH_FIELDS = (
+    "prefill_tok_s",
+    "decode_tok_s",
+    "ttft_ms",
+    "peak_rss_mb",
+    "threads",
+    "roofline_fraction",
+    "bandwidth_gb_s",
+    "bytes_per_token",
+    "kv_bytes_per_token",
+    "load_seconds",
+    "prompt",
+    "gen",
+    "repeats",
+    "isa",
+    "library",
+)
 BENCH_POSITIVE = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "threads")
-TTFT_SLACK = 0.95      # ttft_ms >= 0.95 x the prefill time the prefill rate implies (TTFT = prefill + first token)
-ROOFLINE_MAX = 1.5     # a fraction above this means the bytes or the bandwidth are wrong
+TTFT_SLACK = 0.95  # ttft_ms >= 0.95 x the prefill time the prefill rate implies (TTFT = prefill + first token)
+ROOFLINE_MAX = 1.5  # a fraction above this means the bytes or the bandwidth are wrong
 ROOFLINE_TOLERANCE = 0.02  # roofline_fraction vs decode x bytes / bandwidth, relative (rounding of stored fields)
 
 # Metric kinds and their ranges. A metric's kind comes from its bare name (before any `,filter`).
-ACCURACY_METRICS = {"acc", "acc_norm", "exact_match", "em", "f1", "mc1", "mc2", "pass@1", "pass@10", "pass@100",
-                    "pass_at_1", "contains", "brier_score"}
+ACCURACY_METRICS = {
+    "acc",
+    "acc_norm",
+    "exact_match",
+    "em",
+    "f1",
+    "mc1",
+    "mc2",
+    "pass@1",
+    "pass@10",
+    "pass@100",
+    "pass_at_1",
+    "contains",
+    "brier_score",
+}
 PERPLEXITY_METRICS = {"perplexity", "word_perplexity", "byte_perplexity", "token_perplexity"}
 NONNEGATIVE_METRICS = {"bits_per_byte", "bleu", "chrf", "ter"}
-HEADLINE_ORDER = ("acc", "exact_match", "pass@1", "acc_norm", "f1", "mc2")   # a task's headline accuracy metric
+HEADLINE_ORDER = ("acc", "exact_match", "pass@1", "acc_norm", "f1", "mc2")  # a task's headline accuracy metric
 
 
 def log(message: str) -> None:
@@ -75,6 +102,7 @@ def metric_kind(metric: str) -> str:
 
 # --- the model ------------------------------------------------------------------------------------
 
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -86,8 +114,8 @@ def sha256_file(path: Path) -> str:
 def describe_model(ref: str, store) -> dict:
     """{"ref", "artifact_id", "path", "name", "version"} for any model reference (a GGUF path's artifact id is
     the sha256 of its bytes, whether or not the store holds it)."""
-    from engine.artifacts.registry import Registry, is_registry_ref
     from engine.artifacts.refs import resolve_artifact, resolve_model
+    from engine.artifacts.registry import Registry, is_registry_ref
 
     path = resolve_model(ref, store)
     version = None
@@ -115,7 +143,10 @@ def describe_model(ref: str, store) -> dict:
 
 # --- the suite ------------------------------------------------------------------------------------
 
-def plan_suite(suite: str, limit: int | None = None, allow_unsafe_code: bool = False) -> tuple[dict, list[dict], list[dict]]:
+
+def plan_suite(
+    suite: str, limit: int | None = None, allow_unsafe_code: bool = False
+) -> tuple[dict, list[dict], list[dict]]:
     """(suite description, lm-eval calls, skipped tasks) for a suite name (`gate`, `full`) or task names
     (`demo_mc`, `demo_mc,demo_ppl`: an ad-hoc suite, all documents unless `limit`). `limit` overrides every
     task's own limit. Hub tasks are skipped when the Hub is unreachable, code-executing ones unless allowed."""
@@ -128,8 +159,10 @@ def plan_suite(suite: str, limit: int | None = None, allow_unsafe_code: bool = F
         if not names:
             raise ValueError(f"no suite or task named {suite!r}; suites: {', '.join(suites.SUITES)}")
         base = suites.Suite(suite, "ad-hoc: the named tasks", tuple(suites.SuiteTask(n) for n in names))
-    tasks = tuple(suites.SuiteTask(t.name, limit if limit is not None else t.limit, t.num_fewshot, t.hub, t.unsafe_code)
-                  for t in base.tasks)
+    tasks = tuple(
+        suites.SuiteTask(t.name, limit if limit is not None else t.limit, t.num_fewshot, t.hub, t.unsafe_code)
+        for t in base.tasks
+    )
     chosen = suites.Suite(base.name, base.description, tasks)
     offline_reason = None
     if any(t.hub for t in tasks):
@@ -147,6 +180,7 @@ def plan_suite(suite: str, limit: int | None = None, allow_unsafe_code: bool = F
 
 
 # --- lm-eval results -> record tasks ----------------------------------------------------------------
+
 
 def _number(value: Any) -> float | None:
     """lm-eval's stderr: a number, or "N/A" (and friends) -> None."""
@@ -178,16 +212,33 @@ def tasks_from_results(out: dict, limit: int | None) -> dict:
             leaves = _leaves(task, groups)
             n = sum(int(samples.get(t, {}).get("effective", 0)) for t in leaves)
             size = sum(int(samples.get(t, {}).get("original", 0)) for t in leaves)
-            expected = sum(int(samples.get(t, {}).get("original", 0)) if limit is None
-                           else min(limit, int(samples.get(t, {}).get("original", 0))) for t in leaves)
-            tasks[task] = {"metrics": metrics, "n": n, "limit": limit, "size": size, "n_expected": expected, "group": True,
-                           "subtasks": len(leaves), "higher_is_better": {k: bool(v) for k, v in (higher.get(task) or {}).items()}}
+            expected = sum(
+                int(samples.get(t, {}).get("original", 0))
+                if limit is None
+                else min(limit, int(samples.get(t, {}).get("original", 0)))
+                for t in leaves
+            )
+            tasks[task] = {
+                "metrics": metrics,
+                "n": n,
+                "limit": limit,
+                "size": size,
+                "n_expected": expected,
+                "group": True,
+                "subtasks": len(leaves),
+                "higher_is_better": {k: bool(v) for k, v in (higher.get(task) or {}).items()},
+            }
         else:
             s = samples.get(task, {})
             n = s.get("effective", entry.get("sample_len"))
-            tasks[task] = {"metrics": metrics, "n": None if n is None else int(n), "limit": limit,
-                           "size": None if s.get("original") is None else int(s["original"]), "group": False,
-                           "higher_is_better": {k: bool(v) for k, v in (higher.get(task) or {}).items()}}
+            tasks[task] = {
+                "metrics": metrics,
+                "n": None if n is None else int(n),
+                "limit": limit,
+                "size": None if s.get("original") is None else int(s["original"]),
+                "group": False,
+                "higher_is_better": {k: bool(v) for k, v in (higher.get(task) or {}).items()},
+            }
     for group, subtasks in groups.items():  # leaves name their group: gates judge the group's aggregate
         for leaf in _leaves(group, groups) if subtasks else []:
             if leaf in tasks and not tasks[leaf].get("group"):
@@ -204,6 +255,7 @@ def _leaves(group: str, groups: dict) -> list[str]:
 
 # --- environment ------------------------------------------------------------------------------------
 
+
 def _version(dist: str) -> str | None:
     from importlib import metadata
 
@@ -215,9 +267,15 @@ def _version(dist: str) -> str | None:
 
 def describe_environment(settings, library_path: str | None = None) -> dict:
     """Everything that can change a number: interpreter, packages, CPU fingerprint, kernel build."""
-    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
-                           "ryzanstein": _version("ryzanstein"), "lm_eval": _version("lm_eval"), "numpy": _version("numpy"),
-                           "great_expectations": _version("great_expectations"), "isa_setting": settings.isa}
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "ryzanstein": _version("ryzanstein"),
+        "lm_eval": _version("lm_eval"),
+        "numpy": _version("numpy"),
+        "great_expectations": _version("great_expectations"),
+        "isa_setting": settings.isa,
+    }
     info = host.machine_info()
     env["cpu_fingerprint"] = host.cpu_fingerprint()["fingerprint_id"]
     env.update({k: info[k] for k in ("cpu", "logical_cpus", "available_cpus", "physical_cores", "ram_gb") if k in info})
@@ -238,6 +296,7 @@ def describe_environment(settings, library_path: str | None = None) -> dict:
 
 # --- evaluate ---------------------------------------------------------------------------------------
 
+
 def run_suite_bench(path: Path, threads: int | None, library, settings) -> dict:
     """The eval's small benchmark (BENCH_PROMPT, BENCH_GEN, BENCH_REPEATS) through evaluations.bench."""
     from engine.model.ggufio import ModelFile
@@ -246,20 +305,33 @@ def run_suite_bench(path: Path, threads: int | None, library, settings) -> dict:
     context = int(ModelFile(path).hparams.context or 4096)
     prompt = max(8, min(BENCH_PROMPT, context - WARMUP_TOKENS))
     gen = max(1, min(BENCH_GEN, context - WARMUP_TOKENS - 1))
-    result = run_bench(str(path), threads=threads, prompt=prompt, gen=gen, repeats=BENCH_REPEATS, library=library,
-                       settings=settings)
+    result = run_bench(
+        str(path), threads=threads, prompt=prompt, gen=gen, repeats=BENCH_REPEATS, library=library, settings=settings
+    )
     return {k: result.get(k) for k in BENCH_FIELDS}
 
 
-def evaluate_model(model: str, suite: str = "gate", limit: int | None = None, bench: bool = True, engine: str = "native",
-                   threads: int | None = None, *, library: str | Path | None = None, allow_unsafe_code: bool = False,
-                   store=None, settings=None, validate: bool = True, only_tasks: list[str] | None = None) -> dict:
+def evaluate_model(
+    model: str,
+    suite: str = "gate",
+    limit: int | None = None,
+    bench: bool = True,
+    engine: str = "native",
+    threads: int | None = None,
+    *,
+    library: str | Path | None = None,
+    allow_unsafe_code: bool = False,
+    store=None,
+    settings=None,
+    validate: bool = True,
+    only_tasks: list[str] | None = None,
+) -> dict:
     """Run `suite` on `model` (any model reference) with lm-eval in-process (one call per distinct limit),
     then the speed benchmark unless `bench` is false; returns the schema-1 record with `valid`/`failures`
     filled by validate_record (unless `validate` is false). `library`: a prebuilt native library.
     `only_tasks`: run just these of the suite's tasks, with the suite's limits (one shard; see merge_records)."""
-    from engine.settings import get_settings
     from engine.artifacts.store import open_store
+    from engine.settings import get_settings
 
     settings = settings or get_settings()
     store = store or open_store(settings=settings)
@@ -294,9 +366,15 @@ def evaluate_model(model: str, suite: str = "gate", limit: int | None = None, be
     for call in calls:
         log(f"lm-eval {', '.join(call['tasks'])} (limit {call['limit'] or 'all'}, engine {engine})")
         start = time.perf_counter()
-        out = simple_evaluate(model=lm, tasks=list(call["tasks"]), task_manager=manager, limit=call["limit"],
-                              num_fewshot=call["num_fewshot"], log_samples=False,
-                              confirm_run_unsafe_code=allow_unsafe_code)
+        out = simple_evaluate(
+            model=lm,
+            tasks=list(call["tasks"]),
+            task_manager=manager,
+            limit=call["limit"],
+            num_fewshot=call["num_fewshot"],
+            log_samples=False,
+            confirm_run_unsafe_code=allow_unsafe_code,
+        )
         lm_eval_seconds += time.perf_counter() - start
         for name, entry in tasks_from_results(out, call["limit"]).items():
             entry["num_fewshot"] = call["num_fewshot"]
@@ -308,7 +386,9 @@ def evaluate_model(model: str, suite: str = "gate", limit: int | None = None, be
     bench_record = None
     if bench:
         log(f"benchmark pp{BENCH_PROMPT} tg{BENCH_GEN}, {BENCH_REPEATS} run(s)")
-        bench_record = run_suite_bench(Path(described["path"]), threads, library or (lib.path if lib else None), settings)
+        bench_record = run_suite_bench(
+            Path(described["path"]), threads, library or (lib.path if lib else None), settings
+        )
 
     record = {
         "schema": SCHEMA,
@@ -342,7 +422,7 @@ def shard_tasks(suite: str, limit: int | None, shards: int, allow_unsafe_code: b
     """The suite's tasks dealt round-robin into at most `shards` groups (each an `only_tasks` list)."""
     _, calls, _ = plan_suite(suite, limit, allow_unsafe_code)
     names = [t for c in calls for t in c["tasks"]]
-    groups = [names[i::max(1, shards)] for i in range(max(1, shards))]
+    groups = [names[i :: max(1, shards)] for i in range(max(1, shards))]
     return [g for g in groups if g]
 
 
@@ -370,6 +450,7 @@ def suite_task_names(record: dict) -> list[str]:
 
 
 # --- validation (Great Expectations) ------------------------------------------------------------------
+
 
 def _state(value: Any, allow_null: bool) -> str:
     if value is None:
@@ -404,18 +485,29 @@ def metric_rows(record: dict) -> list[dict]:
             m = metrics.get(metric) if metric is not None else None
             value = m.get("value") if isinstance(m, dict) else None
             stderr = m.get("stderr") if isinstance(m, dict) else None
-            rows.append({"task": task, "metric": metric, "kind": metric_kind(metric) if metric else "none",
-                         "value": value if _state(value, False) == "finite" else None,
-                         "value_state": _state(value, False),
-                         "stderr": stderr if _state(stderr, True) == "finite" else None,
-                         "stderr_state": _state(stderr, True),
-                         "n": n if isinstance(n, int) else None, "n_expected": expected, "limit": limit, "size": size})
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric,
+                    "kind": metric_kind(metric) if metric else "none",
+                    "value": value if _state(value, False) == "finite" else None,
+                    "value_state": _state(value, False),
+                    "stderr": stderr if _state(stderr, True) == "finite" else None,
+                    "stderr_state": _state(stderr, True),
+                    "n": n if isinstance(n, int) else None,
+                    "n_expected": expected,
+                    "limit": limit,
+                    "size": size,
+                }
+            )
     return rows
 
 
 def bench_row(bench: dict) -> dict:
     """The benchmark as one row plus the consistency columns the expectations compare."""
-    row = {k: bench.get(k) for k in BENCH_POSITIVE + ("roofline_fraction", "prompt", "bandwidth_gb_s", "bytes_per_token")}
+    row = {
+        k: bench.get(k) for k in BENCH_POSITIVE + ("roofline_fraction", "prompt", "bandwidth_gb_s", "bytes_per_token")
+    }
     for k in BENCH_POSITIVE + ("roofline_fraction",):
         row[f"{k}_state"] = _state(row[k], False)
         if row[f"{k}_state"] != "finite":
@@ -439,48 +531,94 @@ def _expectations(record: dict):
     kind = Column("kind")
     metric_checks = [
         (gxe.ExpectTableRowCountToBeBetween(min_value=1), "the record has at least one task metric"),
-        (gxe.ExpectColumnValuesToBeInSet(column="value_state", value_set=["finite"]),
-         "every task has every metric it declares, with a finite value"),
-        (gxe.ExpectColumnValuesToBeBetween(column="value", min_value=0, max_value=1, row_condition=kind == "accuracy"), "accuracy-like metrics in [0, 1]"),
-        (gxe.ExpectColumnValuesToBeBetween(column="value", min_value=1, row_condition=kind == "perplexity"), "perplexities >= 1"),
-        (gxe.ExpectColumnValuesToBeBetween(column="value", min_value=0, row_condition=kind == "nonnegative"), "bits per byte, BLEU, chrF, TER >= 0"),
-        (gxe.ExpectColumnValuesToBeInSet(column="stderr_state", value_set=["finite", "null"]),
-         "stderr finite and >= 0, or null where lm-eval reports N/A"),
+        (
+            gxe.ExpectColumnValuesToBeInSet(column="value_state", value_set=["finite"]),
+            "every task has every metric it declares, with a finite value",
+        ),
+        (
+            gxe.ExpectColumnValuesToBeBetween(
+                column="value", min_value=0, max_value=1, row_condition=kind == "accuracy"
+            ),
+            "accuracy-like metrics in [0, 1]",
+        ),
+        (
+            gxe.ExpectColumnValuesToBeBetween(column="value", min_value=1, row_condition=kind == "perplexity"),
+            "perplexities >= 1",
+        ),
+        (
+            gxe.ExpectColumnValuesToBeBetween(column="value", min_value=0, row_condition=kind == "nonnegative"),
+            "bits per byte, BLEU, chrF, TER >= 0",
+        ),
+        (
+            gxe.ExpectColumnValuesToBeInSet(column="stderr_state", value_set=["finite", "null"]),
+            "stderr finite and >= 0, or null where lm-eval reports N/A",
+        ),
         (gxe.ExpectColumnValuesToNotBeNull(column="n"), "every task reports n, the documents evaluated"),
         (gxe.ExpectColumnValuesToBeBetween(column="n", min_value=1), "n >= 1"),
-        (gxe.ExpectColumnPairValuesToBeEqual(column_A="n", column_B="n_expected", ignore_row_if="either_value_is_missing"),
-         "n equals the limit (or the dataset size when smaller or unlimited)"),
+        (
+            gxe.ExpectColumnPairValuesToBeEqual(
+                column_A="n", column_B="n_expected", ignore_row_if="either_value_is_missing"
+            ),
+            "n equals the limit (or the dataset size when smaller or unlimited)",
+        ),
     ]
     if tasks := suite_task_names(record):
-        metric_checks.append((gxe.ExpectColumnDistinctValuesToContainSet(column="task", value_set=tasks),
-                              "every task of the suite has results"))
+        metric_checks.append(
+            (
+                gxe.ExpectColumnDistinctValuesToContainSet(column="task", value_set=tasks),
+                "every task of the suite has results",
+            )
+        )
     bench_checks = []
     if record.get("bench") is not None:
         for k in BENCH_POSITIVE:
-            bench_checks.append((gxe.ExpectColumnValuesToBeInSet(column=f"{k}_state", value_set=["finite"]),
-                                 f"bench.{k} present and finite"))
-            bench_checks.append((gxe.ExpectColumnValuesToBeBetween(column=k, min_value=0, strict_min=True), f"bench.{k} > 0"))
+            bench_checks.append(
+                (
+                    gxe.ExpectColumnValuesToBeInSet(column=f"{k}_state", value_set=["finite"]),
+                    f"bench.{k} present and finite",
+                )
+            )
+            bench_checks.append(
+                (gxe.ExpectColumnValuesToBeBetween(column=k, min_value=0, strict_min=True), f"bench.{k} > 0")
+            )
         bench_checks += [
-            (gxe.ExpectColumnValuesToBeInSet(column="roofline_fraction_state", value_set=["finite"]),
-             "bench.roofline_fraction present and finite"),
-            (gxe.ExpectColumnValuesToBeBetween(column="roofline_fraction", min_value=0, max_value=ROOFLINE_MAX, strict_min=True),
-             f"bench.roofline_fraction in (0, {ROOFLINE_MAX}]"),
-            (gxe.ExpectColumnPairValuesAToBeGreaterThanB(column_A="ttft_ms", column_B="ttft_floor_ms", or_equal=True,
-                                                         ignore_row_if="either_value_is_missing"),
-             f"bench.ttft_ms >= {TTFT_SLACK} x 1000 x prompt / prefill_tok_s (TTFT includes the prefill)"),
-            (gxe.ExpectColumnValuesToBeBetween(column="roofline_error", max_value=ROOFLINE_TOLERANCE),
-             f"bench.roofline_fraction = decode_tok_s x bytes_per_token / bandwidth (within {ROOFLINE_TOLERANCE:.0%})"),
+            (
+                gxe.ExpectColumnValuesToBeInSet(column="roofline_fraction_state", value_set=["finite"]),
+                "bench.roofline_fraction present and finite",
+            ),
+            (
+                gxe.ExpectColumnValuesToBeBetween(
+                    column="roofline_fraction", min_value=0, max_value=ROOFLINE_MAX, strict_min=True
+                ),
+                f"bench.roofline_fraction in (0, {ROOFLINE_MAX}]",
+            ),
+            (
+                gxe.ExpectColumnPairValuesAToBeGreaterThanB(
+                    column_A="ttft_ms", column_B="ttft_floor_ms", or_equal=True, ignore_row_if="either_value_is_missing"
+                ),
+                f"bench.ttft_ms >= {TTFT_SLACK} x 1000 x prompt / prefill_tok_s (TTFT includes the prefill)",
+            ),
+            (
+                gxe.ExpectColumnValuesToBeBetween(column="roofline_error", max_value=ROOFLINE_TOLERANCE),
+                f"bench.roofline_fraction = decode_tok_s x bytes_per_token / bandwidth (within {ROOFLINE_TOLERANCE:.0%})",
+            ),
         ]
     return metric_checks, bench_checks
 
 
 def _gx_context():
     import great_expectations as gx
-    from great_expectations.data_context.types.base import (DataContextConfig, InMemoryStoreBackendDefaults,
-                                                            ProgressBarsConfig)
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
 
-    config = DataContextConfig(store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
-                               progress_bars=ProgressBarsConfig(globally=False), analytics_enabled=False)
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+        progress_bars=ProgressBarsConfig(globally=False),
+        analytics_enabled=False,
+    )
     return gx.get_context(mode="ephemeral", project_config=config)
 
 
@@ -493,8 +631,11 @@ def _run_checks(context, name: str, rows: list[dict], checks: list, describe) ->
         return []
     frame = pd.DataFrame(rows)
     source = context.data_sources.add_pandas(f"ryz-{name}")
-    batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all").get_batch(
-        batch_parameters={"dataframe": frame})
+    batch = (
+        source.add_dataframe_asset(name)
+        .add_batch_definition_whole_dataframe("all")
+        .get_batch(batch_parameters={"dataframe": frame})
+    )
     suite = gx.ExpectationSuite(name=f"ryz-evaluation-{name}")
     for expectation, text in checks:
         expectation.meta = {**(expectation.meta or {}), "check": text}
@@ -511,17 +652,23 @@ def _run_checks(context, name: str, rows: list[dict], checks: list, describe) ->
             failures.append(f"{text}: could not be checked ({r.exception_info.get('exception_message')})")
             continue
         if config.type == "expect_column_distinct_values_to_contain_set":
-            missing = details.get("partial_missing_list") or sorted(set(config.kwargs["value_set"]) - set(frame["task"]))
+            missing = details.get("partial_missing_list") or sorted(
+                set(config.kwargs["value_set"]) - set(frame["task"])
+            )
             failures.append(f"{text}: no results for {', '.join(missing)}")
             continue
         if config.type == "expect_table_row_count_to_be_between":
             failures.append(f"{text}: the record has no task metrics")
             continue
         indexes = details.get("unexpected_index_list") or []
-        shown = list(dict.fromkeys(describe(frame.loc[i["index"] if isinstance(i, dict) else i], config.kwargs)
-                                   for i in indexes))
+        shown = list(
+            dict.fromkeys(describe(frame.loc[i["index"] if isinstance(i, dict) else i], config.kwargs) for i in indexes)
+        )
         more = f" (and {len(shown) - 20} more)" if len(shown) > 20 else ""
-        failures.append(f"{text}: " + ("; ".join(shown[:20]) + more if shown else f"{details.get('unexpected_count', '?')} rows fail"))
+        failures.append(
+            f"{text}: "
+            + ("; ".join(shown[:20]) + more if shown else f"{details.get('unexpected_count', '?')} rows fail")
+        )
     return failures
 
 
@@ -604,11 +751,13 @@ def require_valid(record: dict) -> None:
         failures = validate_record(record)
     if failures:
         who = (record.get("model") or {}).get("version") or (record.get("model") or {}).get("ref") or "the model"
-        raise EvaluationRecordError(f"evaluation record of {who} is invalid ({len(failures)} failing expectations): "
-                                    + "; ".join(failures))
+        raise EvaluationRecordError(
+            f"evaluation record of {who} is invalid ({len(failures)} failing expectations): " + "; ".join(failures)
+        )
 
 
 # --- the store --------------------------------------------------------------------------------------
+
 
 def store_record(record: dict, store) -> str:
     """Store the record (kind "evaluation"); its manifest names the model (`refers_to`, so `ryz gc` keeps the
@@ -617,8 +766,15 @@ def store_record(record: dict, store) -> str:
     model_id = model.get("artifact_id")
     refers_to = [model_id] if model_id and store.exists(model_id) else []
     data = json.dumps(record, indent=1, sort_keys=False, allow_nan=True).encode()
-    manifest = {"name": model.get("name"), "model": model_id, "model_version": model.get("version"), "suite": record.get("suite"),
-                "valid": record.get("valid"), "record_schema": record.get("schema"), "refers_to": refers_to}
+    manifest = {
+        "name": model.get("name"),
+        "model": model_id,
+        "model_version": model.get("version"),
+        "suite": record.get("suite"),
+        "valid": record.get("valid"),
+        "record_schema": record.get("schema"),
+        "refers_to": refers_to,
+    }
     return store.put_bytes(data, KIND, manifest)
 
 
@@ -631,11 +787,15 @@ def load_record(artifact_id: str, store) -> dict:
     with store.open_read(artifact_id) as f:
         data = f.read()
     if f"sha256:{hashlib.sha256(data).hexdigest()}" != artifact_id:
-        raise EvaluationRecordError(f"evaluation record {artifact_id} is corrupt (its bytes hash differently); re-run `ryz eval`")
+        raise EvaluationRecordError(
+            f"evaluation record {artifact_id} is corrupt (its bytes hash differently); re-run `ryz eval`"
+        )
     record = json.loads(data)
     if record.get("schema") != SCHEMA:
-        raise SchemaVersionError(f"evaluation record {artifact_id} has schema {record.get('schema')!r}; this Ryzanstein "
-                                 f"reads schema {SCHEMA} only: upgrade Ryzanstein to read it")
+        raise SchemaVersionError(
+            f"evaluation record {artifact_id} has schema {record.get('schema')!r}; this Ryzanstein "
+            f"reads schema {SCHEMA} only: upgrade Ryzanstein to read it"
+        )
     record.setdefault("record_id", artifact_id)
     return record
 
@@ -651,8 +811,8 @@ def newest_record_for(model_id: str, store) -> str | None:
 def resolve_record(ref: str, store) -> tuple[str, dict]:
     """(record id, record) for a registry version (its evaluation record, else its model's newest), an
     evaluation record id or prefix, a model artifact id or prefix, or a GGUF path (their newest record)."""
-    from engine.errors import ArtifactNotFoundError
     from engine.artifacts.registry import Registry, is_registry_ref
+    from engine.errors import ArtifactNotFoundError
 
     model_id = None
     if is_registry_ref(ref):
@@ -675,7 +835,9 @@ def resolve_record(ref: str, store) -> tuple[str, dict]:
         model_id = artifact_id
     found = newest_record_for(model_id, store)
     if found is None:
-        raise EvaluationRecordError(f"{ref} ({model_id[:19]}) has no stored evaluation record; run `ryz eval {ref}` first")
+        raise EvaluationRecordError(
+            f"{ref} ({model_id[:19]}) has no stored evaluation record; run `ryz eval {ref}` first"
+        )
     return found, load_record(found, store)
 
 

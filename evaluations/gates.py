@@ -15,15 +15,22 @@ from dataclasses import dataclass
 
 Z = 1.96
 # Which metric speaks for a task, and whether higher is better.
-HEADLINE = (("acc_norm", True), ("acc", True), ("exact_match", True), ("pass@1", True), ("word_perplexity", False),
-            ("byte_perplexity", False), ("bits_per_byte", False))
+HEADLINE = (
+    ("acc_norm", True),
+    ("acc", True),
+    ("exact_match", True),
+    ("pass@1", True),
+    ("word_perplexity", False),
+    ("byte_perplexity", False),
+    ("bits_per_byte", False),
+)
 
 
 @dataclass
 class GateResult:
     passed: bool
-    reasons: list[str]     # every failed check, in words and numbers
-    checks: list[str]      # every check made, passed or not
+    reasons: list[str]  # every failed check, in words and numbers
+    checks: list[str]  # every check made, passed or not
 
     def summary(self) -> str:
         return "; ".join(self.reasons) if self.reasons else f"all {len(self.checks)} gate checks passed"
@@ -37,8 +44,9 @@ def headline(task_result: dict) -> tuple[str, bool] | None:
     return None
 
 
-def compare_to_baseline(candidate: dict, baseline: dict, accuracy_margin: float, speed_margin: float,
-                        speed_min_delta_ms: float = 1.0) -> GateResult:
+def compare_to_baseline(
+    candidate: dict, baseline: dict, accuracy_margin: float, speed_margin: float, speed_min_delta_ms: float = 1.0
+) -> GateResult:
     reasons, checks = [], []
     for task, result in sorted(candidate["tasks"].items()):
         # Subtasks of a group (MMLU's 57 subjects) are judged through the group: 57 noisy tests would fail by chance.
@@ -51,13 +59,19 @@ def compare_to_baseline(candidate: dict, baseline: dict, accuracy_margin: float,
         # For lower-is-better metrics the margin is relative (perplexities have no fixed scale).
         shortfall = (b["value"] - c["value"]) if higher else (c["value"] - b["value"]) / max(b["value"], 1e-12)
         margin = accuracy_margin
-        se = math.hypot(c["stderr"] or 0.0, b["stderr"] or 0.0) if (c["stderr"] is not None and b["stderr"] is not None) else 0.0
+        se = (
+            math.hypot(c["stderr"] or 0.0, b["stderr"] or 0.0)
+            if (c["stderr"] is not None and b["stderr"] is not None)
+            else 0.0
+        )
         if not higher:
             se /= max(b["value"], 1e-12)
         worse = shortfall - margin > Z * se
-        text = (f"{task} {metric} {c['value']:.4f} vs production {b['value']:.4f} "
-                f"({'-' if higher else '+'}{abs(shortfall):.4f}{'' if higher else ' relative'}, margin {margin:.3f}, "
-                f"{Z} x stderr {Z * se:.4f})")
+        text = (
+            f"{task} {metric} {c['value']:.4f} vs production {b['value']:.4f} "
+            f"({'-' if higher else '+'}{abs(shortfall):.4f}{'' if higher else ' relative'}, margin {margin:.3f}, "
+            f"{Z} x stderr {Z * se:.4f})"
+        )
         checks.append(text)
         if worse:
             reasons.append(f"accuracy: {text}")
@@ -70,8 +84,10 @@ def compare_to_baseline(candidate: dict, baseline: dict, accuracy_margin: float,
     elif cb and bb:
         floor = bb["decode_tok_s"] * (1 - speed_margin)
         slower_ms = 1000 / cb["decode_tok_s"] - 1000 / bb["decode_tok_s"]
-        text = (f"decode {cb['decode_tok_s']:.1f} tok/s vs production {bb['decode_tok_s']:.1f} "
-                f"(floor {floor:.1f} = {1 - speed_margin:.2f} x production; {slower_ms:+.2f} ms per token)")
+        text = (
+            f"decode {cb['decode_tok_s']:.1f} tok/s vs production {bb['decode_tok_s']:.1f} "
+            f"(floor {floor:.1f} = {1 - speed_margin:.2f} x production; {slower_ms:+.2f} ms per token)"
+        )
         checks.append(text)
         # Below the floor and by a time that matters: tiny models decode in microseconds, where a thread waking
         # up late moves tok/s by 10x (measured: the same 1.7 M-parameter model at 1,653 and 44,048 tok/s).
@@ -85,8 +101,9 @@ def gate(candidate: dict, baseline: dict | None, settings) -> GateResult:
     margins, or, with no baseline (the first model, or a production without a record), the settings' floors."""
     if baseline is None:
         return check_floors(candidate, settings.gate_floors, settings.gate_min_decode_tok_s)
-    return compare_to_baseline(candidate, baseline, settings.gate_accuracy_margin, settings.gate_speed_margin,
-                               settings.gate_speed_min_delta_ms)
+    return compare_to_baseline(
+        candidate, baseline, settings.gate_accuracy_margin, settings.gate_speed_margin, settings.gate_speed_min_delta_ms
+    )
 
 
 def check_floors(candidate: dict, floors: dict[str, float], min_decode_tok_s: float) -> GateResult:

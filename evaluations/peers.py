@@ -37,9 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.fsutil import atomic_directory, file_lock
 from engine.host import available_cpus
-from engine.fsutil import atomic_directory
-from engine.fsutil import file_lock
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 # ggml-org/llama.cpp commit vendored by each llama-cpp-python sdist (its CHANGELOG: "update llama.cpp to
@@ -48,15 +47,15 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 KNOWN_LLAMA_CPP_COMMITS = {"0.3.36": "0c1e57098bba43ac29e6e3b677cdceebdd22334f"}
 LLAMA_CPP_CMAKE_FLAGS = [
     "-DCMAKE_BUILD_TYPE=Release",
-    "-DGGML_NATIVE=ON",             # -march=native: the best llama.cpp can do on this CPU
-    "-DBUILD_SHARED_LIBS=OFF",      # self-contained binaries
+    "-DGGML_NATIVE=ON",  # -march=native: the best llama.cpp can do on this CPU
+    "-DBUILD_SHARED_LIBS=OFF",  # self-contained binaries
     "-DLLAMA_BUILD_TESTS=OFF",
     "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_APP=OFF",
-    "-DLLAMA_BUILD_TOOLS=ON",       # llama-bench and llama-server live in tools/
-    "-DLLAMA_BUILD_UI=OFF",         # llama-server: no npm build of the web UI ...
+    "-DLLAMA_BUILD_TOOLS=ON",  # llama-bench and llama-server live in tools/
+    "-DLLAMA_BUILD_UI=OFF",  # llama-server: no npm build of the web UI ...
     "-DLLAMA_USE_PREBUILT_UI=OFF",  # ... and never download its prebuilt assets (an empty UI is embedded)
-    "-DLLAMA_OPENSSL=OFF",          # cpp-httplib without TLS (LLAMA_CURL is gone in this version: no network code)
+    "-DLLAMA_OPENSSL=OFF",  # cpp-httplib without TLS (LLAMA_CURL is gone in this version: no network code)
 ]
 # The configure switch a target needs beyond the common flags (tools/CMakeLists.txt adds tools/server, with
 # its vendored cpp-httplib, only when LLAMA_BUILD_SERVER is on). Off otherwise, so a llama-bench-only
@@ -70,8 +69,11 @@ def llama_cpp_cmake_flags(targets, commit: str) -> list[str]:
     switches = sorted(set(LLAMA_CPP_TARGET_SWITCHES.values()))
     wanted = {LLAMA_CPP_TARGET_SWITCHES[t] for t in targets if t in LLAMA_CPP_TARGET_SWITCHES}
     # BUILD_COMMIT comes from git, which the sdist lacks: pass the commit so the binaries report it.
-    return (LLAMA_CPP_CMAKE_FLAGS + [f"-D{s}={'ON' if s in wanted else 'OFF'}" for s in switches]
-            + [f"-DLLAMA_BUILD_COMMIT={commit[:7]}"])
+    return (
+        LLAMA_CPP_CMAKE_FLAGS
+        + [f"-D{s}={'ON' if s in wanted else 'OFF'}" for s in switches]
+        + [f"-DLLAMA_BUILD_COMMIT={commit[:7]}"]
+    )
 
 
 BUILD_TIMEOUT = 3600
@@ -84,6 +86,7 @@ def log(message: str) -> None:
 
 
 # --- measured subprocesses ------------------------------------------------------------------------
+
 
 @dataclass
 class Completed:
@@ -120,8 +123,15 @@ def run_measured(cmd: list[str], timeout: float, env: dict | None = None, cwd: s
     wrapped = [sys.executable, "-S", "-I", "-c", _RUSAGE_PARENT, *cmd]
     with tempfile.TemporaryFile() as err_file:
         start = time.perf_counter()
-        proc = subprocess.Popen(wrapped, stdout=subprocess.PIPE, stderr=err_file, stdin=subprocess.DEVNULL, env=env, cwd=cwd,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            wrapped,
+            stdout=subprocess.PIPE,
+            stderr=err_file,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
         killed = threading.Event()
 
         def kill() -> None:
@@ -156,6 +166,7 @@ def tail(text: str, lines: int = 12) -> str:
 
 # --- GGUF copies for llama.cpp --------------------------------------------------------------------
 
+
 def write_llama_cpp_copy(src: str | Path, dst: str | Path, weights: str | None = None) -> Path:
     """Copy a model GGUF for llama.cpp: architecture `bitnet` (the `ryz-bitnet.*` keys renamed to
     `bitnet.*`, nothing else changed), and, if `weights` names the other ternary type, every ternary
@@ -182,7 +193,7 @@ def write_llama_cpp_copy(src: str | Path, dst: str | Path, weights: str | None =
         for f in reader.fields.values():
             if f.name == gguf.Keys.General.ARCHITECTURE or f.name.startswith("GGUF."):
                 continue
-            name = "bitnet." + f.name[len(OWN_ARCH_PREFIX):] if f.name.startswith(OWN_ARCH_PREFIX) else f.name
+            name = "bitnet." + f.name[len(OWN_ARCH_PREFIX) :] if f.name.startswith(OWN_ARCH_PREFIX) else f.name
             value = f.contents()
             if name == gguf.Keys.General.FILE_TYPE and target is not None:
                 value = int(gguf.LlamaFileType.MOSTLY_TQ1_0 if weights == "tq1_0" else gguf.LlamaFileType.MOSTLY_TQ2_0)
@@ -194,10 +205,18 @@ def write_llama_cpp_copy(src: str | Path, dst: str | Path, weights: str | None =
             qtype = t.tensor_type.name
             if target is not None and qtype in ternary and t.tensor_type != target:
                 shape = tuple(int(d) for d in reversed(t.shape))  # numpy order (rows, cols)
-                plan.append((t, lambda t=t, shape=shape: quants.pack_ternary(
-                    quants.unpack_ternary(np.asarray(t.data), ternary[t.tensor_type.name], shape), weights)))
+                plan.append(
+                    (
+                        t,
+                        lambda t=t, shape=shape: quants.pack_ternary(
+                            quants.unpack_ternary(np.asarray(t.data), ternary[t.tensor_type.name], shape), weights
+                        ),
+                    )
+                )
                 nbytes = int(np.prod(shape[:-1])) * quants.bytes_per_row(weights, shape[-1])
-                writer.add_tensor_info(t.name, (*shape[:-1], quants.bytes_per_row(weights, shape[-1])), np.dtype(np.uint8), nbytes, target)
+                writer.add_tensor_info(
+                    t.name, (*shape[:-1], quants.bytes_per_row(weights, shape[-1])), np.dtype(np.uint8), nbytes, target
+                )
             else:
                 plan.append((t, lambda t=t: t.data))
                 writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
@@ -216,22 +235,30 @@ def write_llama_cpp_copy(src: str | Path, dst: str | Path, weights: str | None =
 
 # --- llama.cpp: build llama-bench / llama-server from the llama-cpp-python sdist ---------------------
 
+
 @dataclass
 class LlamaCppBuild:
     """One cached llama.cpp tree (`<cache>/peers/llama.cpp-<commit7>`: `src/`, `build/`, `build.json`,
     `build.log`) and the binaries it has built so far."""
+
     root: Path
     commit: str
     version: str
     binaries: dict[str, Path]
-    cached: bool                           # every requested target was already built
+    cached: bool  # every requested target was already built
     build_seconds: dict[str, float | None]  # per target: the wall time of the build that produced it
-    flags: dict[str, list[str]]            # per target: the configure flags it was built with
+    flags: dict[str, list[str]]  # per target: the configure flags it was built with
 
     def describe(self, target: str) -> dict:
-        return {"binary": str(self.binaries[target]), "commit": self.commit, "version": self.version,
-                "cached": self.cached, "build_seconds": self.build_seconds.get(target), "flags": self.flags.get(target, []),
-                "source": f"llama-cpp-python=={self.version} sdist, vendor/llama.cpp"}
+        return {
+            "binary": str(self.binaries[target]),
+            "commit": self.commit,
+            "version": self.version,
+            "cached": self.cached,
+            "build_seconds": self.build_seconds.get(target),
+            "flags": self.flags.get(target, []),
+            "source": f"llama-cpp-python=={self.version} sdist, vendor/llama.cpp",
+        }
 
 
 @dataclass
@@ -277,8 +304,22 @@ def _download_sdist(dest: Path, version: str) -> Path:
     if existing:
         return existing[0]
     log(f"downloading the llama-cpp-python {version} sdist with pip")
-    done = run_measured([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                         "--disable-pip-version-check", f"llama-cpp-python=={version}", "-d", str(dest)], timeout=900)
+    done = run_measured(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--disable-pip-version-check",
+            f"llama-cpp-python=={version}",
+            "-d",
+            str(dest),
+        ],
+        timeout=900,
+    )
     found = sorted(dest.glob(f"llama_cpp_python-{version}.tar.gz"))
     if done.returncode != 0 or not found:
         raise RuntimeError(f"pip download llama-cpp-python=={version} failed: {tail(done.stderr, 6)}")
@@ -302,8 +343,9 @@ def _extract_sdist(archive: Path, dest: Path) -> Path:
     return dest
 
 
-def ensure_llama_cpp(cache_dir: Path, targets=("llama-bench",), version: str = LLAMA_CPP_PYTHON_VERSION,
-                     jobs: int | None = None) -> LlamaCppBuild:
+def ensure_llama_cpp(
+    cache_dir: Path, targets=("llama-bench",), version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int | None = None
+) -> LlamaCppBuild:
     """Build (once) and return llama.cpp's `targets` from the llama-cpp-python `version` sdist.
 
     All targets share one source tree and one build directory per commit: a target added later (say
@@ -351,8 +393,14 @@ def ensure_llama_cpp(cache_dir: Path, targets=("llama-bench",), version: str = L
 def ensure_llama_bench(cache_dir: Path, version: str = LLAMA_CPP_PYTHON_VERSION, jobs: int | None = None) -> LlamaBench:
     """Build (once) and return llama.cpp's llama-bench from the llama-cpp-python `version` sdist."""
     b = ensure_llama_cpp(cache_dir, ("llama-bench",), version, jobs)
-    return LlamaBench(b.binaries["llama-bench"], b.commit, b.version, b.cached, b.build_seconds.get("llama-bench"),
-                      b.flags.get("llama-bench", []))
+    return LlamaBench(
+        b.binaries["llama-bench"],
+        b.commit,
+        b.version,
+        b.cached,
+        b.build_seconds.get("llama-bench"),
+        b.flags.get("llama-bench", []),
+    )
 
 
 def _build_meta(tree: Path) -> dict | None:
@@ -374,9 +422,15 @@ def _cached_build(tree: Path, version: str, targets) -> LlamaCppBuild | None:
     built = {t: tree / "build" / "bin" / t for t in meta["targets"] if (tree / "build" / "bin" / t).is_file()}
     if not all(t in built for t in targets):
         return None
-    return LlamaCppBuild(tree, meta["commit"], meta.get("version", version), built, True,
-                         {t: meta["targets"][t].get("build_seconds") for t in built},
-                         {t: meta["targets"][t].get("flags", []) for t in built})
+    return LlamaCppBuild(
+        tree,
+        meta["commit"],
+        meta.get("version", version),
+        built,
+        True,
+        {t: meta["targets"][t].get("build_seconds") for t in built},
+        {t: meta["targets"][t].get("flags", []) for t in built},
+    )
 
 
 def _build(tree: Path, commit: str, version: str, targets, jobs: int) -> LlamaCppBuild:
@@ -390,21 +444,31 @@ def _build(tree: Path, commit: str, version: str, targets, jobs: int) -> LlamaCp
     start = time.perf_counter()
     log(f"building llama.cpp {commit[:7]} {' '.join(missing)} in {tree} (a few minutes)")
     with (tree / "build.log").open("a") as build_log:
-        for cmd in (["cmake", "-S", str(tree / "src"), "-B", str(build), *flags],
-                    ["cmake", "--build", str(build), "--target", *missing, "-j", str(jobs)]):
+        for cmd in (
+            ["cmake", "-S", str(tree / "src"), "-B", str(build), *flags],
+            ["cmake", "--build", str(build), "--target", *missing, "-j", str(jobs)],
+        ):
             build_log.write("$ " + " ".join(cmd) + "\n")
             build_log.flush()
             done = run_measured(cmd, timeout=BUILD_TIMEOUT)
             build_log.write(done.stdout + done.stderr)
             if done.returncode != 0:
-                raise RuntimeError(f"`{' '.join(cmd[:3])} ...` failed (log: {tree / 'build.log'}): {tail(done.stdout + done.stderr, 8)}")
+                raise RuntimeError(
+                    f"`{' '.join(cmd[:3])} ...` failed (log: {tree / 'build.log'}): {tail(done.stdout + done.stderr, 8)}"
+                )
     for t in missing:
         if not (build / "bin" / t).is_file():
             raise RuntimeError(f"the llama.cpp build produced no {build / 'bin' / t}")
     seconds = round(time.perf_counter() - start, 1)
     targets_meta = {**done_before, **{t: {"flags": flags, "build_seconds": seconds} for t in missing}}
-    record = {"commit": commit, "version": version, "flags": flags, "targets": targets_meta,
-              "compiler": _compiler_version(), "machine": platform.machine()}
+    record = {
+        "commit": commit,
+        "version": version,
+        "flags": flags,
+        "targets": targets_meta,
+        "compiler": _compiler_version(),
+        "machine": platform.machine(),
+    }
     if "llama-bench" in targets_meta:  # the fields readers of the single-target record know
         record["build_seconds"] = targets_meta["llama-bench"].get("build_seconds")
     tmp = tree / "build.json.tmp"
@@ -412,8 +476,15 @@ def _build(tree: Path, commit: str, version: str, targets, jobs: int) -> LlamaCp
     os.replace(tmp, tree / "build.json")
     log(f"built {' '.join(missing)} in {seconds:.0f} s")
     binaries = {t: build / "bin" / t for t in targets_meta}
-    return LlamaCppBuild(tree, commit, version, binaries, False, {t: v.get("build_seconds") for t, v in targets_meta.items()},
-                         {t: v.get("flags", []) for t, v in targets_meta.items()})
+    return LlamaCppBuild(
+        tree,
+        commit,
+        version,
+        binaries,
+        False,
+        {t: v.get("build_seconds") for t, v in targets_meta.items()},
+        {t: v.get("flags", []) for t, v in targets_meta.items()},
+    )
 
 
 def _compiler_version() -> str:
@@ -426,8 +497,21 @@ def _compiler_version() -> str:
 
 def run_llama_bench(bench: LlamaBench, model: Path, threads: int, prompt: int, gen: int, repetitions: int = 1) -> dict:
     """One llama-bench invocation (pp`prompt` and tg`gen`, `repetitions` each, after its own warm-up)."""
-    cmd = [str(bench.binary), "-m", str(model), "-p", str(prompt), "-n", str(gen), "-t", str(threads),
-           "-r", str(repetitions), "-o", "json"]
+    cmd = [
+        str(bench.binary),
+        "-m",
+        str(model),
+        "-p",
+        str(prompt),
+        "-n",
+        str(gen),
+        "-t",
+        str(threads),
+        "-r",
+        str(repetitions),
+        "-o",
+        "json",
+    ]
     done = run_measured(cmd, timeout=RUN_TIMEOUT)
     if done.returncode != 0:
         raise RuntimeError(f"llama-bench exited {done.returncode}: {tail(done.stderr, 8)}")
@@ -441,7 +525,16 @@ def run_llama_bench(bench: LlamaBench, model: Path, threads: int, prompt: int, g
         elif r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0:
             out["decode_tok_s"] = float(r["avg_ts"])
             out["decode_samples"] = [float(x) for x in r.get("samples_ts", [r["avg_ts"]])]
-        for key in ("build_commit", "cpu_info", "type_k", "n_batch", "n_ubatch", "flash_attn", "model_type", "model_size"):
+        for key in (
+            "build_commit",
+            "cpu_info",
+            "type_k",
+            "n_batch",
+            "n_ubatch",
+            "flash_attn",
+            "model_type",
+            "model_size",
+        ):
             if key in r:
                 out.setdefault("info", {})[key] = r[key]
     if "decode_tok_s" not in out or "prefill_tok_s" not in out:
@@ -455,11 +548,13 @@ ORT_PEER = "onnxruntime-matmulnbits"
 ORT_BLOCK_SIZE = 128  # the fastest of 32/64/128 for bits=2 on AVX-512 (256 falls back to a slow path)
 ORT_HEAD_BLOCK_SIZE = 32
 ORT_GRAPH_VERSION = 2  # part of the cache key: bump when build_layers_model changes
-ORT_NOTE = ("matmul-only: 7 ternary MatMulNBits (bits=2) per layer x layers + an 8-bit MatMulNBits head on the "
-            "last row, with only a LayerNormalization and elementwise Mul/Add per layer to chain them; no "
-            "attention, RoPE or KV cache, so an upper bound for a full onnxruntime model. Every layer holds its "
-            "own rotation of one layer's random ternary weights (distinct bytes: onnxruntime shares identical "
-            "initializers, which would keep them cache-resident).")
+ORT_NOTE = (
+    "matmul-only: 7 ternary MatMulNBits (bits=2) per layer x layers + an 8-bit MatMulNBits head on the "
+    "last row, with only a LayerNormalization and elementwise Mul/Add per layer to chain them; no "
+    "attention, RoPE or KV cache, so an upper bound for a full onnxruntime model. Every layer holds its "
+    "own rotation of one layer's random ternary weights (distinct bytes: onnxruntime shares identical "
+    "initializers, which would keep them cache-resident)."
+)
 
 
 def pack_nbits(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
@@ -500,20 +595,41 @@ def int8_matmulnbits_inputs(values: np.ndarray, block_size: int = ORT_HEAD_BLOCK
     return q.astype(np.uint8), scales.reshape(-1), np.full(n * (k // block_size), 128, dtype=np.uint8)
 
 
-def matmulnbits_node(x: str, out: str, prefix: str, b, scales, zero_points, bits: int, block_size: int,
-                     accuracy_level: int, initializers: list):
+def matmulnbits_node(
+    x: str,
+    out: str,
+    prefix: str,
+    b,
+    scales,
+    zero_points,
+    bits: int,
+    block_size: int,
+    accuracy_level: int,
+    initializers: list,
+):
     from onnx import helper, numpy_helper
 
     n = b.shape[0]
     k = b.shape[1] * block_size
     for suffix, value in (("B", b), ("S", scales), ("Z", zero_points)):
         initializers.append(numpy_helper.from_array(value, f"{prefix}.{suffix}"))
-    return helper.make_node("MatMulNBits", [x, f"{prefix}.B", f"{prefix}.S", f"{prefix}.Z"], [out], domain="com.microsoft",
-                            name=prefix, K=k, N=n, bits=bits, block_size=block_size, accuracy_level=accuracy_level)
+    return helper.make_node(
+        "MatMulNBits",
+        [x, f"{prefix}.B", f"{prefix}.S", f"{prefix}.Z"],
+        [out],
+        domain="com.microsoft",
+        name=prefix,
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=block_size,
+        accuracy_level=accuracy_level,
+    )
 
 
-def build_matmulnbits_model(matrices: list[tuple[str, np.ndarray, float]], block_size: int = ORT_BLOCK_SIZE,
-                            accuracy_level: int = 4):
+def build_matmulnbits_model(
+    matrices: list[tuple[str, np.ndarray, float]], block_size: int = ORT_BLOCK_SIZE, accuracy_level: int = 4
+):
     """A graph computing Y_i = X @ (codes_i * scale_i).T for each (name, codes (N, K), scale), all from
     the input X: the builder `tests/test_bench.py` checks against numpy."""
     from onnx import TensorProto, helper
@@ -524,16 +640,20 @@ def build_matmulnbits_model(matrices: list[tuple[str, np.ndarray, float]], block
         b, s, z = ternary_matmulnbits_inputs(codes, scale, block_size)
         nodes.append(matmulnbits_node("X", name, name, b, s, z, 2, block_size, accuracy_level, inits))
         outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["M", codes.shape[0]]))
-    graph = helper.make_graph(nodes, "ternary", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", k])], outputs,
-                              initializer=inits)
+    graph = helper.make_graph(
+        nodes, "ternary", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", k])], outputs, initializer=inits
+    )
     return _model(graph)
 
 
 def _model(graph):
     from onnx import helper
 
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
-                             producer_name="ryzanstein-bench")
+    return helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+        producer_name="ryzanstein-bench",
+    )
 
 
 def build_layers_model(hp: dict, block_size: int = ORT_BLOCK_SIZE, accuracy_level: int = 4, seed: int = 0):
@@ -546,15 +666,24 @@ def build_layers_model(hp: dict, block_size: int = ORT_BLOCK_SIZE, accuracy_leve
     rng = np.random.default_rng(seed)
     hidden, ffn = hp["hidden"], hp["ffn"]
     q_dim, kv_dim = hp["heads"] * hp["head_dim"], hp["kv_heads"] * hp["head_dim"]
-    shapes = {"q": (q_dim, hidden), "k": (kv_dim, hidden), "v": (kv_dim, hidden), "o": (hidden, q_dim),
-              "gate": (ffn, hidden), "up": (ffn, hidden), "down": (hidden, ffn)}
+    shapes = {
+        "q": (q_dim, hidden),
+        "k": (kv_dim, hidden),
+        "v": (kv_dim, hidden),
+        "o": (hidden, q_dim),
+        "gate": (ffn, hidden),
+        "up": (ffn, hidden),
+        "down": (hidden, ffn),
+    }
     packed = {}
     for name, (n, k) in shapes.items():
         codes = rng.integers(-1, 2, size=(n, k), dtype=np.int8)
         packed[name] = ternary_matmulnbits_inputs(codes, float(np.sqrt(1.5 / k)), block_size)
     nodes: list = []
-    inits = [helper.make_tensor("norm.scale", TensorProto.FLOAT, [hidden], np.ones(hidden, np.float32)),
-             helper.make_tensor("rowsum.axes", TensorProto.INT64, [1], [1])]
+    inits = [
+        helper.make_tensor("norm.scale", TensorProto.FLOAT, [hidden], np.ones(hidden, np.float32)),
+        helper.make_tensor("rowsum.axes", TensorProto.INT64, [1], [1]),
+    ]
     x = "X"
     for layer in range(hp["layers"]):
         p = f"blk.{layer}"
@@ -564,7 +693,9 @@ def build_layers_model(hp: dict, block_size: int = ORT_BLOCK_SIZE, accuracy_leve
             # distinct bytes per layer (a rotation of the same codes): onnxruntime shares identical
             # initializers, which would leave one layer's weights resident in the L3 cache
             b = np.roll(b.reshape(-1), (layer + 1) * 4099 % b.size).reshape(b.shape)
-            nodes.append(matmulnbits_node(inp, f"{p}.{name}.out", f"{p}.{name}", b, s, z, 2, block_size, accuracy_level, inits))
+            nodes.append(
+                matmulnbits_node(inp, f"{p}.{name}.out", f"{p}.{name}", b, s, z, 2, block_size, accuracy_level, inits)
+            )
             return f"{p}.{name}.out"
 
         def op(kind, inputs, out, **attrs):
@@ -578,16 +709,27 @@ def build_layers_model(hp: dict, block_size: int = ORT_BLOCK_SIZE, accuracy_leve
         kv = op("ReduceSum", [op("Add", [k, v], "kv"), "rowsum.axes"], "kvsum", keepdims=1)
         y = op("Add", [op("Add", [op("Add", [x, o], "res1"), down], "res2"), kv], "res3")
         x = op("LayerNormalization", [y, "norm.scale"], "norm", axis=-1, epsilon=1e-5)
-    inits += [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in
-              (("last.starts", -1), ("last.ends", 2**62), ("last.axes", 0))]
+    inits += [
+        helper.make_tensor(n, TensorProto.INT64, [1], [v])
+        for n, v in (("last.starts", -1), ("last.ends", 2**62), ("last.axes", 0))
+    ]
     nodes.append(helper.make_node("Slice", [x, "last.starts", "last.ends", "last.axes"], ["last"], name="last"))
-    parts = [int8_matmulnbits_inputs(rng.standard_normal((min(16384, hp["vocab"] - r), hidden), dtype=np.float32) * np.float32(0.02))
-             for r in range(0, hp["vocab"], 16384)]  # in row chunks: a 128k vocabulary is 1.3 GB as float32
+    parts = [
+        int8_matmulnbits_inputs(
+            rng.standard_normal((min(16384, hp["vocab"] - r), hidden), dtype=np.float32) * np.float32(0.02)
+        )
+        for r in range(0, hp["vocab"], 16384)
+    ]  # in row chunks: a 128k vocabulary is 1.3 GB as float32
     b, s, z = (np.concatenate(a) for a in zip(*parts))
     del parts
     nodes.append(matmulnbits_node("last", "logits", "output", b, s, z, 8, ORT_HEAD_BLOCK_SIZE, accuracy_level, inits))
-    graph = helper.make_graph(nodes, "ternary-layers", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", hidden])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, hp["vocab"]])], initializer=inits)
+    graph = helper.make_graph(
+        nodes,
+        "ternary-layers",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["M", hidden])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, hp["vocab"]])],
+        initializer=inits,
+    )
     return _model(graph)
 
 
@@ -595,7 +737,10 @@ def ensure_ort_model(cache_dir: Path, hp: dict, block_size: int = ORT_BLOCK_SIZE
     """The peer graph for this shape, cached as `<cache>/peers/onnx/<key>/model.onnx` (+ external data)."""
     import onnx
 
-    key = "h{hidden}-l{layers}-a{heads}x{head_dim}-kv{kv_heads}-f{ffn}-v{vocab}".format(**hp) + f"-b{block_size}-acc{accuracy_level}-g{ORT_GRAPH_VERSION}"
+    key = (
+        "h{hidden}-l{layers}-a{heads}x{head_dim}-kv{kv_heads}-f{ffn}-v{vocab}".format(**hp)
+        + f"-b{block_size}-acc{accuracy_level}-g{ORT_GRAPH_VERSION}"
+    )
     root = Path(cache_dir) / "peers" / "onnx"
     target = root / key
     model_path = target / "model.onnx"
@@ -605,8 +750,14 @@ def ensure_ort_model(cache_dir: Path, hp: dict, block_size: int = ORT_BLOCK_SIZE
         log(f"building the onnxruntime MatMulNBits graph ({hp['layers']} layers)")
         model = build_layers_model(hp, block_size, accuracy_level)
         with atomic_directory(target) as work:
-            onnx.save_model(model, str(work / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location="weights.bin", size_threshold=1024)
+            onnx.save_model(
+                model,
+                str(work / "model.onnx"),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location="weights.bin",
+                size_threshold=1024,
+            )
             del model
     return model_path
 
@@ -653,8 +804,12 @@ def _ort_worker(spec: dict) -> dict:
     for _ in range(spec["gen"]):
         session.run(outputs, {"X": one})
     decode = time.perf_counter() - start
-    return {"decode_tok_s": spec["gen"] / decode, "prefill_tok_s": spec["prompt"] / prefill, "ttft_ms": prefill * 1e3,
-            "load_seconds": round(load, 3)}
+    return {
+        "decode_tok_s": spec["gen"] / decode,
+        "prefill_tok_s": spec["prompt"] / prefill,
+        "ttft_ms": prefill * 1e3,
+        "load_seconds": round(load, 3),
+    }
 
 
 def worker_main(module: str, command: str, work) -> None:

@@ -27,8 +27,13 @@ CHART = {"width": 640, "height": 360, "left": 64, "right": 24, "top": 24, "botto
 def _env():
     from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
-    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2", "jinja2"]),
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        autoescape=select_autoescape(["html", "j2", "jinja2"]),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     env.filters["num"] = format_number
     return env
 
@@ -40,10 +45,11 @@ def format_number(value, digits: int = 4) -> str:
         return str(value)
     if isinstance(value, int):
         return f"{value:,}"
-    return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:,.0f}"
+    return f"{value:.{digits}g}" if abs(value) < 10**digits else f"{value:,.0f}"
 
 
 # --- headline and chart -------------------------------------------------------------------------------
+
 
 def headline_metric(task: dict) -> str | None:
     """A task's headline accuracy metric: the first of HEADLINE_ORDER it reports, else any accuracy-like one."""
@@ -122,31 +128,56 @@ def chart(points: list[dict]) -> dict | None:
     def py(y):
         return c["top"] + h - (y - y0) / (y1 - y0) * h
 
-    return {**c, "plot_w": w, "plot_h": h,
-            "xticks": [{"x": px(t), "label": format_number(t, 3)} for t in xt],
-            "yticks": [{"y": py(t), "label": format_number(t, 3)} for t in yt],
-            "points": [{**p, "x": px(p["decode"]), "y": py(p["accuracy"])} for p in points]}
+    return {
+        **c,
+        "plot_w": w,
+        "plot_h": h,
+        "xticks": [{"x": px(t), "label": format_number(t, 3)} for t in xt],
+        "yticks": [{"y": py(t), "label": format_number(t, 3)} for t in yt],
+        "points": [{**p, "x": px(p["decode"]), "y": py(p["accuracy"])} for p in points],
+    }
 
 
 # --- rendering --------------------------------------------------------------------------------------
+
 
 def task_rows(record: dict) -> list[dict]:
     rows = []
     for task, entry in (record.get("tasks") or {}).items():
         for metric, m in (entry.get("metrics") or {}).items():
-            rows.append({"task": task, "metric": metric, "value": m.get("value"), "stderr": m.get("stderr"),
-                         "n": entry.get("n"), "limit": entry.get("limit"), "group": entry.get("group", False),
-                         "higher": (entry.get("higher_is_better") or {}).get(metric)})
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric,
+                    "value": m.get("value"),
+                    "stderr": m.get("stderr"),
+                    "n": entry.get("n"),
+                    "limit": entry.get("limit"),
+                    "group": entry.get("group", False),
+                    "higher": (entry.get("higher_is_better") or {}).get(metric),
+                }
+            )
     return rows
 
 
 def render_report(record: dict, others: list[dict]) -> str:
     """The evaluation report of `record` (HTML); `others`: records of the other evaluated versions (chart)."""
     points = chart_points(record, others)
-    return _env().get_template("evaluation.html.j2").render(
-        record=record, label=_label(record), rows=task_rows(record), bench=record.get("bench"),
-        chart=chart(points), points=points, headline=headline_accuracy(record),
-        failures=record.get("failures") or [], valid=record.get("valid"))
+    return (
+        _env()
+        .get_template("evaluation.html.j2")
+        .render(
+            record=record,
+            label=_label(record),
+            rows=task_rows(record),
+            bench=record.get("bench"),
+            chart=chart(points),
+            points=points,
+            headline=headline_accuracy(record),
+            failures=record.get("failures") or [],
+            valid=record.get("valid"),
+        )
+    )
 
 
 def compare_records(record_a: dict, record_b: dict) -> dict:
@@ -164,8 +195,13 @@ def compare_records(record_a: dict, record_b: dict) -> dict:
     only = {"a": sorted(set(ta) - set(tb)), "b": sorted(set(tb) - set(ta))}
     bench = {}
     ba, bb = record_a.get("bench") or {}, record_b.get("bench") or {}
-    for key, higher in (("decode_tok_s", True), ("prefill_tok_s", True), ("ttft_ms", False), ("peak_rss_mb", False),
-                        ("roofline_fraction", True)):
+    for key, higher in (
+        ("decode_tok_s", True),
+        ("prefill_tok_s", True),
+        ("ttft_ms", False),
+        ("peak_rss_mb", False),
+        ("roofline_fraction", True),
+    ):
         a, b = ba.get(key), bb.get(key)
         if a is not None and b is not None:
             bench[key] = {"a": a, "b": b, "delta": b - a, "ratio": (b / a) if a else None, "higher_is_better": higher}
@@ -178,23 +214,49 @@ def compare_metric(ma: dict, mb: dict, higher_is_better: bool | None = None) -> 
     delta = b - a
     se = math.sqrt(sa * sa + sb * sb) if sa is not None and sb is not None else None
     significant = None if se is None else (abs(delta) > Z_95 * se if se > 0 else delta != 0)
-    verdict = "n/a" if significant is None else "no significant difference" if not significant else (
-        "b better" if (delta > 0) == (higher_is_better is not False) else "b worse")
-    return {"a": a, "b": b, "delta": delta, "stderr_a": sa, "stderr_b": sb, "stderr": se,
-            "z": (delta / se) if se else None, "significant": significant, "verdict": verdict,
-            "higher_is_better": higher_is_better}
+    verdict = (
+        "n/a"
+        if significant is None
+        else "no significant difference"
+        if not significant
+        else ("b better" if (delta > 0) == (higher_is_better is not False) else "b worse")
+    )
+    return {
+        "a": a,
+        "b": b,
+        "delta": delta,
+        "stderr_a": sa,
+        "stderr_b": sb,
+        "stderr": se,
+        "z": (delta / se) if se else None,
+        "significant": significant,
+        "verdict": verdict,
+        "higher_is_better": higher_is_better,
+    }
 
 
 def render_comparison(record_a: dict, record_b: dict) -> str:
     """The comparison report of two records (HTML): per-task deltas with significance, bench ratios."""
     result = compare_records(record_a, record_b)
     rows = [{"task": t, "metric": m, **c} for t, metrics in result["tasks"].items() for m, c in metrics.items()]
-    return _env().get_template("comparison.html.j2").render(
-        a=record_a, b=record_b, label_a=_label(record_a), label_b=_label(record_b), rows=rows, bench=result["bench"],
-        only_in=result["only_in"], z=Z_95)
+    return (
+        _env()
+        .get_template("comparison.html.j2")
+        .render(
+            a=record_a,
+            b=record_b,
+            label_a=_label(record_a),
+            label_b=_label(record_b),
+            rows=rows,
+            bench=result["bench"],
+            only_in=result["only_in"],
+            z=Z_95,
+        )
+    )
 
 
 # --- files ------------------------------------------------------------------------------------------
+
 
 def report_record(record: dict, store, settings=None) -> Path:
     """Render `record`'s report against every evaluated registry version (same suite) and write it; its path.

@@ -34,12 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-HELP = ("measure recall@10 against exact float search and p50/p95 query latency of an index for each "
-        "quantization (none, int8, binary1, binary1.5, binary2)")
+HELP = (
+    "measure recall@10 against exact float search and p50/p95 query latency of an index for each "
+    "quantization (none, int8, binary1, binary1.5, binary2)"
+)
 K = 10
 WARMUP = 10
 EXCERPT_CHARS = 300
-TIE_EPS = 1e-5              # cosine slack when comparing a hit's exact score with the k-th exact score
+TIE_EPS = 1e-5  # cosine slack when comparing a hit's exact score with the k-th exact score
 
 
 def log(message: str) -> None:
@@ -58,7 +60,7 @@ def make_queries(payloads: list[dict], n: int, seed: int = 0) -> list[str]:
             continue
         width = rng.randint(1, 3)
         start = rng.randrange(0, len(lines) - width + 1)
-        text = " ".join(lines[start:start + width])[:EXCERPT_CHARS]
+        text = " ".join(lines[start : start + width])[:EXCERPT_CHARS]
         if len(text) >= 20:
             queries.append(text)
         if len(queries) == n:
@@ -93,8 +95,9 @@ def recall_of(hit_rows: list[int], query: np.ndarray, vectors: np.ndarray, thres
     return min(int((scores >= threshold - TIE_EPS).sum()), k) / k
 
 
-def measure_index(idx, queries: np.ndarray, vectors: np.ndarray, row_of: dict[str, int], thresholds: np.ndarray,
-                  k: int = K) -> dict:
+def measure_index(
+    idx, queries: np.ndarray, vectors: np.ndarray, row_of: dict[str, int], thresholds: np.ndarray, k: int = K
+) -> dict:
     """recall@k against exact search and search latency (one query at a time, after WARMUP queries)."""
     for q in queries[:WARMUP]:
         idx.search(q, k)
@@ -104,13 +107,24 @@ def measure_index(idx, queries: np.ndarray, vectors: np.ndarray, row_of: dict[st
         hits = idx.search(q, k, with_payload=True)
         latencies.append(time.perf_counter() - started)
         recalls.append(recall_of([row_of[h["id"]] for h in hits], q, vectors, threshold, k))
-    return {"recall_at_10": round(float(np.mean(recalls)), 4), "p50_ms": round(float(np.percentile(latencies, 50)) * 1e3, 3),
-            "p95_ms": round(float(np.percentile(latencies, 95)) * 1e3, 3)}
+    return {
+        "recall_at_10": round(float(np.mean(recalls)), 4),
+        "p50_ms": round(float(np.percentile(latencies, 50)) * 1e3, 3),
+        "p95_ms": round(float(np.percentile(latencies, 95)) * 1e3, 3),
+    }
 
 
-def evaluate_vectors(ids: list[str], vectors: np.ndarray, payloads: list[dict], query_vectors: np.ndarray, base_cfg,
-                     quantizations: list[str], dims_list: list[int], index_kinds: list[bool],
-                     workdir: Path) -> list[dict]:
+def evaluate_vectors(
+    ids: list[str],
+    vectors: np.ndarray,
+    payloads: list[dict],
+    query_vectors: np.ndarray,
+    base_cfg,
+    quantizations: list[str],
+    dims_list: list[int],
+    index_kinds: list[bool],
+    workdir: Path,
+) -> list[dict]:
     """One row per (dims, index kind, quantization): the vectors loaded into a fresh Edge shard, measured."""
     from engine.retrieval.index import EdgeIndex
 
@@ -136,35 +150,63 @@ def evaluate_vectors(ids: list[str], vectors: np.ndarray, payloads: list[dict], 
                         idx.optimize()
                         build_s = time.perf_counter() - started
                         result = measure_index(idx, q, x, row_of, thresholds)
-                        hits_full = [[row_of[h["id"]] for h in idx.search(v, K, with_payload=False)] for v in q] \
-                            if dims != full_dims else None
+                        hits_full = (
+                            [[row_of[h["id"]] for h in idx.search(v, K, with_payload=False)] for v in q]
+                            if dims != full_dims
+                            else None
+                        )
                         size = idx.ram_bytes()
                     finally:
                         idx.close()
                 finally:
                     shutil.rmtree(path, ignore_errors=True)
                 ram = size["ram"]
-                row = {"quantization": quantization, "compression": round(dims * 4 / ram, 2), **result,
-                       "dims": dims, "index": f"hnsw m={cfg.hnsw_m}" if hnsw else "plain",
-                       "hnsw_ef": cfg.hnsw_ef if hnsw else None, "rescore": cfg.rescore and quantization != "none",
-                       "oversampling": cfg.oversampling if quantization != "none" else None,
-                       "ram_bytes_per_vector": round(ram, 2), "code_bytes_per_vector": round(size["quantized"], 2),
-                       "hnsw_bytes_per_vector": None if size["hnsw"] is None else round(size["hnsw"], 2),
-                       "disk_bytes_per_vector": round(size["originals"], 2) if quantization != "none" else 0.0,
-                       "bytes_measured": size["measured"], "points": len(ids), "queries": len(q),
-                       "build_s": round(build_s, 2)}
+                row = {
+                    "quantization": quantization,
+                    "compression": round(dims * 4 / ram, 2),
+                    **result,
+                    "dims": dims,
+                    "index": f"hnsw m={cfg.hnsw_m}" if hnsw else "plain",
+                    "hnsw_ef": cfg.hnsw_ef if hnsw else None,
+                    "rescore": cfg.rescore and quantization != "none",
+                    "oversampling": cfg.oversampling if quantization != "none" else None,
+                    "ram_bytes_per_vector": round(ram, 2),
+                    "code_bytes_per_vector": round(size["quantized"], 2),
+                    "hnsw_bytes_per_vector": None if size["hnsw"] is None else round(size["hnsw"], 2),
+                    "disk_bytes_per_vector": round(size["originals"], 2) if quantization != "none" else 0.0,
+                    "bytes_measured": size["measured"],
+                    "points": len(ids),
+                    "queries": len(q),
+                    "build_s": round(build_s, 2),
+                }
                 if hits_full is not None:
-                    row["recall_at_10_vs_full"] = round(float(np.mean([recall_of(h, qf, x_full, t) for h, qf, t in
-                                                                       zip(hits_full, q_full, thresholds_full)])), 4)
-                log(f"{quantization:>9} dims {dims} {row['index']}: recall@10 {row['recall_at_10']:.4f}, "
-                    f"{row['compression']}x, p50 {row['p50_ms']} ms, p95 {row['p95_ms']} ms")
+                    row["recall_at_10_vs_full"] = round(
+                        float(
+                            np.mean(
+                                [recall_of(h, qf, x_full, t) for h, qf, t in zip(hits_full, q_full, thresholds_full)]
+                            )
+                        ),
+                        4,
+                    )
+                log(
+                    f"{quantization:>9} dims {dims} {row['index']}: recall@10 {row['recall_at_10']:.4f}, "
+                    f"{row['compression']}x, p50 {row['p50_ms']} ms, p95 {row['p95_ms']} ms"
+                )
                 rows.append(row)
     return rows
 
 
-def evaluate_index(index_dir: Path, embedder, quantizations: list[str] | None = None, dims_list: list[int] | None = None,
-                   index_kinds: list[bool] | None = None, n_queries: int = 200, seed: int = 0,
-                   search_overrides: dict | None = None, workdir: Path | None = None) -> dict:
+def evaluate_index(
+    index_dir: Path,
+    embedder,
+    quantizations: list[str] | None = None,
+    dims_list: list[int] | None = None,
+    index_kinds: list[bool] | None = None,
+    n_queries: int = 200,
+    seed: int = 0,
+    search_overrides: dict | None = None,
+    workdir: Path | None = None,
+) -> dict:
     """Evaluate a built index directory: its vectors re-loaded under each setting. Returns {"rows", "summary"}."""
     from engine.errors import RetrievalIndexError
     from engine.retrieval.index import QUANTIZATIONS, open_index, read_payloads_text
@@ -176,8 +218,10 @@ def evaluate_index(index_dir: Path, embedder, quantizations: list[str] | None = 
     finally:
         idx.close()
     if state["embedder"]["onnx_sha256"] != embedder.onnx_sha256:
-        raise RetrievalIndexError(f"the index was embedded with {state['embedder']['onnx_sha256']} but this embedder is "
-                                  f"{embedder.onnx_sha256}; queries must use the same ONNX model: rebuild the index")
+        raise RetrievalIndexError(
+            f"the index was embedded with {state['embedder']['onnx_sha256']} but this embedder is "
+            f"{embedder.onnx_sha256}; queries must use the same ONNX model: rebuild the index"
+        )
     if len(ids) < 2 * K:
         raise RetrievalIndexError(f"the index holds {len(ids)} chunks; recall@{K} needs at least {2 * K}")
     texts = make_queries(payloads, n_queries, seed)
@@ -192,56 +236,103 @@ def evaluate_index(index_dir: Path, embedder, quantizations: list[str] | None = 
     log(f"{len(ids)} chunks, {len(texts)} held-out queries embedded in {time.perf_counter() - started:.1f}s")
     workdir = Path(workdir or tempfile.gettempdir())
     workdir.mkdir(parents=True, exist_ok=True)
-    rows = evaluate_vectors(ids, vectors, payloads, query_vectors, cfg, list(quantizations or QUANTIZATIONS),
-                            list(dims_list or [cfg.dims]), list(index_kinds if index_kinds is not None else [cfg.hnsw]),
-                            workdir)
-    summary = {"chunks": len(ids), "queries": len(texts), "seed": seed, "dims": cfg.dims,
-               "embedder": state["embedder"], "corpus": {k: v for k, v in state["corpus"].items() if k != "unreadable"},
-               "embed_ms_p50": round(float(np.percentile(embed_lat, 50)) * 1e3, 3),
-               "embed_ms_p95": round(float(np.percentile(embed_lat, 95)) * 1e3, 3),
-               "config": cfg.to_json()}
+    rows = evaluate_vectors(
+        ids,
+        vectors,
+        payloads,
+        query_vectors,
+        cfg,
+        list(quantizations or QUANTIZATIONS),
+        list(dims_list or [cfg.dims]),
+        list(index_kinds if index_kinds is not None else [cfg.hnsw]),
+        workdir,
+    )
+    summary = {
+        "chunks": len(ids),
+        "queries": len(texts),
+        "seed": seed,
+        "dims": cfg.dims,
+        "embedder": state["embedder"],
+        "corpus": {k: v for k, v in state["corpus"].items() if k != "unreadable"},
+        "embed_ms_p50": round(float(np.percentile(embed_lat, 50)) * 1e3, 3),
+        "embed_ms_p95": round(float(np.percentile(embed_lat, 95)) * 1e3, 3),
+        "config": cfg.to_json(),
+    }
     return {"rows": rows, "summary": summary}
 
 
 def own_row(result: dict, cfg) -> dict | None:
     """The row measuring the index's own configuration."""
     for row in result["rows"]:
-        if row["quantization"] == cfg.quantization and row["dims"] == cfg.dims and row["index"].startswith("hnsw" if cfg.hnsw else "plain"):
+        if (
+            row["quantization"] == cfg.quantization
+            and row["dims"] == cfg.dims
+            and row["index"].startswith("hnsw" if cfg.hnsw else "plain")
+        ):
             return row
     return None
 
 
 def format_table(rows: list[dict]) -> str:
     """A markdown table of the rows."""
-    head = ("| quantization | dims | index | compression | RAM B/vec | disk B/vec (rescore) | recall@10 | "
-            "recall@10 vs 384 | p50 ms | p95 ms |")
+    head = (
+        "| quantization | dims | index | compression | RAM B/vec | disk B/vec (rescore) | recall@10 | "
+        "recall@10 vs 384 | p50 ms | p95 ms |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        lines.append(f"| {r['quantization']} | {r['dims']} | {r['index']} | {r['compression']}x | {r['ram_bytes_per_vector']} | "
-                     f"{r['disk_bytes_per_vector']} | {r['recall_at_10']:.4f} | {r.get('recall_at_10_vs_full', '')} | "
-                     f"{r['p50_ms']} | {r['p95_ms']} |")
+        lines.append(
+            f"| {r['quantization']} | {r['dims']} | {r['index']} | {r['compression']}x | {r['ram_bytes_per_vector']} | "
+            f"{r['disk_bytes_per_vector']} | {r['recall_at_10']:.4f} | {r.get('recall_at_10_vs_full', '')} | "
+            f"{r['p50_ms']} | {r['p95_ms']} |"
+        )
     return "\n".join(lines)
 
 
 def _csv(kind):
     def parse(text: str) -> list:
         return [kind(p) for p in text.split(",") if p.strip()]
+
     return parse
 
 
 def add_arguments(parser) -> None:
     """The `ryz index eval` arguments (adds `--json` unless the parser has it already)."""
-    parser.add_argument("ref", nargs="?", default="production",
-                        help="index reference: index:N, an alias (default production), an artifact id/prefix, or an index directory")
-    parser.add_argument("--quantization", type=_csv(str), default=None,
-                        help="comma-separated settings to measure (default: none,int8,binary1,binary1.5,binary2)")
-    parser.add_argument("--dims", type=_csv(int), default=None, help="comma-separated dims, e.g. 384,256,128 (default: the index's)")
-    parser.add_argument("--index", choices=["hnsw", "plain", "both"], default=None, help="HNSW graph, plain scan or both (default: the index's)")
+    parser.add_argument(
+        "ref",
+        nargs="?",
+        default="production",
+        help="index reference: index:N, an alias (default production), an artifact id/prefix, or an index directory",
+    )
+    parser.add_argument(
+        "--quantization",
+        type=_csv(str),
+        default=None,
+        help="comma-separated settings to measure (default: none,int8,binary1,binary1.5,binary2)",
+    )
+    parser.add_argument(
+        "--dims", type=_csv(int), default=None, help="comma-separated dims, e.g. 384,256,128 (default: the index's)"
+    )
+    parser.add_argument(
+        "--index",
+        choices=["hnsw", "plain", "both"],
+        default=None,
+        help="HNSW graph, plain scan or both (default: the index's)",
+    )
     parser.add_argument("--queries", type=int, default=None, help="held-out queries (default RYZ_INDEX_EVAL_QUERIES)")
     parser.add_argument("--oversampling", type=float, default=None, help="search oversampling (default the index's)")
-    parser.add_argument("--hnsw-m", type=int, default=None, help="HNSW links per node of the evaluated shards (default the index's)")
-    parser.add_argument("--hnsw-ef", type=int, default=None, help="HNSW search beam width (default the index's, RYZ_INDEX_HNSW_EF at build)")
-    parser.add_argument("--no-rescore", dest="rescore", action="store_false", default=None, help="do not rescore with float vectors")
+    parser.add_argument(
+        "--hnsw-m", type=int, default=None, help="HNSW links per node of the evaluated shards (default the index's)"
+    )
+    parser.add_argument(
+        "--hnsw-ef",
+        type=int,
+        default=None,
+        help="HNSW search beam width (default the index's, RYZ_INDEX_HNSW_EF at build)",
+    )
+    parser.add_argument(
+        "--no-rescore", dest="rescore", action="store_false", default=None, help="do not rescore with float vectors"
+    )
     parser.add_argument("--seed", type=int, default=0)
     if not any("--json" in a.option_strings for a in parser._actions):
         parser.add_argument("--json", action="store_true", help="print the rows as a JSON array")
@@ -257,19 +348,35 @@ def main(args) -> int:
 
     with resolve_index(args.ref) as index_dir:
         state = json.loads((Path(index_dir) / "ryz-index.json").read_text())
-        result = evaluate_index(index_dir, embedder_for(state), args.quantization, args.dims, index_kinds_arg(args.index),
-                                args.queries or _settings().index_eval_queries, args.seed,
-                                {k: v for k, v in {"oversampling": args.oversampling, "rescore": args.rescore,
-                                                   "hnsw_m": args.hnsw_m, "hnsw_ef": args.hnsw_ef}.items()
-                                 if v is not None})
+        result = evaluate_index(
+            index_dir,
+            embedder_for(state),
+            args.quantization,
+            args.dims,
+            index_kinds_arg(args.index),
+            args.queries or _settings().index_eval_queries,
+            args.seed,
+            {
+                k: v
+                for k, v in {
+                    "oversampling": args.oversampling,
+                    "rescore": args.rescore,
+                    "hnsw_m": args.hnsw_m,
+                    "hnsw_ef": args.hnsw_ef,
+                }.items()
+                if v is not None
+            },
+        )
     if args.json:
         sys.stdout.write(json.dumps(result["rows"], indent=2) + "\n")
     else:
         print(format_table(result["rows"]))
         s = result["summary"]
-        print(f"\n{s['chunks']} chunks, {s['queries']} held-out queries; query embedding p50 {s['embed_ms_p50']} ms "
-              f"(p95 {s['embed_ms_p95']} ms); embedder {s['embedder']['model']} {s['embedder']['precision']} "
-              f"{s['embedder']['onnx_sha256'][:19]}")
+        print(
+            f"\n{s['chunks']} chunks, {s['queries']} held-out queries; query embedding p50 {s['embed_ms_p50']} ms "
+            f"(p95 {s['embed_ms_p95']} ms); embedder {s['embedder']['model']} {s['embedder']['precision']} "
+            f"{s['embedder']['onnx_sha256'][:19]}"
+        )
     return 0
 
 

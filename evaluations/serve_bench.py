@@ -36,16 +36,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
-HELP = ("serving benchmark: aggregate decode tok/s and p50/p95 TTFT of `ryz serve` at 1/4/8/16 concurrent streams "
-        "(and of llama-server on the same GGUF)")
+HELP = (
+    "serving benchmark: aggregate decode tok/s and p50/p95 TTFT of `ryz serve` at 1/4/8/16 concurrent streams "
+    "(and of llama-server on the same GGUF)"
+)
 SCHEMA = 1
 STREAMS = (1, 4, 8, 16)
 PROMPT_TOKENS = 128
 GEN_TOKENS = 128
-MIN_REQUESTS = 8            # per level: streams x requests_per_stream >= this (8 TTFT samples at 1 stream)
-CTX_MARGIN = 16             # llama-server: per-slot context = prompt + gen + this
-REQUEST_TIMEOUT = 600.0     # one request, first byte to [DONE]
-READY_TIMEOUT = 600.0       # a server's start: load + warm-up
+MIN_REQUESTS = 8  # per level: streams x requests_per_stream >= this (8 TTFT samples at 1 stream)
+CTX_MARGIN = 16  # llama-server: per-slot context = prompt + gen + this
+REQUEST_TIMEOUT = 600.0  # one request, first byte to [DONE]
+READY_TIMEOUT = 600.0  # a server's start: load + warm-up
 WARMUP_TOKENS = 8
 LLAMA_SERVER = "llama-server"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -57,6 +59,7 @@ def log(message: str) -> None:
 
 # --- llama-server ----------------------------------------------------------------------------------
 
+
 def build_llama_server(cache_dir: str | Path, jobs: int | None = None) -> Path:
     """llama.cpp's `llama-server`, built once in the same cached tree (same llama-cpp-python sdist, same
     commit) as `ryz bench`'s llama-bench: `evaluations.peers.ensure_llama_cpp` with the `llama-server`
@@ -67,15 +70,34 @@ def build_llama_server(cache_dir: str | Path, jobs: int | None = None) -> Path:
     return peers.ensure_llama_cpp(Path(cache_dir), (LLAMA_SERVER,), jobs=jobs).binaries[LLAMA_SERVER]
 
 
-def llama_server_cmd(binary: str | Path, model: str | Path, port: int, threads: int, slots: int, prompt_tokens: int,
-                     gen_tokens: int) -> list[str]:
+def llama_server_cmd(
+    binary: str | Path, model: str | Path, port: int, threads: int, slots: int, prompt_tokens: int, gen_tokens: int
+) -> list[str]:
     """llama-server's command line (flags of llama.cpp 0c1e570, `common/arg.cpp`): `slots` parallel
     sequences each with its own `prompt + gen + CTX_MARGIN` positions (`-c` is the total, split over
     `-np` slots), continuous batching (its default, made explicit), no web UI, and no RAM prompt cache
     (every prompt is distinct: the cache could only cost)."""
-    return [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
-            "-tb", str(threads), "-np", str(slots), "-c", str(slots * slot_context(prompt_tokens, gen_tokens)),
-            "--cont-batching", "--no-webui", "--cache-ram", "0"]
+    return [
+        str(binary),
+        "-m",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-t",
+        str(threads),
+        "-tb",
+        str(threads),
+        "-np",
+        str(slots),
+        "-c",
+        str(slots * slot_context(prompt_tokens, gen_tokens)),
+        "--cont-batching",
+        "--no-webui",
+        "--cache-ram",
+        "0",
+    ]
 
 
 def slot_context(prompt_tokens: int, gen_tokens: int) -> int:
@@ -86,11 +108,28 @@ def slot_context(prompt_tokens: int, gen_tokens: int) -> int:
 def ours_cmd(model: str | Path, port: int, threads: int, slots: int, context: int) -> list[str]:
     """`ryz serve` on `model` (our OpenAI-compatible server, `/ready` when it accepts requests), with
     `slots` sequences of `context` positions each: the same as llama-server's per-slot context."""
-    return [sys.executable, "-m", "flows.cli", "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port),
-            "--threads", str(threads), "--max-seqs", str(slots), "--max-context", str(context)]
+    return [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "serve",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--threads",
+        str(threads),
+        "--max-seqs",
+        str(slots),
+        "--max-context",
+        str(context),
+    ]
 
 
 # --- servers as subprocesses ----------------------------------------------------------------------------
+
 
 class ServerError(RuntimeError):
     """A server did not start (it exited, or was not ready in time); the message ends with its log's tail."""
@@ -138,9 +177,16 @@ def _die_with_parent_hook():
 
 
 @contextlib.contextmanager
-def start_server(cmd: list[str], port: int, ready_path: str, timeout: float = READY_TIMEOUT,
-                 log_path: str | Path | None = None, env: dict | None = None, cwd: str | Path | None = None,
-                 name: str | None = None):
+def start_server(
+    cmd: list[str],
+    port: int,
+    ready_path: str,
+    timeout: float = READY_TIMEOUT,
+    log_path: str | Path | None = None,
+    env: dict | None = None,
+    cwd: str | Path | None = None,
+    name: str | None = None,
+):
     """Start `cmd` (which must listen on 127.0.0.1:`port`) in its own process group, wait until GET
     `ready_path` answers 200, yield the `subprocess.Popen`, and always kill the whole group on exit
     (SIGTERM, then SIGKILL after 10 s). stdout and stderr go to `log_path` (a temporary file when None);
@@ -156,8 +202,16 @@ def start_server(cmd: list[str], port: int, ready_path: str, timeout: float = RE
     url = f"http://127.0.0.1:{port}{ready_path}"
     name = name or Path(cmd[0]).name
     with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                start_new_session=True, preexec_fn=_die_with_parent_hook())
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=_die_with_parent_hook(),
+        )
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -171,7 +225,9 @@ def start_server(cmd: list[str], port: int, ready_path: str, timeout: float = RE
             except (OSError, urllib.error.URLError):
                 pass
             if time.monotonic() > deadline:
-                raise ServerError(f"{name} was not ready at {url} after {timeout:.0f} s ({log_path}):\n{_log_tail(log_path)}")
+                raise ServerError(
+                    f"{name} was not ready at {url} after {timeout:.0f} s ({log_path}):\n{_log_tail(log_path)}"
+                )
             time.sleep(0.25)
         proc.log_path = log_path  # type: ignore[attr-defined]
         yield proc
@@ -209,7 +265,7 @@ def group_cpu_seconds(pgid: int) -> float:
             text = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        fields = text[text.rindex(")") + 2:].split()
+        fields = text[text.rindex(")") + 2 :].split()
         if int(fields[2]) == pgid:
             total += int(fields[11]) + int(fields[12])
     return total / tick
@@ -229,6 +285,7 @@ def served_model(base_url: str, fallback: str) -> str:
 
 
 # --- the load generator ---------------------------------------------------------------------------------
+
 
 def percentile(values: list[float], q: float) -> float | None:
     """The q-th percentile (0..100), linear interpolation between closest ranks (numpy's default)."""
@@ -262,8 +319,16 @@ async def _request(client, url: str, body: dict, gen_tokens: int, timeout_s: flo
     `finish_reason` yet (a final event with only a finish reason and/or usage is not a token)."""
     import asyncio
 
-    rec: dict = {"sent_s": time.perf_counter() - t0, "first_s": None, "last_s": None, "chunks": 0, "usage_tokens": None,
-                 "prompt_tokens": None, "tokens": 0, "error": None}
+    rec: dict = {
+        "sent_s": time.perf_counter() - t0,
+        "first_s": None,
+        "last_s": None,
+        "chunks": 0,
+        "usage_tokens": None,
+        "prompt_tokens": None,
+        "tokens": 0,
+        "error": None,
+    }
     done = False
     try:
         async with asyncio.timeout(timeout_s):
@@ -307,8 +372,16 @@ async def _request(client, url: str, body: dict, gen_tokens: int, timeout_s: flo
     return rec
 
 
-async def _load(base_url: str, model: str, streams: int, requests_per_stream: int, prompts: list, gen_tokens: int,
-                timeout_s: float, extra: dict) -> tuple[list[dict], float]:
+async def _load(
+    base_url: str,
+    model: str,
+    streams: int,
+    requests_per_stream: int,
+    prompts: list,
+    gen_tokens: int,
+    timeout_s: float,
+    extra: dict,
+) -> tuple[list[dict], float]:
     import asyncio
 
     import httpx
@@ -323,8 +396,16 @@ async def _load(base_url: str, model: str, streams: int, requests_per_stream: in
         async def stream(s: int) -> None:
             for r in range(requests_per_stream):
                 i = s * requests_per_stream + r
-                body = {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": gen_tokens, "stream": True,
-                        "stream_options": {"include_usage": True}, "ignore_eos": True, "temperature": 0, **extra}
+                body = {
+                    "model": model,
+                    "prompt": prompts[i % len(prompts)],
+                    "max_tokens": gen_tokens,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                    "ignore_eos": True,
+                    "temperature": 0,
+                    **extra,
+                }
                 rec = await _request(client, url, body, gen_tokens, timeout_s, t0)
                 rec.update(stream=s, index=r)
                 records.append(rec)
@@ -334,8 +415,16 @@ async def _load(base_url: str, model: str, streams: int, requests_per_stream: in
     return records, wall
 
 
-def run_load(base_url: str, model: str, streams: int, requests_per_stream: int, prompt_ids, gen_tokens: int = GEN_TOKENS,
-             timeout_s: float = REQUEST_TIMEOUT, extra: dict | None = None) -> dict:
+def run_load(
+    base_url: str,
+    model: str,
+    streams: int,
+    requests_per_stream: int,
+    prompt_ids,
+    gen_tokens: int = GEN_TOKENS,
+    timeout_s: float = REQUEST_TIMEOUT,
+    extra: dict | None = None,
+) -> dict:
     """Drive `streams` concurrent streams against `base_url`'s `/v1/completions`, each sending
     `requests_per_stream` streaming requests back to back; return the level's measurements.
 
@@ -368,14 +457,29 @@ def run_load(base_url: str, model: str, streams: int, requests_per_stream: int, 
         raise ValueError("streams, requests_per_stream and gen_tokens must be positive")
     import asyncio
 
-    prompts = prompt_ids if (isinstance(prompt_ids, list) and prompt_ids and isinstance(prompt_ids[0], (list, str))) else [prompt_ids]
-    records, wall = asyncio.run(_load(base_url, model, streams, requests_per_stream, prompts, gen_tokens, timeout_s, extra or {}))
+    prompts = (
+        prompt_ids
+        if (isinstance(prompt_ids, list) and prompt_ids and isinstance(prompt_ids[0], (list, str)))
+        else [prompt_ids]
+    )
+    records, wall = asyncio.run(
+        _load(base_url, model, streams, requests_per_stream, prompts, gen_tokens, timeout_s, extra or {})
+    )
     ok = [r for r in records if r["error"] is None]
     failed = [r for r in records if r["error"] is not None]
     ttfts = [(r["first_s"] - r["sent_s"]) * 1e3 for r in ok]
-    out: dict = {"streams": streams, "requests": len(records), "ok": len(ok), "errors": len(failed),
-                 "decode_tok_s": None, "ttft_p50_ms": _round(percentile(ttfts, 50)), "ttft_p95_ms": _round(percentile(ttfts, 95)),
-                 "request_decode_tok_s_p50": None, "throughput_tok_s": None, "wall_s": round(wall, 3)}
+    out: dict = {
+        "streams": streams,
+        "requests": len(records),
+        "ok": len(ok),
+        "errors": len(failed),
+        "decode_tok_s": None,
+        "ttft_p50_ms": _round(percentile(ttfts, 50)),
+        "ttft_p95_ms": _round(percentile(ttfts, 95)),
+        "request_decode_tok_s_p50": None,
+        "throughput_tok_s": None,
+        "wall_s": round(wall, 3),
+    }
     if ok:
         window = decode_window([(r["first_s"], r["last_s"]) for r in ok])
         after_first = sum(r["tokens"] - 1 for r in ok)
@@ -403,6 +507,7 @@ def _round(value, digits: int = 3):
 
 
 # --- prompts ------------------------------------------------------------------------------------------
+
 
 def prompt_token_pool(path: str | Path) -> list[int]:
     """Token ids a random prompt may use: the GGUF vocabulary's normal tokens (type 1), without BOS/EOS
@@ -442,6 +547,7 @@ def make_prompts(pool: list[int], count: int, length: int, seed: int) -> list[li
 
 # --- the benchmark ------------------------------------------------------------------------------------
 
+
 class _Server:
     """One engine under load: how to start it, its live process, and its per-level results."""
 
@@ -480,10 +586,22 @@ def _summary(ours: dict, peer: dict | None, levels: list[int]) -> dict:
     return out
 
 
-def run_serve_bench(target: str, streams=STREAMS, peers: bool = True, ours: bool = True, threads: int | None = None,
-                    prompt_tokens: int = PROMPT_TOKENS, gen_tokens: int = GEN_TOKENS, min_requests: int = MIN_REQUESTS,
-                    timeout_s: float = REQUEST_TIMEOUT, ready_timeout: float = READY_TIMEOUT, interleave: bool = True,
-                    llama_server: str | Path | None = None, seed: int = 0, settings=None) -> dict:
+def run_serve_bench(
+    target: str,
+    streams=STREAMS,
+    peers: bool = True,
+    ours: bool = True,
+    threads: int | None = None,
+    prompt_tokens: int = PROMPT_TOKENS,
+    gen_tokens: int = GEN_TOKENS,
+    min_requests: int = MIN_REQUESTS,
+    timeout_s: float = REQUEST_TIMEOUT,
+    ready_timeout: float = READY_TIMEOUT,
+    interleave: bool = True,
+    llama_server: str | Path | None = None,
+    seed: int = 0,
+    settings=None,
+) -> dict:
     """Benchmark `target` (a shape name, synthesized and cached as `ryz bench` does, or a model reference)
     under `ryz serve` and, with `peers`, llama-server; returns the `ryz bench-serve --json` record.
 
@@ -491,8 +609,8 @@ def run_serve_bench(target: str, streams=STREAMS, peers: bool = True, ours: bool
     cache). `interleave`: keep both servers up and alternate them level by level (needs memory for both
     models); else run all of ours' levels, stop it, then the peer's. Our server failing to start raises
     `BenchError`; a peer that cannot run is reported as `{"error": ...}`."""
-    from engine.settings import get_settings
     from engine.host import loadavg
+    from engine.settings import get_settings
     from evaluations.bench import BenchError, default_threads, machine_info, resolve_target
 
     settings = settings or get_settings()
@@ -521,8 +639,14 @@ def run_serve_bench(target: str, streams=STREAMS, peers: bool = True, ours: bool
     with tempfile.TemporaryDirectory(prefix="bench-serve-", dir=tmp_root) as tmp:
         if ours:
             context = slot_context(prompt_tokens, gen_tokens)
-            servers.append(_Server("ryzanstein", lambda port: ours_cmd(tgt.path, port, threads, slots, context), "/ready",
-                                   {"model_file": str(tgt.path)}))
+            servers.append(
+                _Server(
+                    "ryzanstein",
+                    lambda port: ours_cmd(tgt.path, port, threads, slots, context),
+                    "/ready",
+                    {"model_file": str(tgt.path)},
+                )
+            )
         if peers:
             peer = _Server(LLAMA_SERVER, None, "/health", {})
             try:
@@ -537,9 +661,13 @@ def run_serve_bench(target: str, streams=STREAMS, peers: bool = True, ours: bool
 
                 log("writing the llama.cpp copy of the model (architecture bitnet)")
                 copy = write_llama_cpp_copy(tgt.path, Path(tmp) / "llama-server.gguf")
-                peer.cmd_for = lambda port, binary=binary, copy=copy: llama_server_cmd(binary, copy, port, threads, slots,
-                                                                                      prompt_tokens, gen_tokens)
-                peer.meta = {**info, "note": "llama.cpp's bitnet graph (SiLU FFN) on the same tensors, architecture key renamed"}
+                peer.cmd_for = lambda port, binary=binary, copy=copy: llama_server_cmd(
+                    binary, copy, port, threads, slots, prompt_tokens, gen_tokens
+                )
+                peer.meta = {
+                    **info,
+                    "note": "llama.cpp's bitnet graph (SiLU FFN) on the same tensors, architecture key renamed",
+                }
             except Exception as exc:  # noqa: BLE001 - a peer never stops the benchmark
                 peer.error = f"llama-server unavailable: {type(exc).__name__}: {exc}"
                 log(peer.error)
@@ -555,7 +683,9 @@ def run_serve_bench(target: str, streams=STREAMS, peers: bool = True, ours: bool
             log(f"starting {s.name} on port {s.port}")
             t = time.perf_counter()
             try:
-                s.proc = stack.enter_context(start_server(cmd, s.port, s.ready_path, ready_timeout, s.meta["log"], name=s.name))
+                s.proc = stack.enter_context(
+                    start_server(cmd, s.port, s.ready_path, ready_timeout, s.meta["log"], name=s.name)
+                )
                 s.meta["ready_seconds"] = round(time.perf_counter() - t, 2)
                 s.model = served_model(s.base_url, tgt.path.name)
                 warm = run_load(s.base_url, s.model, 1, 1, warmup_prompt, WARMUP_TOKENS, timeout_s)
@@ -572,7 +702,9 @@ def run_serve_bench(target: str, streams=STREAMS, peers: bool = True, ours: bool
         def measure(s: _Server, n: int, others: list[_Server]) -> None:
             if s.error or s.proc is None:
                 return
-            log(f"{s.name}: {n} streams x {plan[n]} requests ({prompt_tokens} prompt + {gen_tokens} generated tokens each)")
+            log(
+                f"{s.name}: {n} streams x {plan[n]} requests ({prompt_tokens} prompt + {gen_tokens} generated tokens each)"
+            )
             cpu0 = group_cpu_seconds(s.proc.pid)
             idle = [o for o in others if o.proc is not None and o.proc.poll() is None]
             idle0 = [group_cpu_seconds(o.proc.pid) for o in idle]
@@ -582,13 +714,17 @@ def run_serve_bench(target: str, streams=STREAMS, peers: bool = True, ours: bool
                 r = {"streams": n, "error": f"{type(exc).__name__}: {exc}"}
             r["server_cpu_s"] = round(group_cpu_seconds(s.proc.pid) - cpu0, 2)
             if idle:  # an idle server that burns CPU would slow the measured one down: shown here
-                r["idle_servers_cpu_s"] = {o.name: round(group_cpu_seconds(o.proc.pid) - c, 2) for o, c in zip(idle, idle0)}
+                r["idle_servers_cpu_s"] = {
+                    o.name: round(group_cpu_seconds(o.proc.pid) - c, 2) for o, c in zip(idle, idle0)
+                }
             if s.proc.poll() is not None:
                 s.error = f"the server exited with {s.proc.returncode} during the {n}-stream level"
                 r.setdefault("error", s.error)
             s.levels[str(n)] = r
-            log(f"  decode {r.get('decode_tok_s')} tok/s, TTFT p50 {r.get('ttft_p50_ms')} ms p95 {r.get('ttft_p95_ms')} ms, "
-                f"{r.get('errors', '?')} errors")
+            log(
+                f"  decode {r.get('decode_tok_s')} tok/s, TTFT p50 {r.get('ttft_p50_ms')} ms p95 {r.get('ttft_p95_ms')} ms, "
+                f"{r.get('errors', '?')} errors"
+            )
 
         live = [s for s in servers if not s.error]
         if interleave:
@@ -610,8 +746,11 @@ def run_serve_bench(target: str, streams=STREAMS, peers: bool = True, ours: bool
     peers_out: dict = {}
     if peers:
         p = by_name[LLAMA_SERVER]
-        peers_out[LLAMA_SERVER] = ({"error": p.error, **p.meta} if p.error and not p.levels
-                                   else {"streams": p.levels, **({"error": p.error} if p.error else {}), **p.meta})
+        peers_out[LLAMA_SERVER] = (
+            {"error": p.error, **p.meta}
+            if p.error and not p.levels
+            else {"streams": p.levels, **({"error": p.error} if p.error else {}), **p.meta}
+        )
         peer_result = p.levels or None
     return {
         "schema": SCHEMA,
@@ -624,17 +763,32 @@ def run_serve_bench(target: str, streams=STREAMS, peers: bool = True, ours: bool
         "file": str(tgt.path),
         "weights": tgt.weights,
         "head": tgt.head,
-        "settings": {"streams": levels, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "threads": threads,
-                     "slots": slots, "requests_per_stream": {str(n): plan[n] for n in levels}, "min_requests": min_requests,
-                     "request_timeout_s": timeout_s, "interleaved": interleave, "seed": seed,
-                     "request": {"endpoint": "/v1/completions", "stream": True, "stream_options": {"include_usage": True},
-                                 "max_tokens": gen_tokens, "ignore_eos": True,
-                                 "temperature": 0, "prompt": f"{prompt_tokens} token ids, distinct random per request"}},
+        "settings": {
+            "streams": levels,
+            "prompt_tokens": prompt_tokens,
+            "gen_tokens": gen_tokens,
+            "threads": threads,
+            "slots": slots,
+            "requests_per_stream": {str(n): plan[n] for n in levels},
+            "min_requests": min_requests,
+            "request_timeout_s": timeout_s,
+            "interleaved": interleave,
+            "seed": seed,
+            "request": {
+                "endpoint": "/v1/completions",
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "max_tokens": gen_tokens,
+                "ignore_eos": True,
+                "temperature": 0,
+                "prompt": f"{prompt_tokens} token ids, distinct random per request",
+            },
+        },
         "definitions": {
             "decode_tok_s": "sum over a level's successful requests of (generated tokens - 1) / decode_window_s, the time during "
-                            "which at least one request was decoding (union of the requests' first-token..last-token intervals)",
+            "which at least one request was decoding (union of the requests' first-token..last-token intervals)",
             "ttft_ms": "time from sending a request to its first streamed token chunk; p50/p95 over the level's successful "
-                       "requests (linear interpolation)",
+            "requests (linear interpolation)",
             "request_decode_tok_s_p50": "median over requests of (generated tokens - 1) / (last token - first token)",
             "throughput_tok_s": "all generated tokens of the level / its wall time (first send to last byte, prefills included)",
             "generated tokens": "usage.completion_tokens of the final event, else the number of token chunks; must equal gen_tokens",
@@ -647,11 +801,14 @@ def run_serve_bench(target: str, streams=STREAMS, peers: bool = True, ours: bool
 
 # --- the command ----------------------------------------------------------------------------------------
 
+
 def format_report(r: dict) -> str:
     s = r["settings"]
-    lines = [f"{r['target']} ({r['weights']}/{r['head']}), {s['threads']} threads, prompt {s['prompt_tokens']} + "
-             f"{s['gen_tokens']} generated tokens per request",
-             f"{'engine':<14}{'streams':>8}{'requests':>9}{'errors':>7}{'decode tok/s':>14}{'TTFT p50 ms':>13}{'TTFT p95 ms':>13}"]
+    lines = [
+        f"{r['target']} ({r['weights']}/{r['head']}), {s['threads']} threads, prompt {s['prompt_tokens']} + "
+        f"{s['gen_tokens']} generated tokens per request",
+        f"{'engine':<14}{'streams':>8}{'requests':>9}{'errors':>7}{'decode tok/s':>14}{'TTFT p50 ms':>13}{'TTFT p95 ms':>13}",
+    ]
     rows = [("ryzanstein", r["streams"])] if r.get("ours") is not None else []
     for name, peer in r["peers"].items():
         if "streams" in peer:
@@ -663,14 +820,18 @@ def format_report(r: dict) -> str:
             if d.get("decode_tok_s") is None and d.get("error"):
                 lines.append(f"{name:<14}{n:>8}  error: {d['error']}")
                 continue
-            lines.append(f"{name:<14}{n:>8}{d.get('requests', 0):>9}{d.get('errors', 0):>7}{d.get('decode_tok_s') or 0:>14.2f}"
-                         f"{d.get('ttft_p50_ms') or 0:>13.0f}{d.get('ttft_p95_ms') or 0:>13.0f}")
+            lines.append(
+                f"{name:<14}{n:>8}{d.get('requests', 0):>9}{d.get('errors', 0):>7}{d.get('decode_tok_s') or 0:>14.2f}"
+                f"{d.get('ttft_p50_ms') or 0:>13.0f}{d.get('ttft_p95_ms') or 0:>13.0f}"
+            )
             for e in d.get("error_messages", [])[:3]:
                 lines.append(f"{'':<22}{e['count']} x {e['error']}")
     summary = r.get("summary") or {}
     if "scaling_8_vs_1" in summary:
-        lines.append(f"8-stream decode / 1-stream: {summary['scaling_8_vs_1']:.2f}x (target >= 3.5x: "
-                     f"{'met' if summary['scaling_target_met'] else 'not met'})")
+        lines.append(
+            f"8-stream decode / 1-stream: {summary['scaling_8_vs_1']:.2f}x (target >= 3.5x: "
+            f"{'met' if summary['scaling_target_met'] else 'not met'})"
+        )
     if "decode_vs_llama_server" in summary:
         ratios = ", ".join(f"{n}: {v:.2f}x" if v else f"{n}: -" for n, v in summary["decode_vs_llama_server"].items())
         lines.append(f"decode vs llama-server per level: {ratios}")
@@ -697,22 +858,44 @@ def _streams_arg(text: str) -> list[int]:
 
 def add_arguments(parser) -> None:
     """The `ryz bench-serve` arguments (adds `--json` unless the parser has it already)."""
-    parser.add_argument("target", metavar="SHAPE_OR_ARTIFACT",
-                        help="a shape (tiny, medium, bitnet-2b4t: random weights, synthesized once and cached) or a model reference")
-    parser.add_argument("--streams", type=_streams_arg, default=list(STREAMS),
-                        help="comma-separated concurrency levels (default 1,4,8,16)")
-    parser.add_argument("--threads", type=int, help="server compute threads (default RYZ_THREADS, else all physical cores)")
+    parser.add_argument(
+        "target",
+        metavar="SHAPE_OR_ARTIFACT",
+        help="a shape (tiny, medium, bitnet-2b4t: random weights, synthesized once and cached) or a model reference",
+    )
+    parser.add_argument(
+        "--streams",
+        type=_streams_arg,
+        default=list(STREAMS),
+        help="comma-separated concurrency levels (default 1,4,8,16)",
+    )
+    parser.add_argument(
+        "--threads", type=int, help="server compute threads (default RYZ_THREADS, else all physical cores)"
+    )
     parser.add_argument("--prompt", type=int, default=PROMPT_TOKENS, help="prompt token ids per request (default 128)")
     parser.add_argument("--gen", type=int, default=GEN_TOKENS, help="generated tokens per request (default 128)")
-    parser.add_argument("--min-requests", type=int, default=MIN_REQUESTS,
-                        help="requests per level at least (streams x requests per stream; default 8)")
-    parser.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT, help="seconds one request may take (default 600)")
+    parser.add_argument(
+        "--min-requests",
+        type=int,
+        default=MIN_REQUESTS,
+        help="requests per level at least (streams x requests per stream; default 8)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=REQUEST_TIMEOUT, help="seconds one request may take (default 600)"
+    )
     parser.add_argument("--no-peers", dest="peers", action="store_false", help="only our server, no llama-server")
     parser.add_argument("--peers-only", dest="ours", action="store_false", help="only llama-server, not our server")
-    parser.add_argument("--llama-server", type=Path, help="a prebuilt llama-server binary (default: built once from the "
-                        "llama-cpp-python sdist)")
-    parser.add_argument("--sequential", action="store_true", help="run the servers one after the other instead of "
-                        "interleaving them level by level (one model in memory at a time)")
+    parser.add_argument(
+        "--llama-server",
+        type=Path,
+        help="a prebuilt llama-server binary (default: built once from the llama-cpp-python sdist)",
+    )
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="run the servers one after the other instead of "
+        "interleaving them level by level (one model in memory at a time)",
+    )
     if "--json" not in getattr(parser, "_option_string_actions", {}):
         parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
@@ -723,9 +906,19 @@ def main(args) -> int:
 
     if threading_is_main():
         signal.signal(signal.SIGTERM, terminate)
-    result = run_serve_bench(args.target, streams=args.streams, peers=args.peers, ours=args.ours, threads=args.threads, prompt_tokens=args.prompt,
-                             gen_tokens=args.gen, min_requests=args.min_requests, timeout_s=args.timeout,
-                             interleave=not args.sequential, llama_server=args.llama_server)
+    result = run_serve_bench(
+        args.target,
+        streams=args.streams,
+        peers=args.peers,
+        ours=args.ours,
+        threads=args.threads,
+        prompt_tokens=args.prompt,
+        gen_tokens=args.gen,
+        min_requests=args.min_requests,
+        timeout_s=args.timeout,
+        interleave=not args.sequential,
+        llama_server=args.llama_server,
+    )
     if args.json:
         sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
     else:

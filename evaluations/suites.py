@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class SuiteTask:
-    name: str                     # an lm-eval task or group name
-    limit: int | None = None      # documents per leaf task; None: all
+    name: str  # an lm-eval task or group name
+    limit: int | None = None  # documents per leaf task; None: all
     num_fewshot: int | None = None
-    hub: bool = False             # data from the Hugging Face Hub (fails offline)
-    unsafe_code: bool = False     # scoring executes model output: needs --confirm_run_unsafe_code
+    hub: bool = False  # data from the Hugging Face Hub (fails offline)
+    unsafe_code: bool = False  # scoring executes model output: needs --confirm_run_unsafe_code
 
 
 @dataclass(frozen=True)
@@ -34,22 +34,30 @@ class Suite:
         return [t.name for t in self.tasks]
 
 
-DEMO_TASKS = ("demo_mc", "demo_gen", "demo_ppl")   # evaluations/tasks/demo/ (the demo model zoo's suites)
+DEMO_TASKS = ("demo_mc", "demo_gen", "demo_ppl")  # evaluations/tasks/demo/ (the demo model zoo's suites)
 HUB_TASKS = ("arc_easy", "hellaswag", "piqa", "winogrande", "wikitext")
 
 SUITES: dict[str, Suite] = {
-    "gate": Suite("gate", "quick and decisive for promotion: offline, deterministic, minutes on a 2B model", (
-        SuiteTask("demo_mc", limit=200),
-        SuiteTask("demo_gen", limit=50),
-        SuiteTask("demo_ppl", limit=50),
-        SuiteTask("mmlu_offline", limit=5),          # 5 per subject: 285 questions
-    )),
-    "full": Suite("full", "everything: demo suites, MMLU, HumanEval (opt-in execution) and the Hub tasks", (
-        *(SuiteTask(name) for name in DEMO_TASKS),
-        SuiteTask("mmlu_offline"),
-        SuiteTask("humaneval_offline", unsafe_code=True),
-        *(SuiteTask(name, hub=True) for name in HUB_TASKS),
-    )),
+    "gate": Suite(
+        "gate",
+        "quick and decisive for promotion: offline, deterministic, minutes on a 2B model",
+        (
+            SuiteTask("demo_mc", limit=200),
+            SuiteTask("demo_gen", limit=50),
+            SuiteTask("demo_ppl", limit=50),
+            SuiteTask("mmlu_offline", limit=5),  # 5 per subject: 285 questions
+        ),
+    ),
+    "full": Suite(
+        "full",
+        "everything: demo suites, MMLU, HumanEval (opt-in execution) and the Hub tasks",
+        (
+            *(SuiteTask(name) for name in DEMO_TASKS),
+            SuiteTask("mmlu_offline"),
+            SuiteTask("humaneval_offline", unsafe_code=True),
+            *(SuiteTask(name, hub=True) for name in HUB_TASKS),
+        ),
+    ),
 }
 
 
@@ -70,5 +78,7 @@ def runs(suite: Suite | str, *, offline: bool = False, allow_unsafe_code: bool =
         if (offline and task.hub) or (task.unsafe_code and not allow_unsafe_code):
             continue
         key = (task.limit, task.num_fewshot)
-        calls.setdefault(key, {"tasks": [], "limit": task.limit, "num_fewshot": task.num_fewshot})["tasks"].append(task.name)
+        calls.setdefault(key, {"tasks": [], "limit": task.limit, "num_fewshot": task.num_fewshot})["tasks"].append(
+            task.name
+        )
     return list(calls.values())

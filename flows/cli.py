@@ -27,18 +27,21 @@ def _progress(total: int, desc: str, enabled: bool = True):
     """A byte-counting tqdm bar on stderr; yields the update callback."""
     from tqdm import tqdm
 
-    with tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, disable=not enabled, leave=False) as bar:
+    with tqdm(
+        total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, disable=not enabled, leave=False
+    ) as bar:
         yield bar.update
 
 
 def _store():
-    from engine.settings import get_settings
     from engine.artifacts.store import open_store
+    from engine.settings import get_settings
 
     return open_store(settings=get_settings())
 
 
 # --- commands -------------------------------------------------------------------------------------
+
 
 def cmd_config_show(args) -> int:
     from engine.settings import describe_settings, get_settings
@@ -85,13 +88,26 @@ def cmd_quantize(args) -> int:
         _print_json(manifest)
         return 0
     hp, params = manifest["hyperparameters"], manifest["parameters"]
-    rel = [t["rel_error"] for t in manifest["tensors"] if t.get("rel_error") is not None and t["type"] in ("tq2_0", "tq1_0")]
+    rel = [
+        t["rel_error"]
+        for t in manifest["tensors"]
+        if t.get("rel_error") is not None and t["type"] in ("tq2_0", "tq1_0")
+    ]
     print(manifest["artifact_id"])
-    print(f"  architecture  {manifest['architecture']['gguf']} ({manifest['architecture']['hf_class']}, FFN {manifest['architecture']['ffn_activation']})", file=sys.stderr)
-    print(f"  shape         hidden {hp['hidden']}, {hp['layers']} layers, {hp['heads']}/{hp['kv_heads']} heads, FFN {hp['ffn']}, vocab {hp['vocab']}", file=sys.stderr)
+    print(
+        f"  architecture  {manifest['architecture']['gguf']} ({manifest['architecture']['hf_class']}, FFN {manifest['architecture']['ffn_activation']})",
+        file=sys.stderr,
+    )
+    print(
+        f"  shape         hidden {hp['hidden']}, {hp['layers']} layers, {hp['heads']}/{hp['kv_heads']} heads, FFN {hp['ffn']}, vocab {hp['vocab']}",
+        file=sys.stderr,
+    )
     print(f"  parameters    {params['total']:,} ({params['ternary']:,} ternary)", file=sys.stderr)
     print(f"  types         weights {weights}, head {head}, norms f32", file=sys.stderr)
-    print(f"  size          {manifest['size']:,} bytes; {manifest['bytes_per_token']:,} bytes read per decoded token", file=sys.stderr)
+    print(
+        f"  size          {manifest['size']:,} bytes; {manifest['bytes_per_token']:,} bytes read per decoded token",
+        file=sys.stderr,
+    )
     if rel:
         print(f"  ternary error mean relative L2 {sum(rel) / len(rel):.4f} (max {max(rel):.4f})", file=sys.stderr)
     print(f"  store         {store.url}", file=sys.stderr)
@@ -99,8 +115,8 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from engine.model.reference import ReferenceModel
     from engine.artifacts.refs import resolve_model
+    from engine.model.reference import ReferenceModel
     from engine.model.tokenizer import ModelTokenizer
 
     path = resolve_model(args.model, _store())
@@ -128,7 +144,9 @@ def cmd_artifacts(args) -> int:
         _print_json(rows)
         return 0
     for m in rows:
-        print(f"{m['artifact_id'][:19]}  {m.get('kind', '?'):<8} {m.get('size', 0):>14,}  {m.get('created', '')}  {m.get('source', {}).get('path', '')}")
+        print(
+            f"{m['artifact_id'][:19]}  {m.get('kind', '?'):<8} {m.get('size', 0):>14,}  {m.get('created', '')}  {m.get('source', {}).get('path', '')}"
+        )
     return 0
 
 
@@ -155,7 +173,10 @@ def cmd_build_kernels(args) -> int:
         return 0
     print(build.key)
     print(f"  library   {build.path}", file=sys.stderr)
-    print(f"  cache     {'hit' if build.cache_hit else 'miss (built in %.1f s)' % build.manifest['build_seconds']}", file=sys.stderr)
+    print(
+        f"  cache     {'hit' if build.cache_hit else 'miss (built in %.1f s)' % build.manifest['build_seconds']}",
+        file=sys.stderr,
+    )
     print(f"  isa       {library.isa} (RYZ_ISA={get_settings().isa})", file=sys.stderr)
     families = ", ".join(f"{isa} {r['checks']} checks" for isa, r in build.manifest["self_test"]["families"].items())
     print(f"  self-test passed ({families})", file=sys.stderr)
@@ -163,16 +184,29 @@ def cmd_build_kernels(args) -> int:
         print(f"  fallback  {' '.join(fallback['extra_flags'])}: {fallback['reason']}", file=sys.stderr)
     if entry:
         w = entry["winner"]
-        print(f"  autotune  {entry['signature']}: gemm_token_tile {w.get('gemm_token_tile')}, threads decode "
-              f"{w.get('threads_decode')} / prefill {w.get('threads_prefill')}", file=sys.stderr)
+        print(
+            f"  autotune  {entry['signature']}: gemm_token_tile {w.get('gemm_token_tile')}, threads decode "
+            f"{w.get('threads_decode')} / prefill {w.get('threads_prefill')}",
+            file=sys.stderr,
+        )
     return 0
 
 
 def cmd_bench(args) -> int:
     from evaluations.bench import format_report, run_bench
 
-    result = run_bench(args.target, threads=args.threads, prompt=args.prompt, gen=args.gen, repeats=args.repeats,
-                       peers=args.peers, weights=args.weights, head=args.head, library=args.library, ubatch=args.ubatch)
+    result = run_bench(
+        args.target,
+        threads=args.threads,
+        prompt=args.prompt,
+        gen=args.gen,
+        repeats=args.repeats,
+        peers=args.peers,
+        weights=args.weights,
+        head=args.head,
+        library=args.library,
+        ubatch=args.ubatch,
+    )
     if args.json:
         _print_json(result)
     else:
@@ -185,16 +219,28 @@ def cmd_serve(args) -> int:
         if args.model:
             raise ValueError("--bundle serves the bundle's own model; drop --model")
         from flows.bundle_cli import cmd_serve_bundle
+
         return cmd_serve_bundle(args)
     from engine.serving.server import serve
     from engine.settings import get_settings
 
-    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "threads": args.threads, "max_seqs": args.max_seqs,
-                                   "max_context": args.max_context}.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {
+            "host": args.host,
+            "port": args.port,
+            "threads": args.threads,
+            "max_seqs": args.max_seqs,
+            "max_context": args.max_context,
+        }.items()
+        if v is not None
+    }
     settings = get_settings().model_copy(update=overrides)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
-        print(f"ryz serve: warning: binding {settings.host} without RYZ_API_KEYS: anyone who can reach it can use it",
-              file=sys.stderr)
+        print(
+            f"ryz serve: warning: binding {settings.host} without RYZ_API_KEYS: anyone who can reach it can use it",
+            file=sys.stderr,
+        )
     serve(args.model, settings=settings)
     return 0
 
@@ -225,8 +271,10 @@ def cmd_continue_config(args) -> int:
         response = httpx.get(f"{url}/v1/models", headers=headers, timeout=10)
         response.raise_for_status()
     except httpx.HTTPError as exc:
-        print(f"ryz continue-config: cannot list models at {url}/v1/models ({exc}); start `ryz serve` first or pass --url",
-              file=sys.stderr)
+        print(
+            f"ryz continue-config: cannot list models at {url}/v1/models ({exc}); start `ryz serve` first or pass --url",
+            file=sys.stderr,
+        )
         return 1
     models = [m["id"] for m in response.json()["data"]]
     text = render_continue_config(url, models, api_key=args.api_key)
@@ -248,8 +296,12 @@ def cmd_pipeline_run(args) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.run import pipeline_run
 
-    result = pipeline_run(source=args.source, path=str(Path(args.path).resolve()) if args.path else None, suite=args.suite,
-                          limit=args.limit)
+    result = pipeline_run(
+        source=args.source,
+        path=str(Path(args.path).resolve()) if args.path else None,
+        suite=args.suite,
+        limit=args.limit,
+    )
     if args.json:
         _print_json(result)
     else:
@@ -269,12 +321,15 @@ def cmd_ci_bench(args) -> int:
 
     baseline = args.baseline if args.baseline and Path(args.baseline).exists() else None
     if args.baseline and baseline is None and not args.write_baseline:
-        print(f"ryz ci-bench: no baseline record at {args.baseline}; run once with --write-baseline on the main branch",
-              file=sys.stderr)
+        print(
+            f"ryz ci-bench: no baseline record at {args.baseline}; run once with --write-baseline on the main branch",
+            file=sys.stderr,
+        )
         return 2
     evaluate = with_runner(args.runner, args.shards)
-    state = evaluate(model=args.model, suite=args.suite, limit=args.limit, baseline=baseline, shards=args.shards,
-                     return_state=True)
+    state = evaluate(
+        model=args.model, suite=args.suite, limit=args.limit, baseline=baseline, shards=args.shards, return_state=True
+    )
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):
         print(f"ci-bench FAILED: {result}", file=sys.stderr)
@@ -343,8 +398,11 @@ def cmd_release(args) -> int:
     elif action == "promote":
         rel = _current(releases, ("paused", "canary"))
         if not args.force and rel["step_index"] < len(rel["steps"]):
-            print(f"ryz release promote: {rel['ref']} has passed {rel['step_index']} of {len(rel['steps'])} canary steps; "
-                  "`ryz release resume` runs the rest, `--force` promotes now", file=sys.stderr)
+            print(
+                f"ryz release promote: {rel['ref']} has passed {rel['step_index']} of {len(rel['steps'])} canary steps; "
+                "`ryz release resume` runs the rest, `--force` promotes now",
+                file=sys.stderr,
+            )
             return 1
         rel = _release_flow(release_id=rel["id"], force_promote=True)
     elif action == "abort":
@@ -408,7 +466,9 @@ def cmd_registry_show(args) -> int:
     registry = _registry()
     version = registry.get(args.ref)
     doc = version.to_json()
-    doc["aliases"] = sorted(a for a, t in registry.aliases().items() if (t["name"], t["version"]) == (version.name, version.version))
+    doc["aliases"] = sorted(
+        a for a, t in registry.aliases().items() if (t["name"], t["version"]) == (version.name, version.version)
+    )
     _print_json(doc)
     return 0
 
@@ -444,7 +504,10 @@ def cmd_gc(args) -> int:
         verb = "would remove" if args.dry_run else "removed"
         for item in result["removed"]:
             print(f"{verb} {item['artifact_id']}  {item['kind']:<10} {item['size']:>12,} B  {item['why']}")
-        print(f"{verb} {len(result['removed'])} artifacts ({result['bytes']:,} bytes); kept {result['kept']}", file=sys.stderr)
+        print(
+            f"{verb} {len(result['removed'])} artifacts ({result['bytes']:,} bytes); kept {result['kept']}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -456,9 +519,17 @@ def cmd_eval(args) -> int:
 
     store = _store()
     with redirect_stdout(sys.stderr):  # lm-eval and GX print; stdout carries only the result
-        record = evaluate_model(args.model, suite=args.suite, limit=args.limit, bench=not args.no_bench, engine=args.engine,
-                                threads=args.threads, library=args.library, allow_unsafe_code=args.allow_unsafe_code,
-                                store=store)
+        record = evaluate_model(
+            args.model,
+            suite=args.suite,
+            limit=args.limit,
+            bench=not args.no_bench,
+            engine=args.engine,
+            threads=args.threads,
+            library=args.library,
+            allow_unsafe_code=args.allow_unsafe_code,
+            store=store,
+        )
         record_id = store_record(record, store)
         record["record_id"] = record_id
         report = report_record(record, store)
@@ -467,13 +538,19 @@ def cmd_eval(args) -> int:
     else:
         print(record_id)
         for task, entry in record["tasks"].items():
-            metrics = ", ".join(f"{m} {v['value']:.4g}" + (f" ± {v['stderr']:.3g}" if v["stderr"] is not None else "")
-                                for m, v in entry["metrics"].items() if v["value"] is not None)
+            metrics = ", ".join(
+                f"{m} {v['value']:.4g}" + (f" ± {v['stderr']:.3g}" if v["stderr"] is not None else "")
+                for m, v in entry["metrics"].items()
+                if v["value"] is not None
+            )
             print(f"  {task:<28} n={entry['n']!s:<6} {metrics}", file=sys.stderr)
         if record["bench"]:
             b = record["bench"]
-            print(f"  bench: decode {b['decode_tok_s']} tok/s, prefill {b['prefill_tok_s']} tok/s, TTFT {b['ttft_ms']} ms, "
-                  f"peak RSS {b['peak_rss_mb']} MB, roofline {b['roofline_fraction']}, {b['threads']} threads", file=sys.stderr)
+            print(
+                f"  bench: decode {b['decode_tok_s']} tok/s, prefill {b['prefill_tok_s']} tok/s, TTFT {b['ttft_ms']} ms, "
+                f"peak RSS {b['peak_rss_mb']} MB, roofline {b['roofline_fraction']}, {b['threads']} threads",
+                file=sys.stderr,
+            )
         print(f"  record {'valid' if record['valid'] else 'INVALID'}", file=sys.stderr)
     for failure in record["failures"]:
         print(f"ryz eval: failed expectation: {failure}", file=sys.stderr)
@@ -491,15 +568,22 @@ def cmd_compare(args) -> int:
     report = write_report(render_comparison(a, b), f"compare-{id_a[7:19]}-{id_b[7:19]}")
     result = compare_records(a, b)
     if args.json:
-        _print_json({"a": {"ref": args.ref_a, "record_id": id_a, "model": a["model"], "suite": a.get("suite")},
-                     "b": {"ref": args.ref_b, "record_id": id_b, "model": b["model"], "suite": b.get("suite")},
-                     **result, "report": str(report)})
+        _print_json(
+            {
+                "a": {"ref": args.ref_a, "record_id": id_a, "model": a["model"], "suite": a.get("suite")},
+                "b": {"ref": args.ref_b, "record_id": id_b, "model": b["model"], "suite": b.get("suite")},
+                **result,
+                "report": str(report),
+            }
+        )
     else:
         print(f"a = {args.ref_a} ({id_a[:19]}), b = {args.ref_b} ({id_b[:19]})")
         for task, metrics in result["tasks"].items():
             for metric, c in metrics.items():
                 se = "n/a" if c["stderr"] is None else f"{c['stderr']:.3g}"
-                print(f"  {task:<24} {metric:<18} {c['a']:>10.4g} -> {c['b']:<10.4g} delta {c['delta']:+.4g} ± {se:<8} {c['verdict']}")
+                print(
+                    f"  {task:<24} {metric:<18} {c['a']:>10.4g} -> {c['b']:<10.4g} delta {c['delta']:+.4g} ± {se:<8} {c['verdict']}"
+                )
         for key, c in result["bench"].items():
             ratio = "" if c["ratio"] is None else f" (x{c['ratio']:.3f})"
             print(f"  bench {key:<18} {c['a']} -> {c['b']}{ratio}")
@@ -508,6 +592,7 @@ def cmd_compare(args) -> int:
 
 
 # --- parser ---------------------------------------------------------------------------------------
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -527,7 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    config = sub.add_parser("config", help="show the effective settings").add_subparsers(dest="config_command", required=True)
+    config = sub.add_parser("config", help="show the effective settings").add_subparsers(
+        dest="config_command", required=True
+    )
     show = config.add_parser("show", help="print every setting, its value and where it came from")
     show.add_argument("--json", action="store_true")
     show.set_defaults(handler=cmd_config_show)
@@ -546,90 +633,162 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="artifact id or prefix, or a .gguf path")
     p.add_argument("prompt")
     p.add_argument("--max-tokens", type=_positive_int, default=32)
-    p.add_argument("--engine", choices=["reference", "native"], default="reference",
-                   help="reference: numpy (default); native: the C++ kernels built for this CPU")
+    p.add_argument(
+        "--engine",
+        choices=["reference", "native"],
+        default="reference",
+        help="reference: numpy (default); native: the C++ kernels built for this CPU",
+    )
 
-    p = command("build-kernels", cmd_build_kernels, "build (or find cached) native kernels for this CPU; optionally autotune on a model")
+    p = command(
+        "build-kernels",
+        cmd_build_kernels,
+        "build (or find cached) native kernels for this CPU; optionally autotune on a model",
+    )
     p.add_argument("--model", help="autotune on this model's linear shapes (artifact id or prefix, or a .gguf path)")
     p.add_argument("--force", action="store_true", help="rebuild even if a build with the same key is cached")
 
-    p = command("bench", cmd_bench, "measure prefill/decode tok/s, TTFT, peak RSS and the roofline fraction (--peers: "
-                "against llama.cpp and onnxruntime on the same machine)")
-    p.add_argument("target", metavar="SHAPE_OR_ARTIFACT",
-                   help="a shape (tiny, medium, bitnet-2b4t: random weights, synthesized once and cached) or a model reference")
+    p = command(
+        "bench",
+        cmd_bench,
+        "measure prefill/decode tok/s, TTFT, peak RSS and the roofline fraction (--peers: "
+        "against llama.cpp and onnxruntime on the same machine)",
+    )
+    p.add_argument(
+        "target",
+        metavar="SHAPE_OR_ARTIFACT",
+        help="a shape (tiny, medium, bitnet-2b4t: random weights, synthesized once and cached) or a model reference",
+    )
     p.add_argument("--threads", type=int, help="compute threads (default RYZ_THREADS, else all physical cores)")
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens for prefill and TTFT (default 512)")
     p.add_argument("--gen", type=int, default=128, help="decoded tokens (default 128)")
-    p.add_argument("--repeats", type=int, default=3, help="measured runs, interleaved with the peers'; medians are reported")
-    p.add_argument("--peers", action="store_true", help="also run llama.cpp (TQ2_0 and TQ1_0) and onnxruntime MatMulNBits")
-    p.add_argument("--weights", choices=["tq2_0", "tq1_0"], help="ternary type a shape is quantized to (default RYZ_WEIGHTS_TYPE)")
-    p.add_argument("--head", choices=["q8_0", "q6_k", "f16"], help="head type a shape is quantized to (default RYZ_HEAD_TYPE)")
-    p.add_argument("--ubatch", type=int, default=0, help="prefill chunk in tokens (default 0: the whole prompt in one call)")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="measured runs, interleaved with the peers'; medians are reported"
+    )
+    p.add_argument(
+        "--peers", action="store_true", help="also run llama.cpp (TQ2_0 and TQ1_0) and onnxruntime MatMulNBits"
+    )
+    p.add_argument(
+        "--weights", choices=["tq2_0", "tq1_0"], help="ternary type a shape is quantized to (default RYZ_WEIGHTS_TYPE)"
+    )
+    p.add_argument(
+        "--head", choices=["q8_0", "q6_k", "f16"], help="head type a shape is quantized to (default RYZ_HEAD_TYPE)"
+    )
+    p.add_argument(
+        "--ubatch", type=int, default=0, help="prefill chunk in tokens (default 0: the whole prompt in one call)"
+    )
     p.add_argument("--library", type=Path, help="a prebuilt native library (default: the kernel build for this CPU)")
 
     from evaluations import serve_bench
+
     serve_bench.add_arguments(command("bench-serve", serve_bench.main, serve_bench.HELP))
 
     from flows.index_cli import add_index_commands
+
     add_index_commands(sub)
 
-    p = command("serve", cmd_serve, "serve a model over an OpenAI-compatible HTTP API (continuous batching, canary router)",
-                json_flag=False)
-    p.add_argument("--model", help="model loaded as production: artifact id or prefix, or a .gguf path "
-                                   "(omitted: start empty and load through POST /admin/variants)")
+    p = command(
+        "serve",
+        cmd_serve,
+        "serve a model over an OpenAI-compatible HTTP API (continuous batching, canary router)",
+        json_flag=False,
+    )
+    p.add_argument(
+        "--model",
+        help="model loaded as production: artifact id or prefix, or a .gguf path "
+        "(omitted: start empty and load through POST /admin/variants)",
+    )
     p.add_argument("--host", help="bind address (default RYZ_HOST, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default RYZ_PORT, 8000)")
     p.add_argument("--threads", type=int, help="compute threads (default RYZ_THREADS, else all cores)")
     p.add_argument("--max-seqs", type=_positive_int, help="concurrent sequences (default RYZ_MAX_SEQS)")
     p.add_argument("--max-context", type=_positive_int, help="positions per sequence (default RYZ_MAX_CONTEXT)")
-    p.add_argument("--bundle", type=Path, help="serve a bundle directory (`ryz bundle REF -o DIR`): verified, no registry or store")
+    p.add_argument(
+        "--bundle", type=Path, help="serve a bundle directory (`ryz bundle REF -o DIR`): verified, no registry or store"
+    )
 
-    p = command("mcp", cmd_mcp, "run a Model Context Protocol server on stdio: tools search_index (the retrieval index) "
-                "and generate (the production model)", json_flag=False)
+    p = command(
+        "mcp",
+        cmd_mcp,
+        "run a Model Context Protocol server on stdio: tools search_index (the retrieval index) "
+        "and generate (the production model)",
+        json_flag=False,
+    )
     p.add_argument("--model", default="production", help="model for `generate` (default: the production alias)")
     p.add_argument("--index", default="production", help="index for `search_index` (default: the production index)")
 
     from flows.bundle_cli import add_bundle_arguments, cmd_bundle
-    add_bundle_arguments(command("bundle", cmd_bundle, "write a registry version's self-contained serving bundle "
-                                 "(GGUF, kernels, settings, systemd/compose/Kubernetes files)"))
 
-    p = command("continue-config", cmd_continue_config, "write a Continue.dev config pointing at a running `ryz serve`",
-                json_flag=False)
+    add_bundle_arguments(
+        command(
+            "bundle",
+            cmd_bundle,
+            "write a registry version's self-contained serving bundle "
+            "(GGUF, kernels, settings, systemd/compose/Kubernetes files)",
+        )
+    )
+
+    p = command(
+        "continue-config",
+        cmd_continue_config,
+        "write a Continue.dev config pointing at a running `ryz serve`",
+        json_flag=False,
+    )
     p.add_argument("--url", default=None, help="server base URL (default http://RYZ_HOST:RYZ_PORT)")
     p.add_argument("--api-key", help="key Continue sends (one of RYZ_API_KEYS), if the server needs one")
     p.add_argument("-o", "--output", help="write here (for example ~/.continue/config.yaml) instead of stdout")
 
-    p = command("ci-bench", cmd_ci_bench, "CI: evaluate a model (suite + speed) and fail on a regression against a "
-                                          "stored baseline record (what .github/workflows/ci-bench.yml runs)")
-    p.add_argument("--model", default="examples/zoo/ryz-demo-m", help="model reference or checkpoint directory "
-                                                                        "(default: the demo zoo's ryz-demo-m)")
+    p = command(
+        "ci-bench",
+        cmd_ci_bench,
+        "CI: evaluate a model (suite + speed) and fail on a regression against a "
+        "stored baseline record (what .github/workflows/ci-bench.yml runs)",
+    )
+    p.add_argument(
+        "--model",
+        default="examples/zoo/ryz-demo-m",
+        help="model reference or checkpoint directory (default: the demo zoo's ryz-demo-m)",
+    )
     p.add_argument("--suite", default="demo_mc,demo_gen", help="suite or task list (default demo_mc,demo_gen)")
     p.add_argument("--limit", type=int, default=50, help="examples per task (default 50)")
     p.add_argument("--baseline", default="ci/baseline-record.json", help="baseline evaluation record (JSON file)")
     p.add_argument("--write-baseline", action="store_true", help="store this run's record as the new baseline")
     p.add_argument("--shards", type=_positive_int, default=1, help="run the suite's tasks as N concurrent shards")
-    p.add_argument("--runner", help="dask (a local cluster of --shards workers) or dask=ADDRESS (an existing scheduler)")
+    p.add_argument(
+        "--runner", help="dask (a local cluster of --shards workers) or dask=ADDRESS (an existing scheduler)"
+    )
 
-    pipeline = sub.add_parser("pipeline", help="the main job: discover, quantize, build, verify, evaluate, register").add_subparsers(
-        dest="pipeline_command", required=True)
-    p = pipeline.add_parser("run", help="run discovery and the candidate pipeline for each new model (Prefect, ephemeral "
-                                       "unless PREFECT_API_URL is set)")
+    pipeline = sub.add_parser(
+        "pipeline", help="the main job: discover, quantize, build, verify, evaluate, register"
+    ).add_subparsers(dest="pipeline_command", required=True)
+    p = pipeline.add_parser(
+        "run",
+        help="run discovery and the candidate pipeline for each new model (Prefect, ephemeral "
+        "unless PREFECT_API_URL is set)",
+    )
     p.set_defaults(handler=cmd_pipeline_run)
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    p.add_argument("--source", choices=["local", "hf"], default="local", help="where to discover (default local: the demo zoo)")
-    p.add_argument("--path", help="local source: a model directory or a folder of them (default RYZ_DISCOVERY_LOCAL_PATHS)")
+    p.add_argument(
+        "--source", choices=["local", "hf"], default="local", help="where to discover (default local: the demo zoo)"
+    )
+    p.add_argument(
+        "--path", help="local source: a model directory or a folder of them (default RYZ_DISCOVERY_LOCAL_PATHS)"
+    )
     p.add_argument("--suite", default="gate", help="evaluation suite (default gate)")
     p.add_argument("--limit", type=int, help="examples per task (default: the suite's own limits)")
 
-    release = sub.add_parser("release", help="canary releases: start, status, pause, resume, promote, abort, rollback"
-                             ).add_subparsers(dest="release_command", required=True)
-    for name, help_ in (("start", "release a registry version: offline gates, canary steps, promotion"),
-                        ("status", "the latest release (or one by id) and its log"),
-                        ("pause", "pause the running release at its next check"),
-                        ("resume", "continue a paused release from its recorded step"),
-                        ("promote", "promote the current release now (--force skips the remaining steps)"),
-                        ("abort", "abort the current release: canary weight 0 and unloaded, status rolled_back"),
-                        ("rollback", "undo the last promotion: `previous` serves as production again")):
+    release = sub.add_parser(
+        "release", help="canary releases: start, status, pause, resume, promote, abort, rollback"
+    ).add_subparsers(dest="release_command", required=True)
+    for name, help_ in (
+        ("start", "release a registry version: offline gates, canary steps, promotion"),
+        ("status", "the latest release (or one by id) and its log"),
+        ("pause", "pause the running release at its next check"),
+        ("resume", "continue a paused release from its recorded step"),
+        ("promote", "promote the current release now (--force skips the remaining steps)"),
+        ("abort", "abort the current release: canary weight 0 and unloaded, status rolled_back"),
+        ("rollback", "undo the last promotion: `previous` serves as production again"),
+    ):
         p = release.add_parser(name, help=help_, description=help_)
         p.set_defaults(handler=cmd_release)
         p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -638,18 +797,23 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("status", "resume"):
             p.add_argument("id", nargs="?", help="a release id (default: the latest)")
         if name in ("start", "resume"):
-            p.add_argument("--synthetic-load", action="store_true", help="drive bounded synthetic traffic during the steps")
+            p.add_argument(
+                "--synthetic-load", action="store_true", help="drive bounded synthetic traffic during the steps"
+            )
         if name == "promote":
             p.add_argument("--force", action="store_true", help="promote without running the remaining canary steps")
         if name in ("abort", "rollback"):
             p.add_argument("--reason", help="recorded in the registry history")
 
     registry = sub.add_parser("registry", help="model versions, aliases and their history").add_subparsers(
-        dest="registry_command", required=True)
-    for name, handler, help_ in (("list", cmd_registry_list, "every version with its status and artifact"),
-                                 ("history", cmd_registry_history, "the event log: who changed what, when and why"),
-                                 ("aliases", cmd_registry_aliases, "production / canary / previous"),
-                                 ("show", cmd_registry_show, "one version (JSON)")):
+        dest="registry_command", required=True
+    )
+    for name, handler, help_ in (
+        ("list", cmd_registry_list, "every version with its status and artifact"),
+        ("history", cmd_registry_history, "the event log: who changed what, when and why"),
+        ("aliases", cmd_registry_aliases, "production / canary / previous"),
+        ("show", cmd_registry_show, "one version (JSON)"),
+    ):
         p = registry.add_parser(name, help=help_, description=help_)
         p.set_defaults(handler=handler)
         p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -658,33 +822,63 @@ def build_parser() -> argparse.ArgumentParser:
         elif name in ("list", "history"):
             p.add_argument("name", nargs="?", help="only this model name")
 
-    p = command("gc", cmd_gc, "remove artifacts nothing refers to (registry versions, aliases, bundles), beyond the "
-                              "newest N per name")
+    p = command(
+        "gc",
+        cmd_gc,
+        "remove artifacts nothing refers to (registry versions, aliases, bundles), beyond the newest N per name",
+    )
     p.add_argument("--keep", type=int, default=2, help="unreferenced model artifacts kept per model name (default 2)")
     p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
 
-    p = command("lm-eval", cmd_lm_eval, "lm-eval's CLI with the `ryzanstein` model and the bundled offline tasks; "
-                "arguments pass through (ryz lm-eval --model ryzanstein --model_args model=REF --tasks mmlu_offline)",
-                json_flag=False)
+    p = command(
+        "lm-eval",
+        cmd_lm_eval,
+        "lm-eval's CLI with the `ryzanstein` model and the bundled offline tasks; "
+        "arguments pass through (ryz lm-eval --model ryzanstein --model_args model=REF --tasks mmlu_offline)",
+        json_flag=False,
+    )
     p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, metavar="ARGS", help="lm-eval's own arguments")
 
-    p = command("eval", cmd_eval, "evaluate a model on a suite plus the speed benchmark, validate the record (Great "
-                "Expectations), store it and write an HTML report; exits 1 when the record is invalid")
-    p.add_argument("model", metavar="MODEL_REF", help="name:version, an alias, an artifact id or prefix, or a .gguf path")
+    p = command(
+        "eval",
+        cmd_eval,
+        "evaluate a model on a suite plus the speed benchmark, validate the record (Great "
+        "Expectations), store it and write an HTML report; exits 1 when the record is invalid",
+    )
+    p.add_argument(
+        "model", metavar="MODEL_REF", help="name:version, an alias, an artifact id or prefix, or a .gguf path"
+    )
     p.add_argument("--suite", default="gate", help="gate (default), full, or task names (demo_mc or demo_mc,demo_ppl)")
-    p.add_argument("--limit", type=_positive_int, help="documents per task (per subject of a group), overriding the suite's")
+    p.add_argument(
+        "--limit", type=_positive_int, help="documents per task (per subject of a group), overriding the suite's"
+    )
     p.add_argument("--no-bench", action="store_true", help="skip the speed benchmark (the record's bench is null)")
-    p.add_argument("--engine", choices=["native", "reference"], default="native",
-                   help="lm-eval scoring engine: native (default) or the numpy reference (slow)")
+    p.add_argument(
+        "--engine",
+        choices=["native", "reference"],
+        default="native",
+        help="lm-eval scoring engine: native (default) or the numpy reference (slow)",
+    )
     p.add_argument("--threads", type=int, help="compute threads (default RYZ_THREADS, else all physical cores)")
     p.add_argument("--library", type=Path, help="a prebuilt native library (default: the kernel build for this CPU)")
-    p.add_argument("--allow-unsafe-code", action="store_true",
-                   help="run tasks that execute model-written code (humaneval_offline in the full suite)")
+    p.add_argument(
+        "--allow-unsafe-code",
+        action="store_true",
+        help="run tasks that execute model-written code (humaneval_offline in the full suite)",
+    )
 
-    p = command("compare", cmd_compare, "compare two evaluation records: per-task deltas and their significance given "
-                "stderr, bench ratios; writes an HTML report")
-    p.add_argument("ref_a", metavar="REF_A", help="a registry version (its record), an evaluation record id, or a model "
-                                                   "artifact id / .gguf path (its newest record)")
+    p = command(
+        "compare",
+        cmd_compare,
+        "compare two evaluation records: per-task deltas and their significance given "
+        "stderr, bench ratios; writes an HTML report",
+    )
+    p.add_argument(
+        "ref_a",
+        metavar="REF_A",
+        help="a registry version (its record), an evaluation record id, or a model "
+        "artifact id / .gguf path (its newest record)",
+    )
     p.add_argument("ref_b", metavar="REF_B")
 
     p = command("artifacts", cmd_artifacts, "list the artifacts in the store")

@@ -8,16 +8,27 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from engine.settings import Settings, get_settings
-from tasks.discovery import (fetch_model_info, filter_candidates, hub_error_row, hub_retry_options, list_hf_models,
-                             scan_local_models)
+from tasks.discovery import (
+    fetch_model_info,
+    filter_candidates,
+    hub_error_row,
+    hub_retry_options,
+    list_hf_models,
+    scan_local_models,
+)
 
 ARTIFACT_KEY = "discovery"
 
 
 @flow(name="discover-models")
-def discover_models(source: Literal["hf", "local"] = "local", search: str | None = None,
-                    hf_filter: list[str] | None = None, sort: str | None = None, limit: int | None = None,
-                    local_paths: list[str] | None = None) -> list[dict]:
+def discover_models(
+    source: Literal["hf", "local"] = "local",
+    search: str | None = None,
+    hf_filter: list[str] | None = None,
+    sort: str | None = None,
+    limit: int | None = None,
+    local_paths: list[str] | None = None,
+) -> list[dict]:
     """Find models in `source` that pass the settings' filters and whose (repo, revision) is not registered.
 
     Args:
@@ -31,9 +42,13 @@ def discover_models(source: Literal["hf", "local"] = "local", search: str | None
     settings = get_settings()
     # Find: every model the source lists, in its order; Hub failures become `error` rows, never a crash.
     if source == "hf":
-        seen = _read_hub(settings, settings.discovery_hf_search if search is None else search,
-                         settings.discovery_hf_filter if hf_filter is None else hf_filter,
-                         sort or settings.discovery_hf_sort, limit or settings.discovery_hf_limit)
+        seen = _read_hub(
+            settings,
+            settings.discovery_hf_search if search is None else search,
+            settings.discovery_hf_filter if hf_filter is None else hf_filter,
+            sort or settings.discovery_hf_sort,
+            limit or settings.discovery_hf_limit,
+        )
     else:
         seen = scan_local_models(local_paths or settings.discovery_local_paths, settings.discovery_hf_cache or None)
     # Filter: architecture / license / parameter / size allowlists, then novelty against the registry.

@@ -6,8 +6,15 @@ from prefect import flow, get_run_logger, unmapped
 from prefect.artifacts import create_markdown_artifact
 
 from engine.settings import get_settings
-from tasks.evaluate import (bench_artifact, evaluate_model, evaluate_shard, load_baseline, plan_evaluation_shards,
-                            resolve_model_artifact, store_evaluation)
+from tasks.evaluate import (
+    bench_artifact,
+    evaluate_model,
+    evaluate_shard,
+    load_baseline,
+    plan_evaluation_shards,
+    resolve_model_artifact,
+    store_evaluation,
+)
 
 
 class GateFailed(RuntimeError):
@@ -15,8 +22,9 @@ class GateFailed(RuntimeError):
 
 
 @flow(name="evaluate")
-def evaluate(model: str, suite: str = "gate", limit: int | None = None, baseline: str | None = "production",
-             shards: int = 1) -> dict:
+def evaluate(
+    model: str, suite: str = "gate", limit: int | None = None, baseline: str | None = "production", shards: int = 1
+) -> dict:
     """Evaluate `model` and gate it against `baseline` (a record file or registry ref; none: the settings' floors).
     With `shards` > 1 the suite's tasks run as that many concurrent tasks on the flow's task runner (Dask)."""
     from evaluations.gates import gate as combine_gates
@@ -39,9 +47,12 @@ def evaluate(model: str, suite: str = "gate", limit: int | None = None, baseline
         verdict = gate.summary()
     passed = evaluation["valid"] and gate.passed
     checks = "\n".join(f"- {c}" for c in (gate.checks if gate else []))
-    create_markdown_artifact(key="evaluate-gates", markdown=f"# {'PASSED' if passed else 'FAILED'}: {model} on {suite}\n\n"
-                             f"baseline: {baseline if base else 'none (floors)'}\n\n{verdict}\n\n{checks}\n\n"
-                             f"record `{evaluation['record_id']}`")
+    create_markdown_artifact(
+        key="evaluate-gates",
+        markdown=f"# {'PASSED' if passed else 'FAILED'}: {model} on {suite}\n\n"
+        f"baseline: {baseline if base else 'none (floors)'}\n\n{verdict}\n\n{checks}\n\n"
+        f"record `{evaluation['record_id']}`",
+    )
     get_run_logger().info("%s: %s", "gates passed" if passed else "GATE FAILED", verdict)
     if not passed:
         raise GateFailed(f"{model}: {verdict}")
@@ -58,6 +69,9 @@ def with_runner(runner: str | None, shards: int):
         raise ValueError(f"--runner takes dask or dask=ADDRESS, got {runner!r}")
     from prefect_dask import DaskTaskRunner
 
-    task_runner = DaskTaskRunner(address=address) if address else DaskTaskRunner(
-        cluster_kwargs={"n_workers": max(1, shards), "threads_per_worker": 1})
+    task_runner = (
+        DaskTaskRunner(address=address)
+        if address
+        else DaskTaskRunner(cluster_kwargs={"n_workers": max(1, shards), "threads_per_worker": 1})
+    )
     return evaluate.with_options(task_runner=task_runner)

@@ -15,8 +15,16 @@ from tasks.verify import check_model_parity
 
 
 @flow(name="candidate-pipeline")
-def candidate_pipeline(repo: str, revision: str, source: str = "hf", path: str | None = None, suite: str = "gate",
-                       limit: int | None = None, weights: str = "tq2_0", head: str = "q8_0") -> dict:
+def candidate_pipeline(
+    repo: str,
+    revision: str,
+    source: str = "hf",
+    path: str | None = None,
+    suite: str = "gate",
+    limit: int | None = None,
+    weights: str = "tq2_0",
+    head: str = "q8_0",
+) -> dict:
     """Turn one model (a Hub repo at a revision, or a local directory) into a registered version with its
     evaluation record.
 
@@ -41,20 +49,40 @@ def candidate_pipeline(repo: str, revision: str, source: str = "hf", path: str |
         status, reason = "rejected", "evaluation record invalid: " + "; ".join(evaluation["failures"])
     else:
         status, reason = "candidate", f"parity passed ({parity['reason']}); {suite} suite evaluated"
-    version = register_candidate(name, artifact_id, origin, evaluation and evaluation["record_id"], tuning["build_key"],
-                                 status, reason)
-    create_markdown_artifact(key="candidate-summary", markdown=_summary(version, parity, evaluation, reason),
-                             description=f"{name}: {version['status']}")
+    version = register_candidate(
+        name, artifact_id, origin, evaluation and evaluation["record_id"], tuning["build_key"], status, reason
+    )
+    create_markdown_artifact(
+        key="candidate-summary",
+        markdown=_summary(version, parity, evaluation, reason),
+        description=f"{name}: {version['status']}",
+    )
     get_run_logger().info("%s:%s %s: %s", version["name"], version["version"], version["status"], reason)
-    return {"name": version["name"], "version": version["version"], "status": version["status"], "artifact_id": artifact_id,
-            "parity": parity, "evaluation": evaluation, "reason": reason}
+    return {
+        "name": version["name"],
+        "version": version["version"],
+        "status": version["status"],
+        "artifact_id": artifact_id,
+        "parity": parity,
+        "evaluation": evaluation,
+        "reason": reason,
+    }
 
 
 def _summary(version: dict, parity: dict, evaluation: dict | None, reason: str) -> str:
-    lines = [f"# {version['name']}:{version['version']} — {version['status']}", "", reason, "",
-             f"- artifact `{version['artifact_id']}`", f"- parity: {parity['reason']}"]
+    lines = [
+        f"# {version['name']}:{version['version']} — {version['status']}",
+        "",
+        reason,
+        "",
+        f"- artifact `{version['artifact_id']}`",
+        f"- parity: {parity['reason']}",
+    ]
     if evaluation:
-        lines.append(f"- evaluation record `{evaluation['record_id']}`" + (f" ([report]({evaluation['report']}))" if evaluation.get("report") else ""))
+        lines.append(
+            f"- evaluation record `{evaluation['record_id']}`"
+            + (f" ([report]({evaluation['report']}))" if evaluation.get("report") else "")
+        )
         lines += ["", "| task | metric | value | stderr |", "|---|---|---|---|"]
         for task, result in evaluation["tasks"].items():
             for metric, m in result["metrics"].items() if not result.get("parent") else ():
@@ -62,5 +90,7 @@ def _summary(version: dict, parity: dict, evaluation: dict | None, reason: str) 
                 lines.append(f"| {task} | {metric} | {m['value']:.4f} | {stderr} |")
         if evaluation.get("bench"):
             b = evaluation["bench"]
-            lines.append(f"\ndecode {b['decode_tok_s']:.1f} tok/s, prefill {b['prefill_tok_s']:.1f} tok/s, TTFT {b['ttft_ms']:.0f} ms")
+            lines.append(
+                f"\ndecode {b['decode_tok_s']:.1f} tok/s, prefill {b['prefill_tok_s']:.1f} tok/s, TTFT {b['ttft_ms']:.0f} ms"
+            )
     return "\n".join(lines)

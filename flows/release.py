@@ -9,13 +9,24 @@ from prefect.transactions import transaction
 
 from engine.artifacts.registry import Registry
 from engine.artifacts.releases import ReleaseStore, new_release
-from engine.settings import get_settings
 from engine.artifacts.store import open_store
+from engine.settings import get_settings
 from tasks.bundle import build_serving_bundle
 from tasks.notify import notify_release
-from tasks.release import (abort_release, check_offline_gates, ensure_production_served, load_canary, load_production, mark_canary,
-                           observe_canary_step, promote_in_registry, promote_on_servers, reject_version, replicas,
-                           set_canary_weight)
+from tasks.release import (
+    abort_release,
+    check_offline_gates,
+    ensure_production_served,
+    load_canary,
+    load_production,
+    mark_canary,
+    observe_canary_step,
+    promote_in_registry,
+    promote_on_servers,
+    reject_version,
+    replicas,
+    set_canary_weight,
+)
 
 
 class StepFailed(RuntimeError):
@@ -23,8 +34,12 @@ class StepFailed(RuntimeError):
 
 
 @flow(name="release")
-def release(ref: str | None = None, release_id: str | None = None, synthetic_load: bool | None = None,
-            force_promote: bool = False) -> dict:
+def release(
+    ref: str | None = None,
+    release_id: str | None = None,
+    synthetic_load: bool | None = None,
+    force_promote: bool = False,
+) -> dict:
     """Release `ref` (a registry version), or resume `release_id` from its recorded step.
 
     Returns:
@@ -51,7 +66,9 @@ def release(ref: str | None = None, release_id: str | None = None, synthetic_loa
             return _finish(store, rid, "promoted", gate["reason"])
         store.set_status(rid, "canary", gate["reason"])
     elif rel["status"] in ("paused", "pause_requested"):
-        store.set_status(rid, "canary", f"resumed at step {rel['steps'][min(rel['step_index'], len(rel['steps']) - 1)]}%")
+        store.set_status(
+            rid, "canary", f"resumed at step {rel['steps'][min(rel['step_index'], len(rel['steps']) - 1)]}%"
+        )
     # Canary steps: each one transaction; a failed analysis raises inside it, so its hooks undo the step.
     if old_production:
         ensure_production_served(rid, old_production)
@@ -70,7 +87,9 @@ def release(ref: str | None = None, release_id: str | None = None, synthetic_loa
             abort_release(rid, ref, f"canary step {weight}% failed: {failed}", actor)
             return _finish(store, rid, "aborted", f"canary step {weight}% failed: {failed}")
         except Exception as exc:
-            store.set_status(rid, "failed", f"{type(exc).__name__}: {exc}; the step's transaction restored servers and registry")
+            store.set_status(
+                rid, "failed", f"{type(exc).__name__}: {exc}; the step's transaction restored servers and registry"
+            )
             raise
         if result["outcome"] in ("inconclusive", "paused"):
             reason = "; ".join(result["reasons"])
@@ -79,8 +98,11 @@ def release(ref: str | None = None, release_id: str | None = None, synthetic_loa
             return _finish(store, rid, "paused", reason)
         store.update(rid, lambda doc, i=i: doc.update(step_index=i + 1))
     # Promote: servers and registry in one transaction.
-    reason = (f"forced promotion of {ref}" if force_promote else
-              f"{ref} passed every canary step ({', '.join(f'{s}%' for s in rel['steps'])})")
+    reason = (
+        f"forced promotion of {ref}"
+        if force_promote
+        else f"{ref} passed every canary step ({', '.join(f'{s}%' for s in rel['steps'])})"
+    )
     with transaction():
         promote_on_servers(rid, old_production)
         promote_in_registry(rid, ref, reason, actor)
@@ -93,8 +115,13 @@ def _bundle(rid: str, ref: str) -> None:
     """The promoted version's serving bundle; a failure here is logged, not fatal (the promotion happened)."""
     bundled = build_serving_bundle(rid, ref, return_state=True)
     if not bundled.is_completed():
-        get_run_logger().warning("release %s: serving bundle of %s not built (%s); `ryz bundle %s -o DIR` makes one",
-                                 rid, ref, bundled.message, ref)
+        get_run_logger().warning(
+            "release %s: serving bundle of %s not built (%s); `ryz bundle %s -o DIR` makes one",
+            rid,
+            ref,
+            bundled.message,
+            ref,
+        )
 
 
 def _open(store: ReleaseStore, ref: str | None) -> dict:

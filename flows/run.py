@@ -19,8 +19,13 @@ from tasks.report import write_run_report
 
 
 @flow(name="pipeline-run")
-def pipeline_run(source: Literal["local", "hf"] = "local", path: str | None = None, suite: str = "gate",
-                 limit: int | None = None, release_candidates: bool = True) -> dict:
+def pipeline_run(
+    source: Literal["local", "hf"] = "local",
+    path: str | None = None,
+    suite: str = "gate",
+    limit: int | None = None,
+    release_candidates: bool = True,
+) -> dict:
     """Discover new models and take each, in the order the source lists them, through the candidate pipeline
     and then the release flow, against a server of its own on 127.0.0.1 (stopped at the end).
 
@@ -36,11 +41,22 @@ def pipeline_run(source: Literal["local", "hf"] = "local", path: str | None = No
         server = None
         for candidate in candidates:
             # Pipeline: one subflow per candidate; a failing candidate is reported, the others still run.
-            state = candidate_pipeline(candidate["repo"], candidate["revision"], candidate["source"], candidate.get("path"),
-                                       suite=suite, limit=limit, return_state=True)
+            state = candidate_pipeline(
+                candidate["repo"],
+                candidate["revision"],
+                candidate["source"],
+                candidate.get("path"),
+                suite=suite,
+                limit=limit,
+                return_state=True,
+            )
             outcome = state.result(raise_on_failure=False) if state.is_completed() else None
             if outcome is None:
-                outcome = {"status": "failed", "version": None, "reason": f"pipeline failed: {state.message or state.name}"}
+                outcome = {
+                    "status": "failed",
+                    "version": None,
+                    "reason": f"pipeline failed: {state.message or state.name}",
+                }
             ref = outcome.get("version") and f"{outcome['name']}:{outcome['version']}"
             # Release: gates, canary steps with synthetic traffic, promotion; the server starts with the first one.
             if release_candidates and outcome["status"] == "candidate":
@@ -50,12 +66,19 @@ def pipeline_run(source: Literal["local", "hf"] = "local", path: str | None = No
                 if rel is None:
                     outcome = {**outcome, "release": "failed", "reason": outcome["reason"] + "; release flow failed"}
                 else:
-                    final = {"promoted": "production", "rejected": "rejected", "aborted": "rolled_back"}.get(rel["status"], rel["status"])
-                    why = next((e["reason"] for e in reversed(rel["log"]) if e["event"] == rel["status"]), rel["log"][-1]["reason"])
+                    final = {"promoted": "production", "rejected": "rejected", "aborted": "rolled_back"}.get(
+                        rel["status"], rel["status"]
+                    )
+                    why = next(
+                        (e["reason"] for e in reversed(rel["log"]) if e["event"] == rel["status"]),
+                        rel["log"][-1]["reason"],
+                    )
                     outcome = {**outcome, "status": final, "release": rel["status"], "reason": why}
             results.append({"repo": candidate["repo"], "revision": candidate["revision"], **outcome, "version": ref})
     report = write_run_report(flow_run.get_name() or "local", source, suite, results, time.monotonic() - started)
-    logger.info("%s; report: %s", f"{len(results)} new candidate(s)" if results else "nothing new since the last run", report)
+    logger.info(
+        "%s; report: %s", f"{len(results)} new candidate(s)" if results else "nothing new since the last run", report
+    )
     return {"report": report, "candidates": results}
 
 

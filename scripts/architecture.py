@@ -41,7 +41,9 @@ def engine_imports(path: Path) -> dict[str, bool]:
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names if a.name.startswith("engine")]
         for name in names:
-            if (ROOT / (name.replace(".", "/") + ".py")).is_file() or (ROOT / name.replace(".", "/") / "__init__.py").is_file():
+            if (ROOT / (name.replace(".", "/") + ".py")).is_file() or (
+                ROOT / name.replace(".", "/") / "__init__.py"
+            ).is_file():
                 found[name] = found.get(name, True) and id(node) in top_level
     return found
 
@@ -55,7 +57,9 @@ def markdown() -> str:
     edges: dict[tuple[str, str], int] = defaultdict(int)
     lines = ["| module | wing | imports (engine) |", "|---|---|---|"]
     for module, imports in g.items():
-        targets = sorted({m for m in imports if m != module and not any(o != m and o.startswith(m + ".") for o in imports)})
+        targets = sorted(
+            {m for m in imports if m != module and not any(o != m and o.startswith(m + ".") for o in imports)}
+        )
         for target in targets:
             if wing_of(target) != wing_of(module):
                 edges[(wing_of(module), wing_of(target))] += 1

@@ -31,11 +31,14 @@ def main() -> None:
     settings = get_settings()
     path = args.model or str(settings.cache_dir / "bench" / "bitnet-2b4t-tq2_0-q8_0.gguf")
     sizes = [int(v) for v in args.seqs.split(",")]
-    model = open_model(path, "bench", settings=settings, threads=args.threads, max_seqs=max(sizes),
-                       max_positions=args.positions + 1)
+    model = open_model(
+        path, "bench", settings=settings, threads=args.threads, max_seqs=max(sizes), max_positions=args.positions + 1
+    )
     rng = np.random.default_rng(0)
     for seq in range(max(sizes)):
-        model.forward_batch(rng.integers(0, 1000, args.positions).astype(np.int32), np.full(args.positions, seq, np.int32))
+        model.forward_batch(
+            rng.integers(0, 1000, args.positions).astype(np.int32), np.full(args.positions, seq, np.int32)
+        )
     for n in sizes:
         times = []
         for _ in range(args.repeats):

@@ -19,7 +19,13 @@ from pathlib import Path
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 LLAMA = ("llama.cpp-tq2_0", "llama.cpp-tq1_0")
-TARGETS = {"decode_ratio": 1.75, "roofline": 0.70, "prefill_ratio": 3.5, "single_thread_ratio": 1.5, "load_seconds": 3.0}
+TARGETS = {
+    "decode_ratio": 1.75,
+    "roofline": 0.70,
+    "prefill_ratio": 3.5,
+    "single_thread_ratio": 1.5,
+    "load_seconds": 3.0,
+}
 
 
 def _num(value, fmt: str = ".2f") -> str:
@@ -47,8 +53,11 @@ def _round_fractions(record: dict) -> list[tuple[float, float]]:
     """(fraction, bandwidth) per round, against the mean of the probes either side of our run."""
     from evaluations.bench import round_fractions
 
-    return round_fractions(record["bytes_per_token"], (record.get("samples") or {}).get("decode_tok_s") or [],
-                           record.get("round_bandwidth") or [])
+    return round_fractions(
+        record["bytes_per_token"],
+        (record.get("samples") or {}).get("decode_tok_s") or [],
+        record.get("round_bandwidth") or [],
+    )
 
 
 def _best_round_roofline(record: dict) -> float | None:
@@ -66,12 +75,16 @@ def roofline_rounds(record: dict) -> str:
 
 def results_table(record: dict, source: str, notes: bool = True) -> str:
     rows = [("ryzanstein", record)] + sorted(record.get("peers", {}).items())
-    lines = [f"#### {record['target']}, {_threads(record)} (`{source}`)", "",
-             f"pp{record['prompt']} / tg{record['gen']}, median of {record['repeats']} interleaved runs; "
-             f"bandwidth probe {_num(record['bandwidth_gb_s'])} GB/s (samples {record.get('bandwidth_samples')}); "
-             f"ISA {record['isa']}; started {record.get('started', '?')}.", "",
-             "| engine | decode tok/s | prefill tok/s | TTFT ms | peak RSS MB | bytes/token | roofline | decode x | prefill x | best decode / prefill |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"#### {record['target']}, {_threads(record)} (`{source}`)",
+        "",
+        f"pp{record['prompt']} / tg{record['gen']}, median of {record['repeats']} interleaved runs; "
+        f"bandwidth probe {_num(record['bandwidth_gb_s'])} GB/s (samples {record.get('bandwidth_samples')}); "
+        f"ISA {record['isa']}; started {record.get('started', '?')}.",
+        "",
+        "| engine | decode tok/s | prefill tok/s | TTFT ms | peak RSS MB | bytes/token | roofline | decode x | prefill x | best decode / prefill |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     ours_d, ours_p = record.get("decode_tok_s"), record.get("prefill_tok_s")
     for name, d in rows:
         if d.get("decode_tok_s") is None:
@@ -81,14 +94,19 @@ def results_table(record: dict, source: str, notes: bool = True) -> str:
         px = ours_p / d["prefill_tok_s"] if name != "ryzanstein" and ours_p and d.get("prefill_tok_s") else None
         bpt = d.get("bytes_per_token")
         best = {k: best_of(d, k) for k in ("decode_tok_s", "prefill_tok_s")}
-        lines.append(f"| {name} | {_num(d['decode_tok_s'])} | {_num(d.get('prefill_tok_s'), '.1f')} | {_num(d.get('ttft_ms'), '.0f')} | "
-                     f"{_num(d.get('peak_rss_mb'), '.0f')} | {'—' if not bpt else f'{bpt / 1e6:.1f} MB'} | "
-                     f"{_num(d.get('roofline_fraction'))} | {'' if dx is None else f'{dx:.2f}x'} | {'' if px is None else f'{px:.2f}x'} | "
-                     f"{_num(best.get('decode_tok_s'))} / {_num(best.get('prefill_tok_s'), '.1f')} |")
-    lines += ["", "decode x / prefill x: ryzanstein's median speed divided by that engine's (> 1: we are faster); "
-              "best: the fastest of the repeats (the least disturbed run on a shared machine). "
-              f"Load {_num(record.get('load_seconds'))} s (repack {_num(record.get('repack_seconds'))} s); "
-              f"KV reads apart from bytes/token: {record.get('kv_bytes_per_token', 0) / 1e6:.1f} MB/token on average over tg{record['gen']}."]
+        lines.append(
+            f"| {name} | {_num(d['decode_tok_s'])} | {_num(d.get('prefill_tok_s'), '.1f')} | {_num(d.get('ttft_ms'), '.0f')} | "
+            f"{_num(d.get('peak_rss_mb'), '.0f')} | {'—' if not bpt else f'{bpt / 1e6:.1f} MB'} | "
+            f"{_num(d.get('roofline_fraction'))} | {'' if dx is None else f'{dx:.2f}x'} | {'' if px is None else f'{px:.2f}x'} | "
+            f"{_num(best.get('decode_tok_s'))} / {_num(best.get('prefill_tok_s'), '.1f')} |"
+        )
+    lines += [
+        "",
+        "decode x / prefill x: ryzanstein's median speed divided by that engine's (> 1: we are faster); "
+        "best: the fastest of the repeats (the least disturbed run on a shared machine). "
+        f"Load {_num(record.get('load_seconds'))} s (repack {_num(record.get('repack_seconds'))} s); "
+        f"KV reads apart from bytes/token: {record.get('kv_bytes_per_token', 0) / 1e6:.1f} MB/token on average over tg{record['gen']}.",
+    ]
     if notes:
         lines.append("")
         for name, d in record.get("peers", {}).items():
@@ -123,19 +141,51 @@ def targets_table(records: list[dict]) -> str:
             return
         med, name = ratio(record, key, lambda run, k: run.get(k))
         best, best_name = ratio(record, key, best_of)
-        rows.append((label, f"{_num(med)}x vs {name or '—'}", f"{_num(best)}x vs {best_name or '—'}", verdict(med, target, best=best)))
+        rows.append(
+            (
+                label,
+                f"{_num(med)}x vs {name or '—'}",
+                f"{_num(best)}x vs {best_name or '—'}",
+                verdict(med, target, best=best),
+            )
+        )
 
-    speed_row(f"decode >= 1.75x llama.cpp best ternary type ({_threads(multi)})", multi, "decode_tok_s", TARGETS["decode_ratio"])
-    rows.append((f"decode >= 70 % of roofline ({_threads(multi)}; median over rounds of each round's own bandwidth)",
-                 f"{_num(multi['roofline_fraction'] * 100, '.0f')} %", roofline_rounds(multi),
-                 verdict(multi["roofline_fraction"], TARGETS["roofline"], best=_best_round_roofline(multi))))
-    speed_row(f"prefill pp{multi['prompt']} >= 3.5x llama.cpp best ternary type ({_threads(multi)})", multi, "prefill_tok_s",
-              TARGETS["prefill_ratio"])
-    speed_row("single-thread decode >= 1.5x llama.cpp best ternary type", single, "decode_tok_s", TARGETS["single_thread_ratio"])
+    speed_row(
+        f"decode >= 1.75x llama.cpp best ternary type ({_threads(multi)})",
+        multi,
+        "decode_tok_s",
+        TARGETS["decode_ratio"],
+    )
+    rows.append(
+        (
+            f"decode >= 70 % of roofline ({_threads(multi)}; median over rounds of each round's own bandwidth)",
+            f"{_num(multi['roofline_fraction'] * 100, '.0f')} %",
+            roofline_rounds(multi),
+            verdict(multi["roofline_fraction"], TARGETS["roofline"], best=_best_round_roofline(multi)),
+        )
+    )
+    speed_row(
+        f"prefill pp{multi['prompt']} >= 3.5x llama.cpp best ternary type ({_threads(multi)})",
+        multi,
+        "prefill_tok_s",
+        TARGETS["prefill_ratio"],
+    )
+    speed_row(
+        "single-thread decode >= 1.5x llama.cpp best ternary type",
+        single,
+        "decode_tok_s",
+        TARGETS["single_thread_ratio"],
+    )
     load = max(r["load_seconds"] for r in records)
     best_load = min(min((r.get("samples") or {}).get("load_seconds") or [r["load_seconds"]]) for r in records)
-    rows.append(("load < 3 s warm (incl. repack; worst of the runs' medians)", f"{_num(load)} s", f"{_num(best_load)} s",
-                 verdict(load, TARGETS["load_seconds"], higher=False)))
+    rows.append(
+        (
+            "load < 3 s warm (incl. repack; worst of the runs' medians)",
+            f"{_num(load)} s",
+            f"{_num(best_load)} s",
+            verdict(load, TARGETS["load_seconds"], higher=False),
+        )
+    )
     lines = ["| target | measured (medians) | best repeats | verdict (medians) |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)

@@ -93,12 +93,18 @@ CASES = {"nested": (NESTED, NESTED_DOC), "tool_call": (TOOL_CALL, TOOL_DOC), "js
 def train_bpe(path: Path, vocab_size: int = 32000) -> Tokenizer:
     if path.exists():
         return Tokenizer.from_file(str(path))
-    files = [f for f in sorted(glob.glob(sysconfig.get_paths()["stdlib"] + "/**/*.py", recursive=True)) if "/test" not in f]
+    files = [
+        f for f in sorted(glob.glob(sysconfig.get_paths()["stdlib"] + "/**/*.py", recursive=True)) if "/test" not in f
+    ]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|begin_of_text|>", EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|begin_of_text|>", EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train(files[:1500], trainer)
     tokenizer.save(str(path))
     return tokenizer
@@ -179,7 +185,9 @@ def main() -> None:
         "byte-128k": build_byte_tokenizer(128256),
     }
     benches = {"llguidance": bench_llguidance, "outlines-core": bench_outlines}
-    print("| library | vocab | schema | tokens | tokenizer setup ms | compile ms | first mask us | mask median us | mask p95 us |")
+    print(
+        "| library | vocab | schema | tokens | tokenizer setup ms | compile ms | first mask us | mask median us | mask p95 us |"
+    )
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for lib in args.libs.split(","):
         for vname, tokenizer in vocabs.items():
@@ -193,8 +201,11 @@ def main() -> None:
                     continue
                 us = sorted(t * 1e6 for t in r["masks"][1:])
                 p95 = us[min(len(us) - 1, int(0.95 * len(us)))]
-                print(f"| {lib} | {vname} | {cname} | {len(ids)} | {r['tokenizer_s'] * 1e3:.1f} | {r['compile_s'] * 1e3:.1f} "
-                      f"| {r['first_mask_s'] * 1e6:.0f} | {statistics.median(us):.0f} | {p95:.0f} |", flush=True)
+                print(
+                    f"| {lib} | {vname} | {cname} | {len(ids)} | {r['tokenizer_s'] * 1e3:.1f} | {r['compile_s'] * 1e3:.1f} "
+                    f"| {r['first_mask_s'] * 1e6:.0f} | {statistics.median(us):.0f} | {p95:.0f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

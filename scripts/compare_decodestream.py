@@ -21,9 +21,14 @@ from engine.model.vocab import build_byte_tokenizer
 from engine.serving.textstream import IncrementalDetokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "naïve café résumé — “quotes” and ellipsis…",
-         "日本語のテキストと中文字符混合", "emoji: 🦊🐕‍🦺 👩🏽‍💻 and flags 🇩🇪🇯🇵", "combining: e\u0301 a\u0308 n\u0303",
-         "def f(x):\n    return {'k': [1, 2, 3]}\n"]
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "naïve café résumé — “quotes” and ellipsis…",
+    "日本語のテキストと中文字符混合",
+    "emoji: 🦊🐕‍🦺 👩🏽‍💻 and flags 🇩🇪🇯🇵",
+    "combining: e\u0301 a\u0308 n\u0303",
+    "def f(x):\n    return {'k': [1, 2, 3]}\n",
+]
 PROMPT = "Answer briefly: "
 
 
@@ -34,7 +39,9 @@ def stream_ours(tok: Tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
 
 def stream_theirs(tok: Tokenizer, prompt_ids: list[int], ids: list[int]) -> str | None:
     """None: DecodeStream raised (it has no flush for a trailing partial character either)."""
-    stream = DecodeStream(prompt_ids, skip_special_tokens=False) if prompt_ids else DecodeStream(skip_special_tokens=False)
+    stream = (
+        DecodeStream(prompt_ids, skip_special_tokens=False) if prompt_ids else DecodeStream(skip_special_tokens=False)
+    )
     try:
         return "".join(chunk for i in ids if (chunk := stream.step(tok, i)) is not None)
     except Exception:  # noqa: BLE001 - recorded as a failure
@@ -43,7 +50,7 @@ def stream_theirs(tok: Tokenizer, prompt_ids: list[int], ids: list[int]) -> str 
 
 def expected(tok: Tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
     full = tok.decode(prompt_ids + ids, skip_special_tokens=False)
-    return full[len(tok.decode(prompt_ids, skip_special_tokens=False)):]
+    return full[len(tok.decode(prompt_ids, skip_special_tokens=False)) :]
 
 
 def timed(fn, *args) -> tuple[object, float]:
@@ -53,10 +60,14 @@ def timed(fn, *args) -> tuple[object, float]:
 
 
 def main() -> None:
-    tokenizers = {"zoo BPE (ryz-demo-s)": Tokenizer.from_file(str(ROOT / "examples/zoo/ryz-demo-s/tokenizer.json")),
-                  "byte-level (synthetic shapes)": build_byte_tokenizer(512)}
+    tokenizers = {
+        "zoo BPE (ryz-demo-s)": Tokenizer.from_file(str(ROOT / "examples/zoo/ryz-demo-s/tokenizer.json")),
+        "byte-level (synthetic shapes)": build_byte_tokenizer(512),
+    }
     rng = random.Random(0)
-    print("| tokenizer | case | tokens | ours = decode | DecodeStream = decode | ours us/token | DecodeStream us/token |")
+    print(
+        "| tokenizer | case | tokens | ours = decode | DecodeStream = decode | ours us/token | DecodeStream us/token |"
+    )
     print("|---|---|---:|---|---|---:|---:|")
     for name, tok in tokenizers.items():
         prompt_ids = tok.encode(PROMPT, add_special_tokens=False).ids
@@ -68,8 +79,10 @@ def main() -> None:
             ours, t_ours = timed(stream_ours, tok, prompt_ids, ids)
             theirs, t_theirs = timed(stream_theirs, tok, prompt_ids, ids)
             verdict = "raised" if theirs is None else ("yes" if theirs == want else "no")
-            print(f"| {name} | {label!r} | {len(ids)} | {'yes' if ours == want else 'no'} | {verdict} | "
-                  f"{t_ours / max(len(ids), 1) * 1e6:.1f} | {t_theirs / max(len(ids), 1) * 1e6:.1f} |")
+            print(
+                f"| {name} | {label!r} | {len(ids)} | {'yes' if ours == want else 'no'} | {verdict} | "
+                f"{t_ours / max(len(ids), 1) * 1e6:.1f} | {t_theirs / max(len(ids), 1) * 1e6:.1f} |"
+            )
 
 
 if __name__ == "__main__":

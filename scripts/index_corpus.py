@@ -23,7 +23,9 @@ PACKAGES = "prefect,pandas,sqlalchemy,numpy,networkx,dask"
 def package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"package {name!r} is not installed in this environment: pip install {name}, or drop it from --packages")
+        raise SystemExit(
+            f"package {name!r} is not installed in this environment: pip install {name}, or drop it from --packages"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -31,8 +33,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--out", default="/tmp/ryz-index-corpus", help="target directory (must not exist)")
     parser.add_argument("--packages", default=PACKAGES, help=f"comma-separated installed packages (default {PACKAGES})")
-    parser.add_argument("--stdlib", default=sysconfig.get_paths()["stdlib"],
-                        help="standard library directory (default this interpreter's; the record used Debian's /usr/lib/python3.11)")
+    parser.add_argument(
+        "--stdlib",
+        default=sysconfig.get_paths()["stdlib"],
+        help="standard library directory (default this interpreter's; the record used Debian's /usr/lib/python3.11)",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     if out.exists():

@@ -40,12 +40,11 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
-
 import transformers  # noqa: E402
 import transformers.integrations.bitnet as hf_bitnet  # noqa: E402
 import transformers.models.bitnet.modeling_bitnet as hf_modeling_bitnet  # noqa: E402
 import transformers.models.llama.modeling_llama as hf_modeling_llama  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import BitNetForCausalLM, LlamaForCausalLM  # noqa: E402
 
 from engine.model.shapes import SHAPES  # noqa: E402
@@ -241,12 +240,20 @@ def write_checkpoint(directory: Path, config: dict, tensors: dict[str, torch.Ten
 
 
 def load(directory: Path, dtype: torch.dtype):
-    cls = LlamaForCausalLM if json.loads((directory / "config.json").read_text())["model_type"] == "llama" else BitNetForCausalLM
+    cls = (
+        LlamaForCausalLM
+        if json.loads((directory / "config.json").read_text())["model_type"] == "llama"
+        else BitNetForCausalLM
+    )
     model = cls.from_pretrained(directory, dtype=dtype, attn_implementation="eager")
     model.eval()
     assert model.config._attn_implementation == "eager"
     # every q/k/v/o/gate/up/down projection is a bitnet linear, lm_head a plain float nn.Linear
-    kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith(tuple(x.split(".")[-2] for x in QUANTIZED_SUFFIXES))}
+    kinds = {
+        type(m).__name__
+        for n, m in model.named_modules()
+        if n.endswith(tuple(x.split(".")[-2] for x in QUANTIZED_SUFFIXES))
+    }
     assert kinds <= {"AutoBitLinear", "BitLinear"} and len(kinds) == 1, kinds
     assert type(model.lm_head) is torch.nn.Linear
     return model
@@ -537,12 +544,16 @@ def select(evaluate, prompts, work: Path, first_seed: int, max_seeds: int, label
         cand = evaluate(seed, prompts, work)
         problems = [f"{name}: {p}" for name, run in cand.runs.items() for p in run.problems]
         if not problems:
-            print(f"[{label}] seed {seed}: accepted after {seed - first_seed} rejections ({time.time() - t_start:.0f}s)")
+            print(
+                f"[{label}] seed {seed}: accepted after {seed - first_seed} rejections ({time.time() - t_start:.0f}s)"
+            )
             return cand, {"count": seed - first_seed, "reasons": dict(sorted(tally.items()))}
         for kind in sorted({reason_kind(p) for p in problems}):
             tally[kind] = tally.get(kind, 0) + 1
         if (seed - first_seed) % 50 == 49:
-            print(f"[{label}] {seed - first_seed + 1} seeds rejected ({time.time() - t_start:.0f}s): {tally}", flush=True)
+            print(
+                f"[{label}] {seed - first_seed + 1} seeds rejected ({time.time() - t_start:.0f}s): {tally}", flush=True
+            )
     raise SystemExit(f"[{label}] no acceptable seed in {first_seed}..{first_seed + max_seeds - 1}")
 
 
@@ -593,7 +604,9 @@ def compact_json(doc) -> str:
     import re
 
     text = json.dumps(doc, indent=2, ensure_ascii=False)
-    return re.sub(r"\[\s*([-+0-9.eE,\s]+?)\s*\]", lambda m: "[" + ", ".join(m.group(1).split()).replace(",,", ",") + "]", text)
+    return re.sub(
+        r"\[\s*([-+0-9.eE,\s]+?)\s*\]", lambda m: "[" + ", ".join(m.group(1).split()).replace(",,", ",") + "]", text
+    )
 
 
 def replace_dir(src: Path, dst: Path) -> None:
@@ -647,26 +660,46 @@ def main() -> None:
             d = build / "hf-bitnet-tiny"
             write_checkpoint(d, bitnet_config(), masters)
             write_reference(
-                d, bitnet.runs["online"], prompts,
-                {**common, "model": "BitNetForCausalLM, bf16 master weights, online AutoBitLinear",
-                 "seed": bitnet.seed, "seeds_rejected": bitnet_rejected},
+                d,
+                bitnet.runs["online"],
+                prompts,
+                {
+                    **common,
+                    "model": "BitNetForCausalLM, bf16 master weights, online AutoBitLinear",
+                    "seed": bitnet.seed,
+                    "seeds_rejected": bitnet_rejected,
+                },
             )
             packed, _ = pack_checkpoint(masters, torch.bfloat16)
             d = build / "hf-bitnet-tiny-packed"
             write_checkpoint(d, packed_bitnet_config(), packed)
             write_reference(
-                d, bitnet.runs["packed"], prompts,
-                {**common, "model": "BitNetForCausalLM, offline packed BitLinear (uint8 + bf16 weight_scale)",
-                 "seed": bitnet.seed, "packed_from": "hf-bitnet-tiny", **bitnet.extra},
+                d,
+                bitnet.runs["packed"],
+                prompts,
+                {
+                    **common,
+                    "model": "BitNetForCausalLM, offline packed BitLinear (uint8 + bf16 weight_scale)",
+                    "seed": bitnet.seed,
+                    "packed_from": "hf-bitnet-tiny",
+                    **bitnet.extra,
+                },
             )
             if llama is not None:
                 d = build / "hf-llama-bitnet-tiny"
                 lp, _ = pack_checkpoint(master_weights(llama.seed, "llama"), torch.bfloat16)
                 write_checkpoint(d, llama_config(), lp)
                 write_reference(
-                    d, llama.runs["llama"], prompts,
-                    {**common, "model": "LlamaForCausalLM + bitnet quantization_config (Falcon3-1.58bit style), "
-                     "offline packed BitLinear", "seed": llama.seed, "seeds_rejected": llama_rejected},
+                    d,
+                    llama.runs["llama"],
+                    prompts,
+                    {
+                        **common,
+                        "model": "LlamaForCausalLM + bitnet quantization_config (Falcon3-1.58bit style), "
+                        "offline packed BitLinear",
+                        "seed": llama.seed,
+                        "seeds_rejected": llama_rejected,
+                    },
                 )
             self_check(build, bitnet, llama, prompts)
             readme = render_readme(build, bitnet, bitnet_rejected, llama, llama_rejected, prompts)

@@ -54,10 +54,10 @@ from evaluations.demo.tokenizer import BOS, EOS, VOCAB_SIZE, save_tokenizer_file
 ZOO = REPO / "examples" / "zoo"
 # hidden 256 and FFN 768: every ternary row is a multiple of 256 wide (TQ2_0/TQ1_0 blocks).
 DEMO_SHAPE = Shape(hidden=256, layers=2, heads=4, kv_heads=2, ffn=768, vocab=VOCAB_SIZE, context=256)
-SEQ_LEN = 128            # training window (documents are 20-120 tokens; eval prompts are < 40)
+SEQ_LEN = 128  # training window (documents are 20-120 tokens; eval prompts are < 40)
 BATCH = 32
-TRAIN_DOCS = 40000       # ~2.2 M tokens of training text
-TOKENIZER_DOCS = 20000   # the BPE is trained on the first 20000 of them
+TRAIN_DOCS = 40000  # ~2.2 M tokens of training text
+TOKENIZER_DOCS = 20000  # the BPE is trained on the first 20000 of them
 STEPS_S, STEPS_M, STEPS_PTQ = 150, 750, 300
 LR_QAT, LR_FP = 3e-3, 1.5e-3
 WARMUP = 50
@@ -78,8 +78,16 @@ class Recipe:
 
 RECIPES = {
     "s": Recipe("ryz-demo-s", True, STEPS_S, LR_QAT, "BitNet b1.58 QAT, short training (the weaker candidate)"),
-    "m": Recipe("ryz-demo-m", True, STEPS_M, LR_QAT, f"BitNet b1.58 QAT, {STEPS_M // STEPS_S}x longer training (the stronger candidate)"),
-    "ptq": Recipe("ryz-demo-ptq", False, STEPS_PTQ, LR_FP, "full-precision training, ternarized post hoc (the bad candidate)"),
+    "m": Recipe(
+        "ryz-demo-m",
+        True,
+        STEPS_M,
+        LR_QAT,
+        f"BitNet b1.58 QAT, {STEPS_M // STEPS_S}x longer training (the stronger candidate)",
+    ),
+    "ptq": Recipe(
+        "ryz-demo-ptq", False, STEPS_PTQ, LR_FP, "full-precision training, ternarized post hoc (the bad candidate)"
+    ),
 }
 
 
@@ -242,7 +250,7 @@ def batches(stream: np.ndarray, steps: int, seed: int):
     rng = np.random.default_rng(seed)
     for _ in range(steps):
         starts = rng.integers(0, len(stream) - SEQ_LEN - 1, size=BATCH)
-        window = torch.from_numpy(np.stack([stream[s:s + SEQ_LEN + 1] for s in starts]))
+        window = torch.from_numpy(np.stack([stream[s : s + SEQ_LEN + 1] for s in starts]))
         yield window[:, :-1], window[:, 1:]
 
 
@@ -252,8 +260,12 @@ def train(recipe: Recipe, stream: np.ndarray) -> tuple[DemoModel, dict]:
     init_weights(model, SEED)
     decay = [p for p in model.parameters() if p.dim() == 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=recipe.lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=recipe.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
 
     def lr_at(step: int) -> float:  # linear warmup, cosine decay to 10%
         if step < WARMUP:
@@ -275,13 +287,21 @@ def train(recipe: Recipe, stream: np.ndarray) -> tuple[DemoModel, dict]:
         opt.step()
         losses.append(loss.item())
         if (step + 1) % log_every == 0 or step == 0:
-            print(f"  {recipe.name} step {step + 1}/{recipe.steps} loss {np.mean(losses[-log_every:]):.4f} "
-                  f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
+            print(
+                f"  {recipe.name} step {step + 1}/{recipe.steps} loss {np.mean(losses[-log_every:]):.4f} "
+                f"({time.perf_counter() - start:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
     seconds = time.perf_counter() - start
     round_to_bf16(model)
     model.eval()
-    return model, {"steps": recipe.steps, "train_seconds": round(seconds, 1), "final_loss": round(float(np.mean(losses[-log_every:])), 4),
-                   "tokens_seen": recipe.steps * BATCH * SEQ_LEN}
+    return model, {
+        "steps": recipe.steps,
+        "train_seconds": round(seconds, 1),
+        "final_loss": round(float(np.mean(losses[-log_every:])), 4),
+        "tokens_seen": recipe.steps * BATCH * SEQ_LEN,
+    }
 
 
 def round_to_bf16(model: DemoModel) -> None:
@@ -332,7 +352,7 @@ def heldout_loss(model: DemoModel, heldout: np.ndarray) -> float:
     with torch.no_grad():
         n = (len(heldout) - 1) // SEQ_LEN
         x = torch.from_numpy(heldout[: n * SEQ_LEN].reshape(n, SEQ_LEN))
-        y = torch.from_numpy(heldout[1: n * SEQ_LEN + 1].reshape(n, SEQ_LEN))
+        y = torch.from_numpy(heldout[1 : n * SEQ_LEN + 1].reshape(n, SEQ_LEN))
         return float(F.cross_entropy(model(x).reshape(-1, DEMO_SHAPE.vocab), y.reshape(-1)))
 
 
@@ -347,9 +367,17 @@ def write_checkpoint(model: DemoModel, tokenizer, out_dir: Path, record: dict) -
         config["bos_token_id"], config["eos_token_id"] = tokenizer.token_to_id(BOS), tokenizer.token_to_id(EOS)
         # Online BitNet quantization, like engine/model/synth.py: transformers ternarizes the masters at load time
         # (for ryz-demo-ptq that is exactly the post-training quantization that ruins it).
-        config["quantization_config"] = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}
+        config["quantization_config"] = {
+            "quant_method": "bitnet",
+            "linear_class": "autobitlinear",
+            "quantization_mode": "online",
+        }
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"], "do_sample": False}
+        generation = {
+            "bos_token_id": config["bos_token_id"],
+            "eos_token_id": config["eos_token_id"],
+            "do_sample": False,
+        }
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         tensors = {name: p.detach().to(torch.bfloat16).contiguous() for name, p in sorted(model.named_parameters())}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -359,11 +387,18 @@ def write_checkpoint(model: DemoModel, tokenizer, out_dir: Path, record: dict) -
 
 def summary(scores: dict) -> dict:
     mc, gen, ppl = scores["demo_mc"], scores["demo_gen"], scores["demo_ppl"]
-    return {"mc_acc": round(mc["acc"], 4), "mc_acc_stderr": round(mc["acc_stderr"], 4), "mc_acc_norm": round(mc["acc_norm"], 4),
-            "mc_by_kind": mc["acc_by_kind"], "gen_exact_match": round(gen["exact_match"], 4),
-            "gen_exact_match_stderr": round(gen["exact_match_stderr"], 4), "gen_by_kind": gen["exact_match_by_kind"],
-            "ppl_word_perplexity": round(ppl["word_perplexity"], 4), "ppl_byte_perplexity": round(ppl["byte_perplexity"], 4),
-            "ppl_bits_per_byte": round(ppl["bits_per_byte"], 4)}
+    return {
+        "mc_acc": round(mc["acc"], 4),
+        "mc_acc_stderr": round(mc["acc_stderr"], 4),
+        "mc_acc_norm": round(mc["acc_norm"], 4),
+        "mc_by_kind": mc["acc_by_kind"],
+        "gen_exact_match": round(gen["exact_match"], 4),
+        "gen_exact_match_stderr": round(gen["exact_match_stderr"], 4),
+        "gen_by_kind": gen["exact_match_by_kind"],
+        "ppl_word_perplexity": round(ppl["word_perplexity"], 4),
+        "ppl_byte_perplexity": round(ppl["byte_perplexity"], 4),
+        "ppl_bits_per_byte": round(ppl["bits_per_byte"], 4),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -372,7 +407,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="override the step count (smoke runs)")
     parser.add_argument("--out", default=str(ZOO))
     parser.add_argument("--limit", type=int, default=None, help="score only the first N items of each suite")
-    parser.add_argument("--readme-only", action="store_true", help="rewrite zoo.json and README.md from the models' training.json")
+    parser.add_argument(
+        "--readme-only", action="store_true", help="rewrite zoo.json and README.md from the models' training.json"
+    )
     args = parser.parse_args(argv)
     if args.readme_only:
         write_index(Path(args.out))
@@ -404,12 +441,26 @@ def main(argv: list[str] | None = None) -> None:
         if not recipe.qat:  # the same weights before ternarization: what PTQ throws away
             model.set_quantized(False)
             record["heldout_loss_full_precision"] = round(heldout_loss(model, heldout), 4)
-            record["torch_scores_full_precision"] = summary(torch_scores(model, tokenizer, quantized=False, limit=args.limit))
+            record["torch_scores_full_precision"] = summary(
+                torch_scores(model, tokenizer, quantized=False, limit=args.limit)
+            )
             model.set_quantized(True)
         record["eval_seconds"] = round(time.perf_counter() - start, 1)
-        record.update(name=recipe.name, recipe=recipe.blurb, qat=recipe.qat, lr=recipe.lr, batch=BATCH, seq_len=SEQ_LEN,
-                      warmup=WARMUP, weight_decay=WEIGHT_DECAY, seed=SEED, shape=DEMO_SHAPE.as_dict(),
-                      torch=torch.__version__, threads=THREADS, machine=platform.machine())
+        record.update(
+            name=recipe.name,
+            recipe=recipe.blurb,
+            qat=recipe.qat,
+            lr=recipe.lr,
+            batch=BATCH,
+            seq_len=SEQ_LEN,
+            warmup=WARMUP,
+            weight_decay=WEIGHT_DECAY,
+            seed=SEED,
+            shape=DEMO_SHAPE.as_dict(),
+            torch=torch.__version__,
+            threads=THREADS,
+            machine=platform.machine(),
+        )
         write_checkpoint(model, tokenizer, out_root / recipe.name, record)
         results[recipe.name] = record
         print(json.dumps({recipe.name: record}, indent=2), flush=True)
@@ -418,7 +469,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_index(out_root: Path) -> None:
     """zoo.json (s, m, ptq) and, once all three are trained, README.md."""
-    zoo = [{"name": RECIPES[k].name, "path": RECIPES[k].name, "description": RECIPES[k].blurb} for k in ("s", "m", "ptq")]
+    zoo = [
+        {"name": RECIPES[k].name, "path": RECIPES[k].name, "description": RECIPES[k].blurb} for k in ("s", "m", "ptq")
+    ]
     (out_root / "zoo.json").write_text(json.dumps({"schema": 1, "models": zoo}, indent=2) + "\n")
     records = {}
     for key in ("s", "m", "ptq"):
@@ -432,33 +485,70 @@ def write_index(out_root: Path) -> None:
 def write_readme(out_root: Path, records: dict[str, dict]) -> None:
     """README.md with the recipe and the torch-measured scores; the engine-side table between the markers
     is filled in by `python -m evaluations.demo.score --zoo` (kept when this rewrites the file)."""
-    def row(label: str, r: dict, scores: dict, loss: float) -> str:
-        return (f"| {label} | {r['steps']} | {r['train_seconds']:.0f} s | {loss:.3f} | "
-                f"{scores['mc_acc']:.3f} ± {scores['mc_acc_stderr']:.3f} | {scores['mc_acc_norm']:.3f} | "
-                f"{scores['gen_exact_match']:.3f} ± {scores['gen_exact_match_stderr']:.3f} | "
-                f"{scores['ppl_word_perplexity']:.3f} | {scores['ppl_bits_per_byte']:.4f} |")
 
-    rows = [row(f"`{records[k]['name']}`", records[k], records[k]["torch_scores"], records[k]["heldout_loss"]) for k in ("s", "m", "ptq")]
+    def row(label: str, r: dict, scores: dict, loss: float) -> str:
+        return (
+            f"| {label} | {r['steps']} | {r['train_seconds']:.0f} s | {loss:.3f} | "
+            f"{scores['mc_acc']:.3f} ± {scores['mc_acc_stderr']:.3f} | {scores['mc_acc_norm']:.3f} | "
+            f"{scores['gen_exact_match']:.3f} ± {scores['gen_exact_match_stderr']:.3f} | "
+            f"{scores['ppl_word_perplexity']:.3f} | {scores['ppl_bits_per_byte']:.4f} |"
+        )
+
+    rows = [
+        row(f"`{records[k]['name']}`", records[k], records[k]["torch_scores"], records[k]["heldout_loss"])
+        for k in ("s", "m", "ptq")
+    ]
     ptq = records["ptq"]
-    rows.append(row("`ryz-demo-ptq` before ternarization (full precision)", ptq, ptq["torch_scores_full_precision"],
-                    ptq["heldout_loss_full_precision"]))
-    kinds = [f"| `{records[k]['name']}` | " + " | ".join(f"{records[k]['torch_scores']['mc_by_kind'][c]:.2f}" for c in ("arith", "agree", "fact", "count"))
-             + " | " + " | ".join(f"{records[k]['torch_scores']['gen_by_kind'][c]:.2f}" for c in ("arith", "fact", "count", "copy")) + " |"
-             for k in ("s", "m", "ptq")]
+    rows.append(
+        row(
+            "`ryz-demo-ptq` before ternarization (full precision)",
+            ptq,
+            ptq["torch_scores_full_precision"],
+            ptq["heldout_loss_full_precision"],
+        )
+    )
+    kinds = [
+        f"| `{records[k]['name']}` | "
+        + " | ".join(f"{records[k]['torch_scores']['mc_by_kind'][c]:.2f}" for c in ("arith", "agree", "fact", "count"))
+        + " | "
+        + " | ".join(f"{records[k]['torch_scores']['gen_by_kind'][c]:.2f}" for c in ("arith", "fact", "count", "copy"))
+        + " |"
+        for k in ("s", "m", "ptq")
+    ]
     readme = out_root / "README.md"
     engine_section = ENGINE_PLACEHOLDER
     if readme.is_file():
         old = readme.read_text()
         if ENGINE_BEGIN in old and ENGINE_END in old:
-            engine_section = old[old.index(ENGINE_BEGIN):old.index(ENGINE_END) + len(ENGINE_END)]
+            engine_section = old[old.index(ENGINE_BEGIN) : old.index(ENGINE_END) + len(ENGINE_END)]
     s = records["s"]
     text = README_TEMPLATE.format(
-        hidden=DEMO_SHAPE.hidden, layers=DEMO_SHAPE.layers, heads=DEMO_SHAPE.heads, kv_heads=DEMO_SHAPE.kv_heads,
-        head_dim=DEMO_SHAPE.hidden // DEMO_SHAPE.heads, ffn=DEMO_SHAPE.ffn, vocab=DEMO_SHAPE.vocab, context=DEMO_SHAPE.context,
-        params=sum(p.numel() for p in DemoModel(DEMO_SHAPE, True).parameters()), train_docs=TRAIN_DOCS, tok_docs=TOKENIZER_DOCS,
-        batch=BATCH, seq=SEQ_LEN, lr_qat=LR_QAT, lr_fp=LR_FP, warmup=WARMUP, wd=WEIGHT_DECAY, steps_s=STEPS_S, steps_m=STEPS_M,
-        steps_ptq=STEPS_PTQ, threads=THREADS, torch=s["torch"], rows="\n".join(rows), kinds="\n".join(kinds),
-        engine_section=engine_section)
+        hidden=DEMO_SHAPE.hidden,
+        layers=DEMO_SHAPE.layers,
+        heads=DEMO_SHAPE.heads,
+        kv_heads=DEMO_SHAPE.kv_heads,
+        head_dim=DEMO_SHAPE.hidden // DEMO_SHAPE.heads,
+        ffn=DEMO_SHAPE.ffn,
+        vocab=DEMO_SHAPE.vocab,
+        context=DEMO_SHAPE.context,
+        params=sum(p.numel() for p in DemoModel(DEMO_SHAPE, True).parameters()),
+        train_docs=TRAIN_DOCS,
+        tok_docs=TOKENIZER_DOCS,
+        batch=BATCH,
+        seq=SEQ_LEN,
+        lr_qat=LR_QAT,
+        lr_fp=LR_FP,
+        warmup=WARMUP,
+        wd=WEIGHT_DECAY,
+        steps_s=STEPS_S,
+        steps_m=STEPS_M,
+        steps_ptq=STEPS_PTQ,
+        threads=THREADS,
+        torch=s["torch"],
+        rows="\n".join(rows),
+        kinds="\n".join(kinds),
+        engine_section=engine_section,
+    )
     readme.write_text(text)
 
 

@@ -10,7 +10,13 @@ from engine.settings import get_settings
 CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
 
 
-@task(name="download-checkpoint", retries=3, retry_delay_seconds=[5, 30, 120], cache_policy=INPUTS, timeout_seconds=6 * 3600)
+@task(
+    name="download-checkpoint",
+    retries=3,
+    retry_delay_seconds=[5, 30, 120],
+    cache_policy=INPUTS,
+    timeout_seconds=6 * 3600,
+)
 def download_checkpoint(repo: str, revision: str) -> str:
     """snapshot_download of config, tokenizer and safetensors at exactly `revision`; returns the local directory.
 
@@ -20,7 +26,12 @@ def download_checkpoint(repo: str, revision: str) -> str:
     from huggingface_hub import snapshot_download
 
     settings = get_settings()
-    path = snapshot_download(repo, revision=revision, allow_patterns=CHECKPOINT_PATTERNS, endpoint=settings.hf_endpoint,
-                             etag_timeout=settings.discovery_timeout)
+    path = snapshot_download(
+        repo,
+        revision=revision,
+        allow_patterns=CHECKPOINT_PATTERNS,
+        endpoint=settings.hf_endpoint,
+        etag_timeout=settings.discovery_timeout,
+    )
     get_run_logger().info("downloaded %s@%s to %s", repo, revision[:12], path)
     return path

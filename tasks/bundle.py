@@ -9,11 +9,11 @@ from prefect import get_run_logger, task
 from prefect.runtime import flow_run
 
 from engine.artifacts.bundle import build_bundle, store_bundle
-from engine.errors import ModelReferenceError
 from engine.artifacts.registry import Registry
 from engine.artifacts.releases import ReleaseStore
-from engine.settings import get_settings
 from engine.artifacts.store import open_store
+from engine.errors import ModelReferenceError
+from engine.settings import get_settings
 
 
 def _actor() -> str:
@@ -42,13 +42,20 @@ def build_serving_bundle(release_id: str, ref: str) -> str:
         logger.info("%s already has the serving bundle %s", version.ref, attached[:19])
         return attached
     with tempfile.TemporaryDirectory(prefix="ryz-bundle-") as tmp:
-        manifest = build_bundle(version.ref, Path(tmp) / "bundle", store, get_settings(),
-                                progress=lambda message: logger.info("%s", message))
+        manifest = build_bundle(
+            version.ref,
+            Path(tmp) / "bundle",
+            store,
+            get_settings(),
+            progress=lambda message: logger.info("%s", message),
+        )
         artifact_id = store_bundle(Path(tmp) / "bundle", store)
     kernel = manifest["kernel_build"]
-    reason = (f"serving bundle {artifact_id[:19]} of {version.ref}: kernels "
-              + (f"{kernel['key']} for CPU {kernel['fingerprint_id']}" if kernel["library"] else "as sources only")
-              + (f" (release {release_id})" if release_id else ""))
+    reason = (
+        f"serving bundle {artifact_id[:19]} of {version.ref}: kernels "
+        + (f"{kernel['key']} for CPU {kernel['fingerprint_id']}" if kernel["library"] else "as sources only")
+        + (f" (release {release_id})" if release_id else "")
+    )
     registry.attach_bundle(version.ref, artifact_id, reason)
     if release_id:
         try:

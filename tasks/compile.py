@@ -10,9 +10,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import CacheKeyFnPolicy
 
 from engine import host
+from engine.errors import RyzError
 from engine.model import build
 from engine.model.autotune import autotune
-from engine.errors import RyzError
 
 
 def _build_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
@@ -34,8 +34,13 @@ def _build_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
 def detect_cpu() -> dict:
     """Fingerprint this CPU: ISA flags, caches, cores and the id that keys kernel builds."""
     fingerprint = host.cpu_fingerprint()
-    get_run_logger().info("CPU %s (%s), %d cores, fingerprint %s", fingerprint["model_name"], fingerprint["arch"],
-                          fingerprint["physical_cores"], fingerprint["fingerprint_id"])
+    get_run_logger().info(
+        "CPU %s (%s), %d cores, fingerprint %s",
+        fingerprint["model_name"],
+        fingerprint["arch"],
+        fingerprint["physical_cores"],
+        fingerprint["fingerprint_id"],
+    )
     return fingerprint
 
 
@@ -55,12 +60,20 @@ def compile_kernels(force: bool = False) -> str:
     """
     logger = get_run_logger()
     result = build.build_kernels(force=force, progress=logger.info)
-    logger.info("kernel build %s (%s): %s", result.key, "cache hit" if result.cache_hit else
-                f"built in {result.manifest['build_seconds']:.1f} s", result.path)
+    logger.info(
+        "kernel build %s (%s): %s",
+        result.key,
+        "cache hit" if result.cache_hit else f"built in {result.manifest['build_seconds']:.1f} s",
+        result.path,
+    )
     families = result.manifest["self_test"]["families"]
-    logger.info("kernel self-test passed: %s", ", ".join(f"{isa} ({r['checks']} checks)" for isa, r in families.items()))
+    logger.info(
+        "kernel self-test passed: %s", ", ".join(f"{isa} ({r['checks']} checks)" for isa, r in families.items())
+    )
     if fallback := result.manifest.get("fallback"):
-        logger.warning("kernel build needed the fall-back flags %s: %s", " ".join(fallback["extra_flags"]), fallback["reason"])
+        logger.warning(
+            "kernel build needed the fall-back flags %s: %s", " ".join(fallback["extra_flags"]), fallback["reason"]
+        )
     return str(result.path)
 
 
@@ -78,5 +91,11 @@ def autotune_kernels(model_artifact_path: str) -> dict:
     library = build.load_library(progress=logger.info)
     entry = autotune(library, Path(model_artifact_path), progress=logger.info)
     logger.info("autotune %s on %s: %s", entry["signature"], entry["isa"], entry["winner"])
-    return {"build_key": library.path.parent.name, "signature": entry["signature"], "isa": entry["isa"],
-            "winner": entry["winner"], "truncated": entry["truncated"], "seconds": entry["seconds"]}
+    return {
+        "build_key": library.path.parent.name,
+        "signature": entry["signature"],
+        "isa": entry["isa"],
+        "winner": entry["winner"],
+        "truncated": entry["truncated"],
+        "seconds": entry["seconds"],
+    }

@@ -10,10 +10,10 @@ from prefect.tasks import exponential_backoff
 
 from engine.artifacts.discovery import Candidate, judge_candidates, list_hub_models, read_hub_model
 from engine.artifacts.discovery import scan_local_models as scan_local
-from engine.errors import HubError
 from engine.artifacts.registry import Registry
-from engine.settings import Settings, get_settings
 from engine.artifacts.store import open_store
+from engine.errors import HubError
+from engine.settings import Settings, get_settings
 
 
 def retry_if_hub_flaky(_task: Task, _task_run: TaskRun, state: State) -> bool:
@@ -25,8 +25,11 @@ def retry_if_hub_flaky(_task: Task, _task_run: TaskRun, state: State) -> bool:
 def hub_retry_options(settings: Settings) -> dict[str, Any]:
     """`Task.with_options` arguments applying the settings' retry count and exponential backoff to a Hub task."""
     retries = settings.discovery_retries
-    return {"retries": retries, "retry_delay_seconds": exponential_backoff(settings.discovery_retry_delay)(retries) or 0,
-            "retry_condition_fn": retry_if_hub_flaky}
+    return {
+        "retries": retries,
+        "retry_delay_seconds": exponential_backoff(settings.discovery_retry_delay)(retries) or 0,
+        "retry_condition_fn": retry_if_hub_flaky,
+    }
 
 
 def hub_error_row(repo: str, state: State) -> dict:
@@ -39,9 +42,15 @@ def hub_error_row(repo: str, state: State) -> dict:
 
 
 # Retry defaults here; flows apply settings.discovery_retries / discovery_retry_delay with hub_retry_options.
-@task(name="list-hf-models", retries=3, retry_delay_seconds=exponential_backoff(2.0), retry_condition_fn=retry_if_hub_flaky)
-def list_hf_models(search: str | None = None, filter: list[str] | None = None, sort: str | None = None,
-                   limit: int = 50) -> list[str]:
+@task(
+    name="list-hf-models",
+    retries=3,
+    retry_delay_seconds=exponential_backoff(2.0),
+    retry_condition_fn=retry_if_hub_flaky,
+)
+def list_hf_models(
+    search: str | None = None, filter: list[str] | None = None, sort: str | None = None, limit: int = 50
+) -> list[str]:
     """List Hub model ids matching `search` and the `filter` tags, in the Hub's `sort` order.
 
     Args:
@@ -52,13 +61,26 @@ def list_hf_models(search: str | None = None, filter: list[str] | None = None, s
         repo ids such as ["microsoft/bitnet-b1.58-2B-4T", ...]; the Hub is settings.hf_endpoint (HF_ENDPOINT).
     """
     settings = get_settings()
-    repos = list_hub_models(endpoint=settings.hf_endpoint, search=search, filter=filter or [], sort=sort, limit=limit,
-                            timeout=settings.discovery_timeout)
-    get_run_logger().info("%s lists %d models for search=%r filter=%r", settings.hf_endpoint, len(repos), search, filter)
+    repos = list_hub_models(
+        endpoint=settings.hf_endpoint,
+        search=search,
+        filter=filter or [],
+        sort=sort,
+        limit=limit,
+        timeout=settings.discovery_timeout,
+    )
+    get_run_logger().info(
+        "%s lists %d models for search=%r filter=%r", settings.hf_endpoint, len(repos), search, filter
+    )
     return repos
 
 
-@task(name="fetch-model-info", retries=3, retry_delay_seconds=exponential_backoff(2.0), retry_condition_fn=retry_if_hub_flaky)
+@task(
+    name="fetch-model-info",
+    retries=3,
+    retry_delay_seconds=exponential_backoff(2.0),
+    retry_condition_fn=retry_if_hub_flaky,
+)
 def fetch_model_info(repo: str) -> dict:
     """Read one Hub model's architecture, license, parameter count, download size and commit sha.
 
@@ -90,5 +112,7 @@ def filter_candidates(seen: list[dict]) -> list[dict]:
         the same models in the same order, each with `status` (kept, skipped, error) and `reason`.
     """
     settings = get_settings()
-    judged = judge_candidates([Candidate.from_json(row) for row in seen], settings, Registry(open_store(settings=settings)))
+    judged = judge_candidates(
+        [Candidate.from_json(row) for row in seen], settings, Registry(open_store(settings=settings))
+    )
     return [c.to_json() for c in judged]

@@ -15,8 +15,15 @@ from tasks.quantize import find_quantized
 
 
 def _summary(record: dict, record_id: str) -> dict:
-    return {"record_id": record_id, "valid": record["valid"], "failures": record["failures"], "tasks": record["tasks"],
-            "bench": record["bench"], "environment": record.get("environment"), "report": record.get("report")}
+    return {
+        "record_id": record_id,
+        "valid": record["valid"],
+        "failures": record["failures"],
+        "tasks": record["tasks"],
+        "bench": record["bench"],
+        "environment": record.get("environment"),
+        "report": record.get("report"),
+    }
 
 
 def _store(record: dict) -> dict:
@@ -28,8 +35,12 @@ def _store(record: dict) -> dict:
     record["record_id"] = record_id
     record["report"] = str(report_record(record, store))
     (get_run_logger().info if record["valid"] else get_run_logger().error)(
-        "evaluation of %s on %s: %s (record %s)", record["model"]["artifact_id"][:19], record["suite"],
-        "valid" if record["valid"] else "INVALID: " + "; ".join(record["failures"]), record_id)
+        "evaluation of %s on %s: %s (record %s)",
+        record["model"]["artifact_id"][:19],
+        record["suite"],
+        "valid" if record["valid"] else "INVALID: " + "; ".join(record["failures"]),
+        record_id,
+    )
     return _summary(record, record_id)
 
 
@@ -82,15 +93,22 @@ def resolve_model_artifact(model: str) -> str:
     """A model reference (or a checkpoint directory, quantized first) -> its artifact id."""
     from pathlib import Path
 
-    from engine.model.quantize import directory_revision, quantize_to_store
     from engine.artifacts.refs import resolve_artifact
+    from engine.model.quantize import directory_revision, quantize_to_store
 
     store = open_store()
     path = Path(model).expanduser()
     if path.is_dir():
         revision = directory_revision(path)
-        return find_quantized(store, revision, "tq2_0", "q8_0") or quantize_to_store(
-            path, store, get_settings().cache_dir / "work", source={"type": "local", "repo": path.name, "revision": revision})["artifact_id"]
+        return (
+            find_quantized(store, revision, "tq2_0", "q8_0")
+            or quantize_to_store(
+                path,
+                store,
+                get_settings().cache_dir / "work",
+                source={"type": "local", "repo": path.name, "revision": revision},
+            )["artifact_id"]
+        )
     if path.suffix == ".gguf" and path.is_file():
         return store.put_file(path, kind="model")
     return resolve_artifact(model, store)

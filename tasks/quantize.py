@@ -9,16 +9,19 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import CacheKeyFnPolicy
 
+from engine.artifacts.store import open_store
 from engine.model.quantize import quantize_to_store
 from engine.settings import get_settings
-from engine.artifacts.store import open_store
 
 
 def find_quantized(store, revision: str, weights: str, head: str) -> str | None:
     """The stored model artifact already made from this source revision with these types, if any."""
     for manifest in store.list_artifacts(kind="model"):
         q = manifest.get("quantization", {})
-        if (manifest.get("source") or {}).get("revision") == revision and (q.get("weights"), q.get("head")) == (weights, head):
+        if (manifest.get("source") or {}).get("revision") == revision and (q.get("weights"), q.get("head")) == (
+            weights,
+            head,
+        ):
             return manifest["artifact_id"]
     return None
 
@@ -29,7 +32,10 @@ def _quantize_key(_context: Any, p: dict[str, Any]) -> str | None:
     artifact = find_quantized(open_store(), p["source"]["revision"], p["weights"], p["head"])
     if artifact is None:
         return None
-    return "ryz-quantize-" + hashlib.sha256(f"{p['source']['revision']}|{p['weights']}|{p['head']}|{artifact}".encode()).hexdigest()
+    return (
+        "ryz-quantize-"
+        + hashlib.sha256(f"{p['source']['revision']}|{p['weights']}|{p['head']}|{artifact}".encode()).hexdigest()
+    )
 
 
 @task(name="quantize-model", cache_policy=CacheKeyFnPolicy(cache_key_fn=_quantize_key))
@@ -49,6 +55,10 @@ def quantize_model(checkpoint_dir: str, source: dict, weights: str = "tq2_0", he
     if (existing := find_quantized(store, source["revision"], weights, head)) is not None:
         logger.info("%s@%s already quantized as %s", source.get("repo"), source["revision"][:12], existing)
         return existing
-    manifest = quantize_to_store(Path(checkpoint_dir), store, get_settings().cache_dir / "work", weights, head, source=source)
-    logger.info("quantized %s into %s (%s, %.1f MB)", checkpoint_dir, manifest["artifact_id"], weights, manifest["size"] / 1e6)
+    manifest = quantize_to_store(
+        Path(checkpoint_dir), store, get_settings().cache_dir / "work", weights, head, source=source
+    )
+    logger.info(
+        "quantized %s into %s (%s, %.1f MB)", checkpoint_dir, manifest["artifact_id"], weights, manifest["size"] / 1e6
+    )
     return manifest["artifact_id"]

@@ -15,8 +15,15 @@ def _actor() -> str:
 
 
 @task(name="register-candidate", retries=2, retry_delay_seconds=[1, 5])
-def register_candidate(name: str, artifact_id: str, source: dict, evaluation: str | None, kernel_build: str | None,
-                       status: str = "candidate", reason: str = "passed the candidate pipeline") -> dict:
+def register_candidate(
+    name: str,
+    artifact_id: str,
+    source: dict,
+    evaluation: str | None,
+    kernel_build: str | None,
+    status: str = "candidate",
+    reason: str = "passed the candidate pipeline",
+) -> dict:
     """Add a version of `name` (or return the one already registered from this source revision).
 
     Returns:

@@ -13,12 +13,12 @@ import time
 from prefect import get_run_logger, task
 from prefect.transactions import Transaction, get_transaction
 
-from engine.serving.admin import Replicas
-from engine.serving.canary import Thresholds, VariantStats, compare, snapshot
 from engine.artifacts.registry import Registry
 from engine.artifacts.releases import ReleaseStore
-from engine.settings import Settings, get_settings
 from engine.artifacts.store import open_store
+from engine.serving.admin import Replicas
+from engine.serving.canary import Thresholds, VariantStats, compare, snapshot
+from engine.settings import Settings, get_settings
 
 
 def replicas(settings: Settings | None = None) -> Replicas:
@@ -61,15 +61,21 @@ def check_offline_gates(release_id: str, ref: str) -> dict:
         return {"passed": False, "reason": f"{ref} has no evaluation record", "checks": [], "bootstrap": False}
     record = load_record(version.evaluation, store)
     if not record.get("valid"):
-        return {"passed": False, "reason": "evaluation record invalid: " + "; ".join(record.get("failures", [])),
-                "checks": [], "bootstrap": False}
+        return {
+            "passed": False,
+            "reason": "evaluation record invalid: " + "; ".join(record.get("failures", [])),
+            "checks": [],
+            "bootstrap": False,
+        }
     production = reg.find("production")  # none yet: the floors apply
     baseline = load_record(production.evaluation, store) if production and production.evaluation else None
     gate = combine_gates(record, baseline, settings)
     if production is None:
         reason = ("first model: " + gate.summary()) if gate.passed else gate.summary()
     else:
-        reason = gate.summary() if not gate.passed else f"offline gates vs production {production.ref}: {gate.summary()}"
+        reason = (
+            gate.summary() if not gate.passed else f"offline gates vs production {production.ref}: {gate.summary()}"
+        )
     get_run_logger().info("offline gates for %s: %s", ref, reason)
     return {"passed": gate.passed, "reason": reason, "checks": gate.checks, "bootstrap": production is None}
 
@@ -141,7 +147,9 @@ def ensure_production_served(release_id: str, artifact_id: str) -> None:
     for client, state in zip(group.clients, group.state()):
         if state["variants"].get("production", {}).get("ref") != artifact_id:
             client.load("production", artifact_id)
-            releases().log(release_id, "production-loaded", f"{client.base_url} had no production: loaded {artifact_id[:19]}")
+            releases().log(
+                release_id, "production-loaded", f"{client.base_url} had no production: loaded {artifact_id[:19]}"
+            )
 
 
 @task(name="promote-on-servers")
@@ -196,8 +204,16 @@ def _restore_aliases(txn: Transaction) -> None:
         for name, versions in state["models"].items():
             for v in versions:
                 v["status"] = statuses.get(f"{name}:{v['version']}", v["status"])
-        state["events"].append({"time": time.time(), "actor": reg.actor, "action": "rollback-hook", "name": None,
-                                "version": None, "reason": reason})
+        state["events"].append(
+            {
+                "time": time.time(),
+                "actor": reg.actor,
+                "action": "rollback-hook",
+                "name": None,
+                "version": None,
+                "reason": reason,
+            }
+        )
 
     reg.update(change, "restoring aliases")
     _note_rollback(txn, "registry aliases and statuses restored")
@@ -233,16 +249,27 @@ def observe_canary_step(release_id: str, ref: str, actor: str, step: int, weight
     settings = get_settings()
     group = replicas(settings)
     store = releases()
-    thresholds = Thresholds(settings.release_min_requests, settings.release_error_margin, settings.release_ttft_ratio,
-                            settings.release_speed_ratio, settings.release_ttft_min_delta_ms, settings.release_tpot_min_delta_ms)
+    thresholds = Thresholds(
+        settings.release_min_requests,
+        settings.release_error_margin,
+        settings.release_ttft_ratio,
+        settings.release_speed_ratio,
+        settings.release_ttft_min_delta_ms,
+        settings.release_tpot_min_delta_ms,
+    )
     before = [snapshot(text) for text in group.metrics()]
     load = nullcontext()
     if synthetic_load:
         from engine.serving.loadgen import SyntheticLoad
 
-        load = SyntheticLoad(group.clients[0].base_url, settings.served_model_name, _load_prompts(),
-                             settings.release_load_concurrency, api_key=_first_api_key(settings),
-                             deadline_s=settings.release_step_timeout)
+        load = SyntheticLoad(
+            group.clients[0].base_url,
+            settings.served_model_name,
+            _load_prompts(),
+            settings.release_load_concurrency,
+            api_key=_first_api_key(settings),
+            deadline_s=settings.release_step_timeout,
+        )
     deadline = time.monotonic() + settings.release_step_timeout
     outcome = None
     with load:
@@ -256,12 +283,27 @@ def observe_canary_step(release_id: str, ref: str, actor: str, step: int, weight
             if _sum(now, "canary").requests - _sum(before, "canary").requests >= thresholds.min_requests:
                 break
     after = [snapshot(text) for text in group.metrics()]
-    verdict = compare(_sum(after, "canary").minus(_sum(before, "canary")),
-                      _sum(after, "production").minus(_sum(before, "production")), thresholds, weight)
-    result = {"outcome": outcome or verdict.outcome, "reasons": verdict.reasons if outcome is None else [f"{outcome} by request"],
-              "canary": verdict.canary, "production": verdict.production}
-    store.log(release_id, f"step-{result['outcome']}", "; ".join(result["reasons"]), step=step, weight=weight,
-              canary=verdict.canary, production=verdict.production)
+    verdict = compare(
+        _sum(after, "canary").minus(_sum(before, "canary")),
+        _sum(after, "production").minus(_sum(before, "production")),
+        thresholds,
+        weight,
+    )
+    result = {
+        "outcome": outcome or verdict.outcome,
+        "reasons": verdict.reasons if outcome is None else [f"{outcome} by request"],
+        "canary": verdict.canary,
+        "production": verdict.production,
+    }
+    store.log(
+        release_id,
+        f"step-{result['outcome']}",
+        "; ".join(result["reasons"]),
+        step=step,
+        weight=weight,
+        canary=verdict.canary,
+        production=verdict.production,
+    )
     registry(actor).note(ref, f"canary-{weight}%:{result['outcome']}", "; ".join(result["reasons"]), release=release_id)
     get_run_logger().info("step %d%%: %s: %s", weight, result["outcome"], "; ".join(result["reasons"]))
     return result
@@ -330,9 +372,15 @@ def rollback_production(actor: str, reason: str) -> dict:
     try:
         replicas().load("production", back.artifact_id)
     except Exception:
-        reg.update(lambda state: state["aliases"].update({"production": {"name": before.name, "version": before.version},
-                                                           "previous": {"name": back.name, "version": back.version}}),
-                   "undoing a rollback the servers refused")
+        reg.update(
+            lambda state: state["aliases"].update(
+                {
+                    "production": {"name": before.name, "version": before.version},
+                    "previous": {"name": back.name, "version": back.version},
+                }
+            ),
+            "undoing a rollback the servers refused",
+        )
         raise
     # The replicas load the version's model artifact: the same bytes as its bundle's model.gguf (content-addressed);
     # hosts deployed from bundles redeploy `bundle` itself (`ryz bundle previous -o DIR` fetches it byte for byte).

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
+from engine.artifacts.store import open_store
 from engine.model import build
 from engine.model.parity import check_parity
-from engine.artifacts.store import open_store
 
 
 @task(name="check-parity")
@@ -17,7 +17,10 @@ def check_model_parity(artifact_id: str, new_tokens: int = 16) -> dict:
         {"passed", "rel_l2", "tolerance", "reason", ...} (engine.model.parity.check_parity).
     """
     logger = get_run_logger()
-    result = check_parity(open_store().local_path(artifact_id), build.load_library(progress=logger.info), new_tokens=new_tokens)
-    (logger.info if result["passed"] else logger.error)("parity %s on %s: %s", "passed" if result["passed"] else "FAILED",
-                                                         result["isa"], result["reason"])
+    result = check_parity(
+        open_store().local_path(artifact_id), build.load_library(progress=logger.info), new_tokens=new_tokens
+    )
+    (logger.info if result["passed"] else logger.error)(
+        "parity %s on %s: %s", "passed" if result["passed"] else "FAILED", result["isa"], result["reason"]
+    )
     return result

@@ -24,11 +24,18 @@ def synth(path: Path, shape: Shape | str = "tiny", seed: int = 0) -> Path:
 
 def tensors_of(path: Path) -> dict[str, np.ndarray]:
     """All tensors of a single-file checkpoint as float32 (bf16 widened) or their stored dtype."""
-    return {name: np.array(load_tensor(ref)) for name, ref in read_safetensors_header(path / "model.safetensors").items()}
+    return {
+        name: np.array(load_tensor(ref)) for name, ref in read_safetensors_header(path / "model.safetensors").items()
+    }
 
 
-def rewrite(src: Path, dst: Path, tensors: dict[str, np.ndarray], config_update: dict | None = None,
-            drop_config: tuple[str, ...] = ()) -> Path:
+def rewrite(
+    src: Path,
+    dst: Path,
+    tensors: dict[str, np.ndarray],
+    config_update: dict | None = None,
+    drop_config: tuple[str, ...] = (),
+) -> Path:
     """Copy `src` to `dst` with new weights (float32 stored as F32) and an edited config."""
     shutil.copytree(src, dst)
     write_safetensors(dst / "model.safetensors", tensors)
@@ -50,12 +57,23 @@ def onebit_variant(src: Path, dst: Path, seed: int = 1) -> Path:
     a separate lm_head."""
     tensors = {}
     for name, value in tensors_of(src).items():
-        name = name.replace("self_attn.attn_sub_norm", "self_attn.inner_attn_ln").replace("mlp.ffn_sub_norm", "mlp.ffn_layernorm")
+        name = name.replace("self_attn.attn_sub_norm", "self_attn.inner_attn_ln").replace(
+            "mlp.ffn_sub_norm", "mlp.ffn_layernorm"
+        )
         tensors[name] = value
     embed = tensors["model.embed_tokens.weight"]
     tensors["lm_head.weight"] = np.random.default_rng(seed).normal(0, 0.02, embed.shape).astype(np.float32)
-    return rewrite(src, dst, tensors, {"architectures": ["BitnetForCausalLM"], "model_type": "llama",
-                                       "hidden_act": "silu", "tie_word_embeddings": False})
+    return rewrite(
+        src,
+        dst,
+        tensors,
+        {
+            "architectures": ["BitnetForCausalLM"],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+        },
+    )
 
 
 def packed_variant(src: Path, dst: Path) -> Path:
@@ -65,7 +83,7 @@ def packed_variant(src: Path, dst: Path) -> Path:
         if any(name.endswith(f"{lin}.weight") for lin in LINEARS):
             tern = quantize_absmean(value)
             tensors[name] = pack_hf_ternary(tern.codes)
-            tensors[name[:-len("weight")] + "weight_scale"] = np.array([1.0 / tern.scale], dtype=np.float32)
+            tensors[name[: -len("weight")] + "weight_scale"] = np.array([1.0 / tern.scale], dtype=np.float32)
         else:
             tensors[name] = value
     qconfig = {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline"}
@@ -79,8 +97,18 @@ def falcon3_variant(src: Path, dst: Path, seed: int = 2) -> Path:
     embed = tensors["model.embed_tokens.weight"]
     tensors["lm_head.weight"] = np.random.default_rng(seed).normal(0, 0.02, embed.shape).astype(np.float32)
     qconfig = {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline"}
-    return rewrite(src, dst, tensors, {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-                                       "tie_word_embeddings": False, "quantization_config": qconfig})
+    return rewrite(
+        src,
+        dst,
+        tensors,
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "quantization_config": qconfig,
+        },
+    )
 
 
 def odd_width_shape() -> Shape:

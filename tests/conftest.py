@@ -12,9 +12,13 @@ def moto_server():
     from moto.server import ThreadedMotoServer
 
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                            "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": "/dev/null",
-                            "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}.items():
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_CONFIG_FILE": "/dev/null",
+            "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+        }.items():
             mp.setenv(name, value)
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
             mp.delenv(name, raising=False)
@@ -32,8 +36,8 @@ def kernel_build():
     """The native kernel build for this CPU, built once per machine: it lives in the real settings cache
     ($RYZ_HOME/cache/kernels/<key>, default ~/.ryzanstein) because the key makes reuse safe. Skips when
     no C++ compiler or CMake is installed; a failing build fails the tests that need it."""
-    from engine.model.build import build_kernels
     from engine.errors import ToolchainNotFoundError
+    from engine.model.build import build_kernels
     from engine.settings import Settings
 
     try:
@@ -71,8 +75,8 @@ def store(request, tmp_path):
 
     import boto3
 
-    from engine.settings import Settings
     from engine.artifacts.store import open_store
+    from engine.settings import Settings
 
     home = tmp_path / "home"
     if request.param == "file":

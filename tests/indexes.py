@@ -8,12 +8,12 @@ from pathlib import Path
 
 DOCS = {
     "docs/sourdough.md": "# Sourdough\n\nFeed the sourdough starter with flour and water every day; bake the bread "
-                         "when the starter doubles in size.\n",
+    "when the starter doubles in size.\n",
     "docs/bicycle.md": "# Bicycle gears\n\nShift to a lower gear before climbing a hill; clean and oil the chain "
-                       "every few hundred kilometres.\n",
+    "every few hundred kilometres.\n",
     "docs/volcano.md": "# Volcanoes\n\nMagma rises through the crust; an eruption throws out lava, ash and gas.\n",
-    "src/widgets.py": "def open_widget(path):\n    \"\"\"Open a widget file and return its parts.\"\"\"\n"
-                      "    with open(path) as f:\n        return f.read().split()\n",
+    "src/widgets.py": 'def open_widget(path):\n    """Open a widget file and return its parts."""\n'
+    "    with open(path) as f:\n        return f.read().split()\n",
     "notes.txt": "Meeting notes: the database migration is planned for Tuesday; backups run nightly at 2am.\n",
 }
 
@@ -28,11 +28,20 @@ def link_embedder(export_dir: Path, home: Path) -> None:
 
 def publish_index(home: Path, export_dir: Path, docs: dict[str, str] = DOCS) -> str:
     """Build, store, register and publish an index of `docs` in the store under `home`; returns the artifact id."""
-    from engine.retrieval.corpus import scan_corpus
-    from engine.retrieval.embedder import Embedder
-    from engine.retrieval.index import IndexConfig, manifest_fields, pack_index, publish_index as publish, read_state, update_index
     from engine.artifacts.registry import Registry
     from engine.artifacts.store import open_store
+    from engine.retrieval.corpus import scan_corpus
+    from engine.retrieval.embedder import Embedder
+    from engine.retrieval.index import (
+        IndexConfig,
+        manifest_fields,
+        pack_index,
+        read_state,
+        update_index,
+    )
+    from engine.retrieval.index import (
+        publish_index as publish,
+    )
 
     link_embedder(export_dir, home)
     corpus = home.parent / "corpus"
@@ -41,8 +50,9 @@ def publish_index(home: Path, export_dir: Path, docs: dict[str, str] = DOCS) -> 
         (corpus / rel).write_text(text)
     index_dir = home / "indexes" / "default"
     embedder = Embedder(export_dir, precision="int8", dims=384, batch_size=16, threads=2)
-    update_index(index_dir, scan_corpus(corpus), embedder, IndexConfig(quantization="int8"), chunk_chars=400,
-                 overlap_chars=0)
+    update_index(
+        index_dir, scan_corpus(corpus), embedder, IndexConfig(quantization="int8"), chunk_chars=400, overlap_chars=0
+    )
     store = open_store(f"file://{home / 'store'}")
     with tempfile.TemporaryDirectory() as work:
         tarball = pack_index(index_dir, Path(work) / "index.tar.gz")

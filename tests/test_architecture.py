@@ -29,8 +29,13 @@ def test_the_engine_never_imports_prefect():
     offenders = []
     for path in (ROOT / "engine").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "prefect"]
     assert not offenders, offenders
 
@@ -38,7 +43,9 @@ def test_the_engine_never_imports_prefect():
 def test_architecture_doc_names_every_module():
     doc = (ROOT / "docs" / "architecture.md").read_text()
     missing = [m for m in architecture.graph() if f"`{m}`" not in doc]
-    assert not missing, f"docs/architecture.md does not list {missing}: run `python scripts/architecture.py` and update it"
+    assert not missing, (
+        f"docs/architecture.md does not list {missing}: run `python scripts/architecture.py` and update it"
+    )
 
 
 def test_only_the_model_wing_constructs_native_models():
@@ -49,7 +56,10 @@ def test_only_the_model_wing_constructs_native_models():
             if path.is_relative_to(ROOT / "engine" / "model"):
                 continue
             for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "NativeModel":
+                if (
+                    isinstance(node, ast.Call)
+                    and getattr(node.func, "id", getattr(node.func, "attr", None)) == "NativeModel"
+                ):
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not offenders, offenders
 

@@ -20,7 +20,16 @@ from evaluations import peers
 from tests import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = ("decode_tok_s", "prefill_tok_s", "ttft_ms", "peak_rss_mb", "bandwidth_gb_s", "bytes_per_token", "roofline_fraction", "threads")
+KEYS = (
+    "decode_tok_s",
+    "prefill_tok_s",
+    "ttft_ms",
+    "peak_rss_mb",
+    "bandwidth_gb_s",
+    "bytes_per_token",
+    "roofline_fraction",
+    "threads",
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +44,37 @@ def tiny_gguf(tmp_path_factory):
 def test_bench_tiny_json(tmp_path, kernel_build):
     env = {**os.environ, "RYZ_HOME": str(tmp_path / "home")}
     env.pop("RYZ_STORE", None)
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "bench", "tiny", "--prompt", "16", "--gen", "8", "--repeats", "1",
-                           "--json", "--library", str(kernel_build.path)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "bench",
+            "tiny",
+            "--prompt",
+            "16",
+            "--gen",
+            "8",
+            "--repeats",
+            "1",
+            "--json",
+            "--library",
+            str(kernel_build.path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)  # stdout holds the JSON object and nothing else
     for key in KEYS:
         assert isinstance(result[key], (int, float)) and result[key] > 0, (key, result[key])
     assert 0 < result["roofline_fraction"] < 1.5
-    assert len(result["bandwidth_samples"]) == 2 and len(result["round_bandwidth"]) == 1  # a probe either side of the round
+    assert (
+        len(result["bandwidth_samples"]) == 2 and len(result["round_bandwidth"]) == 1
+    )  # a probe either side of the round
     assert result["peers"] == {}
     assert result["threads"] >= 1 and result["repeats"] == 1
     # the engine reads T2P (64 bytes / 256 weights), less than the file's TQ2_0 (66 / 256)
@@ -80,8 +112,10 @@ def test_llama_cpp_copy_transcodes_ternary(tiny_gguf, tmp_path):
     name = "blk.1.ffn_down.weight"
     assert dst.tensor_type(name) == "tq1_0" and dst.tensor_type("token_embd.weight") == "q8_0"
     shape = src.shape(name)
-    assert np.array_equal(quants.unpack_ternary(np.asarray(src.raw(name)), "tq2_0", shape),
-                          quants.unpack_ternary(np.asarray(dst.raw(name)), "tq1_0", shape))
+    assert np.array_equal(
+        quants.unpack_ternary(np.asarray(src.raw(name)), "tq2_0", shape),
+        quants.unpack_ternary(np.asarray(dst.raw(name)), "tq1_0", shape),
+    )
     assert dst.get("general.file_type") == int(gguf.LlamaFileType.MOSTLY_TQ1_0)
 
 
@@ -103,7 +137,8 @@ def test_sdist_commit(tmp_path):
     version = "0.3.36"
     (tmp_path / "CHANGELOG.md").write_text(
         "# Changelog\n\n## [0.3.36]\n\n- feat: update llama.cpp to ggml-org/llama.cpp@0c1e57098\n\n## [0.3.35]\n\n"
-        "- feat: update llama.cpp to ggml-org/llama.cpp@4df29be4f\n")
+        "- feat: update llama.cpp to ggml-org/llama.cpp@4df29be4f\n"
+    )
     assert peers.sdist_llama_cpp_commit(tmp_path, version) == peers.KNOWN_LLAMA_CPP_COMMITS[version]
     assert peers.sdist_llama_cpp_commit(tmp_path, "0.3.35") == "4df29be4f"
     head = tmp_path / ".git" / "modules" / "vendor" / "llama.cpp" / "HEAD"
@@ -117,8 +152,12 @@ def test_sdist_extract_and_cached_build(tmp_path):
     import tarfile
 
     top = "llama_cpp_python-0.3.36"
-    files = {f"{top}/vendor/llama.cpp/CMakeLists.txt": b"project(llama)\n", f"{top}/llama_cpp/__init__.py": b"",
-             f"{top}/.git/modules/vendor/llama.cpp/HEAD": b"b" * 40 + b"\n", f"{top}/CHANGELOG.md": b"# Changelog\n"}
+    files = {
+        f"{top}/vendor/llama.cpp/CMakeLists.txt": b"project(llama)\n",
+        f"{top}/llama_cpp/__init__.py": b"",
+        f"{top}/.git/modules/vendor/llama.cpp/HEAD": b"b" * 40 + b"\n",
+        f"{top}/CHANGELOG.md": b"# Changelog\n",
+    }
     archive = tmp_path / f"{top}.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         for name, data in files.items():
@@ -133,7 +172,9 @@ def test_sdist_extract_and_cached_build(tmp_path):
     build = tmp_path / "cache" / "peers" / f"llama.cpp-{commit[:7]}"
     (build / "build" / "bin").mkdir(parents=True)
     (build / "build" / "bin" / "llama-bench").write_text("#!/bin/sh\n")
-    (build / "build.json").write_text(json.dumps({"commit": commit, "version": "0.3.36", "build_seconds": 1.0, "flags": []}))
+    (build / "build.json").write_text(
+        json.dumps({"commit": commit, "version": "0.3.36", "build_seconds": 1.0, "flags": []})
+    )
     found = peers.ensure_llama_bench(tmp_path / "cache")
     assert found.cached and found.commit == commit and found.binary == build / "build" / "bin" / "llama-bench"
 
@@ -143,8 +184,10 @@ def test_matmulnbits_graph_is_a_ternary_matmul():
     pytest.importorskip("onnx")
     rng = np.random.default_rng(0)
     k = 512
-    mats = [("q", rng.integers(-1, 2, size=(256, k), dtype=np.int8), 0.031),
-            ("down", rng.integers(-1, 2, size=(384, k), dtype=np.int8), 0.5)]
+    mats = [
+        ("q", rng.integers(-1, 2, size=(256, k), dtype=np.int8), 0.031),
+        ("down", rng.integers(-1, 2, size=(384, k), dtype=np.int8), 0.5),
+    ]
     x = rng.standard_normal((5, k)).astype(np.float32)
     for level, tol in ((0, 1e-5), (4, 0.02)):  # 4: int8 activations, as the benchmark runs it
         model = peers.build_matmulnbits_model(mats, block_size=peers.ORT_BLOCK_SIZE, accuracy_level=level)
@@ -176,8 +219,16 @@ def test_failing_peers_are_reported_not_raised(tmp_path, kernel_build, monkeypat
 
     monkeypatch.setattr(peers, "ensure_llama_bench", no_compiler)
     monkeypatch.setattr(peers, "ensure_ort_model", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
-    result = bench.run_bench("tiny", threads=1, prompt=8, gen=4, repeats=1, peers=True, library=kernel_build.path,
-                             settings=Settings(home=tmp_path))
+    result = bench.run_bench(
+        "tiny",
+        threads=1,
+        prompt=8,
+        gen=4,
+        repeats=1,
+        peers=True,
+        library=kernel_build.path,
+        settings=Settings(home=tmp_path),
+    )
     assert result["decode_tok_s"] > 0
     assert set(result["peers"]) == {"llama.cpp-tq2_0", "llama.cpp-tq1_0", "onnxruntime-matmulnbits"}
     for name in ("llama.cpp-tq2_0", "llama.cpp-tq1_0"):

@@ -14,15 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from engine.model import build
+from engine.errors import BuildError, ToolchainNotFoundError
 from engine.host import cpu_fingerprint
 from engine.model import autotune as tuning
+from engine.model import build
 from engine.model.autotune import TOKEN_TILES, TuneShape, autotune, tuned_parameters, write_tuning_model
-from engine.model.build import (NATIVE_DIR, build_kernels, find_build, load_library,
-                          read_manifest, source_hash)
-from engine.errors import BuildError, ToolchainNotFoundError
-from engine.settings import Settings
+from engine.model.build import NATIVE_DIR, build_kernels, find_build, load_library, read_manifest, source_hash
 from engine.model.shapes import get_shape
+from engine.settings import Settings
 
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
 
@@ -39,15 +38,27 @@ def _copy_native(dst: Path) -> Path:
 
 # --- fingerprint and source hash (no compiler needed) --------------------------------------------
 
+
 def test_fingerprint_fields():
     fp = cpu_fingerprint()
-    assert {"arch", "vendor", "model_name", "isa", "cache", "physical_cores", "logical_cpus", "available_cpus",
-            "fingerprint_id"} <= set(fp)
+    assert {
+        "arch",
+        "vendor",
+        "model_name",
+        "isa",
+        "cache",
+        "physical_cores",
+        "logical_cpus",
+        "available_cpus",
+        "fingerprint_id",
+    } <= set(fp)
     assert HEX16.match(fp["fingerprint_id"])
     assert set(fp["cache"]) == {"l1d", "l2", "l3"}
     assert 1 <= fp["physical_cores"] <= fp["logical_cpus"]
     if fp["arch"] in ("x86_64", "amd64"):
-        assert {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vnni", "avxvnni"} == set(fp["isa"])
+        assert {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vnni", "avxvnni"} == set(
+            fp["isa"]
+        )
     elif fp["arch"] in ("aarch64", "arm64"):
         assert "asimddp" in fp["isa"]
     assert all(isinstance(v, bool) for v in fp["isa"].values())
@@ -88,14 +99,17 @@ def test_key_depends_on_each_input():
     key = build.build_key(flags, "a" * 64, compiler, "f" * 16)
     assert HEX16.match(key)
     assert build.build_key(flags, "a" * 64, compiler, "f" * 16) == key
-    others = {build.build_key(build.build_flags("a" * 64, sanitize=True), "a" * 64, compiler, "f" * 16),
-              build.build_key(flags, "b" * 64, compiler, "f" * 16),
-              build.build_key(flags, "a" * 64, {**compiler, "cxx_version": "g++ 13"}, "f" * 16),
-              build.build_key(flags, "a" * 64, compiler, "e" * 16)}
+    others = {
+        build.build_key(build.build_flags("a" * 64, sanitize=True), "a" * 64, compiler, "f" * 16),
+        build.build_key(flags, "b" * 64, compiler, "f" * 16),
+        build.build_key(flags, "a" * 64, {**compiler, "cxx_version": "g++ 13"}, "f" * 16),
+        build.build_key(flags, "a" * 64, compiler, "e" * 16),
+    }
     assert key not in others and len(others) == 4
 
 
 # --- missing toolchain ------------------------------------------------------------------------------
+
 
 def test_missing_compiler_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(build.shutil, "which", lambda name: None)
@@ -121,13 +135,19 @@ def test_missing_cmake_names_the_fix(tmp_path, monkeypatch):
 def test_cli_without_compiler(tmp_path):
     empty = tmp_path / "bin"
     empty.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "build-kernels"], env=_ryz_env(tmp_path / "home", PATH=str(empty)),
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "build-kernels"],
+        env=_ryz_env(tmp_path / "home", PATH=str(empty)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1 and proc.stdout == ""
     assert "ryz: error: no C++ compiler found" in proc.stderr and "apt-get install g++ cmake" in proc.stderr
 
 
 # --- real builds ------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
@@ -141,8 +161,16 @@ def cold(home):
     if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
         pytest.skip("no C++ compiler on this machine")
     start = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", "build-kernels", "--json"], env=_ryz_env(home),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "build-kernels", "--json"],
+            env=_ryz_env(home),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err
@@ -156,7 +184,9 @@ def test_concurrent_cold_builds_build_once(cold, home):
     assert m["schema"] == 1 and m["kind"] == "kernel-build" and HEX16.match(m["key"])
     assert sum(err.count("configuring") for _, err in cold["outs"]) == 1
     assert m["source_hash"] == source_hash() and f"-DRYZ_SOURCE_HASH={m['source_hash']}" in m["flags"]
-    assert {"-DCMAKE_BUILD_TYPE=Release", "-DRYZ_BUILD_TESTS=ON"} <= set(m["flags"]) and not any("NATIVE" in f for f in m["flags"])
+    assert {"-DCMAKE_BUILD_TYPE=Release", "-DRYZ_BUILD_TESTS=ON"} <= set(m["flags"]) and not any(
+        "NATIVE" in f for f in m["flags"]
+    )
     assert m["self_test"]["passed"] and m["fallback"] is None and m["extra_flags"] == []
     assert m["fingerprint"]["fingerprint_id"] == cpu_fingerprint()["fingerprint_id"]
     assert m["compiler"]["version"] and m["cmake"]["version"] and m["build_seconds"] > 0 and m["created"]
@@ -181,8 +211,13 @@ def test_second_call_is_a_cache_hit(cold, home, monkeypatch):
 
 
 def test_cli_human_output(cold, home):
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "build-kernels"], env=_ryz_env(home, RYZ_ISA="scalar"),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "build-kernels"],
+        env=_ryz_env(home, RYZ_ISA="scalar"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert HEX16.match(proc.stdout.strip())
     assert "cache     hit" in proc.stderr and "isa       scalar (RYZ_ISA=scalar)" in proc.stderr
@@ -211,7 +246,9 @@ def test_failed_build_keeps_its_log_and_no_half_build(tmp_path):
     with pytest.raises(BuildError, match=r"(?s)configure failed .*boom.*full log: .*failed-[0-9a-f]{16}\.log"):
         build_kernels(settings=settings, native_dir=native, progress=lambda m: None)
     kernels = settings.cache_dir / "kernels"
-    assert [p.name for p in kernels.iterdir() if not p.name.startswith(".locks")] == [f"failed-{build.plan_build(settings, native).key}.log"]
+    assert [p.name for p in kernels.iterdir() if not p.name.startswith(".locks")] == [
+        f"failed-{build.plan_build(settings, native).key}.log"
+    ]
 
 
 def test_autotune_records_table_and_winner(cold, home):
@@ -227,15 +264,21 @@ def test_autotune_records_table_and_winner(cold, home):
         assert ("decode", threads, None) in phases
         assert {("prefill", threads, tile) for tile in TOKEN_TILES} <= phases
     assert {(r["rows"], r["cols"], r["n_tokens"]) for r in entry["kernels"]} == {
-        (rows, cols, n) for rows, cols in {(256, 256), (128, 256), (768, 256), (256, 768)} for n in (1, 64)}
-    assert all(r["median_us"] > 0 and r["gbps"] > 0 and r["gmacs"] > 0 and r["repeats"] >= 1 for r in entry["table"] + entry["kernels"])
+        (rows, cols, n) for rows, cols in {(256, 256), (128, 256), (768, 256), (256, 768)} for n in (1, 64)
+    }
+    assert all(
+        r["median_us"] > 0 and r["gbps"] > 0 and r["gmacs"] > 0 and r["repeats"] >= 1
+        for r in entry["table"] + entry["kernels"]
+    )
     w = entry["winner"]
     assert w["gemm_token_tile"] in TOKEN_TILES and w["threads_decode"] in entry["thread_counts"]
     assert w["threads_prefill"] in entry["thread_counts"]
     assert tuned_parameters(manifest, get_shape("tiny"), library.isa) == w
 
     # a second model shape adds its own entry and keeps the first
-    other = autotune(library, TuneShape(hidden=512, heads=8, kv_heads=2, head_dim=64, ffn=1024), budget_s=5, progress=lambda m: None)
+    other = autotune(
+        library, TuneShape(hidden=512, heads=8, kv_heads=2, head_dim=64, ffn=1024), budget_s=5, progress=lambda m: None
+    )
     entries = read_manifest(library.path.parent)["autotune"]
     assert {f"{entry['signature']}/{library.isa}", f"{other['signature']}/{library.isa}"} <= set(entries)
 
@@ -250,9 +293,16 @@ def test_autotune_stops_at_its_budget(cold, home):
 
 
 def test_cli_autotune_on_a_gguf(cold, home, tmp_path):
-    gguf = write_tuning_model(tmp_path / "small.gguf", TuneShape(hidden=256, heads=2, kv_heads=1, head_dim=128, ffn=512))
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "build-kernels", "--model", str(gguf), "--json"],
-                          env=_ryz_env(home), capture_output=True, text=True, timeout=300)
+    gguf = write_tuning_model(
+        tmp_path / "small.gguf", TuneShape(hidden=256, heads=2, kv_heads=1, head_dim=128, ffn=512)
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "build-kernels", "--model", str(gguf), "--json"],
+        env=_ryz_env(home),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads(proc.stdout)
     (entry,) = [e for key, e in manifest["autotune"].items() if key.startswith("h256-q2x128-kv1-ffn512/")]

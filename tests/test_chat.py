@@ -9,15 +9,16 @@ import gguf
 import pytest
 from tokenizers import processors
 
-from engine.serving.chat import render_chat, validate_messages
 from engine.errors import ChatTemplateError, InvalidRequestError
 from engine.model.tokenizer import ModelTokenizer
 from engine.model.vocab import BOS, CHAT_TEMPLATE, EOS, build_byte_tokenizer
+from engine.serving.chat import render_chat, validate_messages
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
 
 
 # --- render_chat ------------------------------------------------------------------------------------
+
 
 def test_our_template_renders_llama3_markers():
     text = render_chat(CHAT_TEMPLATE, MESSAGES, bos_token=BOS, eos_token=EOS)
@@ -49,7 +50,8 @@ def test_tojson_is_hf_compatible():
     tools = [{"type": "function", "function": {"name": "météo", "parameters": {"a": "<b>&"}}}]
     assert render_chat("{{ tools | tojson }}", MESSAGES, tools=tools) == json.dumps(tools, ensure_ascii=False)
     assert render_chat("{{ tools[0] | tojson(indent=2) }}", MESSAGES, tools=tools) == json.dumps(
-        tools[0], ensure_ascii=False, indent=2)
+        tools[0], ensure_ascii=False, indent=2
+    )
     assert render_chat("{{ tools is none }}", MESSAGES) == "True"
 
 
@@ -65,18 +67,23 @@ def test_generation_tag_renders_its_body():
 
 
 def test_raise_exception_surfaces_its_message():
-    template = "{% if messages[0].role != 'user' %}{{ raise_exception('Conversation must start with user') }}{% endif %}"
+    template = (
+        "{% if messages[0].role != 'user' %}{{ raise_exception('Conversation must start with user') }}{% endif %}"
+    )
     with pytest.raises(ChatTemplateError, match="refused the messages: Conversation must start with user") as info:
         render_chat(template, MESSAGES)
     assert isinstance(info.value, InvalidRequestError) and isinstance(info.value, ValueError)
 
 
-@pytest.mark.parametrize("template", [
-    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
-    "{{ messages.__class__.__mro__ }}",
-    "{{ cycler.__init__.__globals__ }}",
-    "{% for c in ().__class__.__base__.__subclasses__() %}{{ c }}{% endfor %}",
-])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ messages.__class__.__mro__ }}",
+        "{{ cycler.__init__.__globals__ }}",
+        "{% for c in ().__class__.__base__.__subclasses__() %}{{ c }}{% endfor %}",
+    ],
+)
 def test_sandbox_refuses_python_internals(template):
     with pytest.raises(ChatTemplateError, match="sandbox"):
         render_chat(template, MESSAGES)
@@ -111,20 +118,29 @@ def test_validated_tool_conversation_renders():
         "{% for c in m.tool_calls or [] %}[{{ c.function.name }}({{ c.function.arguments | tojson }})]{% endfor %}"
         "{% if m.tool_call_id is defined %}#{{ m.tool_call_id }}{% endif %}{{ '\\n' }}{% endfor %}"
     )
-    messages = validate_messages([
-        {"role": "user", "content": "weather?"},
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "get", "arguments": "{\"city\": \"Oslo\"}"}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "12C"},
-    ])
+    messages = validate_messages(
+        [
+            {"role": "user", "content": "weather?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get", "arguments": '{"city": "Oslo"}'}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": "c1", "content": "12C"},
+        ]
+    )
     assert render_chat(template, messages) == 'user:weather?\nassistant:[get({"city": "Oslo"})]\ntool:12C#c1\n'
 
 
 # --- validate_messages ------------------------------------------------------------------------------
 
+
 def test_content_parts_are_joined():
-    messages = validate_messages([{"role": "user", "content": [{"type": "text", "text": "one"},
-                                                               {"type": "text", "text": "two"}]}])
+    messages = validate_messages(
+        [{"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]}]
+    )
     assert messages == [{"role": "user", "content": "one\ntwo"}]
 
 
@@ -140,32 +156,58 @@ def test_all_roles_accepted():
     assert [m["role"] for m in validate_messages(messages)] == ["system", "developer", "user", "assistant", "tool"]
 
 
-@pytest.mark.parametrize("messages,param,pattern", [
-    ([], "messages", "non-empty list"),
-    ("hello", "messages", "non-empty list"),
-    (None, "messages", "non-empty list"),
-    (["hi"], "messages[0]", r"messages\[0\] must be an object"),
-    ([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}], "messages[1].role",
-     r"messages\[1\]\.role is 'bot'; expected one of system, user, assistant, tool, developer"),
-    ([{"content": "b"}], "messages[0].role", "role is None"),
-    ([{"role": "user"}], "messages[0].content", r"messages\[0\] \(user\) needs content"),
-    ([{"role": "assistant", "content": None}], "messages[0].content", r"needs content \(or tool_calls\)"),
-    ([{"role": "user", "content": 5}], "messages[0].content", "must be a string or a list of text parts"),
-    ([{"role": "user", "content": [{"type": "text", "text": "a"},
-                                   {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}],
-     "messages[0].content[1]", r"messages\[0\]\.content\[1\] is an image_url part: images are not supported"),
-    ([{"role": "user", "content": [{"type": "input_audio"}]}], "messages[0].content[0]", "audio are not supported"),
-    ([{"role": "user", "content": [{"type": "bogus"}]}], "messages[0].content[0]", "got type 'bogus'"),
-    ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0].text", "text must be a string"),
-    ([{"role": "tool", "content": "12C"}], "messages[0].tool_call_id", "tool_call_id must be the id"),
-    ([{"role": "user", "content": "x", "tool_calls": []}], "messages[0].tool_calls", "only allowed on assistant"),
-    ([{"role": "assistant", "tool_calls": [{"id": "1", "function": {"arguments": "{}"}}]}],
-     "messages[0].tool_calls[0]", "must be"),
-    ([{"role": "assistant", "tool_calls": [{"id": "1", "type": "function",
-                                            "function": {"name": "f", "arguments": "{oops"}}]}],
-     "messages[0].tool_calls[0].function.arguments", "not valid JSON"),
-    ([{"role": "user", "content": "x", "name": 3}], "messages[0].name", "name must be a string"),
-])
+@pytest.mark.parametrize(
+    "messages,param,pattern",
+    [
+        ([], "messages", "non-empty list"),
+        ("hello", "messages", "non-empty list"),
+        (None, "messages", "non-empty list"),
+        (["hi"], "messages[0]", r"messages\[0\] must be an object"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}],
+            "messages[1].role",
+            r"messages\[1\]\.role is 'bot'; expected one of system, user, assistant, tool, developer",
+        ),
+        ([{"content": "b"}], "messages[0].role", "role is None"),
+        ([{"role": "user"}], "messages[0].content", r"messages\[0\] \(user\) needs content"),
+        ([{"role": "assistant", "content": None}], "messages[0].content", r"needs content \(or tool_calls\)"),
+        ([{"role": "user", "content": 5}], "messages[0].content", "must be a string or a list of text parts"),
+        (
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "a"},
+                        {"type": "image_url", "image_url": {"url": "http://x/y.png"}},
+                    ],
+                }
+            ],
+            "messages[0].content[1]",
+            r"messages\[0\]\.content\[1\] is an image_url part: images are not supported",
+        ),
+        ([{"role": "user", "content": [{"type": "input_audio"}]}], "messages[0].content[0]", "audio are not supported"),
+        ([{"role": "user", "content": [{"type": "bogus"}]}], "messages[0].content[0]", "got type 'bogus'"),
+        ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0].text", "text must be a string"),
+        ([{"role": "tool", "content": "12C"}], "messages[0].tool_call_id", "tool_call_id must be the id"),
+        ([{"role": "user", "content": "x", "tool_calls": []}], "messages[0].tool_calls", "only allowed on assistant"),
+        (
+            [{"role": "assistant", "tool_calls": [{"id": "1", "function": {"arguments": "{}"}}]}],
+            "messages[0].tool_calls[0]",
+            "must be",
+        ),
+        (
+            [
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{oops"}}],
+                }
+            ],
+            "messages[0].tool_calls[0].function.arguments",
+            "not valid JSON",
+        ),
+        ([{"role": "user", "content": "x", "name": 3}], "messages[0].name", "name must be a string"),
+    ],
+)
 def test_validation_errors_name_index_and_field(messages, param, pattern):
     with pytest.raises(InvalidRequestError, match=pattern) as info:
         validate_messages(messages)
@@ -175,6 +217,7 @@ def test_validation_errors_name_index_and_field(messages, param, pattern):
 
 # --- ModelTokenizer.encode_chat ---------------------------------------------------------------------
 
+
 class FakeModelFile:
     """The parts of engine.model.ggufio.ModelFile that ModelTokenizer reads."""
 
@@ -182,8 +225,10 @@ class FakeModelFile:
         self.tokenizer_json = tokenizer.to_str()
         self.metadata = {gguf.Keys.Tokenizer.ADD_BOS: add_bos}
         self.chat_template = template
-        self._special = {gguf.Keys.Tokenizer.BOS_ID: tokenizer.token_to_id(BOS),
-                         gguf.Keys.Tokenizer.EOS_ID: tokenizer.token_to_id(EOS)}
+        self._special = {
+            gguf.Keys.Tokenizer.BOS_ID: tokenizer.token_to_id(BOS),
+            gguf.Keys.Tokenizer.EOS_ID: tokenizer.token_to_id(EOS),
+        }
 
     def special_token(self, key):
         return self._special.get(key)

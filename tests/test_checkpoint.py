@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from engine.model.checkpoint import read_checkpoint
 from engine.errors import CheckpointError, UnsupportedArchitectureError
+from engine.model.checkpoint import read_checkpoint
 from engine.model.ternary import pack_hf_ternary, quantize_absmean, unpack_hf_ternary
 from tests import checkpoints
 
@@ -71,6 +71,7 @@ def test_absmean_matches_definition():
 
 # --- errors ---------------------------------------------------------------------------------------
 
+
 def _edit_config(path, **changes):
     config = json.loads((path / "config.json").read_text())
     config.update(changes)
@@ -128,22 +129,27 @@ def _damage_missing_tensor(p):
 
 
 def _damage_missing_shard(p):
-    (p / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}))
+    (p / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}})
+    )
 
 
-@pytest.mark.parametrize("damage, error, words", [
-    (_damage_missing_config, CheckpointError, "config.json is missing"),
-    (_damage_bad_json, CheckpointError, "invalid JSON"),
-    (_damage_unsupported, UnsupportedArchitectureError, "'GPT2LMHeadModel' is not supported"),
-    (_damage_plain_llama, UnsupportedArchitectureError, "without a bitnet quantization_config"),
-    (_damage_no_weights, CheckpointError, "no *.safetensors"),
-    (_damage_truncated, CheckpointError, "truncated"),
-    (_damage_header, CheckpointError, "corrupt"),
-    (_damage_no_tokenizer, CheckpointError, "tokenizer.json is missing"),
-    (_damage_shape, CheckpointError, "has shape [768], expected [1024] from config.json"),
-    (_damage_missing_tensor, CheckpointError, "'model.layers.1.mlp.up_proj.weight' is missing"),
-    (_damage_missing_shard, CheckpointError, "shards listed in model.safetensors.index.json are missing"),
-])
+@pytest.mark.parametrize(
+    "damage, error, words",
+    [
+        (_damage_missing_config, CheckpointError, "config.json is missing"),
+        (_damage_bad_json, CheckpointError, "invalid JSON"),
+        (_damage_unsupported, UnsupportedArchitectureError, "'GPT2LMHeadModel' is not supported"),
+        (_damage_plain_llama, UnsupportedArchitectureError, "without a bitnet quantization_config"),
+        (_damage_no_weights, CheckpointError, "no *.safetensors"),
+        (_damage_truncated, CheckpointError, "truncated"),
+        (_damage_header, CheckpointError, "corrupt"),
+        (_damage_no_tokenizer, CheckpointError, "tokenizer.json is missing"),
+        (_damage_shape, CheckpointError, "has shape [768], expected [1024] from config.json"),
+        (_damage_missing_tensor, CheckpointError, "'model.layers.1.mlp.up_proj.weight' is missing"),
+        (_damage_missing_shard, CheckpointError, "shards listed in model.safetensors.index.json are missing"),
+    ],
+)
 def test_reader_errors(broken, damage, error, words):
     damage(broken)
     with pytest.raises(error) as info:

@@ -21,7 +21,9 @@ def ryz(tmp_path):
     env["RYZ_HOME"] = str(tmp_path / "home")
 
     def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True, timeout=120
+        )
         if ok:
             assert proc.returncode == 0, proc.stderr
         return proc
@@ -39,7 +41,12 @@ def tiny_dir(ryz, tmp_path):
 def test_synth_quantize_generate(ryz, tiny_dir):
     manifest = json.loads(ryz("quantize", str(tiny_dir), "--json").stdout)
     assert ID.match(manifest["artifact_id"]) and manifest["kind"] == "model"
-    assert manifest["quantization"] == {"weights": "tq2_0", "head": "q8_0", "norms": "f32", "scale": "per-tensor f32, block scale 1"}
+    assert manifest["quantization"] == {
+        "weights": "tq2_0",
+        "head": "q8_0",
+        "norms": "f32",
+        "scale": "per-tensor f32, block scale 1",
+    }
     prefix = manifest["artifact_id"].split(":")[1][:12]
     out = json.loads(ryz("generate", prefix, "hello", "--max-tokens", "8", "--json").stdout)
     assert set(out) >= {"text", "token_ids"} and 1 <= len(out["token_ids"]) <= 8
@@ -101,14 +108,18 @@ def test_generate_accepts_a_gguf_path(ryz, tiny_dir, tmp_path):
 
 def test_engine_commands_do_not_import_prefect():
     code = "import sys, flows.cli; flows.cli.build_parser(); print('prefect' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]
+    )
     assert out.stdout.strip() == "False"
 
 
 def test_generate_native_equals_reference(ryz, tiny_dir, native_library):
     manifest = json.loads(ryz("quantize", str(tiny_dir), "--json").stdout)
     reference = json.loads(ryz("generate", manifest["artifact_id"], "hello", "--max-tokens", "6", "--json").stdout)
-    native = json.loads(ryz("generate", manifest["artifact_id"], "hello", "--max-tokens", "6", "--engine", "native", "--json").stdout)
+    native = json.loads(
+        ryz("generate", manifest["artifact_id"], "hello", "--max-tokens", "6", "--engine", "native", "--json").stdout
+    )
     assert native["engine"] == "native" and native["token_ids"] == reference["token_ids"]
 
 

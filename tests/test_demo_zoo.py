@@ -21,9 +21,9 @@ NAMES = ["ryz-demo-s", "ryz-demo-m", "ryz-demo-ptq"]
 # reference (measured: s 0.625, m 1.000, ptq 0.604; chance 0.25), exact match of m on GEN_LIMIT prompts.
 MC_LIMIT = 48
 MIN_ACC = {"ryz-demo-s": 0.45, "ryz-demo-m": 0.85}
-MIN_GAP_M_OVER_S = 0.2      # m beats s
-MIN_GAP_M_OVER_PTQ = 0.2    # the post-training-quantized model is clearly worse than m
-GEN_LIMIT = 8               # demo_gen prompts greedily decoded by ryz-demo-m (measured 7 of 8)
+MIN_GAP_M_OVER_S = 0.2  # m beats s
+MIN_GAP_M_OVER_PTQ = 0.2  # the post-training-quantized model is clearly worse than m
+GEN_LIMIT = 8  # demo_gen prompts greedily decoded by ryz-demo-m (measured 7 of 8)
 MIN_GEN_M = 0.75
 
 
@@ -33,7 +33,9 @@ def test_generator_is_deterministic_and_wrote_the_task_data(tmp_path):
     assert corpus.world() == corpus.WORLD
     for path in corpus.write_task_data(tmp_path):
         committed = REPO / "evaluations" / "tasks" / "demo" / path.name
-        assert path.read_bytes() == committed.read_bytes(), f"{committed} is stale: rerun python -m evaluations.demo.corpus"
+        assert path.read_bytes() == committed.read_bytes(), (
+            f"{committed} is stale: rerun python -m evaluations.demo.corpus"
+        )
     mc = corpus.read_jsonl(tmp_path / "demo_mc.jsonl")
     assert all(len(set(item["choices"])) == 4 and 0 <= item["gold"] < 4 for item in mc)
     golds = [item["gold"] for item in mc]

@@ -16,8 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _prefect(args: list[str], env: dict, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *args], cwd=ROOT, env=env, timeout=timeout,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", *args],
+        cwd=ROOT,
+        env=env,
+        timeout=timeout,
+        capture_output=True,
+        text=True,
+    )
 
 
 @pytest.fixture
@@ -35,8 +41,14 @@ def test_deploy_all_and_run_one_through_a_worker(prefect_api, tmp_path):
 
     zoo = tmp_path / "zoo"
     checkpoints.synth(zoo / "tiny-a", seed=1)
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "RYZ_HOME": str(tmp_path / "home"), "RYZ_DISCOVERY_HF_CACHE": "", "PWD": str(ROOT)}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "RYZ_HOME": str(tmp_path / "home"),
+        "RYZ_DISCOVERY_HF_CACHE": "",
+        "PWD": str(ROOT),
+    }
     created = _prefect(["work-pool", "create", "ryz-local", "--type", "process"], env)
     assert created.returncode == 0, created.stdout + created.stderr
     deployed = _prefect(["deploy", "--all"], env)
@@ -49,7 +61,9 @@ def test_deploy_all_and_run_one_through_a_worker(prefect_api, tmp_path):
     import asyncio
 
     assert asyncio.run(names()) == ["discovery", "evaluate", "index", "pipeline", "pipeline-run"]
-    run = run_deployment("discover-models/discovery", parameters={"source": "local", "local_paths": [str(zoo)]}, timeout=0)
+    run = run_deployment(
+        "discover-models/discovery", parameters={"source": "local", "local_paths": [str(zoo)]}, timeout=0
+    )
     worker = _prefect(["worker", "start", "--pool", "ryz-local", "--run-once"], env, timeout=300)
     assert worker.returncode == 0, worker.stdout + worker.stderr
 

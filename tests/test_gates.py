@@ -7,9 +7,13 @@ from evaluations.gates import check_floors, compare_to_baseline, gate
 
 
 def record(acc, se=0.02, ppl=10.0, decode=40.0):
-    return {"tasks": {"demo_mc": {"metrics": {"acc": {"value": acc, "stderr": se}}, "n": 200},
-                      "demo_ppl": {"metrics": {"word_perplexity": {"value": ppl, "stderr": None}}, "n": 50}},
-            "bench": {"decode_tok_s": decode, "prefill_tok_s": 100.0}}
+    return {
+        "tasks": {
+            "demo_mc": {"metrics": {"acc": {"value": acc, "stderr": se}}, "n": 200},
+            "demo_ppl": {"metrics": {"word_perplexity": {"value": ppl, "stderr": None}}, "n": 50},
+        },
+        "bench": {"decode_tok_s": decode, "prefill_tok_s": 100.0},
+    }
 
 
 def test_within_margin_or_noise_passes():
@@ -43,19 +47,33 @@ def test_floors_for_the_first_model():
 
 def test_one_rule_for_release_and_ci():
     """`gate`: the baseline with the settings' margins, or the settings' floors when there is no baseline."""
-    settings = Settings(gate_floors={"demo_mc": 0.35}, gate_min_decode_tok_s=0.0, gate_accuracy_margin=0.02,
-                        gate_speed_margin=0.1)
+    settings = Settings(
+        gate_floors={"demo_mc": 0.35}, gate_min_decode_tok_s=0.0, gate_accuracy_margin=0.02, gate_speed_margin=0.1
+    )
     assert gate(record(0.5), None, settings).checks == check_floors(record(0.5), {"demo_mc": 0.35}, 0.0).checks
     assert not gate(record(0.3), None, settings).passed
     worse = gate(record(0.40, se=0.01), record(0.60, se=0.01), settings)
-    assert worse.reasons == compare_to_baseline(record(0.40, se=0.01), record(0.60, se=0.01), 0.02, 0.1,
-                                                settings.gate_speed_min_delta_ms).reasons and not worse.passed
+    assert (
+        worse.reasons
+        == compare_to_baseline(
+            record(0.40, se=0.01), record(0.60, se=0.01), 0.02, 0.1, settings.gate_speed_min_delta_ms
+        ).reasons
+        and not worse.passed
+    )
 
 
 def test_group_subtasks_are_judged_through_the_group():
     candidate, baseline = record(0.6), record(0.6)
-    candidate["tasks"]["mmlu_offline_law"] = {"metrics": {"acc": {"value": 0.0, "stderr": 0.1}}, "n": 4, "parent": "mmlu_offline"}
-    baseline["tasks"]["mmlu_offline_law"] = {"metrics": {"acc": {"value": 1.0, "stderr": 0.1}}, "n": 4, "parent": "mmlu_offline"}
+    candidate["tasks"]["mmlu_offline_law"] = {
+        "metrics": {"acc": {"value": 0.0, "stderr": 0.1}},
+        "n": 4,
+        "parent": "mmlu_offline",
+    }
+    baseline["tasks"]["mmlu_offline_law"] = {
+        "metrics": {"acc": {"value": 1.0, "stderr": 0.1}},
+        "n": 4,
+        "parent": "mmlu_offline",
+    }
     assert compare_to_baseline(candidate, baseline, 0.02, 0.1).passed
 
 
@@ -70,14 +88,22 @@ def test_canary_noise_floors():
     from engine.serving.canary import Thresholds, VariantStats, compare
 
     def stats(requests, ttft_s, tpot_s):
-        return VariantStats(requests, 0, {0.01: 0, ttft_s: requests, float("inf"): requests}, tpot_s * 100, 100,
-                            {tpot_s / 2: 0, tpot_s: 100, float("inf"): 100})
+        return VariantStats(
+            requests,
+            0,
+            {0.01: 0, ttft_s: requests, float("inf"): requests},
+            tpot_s * 100,
+            100,
+            {tpot_s / 2: 0, tpot_s: 100, float("inf"): 100},
+        )
 
     t = Thresholds(min_requests=10)
     jitter = compare(stats(20, 0.016, 0.0025), stats(20, 0.010, 0.0012), t, 50)  # 2x slower but by ms: noise
     assert jitter.outcome == "pass", jitter.reasons
     slow = compare(stats(20, 1.5, 0.030), stats(20, 0.010, 0.020), t, 5)
-    assert slow.outcome == "fail" and any("TTFT" in r for r in slow.reasons) and any("decode" in r for r in slow.reasons)
+    assert (
+        slow.outcome == "fail" and any("TTFT" in r for r in slow.reasons) and any("decode" in r for r in slow.reasons)
+    )
 
 
 def test_speed_noise_floor_for_microsecond_decodes():
@@ -90,10 +116,13 @@ def test_speed_noise_floor_for_microsecond_decodes():
 def test_canary_speed_is_the_median_not_dragged_by_stalls():
     from engine.serving.canary import Thresholds, VariantStats, compare
 
-    production = VariantStats(30, 0, {0.02: 30, float("inf"): 30}, 0.05, 100, {0.0005: 0, 0.001: 100, float("inf"): 100})
+    production = VariantStats(
+        30, 0, {0.02: 30, float("inf"): 30}, 0.05, 100, {0.0005: 0, 0.001: 100, float("inf"): 100}
+    )
     # the same per-token speed, but 3 tokens stalled 100 ms behind the other variant's step: the mean says 3x slower
-    stalled = VariantStats(30, 0, {0.02: 30, float("inf"): 30}, 0.35, 100,
-                           {0.0005: 0, 0.001: 97, 0.1: 100, float("inf"): 100})
+    stalled = VariantStats(
+        30, 0, {0.02: 30, float("inf"): 30}, 0.35, 100, {0.0005: 0, 0.001: 97, 0.1: 100, float("inf"): 100}
+    )
     assert compare(stalled, production, Thresholds(min_requests=10), 5).outcome == "pass"
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from engine.errors import BuildError
 from engine.model import build
 from engine.model.build import NATIVE_DIR, build_kernels, find_build, read_manifest
-from engine.errors import BuildError
 from engine.model.native import ISAS, Library
 from engine.model.parity import check_parity
 from engine.model.quantize import quantize_checkpoint
@@ -32,10 +32,12 @@ def _faulty_tree(dst: Path, family: str) -> Path:
     text = source.read_text()
     table = f"static const Kernels k{{RYZ_ISA_{family.upper()}, ternary_gemm_{family},"
     assert table in text, f"the {family} kernel table moved; update this test"
-    wrapper = (f"static void faulty_gemm(const uint8_t *p, int64_t rb, int64_t re, int64_t c, const int8_t *a, const int32_t *s,\n"
-               f"                        int32_t n, int32_t tt, int32_t *out, int64_t os) {{\n"
-               f"    ternary_gemm_{family}(p, rb, re, c, a, s, n, tt, out, os);\n"
-               f"    out[rb] ^= 1;\n}}\n\n")
+    wrapper = (
+        f"static void faulty_gemm(const uint8_t *p, int64_t rb, int64_t re, int64_t c, const int8_t *a, const int32_t *s,\n"
+        f"                        int32_t n, int32_t tt, int32_t *out, int64_t os) {{\n"
+        f"    ternary_gemm_{family}(p, rb, re, c, a, s, n, tt, out, os);\n"
+        f"    out[rb] ^= 1;\n}}\n\n"
+    )
     lines = text.splitlines(keepends=True)
     at = next(n for n, line in enumerate(lines) if table in line)
     while not lines[at].startswith("const Kernels"):  # the function that returns the table
@@ -56,7 +58,11 @@ def _best_simd(library) -> str:
 def lean_builds(monkeypatch):
     """Builds without the test executable: these tests only need the library."""
     flags = build.build_flags
-    monkeypatch.setattr(build, "build_flags", lambda *a, **k: [f.replace("RYZ_BUILD_TESTS=ON", "RYZ_BUILD_TESTS=OFF") for f in flags(*a, **k)])
+    monkeypatch.setattr(
+        build,
+        "build_flags",
+        lambda *a, **k: [f.replace("RYZ_BUILD_TESTS=ON", "RYZ_BUILD_TESTS=OFF") for f in flags(*a, **k)],
+    )
 
 
 def test_the_session_build_passed_its_self_test(kernel_build, native_library):
@@ -73,7 +79,9 @@ def test_a_library_that_will_not_load_fails_the_self_test(tmp_path):
     junk = tmp_path / "libryz.so"
     junk.write_bytes(b"\x7fELF not really")
     result = run_self_test(junk)
-    assert not result["passed"] and result["failures"][0].startswith("NativeError: cannot load the native library"), result
+    assert not result["passed"] and result["failures"][0].startswith("NativeError: cannot load the native library"), (
+        result
+    )
 
 
 @pytest.mark.slow
@@ -127,8 +135,19 @@ def test_parity_runs_on_every_family_and_names_a_wrong_one(tmp_path, native_libr
     assert all(r["rel_l2"] < 1e-5 for r in good["isas"].values())
 
     tree = _faulty_tree(tmp_path / "native", family)  # built directly: build_kernels would refuse it
-    subprocess.run([build._find_cmake()[0], "-S", str(tree), "-B", str(tmp_path / "b"), "-DRYZ_BUILD_TESTS=OFF",
-                    "-DCMAKE_BUILD_TYPE=Release"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            build._find_cmake()[0],
+            "-S",
+            str(tree),
+            "-B",
+            str(tmp_path / "b"),
+            "-DRYZ_BUILD_TESTS=OFF",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ],
+        check=True,
+        capture_output=True,
+    )
     subprocess.run([build._find_cmake()[0], "--build", str(tmp_path / "b"), "-j", "2"], check=True, capture_output=True)
     faulty = Library(tmp_path / "b" / build.LIBRARY_NAME)
     faulty.set_isa("scalar")  # dispatch something else: the wrong family must be found all the same

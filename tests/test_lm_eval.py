@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")       # before datasets / huggingface_hub read them at import
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before datasets / huggingface_hub read them at import
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import functools
@@ -21,6 +21,8 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
+from lm_eval.api.instance import Instance  # noqa: E402
+
 from engine.errors import TaskDataOfflineError  # noqa: E402
 from engine.model.ggufio import ModelFile  # noqa: E402
 from engine.model.native import NativeModel  # noqa: E402
@@ -30,7 +32,6 @@ from engine.model.tokenizer import ModelTokenizer  # noqa: E402
 from evaluations import lm_eval_model  # noqa: E402
 from evaluations.lm_eval_model import RyzansteinLM, export_hf_tokenizer  # noqa: E402
 from evaluations.tasks import task_manager  # noqa: E402
-from lm_eval.api.instance import Instance  # noqa: E402
 from tests import checkpoints  # noqa: E402
 
 TINY_MC = [
@@ -69,12 +70,14 @@ def tiny_tasks(tmp_path_factory):
     (root / "data" / "tinymc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in TINY_MC))
     (root / "tinymc.yaml").write_text(
         "task: tinymc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data/tinymc.jsonl\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{question}}\"\ndoc_to_choice: \"{{choices}}\"\n"
-        "doc_to_target: answer\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\nmetadata:\n  version: 1.0\n")
+        'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
+        "doc_to_target: answer\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\nmetadata:\n  version: 1.0\n"
+    )
     (root / "tinygen.yaml").write_text(
         "task: tinygen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data/tinymc.jsonl\n"
-        "test_split: test\noutput_type: generate_until\ndoc_to_text: \"{{question}}\"\ndoc_to_target: \"{{choices[answer]}}\"\n"
-        "generation_kwargs:\n  until: [\"e\"]\n  max_gen_toks: 8\nmetric_list:\n  - metric: exact_match\nmetadata:\n  version: 1.0\n")
+        'test_split: test\noutput_type: generate_until\ndoc_to_text: "{{question}}"\ndoc_to_target: "{{choices[answer]}}"\n'
+        'generation_kwargs:\n  until: ["e"]\n  max_gen_toks: 8\nmetric_list:\n  - metric: exact_match\nmetadata:\n  version: 1.0\n'
+    )
     return root
 
 
@@ -97,8 +100,10 @@ def _evaluate(lm, tasks, tm, limit=None, **kw) -> dict:
 def test_reference_and_native_give_equal_metrics(tiny, tm, native_library):
     native = RyzansteinLM(_native(tiny, native_library))
     reference = RyzansteinLM(ReferenceModel(tiny), max_length=256)
-    out = {name: _evaluate(lm, ["tinymc", "tinygen"], tm, limit=4) for name, lm in
-           (("native", native), ("reference", reference))}
+    out = {
+        name: _evaluate(lm, ["tinymc", "tinygen"], tm, limit=4)
+        for name, lm in (("native", native), ("reference", reference))
+    }
     for task, metrics in (("tinymc", ("acc,none", "acc_norm,none")), ("tinygen", ("exact_match,none",))):
         for metric in metrics:
             assert out["native"]["results"][task][metric] == out["reference"]["results"][task][metric], (task, metric)
@@ -127,7 +132,9 @@ def test_batched_scoring_equals_one_request_at_a_time(tiny, native_library):
     calls = []
     forward = wide.engine.forward_batch
     wide.engine.forward_batch = lambda *a: calls.append(len(a[0])) or forward(*a)
-    assert [w[0] for w in wide.loglikelihood(inst, disable_tqdm=True)] == pytest.approx([b[0] for b in batched], abs=1e-4)
+    assert [w[0] for w in wide.loglikelihood(inst, disable_tqdm=True)] == pytest.approx(
+        [b[0] for b in batched], abs=1e-4
+    )
     assert len(calls) == 2  # one batch: the contexts' prefill, then the longer continuations
 
 
@@ -154,10 +161,13 @@ def test_rolling_loglikelihood_covers_every_token_once(tiny, monkeypatch):
     lm = RyzansteinLM(stub, tokenizer=tok, max_length=16)
     scored = []
     real = lm_eval_model.continuation_score
-    monkeypatch.setattr(lm_eval_model, "continuation_score", lambda logits, cont: scored.extend(cont) or real(logits, cont))
+    monkeypatch.setattr(
+        lm_eval_model, "continuation_score", lambda logits, cont: scored.extend(cont) or real(logits, cont)
+    )
     texts = ["a short one", "the rolling windows of lm-eval cover a long document " * 4]
-    totals = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)],
-                                      disable_tqdm=True)
+    totals = lm.loglikelihood_rolling(
+        [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)], disable_tqdm=True
+    )
     all_ids = []
     for text, total in zip(texts, totals):
         ids = lm.tok_encode(text, add_special_tokens=False)
@@ -200,8 +210,10 @@ def test_generate_until_cuts_at_every_until_string(tiny):
 
 
 def test_native_batched_generation_matches_reference(tiny, native_library):
-    reqs = [Instance("generate_until", {}, (p, {"until": ["\n\n"], "max_gen_toks": 12}), i)
-            for i, p in enumerate(["Once upon a time", "Hi", "The quick brown fox jumps"])]
+    reqs = [
+        Instance("generate_until", {}, (p, {"until": ["\n\n"], "max_gen_toks": 12}), i)
+        for i, p in enumerate(["Once upon a time", "Hi", "The quick brown fox jumps"])
+    ]
     native = RyzansteinLM(_native(tiny, native_library)).generate_until(reqs, disable_tqdm=True)
     reference = RyzansteinLM(ReferenceModel(tiny), max_length=256).generate_until(reqs, disable_tqdm=True)
     assert native == reference
@@ -223,7 +235,8 @@ def test_mmlu_filters_the_stray_header_rows():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "mmlu_utils", os.path.join(os.path.dirname(lm_eval_model.__file__), "tasks", "mmlu_offline", "utils.py"))
+        "mmlu_utils", os.path.join(os.path.dirname(lm_eval_model.__file__), "tasks", "mmlu_offline", "utils.py")
+    )
     utils = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(utils)
     from evaluations.tasks import package_file
@@ -241,8 +254,12 @@ def test_humaneval_needs_opt_in_and_runs_checks_in_a_limited_child(tiny, tm):
 
     stub = UniformModel(None, 512)
     with pytest.raises(ValueError, match="unsafe"):
-        simple_evaluate(model=RyzansteinLM(stub, tokenizer=ModelTokenizer(ModelFile(tiny))),
-                        tasks=["humaneval_offline"], task_manager=tm, limit=1)
+        simple_evaluate(
+            model=RyzansteinLM(stub, tokenizer=ModelTokenizer(ModelFile(tiny))),
+            tasks=["humaneval_offline"],
+            task_manager=tm,
+            limit=1,
+        )
     docs = list(tm.load(["humaneval_offline"])["tasks"]["humaneval_offline"].test_docs())
     problem = docs[0]
     assert check_completion(problem, problem["canonical_solution"]).passed
@@ -268,20 +285,37 @@ def test_local_completions_against_the_server_matches_the_adapter(tiny, native_l
     from engine.settings import Settings
     from tests.test_server import RunningServer, _free_port
 
-    settings = Settings(home=tmp_path / "home", store=f"file://{tmp_path / 'store'}", admin_token="t", max_seqs=4,
-                        max_context=256, threads=2, max_queue=16, prefill_chunk=32)
+    settings = Settings(
+        home=tmp_path / "home",
+        store=f"file://{tmp_path / 'store'}",
+        admin_token="t",
+        max_seqs=4,
+        max_context=256,
+        threads=2,
+        max_queue=16,
+        prefill_chunk=32,
+    )
     app = create_app(settings, str(tiny), loader=functools.partial(load_model, library=native_library))
-    reqs = [("The capital of France is", " Paris"), ("The capital of France is", " London town"),
-            ("", "the whole thing"), ("abc def ", "g h")]
+    reqs = [
+        ("The capital of France is", " Paris"),
+        ("The capital of France is", " London town"),
+        ("", "the whole thing"),
+        ("abc def ", "g h"),
+    ]
     inst = [Instance("loglikelihood", {}, r, i) for i, r in enumerate(reqs)]
     ours = RyzansteinLM(NativeModel(tiny, native_library, threads=2, max_seqs=4, max_positions=256))
     expected = ours.loglikelihood(inst, disable_tqdm=True)
     with RunningServer(app, _free_port()) as server:
         # The model's own tokenizer, exported as a local HF tokenizer directory: no Hub, token ids sent as-is.
         remote = get_model("local-completions")(
-            base_url=f"{server.url}/v1/completions", model="ryzanstein", tokenizer_backend="huggingface",
-            tokenizer=str(export_hf_tokenizer(tiny, tmp_path / "tokenizer")), tokenized_requests=True,
-            add_bos_token=True, max_length=256)
+            base_url=f"{server.url}/v1/completions",
+            model="ryzanstein",
+            tokenizer_backend="huggingface",
+            tokenizer=str(export_hf_tokenizer(tiny, tmp_path / "tokenizer")),
+            tokenized_requests=True,
+            add_bos_token=True,
+            max_length=256,
+        )
         got = remote.loglikelihood(inst, disable_tqdm=True)
     assert [g[0] for g in got] == pytest.approx([e[0] for e in expected], abs=1e-4)
     assert [g[1] for g in got] == [e[1] for e in expected]
@@ -290,13 +324,30 @@ def test_local_completions_against_the_server_matches_the_adapter(tiny, native_l
 def test_ryz_lm_eval_passes_arguments_through(tiny, tiny_tasks, native_library, capsys):
     from flows.cli import main
 
-    code = main(["lm-eval", "--model", "ryzanstein", "--model_args", f"model={tiny},max_length=256",
-                 "--tasks", "tinymc", "--include_path", str(tiny_tasks), "--limit", "3"])
+    code = main(
+        [
+            "lm-eval",
+            "--model",
+            "ryzanstein",
+            "--model_args",
+            f"model={tiny},max_length=256",
+            "--tasks",
+            "tinymc",
+            "--include_path",
+            str(tiny_tasks),
+            "--limit",
+            "3",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "tinymc" in out and "acc" in out
-    assert main(["lm-eval", "--model", "ryzanstein", "--model_args", f"model={tiny}", "--tasks", "arc_easy",
-                 "--limit", "1"]) != 0
+    assert (
+        main(
+            ["lm-eval", "--model", "ryzanstein", "--model_args", f"model={tiny}", "--tasks", "arc_easy", "--limit", "1"]
+        )
+        != 0
+    )
     assert "offline" in capsys.readouterr().err
 
 

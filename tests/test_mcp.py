@@ -25,11 +25,11 @@ TIMEOUT_S = 120
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, kernel_build):
-    from engine.retrieval.embedder import export_embedder
-    from engine.model.quantize import quantize_to_store
     from engine.artifacts.registry import Registry
-    from engine.settings import Settings
     from engine.artifacts.store import open_store
+    from engine.model.quantize import quantize_to_store
+    from engine.retrieval.embedder import export_embedder
+    from engine.settings import Settings
 
     root = tmp_path_factory.mktemp("mcp")
     home = root / "home"
@@ -39,7 +39,7 @@ def home(tmp_path_factory, kernel_build):
     registry = Registry(store, actor="test")
     version = registry.register("test/tiny", model["artifact_id"], {"repo": "test/tiny", "revision": "r1"})
     registry.promote(version.ref, "test")
-    kernels = home / "cache" / "kernels" / kernel_build.directory.name   # the session's build, not a rebuild
+    kernels = home / "cache" / "kernels" / kernel_build.directory.name  # the session's build, not a rebuild
     kernels.parent.mkdir(parents=True, exist_ok=True)
     kernels.symlink_to(kernel_build.directory, target_is_directory=True)
     return home, store.local_path(model["artifact_id"])
@@ -49,15 +49,20 @@ async def _session_calls(home: Path) -> dict:
     from mcp import ClientSession
     from mcp.client.stdio import StdioServerParameters, stdio_client
 
-    env = {"RYZ_HOME": str(home), "RYZ_THREADS": "2", "RYZ_MAX_CONTEXT": "512",
-           **{k: os.environ[k] for k in ("RYZ_ISA",) if k in os.environ}}
+    env = {
+        "RYZ_HOME": str(home),
+        "RYZ_THREADS": "2",
+        "RYZ_MAX_CONTEXT": "512",
+        **{k: os.environ[k] for k in ("RYZ_ISA",) if k in os.environ},
+    }
     params = StdioServerParameters(command=sys.executable, args=["-m", "flows.cli", "mcp"], env=env, cwd=str(ROOT))
     with open(os.devnull, "w") as errlog:
         async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as session:
             await session.initialize()
             tools = await session.list_tools()
-            search = await session.call_tool("search_index", {"query": "when should I feed my sourdough starter",
-                                                              "top_k": 2})
+            search = await session.call_tool(
+                "search_index", {"query": "when should I feed my sourdough starter", "top_k": 2}
+            )
             generated = await session.call_tool("generate", {"prompt": "the quick brown fox", "max_tokens": 8})
             bad = await session.call_tool("search_index", {"query": "bread", "top_k": 99})
     return {"tools": tools, "search": search, "generate": generated, "bad": bad}

@@ -34,9 +34,12 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("native")
     tiny = checkpoints.synth(root / "tiny", seed=5)
     out = {}
-    for name, path in {"tiny": tiny, "silu": checkpoints.silu_variant(tiny, root / "silu"),
-                       "falcon3": checkpoints.falcon3_variant(tiny, root / "falcon3"),
-                       "onebit": checkpoints.onebit_variant(tiny, root / "onebit")}.items():
+    for name, path in {
+        "tiny": tiny,
+        "silu": checkpoints.silu_variant(tiny, root / "silu"),
+        "falcon3": checkpoints.falcon3_variant(tiny, root / "falcon3"),
+        "onebit": checkpoints.onebit_variant(tiny, root / "onebit"),
+    }.items():
         out[name] = root / f"{name}.gguf"
         quantize_checkpoint(path, out[name])
     out["tq1_0"] = root / "tq1.gguf"

@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from engine.model.build import build_kernels
 from engine.errors import ToolchainNotFoundError
+from engine.model.build import build_kernels
 from engine.settings import Settings
 
 SANITIZER_ENV = {
@@ -22,8 +22,12 @@ SANITIZER_ENV = {
 def _run_tests(executable, env=None, timeout=600) -> subprocess.CompletedProcess:
     if executable is None or not executable.is_file():
         pytest.skip("the build produced no ryz_native_tests (RYZ_BUILD_TESTS=OFF or native/tests/ missing)")
-    proc = subprocess.run([str(executable)], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
-    assert proc.returncode == 0, f"ryz_native_tests exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    proc = subprocess.run(
+        [str(executable)], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+    assert proc.returncode == 0, (
+        f"ryz_native_tests exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    )
     return proc
 
 

@@ -11,8 +11,8 @@ import pytest
 pytest.importorskip("prefect")
 
 from engine.artifacts.registry import Registry  # noqa: E402
-from engine.settings import reload_settings  # noqa: E402
 from engine.artifacts.store import open_store  # noqa: E402
+from engine.settings import reload_settings  # noqa: E402
 from tests import checkpoints  # noqa: E402
 
 
@@ -24,9 +24,16 @@ def home(tmp_path, kernel_build, monkeypatch):
     for name, seed in (("alpha", 1), ("beta", 2)):
         checkpoints.synth(zoo / name, seed=seed)
     (zoo / "zoo.json").write_text(json.dumps({"models": ["alpha", "beta"]}))
-    for k, v in {"RYZ_HOME": str(home), "RYZ_DISCOVERY_HF_CACHE": "", "RYZ_GATE_FLOORS": '{"demo_mc": 0.0}',
-                 "RYZ_RELEASE_STEPS": "[100]", "RYZ_RELEASE_MIN_REQUESTS": "5", "RYZ_RELEASE_TTFT_RATIO": "50",
-                 "RYZ_RELEASE_SPEED_RATIO": "0.02", "RYZ_THREADS": "1"}.items():
+    for k, v in {
+        "RYZ_HOME": str(home),
+        "RYZ_DISCOVERY_HF_CACHE": "",
+        "RYZ_GATE_FLOORS": '{"demo_mc": 0.0}',
+        "RYZ_RELEASE_STEPS": "[100]",
+        "RYZ_RELEASE_MIN_REQUESTS": "5",
+        "RYZ_RELEASE_TTFT_RATIO": "50",
+        "RYZ_RELEASE_SPEED_RATIO": "0.02",
+        "RYZ_THREADS": "1",
+    }.items():
         monkeypatch.setenv(k, v)
     reload_settings()
     yield {"home": home, "zoo": zoo}
@@ -40,8 +47,11 @@ def test_pipeline_run_twice_and_resume_after_a_crash(home, prefect_harness, monk
 
     quantized = []
     real_quantize = engine.model.quantize.quantize_to_store
-    monkeypatch.setattr(engine.model.quantize, "quantize_to_store", lambda *a, **k: quantized.append(a[0]) or real_quantize(*a, **k))
+    monkeypatch.setattr(
+        engine.model.quantize, "quantize_to_store", lambda *a, **k: quantized.append(a[0]) or real_quantize(*a, **k)
+    )
     import tasks.quantize
+
     monkeypatch.setattr(tasks.quantize, "quantize_to_store", engine.model.quantize.quantize_to_store)
 
     # A crash while evaluating the second model: the first is released, the second is reported failed.
@@ -91,8 +101,12 @@ def test_demo_zoo_story(tmp_path, kernel_build, monkeypatch, prefect_harness):
     monkeypatch.setenv("RYZ_DISCOVERY_HF_CACHE", "")
     reload_settings()
     try:
-        result = pipeline_run(source="local", path=str(Path(__file__).resolve().parents[1] / "examples" / "zoo"),
-                              suite="demo_mc,demo_gen", limit=50)
+        result = pipeline_run(
+            source="local",
+            path=str(Path(__file__).resolve().parents[1] / "examples" / "zoo"),
+            suite="demo_mc,demo_gen",
+            limit=50,
+        )
     finally:
         reload_settings()
     fates = {c["repo"]: c for c in result["candidates"]}

@@ -33,8 +33,19 @@ def test_layout_follows_llama_cpp_bitnet(tiny_gguf):
     assert model.arch == "ryz-bitnet"  # relu² is not what llama.cpp's bitnet graph computes
     names = set(model.tensors)
     for i in range(2):
-        for stem in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_sub_norm", "attn_output",
-                     "ffn_norm", "ffn_gate", "ffn_up", "ffn_sub_norm", "ffn_down"):
+        for stem in (
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_sub_norm",
+            "attn_output",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_sub_norm",
+            "ffn_down",
+        ):
             assert f"blk.{i}.{stem}.weight" in names
     assert {"token_embd.weight", "output_norm.weight"} <= names and "output.weight" not in names
     assert model.tensor_type("blk.0.attn_q.weight") == "tq2_0"
@@ -53,7 +64,9 @@ def test_codes_and_scales_are_exact(tiny, tmp_path, weights):
     model, ckpt = ModelFile(out), read_checkpoint(tiny)
     for hf, stem in (("self_attn.k_proj", "attn_k"), ("mlp.down_proj", "ffn_down")):
         expected = quantize_absmean(ckpt.load(f"model.layers.1.{hf}.weight"))
-        codes = quants.unpack_ternary(np.asarray(model.raw(f"blk.1.{stem}.weight")), weights, model.shape(f"blk.1.{stem}.weight"))
+        codes = quants.unpack_ternary(
+            np.asarray(model.raw(f"blk.1.{stem}.weight")), weights, model.shape(f"blk.1.{stem}.weight")
+        )
         np.testing.assert_array_equal(codes, expected.codes)
         assert np.asarray(model.raw(f"blk.1.{stem}.scale"))[0] == expected.scale  # bit-exact float32
 

@@ -31,6 +31,7 @@ def _q6k_dequant(data: np.ndarray) -> np.ndarray:
 
 # --- ternary packing ------------------------------------------------------------------------------
 
+
 @st.composite
 def ternary_matrices(draw):
     rows = draw(st.integers(1, 8))
@@ -47,7 +48,7 @@ def ternary_matrices(draw):
             codes[r] = -1
         elif mode == "zero_block":
             b = draw(st.integers(0, cols // 256 - 1))
-            codes[r, 256 * b:256 * (b + 1)] = 0
+            codes[r, 256 * b : 256 * (b + 1)] = 0
     return codes
 
 
@@ -112,6 +113,7 @@ def test_unpack_ternary_rejects_scaled_blocks_and_wrong_sizes():
 
 # --- Q6_K -----------------------------------------------------------------------------------------
 
+
 def test_q6_k_layout_and_accuracy_on_gaussian():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((64, 1024)).astype(np.float32)
@@ -122,10 +124,10 @@ def test_q6_k_layout_and_accuracy_on_gaussian():
     # for 16 gaussian draws max|x| ~ 2 sigma, so the step is ~ sigma/16 and uniform rounding noise has
     # RMS step/sqrt(12) ~ 0.018 sigma. The 8-bit sub-scales and fp16 super-scale add well under 1%
     # of that, and the rmse search only lowers it (measured: 0.0178). 0.025 leaves margin for seeds.
-    rel_rmse = np.sqrt(np.mean((y - x) ** 2)) / np.sqrt(np.mean(x ** 2))
+    rel_rmse = np.sqrt(np.mean((y - x) ** 2)) / np.sqrt(np.mean(x**2))
     assert rel_rmse < 0.025
     # Same bound per row, so no row is left badly quantized.
-    per_row = np.sqrt(np.mean((y - x) ** 2, axis=1)) / np.sqrt(np.mean(x ** 2, axis=1))
+    per_row = np.sqrt(np.mean((y - x) ** 2, axis=1)) / np.sqrt(np.mean(x**2, axis=1))
     assert per_row.max() < 0.025
 
 
@@ -133,12 +135,12 @@ def test_q6_k_exact_zeros_stay_zero():
     rng = np.random.default_rng(2)
     x = rng.standard_normal((8, 512)).astype(np.float32)
     x[rng.random(x.shape) < 0.3] = 0.0
-    x[3] = 0.0           # an all-zero row
-    x[5, 256:] = 0.0     # an all-zero block
+    x[3] = 0.0  # an all-zero row
+    x[5, 256:] = 0.0  # an all-zero block
     q = quantize_q6_k(x)
     y = _q6k_dequant(q)
     assert (y[x == 0] == 0).all()
-    assert (q[3] == 0).all()                     # zero block: all 210 bytes zero, like ggml's memset
+    assert (q[3] == 0).all()  # zero block: all 210 bytes zero, like ggml's memset
     assert (q[5, 210:] == 0).all()
 
 
@@ -196,8 +198,10 @@ def test_q6_k_chunking_is_invisible(monkeypatch):
 
 # --- wrappers -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("qtype,tol", [("f32", 0.0), ("f16", 1e-3), ("q8_0", 0.01), ("q6_k", 0.025),
-                                       ("tq1_0", None), ("tq2_0", None)])
+
+@pytest.mark.parametrize(
+    "qtype,tol", [("f32", 0.0), ("f16", 1e-3), ("q8_0", 0.01), ("q6_k", 0.025), ("tq1_0", None), ("tq2_0", None)]
+)
 def test_quantize_dequantize_roundtrip(qtype, tol):
     rng = np.random.default_rng(6)
     if tol is None:  # ternary types: exact on values that are already {-d, 0, d} per block
@@ -211,7 +215,7 @@ def test_quantize_dequantize_roundtrip(qtype, tol):
     assert q.nbytes == 4 * bytes_per_row(qtype, 512)
     y = dequantize(q, qtype, x.shape)
     assert y.dtype == np.float32 and y.shape == x.shape
-    assert np.sqrt(np.mean((y - x) ** 2)) <= tol * np.sqrt(np.mean(x ** 2))
+    assert np.sqrt(np.mean((y - x) ** 2)) <= tol * np.sqrt(np.mean(x**2))
     # raw bytes work too
     np.testing.assert_array_equal(dequantize(np.frombuffer(q.tobytes(), np.uint8), qtype, x.shape), y)
 
@@ -243,15 +247,24 @@ def test_errors():
 
 # --- bit-exactness against ggml's C reference (through llama-cpp-python's libggml) ----------------
 
+
 def _ggml_quantize_chunk():
     pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install ryzanstein[interop])")
     try:
         from llama_cpp._ggml import libggml
+
         fn = libggml.ggml_quantize_chunk
     except (ImportError, OSError, AttributeError) as e:
         pytest.skip(f"llama_cpp does not expose ggml_quantize_chunk from its libggml: {e}")
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_void_p]
+    fn.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
     fn.restype = ctypes.c_size_t
 
     def run(x: np.ndarray, qtype: QT) -> np.ndarray:
@@ -262,6 +275,7 @@ def _ggml_quantize_chunk():
         n = fn(int(qtype), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1], None)
         assert n == out.nbytes
         return out
+
     return run
 
 
@@ -269,7 +283,7 @@ def _hard_rows(rng) -> np.ndarray:
     """Rows that exercise every branch of the C code: ties, zeros, tiny/huge values, outliers."""
     n = 512
     gauss = rng.standard_normal((400, n)) * 10.0 ** rng.uniform(-8, 8, (400, 1))
-    ints = rng.integers(-40, 40, (100, n)).astype(np.float64)          # many exact .5 ties in x/d
+    ints = rng.integers(-40, 40, (100, n)).astype(np.float64)  # many exact .5 ties in x/d
     half = rng.integers(-64, 64, (100, n)) * 0.5
     sparse = rng.standard_normal((100, n)) * (rng.random((100, n)) < 0.05)
     outliers = rng.laplace(size=(100, n)) * np.where(rng.random((100, n)) < 0.01, 100.0, 1.0)
@@ -277,13 +291,13 @@ def _hard_rows(rng) -> np.ndarray:
     edges[1] = 1.0
     edges[2, :16] = -7.0
     edges[3] = 1e-30
-    edges[4] = 1e-16                   # just below GROUP_MAX_EPS
-    edges[5] = 2e-15                   # just above it
+    edges[4] = 1e-16  # just below GROUP_MAX_EPS
+    edges[5] = 2e-15  # just above it
     edges[6, 0], edges[6, 1:] = 1.0, 1e-10
-    edges[7] = 3e-4                    # fp16 subnormal super-scale
+    edges[7] = 3e-4  # fp16 subnormal super-scale
     edges[8] = 1e30
     edges[9, ::2], edges[9, 1::2] = 1e30, -1e-3
-    edges[10] = 3.0e8                  # super-scale overflows fp16
+    edges[10] = 3.0e8  # super-scale overflows fp16
     edges[11] = -0.0
     return np.concatenate([gauss, ints, half, sparse, outliers, edges]).astype(np.float32)
 

@@ -7,9 +7,9 @@ import multiprocessing
 
 import pytest
 
-from engine.errors import ConflictError, ModelReferenceError, SchemaVersionError
 from engine.artifacts.registry import STATE_KEY, Registry
 from engine.artifacts.store import FileStore, open_store
+from engine.errors import ConflictError, ModelReferenceError, SchemaVersionError
 
 
 def _model(store, data: bytes) -> str:
@@ -18,7 +18,9 @@ def _model(store, data: bytes) -> str:
 
 def test_versions_aliases_and_history(store):
     reg = Registry(store, actor="test")
-    a = reg.register("org/demo", _model(store, b"a"), {"repo": "org/demo", "revision": "r1"}, reason="found by discovery")
+    a = reg.register(
+        "org/demo", _model(store, b"a"), {"repo": "org/demo", "revision": "r1"}, reason="found by discovery"
+    )
     b = reg.register("org/demo", _model(store, b"b"), {"repo": "org/demo", "revision": "r2"})
     assert (a.ref, b.ref) == ("org/demo:1", "org/demo:2") and a.status == "candidate"
     reg.promote("org/demo:1", "first model: floors passed")
@@ -102,7 +104,9 @@ def test_two_processes_race_and_nothing_is_lost(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     versions = Registry(FileStore(url)).versions("raced")
     assert sorted(v.version for v in versions) == list(range(1, 31))
-    assert sorted((v.source["worker"], v.source["i"]) for v in versions) == [(w, i) for w in range(2) for i in range(15)]
+    assert sorted((v.source["worker"], v.source["i"]) for v in versions) == [
+        (w, i) for w in range(2) for i in range(15)
+    ]
     assert len(Registry(FileStore(url)).history()) == 30
 
 

@@ -22,10 +22,10 @@ import pytest
 
 pytest.importorskip("prefect")
 
-from engine.serving.admin import AdminClient  # noqa: E402
 from engine.artifacts.registry import Registry  # noqa: E402
-from engine.settings import reload_settings  # noqa: E402
 from engine.artifacts.store import open_store  # noqa: E402
+from engine.serving.admin import AdminClient  # noqa: E402
+from engine.settings import reload_settings  # noqa: E402
 from tests import checkpoints  # noqa: E402
 
 TOKEN = "release-test-token"
@@ -38,27 +38,50 @@ def _free_port() -> int:
 
 
 def _record(model_id: str, acc: float, decode: float = 100.0) -> dict:
-    return {"schema": 1, "model": {"artifact_id": model_id}, "suite": "gate", "valid": True, "failures": [],
-            "tasks": {"demo_mc": {"metrics": {"acc": {"value": acc, "stderr": 0.02}}, "n": 200}},
-            "bench": {"decode_tok_s": decode, "prefill_tok_s": 500.0, "ttft_ms": 5.0, "peak_rss_mb": 100.0, "threads": 1,
-                      "roofline_fraction": 0.5}}
+    return {
+        "schema": 1,
+        "model": {"artifact_id": model_id},
+        "suite": "gate",
+        "valid": True,
+        "failures": [],
+        "tasks": {"demo_mc": {"metrics": {"acc": {"value": acc, "stderr": 0.02}}, "n": 200}},
+        "bench": {
+            "decode_tok_s": decode,
+            "prefill_tok_s": 500.0,
+            "ttft_ms": 5.0,
+            "peak_rss_mb": 100.0,
+            "threads": 1,
+            "roofline_fraction": 0.5,
+        },
+    }
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, kernel_build):
     """RYZ_HOME with the session's kernel build, three registered versions with records, a running server."""
-    from evaluations.evaluate import store_record
     from engine.model.quantize import quantize_to_store
+    from evaluations.evaluate import store_record
 
     root = tmp_path_factory.mktemp("release")
     home = root / "home"
     shutil.copytree(kernel_build.directory, home / "cache" / "kernels" / kernel_build.key)
     port = _free_port()
-    variables = {"RYZ_HOME": str(home), "RYZ_ADMIN_TOKEN": TOKEN, "RYZ_PORT": str(port), "RYZ_THREADS": "1",
-                 "RYZ_MAX_SEQS": "4", "RYZ_MAX_CONTEXT": "256", "RYZ_RELEASE_STEPS": "[50, 100]",
-                 "RYZ_RELEASE_MIN_REQUESTS": "8", "RYZ_RELEASE_STEP_TIMEOUT": "30", "RYZ_RELEASE_TTFT_RATIO": "50",
-                 "RYZ_RELEASE_SPEED_RATIO": "0.02", "RYZ_RELEASE_SYNTHETIC_LOAD": "true", "RYZ_GATE_FLOORS": '{"demo_mc": 0.3}',
-                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    variables = {
+        "RYZ_HOME": str(home),
+        "RYZ_ADMIN_TOKEN": TOKEN,
+        "RYZ_PORT": str(port),
+        "RYZ_THREADS": "1",
+        "RYZ_MAX_SEQS": "4",
+        "RYZ_MAX_CONTEXT": "256",
+        "RYZ_RELEASE_STEPS": "[50, 100]",
+        "RYZ_RELEASE_MIN_REQUESTS": "8",
+        "RYZ_RELEASE_STEP_TIMEOUT": "30",
+        "RYZ_RELEASE_TTFT_RATIO": "50",
+        "RYZ_RELEASE_SPEED_RATIO": "0.02",
+        "RYZ_RELEASE_SYNTHETIC_LOAD": "true",
+        "RYZ_GATE_FLOORS": '{"demo_mc": 0.3}',
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     mp = pytest.MonkeyPatch()
     for k, v in variables.items():
         mp.setenv(k, v)
@@ -69,11 +92,13 @@ def env(tmp_path_factory, kernel_build):
     for name, seed, acc in (("good", 5, 0.6), ("better", 9, 0.62), ("worse", 11, 0.2), ("fourth", 13, 0.61)):
         manifest = quantize_to_store(checkpoints.synth(root / name, seed=seed), store, root / "work")
         record_id = store_record(_record(manifest["artifact_id"], acc), store)
-        versions[name] = registry.register("demo", manifest["artifact_id"], {"repo": "demo", "revision": name},
-                                           evaluation=record_id).ref
+        versions[name] = registry.register(
+            "demo", manifest["artifact_id"], {"repo": "demo", "revision": name}, evaluation=record_id
+        ).ref
     log = open(root / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve"], env={**os.environ}, stdout=log, stderr=log,
-                              start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve"], env={**os.environ}, stdout=log, stderr=log, start_new_session=True
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -85,7 +110,13 @@ def env(tmp_path_factory, kernel_build):
     else:
         raise TimeoutError((root / "server.log").read_text())
     try:
-        yield {"base": base, "versions": versions, "registry": registry, "admin": AdminClient(base, TOKEN), "log": root / "server.log"}
+        yield {
+            "base": base,
+            "versions": versions,
+            "registry": registry,
+            "admin": AdminClient(base, TOKEN),
+            "log": root / "server.log",
+        }
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -144,7 +175,10 @@ def test_release_story(env, prefect_harness):
 
     # 5. Rollback: previous serves again, in the registry and on the server.
     result = rollback_production("test", "drill")
-    assert {k: result[k] for k in ("production", "rolled_back")} == {"production": v["good"], "rolled_back": v["better"]}
+    assert {k: result[k] for k in ("production", "rolled_back")} == {
+        "production": v["good"],
+        "rolled_back": v["better"],
+    }
     assert result["bundle"] == reg.get(v["good"]).extra["bundle"]  # built when it was promoted
     assert _server_models(env) == {"production": reg.get(v["good"]).artifact_id}
     history = [e["action"] for e in reg.history()]
@@ -156,7 +190,9 @@ def test_latency_fault_and_inconclusive_pause(env, prefect_harness, monkeypatch)
 
     reg = env["registry"]
     aid = reg.get(env["versions"]["fourth"]).artifact_id
-    slow = reg.register("demo", aid, {"repo": "demo", "revision": "slow"}, evaluation=reg.get(env["versions"]["fourth"]).evaluation).ref
+    slow = reg.register(
+        "demo", aid, {"repo": "demo", "revision": "slow"}, evaluation=reg.get(env["versions"]["fourth"]).evaluation
+    ).ref
     before = (_aliases(env), _server_models(env))
     monkeypatch.setenv("RYZ_RELEASE_TTFT_RATIO", "1.5")
     reload_settings()
@@ -187,12 +223,15 @@ def test_latency_fault_and_inconclusive_pause(env, prefect_harness, monkeypatch)
 
 
 def test_an_exception_mid_step_restores_servers_and_registry(env, prefect_harness, monkeypatch):
-    import flows.release as flow_module
     from prefect import task
+
+    import flows.release as flow_module
 
     reg = env["registry"]
     aid = reg.get(env["versions"]["better"]).artifact_id
-    crash = reg.register("demo", aid, {"repo": "demo", "revision": "crash"}, evaluation=reg.get(env["versions"]["better"]).evaluation).ref
+    crash = reg.register(
+        "demo", aid, {"repo": "demo", "revision": "crash"}, evaluation=reg.get(env["versions"]["better"]).evaluation
+    ).ref
     before = (_aliases(env), _server_models(env), env["admin"].state()["weights"])
 
     @task(name="observe-canary-step")
@@ -244,7 +283,6 @@ class _Webhook:
 
 def test_manual_control_from_the_cli_and_notifications(env, prefect_harness, monkeypatch, capsys):
     from flows.cli import main
-
     from flows.release import release
 
     hook = _Webhook()
@@ -252,7 +290,9 @@ def test_manual_control_from_the_cli_and_notifications(env, prefect_harness, mon
     if "production" not in reg.aliases():  # run alone: bootstrap a production first
         release(ref=env["versions"]["good"])
     donor = reg.get(env["versions"]["better"])
-    fresh = reg.register("demo", donor.artifact_id, {"repo": "demo", "revision": "manual"}, evaluation=donor.evaluation).ref
+    fresh = reg.register(
+        "demo", donor.artifact_id, {"repo": "demo", "revision": "manual"}, evaluation=donor.evaluation
+    ).ref
     monkeypatch.setenv("RYZ_NOTIFY_WEBHOOK", hook.url)
     monkeypatch.setenv("RYZ_RELEASE_STEP_TIMEOUT", "1")
     monkeypatch.setenv("RYZ_RELEASE_SYNTHETIC_LOAD", "false")

@@ -59,7 +59,7 @@ def server(world, native_library):
 def test_embeddings_through_the_openai_client(server):
     client = server.client()
     texts = ["how do I bake bread", "shifting bicycle gears", "how do I bake bread"]
-    out = client.embeddings.create(model=EMBEDDER, input=texts)          # the client asks for base64
+    out = client.embeddings.create(model=EMBEDDER, input=texts)  # the client asks for base64
     vectors = np.array([d.embedding for d in out.data])
     assert vectors.shape == (3, 384) and [d.index for d in out.data] == [0, 1, 2]
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
@@ -85,8 +85,9 @@ def test_embeddings_refuse_bad_input(server):
 
 
 def test_retrieve_returns_the_relevant_chunk_with_its_source(server, world):
-    r = httpx.post(f"{server.url}/v1/retrieve", json={"query": "when should I feed my sourdough starter", "top_k": 3},
-                   timeout=60)
+    r = httpx.post(
+        f"{server.url}/v1/retrieve", json={"query": "when should I feed my sourdough starter", "top_k": 3}, timeout=60
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "list" and body["index"] == "index:1" and body["artifact_id"] == world["artifact_id"]
@@ -95,11 +96,15 @@ def test_retrieve_returns_the_relevant_chunk_with_its_source(server, world):
     assert best["source"]["path"] == "docs/sourdough.md" and "starter" in best["text"]
     assert best["source"]["start_line"] == 1 and best["source"]["end_line"] >= 3
     assert best["score"] >= body["data"][1]["score"] >= body["data"][2]["score"]
-    code = httpx.post(f"{server.url}/v1/retrieve", json={"query": "function that opens a widget file", "top_k": 1,
-                                                         "index": "index:1"}).json()
+    code = httpx.post(
+        f"{server.url}/v1/retrieve", json={"query": "function that opens a widget file", "top_k": 1, "index": "index:1"}
+    ).json()
     assert code["data"][0]["source"]["path"] == "src/widgets.py"
-    for bad, param in (({"query": "x", "top_k": 51}, "top_k"), ({"query": ""}, "query"),
-                       ({"query": "x", "index": "/etc"}, "index")):
+    for bad, param in (
+        ({"query": "x", "top_k": 51}, "top_k"),
+        ({"query": ""}, "query"),
+        ({"query": "x", "index": "/etc"}, "index"),
+    ):
         r = httpx.post(f"{server.url}/v1/retrieve", json=bad)
         assert r.status_code == 400 and r.json()["error"]["param"] == param
     r = httpx.post(f"{server.url}/v1/retrieve", json={"query": "x", "index": "index:7"})
@@ -109,15 +114,17 @@ def test_retrieve_returns_the_relevant_chunk_with_its_source(server, world):
 def test_chat_with_retrieval_cites_its_sources(server):
     client = server.client()
     messages = [{"role": "user", "content": "what happens when a volcano erupts?"}]
-    out = client.chat.completions.create(model="ryzanstein", messages=messages, max_tokens=8, temperature=0,
-                                         extra_body={"retrieval": {"top_k": 2}})
+    out = client.chat.completions.create(
+        model="ryzanstein", messages=messages, max_tokens=8, temperature=0, extra_body={"retrieval": {"top_k": 2}}
+    )
     citations = out.model_extra["citations"]
     assert [c["index"] for c in citations] == [1, 2] and citations[0]["source"]["path"] == "docs/volcano.md"
     plain = client.chat.completions.create(model="ryzanstein", messages=messages, max_tokens=8, temperature=0)
     assert "citations" not in (plain.model_extra or {})
-    assert out.usage.prompt_tokens > plain.usage.prompt_tokens + 20       # the chunks went into the prompt
-    stream = client.chat.completions.create(model="ryzanstein", messages=messages, max_tokens=4, temperature=0,
-                                            stream=True, extra_body={"retrieval": True})
+    assert out.usage.prompt_tokens > plain.usage.prompt_tokens + 20  # the chunks went into the prompt
+    stream = client.chat.completions.create(
+        model="ryzanstein", messages=messages, max_tokens=4, temperature=0, stream=True, extra_body={"retrieval": True}
+    )
     first = next(iter(stream))
     assert first.model_extra["citations"][0]["source"]["path"] == "docs/volcano.md"
     with pytest.raises(openai.BadRequestError, match="retrieval takes"):
@@ -132,10 +139,12 @@ def test_without_an_index_retrieval_fails_clearly_and_chat_still_works(world, na
         assert error["code"] == "index_not_found" and "ryz index build DIR" in error["message"]
         client = running.client()
         with pytest.raises(openai.NotFoundError, match="no production index"):
-            client.chat.completions.create(model="ryzanstein", messages=[{"role": "user", "content": "hi"}],
-                                           extra_body={"retrieval": True})
-        out = client.chat.completions.create(model="ryzanstein", messages=[{"role": "user", "content": "hi"}],
-                                             max_tokens=4)
+            client.chat.completions.create(
+                model="ryzanstein", messages=[{"role": "user", "content": "hi"}], extra_body={"retrieval": True}
+            )
+        out = client.chat.completions.create(
+            model="ryzanstein", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
         assert out.choices[0].finish_reason in ("stop", "length")
         assert len(client.embeddings.create(model=EMBEDDER, input="bread").data[0].embedding) == 384
 

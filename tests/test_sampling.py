@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from engine.serving import sampling
 from engine.errors import InvalidRequestError, RyzError, SamplingError
+from engine.serving import sampling
 from engine.serving.sampling import Sample, Sampler, SamplingParams, apply_penalties, log_softmax, token_logprobs
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
@@ -33,6 +33,7 @@ def chi_square(counts: np.ndarray, probs: np.ndarray) -> float:
 
 
 # --- greedy and reproducibility -------------------------------------------------------------------
+
 
 def test_greedy_is_argmax():
     rng = np.random.default_rng(1)
@@ -80,6 +81,7 @@ def test_a_request_samples_do_not_depend_on_other_requests():
 
 
 # --- the sampled distribution ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 1.7])
 def test_samples_follow_softmax(temperature):
@@ -170,6 +172,7 @@ def test_draw_never_picks_zero_weight():
 
 # --- penalties --------------------------------------------------------------------------------------
 
+
 def test_penalties_formula():
     logits = np.array([2.0, -2.0, 1.0, -1.0, 0.5, 3.0], dtype=np.float32)
     params = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
@@ -216,12 +219,14 @@ def test_incremental_penalty_state_matches_a_fresh_computation():
         if step > 0:
             generated += rng.integers(0, vocab, step).tolist()
         else:
-            generated = generated[:max(0, len(generated) + step)]
+            generated = generated[: max(0, len(generated) + step)]
         incremental = history.apply(logits, params, prompt, generated, out=out)
         np.testing.assert_array_equal(incremental, apply_penalties(logits, params, prompt, generated))
     other_prompt = rng.integers(0, vocab, 51).tolist()  # a different prompt rebuilds the state
-    np.testing.assert_array_equal(history.apply(logits, params, other_prompt, generated, out=out),
-                                  apply_penalties(logits, params, other_prompt, generated))
+    np.testing.assert_array_equal(
+        history.apply(logits, params, other_prompt, generated, out=out),
+        apply_penalties(logits, params, other_prompt, generated),
+    )
 
 
 def test_out_of_range_history_ids_are_rejected():
@@ -231,9 +236,18 @@ def test_out_of_range_history_ids_are_rejected():
 
 # --- allowed mask -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=0), SamplingParams(), SamplingParams(top_k=50),
-                                    SamplingParams(top_p=0.9), SamplingParams(min_p=0.1, temperature=1.5),
-                                    SamplingParams(top_k=3, top_p=0.999, repetition_penalty=1.2)])
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0),
+        SamplingParams(),
+        SamplingParams(top_k=50),
+        SamplingParams(top_p=0.9),
+        SamplingParams(min_p=0.1, temperature=1.5),
+        SamplingParams(top_k=3, top_p=0.999, repetition_penalty=1.2),
+    ],
+)
 def test_allowed_mask_is_respected(params):
     rng = np.random.default_rng(7)
     vocab = 4000
@@ -274,6 +288,7 @@ def test_nan_logits_are_a_clear_error():
 
 # --- wider logits, validation -----------------------------------------------------------------------
 
+
 def test_padded_logits_beyond_the_vocabulary_are_never_sampled():
     logits = np.zeros(16, dtype=np.float32)
     logits[12:] = 100.0  # padding rows of the embedding
@@ -289,23 +304,26 @@ def test_padded_logits_beyond_the_vocabulary_are_never_sampled():
         Sampler(SamplingParams(), 10).sample(np.zeros(8, np.float32), [], [])
 
 
-@pytest.mark.parametrize("field,value,expected", [
-    ("temperature", 2.5, r"temperature must be a number in \[0, 2\] \(0 means greedy\), got 2.5"),
-    ("temperature", -0.1, "temperature .* got -0.1"),
-    ("temperature", float("nan"), "temperature .* got nan"),
-    ("top_p", 0.0, r"top_p must be a number in \(0, 1\] .* got 0.0"),
-    ("top_p", 1.5, "top_p .* got 1.5"),
-    ("min_p", 1.1, r"min_p must be a number in \[0, 1\] .* got 1.1"),
-    ("frequency_penalty", 2.5, r"frequency_penalty must be a number in \[-2, 2\], got 2.5"),
-    ("presence_penalty", -3, r"presence_penalty must be a number in \[-2, 2\], got -3"),
-    ("repetition_penalty", 0.0, "repetition_penalty must be a number greater than 0 .* got 0.0"),
-    ("top_k", -1, r"top_k must be an integer >= 0 \(0 disables it\), got -1"),
-    ("top_k", 2.5, "top_k must be an integer"),
-    ("logprobs", 21, "logprobs must be an integer between 0 and 20 .* got 21"),
-    ("logprobs", -1, "logprobs .* got -1"),
-    ("seed", "abc", "seed must be an integer or null, got 'abc'"),
-    ("temperature", "hot", "temperature .* got 'hot'"),
-])
+@pytest.mark.parametrize(
+    "field,value,expected",
+    [
+        ("temperature", 2.5, r"temperature must be a number in \[0, 2\] \(0 means greedy\), got 2.5"),
+        ("temperature", -0.1, "temperature .* got -0.1"),
+        ("temperature", float("nan"), "temperature .* got nan"),
+        ("top_p", 0.0, r"top_p must be a number in \(0, 1\] .* got 0.0"),
+        ("top_p", 1.5, "top_p .* got 1.5"),
+        ("min_p", 1.1, r"min_p must be a number in \[0, 1\] .* got 1.1"),
+        ("frequency_penalty", 2.5, r"frequency_penalty must be a number in \[-2, 2\], got 2.5"),
+        ("presence_penalty", -3, r"presence_penalty must be a number in \[-2, 2\], got -3"),
+        ("repetition_penalty", 0.0, "repetition_penalty must be a number greater than 0 .* got 0.0"),
+        ("top_k", -1, r"top_k must be an integer >= 0 \(0 disables it\), got -1"),
+        ("top_k", 2.5, "top_k must be an integer"),
+        ("logprobs", 21, "logprobs must be an integer between 0 and 20 .* got 21"),
+        ("logprobs", -1, "logprobs .* got -1"),
+        ("seed", "abc", "seed must be an integer or null, got 'abc'"),
+        ("temperature", "hot", "temperature .* got 'hot'"),
+    ],
+)
 def test_validate_names_field_value_and_range(field, value, expected):
     params = SamplingParams(**{field: value})
     with pytest.raises(InvalidRequestError, match=expected) as info:
@@ -317,17 +335,34 @@ def test_validate_names_field_value_and_range(field, value, expected):
 
 
 def test_validate_accepts_the_edges():
-    for params in (SamplingParams(), SamplingParams(temperature=0, top_p=1e-9, min_p=1.0, logprobs=0),
-                   SamplingParams(temperature=2, frequency_penalty=-2, presence_penalty=2, logprobs=20,
-                                  top_k=100000, repetition_penalty=0.01, seed=0)):
+    for params in (
+        SamplingParams(),
+        SamplingParams(temperature=0, top_p=1e-9, min_p=1.0, logprobs=0),
+        SamplingParams(
+            temperature=2,
+            frequency_penalty=-2,
+            presence_penalty=2,
+            logprobs=20,
+            top_k=100000,
+            repetition_penalty=0.01,
+            seed=0,
+        ),
+    ):
         params.validate()
 
 
 # --- logprobs ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("params", [SamplingParams(logprobs=5, seed=1), SamplingParams(temperature=0, logprobs=3),
-                                    SamplingParams(temperature=0.3, top_k=10, logprobs=20, repetition_penalty=1.5, seed=2),
-                                    SamplingParams(top_p=0.5, frequency_penalty=1.0, logprobs=1, seed=3)])
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(logprobs=5, seed=1),
+        SamplingParams(temperature=0, logprobs=3),
+        SamplingParams(temperature=0.3, top_k=10, logprobs=20, repetition_penalty=1.5, seed=2),
+        SamplingParams(top_p=0.5, frequency_penalty=1.0, logprobs=1, seed=3),
+    ],
+)
 def test_logprobs_are_raw_log_softmax(params):
     rng = np.random.default_rng(8)
     vocab = 2000
@@ -344,7 +379,7 @@ def test_logprobs_are_raw_log_softmax(params):
         ids = [i for i, _ in sample.top]
         values = [v for _, v in sample.top]
         assert values == sorted(values, reverse=True)
-        assert ids == np.argsort(-reference, kind="stable")[:params.logprobs].tolist()
+        assert ids == np.argsort(-reference, kind="stable")[: params.logprobs].tolist()
         np.testing.assert_allclose(values, reference[ids], atol=1e-5)
 
 
@@ -394,8 +429,13 @@ def test_full_size_vocabulary_smoke():
     logits = (rng.standard_normal(vocab) * 2).astype(np.float32)
     logits[rng.choice(vocab, 20, replace=False)] += 12
     reference = log_softmax(logits)
-    for params in (SamplingParams(temperature=0), SamplingParams(top_k=40), SamplingParams(top_p=0.9),
-                   SamplingParams(top_k=40, top_p=0.95, min_p=0.05), SamplingParams(temperature=0.7)):
+    for params in (
+        SamplingParams(temperature=0),
+        SamplingParams(top_k=40),
+        SamplingParams(top_p=0.9),
+        SamplingParams(top_k=40, top_p=0.95, min_p=0.05),
+        SamplingParams(temperature=0.7),
+    ):
         sampler = Sampler(params.__class__(**{**params.__dict__, "seed": 0, "logprobs": 2}), vocab)
         sample = sampler.sample(logits, list(range(100)), [])
         assert math.isclose(sample.logprob, reference[sample.token], abs_tol=1e-4)

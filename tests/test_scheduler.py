@@ -95,7 +95,7 @@ def test_prefix_reuse_from_idle_and_running_slots():
     sched.add("third", system + [9])  # copied from the running `second`
     _, plan = runner.run(sched)
     assert plan.copies and plan.copies[0][2] == len(system)
-    assert runner.kv[plan.copies[0][1]][:len(system)] == system
+    assert runner.kv[plan.copies[0][1]][: len(system)] == system
 
 
 def test_identical_prompt_keeps_one_token_to_compute():

@@ -24,6 +24,7 @@ PROMPT = list(range(100, 228))  # 128 token ids
 
 # --- a fake OpenAI-style streaming server ---------------------------------------------------------------
 
+
 class Fake:
     """Behaviour by the prompt's first token id: 1 -> HTTP 500, 2 -> one token short, 3 -> never answers,
     4 -> an error event mid-stream, 5 -> no [DONE]; anything else -> `max_tokens` token chunks after a
@@ -65,11 +66,19 @@ class Fake:
                         if mode == 4 and i == 3:
                             yield "data: " + json.dumps({"error": {"message": "slot died"}}) + "\n\n"
                             return
-                        yield "data: " + json.dumps({"choices": [{"text": f" t{i}", "index": 0, "finish_reason": None}]}) + "\n\n"
+                        yield (
+                            "data: "
+                            + json.dumps({"choices": [{"text": f" t{i}", "index": 0, "finish_reason": None}]})
+                            + "\n\n"
+                        )
                         await asyncio.sleep(self.token_delay)
                     final = {"choices": [{"text": "", "index": 0, "finish_reason": "length"}]}
                     if self.usage:
-                        final["usage"] = {"prompt_tokens": len(body["prompt"]), "completion_tokens": n, "total_tokens": n + len(body["prompt"])}
+                        final["usage"] = {
+                            "prompt_tokens": len(body["prompt"]),
+                            "completion_tokens": n,
+                            "total_tokens": n + len(body["prompt"]),
+                        }
                     yield "data: " + json.dumps(final) + "\n\n"
                     if mode != 5:
                         yield "data: [DONE]\n\n"
@@ -78,8 +87,13 @@ class Fake:
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        return Starlette(routes=[Route("/ready", ready), Route("/v1/models", models),
-                                 Route("/v1/completions", completions, methods=["POST"])])
+        return Starlette(
+            routes=[
+                Route("/ready", ready),
+                Route("/v1/models", models),
+                Route("/v1/completions", completions, methods=["POST"]),
+            ]
+        )
 
 
 @pytest.fixture()
@@ -113,11 +127,14 @@ def fake_server():
 
 # --- the load generator -----------------------------------------------------------------------------------
 
+
 def test_load_measures_ttft_and_counts_tokens(fake_server):
     fake = Fake(first_delay=0.08, token_delay=0.002)
     url = fake_server(fake)
     prompts = [[100 + i] + PROMPT[1:] for i in range(6)]
-    r = serve_bench.run_load(url, "fake-model", streams=3, requests_per_stream=2, prompt_ids=prompts, gen_tokens=16, timeout_s=30)
+    r = serve_bench.run_load(
+        url, "fake-model", streams=3, requests_per_stream=2, prompt_ids=prompts, gen_tokens=16, timeout_s=30
+    )
     assert (r["requests"], r["ok"], r["errors"]) == (6, 6, 0)
     assert "error_messages" not in r
     assert r["completion_tokens"] == 96 and r["prompt_tokens"] == [128] and r["chunks_per_request_min"] == 16
@@ -159,8 +176,9 @@ def test_failed_requests_are_counted_not_dropped(fake_server):
 def test_every_level_is_bounded_by_the_request_timeout(fake_server):
     url = fake_server(Fake())
     start = time.perf_counter()
-    r = serve_bench.run_load(url, "m", streams=2, requests_per_stream=1, prompt_ids=[[3] + PROMPT[1:], PROMPT], gen_tokens=4,
-                             timeout_s=1.0)
+    r = serve_bench.run_load(
+        url, "m", streams=2, requests_per_stream=1, prompt_ids=[[3] + PROMPT[1:], PROMPT], gen_tokens=4, timeout_s=1.0
+    )
     assert time.perf_counter() - start < 10
     assert (r["ok"], r["errors"]) == (1, 1)
     assert "timed out after 1 s" in r["error_messages"][0]["error"]
@@ -193,6 +211,7 @@ def test_served_model_and_fallback(fake_server):
 
 # --- server lifecycle ------------------------------------------------------------------------------------------
 
+
 def _http_server_cmd(port: int, directory: Path) -> list[str]:
     return [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(directory)]
 
@@ -210,7 +229,9 @@ def test_start_server_waits_for_ready_and_kills_the_group(tmp_path):
     (tmp_path / "www" / "ready").write_text("ok")
     port = serve_bench.free_port()
     log = tmp_path / "server.log"
-    with serve_bench.start_server(_http_server_cmd(port, tmp_path / "www"), port, "/ready", timeout=30, log_path=log) as proc:
+    with serve_bench.start_server(
+        _http_server_cmd(port, tmp_path / "www"), port, "/ready", timeout=30, log_path=log
+    ) as proc:
         assert proc.poll() is None
         assert serve_bench._get(f"http://127.0.0.1:{port}/ready")[0] == 200
         assert serve_bench.group_cpu_seconds(proc.pid) >= 0
@@ -231,7 +252,9 @@ def test_start_server_times_out(tmp_path):
     port = serve_bench.free_port()
     start = time.perf_counter()
     with pytest.raises(serve_bench.ServerError, match="not ready"):
-        with serve_bench.start_server(_http_server_cmd(port, tmp_path / "www"), port, "/ready", timeout=2, log_path=tmp_path / "y.log"):
+        with serve_bench.start_server(
+            _http_server_cmd(port, tmp_path / "www"), port, "/ready", timeout=2, log_path=tmp_path / "y.log"
+        ):
             pass
     assert time.perf_counter() - start < 20
 
@@ -243,7 +266,9 @@ def test_cli_arguments():
     args = parser.parse_args(["bitnet-2b4t", "--json", "--streams", "1,8", "--no-peers"])
     assert args.target == "bitnet-2b4t" and args.json and args.streams == [1, 8] and not args.peers and args.ours
     args = parser.parse_args(["tiny"])
-    assert args.streams == [1, 4, 8, 16] and args.prompt == 128 and args.gen == 128 and args.peers and not args.sequential
+    assert (
+        args.streams == [1, 4, 8, 16] and args.prompt == 128 and args.gen == 128 and args.peers and not args.sequential
+    )
     with pytest.raises(SystemExit):
         parser.parse_args(["tiny", "--streams", "0,4"])
     bare = argparse.ArgumentParser()
@@ -253,7 +278,9 @@ def test_cli_arguments():
 
 def test_llama_server_command_line():
     cmd = serve_bench.llama_server_cmd("/x/llama-server", "/m.gguf", 8080, 2, 16, 128, 128)
-    assert cmd[cmd.index("-np") + 1] == "16" and cmd[cmd.index("-c") + 1] == str(16 * (128 + 128 + serve_bench.CTX_MARGIN))
+    assert cmd[cmd.index("-np") + 1] == "16" and cmd[cmd.index("-c") + 1] == str(
+        16 * (128 + 128 + serve_bench.CTX_MARGIN)
+    )
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and "--cont-batching" in cmd
     ours = serve_bench.ours_cmd("/m.gguf", 8081, 2, 16, serve_bench.slot_context(128, 128))
     assert ours[1:4] == ["-m", "flows.cli", "serve"] and ours[ours.index("--max-seqs") + 1] == "16"
@@ -261,6 +288,7 @@ def test_llama_server_command_line():
 
 
 # --- llama-server on the tiny GGUF, under the harness -------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def llama_server_binary():
@@ -277,9 +305,18 @@ def llama_server_binary():
 def test_llama_server_serves_tiny_under_the_harness(tmp_path, llama_server_binary):
     from engine.settings import Settings
 
-    result = serve_bench.run_serve_bench("tiny", streams=(1, 4), peers=True, ours=False, threads=2, min_requests=4,
-                                         timeout_s=60, ready_timeout=60, llama_server=llama_server_binary,
-                                         settings=Settings(home=tmp_path / "home"))
+    result = serve_bench.run_serve_bench(
+        "tiny",
+        streams=(1, 4),
+        peers=True,
+        ours=False,
+        threads=2,
+        min_requests=4,
+        timeout_s=60,
+        ready_timeout=60,
+        llama_server=llama_server_binary,
+        settings=Settings(home=tmp_path / "home"),
+    )
     peer = result["peers"]["llama-server"]
     assert "error" not in peer, peer.get("error")
     assert set(peer["streams"]) == {"1", "4"}
@@ -297,7 +334,7 @@ def test_llama_server_serves_tiny_under_the_harness(tmp_path, llama_server_binar
 
 def test_decode_window_is_the_union_of_decode_intervals():
     assert serve_bench.decode_window([]) == 0
-    assert serve_bench.decode_window([(0, 2), (3, 4)]) == 3          # one stream: the gap is not decode time
+    assert serve_bench.decode_window([(0, 2), (3, 4)]) == 3  # one stream: the gap is not decode time
     assert serve_bench.decode_window([(0, 2), (1, 4), (5, 6)]) == 5  # overlapping streams count once
     assert serve_bench.decode_window([(1, 4), (0, 2), (2, 3)]) == 4
 
@@ -307,9 +344,20 @@ def test_ours_and_llama_server_interleaved_on_tiny(tmp_path, llama_server_binary
     pytest.importorskip("engine.serving.server", reason="`ryz serve` (engine/serving/server.py) is not importable yet")
     from engine.settings import Settings
 
-    result = serve_bench.run_serve_bench("tiny", streams=(1, 4), threads=2, min_requests=4, timeout_s=60, ready_timeout=120,
-                                         llama_server=llama_server_binary, settings=Settings(home=tmp_path / "home"))
-    for levels, other in ((result["streams"], "llama-server"), (result["peers"]["llama-server"]["streams"], "ryzanstein")):
+    result = serve_bench.run_serve_bench(
+        "tiny",
+        streams=(1, 4),
+        threads=2,
+        min_requests=4,
+        timeout_s=60,
+        ready_timeout=120,
+        llama_server=llama_server_binary,
+        settings=Settings(home=tmp_path / "home"),
+    )
+    for levels, other in (
+        (result["streams"], "llama-server"),
+        (result["peers"]["llama-server"]["streams"], "ryzanstein"),
+    ):
         assert set(levels) == {"1", "4"}
         for level in levels.values():
             assert (level["ok"], level["errors"]) == (4, 0), level.get("error_messages")
@@ -331,13 +379,15 @@ def test_llama_server_is_added_to_the_llama_bench_tree(tmp_path, monkeypatch):
     (tree / "build" / "bin").mkdir(parents=True)
     (tree / "build" / "bin" / "llama-bench").write_text("#!/bin/sh\n")
     old_flags = ["-DLLAMA_BUILD_SERVER=OFF"]
-    (tree / "build.json").write_text(json.dumps({"commit": commit, "version": "0.3.36", "build_seconds": 500.0, "flags": old_flags}))
+    (tree / "build.json").write_text(
+        json.dumps({"commit": commit, "version": "0.3.36", "build_seconds": 500.0, "flags": old_flags})
+    )
     commands = []
 
     def fake_run(cmd, timeout, env=None, cwd=None):
         commands.append(cmd)
         if cmd[:2] == ["cmake", "--build"]:
-            for target in cmd[cmd.index("--target") + 1:cmd.index("-j")]:
+            for target in cmd[cmd.index("--target") + 1 : cmd.index("-j")]:
                 (tree / "build" / "bin" / target).write_text("#!/bin/sh\n")
         return peers.Completed(0, "", "", 0.0, 0.1)
 
@@ -370,9 +420,11 @@ def test_servers_die_with_a_killed_harness(tmp_path):
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "ready").write_text("ok")
     port = serve_bench.free_port()
-    script = (f"import sys, time\nsys.path.insert(0, {str(ROOT)!r})\nfrom evaluations import serve_bench\n"
-              f"with serve_bench.start_server({_http_server_cmd(port, tmp_path / 'www')!r}, {port}, '/ready', 30) as p:\n"
-              f"    print(p.pid, flush=True)\n    time.sleep(600)\n")
+    script = (
+        f"import sys, time\nsys.path.insert(0, {str(ROOT)!r})\nfrom evaluations import serve_bench\n"
+        f"with serve_bench.start_server({_http_server_cmd(port, tmp_path / 'www')!r}, {port}, '/ready', 30) as p:\n"
+        f"    print(p.pid, flush=True)\n    time.sleep(600)\n"
+    )
     harness = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         pid = int(harness.stdout.readline())

@@ -19,10 +19,10 @@ import openai
 import pytest
 import uvicorn
 
+from engine.artifacts.store import open_store
 from engine.model.native import NativeModel
 from engine.model.quantize import quantize_checkpoint, quantize_to_store
 from engine.settings import Settings
-from engine.artifacts.store import open_store
 from tests import checkpoints
 
 ADMIN = "test-admin-token"
@@ -62,7 +62,9 @@ class RunningServer:
         return self.app.state.serving
 
     def client(self, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, timeout=60, **kw)
+        return openai.OpenAI(
+            base_url=f"{self.url}/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, timeout=60, **kw
+        )
 
     def admin(self, method: str, path: str, token: str | None = ADMIN, **kw) -> httpx.Response:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -83,16 +85,27 @@ def models(tmp_path_factory):
 
 
 def _settings(models, **kw) -> Settings:
-    base = dict(home=models["root"] / "home", store=models["store"], admin_token=ADMIN, max_seqs=4, max_context=256,
-                threads=2, max_queue=16, prefill_chunk=32)
+    base = dict(
+        home=models["root"] / "home",
+        store=models["store"],
+        admin_token=ADMIN,
+        max_seqs=4,
+        max_context=256,
+        threads=2,
+        max_queue=16,
+        prefill_chunk=32,
+    )
     return Settings(**{**base, **kw})
 
 
 def _app(models, native_library, model_ref=None, **kw):
     from engine.serving.server import create_app, load_model
 
-    return create_app(_settings(models, **kw), model_ref or str(models["gguf"]),
-                      loader=functools.partial(load_model, library=native_library))
+    return create_app(
+        _settings(models, **kw),
+        model_ref or str(models["gguf"]),
+        loader=functools.partial(load_model, library=native_library),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +140,14 @@ def test_chat_and_streaming_agree(server):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
     whole = client.chat.completions.create(model="ryzanstein", messages=messages, max_tokens=20, temperature=0)
     parts, finish, usage = [], None, None
-    for chunk in client.chat.completions.create(model="ryzanstein", messages=messages, max_tokens=20, temperature=0,
-                                                stream=True, stream_options={"include_usage": True}):
+    for chunk in client.chat.completions.create(
+        model="ryzanstein",
+        messages=messages,
+        max_tokens=20,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
         if chunk.choices:
             parts.append(chunk.choices[0].delta.content or "")
             finish = chunk.choices[0].finish_reason or finish
@@ -150,33 +169,47 @@ def test_sse_wire_format_ends_with_done(server):
 
 def test_stop_strings(server):
     client = server.client()
-    kw = dict(model="ryzanstein", prompt="the cat sat on", max_tokens=48, temperature=0, extra_body={"ignore_eos": True})
+    kw = dict(
+        model="ryzanstein", prompt="the cat sat on", max_tokens=48, temperature=0, extra_body={"ignore_eos": True}
+    )
     free = client.completions.create(**kw).choices[0].text
     assert len(free) > 6
-    stop = free[len(free) // 2:len(free) // 2 + 2]
+    stop = free[len(free) // 2 : len(free) // 2 + 2]
     cut = client.completions.create(**kw, stop=[stop])
-    assert cut.choices[0].text == free[:free.index(stop)] and cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == free[: free.index(stop)] and cut.choices[0].finish_reason == "stop"
     streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stop=[stop], stream=True))
     assert streamed == cut.choices[0].text
 
 
 def test_seed_reproducibility(server):
     client = server.client()
-    run = lambda seed: client.completions.create(model="ryzanstein", prompt="once upon", max_tokens=16,  # noqa: E731
-                                                  temperature=1.0, seed=seed).choices[0].text
+    run = lambda seed: (
+        client.completions.create(
+            model="ryzanstein",
+            prompt="once upon",
+            max_tokens=16,  # noqa: E731
+            temperature=1.0,
+            seed=seed,
+        )
+        .choices[0]
+        .text
+    )
     assert run(7) == run(7)
     assert len({run(s) for s in range(1, 5)}) > 1
 
 
 def test_logprobs_and_echo_match_the_model(server, models, native_library):
-    from engine.serving.sampling import log_softmax
     from engine.model.tokenizer import ModelTokenizer
+    from engine.serving.sampling import log_softmax
 
     direct = NativeModel(models["gguf"], native_library, threads=1, max_positions=256)
     tok = ModelTokenizer(direct.file)
     ids = tok.encode("scoring this prompt")
-    out = httpx.post(f"{server.url}/v1/completions", json={"model": "ryzanstein", "prompt": ids, "max_tokens": 0,
-                                                          "echo": True, "logprobs": 2}, timeout=30).json()
+    out = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": "ryzanstein", "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 2},
+        timeout=30,
+    ).json()
     lp = out["choices"][0]["logprobs"]
     assert lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == len(ids)
     expected = log_softmax(direct.forward(ids).astype(np.float64))
@@ -186,9 +219,17 @@ def test_logprobs_and_echo_match_the_model(server, models, native_library):
     gen = server.client().completions.create(model="ryzanstein", prompt="abc", max_tokens=4, temperature=0, logprobs=3)
     lps = gen.choices[0].logprobs
     assert len(lps.token_logprobs) == 4 and all(len(t) <= 3 for t in lps.top_logprobs)
-    assert all(max(t.values()) == pytest.approx(v, abs=1e-6) for t, v in zip(lps.top_logprobs, lps.token_logprobs))  # greedy
-    chat = server.client().chat.completions.create(model="ryzanstein", messages=[{"role": "user", "content": "x"}],
-                                                   max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
+    assert all(
+        max(t.values()) == pytest.approx(v, abs=1e-6) for t, v in zip(lps.top_logprobs, lps.token_logprobs)
+    )  # greedy
+    chat = server.client().chat.completions.create(
+        model="ryzanstein",
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 2 for c in content)
 
@@ -196,12 +237,27 @@ def test_logprobs_and_echo_match_the_model(server, models, native_library):
 def test_batched_equals_unbatched_greedy(server):
     client = server.client()
     prompts = [f"prompt number {i} with some text" for i in range(6)]
-    alone = [client.completions.create(model="ryzanstein", prompt=p, max_tokens=16, temperature=0,
-                                       extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
+    alone = [
+        client.completions.create(
+            model="ryzanstein", prompt=p, max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+        for p in prompts
+    ]
     with ThreadPoolExecutor(6) as pool:
-        together = list(pool.map(lambda p: client.completions.create(
-            model="ryzanstein", prompt=p, max_tokens=16, temperature=0, extra_body={"ignore_eos": True}).choices[0].text,
-            prompts))
+        together = list(
+            pool.map(
+                lambda p: (
+                    client.completions.create(
+                        model="ryzanstein", prompt=p, max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
+                    )
+                    .choices[0]
+                    .text
+                ),
+                prompts,
+            )
+        )
     assert together == alone
 
 
@@ -232,7 +288,10 @@ def test_canary_router(server, models):
     def variants(n: int, session=None) -> list[str]:
         headers = {"X-Session-Id": session} if session else {}
         with httpx.Client(timeout=30) as c:
-            return [c.post(f"{server.url}/v1/completions", json=body, headers=headers).headers["x-ryz-variant"] for _ in range(n)]
+            return [
+                c.post(f"{server.url}/v1/completions", json=body, headers=headers).headers["x-ryz-variant"]
+                for _ in range(n)
+            ]
 
     try:
         assert set(variants(20)) == {"production"}  # weight 0
@@ -259,8 +318,14 @@ def test_promote_swaps_without_dropping_a_stream(models, native_library):
     with RunningServer(_app(models, native_library), _free_port()) as srv:
         srv.admin("POST", "/admin/variants", json={"name": "canary", "model": models["canary"]})
         canary_model = srv.admin("GET", "/admin/state").json()["variants"]["canary"]["model"]
-        body = {"model": "ryzanstein", "prompt": "long stream", "max_tokens": 200, "temperature": 0, "stream": True,
-                "ignore_eos": True}
+        body = {
+            "model": "ryzanstein",
+            "prompt": "long stream",
+            "max_tokens": 200,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        }
         with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=60) as r:
             lines = iter(r.iter_lines())
             next(lines)
@@ -280,26 +345,56 @@ BAD_INPUTS = [
     ("missing prompt", "/v1/completions", {"model": "ryzanstein"}, 400, "prompt"),
     ("empty prompt", "/v1/completions", {"model": "ryzanstein", "prompt": ""}, 400, "empty"),
     ("empty messages", "/v1/chat/completions", {"model": "ryzanstein", "messages": []}, 400, "messages"),
-    ("bad role", "/v1/chat/completions", {"model": "ryzanstein", "messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+    (
+        "bad role",
+        "/v1/chat/completions",
+        {"model": "ryzanstein", "messages": [{"role": "wizard", "content": "x"}]},
+        400,
+        "role",
+    ),
     ("temperature", "/v1/completions", {"model": "ryzanstein", "prompt": "x", "temperature": 7}, 400, "temperature"),
     ("top_p", "/v1/completions", {"model": "ryzanstein", "prompt": "x", "top_p": 0}, 400, "top_p"),
-    ("negative max_tokens", "/v1/completions", {"model": "ryzanstein", "prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
-    ("max_tokens over limit", "/v1/completions", {"model": "ryzanstein", "prompt": "x", "max_tokens": 10 ** 6}, 400, "limit"),
+    (
+        "negative max_tokens",
+        "/v1/completions",
+        {"model": "ryzanstein", "prompt": "x", "max_tokens": -1},
+        400,
+        "max_tokens",
+    ),
+    (
+        "max_tokens over limit",
+        "/v1/completions",
+        {"model": "ryzanstein", "prompt": "x", "max_tokens": 10**6},
+        400,
+        "limit",
+    ),
     ("n > 1", "/v1/completions", {"model": "ryzanstein", "prompt": "x", "n": 3}, 400, "n=3"),
     ("prompt too long", "/v1/completions", {"model": "ryzanstein", "prompt": [1] * 300}, 400, "context"),
-    ("token id out of range", "/v1/completions", {"model": "ryzanstein", "prompt": [1, 10 ** 7]}, 400, "token ids"),
+    ("token id out of range", "/v1/completions", {"model": "ryzanstein", "prompt": [1, 10**7]}, 400, "token ids"),
     ("too many stops", "/v1/completions", {"model": "ryzanstein", "prompt": "x", "stop": list("abcde")}, 400, "stop"),
     ("logprobs range", "/v1/completions", {"model": "ryzanstein", "prompt": "x", "logprobs": 50}, 400, "logprobs"),
-    ("bad response_format", "/v1/chat/completions", {"model": "ryzanstein", "messages": [{"role": "user", "content": "x"}],
-                                                      "response_format": {"type": "json_schema", "json_schema": {"schema": 5}}},
-     400, ""),
+    (
+        "bad response_format",
+        "/v1/chat/completions",
+        {
+            "model": "ryzanstein",
+            "messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_schema", "json_schema": {"schema": 5}},
+        },
+        400,
+        "",
+    ),
 ]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_gets_a_clear_error(server, case):
     _, path, body, status, words = case
-    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    kw = (
+        {"content": body, "headers": {"content-type": "application/json"}}
+        if isinstance(body, bytes)
+        else {"json": body}
+    )
     r = httpx.post(f"{server.url}{path}", timeout=30, **kw)
     assert r.status_code == status, r.text
     error = r.json()["error"]
@@ -307,8 +402,14 @@ def test_bad_input_gets_a_clear_error(server, case):
 
 
 def test_client_disconnect_mid_stream_frees_the_slot(server):
-    body = {"model": "ryzanstein", "prompt": "disconnect", "max_tokens": 200, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+    body = {
+        "model": "ryzanstein",
+        "prompt": "disconnect",
+        "max_tokens": 200,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as r:
         next(r.iter_lines())
     deadline = time.monotonic() + 10
@@ -335,11 +436,19 @@ def test_bounded_load_no_5xx_and_memory_returns(models, native_library):
         rejected = []
 
         def one(i: int) -> int:
-            body = {"model": "ryzanstein", "prompt": f"load {i} " * (1 + i % 5), "max_tokens": 8 + i % 9,
-                    "stream": bool(i % 2), "temperature": 0.7, "seed": i}
+            body = {
+                "model": "ryzanstein",
+                "prompt": f"load {i} " * (1 + i % 5),
+                "max_tokens": 8 + i % 9,
+                "stream": bool(i % 2),
+                "temperature": 0.7,
+                "seed": i,
+            }
             try:
                 with httpx.Client(timeout=60) as c:
-                    for attempt in range(12):  # a client that backs off, shorter than Retry-After to keep the test quick
+                    for attempt in range(
+                        12
+                    ):  # a client that backs off, shorter than Retry-After to keep the test quick
                         r = c.post(f"{srv.url}/v1/completions", json=body)
                         if r.status_code != 429:
                             break
@@ -373,12 +482,22 @@ def test_continue_config(server, capsys):
     assert all(m["apiBase"] == f"{server.url}/v1" and m["provider"] == "openai" for m in config["models"])
 
 
-SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "tags", "size"],
-          "properties": {"name": {"type": "string", "maxLength": 6},
-                         "tags": {"type": "array", "maxItems": 2, "items": {"enum": ["a", "b", "c"]}},
-                         "size": {"type": "integer", "minimum": 0, "maximum": 99},
-                         "meta": {"type": "object", "additionalProperties": False,
-                                  "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}}}
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "tags", "size"],
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "tags": {"type": "array", "maxItems": 2, "items": {"enum": ["a", "b", "c"]}},
+        "size": {"type": "integer", "minimum": 0, "maximum": 99},
+        "meta": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"ok": {"type": "boolean"}},
+            "required": ["ok"],
+        },
+    },
+}
 
 
 def test_json_schema_responses_validate(server):
@@ -387,12 +506,24 @@ def test_json_schema_responses_validate(server):
     client = server.client()
     fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA}}
     for seed in range(12):
-        out = client.chat.completions.create(model="ryzanstein", messages=[{"role": "user", "content": f"item {seed}"}],
-                                             max_tokens=120, temperature=1.0, seed=seed, response_format=fmt)
+        out = client.chat.completions.create(
+            model="ryzanstein",
+            messages=[{"role": "user", "content": f"item {seed}"}],
+            max_tokens=120,
+            temperature=1.0,
+            seed=seed,
+            response_format=fmt,
+        )
         assert out.choices[0].finish_reason == "stop", out.choices[0].message.content
         jsonschema.validate(json.loads(out.choices[0].message.content), SCHEMA)
-    obj = client.chat.completions.create(model="ryzanstein", messages=[{"role": "user", "content": "x"}], max_tokens=120,
-                                         temperature=0.5, seed=1, response_format={"type": "json_object"})
+    obj = client.chat.completions.create(
+        model="ryzanstein",
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=120,
+        temperature=0.5,
+        seed=1,
+        response_format={"type": "json_object"},
+    )
     if obj.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(obj.choices[0].message.content), dict)
 
@@ -400,23 +531,49 @@ def test_json_schema_responses_validate(server):
 def test_forced_tool_call(server):
     import jsonschema
 
-    params = {"type": "object", "additionalProperties": False, "required": ["city"],
-              "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["c", "f"]}}}
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": params}},
-             {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}}]
+    params = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["city"],
+        "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["c", "f"]}},
+    }
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": params}},
+        {
+            "type": "function",
+            "function": {
+                "name": "get_time",
+                "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+            },
+        },
+    ]
     client = server.client()
     for seed in range(4):
         out = client.chat.completions.create(
-            model="ryzanstein", messages=[{"role": "user", "content": "weather?"}], tools=tools, seed=seed, max_tokens=80,
-            tool_choice={"type": "function", "function": {"name": "get_weather"}})
+            model="ryzanstein",
+            messages=[{"role": "user", "content": "weather?"}],
+            tools=tools,
+            seed=seed,
+            max_tokens=80,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        )
         choice = out.choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.content is None
         call = choice.message.tool_calls[0]
         assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
         jsonschema.validate(json.loads(call.function.arguments), params)
-    streamed = [c for c in client.chat.completions.create(
-        model="ryzanstein", messages=[{"role": "user", "content": "weather?"}], tools=tools, seed=0, max_tokens=80,
-        tool_choice="required", stream=True)]
+    streamed = [
+        c
+        for c in client.chat.completions.create(
+            model="ryzanstein",
+            messages=[{"role": "user", "content": "weather?"}],
+            tools=tools,
+            seed=0,
+            max_tokens=80,
+            tool_choice="required",
+            stream=True,
+        )
+    ]
     calls = [tc for c in streamed if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     assert calls and calls[0].function.name in ("get_weather", "get_time"), streamed
     assert streamed[-1].choices[0].finish_reason == "tool_calls"
@@ -435,23 +592,31 @@ def test_variants_take_turns_on_the_cores(models, native_library):
         variants = [state.load("production", models["prod"]), state.load("canary", models["canary"])]
         spans, spans_lock = [], threading.Lock()
         for v in variants:
+
             def timed(*args, _forward=v.loaded.model.forward_batch, _name=v.name, **kw):
                 start = time.perf_counter()
                 out = _forward(*args, **kw)
                 with spans_lock:
                     spans.append((start, time.perf_counter(), _name))
                 return out
+
             v.loaded.model.forward_batch = timed
         finished = threading.Semaphore(0)
         for v in variants:
             for _ in range(3):
-                v.core.submit(GenerationRequest(prompt_ids=[1, 2, 3], params=SamplingParams(temperature=0.0), max_tokens=24,
-                                                ignore_eos=True), lambda d: (d.finish_reason or d.error) and finished.release())
+                v.core.submit(
+                    GenerationRequest(
+                        prompt_ids=[1, 2, 3], params=SamplingParams(temperature=0.0), max_tokens=24, ignore_eos=True
+                    ),
+                    lambda d: (d.finish_reason or d.error) and finished.release(),
+                )
         for _ in range(6):
             assert finished.acquire(timeout=60)
         spans.sort()
         assert {name for *_, name in spans} == {"production", "canary"}
-        assert all(end <= next_start for (_, end, _), (next_start, _, _) in zip(spans, spans[1:])), "two forwards overlapped"
+        assert all(end <= next_start for (_, end, _), (next_start, _, _) in zip(spans, spans[1:])), (
+            "two forwards overlapped"
+        )
         assert sum(v.core.compute_wait for v in variants) > 0  # they did contend, and the wait was counted
         assert 'ryz_compute_wait_seconds_total{variant="canary"}' in state.metrics.render().decode()
     finally:

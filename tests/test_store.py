@@ -6,15 +6,21 @@ import hashlib
 import json
 import multiprocessing
 import os
-from datetime import timedelta, datetime
+from datetime import datetime, timedelta
 
 import pytest
 
 from engine.artifacts import store as store_mod
-from engine.errors import (AmbiguousReferenceError, ArtifactNotFoundError, ConflictError, IntegrityError,
-                           SchemaVersionError, StoreError)
-from engine.settings import Settings
 from engine.artifacts.store import FileStore, S3Store, open_store
+from engine.errors import (
+    AmbiguousReferenceError,
+    ArtifactNotFoundError,
+    ConflictError,
+    IntegrityError,
+    SchemaVersionError,
+    StoreError,
+)
+from engine.settings import Settings
 
 MiB = 1 << 20
 
@@ -60,7 +66,12 @@ def test_put_fetch_round_trip(store, tmp_path):
 
     manifest = store.get_manifest(aid)
     assert {k: manifest[k] for k in ("schema", "artifact_id", "kind", "size", "arch")} == {
-        "schema": 1, "artifact_id": aid, "kind": "model", "size": len(data), "arch": "bitnet"}
+        "schema": 1,
+        "artifact_id": aid,
+        "kind": "model",
+        "size": len(data),
+        "arch": "bitnet",
+    }
     assert datetime.fromisoformat(manifest["created"]).utcoffset() == timedelta(0)
     assert store.exists(aid)
 

@@ -13,10 +13,10 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from engine.errors import InvalidRequestError, TokenNotAllowedError
+from engine.model.vocab import EOS, build_byte_tokenizer
 from engine.serving.schema import MAX_SCHEMA_DEPTH
 from engine.serving.structured import GrammarCompiler
 from engine.serving.tools import parse_tool_calls, tool_grammar_schema, validate_tools
-from engine.model.vocab import EOS, build_byte_tokenizer
 
 EOS_ID = 257
 EOT_ID = 260  # <|eot_id|>: a second stop id
@@ -29,8 +29,11 @@ NESTED = {
         "status": {"enum": ["open", "closed", 3, None]},
         "owner": {
             "type": "object",
-            "properties": {"name": {"type": "string", "maxLength": 6}, "admin": {"type": "boolean"},
-                           "score": {"type": "number"}},
+            "properties": {
+                "name": {"type": "string", "maxLength": 6},
+                "admin": {"type": "boolean"},
+                "score": {"type": "number"},
+            },
             "required": ["name", "admin"],
             "additionalProperties": False,
         },
@@ -61,8 +64,11 @@ WEATHER = {
         "description": "Weather for a city",
         "parameters": {
             "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["c", "f"]},
-                           "days": {"type": "integer", "minimum": 1, "maximum": 14}},
+            "properties": {
+                "city": {"type": "string", "maxLength": 8},
+                "unit": {"enum": ["c", "f"]},
+                "days": {"type": "integer", "minimum": 1, "maximum": 14},
+            },
             "required": ["city", "unit", "days"],
             "additionalProperties": False,
         },
@@ -77,8 +83,14 @@ LOCATE = {
             "properties": {"at": {"$ref": "#/$defs/point"}},
             "required": ["at"],
             "additionalProperties": False,
-            "$defs": {"point": {"type": "object", "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
-                                "required": ["x", "y"], "additionalProperties": False}},
+            "$defs": {
+                "point": {
+                    "type": "object",
+                    "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+                    "required": ["x", "y"],
+                    "additionalProperties": False,
+                }
+            },
         },
     },
 }
@@ -104,8 +116,15 @@ def bpe_tok() -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train(files, trainers.BpeTrainer(vocab_size=1500, special_tokens=[EOS], show_progress=False,
-                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.train(
+        files,
+        trainers.BpeTrainer(
+            vocab_size=1500,
+            special_tokens=[EOS],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     return tokenizer
 
 
@@ -134,8 +153,9 @@ def walk(matcher, tokenizer, seed: int, eos_ids=(EOS_ID, EOT_ID), max_steps: int
 
 
 def test_random_walks_follow_a_nested_schema(compiler, byte_tok):
-    grammar = compiler.compile_response_format({"type": "json_schema", "json_schema": {"name": "order", "schema": NESTED,
-                                                                                        "strict": True}})
+    grammar = compiler.compile_response_format(
+        {"type": "json_schema", "json_schema": {"name": "order", "schema": NESTED, "strict": True}}
+    )
     finished = 0
     for seed in range(25):
         text, done = walk(grammar.matcher(), byte_tok, seed)
@@ -225,8 +245,9 @@ def test_accept_of_a_disallowed_token_raises_and_leaves_the_matcher_usable(compi
 
 
 def test_finished_after_the_closing_brace(compiler, byte_tok):
-    matcher = compiler.compile_json_schema({"type": "object", "properties": {"a": {"type": "integer"}},
-                                            "required": ["a"], "additionalProperties": False}).matcher()
+    matcher = compiler.compile_json_schema(
+        {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False}
+    ).matcher()
     for token in byte_tok.encode('{"a": 12').ids:
         matcher.accept(token)
     assert not matcher.is_finished() and not matcher.allowed()[EOS_ID]
@@ -244,7 +265,10 @@ def test_response_format_shapes_and_errors(compiler):
         ({"type": "json_schema", "json_schema": {"name": "x"}}, "schema is missing"),
         ({"type": "json_schema", "json_schema": {"schema": ["a"]}}, "must be a JSON schema object"),
         ({"type": "json_schema", "json_schema": {"schema": {"type": "array", "uniqueItems": True}}}, "uniqueItems"),
-        ({"type": "json_schema", "json_schema": {"schema": {"type": "integer", "minimum": 5, "maximum": 1}}}, "minimum"),
+        (
+            {"type": "json_schema", "json_schema": {"schema": {"type": "integer", "minimum": 5, "maximum": 1}}},
+            "minimum",
+        ),
         ({"type": "json_schema", "json_schema": {"schema": {"type": "strin"}}}, "strin"),
         ({"type": "json_schema", "json_schema": {"schema": {"$ref": "#/$defs/missing"}}}, "missing"),
     ]
@@ -266,12 +290,19 @@ def test_schema_size_and_depth_caps(compiler):
 
 
 def test_grammars_are_cached_by_schema(compiler):
-    a = compiler.compile_json_schema({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}})
-    again = compiler.compile_json_schema({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}})
-    reordered = compiler.compile_json_schema({"type": "object",
-                                              "properties": {"b": {"type": "string"}, "a": {"type": "integer"}}})
+    a = compiler.compile_json_schema(
+        {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}}
+    )
+    again = compiler.compile_json_schema(
+        {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}}
+    )
+    reordered = compiler.compile_json_schema(
+        {"type": "object", "properties": {"b": {"type": "string"}, "a": {"type": "integer"}}}
+    )
     assert a is again and a is not reordered  # property order is emission order, so it is part of the key
-    assert compiler.compile_response_format({"type": "json_object"}) is compiler.compile_response_format({"type": "json_object"})
+    assert compiler.compile_response_format({"type": "json_object"}) is compiler.compile_response_format(
+        {"type": "json_object"}
+    )
 
 
 def test_forced_named_tool_yields_a_call_to_it(compiler, byte_tok):
@@ -370,9 +401,17 @@ def test_parse_tool_calls_shape():
     assert [c["function"]["name"] for c in two] == ["noop", "noop"] and two[0]["id"] != two[1]["id"]
     fenced = parse_tool_calls('```json\n{"name": "noop", "arguments": {}}\n```', TOOLS)
     assert fenced and fenced[0]["function"]["arguments"] == "{}"
-    for text in ["Hello there", '{"name": "unknown", "arguments": {}}', '{"name": "noop", "arguments": {',
-                 'Sure: {"name": "noop", "arguments": {}}', '{"city": "Oslo"}', "[]", '[{"name": "noop"}, 3]',
-                 '{"name": "noop", "arguments": {}, "extra": 1}', ""]:
+    for text in [
+        "Hello there",
+        '{"name": "unknown", "arguments": {}}',
+        '{"name": "noop", "arguments": {',
+        'Sure: {"name": "noop", "arguments": {}}',
+        '{"city": "Oslo"}',
+        "[]",
+        '[{"name": "noop"}, 3]',
+        '{"name": "noop", "arguments": {}, "extra": 1}',
+        "",
+    ]:
         assert parse_tool_calls(text, TOOLS) is None, text
     assert parse_tool_calls('{"name": "noop", "arguments": {}}', None) is None
 
@@ -387,12 +426,20 @@ def test_validate_tools_errors():
         (None, "required", "needs tools"),
         ([{"type": "function", "function": {"description": "no name"}}], "auto", "name is missing"),
         ([{"type": "function"}], "auto", "function is missing"),
-        ([{"type": "retrieval", "function": {"name": "a"}}], "auto", "only \"function\" tools"),
+        ([{"type": "retrieval", "function": {"name": "a"}}], "auto", 'only "function" tools'),
         ([{"type": "function", "function": {"name": "has space"}}], "auto", "must be 1-64 letters"),
         ([NOOP, NOOP], "auto", "names must be unique"),
         ([{"type": "function", "function": {"name": "a", "parameters": "x"}}], "auto", "must be a JSON schema object"),
-        ([{"type": "function", "function": {"name": "a", "parameters": {"type": "string"}}}], "auto", "describe a JSON object"),
-        ([{"type": "function", "function": {"name": "a", "parameters": {"type": "object", "not": {}}}}], "auto", "not supported"),
+        (
+            [{"type": "function", "function": {"name": "a", "parameters": {"type": "string"}}}],
+            "auto",
+            "describe a JSON object",
+        ),
+        (
+            [{"type": "function", "function": {"name": "a", "parameters": {"type": "object", "not": {}}}}],
+            "auto",
+            "not supported",
+        ),
         ("noop", "auto", "tools must be a list"),
     ]
     for tools, choice, message in cases:

@@ -22,12 +22,18 @@ def test_compile_and_autotune_tasks(prefect_harness, kernel_build, tmp_path):
     # A private RYZ_HOME holding a copy of the session's build: the key, not the place, names a build, so
     # this is a cache hit, and the autotune record lands in the copy, not in the user's cache.
     shutil.copytree(kernel_build.directory, tmp_path / "home" / "cache" / "kernels" / kernel_build.key)
-    model = write_tuning_model(tmp_path / "small.gguf", TuneShape(hidden=256, heads=4, kv_heads=2, head_dim=64, ffn=512))
+    model = write_tuning_model(
+        tmp_path / "small.gguf", TuneShape(hidden=256, heads=4, kv_heads=2, head_dim=64, ffn=512)
+    )
 
     @flow(name="kernels-smoke")
     def kernels_smoke(model_path: str):
-        return (detect_cpu(), compile_kernels(return_state=True), compile_kernels(return_state=True),
-                autotune_kernels(model_path))
+        return (
+            detect_cpu(),
+            compile_kernels(return_state=True),
+            compile_kernels(return_state=True),
+            autotune_kernels(model_path),
+        )
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RYZ_HOME", str(tmp_path / "home"))

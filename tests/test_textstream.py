@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.serving.textstream import IncrementalDetokenizer, StopMatcher
 from engine.model.vocab import SPECIALS, build_byte_tokenizer
+from engine.serving.textstream import IncrementalDetokenizer, StopMatcher
 
 VOCAB = 300
 TOKENIZER = build_byte_tokenizer(VOCAB)
@@ -25,6 +25,7 @@ def byte_ids(text: str) -> list[int]:
 
 
 # --- IncrementalDetokenizer -------------------------------------------------------------------------
+
 
 def test_emoji_split_across_four_tokens_is_emitted_whole():
     ids = byte_ids("a😀b")
@@ -89,8 +90,10 @@ def test_streamed_text_equals_decode_of_encoded_text(text):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.one_of(st.integers(0, 255), ANY_ID, st.sampled_from([0xE4, 0xF0, 0x9F, 0x80, 0xB8])), max_size=40),
-       st.booleans())
+@given(
+    st.lists(st.one_of(st.integers(0, 255), ANY_ID, st.sampled_from([0xE4, 0xF0, 0x9F, 0x80, 0xB8])), max_size=40),
+    st.booleans(),
+)
 def test_streamed_text_equals_decode_of_any_ids(ids, skip_special_tokens):
     """Arbitrary ids, including invalid UTF-8, specials, merges and padding tokens."""
     out = stream(ids, skip_special_tokens=skip_special_tokens)
@@ -102,11 +105,12 @@ def test_streamed_text_equals_decode_of_any_ids(ids, skip_special_tokens):
 def test_streamed_text_with_prefix_equals_decode_difference(prompt, completion):
     prefix = TOKENIZER.encode(prompt).ids
     ids = TOKENIZER.encode(completion).ids
-    expected = TOKENIZER.decode(prefix[-5:] + ids)[len(TOKENIZER.decode(prefix[-5:])):]
+    expected = TOKENIZER.decode(prefix[-5:] + ids)[len(TOKENIZER.decode(prefix[-5:])) :]
     assert "".join(stream(ids, prefix_ids=prefix)) == expected == TOKENIZER.decode(ids)
 
 
 # --- StopMatcher ------------------------------------------------------------------------------------
+
 
 def run_stops(stops, chunks):
     matcher = StopMatcher(stops)
@@ -176,13 +180,16 @@ def reference_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     for end in range(1, len(text) + 1):
         hits = [s for s in stops if s and text[:end].endswith(s)]
         if hits:
-            return text[:end - len(max(hits, key=len))], True
+            return text[: end - len(max(hits, key=len))], True
     return text, False
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.text(alphabet="ab#\n", max_size=30), st.lists(st.text(alphabet="ab#\n", min_size=1, max_size=4), max_size=3),
-       st.lists(st.integers(0, 30), max_size=8))
+@given(
+    st.text(alphabet="ab#\n", max_size=30),
+    st.lists(st.text(alphabet="ab#\n", min_size=1, max_size=4), max_size=3),
+    st.lists(st.integers(0, 30), max_size=8),
+)
 def test_stop_result_does_not_depend_on_chunking(text, stops, cuts):
     cuts = sorted({min(c, len(text)) for c in cuts})
     chunks = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)])]

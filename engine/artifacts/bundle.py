@@ -28,23 +28,23 @@ import secrets
 import shutil
 import tarfile
 import tempfile
-from datetime import datetime, timezone
-from pathlib import Path
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Callable
 
 from engine import host
-from engine.model import build
-from engine.fsutil import atomic_directory
-from engine.errors import BuildError, BundleError, SchemaVersionError, ToolchainNotFoundError
-from engine.settings import Settings, get_settings
-from engine.artifacts.store import ArtifactStore
-from engine.model.ggufio import ModelFile
 from engine.artifacts.registry import Registry
+from engine.artifacts.store import ArtifactStore
+from engine.errors import BuildError, BundleError, SchemaVersionError, ToolchainNotFoundError
+from engine.fsutil import atomic_directory
+from engine.model import build
+from engine.model.ggufio import ModelFile
+from engine.settings import Settings, get_settings
 
 SCHEMA = 1
-KIND = "bundle"                       # the artifact kind in the store
+KIND = "bundle"  # the artifact kind in the store
 MANIFEST = "bundle.json"
 MODEL = "model.gguf"
 SETTINGS = "settings.json"
@@ -52,27 +52,44 @@ KERNELS = "kernels"
 NATIVE_SRC = f"{KERNELS}/native-src"
 DEPLOY = "deploy"
 # deployments/ template -> file under deploy/
-TEMPLATES = {"systemd.service.j2": "ryzanstein.service", "compose.yaml.j2": "compose.yaml",
-             "kubernetes.yaml.j2": "kubernetes.yaml"}
+TEMPLATES = {
+    "systemd.service.j2": "ryzanstein.service",
+    "compose.yaml.j2": "compose.yaml",
+    "kubernetes.yaml.j2": "kubernetes.yaml",
+}
 # Settings fields a bundle carries: how the server serves, never who may call it (admin token, API keys), where
 # the store is, or test-only fault injection.
-SERVING_FIELDS = ("host", "port", "served_model_name", "threads", "isa", "max_seqs", "max_context", "max_queue",
-                  "max_tokens_limit", "prefill_chunk", "kv_budget_mb", "prefix_cache_slots", "max_request_bytes")
+SERVING_FIELDS = (
+    "host",
+    "port",
+    "served_model_name",
+    "threads",
+    "isa",
+    "max_seqs",
+    "max_context",
+    "max_queue",
+    "max_tokens_limit",
+    "prefill_chunk",
+    "kv_budget_mb",
+    "prefix_cache_slots",
+    "max_request_bytes",
+)
 # Template variables `build_bundle(deploy=...)` may set; their defaults are what the files say.
 DEPLOY_DEFAULTS = {
-    "app_name": "ryzanstein",                 # systemd unit / compose service / Kubernetes object name
-    "image": "ryzanstein:latest",             # a container image that contains ryzanstein (and `ryz` on PATH)
+    "app_name": "ryzanstein",  # systemd unit / compose service / Kubernetes object name
+    "image": "ryzanstein:latest",  # a container image that contains ryzanstein (and `ryz` on PATH)
     "install_dir": "/opt/ryzanstein/bundle",  # where the bundle directory lives on the host / node
-    "ryz_bin": "/usr/local/bin/ryz",          # the `ryz` executable systemd starts
-    "publish_host": "127.0.0.1",              # compose: the host address the port is published on
+    "ryz_bin": "/usr/local/bin/ryz",  # the `ryz` executable systemd starts
+    "publish_host": "127.0.0.1",  # compose: the host address the port is published on
     "replicas": 1,
-    "cpu": None,                              # Kubernetes cpu request (default: RYZ_THREADS, else 2)
-    "memory": None,                           # Kubernetes memory request = limit (default: model + KV + 512 MiB)
+    "cpu": None,  # Kubernetes cpu request (default: RYZ_THREADS, else 2)
+    "memory": None,  # Kubernetes memory request = limit (default: model + KV + 512 MiB)
 }
 _CHUNK = 1 << 20
 
 
 # --- hashing ------------------------------------------------------------------------------------------
+
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -106,20 +123,25 @@ def _dump(doc: dict) -> str:
 
 # --- building -----------------------------------------------------------------------------------------
 
+
 def serving_settings(settings: Settings) -> dict:
     """The serving fields of `settings` (no secrets, no store, no paths)."""
     return {name: getattr(settings, name) for name in SERVING_FIELDS}
 
 
-def _target_build(settings: Settings, target_fingerprint: dict | None, progress) -> tuple[build.KernelBuild | None, dict]:
+def _target_build(
+    settings: Settings, target_fingerprint: dict | None, progress
+) -> tuple[build.KernelBuild | None, dict]:
     """The kernel build to ship and the fingerprint it is for. This host's fingerprint (or none given): the
     cached build for this CPU, built now if missing (no toolchain: sources only). Another fingerprint: a
     complete build of the same sources for it in the kernels cache (built there and copied here), else none."""
     here = host.cpu_fingerprint()
     target = target_fingerprint or here
     if "fingerprint_id" not in target:
-        raise BundleError("the target fingerprint has no fingerprint_id: pass what `engine.host.cpu_fingerprint()` "
-                          "(or the detect-cpu task) returns on the target machine")
+        raise BundleError(
+            "the target fingerprint has no fingerprint_id: pass what `engine.host.cpu_fingerprint()` "
+            "(or the detect-cpu task) returns on the target machine"
+        )
     if target["fingerprint_id"] == here["fingerprint_id"]:
         found = build.find_build(settings)
         if found is None:
@@ -136,12 +158,18 @@ def _target_build(settings: Settings, target_fingerprint: dict | None, progress)
             manifest = build._complete(directory)
         except SchemaVersionError:
             continue
-        if (manifest and manifest["source_hash"] == source and manifest["flags"] == flags
-                and manifest["fingerprint"]["fingerprint_id"] == target["fingerprint_id"]):
+        if (
+            manifest
+            and manifest["source_hash"] == source
+            and manifest["flags"] == flags
+            and manifest["fingerprint"]["fingerprint_id"] == target["fingerprint_id"]
+        ):
             candidates.append((manifest["created"], directory, manifest))
     if not candidates:
-        progress(f"no kernel build for fingerprint {target['fingerprint_id']} in {build.kernels_dir(settings)}; "
-                 "the bundle carries sources only (the target rebuilds them once)")
+        progress(
+            f"no kernel build for fingerprint {target['fingerprint_id']} in {build.kernels_dir(settings)}; "
+            "the bundle carries sources only (the target rebuilds them once)"
+        )
         return None, target
     _, directory, manifest = max(candidates, key=lambda c: c[0])
     return build.KernelBuild(directory / manifest["library"]["file"], manifest["key"], manifest, cache_hit=True), target
@@ -159,7 +187,7 @@ def _copy_sources(dest: Path) -> str:
 def _resources(model_path: Path, settings: Settings) -> dict:
     """Kubernetes requests: the model's bytes + its full KV cache over the slots + 512 MiB, and the threads."""
     hp = ModelFile(model_path).hparams
-    per_position = 2 * hp.layers * hp.kv_heads * hp.head_dim * 2          # f16 keys + values
+    per_position = 2 * hp.layers * hp.kv_heads * hp.head_dim * 2  # f16 keys + values
     per_seq = per_position * settings.max_context
     slots = max(1, min(settings.max_seqs, (settings.kv_budget_mb << 20) // max(per_seq, 1)))
     mib = -(-(model_path.stat().st_size + slots * per_seq) // (1 << 20)) + 512
@@ -173,8 +201,10 @@ def _check_deploy(deploy: dict) -> None:
         raise BundleError(f"unknown deployment variables {unknown}; known: {', '.join(DEPLOY_DEFAULTS)}")
     name = deploy.get("app_name")
     if name is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", str(name)):
-        raise BundleError(f"app name {name!r} must be a DNS label (lowercase letters, digits and '-', at most 63) "
-                          "as Kubernetes and systemd need")
+        raise BundleError(
+            f"app name {name!r} must be a DNS label (lowercase letters, digits and '-', at most 63) "
+            "as Kubernetes and systemd need"
+        )
     for key in ("install_dir", "ryz_bin"):
         value = deploy.get(key)
         if value is not None and not re.fullmatch(r"/[A-Za-z0-9._/+@-]*", str(value)):
@@ -198,14 +228,23 @@ def _render_deploy(dest: Path, context: dict) -> None:
 def _version_of(ref: str, store: ArtifactStore):
     looks_like_file = ref.endswith(".gguf") or "/" in ref and Path(ref).expanduser().exists()
     if looks_like_file or ref.startswith("sha256:"):
-        raise BundleError(f"a bundle serves a registry version, not {ref!r}: pass name:version or an alias "
-                          "(production, canary, previous); `ryz registry list` shows them")
+        raise BundleError(
+            f"a bundle serves a registry version, not {ref!r}: pass name:version or an alias "
+            "(production, canary, previous); `ryz registry list` shows them"
+        )
     return Registry(store).get(ref)
 
 
-def build_bundle(ref: str, out_dir: str | Path, store: ArtifactStore, settings: Settings | None = None,
-                 target_fingerprint: dict | None = None, deploy: dict | None = None, replace: bool = False,
-                 progress: Callable[[str], None] = build.print_to_stderr) -> dict:
+def build_bundle(
+    ref: str,
+    out_dir: str | Path,
+    store: ArtifactStore,
+    settings: Settings | None = None,
+    target_fingerprint: dict | None = None,
+    deploy: dict | None = None,
+    replace: bool = False,
+    progress: Callable[[str], None] = build.print_to_stderr,
+) -> dict:
     """Write the serving bundle of registry version `ref` (name:version or an alias) to `out_dir`; returns its
     bundle.json.
 
@@ -219,24 +258,34 @@ def build_bundle(ref: str, out_dir: str | Path, store: ArtifactStore, settings: 
     version = _version_of(ref, store)
     with _bundle_directory(out_dir, replace) as work:
         progress(f"bundling {version.ref} ({version.artifact_id[:19]})")
-        store.fetch(version.artifact_id, work / MODEL)              # verified against the artifact id
+        store.fetch(version.artifact_id, work / MODEL)  # verified against the artifact id
         kernel, target = _target_build(settings, target_fingerprint, progress)
         (work / KERNELS).mkdir()
         source = _copy_sources(work / NATIVE_SRC)
         if kernel is not None:
             if kernel.manifest["source_hash"] != source:
-                raise BuildError(f"native/ changed while bundling (kernel build {kernel.key} is of sources "
-                                 f"{kernel.manifest['source_hash'][:16]}, native/ now hashes {source[:16]}); run again")
+                raise BuildError(
+                    f"native/ changed while bundling (kernel build {kernel.key} is of sources "
+                    f"{kernel.manifest['source_hash'][:16]}, native/ now hashes {source[:16]}); run again"
+                )
             shutil.copyfile(kernel.path, work / KERNELS / build.LIBRARY_NAME)
             shutil.copyfile(kernel.directory / build.MANIFEST_NAME, work / KERNELS / build.MANIFEST_NAME)
         (work / SETTINGS).write_text(_dump({"schema": SCHEMA, "serving": serving_settings(settings)}))
         files = {path: {"sha256": _sha256(work / path), "size": (work / path).stat().st_size} for path in _files(work)}
         digest = content_digest(files)
         shown = [MODEL, f"{KERNELS}/{build.LIBRARY_NAME}", f"{KERNELS}/{build.MANIFEST_NAME}", SETTINGS]
-        context = {**DEPLOY_DEFAULTS, **_resources(work / MODEL, settings), **{k: v for k, v in (deploy or {}).items() if v is not None},
-                   "name": version.name, "version": version.version, "ref": version.ref, "artifact_id": version.artifact_id,
-                   "port": settings.port, "content_digest": f"sha256:{digest}",
-                   "checksums": [(p, f"sha256:{files[p]['sha256']}") for p in shown if p in files]}
+        context = {
+            **DEPLOY_DEFAULTS,
+            **_resources(work / MODEL, settings),
+            **{k: v for k, v in (deploy or {}).items() if v is not None},
+            "name": version.name,
+            "version": version.version,
+            "ref": version.ref,
+            "artifact_id": version.artifact_id,
+            "port": settings.port,
+            "content_digest": f"sha256:{digest}",
+            "checksums": [(p, f"sha256:{files[p]['sha256']}") for p in shown if p in files],
+        }
         _render_deploy(work / DEPLOY, context)
         for path in _files(work / DEPLOY):
             full = work / DEPLOY / path
@@ -267,8 +316,10 @@ def build_bundle(ref: str, out_dir: str | Path, store: ArtifactStore, settings: 
             "files": files,
         }
         (work / MANIFEST).write_text(_dump(manifest))
-    progress(f"bundle of {version.ref} written to {out_dir}"
-             + ("" if manifest["kernel_build"]["library"] else " (kernel sources only: rebuilt on first serve)"))
+    progress(
+        f"bundle of {version.ref} written to {out_dir}"
+        + ("" if manifest["kernel_build"]["library"] else " (kernel sources only: rebuilt on first serve)")
+    )
     return manifest
 
 
@@ -284,8 +335,9 @@ def _package_version() -> str | None:
 def _check_destination(out_dir: Path, replace: bool) -> None:
     if out_dir.exists() and not replace:
         if not out_dir.is_dir() or any(out_dir.iterdir()):
-            raise BundleError(f"{out_dir} already exists and is not empty: choose another directory or replace it "
-                              "(`--replace`)")
+            raise BundleError(
+                f"{out_dir} already exists and is not empty: choose another directory or replace it (`--replace`)"
+            )
 
 
 @contextmanager
@@ -301,18 +353,23 @@ def _bundle_directory(out_dir: Path, replace: bool) -> Iterator[Path]:
 
 # --- checking ------------------------------------------------------------------------------------------
 
+
 def read_bundle_manifest(bundle_dir: str | Path) -> dict:
     """bundle.json of a bundle directory (schema checked, not the files: see verify_bundle)."""
     bundle_dir = Path(bundle_dir)
     try:
         manifest = json.loads((bundle_dir / MANIFEST).read_text())
     except FileNotFoundError:
-        raise BundleError(f"{bundle_dir} is not a serving bundle (no {MANIFEST}); write one with `ryz bundle REF -o DIR`") from None
+        raise BundleError(
+            f"{bundle_dir} is not a serving bundle (no {MANIFEST}); write one with `ryz bundle REF -o DIR`"
+        ) from None
     except ValueError as exc:
         raise BundleError(f"{bundle_dir / MANIFEST} is not valid JSON ({exc}); fetch the bundle again") from None
     if manifest.get("schema") != SCHEMA or manifest.get("kind") != "serving-bundle":
-        raise SchemaVersionError(f"{bundle_dir / MANIFEST} is schema {manifest.get('schema')!r} kind {manifest.get('kind')!r}; "
-                                 f"this Ryzanstein reads serving-bundle schema {SCHEMA}: upgrade Ryzanstein")
+        raise SchemaVersionError(
+            f"{bundle_dir / MANIFEST} is schema {manifest.get('schema')!r} kind {manifest.get('kind')!r}; "
+            f"this Ryzanstein reads serving-bundle schema {SCHEMA}: upgrade Ryzanstein"
+        )
     return manifest
 
 
@@ -328,11 +385,15 @@ def verify_bundle(bundle_dir: str | Path) -> dict:
         if not full.is_file():
             raise BundleError(f"{path} is missing from the bundle {bundle_dir}; {again}")
         if full.stat().st_size != expected["size"]:
-            raise BundleError(f"{path} in {bundle_dir} has {full.stat().st_size} bytes, bundle.json says {expected['size']}; {again}")
+            raise BundleError(
+                f"{path} in {bundle_dir} has {full.stat().st_size} bytes, bundle.json says {expected['size']}; {again}"
+            )
         actual = _sha256(full)
         if actual != expected["sha256"]:
-            raise BundleError(f"{path} in {bundle_dir} does not match bundle.json (sha256 {actual[:16]}..., expected "
-                              f"{expected['sha256'][:16]}...); {again}")
+            raise BundleError(
+                f"{path} in {bundle_dir} does not match bundle.json (sha256 {actual[:16]}..., expected "
+                f"{expected['sha256'][:16]}...); {again}"
+            )
     extra = [p for p in _files(bundle_dir) if p != MANIFEST and p not in files]
     if extra:
         raise BundleError(f"{bundle_dir} holds files bundle.json does not list: {', '.join(extra[:5])}; {again}")
@@ -345,6 +406,7 @@ def verify_bundle(bundle_dir: str | Path) -> dict:
 
 # --- packing and the store -------------------------------------------------------------------------------
 
+
 def pack_bundle(bundle_dir: str | Path, dest: str | Path | None = None) -> Path:
     """A deterministic tar.gz of the bundle (default `<dir>.tar.gz` beside it): entries sorted, regular files
     only, mtime 0, owner 0/0 without names, modes 0644 or 0755, gzip mtime 0 and no file name, so the same
@@ -354,8 +416,11 @@ def pack_bundle(bundle_dir: str | Path, dest: str | Path | None = None) -> Path:
     dest = Path(dest) if dest else bundle_dir.with_name(bundle_dir.name + ".tar.gz")
     tmp = dest.with_name(f".tmp-{secrets.token_hex(4)}-{dest.name}")
     try:
-        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz, \
-                tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        with (
+            open(tmp, "wb") as raw,
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz,
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+        ):
             for rel in _files(bundle_dir):
                 path = bundle_dir / rel
                 info = tarfile.TarInfo(rel)
@@ -376,11 +441,22 @@ def store_bundle(bundle_dir: str | Path, store: ArtifactStore) -> str:
     manifest = verify_bundle(bundle_dir)
     with tempfile.TemporaryDirectory(prefix="ryz-bundle-pack-") as tmp:
         packed = pack_bundle(bundle_dir, Path(tmp) / "bundle.tar.gz")
-        return store.put_file(packed, KIND, manifest={
-            "name": manifest["name"], "version": manifest["version"], "ref": manifest["ref"], "format": "tar.gz",
-            "model_artifact": manifest["artifact_id"], "kernel_build": manifest["kernel_build"]["key"],
-            "fingerprint_id": manifest["kernel_build"]["fingerprint_id"], "content_digest": manifest["content_digest"],
-            "bundle_created": manifest["created"], "refers_to": [manifest["artifact_id"]]})
+        return store.put_file(
+            packed,
+            KIND,
+            manifest={
+                "name": manifest["name"],
+                "version": manifest["version"],
+                "ref": manifest["ref"],
+                "format": "tar.gz",
+                "model_artifact": manifest["artifact_id"],
+                "kernel_build": manifest["kernel_build"]["key"],
+                "fingerprint_id": manifest["kernel_build"]["fingerprint_id"],
+                "content_digest": manifest["content_digest"],
+                "bundle_created": manifest["created"],
+                "refers_to": [manifest["artifact_id"]],
+            },
+        )
 
 
 def fetch_bundle(artifact_id: str, store: ArtifactStore, out_dir: str | Path, replace: bool = False) -> dict:
@@ -392,11 +468,13 @@ def fetch_bundle(artifact_id: str, store: ArtifactStore, out_dir: str | Path, re
     if kind != KIND:
         raise BundleError(f"{artifact_id} is a {kind!r} artifact, not a serving bundle")
     with _bundle_directory(out_dir, replace) as work:
-        packed = store.fetch(artifact_id, work.with_name(f"{work.name}.tar.gz"))   # sha256-checked against the id
+        packed = store.fetch(artifact_id, work.with_name(f"{work.name}.tar.gz"))  # sha256-checked against the id
         try:
             with tarfile.open(packed, "r:gz") as tar:
                 if any(not m.isfile() for m in tar.getmembers()):
-                    raise BundleError(f"{artifact_id} holds entries that are not regular files; it is not a serving bundle")
+                    raise BundleError(
+                        f"{artifact_id} holds entries that are not regular files; it is not a serving bundle"
+                    )
                 tar.extractall(work, filter="data")
         finally:
             packed.unlink(missing_ok=True)
@@ -406,16 +484,30 @@ def fetch_bundle(artifact_id: str, store: ArtifactStore, out_dir: str | Path, re
 
 def _self_test_summary(build_manifest: dict) -> dict:
     test = build_manifest["self_test"]
-    return {"passed": test["passed"], "families": {isa: r["checks"] for isa, r in test.get("families", {}).items()},
-            "fallback_flags": (build_manifest.get("fallback") or {}).get("extra_flags", [])}
+    return {
+        "passed": test["passed"],
+        "families": {isa: r["checks"] for isa, r in test.get("families", {}).items()},
+        "fallback_flags": (build_manifest.get("fallback") or {}).get("extra_flags", []),
+    }
 
 
-def describe_bundle(manifest: dict, directory: str | Path, artifact_id: str | None = None, origin: str = "built") -> dict:
+def describe_bundle(
+    manifest: dict, directory: str | Path, artifact_id: str | None = None, origin: str = "built"
+) -> dict:
     """The `ryz bundle --json` record."""
     kernel = manifest["kernel_build"]
-    return {"directory": str(directory), "ref": manifest["ref"], "artifact_id": manifest["artifact_id"],
-            "bundle_artifact": artifact_id, "origin": origin, "kernel_build": kernel["key"],
-            "fingerprint_id": kernel["fingerprint_id"], "rebuild_needed_elsewhere": kernel["library"] is None,
-            "content_digest": manifest["content_digest"], "created": manifest["created"],
-            "files": len(manifest["files"]) + 1, "bytes": sum(f["size"] for f in manifest["files"].values()),
-            "deploy": manifest["deploy"]}
+    return {
+        "directory": str(directory),
+        "ref": manifest["ref"],
+        "artifact_id": manifest["artifact_id"],
+        "bundle_artifact": artifact_id,
+        "origin": origin,
+        "kernel_build": kernel["key"],
+        "fingerprint_id": kernel["fingerprint_id"],
+        "rebuild_needed_elsewhere": kernel["library"] is None,
+        "content_digest": manifest["content_digest"],
+        "created": manifest["created"],
+        "files": len(manifest["files"]) + 1,
+        "bytes": sum(f["size"] for f in manifest["files"].values()),
+        "deploy": manifest["deploy"],
+    }

@@ -38,16 +38,16 @@ _SORT_KEYS = {"last_modified": "lastModified", "created_at": "createdAt", "trend
 class Candidate:
     """One model a source listed, and what discovery decided about it (JSON: `to_json`)."""
 
-    source: str                    # "hf" or "local"
-    repo: str                      # Hub id (also for HF-cache snapshots), else the directory name
-    revision: str | None           # Hub commit sha, cache snapshot sha, or directory_revision
-    path: str | None = None        # local directory (local source only)
+    source: str  # "hf" or "local"
+    repo: str  # Hub id (also for HF-cache snapshots), else the directory name
+    revision: str | None  # Hub commit sha, cache snapshot sha, or directory_revision
+    path: str | None = None  # local directory (local source only)
     architecture: str | None = None
     quant_method: str | None = None  # config.json quantization_config.quant_method ("bitnet" for ternary-trained)
     license: str | None = None
     parameters: int | None = None  # ternary weights counted unpacked (4 per U8 byte when quant_method is bitnet)
     size_bytes: int | None = None
-    status: str = "seen"           # kept | skipped | error
+    status: str = "seen"  # kept | skipped | error
     reason: str = ""
 
     def to_json(self) -> dict:
@@ -60,8 +60,16 @@ class Candidate:
 
 # --- the Hub ----------------------------------------------------------------------------------------
 
-def list_hub_models(*, endpoint: str, search: str | None = None, filter: Iterable[str] = (), sort: str | None = None,
-                    limit: int = 50, timeout: float = 30.0) -> list[str]:
+
+def list_hub_models(
+    *,
+    endpoint: str,
+    search: str | None = None,
+    filter: Iterable[str] = (),
+    sort: str | None = None,
+    limit: int = 50,
+    timeout: float = 30.0,
+) -> list[str]:
     """Model ids the Hub lists for this query, in its order (one page of at most `limit`)."""
     from huggingface_hub import ModelInfo, get_session
     from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
@@ -73,7 +81,9 @@ def list_hub_models(*, endpoint: str, search: str | None = None, filter: Iterabl
     params += [("sort", _SORT_KEYS.get(sort, sort))] if sort else []
 
     def call() -> list[str]:
-        response = get_session().get(url, params=params, headers=build_hf_headers(library_name="ryzanstein"), timeout=timeout)
+        response = get_session().get(
+            url, params=params, headers=build_hf_headers(library_name="ryzanstein"), timeout=timeout
+        )
         hf_raise_for_status(response)
         items = response.json()
         if not isinstance(items, list):
@@ -88,16 +98,29 @@ def read_hub_model(repo: str, *, endpoint: str, timeout: float = 30.0) -> Candid
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=endpoint, library_name="ryzanstein")
-    info = _ask_hub(f"reading {repo}", f"{endpoint}/api/models/{repo}", timeout,
-                    lambda: api.model_info(repo, files_metadata=True, timeout=timeout))
+    info = _ask_hub(
+        f"reading {repo}",
+        f"{endpoint}/api/models/{repo}",
+        timeout,
+        lambda: api.model_info(repo, files_metadata=True, timeout=timeout),
+    )
     config = info.config or {}
     quant_method = _quant_method(config)
     parameters = None
     if info.safetensors is not None:
         parameters = count_parameters(info.safetensors.parameters, quant_method)
     sizes = [s.size for s in info.siblings or [] if s.size is not None and _downloaded(s.rfilename)]
-    return Candidate("hf", info.id, info.sha, None, _architecture(config), quant_method, _hub_license(info),
-                     parameters, sum(sizes) if sizes else None)
+    return Candidate(
+        "hf",
+        info.id,
+        info.sha,
+        None,
+        _architecture(config),
+        quant_method,
+        _hub_license(info),
+        parameters,
+        sum(sizes) if sizes else None,
+    )
 
 
 def _ask_hub(what: str, url: str, timeout: float, call: Callable[[], T]) -> T:
@@ -110,20 +133,28 @@ def _ask_hub(what: str, url: str, timeout: float, call: Callable[[], T]) -> T:
     except HFValidationError as exc:
         raise HubError(f"{what}: {exc}", retryable=False) from None
     except OfflineModeIsEnabled:
-        raise HubError(f"{what}: HF_HUB_OFFLINE is set, so the Hub is not asked; unset it or use the local source",
-                       retryable=False) from None
+        raise HubError(
+            f"{what}: HF_HUB_OFFLINE is set, so the Hub is not asked; unset it or use the local source", retryable=False
+        ) from None
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
         retryable = status is None or status in (408, 429) or status >= 500
-        hint = {401: "private or gated: set HF_TOKEN", 403: "gated: accept its terms on the Hub and set HF_TOKEN",
-                404: "check the repo id (private repos need HF_TOKEN)", 429: "rate limited by the Hub"}.get(
-                    status, "the Hub is failing" if retryable else "the Hub refused the request")
+        hint = {
+            401: "private or gated: set HF_TOKEN",
+            403: "gated: accept its terms on the Hub and set HF_TOKEN",
+            404: "check the repo id (private repos need HF_TOKEN)",
+            429: "rate limited by the Hub",
+        }.get(status, "the Hub is failing" if retryable else "the Hub refused the request")
         raise HubError(f"{what}: HTTP {status} from {url}: {hint}", retryable=retryable) from None
     except httpx2.TimeoutException:
-        raise HubError(f"{what}: {url} did not answer within {timeout:g} s (RYZ_DISCOVERY_TIMEOUT)", retryable=True) from None
+        raise HubError(
+            f"{what}: {url} did not answer within {timeout:g} s (RYZ_DISCOVERY_TIMEOUT)", retryable=True
+        ) from None
     except httpx2.TransportError as exc:
-        raise HubError(f"{what}: cannot reach {url} ({type(exc).__name__}: {exc}); check HF_ENDPOINT and the network",
-                       retryable=True) from None
+        raise HubError(
+            f"{what}: cannot reach {url} ({type(exc).__name__}: {exc}); check HF_ENDPOINT and the network",
+            retryable=True,
+        ) from None
     except (ValueError, KeyError, TypeError) as exc:  # invalid JSON, or JSON without the fields the Hub always sends
         raise HubError(f"{what}: malformed response from {url} ({type(exc).__name__}: {exc})", retryable=True) from None
 
@@ -139,19 +170,24 @@ def _hub_license(info) -> str | None:
 
 
 def _downloaded(filename: str) -> bool:
-    return any(fnmatch.fnmatch(filename.rsplit("/", 1)[-1], pattern) for pattern in DOWNLOAD_PATTERNS) and "/" not in filename
+    return (
+        any(fnmatch.fnmatch(filename.rsplit("/", 1)[-1], pattern) for pattern in DOWNLOAD_PATTERNS)
+        and "/" not in filename
+    )
 
 
 # --- local directories and the HF cache ---------------------------------------------------------------
 
-def scan_local_models(paths: Iterable[str | Path], hf_cache: str | Path | None = None,
-                      warn: Callable[[str], None] | None = None) -> list[Candidate]:
+
+def scan_local_models(
+    paths: Iterable[str | Path], hf_cache: str | Path | None = None, warn: Callable[[str], None] | None = None
+) -> list[Candidate]:
     """Every model directory under `paths` (each a model directory, or a folder of them: zoo.json order if it has
     one, else sorted names), then every snapshot in the HF cache."""
     found = [read_local_model(d) for root in paths for d in _model_dirs(Path(root).expanduser(), warn)]
     if hf_cache and Path(hf_cache).expanduser().is_dir():
         for repo_dir in sorted(Path(hf_cache).expanduser().glob("models--*")):
-            repo = repo_dir.name[len("models--"):].replace("--", "/")  # the Hub forbids "--" in ids
+            repo = repo_dir.name[len("models--") :].replace("--", "/")  # the Hub forbids "--" in ids
             snapshots = repo_dir / "snapshots"
             for snapshot in sorted(snapshots.iterdir()) if snapshots.is_dir() else []:
                 if (snapshot / "config.json").is_file():
@@ -186,7 +222,9 @@ def read_local_model(path: str | Path, repo: str | None = None, revision: str | 
         candidate.architecture, candidate.quant_method = _architecture(config), _quant_method(config)
         candidate.license = _card_license(path / "README.md")
         candidate.parameters = _local_parameters(path, candidate.quant_method)
-        candidate.size_bytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.name.startswith("."))
+        candidate.size_bytes = sum(
+            f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.name.startswith(".")
+        )
         candidate.revision = candidate.revision or directory_revision(path)
     except (OSError, json.JSONDecodeError, CheckpointError) as exc:
         candidate.status, candidate.reason = "error", f"cannot read {path}: {exc}"
@@ -223,6 +261,7 @@ def _card_license(readme: Path) -> str | None:
 
 # --- shared readers -------------------------------------------------------------------------------------
 
+
 def count_parameters(by_dtype: dict[str, int], quant_method: str | None) -> int:
     """Parameters from safetensors element counts per dtype. Packed ternary checkpoints (quant_method bitnet, e.g.
     bitnet-b1.58-2B-4T) store four weights per U8 element, so the Hub's total (0.85 B there) undercounts 4x."""
@@ -240,6 +279,7 @@ def _quant_method(config: dict) -> str | None:
 
 # --- judging ----------------------------------------------------------------------------------------------
 
+
 def judge_candidates(seen: Iterable[Candidate], settings: Settings, registry: Registry) -> list[Candidate]:
     """Each model seen, marked kept (passes every filter and (repo, revision) is not registered) or skipped with
     every reason; errors pass through. Order is kept, and a repeat of an earlier (repo, revision) is skipped."""
@@ -256,9 +296,14 @@ def judge_candidates(seen: Iterable[Candidate], settings: Settings, registry: Re
             reasons = [f"already registered as {version.ref} ({version.status})"]
         earlier.add((candidate.repo, candidate.revision))
         candidate.status = "skipped" if reasons else "kept"
-        candidate.reason = "; ".join(reasons) if reasons else (
-            f"new: {candidate.architecture}, {candidate.license or 'no license declared'}, "
-            f"{_count(candidate.parameters)} parameters, {_size(candidate.size_bytes)}")
+        candidate.reason = (
+            "; ".join(reasons)
+            if reasons
+            else (
+                f"new: {candidate.architecture}, {candidate.license or 'no license declared'}, "
+                f"{_count(candidate.parameters)} parameters, {_size(candidate.size_bytes)}"
+            )
+        )
         judged.append(candidate)
     return judged
 
@@ -273,8 +318,9 @@ def filter_reasons(c: Candidate, settings: Settings) -> list[str]:
     elif c.architecture not in settings.discovery_architectures:
         reasons.append(f"architecture {c.architecture} not in allowlist (RYZ_DISCOVERY_ARCHITECTURES)")
     elif c.architecture in settings.discovery_bitnet_only and c.quant_method != "bitnet":
-        reasons.append(f"{c.architecture} without a bitnet quantization_config is full precision; ternarizing it "
-                       "would destroy it")
+        reasons.append(
+            f"{c.architecture} without a bitnet quantization_config is full precision; ternarizing it would destroy it"
+        )
     allowed = {name.lower() for name in settings.discovery_licenses}
     if c.license is None and c.source == "hf":
         reasons.append("no license in the model card")

@@ -60,8 +60,15 @@ def collect_garbage(store, keep: int = 2, dry_run: bool = False) -> dict:
     for (kind, name), manifests in sorted(groups.items()):
         kept += min(keep, len(manifests))
         for manifest in manifests[keep:]:
-            removed.append({"artifact_id": manifest["artifact_id"], "kind": kind, "name": name,
-                            "size": manifest.get("size", 0), "why": f"unreferenced, older than the newest {keep} of {name}"})
+            removed.append(
+                {
+                    "artifact_id": manifest["artifact_id"],
+                    "kind": kind,
+                    "name": name,
+                    "size": manifest.get("size", 0),
+                    "why": f"unreferenced, older than the newest {keep} of {name}",
+                }
+            )
             if not dry_run:
                 store.delete(manifest["artifact_id"])
     return {"removed": removed, "bytes": sum(r["size"] for r in removed), "kept": kept, "dry_run": dry_run}

@@ -37,4 +37,5 @@ def resolve_artifact(ref: str, store: ArtifactStore) -> str:
         return Registry(store).get(ref).artifact_id
     raise ModelReferenceError(
         f"cannot resolve model reference {ref!r}: pass name:version, an alias (production, canary, previous), an "
-        "artifact id (sha256:... or a prefix of >= 12 hex digits) or a path to a .gguf file")
+        "artifact id (sha256:... or a prefix of >= 12 hex digits) or a path to a .gguf file"
+    )

@@ -51,7 +51,7 @@ class Version:
     status: str
     created: float
     source: dict
-    evaluation: str | None = None    # artifact id of the evaluation record
+    evaluation: str | None = None  # artifact id of the evaluation record
     kernel_build: str | None = None  # kernel build key
     extra: dict | None = None
 
@@ -60,14 +60,31 @@ class Version:
         return f"{self.name}:{self.version}"
 
     def to_json(self) -> dict:
-        return {"name": self.name, "version": self.version, "artifact_id": self.artifact_id, "status": self.status,
-                "created": self.created, "source": self.source, "evaluation": self.evaluation,
-                "kernel_build": self.kernel_build, **({"extra": self.extra} if self.extra else {})}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "artifact_id": self.artifact_id,
+            "status": self.status,
+            "created": self.created,
+            "source": self.source,
+            "evaluation": self.evaluation,
+            "kernel_build": self.kernel_build,
+            **({"extra": self.extra} if self.extra else {}),
+        }
 
     @classmethod
     def from_json(cls, doc: dict) -> Version:
-        return cls(doc["name"], doc["version"], doc["artifact_id"], doc["status"], doc["created"], doc.get("source", {}),
-                   doc.get("evaluation"), doc.get("kernel_build"), doc.get("extra"))
+        return cls(
+            doc["name"],
+            doc["version"],
+            doc["artifact_id"],
+            doc["status"],
+            doc["created"],
+            doc.get("source", {}),
+            doc.get("evaluation"),
+            doc.get("kernel_build"),
+            doc.get("extra"),
+        )
 
 
 class Registry:
@@ -81,8 +98,10 @@ class Registry:
         if doc is None:
             return _empty_state(), None
         if doc.get("schema") != SCHEMA:
-            raise SchemaVersionError(f"registry document in {self.store.url} has schema {doc.get('schema')!r}; this "
-                                     f"version of ryzanstein reads schema {SCHEMA}: upgrade ryzanstein")
+            raise SchemaVersionError(
+                f"registry document in {self.store.url} has schema {doc.get('schema')!r}; this "
+                f"version of ryzanstein reads schema {SCHEMA}: upgrade ryzanstein"
+            )
         return doc, etag
 
     def versions(self, name: str | None = None) -> list[Version]:
@@ -129,19 +148,38 @@ class Registry:
                 return result
             except ConflictError:
                 time.sleep(0.01 * (_attempt + 1))
-        raise ConflictError(f"registry in {self.store.url}: {describe} lost {_MAX_ATTEMPTS} compare-and-swap races in a "
-                            "row to other writers; nothing was changed. Retry, or find the process writing in a loop")
+        raise ConflictError(
+            f"registry in {self.store.url}: {describe} lost {_MAX_ATTEMPTS} compare-and-swap races in a "
+            "row to other writers; nothing was changed. Retry, or find the process writing in a loop"
+        )
 
-    def register(self, name: str, artifact_id: str, source: dict, evaluation: str | None = None,
-                 kernel_build: str | None = None, reason: str = "registered", status: str = "candidate",
-                 extra: dict | None = None) -> Version:
+    def register(
+        self,
+        name: str,
+        artifact_id: str,
+        source: dict,
+        evaluation: str | None = None,
+        kernel_build: str | None = None,
+        reason: str = "registered",
+        status: str = "candidate",
+        extra: dict | None = None,
+    ) -> Version:
         """A new version of `name` (the next integer), status candidate."""
         _check_status(status)
 
         def change(state: dict) -> Version:
             versions = state["models"].setdefault(name, [])
-            version = Version(name, 1 + max((v["version"] for v in versions), default=0), artifact_id, status, time.time(),
-                              source, evaluation, kernel_build, extra)
+            version = Version(
+                name,
+                1 + max((v["version"] for v in versions), default=0),
+                artifact_id,
+                status,
+                time.time(),
+                source,
+                evaluation,
+                kernel_build,
+                extra,
+            )
             versions.append(version.to_json())
             self._event(state, "register", version, reason)
             return version
@@ -168,7 +206,9 @@ class Registry:
             current = state["aliases"].get(alias)
             current_ref = f"{current['name']}:{current['version']}" if current else None
             if expected != "any" and expected != current_ref:
-                raise ConflictError(f"alias {alias} names {current_ref}, not {expected}: someone moved it; re-read and retry")
+                raise ConflictError(
+                    f"alias {alias} names {current_ref}, not {expected}: someone moved it; re-read and retry"
+                )
             if ref is None:
                 state["aliases"].pop(alias, None)
                 self._event(state, f"alias:{alias}", None, reason, alias_from=current_ref, alias_to=None)
@@ -181,6 +221,7 @@ class Registry:
 
     def promote(self, ref: str, reason: str) -> None:
         """`previous` <- production, `production` <- ref, canary alias cleared; statuses follow. One write."""
+
         def change(state: dict) -> None:
             version = _lookup(state, ref)
             old = state["aliases"].get("production")
@@ -191,16 +232,26 @@ class Registry:
                 state["aliases"]["previous"] = old
                 _store_version(state, old_version, "retired")
             state["aliases"]["production"] = {"name": version.name, "version": version.version}
-            if (canary := state["aliases"].get("canary")) and (canary["name"], canary["version"]) == (version.name, version.version):
+            if (canary := state["aliases"].get("canary")) and (canary["name"], canary["version"]) == (
+                version.name,
+                version.version,
+            ):
                 state["aliases"].pop("canary")
             _store_version(state, version, "production")
-            self._event(state, "promote", version, reason,
-                        alias_from=f"{old['name']}:{old['version']}" if old else None, alias_to=version.ref)
+            self._event(
+                state,
+                "promote",
+                version,
+                reason,
+                alias_from=f"{old['name']}:{old['version']}" if old else None,
+                alias_to=version.ref,
+            )
 
         self.update(change, f"promoting {ref}")
 
     def rollback(self, reason: str) -> Version:
         """Undo the last promotion: `previous` serves again as production; the demoted version is rolled_back."""
+
         def change(state: dict) -> Version:
             prev, prod = state["aliases"].get("previous"), state["aliases"].get("production")
             if not prev:
@@ -211,8 +262,14 @@ class Registry:
             state["aliases"]["production"] = prev
             state["aliases"].pop("previous")
             _store_version(state, back, "production")
-            self._event(state, "rollback", back, reason,
-                        alias_from=f"{prod['name']}:{prod['version']}" if prod else None, alias_to=back.ref)
+            self._event(
+                state,
+                "rollback",
+                back,
+                reason,
+                alias_from=f"{prod['name']}:{prod['version']}" if prod else None,
+                alias_to=back.ref,
+            )
             return _lookup(state, back.ref)
 
         return self.update(change, "rolling back")
@@ -230,8 +287,10 @@ class Registry:
             if attached == artifact_id:
                 return version
             if attached:
-                raise ConflictError(f"{version.ref} already has the serving bundle {attached}; a version's bundle is "
-                                    f"set once (rollbacks redeploy it byte for byte), so {artifact_id} is not attached")
+                raise ConflictError(
+                    f"{version.ref} already has the serving bundle {attached}; a version's bundle is "
+                    f"set once (rollbacks redeploy it byte for byte), so {artifact_id} is not attached"
+                )
             for doc in state["models"][version.name]:
                 if doc["version"] == version.version:
                     doc["extra"] = {**(doc.get("extra") or {}), "bundle": artifact_id}
@@ -242,15 +301,24 @@ class Registry:
 
     def note(self, ref: str, action: str, reason: str, **fields) -> None:
         """An event about a version that changes nothing else (a canary step's analysis, a pause)."""
+
         def change(state: dict) -> None:
             self._event(state, action, _lookup(state, ref), reason, **fields)
 
         self.update(change, f"noting {action} for {ref}")
 
     def _event(self, state: dict, action: str, version: Version | None, reason: str, **fields) -> None:
-        state["events"].append({"time": time.time(), "actor": self.actor, "action": action,
-                                "name": version.name if version else None, "version": version.version if version else None,
-                                "reason": reason, **{k: v for k, v in fields.items() if v is not None}})
+        state["events"].append(
+            {
+                "time": time.time(),
+                "actor": self.actor,
+                "action": action,
+                "name": version.name if version else None,
+                "version": version.version if version else None,
+                "reason": reason,
+                **{k: v for k, v in fields.items() if v is not None},
+            }
+        )
 
 
 def _check_status(status: str) -> None:
@@ -285,7 +353,9 @@ def _lookup(state: dict, ref: str) -> Version:
     for doc in versions:
         if doc["version"] == number:
             return Version.from_json(doc)
-    raise ModelReferenceError(f"{name} has no version {number} (versions: {', '.join(str(v['version']) for v in versions)})")
+    raise ModelReferenceError(
+        f"{name} has no version {number} (versions: {', '.join(str(v['version']) for v in versions)})"
+    )
 
 
 def is_registry_ref(ref: str) -> bool:

@@ -25,9 +25,20 @@ ACTIVE = ("gating", "canary", "paused", "pause_requested", "abort_requested")
 
 def new_release(name: str, version: int, artifact_id: str, steps: list[int]) -> dict:
     now = time.time()
-    return {"schema": SCHEMA, "id": f"{name.replace('/', '--')}-{version}-{uuid.uuid4().hex[:8]}", "name": name,
-            "version": version, "ref": f"{name}:{version}", "artifact_id": artifact_id, "steps": steps, "step_index": 0,
-            "status": "gating", "created": now, "updated": now, "log": []}
+    return {
+        "schema": SCHEMA,
+        "id": f"{name.replace('/', '--')}-{version}-{uuid.uuid4().hex[:8]}",
+        "name": name,
+        "version": version,
+        "ref": f"{name}:{version}",
+        "artifact_id": artifact_id,
+        "steps": steps,
+        "step_index": 0,
+        "status": "gating",
+        "created": now,
+        "updated": now,
+        "log": [],
+    }
 
 
 class ReleaseStore:
@@ -36,8 +47,10 @@ class ReleaseStore:
 
     def create(self, doc: dict) -> dict:
         if (active := self.active()) is not None:
-            raise ConflictError(f"release {active['id']} of {active['ref']} is {active['status']}: finish it first "
-                                f"(`ryz release resume`, `promote` or `abort`)")
+            raise ConflictError(
+                f"release {active['id']} of {active['ref']} is {active['status']}: finish it first "
+                f"(`ryz release resume`, `promote` or `abort`)"
+            )
         self.store.write_document(PREFIX + doc["id"], doc, None)
         return doc
 
@@ -46,7 +59,9 @@ class ReleaseStore:
         if doc is None:
             raise ModelReferenceError(f"no release {release_id!r}; `ryz release status` shows the latest")
         if doc.get("schema") != SCHEMA:
-            raise SchemaVersionError(f"release {release_id} has schema {doc.get('schema')!r}; this version reads {SCHEMA}")
+            raise SchemaVersionError(
+                f"release {release_id} has schema {doc.get('schema')!r}; this version reads {SCHEMA}"
+            )
         return doc
 
     def all(self) -> list[dict]:
@@ -78,10 +93,12 @@ class ReleaseStore:
     def log(self, release_id: str, event: str, reason: str, **fields) -> dict:
         def change(doc):
             doc["log"].append({"time": time.time(), "event": event, "reason": reason, **fields})
+
         return self.update(release_id, change)
 
     def set_status(self, release_id: str, status: str, reason: str, **fields) -> dict:
         def change(doc):
             doc["status"] = status
             doc["log"].append({"time": time.time(), "event": status, "reason": reason, **fields})
+
         return self.update(release_id, change)

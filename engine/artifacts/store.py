@@ -27,32 +27,39 @@ from urllib.parse import unquote, urlparse
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from engine.errors import (
+    AmbiguousReferenceError,
+    ArtifactNotFoundError,
+    ConflictError,
+    IntegrityError,
+    SchemaVersionError,
+    StoreError,
+)
 from engine.fsutil import file_lock
-from engine.errors import (AmbiguousReferenceError, ArtifactNotFoundError, ConflictError, IntegrityError,
-                           SchemaVersionError, StoreError)
 from engine.settings import Settings, get_settings
 
 ARTIFACT_ID_RE = re.compile(r"sha256:[0-9a-f]{64}")
 SCHEMA = 1
-MIN_PREFIX = 12                    # hex digits a reference prefix must have
-CHUNK = 1 << 20                    # streaming read size
-MULTIPART_THRESHOLD = 64 << 20     # S3: one PUT below this size, a multipart upload at or above it
-MULTIPART_CHUNKSIZE = 64 << 20     # S3 part size (S3 requires >= 5 MiB)
-CAS_ATTEMPTS = 10                  # update_manifest retries when a concurrent update wins
+MIN_PREFIX = 12  # hex digits a reference prefix must have
+CHUNK = 1 << 20  # streaming read size
+MULTIPART_THRESHOLD = 64 << 20  # S3: one PUT below this size, a multipart upload at or above it
+MULTIPART_CHUNKSIZE = 64 << 20  # S3 part size (S3 requires >= 5 MiB)
+CAS_ATTEMPTS = 10  # update_manifest retries when a concurrent update wins
 
-_IDENTITY_KEYS = ("schema", "artifact_id", "kind", "size", "created")   # set by the store, never by callers
-_TMP = ".tmp-"                     # temp-file prefix; never listed
-_VERIFIED: dict[str, tuple[int, int]] = {}   # local blob path -> (size, mtime_ns) that hashed correctly
+_IDENTITY_KEYS = ("schema", "artifact_id", "kind", "size", "created")  # set by the store, never by callers
+_TMP = ".tmp-"  # temp-file prefix; never listed
+_VERIFIED: dict[str, tuple[int, int]] = {}  # local blob path -> (size, mtime_ns) that hashed correctly
 
 Progress = Callable[[int], None]
 
 
 # --- helpers ----------------------------------------------------------------------------------------
 
+
 def _hex(artifact_id: str) -> str:
     if not isinstance(artifact_id, str) or not ARTIFACT_ID_RE.fullmatch(artifact_id):
         raise ValueError(f"not an artifact id: {artifact_id!r} (expected sha256:<64 hex>; resolve() takes prefixes)")
-    return artifact_id[len("sha256:"):]
+    return artifact_id[len("sha256:") :]
 
 
 def _blob_rel(hex_: str) -> str:
@@ -67,10 +74,15 @@ def _doc_rel(key: str, prefix: bool = False) -> str:
     """`documents/<key>`; a prefix may end in '/' or mid-name. Rejects absolute, '..' and hidden parts."""
     parts = key.split("/") if isinstance(key, str) else [""]
     must_be_named = parts[:-1] if prefix else parts
-    if (any(not p for p in must_be_named) or (not prefix and not key)
-            or any(p.startswith(".") or "\\" in p or "\0" in p for p in parts)):
-        raise ValueError(f"invalid document key {key!r}: use relative names like 'registry/aliases' "
-                         "(no absolute paths, empty parts, '..' or parts starting with '.')")
+    if (
+        any(not p for p in must_be_named)
+        or (not prefix and not key)
+        or any(p.startswith(".") or "\\" in p or "\0" in p for p in parts)
+    ):
+        raise ValueError(
+            f"invalid document key {key!r}: use relative names like 'registry/aliases' "
+            "(no absolute paths, empty parts, '..' or parts starting with '.')"
+        )
     return f"documents/{key}"
 
 
@@ -101,8 +113,10 @@ def _extra(extra: dict | None, current: dict) -> dict:
     same values, never change them. Checked before anything is written."""
     extra = dict(extra or {})
     if changed := sorted(k for k in _IDENTITY_KEYS if k in extra and extra[k] != current.get(k)):
-        raise ValueError(f"manifest keys {changed} are set by the store and cannot be given other values "
-                         f"(store: { {k: current.get(k) for k in changed} }); drop them from the extra fields")
+        raise ValueError(
+            f"manifest keys {changed} are set by the store and cannot be given other values "
+            f"(store: { {k: current.get(k) for k in changed} }); drop them from the extra fields"
+        )
     _dumps(extra)  # fail early if a value is not JSON
     return extra
 
@@ -119,6 +133,7 @@ def _stat_key(path: Path) -> tuple[int, int]:
 
 
 # --- the interface ----------------------------------------------------------------------------------
+
 
 class ArtifactStore(ABC):
     """Artifacts (blob + manifest) and compare-and-swap documents. Backends implement the `_` primitives on
@@ -158,8 +173,7 @@ class ArtifactStore(ABC):
         """A local file holding the artifact's bytes (verify: hashed once per (size, mtime))."""
 
     # artifacts
-    def put_file(self, path: Path, kind: str, manifest: dict | None = None,
-                 progress: Progress | None = None) -> str:
+    def put_file(self, path: Path, kind: str, manifest: dict | None = None, progress: Progress | None = None) -> str:
         """Store a file's bytes (streamed) and its manifest; returns "sha256:<hex>". Re-putting the same bytes
         is a no-op that keeps the first manifest. progress(n) gets byte increments as bytes are stored."""
         path = Path(path)
@@ -177,8 +191,14 @@ class ArtifactStore(ABC):
     def _add_manifest(self, hex_: str, kind: str, size: int, extra: dict) -> str:
         artifact_id = f"sha256:{hex_}"
         if not self._exists(_manifest_rel(hex_)):
-            doc = {"schema": SCHEMA, "artifact_id": artifact_id, "kind": kind, "size": size,
-                   "created": datetime.now(timezone.utc).isoformat(timespec="microseconds"), **extra}
+            doc = {
+                "schema": SCHEMA,
+                "artifact_id": artifact_id,
+                "kind": kind,
+                "size": size,
+                "created": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+                **extra,
+            }
             try:
                 self._write_cas(_manifest_rel(hex_), _dumps(doc), None)
             except ConflictError:
@@ -189,11 +209,14 @@ class ArtifactStore(ABC):
         """Full id or a unique prefix of >= 12 hex digits (with or without "sha256:") -> full id."""
         hex_ = str(ref).strip().lower().removeprefix("sha256:")
         if not re.fullmatch(r"[0-9a-f]{1,64}", hex_):
-            raise ValueError(f"{ref!r} is not an artifact id or prefix: expected sha256:<64 hex> "
-                             f"or at least {MIN_PREFIX} hex digits")
+            raise ValueError(
+                f"{ref!r} is not an artifact id or prefix: expected sha256:<64 hex> or at least {MIN_PREFIX} hex digits"
+            )
         if len(hex_) < MIN_PREFIX:
-            raise ValueError(f"artifact prefix {ref!r} is too short: give at least {MIN_PREFIX} hex digits "
-                             f"(it has {len(hex_)}) or the full sha256:<64 hex> id")
+            raise ValueError(
+                f"artifact prefix {ref!r} is too short: give at least {MIN_PREFIX} hex digits "
+                f"(it has {len(hex_)}) or the full sha256:<64 hex> id"
+            )
         if len(hex_) == 64:
             matches = [hex_] if self._exists(_manifest_rel(hex_)) else []
         else:
@@ -202,8 +225,9 @@ class ArtifactStore(ABC):
             raise ArtifactNotFoundError(f"no artifact matches {ref!r} in {self.url}")
         if len(matches) > 1:
             shown = ", ".join(f"sha256:{h}" for h in matches[:10]) + (" ..." if len(matches) > 10 else "")
-            raise AmbiguousReferenceError(f"{ref!r} matches {len(matches)} artifacts in {self.url}: {shown}; "
-                                          "give more hex digits")
+            raise AmbiguousReferenceError(
+                f"{ref!r} matches {len(matches)} artifacts in {self.url}: {shown}; give more hex digits"
+            )
         return f"sha256:{matches[0]}"
 
     def _ids(self, hex_prefix: str) -> list[str]:
@@ -224,11 +248,14 @@ class ArtifactStore(ABC):
         try:
             doc = json.loads(data)
         except ValueError as e:
-            raise StoreError(f"manifest of {artifact_id} in {self.url} is not valid JSON ({e}); "
-                             "re-run the step that produced it") from e
+            raise StoreError(
+                f"manifest of {artifact_id} in {self.url} is not valid JSON ({e}); re-run the step that produced it"
+            ) from e
         if doc.get("schema") != SCHEMA:
-            raise SchemaVersionError(f"manifest of {artifact_id} in {self.url} has schema {doc.get('schema')!r}; "
-                                     f"this Ryzanstein reads schema {SCHEMA} only: upgrade Ryzanstein to read it")
+            raise SchemaVersionError(
+                f"manifest of {artifact_id} in {self.url} has schema {doc.get('schema')!r}; "
+                f"this Ryzanstein reads schema {SCHEMA} only: upgrade Ryzanstein to read it"
+            )
         return doc
 
     def update_manifest(self, artifact_id: str, extra: dict) -> dict:
@@ -245,8 +272,10 @@ class ArtifactStore(ABC):
                 return doc
             except ConflictError:
                 continue
-        raise ConflictError(f"manifest of {artifact_id} in {self.url} changed under {CAS_ATTEMPTS} update "
-                            "attempts in a row; retry later")
+        raise ConflictError(
+            f"manifest of {artifact_id} in {self.url} changed under {CAS_ATTEMPTS} update "
+            "attempts in a row; retry later"
+        )
 
     def list_artifacts(self, kind: str | None = None) -> list[dict]:
         """Manifests, newest first."""
@@ -302,24 +331,26 @@ class ArtifactStore(ABC):
 
     def list_documents(self, prefix: str = "") -> list[str]:
         rels = self._list(_doc_rel(prefix, prefix=True))
-        return sorted(r[len("documents/"):-len(".json")] for r in rels if r.endswith(".json"))
+        return sorted(r[len("documents/") : -len(".json")] for r in rels if r.endswith(".json"))
 
     # messages
     def _corrupt(self, artifact_id: str, actual: str) -> IntegrityError:
-        return IntegrityError(f"sha256 mismatch for {artifact_id} in {self.url}: stored bytes hash to "
-                              f"sha256:{actual}; the blob is corrupt — delete it with `ryz gc` or re-run the "
-                              "step that produced it")
+        return IntegrityError(
+            f"sha256 mismatch for {artifact_id} in {self.url}: stored bytes hash to "
+            f"sha256:{actual}; the blob is corrupt — delete it with `ryz gc` or re-run the "
+            "step that produced it"
+        )
 
     def _conflict(self, rel: str, expected: str | None) -> ConflictError:
         what = "already exists" if expected is None else f"no longer has etag {expected}"
-        return ConflictError(f"{rel} in {self.url} {what}: another writer changed it first; "
-                             "re-read it and retry")
+        return ConflictError(f"{rel} in {self.url} {what}: another writer changed it first; re-read it and retry")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
 
 
 # --- local directory --------------------------------------------------------------------------------
+
 
 class FileStore(ArtifactStore):
     """A local directory. Writes go to a temp file on the same filesystem, then os.replace. Compare-and-swap
@@ -358,7 +389,7 @@ class FileStore(ArtifactStore):
         tmp_dir.mkdir(parents=True, exist_ok=True)
         tmp = tmp_dir / f"{_TMP}{secrets.token_hex(8)}"
         try:
-            with (open(src, "rb") if isinstance(src, Path) else io.BytesIO(src)) as f, open(tmp, "xb") as out:
+            with open(src, "rb") if isinstance(src, Path) else io.BytesIO(src) as f, open(tmp, "xb") as out:
                 hex_, size = _copy_hashing(f, out, progress)  # one pass: hash exactly what is written
                 out.flush()
                 os.fsync(out.fileno())
@@ -477,8 +508,9 @@ class S3Store(ArtifactStore):
                     msg = f"cannot use S3 bucket {self.bucket!r} at {where}: {e}"
                 raise StoreError(f"{msg}, or fix RYZ_STORE (now {self.url}) / RYZ_S3_ENDPOINT_URL") from e
             except BotoCoreError as e:
-                raise StoreError(f"cannot reach S3 at {where} for {self.url}: {e}; check RYZ_S3_ENDPOINT_URL "
-                                 "and the AWS credentials") from e
+                raise StoreError(
+                    f"cannot reach S3 at {where} for {self.url}: {e}; check RYZ_S3_ENDPOINT_URL and the AWS credentials"
+                ) from e
             self._bucket_ok = True
         return self._s3
 
@@ -490,8 +522,7 @@ class S3Store(ArtifactStore):
         except ClientError as e:
             raise StoreError(f"S3 error while {what} in {self.url}: {e}") from e
         except BotoCoreError as e:
-            raise StoreError(f"S3 failure while {what} in {self.url} (endpoint {self.endpoint or 'AWS'}): "
-                             f"{e}") from e
+            raise StoreError(f"S3 failure while {what} in {self.url} (endpoint {self.endpoint or 'AWS'}): {e}") from e
 
     def _key(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel
@@ -518,8 +549,9 @@ class S3Store(ArtifactStore):
                 if isinstance(src, Path):
                     self._client.upload_file(str(src), self.bucket, self._key(rel), Config=config, Callback=progress)
                 else:
-                    self._client.upload_fileobj(io.BytesIO(src), self.bucket, self._key(rel), Config=config,
-                                                Callback=progress)
+                    self._client.upload_fileobj(
+                        io.BytesIO(src), self.bucket, self._key(rel), Config=config, Callback=progress
+                    )
             except S3UploadFailedError as e:
                 raise StoreError(f"upload of sha256:{hex_} to {self.url} failed: {e}") from e
         # s3transfer returns normally (after aborting) when a BaseException escapes a worker thread, and the
@@ -529,8 +561,11 @@ class S3Store(ArtifactStore):
         if changed or stored != size:
             if stored is not None:
                 self._delete(rel)
-            problem = (f"{src} changed while it was being stored" if changed else
-                       f"upload of sha256:{hex_} to {self.url} did not complete ({stored or 0} of {size} bytes)")
+            problem = (
+                f"{src} changed while it was being stored"
+                if changed
+                else f"upload of sha256:{hex_} to {self.url} did not complete ({stored or 0} of {size} bytes)"
+            )
             raise StoreError(f"{problem}; nothing was kept: store it again")
         return hex_, size
 
@@ -554,8 +589,9 @@ class S3Store(ArtifactStore):
         condition = {"IfNoneMatch": "*"} if expected_etag is None else {"IfMatch": expected_etag}
         with self._errors(f"writing {rel}"):
             try:
-                resp = self._client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data,
-                                               ContentType="application/json", **condition)
+                resp = self._client.put_object(
+                    Bucket=self.bucket, Key=self._key(rel), Body=data, ContentType="application/json", **condition
+                )
             except ClientError as e:
                 if _code(e) in _CONFLICT or (expected_etag is not None and _code(e) in _MISSING):
                     raise self._conflict(rel, expected_etag) from e
@@ -581,8 +617,9 @@ class S3Store(ArtifactStore):
     def _list(self, rel_prefix: str) -> list[str]:
         strip = len(self._key(""))
         with self._errors(f"listing {rel_prefix}"):
-            pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
-                                                                          Prefix=self._key(rel_prefix))
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key(rel_prefix)
+            )
             return [obj["Key"][strip:] for page in pages for obj in page.get("Contents", [])]
 
     def _delete(self, rel: str) -> None:
@@ -616,5 +653,6 @@ def open_store(url: str | None = None, settings: Settings | None = None) -> Arti
         return FileStore(url, settings)
     if scheme == "s3":
         return S3Store(url, settings)
-    raise ValueError(f"unsupported artifact store URL {url!r}: use file:///absolute/path or s3://bucket/prefix "
-                     "(RYZ_STORE)")
+    raise ValueError(
+        f"unsupported artifact store URL {url!r}: use file:///absolute/path or s3://bucket/prefix (RYZ_STORE)"
+    )

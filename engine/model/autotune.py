@@ -24,10 +24,10 @@ from engine.model.native import Library, NativeModel
 from engine.model.shapes import Shape, get_shape
 
 TOKEN_TILES = (1, 2, 3, 4, 5, 6)  # the kernels cap the tile at 6 (x86) or 4 (NEON)
-DEFAULT_TOKEN_TILE = 6      # native/src/forward.cpp passes 0 -> the kernel family default (6 on AVX-512)
+DEFAULT_TOKEN_TILE = 6  # native/src/forward.cpp passes 0 -> the kernel family default (6 on AVX-512)
 DECODE_TOKENS = 1
 PREFILL_TOKENS = 64
-TUNE_VOCAB = 256            # the synthetic model's vocabulary: the head must not dominate the timing
+TUNE_VOCAB = 256  # the synthetic model's vocabulary: the head must not dominate the timing
 MAX_TUNE_LAYERS = 16
 
 
@@ -40,7 +40,7 @@ class TuneShape:
     kv_heads: int
     head_dim: int
     ffn: int
-    layers: int = 0     # the model's layer count (0: unknown); decides how many the sweep runs, not the signature
+    layers: int = 0  # the model's layer count (0: unknown); decides how many the sweep runs, not the signature
 
     @property
     def signature(self) -> str:
@@ -49,9 +49,15 @@ class TuneShape:
     def linears(self) -> dict[str, tuple[int, int]]:
         """GGUF stem -> (rows, cols) of one layer's ternary linears."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {"attn_q": (q, self.hidden), "attn_k": (kv, self.hidden), "attn_v": (kv, self.hidden),
-                "attn_output": (self.hidden, q), "ffn_gate": (self.ffn, self.hidden), "ffn_up": (self.ffn, self.hidden),
-                "ffn_down": (self.hidden, self.ffn)}
+        return {
+            "attn_q": (q, self.hidden),
+            "attn_k": (kv, self.hidden),
+            "attn_v": (kv, self.hidden),
+            "attn_output": (self.hidden, q),
+            "ffn_gate": (self.ffn, self.hidden),
+            "ffn_up": (self.ffn, self.hidden),
+            "ffn_down": (self.hidden, self.ffn),
+        }
 
     @classmethod
     def from_shape(cls, shape: Shape) -> TuneShape:
@@ -100,6 +106,7 @@ class _Clock:
 
     def measure(self, fn: Callable[[], Any], setup: Callable[[], Any] | None = None) -> tuple[float, float, int]:
         """(median s, min s, repeats)."""
+
         def once() -> float:
             if setup:
                 setup()
@@ -126,9 +133,21 @@ def write_tuning_model(path: str | Path, shape: TuneShape, layers: int = 1, seed
     """A random GGUF with `shape`'s linears (every layer the same weights) and a tiny vocabulary: what the knob
     sweep runs."""
     rng = np.random.default_rng(seed)
-    hp = Hyperparams(hidden=shape.hidden, layers=layers, heads=shape.heads, kv_heads=shape.kv_heads, head_dim=shape.head_dim,
-                     ffn=shape.ffn, vocab=TUNE_VOCAB, context=PREFILL_TOKENS * 2, rope_theta=500000.0, rms_eps=1e-5,
-                     ffn_act="relu2", sub_norms=True, tied=True)
+    hp = Hyperparams(
+        hidden=shape.hidden,
+        layers=layers,
+        heads=shape.heads,
+        kv_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
+        ffn=shape.ffn,
+        vocab=TUNE_VOCAB,
+        context=PREFILL_TOKENS * 2,
+        rope_theta=500000.0,
+        rms_eps=1e-5,
+        ffn_act="relu2",
+        sub_norms=True,
+        tied=True,
+    )
     path = Path(path)
     writer = gguf.GGUFWriter(path, hp.arch)
     add_hyperparams(writer, hp)
@@ -139,8 +158,16 @@ def write_tuning_model(path: str | Path, shape: TuneShape, layers: int = 1, seed
     embd = rng.standard_normal((hp.vocab, hp.hidden), dtype=np.float32) * 0.02
     add("token_embd.weight", quants.quantize(embd, "q8_0").view(np.uint8).reshape(hp.vocab, -1), "q8_0")
     add("output_norm.weight", np.ones(hp.hidden, np.float32), "f32")
-    norms = {"attn_norm": hp.hidden, "ffn_norm": hp.hidden, "attn_sub_norm": hp.heads * hp.head_dim, "ffn_sub_norm": hp.ffn}
-    linears = {stem: quants.pack_ternary(_random_codes(rng, rows, cols), "tq2_0") for stem, (rows, cols) in shape.linears().items()}
+    norms = {
+        "attn_norm": hp.hidden,
+        "ffn_norm": hp.hidden,
+        "attn_sub_norm": hp.heads * hp.head_dim,
+        "ffn_sub_norm": hp.ffn,
+    }
+    linears = {
+        stem: quants.pack_ternary(_random_codes(rng, rows, cols), "tq2_0")
+        for stem, (rows, cols) in shape.linears().items()
+    }
     for layer in range(layers):
         for stem, n in norms.items():
             add(tensor_name(layer, stem), np.ones(n, np.float32), "f32")
@@ -176,9 +203,20 @@ def _kernel_table(library: Library, shape: TuneShape, clock: _Clock, rng: np.ran
                 return rows_out
             act = rng.integers(-127, 128, size=(n, cols), dtype=np.int8)
             median, best, repeats = clock.measure(lambda: library.ternary_gemm(packed, rows, cols, act))
-            rows_out.append({"linears": stems, "rows": rows, "cols": cols, "n_tokens": n, "threads": 1,
-                             "median_us": round(median * 1e6, 1), "min_us": round(best * 1e6, 1), "repeats": repeats,
-                             "gbps": round(packed.nbytes / median / 1e9, 3), "gmacs": round(rows * cols * n / median / 1e9, 3)})
+            rows_out.append(
+                {
+                    "linears": stems,
+                    "rows": rows,
+                    "cols": cols,
+                    "n_tokens": n,
+                    "threads": 1,
+                    "median_us": round(median * 1e6, 1),
+                    "min_us": round(best * 1e6, 1),
+                    "repeats": repeats,
+                    "gbps": round(packed.nbytes / median / 1e9, 3),
+                    "gmacs": round(rows * cols * n / median / 1e9, 3),
+                }
+            )
     return rows_out
 
 
@@ -187,8 +225,15 @@ def _layer_bytes(library: Library, shape: TuneShape) -> int:
     return sum(int(library.lib.ryz_ternary_packed_bytes(r, c)) for r, c in shape.linears().values())
 
 
-def _knob_table(library: Library, shape: TuneShape, layers: int, thread_counts: list[int], clock: _Clock,
-                rng: np.random.Generator, work: Path) -> list[dict]:
+def _knob_table(
+    library: Library,
+    shape: TuneShape,
+    layers: int,
+    thread_counts: list[int],
+    clock: _Clock,
+    rng: np.random.Generator,
+    work: Path,
+) -> list[dict]:
     """A synthetic model's forward (NativeModel.forward_batch) per (threads, token tile) at 64 tokens, and at
     1 token per thread count (the tile cannot matter for one token), in time per layer. Most threads first:
     if the budget runs out, the configurations a server would use are the ones measured."""
@@ -205,17 +250,35 @@ def _knob_table(library: Library, shape: TuneShape, layers: int, thread_counts: 
                 return out
             # the tile is a context setting: one model per (threads, tile), closed before the next so no idle
             # pool spins beside the one being timed; loading and repacking take milliseconds
-            model = NativeModel(model_path, library, threads=threads, max_seqs=1, max_positions=PREFILL_TOKENS * 2,
-                                kv_type="f16", token_tile=tile)
+            model = NativeModel(
+                model_path,
+                library,
+                threads=threads,
+                max_seqs=1,
+                max_positions=PREFILL_TOKENS * 2,
+                kv_type="f16",
+                token_tile=tile,
+            )
             try:
-                for n in ((DECODE_TOKENS, PREFILL_TOKENS) if tile == DEFAULT_TOKEN_TILE else (PREFILL_TOKENS,)):
+                for n in (DECODE_TOKENS, PREFILL_TOKENS) if tile == DEFAULT_TOKEN_TILE else (PREFILL_TOKENS,):
                     batch, seqs = tokens[:n], np.zeros(n, np.int32)
-                    median, best, repeats = clock.measure(lambda: model.forward_batch(batch, seqs), setup=lambda: model.new_cache(0))
+                    median, best, repeats = clock.measure(
+                        lambda: model.forward_batch(batch, seqs), setup=lambda: model.new_cache(0)
+                    )
                     median, best = median / layers, best / layers
-                    out.append({"phase": "decode" if n == DECODE_TOKENS else "prefill", "n_tokens": n, "threads": threads,
-                                "gemm_token_tile": tile if n > 1 else None, "median_us": round(median * 1e6, 1),
-                                "min_us": round(best * 1e6, 1), "repeats": repeats, "gbps": round(layer_bytes / median / 1e9, 3),
-                                "gmacs": round(layer_macs * n / median / 1e9, 3)})
+                    out.append(
+                        {
+                            "phase": "decode" if n == DECODE_TOKENS else "prefill",
+                            "n_tokens": n,
+                            "threads": threads,
+                            "gemm_token_tile": tile if n > 1 else None,
+                            "median_us": round(median * 1e6, 1),
+                            "min_us": round(best * 1e6, 1),
+                            "repeats": repeats,
+                            "gbps": round(layer_bytes / median / 1e9, 3),
+                            "gmacs": round(layer_macs * n / median / 1e9, 3),
+                        }
+                    )
             finally:
                 model.close()
     return out
@@ -230,13 +293,25 @@ def _winner(knobs: list[dict]) -> dict:
         winner.update(threads_decode=best["threads"], decode_layer_us=best["median_us"], decode_gbps=best["gbps"])
     if prefill:
         best = min(prefill, key=lambda r: r["median_us"])
-        winner.update(gemm_token_tile=best["gemm_token_tile"], threads_prefill=best["threads"],
-                      prefill_layer_us=best["median_us"], prefill_gmacs=best["gmacs"])
+        winner.update(
+            gemm_token_tile=best["gemm_token_tile"],
+            threads_prefill=best["threads"],
+            prefill_layer_us=best["median_us"],
+            prefill_gmacs=best["gmacs"],
+        )
     return winner
 
 
-def autotune(library: Library, model: str | Path | TuneShape | Shape | None = None, threads: int | None = None, *,
-             budget_s: float = 30.0, record: bool = True, progress: Progress = print_to_stderr, seed: int = 0) -> dict:
+def autotune(
+    library: Library,
+    model: str | Path | TuneShape | Shape | None = None,
+    threads: int | None = None,
+    *,
+    budget_s: float = 30.0,
+    record: bool = True,
+    progress: Progress = print_to_stderr,
+    seed: int = 0,
+) -> dict:
     """Time the tuning knobs on a model's linear shapes; record the table and winner in the build manifest.
 
     `model`: a GGUF path, a Shape/TuneShape, or None for bitnet-2b4t. Two tables: the single-threaded
@@ -261,7 +336,13 @@ def autotune(library: Library, model: str | Path | TuneShape | Shape | None = No
     truncated = kernel_clock.truncated or knob_clock.truncated
     entry = {
         "signature": shape.signature,
-        "shape": {"hidden": shape.hidden, "heads": shape.heads, "kv_heads": shape.kv_heads, "head_dim": shape.head_dim, "ffn": shape.ffn},
+        "shape": {
+            "hidden": shape.hidden,
+            "heads": shape.heads,
+            "kv_heads": shape.kv_heads,
+            "head_dim": shape.head_dim,
+            "ffn": shape.ffn,
+        },
         "source": source,
         "isa": library.isa,
         "linears": {stem: list(dims) for stem, dims in shape.linears().items()},
@@ -279,8 +360,10 @@ def autotune(library: Library, model: str | Path | TuneShape | Shape | None = No
     if record and (library.path.parent / MANIFEST_NAME).is_file():
         record_autotune(library.path.parent, entry)
     w = entry["winner"]
-    progress(f"autotune winner: token tile {w.get('gemm_token_tile')}, threads decode {w.get('threads_decode')} / "
-             f"prefill {w.get('threads_prefill')} ({entry['seconds']:.1f} s{', truncated' if truncated else ''})")
+    progress(
+        f"autotune winner: token tile {w.get('gemm_token_tile')}, threads decode {w.get('threads_decode')} / "
+        f"prefill {w.get('threads_prefill')} ({entry['seconds']:.1f} s{', truncated' if truncated else ''})"
+    )
     return entry
 
 
@@ -304,7 +387,9 @@ def token_tile_for(library: Library, model: str | Path | TuneShape) -> int:
     TuneShape when the caller has read the file already); 0 (the kernel default) when the build was not tuned on it."""
     try:
         manifest = read_manifest(Path(library.path).parent)
-        return int(((tuned_parameters(manifest, model, library.isa) if manifest else None) or {}).get("gemm_token_tile") or 0)
+        return int(
+            ((tuned_parameters(manifest, model, library.isa) if manifest else None) or {}).get("gemm_token_tile") or 0
+        )
     except (OSError, ValueError, KeyError, RyzError):  # tuning is optional: an unreadable record means defaults
         return 0
 

@@ -40,7 +40,7 @@ SCHEMA = 1
 NATIVE_DIR = Path(__file__).resolve().parents[2] / "native"
 SOURCE_PARTS = ("CMakeLists.txt", "include", "src", "kernels", "tests")  # what the build reads
 MIN_CMAKE = (3, 25)
-COMPILERS = ("c++", "g++", "clang++")          # cmake's own search order, minus exotic names
+COMPILERS = ("c++", "g++", "clang++")  # cmake's own search order, minus exotic names
 LIBRARY_NAME = "libryz.dylib" if sys.platform == "darwin" else "libryz.so"
 TESTS_NAME = "ryz_native_tests"
 MANIFEST_NAME = "build.json"
@@ -55,6 +55,7 @@ def print_to_stderr(message: str) -> None:
 
 # --- sources, toolchain, key ----------------------------------------------------------------------
 
+
 def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -67,7 +68,9 @@ def _source_files(native_dir: Path) -> Iterator[Path]:
         elif path.is_dir():
             for dirpath, dirnames, filenames in os.walk(path):
                 # build trees and editor/VCS leftovers never count as sources
-                dirnames[:] = [d for d in dirnames if not (d.startswith((".", "build", "cmake-build")) or d == "__pycache__")]
+                dirnames[:] = [
+                    d for d in dirnames if not (d.startswith((".", "build", "cmake-build")) or d == "__pycache__")
+                ]
                 for name in filenames:
                     if not (name.startswith(".") or name.endswith(("~", ".swp", ".orig", ".rej", ".o", ".so"))):
                         yield Path(dirpath, name)
@@ -77,7 +80,9 @@ def source_hash(native_dir: str | Path | None = None) -> str:
     """sha256 over native/'s sources: sorted relative paths and contents (build dirs excluded)."""
     root = Path(native_dir) if native_dir else NATIVE_DIR
     if not (root / "CMakeLists.txt").is_file():
-        raise BuildError(f"{root} is not the native source tree (no CMakeLists.txt); reinstall Ryzanstein from its source checkout")
+        raise BuildError(
+            f"{root} is not the native source tree (no CMakeLists.txt); reinstall Ryzanstein from its source checkout"
+        )
     h = hashlib.sha256()
     for path in sorted(_source_files(root), key=lambda p: p.relative_to(root).as_posix()):
         data = path.read_bytes()
@@ -90,7 +95,9 @@ def _version_line(exe: str) -> str:
     try:
         out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ToolchainNotFoundError(f"cannot run {exe} --version ({exc}); install a working toolchain: {INSTALL_HINT}") from None
+        raise ToolchainNotFoundError(
+            f"cannot run {exe} --version ({exc}); install a working toolchain: {INSTALL_HINT}"
+        ) from None
     lines = (out.stdout or out.stderr).strip().splitlines()
     return lines[0].strip() if lines else ""
 
@@ -122,7 +129,8 @@ def _find_cmake() -> tuple[str, str]:
     have = f" (found {'; '.join(seen)})" if seen else ""
     raise ToolchainNotFoundError(
         f"CMake >= {'.'.join(map(str, MIN_CMAKE))} is needed to build the native kernels{have}; "
-        f"install it: {INSTALL_HINT}")
+        f"install it: {INSTALL_HINT}"
+    )
 
 
 def _find_compiler(settings: Settings) -> str:
@@ -132,9 +140,12 @@ def _find_compiler(settings: Settings) -> str:
             # absolute, but not through symlinks: clang++ -> clang-14 would drive the link as C, without libstdc++
             return os.path.abspath(found)
     if settings.cxx:
-        raise ToolchainNotFoundError(f"RYZ_CXX={settings.cxx!r} is not an executable on PATH; fix RYZ_CXX or unset it to use c++/g++/clang++")
+        raise ToolchainNotFoundError(
+            f"RYZ_CXX={settings.cxx!r} is not an executable on PATH; fix RYZ_CXX or unset it to use c++/g++/clang++"
+        )
     raise ToolchainNotFoundError(
-        f"no C++ compiler found (looked for {', '.join(COMPILERS)} on PATH) to build the native kernels; install one: {INSTALL_HINT}")
+        f"no C++ compiler found (looked for {', '.join(COMPILERS)} on PATH) to build the native kernels; install one: {INSTALL_HINT}"
+    )
 
 
 def _compiler(settings: Settings) -> dict[str, str]:
@@ -145,29 +156,47 @@ def _compiler(settings: Settings) -> dict[str, str]:
 def compiler_info(settings: Settings | None = None) -> dict[str, str]:
     """The C++ compiler (passed to CMake explicitly, so the key names what really compiles) and CMake."""
     cmake, cmake_line = _find_cmake()
-    return {**_compiler(settings or get_settings()), "cmake": cmake, "cmake_version": ".".join(map(str, _cmake_version(cmake_line)))}
+    return {
+        **_compiler(settings or get_settings()),
+        "cmake": cmake,
+        "cmake_version": ".".join(map(str, _cmake_version(cmake_line))),
+    }
 
 
 def build_flags(source: str, sanitize: bool = False) -> list[str]:
     """The CMake cache entries of a host build (RYZ_SOURCE_HASH is recorded in the library). The test
     executable finds libryz.so next to itself ($ORIGIN), so the build directory can be moved or copied."""
-    return ["-DCMAKE_BUILD_TYPE=Release", f"-DRYZ_SOURCE_HASH={source}", "-DRYZ_BUILD_TESTS=ON",
-            f"-DRYZ_SANITIZE={'ON' if sanitize else 'OFF'}", "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON", "-DCMAKE_INSTALL_RPATH=$ORIGIN"]
+    return [
+        "-DCMAKE_BUILD_TYPE=Release",
+        f"-DRYZ_SOURCE_HASH={source}",
+        "-DRYZ_BUILD_TESTS=ON",
+        f"-DRYZ_SANITIZE={'ON' if sanitize else 'OFF'}",
+        "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
+        "-DCMAKE_INSTALL_RPATH=$ORIGIN",
+    ]
 
 
 def build_key(flags: list[str], source: str, compiler: dict[str, str], fingerprint_id: str) -> str:
     """sha256(sources, flags, compiler, CPU fingerprint)[:16]: equal keys build identical libraries."""
-    return _digest({"source_hash": source, "flags": flags, "cxx": compiler["cxx"], "cxx_version": compiler["cxx_version"],
-                    "fingerprint_id": fingerprint_id})[:16]
+    return _digest(
+        {
+            "source_hash": source,
+            "flags": flags,
+            "cxx": compiler["cxx"],
+            "cxx_version": compiler["cxx_version"],
+            "fingerprint_id": fingerprint_id,
+        }
+    )[:16]
 
 
 # --- the build ------------------------------------------------------------------------------------
+
 
 @dataclass
 class KernelBuild:
     """A finished kernel build: its directory, library, key and manifest."""
 
-    path: Path              # the shared library
+    path: Path  # the shared library
     key: str
     manifest: dict
     cache_hit: bool
@@ -188,7 +217,7 @@ class BuildPlan:
     directory: Path
     flags: list[str]
     source_hash: str
-    compiler: dict[str, str]     # cxx, cxx_version (CMake is found at build time: it does not change the output)
+    compiler: dict[str, str]  # cxx, cxx_version (CMake is found at build time: it does not change the output)
     fingerprint: dict[str, Any]
     native_dir: Path
 
@@ -197,7 +226,9 @@ def kernels_dir(settings: Settings | None = None) -> Path:
     return (settings or get_settings()).cache_dir / "kernels"
 
 
-def plan_build(settings: Settings | None = None, native_dir: str | Path | None = None, sanitize: bool = False) -> BuildPlan:
+def plan_build(
+    settings: Settings | None = None, native_dir: str | Path | None = None, sanitize: bool = False
+) -> BuildPlan:
     """What a build of these sources for this CPU would be called and where it lives (nothing is run but --version)."""
     settings = settings or get_settings()
     root = Path(native_dir).resolve() if native_dir else NATIVE_DIR
@@ -224,8 +255,10 @@ def read_manifest(directory: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     if manifest.get("schema") != SCHEMA:
-        raise SchemaVersionError(f"{directory / MANIFEST_NAME} has schema {manifest.get('schema')!r}; this Ryzanstein reads "
-                                 f"schema {SCHEMA}: upgrade Ryzanstein or rebuild with `ryz build-kernels --force`")
+        raise SchemaVersionError(
+            f"{directory / MANIFEST_NAME} has schema {manifest.get('schema')!r}; this Ryzanstein reads "
+            f"schema {SCHEMA}: upgrade Ryzanstein or rebuild with `ryz build-kernels --force`"
+        )
     return manifest
 
 
@@ -282,18 +315,33 @@ def _compile(plan: BuildPlan, work: Path, progress: Progress, extra_flags: list[
     start = time.perf_counter()
     with open(log_path, "a") as log:
         try:
-            progress(f"configuring (cmake {cmake_version}, {plan.compiler['cxx_version']}{', ' if extra_flags else ''}"
-                     f"{' '.join(extra_flags)})")
-            _run([cmake, "-S", str(plan.native_dir), "-B", str(tree), *generator,
-                  f"-DCMAKE_CXX_COMPILER={plan.compiler['cxx']}", *plan.flags, *extra_flags], log)
+            progress(
+                f"configuring (cmake {cmake_version}, {plan.compiler['cxx_version']}{', ' if extra_flags else ''}"
+                f"{' '.join(extra_flags)})"
+            )
+            _run(
+                [
+                    cmake,
+                    "-S",
+                    str(plan.native_dir),
+                    "-B",
+                    str(tree),
+                    *generator,
+                    f"-DCMAKE_CXX_COMPILER={plan.compiler['cxx']}",
+                    *plan.flags,
+                    *extra_flags,
+                ],
+                log,
+            )
             progress(f"compiling with {jobs} jobs")
             _run([cmake, "--build", str(tree), "-j", str(jobs)], log)
         except subprocess.CalledProcessError as exc:
             step = "configure" if exc.cmd[1] == "-S" else "build"
             keep = plan.directory.parent / f"failed-{plan.key}.log"
             shutil.copyfile(log_path, keep)
-            raise BuildError(f"native kernel {step} failed (exit {exc.returncode}); last lines:\n{_tail(log_path)}\n"
-                             f"full log: {keep}") from None
+            raise BuildError(
+                f"native kernel {step} failed (exit {exc.returncode}); last lines:\n{_tail(log_path)}\nfull log: {keep}"
+            ) from None
     seconds = time.perf_counter() - start
     lib = tree / LIBRARY_NAME
     if not lib.is_file():
@@ -312,10 +360,13 @@ def _compile(plan: BuildPlan, work: Path, progress: Progress, extra_flags: list[
         "flags": plan.flags,
         "extra_flags": extra_flags,
         "compiler": {"path": plan.compiler["cxx"], "version": plan.compiler["cxx_version"]},
-        "cmake": {"path": cmake, "version": cmake_version,
-                  "generator": "Ninja" if generator else "default"},
+        "cmake": {"path": cmake, "version": cmake_version, "generator": "Ninja" if generator else "default"},
         "fingerprint": plan.fingerprint,
-        "library": {"file": LIBRARY_NAME, "sha256": _sha256_file(work / LIBRARY_NAME), "size": (work / LIBRARY_NAME).stat().st_size},
+        "library": {
+            "file": LIBRARY_NAME,
+            "sha256": _sha256_file(work / LIBRARY_NAME),
+            "size": (work / LIBRARY_NAME).stat().st_size,
+        },
         "tests_executable": TESTS_NAME if (work / TESTS_NAME).is_file() else None,
         "build_seconds": round(seconds, 2),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -333,18 +384,33 @@ def _prove(library: Path, sanitize: bool) -> dict:
         return selftest.run_self_test(library)
     tests = library.parent / TESTS_NAME
     if not tests.is_file():
-        return {"passed": False, "families": {}, "failures": [f"a sanitizer build needs {TESTS_NAME} to prove itself"],
-                "seconds": None}
+        return {
+            "passed": False,
+            "families": {},
+            "failures": [f"a sanitizer build needs {TESTS_NAME} to prove itself"],
+            "seconds": None,
+        }
     start = time.perf_counter()
-    env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:halt_on_error=1", "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
+    env = {
+        **os.environ,
+        "ASAN_OPTIONS": "detect_leaks=1:halt_on_error=1",
+        "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
+    }
     try:
         proc = subprocess.run([str(tests)], capture_output=True, text=True, timeout=selftest.TIMEOUT_S * 3, env=env)
         ok, out = proc.returncode == 0, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired:
         ok, out = False, f"{TESTS_NAME} did not finish"
-    failures = [line for line in out.splitlines() if line.startswith("FAIL") or "runtime error" in line or "ERROR" in line]
-    return {"passed": ok, "suite": TESTS_NAME, "families": {}, "failures": failures[:8] or ([] if ok else [out.strip()[-600:]]),
-            "seconds": round(time.perf_counter() - start, 3)}
+    failures = [
+        line for line in out.splitlines() if line.startswith("FAIL") or "runtime error" in line or "ERROR" in line
+    ]
+    return {
+        "passed": ok,
+        "suite": TESTS_NAME,
+        "families": {},
+        "failures": failures[:8] or ([] if ok else [out.strip()[-600:]]),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
 
 
 def _compile_proven(plan: BuildPlan, work: Path, progress: Progress, sanitize: bool) -> dict:
@@ -362,7 +428,9 @@ def _compile_proven(plan: BuildPlan, work: Path, progress: Progress, sanitize: b
         if result["passed"]:
             break
         failing = selftest.failing_families(result)
-        progress(f"kernel self-test FAILED ({' '.join(extra) or 'standard flags'}): {'; '.join(result['failures'][:2])}")
+        progress(
+            f"kernel self-test FAILED ({' '.join(extra) or 'standard flags'}): {'; '.join(result['failures'][:2])}"
+        )
         if not extra:
             extra = list(FALLBACK_FLAGS)
         elif failing and "scalar" not in failing and len(attempts) == 2:
@@ -376,20 +444,32 @@ def _compile_proven(plan: BuildPlan, work: Path, progress: Progress, sanitize: b
                 f"with every flag set tried ({tried}), so they are not used. First failures:\n  "
                 + "\n  ".join(result["failures"][:6])
                 + f"\nThis is a compiler or kernel bug: try another compiler (RYZ_CXX=clang++ or RYZ_CXX=g++-13) and report it "
-                  f"with the build log {keep}")
+                f"with the build log {keep}"
+            )
     manifest["build_seconds"] = round(seconds, 2)  # every attempt's compile time
     manifest["self_test"] = result
-    manifest["fallback"] = None if not extra else {
-        "extra_flags": extra, "attempts": attempts,
-        "reason": f"self-test failed with {' '.join(attempts[-2]['extra_flags']) or 'the standard flags'}: "
-                  f"{'; '.join(attempts[-2]['failures'][:2])}"}
+    manifest["fallback"] = (
+        None
+        if not extra
+        else {
+            "extra_flags": extra,
+            "attempts": attempts,
+            "reason": f"self-test failed with {' '.join(attempts[-2]['extra_flags']) or 'the standard flags'}: "
+            f"{'; '.join(attempts[-2]['failures'][:2])}",
+        }
+    )
     if extra:
         progress(f"kernel build uses the fall-back flags {' '.join(extra)} ({manifest['fallback']['reason']})")
     return manifest
 
 
-def build_kernels(force: bool = False, progress: Progress = print_to_stderr, settings: Settings | None = None,
-                  native_dir: str | Path | None = None, sanitize: bool = False) -> KernelBuild:
+def build_kernels(
+    force: bool = False,
+    progress: Progress = print_to_stderr,
+    settings: Settings | None = None,
+    native_dir: str | Path | None = None,
+    sanitize: bool = False,
+) -> KernelBuild:
     """The kernel build for these sources, flags, compiler and CPU: from the cache, or built now.
 
     A complete build directory (build.json plus the library it names, hash-checked, with a passed self-test) is a
@@ -403,15 +483,20 @@ def build_kernels(force: bool = False, progress: Progress = print_to_stderr, set
     with locked(plan.directory):
         if not force and (manifest := _complete(plan.directory)):  # another process built it while we waited
             return KernelBuild(plan.directory / manifest["library"]["file"], plan.key, manifest, cache_hit=True)
-        for stale in [*plan.directory.parent.glob(f".tmp-{plan.key}-*"), *plan.directory.parent.glob(f".old-{plan.key}-*")]:
+        for stale in [
+            *plan.directory.parent.glob(f".tmp-{plan.key}-*"),
+            *plan.directory.parent.glob(f".old-{plan.key}-*"),
+        ]:
             shutil.rmtree(stale, ignore_errors=True)  # left by a builder that crashed (we hold its lock now)
         # forced or stale: the old directory is moved aside, never deleted under a process that loaded it
         with atomic_directory(plan.directory, prefix=f".tmp-{plan.key}-") as work:
             manifest = _compile_proven(plan, work, progress, sanitize)
             write_json_atomic(work / MANIFEST_NAME, manifest)
         (plan.directory.parent / f"failed-{plan.key}.log").unlink(missing_ok=True)
-    progress(f"built native kernels {plan.key} in {manifest['build_seconds']:.1f} s, self-test passed "
-             f"({', '.join(manifest['self_test']['families']) or manifest['self_test'].get('suite')}): {plan.directory}")
+    progress(
+        f"built native kernels {plan.key} in {manifest['build_seconds']:.1f} s, self-test passed "
+        f"({', '.join(manifest['self_test']['families']) or manifest['self_test'].get('suite')}): {plan.directory}"
+    )
     return KernelBuild(plan.directory / LIBRARY_NAME, plan.key, manifest, cache_hit=False)
 
 
@@ -426,8 +511,12 @@ def _scan_compatible(settings: Settings, root: Path) -> KernelBuild | None:
             manifest = _complete(directory)
         except SchemaVersionError:
             continue
-        if (manifest and manifest["source_hash"] == source and manifest["flags"] == flags
-                and manifest["fingerprint"]["fingerprint_id"] == fingerprint_id):
+        if (
+            manifest
+            and manifest["source_hash"] == source
+            and manifest["flags"] == flags
+            and manifest["fingerprint"]["fingerprint_id"] == fingerprint_id
+        ):
             found.append((manifest["created"], directory, manifest))
     if not found:
         return None
@@ -448,8 +537,8 @@ def find_build(settings: Settings | None = None, native_dir: str | Path | None =
     return KernelBuild(plan.directory / manifest["library"]["file"], plan.key, manifest, cache_hit=True)
 
 
-_LOADED: dict[Path, Library] = {}          # library path -> the loaded handle (a library loads once per process)
-_RESOLVED: dict[tuple[Path, Path], KernelBuild] = {}   # (kernels dir, native dir) -> the build in use
+_LOADED: dict[Path, Library] = {}  # library path -> the loaded handle (a library loads once per process)
+_RESOLVED: dict[tuple[Path, Path], KernelBuild] = {}  # (kernels dir, native dir) -> the build in use
 
 
 def current_build(settings: Settings | None = None, native_dir: str | Path | None = None) -> KernelBuild | None:
@@ -458,8 +547,12 @@ def current_build(settings: Settings | None = None, native_dir: str | Path | Non
     return _RESOLVED.get((kernels_dir(settings), Path(native_dir).resolve() if native_dir else NATIVE_DIR))
 
 
-def load_library(settings: Settings | None = None, build_if_missing: bool = True, native_dir: str | Path | None = None,
-                 progress: Progress = print_to_stderr) -> Library:
+def load_library(
+    settings: Settings | None = None,
+    build_if_missing: bool = True,
+    native_dir: str | Path | None = None,
+    progress: Progress = print_to_stderr,
+) -> Library:
     """The native library for this CPU (built on first use), with RYZ_ISA applied; loaded once per process.
 
     Raises BuildError when there is no build and `build_if_missing` is false, ToolchainNotFoundError when one
@@ -477,8 +570,10 @@ def load_library(settings: Settings | None = None, build_if_missing: bool = True
         library = Library(build.path)
         built_from = (library.lib.ryz_source_hash() or b"").decode()
         if built_from != build.manifest["source_hash"]:
-            raise BuildError(f"{build.path} reports sources {built_from[:16]!r}, its manifest {build.manifest['source_hash'][:16]!r}; "
-                             "rebuild with `ryz build-kernels --force`")
+            raise BuildError(
+                f"{build.path} reports sources {built_from[:16]!r}, its manifest {build.manifest['source_hash'][:16]!r}; "
+                "rebuild with `ryz build-kernels --force`"
+            )
         _LOADED[build.path] = library
     _RESOLVED[memo] = build
     library.set_isa(settings.isa)

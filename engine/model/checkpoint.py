@@ -16,8 +16,16 @@ import numpy as np
 from engine.errors import CheckpointError, UnsupportedArchitectureError
 
 _DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 
@@ -42,11 +50,15 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
             raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header); re-download it")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > MAX_HEADER or 8 + header_len > size:
-            raise CheckpointError(f"{path}: corrupt or truncated safetensors header (claims {header_len} bytes, file has {size}); re-download it")
+            raise CheckpointError(
+                f"{path}: corrupt or truncated safetensors header (claims {header_len} bytes, file has {size}); re-download it"
+            )
         try:
             header = json.loads(handle.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path}: safetensors header is not valid JSON ({exc}); the file is corrupt, re-download it") from None
+            raise CheckpointError(
+                f"{path}: safetensors header is not valid JSON ({exc}); the file is corrupt, re-download it"
+            ) from None
     base = 8 + header_len
     tensors: dict[str, TensorRef] = {}
     data_end = 0
@@ -61,11 +73,15 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
         expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
         if end - begin != expected:
-            raise CheckpointError(f"{path}: tensor {name!r} {dtype}{list(shape)} should take {expected} bytes, header says {end - begin}")
+            raise CheckpointError(
+                f"{path}: tensor {name!r} {dtype}{list(shape)} should take {expected} bytes, header says {end - begin}"
+            )
         data_end = max(data_end, end)
         tensors[name] = TensorRef(path, dtype, shape, base + begin, base + end)
     if base + data_end > size:
-        raise CheckpointError(f"{path}: truncated: tensors need {base + data_end} bytes but the file has {size}; re-download it")
+        raise CheckpointError(
+            f"{path}: truncated: tensors need {base + data_end} bytes but the file has {size}; re-download it"
+        )
     return tensors
 
 
@@ -82,10 +98,14 @@ def safetensors_header(entries: list[tuple[str, str, tuple[int, ...]]]) -> bytes
     return struct.pack("<Q", len(blob)) + blob
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], bf16: frozenset[str] | set[str] = frozenset()) -> None:
+def write_safetensors(
+    path: str | Path, tensors: dict[str, np.ndarray], bf16: frozenset[str] | set[str] = frozenset()
+) -> None:
     """Write numpy arrays as one safetensors file; names in `bf16` hold uint16 bf16 bit patterns."""
     dtype_names = {np.dtype(v): k for k, v in _DTYPES.items() if k != "BF16"}
-    entries = [(name, "BF16" if name in bf16 else dtype_names[array.dtype], array.shape) for name, array in tensors.items()]
+    entries = [
+        (name, "BF16" if name in bf16 else dtype_names[array.dtype], array.shape) for name, array in tensors.items()
+    ]
     with Path(path).open("wb") as handle:
         handle.write(safetensors_header(entries))
         for array in tensors.values():
@@ -102,12 +122,13 @@ def load_tensor(ref: TensorRef) -> np.ndarray:
 
 # --- architectures ----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Architecture:
     """How one family names its tensors and what its forward computes."""
 
     hf_class: str
-    default_act: str         # FFN activation when config.json has no hidden_act
+    default_act: str  # FFN activation when config.json has no hidden_act
     attn_sub_norm: str | None  # tensor suffix within a layer, None if the family has no sub-norms
     ffn_sub_norm: str | None
 
@@ -121,8 +142,15 @@ ARCHITECTURES = {
     "LlamaForCausalLM": Architecture("LlamaForCausalLM", "silu", None, None),
 }
 _ACTIVATIONS = {"relu2": "relu2", "silu": "silu", "swish": "silu"}
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 TERNARY_BLOCK = 256
 
 
@@ -138,35 +166,59 @@ class Checkpoint:
 
     # Hyperparameters, named once.
     @property
-    def hidden(self) -> int: return int(self.config["hidden_size"])
+    def hidden(self) -> int:
+        return int(self.config["hidden_size"])
+
     @property
-    def layers(self) -> int: return int(self.config["num_hidden_layers"])
+    def layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
     @property
-    def heads(self) -> int: return int(self.config["num_attention_heads"])
+    def heads(self) -> int:
+        return int(self.config["num_attention_heads"])
+
     @property
-    def kv_heads(self) -> int: return int(self.config.get("num_key_value_heads") or self.heads)
+    def kv_heads(self) -> int:
+        return int(self.config.get("num_key_value_heads") or self.heads)
+
     @property
-    def ffn(self) -> int: return int(self.config["intermediate_size"])
+    def ffn(self) -> int:
+        return int(self.config["intermediate_size"])
+
     @property
-    def vocab(self) -> int: return int(self.config["vocab_size"])
+    def vocab(self) -> int:
+        return int(self.config["vocab_size"])
+
     @property
-    def head_dim(self) -> int: return int(self.config.get("head_dim") or self.hidden // self.heads)
+    def head_dim(self) -> int:
+        return int(self.config.get("head_dim") or self.hidden // self.heads)
+
     @property
     def rope_theta(self) -> float:
         rope = self.config.get("rope_parameters") or {}
         return float(self.config.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+
     @property
-    def rms_eps(self) -> float: return float(self.config.get("rms_norm_eps", 1e-6))
+    def rms_eps(self) -> float:
+        return float(self.config.get("rms_norm_eps", 1e-6))
+
     @property
-    def context(self) -> int: return int(self.config.get("max_position_embeddings", 2048))
+    def context(self) -> int:
+        return int(self.config.get("max_position_embeddings", 2048))
+
     @property
     def ffn_act(self) -> str:
         act = self.config.get("hidden_act") or self.arch.default_act
         if act not in _ACTIVATIONS:
-            raise UnsupportedArchitectureError(f"{self.path}: hidden_act {act!r} is not supported; BitNet FFNs use relu2 or silu")
+            raise UnsupportedArchitectureError(
+                f"{self.path}: hidden_act {act!r} is not supported; BitNet FFNs use relu2 or silu"
+            )
         return _ACTIVATIONS[act]
+
     @property
-    def tied(self) -> bool: return "lm_head.weight" not in self.tensors
+    def tied(self) -> bool:
+        return "lm_head.weight" not in self.tensors
+
     @property
     def packed(self) -> bool:
         return self.tensors[f"model.layers.0.{LINEARS[0]}.weight"].dtype == "U8"
@@ -185,16 +237,28 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     """Open and validate a Hugging Face model directory; reads headers only, never the weights."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory; pass a Hugging Face model directory (config.json + *.safetensors + tokenizer.json)")
+        raise CheckpointError(
+            f"{path}: not a directory; pass a Hugging Face model directory (config.json + *.safetensors + tokenizer.json)"
+        )
     config = _read_json(path / "config.json", "config.json")
     arch = _architecture(path, config)
     tensors = _read_weights(path)
     tokenizer_path = path / "tokenizer.json"
     if not tokenizer_path.is_file():
-        raise CheckpointError(f"{path}: tokenizer.json is missing; Ryzanstein needs the fast tokenizer file (save it with tokenizer.save_pretrained)")
+        raise CheckpointError(
+            f"{path}: tokenizer.json is missing; Ryzanstein needs the fast tokenizer file (save it with tokenizer.save_pretrained)"
+        )
     tokenizer_json = tokenizer_path.read_text(encoding="utf-8")
-    tokenizer_config = _read_json(path / "tokenizer_config.json", "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
-    generation_config = _read_json(path / "generation_config.json", "generation_config.json") if (path / "generation_config.json").is_file() else {}
+    tokenizer_config = (
+        _read_json(path / "tokenizer_config.json", "tokenizer_config.json")
+        if (path / "tokenizer_config.json").is_file()
+        else {}
+    )
+    generation_config = (
+        _read_json(path / "generation_config.json", "generation_config.json")
+        if (path / "generation_config.json").is_file()
+        else {}
+    )
     ckpt = Checkpoint(path, config, arch, tensors, tokenizer_json, tokenizer_config, generation_config)
     _check_shapes(ckpt)
     ckpt.ffn_act  # noqa: B018 - validate the activation before anything is written
@@ -217,11 +281,13 @@ def _architecture(path: Path, config: dict) -> Architecture:
     if name not in ARCHITECTURES:
         raise UnsupportedArchitectureError(
             f"{path}: architecture {name!r} is not supported; Ryzanstein quantizes {supported} "
-            "(LlamaForCausalLM only with a bitnet quantization_config)")
+            "(LlamaForCausalLM only with a bitnet quantization_config)"
+        )
     if name == "LlamaForCausalLM" and (config.get("quantization_config") or {}).get("quant_method") != "bitnet":
         raise UnsupportedArchitectureError(
             f"{path}: LlamaForCausalLM without a bitnet quantization_config is a full-precision model; "
-            "only ternary-trained checkpoints (e.g. Falcon3-*-1.58bit) can be quantized without destroying them")
+            "only ternary-trained checkpoints (e.g. Falcon3-*-1.58bit) can be quantized without destroying them"
+        )
     return ARCHITECTURES[name]
 
 
@@ -232,11 +298,15 @@ def _read_weights(path: Path) -> dict[str, TensorRef]:
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
-            raise CheckpointError(f"{path}: shards listed in model.safetensors.index.json are missing: {', '.join(missing)}")
+            raise CheckpointError(
+                f"{path}: shards listed in model.safetensors.index.json are missing: {', '.join(missing)}"
+            )
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
         if not files:
-            raise CheckpointError(f"{path}: no *.safetensors weights found (PyTorch .bin checkpoints are not read; convert them with safetensors first)")
+            raise CheckpointError(
+                f"{path}: no *.safetensors weights found (PyTorch .bin checkpoints are not read; convert them with safetensors first)"
+            )
     tensors: dict[str, TensorRef] = {}
     for name in files:
         tensors.update(read_safetensors_header(path / name))
@@ -252,8 +322,13 @@ def _check_shapes(ckpt: Checkpoint) -> None:
     h, f, hd = ckpt.hidden, ckpt.ffn, ckpt.head_dim
     q_out, kv_out = ckpt.heads * hd, ckpt.kv_heads * hd
     linear_shapes = {
-        "self_attn.q_proj": (q_out, h), "self_attn.k_proj": (kv_out, h), "self_attn.v_proj": (kv_out, h),
-        "self_attn.o_proj": (h, q_out), "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f),
+        "self_attn.q_proj": (q_out, h),
+        "self_attn.k_proj": (kv_out, h),
+        "self_attn.v_proj": (kv_out, h),
+        "self_attn.o_proj": (h, q_out),
+        "mlp.gate_proj": (f, h),
+        "mlp.up_proj": (f, h),
+        "mlp.down_proj": (h, f),
     }
     expected: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (ckpt.vocab, h), "model.norm.weight": (h,)}
     if not ckpt.tied:
@@ -272,17 +347,22 @@ def _check_shapes(ckpt: Checkpoint) -> None:
     for name, shape in expected.items():
         ref = ckpt.tensors.get(name)
         if ref is None:
-            raise CheckpointError(f"{ckpt.path}: tensor {name!r} is missing (architecture {ckpt.arch.hf_class}, {ckpt.layers} layers)")
+            raise CheckpointError(
+                f"{ckpt.path}: tensor {name!r} is missing (architecture {ckpt.arch.hf_class}, {ckpt.layers} layers)"
+            )
         actual = ref.shape
         if is_packed and any(name.endswith(lin + ".weight") for lin in LINEARS):
             actual = (ref.shape[0] * 4, *ref.shape[1:])  # four ternary values per byte along the output dim
-            if f"{name[:-len('.weight')]}.weight_scale" not in ckpt.tensors:
+            if f"{name[: -len('.weight')]}.weight_scale" not in ckpt.tensors:
                 raise CheckpointError(f"{ckpt.path}: packed tensor {name!r} has no weight_scale beside it")
         if tuple(actual) != shape:
-            raise CheckpointError(f"{ckpt.path}: tensor {name!r} has shape {list(actual)}, expected {list(shape)} from config.json")
+            raise CheckpointError(
+                f"{ckpt.path}: tensor {name!r} has shape {list(actual)}, expected {list(shape)} from config.json"
+            )
     for lin, (rows, cols) in linear_shapes.items():
         if cols % TERNARY_BLOCK:
             raise CheckpointError(
                 f"{ckpt.path}: {lin}.weight rows have length {cols}, not a multiple of {TERNARY_BLOCK}; "
                 f"ternary GGUF types (TQ1_0/TQ2_0) pack rows in blocks of {TERNARY_BLOCK}, so this model "
-                f"(hidden {h}, FFN {f}) cannot be stored without padding, which Ryzanstein does not implement")
+                f"(hidden {h}, FFN {f}) cannot be stored without padding, which Ryzanstein does not implement"
+            )

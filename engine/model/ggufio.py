@@ -36,8 +36,12 @@ FORMAT_SCHEMA = 1  # ryz.schema in the GGUF metadata
 
 # HF linear suffix -> GGUF tensor stem, in forward order.
 LINEAR_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
 TERNARY_TYPES = ("tq2_0", "tq1_0")
@@ -105,8 +109,13 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer_json: str, tokenizer_config
     for text, idx in token_ids.items():
         if idx < vocab:
             tokens[idx] = text
-            types[idx] = (gguf.TokenType.CONTROL if text in special else
-                          gguf.TokenType.USER_DEFINED if text in added else gguf.TokenType.NORMAL)
+            types[idx] = (
+                gguf.TokenType.CONTROL
+                if text in special
+                else gguf.TokenType.USER_DEFINED
+                if text in added
+                else gguf.TokenType.NORMAL
+            )
     byte_fallback = bool(model.get("byte_fallback"))
     if model.get("type") == "BPE" and not byte_fallback:
         writer.add_tokenizer_model("gpt2")
@@ -124,8 +133,12 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer_json: str, tokenizer_config
         writer.add_tokenizer_model("none")
     writer.add_token_list(tokens)
     writer.add_token_types([int(t) for t in types])
-    for key, setter in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
-                        ("pad_token", writer.add_pad_token_id), ("unk_token", writer.add_unk_token_id)):
+    for key, setter in (
+        ("bos_token", writer.add_bos_token_id),
+        ("eos_token", writer.add_eos_token_id),
+        ("pad_token", writer.add_pad_token_id),
+        ("unk_token", writer.add_unk_token_id),
+    ):
         text = _token_text(tokenizer_config.get(key))
         if text is not None and text in token_ids:
             setter(token_ids[text])
@@ -163,7 +176,7 @@ class TensorInfo:
     name: str
     shape: tuple[int, ...]  # GGUF order (innermost first), as gguf's reader reports it
     tensor_type: gguf.GGMLQuantizationType
-    offset: int             # absolute byte offset of the data in the file
+    offset: int  # absolute byte offset of the data in the file
     n_bytes: int
 
 
@@ -192,7 +205,7 @@ class _Cursor:
         n = self.unpack("<Q")
         if self.pos + n > len(self.buf):
             raise GGUFFormatError(f"{self.path}: truncated GGUF header")
-        value = bytes(self.buf[self.pos:self.pos + n]).decode("utf-8", errors="replace")
+        value = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
         self.pos += n
         return value
 
@@ -279,22 +292,32 @@ class ModelFile:
         self._map = None
         self.arch = self.get_str("general.architecture")
         if self.arch not in ARCHES:
-            raise GGUFFormatError(f"{self.path}: architecture {self.arch!r} is not a BitNet model artifact (expected one of {ARCHES})")
+            raise GGUFFormatError(
+                f"{self.path}: architecture {self.arch!r} is not a BitNet model artifact (expected one of {ARCHES})"
+            )
         schema = self.get("ryz.schema", 1)
         if schema != FORMAT_SCHEMA:
-            raise GGUFFormatError(f"{self.path}: ryz.schema {schema} is not supported by this build (supports {FORMAT_SCHEMA}); upgrade Ryzanstein")
+            raise GGUFFormatError(
+                f"{self.path}: ryz.schema {schema} is not supported by this build (supports {FORMAT_SCHEMA}); upgrade Ryzanstein"
+            )
         a = self.arch
         heads = int(self.get(f"{a}.attention.head_count"))
         hidden = int(self.get(f"{a}.embedding_length"))
         self.hparams = Hyperparams(
-            hidden=hidden, layers=int(self.get(f"{a}.block_count")), heads=heads,
+            hidden=hidden,
+            layers=int(self.get(f"{a}.block_count")),
+            heads=heads,
             kv_heads=int(self.get(f"{a}.attention.head_count_kv", heads)),
             head_dim=int(self.get(f"{a}.attention.key_length", hidden // heads)),
-            ffn=int(self.get(f"{a}.feed_forward_length")), vocab=int(self.get(f"{a}.vocab_size", 0)) or self.shape("token_embd.weight")[0],
-            context=int(self.get(f"{a}.context_length", 4096)), rope_theta=float(self.get(f"{a}.rope.freq_base", 10000.0)),
+            ffn=int(self.get(f"{a}.feed_forward_length")),
+            vocab=int(self.get(f"{a}.vocab_size", 0)) or self.shape("token_embd.weight")[0],
+            context=int(self.get(f"{a}.context_length", 4096)),
+            rope_theta=float(self.get(f"{a}.rope.freq_base", 10000.0)),
             rms_eps=float(self.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
             ffn_act=self.get_str(f"{a}.ffn_activation", "silu"),
-            sub_norms="blk.0.attn_sub_norm.weight" in self.tensors, tied="output.weight" not in self.tensors)
+            sub_norms="blk.0.attn_sub_norm.weight" in self.tensors,
+            tied="output.weight" not in self.tensors,
+        )
 
     def get(self, key: str, default=None):
         value = self.metadata.get(key)
@@ -327,7 +350,7 @@ class ModelFile:
         info = self._tensor(name)
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        data = self._map[info.offset:info.offset + info.n_bytes]
+        data = self._map[info.offset : info.offset + info.n_bytes]
         rows_shape = tuple(int(d) for d in reversed(info.shape))
         if info.tensor_type == gguf.GGMLQuantizationType.F32:
             return data.view(np.float32).reshape(rows_shape)

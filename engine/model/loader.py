@@ -38,9 +38,18 @@ def default_threads(settings: Settings) -> int:
     return settings.threads or physical_cores()
 
 
-def open_model(path: str | Path, purpose: str = "serve", *, settings: Settings | None = None,
-               library: Library | None = None, threads: int | None = None, max_seqs: int | None = None,
-               max_positions: int | None = None, kv_type: str | None = None, token_tile: int | None = None) -> NativeModel:
+def open_model(
+    path: str | Path,
+    purpose: str = "serve",
+    *,
+    settings: Settings | None = None,
+    library: Library | None = None,
+    threads: int | None = None,
+    max_seqs: int | None = None,
+    max_positions: int | None = None,
+    kv_type: str | None = None,
+    token_tile: int | None = None,
+) -> NativeModel:
     """The model at `path` loaded for `purpose` (see the module docstring); any keyword given wins over the
     purpose's default. `library` defaults to the kernel build for this CPU (built on first use)."""
     if purpose not in PURPOSES:
@@ -61,5 +70,13 @@ def open_model(path: str | Path, purpose: str = "serve", *, settings: Settings |
         max_positions = settings.max_context
     if token_tile is None:
         token_tile = token_tile_for(library, TuneShape.from_hparams(hp))
-    return NativeModel(path, library, threads=threads, max_seqs=max_seqs, max_positions=max_positions, kv_type=kv_type,
-                       token_tile=token_tile, file=file)
+    return NativeModel(
+        path,
+        library,
+        threads=threads,
+        max_seqs=max_seqs,
+        max_positions=max_positions,
+        kv_type=kv_type,
+        token_tile=token_tile,
+        file=file,
+    )

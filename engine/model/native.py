@@ -40,8 +40,12 @@ class NativeCapacityError(NativeError):
 
 class _Hparams(ctypes.Structure):
     _fields_ = [(n, ctypes.c_int32) for n in ("hidden", "layers", "heads", "kv_heads", "head_dim", "ffn", "vocab")] + [
-        ("rope_theta", ctypes.c_float), ("rms_eps", ctypes.c_float),
-        ("ffn_act", ctypes.c_int32), ("sub_norms", ctypes.c_int32), ("tied", ctypes.c_int32)]
+        ("rope_theta", ctypes.c_float),
+        ("rms_eps", ctypes.c_float),
+        ("ffn_act", ctypes.c_int32),
+        ("sub_norms", ctypes.c_int32),
+        ("tied", ctypes.c_int32),
+    ]
 
 
 class _Tuning(ctypes.Structure):
@@ -94,12 +98,16 @@ class Library:
         try:
             self.lib = ctypes.CDLL(str(self.path))
         except OSError as exc:
-            raise NativeError(f"cannot load the native library {self.path}: {exc}; rebuild it with `ryz build-kernels --force`") from None
+            raise NativeError(
+                f"cannot load the native library {self.path}: {exc}; rebuild it with `ryz build-kernels --force`"
+            ) from None
         for name, (restype, argtypes) in _SIGNATURES.items():
             fn = getattr(self.lib, name)
             fn.restype, fn.argtypes = restype, argtypes
         if self.lib.ryz_abi_version() != ABI_VERSION:
-            raise NativeError(f"{self.path} has ABI {self.lib.ryz_abi_version()}, this engine needs {ABI_VERSION}; run `ryz build-kernels --force`")
+            raise NativeError(
+                f"{self.path} has ABI {self.lib.ryz_abi_version()}, this engine needs {ABI_VERSION}; run `ryz build-kernels --force`"
+            )
 
     def check(self, status: int, what: str) -> None:
         if status == 0:
@@ -129,14 +137,23 @@ class Library:
     def ternary_pack(self, raw: np.ndarray, qtype: str, rows: int, cols: int) -> np.ndarray:
         out = np.zeros(self.lib.ryz_ternary_packed_bytes(rows, cols), dtype=np.uint8)
         raw = np.ascontiguousarray(raw)
-        self.check(self.lib.ryz_ternary_pack(raw.ctypes.data, GGML_TYPE_IDS[qtype], rows, cols, out.ctypes.data), "ternary_pack")
+        self.check(
+            self.lib.ryz_ternary_pack(raw.ctypes.data, GGML_TYPE_IDS[qtype], rows, cols, out.ctypes.data),
+            "ternary_pack",
+        )
         return out
 
-    def ternary_gemm(self, packed: np.ndarray, rows: int, cols: int, act: np.ndarray, token_tile: int = 0) -> np.ndarray:
+    def ternary_gemm(
+        self, packed: np.ndarray, rows: int, cols: int, act: np.ndarray, token_tile: int = 0
+    ) -> np.ndarray:
         act = np.ascontiguousarray(act, dtype=np.int8).reshape(-1, cols)
         out = np.zeros((act.shape[0], rows), dtype=np.int32)
-        self.check(self.lib.ryz_ternary_gemm_tiled(packed.ctypes.data, rows, cols, act.ctypes.data, act.shape[0], token_tile,
-                                                   out.ctypes.data), "ternary_gemm")
+        self.check(
+            self.lib.ryz_ternary_gemm_tiled(
+                packed.ctypes.data, rows, cols, act.ctypes.data, act.shape[0], token_tile, out.ctypes.data
+            ),
+            "ternary_gemm",
+        )
         return out
 
     def quantize_activations(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -144,14 +161,24 @@ class Library:
         q = np.zeros(x.shape, dtype=np.int8)
         scale = np.zeros(x.shape[0], dtype=np.float32)
         sums = np.zeros(x.shape[0], dtype=np.int32)
-        self.check(self.lib.ryz_quantize_activations(x.ctypes.data, x.shape[0], x.shape[1], q.ctypes.data, scale.ctypes.data, sums.ctypes.data), "quantize_activations")
+        self.check(
+            self.lib.ryz_quantize_activations(
+                x.ctypes.data, x.shape[0], x.shape[1], q.ctypes.data, scale.ctypes.data, sums.ctypes.data
+            ),
+            "quantize_activations",
+        )
         return q, scale, sums
 
     def dense_gemm(self, raw: np.ndarray, qtype: str, rows: int, cols: int, x: np.ndarray) -> np.ndarray:
         raw = np.ascontiguousarray(raw)
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, cols)
         out = np.zeros((x.shape[0], rows), dtype=np.float32)
-        self.check(self.lib.ryz_dense_gemm(raw.ctypes.data, GGML_TYPE_IDS[qtype], rows, cols, x.ctypes.data, x.shape[0], out.ctypes.data), "dense_gemm")
+        self.check(
+            self.lib.ryz_dense_gemm(
+                raw.ctypes.data, GGML_TYPE_IDS[qtype], rows, cols, x.ctypes.data, x.shape[0], out.ctypes.data
+            ),
+            "dense_gemm",
+        )
         return out
 
     def top_k(self, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -181,14 +208,35 @@ class NativeCache:
 class NativeModel:
     """A GGUF model artifact on the native engine: mmap'd tensors, repacked ternary weights."""
 
-    def __init__(self, path: str | Path, library: Library, threads: int = 1, max_seqs: int = 1,
-                 max_positions: int | None = None, kv_type: str = "f16", token_tile: int = 0, file: ModelFile | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        library: Library,
+        threads: int = 1,
+        max_seqs: int = 1,
+        max_positions: int | None = None,
+        kv_type: str = "f16",
+        token_tile: int = 0,
+        file: ModelFile | None = None,
+    ):
         self.library = library
         self.file = file or ModelFile(path)  # a loader that read the file already passes it (engine/model/loader.py)
         self.hp = hp = self.file.hparams
         lib = library.lib
-        params = _Hparams(hp.hidden, hp.layers, hp.heads, hp.kv_heads, hp.head_dim, hp.ffn, hp.vocab, hp.rope_theta, hp.rms_eps,
-                          1 if hp.ffn_act == "relu2" else 0, int(hp.sub_norms), int(hp.tied))
+        params = _Hparams(
+            hp.hidden,
+            hp.layers,
+            hp.heads,
+            hp.kv_heads,
+            hp.head_dim,
+            hp.ffn,
+            hp.vocab,
+            hp.rope_theta,
+            hp.rms_eps,
+            1 if hp.ffn_act == "relu2" else 0,
+            int(hp.sub_norms),
+            int(hp.tied),
+        )
         handle = _P()
         library.check(lib.ryz_model_new(ctypes.byref(params), ctypes.byref(handle)), "model_new")
         self.model = handle
@@ -200,13 +248,21 @@ class NativeModel:
                 shape = self.file.shape(name)
                 rows, cols = (1, shape[0]) if len(shape) == 1 else shape
                 self._arrays.append(data)
-                library.check(lib.ryz_model_set_tensor(handle, name.encode(), data.ctypes.data, GGML_TYPE_IDS[self.file.tensor_type(name)], rows, cols), name)
+                library.check(
+                    lib.ryz_model_set_tensor(
+                        handle, name.encode(), data.ctypes.data, GGML_TYPE_IDS[self.file.tensor_type(name)], rows, cols
+                    ),
+                    name,
+                )
             library.check(lib.ryz_model_finalize(handle, max(threads, 1)), "model_finalize")
             # The repacked copies are what runs: release the file's ternary pages (about 0.5 GB on 2B4T).
             self.file.release([tensor_name(i, stem) for i in range(hp.layers) for stem in LINEAR_NAMES.values()])
             ctx = _P()
             positions = max_positions or hp.context
-            library.check(lib.ryz_context_new(handle, max(threads, 1), max_seqs, positions, KV_TYPES[kv_type], ctypes.byref(ctx)), "context_new")
+            library.check(
+                lib.ryz_context_new(handle, max(threads, 1), max_seqs, positions, KV_TYPES[kv_type], ctypes.byref(ctx)),
+                "context_new",
+            )
             self.context = ctx
             if token_tile:
                 library.check(lib.ryz_context_set_tuning(ctx, ctypes.byref(_Tuning(token_tile, 0))), "set_tuning")
@@ -270,7 +326,9 @@ class NativeModel:
         """What one slot allocates on first use (keys + values for every position)."""
         return kv_bytes_per_position(self.hp, self.kv_type) * self.max_positions
 
-    def forward_batch(self, tokens: np.ndarray, seq_ids: np.ndarray, want_logits: np.ndarray | None = None) -> np.ndarray:
+    def forward_batch(
+        self, tokens: np.ndarray, seq_ids: np.ndarray, want_logits: np.ndarray | None = None
+    ) -> np.ndarray:
         """One step over tokens of any sequences; logits for the selected tokens (default: the last)."""
         tokens = np.ascontiguousarray(tokens, dtype=np.int32)
         seq_ids = np.ascontiguousarray(seq_ids, dtype=np.int32)
@@ -282,8 +340,12 @@ class NativeModel:
             n_out = int(want.sum())
             want_ptr = want.ctypes.data
         logits = np.zeros((max(n_out, 1), self.hp.vocab), dtype=np.float32)
-        self.library.check(self.library.lib.ryz_forward(self.context, len(tokens), tokens.ctypes.data, seq_ids.ctypes.data,
-                                                        want_ptr, logits.ctypes.data), "forward")
+        self.library.check(
+            self.library.lib.ryz_forward(
+                self.context, len(tokens), tokens.ctypes.data, seq_ids.ctypes.data, want_ptr, logits.ctypes.data
+            ),
+            "forward",
+        )
         return logits[:n_out]
 
     def forward(self, tokens, cache: NativeCache | None = None) -> np.ndarray:

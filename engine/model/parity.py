@@ -21,8 +21,13 @@ from engine.model.tokenizer import ModelTokenizer
 PARITY_TOLERANCE = 1e-4
 
 
-def check_parity(path: str | Path, library, prompt: str = "The quick brown fox jumps over the lazy dog.",
-                 new_tokens: int = 16, tolerance: float = PARITY_TOLERANCE) -> dict:
+def check_parity(
+    path: str | Path,
+    library,
+    prompt: str = "The quick brown fox jumps over the lazy dog.",
+    new_tokens: int = 16,
+    tolerance: float = PARITY_TOLERANCE,
+) -> dict:
     """Every kernel family this CPU runs (not only the dispatched one) against the reference.
 
     Returns {"passed", "rel_l2" (the largest), "tolerance", "prompt_tokens", "reference_ids", "native_ids" (the
@@ -44,13 +49,23 @@ def check_parity(path: str | Path, library, prompt: str = "The quick brown fox j
         library.set_isa(dispatched)
     failed = [f"{isa}: {r['reason']}" for isa, r in per_isa.items() if not r["passed"]]
     worst = max(r["rel_l2"] for r in per_isa.values())
-    return {"passed": not failed, "rel_l2": worst, "tolerance": tolerance, "prompt_tokens": len(ids),
-            "reference_ids": ref_ids, "native_ids": per_isa[dispatched]["native_ids"], "isa": dispatched, "isas": per_isa,
-            "reason": "; ".join(failed) or f"native = reference on {', '.join(per_isa)} (rel L2 <= {worst:.1e}, "
-                                          f"{new_tokens} greedy tokens equal)"}
+    return {
+        "passed": not failed,
+        "rel_l2": worst,
+        "tolerance": tolerance,
+        "prompt_tokens": len(ids),
+        "reference_ids": ref_ids,
+        "native_ids": per_isa[dispatched]["native_ids"],
+        "isa": dispatched,
+        "isas": per_isa,
+        "reason": "; ".join(failed)
+        or f"native = reference on {', '.join(per_isa)} (rel L2 <= {worst:.1e}, {new_tokens} greedy tokens equal)",
+    }
 
 
-def _compare(native, ids: list[int], ref_logits: np.ndarray, ref_ids: list[int], new_tokens: int, tolerance: float) -> dict:
+def _compare(
+    native, ids: list[int], ref_logits: np.ndarray, ref_ids: list[int], new_tokens: int, tolerance: float
+) -> dict:
     try:
         nat_logits = native.forward(ids)
         rel = float(np.linalg.norm(nat_logits - ref_logits) / max(np.linalg.norm(ref_logits), 1e-30))
@@ -63,5 +78,9 @@ def _compare(native, ids: list[int], ref_logits: np.ndarray, ref_ids: list[int],
     if ref_ids != nat_ids:
         first = next((i for i, (a, b) in enumerate(zip(ref_ids, nat_ids)) if a != b), min(len(ref_ids), len(nat_ids)))
         reasons.append(f"greedy continuation differs at token {first}")
-    return {"passed": not reasons, "rel_l2": rel, "native_ids": nat_ids,
-            "reason": "; ".join(reasons) or f"rel L2 {rel:.1e}, {new_tokens} greedy tokens equal"}
+    return {
+        "passed": not reasons,
+        "rel_l2": rel,
+        "native_ids": nat_ids,
+        "reason": "; ".join(reasons) or f"rel L2 {rel:.1e}, {new_tokens} greedy tokens equal",
+    }

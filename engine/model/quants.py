@@ -52,6 +52,7 @@ _TERNARY = ("tq1_0", "tq2_0")
 
 # --- type table -----------------------------------------------------------------------------------
 
+
 def _name(qtype: str) -> str:
     name = str(qtype).lower() if isinstance(qtype, str) else None
     if name not in _QTYPES:
@@ -75,7 +76,8 @@ def _check_cols(name: str, cols: int, shape: Sequence[int] | None = None) -> Non
         where = f" (shape {tuple(shape)})" if shape is not None else ""
         raise ValueError(
             f"{name} needs the row length (last dimension) to be a positive multiple of its block size {bs}; "
-            f"got {cols}{where}")
+            f"got {cols}{where}"
+        )
 
 
 def bytes_per_row(qtype: str, cols: int) -> int:
@@ -95,6 +97,7 @@ def _as_rows(x: np.ndarray, name: str) -> tuple[np.ndarray, tuple[int, ...]]:
 
 
 # --- generic wrappers -----------------------------------------------------------------------------
+
 
 def quantize(x: np.ndarray, qtype: str) -> np.ndarray:
     """Quantize `x` (rows along the last axis) to `qtype`.
@@ -127,7 +130,8 @@ def dequantize(data: np.ndarray, qtype: str, shape: Sequence[int]) -> np.ndarray
     if raw.size != n_rows * row_bytes:
         raise ValueError(
             f"{name} data for shape {shape} must be {n_rows * row_bytes} bytes "
-            f"({n_rows} rows x {row_bytes}), got {raw.size}")
+            f"({n_rows} rows x {row_bytes}), got {raw.size}"
+        )
     out = gguf_quants.dequantize(raw.reshape(n_rows, row_bytes), _QTYPES[name])
     return np.asarray(out, dtype=np.float32).reshape(shape)
 
@@ -135,13 +139,12 @@ def dequantize(data: np.ndarray, qtype: str, shape: Sequence[int]) -> np.ndarray
 # --- Q6_K (port of ggml's quantize_row_q6_K_ref) -------------------------------------------------
 
 _F32 = np.float32
-_MAGIC = _F32(12582912.0)         # 1.5 * 2**23: nearest_int's rounding constant
+_MAGIC = _F32(12582912.0)  # 1.5 * 2**23: nearest_int's rounding constant
 _GROUP_MAX_EPS = _F32(1e-15)
 _NMAX = 32
 # iscale numerators of make_qx_quants' search, in the C loop order: -nmax, then -(nmax + 0.1f*is)
 # for is = -9..9 (is != 0), each rounded to float32 exactly as the C expression is.
-_CANDIDATES = [_F32(-_NMAX)] + [
-    -(_F32(_NMAX) + _F32(0.1) * _F32(i)) for i in range(-9, 10) if i != 0]
+_CANDIDATES = [_F32(-_NMAX)] + [-(_F32(_NMAX) + _F32(0.1) * _F32(i)) for i in range(-9, 10) if i != 0]
 _CHUNK_BLOCKS = 1024  # super-blocks per chunk: 256k values, ~1 MiB per float32 work array
 
 
@@ -155,7 +158,7 @@ def _fp32_to_fp16_bits(f: np.ndarray) -> np.ndarray:
     """ggml_compute_fp32_to_fp16 (round to nearest even, NaN -> 0x7E00 with sign) as uint16 bits."""
     f = np.ascontiguousarray(f, dtype=_F32)
     with np.errstate(over="ignore"):
-        base = (np.abs(f) * _F32(2.0 ** 112)) * _F32(2.0 ** -110)
+        base = (np.abs(f) * _F32(2.0**112)) * _F32(2.0**-110)
     w = f.view(np.uint32)
     shl1_w = w + w
     sign = w & np.uint32(0x80000000)
@@ -194,8 +197,8 @@ def _make_qx_quants(X: np.ndarray, exact_rounding: bool) -> tuple[np.ndarray, np
     vmax = np.where(zero, _F32(1.0), vmax)  # placeholder so zero columns raise no warnings
 
     with np.errstate(all="ignore"):  # |x| > 1.8e19 overflows x*x to inf, as it does in C
-        w = X * X    # rmse_type 1: weight x^2
-        wx = w * X   # C: w*x[i]*l == (w*x[i])*l
+        w = X * X  # rmse_type 1: weight x^2
+        wx = w * X  # C: w*x[i]*l == (w*x[i])*l
     t = np.empty_like(X)
     lf = np.empty_like(X)
     p = np.empty_like(X)
@@ -210,7 +213,7 @@ def _make_qx_quants(X: np.ndarray, exact_rounding: bool) -> tuple[np.ndarray, np
             np.minimum(lf, _F32(_NMAX - 1), out=lf)
         np.multiply(wx, lf, out=p)
         sumlx = _seq_sum(p)
-        np.multiply(w, lf, out=p)   # suml2 += w*l*l == (w*l)*l
+        np.multiply(w, lf, out=p)  # suml2 += w*l*l == (w*l)*l
         np.multiply(p, lf, out=p)
         suml2 = _seq_sum(p)
         return sumlx, suml2
@@ -265,10 +268,12 @@ def _quantize_q6_k_blocks(blocks: np.ndarray) -> np.ndarray:
     Lb = L.T.astype(np.uint8).reshape(nb, 2, 4, 32)  # [block, 128-half, 32-quarter, l]
     lo = Lb & np.uint8(0x0F)
     hi = Lb >> np.uint8(4)
-    ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << np.uint8(4)),
-                         lo[:, :, 1] | (lo[:, :, 3] << np.uint8(4))], axis=2).reshape(nb, 128)
-    qh = (hi[:, :, 0] | (hi[:, :, 1] << np.uint8(2)) | (hi[:, :, 2] << np.uint8(4))
-          | (hi[:, :, 3] << np.uint8(6))).reshape(nb, 64)
+    ql = np.concatenate(
+        [lo[:, :, 0] | (lo[:, :, 2] << np.uint8(4)), lo[:, :, 1] | (lo[:, :, 3] << np.uint8(4))], axis=2
+    ).reshape(nb, 128)
+    qh = (
+        hi[:, :, 0] | (hi[:, :, 1] << np.uint8(2)) | (hi[:, :, 2] << np.uint8(4)) | (hi[:, :, 3] << np.uint8(6))
+    ).reshape(nb, 64)
 
     out = np.empty((nb, Q6_K_BLOCK_BYTES), dtype=np.uint8)
     out[:, 0:128] = ql
@@ -289,8 +294,8 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     blocks = rows.reshape(-1, QK_K)  # a view when x is contiguous; rows are whole blocks
     out = np.empty((blocks.shape[0], Q6_K_BLOCK_BYTES), dtype=np.uint8)
     for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
-        chunk = blocks[start:start + _CHUNK_BLOCKS].astype(_F32, copy=False)
-        out[start:start + _CHUNK_BLOCKS] = _quantize_q6_k_blocks(chunk)
+        chunk = blocks[start : start + _CHUNK_BLOCKS].astype(_F32, copy=False)
+        out[start : start + _CHUNK_BLOCKS] = _quantize_q6_k_blocks(chunk)
     return out.reshape(*shape[:-1], shape[-1] // QK_K * Q6_K_BLOCK_BYTES)
 
 
@@ -317,15 +322,15 @@ def pack_ternary(codes: np.ndarray, qtype: str) -> np.ndarray:
     if not np.issubdtype(rows.dtype, np.integer):
         raise ValueError(f"pack_ternary needs integer codes in {{-1, 0, 1}}, got dtype {rows.dtype}")
     if rows.size and (rows.min() < -1 or rows.max() > 1):
-        raise ValueError("pack_ternary needs codes in {-1, 0, 1}; "
-                         f"got values in [{rows.min()}, {rows.max()}]")
+        raise ValueError(f"pack_ternary needs codes in {{-1, 0, 1}}; got values in [{rows.min()}, {rows.max()}]")
     q = (rows.reshape(-1, QK_K) + 1).astype(np.uint8)  # -1, 0, 1 -> 0, 1, 2
     nb = q.shape[0]
     if name == "tq2_0":
         # qs[32*j + m] holds x[128*j + 32*n + m] in bits 2n..2n+1 (n = 0..3)
         g = q.reshape(nb, 2, 4, 32)
-        qs = (g[:, :, 0] | (g[:, :, 1] << np.uint8(2)) | (g[:, :, 2] << np.uint8(4))
-              | (g[:, :, 3] << np.uint8(6))).reshape(nb, 64)
+        qs = (
+            g[:, :, 0] | (g[:, :, 1] << np.uint8(2)) | (g[:, :, 2] << np.uint8(4)) | (g[:, :, 3] << np.uint8(6))
+        ).reshape(nb, 64)
     else:
         # 5 trits per byte (most significant first), stored as ceil(v * 256 / 243): first 160 values
         # along 32 bytes, next 80 along 16 bytes, last 16 as 4 trits (shifted by one) in 4 bytes.
@@ -363,8 +368,10 @@ def unpack_ternary(data: np.ndarray, qtype: str, shape: Sequence[int]) -> np.nda
     if bad.any():
         i = int(np.argmax(bad))
         d = float(blocks[i, -2:].copy().view("<f2")[0])
-        raise ValueError(f"{name} block {i} has scale {d!r}, not 1.0: not ternary codes written by pack_ternary "
-                         f"({int(bad.sum())} of {nb} blocks)")
+        raise ValueError(
+            f"{name} block {i} has scale {d!r}, not 1.0: not ternary codes written by pack_ternary "
+            f"({int(bad.sum())} of {nb} blocks)"
+        )
     qs = blocks[:, :-2]
     if name == "tq2_0":
         g = qs.reshape(nb, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)

@@ -50,7 +50,7 @@ class BitLinear:
 
 @dataclass
 class KVCache:
-    keys: list[np.ndarray] = field(default_factory=list)    # per layer: (positions, kv_heads, head_dim)
+    keys: list[np.ndarray] = field(default_factory=list)  # per layer: (positions, kv_heads, head_dim)
     values: list[np.ndarray] = field(default_factory=list)
 
     @property
@@ -77,7 +77,9 @@ class ReferenceModel:
         # As transformers computes it: float32 inverse frequencies theta^(-2i/d).
         exponent = np.arange(0, half, dtype=np.float32) * 2 / np.float32(hp.head_dim)
         # transformers: 1 / theta ** (2i / d) in float32; the power is taken in float64 and rounded once.
-        self.inv_freq = (np.float32(1.0) / (np.float64(np.float32(hp.rope_theta)) ** exponent.astype(np.float64)).astype(np.float32)).astype(np.float32)
+        self.inv_freq = (
+            np.float32(1.0) / (np.float64(np.float32(hp.rope_theta)) ** exponent.astype(np.float64)).astype(np.float32)
+        ).astype(np.float32)
 
     def _dense(self, name: str) -> np.ndarray:
         kind = self.file.tensor_type(name)
@@ -85,7 +87,9 @@ class ReferenceModel:
 
     def _linear(self, layer: int, stem: str) -> BitLinear:
         name = tensor_name(layer, stem)
-        codes = quants.unpack_ternary(np.asarray(self.file.raw(name)), self.file.tensor_type(name), self.file.shape(name))
+        codes = quants.unpack_ternary(
+            np.asarray(self.file.raw(name)), self.file.tensor_type(name), self.file.shape(name)
+        )
         scale = np.float32(np.asarray(self.file.raw(tensor_name(layer, stem, "scale"))).ravel()[0])
         return BitLinear(codes.astype(np.float32), scale)
 
@@ -146,7 +150,7 @@ class ReferenceModel:
             else:
                 cache.keys[i] = np.concatenate([cache.keys[i], k])
                 cache.values[i] = np.concatenate([cache.values[i], v])
-            keys = np.repeat(cache.keys[i], group, axis=1)      # (T, heads, d): query head j uses kv head j // group
+            keys = np.repeat(cache.keys[i], group, axis=1)  # (T, heads, d): query head j uses kv head j // group
             values = np.repeat(cache.values[i], group, axis=1)
             attn = self._attention(q, keys, values, start).reshape(n, hp.heads * hp.head_dim)
             if hp.sub_norms:
@@ -163,7 +167,9 @@ class ReferenceModel:
     def generate(self, prompt: list[int], max_tokens: int, stop_ids: set[int] | None = None) -> list[int]:
         """Greedy decoding with a KV cache; stops early at any of `stop_ids`."""
         cache = KVCache()
-        return greedy_decode(self.forward(prompt, cache)[-1], lambda token: self.forward([token], cache)[-1], max_tokens, stop_ids)
+        return greedy_decode(
+            self.forward(prompt, cache)[-1], lambda token: self.forward([token], cache)[-1], max_tokens, stop_ids
+        )
 
 
 def greedy_decode(logits: np.ndarray, step, max_tokens: int, stop_ids: set[int] | None = None) -> list[int]:

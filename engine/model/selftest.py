@@ -29,8 +29,8 @@ import numpy as np
 from engine.model import quants
 from engine.model.native import ISAS, KV_TYPES, Library
 
-MAX_FAILURES = 8         # messages kept per family: the first ones say what is wrong
-TIMEOUT_S = 300          # a hung kernel is a failure too
+MAX_FAILURES = 8  # messages kept per family: the first ones say what is wrong
+TIMEOUT_S = 300  # a hung kernel is a failure too
 TERNARY_CASES = ((4, 256, 1), (12, 1024, 11), (16, 512, 1), (8, 2816, 7), (36, 768, 70))  # rows, cols, tokens
 TOKEN_TILES = (0, 1, 3, 6)
 DENSE_CASES = (("q8_0", 8, 512, 3), ("f16", 5, 256, 2), ("q6_k", 4, 512, 1), ("f32", 3, 96, 1))
@@ -46,8 +46,10 @@ class _Checks:
         self.failures: list[str] = []
 
     def equal(self, got: np.ndarray, want: np.ndarray, what: str) -> None:
-        if got.shape == want.shape and np.array_equal(got.view(np.uint8) if got.dtype.kind == "f" else got,
-                                                      want.view(np.uint8) if want.dtype.kind == "f" else want):
+        if got.shape == want.shape and np.array_equal(
+            got.view(np.uint8) if got.dtype.kind == "f" else got,
+            want.view(np.uint8) if want.dtype.kind == "f" else want,
+        ):
             self.passed += 1
             return
         self._fail(got, want, what, "")
@@ -70,14 +72,19 @@ class _Checks:
         self.failures.append(f"{what}: out{list(at)} = {got[at].item()!r}, want {want[at].item()!r}{why}")
 
     def report(self, seconds: float) -> dict:
-        return {"passed": self.failed == 0, "checks": self.passed + self.failed, "failed": self.failed,
-                "failures": self.failures, "seconds": round(seconds, 3)}
+        return {
+            "passed": self.failed == 0,
+            "checks": self.passed + self.failed,
+            "failed": self.failed,
+            "failures": self.failures,
+            "seconds": round(seconds, 3),
+        }
 
 
 def _rounding_bound(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     """|float32 dot - exact| <= 2 gamma_n sum |w x|, gamma_n = n u / (1 - n u): any summation order."""
     n = w.shape[-1] + 1
-    u = 2.0 ** -24
+    u = 2.0**-24
     return 2.0 * (n * u / (1.0 - n * u)) * (np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T) + 1e-30
 
 
@@ -101,18 +108,26 @@ def _cases(rng: np.random.Generator):
             act[1, :] = 127
         ternary.append((rows, cols, codes, act, quants.pack_ternary(codes, "tq2_0")))
     x = rng.standard_normal((6, 1024)).astype(np.float32) * np.float32(3.0)
-    x[1, :] = 0.0                                        # amax below the floor
+    x[1, :] = 0.0  # amax below the floor
     x[2, ::2] = np.float32(0.5) / np.float32(127.0) * 4  # ties after scaling
-    x[3, :] *= np.float32(1e-30)                         # tiny and subnormal values
+    x[3, :] *= np.float32(1e-30)  # tiny and subnormal values
     dense = []
     for qtype, rows, cols, n in DENSE_CASES:
         w = rng.standard_normal((rows, cols)).astype(np.float32)
         raw = quants.quantize(w, qtype)
-        dense.append((qtype, rows, cols, raw, quants.dequantize(raw, qtype, (rows, cols)),
-                      rng.standard_normal((n, cols)).astype(np.float32)))
+        dense.append(
+            (
+                qtype,
+                rows,
+                cols,
+                raw,
+                quants.dequantize(raw, qtype, (rows, cols)),
+                rng.standard_normal((n, cols)).astype(np.float32),
+            )
+        )
     kv = []
     for d in KV_HEAD_SIZES:
-        n_pos, stride = 37, d * 2 + 8   # several heads per row, rows not 64-byte aligned
+        n_pos, stride = 37, d * 2 + 8  # several heads per row, rows not 64-byte aligned
         q = rng.standard_normal(d).astype(np.float32)
         probs = rng.random(n_pos).astype(np.float32)
         cache = rng.standard_normal((n_pos, stride)).astype(np.float32)
@@ -137,9 +152,15 @@ def _family_outputs(library, isa: str, cases) -> dict:
         for kv_name, kv_type in KV_TYPES.items():
             data = np.ascontiguousarray(cache if kv_name == "f32" else cache.astype(np.float16))
             scores, values = np.zeros(n_pos, np.float32), np.zeros(d, np.float32)
-            library.check(lib.ryz_kv_dot(q.ctypes.data, data.ctypes.data, kv_type, stride, n_pos, d, scores.ctypes.data), "kv_dot")
-            library.check(lib.ryz_kv_axpy(probs.ctypes.data, data[:, d:].ctypes.data, kv_type, stride, n_pos, d,
-                                          values.ctypes.data), "kv_axpy")
+            library.check(
+                lib.ryz_kv_dot(q.ctypes.data, data.ctypes.data, kv_type, stride, n_pos, d, scores.ctypes.data), "kv_dot"
+            )
+            library.check(
+                lib.ryz_kv_axpy(
+                    probs.ctypes.data, data[:, d:].ctypes.data, kv_type, stride, n_pos, d, values.ctypes.data
+                ),
+                "kv_axpy",
+            )
             per_type[kv_name] = (scores, values)
         out["kv"].append(per_type)
     return out
@@ -156,14 +177,22 @@ def _check_scalar(checks: _Checks, cases, got: dict) -> None:
         checks.equal(g, w, f"quantize_activations scalar vs naive ({name})")
     for (qtype, rows, cols, _raw, deq, xs), out in zip(dense, got["dense"]):
         exact = xs.astype(np.float64) @ deq.astype(np.float64).T
-        checks.close(out, exact, _rounding_bound(deq, xs), f"dense_gemm {qtype} scalar vs naive {rows}x{cols} n={len(xs)}")
+        checks.close(
+            out, exact, _rounding_bound(deq, xs), f"dense_gemm {qtype} scalar vs naive {rows}x{cols} n={len(xs)}"
+        )
     for (d, n_pos, stride, q, probs, cache), per_type in zip(kv, got["kv"]):
         for kv_name, (scores, values) in per_type.items():
             c = (cache if kv_name == "f32" else cache.astype(np.float16)).astype(np.float64)
-            keys, vals = c[:, :d], c[:, d:2 * d]
-            checks.close(scores, keys @ q, _rounding_bound(keys, q[None, :])[0], f"kv_dot {kv_name} scalar vs naive d={d}")
-            checks.close(values, probs @ vals, _rounding_bound(vals.T, probs[None, :])[0],
-                         f"kv_axpy {kv_name} scalar vs naive d={d}")
+            keys, vals = c[:, :d], c[:, d : 2 * d]
+            checks.close(
+                scores, keys @ q, _rounding_bound(keys, q[None, :])[0], f"kv_dot {kv_name} scalar vs naive d={d}"
+            )
+            checks.close(
+                values,
+                probs @ vals,
+                _rounding_bound(vals.T, probs[None, :])[0],
+                f"kv_axpy {kv_name} scalar vs naive d={d}",
+            )
 
 
 def _check_family(checks: _Checks, isa: str, cases, got: dict, scalar: dict, simd_peer: dict | None) -> None:
@@ -212,12 +241,19 @@ def self_test(library, seed: int = 0) -> dict:
     finally:
         library.set_isa(before)
     failures = [f for report in families.values() for f in report["failures"][:3]]  # each failing family named
-    return {"passed": all(r["passed"] for r in families.values()), "families": families, "failures": failures,
-            "seconds": round(time.perf_counter() - start, 3)}
+    return {
+        "passed": all(r["passed"] for r in families.values()),
+        "families": families,
+        "failures": failures,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
 
 
-def run_self_test(library_path: str | Path, timeout: float = TIMEOUT_S,
-                  runner: Callable[..., subprocess.CompletedProcess] = subprocess.run) -> dict:
+def run_self_test(
+    library_path: str | Path,
+    timeout: float = TIMEOUT_S,
+    runner: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+) -> dict:
     """`self_test` on the library at `library_path`, in a child process. A crash, a hang or unreadable output is a
     failed self-test whose "failures" say so."""
     cmd = [sys.executable, "-m", "engine.model.selftest", str(library_path), "--json"]
@@ -254,8 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
     else:
         for isa, report in result["families"].items():
-            print(f"{isa:8s} {'ok' if report['passed'] else 'FAILED'}: {report['checks'] - report['failed']} of "
-                  f"{report['checks']} checks passed ({report['seconds']:.2f} s)")
+            print(
+                f"{isa:8s} {'ok' if report['passed'] else 'FAILED'}: {report['checks'] - report['failed']} of "
+                f"{report['checks']} checks passed ({report['seconds']:.2f} s)"
+            )
         for failure in result["failures"]:
             print(f"  {failure}")
     return 0 if result["passed"] else 1

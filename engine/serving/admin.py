@@ -19,8 +19,9 @@ class AdminError(RyzError, RuntimeError):
 class AdminClient:
     def __init__(self, base_url: str, token: str | None, timeout: float = 120.0):
         self.base_url = base_url.rstrip("/")
-        self._client = httpx.Client(base_url=self.base_url, timeout=timeout,
-                                    headers={"Authorization": f"Bearer {token}"} if token else {})
+        self._client = httpx.Client(
+            base_url=self.base_url, timeout=timeout, headers={"Authorization": f"Bearer {token}"} if token else {}
+        )
 
     def _call(self, method: str, path: str, **kw) -> dict:
         try:
@@ -79,6 +80,7 @@ class Replicas:
     def __getattr__(self, name: str):
         def each(*args, **kw):
             return [getattr(c, name)(*args, **kw) for c in self.clients]
+
         return each
 
     def close(self) -> None:

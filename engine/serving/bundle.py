@@ -11,10 +11,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.artifacts.bundle import (KERNELS, MODEL, NATIVE_SRC, SCHEMA, SERVING_FIELDS, SETTINGS, read_bundle_manifest,
-                                     verify_bundle)
-from engine.errors import BundleError, ModelReferenceError, SchemaVersionError, ToolchainNotFoundError
 from engine import host
+from engine.artifacts.bundle import (
+    KERNELS,
+    MODEL,
+    NATIVE_SRC,
+    SCHEMA,
+    SERVING_FIELDS,
+    SETTINGS,
+    read_bundle_manifest,
+    verify_bundle,
+)
+from engine.errors import BundleError, ModelReferenceError, SchemaVersionError, ToolchainNotFoundError
 from engine.model import build
 from engine.model.loader import open_model
 from engine.model.native import Library
@@ -31,9 +39,9 @@ class OpenedBundle:
     manifest: dict
     model_path: Path
     library: Library
-    kernel: str                        # "bundle" (its own build) or "rebuilt:<key>" (rebuilt from native-src)
+    kernel: str  # "bundle" (its own build) or "rebuilt:<key>" (rebuilt from native-src)
     build_manifest: dict = field(default_factory=dict)
-    overrides: dict = field(default_factory=dict)   # settings.json's serving fields
+    overrides: dict = field(default_factory=dict)  # settings.json's serving fields
 
     @property
     def artifact_id(self) -> str:
@@ -47,13 +55,16 @@ def bundle_settings(bundle_dir: str | Path, base: Settings | None = None) -> Set
     base = base or get_settings()
     doc = json.loads((Path(bundle_dir) / SETTINGS).read_text())
     if doc.get("schema") != SCHEMA:
-        raise SchemaVersionError(f"{Path(bundle_dir) / SETTINGS} has schema {doc.get('schema')!r}; this Ryzanstein reads {SCHEMA}")
+        raise SchemaVersionError(
+            f"{Path(bundle_dir) / SETTINGS} has schema {doc.get('schema')!r}; this Ryzanstein reads {SCHEMA}"
+        )
     serving = {k: v for k, v in doc["serving"].items() if k in SERVING_FIELDS and k not in base.model_fields_set}
     return Settings.model_validate({**base.model_dump(), **serving})
 
 
-def _load_library(bundle_dir: Path, manifest: dict, settings: Settings,
-                  progress: Callable[[str], None]) -> tuple[Library, str, dict]:
+def _load_library(
+    bundle_dir: Path, manifest: dict, settings: Settings, progress: Callable[[str], None]
+) -> tuple[Library, str, dict]:
     """The bundle's own library when it was built for this CPU's fingerprint, else one rebuilt from its sources
     into RYZ_HOME's kernel cache (once: the key makes it a cache hit afterwards)."""
     kernel = manifest["kernel_build"]
@@ -64,27 +75,43 @@ def _load_library(bundle_dir: Path, manifest: dict, settings: Settings,
         library = build._LOADED.get(path) or Library(path)
         built_from = (library.lib.ryz_source_hash() or b"").decode()
         if built_from != kernel["source_hash"]:
-            raise BundleError(f"{kernel['library']} reports sources {built_from[:16]!r}, bundle.json {kernel['source_hash'][:16]!r}; "
-                              "the bundle is inconsistent: build it again")
+            raise BundleError(
+                f"{kernel['library']} reports sources {built_from[:16]!r}, bundle.json {kernel['source_hash'][:16]!r}; "
+                "the bundle is inconsistent: build it again"
+            )
         build._LOADED[path] = library
         library.set_isa(settings.isa)
         return library, "bundle", json.loads((bundle_dir / KERNELS / build.MANIFEST_NAME).read_text())
-    why = ("it carries no kernel build" if not kernel.get("library") else
-           "its kernel build carries no passed self-test" if not proven else
-           f"its kernels were built for CPU fingerprint {kernel['fingerprint'].get('fingerprint_id')}, this CPU is "
-           f"{here['fingerprint_id']}")
-    progress(f"bundle {manifest['ref']}: {why}; building the kernels from its sources (once, into {build.kernels_dir(settings)})")
+    why = (
+        "it carries no kernel build"
+        if not kernel.get("library")
+        else "its kernel build carries no passed self-test"
+        if not proven
+        else f"its kernels were built for CPU fingerprint {kernel['fingerprint'].get('fingerprint_id')}, this CPU is "
+        f"{here['fingerprint_id']}"
+    )
+    progress(
+        f"bundle {manifest['ref']}: {why}; building the kernels from its sources (once, into {build.kernels_dir(settings)})"
+    )
     try:
         built = build.build_kernels(settings=settings, native_dir=bundle_dir / NATIVE_SRC, progress=progress)
     except ToolchainNotFoundError as exc:
-        raise BundleError(f"cannot serve the bundle {bundle_dir} on this CPU: {why}, and rebuilding needs a C++ "
-                          f"toolchain: {exc}. Or build the bundle on (or for) this CPU: `ryz bundle {manifest['ref']} -o DIR`") from None
-    library = build.load_library(settings, build_if_missing=False, native_dir=bundle_dir / NATIVE_SRC, progress=progress)
+        raise BundleError(
+            f"cannot serve the bundle {bundle_dir} on this CPU: {why}, and rebuilding needs a C++ "
+            f"toolchain: {exc}. Or build the bundle on (or for) this CPU: `ryz bundle {manifest['ref']} -o DIR`"
+        ) from None
+    library = build.load_library(
+        settings, build_if_missing=False, native_dir=bundle_dir / NATIVE_SRC, progress=progress
+    )
     return library, f"rebuilt:{built.key}", built.manifest
 
 
-def open_bundle(bundle_dir: str | Path, settings: Settings | None = None, verify: bool = True,
-                progress: Callable[[str], None] = build.print_to_stderr) -> OpenedBundle:
+def open_bundle(
+    bundle_dir: str | Path,
+    settings: Settings | None = None,
+    verify: bool = True,
+    progress: Callable[[str], None] = build.print_to_stderr,
+) -> OpenedBundle:
     """What `ryz serve --bundle DIR` needs, with no registry or store: the bundle verified, its GGUF, a loaded
     native library for this CPU (the bundle's, or rebuilt from its sources) and its serving settings."""
     bundle_dir = Path(bundle_dir).expanduser().resolve()
@@ -95,8 +122,11 @@ def open_bundle(bundle_dir: str | Path, settings: Settings | None = None, verify
     return OpenedBundle(bundle_dir, manifest, bundle_dir / MODEL, library, kernel, build_manifest, overrides)
 
 
-def bundle_loader(bundle_dir: str | Path, opened: OpenedBundle | None = None, verify: bool = True,
-                  ) -> Callable[[str, Settings], LoadedModel]:
+def bundle_loader(
+    bundle_dir: str | Path,
+    opened: OpenedBundle | None = None,
+    verify: bool = True,
+) -> Callable[[str, Settings], LoadedModel]:
     """A loader for engine.serving.server.create_app(loader=...) that serves the bundle's model and nothing else: it
     accepts the bundle's artifact id (or a prefix of it), its name:version, or its GGUF path; any other reference
     is refused (the server has no store to load it from). The bundle is opened on the first load (in the
@@ -107,18 +137,22 @@ def bundle_loader(bundle_dir: str | Path, opened: OpenedBundle | None = None, ve
 
     def load(ref: str, settings: Settings) -> LoadedModel:
         hex_ = ref.removeprefix("sha256:")
-        ours = (ref in (manifest["ref"], str(bundle_dir / MODEL)) or
-                (len(hex_) >= 12 and manifest["artifact_id"].removeprefix("sha256:").startswith(hex_)))
+        ours = ref in (manifest["ref"], str(bundle_dir / MODEL)) or (
+            len(hex_) >= 12 and manifest["artifact_id"].removeprefix("sha256:").startswith(hex_)
+        )
         if not ours:
             raise ModelReferenceError(
                 f"this server serves the bundle of {manifest['ref']} ({manifest['artifact_id'][:19]}) and has no artifact "
-                f"store to load {ref!r} from; deploy that version's bundle instead (`ryz bundle REF -o DIR`)")
+                f"store to load {ref!r} from; deploy that version's bundle instead (`ryz bundle REF -o DIR`)"
+            )
         if state["opened"] is None:
             state["opened"] = open_bundle(bundle_dir, settings, verify=verify)
         bundle = state["opened"]
         model = open_model(bundle.model_path, "serve", settings=settings, library=bundle.library)
         name = model.file.metadata.get("general.name")
-        model_id = f"{name}@{bundle.artifact_id[:19]}" if name else bundle.artifact_id[:19]   # as a store-loaded artifact
+        model_id = (
+            f"{name}@{bundle.artifact_id[:19]}" if name else bundle.artifact_id[:19]
+        )  # as a store-loaded artifact
         return LoadedModel(model, ModelTokenizer(model.file), model_id)
 
     return load
@@ -137,12 +171,12 @@ def bundle_app(bundle_dir: str | Path, settings: Settings | None = None, verify:
     return app, settings
 
 
-def serve_bundle(bundle_dir: str | Path, host: str | None = None, port: int | None = None,
-                 settings: Settings | None = None) -> None:
+def serve_bundle(
+    bundle_dir: str | Path, host: str | None = None, port: int | None = None, settings: Settings | None = None
+) -> None:
     """Verify the bundle and serve it until interrupted (what `ryz serve --bundle DIR` calls); `host`/`port`
     override the bundle's and the environment's."""
     import uvicorn  # only when serving for real
-
 
     base = settings or get_settings()
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
@@ -150,6 +184,8 @@ def serve_bundle(bundle_dir: str | Path, host: str | None = None, port: int | No
         base = base.model_copy(update=overrides)
     app, settings = bundle_app(bundle_dir, base)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
-        print(f"ryz serve: warning: binding {settings.host} without RYZ_API_KEYS: anyone who can reach it can use it",
-              file=sys.stderr)
+        print(
+            f"ryz serve: warning: binding {settings.host} without RYZ_API_KEYS: anyone who can reach it can use it",
+            file=sys.stderr,
+        )
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=10)

@@ -17,8 +17,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
     """Prometheus text exposition -> (name, labels, value) samples, by prometheus_client's own parser."""
-    return [(sample.name, dict(sample.labels), float(sample.value))
-            for family in text_string_to_metric_families(text) for sample in family.samples]
+    return [
+        (sample.name, dict(sample.labels), float(sample.value))
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
 
 
 @dataclass
@@ -31,10 +34,14 @@ class VariantStats:
     tpot_buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
 
     def minus(self, earlier: VariantStats) -> VariantStats:
-        return VariantStats(self.requests - earlier.requests, self.errors - earlier.errors,
-                            {le: c - earlier.ttft_buckets.get(le, 0.0) for le, c in self.ttft_buckets.items()},
-                            self.tpot_sum - earlier.tpot_sum, self.tpot_count - earlier.tpot_count,
-                            {le: c - earlier.tpot_buckets.get(le, 0.0) for le, c in self.tpot_buckets.items()})
+        return VariantStats(
+            self.requests - earlier.requests,
+            self.errors - earlier.errors,
+            {le: c - earlier.ttft_buckets.get(le, 0.0) for le, c in self.ttft_buckets.items()},
+            self.tpot_sum - earlier.tpot_sum,
+            self.tpot_count - earlier.tpot_count,
+            {le: c - earlier.tpot_buckets.get(le, 0.0) for le, c in self.tpot_buckets.items()},
+        )
 
     @property
     def error_rate(self) -> float:
@@ -99,9 +106,9 @@ def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
 @dataclass
 class Thresholds:
     min_requests: int = 20
-    max_error_rate_delta: float = 0.02   # canary error rate may exceed production's by this much (absolute)
-    max_ttft_ratio: float = 1.2          # canary p95 TTFT <= ratio x production's
-    min_speed_ratio: float = 0.9         # canary decode tok/s >= ratio x production's
+    max_error_rate_delta: float = 0.02  # canary error rate may exceed production's by this much (absolute)
+    max_ttft_ratio: float = 1.2  # canary p95 TTFT <= ratio x production's
+    min_speed_ratio: float = 0.9  # canary decode tok/s >= ratio x production's
     # Noise floors: a ratio alone fails on jitter when both sides are fast (a 10 ms TTFT doubling to 20 ms on a
     # busy host); a check fails only when the canary is worse by the ratio AND by this much in absolute terms.
     min_ttft_delta_ms: float = 50.0
@@ -110,7 +117,7 @@ class Thresholds:
 
 @dataclass
 class Verdict:
-    outcome: str       # "pass", "fail", "inconclusive"
+    outcome: str  # "pass", "fail", "inconclusive"
     reasons: list[str]
     canary: dict
     production: dict
@@ -120,8 +127,13 @@ class Verdict:
 
 
 def _describe(s: VariantStats) -> dict:
-    return {"requests": int(s.requests), "errors": int(s.errors), "error_rate": s.error_rate,
-            "ttft_p95_ms": None if s.ttft_p95 is None else s.ttft_p95 * 1000, "decode_tok_s": s.decode_tok_s}
+    return {
+        "requests": int(s.requests),
+        "errors": int(s.errors),
+        "error_rate": s.error_rate,
+        "ttft_p95_ms": None if s.ttft_p95 is None else s.ttft_p95 * 1000,
+        "decode_tok_s": s.decode_tok_s,
+    }
 
 
 def compare(canary: VariantStats, production: VariantStats, t: Thresholds, step: int) -> Verdict:
@@ -131,18 +143,30 @@ def compare(canary: VariantStats, production: VariantStats, t: Thresholds, step:
     where = f"over {n} requests at step {step}%"
     if n < t.min_requests:
         return Verdict("inconclusive", [f"only {n} canary requests at step {step}% (need {t.min_requests})"], c, p)
-    checks = [(c["error_rate"] <= p["error_rate"] + t.max_error_rate_delta,
-               f"canary error rate {c['error_rate']:.1%} {{op}} production {p['error_rate']:.1%} + {t.max_error_rate_delta:.1%} {where}",
-               ("<=", ">"))]
+    checks = [
+        (
+            c["error_rate"] <= p["error_rate"] + t.max_error_rate_delta,
+            f"canary error rate {c['error_rate']:.1%} {{op}} production {p['error_rate']:.1%} + {t.max_error_rate_delta:.1%} {where}",
+            ("<=", ">"),
+        )
+    ]
     if c["ttft_p95_ms"] is not None and p["ttft_p95_ms"] is not None:
-        checks.append((c["ttft_p95_ms"] <= max(t.max_ttft_ratio * p["ttft_p95_ms"], p["ttft_p95_ms"] + t.min_ttft_delta_ms),
-                       f"canary p95 TTFT {c['ttft_p95_ms']:.0f} ms {{op}} {t.max_ttft_ratio} x production {p['ttft_p95_ms']:.0f} ms {where}",
-                       ("<=", ">")))
+        checks.append(
+            (
+                c["ttft_p95_ms"] <= max(t.max_ttft_ratio * p["ttft_p95_ms"], p["ttft_p95_ms"] + t.min_ttft_delta_ms),
+                f"canary p95 TTFT {c['ttft_p95_ms']:.0f} ms {{op}} {t.max_ttft_ratio} x production {p['ttft_p95_ms']:.0f} ms {where}",
+                ("<=", ">"),
+            )
+        )
     if c["decode_tok_s"] is not None and p["decode_tok_s"] is not None:
         slower_ms = 1000 / c["decode_tok_s"] - 1000 / p["decode_tok_s"]
-        checks.append((c["decode_tok_s"] >= t.min_speed_ratio * p["decode_tok_s"] or slower_ms < t.min_tpot_delta_ms,
-                       f"canary decode {c['decode_tok_s']:.1f} tok/s {{op}} {t.min_speed_ratio} x production {p['decode_tok_s']:.1f} tok/s {where}",
-                       (">=", "<")))
+        checks.append(
+            (
+                c["decode_tok_s"] >= t.min_speed_ratio * p["decode_tok_s"] or slower_ms < t.min_tpot_delta_ms,
+                f"canary decode {c['decode_tok_s']:.1f} tok/s {{op}} {t.min_speed_ratio} x production {p['decode_tok_s']:.1f} tok/s {where}",
+                (">=", "<"),
+            )
+        )
     failed = [text.format(op=ops[1]) for ok, text, ops in checks if not ok]
     if failed:
         return Verdict("fail", failed, c, p)

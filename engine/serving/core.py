@@ -32,7 +32,7 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: set[int] = field(default_factory=set)  # besides the model's own eos / end-of-turn ids
     ignore_eos: bool = False
-    grammar: Any = None             # engine.serving.structured.Grammar: constrains every sampled token
+    grammar: Any = None  # engine.serving.structured.Grammar: constrains every sampled token
     prompt_logprobs: int | None = None  # echo scoring: logprob of each prompt token and its top alternatives
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     arrival: float = field(default_factory=time.perf_counter)  # TTFT counts from here (the server sets it on receipt)
@@ -41,6 +41,7 @@ class GenerationRequest:
 @dataclass
 class Delta:
     """What one engine step produced for one request."""
+
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Sample] = field(default_factory=list)
@@ -78,13 +79,20 @@ class _Live:
     prompt_logprobs: list = field(default_factory=list)
     first_token_at: float | None = None
     last_token_at: float | None = None
-    waited_at_last_token: float = 0.0   # the core's compute_wait when last_token_at was taken
+    waited_at_last_token: float = 0.0  # the core's compute_wait when last_token_at was taken
     stop_string_hit: bool = False
 
 
 class EngineCore:
-    def __init__(self, model, tokenizer, config: SchedulerConfig, model_id: str = "model", metrics=None,
-                 compute_lock: threading.Lock | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        config: SchedulerConfig,
+        model_id: str = "model",
+        metrics=None,
+        compute_lock: threading.Lock | None = None,
+    ):
         """`compute_lock`: shared by every EngineCore of one server, so one variant's forward runs at a time
         on all the cores. Two variants computing at once oversubscribe them (each forward uses every core),
         and the one with less traffic, the canary, was preempted in nearly every step: its tokens read up to
@@ -108,10 +116,15 @@ class EngineCore:
     def submit(self, request: GenerationRequest, sink: Callable[[Delta], None]) -> None:
         """Queue a request. Raises QueueFullError at capacity, ValueError for a prompt that cannot fit."""
         request.params.validate()
-        live = _Live(request, sink, Sampler(request.params, self.vocab),
-                     IncrementalDetokenizer(self.tokenizer.tokenizer, prefix_ids=request.prompt_ids[-4:]),
-                     StopMatcher(request.stop), request.grammar.matcher() if request.grammar is not None else None,
-                     request.arrival)
+        live = _Live(
+            request,
+            sink,
+            Sampler(request.params, self.vocab),
+            IncrementalDetokenizer(self.tokenizer.tokenizer, prefix_ids=request.prompt_ids[-4:]),
+            StopMatcher(request.stop),
+            request.grammar.matcher() if request.grammar is not None else None,
+            request.arrival,
+        )
         with self._lock:
             if self._stopping:
                 raise RuntimeError("the engine is shutting down")
@@ -127,9 +140,14 @@ class EngineCore:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"waiting": self.scheduler.num_waiting, "running": self.scheduler.num_running,
-                    "kv_bytes": self.model.kv_bytes(), "slots": self.config.slots,
-                    "prefix_hits": self.scheduler.prefix_hits, "prefix_tokens_reused": self.scheduler.prefix_tokens_reused}
+            return {
+                "waiting": self.scheduler.num_waiting,
+                "running": self.scheduler.num_running,
+                "kv_bytes": self.model.kv_bytes(),
+                "slots": self.config.slots,
+                "prefix_hits": self.scheduler.prefix_hits,
+                "prefix_tokens_reused": self.scheduler.prefix_tokens_reused,
+            }
 
     @property
     def in_flight(self) -> int:
@@ -182,7 +200,7 @@ class EngineCore:
         offset = 0
         for c in plan.chunks:
             if c.logits_for_all:
-                want[offset:offset + len(c.tokens)] = 1
+                want[offset : offset + len(c.tokens)] = 1
             elif c.samples:
                 want[offset + len(c.tokens) - 1] = 1
             offset += len(c.tokens)
@@ -197,7 +215,7 @@ class EngineCore:
         with self._lock:
             for chunk in plan.chunks:
                 rows = len(chunk.tokens) if chunk.logits_for_all else int(chunk.samples)
-                self._update(chunk, logits[row:row + rows] if rows else None)
+                self._update(chunk, logits[row : row + rows] if rows else None)
                 row += rows
 
     def _update(self, chunk: Chunk, logits: np.ndarray | None) -> None:
@@ -207,10 +225,10 @@ class EngineCore:
         request = live.request
         if chunk.logits_for_all:
             prompt = request.prompt_ids
-            next_ids = prompt[chunk.start + 1:chunk.start + 1 + len(chunk.tokens)]
+            next_ids = prompt[chunk.start + 1 : chunk.start + 1 + len(chunk.tokens)]
             if chunk.start == 0:
                 live.prompt_logprobs.append(None)  # nothing predicts the first prompt token
-            live.prompt_logprobs += token_logprobs(logits[:len(next_ids)], next_ids, request.prompt_logprobs or 0)
+            live.prompt_logprobs += token_logprobs(logits[: len(next_ids)], next_ids, request.prompt_logprobs or 0)
         if not chunk.samples:
             return
         if request.max_tokens == 0:
@@ -246,8 +264,10 @@ class EngineCore:
                 finish, live.stop_string_hit = "stop", True
             elif live.matcher is not None and live.matcher.is_finished():
                 finish = "stop"
-        if finish is None and (len(live.generated) >= request.max_tokens
-                               or len(request.prompt_ids) + len(live.generated) >= self.config.max_context):
+        if finish is None and (
+            len(live.generated) >= request.max_tokens
+            or len(request.prompt_ids) + len(live.generated) >= self.config.max_context
+        ):
             finish = "length"
         delta = Delta(text=text, token_ids=[token], logprobs=[sample] if request.params.logprobs is not None else [])
         if finish is None:

@@ -15,8 +15,17 @@ import httpx
 
 
 class SyntheticLoad:
-    def __init__(self, base_url: str, model: str, prompts: list[str], concurrency: int = 4, max_tokens: int = 16,
-                 api_key: str | None = None, deadline_s: float = 900.0, seed: int = 0):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        prompts: list[str],
+        concurrency: int = 4,
+        max_tokens: int = 16,
+        api_key: str | None = None,
+        deadline_s: float = 900.0,
+        seed: int = 0,
+    ):
         if not prompts:
             raise ValueError("synthetic load needs at least one prompt")
         self.base_url, self.model, self.prompts = base_url.rstrip("/"), model, prompts
@@ -25,7 +34,9 @@ class SyntheticLoad:
         self.sent = self.failed = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._client, args=(seed + i,), daemon=True) for i in range(concurrency)]
+        self._threads = [
+            threading.Thread(target=self._client, args=(seed + i,), daemon=True) for i in range(concurrency)
+        ]
 
     def __enter__(self) -> SyntheticLoad:
         for t in self._threads:
@@ -42,8 +53,13 @@ class SyntheticLoad:
         end = time.monotonic() + self.deadline_s
         with httpx.Client(base_url=self.base_url, timeout=60, headers=self.headers) as client:
             while not self._stop.is_set() and time.monotonic() < end:
-                body = {"model": self.model, "prompt": rng.choice(self.prompts), "max_tokens": self.max_tokens,
-                        "temperature": 0.7, "seed": rng.randrange(1 << 30)}
+                body = {
+                    "model": self.model,
+                    "prompt": rng.choice(self.prompts),
+                    "max_tokens": self.max_tokens,
+                    "temperature": 0.7,
+                    "seed": rng.randrange(1 << 30),
+                }
                 try:
                     ok = client.post("/v1/completions", json=body).status_code < 500
                 except httpx.HTTPError:

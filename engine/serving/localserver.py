@@ -34,9 +34,13 @@ class LocalServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.extra_env, "RYZ_ADMIN_TOKEN": self.token}
         with self.log_path.open("w") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--host", "127.0.0.1",
-                                             "--port", str(self.port)], env=env, stdout=log, stderr=log,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "flows.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+                env=env,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -47,7 +51,9 @@ class LocalServer:
             except httpx.HTTPError:
                 time.sleep(0.1)
         self.__exit__(None, None, None)
-        raise RyzError(f"ryz serve did not come up on {self.url} within {self.startup_timeout:.0f} s; log: {self.log_path}")
+        raise RyzError(
+            f"ryz serve did not come up on {self.url} within {self.startup_timeout:.0f} s; log: {self.log_path}"
+        )
 
     def __exit__(self, *exc) -> None:
         if self.process is None or self.process.poll() is not None:

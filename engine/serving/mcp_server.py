@@ -44,8 +44,9 @@ class Generator:
         from engine.model.tokenizer import ModelTokenizer
 
         path = resolve_model(self.model_ref, open_store(self.settings.store_url, settings=self.settings))
-        model = open_model(path, "generate", settings=self.settings, library=self.library,
-                           max_positions=self.settings.max_context)
+        model = open_model(
+            path, "generate", settings=self.settings, library=self.library, max_positions=self.settings.max_context
+        )
         return model, ModelTokenizer(model.file)
 
     def generate(self, prompt: str, max_tokens: int) -> dict:
@@ -59,25 +60,40 @@ class Generator:
             model, tok = self._loaded
             ids = tok.encode(prompt)
             if len(ids) + max_tokens > self.settings.max_context:
-                raise InvalidRequestError(f"the prompt has {len(ids)} tokens; with max_tokens={max_tokens} that exceeds the "
-                                          f"context of {self.settings.max_context} (RYZ_MAX_CONTEXT)")
+                raise InvalidRequestError(
+                    f"the prompt has {len(ids)} tokens; with max_tokens={max_tokens} that exceeds the "
+                    f"context of {self.settings.max_context} (RYZ_MAX_CONTEXT)"
+                )
             out = model.generate(ids, max_tokens, stop_ids=tok.stop_ids)
         finish = "length" if len(out) >= max_tokens else "stop"
-        return {"text": tok.decode(out), "finish_reason": finish, "prompt_tokens": len(ids), "completion_tokens": len(out),
-                "model": self.model_ref}
+        return {
+            "text": tok.decode(out),
+            "finish_reason": finish,
+            "prompt_tokens": len(ids),
+            "completion_tokens": len(out),
+            "model": self.model_ref,
+        }
 
 
-def create_mcp_server(settings: Settings | None = None, model_ref: str = "production", index_ref: str = "production",
-                      library=None, retriever: Retriever | None = None):
+def create_mcp_server(
+    settings: Settings | None = None,
+    model_ref: str = "production",
+    index_ref: str = "production",
+    library=None,
+    retriever: Retriever | None = None,
+):
     """The MCP server (`mcp.server.MCPServer`) with the `search_index` and `generate` tools."""
     from mcp.server import MCPServer
 
     settings = settings or get_settings()
     retriever = retriever or Retriever(settings)
     generator = Generator(settings, model_ref, library)
-    server = MCPServer("ryzanstein", instructions="Search this Ryzanstein installation's retrieval index with "
-                       "search_index (chunks of documents and code, with their file paths and lines) and generate text "
-                       "with its production ternary model with generate.")
+    server = MCPServer(
+        "ryzanstein",
+        instructions="Search this Ryzanstein installation's retrieval index with "
+        "search_index (chunks of documents and code, with their file paths and lines) and generate text "
+        "with its production ternary model with generate.",
+    )
 
     @server.tool()
     def search_index(query: str, top_k: int = 5) -> dict:
@@ -120,4 +136,4 @@ def run_mcp(model_ref: str = "production", index_ref: str = "production", settin
     try:
         create_mcp_server(settings, model_ref, index_ref, retriever=retriever).run("stdio")
     finally:
-        retriever.close()   # removes this process's unpacked copy of the index
+        retriever.close()  # removes this process's unpacked copy of the index

@@ -8,37 +8,84 @@ from `ryz_time_per_output_token_seconds` (its median).
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401 - re-exported for the server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,  # noqa: F401 - re-exported for the server
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0)
-TPOT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
-                0.5, 1.0, 2.5)
+TPOT_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    1.0,
+    2.5,
+)
 
 
 class ServerMetrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("ryz_requests", "Finished HTTP inference requests", ["variant", "endpoint", "status"], registry=r)
-        self.errors = Counter("ryz_request_errors", "Failed inference requests by kind", ["variant", "kind"], registry=r)
+        self.requests = Counter(
+            "ryz_requests", "Finished HTTP inference requests", ["variant", "endpoint", "status"], registry=r
+        )
+        self.errors = Counter(
+            "ryz_request_errors", "Failed inference requests by kind", ["variant", "kind"], registry=r
+        )
         self.queue_depth = Gauge("ryz_queue_depth", "Requests waiting for a sequence slot", ["variant"], registry=r)
         self.running = Gauge("ryz_running_sequences", "Sequences in the running batch", ["variant"], registry=r)
         self.kv_bytes = Gauge("ryz_kv_cache_bytes", "KV cache memory allocated", ["variant"], registry=r)
-        self.ttft = Histogram("ryz_time_to_first_token_seconds", "Arrival to first generated token", ["variant"],
-                              buckets=TTFT_BUCKETS, registry=r)
-        self.tpot = Histogram("ryz_time_per_output_token_seconds", "Time between generated tokens of one request, "
-                              "less the time its steps waited for another variant's forward", ["variant"],
-                              buckets=TPOT_BUCKETS, registry=r)
-        self.compute_wait = Counter("ryz_compute_wait_seconds", "Time this variant's steps waited for another "
-                                    "variant's forward (one forward runs at a time)", ["variant"], registry=r)
+        self.ttft = Histogram(
+            "ryz_time_to_first_token_seconds",
+            "Arrival to first generated token",
+            ["variant"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "ryz_time_per_output_token_seconds",
+            "Time between generated tokens of one request, "
+            "less the time its steps waited for another variant's forward",
+            ["variant"],
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.compute_wait = Counter(
+            "ryz_compute_wait_seconds",
+            "Time this variant's steps waited for another variant's forward (one forward runs at a time)",
+            ["variant"],
+            registry=r,
+        )
         self.prompt_tokens = Counter("ryz_prompt_tokens", "Prompt tokens processed", ["variant"], registry=r)
         self.generation_tokens = Counter("ryz_generation_tokens", "Tokens generated", ["variant"], registry=r)
         self.step_tokens = Counter("ryz_engine_step_tokens", "Tokens fed through the model", ["variant"], registry=r)
-        self.prefix_reused = Gauge("ryz_prefix_cache_tokens_reused", "Prompt tokens served from the prefix cache",
-                                   ["variant"], registry=r)
-        self.canary_weight = Gauge("ryz_canary_weight_percent", "Share of routed traffic sent to the canary", registry=r)
-        self.variant_info = Gauge("ryz_variant_info", "Loaded variants (value 1) with their model", ["variant", "model"],
-                                  registry=r)
+        self.prefix_reused = Gauge(
+            "ryz_prefix_cache_tokens_reused", "Prompt tokens served from the prefix cache", ["variant"], registry=r
+        )
+        self.canary_weight = Gauge(
+            "ryz_canary_weight_percent", "Share of routed traffic sent to the canary", registry=r
+        )
+        self.variant_info = Gauge(
+            "ryz_variant_info", "Loaded variants (value 1) with their model", ["variant", "model"], registry=r
+        )
 
     def for_variant(self, variant: str) -> VariantMetrics:
         return VariantMetrics(self, variant)

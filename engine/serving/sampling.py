@@ -54,15 +54,24 @@ class SamplingParams:
         _check_range("min_p", self.min_p, 0.0, 1.0, note=" (0 disables it)")
         _check_range("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         _check_range("presence_penalty", self.presence_penalty, -2.0, 2.0)
-        if not _is_number(self.repetition_penalty) or not self.repetition_penalty > 0 or math.isinf(self.repetition_penalty):
+        if (
+            not _is_number(self.repetition_penalty)
+            or not self.repetition_penalty > 0
+            or math.isinf(self.repetition_penalty)
+        ):
             raise InvalidRequestError(
                 f"repetition_penalty must be a number greater than 0 (1 disables it), got {self.repetition_penalty!r}",
-                param="repetition_penalty")
+                param="repetition_penalty",
+            )
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}", param="top_k")
+            raise InvalidRequestError(
+                f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}", param="top_k"
+            )
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise InvalidRequestError(
-                f"logprobs must be an integer between 0 and 20 (or null for none), got {self.logprobs!r}", param="logprobs")
+                f"logprobs must be an integer between 0 and 20 (or null for none), got {self.logprobs!r}",
+                param="logprobs",
+            )
         if self.seed is not None and not _is_int(self.seed):
             raise InvalidRequestError(f"seed must be an integer or null, got {self.seed!r}", param="seed")
 
@@ -75,7 +84,9 @@ class SamplingParams:
 class Sample:
     token: int
     logprob: float  # log-probability of `token` under the raw distribution (log_softmax of the unmodified logits)
-    top: list[tuple[int, float]]  # top `logprobs` alternatives (id, raw logprob), best first; [] when logprobs is None/0
+    top: list[
+        tuple[int, float]
+    ]  # top `logprobs` alternatives (id, raw logprob), best first; [] when logprobs is None/0
 
 
 class Sampler:
@@ -93,8 +104,13 @@ class Sampler:
         self.rng = np.random.default_rng(params.seed)
         self._history = _History(vocab_size) if _needs_history(params) else None
 
-    def sample(self, logits: np.ndarray, prompt_ids: Sequence[int], generated_ids: Sequence[int],
-               allowed: np.ndarray | None = None) -> Sample:
+    def sample(
+        self,
+        logits: np.ndarray,
+        prompt_ids: Sequence[int],
+        generated_ids: Sequence[int],
+        allowed: np.ndarray | None = None,
+    ) -> Sample:
         p, n_vocab = self.params, self.vocab_size
         logits = np.asarray(logits)
         if logits.ndim != 1 or logits.shape[0] < n_vocab:
@@ -107,8 +123,10 @@ class Sampler:
         # Raw distribution (for the reported logprob): one exp pass, reused below when nothing changes it.
         raw_max = float(raw.max())
         if not math.isfinite(raw_max):
-            raise SamplingError(f"the model produced non-finite logits (max {raw_max}); the weights or activations "
-                                "overflowed — check the model file, or compare with the scalar kernels (RYZ_ISA=scalar)")
+            raise SamplingError(
+                f"the model produced non-finite logits (max {raw_max}); the weights or activations "
+                "overflowed — check the model file, or compare with the scalar kernels (RYZ_ISA=scalar)"
+            )
         np.subtract(raw, np.float32(raw_max), out=buf.e)
         np.exp(buf.e, out=buf.e)
         raw_lse = raw_max + math.log(float(buf.e.sum(dtype=np.float64)))
@@ -119,11 +137,15 @@ class Sampler:
         if allowed is not None:
             allowed = np.asarray(allowed)
             if allowed.dtype != np.bool_ or allowed.ndim != 1 or allowed.shape[0] < n_vocab:
-                raise ValueError(f"allowed must be a bool mask of shape ({n_vocab},), got {allowed.dtype} {allowed.shape}")
+                raise ValueError(
+                    f"allowed must be a bool mask of shape ({n_vocab},), got {allowed.dtype} {allowed.shape}"
+                )
             allowed = allowed[:n_vocab]
             if not allowed.any():
-                raise SamplingError(f"the allowed-token mask allows none of the {n_vocab} tokens; the grammar cannot be "
-                                    "continued from here — check the grammar / JSON schema accepts the text generated so far")
+                raise SamplingError(
+                    f"the allowed-token mask allows none of the {n_vocab} tokens; the grammar cannot be "
+                    "continued from here — check the grammar / JSON schema accepts the text generated so far"
+                )
             np.take(_MASK_BIAS, allowed.view(np.uint8), out=buf.w)  # 0 where allowed, -inf elsewhere: branch-free
             x = np.add(buf.w, x, out=buf.x)
 
@@ -135,8 +157,10 @@ class Sampler:
         """Pick a token id from the (penalized, masked) logits x, whose max is m."""
         p = self.params
         if m == -math.inf:
-            raise SamplingError("every allowed token has logit -inf, so nothing can be sampled: the constrained-decoding "
-                                "mask only allows tokens the model rules out")
+            raise SamplingError(
+                "every allowed token has logit -inf, so nothing can be sampled: the constrained-decoding "
+                "mask only allows tokens the model rules out"
+            )
         if p.greedy or p.top_k == 1:
             return int(np.argmax(x))  # first maximum: the lowest id on ties
 
@@ -159,15 +183,16 @@ class Sampler:
         if p.top_p < 1.0:
             keep = _nucleus(e, p.top_p, p.min_p, buf.b)
         elif p.min_p > 0.0:
-            keep = np.flatnonzero(np.greater_equal(e, np.float32(p.min_p), out=buf.b[:e.shape[0]]))
+            keep = np.flatnonzero(np.greater_equal(e, np.float32(p.min_p), out=buf.b[: e.shape[0]]))
         pos = _draw(e if keep is None else e[keep], self.rng.random())
         if keep is not None:
             pos = int(keep[pos])
         return int(ids[pos]) if ids is not None else pos
 
 
-def apply_penalties(logits: np.ndarray, params: SamplingParams, prompt_ids: Sequence[int],
-                    generated_ids: Sequence[int]) -> np.ndarray:
+def apply_penalties(
+    logits: np.ndarray, params: SamplingParams, prompt_ids: Sequence[int], generated_ids: Sequence[int]
+) -> np.ndarray:
     """A float32 copy of `logits` after `params`' repetition penalty (prompt + generated ids: positive
     logits divided, negative multiplied) and frequency/presence penalties (generated ids only:
     logit -= count * frequency_penalty + presence_penalty), exactly as Sampler applies them."""
@@ -184,7 +209,9 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
 
 
-def token_logprobs(logits: np.ndarray, next_ids: Sequence[int], top: int) -> list[tuple[float, list[tuple[int, float]]]]:
+def token_logprobs(
+    logits: np.ndarray, next_ids: Sequence[int], top: int
+) -> list[tuple[float, list[tuple[int, float]]]]:
     """For echo / prompt scoring: row i's raw logprob of next_ids[i] and its `top` best alternatives
     (id, logprob), best first. Rows are processed one at a time, so a long prompt never needs an
     (n, vocab) float64 copy."""
@@ -192,7 +219,9 @@ def token_logprobs(logits: np.ndarray, next_ids: Sequence[int], top: int) -> lis
     if logits.ndim == 1:
         logits = logits[None, :]
     if logits.ndim != 2 or logits.shape[0] != len(next_ids):
-        raise ValueError(f"token_logprobs needs one logits row per next id: got logits {logits.shape} and {len(next_ids)} ids")
+        raise ValueError(
+            f"token_logprobs needs one logits row per next id: got logits {logits.shape} and {len(next_ids)} ids"
+        )
     if top < 0:
         raise ValueError(f"top must be >= 0, got {top}")
     out = []
@@ -205,6 +234,7 @@ def token_logprobs(logits: np.ndarray, next_ids: Sequence[int], top: int) -> lis
 
 
 # --- internals -------------------------------------------------------------------------------------
+
 
 class _Buffers:
     """Per-thread scratch arrays for one vocabulary size. Large temporaries are the real cost at 128k:
@@ -249,7 +279,7 @@ def _top_ids(x: np.ndarray, k: int, buf: _Buffers | None = None) -> np.ndarray:
     ids = np.flatnonzero(np.greater_equal(x, threshold, out=mask))
     if ids.shape[0] > k:  # ties at the threshold: keep everything above it, then the lowest tied ids
         above = ids[x[ids] > threshold]
-        tied = ids[x[ids] == threshold][:k - above.shape[0]]
+        tied = ids[x[ids] == threshold][: k - above.shape[0]]
         ids = np.sort(np.concatenate([above, tied]))
     return ids
 
@@ -280,7 +310,7 @@ def _nucleus(e: np.ndarray, top_p: float, min_p: float, mask: np.ndarray) -> np.
     # cand is ascending, so a stable sort keeps the lowest id first on ties (the 128k worst case
     # uses the default sort: a stable argsort of the whole vocabulary costs ~13 ms).
     order = np.argsort(-w, kind="stable") if w.shape[0] <= 8192 else np.argsort(-w)
-    return cand[order[:_count_to_mass(w[order], need)]]
+    return cand[order[: _count_to_mass(w[order], need)]]
 
 
 def _count_to_mass(w: np.ndarray, need: float) -> int:
@@ -295,7 +325,7 @@ def _count_to_mass(w: np.ndarray, need: float) -> int:
     if b >= sums.shape[0]:
         return n
     start = b * _BLOCK
-    inner = np.cumsum(w[start:start + _BLOCK], dtype=np.float64) + (sums[b - 1] if b else 0.0)
+    inner = np.cumsum(w[start : start + _BLOCK], dtype=np.float64) + (sums[b - 1] if b else 0.0)
     return min(start + int(np.searchsorted(inner, need, side="left")) + 1, n)
 
 
@@ -310,7 +340,7 @@ def _draw(w: np.ndarray, r: float) -> int:
         target = r * sums[-1]
         b = min(int(np.searchsorted(sums, target, side="right")), sums.shape[0] - 1)
         start = b * _BLOCK
-        inner = np.cumsum(w[start:start + _BLOCK], dtype=np.float64)
+        inner = np.cumsum(w[start : start + _BLOCK], dtype=np.float64)
         i = start + int(np.searchsorted(inner, target - (sums[b - 1] if b else 0.0), side="right"))
     if i >= n or not w[i] > 0:  # float rounding at a block or array end: take the nearest positive weight
         positive = np.flatnonzero(w > 0)
@@ -342,8 +372,11 @@ class _History:
     def update(self, prompt_ids: Sequence[int], generated_ids: Sequence[int]) -> None:
         key = (len(prompt_ids), prompt_ids[0] if len(prompt_ids) else None, prompt_ids[-1] if len(prompt_ids) else None)
         n = len(generated_ids)
-        if (key != self.prompt_key or n < self.n_generated
-                or (self.n_generated and generated_ids[self.n_generated - 1] != self.last_generated)):
+        if (
+            key != self.prompt_key
+            or n < self.n_generated
+            or (self.n_generated and generated_ids[self.n_generated - 1] != self.last_generated)
+        ):
             self._reset()  # a different request or a rolled-back sequence: rebuild from scratch
             self.prompt_key = key
             prompt = self._checked(prompt_ids, "prompt_ids")
@@ -351,7 +384,7 @@ class _History:
             self.seen[self.seen_ids] = True
         if n == self.n_generated:
             return
-        new = self._checked(generated_ids[self.n_generated:], "generated_ids")
+        new = self._checked(generated_ids[self.n_generated :], "generated_ids")
         fresh = np.unique(new[self.counts[new] == 0])
         np.add.at(self.counts, new, 1)
         if fresh.size:
@@ -368,14 +401,22 @@ class _History:
             raise ValueError(f"{name} holds token ids outside [0, {self.vocab_size}): min {arr.min()}, max {arr.max()}")
         return arr
 
-    def apply(self, raw: np.ndarray, p: SamplingParams, prompt_ids: Sequence[int], generated_ids: Sequence[int],
-              out: np.ndarray) -> np.ndarray:
+    def apply(
+        self,
+        raw: np.ndarray,
+        p: SamplingParams,
+        prompt_ids: Sequence[int],
+        generated_ids: Sequence[int],
+        out: np.ndarray,
+    ) -> np.ndarray:
         self.update(prompt_ids, generated_ids)
         x = out
         np.copyto(x, raw)
         if p.repetition_penalty != 1.0 and self.seen_ids.size:
             v = x[self.seen_ids]
-            x[self.seen_ids] = np.where(v > 0, v / np.float32(p.repetition_penalty), v * np.float32(p.repetition_penalty))
+            x[self.seen_ids] = np.where(
+                v > 0, v / np.float32(p.repetition_penalty), v * np.float32(p.repetition_penalty)
+            )
         if (p.frequency_penalty or p.presence_penalty) and self.generated_ids.size:
             g = self.generated_ids
             x[g] -= (self.counts[g] * p.frequency_penalty + p.presence_penalty).astype(np.float32)

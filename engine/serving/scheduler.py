@@ -35,12 +35,13 @@ class SchedulerConfig:
 @dataclass
 class Chunk:
     """Tokens of one request fed in this step, at positions start .. start+len(tokens)-1 of its slot."""
+
     request_id: str
     slot: int
     tokens: list[int]
     start: int
     logits_for_all: bool  # prompt scoring (echo + logprobs): logits after every token, not only the last
-    samples: bool         # the chunk ends the known tokens: a new token is sampled from its last logits
+    samples: bool  # the chunk ends the known tokens: a new token is sampled from its last logits
 
 
 @dataclass
@@ -101,7 +102,9 @@ class Scheduler:
         if not prompt_ids:
             raise ValueError("a request needs at least one prompt token")
         if len(prompt_ids) >= self.config.max_context:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the context of {self.config.max_context}")
+            raise ValueError(
+                f"prompt of {len(prompt_ids)} tokens does not fit the context of {self.config.max_context}"
+            )
         if len(self.waiting) >= self.config.max_queue and not self._free_slots():
             raise QueueFullError(f"{len(self.waiting)} requests already waiting")
         self.waiting.append(_Request(request_id, list(prompt_ids), len(prompt_ids), score_prompt))
@@ -117,7 +120,7 @@ class Scheduler:
             return []
         slot = self.slots[request.slot]
         slot.owner = None
-        slot.tokens = request.tokens[:request.computed]
+        slot.tokens = request.tokens[: request.computed]
         slot.last_used = self._tick()
         return self._trim_idle()
 
@@ -143,7 +146,7 @@ class Scheduler:
         decoding = [r for r in self.running.values() if r.computed >= r.prompt_len]
         prefilling = [r for r in self.running.values() if r.computed < r.prompt_len]
         for r in decoding:
-            pending = r.tokens[r.computed:]  # the token sampled last step
+            pending = r.tokens[r.computed :]  # the token sampled last step
             if pending:
                 out.chunks.append(Chunk(r.request_id, r.slot, pending, r.computed, False, True))
         budget = self.config.prefill_chunk
@@ -151,7 +154,7 @@ class Scheduler:
             if budget <= 0:
                 break
             take = min(budget, r.prompt_len - r.computed)
-            tokens = r.tokens[r.computed:r.computed + take]
+            tokens = r.tokens[r.computed : r.computed + take]
             done = r.computed + take == r.prompt_len
             out.chunks.append(Chunk(r.request_id, r.slot, tokens, r.computed, r.score_prompt, done))
             budget -= take
@@ -159,7 +162,7 @@ class Scheduler:
             request = self.running[chunk.request_id]
             request.computed += len(chunk.tokens)
             slot = self.slots[chunk.slot]
-            slot.tokens = request.tokens[:request.computed]
+            slot.tokens = request.tokens[: request.computed]
             slot.last_used = self._tick()
         return out
 
@@ -167,8 +170,14 @@ class Scheduler:
         while self.waiting and (free := self._free_slots()):
             request = self.waiting.popleft()
             reuse_limit = 0 if request.score_prompt else request.prompt_len - 1  # keep one token for logits
-            best_free = max(free, key=lambda i: (_common_prefix(self.slots[i].tokens, request.tokens),
-                                                 self.slots[i].allocated, -self.slots[i].last_used))
+            best_free = max(
+                free,
+                key=lambda i: (
+                    _common_prefix(self.slots[i].tokens, request.tokens),
+                    self.slots[i].allocated,
+                    -self.slots[i].last_used,
+                ),
+            )
             reuse = min(_common_prefix(self.slots[best_free].tokens, request.tokens), reuse_limit)
             source = None
             for i, slot in enumerate(self.slots):  # a running sequence may hold a longer shared prefix
@@ -195,9 +204,12 @@ class Scheduler:
         return [i for i, s in enumerate(self.slots) if s.owner is None]
 
     def _trim_idle(self) -> list[int]:
-        idle = sorted((i for i, s in enumerate(self.slots) if s.owner is None and s.allocated),
-                      key=lambda i: self.slots[i].last_used, reverse=True)
-        released = idle[self.config.prefix_cache_slots:]
+        idle = sorted(
+            (i for i, s in enumerate(self.slots) if s.owner is None and s.allocated),
+            key=lambda i: self.slots[i].last_used,
+            reverse=True,
+        )
+        released = idle[self.config.prefix_cache_slots :]
         for i in released:
             self.slots[i] = _Slot()
         return released

@@ -13,8 +13,8 @@ from engine.errors import InvalidRequestError
 
 # One-line JSON, json.dumps' separators. Applied over any "x-guidance" options inside a schema.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-MAX_SCHEMA_BYTES = 64 * 1024   # canonical JSON of one schema (or of a request's whole tools list)
-MAX_SCHEMA_DEPTH = 32          # nested JSON objects/arrays inside the schema document
+MAX_SCHEMA_BYTES = 64 * 1024  # canonical JSON of one schema (or of a request's whole tools list)
+MAX_SCHEMA_DEPTH = 32  # nested JSON objects/arrays inside the schema document
 # Bounds llguidance's grammar build and per-token work: a schema over them is a 400, not a slow server.
 LIMITS = dict(max_grammar_size=200_000, max_lexer_states=100_000, step_max_items=50_000)
 
@@ -36,21 +36,29 @@ def check_json_schema(schema: Any, where: str, param: str) -> str:
     except (TypeError, ValueError) as exc:
         raise InvalidRequestError(f"{where} is not serialisable as JSON: {exc}", param=param) from None
     if len(text.encode()) > MAX_SCHEMA_BYTES:
-        raise InvalidRequestError(f"{where} is {len(text.encode())} bytes of JSON; the limit is {MAX_SCHEMA_BYTES}: "
-                                  "split it or drop descriptions and examples", param=param)
+        raise InvalidRequestError(
+            f"{where} is {len(text.encode())} bytes of JSON; the limit is {MAX_SCHEMA_BYTES}: "
+            "split it or drop descriptions and examples",
+            param=param,
+        )
     if (depth := _depth(schema)) > MAX_SCHEMA_DEPTH:
-        raise InvalidRequestError(f"{where} nests {depth} levels of objects/arrays; the limit is {MAX_SCHEMA_DEPTH}: "
-                                  "flatten it or use $defs/$ref for repeated parts", param=param)
+        raise InvalidRequestError(
+            f"{where} nests {depth} levels of objects/arrays; the limit is {MAX_SCHEMA_DEPTH}: "
+            "flatten it or use $defs/$ref for repeated parts",
+            param=param,
+        )
     try:
         grammar = llg.LLMatcher.grammar_from_json_schema(text, overrides=JSON_OPTIONS)
     except ValueError as exc:
         raise InvalidRequestError(f"{where} is not a valid JSON schema: {exc}", param=param) from None
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, None, limits=parser_limits())
     if is_error:
-        raise InvalidRequestError(f"{where} is not supported for constrained decoding: {first_line(messages)}; "
-                                  "remove or rewrite that part of the schema", param=param)
+        raise InvalidRequestError(
+            f"{where} is not supported for constrained decoding: {first_line(messages)}; "
+            "remove or rewrite that part of the schema",
+            param=param,
+        )
     return grammar
-
 
 
 def parser_limits() -> llg.LLParserLimits:

@@ -32,12 +32,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.artifacts.refs import resolve_model
 from engine.artifacts.store import open_store
+from engine.errors import InvalidRequestError, ModelReferenceError, RyzError
 from engine.model.loader import open_model
 from engine.model.tokenizer import ModelTokenizer
-from engine.serving.core import AsyncEngine, Delta, EngineCore, GenerationRequest
-from engine.errors import InvalidRequestError, ModelReferenceError, RyzError
-from engine.serving.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from engine.retrieval.search import MAX_TOP_K, Retriever, format_context
+from engine.serving.core import AsyncEngine, Delta, EngineCore, GenerationRequest
+from engine.serving.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from engine.serving.router import CANARY, PRODUCTION, CanaryRouter
 from engine.serving.sampling import SamplingParams
 from engine.serving.scheduler import QueueFullError, SchedulerConfig
@@ -48,18 +48,36 @@ VARIANT_HEADER = "X-Ryz-Variant"
 
 # -- errors ---------------------------------------------------------------------------------------------
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type_, param, code, headers
+        self.status, self.message, self.type, self.param, self.code, self.headers = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+            headers,
+        )
 
 
-def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
+def error_body(
+    message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 def _error_response(exc: APIError) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status, headers=exc.headers)
+    return JSONResponse(
+        error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status, headers=exc.headers
+    )
 
 
 # -- request bodies ---------------------------------------------------------------------------------------
@@ -105,7 +123,9 @@ class ChatBody(_Common):
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
-    retrieval: bool | dict | None = None      # extension: {"top_k": 4, "index": REF} adds retrieved chunks (docs/serving.md)
+    retrieval: bool | dict | None = (
+        None  # extension: {"top_k": 4, "index": REF} adds retrieved chunks (docs/serving.md)
+    )
 
 
 class EmbeddingsBody(BaseModel):
@@ -130,6 +150,7 @@ class RetrieveBody(BaseModel):
 @dataclass
 class LoadedModel:
     """What a loader returns: a model with the native forward_batch interface and its tokenizer."""
+
     model: Any
     tokenizer: Any
     model_id: str
@@ -188,9 +209,12 @@ class ServingState:
         self.draining = False
         self.loading: set[str] = set()
         self.load_errors: dict[str, str] = {}
-        self.faults = {"canary_error_rate": settings.fault_canary_error_rate, "canary_latency_ms": settings.fault_canary_latency_ms}
-        self.retrieval = Retriever(settings)   # embedder and indexes load on first use
-        self.compute_lock = threading.Lock()     # one variant's forward at a time (engine.serving.core.EngineCore)
+        self.faults = {
+            "canary_error_rate": settings.fault_canary_error_rate,
+            "canary_latency_ms": settings.fault_canary_latency_ms,
+        }
+        self.retrieval = Retriever(settings)  # embedder and indexes load on first use
+        self.compute_lock = threading.Lock()  # one variant's forward at a time (engine.serving.core.EngineCore)
         self._lock = threading.Lock()
 
     def load(self, name: str, ref: str) -> Variant:
@@ -204,11 +228,21 @@ class ServingState:
                 self.loading.discard(name)
                 self.load_errors[name] = str(exc)
             raise
-        config = SchedulerConfig(slots=loaded.model.max_seqs, max_context=self.settings.max_context,
-                                 prefill_chunk=self.settings.prefill_chunk, prefix_cache_slots=self.settings.prefix_cache_slots,
-                                 max_queue=self.settings.max_queue)
-        core = EngineCore(loaded.model, loaded.tokenizer, config, loaded.model_id, self.metrics.for_variant(name),
-                          compute_lock=self.compute_lock)
+        config = SchedulerConfig(
+            slots=loaded.model.max_seqs,
+            max_context=self.settings.max_context,
+            prefill_chunk=self.settings.prefill_chunk,
+            prefix_cache_slots=self.settings.prefix_cache_slots,
+            max_queue=self.settings.max_queue,
+        )
+        core = EngineCore(
+            loaded.model,
+            loaded.tokenizer,
+            config,
+            loaded.model_id,
+            self.metrics.for_variant(name),
+            compute_lock=self.compute_lock,
+        )
         variant = Variant(name, ref, loaded, core, AsyncEngine(core))
         with self._lock:
             old = self.variants.get(name)
@@ -270,8 +304,10 @@ class ServingState:
     def describe(self) -> dict:
         with self._lock:
             return {
-                "variants": {name: {"model": v.model_id, "ref": v.ref, "loaded_at": v.loaded_at, **v.engine.stats()}
-                             for name, v in self.variants.items()},
+                "variants": {
+                    name: {"model": v.model_id, "ref": v.ref, "loaded_at": v.loaded_at, **v.engine.stats()}
+                    for name, v in self.variants.items()
+                },
                 "weights": {CANARY: self.router.weight if CANARY in self.variants else 0},
                 "draining": self.draining,
                 "loading": sorted(self.loading),
@@ -293,26 +329,43 @@ class ServingState:
         """The variant serving a request for `model` (the served name, or a variant's own model id)."""
         with self._lock:
             if self.draining:
-                raise APIError(503, "the server is draining and accepts no new requests", "server_error", code="draining",
-                               headers={"Retry-After": "5"})
+                raise APIError(
+                    503,
+                    "the server is draining and accepts no new requests",
+                    "server_error",
+                    code="draining",
+                    headers={"Retry-After": "5"},
+                )
             for v in self.variants.values():
                 if model == v.model_id:
                     return v
             if model not in (self.settings.served_model_name, PRODUCTION, CANARY):
                 known = [self.settings.served_model_name, *(v.model_id for v in self.variants.values())]
-                raise APIError(404, f"the model {model!r} does not exist; served models: {', '.join(known)}",
-                               param="model", code="model_not_found")
+                raise APIError(
+                    404,
+                    f"the model {model!r} does not exist; served models: {', '.join(known)}",
+                    param="model",
+                    code="model_not_found",
+                )
             if PRODUCTION not in self.variants:
-                raise APIError(503, "no model is loaded yet" if self.loading else "no production model is loaded",
-                               "server_error", code="not_ready", headers={"Retry-After": "2"})
+                raise APIError(
+                    503,
+                    "no model is loaded yet" if self.loading else "no production model is loaded",
+                    "server_error",
+                    code="not_ready",
+                    headers={"Retry-After": "2"},
+                )
             if model == CANARY and CANARY in self.variants:
                 return self.variants[CANARY]
             return self.variants[self.router.choose(session_key, CANARY in self.variants)]
 
 
 # -- the app --------------------------------------------------------------------------------------------
-def create_app(settings: Settings | None = None, model_ref: str | None = None,
-               loader: Callable[[str, Settings], LoadedModel] | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    model_ref: str | None = None,
+    loader: Callable[[str, Settings], LoadedModel] | None = None,
+) -> FastAPI:
     """The server app; `model_ref` (if given) is loaded as production in the background at startup."""
     settings = settings or get_settings()
     state = ServingState(settings, loader)
@@ -342,27 +395,54 @@ def create_app(settings: Settings | None = None, model_ref: str | None = None,
     async def _validation_error(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return _error_response(APIError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where,
-                                        code="invalid_value"))
+        return _error_response(
+            APIError(
+                400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where, code="invalid_value"
+            )
+        )
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
-            return _error_response(APIError(413, f"request body of {length} bytes exceeds the limit of "
-                                                 f"{settings.max_request_bytes} (RYZ_MAX_REQUEST_BYTES)", code="too_large"))
+            return _error_response(
+                APIError(
+                    413,
+                    f"request body of {length} bytes exceeds the limit of "
+                    f"{settings.max_request_bytes} (RYZ_MAX_REQUEST_BYTES)",
+                    code="too_large",
+                )
+            )
         path = request.url.path
         if path.startswith("/v1/") and api_keys and _bearer(request) not in api_keys:
-            return _error_response(APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>` "
-                                                 "with one of the keys in RYZ_API_KEYS", "authentication_error",
-                                            code="invalid_api_key"))
+            return _error_response(
+                APIError(
+                    401,
+                    "missing or invalid API key: send `Authorization: Bearer <key>` "
+                    "with one of the keys in RYZ_API_KEYS",
+                    "authentication_error",
+                    code="invalid_api_key",
+                )
+            )
         if path.startswith("/admin"):
             if not settings.admin_token:
-                return _error_response(APIError(403, "admin routes are disabled: start the server with RYZ_ADMIN_TOKEN set",
-                                                "permission_error", code="admin_disabled"))
+                return _error_response(
+                    APIError(
+                        403,
+                        "admin routes are disabled: start the server with RYZ_ADMIN_TOKEN set",
+                        "permission_error",
+                        code="admin_disabled",
+                    )
+                )
             if _bearer(request) != settings.admin_token:
-                return _error_response(APIError(401, "admin routes need `Authorization: Bearer <RYZ_ADMIN_TOKEN>`",
-                                                "authentication_error", code="invalid_admin_token"))
+                return _error_response(
+                    APIError(
+                        401,
+                        "admin routes need `Authorization: Bearer <RYZ_ADMIN_TOKEN>`",
+                        "authentication_error",
+                        code="invalid_admin_token",
+                    )
+                )
         return await call_next(request)
 
     # -- probes and metrics ---------------------------------------------------------------------------
@@ -388,8 +468,12 @@ def create_app(settings: Settings | None = None, model_ref: str | None = None,
     async def models():
         created = int(min((v.loaded_at for v in state.variants.values()), default=time.time()))
         ids = [settings.served_model_name, *(v.model_id for v in state.variants.values())]
-        return {"object": "list", "data": [{"id": i, "object": "model", "created": created, "owned_by": "ryzanstein"}
-                                           for i in dict.fromkeys(ids)]}
+        return {
+            "object": "list",
+            "data": [
+                {"id": i, "object": "model", "created": created, "owned_by": "ryzanstein"} for i in dict.fromkeys(ids)
+            ],
+        }
 
     # -- inference ------------------------------------------------------------------------------------
     async def routed(request: Request, body_type: type[_Common]) -> tuple[Any, Variant]:
@@ -419,35 +503,70 @@ def create_app(settings: Settings | None = None, model_ref: str | None = None,
         body = _parse(EmbeddingsBody, await _json(request))
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts or any(not isinstance(t, str) for t in texts):
-            raise APIError(400, "input must be a non-empty string or list of strings; token arrays are not supported "
-                                "(this embedder tokenizes itself)", param="input", code="unsupported_input")
+            raise APIError(
+                400,
+                "input must be a non-empty string or list of strings; token arrays are not supported "
+                "(this embedder tokenizes itself)",
+                param="input",
+                code="unsupported_input",
+            )
         if len(texts) > EMBED_MAX_INPUTS or any(not t for t in texts):
             raise APIError(400, f"input takes 1-{EMBED_MAX_INPUTS} non-empty strings", param="input")
         if body.encoding_format not in ("float", "base64"):
-            raise APIError(400, f"encoding_format must be float or base64, got {body.encoding_format!r}", param="encoding_format")
+            raise APIError(
+                400, f"encoding_format must be float or base64, got {body.encoding_format!r}", param="encoding_format"
+            )
         if body.model not in _embedder_names(state):
-            raise APIError(404, f"the embedding model {body.model!r} does not exist; this server embeds with "
-                                f"{state.retrieval.model_id!r}", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the embedding model {body.model!r} does not exist; this server embeds with "
+                f"{state.retrieval.model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
         if body.dimensions is not None and not 1 <= body.dimensions <= 384:
-            raise APIError(400, f"dimensions must be 1-384 (the first k of MiniLM's 384, renormalised), got {body.dimensions}",
-                           param="dimensions")
+            raise APIError(
+                400,
+                f"dimensions must be 1-384 (the first k of MiniLM's 384, renormalised), got {body.dimensions}",
+                param="dimensions",
+            )
         vectors, tokens = await _retrieval_call(state.retrieval.embed, texts, body.dimensions)
-        data = [{"object": "embedding", "index": i,
-                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
-                 else v.tolist()} for i, v in enumerate(vectors)]
-        return {"object": "list", "data": data, "model": state.retrieval.model_id,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()
+                if body.encoding_format == "base64"
+                else v.tolist(),
+            }
+            for i, v in enumerate(vectors)
+        ]
+        return {
+            "object": "list",
+            "data": data,
+            "model": state.retrieval.model_id,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
 
     @app.post("/v1/retrieve")
     async def retrieve(request: Request):
         _refuse_when_draining(state)
         body = _parse(RetrieveBody, await _json(request))
         if body.index.startswith(("/", ".", "~")):
-            raise APIError(400, "`index` takes a registry reference (production, index:N) or an artifact id; "
-                                "directories are not accepted over HTTP", param="index")
+            raise APIError(
+                400,
+                "`index` takes a registry reference (production, index:N) or an artifact id; "
+                "directories are not accepted over HTTP",
+                param="index",
+            )
         hits, opened = await _retrieval_call(state.retrieval.search, body.query, body.top_k, body.index)
-        return {"object": "list", "data": hits, "index": opened.ref, "artifact_id": opened.artifact_id,
-                "model": state.retrieval.model_id}
+        return {
+            "object": "list",
+            "data": hits,
+            "index": opened.ref,
+            "artifact_id": opened.artifact_id,
+            "model": state.retrieval.model_id,
+        }
 
     # -- admin ----------------------------------------------------------------------------------------
     @app.get("/admin/state")
@@ -463,8 +582,12 @@ def create_app(settings: Settings | None = None, model_ref: str | None = None,
         if not isinstance(ref, str) or not ref:
             raise APIError(400, "`model` must be a model reference (artifact id)", param="model")
         if ref.endswith(".gguf") or ref.startswith(("/", ".", "~")):
-            raise APIError(400, "admin loads models from the artifact store by reference; file paths are not "
-                                "accepted over HTTP (start the server with --model PATH instead)", param="model")
+            raise APIError(
+                400,
+                "admin loads models from the artifact store by reference; file paths are not "
+                "accepted over HTTP (start the server with --model PATH instead)",
+                param="model",
+            )
         try:
             await asyncio.get_running_loop().run_in_executor(None, state.load, name, ref)
         except ModelReferenceError as exc:
@@ -496,10 +619,17 @@ def create_app(settings: Settings | None = None, model_ref: str | None = None,
     async def admin_faults(request: Request):
         body = await _json(request)
         for key, value in body.items():
-            if key not in state.faults or not isinstance(value, (int, float)) or value < 0 or \
-                    (key == "canary_error_rate" and value > 1):
-                raise APIError(400, f"faults take canary_error_rate (0-1) and canary_latency_ms (>= 0), got {key}={value!r}",
-                               param=key)
+            if (
+                key not in state.faults
+                or not isinstance(value, (int, float))
+                or value < 0
+                or (key == "canary_error_rate" and value > 1)
+            ):
+                raise APIError(
+                    400,
+                    f"faults take canary_error_rate (0-1) and canary_latency_ms (>= 0), got {key}={value!r}",
+                    param=key,
+                )
             state.faults[key] = float(value)
         return state.describe()
 
@@ -524,7 +654,9 @@ async def _inject_faults(faults: dict) -> None:
     if faults["canary_latency_ms"]:
         await asyncio.sleep(faults["canary_latency_ms"] / 1000)
     if faults["canary_error_rate"] and random.random() < faults["canary_error_rate"]:
-        raise APIError(500, "injected canary fault (RYZ_FAULT_CANARY_ERROR_RATE)", "server_error", code="injected_fault")
+        raise APIError(
+            500, "injected canary fault (RYZ_FAULT_CANARY_ERROR_RATE)", "server_error", code="injected_fault"
+        )
 
 
 def _load_logged(state: ServingState, name: str, ref: str) -> None:
@@ -576,8 +708,13 @@ def _embedder_names(state: ServingState) -> set[str]:
 
 def _refuse_when_draining(state: ServingState) -> None:
     if state.draining:
-        raise APIError(503, "the server is draining and accepts no new requests", "server_error", code="draining",
-                       headers={"Retry-After": "5"})
+        raise APIError(
+            503,
+            "the server is draining and accepts no new requests",
+            "server_error",
+            code="draining",
+            headers={"Retry-After": "5"},
+        )
 
 
 async def _retrieval_call(fn, *args):
@@ -586,11 +723,11 @@ async def _retrieval_call(fn, *args):
 
     try:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-    except ModelReferenceError as exc:   # no production index, unknown index:N
+    except ModelReferenceError as exc:  # no production index, unknown index:N
         raise APIError(404, f"{exc}", param="index", code="index_not_found") from None
     except (EmbedderError, RetrievalIndexError) as exc:
         raise APIError(503, str(exc), "server_error", code="retrieval_unavailable") from None
-    except RyzError as exc:              # e.g. an artifact id that is not in the store
+    except RyzError as exc:  # e.g. an artifact id that is not in the store
         raise APIError(404, str(exc), param="index", code="index_not_found") from None
 
 
@@ -600,15 +737,22 @@ async def _add_retrieved_context(state: ServingState, body: ChatBody) -> list[di
     options = body.retrieval if isinstance(body.retrieval, dict) else {}
     unknown = set(options) - {"top_k", "index"}
     top_k, ref = options.get("top_k", CHAT_RETRIEVAL_TOP_K), options.get("index", "production")
-    if unknown or type(top_k) is not int or not 1 <= top_k <= MAX_TOP_K or not isinstance(ref, str) or \
-            ref.startswith(("/", ".", "~")):
-        raise APIError(400, f"retrieval takes true or {{\"top_k\": 1-{MAX_TOP_K}, \"index\": REF}}", param="retrieval")
+    if (
+        unknown
+        or type(top_k) is not int
+        or not 1 <= top_k <= MAX_TOP_K
+        or not isinstance(ref, str)
+        or ref.startswith(("/", ".", "~"))
+    ):
+        raise APIError(400, f'retrieval takes true or {{"top_k": 1-{MAX_TOP_K}, "index": REF}}', param="retrieval")
     users = [m for m in body.messages if isinstance(m, dict) and m.get("role") == "user"]
     content = users[-1].get("content") if users else None
     if isinstance(content, list):
         content = " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
     if not isinstance(content, str) or not content.strip():
-        raise APIError(400, "retrieval searches with the last user message, and there is none with text", param="retrieval")
+        raise APIError(
+            400, "retrieval searches with the last user message, and there is none with text", param="retrieval"
+        )
     hits, opened = await _retrieval_call(state.retrieval.search, content[:4000], top_k, ref)
     context = format_context(hits)
     first = body.messages[0] if body.messages else None
@@ -616,8 +760,10 @@ async def _add_retrieved_context(state: ServingState, body: ChatBody) -> list[di
         body.messages = [{**first, "content": f"{first['content']}\n\n{context}"}, *body.messages[1:]]
     else:
         body.messages = [{"role": "system", "content": context}, *body.messages]
-    return [{"index": n, "id": h["id"], "score": h["score"], "source": h["source"], "index_ref": opened.ref}
-            for n, h in enumerate(hits, 1)]
+    return [
+        {"index": n, "id": h["id"], "score": h["score"], "source": h["source"], "index_ref": opened.ref}
+        for n, h in enumerate(hits, 1)
+    ]
 
 
 def _sampling(body: _Common, logprobs: int | None) -> SamplingParams:
@@ -625,9 +771,17 @@ def _sampling(body: _Common, logprobs: int | None) -> SamplingParams:
         raise APIError(400, f"n={body.n} is not supported: send n separate requests", param="n")
     if body.logit_bias:
         raise APIError(400, "logit_bias is not supported", param="logit_bias")
-    params = SamplingParams(temperature=body.temperature, top_k=body.top_k, top_p=body.top_p, min_p=body.min_p,
-                            repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
-                            presence_penalty=body.presence_penalty, seed=body.seed, logprobs=logprobs)
+    params = SamplingParams(
+        temperature=body.temperature,
+        top_k=body.top_k,
+        top_p=body.top_p,
+        min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
+        seed=body.seed,
+        logprobs=logprobs,
+    )
     try:
         params.validate()
     except (InvalidRequestError, ValueError) as exc:
@@ -649,13 +803,21 @@ def _check_lengths(state: ServingState, prompt_ids: list[int], max_tokens: int |
     if any(not isinstance(t, int) or t < 0 or t >= vocab for t in prompt_ids):
         raise APIError(400, f"prompt token ids must be integers in [0, {vocab})", param="prompt")
     if len(prompt_ids) >= s.max_context:
-        raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this server's context is {s.max_context} "
-                            f"(RYZ_MAX_CONTEXT) including the reply", param="messages", code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"the prompt has {len(prompt_ids)} tokens; this server's context is {s.max_context} "
+            f"(RYZ_MAX_CONTEXT) including the reply",
+            param="messages",
+            code="context_length_exceeded",
+        )
     if max_tokens is None:
         return min(s.max_tokens_limit, s.max_context - len(prompt_ids))
     if max_tokens > s.max_tokens_limit:
-        raise APIError(400, f"max_tokens={max_tokens} exceeds this server's limit of {s.max_tokens_limit} "
-                            "(RYZ_MAX_TOKENS_LIMIT)", param="max_tokens")
+        raise APIError(
+            400,
+            f"max_tokens={max_tokens} exceeds this server's limit of {s.max_tokens_limit} (RYZ_MAX_TOKENS_LIMIT)",
+            param="max_tokens",
+        )
     return max_tokens
 
 
@@ -663,8 +825,13 @@ def _submit_all(variant: Variant, requests: list[GenerationRequest]) -> list[Asy
     try:
         return [variant.engine.generate(r) for r in requests]
     except QueueFullError:
-        raise APIError(429, "the server is at capacity: all sequence slots are busy and the queue is full; retry later",
-                       "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+        raise APIError(
+            429,
+            "the server is at capacity: all sequence slots are busy and the queue is full; retry later",
+            "rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        ) from None
 
 
 async def _collect(stream: AsyncIterator[Delta]) -> tuple[str, list, Delta, list[int]]:
@@ -712,9 +879,19 @@ async def _run_completion(state: ServingState, variant: Variant, body: Completio
         ids = tok.encode(p) if isinstance(p, str) else list(p)
         max_tokens = _check_lengths(state, ids, body.max_tokens, vocab)
         prompt_ids_all.append(ids)
-        requests.append(GenerationRequest(ids, params, max_tokens, _stops(body.stop), set(body.stop_token_ids or []),
-                                          body.ignore_eos, grammar, body.logprobs if body.echo and body.logprobs is not None else
-                                          (0 if body.echo else None), arrival=arrival))
+        requests.append(
+            GenerationRequest(
+                ids,
+                params,
+                max_tokens,
+                _stops(body.stop),
+                set(body.stop_token_ids or []),
+                body.ignore_eos,
+                grammar,
+                body.logprobs if body.echo and body.logprobs is not None else (0 if body.echo else None),
+                arrival=arrival,
+            )
+        )
     streams = _submit_all(variant, requests)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     headers = {VARIANT_HEADER: variant.name}
@@ -726,7 +903,9 @@ async def _run_completion(state: ServingState, variant: Variant, body: Completio
         async def events():
             status = "200"
             try:
-                prompt_text = (prompts[0] if isinstance(prompts[0], str) else tok.decode(prompt_ids_all[0])) if body.echo else ""
+                prompt_text = (
+                    (prompts[0] if isinstance(prompts[0], str) else tok.decode(prompt_ids_all[0])) if body.echo else ""
+                )
                 first = True
                 async for delta in streams[0]:
                     if delta.error:
@@ -735,14 +914,35 @@ async def _run_completion(state: ServingState, variant: Variant, body: Completio
                         break
                     text = (prompt_text if first else "") + delta.text
                     first = False
-                    choice = {"index": 0, "text": text, "finish_reason": delta.finish_reason,
-                              "logprobs": _completion_logprobs(tok, delta, [], False, 0) if body.logprobs is not None else None}
+                    choice = {
+                        "index": 0,
+                        "text": text,
+                        "finish_reason": delta.finish_reason,
+                        "logprobs": _completion_logprobs(tok, delta, [], False, 0)
+                        if body.logprobs is not None
+                        else None,
+                    }
                     if text or delta.finish_reason or delta.token_ids:
-                        yield _sse({"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                                    "choices": [choice]})
+                        yield _sse(
+                            {
+                                "id": rid,
+                                "object": "text_completion",
+                                "created": created,
+                                "model": body.model,
+                                "choices": [choice],
+                            }
+                        )
                     if delta.done and include_usage:
-                        yield _sse({"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                                    "choices": [], "usage": _usage(delta.prompt_tokens, delta.completion_tokens)})
+                        yield _sse(
+                            {
+                                "id": rid,
+                                "object": "text_completion",
+                                "created": created,
+                                "model": body.model,
+                                "choices": [],
+                                "usage": _usage(delta.prompt_tokens, delta.completion_tokens),
+                            }
+                        )
                 yield _sse("[DONE]")
             finally:
                 state.metrics.requests.labels(variant.name, endpoint, status).inc()
@@ -758,19 +958,32 @@ async def _run_completion(state: ServingState, variant: Variant, body: Completio
         logprobs = None
         if body.logprobs is not None:
             logprobs = _completion_logprobs(tok, last, samples, body.echo, 0, prompt_ids_all[i])
-        choices.append({"index": i, "text": prompt_text + text, "logprobs": logprobs, "finish_reason": last.finish_reason})
+        choices.append(
+            {"index": i, "text": prompt_text + text, "logprobs": logprobs, "finish_reason": last.finish_reason}
+        )
         prompt_total += last.prompt_tokens
         completion_total += last.completion_tokens
     state.metrics.requests.labels(variant.name, endpoint, "200").inc()
-    return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                         "choices": choices, "usage": _usage(prompt_total, completion_total)}, headers=headers)
+    return JSONResponse(
+        {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": body.model,
+            "choices": choices,
+            "usage": _usage(prompt_total, completion_total),
+        },
+        headers=headers,
+    )
 
 
 def _token_text(tok, token_id: int) -> str:
     return tok.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def _completion_logprobs(tok, last: Delta, samples: list, echo: bool, offset: int, prompt_ids: list[int] | None = None) -> dict:
+def _completion_logprobs(
+    tok, last: Delta, samples: list, echo: bool, offset: int, prompt_ids: list[int] | None = None
+) -> dict:
     """OpenAI legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
     tokens, token_lps, tops, offsets = [], [], [], []
     pos = offset
@@ -800,7 +1013,9 @@ def _chat_logprobs(tok, samples: list) -> dict:
         text = _token_text(tok, token_id)
         return {"token": text, "logprob": lp, "bytes": list(text.encode())}
 
-    return {"content": [{**entry(s.token, s.logprob), "top_logprobs": [entry(i, v) for i, v in s.top]} for s in samples]}
+    return {
+        "content": [{**entry(s.token, s.logprob), "top_logprobs": [entry(i, v) for i, v in s.top]} for s in samples]
+    }
 
 
 def _response_grammar(variant: Variant, response_format: dict | None):
@@ -812,7 +1027,9 @@ def _response_grammar(variant: Variant, response_format: dict | None):
         raise APIError(400, str(exc), param="response_format") from None
 
 
-async def _run_chat(state: ServingState, variant: Variant, body: ChatBody, arrival: float, citations: list | None = None):
+async def _run_chat(
+    state: ServingState, variant: Variant, body: ChatBody, arrival: float, citations: list | None = None
+):
     from engine.serving.chat import render_chat, validate_messages
     from engine.serving.tools import parse_tool_calls, validate_tools
 
@@ -830,8 +1047,14 @@ async def _run_chat(state: ServingState, variant: Variant, body: ChatBody, arriv
             raise InvalidRequestError("this model has no chat template; use /v1/completions")
         bos = tok.tokenizer.id_to_token(tok.bos_id) if tok.bos_id is not None else ""
         eos = tok.tokenizer.id_to_token(tok.eos_id) if tok.eos_id is not None else ""
-        text = render_chat(tok.chat_template, messages, add_generation_prompt=True, bos_token=bos or "",
-                           eos_token=eos or "", tools=tools)
+        text = render_chat(
+            tok.chat_template,
+            messages,
+            add_generation_prompt=True,
+            bos_token=bos or "",
+            eos_token=eos or "",
+            tools=tools,
+        )
     except (InvalidRequestError, ValueError) as exc:
         raise APIError(400, str(exc), param=getattr(exc, "param", None) or "messages") from None
     grammar = _response_grammar(variant, body.response_format)
@@ -843,9 +1066,19 @@ async def _run_chat(state: ServingState, variant: Variant, body: ChatBody, arriv
         except (InvalidRequestError, ValueError) as exc:
             raise APIError(400, str(exc), param="tools") from None
     prompt_ids = tok.encode_chat(text)
-    max_tokens = _check_lengths(state, prompt_ids, body.max_completion_tokens or body.max_tokens, variant.loaded.model.hp.vocab)
-    request = GenerationRequest(prompt_ids, params, max_tokens, _stops(body.stop), set(body.stop_token_ids or []),
-                                body.ignore_eos, grammar, arrival=arrival)
+    max_tokens = _check_lengths(
+        state, prompt_ids, body.max_completion_tokens or body.max_tokens, variant.loaded.model.hp.vocab
+    )
+    request = GenerationRequest(
+        prompt_ids,
+        params,
+        max_tokens,
+        _stops(body.stop),
+        set(body.stop_token_ids or []),
+        body.ignore_eos,
+        grammar,
+        arrival=arrival,
+    )
     stream = _submit_all(variant, [request])[0]
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     headers = {VARIANT_HEADER: variant.name}
@@ -853,8 +1086,16 @@ async def _run_chat(state: ServingState, variant: Variant, body: ChatBody, arriv
     buffer_for_tools = bool(tools) and tool_choice != "none"
 
     def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None, extra: dict | None = None) -> str:
-        return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                     "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}], **(extra or {})})
+        return _sse(
+            {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+                **(extra or {}),
+            }
+        )
 
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -862,7 +1103,10 @@ async def _run_chat(state: ServingState, variant: Variant, body: ChatBody, arriv
         async def events():
             status = "200"
             try:
-                yield chunk({"role": "assistant", "content": ""}, extra={"citations": citations} if citations is not None else None)
+                yield chunk(
+                    {"role": "assistant", "content": ""},
+                    extra={"citations": citations} if citations is not None else None,
+                )
                 held = []
                 async for delta in stream:
                     if delta.error:
@@ -885,8 +1129,16 @@ async def _run_chat(state: ServingState, variant: Variant, body: ChatBody, arriv
                                 yield chunk({"content": "".join(held)})
                         yield chunk({}, finish)
                         if include_usage:
-                            yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                                        "choices": [], "usage": _usage(delta.prompt_tokens, delta.completion_tokens)})
+                            yield _sse(
+                                {
+                                    "id": rid,
+                                    "object": "chat.completion.chunk",
+                                    "created": created,
+                                    "model": body.model,
+                                    "choices": [],
+                                    "usage": _usage(delta.prompt_tokens, delta.completion_tokens),
+                                }
+                            )
                 yield _sse("[DONE]")
             finally:
                 state.metrics.requests.labels(variant.name, endpoint, status).inc()
@@ -900,18 +1152,35 @@ async def _run_chat(state: ServingState, variant: Variant, body: ChatBody, arriv
         message = {"role": "assistant", "content": None, "tool_calls": calls}
         finish = "tool_calls"
     state.metrics.requests.labels(variant.name, endpoint, "200").inc()
-    return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": body.model,
-                         "choices": [{"index": 0, "message": message, "finish_reason": finish,
-                                      "logprobs": _chat_logprobs(tok, samples) if body.logprobs else None}],
-                         "usage": _usage(last.prompt_tokens, last.completion_tokens),
-                         **({"citations": citations} if citations is not None else {})}, headers=headers)
+    return JSONResponse(
+        {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": body.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "finish_reason": finish,
+                    "logprobs": _chat_logprobs(tok, samples) if body.logprobs else None,
+                }
+            ],
+            "usage": _usage(last.prompt_tokens, last.completion_tokens),
+            **({"citations": citations} if citations is not None else {}),
+        },
+        headers=headers,
+    )
 
 
-def serve(model_ref: str | None, host: str | None = None, port: int | None = None, settings: Settings | None = None) -> None:
+def serve(
+    model_ref: str | None, host: str | None = None, port: int | None = None, settings: Settings | None = None
+) -> None:
     """Run the server until interrupted (what `ryz serve` calls)."""
     import uvicorn
 
     settings = settings or get_settings()
     app = create_app(settings, model_ref)
-    uvicorn.run(app, host=host or settings.host, port=port or settings.port, log_level="info",
-                timeout_graceful_shutdown=10)
+    uvicorn.run(
+        app, host=host or settings.host, port=port or settings.port, log_level="info", timeout_graceful_shutdown=10
+    )

@@ -66,7 +66,7 @@ from engine.errors import InvalidRequestError, SamplingError, TokenNotAllowedErr
 from engine.serving.schema import JSON_OPTIONS, canonical_json, check_json_schema, first_line, parser_limits
 from engine.serving.tools import normalize_tool_choice, tool_grammar_schema, validate_tools
 
-CACHE_SIZE = 64                # compiled grammars kept per model
+CACHE_SIZE = 64  # compiled grammars kept per model
 
 
 class GrammarCompiler:
@@ -86,24 +86,33 @@ class GrammarCompiler:
         if response_format is None:
             return None
         if not isinstance(response_format, dict):
-            raise InvalidRequestError(f"response_format must be an object like {{\"type\": \"json_object\"}}, "
-                                      f"got {type(response_format).__name__}", param="response_format")
+            raise InvalidRequestError(
+                f'response_format must be an object like {{"type": "json_object"}}, '
+                f"got {type(response_format).__name__}",
+                param="response_format",
+            )
         kind = response_format.get("type", "text")
         if kind == "text":
             return None
         if kind == "json_object":
             return self.compile_json_schema({"type": "object"})
         if kind != "json_schema":
-            raise InvalidRequestError(f"response_format.type must be one of text, json_object, json_schema; got {kind!r}",
-                                      param="response_format")
+            raise InvalidRequestError(
+                f"response_format.type must be one of text, json_object, json_schema; got {kind!r}",
+                param="response_format",
+            )
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict):
-            raise InvalidRequestError('response_format.json_schema must be an object {"name": ..., "schema": {...}} '
-                                      "when type is json_schema", param="response_format")
+            raise InvalidRequestError(
+                'response_format.json_schema must be an object {"name": ..., "schema": {...}} when type is json_schema',
+                param="response_format",
+            )
         if "schema" not in spec:
-            raise InvalidRequestError("response_format.json_schema.schema is missing: give the JSON schema the "
-                                      'output must follow, or use {"type": "json_object"} for any object',
-                                      param="response_format")
+            raise InvalidRequestError(
+                "response_format.json_schema.schema is missing: give the JSON schema the "
+                'output must follow, or use {"type": "json_object"} for any object',
+                param="response_format",
+            )
         return self.compile_json_schema(spec["schema"], where="response_format.json_schema.schema")
 
     def compile_json_schema(self, schema: Any, where: str = "schema", param: str = "response_format") -> Grammar:
@@ -113,7 +122,9 @@ class GrammarCompiler:
             return hit
         return self._store(key, self._build(check_json_schema(schema, where, param), where, param))
 
-    def compile_tools(self, tools: list[dict] | None, tool_choice: Any, parallel_tool_calls: bool = True) -> Grammar | None:
+    def compile_tools(
+        self, tools: list[dict] | None, tool_choice: Any, parallel_tool_calls: bool = True
+    ) -> Grammar | None:
         """Grammar for OpenAI function calling (design in engine/serving/tools.py): None for "none" (or no tools);
         "required"/a named function -> the output is a call `{"name": ..., "arguments": {...}}` ("required":
         or a non-empty array of calls, unless parallel_tool_calls is false); "auto" -> free text or one call,
@@ -130,10 +141,12 @@ class GrammarCompiler:
         if normalize_tool_choice(tool_choice, tools) == "auto":
             schema = {**schema, "x-guidance": JSON_OPTIONS}
             # Leading whitespace, then either nothing, free text not starting with "{", or one call.
-            lark = ("start: WS? (TEXT | call)?\n"
-                    "WS: /[ \\t\\r\\n]+/\n"
-                    "TEXT: /[^{ \\t\\r\\n][\\s\\S]*/\n"
-                    f"call: %json {canonical_json(schema)}\n")
+            lark = (
+                "start: WS? (TEXT | call)?\n"
+                "WS: /[ \\t\\r\\n]+/\n"
+                "TEXT: /[^{ \\t\\r\\n][\\s\\S]*/\n"
+                f"call: %json {canonical_json(schema)}\n"
+            )
             grammar = llg.LLMatcher.grammar_from_lark(lark)
         else:
             grammar = llg.LLMatcher.grammar_from_json_schema(canonical_json(schema), overrides=JSON_OPTIONS)
@@ -144,8 +157,10 @@ class GrammarCompiler:
     def _build(self, grammar: str, where: str, param: str) -> Grammar:
         matcher = llg.LLMatcher(self._llg, grammar, log_level=0, limits=parser_limits())
         if matcher.is_error():
-            raise InvalidRequestError(f"{where} cannot be compiled for this model: {first_line([matcher.get_error()])}; "
-                                      "simplify the schema", param=param)
+            raise InvalidRequestError(
+                f"{where} cannot be compiled for this model: {first_line([matcher.get_error()])}; simplify the schema",
+                param=param,
+            )
         return Grammar(matcher, self.vocab_size, self.grammar_vocab, self._llg)
 
     def _cached(self, key: str) -> Grammar | None:
@@ -189,7 +204,7 @@ class Matcher:
         self._n = grammar_vocab
         self._tokenizer = tokenizer
         self._bits = np.zeros((grammar_vocab + 31) // 32, dtype=np.int32)
-        self._mask: np.ndarray | None = None   # the last allowed(), valid until the next accept()
+        self._mask: np.ndarray | None = None  # the last allowed(), valid until the next accept()
         self._count = 0
 
     def allowed(self) -> np.ndarray:
@@ -197,9 +212,11 @@ class Matcher:
         when the text so far is complete under the grammar; ids the tokenizer does not have never are."""
         self._m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         if self._m.is_error():
-            raise SamplingError(f"the constrained-decoding matcher failed after {self._count} tokens: "
-                                f"{first_line([self._m.get_error()])}; the schema is too complex to follow token by "
-                                "token: simplify it (fewer alternatives, shorter patterns)")
+            raise SamplingError(
+                f"the constrained-decoding matcher failed after {self._count} tokens: "
+                f"{first_line([self._m.get_error()])}; the schema is too complex to follow token by "
+                "token: simplify it (fewer alternatives, shorter patterns)"
+            )
         mask = np.zeros(self._vocab_size, dtype=bool)
         mask[: self._n] = np.unpackbits(self._bits.view(np.uint8), count=self._n, bitorder="little").view(bool)
         self._mask = mask
@@ -214,8 +231,10 @@ class Matcher:
             ok = 0 <= token_id < self._n and self._m.validate_tokens([token_id]) == 1
         if not ok or not self._m.consume_token(token_id):
             shown = self._tokenizer.dbg_tokens([token_id]) if 0 <= token_id < self._n else "outside the tokenizer"
-            raise TokenNotAllowedError(f"token {token_id} ({shown}) is not allowed by the grammar after {self._count} "
-                                       "tokens; sample with the mask from Matcher.allowed()")
+            raise TokenNotAllowedError(
+                f"token {token_id} ({shown}) is not allowed by the grammar after {self._count} "
+                "tokens; sample with the mask from Matcher.allowed()"
+            )
         self._mask = None
         self._count += 1
 
@@ -233,20 +252,26 @@ def _llg_tokenizer(tokenizer: Tokenizer, vocab_size: int, eos_ids: set[int]) -> 
     non-special added token or eos id. Special tokens above that (our `<|pad_N|>` fillers, Llama-3's
     reserved tokens) are left out: a grammar never emits them, and 128k of them cost a minute of setup."""
     if not eos_ids:
-        raise UnsupportedTokenizerError("structured output needs an end-of-sequence token id to end a finished "
-                                        "grammar, and this model has none; set eos_token_id in its tokenizer config")
+        raise UnsupportedTokenizerError(
+            "structured output needs an end-of-sequence token id to end a finished "
+            "grammar, and this model has none; set eos_token_id in its tokenizer config"
+        )
     spec = json.loads(tokenizer.to_str())
     regular = tokenizer.get_vocab(with_added_tokens=False).values()
     added = spec.get("added_tokens") or []
     top = max([*regular, *(a["id"] for a in added if not a.get("special")), *eos_ids]) + 1
     if top > vocab_size:
-        raise UnsupportedTokenizerError(f"the tokenizer uses ids up to {top - 1} but the model's vocabulary has "
-                                        f"{vocab_size} entries; the tokenizer does not belong to this model")
+        raise UnsupportedTokenizerError(
+            f"the tokenizer uses ids up to {top - 1} but the model's vocabulary has "
+            f"{vocab_size} entries; the tokenizer does not belong to this model"
+        )
     spec["added_tokens"] = [a for a in added if a["id"] < top]
     try:
         return llg.LLTokenizer(json.dumps(spec), n_vocab=top, eos_token=sorted(eos_ids)), top
     except Exception as exc:  # llguidance raises plain exceptions for tokenizer kinds it cannot walk
         kind = spec.get("model", {}).get("type", "unknown")
-        raise UnsupportedTokenizerError(f"this model's tokenizer ({kind}) is not supported for structured output: "
-                                        f"{exc}; serve a model with a BPE tokenizer or drop response_format/tools "
-                                        "from the request") from None
+        raise UnsupportedTokenizerError(
+            f"this model's tokenizer ({kind}) is not supported for structured output: "
+            f"{exc}; serve a model with a BPE tokenizer or drop response_format/tools "
+            "from the request"
+        ) from None

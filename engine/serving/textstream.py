@@ -39,7 +39,7 @@ class IncrementalDetokenizer:
         text = self._decode(self.prefix_offset, len(self.ids))
         if len(text) <= len(self._prefix_text) or text.endswith(_REPLACEMENT):
             return ""  # nothing new yet, or the last character is still incomplete
-        new_text = text[len(self._prefix_text):]
+        new_text = text[len(self._prefix_text) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         self._prefix_text = self._decode(self.prefix_offset, self.read_offset)
         self._trim()
@@ -49,7 +49,7 @@ class IncrementalDetokenizer:
         """At the end of generation: whatever is still held back (an incomplete character decodes as U+FFFD,
         exactly as tokenizer.decode shows it)."""
         text = self._decode(self.prefix_offset, len(self.ids))
-        new_text = text[len(self._prefix_text):] if len(text) > len(self._prefix_text) else ""
+        new_text = text[len(self._prefix_text) :] if len(text) > len(self._prefix_text) else ""
         self.prefix_offset = self.read_offset = len(self.ids)
         self._prefix_text = ""
         self._trim()
@@ -63,7 +63,7 @@ class IncrementalDetokenizer:
     def _trim(self) -> None:
         """Forget ids before the window so memory stays O(1) too."""
         if self.prefix_offset > 64:
-            del self.ids[:self.prefix_offset]
+            del self.ids[: self.prefix_offset]
             self.read_offset -= self.prefix_offset
             self.prefix_offset = 0
 
@@ -99,14 +99,14 @@ class StopMatcher:
                 best = key if best is None or key < best else best
         if best is not None:
             self.stopped, self.matched, self._held = True, best[3], ""
-            return buffer[:best[2]], True
+            return buffer[: best[2]], True
         hold = 0
         for k in range(min(self._max_hold, len(buffer)), 0, -1):
             if buffer[-k:] in self._prefixes:
                 hold = k
                 break
-        self._held = buffer[len(buffer) - hold:] if hold else ""
-        return buffer[:len(buffer) - hold], False
+        self._held = buffer[len(buffer) - hold :] if hold else ""
+        return buffer[: len(buffer) - hold], False
 
     def flush(self) -> str:
         """At the end of generation without a stop: the held-back text."""

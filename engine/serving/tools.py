@@ -41,70 +41,96 @@ def validate_tools(tools: list[dict] | None, tool_choice: Any) -> None:
     """InvalidRequestError naming the first problem: malformed tool, missing or duplicate name, a
     parameters schema that is not an object schema or cannot be followed, tool_choice naming no tool."""
     if tools is not None and not isinstance(tools, list):
-        raise InvalidRequestError(f"tools must be a list of {{\"type\": \"function\", \"function\": {{...}}}}, "
-                                  f"got {type(tools).__name__}", param="tools")
+        raise InvalidRequestError(
+            f'tools must be a list of {{"type": "function", "function": {{...}}}}, got {type(tools).__name__}',
+            param="tools",
+        )
     seen: set[str] = set()
     for i, tool in enumerate(tools or []):
         where = f"tools[{i}]"
         if not isinstance(tool, dict):
             raise InvalidRequestError(f"{where} must be an object, got {type(tool).__name__}", param=where)
         if tool.get("type", "function") != "function":
-            raise InvalidRequestError(f"{where}.type is {tool.get('type')!r}; only \"function\" tools are supported",
-                                      param=f"{where}.type")
+            raise InvalidRequestError(
+                f'{where}.type is {tool.get("type")!r}; only "function" tools are supported', param=f"{where}.type"
+            )
         function = tool.get("function")
         if not isinstance(function, dict):
-            raise InvalidRequestError(f'{where}.function is missing: give {{"name": ..., "parameters": {{...}}}}',
-                                      param=f"{where}.function")
+            raise InvalidRequestError(
+                f'{where}.function is missing: give {{"name": ..., "parameters": {{...}}}}', param=f"{where}.function"
+            )
         name = function.get("name")
         if not isinstance(name, str) or not name:
-            raise InvalidRequestError(f"{where}.function.name is missing: every tool needs a name",
-                                      param=f"{where}.function.name")
+            raise InvalidRequestError(
+                f"{where}.function.name is missing: every tool needs a name", param=f"{where}.function.name"
+            )
         if not NAME_RE.match(name):
-            raise InvalidRequestError(f"{where}.function.name {name!r} must be 1-64 letters, digits, '_', '-' or '.'",
-                                      param=f"{where}.function.name")
+            raise InvalidRequestError(
+                f"{where}.function.name {name!r} must be 1-64 letters, digits, '_', '-' or '.'",
+                param=f"{where}.function.name",
+            )
         if name in seen:
-            raise InvalidRequestError(f"{where}.function.name {name!r} is used by an earlier tool; names must be unique",
-                                      param=f"{where}.function.name")
+            raise InvalidRequestError(
+                f"{where}.function.name {name!r} is used by an earlier tool; names must be unique",
+                param=f"{where}.function.name",
+            )
         seen.add(name)
         if "description" in function and not isinstance(function["description"], str | type(None)):
-            raise InvalidRequestError(f"{where}.function.description must be a string", param=f"{where}.function.description")
+            raise InvalidRequestError(
+                f"{where}.function.description must be a string", param=f"{where}.function.description"
+            )
         params = function.get("parameters")
         if params is not None:
             param = f"{where}.function.parameters"
             if not isinstance(params, dict):
-                raise InvalidRequestError(f"{param} of tool {name!r} must be a JSON schema object, got "
-                                          f"{type(params).__name__}", param=param)
+                raise InvalidRequestError(
+                    f"{param} of tool {name!r} must be a JSON schema object, got {type(params).__name__}", param=param
+                )
             if params.get("type", "object") != "object":
-                raise InvalidRequestError(f"{param} of tool {name!r} must describe a JSON object "
-                                          f"(\"type\": \"object\"), got type {params.get('type')!r}", param=param)
+                raise InvalidRequestError(
+                    f"{param} of tool {name!r} must describe a JSON object "
+                    f'("type": "object"), got type {params.get("type")!r}',
+                    param=param,
+                )
             check_json_schema(params, f"{param} of tool {name!r}", param)
     choice = normalize_tool_choice(tool_choice, tools)
     if choice == "required" or isinstance(choice, dict):
         if not tools:
-            raise InvalidRequestError(f"tool_choice {tool_choice!r} needs tools, but the request has none",
-                                      param="tool_choice")
+            raise InvalidRequestError(
+                f"tool_choice {tool_choice!r} needs tools, but the request has none", param="tool_choice"
+            )
     if isinstance(choice, dict) and choice["name"] not in seen:
-        raise InvalidRequestError(f"tool_choice names function {choice['name']!r}, which is not in tools "
-                                  f"(tools: {', '.join(sorted(seen))})", param="tool_choice")
+        raise InvalidRequestError(
+            f"tool_choice names function {choice['name']!r}, which is not in tools (tools: {', '.join(sorted(seen))})",
+            param="tool_choice",
+        )
 
 
 def normalize_tool_choice(tool_choice: Any, tools: list[dict] | None) -> str | dict:
-    """"none" | "auto" | "required" | {"name": N}; None means OpenAI's default ("auto" with tools, else "none")."""
+    """ "none" | "auto" | "required" | {"name": N}; None means OpenAI's default ("auto" with tools, else "none")."""
     if tool_choice is None:
         return "auto" if tools else "none"
     if isinstance(tool_choice, str):
         if tool_choice in ("none", "auto", "required"):
             return tool_choice
-        raise InvalidRequestError(f"tool_choice must be \"none\", \"auto\", \"required\" or "
-                                  f"{{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, got {tool_choice!r}",
-                                  param="tool_choice")
+        raise InvalidRequestError(
+            f'tool_choice must be "none", "auto", "required" or '
+            f'{{"type": "function", "function": {{"name": ...}}}}, got {tool_choice!r}',
+            param="tool_choice",
+        )
     if isinstance(tool_choice, dict):
         function = tool_choice.get("function")
-        if tool_choice.get("type", "function") == "function" and isinstance(function, dict) \
-                and isinstance(function.get("name"), str):
+        if (
+            tool_choice.get("type", "function") == "function"
+            and isinstance(function, dict)
+            and isinstance(function.get("name"), str)
+        ):
             return {"name": function["name"]}
-    raise InvalidRequestError(f'tool_choice must be "none", "auto", "required" or {{"type": "function", "function": '
-                              f'{{"name": ...}}}}, got {tool_choice!r}', param="tool_choice")
+    raise InvalidRequestError(
+        f'tool_choice must be "none", "auto", "required" or {{"type": "function", "function": '
+        f'{{"name": ...}}}}, got {tool_choice!r}',
+        param="tool_choice",
+    )
 
 
 def tool_grammar_schema(tools: list[dict] | None, tool_choice: Any, parallel_tool_calls: bool = True) -> dict | None:
@@ -163,8 +189,11 @@ def _parse_call(item: Any, names: set) -> dict | None:
             return None
     if not isinstance(args, dict) or set(item) - {"name", "arguments", "parameters"}:
         return None
-    return {"id": "call_" + secrets.token_hex(12), "type": "function",
-            "function": {"name": item["name"], "arguments": json.dumps(args, ensure_ascii=False)}}
+    return {
+        "id": "call_" + secrets.token_hex(12),
+        "type": "function",
+        "function": {"name": item["name"], "arguments": json.dumps(args, ensure_ascii=False)},
+    }
 
 
 def _call_schema(function: dict, index: int, defs: dict) -> dict:
@@ -176,20 +205,28 @@ def _call_schema(function: dict, index: int, defs: dict) -> dict:
         key = f"tool{index}"
         defs[key] = _rebase_refs(params, f"#/$defs/{key}")
         params = {"$ref": f"#/$defs/{key}"}
-    return {"type": "object", "properties": {"name": {"const": function["name"]}, "arguments": params},
-            "required": ["name", "arguments"], "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": {"name": {"const": function["name"]}, "arguments": params},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
 
 
 def _has_local_ref(value: Any) -> bool:
     if isinstance(value, dict):
-        return any((k == "$ref" and isinstance(v, str) and v.startswith("#")) or _has_local_ref(v) for k, v in value.items())
+        return any(
+            (k == "$ref" and isinstance(v, str) and v.startswith("#")) or _has_local_ref(v) for k, v in value.items()
+        )
     return isinstance(value, list) and any(_has_local_ref(v) for v in value)
 
 
 def _rebase_refs(value: Any, base: str) -> Any:
     if isinstance(value, dict):
-        return {k: (base + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#") else _rebase_refs(v, base))
-                for k, v in value.items()}
+        return {
+            k: (base + v[1:] if k == "$ref" and isinstance(v, str) and v.startswith("#") else _rebase_refs(v, base))
+            for k, v in value.items()
+        }
     if isinstance(value, list):
         return [_rebase_refs(v, base) for v in value]
     return value

@@ -30,14 +30,46 @@ TRAIN_SEED = 1
 HELDOUT_SEED = 2
 TASK_DIR = Path(__file__).resolve().parents[1] / "tasks" / "demo"
 
-MAX_NUMBER = 40          # arithmetic operands and results stay within 0..MAX_NUMBER (counting: 0..59)
+MAX_NUMBER = 40  # arithmetic operands and results stay within 0..MAX_NUMBER (counting: 0..59)
 COUNT_LEN = 5
-NAMES = ("bako", "miru", "tesa", "loki", "zuna", "pemo", "dira", "kofi", "nalu", "vesi", "rubo", "safi",
-         "gomu", "hiko", "jana", "welo", "yuri", "foma", "cesa", "tibo", "mako", "runa", "lesi", "doka")
+NAMES = (
+    "bako",
+    "miru",
+    "tesa",
+    "loki",
+    "zuna",
+    "pemo",
+    "dira",
+    "kofi",
+    "nalu",
+    "vesi",
+    "rubo",
+    "safi",
+    "gomu",
+    "hiko",
+    "jana",
+    "welo",
+    "yuri",
+    "foma",
+    "cesa",
+    "tibo",
+    "mako",
+    "runa",
+    "lesi",
+    "doka",
+)
 COLORS = ("red", "blue", "green", "yellow", "black", "white", "orange", "purple")
 CITIES = ("oslo", "lima", "rome", "cairo", "delhi", "tokyo", "paris", "quito")
-NOUNS = (("cat", "cats"), ("dog", "dogs"), ("bird", "birds"), ("fox", "foxes"), ("child", "children"),
-         ("mouse", "mice"), ("man", "men"), ("box", "boxes"))
+NOUNS = (
+    ("cat", "cats"),
+    ("dog", "dogs"),
+    ("bird", "birds"),
+    ("fox", "foxes"),
+    ("child", "children"),
+    ("mouse", "mice"),
+    ("man", "men"),
+    ("box", "boxes"),
+)
 PREPS = ("near", "behind", "with", "under")
 ADJS = ("happy", "tired", "small", "quiet", "hungry", "old")
 BE = {("now", False): "is", ("now", True): "are", ("yesterday", False): "was", ("yesterday", True): "were"}
@@ -57,6 +89,7 @@ WORLD = world()
 
 
 # --- one line of each kind: (prompt, answer) pairs; the line is prompt + " " + answer -------------------
+
 
 def arith(rng: random.Random) -> tuple[str, str]:
     if rng.random() < 0.5:
@@ -124,6 +157,7 @@ def documents(seed: int, n: int) -> list[str]:
 
 # --- held-out task items -----------------------------------------------------------------------------
 
+
 def _distractors(rng: random.Random, kind: str, answer: str) -> list[str]:
     """Three wrong answers of the same type as `answer` (numbers near it, other colors/cities/forms)."""
     if kind == "agree":
@@ -169,8 +203,10 @@ def mc_items(seed: int, n: int) -> list[dict]:
 
 def gen_items(seed: int, n: int) -> list[dict]:
     """Short-answer generation: the answer is the rest of the line (until the newline)."""
-    return [{"id": i, "kind": kind, "prompt": prompt, "answer": answer}
-            for i, kind, prompt, answer in _generated(random.Random(seed), ("arith", "fact", "count", "copy"), n)]
+    return [
+        {"id": i, "kind": kind, "prompt": prompt, "answer": answer}
+        for i, kind, prompt, answer in _generated(random.Random(seed), ("arith", "fact", "count", "copy"), n)
+    ]
 
 
 def ppl_items(seed: int, n: int) -> list[dict]:
@@ -183,9 +219,11 @@ N_MC, N_GEN, N_PPL = 400, 200, 100
 
 def task_data(seed: int = HELDOUT_SEED) -> dict[str, list[dict]]:
     """file name -> records of the three demo suites (one seed stream per suite)."""
-    return {"demo_mc.jsonl": mc_items(seed * 1000 + 1, N_MC),
-            "demo_gen.jsonl": gen_items(seed * 1000 + 2, N_GEN),
-            "demo_ppl.jsonl": ppl_items(seed * 1000 + 3, N_PPL)}
+    return {
+        "demo_mc.jsonl": mc_items(seed * 1000 + 1, N_MC),
+        "demo_gen.jsonl": gen_items(seed * 1000 + 2, N_GEN),
+        "demo_ppl.jsonl": ppl_items(seed * 1000 + 3, N_PPL),
+    }
 
 
 def write_task_data(directory: str | Path = TASK_DIR, seed: int = HELDOUT_SEED) -> list[Path]:

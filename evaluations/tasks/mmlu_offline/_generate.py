@@ -18,13 +18,15 @@ def main() -> None:
             f"task: mmlu_offline_{s}\n"
             "include: _template_yaml\n"
             f'description: "The following are multiple choice questions (with answers) about {subject}.\\n\\n"\n'
-            f"process_docs: !function utils.process_{s}\n")
+            f"process_docs: !function utils.process_{s}\n"
+        )
     names = "".join(f"  - mmlu_offline_{utils.slug(s)}\n" for s in utils.SUBJECTS)
     (HERE / "mmlu_offline.yaml").write_text(
         "group: mmlu_offline\n"
         f"task:\n{names}"
         "aggregate_metric_list:\n  - metric: acc\n    aggregation: mean\n    weight_by_size: true\n"
-        "metadata:\n  version: 1.0\n")
+        "metadata:\n  version: 1.0\n"
+    )
 
 
 if __name__ == "__main__":
