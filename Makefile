@@ -38,7 +38,10 @@ install-dev: $(VENV)/.installed-dev
 run: install
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/ryz pipeline run
 
+# Lint first (seconds): ruff's rules and layout from pyproject.toml, then the whole suite.
 test: install-dev
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
 # Dev only: regenerate the transformers parity fixtures (torch + transformers in a separate venv).

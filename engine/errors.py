@@ -149,7 +149,7 @@ class HubError(RyzError, ConnectionError):
         return type(self), (str(self), self.retryable)
 
 
-# --- retrieval index (engine/retrieval/embedder.py, engine/retrieval/corpus.py, engine/retrieval/index.py) ---------------------------
+# --- retrieval index (engine/retrieval/embedder.py, engine/retrieval/corpus.py, engine/retrieval/index.py) ------------
 
 
 class EmbedderError(RyzError, RuntimeError):

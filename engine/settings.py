@@ -147,7 +147,8 @@ class Settings(BaseSettings):
         description="first model ever (no production): minimum headline metric per task",
     )
     gate_min_decode_tok_s: float = Field(0.0, ge=0, description="first model ever: minimum decode tok/s (0: no floor)")
-    # Retrieval index (engine/retrieval/embedder.py, engine/retrieval/corpus.py, engine/retrieval/index.py, flows/index.py, docs/retrieval.md)
+    # Retrieval index (engine/retrieval/embedder.py, engine/retrieval/corpus.py, engine/retrieval/index.py,
+    # flows/index.py, docs/retrieval.md)
     index_dir: Path | None = Field(
         None, description="working directory of the built index (default $RYZ_HOME/indexes/default)"
     )

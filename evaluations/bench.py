@@ -526,15 +526,20 @@ def run_bench(
         "bandwidth_samples": [_round(b) for b in bandwidth],
         "round_bandwidth": [_round(b) for b in round_bandwidth],
         "definitions": {
-            "prefill": f"pp{prompt}: one forward_batch over the prompt (ubatch {ubatch or prompt}) on an empty KV cache",
+            "prefill": f"pp{prompt}: one forward_batch over the prompt (ubatch {ubatch or prompt}) on an empty KV "
+            f"cache",
             "decode": f"tg{gen}: greedy token-by-token forward_batch from an empty KV cache (llama-bench's tg)",
             "ttft_ms": "prefill of the prompt + argmax of the first token",
-            "bytes_per_token": "weights the engine reads per decoded token (repacked T2P ternary, norms, scales, head); KV reads apart",
-            "roofline_fraction": "per round: decode tok/s x bytes_per_token / round_bandwidth (the mean of the probes just before and "
+            "bytes_per_token": "weights the engine reads per decoded token (repacked T2P ternary, norms, scales, "
+            "head); KV reads apart",
+            "roofline_fraction": "per round: decode tok/s x bytes_per_token / round_bandwidth (the mean of the probes "
+            "just before and "
             "just after our decode); median over rounds. Peers: their round's sample against the same round_bandwidth",
             "roofline_fraction_of_medians": "median decode_tok_s x bytes_per_token / bandwidth_gb_s",
-            "bandwidth_gb_s": f"ryz_read_bandwidth: {BANDWIDTH_BYTES >> 30} GiB streamed with SIMD loads on `threads` threads, best of {BANDWIDTH_REPEATS}; median over all probes (two per round)",
-            "peak_rss_mb": "max RSS of the measured process alone (a fresh process per run, its rusage via a minimal parent), median over repeats",
+            "bandwidth_gb_s": f"ryz_read_bandwidth: {BANDWIDTH_BYTES >> 30} GiB streamed with SIMD loads on `threads` "
+            f"threads, best of {BANDWIDTH_REPEATS}; median over all probes (two per round)",
+            "peak_rss_mb": "max RSS of the measured process alone (a fresh process per run, its rusage via a minimal "
+            "parent), median over repeats",
         },
         "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": host.loadavg()},
         "started": started.isoformat(timespec="seconds"),
@@ -556,7 +561,8 @@ def format_report(r: dict) -> str:
             return f"{name:<26}  error: {d['error']}"
         rf = d.get("roofline_fraction")
         return (
-            f"{name:<26}{d.get('decode_tok_s') or 0:>14.2f}{d.get('prefill_tok_s') or 0:>15.1f}{d.get('ttft_ms') or 0:>10.0f}"
+            f"{name:<26}{d.get('decode_tok_s') or 0:>14.2f}{d.get('prefill_tok_s') or 0:>15.1f}"
+            f"{d.get('ttft_ms') or 0:>10.0f}"
             f"{d.get('peak_rss_mb') or 0:>9.0f}{'' if rf is None else f'{rf:.2f}':>10}"
         )
 

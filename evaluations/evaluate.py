@@ -600,7 +600,8 @@ def _expectations(record: dict):
             ),
             (
                 gxe.ExpectColumnValuesToBeBetween(column="roofline_error", max_value=ROOFLINE_TOLERANCE),
-                f"bench.roofline_fraction = decode_tok_s x bytes_per_token / bandwidth (within {ROOFLINE_TOLERANCE:.0%})",
+                "bench.roofline_fraction = decode_tok_s x bytes_per_token / bandwidth "
+                f"(within {ROOFLINE_TOLERANCE:.0%})",
             ),
         ]
     return metric_checks, bench_checks
@@ -680,7 +681,10 @@ def _describe_metric(row, kwargs) -> str:
     if column == "stderr_state":
         return f"{what} stderr is {row['stderr_state']}"
     if column in ("n", "n_expected"):
-        return f"{row['task']}: n = {_show(row['n'])}, expected {_show(row['n_expected'])} (limit {_show(row['limit'])}, size {_show(row['size'])})"
+        return (
+            f"{row['task']}: n = {_show(row['n'])}, expected {_show(row['n_expected'])} "
+            f"(limit {_show(row['limit'])}, size {_show(row['size'])})"
+        )
     return f"{what} = {_show(row[column])}"
 
 

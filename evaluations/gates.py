@@ -1,6 +1,7 @@
 """Offline gates: is a candidate's evaluation record good enough to release (DESIGN.md "Release" 1)?
 
-Against a baseline (production's record): per task (a group's aggregate, not its subtasks), the headline metric may be worse by at most the
+Against a baseline (production's record): per task (a group's aggregate, not its subtasks), the headline metric may be
+worse by at most the
 margin, and only a shortfall beyond the margin that is significant given both stderrs fails
 (shortfall - margin > 1.96 x sqrt(se_c^2 + se_b^2); without stderr the point estimates decide); decode
 tok/s may be lower by at most the speed margin (a fraction), and must also be slower by more than a noise floor

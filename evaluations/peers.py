@@ -454,7 +454,8 @@ def _build(tree: Path, commit: str, version: str, targets, jobs: int) -> LlamaCp
             build_log.write(done.stdout + done.stderr)
             if done.returncode != 0:
                 raise RuntimeError(
-                    f"`{' '.join(cmd[:3])} ...` failed (log: {tree / 'build.log'}): {tail(done.stdout + done.stderr, 8)}"
+                    f"`{' '.join(cmd[:3])} ...` failed (log: {tree / 'build.log'}): "
+                    f"{tail(done.stdout + done.stderr, 8)}"
                 )
     for t in missing:
         if not (build / "bin" / t).is_file():

@@ -703,7 +703,8 @@ def run_serve_bench(
             if s.error or s.proc is None:
                 return
             log(
-                f"{s.name}: {n} streams x {plan[n]} requests ({prompt_tokens} prompt + {gen_tokens} generated tokens each)"
+                f"{s.name}: {n} streams x {plan[n]} requests ({prompt_tokens} prompt + {gen_tokens} generated tokens "
+                f"each)"
             )
             cpu0 = group_cpu_seconds(s.proc.pid)
             idle = [o for o in others if o.proc is not None and o.proc.poll() is None]
@@ -722,7 +723,8 @@ def run_serve_bench(
                 r.setdefault("error", s.error)
             s.levels[str(n)] = r
             log(
-                f"  decode {r.get('decode_tok_s')} tok/s, TTFT p50 {r.get('ttft_p50_ms')} ms p95 {r.get('ttft_p95_ms')} ms, "
+                f"  decode {r.get('decode_tok_s')} tok/s, TTFT p50 {r.get('ttft_p50_ms')} ms p95 "
+                f"{r.get('ttft_p95_ms')} ms, "
                 f"{r.get('errors', '?')} errors"
             )
 
@@ -785,13 +787,17 @@ def run_serve_bench(
             },
         },
         "definitions": {
-            "decode_tok_s": "sum over a level's successful requests of (generated tokens - 1) / decode_window_s, the time during "
+            "decode_tok_s": "sum over a level's successful requests of (generated tokens - 1) / decode_window_s, the "
+            "time during "
             "which at least one request was decoding (union of the requests' first-token..last-token intervals)",
-            "ttft_ms": "time from sending a request to its first streamed token chunk; p50/p95 over the level's successful "
+            "ttft_ms": "time from sending a request to its first streamed token chunk; p50/p95 over the level's "
+            "successful "
             "requests (linear interpolation)",
             "request_decode_tok_s_p50": "median over requests of (generated tokens - 1) / (last token - first token)",
-            "throughput_tok_s": "all generated tokens of the level / its wall time (first send to last byte, prefills included)",
-            "generated tokens": "usage.completion_tokens of the final event, else the number of token chunks; must equal gen_tokens",
+            "throughput_tok_s": "all generated tokens of the level / its wall time (first send to last byte, prefills "
+            "included)",
+            "generated tokens": "usage.completion_tokens of the final event, else the number of token chunks; must "
+            "equal gen_tokens",
         },
         "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": loadavg()},
         "started": started.isoformat(timespec="seconds"),
@@ -807,7 +813,8 @@ def format_report(r: dict) -> str:
     lines = [
         f"{r['target']} ({r['weights']}/{r['head']}), {s['threads']} threads, prompt {s['prompt_tokens']} + "
         f"{s['gen_tokens']} generated tokens per request",
-        f"{'engine':<14}{'streams':>8}{'requests':>9}{'errors':>7}{'decode tok/s':>14}{'TTFT p50 ms':>13}{'TTFT p95 ms':>13}",
+        f"{'engine':<14}{'streams':>8}{'requests':>9}{'errors':>7}{'decode tok/s':>14}"
+        f"{'TTFT p50 ms':>13}{'TTFT p95 ms':>13}",
     ]
     rows = [("ryzanstein", r["streams"])] if r.get("ours") is not None else []
     for name, peer in r["peers"].items():

@@ -95,11 +95,13 @@ def cmd_quantize(args) -> int:
     ]
     print(manifest["artifact_id"])
     print(
-        f"  architecture  {manifest['architecture']['gguf']} ({manifest['architecture']['hf_class']}, FFN {manifest['architecture']['ffn_activation']})",
+        f"  architecture  {manifest['architecture']['gguf']} ({manifest['architecture']['hf_class']}, FFN "
+        f"{manifest['architecture']['ffn_activation']})",
         file=sys.stderr,
     )
     print(
-        f"  shape         hidden {hp['hidden']}, {hp['layers']} layers, {hp['heads']}/{hp['kv_heads']} heads, FFN {hp['ffn']}, vocab {hp['vocab']}",
+        f"  shape         hidden {hp['hidden']}, {hp['layers']} layers, {hp['heads']}/{hp['kv_heads']} heads, FFN "
+        f"{hp['ffn']}, vocab {hp['vocab']}",
         file=sys.stderr,
     )
     print(f"  parameters    {params['total']:,} ({params['ternary']:,} ternary)", file=sys.stderr)
@@ -145,7 +147,8 @@ def cmd_artifacts(args) -> int:
         return 0
     for m in rows:
         print(
-            f"{m['artifact_id'][:19]}  {m.get('kind', '?'):<8} {m.get('size', 0):>14,}  {m.get('created', '')}  {m.get('source', {}).get('path', '')}"
+            f"{m['artifact_id'][:19]}  {m.get('kind', '?'):<8} {m.get('size', 0):>14,}  {m.get('created', '')}  "
+            f"{m.get('source', {}).get('path', '')}"
         )
     return 0
 
@@ -272,7 +275,8 @@ def cmd_continue_config(args) -> int:
         response.raise_for_status()
     except httpx.HTTPError as exc:
         print(
-            f"ryz continue-config: cannot list models at {url}/v1/models ({exc}); start `ryz serve` first or pass --url",
+            f"ryz continue-config: cannot list models at {url}/v1/models ({exc}); start `ryz serve` first or pass "
+            f"--url",
             file=sys.stderr,
         )
         return 1
@@ -399,7 +403,8 @@ def cmd_release(args) -> int:
         rel = _current(releases, ("paused", "canary"))
         if not args.force and rel["step_index"] < len(rel["steps"]):
             print(
-                f"ryz release promote: {rel['ref']} has passed {rel['step_index']} of {len(rel['steps'])} canary steps; "
+                f"ryz release promote: {rel['ref']} has passed {rel['step_index']} of {len(rel['steps'])} canary "
+                f"steps; "
                 "`ryz release resume` runs the rest, `--force` promotes now",
                 file=sys.stderr,
             )
@@ -547,7 +552,8 @@ def cmd_eval(args) -> int:
         if record["bench"]:
             b = record["bench"]
             print(
-                f"  bench: decode {b['decode_tok_s']} tok/s, prefill {b['prefill_tok_s']} tok/s, TTFT {b['ttft_ms']} ms, "
+                f"  bench: decode {b['decode_tok_s']} tok/s, prefill {b['prefill_tok_s']} tok/s, TTFT {b['ttft_ms']} "
+                f"ms, "
                 f"peak RSS {b['peak_rss_mb']} MB, roofline {b['roofline_fraction']}, {b['threads']} threads",
                 file=sys.stderr,
             )
@@ -582,7 +588,8 @@ def cmd_compare(args) -> int:
             for metric, c in metrics.items():
                 se = "n/a" if c["stderr"] is None else f"{c['stderr']:.3g}"
                 print(
-                    f"  {task:<24} {metric:<18} {c['a']:>10.4g} -> {c['b']:<10.4g} delta {c['delta']:+.4g} ± {se:<8} {c['verdict']}"
+                    f"  {task:<24} {metric:<18} {c['a']:>10.4g} -> {c['b']:<10.4g} delta {c['delta']:+.4g} ± {se:<8} "
+                    f"{c['verdict']}"
                 )
         for key, c in result["bench"].items():
             ratio = "" if c["ratio"] is None else f" (x{c['ratio']:.3f})"

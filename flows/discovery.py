@@ -56,7 +56,10 @@ def discover_models(
     kept = [row for row in rows if row["status"] == "kept"]
     # Report: one row per model seen and why it was kept or skipped.
     counts = {status: sum(row["status"] == status for row in rows) for status in ("kept", "skipped", "error")}
-    summary = f"{source}: {len(rows)} models seen, {counts['kept']} new, {counts['skipped']} skipped, {counts['error']} errors"
+    summary = (
+        f"{source}: {len(rows)} models seen, {counts['kept']} new, {counts['skipped']} skipped, {counts['error']} "
+        f"errors"
+    )
     create_table_artifact(key=ARTIFACT_KEY, table=rows, description=f"Discovery ({summary})")
     get_run_logger().info("%s%s", summary, "".join(f"\n  new: {row['repo']}@{row['revision'][:12]}" for row in kept))
     return kept

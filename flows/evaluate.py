@@ -1,4 +1,5 @@
-"""Evaluate flow (CI): a model -> suite + benchmark -> validated record -> gates against a baseline; fails on a regression."""
+"""Evaluate flow (CI): a model -> suite + benchmark -> validated record -> gates against a baseline; fails on a
+regression."""
 
 from __future__ import annotations
 

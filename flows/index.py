@@ -69,7 +69,8 @@ def build_index(
     )
     summary = (
         f"{corpus_dir}: {update['files']} files, {update['chunks']} chunks ({update['embedded']} embedded, "
-        f"{update['removed']} removed, {update['binary_skipped']} binary skipped, {len(update['unreadable'])} unreadable); "
+        f"{update['removed']} removed, {update['binary_skipped']} binary skipped, {len(update['unreadable'])} "
+        f"unreadable); "
         f"{measured}; {version['name']}:{version['version']} ({version['status']})"
     )
     create_table_artifact(

@@ -91,6 +91,7 @@ def _summary(version: dict, parity: dict, evaluation: dict | None, reason: str) 
         if evaluation.get("bench"):
             b = evaluation["bench"]
             lines.append(
-                f"\ndecode {b['decode_tok_s']:.1f} tok/s, prefill {b['prefill_tok_s']:.1f} tok/s, TTFT {b['ttft_ms']:.0f} ms"
+                f"\ndecode {b['decode_tok_s']:.1f} tok/s, prefill {b['prefill_tok_s']:.1f} tok/s, TTFT "
+                f"{b['ttft_ms']:.0f} ms"
             )
     return "\n".join(lines)

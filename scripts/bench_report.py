@@ -70,7 +70,8 @@ def roofline_rounds(record: dict) -> str:
     if not rounds:  # a record from before the per-round probes
         return "—"
     per_round = " / ".join(f"{f * 100:.0f} % at {b:.0f} GB/s" for f, b in rounds)
-    return f"per round: {per_round}; of the medians: {_num((record.get('roofline_fraction_of_medians') or 0) * 100, '.0f')} %"
+    of_medians = _num((record.get("roofline_fraction_of_medians") or 0) * 100, ".0f")
+    return f"per round: {per_round}; of the medians: {of_medians} %"
 
 
 def results_table(record: dict, source: str, notes: bool = True) -> str:
@@ -82,7 +83,8 @@ def results_table(record: dict, source: str, notes: bool = True) -> str:
         f"bandwidth probe {_num(record['bandwidth_gb_s'])} GB/s (samples {record.get('bandwidth_samples')}); "
         f"ISA {record['isa']}; started {record.get('started', '?')}.",
         "",
-        "| engine | decode tok/s | prefill tok/s | TTFT ms | peak RSS MB | bytes/token | roofline | decode x | prefill x | best decode / prefill |",
+        "| engine | decode tok/s | prefill tok/s | TTFT ms | peak RSS MB | bytes/token | roofline | decode x "
+        "| prefill x | best decode / prefill |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     ours_d, ours_p = record.get("decode_tok_s"), record.get("prefill_tok_s")
@@ -95,9 +97,11 @@ def results_table(record: dict, source: str, notes: bool = True) -> str:
         bpt = d.get("bytes_per_token")
         best = {k: best_of(d, k) for k in ("decode_tok_s", "prefill_tok_s")}
         lines.append(
-            f"| {name} | {_num(d['decode_tok_s'])} | {_num(d.get('prefill_tok_s'), '.1f')} | {_num(d.get('ttft_ms'), '.0f')} | "
+            f"| {name} | {_num(d['decode_tok_s'])} | {_num(d.get('prefill_tok_s'), '.1f')} | "
+            f"{_num(d.get('ttft_ms'), '.0f')} | "
             f"{_num(d.get('peak_rss_mb'), '.0f')} | {'—' if not bpt else f'{bpt / 1e6:.1f} MB'} | "
-            f"{_num(d.get('roofline_fraction'))} | {'' if dx is None else f'{dx:.2f}x'} | {'' if px is None else f'{px:.2f}x'} | "
+            f"{_num(d.get('roofline_fraction'))} | {'' if dx is None else f'{dx:.2f}x'} | "
+            f"{'' if px is None else f'{px:.2f}x'} | "
             f"{_num(best.get('decode_tok_s'))} / {_num(best.get('prefill_tok_s'), '.1f')} |"
         )
     lines += [
@@ -105,7 +109,8 @@ def results_table(record: dict, source: str, notes: bool = True) -> str:
         "decode x / prefill x: ryzanstein's median speed divided by that engine's (> 1: we are faster); "
         "best: the fastest of the repeats (the least disturbed run on a shared machine). "
         f"Load {_num(record.get('load_seconds'))} s (repack {_num(record.get('repack_seconds'))} s); "
-        f"KV reads apart from bytes/token: {record.get('kv_bytes_per_token', 0) / 1e6:.1f} MB/token on average over tg{record['gen']}.",
+        f"KV reads apart from bytes/token: {record.get('kv_bytes_per_token', 0) / 1e6:.1f} MB/token on average "
+        f"over tg{record['gen']}.",
     ]
     if notes:
         lines.append("")

@@ -186,7 +186,8 @@ def main() -> None:
     }
     benches = {"llguidance": bench_llguidance, "outlines-core": bench_outlines}
     print(
-        "| library | vocab | schema | tokens | tokenizer setup ms | compile ms | first mask us | mask median us | mask p95 us |"
+        "| library | vocab | schema | tokens | tokenizer setup ms | compile ms | first mask us | mask median us | mask "
+        "p95 us |"
     )
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for lib in args.libs.split(","):
@@ -202,7 +203,8 @@ def main() -> None:
                 us = sorted(t * 1e6 for t in r["masks"][1:])
                 p95 = us[min(len(us) - 1, int(0.95 * len(us)))]
                 print(
-                    f"| {lib} | {vname} | {cname} | {len(ids)} | {r['tokenizer_s'] * 1e3:.1f} | {r['compile_s'] * 1e3:.1f} "
+                    f"| {lib} | {vname} | {cname} | {len(ids)} | {r['tokenizer_s'] * 1e3:.1f} | "
+                    f"{r['compile_s'] * 1e3:.1f} "
                     f"| {r['first_mask_s'] * 1e6:.0f} | {statistics.median(us):.0f} | {p95:.0f} |",
                     flush=True,
                 )

@@ -582,7 +582,8 @@ def write_reference(directory: Path, run: ModelRun, prompts: list[list[int]], me
     doc = {
         **meta,
         "logits_file": "reference_logits.npz",
-        "logits_layout": "logits_<i>: float32 [len(ids), vocab], row t = logits after ids[:t+1]; last position = row -1",
+        "logits_layout": "logits_<i>: float32 [len(ids), vocab], row t = logits after ids[:t+1]; last position = row "
+        "-1",
         "prompts": [
             {
                 "text": PROMPTS[i],

@@ -69,7 +69,8 @@ def update_corpus_index(
         )
     if not scan.files:
         raise CorpusError(
-            f"no text files to index in {scan.root} ({'git checkout: only tracked or trackable files; ' if scan.git else ''}"
+            f"no text files to index in {scan.root} "
+            f"({'git checkout: only tracked or trackable files; ' if scan.git else ''}"
             f"skipped: {scan.skipped})"
         )
     cfg = IndexConfig.from_settings(settings, quantization=quantization)

@@ -1,4 +1,5 @@
-"""Serving bundles (engine/artifacts/bundle.py packs them, engine/serving/bundle.py serves them): built from a registry version, verified, packed deterministically, stored
+"""Serving bundles (engine/artifacts/bundle.py packs them, engine/serving/bundle.py serves them): built from a registry
+version, verified, packed deterministically, stored
 and fetched byte for byte, served with no store (same greedy tokens as the registry version's GGUF), and
 deployment files that parse."""
 

@@ -28,14 +28,16 @@ from engine.retrieval.index import (
 )
 
 DOCS = {
-    "README.md": "# Widgets\n\nWidgets are small parts that fit together.\n\n## Install\n\nRun make install to build widgets.\n",
+    "README.md": "# Widgets\n\nWidgets are small parts that fit together.\n\n"
+    "## Install\n\nRun make install to build widgets.\n",
     "guide/usage.md": "# Usage\n\nCall open_widget(path) to read a widget file.\n\nClose it with close_widget().\n\n"
     "## Errors\n\nA missing file raises WidgetNotFound with the path in its message.\n",
     "src/widgets.py": 'import os\n\n\ndef open_widget(path):\n    """Open a widget file and return its parts."""\n'
     "    with open(path) as f:\n        return f.read().split()\n\n\n"
     'def close_widget(widget):\n    """Release a widget."""\n    widget.clear()\n\n\n'
     "class WidgetNotFound(FileNotFoundError):\n    pass\n",
-    "src/colors.py": 'RED = (255, 0, 0)\nGREEN = (0, 255, 0)\n\n\ndef blend(a, b):\n    """Average two RGB colours."""\n'
+    "src/colors.py": "RED = (255, 0, 0)\nGREEN = (0, 255, 0)\n\n\n"
+    'def blend(a, b):\n    """Average two RGB colours."""\n'
     "    return tuple((x + y) // 2 for x, y in zip(a, b))\n",
     "notes.txt": "Meeting notes: the database migration is planned for Tuesday. Backups run nightly at 2am.\n\n"
     "Action items: rotate the API keys, update the on-call rota, archive old logs.\n",

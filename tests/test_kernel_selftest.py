@@ -1,4 +1,5 @@
-"""Every kernel build proves itself (engine/model/selftest.py, engine/model/build.py): the self-test passes on a good build,
+"""Every kernel build proves itself (engine/model/selftest.py, engine/model/build.py): the self-test passes on a good
+build,
 catches a wrong kernel injected into a copy of native/, and the build then falls back or is refused, never
 cached as good; the parity check runs on every kernel family, not only the dispatched one."""
 
@@ -33,7 +34,8 @@ def _faulty_tree(dst: Path, family: str) -> Path:
     table = f"static const Kernels k{{RYZ_ISA_{family.upper()}, ternary_gemm_{family},"
     assert table in text, f"the {family} kernel table moved; update this test"
     wrapper = (
-        f"static void faulty_gemm(const uint8_t *p, int64_t rb, int64_t re, int64_t c, const int8_t *a, const int32_t *s,\n"
+        f"static void faulty_gemm(const uint8_t *p, int64_t rb, int64_t re, int64_t c, const int8_t *a, const int32_t "
+        f"*s,\n"
         f"                        int32_t n, int32_t tt, int32_t *out, int64_t os) {{\n"
         f"    ternary_gemm_{family}(p, rb, re, c, a, s, n, tt, out, os);\n"
         f"    out[rb] ^= 1;\n}}\n\n"

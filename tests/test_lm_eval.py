@@ -75,8 +75,10 @@ def tiny_tasks(tmp_path_factory):
     )
     (root / "tinygen.yaml").write_text(
         "task: tinygen\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: data/tinymc.jsonl\n"
-        'test_split: test\noutput_type: generate_until\ndoc_to_text: "{{question}}"\ndoc_to_target: "{{choices[answer]}}"\n'
-        'generation_kwargs:\n  until: ["e"]\n  max_gen_toks: 8\nmetric_list:\n  - metric: exact_match\nmetadata:\n  version: 1.0\n'
+        'test_split: test\noutput_type: generate_until\ndoc_to_text: "{{question}}"\ndoc_to_target: '
+        '"{{choices[answer]}}"\n'
+        'generation_kwargs:\n  until: ["e"]\n  max_gen_toks: 8\nmetric_list:\n  - metric: exact_match\nmetadata:\n  '
+        "version: 1.0\n"
     )
     return root
 

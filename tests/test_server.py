@@ -183,17 +183,14 @@ def test_stop_strings(server):
 
 def test_seed_reproducibility(server):
     client = server.client()
-    run = lambda seed: (
-        client.completions.create(
-            model="ryzanstein",
-            prompt="once upon",
-            max_tokens=16,  # noqa: E731
-            temperature=1.0,
-            seed=seed,
+
+    def run(seed):
+        return (
+            client.completions.create(model="ryzanstein", prompt="once upon", max_tokens=16, temperature=1.0, seed=seed)
+            .choices[0]
+            .text
         )
-        .choices[0]
-        .text
-    )
+
     assert run(7) == run(7)
     assert len({run(s) for s in range(1, 5)}) > 1
 

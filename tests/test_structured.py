@@ -1,4 +1,5 @@
-"""engine/serving/structured.py and engine/serving/tools.py with the real llguidance over our byte tokenizer (and a small
+"""engine/serving/structured.py and engine/serving/tools.py with the real llguidance over our byte tokenizer (and a
+small
 trained BPE): random walks through the matcher must always give JSON that validates against the schema."""
 
 from __future__ import annotations

@@ -305,7 +305,8 @@ def build_bundle(
                 "fingerprint_id": target["fingerprint_id"],
                 "source_hash": source,
                 "sources": NATIVE_SRC,
-                # the proof the shipped library gave on the build host (engine/model/selftest.py), and any fall-back flags
+                # the proof the shipped library gave on the build host (engine/model/selftest.py), and any fall-back
+                # flags
                 "self_test": _self_test_summary(kernel.manifest) if kernel else None,
             },
             "settings": SETTINGS,
@@ -460,7 +461,8 @@ def store_bundle(bundle_dir: str | Path, store: ArtifactStore) -> str:
 
 
 def fetch_bundle(artifact_id: str, store: ArtifactStore, out_dir: str | Path, replace: bool = False) -> dict:
-    """Unpack a stored bundle into `out_dir` (atomically, as build_bundle) and verify every file; returns bundle.json."""
+    """Unpack a stored bundle into `out_dir` (atomically, as build_bundle) and verify every file; returns
+    bundle.json."""
     out_dir = Path(out_dir).expanduser().resolve()
     _check_destination(out_dir, replace)
     artifact_id = store.resolve(artifact_id)

@@ -275,8 +275,9 @@ class Registry:
         return self.update(change, "rolling back")
 
     def attach_bundle(self, ref: str, artifact_id: str, reason: str) -> Version:
-        """Record the version's serving bundle (`extra["bundle"]`, engine/artifacts/bundle.py): set once, the one a rollback
-        redeploys byte for byte. The same id again changes nothing; a different one is refused (ConflictError)."""
+        """Record the version's serving bundle (`extra["bundle"]`, engine/artifacts/bundle.py): set once, the one a
+        rollback redeploys byte for byte. The same id again changes nothing; a different one is refused
+        (ConflictError)."""
         current = self.get(ref)
         if (current.extra or {}).get("bundle") == artifact_id:
             return current

@@ -44,7 +44,10 @@ COMPILERS = ("c++", "g++", "clang++")  # cmake's own search order, minus exotic 
 LIBRARY_NAME = "libryz.dylib" if sys.platform == "darwin" else "libryz.so"
 TESTS_NAME = "ryz_native_tests"
 MANIFEST_NAME = "build.json"
-INSTALL_HINT = "apt-get install g++ cmake (Debian/Ubuntu), dnf install gcc-c++ cmake (Fedora), or pip install cmake for CMake alone"
+INSTALL_HINT = (
+    "apt-get install g++ cmake (Debian/Ubuntu), dnf install gcc-c++ cmake (Fedora), or pip install cmake for CMake "
+    "alone"
+)
 
 Progress = Callable[[str], None]
 
@@ -144,7 +147,8 @@ def _find_compiler(settings: Settings) -> str:
             f"RYZ_CXX={settings.cxx!r} is not an executable on PATH; fix RYZ_CXX or unset it to use c++/g++/clang++"
         )
     raise ToolchainNotFoundError(
-        f"no C++ compiler found (looked for {', '.join(COMPILERS)} on PATH) to build the native kernels; install one: {INSTALL_HINT}"
+        f"no C++ compiler found (looked for {', '.join(COMPILERS)} on PATH) to build the native kernels; "
+        f"install one: {INSTALL_HINT}"
     )
 
 
@@ -440,11 +444,11 @@ def _compile_proven(plan: BuildPlan, work: Path, progress: Progress, sanitize: b
             shutil.copyfile(work / "build.log", keep)
             tried = "; ".join(" ".join(a["extra_flags"]) or "standard flags" for a in attempts)
             raise BuildError(
-                f"the native kernels built by {plan.compiler['cxx']} ({plan.compiler['cxx_version']}) fail their self-test "
-                f"with every flag set tried ({tried}), so they are not used. First failures:\n  "
+                f"the native kernels built by {plan.compiler['cxx']} ({plan.compiler['cxx_version']}) fail their "
+                f"self-test with every flag set tried ({tried}), so they are not used. First failures:\n  "
                 + "\n  ".join(result["failures"][:6])
-                + f"\nThis is a compiler or kernel bug: try another compiler (RYZ_CXX=clang++ or RYZ_CXX=g++-13) and report it "
-                f"with the build log {keep}"
+                + "\nThis is a compiler or kernel bug: try another compiler (RYZ_CXX=clang++ or RYZ_CXX=g++-13) "
+                f"and report it with the build log {keep}"
             )
     manifest["build_seconds"] = round(seconds, 2)  # every attempt's compile time
     manifest["self_test"] = result
@@ -571,7 +575,8 @@ def load_library(
         built_from = (library.lib.ryz_source_hash() or b"").decode()
         if built_from != build.manifest["source_hash"]:
             raise BuildError(
-                f"{build.path} reports sources {built_from[:16]!r}, its manifest {build.manifest['source_hash'][:16]!r}; "
+                f"{build.path} reports sources {built_from[:16]!r}, "
+                f"its manifest {build.manifest['source_hash'][:16]!r}; "
                 "rebuild with `ryz build-kernels --force`"
             )
         _LOADED[build.path] = library

@@ -51,7 +51,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
         (header_len,) = struct.unpack("<Q", head)
         if header_len > MAX_HEADER or 8 + header_len > size:
             raise CheckpointError(
-                f"{path}: corrupt or truncated safetensors header (claims {header_len} bytes, file has {size}); re-download it"
+                f"{path}: corrupt or truncated safetensors header (claims {header_len} bytes, file has {size}); "
+                f"re-download it"
             )
         try:
             header = json.loads(handle.read(header_len))
@@ -238,7 +239,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(
-            f"{path}: not a directory; pass a Hugging Face model directory (config.json + *.safetensors + tokenizer.json)"
+            f"{path}: not a directory; pass a Hugging Face model directory (config.json + *.safetensors + "
+            f"tokenizer.json)"
         )
     config = _read_json(path / "config.json", "config.json")
     arch = _architecture(path, config)
@@ -246,7 +248,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     tokenizer_path = path / "tokenizer.json"
     if not tokenizer_path.is_file():
         raise CheckpointError(
-            f"{path}: tokenizer.json is missing; Ryzanstein needs the fast tokenizer file (save it with tokenizer.save_pretrained)"
+            f"{path}: tokenizer.json is missing; Ryzanstein needs the fast tokenizer file (save it with "
+            f"tokenizer.save_pretrained)"
         )
     tokenizer_json = tokenizer_path.read_text(encoding="utf-8")
     tokenizer_config = (
@@ -305,7 +308,8 @@ def _read_weights(path: Path) -> dict[str, TensorRef]:
         files = sorted(p.name for p in path.glob("*.safetensors"))
         if not files:
             raise CheckpointError(
-                f"{path}: no *.safetensors weights found (PyTorch .bin checkpoints are not read; convert them with safetensors first)"
+                f"{path}: no *.safetensors weights found (PyTorch .bin checkpoints are not read; convert them with "
+                f"safetensors first)"
             )
     tensors: dict[str, TensorRef] = {}
     for name in files:

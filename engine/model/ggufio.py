@@ -298,7 +298,8 @@ class ModelFile:
         schema = self.get("ryz.schema", 1)
         if schema != FORMAT_SCHEMA:
             raise GGUFFormatError(
-                f"{self.path}: ryz.schema {schema} is not supported by this build (supports {FORMAT_SCHEMA}); upgrade Ryzanstein"
+                f"{self.path}: ryz.schema {schema} is not supported by this build (supports {FORMAT_SCHEMA}); upgrade "
+                f"Ryzanstein"
             )
         a = self.arch
         heads = int(self.get(f"{a}.attention.head_count"))

@@ -4,12 +4,12 @@ It reads the GGUF's hyperparameters once, picks the thread count for its purpose
 kernel build was tuned to for this shape, sizes the KV cache, and returns the loaded `NativeModel`. References
 (name:version, aliases, artifact ids) become a path in `engine.artifacts.refs` before this is called.
 
-    purpose    threads                               KV cache   sequences
-    serve      RYZ_THREADS, else all physical cores  f16        RYZ_MAX_SEQS capped by RYZ_KV_BUDGET_MB, RYZ_MAX_CONTEXT positions
-    generate   RYZ_THREADS, else all physical cores  f16        1
-    eval       RYZ_THREADS, else all physical cores  f16        as asked
-    bench      as asked (else as generate)           f16        1
-    parity     1                                     f32        1 (fp32 KV: the reference's float operations)
+    purpose    threads                         KV cache   sequences
+    serve      RYZ_THREADS, else physical cores  f16        RYZ_MAX_SEQS within RYZ_KV_BUDGET_MB, RYZ_MAX_CONTEXT long
+    generate   RYZ_THREADS, else physical cores  f16        1
+    eval       RYZ_THREADS, else physical cores  f16        as asked
+    bench      as asked (else as generate)       f16        1
+    parity     1                                 f32        1 (fp32 KV: the reference's float operations)
 """
 
 from __future__ import annotations

@@ -106,7 +106,8 @@ class Library:
             fn.restype, fn.argtypes = restype, argtypes
         if self.lib.ryz_abi_version() != ABI_VERSION:
             raise NativeError(
-                f"{self.path} has ABI {self.lib.ryz_abi_version()}, this engine needs {ABI_VERSION}; run `ryz build-kernels --force`"
+                f"{self.path} has ABI {self.lib.ryz_abi_version()}, this engine needs {ABI_VERSION}; "
+                f"run `ryz build-kernels --force`"
             )
 
     def check(self, status: int, what: str) -> None:

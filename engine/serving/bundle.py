@@ -91,7 +91,8 @@ def _load_library(
         f"{here['fingerprint_id']}"
     )
     progress(
-        f"bundle {manifest['ref']}: {why}; building the kernels from its sources (once, into {build.kernels_dir(settings)})"
+        f"bundle {manifest['ref']}: {why}; building the kernels from its sources (once, into "
+        f"{build.kernels_dir(settings)})"
     )
     try:
         built = build.build_kernels(settings=settings, native_dir=bundle_dir / NATIVE_SRC, progress=progress)
@@ -142,7 +143,8 @@ def bundle_loader(
         )
         if not ours:
             raise ModelReferenceError(
-                f"this server serves the bundle of {manifest['ref']} ({manifest['artifact_id'][:19]}) and has no artifact "
+                f"this server serves the bundle of {manifest['ref']} ({manifest['artifact_id'][:19]}) and has no "
+                f"artifact "
                 f"store to load {ref!r} from; deploy that version's bundle instead (`ryz bundle REF -o DIR`)"
             )
         if state["opened"] is None:

@@ -146,7 +146,8 @@ def compare(canary: VariantStats, production: VariantStats, t: Thresholds, step:
     checks = [
         (
             c["error_rate"] <= p["error_rate"] + t.max_error_rate_delta,
-            f"canary error rate {c['error_rate']:.1%} {{op}} production {p['error_rate']:.1%} + {t.max_error_rate_delta:.1%} {where}",
+            f"canary error rate {c['error_rate']:.1%} {{op}} production {p['error_rate']:.1%} + "
+            f"{t.max_error_rate_delta:.1%} {where}",
             ("<=", ">"),
         )
     ]
@@ -154,7 +155,8 @@ def compare(canary: VariantStats, production: VariantStats, t: Thresholds, step:
         checks.append(
             (
                 c["ttft_p95_ms"] <= max(t.max_ttft_ratio * p["ttft_p95_ms"], p["ttft_p95_ms"] + t.min_ttft_delta_ms),
-                f"canary p95 TTFT {c['ttft_p95_ms']:.0f} ms {{op}} {t.max_ttft_ratio} x production {p['ttft_p95_ms']:.0f} ms {where}",
+                f"canary p95 TTFT {c['ttft_p95_ms']:.0f} ms {{op}} {t.max_ttft_ratio} x production "
+                f"{p['ttft_p95_ms']:.0f} ms {where}",
                 ("<=", ">"),
             )
         )
@@ -163,7 +165,8 @@ def compare(canary: VariantStats, production: VariantStats, t: Thresholds, step:
         checks.append(
             (
                 c["decode_tok_s"] >= t.min_speed_ratio * p["decode_tok_s"] or slower_ms < t.min_tpot_delta_ms,
-                f"canary decode {c['decode_tok_s']:.1f} tok/s {{op}} {t.min_speed_ratio} x production {p['decode_tok_s']:.1f} tok/s {where}",
+                f"canary decode {c['decode_tok_s']:.1f} tok/s {{op}} {t.min_speed_ratio} x production "
+                f"{p['decode_tok_s']:.1f} tok/s {where}",
                 (">=", "<"),
             )
         )

@@ -648,7 +648,8 @@ def create_app(
 
 
 async def _inject_faults(faults: dict) -> None:
-    """Release drills: make the canary slow or failing on purpose (RYZ_FAULT_CANARY_*, POST /admin/faults; off by default)."""
+    """Release drills: make the canary slow or failing on purpose (RYZ_FAULT_CANARY_*, POST /admin/faults; off by
+    default)."""
     import random
 
     if faults["canary_latency_ms"]:

@@ -252,14 +252,17 @@ def zoo_models(zoo_dir: str | Path) -> list[Path]:
 
 def engine_table(results: dict[str, dict], engine: str, limit: int | None) -> str:
     rows = [
-        f"| `{Path(name).name}` | {r['demo_mc']['acc']:.3f} ± {r['demo_mc']['acc_stderr']:.3f} | {r['demo_mc']['acc_norm']:.3f} | "
-        f"{r['demo_gen']['exact_match']:.3f} ± {r['demo_gen']['exact_match_stderr']:.3f} | {r['demo_ppl']['word_perplexity']:.3f} | "
+        f"| `{Path(name).name}` | {r['demo_mc']['acc']:.3f} ± {r['demo_mc']['acc_stderr']:.3f} | "
+        f"{r['demo_mc']['acc_norm']:.3f} | "
+        f"{r['demo_gen']['exact_match']:.3f} ± {r['demo_gen']['exact_match_stderr']:.3f} | "
+        f"{r['demo_ppl']['word_perplexity']:.3f} | "
         f"{r['demo_ppl']['bits_per_byte']:.4f} |"
         for name, r in results.items()
     ]
     scope = f"the first {limit} items of each suite" if limit else "the full suites"
     return (
-        f"{ENGINE_BEGIN}\nEach checkpoint quantized with `ryz quantize`'s defaults (TQ2_0 weights, Q8_0 embedding/head) and "
+        f"{ENGINE_BEGIN}\nEach checkpoint quantized with `ryz quantize`'s defaults (TQ2_0 weights, Q8_0 "
+        f"embedding/head) and "
         f"scored on {scope} by `python -m evaluations.demo.score --zoo examples/zoo --engine {engine}` "
         f"({'the numpy reference, engine/model/reference.py' if engine == 'reference' else 'the native engine'}):\n\n"
         "| model | demo_mc acc | acc_norm | demo_gen exact match | demo_ppl word ppl | bits/byte |\n"
