@@ -150,29 +150,13 @@ def _target_build(
             except ToolchainNotFoundError as exc:
                 progress(f"no kernel build for this CPU and none can be built ({exc}); the bundle carries sources only")
         return found, target
-    source = build.source_hash()
-    flags = build.build_flags(source)
-    candidates = []
-    for directory in build.kernels_dir(settings).glob("*/"):
-        try:
-            manifest = build._complete(directory)
-        except SchemaVersionError:
-            continue
-        if (
-            manifest
-            and manifest["source_hash"] == source
-            and manifest["flags"] == flags
-            and manifest["fingerprint"]["fingerprint_id"] == target["fingerprint_id"]
-        ):
-            candidates.append((manifest["created"], directory, manifest))
-    if not candidates:
+    found = build.find_compatible(settings, target["fingerprint_id"])
+    if found is None:
         progress(
             f"no kernel build for fingerprint {target['fingerprint_id']} in {build.kernels_dir(settings)}; "
             "the bundle carries sources only (the target rebuilds them once)"
         )
-        return None, target
-    _, directory, manifest = max(candidates, key=lambda c: c[0])
-    return build.KernelBuild(directory / manifest["library"]["file"], manifest["key"], manifest, cache_hit=True), target
+    return found, target
 
 
 def _copy_sources(dest: Path) -> str:

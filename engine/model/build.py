@@ -504,10 +504,13 @@ def build_kernels(
     return KernelBuild(plan.directory / LIBRARY_NAME, plan.key, manifest, cache_hit=False)
 
 
-def _scan_compatible(settings: Settings, root: Path) -> KernelBuild | None:
-    """Without a compiler the key cannot be computed: accept any complete build of the same sources and
-    flags for this CPU fingerprint (e.g. one shipped in a serving bundle), newest first."""
-    source, fingerprint_id = source_hash(root), cpu_fingerprint()["fingerprint_id"]
+def find_compatible(
+    settings: Settings, fingerprint_id: str, native_dir: str | Path | None = None
+) -> KernelBuild | None:
+    """The newest complete, self-tested build in the cache of these sources and flags for the CPU fingerprint
+    `fingerprint_id`, whatever compiler made it: what a host without a compiler can use (e.g. one shipped in a
+    serving bundle), and what a bundle for another CPU ships."""
+    source = source_hash(Path(native_dir).resolve() if native_dir else NATIVE_DIR)
     flags = build_flags(source)
     found = []
     for directory in kernels_dir(settings).glob("*/"):
@@ -534,7 +537,7 @@ def find_build(settings: Settings | None = None, native_dir: str | Path | None =
     try:
         plan = plan_build(settings, native_dir)
     except ToolchainNotFoundError:
-        return _scan_compatible(settings, Path(native_dir).resolve() if native_dir else NATIVE_DIR)
+        return find_compatible(settings, cpu_fingerprint()["fingerprint_id"], native_dir)
     manifest = _complete(plan.directory)
     if manifest is None:
         return None
