@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from engine.errors import BuildError
@@ -156,3 +157,19 @@ def test_parity_runs_on_every_family_and_names_a_wrong_one(tmp_path, native_libr
     bad = check_parity(model, faulty, new_tokens=4)
     assert not bad["passed"] and not bad["isas"][family]["passed"] and bad["isas"]["scalar"]["passed"], bad
     assert bad["reason"].startswith(f"{family}: logits differ by") and faulty.isa == "scalar"
+
+
+def test_failure_messages_name_the_first_wrong_element():
+    from engine.model.selftest import _Checks
+
+    checks = _Checks()
+    got, want = np.array([1.0, 2.0, 3.5], np.float32), np.array([1.0, 2.0000001, 3.0])
+    checks.close(got, want, np.full(3, 1e-3), "dense_gemm f16 avx2 vs scalar")  # 2.0 is inside the bound, 3.5 is not
+    checks.equal(np.array([0.0], np.float32), np.array([-0.0], np.float32), "kv_dot f32 avx2 vs scalar")  # bits differ
+    checks.equal(np.array([1, 2], np.int32), np.array([1, 2], np.int32), "ternary_gemm")
+    report = checks.report(0.0)
+    assert (report["checks"], report["failed"], report["passed"]) == (3, 2, False)
+    assert report["failures"] == [
+        "dense_gemm f16 avx2 vs scalar: out[2] = 3.5, want 3.0 (beyond the rounding bound)",
+        "kv_dot f32 avx2 vs scalar: out[0] = 0.0, want -0.0",
+    ]

@@ -46,29 +46,32 @@ class _Checks:
         self.failures: list[str] = []
 
     def equal(self, got: np.ndarray, want: np.ndarray, what: str) -> None:
+        """Bit for bit (floats compared as their bytes, so -0.0 and NaN payloads count)."""
         if got.shape == want.shape and np.array_equal(
             got.view(np.uint8) if got.dtype.kind == "f" else got,
             want.view(np.uint8) if want.dtype.kind == "f" else want,
         ):
             self.passed += 1
             return
-        self._fail(got, want, what, "")
+        self._fail(got, want, what, "", got != want if got.shape == want.shape else None)
 
     def close(self, got: np.ndarray, want: np.ndarray, bound: np.ndarray, what: str) -> None:
-        if got.shape == want.shape and bool(np.all(np.abs(got.astype(np.float64) - want) <= bound)):
+        bad = np.abs(got.astype(np.float64) - want) > bound if got.shape == want.shape else None
+        if bad is not None and not bad.any():
             self.passed += 1
             return
-        self._fail(got, want, what, " (beyond the rounding bound)")
+        self._fail(got, want, what, " (beyond the rounding bound)", bad)
 
-    def _fail(self, got: np.ndarray, want: np.ndarray, what: str, why: str) -> None:
+    def _fail(self, got: np.ndarray, want: np.ndarray, what: str, why: str, bad: np.ndarray | None) -> None:
+        """Count a failure; keep a message naming the first element that is wrong."""
         self.failed += 1
         if len(self.failures) >= MAX_FAILURES:
             return
-        if got.shape != want.shape:
+        if bad is None:
             self.failures.append(f"{what}: shape {got.shape}, want {want.shape}")
             return
-        diff = np.argwhere(got != want) if not why else np.argwhere(np.abs(got.astype(np.float64) - want) > 0)
-        at = tuple(int(i) for i in diff[0]) if len(diff) else ()
+        where = np.argwhere(bad)
+        at = tuple(int(i) for i in where[0]) if len(where) else (0,) * got.ndim  # bytes differ only (e.g. -0.0)
         self.failures.append(f"{what}: out{list(at)} = {got[at].item()!r}, want {want[at].item()!r}{why}")
 
     def report(self, seconds: float) -> dict:
