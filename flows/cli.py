@@ -8,18 +8,15 @@ progress and logs go to stderr; a failed check exits non-zero.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-
-
-def _print_json(value) -> None:
-    sys.stdout.write(json.dumps(value, indent=2, sort_keys=False, default=str) + "\n")
+from flows.cli_common import EXIT_ERROR, EXIT_USAGE
+from flows.cli_common import positive_int as _positive_int
+from flows.cli_common import print_json as _print_json
+from flows.cli_common import store as _store
 
 
 @contextmanager
@@ -31,13 +28,6 @@ def _progress(total: int, desc: str, enabled: bool = True):
         total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, disable=not enabled, leave=False
     ) as bar:
         yield bar.update
-
-
-def _store():
-    from engine.artifacts.store import open_store
-    from engine.settings import get_settings
-
-    return open_store(settings=get_settings())
 
 
 # --- commands -------------------------------------------------------------------------------------
@@ -317,295 +307,7 @@ def cmd_pipeline_run(args) -> int:
     return 0
 
 
-def cmd_ci_bench(args) -> int:
-    import os
-
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.evaluate import with_runner
-
-    baseline = args.baseline if args.baseline and Path(args.baseline).exists() else None
-    if args.baseline and baseline is None and not args.write_baseline:
-        print(
-            f"ryz ci-bench: no baseline record at {args.baseline}; run once with --write-baseline on the main branch",
-            file=sys.stderr,
-        )
-        return 2
-    evaluate = with_runner(args.runner, args.shards)
-    state = evaluate(
-        model=args.model, suite=args.suite, limit=args.limit, baseline=baseline, shards=args.shards, return_state=True
-    )
-    result = state.result(raise_on_failure=False)
-    if isinstance(result, BaseException):
-        print(f"ci-bench FAILED: {result}", file=sys.stderr)
-        return 1
-    if args.write_baseline:
-        from engine.artifacts.store import open_store
-        from evaluations.evaluate import load_record
-
-        out = Path(args.baseline)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(load_record(result["record_id"], open_store()), indent=1) + "\n")
-        tmp.replace(out)
-        print(f"baseline written to {out}", file=sys.stderr)
-    if args.json:
-        _print_json(result)
-    else:
-        print(f"ci-bench passed: {result['verdict']}")
-    return 0
-
-
-def _releases():
-    from engine.artifacts.releases import ReleaseStore
-
-    return ReleaseStore(_store())
-
-
-def _release_flow(**kw) -> dict:
-    import os
-
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.release import release
-
-    return release(**kw)
-
-
-def _print_release(rel: dict | None, as_json: bool) -> None:
-    if as_json:
-        _print_json(rel)
-        return
-    if rel is None:
-        print("no releases yet")
-        return
-    step = rel["steps"][min(rel["step_index"], len(rel["steps"]) - 1)]
-    print(f"release {rel['id']}: {rel['ref']} {rel['status']} (next step {step}% of {rel['steps']})")
-    for e in rel["log"]:
-        print(f"  {_when(e['time'])}  {e['event']:<18} {e['reason']}")
-
-
-def cmd_release(args) -> int:
-    import getpass
-
-    releases = _releases()
-    actor = f"user:{getpass.getuser()}"
-    action = args.release_command
-    if action == "start":
-        rel = _release_flow(ref=args.ref, synthetic_load=args.synthetic_load or None)
-    elif action == "status":
-        rel = releases.get(args.id) if args.id else releases.latest()
-    elif action == "pause":
-        rel = _current(releases, ("canary",))
-        rel = releases.set_status(rel["id"], "pause_requested", f"pause requested by {actor}")
-    elif action == "resume":
-        rel = releases.get(args.id) if args.id else _current(releases, ("paused",))
-        rel = _release_flow(release_id=rel["id"], synthetic_load=args.synthetic_load or None)
-    elif action == "promote":
-        rel = _current(releases, ("paused", "canary"))
-        if not args.force and rel["step_index"] < len(rel["steps"]):
-            print(
-                f"ryz release promote: {rel['ref']} has passed {rel['step_index']} of {len(rel['steps'])} canary "
-                f"steps; "
-                "`ryz release resume` runs the rest, `--force` promotes now",
-                file=sys.stderr,
-            )
-            return 1
-        rel = _release_flow(release_id=rel["id"], force_promote=True)
-    elif action == "abort":
-        from tasks.release import abort_actions
-
-        rel = _current(releases, ("canary", "paused", "gating", "pause_requested"))
-        reason = args.reason or f"aborted by {actor}"
-        if rel["status"] == "canary":  # a flow is stepping it: it aborts at its next check
-            rel = releases.set_status(rel["id"], "abort_requested", reason)
-        else:
-            abort_actions(rel["id"], rel["ref"], reason, actor)
-            rel = releases.get(rel["id"])
-    else:  # rollback
-        from tasks.release import rollback_production
-
-        result = rollback_production(actor, args.reason or f"rollback by {actor}")
-        if args.json:
-            _print_json(result)
-        else:
-            print(f"production is {result['production']} again; {result['rolled_back']} is rolled_back")
-        return 0
-    _print_release(rel, args.json)
-    return 0 if rel is None or rel["status"] not in ("rejected", "aborted", "failed") else 2
-
-
-def _current(releases, statuses: tuple[str, ...]) -> dict:
-    from engine.errors import ModelReferenceError
-
-    rel = releases.latest()
-    if rel is None or rel["status"] not in statuses:
-        state = f"the latest release is {rel['ref']} {rel['status']}" if rel else "there are no releases"
-        raise ModelReferenceError(f"no release in state {'/'.join(statuses)}: {state}")
-    return rel
-
-
-def _registry():
-    from engine.artifacts.registry import Registry
-
-    return Registry(_store())
-
-
-def _when(t: float) -> str:
-    import datetime
-
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def cmd_registry_list(args) -> int:
-    versions = _registry().versions(args.name)
-    if args.json:
-        _print_json([v.to_json() for v in versions])
-        return 0
-    for v in versions:
-        print(f"{v.ref:<32} {v.status:<12} {v.artifact_id[:19]}  {_when(v.created)}")
-    if not versions:
-        print("the registry is empty", file=sys.stderr)
-    return 0
-
-
-def cmd_registry_show(args) -> int:
-    registry = _registry()
-    version = registry.get(args.ref)
-    doc = version.to_json()
-    doc["aliases"] = sorted(
-        a for a, t in registry.aliases().items() if (t["name"], t["version"]) == (version.name, version.version)
-    )
-    _print_json(doc)
-    return 0
-
-
-def cmd_registry_history(args) -> int:
-    events = _registry().history(args.name)
-    if args.json:
-        _print_json([{**e, "time": _when(e["time"])} for e in events])
-        return 0
-    for e in events:
-        target = f"{e['name']}:{e['version']}" if e.get("name") else "-"
-        print(f"{_when(e['time'])}  {e['action']:<18} {target:<28} {e['actor']:<24} {e['reason']}")
-    return 0
-
-
-def cmd_registry_aliases(args) -> int:
-    aliases = _registry().aliases()
-    if args.json:
-        _print_json(aliases)
-        return 0
-    for alias, target in sorted(aliases.items()):
-        print(f"{alias:<12} {target['name']}:{target['version']}")
-    return 0
-
-
-def cmd_gc(args) -> int:
-    from engine.artifacts.gc import collect_garbage
-
-    result = collect_garbage(_store(), keep=args.keep, dry_run=args.dry_run)
-    if args.json:
-        _print_json(result)
-    else:
-        verb = "would remove" if args.dry_run else "removed"
-        for item in result["removed"]:
-            print(f"{verb} {item['artifact_id']}  {item['kind']:<10} {item['size']:>12,} B  {item['why']}")
-        print(
-            f"{verb} {len(result['removed'])} artifacts ({result['bytes']:,} bytes); kept {result['kept']}",
-            file=sys.stderr,
-        )
-    return 0
-
-
-def cmd_eval(args) -> int:
-    from contextlib import redirect_stdout
-
-    from evaluations.evaluate import evaluate_model, store_record
-    from evaluations.report import report_record
-
-    store = _store()
-    with redirect_stdout(sys.stderr):  # lm-eval and GX print; stdout carries only the result
-        record = evaluate_model(
-            args.model,
-            suite=args.suite,
-            limit=args.limit,
-            bench=not args.no_bench,
-            engine=args.engine,
-            threads=args.threads,
-            library=args.library,
-            allow_unsafe_code=args.allow_unsafe_code,
-            store=store,
-        )
-        record_id = store_record(record, store)
-        record["record_id"] = record_id
-        report = report_record(record, store)
-    if args.json:
-        _print_json({**record, "report": str(report)})
-    else:
-        print(record_id)
-        for task, entry in record["tasks"].items():
-            metrics = ", ".join(
-                f"{m} {v['value']:.4g}" + (f" ± {v['stderr']:.3g}" if v["stderr"] is not None else "")
-                for m, v in entry["metrics"].items()
-                if v["value"] is not None
-            )
-            print(f"  {task:<28} n={entry['n']!s:<6} {metrics}", file=sys.stderr)
-        if record["bench"]:
-            b = record["bench"]
-            print(
-                f"  bench: decode {b['decode_tok_s']} tok/s, prefill {b['prefill_tok_s']} tok/s, TTFT {b['ttft_ms']} "
-                f"ms, "
-                f"peak RSS {b['peak_rss_mb']} MB, roofline {b['roofline_fraction']}, {b['threads']} threads",
-                file=sys.stderr,
-            )
-        print(f"  record {'valid' if record['valid'] else 'INVALID'}", file=sys.stderr)
-    for failure in record["failures"]:
-        print(f"ryz eval: failed expectation: {failure}", file=sys.stderr)
-    print(f"ryz eval: record {record_id}; report {report}", file=sys.stderr)
-    return 0 if record["valid"] else EXIT_ERROR
-
-
-def cmd_compare(args) -> int:
-    from evaluations.evaluate import resolve_record
-    from evaluations.report import compare_records, render_comparison, write_report
-
-    store = _store()
-    id_a, a = resolve_record(args.ref_a, store)
-    id_b, b = resolve_record(args.ref_b, store)
-    report = write_report(render_comparison(a, b), f"compare-{id_a[7:19]}-{id_b[7:19]}")
-    result = compare_records(a, b)
-    if args.json:
-        _print_json(
-            {
-                "a": {"ref": args.ref_a, "record_id": id_a, "model": a["model"], "suite": a.get("suite")},
-                "b": {"ref": args.ref_b, "record_id": id_b, "model": b["model"], "suite": b.get("suite")},
-                **result,
-                "report": str(report),
-            }
-        )
-    else:
-        print(f"a = {args.ref_a} ({id_a[:19]}), b = {args.ref_b} ({id_b[:19]})")
-        for task, metrics in result["tasks"].items():
-            for metric, c in metrics.items():
-                se = "n/a" if c["stderr"] is None else f"{c['stderr']:.3g}"
-                print(
-                    f"  {task:<24} {metric:<18} {c['a']:>10.4g} -> {c['b']:<10.4g} delta {c['delta']:+.4g} ± {se:<8} "
-                    f"{c['verdict']}"
-                )
-        for key, c in result["bench"].items():
-            ratio = "" if c["ratio"] is None else f" (x{c['ratio']:.3f})"
-            print(f"  bench {key:<18} {c['a']} -> {c['b']}{ratio}")
-    print(f"ryz compare: report {report}", file=sys.stderr)
-    return 0
-
-
 # --- parser ---------------------------------------------------------------------------------------
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -745,26 +447,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="key Continue sends (one of RYZ_API_KEYS), if the server needs one")
     p.add_argument("-o", "--output", help="write here (for example ~/.continue/config.yaml) instead of stdout")
 
-    p = command(
-        "ci-bench",
-        cmd_ci_bench,
-        "CI: evaluate a model (suite + speed) and fail on a regression against a "
-        "stored baseline record (what .github/workflows/ci-bench.yml runs)",
-    )
-    p.add_argument(
-        "--model",
-        default="examples/zoo/ryz-demo-m",
-        help="model reference or checkpoint directory (default: the demo zoo's ryz-demo-m)",
-    )
-    p.add_argument("--suite", default="demo_mc,demo_gen", help="suite or task list (default demo_mc,demo_gen)")
-    p.add_argument("--limit", type=int, default=50, help="examples per task (default 50)")
-    p.add_argument("--baseline", default="ci/baseline-record.json", help="baseline evaluation record (JSON file)")
-    p.add_argument("--write-baseline", action="store_true", help="store this run's record as the new baseline")
-    p.add_argument("--shards", type=_positive_int, default=1, help="run the suite's tasks as N concurrent shards")
-    p.add_argument(
-        "--runner", help="dask (a local cluster of --shards workers) or dask=ADDRESS (an existing scheduler)"
-    )
-
     pipeline = sub.add_parser(
         "pipeline", help="the main job: discover, quantize, build, verify, evaluate, register"
     ).add_subparsers(dest="pipeline_command", required=True)
@@ -784,59 +466,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--suite", default="gate", help="evaluation suite (default gate)")
     p.add_argument("--limit", type=int, help="examples per task (default: the suite's own limits)")
 
-    release = sub.add_parser(
-        "release", help="canary releases: start, status, pause, resume, promote, abort, rollback"
-    ).add_subparsers(dest="release_command", required=True)
-    for name, help_ in (
-        ("start", "release a registry version: offline gates, canary steps, promotion"),
-        ("status", "the latest release (or one by id) and its log"),
-        ("pause", "pause the running release at its next check"),
-        ("resume", "continue a paused release from its recorded step"),
-        ("promote", "promote the current release now (--force skips the remaining steps)"),
-        ("abort", "abort the current release: canary weight 0 and unloaded, status rolled_back"),
-        ("rollback", "undo the last promotion: `previous` serves as production again"),
-    ):
-        p = release.add_parser(name, help=help_, description=help_)
-        p.set_defaults(handler=cmd_release)
-        p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-        if name == "start":
-            p.add_argument("ref", help="name:version (or an alias) of a registered candidate")
-        if name in ("status", "resume"):
-            p.add_argument("id", nargs="?", help="a release id (default: the latest)")
-        if name in ("start", "resume"):
-            p.add_argument(
-                "--synthetic-load", action="store_true", help="drive bounded synthetic traffic during the steps"
-            )
-        if name == "promote":
-            p.add_argument("--force", action="store_true", help="promote without running the remaining canary steps")
-        if name in ("abort", "rollback"):
-            p.add_argument("--reason", help="recorded in the registry history")
-
-    registry = sub.add_parser("registry", help="model versions, aliases and their history").add_subparsers(
-        dest="registry_command", required=True
-    )
-    for name, handler, help_ in (
-        ("list", cmd_registry_list, "every version with its status and artifact"),
-        ("history", cmd_registry_history, "the event log: who changed what, when and why"),
-        ("aliases", cmd_registry_aliases, "production / canary / previous"),
-        ("show", cmd_registry_show, "one version (JSON)"),
-    ):
-        p = registry.add_parser(name, help=help_, description=help_)
-        p.set_defaults(handler=handler)
-        p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-        if name == "show":
-            p.add_argument("ref", help="name:version, an alias, or a name (its newest version)")
-        elif name in ("list", "history"):
-            p.add_argument("name", nargs="?", help="only this model name")
-
-    p = command(
-        "gc",
-        cmd_gc,
-        "remove artifacts nothing refers to (registry versions, aliases, bundles), beyond the newest N per name",
-    )
-    p.add_argument("--keep", type=int, default=2, help="unreferenced model artifacts kept per model name (default 2)")
-    p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
-
     p = command(
         "lm-eval",
         cmd_lm_eval,
@@ -846,47 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, metavar="ARGS", help="lm-eval's own arguments")
 
-    p = command(
-        "eval",
-        cmd_eval,
-        "evaluate a model on a suite plus the speed benchmark, validate the record (Great "
-        "Expectations), store it and write an HTML report; exits 1 when the record is invalid",
-    )
-    p.add_argument(
-        "model", metavar="MODEL_REF", help="name:version, an alias, an artifact id or prefix, or a .gguf path"
-    )
-    p.add_argument("--suite", default="gate", help="gate (default), full, or task names (demo_mc or demo_mc,demo_ppl)")
-    p.add_argument(
-        "--limit", type=_positive_int, help="documents per task (per subject of a group), overriding the suite's"
-    )
-    p.add_argument("--no-bench", action="store_true", help="skip the speed benchmark (the record's bench is null)")
-    p.add_argument(
-        "--engine",
-        choices=["native", "reference"],
-        default="native",
-        help="lm-eval scoring engine: native (default) or the numpy reference (slow)",
-    )
-    p.add_argument("--threads", type=int, help="compute threads (default RYZ_THREADS, else all physical cores)")
-    p.add_argument("--library", type=Path, help="a prebuilt native library (default: the kernel build for this CPU)")
-    p.add_argument(
-        "--allow-unsafe-code",
-        action="store_true",
-        help="run tasks that execute model-written code (humaneval_offline in the full suite)",
-    )
+    from flows.eval_cli import add_eval_commands
+    from flows.registry_cli import add_registry_commands
+    from flows.release_cli import add_release_commands
 
-    p = command(
-        "compare",
-        cmd_compare,
-        "compare two evaluation records: per-task deltas and their significance given "
-        "stderr, bench ratios; writes an HTML report",
-    )
-    p.add_argument(
-        "ref_a",
-        metavar="REF_A",
-        help="a registry version (its record), an evaluation record id, or a model "
-        "artifact id / .gguf path (its newest record)",
-    )
-    p.add_argument("ref_b", metavar="REF_B")
+    add_release_commands(sub, command)
+    add_registry_commands(sub, command)
+    add_eval_commands(sub, command)
 
     p = command("artifacts", cmd_artifacts, "list the artifacts in the store")
     p.add_argument("--kind", help="only this kind (model, ...)")

@@ -7,14 +7,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
-
-def _print_json(value) -> None:
-    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+from flows.cli_common import print_json as _print_json
 
 
 def _quiet_prefect() -> None:
