@@ -148,9 +148,10 @@ def loadavg() -> list[float] | None:
         return None
 
 
-def machine_info() -> dict[str, Any]:
-    """What a benchmark or evaluation record says about the machine it ran on."""
-    fp = cpu_fingerprint()
+def machine_info(fp: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a benchmark or evaluation record says about the machine it ran on (`fp`: a fingerprint the caller has
+    already read)."""
+    fp = fp or cpu_fingerprint()
     info: dict[str, Any] = {
         "kernel": platform.release(),
         "python": platform.python_version(),

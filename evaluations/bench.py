@@ -204,12 +204,6 @@ def decode_bytes(path: Path, repacked_bytes: int | None = None) -> dict:
     }
 
 
-# --- the machine --------------------------------------------------------------------------------
-
-machine_info = host.machine_info  # what every record says about the machine
-default_threads = loader.default_threads
-
-
 # --- our engine: one measured run per subprocess ----------------------------------------------------
 
 
@@ -439,7 +433,7 @@ def run_bench(
     started = datetime.now(timezone.utc)
     wall = time.perf_counter()
     load_start = host.loadavg()
-    threads = threads or default_threads(settings)
+    threads = threads or loader.default_threads(settings)
     target = resolve_target(spec, settings, weights, head)
     lib = _load_library(library, settings)
 
@@ -541,7 +535,7 @@ def run_bench(
             "peak_rss_mb": "max RSS of the measured process alone (a fresh process per run, its rusage via a minimal "
             "parent), median over repeats",
         },
-        "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": host.loadavg()},
+        "machine": {**host.machine_info(), "loadavg_start": load_start, "loadavg_end": host.loadavg()},
         "started": started.isoformat(timespec="seconds"),
         "seconds": round(time.perf_counter() - wall, 1),
     }

@@ -276,8 +276,9 @@ def describe_environment(settings, library_path: str | None = None) -> dict:
         "great_expectations": _version("great_expectations"),
         "isa_setting": settings.isa,
     }
-    info = host.machine_info()
-    env["cpu_fingerprint"] = host.cpu_fingerprint()["fingerprint_id"]
+    fingerprint = host.cpu_fingerprint()
+    info = host.machine_info(fingerprint)
+    env["cpu_fingerprint"] = fingerprint["fingerprint_id"]
     env.update({k: info[k] for k in ("cpu", "logical_cpus", "available_cpus", "physical_cores", "ram_gb") if k in info})
     try:
         from engine.model.build import current_build, find_build, read_manifest

@@ -609,9 +609,10 @@ def run_serve_bench(
     cache). `interleave`: keep both servers up and alternate them level by level (needs memory for both
     models); else run all of ours' levels, stop it, then the peer's. Our server failing to start raises
     `BenchError`; a peer that cannot run is reported as `{"error": ...}`."""
-    from engine.host import loadavg
+    from engine.host import loadavg, machine_info
+    from engine.model.loader import default_threads
     from engine.settings import get_settings
-    from evaluations.bench import BenchError, default_threads, machine_info, resolve_target
+    from evaluations.bench import BenchError, resolve_target
 
     settings = settings or get_settings()
     levels = sorted({int(n) for n in streams})
