@@ -94,6 +94,10 @@ class SamplingError(RyzError, RuntimeError):
     continued from here — check the JSON schema / grammar accepts the text generated so far`."""
 
 
+class EngineError(RyzError, RuntimeError):
+    """A request the engine core accepted failed while it ran (a forward raised, or it was aborted)."""
+
+
 # --- structured output (engine/serving/structured.py) -------------------------------------------------------
 
 

@@ -6,17 +6,16 @@
 the registry's names and aliases once it answers them). lm-eval 0.4.13 has no plugin discovery: importing
 this module registers the name, which `ryz lm-eval` does before handing its arguments to lm-eval's CLI.
 
-Scoring is batched by prefill, never one forward per token:
-  - requests are grouped by their (truncated) context; a group's context is prefilled once, and the logits of
-    its last position score the first token of every continuation (single-token choices, as MMLU's " A",
-    need nothing more);
-  - longer continuations get the context's KV copied into their own sequence slot (`copy_seq`) and are fed
-    together in one more forward (cut only to bound the logits held at once: 128 MB); groups are packed
-    into batches by free slots and tokens, so a batch is typically two `forward_batch` calls;
-  - the numpy reference has one sequence: it runs the same plan group by group.
-`loglikelihood_rolling` cuts documents with lm-eval's own rolling windows and scores the windows as
-requests of the same kind; `generate_until` decodes greedily (the native path steps all prompts of a batch
-together) and cuts the text at the first `until` string itself, since lm-eval does not.
+The adapter is a thin caller of the engine's synchronous batch API (`EngineCore.run` and `.score`, built by
+`engine.serving.core.batch_engine`): the server's scheduler batches the requests, so scoring and generation
+batch exactly as serving does, never one forward per token:
+  - a (context, continuation) pair is one request whose prompt is both, scored from the continuation on;
+    requests sharing a context wait for its first computation and copy its KV (the scheduler's prefix cache),
+    so MMLU's four choices cost one context prefill and a few tokens each;
+  - `loglikelihood_rolling` cuts documents with lm-eval's own rolling windows and scores the windows as
+    requests of the same kind; `generate_until` decodes greedily (temperature 0) with the `until` strings as
+    stop strings, and cuts the text at the first of them once more, as lm-eval expects;
+  - the numpy reference (engine=reference) runs through the same scheduler (engine.model.reference.ReferenceSlots).
 
 lm-eval's core imports no torch or transformers on this path (TemplateLM, the registry, the evaluator and
 YAML tasks); `datasets` and `evaluate` come with it (torch-free).
@@ -24,255 +23,34 @@ YAML tasks); `datasets` and `evaluate` come with it (torch-free).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lm_eval.models  # noqa: F401 - lm-eval's own models first: its registry imports them only while empty
-import numpy as np
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
+
+from engine.artifacts.refs import resolve_model
+from engine.artifacts.store import open_store
+from engine.model.ggufio import ModelFile
+from engine.model.loader import open_model
+from engine.model.reference import ReferenceModel, ReferenceSlots
+from engine.model.tokenizer import ModelTokenizer
+from engine.serving.chat import render_chat
+from engine.serving.core import GenerationRequest, batch_engine
+from engine.serving.sampling import SamplingParams
+from engine.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SEQS = 8  # sequence slots of the native context (lm-eval's --batch_size N > 1 overrides)
 DEFAULT_MAX_LENGTH = 4096  # cap on positions per sequence when the model allows more
 DEFAULT_MAX_BATCH_TOKENS = 4096
-MAX_LOGIT_VALUES = 32 << 20  # floats of logits per forward (128 MB): 256 rows at a 128k vocabulary
-
-
-# --- scoring plan ---------------------------------------------------------------------------------
-
-
-@dataclass
-class _Group:
-    """Requests sharing one context: (request index, continuation tokens) each."""
-
-    context: list[int]
-    items: list[tuple[int, list[int]]] = field(default_factory=list)
-
-    @property
-    def slots(self) -> int:
-        """Sequence slots needed: one per continuation longer than a token (at least the context's own)."""
-        return max(1, sum(len(c) > 1 for _, c in self.items))
-
-    @property
-    def tokens(self) -> int:
-        return len(self.context) + sum(len(c) - 1 for _, c in self.items)
-
-
-def row_scores(logits: np.ndarray, targets) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: log-probability of its target token, and whether the target is the row's argmax."""
-    x = np.asarray(logits, dtype=np.float32)
-    targets = np.asarray(targets)
-    idx = np.arange(len(targets))
-    peak = x.max(axis=1)
-    lse = peak.astype(np.float64) + np.log(np.exp(x - peak[:, None]).sum(axis=1, dtype=np.float64))
-    return x[idx, targets].astype(np.float64) - lse, x.argmax(axis=1) == targets
-
-
-def continuation_score(logits: np.ndarray, continuation: list[int]) -> tuple[float, bool]:
-    """Sum of log-probabilities of `continuation` and whether greedy decoding would produce it.
-    Row i of `logits` is the distribution that predicts continuation[i]."""
-    lp, greedy = row_scores(logits, continuation)
-    return float(lp.sum()), bool(greedy.all())
-
-
-def plan_groups(requests: list[tuple[list[int], list[int]]], max_slots: int) -> list[_Group]:
-    """Group (context, continuation) pairs by context, in first-seen order; a group never needs more than
-    `max_slots` slots (more continuations split it, each part prefilling the context again)."""
-    by_context: dict[tuple[int, ...], list[_Group]] = {}
-    groups: list[_Group] = []
-    for index, (context, continuation) in enumerate(requests):
-        parts = by_context.setdefault(tuple(context), [])
-        if not parts or (
-            len(continuation) > 1 and parts[-1].slots >= max_slots and any(len(c) > 1 for _, c in parts[-1].items)
-        ):
-            parts.append(_Group(list(context)))
-            groups.append(parts[-1])
-        parts[-1].items.append((index, continuation))
-    return groups
-
-
-def pack_batches(groups: list[_Group], max_slots: int, max_tokens: int) -> Iterable[list[_Group]]:
-    batch, slots, tokens = [], 0, 0
-    for g in groups:
-        if batch and (slots + g.slots > max_slots or tokens + g.tokens > max_tokens):
-            yield batch
-            batch, slots, tokens = [], 0, 0
-        batch.append(g)
-        slots += g.slots
-        tokens += g.tokens
-    if batch:
-        yield batch
-
-
-# --- backends -------------------------------------------------------------------------------------
-
-
-class NativeBackend:
-    """Scores and generates over several sequence slots of a NativeModel context."""
-
-    def __init__(self, model, max_logit_values: int = MAX_LOGIT_VALUES):
-        self.model = model
-        self.slots = model.max_seqs
-        self.max_positions = model.max_positions
-        self.max_rows = max(1, max_logit_values // model.hp.vocab)  # logits rows per forward (vocab floats each)
-
-    def score(self, batch: list[_Group]) -> dict[int, tuple[float, bool]]:
-        m = self.model
-        # Phase 1: every context of the batch in one forward; the last position's logits score each
-        # continuation's first token.
-        tokens, seqs, want = [], [], []
-        for slot, g in enumerate(batch):
-            m.truncate_seq(slot, 0)
-            tokens += g.context
-            seqs += [slot] * len(g.context)
-            want += [0] * (len(g.context) - 1) + [1]
-        first = m.forward_batch(np.array(tokens), np.array(seqs), np.array(want, np.uint8))
-        totals: dict[int, list] = {}
-        for gi, g in enumerate(batch):
-            lp, greedy = row_scores(np.repeat(first[gi : gi + 1], len(g.items), axis=0), [c[0] for _, c in g.items])
-            for k, (index, _cont) in enumerate(g.items):
-                totals[index] = [float(lp[k]), bool(greedy[k])]
-        # Phase 2: continuations longer than one token, each in a slot holding a copy of its context's KV,
-        # fed in order; forwards are cut so at most `max_rows` logit rows exist at once.
-        tokens, seqs, owners, targets = [], [], [], []
-        free = len(batch)
-        for gi, g in enumerate(batch):
-            base_taken = False
-            for index, cont in g.items:
-                if len(cont) == 1:
-                    continue
-                if base_taken:
-                    slot, free = free, free + 1
-                    m.copy_seq(gi, slot, len(g.context))
-                else:
-                    slot, base_taken = gi, True
-                tokens += cont[:-1]
-                seqs += [slot] * (len(cont) - 1)
-                owners += [index] * (len(cont) - 1)
-                targets += cont[1:]
-        for a in range(0, len(tokens), self.max_rows):
-            b = min(a + self.max_rows, len(tokens))
-            rows = m.forward_batch(np.array(tokens[a:b]), np.array(seqs[a:b]), np.ones(b - a, np.uint8))
-            lp, greedy = row_scores(rows, targets[a:b])
-            for index, x, g in zip(owners[a:b], lp, greedy):
-                totals[index][0] += float(x)
-                totals[index][1] = totals[index][1] and bool(g)
-        return {index: (t[0], t[1]) for index, t in totals.items()}
-
-    def generate(
-        self, prompts: list[list[int]], max_new: list[int], done: Callable[[int, list[int]], bool]
-    ) -> list[list[int]]:
-        m = self.model
-        out: list[list[int]] = [[] for _ in prompts]
-        for start in range(0, len(prompts), self.slots):
-            chunk = list(range(start, min(start + self.slots, len(prompts))))
-            tokens, seqs, want = [], [], []
-            for slot, i in enumerate(chunk):
-                m.truncate_seq(slot, 0)
-                tokens += prompts[i]
-                seqs += [slot] * len(prompts[i])
-                want += [0] * (len(prompts[i]) - 1) + [1]
-            logits = m.forward_batch(np.array(tokens), np.array(seqs), np.array(want, np.uint8))
-            active = list(enumerate(chunk))
-            while active:
-                still = []
-                for row, (slot, i) in enumerate(active):
-                    out[i].append(int(np.argmax(logits[row])))
-                    if not (done(i, out[i]) or len(out[i]) >= max_new[i]):
-                        still.append((slot, i))
-                active = still
-                if active:
-                    logits = m.forward_batch(
-                        np.array([out[i][-1] for _, i in active]),
-                        np.array([s for s, _ in active]),
-                        np.ones(len(active), np.uint8),
-                    )
-        return out
-
-
-class SequentialBackend:
-    """One sequence at a time for models with `forward(tokens, cache)` only (the numpy reference, stubs).
-    A group's continuations fork the context's cache, so a batch may hold any number of them."""
-
-    slots = 1 << 16
-
-    def __init__(self, model, max_positions: int):
-        self.model = model
-        self.max_positions = max_positions
-
-    def _new_cache(self):
-        if hasattr(self.model, "new_cache"):
-            return self.model.new_cache()
-        from engine.model.reference import KVCache
-
-        return KVCache()
-
-    @staticmethod
-    def _fork(cache):
-        from engine.model.reference import KVCache
-
-        if isinstance(cache, KVCache):  # layers' arrays are replaced, never written in place: share them
-            return KVCache(list(cache.keys), list(cache.values))
-        return copy.copy(cache)
-
-    def score(self, batch: list[_Group]) -> dict[int, tuple[float, bool]]:
-        results = {}
-        for g in batch:
-            cache = self._new_cache()
-            first = self.model.forward(g.context, cache)[-1:]
-            rows, owners = [], []
-            for index, cont in g.items:
-                if len(cont) > 1:
-                    rows.append(self.model.forward(cont[:-1], self._fork(cache)))
-                    owners.append(index)
-            results.update(_collect([g], first, np.concatenate(rows) if rows else None, owners))
-        return results
-
-    def generate(
-        self, prompts: list[list[int]], max_new: list[int], done: Callable[[int, list[int]], bool]
-    ) -> list[list[int]]:
-        out = []
-        for i, prompt in enumerate(prompts):
-            cache = self._new_cache()
-            logits = self.model.forward(prompt, cache)[-1]
-            ids: list[int] = []
-            while True:
-                ids.append(int(np.argmax(logits)))
-                if done(i, ids) or len(ids) >= max_new[i]:
-                    break
-                logits = self.model.forward([ids[-1]], cache)[-1]
-            out.append(ids)
-        return out
-
-
-def _collect(
-    batch: list[_Group], first: np.ndarray, rest: np.ndarray | None, owners: list[int]
-) -> dict[int, tuple[float, bool]]:
-    """Scores from phase-1 rows (one per group, in batch order) and phase-2 rows (each owner's continuation
-    minus its last token, in `owners` order)."""
-    continuations = {index: cont for g in batch for index, cont in g.items}
-    spans, pos = {}, 0
-    for index in owners:
-        spans[index] = (pos, pos + len(continuations[index]) - 1)
-        pos = spans[index][1]
-    results = {}
-    for gi, g in enumerate(batch):
-        for index, cont in g.items:
-            rows = first[gi : gi + 1]
-            if index in spans:
-                a, b = spans[index]
-                rows = np.concatenate([rows, rest[a:b]])
-            results[index] = continuation_score(rows, cont)
-    return results
+SCORE_CHUNK = 512  # requests handed to the engine at once (the progress bar moves per chunk)
 
 
 # --- the lm-eval model ----------------------------------------------------------------------------
@@ -331,41 +109,30 @@ class RyzansteinLM(TemplateLM):
         self.model_ref = str(getattr(getattr(model, "file", None), "path", type(model).__name__))
         self.engine = model
         if tokenizer is None:
-            from engine.model.tokenizer import ModelTokenizer
-
             tokenizer = ModelTokenizer(model.file)
         self.tok = tokenizer
-        context = int(getattr(model.hp, "context", 0) or DEFAULT_MAX_LENGTH)
-        if hasattr(model, "forward_batch"):
-            self.backend = NativeBackend(model)
-            self._max_length = int(max_length or min(context, model.max_positions))
-            if self._max_length > model.max_positions:
-                raise ValueError(
-                    f"max_length={self._max_length} exceeds the native context's {model.max_positions} positions"
-                )
-        else:
-            self._max_length = int(max_length or min(context, DEFAULT_MAX_LENGTH))
-            self.backend = SequentialBackend(model, self._max_length)
+        if not hasattr(model, "forward_batch"):  # forward(tokens, cache) only: the numpy reference, test stubs
+            context = int(getattr(model.hp, "context", 0) or DEFAULT_MAX_LENGTH)
+            positions = int(max_length or min(context, DEFAULT_MAX_LENGTH)) + 1
+            model = ReferenceSlots(model, self.max_seqs, positions)
+        # a scored sequence feeds max_length + 1 tokens: the continuation's last one too
+        self._max_length = int(max_length or model.max_positions - 1)
+        if self._max_length + 1 > model.max_positions:
+            raise ValueError(
+                f"max_length={self._max_length} needs {self._max_length + 1} positions; the model was opened "
+                f"with {model.max_positions}"
+            )
+        self.core = batch_engine(model, tokenizer, int(max_batch_tokens), model_id=self.model_ref)
         self.max_gen_toks = int(max_gen_toks)
-        self.max_batch_tokens = int(max_batch_tokens)
         self.add_bos = tokenizer.add_bos if add_bos_token is None else bool(add_bos_token)
 
     def _load(self, ref: str, engine: str, max_length: int | None, threads: int | None, library):
-        from engine.artifacts.refs import resolve_model
-        from engine.artifacts.store import open_store
-        from engine.settings import get_settings
-
         settings = get_settings()
         path = resolve_model(ref, open_store(settings=settings))
         if engine == "reference":
-            from engine.model.reference import ReferenceModel
-
             return ReferenceModel(path)
         if engine != "native":
             raise ValueError(f"engine must be native or reference, got {engine!r}")
-        from engine.model.ggufio import ModelFile
-        from engine.model.loader import open_model
-
         positions = int(max_length or min(ModelFile(path).hparams.context or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH))
         return open_model(
             path,
@@ -374,8 +141,12 @@ class RyzansteinLM(TemplateLM):
             library=library,
             threads=threads,
             max_seqs=self.max_seqs,
-            max_positions=positions,
+            max_positions=positions + 1,
         )
+
+    def close(self) -> None:
+        """Stop the engine's loop thread and free the model's context."""
+        self.core.close()
 
     # -- TemplateLM's tokenisation hooks --
 
@@ -424,18 +195,16 @@ class RyzansteinLM(TemplateLM):
                     f"a continuation of {len(continuation)} tokens does not fit max_length={self._max_length}"
                 )
             pairs.append((context, list(continuation)))
-        results: dict[int, tuple[float, bool]] = {}
-        groups = plan_groups(pairs, self.backend.slots)
+        results = []
         with tqdm(total=len(pairs), desc="ryzanstein loglikelihood", disable=disable_tqdm) as bar:
-            for batch in pack_batches(groups, self.backend.slots, self.max_batch_tokens):
-                scored = self.backend.score(batch)
-                results.update(scored)
-                for index in scored:
-                    key = requests[index][0]
+            for start in range(0, len(pairs), SCORE_CHUNK):  # chunks only to move the bar and fill the cache
+                scored = self.core.score(pairs[start : start + SCORE_CHUNK])
+                for (key, _, _), result in zip(requests[start : start + SCORE_CHUNK], scored):
                     if key is not None:
-                        self.cache_hook.add_partial("loglikelihood", key, scored[index])
+                        self.cache_hook.add_partial("loglikelihood", key, result)
+                results += scored
                 bar.update(len(scored))
-        return [results[i] for i in range(len(pairs))]
+        return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Each document's total log-likelihood over lm-eval's disjoint rolling windows (every token predicted
@@ -477,32 +246,18 @@ class RyzansteinLM(TemplateLM):
             prompts.append(ids)
             budgets.append(budget)
             untils.append([u for u in until if u])
-        stop_ids = set(self.tok.stop_ids)
-
-        def done(i: int, ids: list[int]) -> bool:
-            if ids[-1] in stop_ids:
-                return True
-            return bool(untils[i]) and any(u in self.tok.decode(ids) for u in untils[i])
-
-        outputs = []
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
-        generated: dict[int, list[int]] = {}
+        texts = []
         with tqdm(total=len(prompts), desc="ryzanstein generate_until", disable=disable_tqdm) as bar:
-            step = max(1, self.backend.slots)
-            for start in range(0, len(order), step):
-                chunk = order[start : start + step]
-                got = self.backend.generate(
-                    [prompts[i] for i in chunk],
-                    [budgets[i] for i in chunk],
-                    lambda j, ids, chunk=chunk: done(chunk[j], ids),
-                )
-                generated.update(zip(chunk, got))
-                bar.update(len(chunk))
-        for i, req in enumerate(requests):
-            ids = generated[i]
-            if ids and ids[-1] in stop_ids:
-                ids = ids[:-1]
-            text = cut_at_stops(self.tok.decode(ids), untils[i])
+            for start in range(0, len(prompts), SCORE_CHUNK):
+                batch = [
+                    GenerationRequest(prompts[i], SamplingParams(temperature=0.0), budgets[i], untils[i])
+                    for i in range(start, min(start + SCORE_CHUNK, len(prompts)))
+                ]
+                texts += [result.text for result in self.core.run(batch)]
+                bar.update(len(batch))
+        outputs = []
+        for req, text, until in zip(requests, texts, untils):
+            text = cut_at_stops(text, until)
             outputs.append(text)
             self.cache_hook.add_partial("generate_until", req.args, text)
         return outputs
@@ -513,8 +268,6 @@ class RyzansteinLM(TemplateLM):
         return self.tok.chat_template or None
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        from engine.serving.chat import render_chat
-
         bos = self.tok.tokenizer.id_to_token(self.tok.bos_id) if self.tok.bos_id is not None else ""
         eos = self.tok.tokenizer.id_to_token(self.tok.eos_id) if self.tok.eos_id is not None else ""
         text = render_chat(
@@ -550,11 +303,6 @@ def export_hf_tokenizer(model_ref: str | Path, directory: str | Path) -> Path:
 
     A tokenizer.json without a post-processor gets one that prepends BOS when the model wants it, so the
     Hugging Face tokenizer with add_special_tokens=True encodes exactly as the engine does."""
-    from engine.artifacts.refs import resolve_model
-    from engine.artifacts.store import open_store
-    from engine.model.ggufio import ModelFile
-    from engine.model.tokenizer import ModelTokenizer
-
     path = Path(model_ref)
     if not path.is_file():
         path = resolve_model(str(model_ref), open_store())

@@ -326,24 +326,32 @@ def torch_scores(model: DemoModel, tokenizer, quantized: bool, limit: int | None
         return tokenizer.decode(ids, skip_special_tokens=True)
 
     @torch.no_grad()
-    def logprobs(batch: list[list[int]]) -> list[np.ndarray]:
+    def loglikelihood(pairs: list[tuple[list[int], list[int]]]) -> list[float]:
         # Each sequence alone (batch 1): int8 activations are per token, so padding would not change
         # results, but the exact same shapes as the engine keep it simple.
-        return [torch.log_softmax(model(torch.tensor([ids]))[0].double(), -1).numpy() for ids in batch]
-
-    @torch.no_grad()
-    def generate(prompt: list[int], max_tokens: int, stop_ids: set[int]) -> list[int]:
-        ids, out = list(prompt), []
-        for _ in range(max_tokens):
-            token = int(model(torch.tensor([ids]))[0, -1].argmax())
-            out.append(token)
-            if token in stop_ids:
-                break
-            ids.append(token)
+        out = []
+        for context, continuation in pairs:
+            ids = [*context, *continuation]
+            lp = torch.log_softmax(model(torch.tensor([ids]))[0].double(), -1)
+            out.append(float(sum(lp[t - 1, ids[t]] for t in range(len(context), len(ids)))))
         return out
 
+    @torch.no_grad()
+    def generate(prompts: list[list[int]], max_tokens: int, stop_ids: set[int]) -> list[list[int]]:
+        outputs = []
+        for prompt in prompts:
+            ids, out = list(prompt), []
+            for _ in range(max_tokens):
+                token = int(model(torch.tensor([ids]))[0, -1].argmax())
+                out.append(token)
+                if token in stop_ids:
+                    break
+                ids.append(token)
+            outputs.append(out)
+        return outputs
+
     stop = newline_ids(tokenizer.get_vocab(), decode) | {tokenizer.token_to_id(EOS)}
-    result = score_all(load_suites(limit=limit), encode, decode, logprobs, generate, stop)
+    result = score_all(load_suites(limit=limit), encode, decode, loglikelihood, generate, stop)
     model.set_quantized(True)
     return result
 

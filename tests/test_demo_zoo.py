@@ -76,8 +76,8 @@ def test_mc_accuracy_through_the_reference(ggufs):
     items = score.load_suites(limit=MC_LIMIT)["demo_mc"]
     acc = {}
     for name, path in ggufs.items():
-        encode, _, logprobs, _, _ = score.engine_backend(path, "reference")
-        acc[name] = score.score_mc(items, encode, logprobs)["acc"]
+        encode, _, loglikelihood, _, _ = score.engine_backend(path, "reference")
+        acc[name] = score.score_mc(items, encode, loglikelihood)["acc"]
     for name, floor in MIN_ACC.items():
         assert acc[name] >= floor, acc
     assert acc["ryz-demo-m"] >= acc["ryz-demo-s"] + MIN_GAP_M_OVER_S, acc

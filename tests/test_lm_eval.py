@@ -123,36 +123,39 @@ def test_batched_scoring_equals_one_request_at_a_time(tiny, native_library):
     reqs = [("The capital of France is", c) for c in (" Paris", " London town", " Berlin is big", " Rome, of course")]
     reqs += [("", "the whole thing"), ("Hello", " w"), ("abc def ", "g h")]
     inst = [Instance("loglikelihood", {}, r, i) for i, r in enumerate(reqs)]
-    small = RyzansteinLM(_native(tiny, native_library, max_seqs=2))  # the 4 continuations split over 2 prefills
-    small.backend.max_rows = 3  # and continuations cut across forwards (the bound on logits held at once)
+    small = RyzansteinLM(_native(tiny, native_library, max_seqs=2))  # the 4 continuations wait for slots
     batched = small.loglikelihood(inst, disable_tqdm=True)
     single = [small.loglikelihood([i], disable_tqdm=True)[0] for i in inst]
     assert [b[0] for b in batched] == pytest.approx([s[0] for s in single], abs=1e-4)
     assert [b[1] for b in batched] == [s[1] for s in single]
 
     wide = RyzansteinLM(_native(tiny, native_library, max_seqs=8))
-    calls = []
+    fed = []
     forward = wide.engine.forward_batch
-    wide.engine.forward_batch = lambda *a: calls.append(len(a[0])) or forward(*a)
+    wide.engine.forward_batch = lambda *a: fed.append(len(a[0])) or forward(*a)
     assert [w[0] for w in wide.loglikelihood(inst, disable_tqdm=True)] == pytest.approx(
         [b[0] for b in batched], abs=1e-4
     )
-    assert len(calls) == 2  # one batch: the contexts' prefill, then the longer continuations
+    # the shared context is computed once: the other three choices copy its KV and feed only their own tokens
+    context = len(wide.tok_encode(reqs[0][0]))
+    assert sum(fed) < sum(len(wide.tok_encode(c + x)) for c, x in reqs) - 2 * context
+    assert wide.core.scheduler.prefix_tokens_reused >= 3 * (context - 1)
+    for lm in (small, wide):
+        lm.close()
 
 
 class UniformModel:
-    """Constant logits: every token has probability 1/vocab. Records what it is fed."""
+    """Constant logits: every token has probability 1/vocab. Records what it is fed; its cache is the
+    reference's KVCache with one placeholder array per position, so the engine's slots can cut and copy it."""
 
     def __init__(self, file, vocab: int):
         self.file, self.fed = file, []
         self.hp = type("hp", (), {"vocab": vocab, "context": 4096})()
 
-    def new_cache(self):
-        return {"length": 0}
-
     def forward(self, tokens, cache):
         self.fed.append(list(tokens))
-        cache["length"] += len(tokens)
+        grown = np.zeros((cache.length + len(tokens), 1), np.float32)
+        cache.keys[:], cache.values[:] = [grown], [grown]
         return np.zeros((len(tokens), self.hp.vocab), np.float32)
 
 
@@ -162,10 +165,8 @@ def test_rolling_loglikelihood_covers_every_token_once(tiny, monkeypatch):
     tok = ModelTokenizer(ModelFile(tiny))
     lm = RyzansteinLM(stub, tokenizer=tok, max_length=16)
     scored = []
-    real = lm_eval_model.continuation_score
-    monkeypatch.setattr(
-        lm_eval_model, "continuation_score", lambda logits, cont: scored.extend(cont) or real(logits, cont)
-    )
+    real = lm.core.score
+    monkeypatch.setattr(lm.core, "score", lambda pairs: [scored.extend(c) for _, c in pairs] and real(pairs))
     texts = ["a short one", "the rolling windows of lm-eval cover a long document " * 4]
     totals = lm.loglikelihood_rolling(
         [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)], disable_tqdm=True
@@ -177,7 +178,7 @@ def test_rolling_loglikelihood_covers_every_token_once(tiny, monkeypatch):
         assert total == pytest.approx(-len(ids) * math.log(vocab))
         assert math.exp(-total / len(ids)) == pytest.approx(vocab)  # token perplexity = vocabulary size
     assert sorted(scored) == sorted(all_ids)  # each token predicted exactly once
-    assert max(len(x) for x in stub.fed) <= 16
+    assert max(len(x) for x in stub.fed) <= 17  # a window feeds max_length + 1 tokens: its last one is scored
 
 
 class ScriptedModel(UniformModel):
@@ -189,7 +190,7 @@ class ScriptedModel(UniformModel):
 
     def forward(self, tokens, cache):
         logits = super().forward(tokens, cache)
-        step = cache["length"] - self.prompt_len
+        step = cache.length - self.prompt_len
         logits[-1, self.script[min(step, len(self.script) - 1)]] = 10.0
         return logits
 

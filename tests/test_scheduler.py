@@ -108,14 +108,40 @@ def test_identical_prompt_keeps_one_token_to_compute():
     assert plan.chunks[0].tokens == [4] and plan.chunks[0].samples
 
 
-def test_prompt_scoring_never_reuses_a_prefix():
+def test_prompt_scoring_reuses_only_what_comes_before_the_scored_positions():
     sched = Scheduler(SchedulerConfig(slots=1, max_context=64))
     runner = FakeRunner(1)
     sched.add("a", [1, 2, 3, 4])
     _drive(sched, runner, {"a": 1})
-    sched.add("b", [1, 2, 3, 4, 5], score_prompt=True)
-    _, plan = runner.run(sched)
-    assert plan.chunks[0].start == 0 and plan.chunks[0].logits_for_all
+    sched.add("b", [1, 2, 3, 4, 5], logits_from=0)  # echo: every position's logits
+    _, plans = _drive(sched, runner, {"b": 1})
+    assert plans[0].chunks[0].start == 0 and plans[0].chunks[0].logits_from == 0
+    sched.add("c", [1, 2, 3, 9, 9], logits_from=2)  # a continuation scored from position 2 on
+    _, plans = _drive(sched, runner, {"c": 1})
+    assert plans[0].chunks[0].start == 2 and plans[0].chunks[0].logits_from == 2
+    with pytest.raises(ValueError, match="outside the prompt"):
+        sched.add("d", [1, 2], logits_from=2)
+
+
+def test_the_queue_waits_for_a_shared_prefix_then_copies_it():
+    """Four choices of one question: the first computes the context, the others copy it (batch scoring)."""
+    context = list(range(1, 41))
+    sched = Scheduler(SchedulerConfig(slots=4, max_context=64, prefill_chunk=64, wait_for_shared_prefix=8))
+    runner = FakeRunner(4)
+    for i in range(4):
+        sched.add(f"c{i}", [*context, 100 + i], logits_from=len(context) - 1)
+    sched.add("other", [7, 7, 7])
+    _, first = runner.run(sched)
+    assert [c.request_id for c in first.chunks] == ["c0"]  # the rest wait for the context
+    out, plans = _drive(sched, runner, {"c0": 1, "c1": 1, "c2": 1, "c3": 1, "other": 1})
+    fed = sum(len(c.tokens) for p in [first, *plans] for c in p.chunks)
+    assert fed == len(context) + 1 + 3 * 2 + 3  # c1..c3 feed the context's last token and their own
+    assert sched.prefix_tokens_reused == 3 * (len(context) - 1)
+    # a prefix shared by a header only (under half of the prompt) is not worth the wait
+    sched = Scheduler(SchedulerConfig(slots=2, max_context=64, prefill_chunk=64, wait_for_shared_prefix=8))
+    sched.add("x", [*range(1, 11), *range(200, 230)])
+    sched.add("y", [*range(1, 11), *range(300, 330)])
+    assert [c.request_id for c in FakeRunner(2).run(sched)[1].chunks] == ["x", "y"]
 
 
 def test_idle_slots_beyond_the_cache_are_released():

@@ -182,3 +182,47 @@ def greedy_decode(logits: np.ndarray, step, max_tokens: int, stop_ids: set[int] 
             break
         logits = step(token)
     return out
+
+
+class ReferenceSlots:
+    """The reference model behind the native context's interface (numbered sequence slots, `forward_batch`),
+    so the engine core's scheduler runs it as it runs `NativeModel`: one numpy forward per sequence's run of
+    tokens in a batch, in batch order."""
+
+    def __init__(self, model: ReferenceModel, max_seqs: int = 1, max_positions: int | None = None):
+        self.model, self.file, self.hp = model, model.file, model.hp
+        self.max_seqs = max_seqs
+        self.max_positions = max_positions or model.hp.context
+        self._caches: dict[int, KVCache] = {}
+
+    def forward_batch(
+        self, tokens: np.ndarray, seq_ids: np.ndarray, want_logits: np.ndarray | None = None
+    ) -> np.ndarray:
+        tokens, seq_ids = np.asarray(tokens), np.asarray(seq_ids)
+        want = np.zeros(len(tokens), bool) if want_logits is None else np.asarray(want_logits).astype(bool)
+        if want_logits is None:
+            want[-1] = True
+        rows, start = [], 0
+        while start < len(tokens):
+            end = start + 1
+            while end < len(tokens) and seq_ids[end] == seq_ids[start]:
+                end += 1
+            logits = self.model.forward(tokens[start:end], self._caches.setdefault(int(seq_ids[start]), KVCache()))
+            rows.append(logits[want[start:end]])
+            start = end
+        return np.concatenate(rows) if rows else np.zeros((0, self.hp.vocab), np.float32)
+
+    def truncate_seq(self, seq: int, length: int) -> None:
+        cache = self._caches.setdefault(seq, KVCache())
+        cache.keys[:] = [k[:length] for k in cache.keys]
+        cache.values[:] = [v[:length] for v in cache.values]
+
+    def copy_seq(self, src: int, dst: int, length: int) -> None:
+        cache = self._caches.setdefault(src, KVCache())  # layer arrays are replaced, never written: share them
+        self._caches[dst] = KVCache([k[:length] for k in cache.keys], [v[:length] for v in cache.values])
+
+    def release_seq(self, seq: int) -> None:
+        self._caches.pop(seq, None)
+
+    def kv_bytes(self) -> int:
+        return sum(a.nbytes for c in self._caches.values() for a in (*c.keys, *c.values))

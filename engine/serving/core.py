@@ -11,12 +11,13 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
+from engine.errors import EngineError
 from engine.serving.sampling import Sample, Sampler, SamplingParams, token_logprobs
 from engine.serving.scheduler import Chunk, QueueFullError, Scheduler, SchedulerConfig
 from engine.serving.textstream import IncrementalDetokenizer, StopMatcher
@@ -34,6 +35,7 @@ class GenerationRequest:
     ignore_eos: bool = False
     grammar: Any = None  # engine.serving.structured.Grammar: constrains every sampled token
     prompt_logprobs: int | None = None  # echo scoring: logprob of each prompt token and its top alternatives
+    prompt_logprobs_from: int = 0  # ... from this prompt token on (batch scoring: where the continuation starts)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     arrival: float = field(default_factory=time.perf_counter)  # TTFT counts from here (the server sets it on receipt)
 
@@ -128,7 +130,7 @@ class EngineCore:
         with self._lock:
             if self._stopping:
                 raise RuntimeError("the engine is shutting down")
-            self.scheduler.add(request.request_id, request.prompt_ids, request.prompt_logprobs is not None)
+            self.scheduler.add(request.request_id, request.prompt_ids, _logits_from(request))
             self._live[request.request_id] = live
             self._wake.notify()
 
@@ -166,6 +168,79 @@ class EngineCore:
         if hasattr(self.model, "close"):
             self.model.close()
 
+    # -- synchronous batches: lm-eval and the demo scorer call these, the scheduler batches them --------
+    def run(self, requests: Iterable[GenerationRequest]) -> list[Delta]:
+        """Run requests to the end and return, per request in order, one Delta holding all its text, token
+        ids and logprobs and its final fields. Blocks; submits as fast as the queue takes them. Raises
+        EngineError naming the first request that failed."""
+        requests = list(requests)
+        results: list[Delta | None] = [None] * len(requests)
+        finished = threading.Condition()
+        count = [0]
+
+        def collector(i: int) -> Callable[[Delta], None]:
+            total = Delta()
+
+            def sink(delta: Delta) -> None:
+                total.text += delta.text
+                total.token_ids += delta.token_ids
+                total.logprobs += delta.logprobs
+                if delta.done:
+                    total.finish_reason, total.error = delta.finish_reason, delta.error
+                    total.prompt_logprobs = delta.prompt_logprobs
+                    total.prompt_tokens, total.completion_tokens = delta.prompt_tokens, delta.completion_tokens
+                    with finished:
+                        results[i] = total
+                        count[0] += 1
+                        finished.notify_all()
+
+            return sink
+
+        for i, request in enumerate(requests):
+            while True:
+                with finished:
+                    seen = count[0]
+                try:
+                    self.submit(request, collector(i))
+                    break
+                except QueueFullError:  # wait for a request to finish, then try again
+                    with finished:
+                        finished.wait_for(lambda seen=seen: count[0] > seen, timeout=1.0)
+        with finished:
+            finished.wait_for(lambda: count[0] == len(requests))
+        for i, delta in enumerate(results):
+            if delta is None or delta.error or delta.finish_reason == "abort":
+                reason = "aborted" if delta is None or not delta.error else delta.error
+                raise EngineError(f"request {i} of the batch failed: {reason}")
+        return results  # type: ignore[return-value] - every entry is set above
+
+    def score(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
+        """Per (context, continuation): the continuation's summed log-probability after the context, and
+        whether greedy decoding would produce it (lm-eval's loglikelihood). Requests sharing a context reuse
+        its KV through the scheduler's prefix cache (SchedulerConfig.wait_for_shared_prefix)."""
+        requests = []
+        for context, continuation in pairs:
+            if not context or not continuation:
+                raise ValueError("scoring needs a non-empty context and continuation")
+            requests.append(
+                GenerationRequest(
+                    [*context, *continuation],
+                    SamplingParams(temperature=0.0),
+                    max_tokens=0,
+                    prompt_logprobs=1,
+                    prompt_logprobs_from=len(context),
+                )
+            )
+        out = []
+        for (_, continuation), result in zip(pairs, self.run(requests)):
+            entries = result.prompt_logprobs or []
+            if len(entries) != len(continuation):
+                raise EngineError(f"scored {len(entries)} of {len(continuation)} continuation tokens")
+            logprob = sum(entry[0] for entry in entries)
+            greedy = all(entry[1][0][0] == token for entry, token in zip(entries, continuation))
+            out.append((logprob, greedy))
+        return out
+
     # -- the loop thread -------------------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
@@ -199,9 +274,9 @@ class EngineCore:
         want = np.zeros(len(tokens), np.uint8)
         offset = 0
         for c in plan.chunks:
-            if c.logits_for_all:
-                want[offset : offset + len(c.tokens)] = 1
-            elif c.samples:
+            if c.logits_from is not None:
+                want[offset + max(0, c.logits_from - c.start) : offset + len(c.tokens)] = 1
+            if c.samples:
                 want[offset + len(c.tokens) - 1] = 1
             offset += len(c.tokens)
         started = time.perf_counter()
@@ -214,7 +289,7 @@ class EngineCore:
         row = 0
         with self._lock:
             for chunk in plan.chunks:
-                rows = len(chunk.tokens) if chunk.logits_for_all else int(chunk.samples)
+                rows = _logit_rows(chunk)
                 self._update(chunk, logits[row : row + rows] if rows else None)
                 row += rows
 
@@ -223,10 +298,10 @@ class EngineCore:
         if live is None:
             return
         request = live.request
-        if chunk.logits_for_all:
-            prompt = request.prompt_ids
-            next_ids = prompt[chunk.start + 1 : chunk.start + 1 + len(chunk.tokens)]
-            if chunk.start == 0:
+        if chunk.logits_from is not None and logits is not None:
+            first = max(chunk.start, chunk.logits_from)  # the position of logits' first row
+            next_ids = request.prompt_ids[first + 1 : chunk.start + 1 + len(chunk.tokens)]
+            if first == 0 and request.prompt_logprobs_from == 0:
                 live.prompt_logprobs.append(None)  # nothing predicts the first prompt token
             live.prompt_logprobs += token_logprobs(logits[: len(next_ids)], next_ids, request.prompt_logprobs or 0)
         if not chunk.samples:
@@ -293,6 +368,40 @@ class EngineCore:
         if self.metrics is not None:
             self.metrics.finished(delta)
         live.sink(delta)
+
+
+def _logits_from(request: GenerationRequest) -> int | None:
+    """The first prompt position whose logits a request scores: the one before its first scored token."""
+    if request.prompt_logprobs is None:
+        return None
+    return max(0, request.prompt_logprobs_from - 1)
+
+
+def _logit_rows(chunk: Chunk) -> int:
+    """Rows of logits the forward returns for a chunk (the `want` mask of EngineCore.step)."""
+    end = chunk.start + len(chunk.tokens)
+    rows = end - max(chunk.start, chunk.logits_from) if chunk.logits_from is not None else 0
+    return max(rows, 0) or int(chunk.samples)
+
+
+MAX_LOGIT_BYTES = 128 << 20  # logits one batch step may return (rows x vocab float32)
+
+
+def batch_engine(model, tokenizer, max_batch_tokens: int = 4096, model_id: str = "batch") -> EngineCore:
+    """An EngineCore for synchronous batches (EngineCore.run / score): every sequence slot of the model, a
+    sequence may fill every position, prefill steps of up to `max_batch_tokens` tokens (fewer where their
+    logits would pass MAX_LOGIT_BYTES: scoring wants a row per token), idle slots kept as prefix cache, and
+    the queue waits for a shared prefix to be computed once (SchedulerConfig.wait_for_shared_prefix)."""
+    rows = MAX_LOGIT_BYTES // (4 * model.hp.vocab)
+    config = SchedulerConfig(
+        slots=model.max_seqs,
+        max_context=model.max_positions + 1,
+        prefill_chunk=max(16, min(max_batch_tokens, rows)),
+        prefix_cache_slots=model.max_seqs,
+        max_queue=4 * model.max_seqs,
+        wait_for_shared_prefix=8,
+    )
+    return EngineCore(model, tokenizer, config, model_id)
 
 
 class AsyncEngine:

@@ -30,6 +30,11 @@ class SchedulerConfig:
     prefix_cache_slots: int = 2
     max_queue: int = 64
     min_prefix_reuse: int = 1  # shortest shared prefix worth a KV copy
+    # The request at the head of the queue waits while a running request is still computing a prefix the
+    # two share, if that prefix has at least this many tokens and is at least half of what the waiting one
+    # could reuse; then it copies the prefix instead of computing it again. For batch scoring (lm-eval's
+    # choices of one question, few-shot prompts); arrival order is kept, so the queue waits with it. 0 = never.
+    wait_for_shared_prefix: int = 0
 
 
 @dataclass
@@ -40,7 +45,7 @@ class Chunk:
     slot: int
     tokens: list[int]
     start: int
-    logits_for_all: bool  # prompt scoring (echo + logprobs): logits after every token, not only the last
+    logits_from: int | None  # prompt scoring: logits after every position >= this one, not only the last
     samples: bool  # the chunk ends the known tokens: a new token is sampled from its last logits
 
 
@@ -61,7 +66,7 @@ class _Request:
     request_id: str
     tokens: list[int]  # prompt, then generated tokens as they are appended
     prompt_len: int
-    score_prompt: bool
+    logits_from: int | None  # first position whose logits the request scores; None: only sampling's
     slot: int | None = None
     computed: int = 0  # tokens of `tokens` already in the slot's KV
 
@@ -97,8 +102,9 @@ class Scheduler:
         self.prefix_tokens_reused = 0
 
     # -- requests -------------------------------------------------------------------------------
-    def add(self, request_id: str, prompt_ids: list[int], score_prompt: bool = False) -> None:
-        """Queue a request; QueueFullError when the waiting queue is at its bound."""
+    def add(self, request_id: str, prompt_ids: list[int], logits_from: int | None = None) -> None:
+        """Queue a request; QueueFullError when the waiting queue is at its bound. `logits_from`: the prompt
+        is scored from that position on (the logits of every later position are returned)."""
         if not prompt_ids:
             raise ValueError("a request needs at least one prompt token")
         if len(prompt_ids) >= self.config.max_context:
@@ -107,7 +113,9 @@ class Scheduler:
             )
         if len(self.waiting) >= self.config.max_queue and not self._free_slots():
             raise QueueFullError(f"{len(self.waiting)} requests already waiting")
-        self.waiting.append(_Request(request_id, list(prompt_ids), len(prompt_ids), score_prompt))
+        if logits_from is not None and not 0 <= logits_from < len(prompt_ids):
+            raise ValueError(f"logits_from={logits_from} is outside the prompt of {len(prompt_ids)} tokens")
+        self.waiting.append(_Request(request_id, list(prompt_ids), len(prompt_ids), logits_from))
 
     def append_token(self, request_id: str, token: int) -> None:
         self.running[request_id].tokens.append(token)
@@ -156,7 +164,7 @@ class Scheduler:
             take = min(budget, r.prompt_len - r.computed)
             tokens = r.tokens[r.computed : r.computed + take]
             done = r.computed + take == r.prompt_len
-            out.chunks.append(Chunk(r.request_id, r.slot, tokens, r.computed, r.score_prompt, done))
+            out.chunks.append(Chunk(r.request_id, r.slot, tokens, r.computed, r.logits_from, done))
             budget -= take
         for chunk in out.chunks:
             request = self.running[chunk.request_id]
@@ -168,8 +176,12 @@ class Scheduler:
 
     def _admit(self, out: SchedulerOutput) -> None:
         while self.waiting and (free := self._free_slots()):
-            request = self.waiting.popleft()
-            reuse_limit = 0 if request.score_prompt else request.prompt_len - 1  # keep one token for logits
+            request = self.waiting[0]
+            # positions before the first whose logits are needed may come from a cache
+            reuse_limit = request.prompt_len - 1 if request.logits_from is None else request.logits_from
+            if self._shared_prefix_pending(request, reuse_limit):
+                break
+            self.waiting.popleft()
             best_free = max(
                 free,
                 key=lambda i: (
@@ -199,6 +211,17 @@ class Scheduler:
             self.running[request.request_id] = request
             if best_free in out.releases:
                 out.releases.remove(best_free)
+
+    def _shared_prefix_pending(self, request: _Request, reuse_limit: int) -> bool:
+        """A running request is still computing a prefix this one shares (config.wait_for_shared_prefix)."""
+        need = self.config.wait_for_shared_prefix
+        if not need:
+            return False
+        for other in self.running.values():
+            shared = min(_common_prefix(other.tokens[: other.prompt_len], request.tokens), reuse_limit)
+            if shared >= need and 2 * shared >= reuse_limit and other.computed < shared:
+                return True
+        return False
 
     def _free_slots(self) -> list[int]:
         return [i for i, s in enumerate(self.slots) if s.owner is None]

@@ -7,8 +7,11 @@ acc_norm = argmax of log-likelihood / len(choice)), demo_gen (greedy until a new
 stripping surrounding whitespace) and demo_ppl (log-likelihood of every token of the text after BOS;
 word_perplexity, byte_perplexity, bits_per_byte). The model side is two callables, so any backend works:
 
-    logprobs(batch: list[list[int]]) -> list[np.ndarray]   per sequence, (len, vocab) log-softmax rows
-    generate(prompt: list[int], max_tokens: int, stop_ids: set[int]) -> list[int]   greedy
+    loglikelihood(pairs: list[(context ids, continuation ids)]) -> list[float]   summed log p(continuation)
+    generate(prompts: list[list[int]], max_tokens: int, stop_ids: set[int]) -> list[list[int]]   greedy
+
+Our engine's side is its synchronous batch API (EngineCore.score / run, the server's scheduler); torch's is
+in scripts/train_demo.py.
 
     python -m evaluations.demo.score examples/zoo/ryz-demo-m --engine reference --limit 100
     python -m evaluations.demo.score --zoo examples/zoo     # all of zoo.json; fills the README's engine table
@@ -27,18 +30,18 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.model.loader import open_model
+from engine.model.quantize import quantize_checkpoint
+from engine.model.reference import ReferenceModel, ReferenceSlots
+from engine.model.tokenizer import ModelTokenizer
+from engine.serving.core import GenerationRequest, batch_engine
+from engine.serving.sampling import SamplingParams
 from evaluations.demo.corpus import TASK_DIR, read_jsonl
 
-LogprobsFn = Callable[[list[list[int]]], list[np.ndarray]]
-GenerateFn = Callable[[list[int], int, set[int]], list[int]]
+LoglikelihoodFn = Callable[[list[tuple[list[int], list[int]]]], list[float]]
+GenerateFn = Callable[[list[list[int]], int, set[int]], list[list[int]]]
 MAX_NEW_TOKENS = 24
 CHANCE_MC = 0.25
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = np.asarray(logits, dtype=np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def _mean_stderr(values: Sequence[float]) -> float:
@@ -50,25 +53,16 @@ def _mean_stderr(values: Sequence[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
-def _continuation_ll(lp: np.ndarray, ids: list[int], start: int) -> float:
-    """Sum of log p(ids[t] | ids[:t]) for t >= start (row t-1 predicts token t)."""
-    return float(sum(lp[t - 1, ids[t]] for t in range(start, len(ids))))
-
-
-def score_mc(items: list[dict], encode: Callable[[str], list[int]], logprobs: LogprobsFn, batch: int = 64) -> dict:
-    requests = []  # (item index, full ids, context length)
-    for i, item in enumerate(items):
+def score_mc(items: list[dict], encode: Callable[[str], list[int]], loglikelihood: LoglikelihoodFn) -> dict:
+    pairs = []
+    for item in items:
         context = encode(item["query"])
         for choice in item["choices"]:
             full = encode(item["query"] + " " + choice)
             if full[: len(context)] != context:
                 raise ValueError(f"item {item['id']}: context tokens are not a prefix of context + choice")
-            requests.append((i, full, len(context)))
-    lls = []
-    for start in range(0, len(requests), batch):
-        chunk = requests[start : start + batch]
-        for (_, ids, ctx), lp in zip(chunk, logprobs([ids for _, ids, _ in chunk])):
-            lls.append(_continuation_ll(lp, ids, ctx))
+            pairs.append((context, full[len(context) :]))
+    lls = loglikelihood(pairs)
     acc, acc_norm, by_kind = [], [], {}
     pos = 0
     for item in items:
@@ -103,8 +97,8 @@ def score_gen(
     max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> dict:
     hits, by_kind, samples = [], {}, []
-    for item in items:
-        out = generate(encode(item["prompt"]), max_new_tokens, stop_ids)
+    outputs = generate([encode(item["prompt"]) for item in items], max_new_tokens, stop_ids)
+    for item, out in zip(items, outputs):
         text = decode(out).split("\n")[0].strip()
         hit = float(text == item["answer"].strip())
         hits.append(hit)
@@ -120,16 +114,11 @@ def score_gen(
     }
 
 
-def score_ppl(items: list[dict], encode: Callable[[str], list[int]], logprobs: LogprobsFn, batch: int = 16) -> dict:
-    total_ll, words, nbytes = 0.0, 0, 0
+def score_ppl(items: list[dict], encode: Callable[[str], list[int]], loglikelihood: LoglikelihoodFn) -> dict:
     seqs = [encode(item["text"]) for item in items]
-    for start in range(0, len(seqs), batch):
-        chunk = seqs[start : start + batch]
-        for ids, lp in zip(chunk, logprobs(chunk)):
-            total_ll += _continuation_ll(lp, ids, 1)  # every token after BOS
-    for item in items:
-        words += len(item["text"].split())
-        nbytes += len(item["text"].encode("utf-8"))
+    total_ll = sum(loglikelihood([(ids[:1], ids[1:]) for ids in seqs]))  # every token after BOS
+    words = sum(len(item["text"].split()) for item in items)
+    nbytes = sum(len(item["text"].encode("utf-8")) for item in items)
     return {
         "word_perplexity": math.exp(-total_ll / words),
         "byte_perplexity": math.exp(-total_ll / nbytes),
@@ -145,15 +134,20 @@ def load_suites(task_dir: str | Path = TASK_DIR, limit: int | None = None) -> di
 
 
 def score_all(
-    suites: dict[str, list[dict]], encode, decode, logprobs: LogprobsFn, generate: GenerateFn, stop_ids: set[int]
+    suites: dict[str, list[dict]],
+    encode,
+    decode,
+    loglikelihood: LoglikelihoodFn,
+    generate: GenerateFn,
+    stop_ids: set[int],
 ) -> dict:
     out = {}
     if suites.get("demo_mc"):
-        out["demo_mc"] = score_mc(suites["demo_mc"], encode, logprobs)
+        out["demo_mc"] = score_mc(suites["demo_mc"], encode, loglikelihood)
     if suites.get("demo_gen"):
         out["demo_gen"] = score_gen(suites["demo_gen"], encode, decode, generate, stop_ids)
     if suites.get("demo_ppl"):
-        out["demo_ppl"] = score_ppl(suites["demo_ppl"], encode, logprobs)
+        out["demo_ppl"] = score_ppl(suites["demo_ppl"], encode, loglikelihood)
     return out
 
 
@@ -161,55 +155,31 @@ def score_all(
 
 
 def engine_backend(gguf_path: str | Path, engine: str = "reference", threads: int = 1):
-    """(encode, decode, logprobs, generate, stop_ids) over a GGUF on the numpy reference or native engine."""
-    from engine.model.ggufio import ModelFile
-    from engine.model.tokenizer import ModelTokenizer
-
+    """(encode, decode, loglikelihood, generate, stop_ids) over a GGUF on the numpy reference or the native
+    engine, both behind the engine core's synchronous batch API."""
     if engine == "reference":
-        from engine.model.reference import KVCache, ReferenceModel
-
-        model = ReferenceModel(gguf_path)
-        new_cache = KVCache
-
-        def truncate(cache, n: int) -> None:
-            cache.keys[:] = [k[:n] for k in cache.keys]
-            cache.values[:] = [v[:n] for v in cache.values]
+        model = ReferenceSlots(ReferenceModel(gguf_path), max_seqs=4, max_positions=512)
     elif engine == "native":
-        from engine.model.loader import open_model
-
-        model = open_model(gguf_path, "eval", threads=threads, max_seqs=2, max_positions=512)
-        new_cache = lambda: model.new_cache(1)  # noqa: E731 - slot 1; generate() uses slot 0
-
-        def truncate(cache, n: int) -> None:
-            model.truncate_seq(cache.seq, n)
+        model = open_model(gguf_path, "eval", threads=threads, max_seqs=4, max_positions=512)
     else:
         raise ValueError(f"engine must be 'reference' or 'native', not {engine!r}")
-    tok = ModelTokenizer(ModelFile(gguf_path))
-    last: dict = {"ids": [], "lp": None, "cache": None}
+    tok = ModelTokenizer(model.file)
+    core = batch_engine(model, tok, model_id=Path(gguf_path).name)
 
-    def logprobs(batch: list[list[int]]) -> list[np.ndarray]:
-        """Consecutive requests share prefixes (one MC context, four choices): keep the previous
-        sequence's KV cache and rows, truncated to the common prefix, and run only the new tokens."""
-        out = []
-        for ids in batch:
-            prev, n = last["ids"], 0
-            while n < min(len(prev), len(ids) - 1) and prev[n] == ids[n]:
-                n += 1
-            if n == 0:
-                last["cache"] = new_cache()
-                lp = log_softmax(model.forward(ids, last["cache"]))
-            else:
-                truncate(last["cache"], n)
-                lp = np.concatenate([last["lp"][:n], log_softmax(model.forward(ids[n:], last["cache"]))])
-            last.update(ids=list(ids), lp=lp)
-            out.append(lp)
-        return out
+    def loglikelihood(pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+        return [logprob for logprob, _greedy in core.score(pairs)]
+
+    def generate(prompts: list[list[int]], max_tokens: int, stop_ids: set[int]) -> list[list[int]]:
+        requests = [
+            GenerationRequest(p, SamplingParams(temperature=0.0), max_tokens, stop_token_ids=stop_ids) for p in prompts
+        ]
+        return [result.token_ids for result in core.run(requests)]
 
     def decode(ids: list[int]) -> str:
         return tok.tokenizer.decode(ids, skip_special_tokens=True)
 
     stop = newline_ids(tok.tokenizer.get_vocab(), decode) | tok.stop_ids
-    return tok.encode, decode, logprobs, model.generate, stop
+    return tok.encode, decode, loglikelihood, generate, stop
 
 
 def score_checkpoint(
@@ -220,8 +190,6 @@ def score_checkpoint(
     gguf_dir: str | Path | None = None,
 ) -> dict:
     """Quantize a checkpoint directory (TQ2_0 + Q8_0 head, `ryz quantize`'s defaults) and score it."""
-    from engine.model.quantize import quantize_checkpoint
-
     with tempfile.TemporaryDirectory(dir=gguf_dir) as tmp:
         path = Path(tmp) / (Path(model_dir).name + ".gguf")
         quantize_checkpoint(model_dir, path)
@@ -231,9 +199,9 @@ def score_checkpoint(
 def score_gguf(
     gguf_path: str | Path, engine: str = "reference", limit: int | None = None, task_dir: str | Path = TASK_DIR
 ) -> dict:
-    encode, decode, logprobs, generate, stop = engine_backend(gguf_path, engine)
+    encode, decode, loglikelihood, generate, stop = engine_backend(gguf_path, engine)
     start = time.perf_counter()
-    result = score_all(load_suites(task_dir, limit), encode, decode, logprobs, generate, stop)
+    result = score_all(load_suites(task_dir, limit), encode, decode, loglikelihood, generate, stop)
     result["engine"], result["seconds"] = engine, round(time.perf_counter() - start, 2)
     return result
 
