@@ -1,4 +1,4 @@
-"""Retrieval recall evaluation behind `ryz index eval` (issue 8): recall@10 of the quantized Qdrant index
+"""Retrieval recall evaluation behind `ryz index eval`: recall@10 of the quantized Qdrant index
 against exact float search, and query latency, for each quantization setting.
 
 Method (every number in a row is measured here, on this machine):

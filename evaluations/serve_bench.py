@@ -1,4 +1,4 @@
-"""The serving benchmark behind `ryz bench-serve` (issue 4): a bounded loopback load against `ryz serve`,
+"""The serving benchmark behind `ryz bench-serve`: a bounded loopback load against `ryz serve`,
 side by side with llama.cpp's `llama-server` on the same GGUF.
 
 For each concurrency level (1, 4, 8 and 16 streams by default) every stream sends its requests one after

@@ -214,7 +214,7 @@ def cmd_serve(args) -> int:
         from flows.bundle_cli import cmd_serve_bundle
 
         return cmd_serve_bundle(args)
-    from engine.serving.server import serve
+    from engine.serving.app import serve
     from engine.settings import get_settings
 
     overrides = {

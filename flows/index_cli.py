@@ -1,4 +1,4 @@
-"""`ryz index build|eval|publish`: the retrieval index commands (issue 8). flows/cli.py adds them with
+"""`ryz index build|eval|publish`: the retrieval index commands. flows/cli.py adds them with
 `add_index_commands(sub)`; every handler imports Prefect lazily, so other `ryz` commands never pay for it.
 
 `--json` prints machine-readable output on stdout and nothing else there (Prefect logs go to stderr);

@@ -75,3 +75,15 @@ def test_flows_hold_no_tasks():
                     if getattr(target, "id", getattr(target, "attr", None)) == "task":
                         found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
     assert not found, found
+
+
+def test_the_http_layer_sees_engines_only_through_the_client():
+    """The app and its routes reach a model only through EngineClient (engine/serving/client.py): no model,
+    tokenizer, scheduler or engine-core internals; and app.py stays wiring."""
+    graph = architecture.graph()
+    http = ["engine.serving.app", "engine.serving.variants"] + [m for m in graph if m.endswith("_routes")]
+    assert len(http) >= 5, http
+    for module in http:
+        reached = {i for i in graph[module] if i.startswith(("engine.model", "engine.serving.scheduler"))}
+        assert not reached, f"{module} imports {sorted(reached)}: go through engine.serving.client.EngineClient"
+    assert len((ROOT / "engine" / "serving" / "app.py").read_text().splitlines()) < 200

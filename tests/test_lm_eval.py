@@ -284,7 +284,8 @@ def test_hub_task_fails_with_a_clear_offline_error(tm):
 def test_local_completions_against_the_server_matches_the_adapter(tiny, native_library, tmp_path):
     from lm_eval.api.registry import get_model
 
-    from engine.serving.server import create_app, load_model
+    from engine.serving.app import create_app
+    from engine.serving.client import load_model
     from engine.settings import Settings
     from tests.test_server import RunningServer, _free_port
 

@@ -43,7 +43,8 @@ def world(tmp_path_factory, export_dir):
 
 
 def _server(world, native_library, home):
-    from engine.serving.server import create_app, load_model
+    from engine.serving.app import create_app
+    from engine.serving.client import load_model
 
     settings = Settings(home=home, max_seqs=2, max_context=2048, threads=2, prefill_chunk=64)
     app = create_app(settings, str(world["gguf"]), loader=functools.partial(load_model, library=native_library))
@@ -152,7 +153,7 @@ def test_without_an_index_retrieval_fails_clearly_and_chat_still_works(world, na
 def test_retrieval_routes_need_the_api_key(world):
     from fastapi.testclient import TestClient
 
-    from engine.serving.server import create_app
+    from engine.serving.app import create_app
 
     with TestClient(create_app(Settings(home=world["home"], api_keys="k1"))) as client:
         for path, body in (("/v1/retrieve", {"query": "bread"}), ("/v1/embeddings", {"model": EMBEDDER, "input": "x"})):

@@ -341,7 +341,7 @@ def test_decode_window_is_the_union_of_decode_intervals():
 
 def test_ours_and_llama_server_interleaved_on_tiny(tmp_path, llama_server_binary, kernel_build):
     """The whole harness: `ryz serve` and llama-server both up, levels interleaved, the summary computed."""
-    pytest.importorskip("engine.serving.server", reason="`ryz serve` (engine/serving/server.py) is not importable yet")
+    pytest.importorskip("engine.serving.app", reason="`ryz serve` (engine/serving/app.py) is not importable yet")
     from engine.settings import Settings
 
     result = serve_bench.run_serve_bench(

@@ -99,7 +99,8 @@ def _settings(models, **kw) -> Settings:
 
 
 def _app(models, native_library, model_ref=None, **kw):
-    from engine.serving.server import create_app, load_model
+    from engine.serving.app import create_app
+    from engine.serving.client import load_model
 
     return create_app(
         _settings(models, **kw),
@@ -269,7 +270,7 @@ def test_admin_needs_the_token(server):
 def test_admin_disabled_without_a_configured_token(models, native_library):
     from fastapi.testclient import TestClient
 
-    from engine.serving.server import create_app
+    from engine.serving.app import create_app
 
     app = create_app(_settings(models, admin_token=None), None)
     r = TestClient(app).get("/admin/state", headers={"Authorization": "Bearer x"})
@@ -428,7 +429,7 @@ def test_api_keys(models, native_library):
 def test_bounded_load_no_5xx_and_memory_returns(models, native_library):
     """32 clients, 256 requests, 4 slots and a queue of 8: every request completes or gets 429."""
     with RunningServer(_app(models, native_library, max_queue=8, prefix_cache_slots=1), _free_port()) as srv:
-        engine_state = srv.state.variants["production"].core
+        engine_state = srv.state.variants["production"].client.core
         per_seq = engine_state.model.kv_bytes_per_seq
         rejected = []
 
@@ -580,28 +581,29 @@ def test_variants_take_turns_on_the_cores(models, native_library):
     """Two variants never run a forward at the same time (each forward uses every core: together they would
     oversubscribe them and the canary, with less traffic, would be preempted in nearly every step); the time
     one waits for the other is counted apart from its per-token latency."""
+    from engine.serving.client import load_model, local_clients
     from engine.serving.core import GenerationRequest
     from engine.serving.sampling import SamplingParams
-    from engine.serving.server import ServingState, load_model
+    from engine.serving.variants import ServingState
 
-    state = ServingState(_settings(models), loader=functools.partial(load_model, library=native_library))
+    state = ServingState(_settings(models), local_clients(functools.partial(load_model, library=native_library)))
     try:
         variants = [state.load("production", models["prod"]), state.load("canary", models["canary"])]
         spans, spans_lock = [], threading.Lock()
         for v in variants:
 
-            def timed(*args, _forward=v.loaded.model.forward_batch, _name=v.name, **kw):
+            def timed(*args, _forward=v.client.core.model.forward_batch, _name=v.name, **kw):
                 start = time.perf_counter()
                 out = _forward(*args, **kw)
                 with spans_lock:
                     spans.append((start, time.perf_counter(), _name))
                 return out
 
-            v.loaded.model.forward_batch = timed
+            v.client.core.model.forward_batch = timed
         finished = threading.Semaphore(0)
         for v in variants:
             for _ in range(3):
-                v.core.submit(
+                v.client.core.submit(
                     GenerationRequest(
                         prompt_ids=[1, 2, 3], params=SamplingParams(temperature=0.0), max_tokens=24, ignore_eos=True
                     ),
@@ -614,7 +616,7 @@ def test_variants_take_turns_on_the_cores(models, native_library):
         assert all(end <= next_start for (_, end, _), (next_start, _, _) in zip(spans, spans[1:])), (
             "two forwards overlapped"
         )
-        assert sum(v.core.compute_wait for v in variants) > 0  # they did contend, and the wait was counted
+        assert sum(v.client.core.compute_wait for v in variants) > 0  # they did contend, and the wait was counted
         assert 'ryz_compute_wait_seconds_total{variant="canary"}' in state.metrics.render().decode()
     finally:
         state.close()

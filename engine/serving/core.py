@@ -2,8 +2,9 @@
 
 `EngineCore.step()` reads like the diagram: schedule -> execute the batch forward -> sample and
 update. Callers on any thread `submit()` a `GenerationRequest` with a sink callable that receives
-`Delta`s (new text, token ids, logprobs, and finally a finish reason or an error); `AsyncEngine` turns
-that into an async iterator for the HTTP layer, which sees nothing else of the engine (`EngineClient`).
+`Delta`s (new text, token ids, logprobs, and finally a finish reason or an error); the HTTP layer reaches it
+through `engine.serving.client.LocalEngineClient`, which turns that into an async iterator per request.
+`run` and `score` are the synchronous batch API (lm-eval, the demo scorer): the same scheduler batches them.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from engine.serving.sampling import Sample, Sampler, SamplingParams, token_logpr
 from engine.serving.scheduler import Chunk, QueueFullError, Scheduler, SchedulerConfig
 from engine.serving.textstream import IncrementalDetokenizer, StopMatcher
 
-__all__ = ["AsyncEngine", "Delta", "EngineClient", "EngineCore", "GenerationRequest", "QueueFullError"]
+__all__ = ["Delta", "EngineCore", "GenerationRequest", "QueueFullError", "batch_engine"]
 
 
 @dataclass
@@ -56,16 +57,6 @@ class Delta:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None or self.error is not None
-
-
-class EngineClient(Protocol):
-    """What the HTTP server may call."""
-
-    model_id: str
-
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]: ...
-
-    def stats(self) -> dict: ...
 
 
 @dataclass
@@ -402,34 +393,3 @@ def batch_engine(model, tokenizer, max_batch_tokens: int = 4096, model_id: str =
         wait_for_shared_prefix=8,
     )
     return EngineCore(model, tokenizer, config, model_id)
-
-
-class AsyncEngine:
-    """An EngineCore behind an async iterator per request (the EngineClient the server uses)."""
-
-    def __init__(self, core: EngineCore):
-        self.core = core
-        self.model_id = core.model_id
-
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        """Submit now (so capacity errors raise here, before any response starts); iterate the deltas."""
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Delta] = asyncio.Queue()
-        self.core.submit(request, lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta))
-        return self._deltas(request.request_id, queue)
-
-    async def _deltas(self, request_id: str, queue) -> AsyncIterator[Delta]:
-        done = False
-        try:
-            while not done:
-                delta = await queue.get()
-                done = delta.done
-                yield delta
-        finally:
-            if not done:  # the consumer went away (client disconnect): free the slot now
-                self.core.abort(request_id)
-
-    def stats(self) -> dict:
-        return self.core.stats()

@@ -1,4 +1,4 @@
-"""`ryz mcp`: a Model Context Protocol server over stdio (issue 8 item 6), so MCP clients (Claude Desktop,
+"""`ryz mcp`: a Model Context Protocol server over stdio, so MCP clients (Claude Desktop,
 Continue, IDE agents) can search the retrieval index and generate with the production model.
 
 Tools:

@@ -1,0 +1,204 @@
+"""The engine client: everything the HTTP layer may ask of an engine, and the local implementation.
+
+The routes see an `EngineClient` only, as vLLM's v1 OpenAI server sees its `EngineClient`: input processing
+(tokenize, render a chat, compile a grammar, the text of a token) and the request lifecycle (submit, which
+returns the request's stream of `Delta`s; abort; score, the synchronous batch API; stats; close). What a
+model is, how it is batched and where its tokenizer lives stays behind it, so server tests can run the
+routes against a fake client and a remote engine could stand in for the local one.
+
+`LocalEngineClient` runs an `EngineCore` (engine/serving/core.py) in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from engine.artifacts.refs import resolve_model
+from engine.artifacts.store import open_store
+from engine.errors import InvalidRequestError
+from engine.model.loader import open_model
+from engine.model.tokenizer import ModelTokenizer
+from engine.serving.chat import render_chat
+from engine.serving.core import Delta, EngineCore, GenerationRequest
+from engine.serving.scheduler import SchedulerConfig
+from engine.serving.structured import Grammar, GrammarCompiler
+from engine.settings import Settings
+
+
+class EngineClient(Protocol):
+    """What the HTTP layer may call. Input errors raise InvalidRequestError (the routes answer 400); a full
+    queue raises QueueFullError at submit (429), before any response starts."""
+
+    model_id: str
+    vocab: int
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def detokenize(self, ids: Sequence[int]) -> str: ...
+
+    def token_text(self, token_id: int) -> str: ...
+
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]: ...
+
+    def grammar(
+        self, response_format: dict | None = None, tools: list[dict] | None = None, tool_choice: Any = None
+    ) -> Grammar | None: ...
+
+    def submit(self, request: GenerationRequest) -> AsyncIterator[Delta]: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def score(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]: ...
+
+    def stats(self) -> dict: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def use_metrics(self, metrics: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class LoadedModel:
+    """What a loader returns: a model with the native forward_batch interface and its tokenizer."""
+
+    model: Any
+    tokenizer: ModelTokenizer
+    model_id: str
+
+
+def load_model(ref: str, settings: Settings, library=None) -> LoadedModel:
+    """Resolve a model reference once and open it for serving (engine.model.loader.open_model: threads, tuned
+    tile, KV slots within RYZ_KV_BUDGET_MB)."""
+    path = resolve_model(ref, open_store(settings.store_url, settings=settings))
+    model = open_model(path, "serve", settings=settings, library=library)
+    return LoadedModel(model, ModelTokenizer(model.file), model_id(ref, model))
+
+
+def model_id(ref: str, model) -> str:
+    """The id a variant answers to: a file's stem, else the model's name at the artifact id's first 19 chars."""
+    name = model.file.metadata.get("general.name")
+    if ref.endswith(".gguf"):
+        return Path(ref).stem
+    return f"{name}@{ref[:19]}" if name else ref[:19]
+
+
+class LocalEngineClient:
+    """An EngineCore in this process behind the EngineClient protocol."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        settings: Settings,
+        metrics: Any = None,
+        compute_lock: threading.Lock | None = None,
+    ):
+        config = SchedulerConfig(
+            slots=loaded.model.max_seqs,
+            max_context=settings.max_context,
+            prefill_chunk=settings.prefill_chunk,
+            prefix_cache_slots=settings.prefix_cache_slots,
+            max_queue=settings.max_queue,
+        )
+        self.core = EngineCore(
+            loaded.model, loaded.tokenizer, config, loaded.model_id, metrics, compute_lock=compute_lock
+        )
+        self.model_id, self.vocab = loaded.model_id, loaded.model.hp.vocab
+        self._tok = loaded.tokenizer
+        self._grammars: GrammarCompiler | None = None  # built on the first structured request
+
+    # -- input processing ------------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return self._tok.encode(text)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids))
+
+    def token_text(self, token_id: int) -> str:
+        return self._tok.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        tok = self._tok
+        if not tok.chat_template:
+            raise InvalidRequestError("this model has no chat template; use /v1/completions")
+        bos = tok.tokenizer.id_to_token(tok.bos_id) if tok.bos_id is not None else ""
+        eos = tok.tokenizer.id_to_token(tok.eos_id) if tok.eos_id is not None else ""
+        text = render_chat(
+            tok.chat_template,
+            messages,
+            add_generation_prompt=True,
+            bos_token=bos or "",
+            eos_token=eos or "",
+            tools=tools,
+        )
+        return tok.encode_chat(text)
+
+    def grammar(
+        self, response_format: dict | None = None, tools: list[dict] | None = None, tool_choice: Any = None
+    ) -> Grammar | None:
+        """The grammar a request's output must follow: its response_format's, or its forced tool calls'."""
+        if not tools and (not response_format or response_format.get("type", "text") == "text"):
+            return None
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self._tok.tokenizer, self.vocab, set(self._tok.stop_ids))
+        if tools:
+            return self._grammars.compile_tools(tools, tool_choice)
+        return self._grammars.compile_response_format(response_format)
+
+    # -- requests --------------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        """Submit now (so capacity errors raise here, before any response starts); iterate the deltas."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self.core.submit(request, lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta))
+        return self._deltas(request.request_id, queue)
+
+    async def _deltas(self, request_id: str, queue: asyncio.Queue[Delta]) -> AsyncIterator[Delta]:
+        done = False
+        try:
+            while not done:
+                delta = await queue.get()
+                done = delta.done
+                yield delta
+        finally:
+            if not done:  # the consumer went away (client disconnect): free the slot now
+                self.core.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self.core.abort(request_id)
+
+    def score(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
+        return self.core.score(pairs)
+
+    def stats(self) -> dict:
+        return self.core.stats()
+
+    @property
+    def in_flight(self) -> int:
+        return self.core.in_flight
+
+    def use_metrics(self, metrics: Any) -> None:
+        """Count from now on under another variant's labels (a promoted canary)."""
+        self.core.metrics = metrics
+
+    def close(self) -> None:
+        self.core.close()
+
+
+ClientFactory = Callable[[str, Settings, Any, threading.Lock], EngineClient]
+
+
+def local_clients(loader: Callable[[str, Settings], LoadedModel] = load_model) -> ClientFactory:
+    """A factory of local clients over `loader` (ServingState's default: models from the artifact store)."""
+
+    def connect(ref: str, settings: Settings, metrics: Any, compute_lock: threading.Lock) -> EngineClient:
+        return LocalEngineClient(loader(ref, settings), settings, metrics, compute_lock)
+
+    return connect

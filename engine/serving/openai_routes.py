@@ -1,0 +1,465 @@
+"""The OpenAI routes: /v1/completions, /v1/chat/completions, /v1/models.
+
+Each request is routed to a variant (engine/serving/variants.py), validated into `GenerationRequest`s through
+the variant's `EngineClient` (tokenize, render, grammar), submitted, and answered whole or as server-sent
+events in OpenAI's shapes. Every response names its variant in the `X-Ryz-Variant` header and every metric is
+labelled by it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from engine.errors import InvalidRequestError
+from engine.serving.chat import validate_messages
+from engine.serving.client import EngineClient
+from engine.serving.core import Delta, GenerationRequest, QueueFullError
+from engine.serving.protocol import (
+    VARIANT_HEADER,
+    APIError,
+    ChatBody,
+    CompletionBody,
+    SamplingBody,
+    error_body,
+    parse_body,
+    read_json,
+    sse,
+    usage,
+)
+from engine.serving.retrieval_routes import add_retrieved_context
+from engine.serving.router import CANARY
+from engine.serving.sampling import SamplingParams
+from engine.serving.tools import parse_tool_calls, validate_tools
+from engine.serving.variants import ServingState, Variant
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    state: ServingState = request.app.state.serving
+    created = int(min((v.loaded_at for v in state.variants.values()), default=time.time()))
+    ids = [state.settings.served_model_name, *(v.model_id for v in state.variants.values())]
+    return {
+        "object": "list",
+        "data": [
+            {"id": i, "object": "model", "created": created, "owned_by": "ryzanstein"} for i in dict.fromkeys(ids)
+        ],
+    }
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    state, body, variant = await _routed(request, CompletionBody)
+    return await run_completion(state, variant, body, request.state.arrival)
+
+
+@router.post("/v1/chat/completions")
+async def chat(request: Request):
+    state, body, variant = await _routed(request, ChatBody)
+    citations = await add_retrieved_context(state, body) if body.retrieval else None
+    return await run_chat(state, variant, body, request.state.arrival, citations)
+
+
+async def _routed(request: Request, body_type: type[SamplingBody]) -> tuple[ServingState, Any, Variant]:
+    state: ServingState = request.app.state.serving
+    request.state.arrival = time.perf_counter()
+    body = parse_body(body_type, await read_json(request))
+    variant = state.route(body.model, request.headers.get("x-session-id") or body.user)
+    request.state.variant = variant.name
+    if variant.name == CANARY:
+        await _inject_faults(state.faults)
+    return state, body, variant
+
+
+async def _inject_faults(faults: dict) -> None:
+    """Release drills: make the canary slow or failing on purpose (RYZ_FAULT_CANARY_*, POST /admin/faults; off by
+    default)."""
+    if faults["canary_latency_ms"]:
+        await asyncio.sleep(faults["canary_latency_ms"] / 1000)
+    if faults["canary_error_rate"] and random.random() < faults["canary_error_rate"]:
+        raise APIError(
+            500, "injected canary fault (RYZ_FAULT_CANARY_ERROR_RATE)", "server_error", code="injected_fault"
+        )
+
+
+def _sampling(body: SamplingBody, logprobs: int | None) -> SamplingParams:
+    if body.n != 1:
+        raise APIError(400, f"n={body.n} is not supported: send n separate requests", param="n")
+    if body.logit_bias:
+        raise APIError(400, "logit_bias is not supported", param="logit_bias")
+    params = SamplingParams(
+        temperature=body.temperature,
+        top_k=body.top_k,
+        top_p=body.top_p,
+        min_p=body.min_p,
+        repetition_penalty=body.repetition_penalty,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
+        seed=body.seed,
+        logprobs=logprobs,
+    )
+    try:
+        params.validate()
+    except (InvalidRequestError, ValueError) as exc:
+        raise APIError(400, str(exc), param=getattr(exc, "param", None)) from None
+    return params
+
+
+def _stops(stop) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > 4 or any(not s for s in stops):
+        raise APIError(400, "stop takes up to 4 non-empty strings", param="stop")
+    return stops
+
+
+def _check_lengths(state: ServingState, prompt_ids: list[int], max_tokens: int | None, vocab: int) -> int:
+    s = state.settings
+    if not prompt_ids:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    if any(not isinstance(t, int) or t < 0 or t >= vocab for t in prompt_ids):
+        raise APIError(400, f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+    if len(prompt_ids) >= s.max_context:
+        raise APIError(
+            400,
+            f"the prompt has {len(prompt_ids)} tokens; this server's context is {s.max_context} "
+            f"(RYZ_MAX_CONTEXT) including the reply",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    if max_tokens is None:
+        return min(s.max_tokens_limit, s.max_context - len(prompt_ids))
+    if max_tokens > s.max_tokens_limit:
+        raise APIError(
+            400,
+            f"max_tokens={max_tokens} exceeds this server's limit of {s.max_tokens_limit} (RYZ_MAX_TOKENS_LIMIT)",
+            param="max_tokens",
+        )
+    return max_tokens
+
+
+def _submit_all(variant: Variant, requests: list[GenerationRequest]) -> list[AsyncIterator[Delta]]:
+    try:
+        return [variant.client.submit(r) for r in requests]
+    except QueueFullError:
+        raise APIError(
+            429,
+            "the server is at capacity: all sequence slots are busy and the queue is full; retry later",
+            "rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        ) from None
+
+
+async def _collect(stream: AsyncIterator[Delta]) -> tuple[str, list, Delta, list[int]]:
+    text, samples, ids, last = [], [], [], Delta()
+    async for delta in stream:
+        text.append(delta.text)
+        samples += delta.logprobs
+        ids += delta.token_ids
+        last = delta
+    if last.error:
+        raise APIError(500, last.error, "server_error", code="engine_error")
+    return "".join(text), samples, last, ids
+
+
+async def run_completion(state: ServingState, variant: Variant, body: CompletionBody, arrival: float):
+    client = variant.client
+    if body.suffix:
+        raise APIError(400, "suffix is not supported", param="suffix")
+    if body.best_of not in (None, 1):
+        raise APIError(400, "best_of > 1 is not supported", param="best_of")
+    if body.logprobs is not None and not 0 <= body.logprobs <= 20:
+        raise APIError(400, f"logprobs must be 0-20, got {body.logprobs}", param="logprobs")
+    prompts = body.prompt
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not prompts:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    if body.stream and len(prompts) > 1:
+        raise APIError(400, "streaming takes one prompt per request", param="prompt")
+    params = _sampling(body, body.logprobs)
+    grammar = _grammar(client, body.response_format)
+    requests, prompt_ids_all = [], []
+    for p in prompts:
+        if not p:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        ids = client.tokenize(p) if isinstance(p, str) else list(p)
+        max_tokens = _check_lengths(state, ids, body.max_tokens, client.vocab)
+        prompt_ids_all.append(ids)
+        requests.append(
+            GenerationRequest(
+                ids,
+                params,
+                max_tokens,
+                _stops(body.stop),
+                set(body.stop_token_ids or []),
+                body.ignore_eos,
+                grammar,
+                body.logprobs if body.echo and body.logprobs is not None else (0 if body.echo else None),
+                arrival=arrival,
+            )
+        )
+    streams = _submit_all(variant, requests)
+    rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    headers = {VARIANT_HEADER: variant.name}
+    endpoint = "completions"
+
+    if body.stream:
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+        async def events():
+            status = "200"
+            try:
+                prompt_text = (
+                    (prompts[0] if isinstance(prompts[0], str) else client.detokenize(prompt_ids_all[0]))
+                    if body.echo
+                    else ""
+                )
+                first = True
+                async for delta in streams[0]:
+                    if delta.error:
+                        status = "500"
+                        yield sse(error_body(delta.error, "server_error", code="engine_error"))
+                        break
+                    text = (prompt_text if first else "") + delta.text
+                    first = False
+                    choice = {
+                        "index": 0,
+                        "text": text,
+                        "finish_reason": delta.finish_reason,
+                        "logprobs": _completion_logprobs(client, delta, [], False, 0)
+                        if body.logprobs is not None
+                        else None,
+                    }
+                    if text or delta.finish_reason or delta.token_ids:
+                        yield sse(
+                            {
+                                "id": rid,
+                                "object": "text_completion",
+                                "created": created,
+                                "model": body.model,
+                                "choices": [choice],
+                            }
+                        )
+                    if delta.done and include_usage:
+                        yield sse(
+                            {
+                                "id": rid,
+                                "object": "text_completion",
+                                "created": created,
+                                "model": body.model,
+                                "choices": [],
+                                "usage": usage(delta.prompt_tokens, delta.completion_tokens),
+                            }
+                        )
+                yield sse("[DONE]")
+            finally:
+                state.metrics.requests.labels(variant.name, endpoint, status).inc()
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    results = await asyncio.gather(*(_collect(s) for s in streams))
+    choices, prompt_total, completion_total = [], 0, 0
+    for i, (text, samples, last, _ids) in enumerate(results):
+        prompt_text = ""
+        if body.echo:
+            prompt_text = prompts[i] if isinstance(prompts[i], str) else client.detokenize(prompt_ids_all[i])
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = _completion_logprobs(client, last, samples, body.echo, 0, prompt_ids_all[i])
+        choices.append(
+            {"index": i, "text": prompt_text + text, "logprobs": logprobs, "finish_reason": last.finish_reason}
+        )
+        prompt_total += last.prompt_tokens
+        completion_total += last.completion_tokens
+    state.metrics.requests.labels(variant.name, endpoint, "200").inc()
+    return JSONResponse(
+        {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": body.model,
+            "choices": choices,
+            "usage": usage(prompt_total, completion_total),
+        },
+        headers=headers,
+    )
+
+
+def _completion_logprobs(
+    client: EngineClient, last: Delta, samples: list, echo: bool, offset: int, prompt_ids: list[int] | None = None
+) -> dict:
+    """OpenAI legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    pos = offset
+
+    def add(token_id: int, lp, top):
+        nonlocal pos
+        text = client.token_text(token_id)
+        tokens.append(text)
+        token_lps.append(lp)
+        # distinct ids can share a text (partial UTF-8): keep the best, as the list is sorted best first
+        tops.append(None if top is None else {t: v for i, v in reversed(top) for t in [client.token_text(i)]})
+        offsets.append(pos)
+        pos += len(text)
+
+    if echo and prompt_ids is not None and last.prompt_logprobs is not None:
+        for token_id, entry in zip(prompt_ids, last.prompt_logprobs):
+            add(token_id, None if entry is None else entry[0], None if entry is None else entry[1])
+    if not samples:
+        samples = last.logprobs
+    for s in samples:
+        add(s.token, s.logprob, s.top)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_logprobs(client: EngineClient, samples: list) -> dict:
+    def entry(token_id: int, lp: float) -> dict:
+        text = client.token_text(token_id)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    return {
+        "content": [{**entry(s.token, s.logprob), "top_logprobs": [entry(i, v) for i, v in s.top]} for s in samples]
+    }
+
+
+def _grammar(client: EngineClient, response_format: dict | None = None, tools=None, tool_choice=None):
+    try:
+        return client.grammar(response_format, tools, tool_choice)
+    except (InvalidRequestError, ValueError) as exc:
+        raise APIError(400, str(exc), param="tools" if tools else "response_format") from None
+
+
+async def run_chat(
+    state: ServingState, variant: Variant, body: ChatBody, arrival: float, citations: list | None = None
+):
+    client = variant.client
+    if body.top_logprobs is not None and not (body.logprobs and 0 <= body.top_logprobs <= 20):
+        raise APIError(400, "top_logprobs needs logprobs=true and a value 0-20", param="top_logprobs")
+    params = _sampling(body, (body.top_logprobs or 0) if body.logprobs else None)
+    tools = body.tools or None
+    tool_choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
+    try:
+        messages = validate_messages(body.messages)
+        if tools:
+            validate_tools(tools, tool_choice)
+        prompt_ids = client.render_chat(messages, tools)
+    except (InvalidRequestError, ValueError) as exc:
+        raise APIError(400, str(exc), param=getattr(exc, "param", None) or "messages") from None
+    grammar = _grammar(client, body.response_format)
+    if tools and tool_choice != "none":
+        if grammar is not None:
+            raise APIError(400, "response_format and forced tool calls cannot be combined", param="tool_choice")
+        grammar = _grammar(client, None, tools, tool_choice)
+    max_tokens = _check_lengths(state, prompt_ids, body.max_completion_tokens or body.max_tokens, client.vocab)
+    request = GenerationRequest(
+        prompt_ids,
+        params,
+        max_tokens,
+        _stops(body.stop),
+        set(body.stop_token_ids or []),
+        body.ignore_eos,
+        grammar,
+        arrival=arrival,
+    )
+    stream = _submit_all(variant, [request])[0]
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    headers = {VARIANT_HEADER: variant.name}
+    endpoint = "chat"
+    buffer_for_tools = bool(tools) and tool_choice != "none"
+
+    def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None, extra: dict | None = None) -> str:
+        return sse(
+            {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+                **(extra or {}),
+            }
+        )
+
+    if body.stream:
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+        async def events():
+            status = "200"
+            try:
+                yield chunk(
+                    {"role": "assistant", "content": ""},
+                    extra={"citations": citations} if citations is not None else None,
+                )
+                held = []
+                async for delta in stream:
+                    if delta.error:
+                        status = "500"
+                        yield sse(error_body(delta.error, "server_error", code="engine_error"))
+                        break
+                    lp = _chat_logprobs(client, delta.logprobs) if body.logprobs and delta.logprobs else None
+                    if buffer_for_tools:
+                        held.append(delta.text)
+                    elif delta.text or lp:
+                        yield chunk({"content": delta.text}, None, lp)
+                    if delta.done:
+                        finish = delta.finish_reason
+                        if buffer_for_tools:
+                            calls = parse_tool_calls("".join(held), tools)
+                            if calls:
+                                finish = "tool_calls"
+                                yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
+                            else:
+                                yield chunk({"content": "".join(held)})
+                        yield chunk({}, finish)
+                        if include_usage:
+                            yield sse(
+                                {
+                                    "id": rid,
+                                    "object": "chat.completion.chunk",
+                                    "created": created,
+                                    "model": body.model,
+                                    "choices": [],
+                                    "usage": usage(delta.prompt_tokens, delta.completion_tokens),
+                                }
+                            )
+                yield sse("[DONE]")
+            finally:
+                state.metrics.requests.labels(variant.name, endpoint, status).inc()
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    text, samples, last, _ids = await _collect(stream)
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    finish = last.finish_reason
+    if buffer_for_tools and (calls := parse_tool_calls(text, tools)):
+        message = {"role": "assistant", "content": None, "tool_calls": calls}
+        finish = "tool_calls"
+    state.metrics.requests.labels(variant.name, endpoint, "200").inc()
+    return JSONResponse(
+        {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": body.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "finish_reason": finish,
+                    "logprobs": _chat_logprobs(client, samples) if body.logprobs else None,
+                }
+            ],
+            "usage": usage(last.prompt_tokens, last.completion_tokens),
+            **({"citations": citations} if citations is not None else {}),
+        },
+        headers=headers,
+    )

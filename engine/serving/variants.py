@@ -1,0 +1,184 @@
+"""The variants a server holds and their lifecycle.
+
+Up to two variants, `production` and `canary`, each an `EngineClient` (engine/serving/client.py); the
+`CanaryRouter` splits the served model name's traffic between them. Loads, unloads and promotions happen
+under one lock and never drop a request in flight: a replaced variant finishes what it started, then closes.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from engine.retrieval.search import Retriever
+from engine.serving.client import ClientFactory, EngineClient, local_clients
+from engine.serving.metrics import ServerMetrics
+from engine.serving.protocol import APIError, draining_error
+from engine.serving.router import CANARY, PRODUCTION, CanaryRouter
+from engine.settings import Settings
+
+
+@dataclass
+class Variant:
+    name: str
+    ref: str
+    client: EngineClient
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def model_id(self) -> str:
+        return self.client.model_id
+
+
+class ServingState:
+    """Variants, router and lifecycle; every change happens under one lock."""
+
+    def __init__(self, settings: Settings, connect: ClientFactory | None = None):
+        self.settings = settings
+        self.connect = connect or local_clients()
+        self.metrics = ServerMetrics()
+        self.router = CanaryRouter()
+        self.variants: dict[str, Variant] = {}
+        self.retiring: list[Variant] = []
+        self.draining = False
+        self.loading: set[str] = set()
+        self.load_errors: dict[str, str] = {}
+        self.faults = {
+            "canary_error_rate": settings.fault_canary_error_rate,
+            "canary_latency_ms": settings.fault_canary_latency_ms,
+        }
+        self.retrieval = Retriever(settings)  # embedder and indexes load on first use
+        self.compute_lock = threading.Lock()  # one variant's forward at a time (engine.serving.core.EngineCore)
+        self._lock = threading.Lock()
+
+    def load(self, name: str, ref: str) -> Variant:
+        """Load `ref` as variant `name`, replacing what was there once the new one is ready."""
+        with self._lock:
+            self.loading.add(name)
+        try:
+            client = self.connect(ref, self.settings, self.metrics.for_variant(name), self.compute_lock)
+        except Exception as exc:
+            with self._lock:
+                self.loading.discard(name)
+                self.load_errors[name] = str(exc)
+            raise
+        variant = Variant(name, ref, client)
+        with self._lock:
+            old = self.variants.get(name)
+            self.variants[name] = variant
+            self.loading.discard(name)
+            self.load_errors.pop(name, None)
+            if old is not None:
+                self._retire(old)
+            self._publish_info()
+        return variant
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            variant = self.variants.pop(name, None)
+            if variant is None:
+                raise APIError(404, f"no variant {name!r} is loaded", code="variant_not_found")
+            if name == CANARY:
+                self.router.set_weight(0)
+                self.metrics.canary_weight.set(0)
+            self._retire(variant)
+            self._publish_info()
+
+    def promote(self) -> None:
+        """The canary becomes production; the old production finishes its requests and closes."""
+        with self._lock:
+            canary = self.variants.pop(CANARY, None)
+            if canary is None:
+                raise APIError(409, "no canary is loaded to promote", code="no_canary")
+            old = self.variants.get(PRODUCTION)
+            canary.name = PRODUCTION
+            canary.client.use_metrics(self.metrics.for_variant(PRODUCTION))
+            self.variants[PRODUCTION] = canary
+            self.router.set_weight(0)
+            self.metrics.canary_weight.set(0)
+            if old is not None:
+                self._retire(old)
+            self._publish_info()
+
+    def _retire(self, variant: Variant) -> None:
+        self.retiring.append(variant)
+        threading.Thread(target=self._close_when_idle, args=(variant,), daemon=True).start()
+
+    def _close_when_idle(self, variant: Variant) -> None:
+        while variant.client.in_flight:
+            time.sleep(0.05)
+        variant.client.close()
+        with self._lock:
+            if variant in self.retiring:
+                self.retiring.remove(variant)
+
+    def _publish_info(self) -> None:
+        self.metrics.variant_info.clear()
+        for name, v in self.variants.items():
+            self.metrics.variant_info.labels(name, v.model_id).set(1)
+
+    def in_flight(self) -> int:
+        return sum(v.client.in_flight for v in [*self.variants.values(), *self.retiring])
+
+    def describe(self) -> dict:
+        with self._lock:
+            return {
+                "variants": {
+                    name: {"model": v.model_id, "ref": v.ref, "loaded_at": v.loaded_at, **v.client.stats()}
+                    for name, v in self.variants.items()
+                },
+                "weights": {CANARY: self.router.weight if CANARY in self.variants else 0},
+                "draining": self.draining,
+                "loading": sorted(self.loading),
+                "load_errors": dict(self.load_errors),
+                "in_flight": self.in_flight(),
+                "served_model_name": self.settings.served_model_name,
+                "faults": dict(self.faults),
+            }
+
+    def close(self) -> None:
+        with self._lock:
+            variants = [*self.variants.values(), *self.retiring]
+            self.variants.clear()
+        for v in variants:
+            v.client.close()
+        self.retrieval.close()
+
+    def route(self, model: str, session_key: str | None) -> Variant:
+        """The variant serving a request for `model` (the served name, or a variant's own model id)."""
+        with self._lock:
+            if self.draining:
+                raise draining_error()
+            for v in self.variants.values():
+                if model == v.model_id:
+                    return v
+            if model not in (self.settings.served_model_name, PRODUCTION, CANARY):
+                known = [self.settings.served_model_name, *(v.model_id for v in self.variants.values())]
+                raise APIError(
+                    404,
+                    f"the model {model!r} does not exist; served models: {', '.join(known)}",
+                    param="model",
+                    code="model_not_found",
+                )
+            if PRODUCTION not in self.variants:
+                raise APIError(
+                    503,
+                    "no model is loaded yet" if self.loading else "no production model is loaded",
+                    "server_error",
+                    code="not_ready",
+                    headers={"Retry-After": "2"},
+                )
+            if model == CANARY and CANARY in self.variants:
+                return self.variants[CANARY]
+            return self.variants[self.router.choose(session_key, CANARY in self.variants)]
+
+
+def load_logged(state: ServingState, name: str, ref: str) -> None:
+    """Load in the background at startup; the outcome goes to the log and /ready."""
+    try:
+        state.load(name, ref)
+        print(f"ryz serve: {name} = {state.variants[name].model_id} ready", file=sys.stderr, flush=True)
+    except Exception as exc:  # noqa: BLE001 - reported through /ready and the log
+        print(f"ryz serve: loading {ref!r} failed: {exc}", file=sys.stderr, flush=True)
