@@ -38,10 +38,11 @@ install-dev: $(VENV)/.installed-dev
 run: install
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/ryz pipeline run
 
-# Lint first (seconds): ruff's rules and layout from pyproject.toml, then the whole suite.
+# Lint first (seconds): ruff's rules and layout, then mypy (both configured in pyproject.toml), then the suite.
 test: install-dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 # Dev only: regenerate the transformers parity fixtures (torch + transformers in a separate venv).

@@ -29,6 +29,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -129,6 +130,7 @@ def resolve_target(spec: str, settings, weights: str | None = None, head: str | 
     """A named shape (synthesized, cached) or a model reference (artifact id/prefix or GGUF path)."""
     from engine.model.shapes import SHAPES
 
+    manifest: dict | None
     if spec in SHAPES:
         weights = weights or settings.weights_type
         head = head or settings.head_type
@@ -290,9 +292,9 @@ def run_ours(spec: dict) -> dict:
 # --- the benchmark ----------------------------------------------------------------------------------
 
 
-def _median(values: list[float]) -> float | None:
-    values = [v for v in values if v is not None]
-    return float(statistics.median(values)) if values else None
+def _median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(statistics.median(present)) if present else None
 
 
 def _round(value, digits: int = 3):
@@ -313,7 +315,11 @@ class _Peer:
     """A peer's per-round runner, its setup metadata and its samples (or the error that stopped it)."""
 
     def __init__(self, name: str):
-        self.name, self.run, self.meta, self.samples, self.error = name, None, {}, [], None
+        self.name = name
+        self.run: Callable[[], dict] | None = None
+        self.meta: dict = {}
+        self.samples: list[dict] = []
+        self.error: str | None = None
 
     def round(self) -> None:
         if self.error or self.run is None:

@@ -247,7 +247,7 @@ def tasks_from_results(out: dict, limit: int | None) -> dict:
 
 
 def _leaves(group: str, groups: dict) -> list[str]:
-    out = []
+    out: list[str] = []
     for sub in groups.get(group, []):
         out += _leaves(sub, groups) if groups.get(sub) else [sub]
     return out
@@ -473,7 +473,9 @@ def metric_rows(record: dict) -> list[dict]:
     rows = []
     for task, entry in (record.get("tasks") or {}).items():
         entry = entry if isinstance(entry, dict) else {}
-        metrics = entry.get("metrics") if isinstance(entry.get("metrics"), dict) else {}
+        metrics = entry.get("metrics")
+        if not isinstance(metrics, dict):
+            metrics = {}
         names = list(metrics) + [m for m in (entry.get("higher_is_better") or {}) if m not in metrics]
         n, limit, size = entry.get("n"), entry.get("limit"), entry.get("size")
         if entry.get("n_expected") is not None:  # a group: the sum over its subtasks of min(limit, size)
@@ -570,7 +572,7 @@ def _expectations(record: dict):
                 "every task of the suite has results",
             )
         )
-    bench_checks = []
+    bench_checks: list[tuple[gxe.Expectation, str]] = []
     if record.get("bench") is not None:
         for k in BENCH_POSITIVE:
             bench_checks.append(

@@ -32,6 +32,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -200,10 +201,11 @@ def write_llama_cpp_copy(src: str | Path, dst: str | Path, weights: str | None =
             val_type = f.types[0]
             sub_type = f.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(name, value, val_type, sub_type=sub_type)
-        plan = []
+        plan: list[tuple[gguf.ReaderTensor, Callable[..., np.ndarray]]] = []  # data() of each tensor, in order
         for t in reader.tensors:
             qtype = t.tensor_type.name
             if target is not None and qtype in ternary and t.tensor_type != target:
+                assert weights is not None  # target is set only from weights
                 shape = tuple(int(d) for d in reversed(t.shape))  # numpy order (rows, cols)
                 plan.append(
                     (
@@ -336,8 +338,10 @@ def _extract_sdist(archive: Path, dest: Path) -> Path:
             if len(parts) == 2 and parts[1].startswith(keep) and (m.isfile() or m.isdir() or m.issym()):
                 m.name = parts[1]
                 members.append(m)
-        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4
-        tar.extractall(dest, members=members, **safe)
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4
+            tar.extractall(dest, members=members, filter="data")
+        else:
+            tar.extractall(dest, members=members)
     if not (dest / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
         raise RuntimeError(f"{archive.name} has no vendor/llama.cpp source tree")
     return dest
@@ -636,7 +640,8 @@ def build_matmulnbits_model(
     from onnx import TensorProto, helper
 
     k = matrices[0][1].shape[1]
-    nodes, inits, outputs = [], [], []
+    nodes, outputs = [], []
+    inits: list[TensorProto] = []
     for name, codes, scale in matrices:
         b, s, z = ternary_matmulnbits_inputs(codes, scale, block_size)
         nodes.append(matmulnbits_node("X", name, name, b, s, z, 2, block_size, accuracy_level, inits))

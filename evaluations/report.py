@@ -195,7 +195,7 @@ def compare_records(record_a: dict, record_b: dict) -> dict:
     only = {"a": sorted(set(ta) - set(tb)), "b": sorted(set(tb) - set(ta))}
     bench = {}
     ba, bb = record_a.get("bench") or {}, record_b.get("bench") or {}
-    for key, higher in (
+    for key, higher_better in (
         ("decode_tok_s", True),
         ("prefill_tok_s", True),
         ("ttft_ms", False),
@@ -204,7 +204,13 @@ def compare_records(record_a: dict, record_b: dict) -> dict:
     ):
         a, b = ba.get(key), bb.get(key)
         if a is not None and b is not None:
-            bench[key] = {"a": a, "b": b, "delta": b - a, "ratio": (b / a) if a else None, "higher_is_better": higher}
+            bench[key] = {
+                "a": a,
+                "b": b,
+                "delta": b - a,
+                "ratio": (b / a) if a else None,
+                "higher_is_better": higher_better,
+            }
     return {"tasks": tasks, "only_in": only, "bench": bench}
 
 

@@ -227,12 +227,12 @@ def evaluate_index(
     texts = make_queries(payloads, n_queries, seed)
     started = time.perf_counter()
     embed_lat = []
-    query_vectors = []
+    encoded = []
     for text in texts:
         t = time.perf_counter()
-        query_vectors.append(embedder.encode([text])[0])
+        encoded.append(embedder.encode([text])[0])
         embed_lat.append(time.perf_counter() - t)
-    query_vectors = np.stack(query_vectors)
+    query_vectors = np.stack(encoded)
     log(f"{len(ids)} chunks, {len(texts)} held-out queries embedded in {time.perf_counter() - started:.1f}s")
     workdir = Path(workdir or tempfile.gettempdir())
     workdir.mkdir(parents=True, exist_ok=True)

@@ -193,10 +193,10 @@ def start_server(
     a server that exits or is not ready within `timeout` seconds raises `ServerError` with its log's tail.
     Should the harness die without cleaning up, the server gets SIGKILL too (`_die_with_parent_hook`)."""
     own_log = log_path is None
-    if own_log:
-        fd, name = tempfile.mkstemp(prefix="server-", suffix=".log")
+    if log_path is None:
+        fd, temp_log = tempfile.mkstemp(prefix="server-", suffix=".log")
         os.close(fd)
-        log_path = name
+        log_path = temp_log
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{port}{ready_path}"
@@ -553,9 +553,9 @@ class _Server:
 
     def __init__(self, name: str, cmd_for, ready_path: str, meta: dict):
         self.name, self.cmd_for, self.ready_path, self.meta = name, cmd_for, ready_path, meta
-        self.port = None
-        self.proc = None
-        self.model = None
+        self.port: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self.model: str | None = None  # the served model's id, set with proc (or error) by start()
         self.levels: dict[str, dict] = {}
         self.error: str | None = None
 
@@ -701,15 +701,15 @@ def run_serve_bench(
             return True
 
         def measure(s: _Server, n: int, others: list[_Server]) -> None:
-            if s.error or s.proc is None:
+            if s.error or s.proc is None or s.model is None:
                 return
             log(
                 f"{s.name}: {n} streams x {plan[n]} requests ({prompt_tokens} prompt + {gen_tokens} generated tokens "
                 f"each)"
             )
             cpu0 = group_cpu_seconds(s.proc.pid)
-            idle = [o for o in others if o.proc is not None and o.proc.poll() is None]
-            idle0 = [group_cpu_seconds(o.proc.pid) for o in idle]
+            idle = [(o.name, o.proc) for o in others if o.proc is not None and o.proc.poll() is None]
+            idle0 = [group_cpu_seconds(proc.pid) for _, proc in idle]
             try:
                 r = run_load(s.base_url, s.model, n, plan[n], prompts[n], gen_tokens, timeout_s)
             except Exception as exc:  # noqa: BLE001 - recorded, the other levels go on
@@ -717,7 +717,7 @@ def run_serve_bench(
             r["server_cpu_s"] = round(group_cpu_seconds(s.proc.pid) - cpu0, 2)
             if idle:  # an idle server that burns CPU would slow the measured one down: shown here
                 r["idle_servers_cpu_s"] = {
-                    o.name: round(group_cpu_seconds(o.proc.pid) - c, 2) for o, c in zip(idle, idle0)
+                    name: round(group_cpu_seconds(proc.pid) - c, 2) for (name, proc), c in zip(idle, idle0)
                 }
             if s.proc.poll() is not None:
                 s.error = f"the server exited with {s.proc.returncode} during the {n}-stream level"

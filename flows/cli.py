@@ -12,11 +12,15 @@ import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flows.cli_common import EXIT_ERROR, EXIT_USAGE
 from flows.cli_common import positive_int as _positive_int
 from flows.cli_common import print_json as _print_json
 from flows.cli_common import store as _store
+
+if TYPE_CHECKING:
+    from engine.model.native import NativeModel
 
 
 @contextmanager
@@ -112,6 +116,7 @@ def cmd_generate(args) -> int:
     from engine.model.tokenizer import ModelTokenizer
 
     path = resolve_model(args.model, _store())
+    model: NativeModel | ReferenceModel
     if args.engine == "native":
         from engine.model.loader import open_model
 

@@ -41,17 +41,18 @@ def candidate_pipeline(
     tuning = autotune_kernels(str(open_store().local_path(artifact_id)))
     # Verify: the native path must equal the numpy reference before anything is measured.
     parity = check_model_parity(artifact_id)
-    evaluation = evaluate_model(artifact_id, suite, limit) if parity["passed"] else None
+    evaluation: dict | None = None
     # Register: a candidate for the release flow, or rejected with the reason.
     if not parity["passed"]:
         status, reason = "rejected", f"parity failed: {parity['reason']}"
-    elif not evaluation["valid"]:
-        status, reason = "rejected", "evaluation record invalid: " + "; ".join(evaluation["failures"])
     else:
-        status, reason = "candidate", f"parity passed ({parity['reason']}); {suite} suite evaluated"
-    version = register_candidate(
-        name, artifact_id, origin, evaluation and evaluation["record_id"], tuning["build_key"], status, reason
-    )
+        evaluation = evaluate_model(artifact_id, suite, limit)
+        if not evaluation["valid"]:
+            status, reason = "rejected", "evaluation record invalid: " + "; ".join(evaluation["failures"])
+        else:
+            status, reason = "candidate", f"parity passed ({parity['reason']}); {suite} suite evaluated"
+    record_id = evaluation["record_id"] if evaluation else None
+    version = register_candidate(name, artifact_id, origin, record_id, tuning["build_key"], status, reason)
     create_markdown_artifact(
         key="candidate-summary",
         markdown=_summary(version, parity, evaluation, reason),

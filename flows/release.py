@@ -6,6 +6,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.transactions import transaction
+from pydantic import SecretStr
 
 from engine.artifacts.registry import Registry
 from engine.artifacts.releases import ReleaseStore, new_release
@@ -14,9 +15,11 @@ from engine.settings import get_settings
 from tasks.bundle import build_serving_bundle
 from tasks.notify import notify_release
 from tasks.release import (
+    Fleet,
     abort_release,
     check_offline_gates,
     ensure_production_served,
+    fleet,
     load_canary,
     load_production,
     mark_canary,
@@ -24,7 +27,6 @@ from tasks.release import (
     promote_in_registry,
     promote_on_servers,
     reject_version,
-    replicas,
     set_canary_weight,
 )
 
@@ -39,13 +41,17 @@ def release(
     release_id: str | None = None,
     synthetic_load: bool | None = None,
     force_promote: bool = False,
+    servers: list[str] | None = None,
+    admin_token: SecretStr | None = None,
 ) -> dict:
-    """Release `ref` (a registry version), or resume `release_id` from its recorded step.
+    """Release `ref` (a registry version), or resume `release_id` from its recorded step, on `servers` (default
+    RYZ_RELEASE_SERVERS) with `admin_token` (default RYZ_ADMIN_TOKEN; a secret, masked wherever Prefect shows it).
 
     Returns:
         the release record (engine/artifacts/releases.py): status promoted, rejected, paused or aborted, with its log.
     """
     settings, store = get_settings(), ReleaseStore(open_store())
+    replicas = fleet(servers, admin_token, settings)
     actor = f"flow-run:{flow_run.get_id() or 'local'}"
     load = settings.release_synthetic_load if synthetic_load is None else synthetic_load
     rel = store.get(release_id) if release_id else _open(store, ref)
@@ -59,7 +65,7 @@ def release(
             return _finish(store, rid, "rejected", gate["reason"])
         if gate["bootstrap"]:
             with transaction():
-                load_production(rid, rel["artifact_id"], None)
+                load_production(rid, rel["artifact_id"], None, replicas)
                 promote_in_registry(rid, ref, gate["reason"], actor)
             store.set_status(rid, "promoted", gate["reason"])
             _bundle(rid, ref)
@@ -71,20 +77,20 @@ def release(
         )
     # Canary steps: each one transaction; a failed analysis raises inside it, so its hooks undo the step.
     if old_production:
-        ensure_production_served(rid, old_production)
+        ensure_production_served(rid, old_production, replicas)
     for i in range(store.get(rid)["step_index"], 0 if force_promote else len(rel["steps"])):
         weight = rel["steps"][i]
         try:
             with transaction():
-                if i == 0 and not _canary_loaded(rel["artifact_id"]):
-                    load_canary(rid, rel["artifact_id"])
+                if i == 0 and not _canary_loaded(rel["artifact_id"], replicas):
+                    load_canary(rid, rel["artifact_id"], replicas)
                     mark_canary(rid, ref, actor)
-                set_canary_weight(rid, i, weight)
-                result = observe_canary_step(rid, ref, actor, i, weight, load)
+                set_canary_weight(rid, i, weight, replicas)
+                result = observe_canary_step(rid, ref, actor, i, weight, load, replicas)
                 if result["outcome"] in ("fail", "aborted"):
                     raise StepFailed("; ".join(result["reasons"]))
         except StepFailed as failed:
-            abort_release(rid, ref, f"canary step {weight}% failed: {failed}", actor)
+            abort_release(rid, ref, f"canary step {weight}% failed: {failed}", actor, replicas)
             return _finish(store, rid, "aborted", f"canary step {weight}% failed: {failed}")
         except Exception as exc:
             store.set_status(
@@ -104,7 +110,7 @@ def release(
         else f"{ref} passed every canary step ({', '.join(f'{s}%' for s in rel['steps'])})"
     )
     with transaction():
-        promote_on_servers(rid, old_production)
+        promote_on_servers(rid, old_production, replicas)
         promote_in_registry(rid, ref, reason, actor)
     store.set_status(rid, "promoted", reason)
     _bundle(rid, ref)
@@ -136,8 +142,8 @@ def _production_artifact() -> str | None:
     return production.artifact_id if production else None
 
 
-def _canary_loaded(artifact_id: str) -> bool:
-    return all(s["variants"].get("canary", {}).get("ref") == artifact_id for s in replicas().state())
+def _canary_loaded(artifact_id: str, replicas: Fleet) -> bool:
+    return all(s["variants"].get("canary", {}).get("ref") == artifact_id for s in replicas.replicas().state())
 
 
 def _finish(store: ReleaseStore, rid: str, outcome: str, reason: str) -> dict:

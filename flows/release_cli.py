@@ -65,19 +65,19 @@ def cmd_release(args) -> int:
             return 1
         rel = _release_flow(release_id=rel["id"], force_promote=True)
     elif action == "abort":
-        from tasks.release import abort_actions
+        from tasks.release import abort_actions, fleet
 
         rel = _current(releases, ("canary", "paused", "gating", "pause_requested"))
         reason = args.reason or f"aborted by {actor}"
         if rel["status"] == "canary":  # a flow is stepping it: it aborts at its next check
             rel = releases.set_status(rel["id"], "abort_requested", reason)
         else:
-            abort_actions(rel["id"], rel["ref"], reason, actor)
+            abort_actions(rel["id"], rel["ref"], reason, actor, fleet())
             rel = releases.get(rel["id"])
     else:  # rollback
-        from tasks.release import rollback_production
+        from tasks.release import fleet, rollback_production
 
-        result = rollback_production(actor, args.reason or f"rollback by {actor}")
+        result = rollback_production(actor, args.reason or f"rollback by {actor}", fleet())
         if args.json:
             _print_json(result)
         else:

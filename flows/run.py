@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import time
 from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from pydantic import SecretStr
 
-from engine.settings import get_settings, reload_settings
+from engine.settings import get_settings
 from flows.discovery import discover_models
 from flows.pipeline import candidate_pipeline
 from flows.release import release
@@ -50,8 +49,11 @@ def pipeline_run(
                 limit=limit,
                 return_state=True,
             )
-            outcome = state.result(raise_on_failure=False) if state.is_completed() else None
-            if outcome is None:
+            result = state.result(raise_on_failure=False) if state.is_completed() else None
+            outcome: dict
+            if isinstance(result, dict):
+                outcome = result
+            else:  # failed or crashed: no result, or the exception it raised
                 outcome = {
                     "status": "failed",
                     "version": None,
@@ -61,9 +63,15 @@ def pipeline_run(
             # Release: gates, canary steps with synthetic traffic, promotion; the server starts with the first one.
             if release_candidates and outcome["status"] == "candidate":
                 server = server or stack.enter_context(_own_server())
-                rel = release(ref=ref, synthetic_load=True, return_state=True)
-                rel = rel.result(raise_on_failure=False) if rel.is_completed() else None
-                if rel is None:
+                rel_state = release(
+                    ref=ref,
+                    synthetic_load=True,
+                    servers=[server.url],
+                    admin_token=SecretStr(server.token),
+                    return_state=True,
+                )
+                rel = rel_state.result(raise_on_failure=False) if rel_state.is_completed() else None
+                if not isinstance(rel, dict):
                     outcome = {**outcome, "release": "failed", "reason": outcome["reason"] + "; release flow failed"}
                 else:
                     final = {"promoted": "production", "rejected": "rejected", "aborted": "rolled_back"}.get(
@@ -82,22 +90,8 @@ def pipeline_run(
     return {"report": report, "candidates": results}
 
 
-@contextlib.contextmanager
 def _own_server():
-    """A local `ryz serve` with a generated admin token; the release tasks address it through the settings."""
+    """A local `ryz serve` with a generated admin token, which the release flow is given as its fleet."""
     from engine.serving.localserver import LocalServer
 
-    settings = get_settings()
-    with LocalServer(settings.home / "logs" / "pipeline-serve.log") as server:
-        saved = {k: os.environ.get(k) for k in ("RYZ_ADMIN_TOKEN", "RYZ_RELEASE_SERVERS")}
-        os.environ.update(RYZ_ADMIN_TOKEN=server.token, RYZ_RELEASE_SERVERS=json.dumps([server.url]))
-        reload_settings()
-        try:
-            yield server
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            reload_settings()
+    return LocalServer(get_settings().home / "logs" / "pipeline-serve.log")

@@ -11,12 +11,13 @@ from prefect.runtime import flow_run
 
 from engine.artifacts.registry import Registry
 from engine.artifacts.store import open_store
-from engine.errors import CorpusError
+from engine.errors import CorpusError, RetrievalIndexError
 from engine.retrieval.corpus import scan_corpus
 from engine.retrieval.embedder import Embedder
 from engine.retrieval.index import (
     ARTIFACT_KIND,
     REGISTRY_NAME,
+    STATE_FILE,
     IndexConfig,
     manifest_fields,
     open_index,
@@ -32,6 +33,16 @@ from engine.settings import get_settings
 def _actor() -> str:
     run_id = flow_run.get_id()
     return f"flow-run:{run_id}" if run_id else "ryz"
+
+
+def _built_state(index_dir: str) -> dict:
+    """The state of the index built in `index_dir`; an error if there is none."""
+    state = read_state(Path(index_dir))
+    if state is None:
+        raise RetrievalIndexError(
+            f"{index_dir} holds no index ({STATE_FILE} missing); build one with `ryz index build DIR`"
+        )
+    return state
 
 
 def _embedder(dims: int) -> Embedder:
@@ -124,7 +135,7 @@ def evaluate_built_index(
     from evaluations.retrieval import evaluate_index
 
     settings = get_settings()
-    state = read_state(Path(index_dir))
+    state = _built_state(index_dir)
     if state["corpus"]["chunks"] < 2 * 10:
         reason = f"not measured: {state['corpus']['chunks']} chunks, recall@10 needs at least 20"
         get_run_logger().warning("%s", reason)
@@ -150,7 +161,7 @@ def store_index(index_dir: str, evaluation: dict | None) -> str:
     Returns:
         the artifact id (sha256:...) of the tarball; its manifest is the DESIGN.md "Index artifact".
     """
-    state = read_state(Path(index_dir))
+    state = _built_state(index_dir)
     with tempfile.TemporaryDirectory(prefix="ryz-index-pack-") as work:
         snapshot = None
         if state["backend"] == "server":

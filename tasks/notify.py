@@ -31,15 +31,16 @@ def notify_release(
     Args:
         kind: rejected, aborted, paused, promoted or rolled-back.
     """
+    event = f"ryzanstein.release.{kind}"
     payload = {
-        "event": f"ryzanstein.release.{kind}",
+        "event": event,
         "model": f"{name}:{version}",
         "reason": reason,
         "release_id": release_id,
         "details": details or {},
     }
     emit_event(
-        event=payload["event"],
+        event=event,
         resource={
             "prefect.resource.id": f"ryzanstein.model.{name}:{version}",
             "prefect.resource.name": f"{name}:{version}",

@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 
 from prefect import get_run_logger, task
-from prefect.transactions import Transaction, get_transaction
+from prefect.transactions import BaseTransaction, Transaction, get_transaction
+from pydantic import BaseModel, ConfigDict, SecretStr
 
 from engine.artifacts.registry import Registry
 from engine.artifacts.releases import ReleaseStore
@@ -21,9 +22,30 @@ from engine.serving.canary import Thresholds, VariantStats, compare, snapshot
 from engine.settings import Settings, get_settings
 
 
-def replicas(settings: Settings | None = None) -> Replicas:
+class Fleet(BaseModel):
+    """The serving replicas a release steers and the admin token they take. The token is a secret: Prefect shows,
+    logs and stores it masked; the tasks reach the value only to send it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    servers: list[str]
+    admin_token: SecretStr | None = None
+
+    def replicas(self) -> Replicas:
+        return Replicas(self.servers, self.admin_token.get_secret_value() if self.admin_token else None)
+
+
+def fleet(
+    servers: list[str] | None = None, admin_token: SecretStr | str | None = None, settings: Settings | None = None
+) -> Fleet:
+    """The given servers and token, else the settings': RYZ_RELEASE_SERVERS (else this host's RYZ_HOST:RYZ_PORT)
+    and RYZ_ADMIN_TOKEN."""
     settings = settings or get_settings()
-    return Replicas(settings.release_servers or [f"http://{settings.host}:{settings.port}"], settings.admin_token)
+    token = admin_token if admin_token is not None else settings.admin_token
+    return Fleet(
+        servers=servers or settings.release_servers or [f"http://{settings.host}:{settings.port}"],
+        admin_token=SecretStr(token) if isinstance(token, str) else token,
+    )
 
 
 def registry(actor: str) -> Registry:
@@ -32,6 +54,22 @@ def registry(actor: str) -> Registry:
 
 def releases() -> ReleaseStore:
     return ReleaseStore(open_store())
+
+
+def _transaction() -> BaseTransaction:
+    """The transaction this task runs in (Prefect opens one around every task run): its rollback hook reads it."""
+    txn = get_transaction()
+    if txn is None:
+        raise RuntimeError("no active Prefect transaction: release tasks must run as Prefect tasks")
+    return txn
+
+
+def _remember(release_id: str, fleet: Fleet) -> BaseTransaction:
+    """What the step's rollback hooks need: the release to log to and the fleet to undo on."""
+    txn = _transaction()
+    txn.set("release_id", release_id)
+    txn.set("fleet", fleet)
+    return txn
 
 
 def _note_rollback(txn: Transaction, what: str) -> None:
@@ -82,16 +120,16 @@ def check_offline_gates(release_id: str, ref: str) -> dict:
 
 # -- server and registry moves, each undone by its rollback hook ------------------------------------------
 @task(name="load-canary")
-def load_canary(release_id: str, artifact_id: str) -> None:
+def load_canary(release_id: str, artifact_id: str, fleet: Fleet) -> None:
     """Load the version into every replica's canary slot (weight stays 0)."""
-    get_transaction().set("release_id", release_id)
-    replicas().load("canary", artifact_id)
+    _remember(release_id, fleet)
+    fleet.replicas().load("canary", artifact_id)
     releases().log(release_id, "canary-loaded", f"canary {artifact_id[:19]} loaded on the servers")
 
 
 @load_canary.on_rollback
 def _unload_canary(txn: Transaction) -> None:
-    group = replicas()
+    group = txn.get("fleet").replicas()
     for action in (lambda: group.set_weight(0), lambda: group.unload("canary")):
         try:
             action()
@@ -101,17 +139,17 @@ def _unload_canary(txn: Transaction) -> None:
 
 
 @task(name="set-canary-weight")
-def set_canary_weight(release_id: str, step: int, weight: int) -> None:
+def set_canary_weight(release_id: str, step: int, weight: int, fleet: Fleet) -> None:
     """Send `weight` percent of routed traffic to the canary on every replica."""
-    get_transaction().set("release_id", release_id)
-    replicas().set_weight(weight)
+    _remember(release_id, fleet)
+    fleet.replicas().set_weight(weight)
     releases().log(release_id, "weight", f"canary weight {weight}%", step=step)
 
 
 @set_canary_weight.on_rollback
 def _weight_to_zero(txn: Transaction) -> None:
     try:
-        replicas().set_weight(0)
+        txn.get("fleet").replicas().set_weight(0)
     except Exception:  # noqa: BLE001 - canary already gone
         pass
     _note_rollback(txn, "canary weight back to 0")
@@ -120,7 +158,7 @@ def _weight_to_zero(txn: Transaction) -> None:
 @task(name="mark-canary")
 def mark_canary(release_id: str, ref: str, actor: str) -> None:
     """Registry: alias `canary` -> ref, status canary."""
-    txn = get_transaction()
+    txn = _transaction()
     txn.set("release_id", release_id)
     reg = registry(actor)
     txn.set("previous_canary", reg.aliases().get("canary"))
@@ -141,9 +179,9 @@ def _unmark_canary(txn: Transaction) -> None:
 
 
 @task(name="ensure-production-served")
-def ensure_production_served(release_id: str, artifact_id: str) -> None:
+def ensure_production_served(release_id: str, artifact_id: str, fleet: Fleet) -> None:
     """A replica that (re)started without the registry's production loads it, so the canary has a baseline."""
-    group = replicas()
+    group = fleet.replicas()
     for client, state in zip(group.clients, group.state()):
         if state["variants"].get("production", {}).get("ref") != artifact_id:
             client.load("production", artifact_id)
@@ -153,29 +191,25 @@ def ensure_production_served(release_id: str, artifact_id: str) -> None:
 
 
 @task(name="promote-on-servers")
-def promote_on_servers(release_id: str, old_production_artifact: str | None) -> None:
+def promote_on_servers(release_id: str, old_production_artifact: str | None, fleet: Fleet) -> None:
     """The canary's engine becomes production on every replica; the canary slot empties."""
-    txn = get_transaction()
-    txn.set("release_id", release_id)
-    txn.set("old_production_artifact", old_production_artifact)
-    replicas().promote()
+    _remember(release_id, fleet).set("old_production_artifact", old_production_artifact)
+    fleet.replicas().promote()
 
 
 @promote_on_servers.on_rollback
 def _restore_production(txn: Transaction) -> None:
     artifact = txn.get("old_production_artifact")
     if artifact:
-        replicas().load("production", artifact)
+        txn.get("fleet").replicas().load("production", artifact)
     _note_rollback(txn, f"servers' production restored to {artifact[:19] if artifact else 'nothing'}")
 
 
 @task(name="load-production")
-def load_production(release_id: str, artifact_id: str, old_production_artifact: str | None) -> None:
+def load_production(release_id: str, artifact_id: str, old_production_artifact: str | None, fleet: Fleet) -> None:
     """Load a version straight into production (first model, or a rollback)."""
-    txn = get_transaction()
-    txn.set("release_id", release_id)
-    txn.set("old_production_artifact", old_production_artifact)
-    replicas().load("production", artifact_id)
+    _remember(release_id, fleet).set("old_production_artifact", old_production_artifact)
+    fleet.replicas().load("production", artifact_id)
 
 
 load_production.on_rollback(_restore_production)
@@ -184,7 +218,7 @@ load_production.on_rollback(_restore_production)
 @task(name="promote-in-registry")
 def promote_in_registry(release_id: str, ref: str, reason: str, actor: str) -> None:
     """Registry: previous <- production, production <- ref (one compare-and-swap write)."""
-    txn = get_transaction()
+    txn = _transaction()
     txn.set("release_id", release_id)
     reg = registry(actor)
     txn.set("aliases_before", reg.aliases())
@@ -238,16 +272,18 @@ def _sum(stats: list[dict[str, VariantStats]], variant: str) -> VariantStats:
 
 
 @task(name="observe-canary-step")
-def observe_canary_step(release_id: str, ref: str, actor: str, step: int, weight: int, synthetic_load: bool) -> dict:
+def observe_canary_step(
+    release_id: str, ref: str, actor: str, step: int, weight: int, synthetic_load: bool, fleet: Fleet
+) -> dict:
     """Wait for enough canary requests (or the deadline, or a pause/abort request), then compare the variants.
 
     Returns:
         {"outcome": pass|fail|inconclusive|paused|aborted, "reasons", "canary", "production"}.
     """
-    from contextlib import nullcontext
+    from contextlib import AbstractContextManager, nullcontext
 
     settings = get_settings()
-    group = replicas(settings)
+    group = fleet.replicas()
     store = releases()
     thresholds = Thresholds(
         settings.release_min_requests,
@@ -258,7 +294,7 @@ def observe_canary_step(release_id: str, ref: str, actor: str, step: int, weight
         settings.release_tpot_min_delta_ms,
     )
     before = [snapshot(text) for text in group.metrics()]
-    load = nullcontext()
+    load: AbstractContextManager[object] = nullcontext()
     if synthetic_load:
         from engine.serving.loadgen import SyntheticLoad
 
@@ -333,9 +369,9 @@ def _load_prompts() -> list[str]:
 
 
 # -- outcomes -------------------------------------------------------------------------------------------------
-def abort_actions(release_id: str, ref: str, reason: str, actor: str) -> None:
+def abort_actions(release_id: str, ref: str, reason: str, actor: str, fleet: Fleet) -> None:
     """Canary weight 0 and unloaded everywhere, registry status rolled_back (production untouched), release aborted."""
-    group = replicas()
+    group = fleet.replicas()
     for action in (lambda: group.set_weight(0), lambda: group.unload("canary")):
         try:
             action()
@@ -350,9 +386,9 @@ def abort_actions(release_id: str, ref: str, reason: str, actor: str) -> None:
 
 
 @task(name="abort-release")
-def abort_release(release_id: str, ref: str, reason: str, actor: str) -> None:
+def abort_release(release_id: str, ref: str, reason: str, actor: str, fleet: Fleet) -> None:
     """Abort: see abort_actions."""
-    abort_actions(release_id, ref, reason, actor)
+    abort_actions(release_id, ref, reason, actor, fleet)
     get_run_logger().warning("release %s of %s aborted: %s", release_id, ref, reason)
 
 
@@ -364,13 +400,13 @@ def reject_version(release_id: str, ref: str, reason: str, actor: str) -> None:
     get_run_logger().warning("%s rejected: %s", ref, reason)
 
 
-def rollback_production(actor: str, reason: str) -> dict:
+def rollback_production(actor: str, reason: str, fleet: Fleet) -> dict:
     """Undo the last promotion: `previous` serves as production again (registry and every replica)."""
     reg = registry(actor)
     before = reg.get("production")
     back = reg.rollback(reason)
     try:
-        replicas().load("production", back.artifact_id)
+        fleet.replicas().load("production", back.artifact_id)
     except Exception:
         reg.update(
             lambda state: state["aliases"].update(

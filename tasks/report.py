@@ -54,7 +54,7 @@ def write_run_report(run_name: str, source: str, suite: str, results: list[dict]
         }
         for r in results
     ]
-    fates = {}
+    fates: dict[str, int] = {}
     for r in rows:
         fates[r["status"]] = fates.get(r["status"], 0) + 1
     headline = (

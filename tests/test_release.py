@@ -22,6 +22,9 @@ import pytest
 
 pytest.importorskip("prefect")
 
+from prefect.client.orchestration import get_client  # noqa: E402
+from pydantic import SecretStr  # noqa: E402
+
 from engine.artifacts.registry import Registry  # noqa: E402
 from engine.artifacts.store import open_store  # noqa: E402
 from engine.serving.admin import AdminClient  # noqa: E402
@@ -135,7 +138,7 @@ def _server_models(env) -> dict:
 def test_release_story(env, prefect_harness):
     """Bootstrap, a passing canary, an offline reject, faults rolled back, a pause and resume, rollback."""
     from flows.release import release
-    from tasks.release import rollback_production
+    from tasks.release import fleet, rollback_production
 
     v = env["versions"]
     reg = env["registry"]
@@ -146,8 +149,17 @@ def test_release_story(env, prefect_harness):
     assert _aliases(env) == {"production": v["good"]}
     assert _server_models(env) == {"production": reg.get(v["good"]).artifact_id}
 
-    # 2. A better model passes both canary steps and is promoted; previous <- old production.
-    second = release(ref=v["better"])
+    # 2. A better model passes both canary steps and is promoted; previous <- old production. Its fleet comes as
+    #    parameters (the settings name a dead server and a wrong token here); Prefect stores the token masked.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RYZ_ADMIN_TOKEN", "not-the-token")
+        mp.setenv("RYZ_RELEASE_SERVERS", '["http://127.0.0.1:9"]')
+        reload_settings()
+        second = release(ref=v["better"], servers=[env["base"]], admin_token=SecretStr(TOKEN))
+    reload_settings()
+    with get_client(sync_client=True) as client:
+        stored = [r.parameters for r in client.read_flow_runs() if r.parameters.get("servers") == [env["base"]]]
+    assert stored and all(TOKEN not in json.dumps(p) for p in stored), stored
     assert second["status"] == "promoted", second["log"]
     assert _aliases(env) == {"production": v["better"], "previous": v["good"]}
     assert _server_models(env) == {"production": reg.get(v["better"]).artifact_id}
@@ -174,7 +186,7 @@ def test_release_story(env, prefect_harness):
     assert env["admin"].state()["weights"]["canary"] == 0
 
     # 5. Rollback: previous serves again, in the registry and on the server.
-    result = rollback_production("test", "drill")
+    result = rollback_production("test", "drill", fleet())
     assert {k: result[k] for k in ("production", "rolled_back")} == {
         "production": v["good"],
         "rolled_back": v["better"],

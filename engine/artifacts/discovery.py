@@ -19,7 +19,7 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from engine.artifacts.registry import Registry
 from engine.errors import CheckpointError, HubError
@@ -75,7 +75,7 @@ def list_hub_models(
     from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
     url = f"{endpoint}/api/models"
-    params: list[tuple[str, str | int]] = [("limit", limit)]
+    params: list[tuple[str, str | int | float | bool | None]] = [("limit", limit)]  # httpx's query value types
     params += [("search", search)] if search else []
     params += [("filter", tag) for tag in filter]
     params += [("sort", _SORT_KEYS.get(sort, sort))] if sort else []
@@ -166,7 +166,14 @@ def _hub_license(info) -> str | None:
         return card.license_name
     if license_ is None:
         license_ = next((tag.split(":", 1)[1] for tag in info.tags or [] if tag.startswith("license:")), None)
-    return license_[0] if isinstance(license_, list) and license_ else license_
+    return _one_license(license_)
+
+
+def _one_license(value: Any) -> str | None:
+    """A license field: a name, or a list of names of which the first counts (an empty list declares none)."""
+    if isinstance(value, list):
+        return value[0] if value else None
+    return value
 
 
 def _downloaded(filename: str) -> bool:
@@ -256,7 +263,7 @@ def _card_license(readme: Path) -> str | None:
 
     meta = metadata_load(readme) or {}
     license_ = meta.get("license_name") if meta.get("license") == "other" else meta.get("license")
-    return license_[0] if isinstance(license_, list) and license_ else license_
+    return _one_license(license_)
 
 
 # --- shared readers -------------------------------------------------------------------------------------

@@ -128,7 +128,7 @@ class Registry:
         except ModelReferenceError:
             return None
 
-    def find_source(self, repo: str, revision: str) -> Version | None:
+    def find_source(self, repo: str, revision: str | None) -> Version | None:
         """The version registered from this exact source revision, if any (discovery's novelty test)."""
         for v in self.versions():
             if v.source.get("repo") == repo and v.source.get("revision") == revision:

@@ -563,7 +563,7 @@ class S3Store(ArtifactStore):
                 self._delete(rel)
             problem = (
                 f"{src} changed while it was being stored"
-                if changed
+                if changed and isinstance(src, Path)  # changed implies a Path; the check narrows src for the message
                 else f"upload of sha256:{hex_} to {self.url} did not complete ({stored or 0} of {size} bytes)"
             )
             raise StoreError(f"{problem}; nothing was kept: store it again")

@@ -194,7 +194,7 @@ def _kernel_table(library: Library, shape: TuneShape, clock: _Clock, rng: np.ran
     groups: dict[tuple[int, int], list[str]] = {}
     for stem, dims in shape.linears().items():
         groups.setdefault(dims, []).append(stem)
-    rows_out = []
+    rows_out: list[dict] = []
     for (rows, cols), stems in groups.items():
         packed = library.ternary_pack(quants.pack_ternary(_random_codes(rng, rows, cols), "tq2_0"), "tq2_0", rows, cols)
         for n in (DECODE_TOKENS, PREFILL_TOKENS):
@@ -242,7 +242,7 @@ def _knob_table(
     model_path = write_tuning_model(work / "tune.gguf", shape, layers)
     tokens = rng.integers(0, TUNE_VOCAB, size=PREFILL_TOKENS, dtype=np.int32)
     tiles = [DEFAULT_TOKEN_TILE] + [t for t in TOKEN_TILES if t != DEFAULT_TOKEN_TILE]
-    out = []
+    out: list[dict] = []
     for threads in sorted(thread_counts, reverse=True):
         for tile in tiles:
             if clock.expired:
@@ -334,7 +334,7 @@ def autotune(
     with tempfile.TemporaryDirectory(prefix="ryz-tune-") as tmp:
         knobs = _knob_table(library, shape, layers, thread_counts, knob_clock, rng, Path(tmp))
     truncated = kernel_clock.truncated or knob_clock.truncated
-    entry = {
+    entry: dict[str, Any] = {
         "signature": shape.signature,
         "shape": {
             "hidden": shape.hidden,

@@ -342,10 +342,11 @@ def _check_shapes(ckpt: Checkpoint) -> None:
         expected[prefix + "input_layernorm.weight"] = (h,)
         expected[prefix + "post_attention_layernorm.weight"] = (h,)
         if ckpt.arch.attn_sub_norm:
+            assert ckpt.arch.ffn_sub_norm is not None  # every family has both sub-norms or neither
             expected[prefix + ckpt.arch.attn_sub_norm + ".weight"] = (h,)  # sub-norm over the concatenated heads
             expected[prefix + ckpt.arch.ffn_sub_norm + ".weight"] = (f,)
-        for lin, shape in linear_shapes.items():
-            expected[prefix + lin + ".weight"] = shape
+        for lin, dims in linear_shapes.items():
+            expected[prefix + lin + ".weight"] = dims
     packed = ckpt.tensors.get(f"model.layers.0.{LINEARS[0]}.weight")
     is_packed = packed is not None and packed.dtype == "U8"
     for name, shape in expected.items():

@@ -139,9 +139,9 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer_json: str, tokenizer_config
         ("pad_token", writer.add_pad_token_id),
         ("unk_token", writer.add_unk_token_id),
     ):
-        text = _token_text(tokenizer_config.get(key))
-        if text is not None and text in token_ids:
-            setter(token_ids[text])
+        content = _token_text(tokenizer_config.get(key))
+        if content is not None and content in token_ids:
+            setter(token_ids[content])
     writer.add_add_bos_token(bool(tokenizer_config.get("add_bos_token", "bos_token" in tokenizer_config)))
     writer.add_add_eos_token(bool(tokenizer_config.get("add_eos_token", False)))
     template = tokenizer_config.get("chat_template")
@@ -289,7 +289,7 @@ class ModelFile:
             if isinstance(exc, GGUFFormatError):
                 raise
             raise GGUFFormatError(f"{self.path}: not a readable GGUF file ({exc})") from None
-        self._map = None
+        self._map: np.memmap | None = None
         self.arch = self.get_str("general.architecture")
         if self.arch not in ARCHES:
             raise GGUFFormatError(
@@ -371,7 +371,8 @@ class ModelFile:
             start = (info.offset + page - 1) // page * page
             end = (info.offset + info.n_bytes) // page * page
             if end > start:
-                self._map._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+                # numpy's stubs omit memmap's private _mmap (the mmap.mmap it maps the file with)
+                self._map._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)  # type: ignore[attr-defined]
 
     def _tensor(self, name: str) -> TensorInfo:
         try:

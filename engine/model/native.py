@@ -39,7 +39,14 @@ class NativeCapacityError(NativeError):
 
 
 class _Hparams(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_int32) for n in ("hidden", "layers", "heads", "kv_heads", "head_dim", "ffn", "vocab")] + [
+    _fields_ = [
+        ("hidden", ctypes.c_int32),
+        ("layers", ctypes.c_int32),
+        ("heads", ctypes.c_int32),
+        ("kv_heads", ctypes.c_int32),
+        ("head_dim", ctypes.c_int32),
+        ("ffn", ctypes.c_int32),
+        ("vocab", ctypes.c_int32),
         ("rope_theta", ctypes.c_float),
         ("rms_eps", ctypes.c_float),
         ("ffn_act", ctypes.c_int32),
@@ -240,8 +247,8 @@ class NativeModel:
         )
         handle = _P()
         library.check(lib.ryz_model_new(ctypes.byref(params), ctypes.byref(handle)), "model_new")
-        self.model = handle
-        self.context = _P()
+        self.model: ctypes.c_void_p | None = handle  # None once closed
+        self.context: ctypes.c_void_p | None = _P()
         self._arrays = []  # keep every mapped array alive as long as the native model points into it
         try:
             for name in self._tensor_names():

@@ -68,7 +68,7 @@ def _compare(
 ) -> dict:
     try:
         nat_logits = native.forward(ids)
-        rel = float(np.linalg.norm(nat_logits - ref_logits) / max(np.linalg.norm(ref_logits), 1e-30))
+        rel = float(np.linalg.norm(nat_logits - ref_logits) / max(float(np.linalg.norm(ref_logits)), 1e-30))
         nat_ids = native.generate(ids, new_tokens)
     finally:
         native.close()

@@ -76,7 +76,9 @@ def plan_tensors(ckpt: Checkpoint, weights: str, head: str) -> list[PlannedTenso
         prefix = f"model.layers.{i}."
         norms = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
         if hp.sub_norms:
-            norms.update(attn_sub_norm=ckpt.arch.attn_sub_norm, ffn_sub_norm=ckpt.arch.ffn_sub_norm)
+            attn_sub, ffn_sub = ckpt.arch.attn_sub_norm, ckpt.arch.ffn_sub_norm
+            assert attn_sub is not None and ffn_sub is not None  # hp.sub_norms: the family has both sub-norms
+            norms.update(attn_sub_norm=attn_sub, ffn_sub_norm=ffn_sub)
         for stem, hf in norms.items():
             plan.append(
                 PlannedTensor(

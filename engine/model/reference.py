@@ -58,6 +58,12 @@ class KVCache:
         return self.keys[0].shape[0] if self.keys else 0
 
 
+@dataclass
+class _Layer:
+    linears: dict[str, BitLinear]  # by GGUF stem: attn_q, attn_k, ..., ffn_down
+    norms: dict[str, np.ndarray]  # attn_norm, ffn_norm and, where the family has them, the sub-norms
+
+
 class ReferenceModel:
     """Loads a GGUF model artifact fully into float32 numpy arrays."""
 
@@ -67,11 +73,11 @@ class ReferenceModel:
         self.embedding = self._dense("token_embd.weight")
         self.head = self.embedding if hp.tied else self._dense("output.weight")
         self.output_norm = self._dense("output_norm.weight")
-        self.layers = []
+        self.layers: list[_Layer] = []
         for i in range(hp.layers):
-            layer = {stem: self._linear(i, stem) for stem in LINEAR_NAMES.values()}
+            layer = _Layer({stem: self._linear(i, stem) for stem in LINEAR_NAMES.values()}, {})
             for stem in ("attn_norm", "ffn_norm") + (("attn_sub_norm", "ffn_sub_norm") if hp.sub_norms else ()):
-                layer[stem] = self._dense(tensor_name(i, stem))
+                layer.norms[stem] = self._dense(tensor_name(i, stem))
             self.layers.append(layer)
         half = hp.head_dim // 2
         # As transformers computes it: float32 inverse frequencies theta^(-2i/d).
@@ -140,10 +146,10 @@ class ReferenceModel:
         x = self.embedding[tokens]
         group = hp.heads // hp.kv_heads
         for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer["attn_norm"], hp.rms_eps)
-            q = self._rope(layer["attn_q"](h).reshape(n, hp.heads, hp.head_dim), positions)
-            k = self._rope(layer["attn_k"](h).reshape(n, hp.kv_heads, hp.head_dim), positions)
-            v = layer["attn_v"](h).reshape(n, hp.kv_heads, hp.head_dim)
+            h = rms_norm(x, layer.norms["attn_norm"], hp.rms_eps)
+            q = self._rope(layer.linears["attn_q"](h).reshape(n, hp.heads, hp.head_dim), positions)
+            k = self._rope(layer.linears["attn_k"](h).reshape(n, hp.kv_heads, hp.head_dim), positions)
+            v = layer.linears["attn_v"](h).reshape(n, hp.kv_heads, hp.head_dim)
             if len(cache.keys) <= i:
                 cache.keys.append(k)
                 cache.values.append(v)
@@ -154,13 +160,13 @@ class ReferenceModel:
             values = np.repeat(cache.values[i], group, axis=1)
             attn = self._attention(q, keys, values, start).reshape(n, hp.heads * hp.head_dim)
             if hp.sub_norms:
-                attn = rms_norm(attn, layer["attn_sub_norm"], hp.rms_eps)
-            x = x + layer["attn_output"](attn)
-            m = rms_norm(x, layer["ffn_norm"], hp.rms_eps)
-            gated = self._ffn_act(layer["ffn_gate"](m)) * layer["ffn_up"](m)
+                attn = rms_norm(attn, layer.norms["attn_sub_norm"], hp.rms_eps)
+            x = x + layer.linears["attn_output"](attn)
+            m = rms_norm(x, layer.norms["ffn_norm"], hp.rms_eps)
+            gated = self._ffn_act(layer.linears["ffn_gate"](m)) * layer.linears["ffn_up"](m)
             if hp.sub_norms:
-                gated = rms_norm(gated, layer["ffn_sub_norm"], hp.rms_eps)
-            x = x + layer["ffn_down"](gated)
+                gated = rms_norm(gated, layer.norms["ffn_sub_norm"], hp.rms_eps)
+            x = x + layer.linears["ffn_down"](gated)
         x = rms_norm(x, self.output_norm, hp.rms_eps)
         return (x @ self.head.T).astype(np.float32)
 

@@ -31,7 +31,7 @@ def quantize_absmean(weight: np.ndarray) -> TernaryTensor:
     inverse = np.float32(1.0) / max(mean, np.float32(SCALE_EPS))
     codes = np.clip(np.rint(w * inverse), -1, 1).astype(np.int8)
     scale = np.float32(np.float32(1.0) / inverse)
-    err = np.linalg.norm((w - codes.astype(np.float32) * scale).ravel()) / max(np.linalg.norm(w.ravel()), 1e-30)
+    err = np.linalg.norm((w - codes.astype(np.float32) * scale).ravel()) / max(float(np.linalg.norm(w.ravel())), 1e-30)
     return TernaryTensor(codes, scale, float(err))
 
 

@@ -129,7 +129,7 @@ def _git_files(root: Path) -> list[str] | None:
 
 
 def _walk_files(root: Path) -> list[str]:
-    found = []
+    found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(
             d
@@ -238,7 +238,9 @@ def chunk_text(text: str, path: str = "", chunk_chars: int = 1000, overlap_chars
         for _ in range(max(1, -(-len(line) // chunk_chars))):
             line_no.append(n)
     line_no = line_no[: len(lines)] or [1]
-    chunks, seen, i = [], {}, 0
+    chunks: list[Chunk] = []
+    seen: dict[str, int] = {}
+    i = 0
     while i < len(lines):
         j, size = i, 0
         while j < len(lines) and (j == i or size + len(lines[j]) <= chunk_chars):

@@ -98,7 +98,7 @@ class IndexConfig:
 def edge_config(cfg: IndexConfig):
     import qdrant_edge as qe
 
-    quant = None
+    quant: qe.ScalarQuantizationConfig | qe.BinaryQuantizationConfig | None = None
     if cfg.quantization == "int8":
         quant = qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=0.99, memory=qe.Memory.Pinned)
     elif cfg.quantization.startswith("binary"):
@@ -353,6 +353,8 @@ class ServerIndex:
         import httpx
 
         description = self.client.create_snapshot(self.collection, wait=True)
+        if description is None:  # only without wait=True does the client return no description
+            raise RetrievalIndexError(f"the Qdrant server at {self.url} returned no snapshot of {self.collection}")
         url = f"{self.url.rstrip('/')}/collections/{self.collection}/snapshots/{description.name}"
         with httpx.stream("GET", url, timeout=600) as response, open(dest, "wb") as out:
             response.raise_for_status()
@@ -365,7 +367,7 @@ def server_collection_params(cfg: IndexConfig) -> dict:
     """`create_collection` arguments equal to `edge_config(cfg)`."""
     from qdrant_client import models
 
-    quant = None
+    quant: models.ScalarQuantization | models.BinaryQuantization | None = None
     if cfg.quantization == "int8":
         quant = models.ScalarQuantization(
             scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8, quantile=0.99, always_ram=True)
@@ -408,6 +410,9 @@ def theoretical_bytes(cfg: IndexConfig) -> dict:
 def shard_bytes(path: Path, points: int) -> dict | None:
     """Bytes per vector of an optimized Edge shard, measured from its segment files: the quantized codes and
     the HNSW links (held in RAM for search) and the original float vectors (on disk, read to rescore)."""
+    quantized: float  # bytes, then bytes per vector
+    hnsw: float
+    originals: float
     quantized = hnsw = originals = 0
     for segment in (Path(path) / "segments").glob("*"):
         storage, index = segment / "vector_storage", segment / "vector_index"
@@ -576,6 +581,7 @@ def update_index(
 
     # Load: into a copy of the index directory (Edge), swapped in only when complete
     with atomic_directory(index_dir, prefix=f".tmp-{index_dir.name}-") as work:
+        idx: EdgeIndex | ServerIndex
         if backend == "edge":
             if state is not None and not restructure:
                 shutil.copytree(index_dir / SHARD_DIR, work / SHARD_DIR)
@@ -583,6 +589,7 @@ def update_index(
             else:
                 idx = EdgeIndex.create(work / SHARD_DIR, cfg)
             if restructure:  # copy every chunk that stays, vector and payload, from the old shard
+                assert state is not None  # restructure is only set while a previous state is kept
                 old_idx = EdgeIndex.open(index_dir / SHARD_DIR, IndexConfig(**state["config"]))
                 try:
                     for start in range(0, len(carried), UPSERT_BATCH):
@@ -592,6 +599,7 @@ def update_index(
                 finally:
                     old_idx.close()
         else:
+            assert qdrant_url  # the server backend is chosen by a qdrant_url
             idx = ServerIndex(qdrant_url, collection, cfg, create=state is None)
         try:
             reused = reused_old if restructure else idx.retrieve_vectors([c.id for c, _ in reuse]) if reuse else {}

@@ -26,13 +26,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.artifacts.registry import Registry
 from engine.artifacts.store import open_store
 from engine.errors import EmbedderError, RetrievalIndexError
 from engine.fsutil import atomic_directory
 from engine.retrieval.index import open_index, resolve_artifact, unpack_index
+
+if TYPE_CHECKING:
+    from engine.retrieval.embedder import Precision  # the module needs the `index` extra: imported when used
 
 PRODUCTION_TTL_S = 5.0  # how long a resolved `production` index reference is trusted
 MAX_OPEN_INDEXES = 3  # opened index artifacts kept per process (the oldest is closed first)
@@ -57,11 +60,11 @@ class OpenIndex:
 class Retriever:
     """Lazily loaded embedder + indexes; thread-safe (the server calls it from executor threads)."""
 
-    def __init__(self, settings):
+    def __init__(self, settings) -> None:
         self.settings = settings
         self._embedders: dict[str, Any] = {}
         self._indexes: dict[str, OpenIndex] = {}
-        self._resolved: dict[str, tuple[float, str, str]] = {}  # ref -> (time, artifact id, registry ref)
+        self._resolved: dict[str, tuple[float, str, str | None]] = {}  # ref -> (time, artifact id, registry ref)
         self._lock = threading.Lock()
 
     # -- embedder ---------------------------------------------------------------------------------
@@ -71,7 +74,7 @@ class Retriever:
 
         return MODEL_ID
 
-    def embedder(self, precision: str | None = None):
+    def embedder(self, precision: Precision | None = None):
         """The ONNX embedder (384 dims) for `precision` (default RYZ_INDEX_PRECISION), loaded once."""
         precision = precision or self.settings.index_precision
         with self._lock:

@@ -148,9 +148,9 @@ def bundle_loader(
                 f"artifact "
                 f"store to load {ref!r} from; deploy that version's bundle instead (`ryz bundle REF -o DIR`)"
             )
-        if state["opened"] is None:
-            state["opened"] = open_bundle(bundle_dir, settings, verify=verify)
         bundle = state["opened"]
+        if bundle is None:
+            bundle = state["opened"] = open_bundle(bundle_dir, settings, verify=verify)
         model = open_model(bundle.model_path, "serve", settings=settings, library=bundle.library)
         name = model.file.metadata.get("general.name")
         model_id = (

@@ -157,7 +157,11 @@ class LocalEngineClient:
         """Submit now (so capacity errors raise here, before any response starts); iterate the deltas."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Delta] = asyncio.Queue()
-        self.core.submit(request, lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta))
+
+        def sink(delta: Delta) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, delta)
+
+        self.core.submit(request, sink)
         return self._deltas(request.request_id, queue)
 
     async def _deltas(self, request_id: str, queue: asyncio.Queue[Delta]) -> AsyncIterator[Delta]:

@@ -196,14 +196,16 @@ class EngineCore:
                     break
                 except QueueFullError:  # wait for a request to finish, then try again
                     with finished:
-                        finished.wait_for(lambda seen=seen: count[0] > seen, timeout=1.0)
+                        finished.wait_for(lambda: count[0] > seen, timeout=1.0)
         with finished:
             finished.wait_for(lambda: count[0] == len(requests))
+        done: list[Delta] = []
         for i, delta in enumerate(results):
             if delta is None or delta.error or delta.finish_reason == "abort":
                 reason = "aborted" if delta is None or not delta.error else delta.error
                 raise EngineError(f"request {i} of the batch failed: {reason}")
-        return results  # type: ignore[return-value] - every entry is set above
+            done.append(delta)
+        return done
 
     def score(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[tuple[float, bool]]:
         """Per (context, continuation): the continuation's summed log-probability after the context, and
@@ -222,9 +224,10 @@ class EngineCore:
                     prompt_logprobs_from=len(context),
                 )
             )
-        out = []
+        out: list[tuple[float, bool]] = []
         for (_, continuation), result in zip(pairs, self.run(requests)):
-            entries = result.prompt_logprobs or []
+            # None only stands for the first prompt token, which a non-empty context keeps out of the scored part
+            entries = [entry for entry in result.prompt_logprobs or [] if entry is not None]
             if len(entries) != len(continuation):
                 raise EngineError(f"scored {len(entries)} of {len(continuation)} continuation tokens")
             logprob = sum(entry[0] for entry in entries)
@@ -300,6 +303,7 @@ class EngineCore:
         if request.max_tokens == 0:
             self._end(request.request_id, Delta(finish_reason="length"))
             return
+        assert logits is not None  # a sampling chunk always has its last row of logits (_logit_rows)
         self._sample(live, logits[-1])
 
     def _sample(self, live: _Live, logits: np.ndarray) -> None:
@@ -315,6 +319,7 @@ class EngineCore:
             if live.first_token_at is None:
                 self.metrics.ttft(now - live.arrival)
             else:
+                assert live.last_token_at is not None  # set together with first_token_at
                 self.metrics.token_latency(now - live.last_token_at - (self.compute_wait - live.waited_at_last_token))
         live.first_token_at = live.first_token_at or now
         live.last_token_at = now

@@ -13,7 +13,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -179,9 +179,14 @@ async def run_completion(state: ServingState, variant: Variant, body: Completion
         raise APIError(400, "best_of > 1 is not supported", param="best_of")
     if body.logprobs is not None and not 0 <= body.logprobs <= 20:
         raise APIError(400, f"logprobs must be 0-20, got {body.logprobs}", param="logprobs")
-    prompts = body.prompt
-    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-        prompts = [prompts]
+    # one prompt (text or token ids) or a batch of them; pydantic made a list starting with an int all ints
+    prompts: list[str] | list[list[int]]
+    if isinstance(body.prompt, str):
+        prompts = [body.prompt]
+    elif body.prompt and isinstance(body.prompt[0], int):
+        prompts = [body.prompt]
+    else:
+        prompts = cast("list[str] | list[list[int]]", body.prompt)  # a batch of texts or of token-id lists
     if not prompts:
         raise APIError(400, "the prompt is empty", param="prompt")
     if body.stream and len(prompts) > 1:
@@ -272,7 +277,8 @@ async def run_completion(state: ServingState, variant: Variant, body: Completion
     for i, (text, samples, last, _ids) in enumerate(results):
         prompt_text = ""
         if body.echo:
-            prompt_text = prompts[i] if isinstance(prompts[i], str) else client.detokenize(prompt_ids_all[i])
+            prompt = prompts[i]
+            prompt_text = prompt if isinstance(prompt, str) else client.detokenize(prompt_ids_all[i])
         logprobs = None
         if body.logprobs is not None:
             logprobs = _completion_logprobs(client, last, samples, body.echo, 0, prompt_ids_all[i])

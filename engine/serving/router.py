@@ -24,7 +24,8 @@ class CanaryRouter:
         self.weight = weight
         self._random = random.Random(seed)
 
-    def set_weight(self, weight: int) -> None:
+    def set_weight(self, weight: object) -> None:
+        """Checked here: /admin/weights passes the request body's value, whatever its type."""
         if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 100:
             raise ValueError(f"canary weight must be an integer 0-100, got {weight!r}")
         self.weight = weight

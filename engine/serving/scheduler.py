@@ -70,6 +70,12 @@ class _Request:
     slot: int | None = None
     computed: int = 0  # tokens of `tokens` already in the slot's KV
 
+    @property
+    def held_slot(self) -> int:
+        """The slot of a running request (set when it is admitted)."""
+        assert self.slot is not None, f"request {self.request_id} holds no slot"
+        return self.slot
+
 
 @dataclass
 class _Slot:
@@ -126,7 +132,7 @@ class Scheduler:
         if request is None:
             self.waiting = deque(r for r in self.waiting if r.request_id != request_id)
             return []
-        slot = self.slots[request.slot]
+        slot = self.slots[request.held_slot]
         slot.owner = None
         slot.tokens = request.tokens[: request.computed]
         slot.last_used = self._tick()
@@ -156,7 +162,7 @@ class Scheduler:
         for r in decoding:
             pending = r.tokens[r.computed :]  # the token sampled last step
             if pending:
-                out.chunks.append(Chunk(r.request_id, r.slot, pending, r.computed, False, True))
+                out.chunks.append(Chunk(r.request_id, r.held_slot, pending, r.computed, None, True))
         budget = self.config.prefill_chunk
         for r in prefilling:
             if budget <= 0:
@@ -164,7 +170,7 @@ class Scheduler:
             take = min(budget, r.prompt_len - r.computed)
             tokens = r.tokens[r.computed : r.computed + take]
             done = r.computed + take == r.prompt_len
-            out.chunks.append(Chunk(r.request_id, r.slot, tokens, r.computed, r.logits_from, done))
+            out.chunks.append(Chunk(r.request_id, r.held_slot, tokens, r.computed, r.logits_from, done))
             budget -= take
         for chunk in out.chunks:
             request = self.running[chunk.request_id]

@@ -5,18 +5,30 @@ an llguidance grammar without a tokenizer. Shared by engine/serving/tools.py and
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import llguidance as llg
 
 from engine.errors import InvalidRequestError
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions  # declared only in the stub, not at runtime
+
+
+class _ParserLimits(TypedDict):
+    """The llg.LLParserLimits keyword arguments we set."""
+
+    max_grammar_size: int
+    max_lexer_states: int
+    step_max_items: int
+
+
 # One-line JSON, json.dumps' separators. Applied over any "x-guidance" options inside a schema.
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 MAX_SCHEMA_BYTES = 64 * 1024  # canonical JSON of one schema (or of a request's whole tools list)
 MAX_SCHEMA_DEPTH = 32  # nested JSON objects/arrays inside the schema document
 # Bounds llguidance's grammar build and per-token work: a schema over them is a 400, not a slow server.
-LIMITS = dict(max_grammar_size=200_000, max_lexer_states=100_000, step_max_items=50_000)
+LIMITS = _ParserLimits(max_grammar_size=200_000, max_lexer_states=100_000, step_max_items=50_000)
 
 
 def canonical_json(value: Any) -> str:

@@ -137,6 +137,7 @@ class GrammarCompiler:
             return hit
         validate_tools(tools, tool_choice)
         schema = tool_grammar_schema(tools, tool_choice, parallel_tool_calls=parallel_tool_calls)
+        assert schema is not None  # there are tools and tool_choice is not "none": a call to constrain
         check_json_schema(schema, "the tool-call schema built from tools", "tools")
         if normalize_tool_choice(tool_choice, tools) == "auto":
             schema = {**schema, "x-guidance": JSON_OPTIONS}

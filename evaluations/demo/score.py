@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.model.loader import open_model
+from engine.model.native import NativeModel
 from engine.model.quantize import quantize_checkpoint
 from engine.model.reference import ReferenceModel, ReferenceSlots
 from engine.model.tokenizer import ModelTokenizer
@@ -63,7 +64,9 @@ def score_mc(items: list[dict], encode: Callable[[str], list[int]], loglikelihoo
                 raise ValueError(f"item {item['id']}: context tokens are not a prefix of context + choice")
             pairs.append((context, full[len(context) :]))
     lls = loglikelihood(pairs)
-    acc, acc_norm, by_kind = [], [], {}
+    acc: list[float] = []
+    acc_norm: list[float] = []
+    by_kind: dict[str, list[float]] = {}
     pos = 0
     for item in items:
         ll = np.array(lls[pos : pos + len(item["choices"])])
@@ -96,7 +99,9 @@ def score_gen(
     stop_ids: set[int],
     max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> dict:
-    hits, by_kind, samples = [], {}, []
+    hits: list[float] = []
+    by_kind: dict[str, list[float]] = {}
+    samples: list[dict[str, str]] = []
     outputs = generate([encode(item["prompt"]) for item in items], max_new_tokens, stop_ids)
     for item, out in zip(items, outputs):
         text = decode(out).split("\n")[0].strip()
@@ -157,6 +162,7 @@ def score_all(
 def engine_backend(gguf_path: str | Path, engine: str = "reference", threads: int = 1):
     """(encode, decode, loglikelihood, generate, stop_ids) over a GGUF on the numpy reference or the native
     engine, both behind the engine core's synchronous batch API."""
+    model: ReferenceSlots | NativeModel
     if engine == "reference":
         model = ReferenceSlots(ReferenceModel(gguf_path), max_seqs=4, max_positions=512)
     elif engine == "native":

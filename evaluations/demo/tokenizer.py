@@ -33,7 +33,8 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE) -> Tokenizer
         special_tokens=[],
     )
     scratch.train_from_iterator(texts, trainer=trainer)
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in _merges(scratch)]
+    pairs = (m.split(" ") if isinstance(m, str) else m for m in _merges(scratch))  # "a b" or ["a", "b"]
+    merges = [(left, right) for left, right in pairs]
     return build_tokenizer(merges)
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("mmlu_offline_utils", HERE / "utils.py")
+if _spec is None or _spec.loader is None:
+    raise ImportError(f"cannot load {HERE / 'utils.py'}")
 utils = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(utils)
 
