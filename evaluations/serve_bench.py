@@ -229,6 +229,7 @@ def start_server(
                     f"{name} was not ready at {url} after {timeout:.0f} s ({log_path}):\n{_log_tail(log_path)}"
                 )
             time.sleep(0.25)
+        # callers find the log beside the process; Popen declares no such attribute
         proc.log_path = log_path  # type: ignore[attr-defined]
         yield proc
     finally:

@@ -246,25 +246,17 @@ async def run_completion(state: ServingState, variant: Variant, body: Completion
                         else None,
                     }
                     if text or delta.finish_reason or delta.token_ids:
-                        yield sse(
-                            {
-                                "id": rid,
-                                "object": "text_completion",
-                                "created": created,
-                                "model": body.model,
-                                "choices": [choice],
-                            }
-                        )
+                        yield sse(_envelope(rid, "text_completion", created, body.model, choices=[choice]))
                     if delta.done and include_usage:
                         yield sse(
-                            {
-                                "id": rid,
-                                "object": "text_completion",
-                                "created": created,
-                                "model": body.model,
-                                "choices": [],
-                                "usage": usage(delta.prompt_tokens, delta.completion_tokens),
-                            }
+                            _envelope(
+                                rid,
+                                "text_completion",
+                                created,
+                                body.model,
+                                choices=[],
+                                usage=usage(delta.prompt_tokens, delta.completion_tokens),
+                            )
                         )
                 yield sse("[DONE]")
             finally:
@@ -289,14 +281,9 @@ async def run_completion(state: ServingState, variant: Variant, body: Completion
         completion_total += last.completion_tokens
     state.metrics.requests.labels(variant.name, endpoint, "200").inc()
     return JSONResponse(
-        {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": body.model,
-            "choices": choices,
-            "usage": usage(prompt_total, completion_total),
-        },
+        _envelope(
+            rid, "text_completion", created, body.model, choices=choices, usage=usage(prompt_total, completion_total)
+        ),
         headers=headers,
     )
 
@@ -336,6 +323,11 @@ def _chat_logprobs(client: EngineClient, samples: list) -> dict:
     return {
         "content": [{**entry(s.token, s.logprob), "top_logprobs": [entry(i, v) for i, v in s.top]} for s in samples]
     }
+
+
+def _envelope(rid: str, object_: str, created: int, model: str, **fields: Any) -> dict:
+    """The fields every OpenAI completion object and chunk starts with, then its own."""
+    return {"id": rid, "object": object_, "created": created, "model": model, **fields}
 
 
 def _grammar(client: EngineClient, response_format: dict | None = None, tools=None, tool_choice=None):
@@ -385,14 +377,14 @@ async def run_chat(
 
     def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None, extra: dict | None = None) -> str:
         return sse(
-            {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": body.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+            _envelope(
+                rid,
+                "chat.completion.chunk",
+                created,
+                body.model,
+                choices=[{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
                 **(extra or {}),
-            }
+            )
         )
 
     if body.stream:
@@ -428,14 +420,14 @@ async def run_chat(
                         yield chunk({}, finish)
                         if include_usage:
                             yield sse(
-                                {
-                                    "id": rid,
-                                    "object": "chat.completion.chunk",
-                                    "created": created,
-                                    "model": body.model,
-                                    "choices": [],
-                                    "usage": usage(delta.prompt_tokens, delta.completion_tokens),
-                                }
+                                _envelope(
+                                    rid,
+                                    "chat.completion.chunk",
+                                    created,
+                                    body.model,
+                                    choices=[],
+                                    usage=usage(delta.prompt_tokens, delta.completion_tokens),
+                                )
                             )
                 yield sse("[DONE]")
             finally:
@@ -451,12 +443,12 @@ async def run_chat(
         finish = "tool_calls"
     state.metrics.requests.labels(variant.name, endpoint, "200").inc()
     return JSONResponse(
-        {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": body.model,
-            "choices": [
+        _envelope(
+            rid,
+            "chat.completion",
+            created,
+            body.model,
+            choices=[
                 {
                     "index": 0,
                     "message": message,
@@ -464,8 +456,8 @@ async def run_chat(
                     "logprobs": _chat_logprobs(client, samples) if body.logprobs else None,
                 }
             ],
-            "usage": usage(last.prompt_tokens, last.completion_tokens),
+            usage=usage(last.prompt_tokens, last.completion_tokens),
             **({"citations": citations} if citations is not None else {}),
-        },
+        ),
         headers=headers,
     )
