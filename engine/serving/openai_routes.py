@@ -114,6 +114,29 @@ def _sampling(body: SamplingBody, logprobs: int | None) -> SamplingParams:
     return params
 
 
+def _generation_request(
+    body: SamplingBody,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    max_tokens: int,
+    grammar,
+    arrival: float,
+    prompt_logprobs: int | None = None,
+) -> GenerationRequest:
+    """A request for the engine from a validated body: its stops, stop ids and eos handling."""
+    return GenerationRequest(
+        prompt_ids,
+        params,
+        max_tokens,
+        _stops(body.stop),
+        set(body.stop_token_ids or []),
+        body.ignore_eos,
+        grammar,
+        prompt_logprobs,
+        arrival=arrival,
+    )
+
+
 def _stops(stop) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > 4 or any(not s for s in stops):
@@ -200,19 +223,8 @@ async def run_completion(state: ServingState, variant: Variant, body: Completion
         ids = client.tokenize(p) if isinstance(p, str) else list(p)
         max_tokens = _check_lengths(state, ids, body.max_tokens, client.vocab)
         prompt_ids_all.append(ids)
-        requests.append(
-            GenerationRequest(
-                ids,
-                params,
-                max_tokens,
-                _stops(body.stop),
-                set(body.stop_token_ids or []),
-                body.ignore_eos,
-                grammar,
-                body.logprobs if body.echo and body.logprobs is not None else (0 if body.echo else None),
-                arrival=arrival,
-            )
-        )
+        echo_logprobs = body.logprobs if body.echo and body.logprobs is not None else (0 if body.echo else None)
+        requests.append(_generation_request(body, ids, params, max_tokens, grammar, arrival, echo_logprobs))
     streams = _submit_all(variant, requests)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     headers = {VARIANT_HEADER: variant.name}
@@ -248,16 +260,7 @@ async def run_completion(state: ServingState, variant: Variant, body: Completion
                     if text or delta.finish_reason or delta.token_ids:
                         yield sse(_envelope(rid, "text_completion", created, body.model, choices=[choice]))
                     if delta.done and include_usage:
-                        yield sse(
-                            _envelope(
-                                rid,
-                                "text_completion",
-                                created,
-                                body.model,
-                                choices=[],
-                                usage=usage(delta.prompt_tokens, delta.completion_tokens),
-                            )
-                        )
+                        yield _usage_event(rid, "text_completion", created, body.model, delta)
                 yield sse("[DONE]")
             finally:
                 state.metrics.requests.labels(variant.name, endpoint, status).inc()
@@ -330,6 +333,13 @@ def _envelope(rid: str, object_: str, created: int, model: str, **fields: Any) -
     return {"id": rid, "object": object_, "created": created, "model": model, **fields}
 
 
+def _usage_event(rid: str, object_: str, created: int, model: str, last: Delta) -> str:
+    """The stream's closing usage chunk (stream_options.include_usage): no choices, the request's token counts."""
+    return sse(
+        _envelope(rid, object_, created, model, choices=[], usage=usage(last.prompt_tokens, last.completion_tokens))
+    )
+
+
 def _grammar(client: EngineClient, response_format: dict | None = None, tools=None, tool_choice=None):
     try:
         return client.grammar(response_format, tools, tool_choice)
@@ -359,16 +369,7 @@ async def run_chat(
             raise APIError(400, "response_format and forced tool calls cannot be combined", param="tool_choice")
         grammar = _grammar(client, None, tools, tool_choice)
     max_tokens = _check_lengths(state, prompt_ids, body.max_completion_tokens or body.max_tokens, client.vocab)
-    request = GenerationRequest(
-        prompt_ids,
-        params,
-        max_tokens,
-        _stops(body.stop),
-        set(body.stop_token_ids or []),
-        body.ignore_eos,
-        grammar,
-        arrival=arrival,
-    )
+    request = _generation_request(body, prompt_ids, params, max_tokens, grammar, arrival)
     stream = _submit_all(variant, [request])[0]
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     headers = {VARIANT_HEADER: variant.name}
@@ -419,16 +420,7 @@ async def run_chat(
                                 yield chunk({"content": "".join(held)})
                         yield chunk({}, finish)
                         if include_usage:
-                            yield sse(
-                                _envelope(
-                                    rid,
-                                    "chat.completion.chunk",
-                                    created,
-                                    body.model,
-                                    choices=[],
-                                    usage=usage(delta.prompt_tokens, delta.completion_tokens),
-                                )
-                            )
+                            yield _usage_event(rid, "chat.completion.chunk", created, body.model, delta)
                 yield sse("[DONE]")
             finally:
                 state.metrics.requests.labels(variant.name, endpoint, status).inc()
