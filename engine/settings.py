@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     served_model_name: str = Field(
         "ryzanstein", description="model name clients use; routed between production and canary"
     )
+    canary_by_name: bool = Field(
+        False,
+        description="let clients pick the canary by name (`canary` or its model id); off: only the router sends it "
+        "traffic, so a release's analysis sees the share it set",
+    )
     max_seqs: int = Field(8, ge=1, le=256, description="sequences decoded together (continuous batching slots)")
     max_context: int = Field(4096, ge=16, description="positions per sequence (prompt + generated)")
     max_queue: int = Field(64, ge=0, description="requests waiting for a slot before new ones get 429")

@@ -141,6 +141,27 @@ def test_canary_snapshot_reads_the_servers_own_metrics():
         canary.ttft(seconds)
         canary.token_latency(seconds / 10)
     stats = snapshot(metrics.render().decode())
-    assert stats["canary"].requests == 12 and stats["canary"].errors == 2 and stats["production"].requests == 5
+    assert stats["canary"].requests == 9 and stats["canary"].errors == 2 and stats["production"].requests == 5
+    assert stats["canary"].client_errors == 3  # 4xx: counted apart, not as answered requests
     assert stats["canary"].ttft_buckets[float("inf")] == 3 and stats["canary"].tpot_count == 3
     assert 0.0 < stats["canary"].ttft_p95 <= 0.05 and stats["canary"].decode_tok_s > 100
+
+
+def test_canary_traffic_of_client_errors_only_never_passes():
+    """Ten 400s are no evidence: inconclusive, with the 4xx reported; a server failure still counts."""
+    from engine.serving.canary import Thresholds, VariantStats, compare
+
+    production = VariantStats(20, 0, {0.02: 20, float("inf"): 20}, 0.02, 20, {0.001: 20, float("inf"): 20})
+    only_400s = VariantStats(client_errors=10)
+    verdict = compare(only_400s, production, Thresholds(min_requests=5), 50)
+    assert verdict.outcome == "inconclusive"
+    assert verdict.reasons == [
+        "only 0 successful canary requests with latency samples at step 50% (need 5); "
+        "10 client errors (4xx) not counted"
+    ]
+    # answered but failing: 5xx are server failures over answered requests, whatever else
+    failing = VariantStats(10, 6, {0.02: 10, float("inf"): 10}, 0.01, 10, {0.001: 10, float("inf"): 10}, 30)
+    assert compare(failing, production, Thresholds(min_requests=4), 50).outcome == "fail"
+    # successes without latency samples (the histogram never saw them) are not evidence either
+    no_samples = VariantStats(10, 0)
+    assert compare(no_samples, production, Thresholds(min_requests=5), 50).outcome == "inconclusive"

@@ -24,8 +24,8 @@ class FakeClient:
 
     vocab = 256
 
-    def __init__(self, ref: str, script: list[Delta], queue_full: bool = False):
-        self.model_id, self.script, self.queue_full = f"fake-{ref}", script, queue_full
+    def __init__(self, ref: str, script: list[Delta], queue_full: bool = False, crash: bool = False):
+        self.model_id, self.script, self.queue_full, self.crash = f"fake-{ref}", script, queue_full, crash
         self.submitted, self.metrics, self.closed = [], None, False
 
     def tokenize(self, text: str) -> list[int]:
@@ -48,6 +48,8 @@ class FakeClient:
     def submit(self, request):
         if self.queue_full:
             raise QueueFullError("full")
+        if self.crash:
+            raise RuntimeError("a bug the routes do not expect")
         self.submitted.append(request)
         return self._stream()
 
@@ -81,9 +83,10 @@ HELLO = [
 ]
 
 
-@pytest.fixture
-def fake(tmp_path):
-    """An app whose variants are FakeClients; `scripts[ref]` sets what a reference answers."""
+@pytest.fixture(params=[False])
+def fake(tmp_path, request):
+    """An app whose variants are FakeClients; `scripts[ref]` sets what a reference answers. Parametrize with
+    True (indirect) for a server that lets clients address the canary by name."""
     clients: dict[str, FakeClient] = {}
     scripts = {"prod": HELLO, "canary": HELLO}
     options: dict[str, dict] = {}
@@ -93,9 +96,11 @@ def fake(tmp_path):
         clients[ref].metrics = metrics
         return clients[ref]
 
-    settings = Settings(store=f"file://{tmp_path}/store", admin_token="t0ken", max_context=64)
+    settings = Settings(
+        store=f"file://{tmp_path}/store", admin_token="t0ken", max_context=64, canary_by_name=request.param
+    )
     app = create_app(settings, connect=connect)
-    with TestClient(app) as http:
+    with TestClient(app, raise_server_exceptions=False) as http:
         state = app.state.serving
         yield http, state, clients, scripts, options
 
@@ -146,6 +151,7 @@ def test_a_full_queue_is_a_429_with_retry_after(fake):
     assert r.json()["error"]["code"] == "queue_full"
 
 
+@pytest.mark.parametrize("fake", [True], indirect=True)
 def test_promotion_relabels_the_canary_and_closes_the_old_production(fake):
     http, state, clients, *_ = fake
     state.load("production", "prod")
@@ -164,3 +170,28 @@ def test_promotion_relabels_the_canary_and_closes_the_old_production(fake):
     assert http.post("/v1/completions", json={"model": "ryzanstein", "prompt": "hi"}).headers["x-ryz-variant"] == (
         "production"
     )
+
+
+def test_production_by_name_is_production_and_the_canary_is_not_addressable(fake):
+    http, state, clients, *_ = fake
+    state.load("production", "prod")
+    state.load("canary", "canary")
+    state.router.set_weight(100)  # every routed request goes to the canary
+    ask = lambda model: http.post("/v1/completions", json={"model": model, "prompt": "hi"})  # noqa: E731
+    assert ask("ryzanstein").headers["x-ryz-variant"] == "canary"
+    for name in ("production", "fake-prod"):
+        assert all(ask(name).headers["x-ryz-variant"] == "production" for _ in range(5))
+    for name in ("canary", "fake-canary"):
+        r = ask(name)
+        assert r.status_code == 404 and "RYZ_CANARY_BY_NAME" in r.json()["error"]["message"]
+    assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["ryzanstein", "fake-prod"]
+
+
+def test_an_unhandled_error_is_a_counted_500(fake):
+    http, state, _, _, options = fake
+    options["prod"] = {"crash": True}
+    state.load("production", "prod")
+    r = http.post("/v1/completions", json={"model": "ryzanstein", "prompt": "hi"})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    metrics = http.get("/metrics").text
+    assert 'ryz_requests_total{endpoint="completions",status="500",variant="production"} 1.0' in metrics

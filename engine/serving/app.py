@@ -61,6 +61,12 @@ def create_app(
             state.metrics.errors.labels(variant, exc.code or exc.type).inc()
         return error_response(exc)
 
+    @app.exception_handler(Exception)
+    async def _unhandled(request: Request, exc: Exception):
+        """A bug or an engine failure outside the routes' own checks: still a 500 in OpenAI's shape, and counted
+        for its variant, so the canary analysis sees the failures that matter most."""
+        return await _api_error(request, APIError(500, f"internal error: {type(exc).__name__}", "server_error"))
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}

@@ -1,10 +1,12 @@
 """Canary analysis: compare the canary with production from the server's Prometheus `/metrics`.
 
 Counters and histograms are cumulative, so a step is judged on the difference between a snapshot at
-its start and one at its end: requests and errors (5xx), p95 TTFT (linear interpolation inside the
-histogram bucket, as Prometheus' histogram_quantile does), and decode speed (1 / the median
-time between a request's tokens, from the per-token latency histogram). Too few canary requests is not
-a verdict but "inconclusive": the release pauses instead of passing on no evidence.
+its start and one at its end: answered requests and server failures (5xx) among them, p95 TTFT (linear
+interpolation inside the histogram bucket, as Prometheus' histogram_quantile does), and decode speed (1 / the
+median time between a request's tokens, from the per-token latency histogram). Client errors (4xx: bad input,
+unknown model, a full queue) are counted apart and reported, never as evidence either way: ten 400s are not ten
+healthy canary requests. Too few successful canary requests with latency samples is not a verdict but
+"inconclusive": the release pauses instead of passing on no evidence.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
 
 @dataclass
 class VariantStats:
-    requests: float = 0.0
-    errors: float = 0.0
+    requests: float = 0.0  # answered: every status but 4xx
+    errors: float = 0.0  # server failures (5xx) among them
     ttft_buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
     tpot_sum: float = 0.0
     tpot_count: float = 0.0
     tpot_buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count
+    client_errors: float = 0.0  # 4xx: not answered, not counted in requests
 
     def minus(self, earlier: VariantStats) -> VariantStats:
         return VariantStats(
@@ -41,7 +44,16 @@ class VariantStats:
             self.tpot_sum - earlier.tpot_sum,
             self.tpot_count - earlier.tpot_count,
             {le: c - earlier.tpot_buckets.get(le, 0.0) for le, c in self.tpot_buckets.items()},
+            self.client_errors - earlier.client_errors,
         )
+
+    @property
+    def successes(self) -> float:
+        return self.requests - self.errors
+
+    @property
+    def ttft_samples(self) -> float:
+        return max(self.ttft_buckets.values(), default=0.0)
 
     @property
     def error_rate(self) -> float:
@@ -70,8 +82,12 @@ def snapshot(metrics_text: str) -> dict[str, VariantStats]:
             continue
         s = stats.setdefault(variant, VariantStats())
         if name == "ryz_requests_total":
+            status = labels.get("status", "")
+            if status.startswith("4"):
+                s.client_errors += value
+                continue
             s.requests += value
-            if labels.get("status", "").startswith("5"):
+            if status.startswith("5"):
                 s.errors += value
         elif name == "ryz_time_to_first_token_seconds_bucket":
             s.ttft_buckets[math.inf if labels["le"] == "+Inf" else float(labels["le"])] = value
@@ -130,6 +146,7 @@ def _describe(s: VariantStats) -> dict:
     return {
         "requests": int(s.requests),
         "errors": int(s.errors),
+        "client_errors": int(s.client_errors),
         "error_rate": s.error_rate,
         "ttft_p95_ms": None if s.ttft_p95 is None else s.ttft_p95 * 1000,
         "decode_tok_s": s.decode_tok_s,
@@ -141,8 +158,18 @@ def compare(canary: VariantStats, production: VariantStats, t: Thresholds, step:
     c, p = _describe(canary), _describe(production)
     n = c["requests"]
     where = f"over {n} requests at step {step}%"
-    if n < t.min_requests:
-        return Verdict("inconclusive", [f"only {n} canary requests at step {step}% (need {t.min_requests})"], c, p)
+    evidence = int(min(canary.successes, canary.ttft_samples))
+    if evidence < t.min_requests:
+        ignored = f"; {c['client_errors']} client errors (4xx) not counted" if c["client_errors"] else ""
+        return Verdict(
+            "inconclusive",
+            [
+                f"only {evidence} successful canary requests with latency samples at step {step}% "
+                f"(need {t.min_requests}){ignored}"
+            ],
+            c,
+            p,
+        )
     checks = [
         (
             c["error_rate"] <= p["error_rate"] + t.max_error_rate_delta,

@@ -47,7 +47,7 @@ router = APIRouter()
 async def models(request: Request):
     state: ServingState = request.app.state.serving
     created = int(min((v.loaded_at for v in state.variants.values()), default=time.time()))
-    ids = [state.settings.served_model_name, *(v.model_id for v in state.variants.values())]
+    ids = state.model_names()
     return {
         "object": "list",
         "data": [

@@ -147,22 +147,32 @@ class ServingState:
         self.retrieval.close()
 
     def route(self, model: str, session_key: str | None) -> Variant:
-        """The variant serving a request for `model` (the served name, or a variant's own model id)."""
+        """The variant serving a request for `model`: the served name goes through the router; `production` or
+        production's model id always to production; the canary by name only with RYZ_CANARY_BY_NAME."""
         with self._lock:
             if self.draining:
                 raise draining_error()
-            for v in self.variants.values():
-                if model == v.model_id:
-                    return v
-            if model not in (self.settings.served_model_name, PRODUCTION, CANARY):
-                known = [self.settings.served_model_name, *(v.model_id for v in self.variants.values())]
+            production, canary = self.variants.get(PRODUCTION), self.variants.get(CANARY)
+            if canary is not None and model in (CANARY, canary.model_id):
+                if not self.settings.canary_by_name:
+                    raise APIError(
+                        404,
+                        f"the canary is not served by name ({model!r}): ask for "
+                        f"{self.settings.served_model_name!r}, or start the server with RYZ_CANARY_BY_NAME=true",
+                        param="model",
+                        code="model_not_found",
+                    )
+                return canary
+            if model not in (self.settings.served_model_name, PRODUCTION, CANARY) and not (
+                production is not None and model == production.model_id
+            ):
                 raise APIError(
                     404,
-                    f"the model {model!r} does not exist; served models: {', '.join(known)}",
+                    f"the model {model!r} does not exist; served models: {', '.join(self.model_names())}",
                     param="model",
                     code="model_not_found",
                 )
-            if PRODUCTION not in self.variants:
+            if production is None:
                 raise APIError(
                     503,
                     "no model is loaded yet" if self.loading else "no production model is loaded",
@@ -170,9 +180,15 @@ class ServingState:
                     code="not_ready",
                     headers={"Retry-After": "2"},
                 )
-            if model == CANARY and CANARY in self.variants:
-                return self.variants[CANARY]
-            return self.variants[self.router.choose(session_key, CANARY in self.variants)]
+            if model != self.settings.served_model_name:  # `production`, its model id, or `canary` with none loaded
+                return production
+            return self.variants[self.router.choose(session_key, canary is not None)]
+
+    def model_names(self) -> list[str]:
+        """What a client may ask for: the served name and the model ids it may address directly."""
+        names = [self.settings.served_model_name]
+        names += [v.model_id for n, v in self.variants.items() if n == PRODUCTION or self.settings.canary_by_name]
+        return list(dict.fromkeys(names))
 
 
 def load_logged(state: ServingState, name: str, ref: str) -> None:
