@@ -100,6 +100,7 @@ def test_canary_noise_floors():
     t = Thresholds(min_requests=10)
     jitter = compare(stats(20, 0.016, 0.0025), stats(20, 0.010, 0.0012), t, 50)  # 2x slower but by ms: noise
     assert jitter.outcome == "pass", jitter.reasons
+    assert "within the 50 ms noise floor" in jitter.reasons[1] and "within the 2 ms noise floor" in jitter.reasons[2]
     slow = compare(stats(20, 1.5, 0.030), stats(20, 0.010, 0.020), t, 5)
     assert (
         slow.outcome == "fail" and any("TTFT" in r for r in slow.reasons) and any("decode" in r for r in slow.reasons)
@@ -165,3 +166,26 @@ def test_canary_traffic_of_client_errors_only_never_passes():
     # successes without latency samples (the histogram never saw them) are not evidence either
     no_samples = VariantStats(10, 0)
     assert compare(no_samples, production, Thresholds(min_requests=5), 50).outcome == "inconclusive"
+
+
+def test_canary_reasons_state_true_comparisons():
+    """Every "<=" / ">=" a reason states holds for the numbers it prints; a check the floor passed says so."""
+    import random
+    import re
+
+    from engine.serving.canary import Thresholds, VariantStats, compare
+
+    def stats(ttft_s, tpot_s):
+        return VariantStats(
+            30, 0, {ttft_s: 30, float("inf"): 30}, tpot_s * 30, 30, {tpot_s / 2: 0, tpot_s: 30, float("inf"): 30}
+        )
+
+    rng = random.Random(7)
+    stated = re.compile(r"canary \S+(?: \S+)? ([\d.]+) (?:ms|tok/s) (<=|>=) ([\d.]+) x production ([\d.]+)")
+    for _ in range(300):
+        canary, production = (stats(rng.uniform(0.005, 0.5), rng.uniform(0.0002, 0.05)) for _ in range(2))
+        for reason in compare(canary, production, Thresholds(min_requests=10), 25).reasons:
+            if m := stated.search(reason):
+                value, op, ratio, base = float(m[1]), m[2], float(m[3]), float(m[4])
+                slack = 0.5 if "ms" in reason.split(" x ")[0] else 0.05  # the printed rounding
+                assert value <= ratio * base + slack if op == "<=" else value >= ratio * base - slack, reason

@@ -170,34 +170,61 @@ def compare(canary: VariantStats, production: VariantStats, t: Thresholds, step:
             c,
             p,
         )
-    checks = [
+    checks = [  # (passed, reason): each reason states the comparison that decided it
         (
             c["error_rate"] <= p["error_rate"] + t.max_error_rate_delta,
-            f"canary error rate {c['error_rate']:.1%} {{op}} production {p['error_rate']:.1%} + "
-            f"{t.max_error_rate_delta:.1%} {where}",
-            ("<=", ">"),
+            f"canary error rate {c['error_rate']:.1%} "
+            f"{'<=' if c['error_rate'] <= p['error_rate'] + t.max_error_rate_delta else '>'} production "
+            f"{p['error_rate']:.1%} + {t.max_error_rate_delta:.1%} {where}",
         )
     ]
     if c["ttft_p95_ms"] is not None and p["ttft_p95_ms"] is not None:
         checks.append(
-            (
-                c["ttft_p95_ms"] <= max(t.max_ttft_ratio * p["ttft_p95_ms"], p["ttft_p95_ms"] + t.min_ttft_delta_ms),
-                f"canary p95 TTFT {c['ttft_p95_ms']:.0f} ms {{op}} {t.max_ttft_ratio} x production "
-                f"{p['ttft_p95_ms']:.0f} ms {where}",
-                ("<=", ">"),
+            _worse_check(
+                "p95 TTFT", "ms", c["ttft_p95_ms"], p["ttft_p95_ms"], t.max_ttft_ratio, t.min_ttft_delta_ms, where
             )
         )
     if c["decode_tok_s"] is not None and p["decode_tok_s"] is not None:
-        slower_ms = 1000 / c["decode_tok_s"] - 1000 / p["decode_tok_s"]
-        checks.append(
-            (
-                c["decode_tok_s"] >= t.min_speed_ratio * p["decode_tok_s"] or slower_ms < t.min_tpot_delta_ms,
-                f"canary decode {c['decode_tok_s']:.1f} tok/s {{op}} {t.min_speed_ratio} x production "
-                f"{p['decode_tok_s']:.1f} tok/s {where}",
-                (">=", "<"),
-            )
-        )
-    failed = [text.format(op=ops[1]) for ok, text, ops in checks if not ok]
+        checks.append(_speed_check(c["decode_tok_s"], p["decode_tok_s"], t, where))
+    failed = [reason for ok, reason in checks if not ok]
     if failed:
         return Verdict("fail", failed, c, p)
-    return Verdict("pass", [text.format(op=ops[0]) for _ok, text, ops in checks], c, p)
+    return Verdict("pass", [reason for _ok, reason in checks], c, p)
+
+
+def _worse_check(
+    what: str, unit: str, canary: float, production: float, ratio: float, floor: float, where: str
+) -> tuple[bool, str]:
+    """Lower is better: the canary fails only when over `ratio` x production AND by more than the noise floor."""
+    limit = ratio * production
+    if canary <= limit:
+        return True, f"canary {what} {canary:.0f} {unit} <= {ratio} x production {production:.0f} {unit} {where}"
+    if canary - production <= floor:
+        return True, (
+            f"canary {what} {canary:.0f} {unit} vs limit {limit:.0f} {unit} ({ratio} x {production:.0f} {unit}): "
+            f"within the {floor:g} {unit} noise floor {where}"
+        )
+    return False, (
+        f"canary {what} {canary:.0f} {unit} > {ratio} x production {production:.0f} {unit} and more than the "
+        f"{floor:g} {unit} noise floor over it {where}"
+    )
+
+
+def _speed_check(canary: float, production: float, t: Thresholds, where: str) -> tuple[bool, str]:
+    """Higher is better: the canary fails only when under the ratio AND slower per token by the noise floor."""
+    limit = t.min_speed_ratio * production
+    slower_ms = 1000 / canary - 1000 / production
+    if canary >= limit:
+        return (
+            True,
+            f"canary decode {canary:.1f} tok/s >= {t.min_speed_ratio} x production {production:.1f} tok/s {where}",
+        )
+    if slower_ms < t.min_tpot_delta_ms:
+        return True, (
+            f"canary decode {canary:.1f} tok/s vs limit {limit:.1f} tok/s ({t.min_speed_ratio} x {production:.1f}): "
+            f"{slower_ms:.2f} ms per token slower, within the {t.min_tpot_delta_ms:g} ms noise floor {where}"
+        )
+    return False, (
+        f"canary decode {canary:.1f} tok/s < {t.min_speed_ratio} x production {production:.1f} tok/s and "
+        f"{slower_ms:.2f} ms per token slower (noise floor {t.min_tpot_delta_ms:g} ms) {where}"
+    )
