@@ -30,9 +30,11 @@ def register_candidate(
         the version as JSON ({"name", "version", "status", "artifact_id", ...}).
     """
     registry = Registry(open_store(), actor=_actor())
-    if (existing := registry.find_source(source.get("repo", name), source["revision"])) is not None:
-        get_run_logger().info("%s@%s is already %s", name, source["revision"][:12], existing.ref)
-        return existing.to_json()
-    version = registry.register(name, artifact_id, source, evaluation, kernel_build, reason=reason, status=status)
-    get_run_logger().info("registered %s (%s): %s", version.ref, status, reason)
+    version, added = registry.register_once(
+        name, artifact_id, source, evaluation, kernel_build, reason=reason, status=status
+    )
+    if added:
+        get_run_logger().info("registered %s (%s): %s", version.ref, status, reason)
+    else:
+        get_run_logger().info("%s@%s is already %s", name, source["revision"][:12], version.ref)
     return version.to_json()

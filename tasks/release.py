@@ -18,7 +18,7 @@ from engine.artifacts.registry import Registry
 from engine.artifacts.releases import ReleaseStore
 from engine.artifacts.store import open_store
 from engine.serving.admin import Replicas
-from engine.serving.canary import Thresholds, VariantStats, compare, snapshot
+from engine.serving.canary import Thresholds, VariantStats, compare, decided, snapshot
 from engine.settings import Settings, get_settings
 
 
@@ -220,37 +220,18 @@ def promote_in_registry(release_id: str, ref: str, reason: str, actor: str) -> N
     """Registry: previous <- production, production <- ref (one compare-and-swap write)."""
     txn = _transaction()
     txn.set("release_id", release_id)
-    reg = registry(actor)
-    txn.set("aliases_before", reg.aliases())
-    txn.set("statuses_before", {v.ref: v.status for v in reg.versions()})
     txn.set("actor", actor)
-    reg.promote(ref, reason)
+    txn.set("promoted", registry(actor).promote(ref, reason))
 
 
 @promote_in_registry.on_rollback
 def _restore_aliases(txn: Transaction) -> None:
-    reg = registry(txn.get("actor"))
-    before, statuses = txn.get("aliases_before"), txn.get("statuses_before")
-    reason = "transaction rollback: promotion undone"
-
-    def change(state: dict) -> None:
-        state["aliases"] = before
-        for name, versions in state["models"].items():
-            for v in versions:
-                v["status"] = statuses.get(f"{name}:{v['version']}", v["status"])
-        state["events"].append(
-            {
-                "time": time.time(),
-                "actor": reg.actor,
-                "action": "rollback-hook",
-                "name": None,
-                "version": None,
-                "reason": reason,
-            }
-        )
-
-    reg.update(change, "restoring aliases")
-    _note_rollback(txn, "registry aliases and statuses restored")
+    changed = txn.get("promoted", None)
+    if not changed:  # the promotion itself failed: nothing to undo
+        return
+    kept = registry(txn.get("actor")).undo(changed, "transaction rollback: promotion undone")
+    note = f"; left as others changed them: {', '.join(kept)}" if kept else ""
+    _note_rollback(txn, f"registry aliases and statuses restored{note}")
 
 
 # -- analysis -----------------------------------------------------------------------------------------------
@@ -262,6 +243,7 @@ def _sum(stats: list[dict[str, VariantStats]], variant: str) -> VariantStats:
             continue
         total.requests += v.requests
         total.errors += v.errors
+        total.client_errors += v.client_errors
         total.tpot_sum += v.tpot_sum
         total.tpot_count += v.tpot_count
         for le, c in v.ttft_buckets.items():
@@ -316,7 +298,8 @@ def observe_canary_step(
                 outcome = status.removesuffix("_requested").replace("pause", "paused").replace("abort", "aborted")
                 break
             now = [snapshot(text) for text in group.metrics()]
-            if _sum(now, "canary").requests - _sum(before, "canary").requests >= thresholds.min_requests:
+            canary_now = _sum(now, "canary").minus(_sum(before, "canary"))
+            if decided(canary_now, _sum(now, "production").minus(_sum(before, "production")), thresholds):
                 break
     after = [snapshot(text) for text in group.metrics()]
     verdict = compare(

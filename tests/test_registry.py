@@ -174,3 +174,59 @@ def test_gc_keeps_what_is_referenced(tmp_path):
     assert gone == {r["artifact_id"] for r in dry["removed"]}
     assert ids[0] not in gone and ids[1] not in gone and ids[2] not in gone and bundle not in gone
     assert len(gone) == 1 and gone < {ids[3], ids[4]}  # newest unreferenced model of org/m kept
+
+
+def _race(n: int, attempt) -> list:
+    """Run `attempt()` on n threads released at once; each one's result or the exception it raised."""
+    import threading
+
+    barrier, out = threading.Barrier(n), [None] * n
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            out[i] = attempt()
+        except Exception as exc:  # noqa: BLE001 - the race's losers are the point
+            out[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return out
+
+
+def test_concurrent_release_starts_one_wins(store):
+    from engine.artifacts.releases import ReleaseStore, new_release
+
+    releases = ReleaseStore(store)
+    out = _race(6, lambda: releases.create(new_release("demo", 1, "sha256:" + "0" * 64, [50, 100])))
+    won = [r for r in out if isinstance(r, dict)]
+    assert len(won) == 1 and all(isinstance(r, ConflictError) for r in out if r not in won), out
+    assert releases.active()["id"] == won[0]["id"] and len(releases.all()) == 1
+    releases.set_status(won[0]["id"], "promoted", "done")
+    assert releases.create(new_release("demo", 2, "sha256:" + "1" * 64, [100]))["version"] == 2  # the way is free
+
+
+def test_one_source_registers_once_under_a_race(store):
+    reg = Registry(store, actor="test")
+    artifact = _model(store, b"once")
+    out = _race(6, lambda: reg.register_once("demo", artifact, {"repo": "org/demo", "revision": "abc"}))
+    assert sum(added for _version, added in out) == 1 and {v.ref for v, _ in out} == {"demo:1"}
+    assert len(reg.versions("demo")) == 1
+
+
+def test_undoing_a_promotion_leaves_later_changes_alone(store):
+    reg = Registry(store, actor="test")
+    for i in range(3):
+        reg.register("demo", _model(store, bytes([i])), {"repo": "org/demo", "revision": str(i)})
+    reg.promote("demo:1", "first")
+    changed = reg.promote("demo:2", "second")
+    assert changed["aliases"]["production"][1] == {"name": "demo", "version": 2}
+    reg.set_alias("canary", "demo:3", "someone else's release started meanwhile")
+    reg.set_status("demo:1", "rolled_back", "someone else decided about demo:1")
+    kept = reg.undo(changed, "rollback")
+    aliases = {a: f"{t['name']}:{t['version']}" for a, t in reg.aliases().items()}
+    assert aliases == {"production": "demo:1", "canary": "demo:3"}  # previous cleared, canary kept
+    assert kept == ["status of demo:1 (now rolled_back)"] and reg.get("demo:2").status == "candidate"

@@ -227,7 +227,7 @@ def test_latency_fault_and_inconclusive_pause(env, prefect_harness, monkeypatch)
     finally:
         monkeypatch.delenv("RYZ_RELEASE_STEP_TIMEOUT")
         reload_settings()
-    assert paused["status"] == "paused" and "only 0 canary requests" in paused["log"][-1]["reason"]
+    assert paused["status"] == "paused" and "only 0 successful canary requests" in paused["log"][-1]["reason"]
     assert _server_models(env).get("canary") == aid
     resumed = release(release_id=paused["id"], synthetic_load=True)
     assert resumed["status"] == "promoted", resumed["log"]

@@ -168,23 +168,60 @@ class Registry:
         _check_status(status)
 
         def change(state: dict) -> Version:
-            versions = state["models"].setdefault(name, [])
-            version = Version(
-                name,
-                1 + max((v["version"] for v in versions), default=0),
-                artifact_id,
-                status,
-                time.time(),
-                source,
-                evaluation,
-                kernel_build,
-                extra,
-            )
-            versions.append(version.to_json())
-            self._event(state, "register", version, reason)
-            return version
+            return self._add_version(state, name, artifact_id, source, evaluation, kernel_build, reason, status, extra)
 
         return self.update(change, f"registering {name}")
+
+    def register_once(
+        self,
+        name: str,
+        artifact_id: str,
+        source: dict,
+        evaluation: str | None = None,
+        kernel_build: str | None = None,
+        reason: str = "registered",
+        status: str = "candidate",
+    ) -> tuple[Version, bool]:
+        """`register`, unless a version from the same source (repo, revision) exists: then that one and False.
+        The check and the write are one compare-and-swap, so two pipelines of one candidate register it once."""
+        _check_status(status)
+        repo, revision = source.get("repo", name), source.get("revision")
+
+        def change(state: dict) -> tuple[Version, bool]:
+            for doc in (v for versions in state["models"].values() for v in versions):
+                if doc.get("source", {}).get("repo") == repo and doc.get("source", {}).get("revision") == revision:
+                    return Version.from_json(doc), False
+            return self._add_version(state, name, artifact_id, source, evaluation, kernel_build, reason, status), True
+
+        return self.update(change, f"registering {name}")
+
+    def _add_version(
+        self,
+        state: dict,
+        name: str,
+        artifact_id: str,
+        source: dict,
+        evaluation: str | None,
+        kernel_build: str | None,
+        reason: str,
+        status: str,
+        extra: dict | None = None,
+    ) -> Version:
+        versions = state["models"].setdefault(name, [])
+        version = Version(
+            name,
+            1 + max((v["version"] for v in versions), default=0),
+            artifact_id,
+            status,
+            time.time(),
+            source,
+            evaluation,
+            kernel_build,
+            extra,
+        )
+        versions.append(version.to_json())
+        self._event(state, "register", version, reason)
+        return version
 
     def set_status(self, ref: str, status: str, reason: str) -> Version:
         _check_status(status)
@@ -219,10 +256,32 @@ class Registry:
 
         self.update(change, f"moving alias {alias}")
 
-    def promote(self, ref: str, reason: str) -> None:
-        """`previous` <- production, `production` <- ref, canary alias cleared; statuses follow. One write."""
+    def promote(self, ref: str, reason: str) -> dict:
+        """`previous` <- production, `production` <- ref, canary alias cleared; statuses follow. One write.
+        Returns what it changed ({"aliases": {alias: [before, after]}, "statuses": {ref: [before, after]}}), for
+        `undo`."""
 
-        def change(state: dict) -> None:
+        def change(state: dict) -> dict:
+            aliases_before = {a: state["aliases"].get(a) for a in ALIASES}
+            statuses_before = {
+                f"{n}:{v['version']}": v["status"] for n, versions in state["models"].items() for v in versions
+            }
+            _promote(state, reason)
+            statuses_after = {
+                f"{n}:{v['version']}": v["status"] for n, versions in state["models"].items() for v in versions
+            }
+            return {
+                "aliases": {
+                    a: [aliases_before[a], state["aliases"].get(a)]
+                    for a in ALIASES
+                    if aliases_before[a] != state["aliases"].get(a)
+                },
+                "statuses": {
+                    r: [statuses_before[r], after] for r, after in statuses_after.items() if statuses_before[r] != after
+                },
+            }
+
+        def _promote(state: dict, reason: str) -> None:
             version = _lookup(state, ref)
             old = state["aliases"].get("production")
             if old:
@@ -247,7 +306,31 @@ class Registry:
                 alias_to=version.ref,
             )
 
-        self.update(change, f"promoting {ref}")
+        return self.update(change, f"promoting {ref}")
+
+    def undo(self, changed: dict, reason: str) -> list[str]:
+        """Put back what a `promote` changed (its return value), in one write, where it still stands as that
+        promotion left it; what somebody changed since stays as they left it. Returns those, described."""
+
+        def change(state: dict) -> list[str]:
+            kept = []
+            for alias, (before, after) in changed["aliases"].items():
+                if state["aliases"].get(alias) != after:
+                    kept.append(f"alias {alias} (moved since)")
+                elif before is None:
+                    state["aliases"].pop(alias, None)
+                else:
+                    state["aliases"][alias] = before
+            for ref, (before, after) in changed["statuses"].items():
+                version = _lookup(state, ref)
+                if version.status != after:
+                    kept.append(f"status of {ref} (now {version.status})")
+                else:
+                    _store_version(state, version, before)
+            self._event(state, "undo", None, reason, kept=", ".join(kept) or None)
+            return kept
+
+        return self.update(change, "undoing a promotion")
 
     def rollback(self, reason: str) -> Version:
         """Undo the last promotion: `previous` serves again as production; the demoted version is rolled_back."""

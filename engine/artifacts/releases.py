@@ -20,6 +20,8 @@ from engine.errors import ConflictError, ModelReferenceError, SchemaVersionError
 
 SCHEMA = 1
 PREFIX = "releases/"
+STARTING_S = 60.0  # a pointer without its document yet: a start in progress, unless it is older than this
+CURRENT = "release-current"  # {"id"} of the release that last started: the one compare-and-swap that starts one
 ACTIVE = ("gating", "canary", "paused", "pause_requested", "abort_requested")
 
 
@@ -46,12 +48,30 @@ class ReleaseStore:
         self.store = store
 
     def create(self, doc: dict) -> dict:
-        if (active := self.active()) is not None:
+        """Start a release, unless one is active. Racing starts are decided by one compare-and-swap of the
+        `release-current` pointer: exactly one wins, the others get a ConflictError naming it."""
+        current, etag = self.store.read_document(CURRENT)
+        active = self._get_or_none(current["id"]) if current else self.active()  # no pointer: older stores
+        if current and active is None and time.time() - current["time"] < STARTING_S:
+            raise ConflictError(f"release {current['id']} of {current['ref']} is starting; `ryz release status`")
+        if active is not None and active["status"] in ACTIVE:
             raise ConflictError(
                 f"release {active['id']} of {active['ref']} is {active['status']}: finish it first "
                 f"(`ryz release resume`, `promote` or `abort`)"
             )
+        try:
+            self.store.write_document(CURRENT, {"id": doc["id"], "ref": doc["ref"], "time": time.time()}, etag)
+        except ConflictError:
+            winner, _ = self.store.read_document(CURRENT)
+            raise ConflictError(
+                f"release {winner['id'] if winner else '?'} of {winner['ref'] if winner else '?'} started at the "
+                f"same moment and won; `ryz release status` shows it"
+            ) from None
         self.store.write_document(PREFIX + doc["id"], doc, None)
+        return doc
+
+    def _get_or_none(self, release_id: str) -> dict | None:
+        doc, _ = self.store.read_document(PREFIX + release_id)
         return doc
 
     def get(self, release_id: str) -> dict:

@@ -153,14 +153,35 @@ def _describe(s: VariantStats) -> dict:
     }
 
 
+def has_evidence(canary: VariantStats, t: Thresholds) -> bool:
+    """Enough successful canary requests with latency samples to judge a step on."""
+    return min(canary.successes, canary.ttft_samples) >= t.min_requests
+
+
+def decided(canary: VariantStats, production: VariantStats, t: Thresholds) -> bool:
+    """A step can be judged now: enough evidence, or enough answered requests failing to fail it."""
+    failing = canary.error_rate > production.error_rate + t.max_error_rate_delta
+    return has_evidence(canary, t) or (canary.requests >= t.min_requests and failing)
+
+
 def compare(canary: VariantStats, production: VariantStats, t: Thresholds, step: int) -> Verdict:
     """Judge one step from the two variants' deltas over it: the failed checks, or every check if none failed."""
     c, p = _describe(canary), _describe(production)
     n = c["requests"]
     where = f"over {n} requests at step {step}%"
-    evidence = int(min(canary.successes, canary.ttft_samples))
-    if evidence < t.min_requests:
+    errors_ok = c["error_rate"] <= p["error_rate"] + t.max_error_rate_delta
+    checks = [  # (passed, reason): each reason states the comparison that decided it
+        (
+            errors_ok,
+            f"canary error rate {c['error_rate']:.1%} {'<=' if errors_ok else '>'} production "
+            f"{p['error_rate']:.1%} + {t.max_error_rate_delta:.1%} {where}",
+        )
+    ]
+    if n >= t.min_requests and not errors_ok:  # failing requests are evidence enough to fail
+        return Verdict("fail", [checks[0][1]], c, p)
+    if not has_evidence(canary, t):
         ignored = f"; {c['client_errors']} client errors (4xx) not counted" if c["client_errors"] else ""
+        evidence = int(min(canary.successes, canary.ttft_samples))
         return Verdict(
             "inconclusive",
             [
@@ -170,14 +191,6 @@ def compare(canary: VariantStats, production: VariantStats, t: Thresholds, step:
             c,
             p,
         )
-    checks = [  # (passed, reason): each reason states the comparison that decided it
-        (
-            c["error_rate"] <= p["error_rate"] + t.max_error_rate_delta,
-            f"canary error rate {c['error_rate']:.1%} "
-            f"{'<=' if c['error_rate'] <= p['error_rate'] + t.max_error_rate_delta else '>'} production "
-            f"{p['error_rate']:.1%} + {t.max_error_rate_delta:.1%} {where}",
-        )
-    ]
     if c["ttft_p95_ms"] is not None and p["ttft_p95_ms"] is not None:
         checks.append(
             _worse_check(
