@@ -197,6 +197,12 @@ class Settings(BaseSettings):
         default_factory=list, description="admin base URLs of every serving replica (default: http://RYZ_HOST:RYZ_PORT)"
     )
     release_min_requests: int = Field(20, ge=1, description="canary requests a step needs before it is judged")
+    release_lease_s: float = Field(
+        60.0,
+        gt=0,
+        description="a running release renews its lease this often at least; a lease older than this is stale: "
+        "its flow died, and `ryz release abort` / `resume` take over",
+    )
     release_step_timeout: float = Field(
         600.0, gt=0, description="seconds a step waits for enough canary traffic, then pauses"
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
@@ -54,9 +57,14 @@ def release(
     replicas = fleet(servers, admin_token, settings)
     actor = f"flow-run:{flow_run.get_id() or 'local'}"
     load = settings.release_synthetic_load if synthetic_load is None else synthetic_load
-    rel = store.get(release_id) if release_id else _open(store, ref)
+    rel = store.get(release_id) if release_id else _open(store, ref, settings.release_lease_s)
     rid, ref = rel["id"], rel["ref"]
+    rel = store.take_lease(rid, f"{actor} (pid {os.getpid()} on {socket.gethostname()})", settings.release_lease_s)
     old_production = _production_artifact()
+    if rel["status"] == "abort_requested":  # its flow died before honouring the request: abort it here
+        reason = next((e["reason"] for e in reversed(rel["log"]) if e["event"] == "abort_requested"), "abort")
+        abort_release(rid, ref, reason, actor, replicas)
+        return _finish(store, rid, "aborted", reason)
     # Offline gates: reject, bootstrap the first model straight to production, or go on to the canary.
     if rel["status"] == "gating":
         gate = check_offline_gates(rid, ref)
@@ -82,9 +90,10 @@ def release(
         weight = rel["steps"][i]
         try:
             with transaction():
-                if i == 0 and not _canary_loaded(rel["artifact_id"], replicas):
+                if not _canary_loaded(rel["artifact_id"], replicas):  # first step, or a replica lost it
                     load_canary(rid, rel["artifact_id"], replicas)
-                    mark_canary(rid, ref, actor)
+                    if i == 0:
+                        mark_canary(rid, ref, actor)
                 set_canary_weight(rid, i, weight, replicas)
                 result = observe_canary_step(rid, ref, actor, i, weight, load, replicas)
                 if result["outcome"] in ("fail", "aborted"):
@@ -130,11 +139,12 @@ def _bundle(rid: str, ref: str) -> None:
         )
 
 
-def _open(store: ReleaseStore, ref: str | None) -> dict:
+def _open(store: ReleaseStore, ref: str | None, lease_s: float) -> dict:
     if not ref:
         raise ValueError("release needs a model reference (name:version) or a release_id to resume")
     version = Registry(open_store()).get(ref)
-    return store.create(new_release(version.name, version.version, version.artifact_id, get_settings().release_steps))
+    steps = get_settings().release_steps
+    return store.create(new_release(version.name, version.version, version.artifact_id, steps), lease_s)
 
 
 def _production_artifact() -> str | None:
@@ -147,7 +157,7 @@ def _canary_loaded(artifact_id: str, replicas: Fleet) -> bool:
 
 
 def _finish(store: ReleaseStore, rid: str, outcome: str, reason: str) -> dict:
-    rel = store.get(rid)
+    rel = store.drop_lease(rid)
     kind = {"promoted": "promoted", "rejected": "rejected", "paused": "paused", "aborted": "aborted"}[outcome]
     notify_release(kind, rel["name"], rel["version"], reason, rid)
     lines = [f"# Release {rid}: {rel['ref']} {outcome}", "", reason, "", "| when | event | reason |", "|---|---|---|"]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import sys
+import time
 
+from engine.artifacts.releases import OWNED, stale_for
+from engine.settings import get_settings
 from flows.cli_common import print_json as _print_json
 from flows.cli_common import store as _store
 from flows.cli_common import when as _when
@@ -33,6 +36,14 @@ def _print_release(rel: dict | None, as_json: bool) -> None:
         return
     step = rel["steps"][min(rel["step_index"], len(rel["steps"]) - 1)]
     print(f"release {rel['id']}: {rel['ref']} {rel['status']} (next step {step}% of {rel['steps']})")
+    if (lease := rel.get("lease")) and rel["status"] in OWNED:
+        dead = stale_for(rel, get_settings().release_lease_s)
+        state = (
+            f"STALE: no heartbeat for {dead:.0f} s, its flow died; `ryz release abort` or `resume` takes over"
+            if dead
+            else f"heartbeat {time.time() - lease['heartbeat']:.0f} s ago"
+        )
+        print(f"  run by {lease['owner']}: {state}")
     for e in rel["log"]:
         print(f"  {_when(e['time'])}  {e['event']:<18} {e['reason']}")
 
@@ -50,8 +61,8 @@ def cmd_release(args) -> int:
     elif action == "pause":
         rel = _current(releases, ("canary",))
         rel = releases.set_status(rel["id"], "pause_requested", f"pause requested by {actor}")
-    elif action == "resume":
-        rel = releases.get(args.id) if args.id else _current(releases, ("paused",))
+    elif action == "resume":  # a paused release, or one whose flow died (the flow refuses a live one)
+        rel = releases.get(args.id) if args.id else _current(releases, ("paused", *OWNED))
         rel = _release_flow(release_id=rel["id"], synthetic_load=args.synthetic_load or None)
     elif action == "promote":
         rel = _current(releases, ("paused", "canary"))
@@ -67,11 +78,14 @@ def cmd_release(args) -> int:
     elif action == "abort":
         from tasks.release import abort_actions, fleet
 
-        rel = _current(releases, ("canary", "paused", "gating", "pause_requested"))
+        rel = _current(releases, ("paused", *OWNED))
         reason = args.reason or f"aborted by {actor}"
-        if rel["status"] == "canary":  # a flow is stepping it: it aborts at its next check
+        dead = stale_for(rel, get_settings().release_lease_s)
+        if rel["status"] in OWNED and not dead:  # a live flow is stepping it: it aborts at its next check
             rel = releases.set_status(rel["id"], "abort_requested", reason)
-        else:
+        else:  # paused, or its flow died: abort here, on every replica and in the registry
+            if dead:
+                reason += f" (its flow had not been seen for {dead:.0f} s)"
             abort_actions(rel["id"], rel["ref"], reason, actor, fleet())
             rel = releases.get(rel["id"])
     else:  # rollback
@@ -106,7 +120,7 @@ def add_release_commands(sub, command) -> None:
         ("start", "release a registry version: offline gates, canary steps, promotion"),
         ("status", "the latest release (or one by id) and its log"),
         ("pause", "pause the running release at its next check"),
-        ("resume", "continue a paused release from its recorded step"),
+        ("resume", "continue a paused release (or one whose flow died) from its recorded step"),
         ("promote", "promote the current release now (--force skips the remaining steps)"),
         ("abort", "abort the current release: canary weight 0 and unloaded, status rolled_back"),
         ("rollback", "undo the last promotion: `previous` serves as production again"),

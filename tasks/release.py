@@ -293,7 +293,7 @@ def observe_canary_step(
     with load:
         while time.monotonic() < deadline:
             time.sleep(0.5)
-            status = store.get(release_id)["status"]
+            status = store.heartbeat(release_id)["status"]  # renews the flow's lease while it waits
             if status in ("pause_requested", "abort_requested"):
                 outcome = status.removesuffix("_requested").replace("pause", "paused").replace("abort", "aborted")
                 break

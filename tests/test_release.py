@@ -334,3 +334,87 @@ def test_manual_control_from_the_cli_and_notifications(env, prefect_harness, mon
         assert hook.wait_for("ryzanstein.release.promoted")["reason"].startswith("forced promotion")
     finally:
         hook.server.shutdown()
+
+
+def _start_release_and_kill_it(env, ref: str, tmp_path) -> str:
+    """`ryz release start REF` in its own process; kill -9 (its whole process group) once its canary serves at the
+    first step. Returns the release id."""
+    from prefect.settings import PREFECT_API_URL
+
+    from engine.artifacts.releases import ReleaseStore
+
+    variables = {
+        **os.environ,
+        "PREFECT_API_URL": str(PREFECT_API_URL.value() or ""),
+        "RYZ_RELEASE_STEPS": "[5, 100]",
+        "RYZ_RELEASE_MIN_REQUESTS": "100000",  # never judged: it sits at the first step until killed
+        "RYZ_RELEASE_STEP_TIMEOUT": "600",
+        "RYZ_RELEASE_LEASE_S": "3",
+    }
+    with open(tmp_path / f"release-{ref}.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "release", "start", ref, "--synthetic-load"],
+            env=variables,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    releases = ReleaseStore(open_store())
+    deadline = time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline:
+            rel = releases.latest()
+            state = env["admin"].state()
+            if rel and rel["ref"] == ref and rel["status"] == "canary" and state["weights"]["canary"] == 5:
+                return rel["id"]
+            assert proc.poll() is None, (tmp_path / f"release-{ref}.log").read_text()
+            time.sleep(0.5)
+        raise TimeoutError((tmp_path / f"release-{ref}.log").read_text())
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def test_a_killed_release_is_aborted_or_resumed_from_the_cli(env, prefect_harness, monkeypatch, capsys, tmp_path):
+    """kill -9 of a release's flow at a canary step: `abort` restores the server and frees the way; a second
+    killed release is continued by `resume` to the end."""
+    from flows.cli import main
+    from flows.release import release
+
+    reg = env["registry"]
+    if "production" not in reg.aliases():  # run alone: bootstrap a production first
+        release(ref=env["versions"]["good"])
+    donor = reg.get(env["versions"]["better"])
+    killed, resumed = (
+        reg.register("demo", donor.artifact_id, {"repo": "demo", "revision": name}, evaluation=donor.evaluation).ref
+        for name in ("killed", "resumed")
+    )
+    production = _server_models(env)["production"]
+    monkeypatch.setenv("RYZ_RELEASE_LEASE_S", "3")
+    reload_settings()
+
+    first = _start_release_and_kill_it(env, killed, tmp_path)
+    assert env["admin"].state()["weights"]["canary"] == 5  # the dead flow left its canary serving
+    time.sleep(3.5)
+    capsys.readouterr()
+    assert main(["release", "status"]) == 0 and "STALE" in capsys.readouterr().out
+    assert main(["release", "start", resumed]) != 0  # refused while the dead release holds the fleet
+    assert "not been seen for" in capsys.readouterr().err
+    assert main(["release", "abort", "--json"]) == 2  # exit 2: the release ended aborted
+    aborted = json.loads(capsys.readouterr().out)
+    assert (
+        aborted["id"] == first
+        and aborted["status"] == "aborted"
+        and "had not been seen" in aborted["log"][-1]["reason"]
+    )
+    assert _server_models(env) == {"production": production} and env["admin"].state()["weights"]["canary"] == 0
+    assert reg.get(killed).status == "rolled_back"
+
+    second = _start_release_and_kill_it(env, resumed, tmp_path)
+    time.sleep(3.5)
+    monkeypatch.setenv("RYZ_RELEASE_MIN_REQUESTS", "8")
+    reload_settings()
+    assert main(["release", "resume", "--synthetic-load", "--json"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert done["id"] == second and done["status"] == "promoted", done["log"]
+    assert _aliases(env)["production"] == resumed and "canary" not in _server_models(env)

@@ -9,6 +9,11 @@ Statuses: `gating` -> `canary` -> `promoted`, or `rejected` (offline gates), `pa
 by hand), `aborted` (failed step or by hand), `failed` (an error the flow could not handle; the
 transaction undid the step). `pause_requested` / `abort_requested` are set by the CLI while a flow runs
 and honoured by it at the next check.
+
+Leases: the flow running a release holds a lease in its document (`lease`: owner and heartbeat, renewed while it
+waits on traffic). A release in a state that needs a running flow (`OWNED`) whose lease is older than
+RYZ_RELEASE_LEASE_S is stale: its flow died. `ryz release abort` then performs the abort itself and
+`ryz release resume` continues it from its recorded step (docs/release.md "When a release's flow dies").
 """
 
 from __future__ import annotations
@@ -23,6 +28,17 @@ PREFIX = "releases/"
 STARTING_S = 60.0  # a pointer without its document yet: a start in progress, unless it is older than this
 CURRENT = "release-current"  # {"id"} of the release that last started: the one compare-and-swap that starts one
 ACTIVE = ("gating", "canary", "paused", "pause_requested", "abort_requested")
+OWNED = ("gating", "canary", "pause_requested", "abort_requested")  # statuses a running flow moves on
+
+
+def stale_for(doc: dict, ttl: float, now: float | None = None) -> float | None:
+    """Seconds since the last heartbeat of a release whose flow should be running but is not; None when its
+    state needs no flow or its lease is live."""
+    if doc["status"] not in OWNED:
+        return None
+    lease = doc.get("lease")
+    since = (now or time.time()) - (lease["heartbeat"] if lease else doc["updated"])
+    return since if since >= ttl else None
 
 
 def new_release(name: str, version: int, artifact_id: str, steps: list[int]) -> dict:
@@ -47,7 +63,7 @@ class ReleaseStore:
     def __init__(self, store):
         self.store = store
 
-    def create(self, doc: dict) -> dict:
+    def create(self, doc: dict, lease_s: float = 60.0) -> dict:
         """Start a release, unless one is active. Racing starts are decided by one compare-and-swap of the
         `release-current` pointer: exactly one wins, the others get a ConflictError naming it."""
         current, etag = self.store.read_document(CURRENT)
@@ -55,9 +71,11 @@ class ReleaseStore:
         if current and active is None and time.time() - current["time"] < STARTING_S:
             raise ConflictError(f"release {current['id']} of {current['ref']} is starting; `ryz release status`")
         if active is not None and active["status"] in ACTIVE:
+            dead = stale_for(active, lease_s)
             raise ConflictError(
-                f"release {active['id']} of {active['ref']} is {active['status']}: finish it first "
-                f"(`ryz release resume`, `promote` or `abort`)"
+                f"release {active['id']} of {active['ref']} is {active['status']}"
+                + (f" and its flow has not been seen for {dead:.0f} s" if dead else "")
+                + ": finish it first (`ryz release resume`, `promote` or `abort`)"
             )
         try:
             self.store.write_document(CURRENT, {"id": doc["id"], "ref": doc["ref"], "time": time.time()}, etag)
@@ -94,6 +112,34 @@ class ReleaseStore:
 
     def active(self) -> dict | None:
         return next((d for d in reversed(self.all()) if d["status"] in ACTIVE), None)
+
+    def take_lease(self, release_id: str, owner: str, ttl: float) -> dict:
+        """Hold the release for `owner` (a flow run starting or resuming it); ConflictError if another owner's
+        lease is live."""
+
+        def change(doc: dict) -> None:
+            lease = doc.get("lease")
+            if lease and lease["owner"] != owner and stale_for(doc, ttl) is None and doc["status"] in OWNED:
+                raise ConflictError(
+                    f"release {release_id} is run by {lease['owner']} (heartbeat "
+                    f"{time.time() - lease['heartbeat']:.0f} s ago); wait for it, or `ryz release pause` / `abort`"
+                )
+            doc["lease"] = {"owner": owner, "heartbeat": time.time()}
+
+        return self.update(release_id, change)
+
+    def drop_lease(self, release_id: str) -> dict:
+        """The flow is done with the release (it finished, paused or ended it)."""
+        return self.update(release_id, lambda doc: doc.update(lease=None))
+
+    def heartbeat(self, release_id: str) -> dict:
+        """Renew the lease (the flow holding it calls this while it waits); returns the document."""
+
+        def change(doc: dict) -> None:
+            if doc.get("lease"):
+                doc["lease"]["heartbeat"] = time.time()
+
+        return self.update(release_id, change)
 
     def update(self, release_id: str, change) -> dict:
         """Apply `change(doc)` with compare-and-swap (re-read and re-apply on a lost race)."""
