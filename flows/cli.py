@@ -301,13 +301,14 @@ def cmd_pipeline_run(args) -> int:
         suite=args.suite,
         limit=args.limit,
     )
-    if args.json:
+    if args.json:  # the JSON alone on stdout (it holds the report's path)
         _print_json(result)
-    else:
-        for r in result["candidates"]:
-            print(f"{r['repo']:<40} {r.get('version') or '-':<28} {r['status']:<10} {r['reason']}")
-        if not result["candidates"]:
-            print("nothing new since the last run")
+        print(f"report: {result['report']}", file=sys.stderr)
+        return 0
+    for r in result["candidates"]:
+        print(f"{r['repo']:<40} {r.get('version') or '-':<28} {r['status']:<10} {r['reason']}")
+    if not result["candidates"]:
+        print("nothing new since the last run")
     print(f"report: {result['report']}")
     return 0
 

@@ -126,3 +126,15 @@ def test_generate_native_equals_reference(ryz, tiny_dir, native_library):
 def test_max_tokens_must_be_positive(ryz):
     proc = ryz("generate", "x.gguf", "hi", "--max-tokens", "0", ok=False)
     assert proc.returncode == 2 and "must be at least 1" in proc.stderr
+
+
+def test_pipeline_run_json_is_json_alone(monkeypatch, capsys):
+    """`ryz pipeline run --json`: stdout parses as one JSON document; the report line goes to stderr."""
+    import flows.run
+    from flows.cli import main
+
+    result = {"report": "/tmp/report.html", "candidates": [{"repo": "zoo/a", "status": "promoted", "reason": "ok"}]}
+    monkeypatch.setattr(flows.run, "pipeline_run", lambda **kw: result)
+    assert main(["pipeline", "run", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == result and "report: /tmp/report.html" in err
