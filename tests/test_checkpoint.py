@@ -168,3 +168,18 @@ def test_row_length_not_multiple_of_256(tmp_path):
 def test_not_a_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not a directory"):
         read_checkpoint(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_weight_is_named_with_its_index(broken, tmp_path, value):
+    from engine.model.checkpoint import write_safetensors
+    from engine.model.quantize import quantize_checkpoint
+
+    tensors = checkpoints.tensors_of(broken)
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 17] = value
+    tensors["model.layers.1.mlp.down_proj.weight"][5, 2] = value  # only the first is named
+    write_safetensors(broken / "model.safetensors", tensors)
+    with pytest.raises(CheckpointError) as info:
+        quantize_checkpoint(broken, tmp_path / "out.gguf")
+    assert f"'model.layers.1.mlp.down_proj.weight' holds {value} at index (3, 17)" in str(info.value)
+    assert not (tmp_path / "out.gguf").exists()

@@ -121,6 +121,23 @@ def load_tensor(ref: TensorRef) -> np.ndarray:
     return raw.view(_DTYPES[ref.dtype]).reshape(ref.shape)
 
 
+def _check_finite(array: np.ndarray, what: str, rows: int = 4096) -> None:
+    """CheckpointError at the first NaN or Inf of a float tensor (checked a block of rows at a time)."""
+    if array.dtype.kind != "f":
+        return
+    flat = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(-1, 1)
+    for start in range(0, flat.shape[0], rows):
+        block = np.asarray(flat[start : start + rows])
+        bad = ~np.isfinite(block)
+        if bad.any():
+            row, col = (int(i) for i in np.argwhere(bad)[0])
+            index = np.unravel_index((start + row) * flat.shape[1] + col, array.shape)
+            raise CheckpointError(
+                f"{what} holds {block[row, col]} at index {tuple(int(i) for i in index)}: the checkpoint is broken "
+                "(re-download or re-export it)"
+            )
+
+
 # --- architectures ----------------------------------------------------------------------------------
 
 
@@ -225,10 +242,14 @@ class Checkpoint:
         return self.tensors[f"model.layers.0.{LINEARS[0]}.weight"].dtype == "U8"
 
     def load(self, name: str) -> np.ndarray:
+        """The tensor, checked to be finite: a NaN or Inf is named with its first index, here, rather than found
+        later as logits that differ "by nan"."""
         try:
-            return load_tensor(self.tensors[name])
+            array = load_tensor(self.tensors[name])
         except KeyError:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the safetensors files") from None
+        _check_finite(array, f"{self.path}: tensor {name!r}")
+        return array
 
     def linear_names(self) -> list[str]:
         return [f"model.layers.{i}.{lin}" for i in range(self.layers) for lin in LINEARS]
