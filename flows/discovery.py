@@ -28,8 +28,10 @@ def discover_models(
     sort: str | None = None,
     limit: int | None = None,
     local_paths: list[str] | None = None,
+    include_errors: bool = False,
 ) -> list[dict]:
-    """Find models in `source` that pass the settings' filters and whose (repo, revision) is not registered.
+    """Find models in `source` that pass the settings' filters and whose (repo, revision) is not registered
+    (with `include_errors`, also those that could not be read: truncated weights, unreadable config).
 
     Args:
         source: "hf" (the Hub at HF_ENDPOINT) or "local" (directories, then the HF cache).
@@ -54,6 +56,7 @@ def discover_models(
     # Filter: architecture / license / parameter / size allowlists, then novelty against the registry.
     rows = filter_candidates(seen)
     kept = [row for row in rows if row["status"] == "kept"]
+    wanted = [row for row in rows if row["status"] == "kept" or (include_errors and row["status"] == "error")]
     # Report: one row per model seen and why it was kept or skipped.
     counts = {status: sum(row["status"] == status for row in rows) for status in ("kept", "skipped", "error")}
     summary = (
@@ -62,7 +65,7 @@ def discover_models(
     )
     create_table_artifact(key=ARTIFACT_KEY, table=rows, description=f"Discovery ({summary})")
     get_run_logger().info("%s%s", summary, "".join(f"\n  new: {row['repo']}@{row['revision'][:12]}" for row in kept))
-    return kept
+    return wanted
 
 
 def _read_hub(settings: Settings, search: str, hf_filter: list[str], sort: str, limit: int) -> list[dict]:

@@ -34,11 +34,14 @@ def pipeline_run(
     started = time.monotonic()
     logger = get_run_logger()
     # Discover: new (repo, revision) pairs only; a second run with nothing new stops here.
-    candidates = discover_models(source=source, local_paths=[path] if path else None)
+    candidates = discover_models(source=source, local_paths=[path] if path else None, include_errors=True)
     results = []
     with contextlib.ExitStack() as stack:
         server = None
         for candidate in candidates:
+            if candidate["status"] == "error":  # seen but unreadable: reported with why, never "nothing new"
+                results.append({**candidate, "status": "refused", "version": None})
+                continue
             # Pipeline: one subflow per candidate; a failing candidate is reported, the others still run.
             state = candidate_pipeline(
                 candidate["repo"],

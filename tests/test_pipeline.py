@@ -124,3 +124,20 @@ def test_demo_zoo_story(tmp_path, kernel_build, monkeypatch, prefect_harness):
         assert [a for a in actions if a.startswith("canary-")] == [f"canary-{w}%:pass" for w in (5, 25, 50, 100)]
     finally:
         reload_settings()
+
+
+def test_an_unreadable_candidate_is_reported_not_nothing_new(home, prefect_harness, capsys):
+    """A truncated checkpoint is seen, refused with its reason in the result, the printed table and the report."""
+    from flows.cli import main
+
+    broken = home["zoo"].parent / "broken-zoo" / "gamma"
+    checkpoints.synth(broken, seed=3)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert main(["pipeline", "run", "--path", str(broken)]) == 0
+    out = capsys.readouterr().out
+    assert "nothing new" not in out
+    row = next(line for line in out.splitlines() if line.startswith("gamma"))
+    assert "refused" in row and "truncated" in row
+    report = max((home["home"] / "reports").glob("pipeline-*.html"), key=lambda p: p.stat().st_mtime)
+    assert "truncated" in report.read_text()
