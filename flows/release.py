@@ -22,7 +22,6 @@ from tasks.release import (
     abort_release,
     check_offline_gates,
     ensure_production_served,
-    fleet,
     load_canary,
     load_production,
     mark_canary,
@@ -30,6 +29,7 @@ from tasks.release import (
     promote_in_registry,
     promote_on_servers,
     reject_version,
+    resolve_fleet,
     set_canary_weight,
 )
 
@@ -54,7 +54,7 @@ def release(
         the release record (engine/artifacts/releases.py): status promoted, rejected, paused or aborted, with its log.
     """
     settings, store = get_settings(), ReleaseStore(open_store())
-    replicas = fleet(servers, admin_token, settings)
+    fleet = resolve_fleet(servers, admin_token, settings)
     actor = f"flow-run:{flow_run.get_id() or 'local'}"
     load = settings.release_synthetic_load if synthetic_load is None else synthetic_load
     rel = store.get(release_id) if release_id else _open(store, ref, settings.release_lease_s)
@@ -63,7 +63,7 @@ def release(
     old_production = _production_artifact()
     if rel["status"] == "abort_requested":  # its flow died before honouring the request: abort it here
         reason = next((e["reason"] for e in reversed(rel["log"]) if e["event"] == "abort_requested"), "abort")
-        abort_release(rid, ref, reason, actor, replicas)
+        abort_release(rid, ref, reason, actor, fleet)
         return _finish(store, rid, "aborted", reason)
     # Offline gates: reject, bootstrap the first model straight to production, or go on to the canary.
     if rel["status"] == "gating":
@@ -73,7 +73,7 @@ def release(
             return _finish(store, rid, "rejected", gate["reason"])
         if gate["bootstrap"]:
             with transaction():
-                load_production(rid, rel["artifact_id"], None, replicas)
+                load_production(rid, rel["artifact_id"], None, fleet)
                 promote_in_registry(rid, ref, gate["reason"], actor)
             store.set_status(rid, "promoted", gate["reason"])
             _bundle(rid, ref)
@@ -85,21 +85,21 @@ def release(
         )
     # Canary steps: each one transaction; a failed analysis raises inside it, so its hooks undo the step.
     if old_production:
-        ensure_production_served(rid, old_production, replicas)
+        ensure_production_served(rid, old_production, fleet)
     for i in range(store.get(rid)["step_index"], 0 if force_promote else len(rel["steps"])):
         weight = rel["steps"][i]
         try:
             with transaction():
-                if not _canary_loaded(rel["artifact_id"], replicas):  # first step, or a replica lost it
-                    load_canary(rid, rel["artifact_id"], replicas)
+                if not _canary_loaded(rel["artifact_id"], fleet):  # first step, or a replica lost it
+                    load_canary(rid, rel["artifact_id"], fleet)
                     if i == 0:
                         mark_canary(rid, ref, actor)
-                set_canary_weight(rid, i, weight, replicas)
-                result = observe_canary_step(rid, ref, actor, i, weight, load, replicas)
+                set_canary_weight(rid, i, weight, fleet)
+                result = observe_canary_step(rid, ref, actor, i, weight, load, fleet)
                 if result["outcome"] in ("fail", "aborted"):
                     raise StepFailed("; ".join(result["reasons"]))
         except StepFailed as failed:
-            abort_release(rid, ref, f"canary step {weight}% failed: {failed}", actor, replicas)
+            abort_release(rid, ref, f"canary step {weight}% failed: {failed}", actor, fleet)
             return _finish(store, rid, "aborted", f"canary step {weight}% failed: {failed}")
         except Exception as exc:
             store.set_status(
@@ -119,7 +119,7 @@ def release(
         else f"{ref} passed every canary step ({', '.join(f'{s}%' for s in rel['steps'])})"
     )
     with transaction():
-        promote_on_servers(rid, old_production, replicas)
+        promote_on_servers(rid, old_production, fleet)
         promote_in_registry(rid, ref, reason, actor)
     store.set_status(rid, "promoted", reason)
     _bundle(rid, ref)
@@ -152,8 +152,8 @@ def _production_artifact() -> str | None:
     return production.artifact_id if production else None
 
 
-def _canary_loaded(artifact_id: str, replicas: Fleet) -> bool:
-    return all(s["variants"].get("canary", {}).get("ref") == artifact_id for s in replicas.replicas().state())
+def _canary_loaded(artifact_id: str, fleet: Fleet) -> bool:
+    return all(s["variants"].get("canary", {}).get("ref") == artifact_id for s in fleet.replicas().state())
 
 
 def _finish(store: ReleaseStore, rid: str, outcome: str, reason: str) -> dict:

@@ -76,7 +76,7 @@ def cmd_release(args) -> int:
             return 1
         rel = _release_flow(release_id=rel["id"], force_promote=True)
     elif action == "abort":
-        from tasks.release import abort_actions, fleet
+        from tasks.release import abort_actions, resolve_fleet
 
         rel = _current(releases, ("paused", *OWNED))
         reason = args.reason or f"aborted by {actor}"
@@ -86,12 +86,12 @@ def cmd_release(args) -> int:
         else:  # paused, or its flow died: abort here, on every replica and in the registry
             if dead:
                 reason += f" (its flow had not been seen for {dead:.0f} s)"
-            abort_actions(rel["id"], rel["ref"], reason, actor, fleet())
+            abort_actions(rel["id"], rel["ref"], reason, actor, resolve_fleet())
             rel = releases.get(rel["id"])
     else:  # rollback
-        from tasks.release import fleet, rollback_production
+        from tasks.release import resolve_fleet, rollback_production
 
-        result = rollback_production(actor, args.reason or f"rollback by {actor}", fleet())
+        result = rollback_production(actor, args.reason or f"rollback by {actor}", resolve_fleet())
         if args.json:
             _print_json(result)
         else:

@@ -35,7 +35,7 @@ class Fleet(BaseModel):
         return Replicas(self.servers, self.admin_token.get_secret_value() if self.admin_token else None)
 
 
-def fleet(
+def resolve_fleet(
     servers: list[str] | None = None, admin_token: SecretStr | str | None = None, settings: Settings | None = None
 ) -> Fleet:
     """The given servers and token, else the settings': RYZ_RELEASE_SERVERS (else this host's RYZ_HOST:RYZ_PORT)

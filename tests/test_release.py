@@ -138,7 +138,7 @@ def _server_models(env) -> dict:
 def test_release_story(env, prefect_harness):
     """Bootstrap, a passing canary, an offline reject, faults rolled back, a pause and resume, rollback."""
     from flows.release import release
-    from tasks.release import fleet, rollback_production
+    from tasks.release import resolve_fleet, rollback_production
 
     v = env["versions"]
     reg = env["registry"]
@@ -186,7 +186,7 @@ def test_release_story(env, prefect_harness):
     assert env["admin"].state()["weights"]["canary"] == 0
 
     # 5. Rollback: previous serves again, in the registry and on the server.
-    result = rollback_production("test", "drill", fleet())
+    result = rollback_production("test", "drill", resolve_fleet())
     assert {k: result[k] for k in ("production", "rolled_back")} == {
         "production": v["good"],
         "rolled_back": v["better"],

@@ -130,10 +130,7 @@ class Registry:
 
     def find_source(self, repo: str, revision: str | None) -> Version | None:
         """The version registered from this exact source revision, if any (discovery's novelty test)."""
-        for v in self.versions():
-            if v.source.get("repo") == repo and v.source.get("revision") == revision:
-                return v
-        return None
+        return _from_source(self._read()[0], repo, revision)
 
     # -- writing (one CAS write per change) -----------------------------------------------------------
     def update(self, change: Callable[[dict], Any], describe: str) -> Any:
@@ -188,9 +185,8 @@ class Registry:
         repo, revision = source.get("repo", name), source.get("revision")
 
         def change(state: dict) -> tuple[Version, bool]:
-            for doc in (v for versions in state["models"].values() for v in versions):
-                if doc.get("source", {}).get("repo") == repo and doc.get("source", {}).get("revision") == revision:
-                    return Version.from_json(doc), False
+            if (existing := _from_source(state, repo, revision)) is not None:
+                return existing, False
             return self._add_version(state, name, artifact_id, source, evaluation, kernel_build, reason, status), True
 
         return self.update(change, f"registering {name}")
@@ -262,14 +258,9 @@ class Registry:
         `undo`."""
 
         def change(state: dict) -> dict:
-            aliases_before = {a: state["aliases"].get(a) for a in ALIASES}
-            statuses_before = {
-                f"{n}:{v['version']}": v["status"] for n, versions in state["models"].items() for v in versions
-            }
+            aliases_before, statuses_before = {a: state["aliases"].get(a) for a in ALIASES}, _statuses(state)
             _promote(state, reason)
-            statuses_after = {
-                f"{n}:{v['version']}": v["status"] for n, versions in state["models"].items() for v in versions
-            }
+            statuses_after = _statuses(state)
             return {
                 "aliases": {
                     a: [aliases_before[a], state["aliases"].get(a)]
@@ -413,6 +404,18 @@ def _check_status(status: str) -> None:
 def _check_alias(alias: str) -> None:
     if alias not in ALIASES:
         raise ValueError(f"unknown alias {alias!r}; one of {', '.join(ALIASES)}")
+
+
+def _from_source(state: dict, repo: str, revision: str | None) -> Version | None:
+    for doc in (v for _name, versions in sorted(state["models"].items()) for v in versions):  # as versions()
+        if doc.get("source", {}).get("repo") == repo and doc.get("source", {}).get("revision") == revision:
+            return Version.from_json(doc)
+    return None
+
+
+def _statuses(state: dict) -> dict[str, str]:
+    """Every version's status by ref."""
+    return {f"{n}:{v['version']}": v["status"] for n, versions in state["models"].items() for v in versions}
 
 
 def _store_version(state: dict, version: Version, status: str) -> None:

@@ -93,7 +93,7 @@ class ReleaseStore:
         return doc
 
     def get(self, release_id: str) -> dict:
-        doc, _ = self.store.read_document(PREFIX + release_id)
+        doc = self._get_or_none(release_id)
         if doc is None:
             raise ModelReferenceError(f"no release {release_id!r}; `ryz release status` shows the latest")
         if doc.get("schema") != SCHEMA:

@@ -52,8 +52,9 @@ class VariantStats:
         return self.requests - self.errors
 
     @property
-    def ttft_samples(self) -> float:
-        return max(self.ttft_buckets.values(), default=0.0)
+    def evidence(self) -> float:
+        """Successful requests with a latency sample (TTFT observed): what a step may be judged on."""
+        return min(self.successes, max(self.ttft_buckets.values(), default=0.0))
 
     @property
     def error_rate(self) -> float:
@@ -153,15 +154,14 @@ def _describe(s: VariantStats) -> dict:
     }
 
 
-def has_evidence(canary: VariantStats, t: Thresholds) -> bool:
-    """Enough successful canary requests with latency samples to judge a step on."""
-    return min(canary.successes, canary.ttft_samples) >= t.min_requests
+def _errors_ok(canary: VariantStats, production: VariantStats, t: Thresholds) -> bool:
+    return canary.error_rate <= production.error_rate + t.max_error_rate_delta
 
 
 def decided(canary: VariantStats, production: VariantStats, t: Thresholds) -> bool:
     """A step can be judged now: enough evidence, or enough answered requests failing to fail it."""
-    failing = canary.error_rate > production.error_rate + t.max_error_rate_delta
-    return has_evidence(canary, t) or (canary.requests >= t.min_requests and failing)
+    failing = not _errors_ok(canary, production, t)
+    return canary.evidence >= t.min_requests or (canary.requests >= t.min_requests and failing)
 
 
 def compare(canary: VariantStats, production: VariantStats, t: Thresholds, step: int) -> Verdict:
@@ -169,7 +169,7 @@ def compare(canary: VariantStats, production: VariantStats, t: Thresholds, step:
     c, p = _describe(canary), _describe(production)
     n = c["requests"]
     where = f"over {n} requests at step {step}%"
-    errors_ok = c["error_rate"] <= p["error_rate"] + t.max_error_rate_delta
+    errors_ok = _errors_ok(canary, production, t)
     checks = [  # (passed, reason): each reason states the comparison that decided it
         (
             errors_ok,
@@ -179,13 +179,12 @@ def compare(canary: VariantStats, production: VariantStats, t: Thresholds, step:
     ]
     if n >= t.min_requests and not errors_ok:  # failing requests are evidence enough to fail
         return Verdict("fail", [checks[0][1]], c, p)
-    if not has_evidence(canary, t):
+    if canary.evidence < t.min_requests:
         ignored = f"; {c['client_errors']} client errors (4xx) not counted" if c["client_errors"] else ""
-        evidence = int(min(canary.successes, canary.ttft_samples))
         return Verdict(
             "inconclusive",
             [
-                f"only {evidence} successful canary requests with latency samples at step {step}% "
+                f"only {int(canary.evidence)} successful canary requests with latency samples at step {step}% "
                 f"(need {t.min_requests}){ignored}"
             ],
             c,

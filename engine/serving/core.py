@@ -266,12 +266,14 @@ class EngineCore:
         tokens = np.concatenate([np.asarray(c.tokens, np.int32) for c in plan.chunks])
         seq_ids = np.concatenate([np.full(len(c.tokens), c.slot, np.int32) for c in plan.chunks])
         want = np.zeros(len(tokens), np.uint8)
+        rows_of = []  # logits rows the forward returns for each chunk, in order
         offset = 0
         for c in plan.chunks:
             if c.logits_from is not None:
                 want[offset + max(0, c.logits_from - c.start) : offset + len(c.tokens)] = 1
             if c.samples:
                 want[offset + len(c.tokens) - 1] = 1
+            rows_of.append(int(want[offset : offset + len(c.tokens)].sum()))
             offset += len(c.tokens)
         started = time.perf_counter()
         with self._compute_lock:
@@ -282,8 +284,7 @@ class EngineCore:
             self.metrics.step(len(tokens), waited)
         row = 0
         with self._lock:
-            for chunk in plan.chunks:
-                rows = _logit_rows(chunk)
+            for chunk, rows in zip(plan.chunks, rows_of):
                 self._update(chunk, logits[row : row + rows] if rows else None)
                 row += rows
 
@@ -303,7 +304,7 @@ class EngineCore:
         if request.max_tokens == 0:
             self._end(request.request_id, Delta(finish_reason="length"))
             return
-        assert logits is not None  # a sampling chunk always has its last row of logits (_logit_rows)
+        assert logits is not None  # a sampling chunk always asks for its last row (step)
         self._sample(live, logits[-1])
 
     def _sample(self, live: _Live, logits: np.ndarray) -> None:
@@ -371,13 +372,6 @@ def _logits_from(request: GenerationRequest) -> int | None:
     if request.prompt_logprobs is None:
         return None
     return max(0, request.prompt_logprobs_from - 1)
-
-
-def _logit_rows(chunk: Chunk) -> int:
-    """Rows of logits the forward returns for a chunk (the `want` mask of EngineCore.step)."""
-    end = chunk.start + len(chunk.tokens)
-    rows = end - max(chunk.start, chunk.logits_from) if chunk.logits_from is not None else 0
-    return max(rows, 0) or int(chunk.samples)
 
 
 MAX_LOGIT_BYTES = 128 << 20  # logits one batch step may return (rows x vocab float32)
