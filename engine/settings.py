@@ -18,6 +18,13 @@ def _default_home() -> Path:
     return Path.home() / ".ryzanstein"
 
 
+def _default_corpus() -> Path:
+    # This project, so a fresh install has something real to index: its checkout (docs, code, kernels) when this
+    # file is in one, else the installed `engine` package (its parent, site-packages, is every package's).
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else root / "engine"
+
+
 class Settings(BaseSettings):
     """Effective configuration. `ryz config show` prints each value and where it came from."""
 
@@ -145,13 +152,32 @@ class Settings(BaseSettings):
     gate_speed_min_delta_ms: float = Field(
         1.0,
         ge=0,
-        description="noise floor: a speed gate fails only if the candidate is also this many ms per token slower",
+        description="noise floor for records without repeated runs: a speed gate fails only if the candidate is also "
+        "this many ms per token slower",
     )
     gate_floors: dict[str, float] = Field(
         {"demo_mc": 0.35, "demo_gen": 0.05},
         description="first model ever (no production): minimum headline metric per task",
     )
     gate_min_decode_tok_s: float = Field(0.0, ge=0, description="first model ever: minimum decode tok/s (0: no floor)")
+    release_policy: Literal["improve", "not-worse"] = Field(
+        "improve",
+        description="improve: a candidate that passes the gates replaces production only if it is also better beyond "
+        "noise on a primary metric (a headline accuracy, or decode speed on the same CPU), else it is held; "
+        "not-worse: passing the gates is enough",
+    )
+    gate_improve_z: float = Field(
+        1.96,
+        gt=0,
+        description="policy improve: a headline accuracy is better only if it beats production by more than this "
+        "many combined stderrs",
+    )
+    gate_improve_speed_margin: float = Field(
+        0.10,
+        ge=0,
+        description="policy improve: decode tok/s is better only if at least this fraction above production "
+        "(same CPU fingerprint, and faster by more than the ms-per-token noise floor)",
+    )
     # Retrieval index (engine/retrieval/embedder.py, engine/retrieval/corpus.py, engine/retrieval/index.py,
     # flows/index.py, docs/retrieval.md)
     index_dir: Path | None = Field(
@@ -191,10 +217,33 @@ class Settings(BaseSettings):
     index_eval_queries: int = Field(
         200, ge=10, description="held-out queries `ryz index eval` measures recall@10 and latency on"
     )
+    index_corpus: Path = Field(
+        default_factory=_default_corpus,
+        description="directory the `index` deployment indexes when a run names none (default: this project's "
+        "checkout, or the installed engine package)",
+    )
     # Release (flows/release.py, docs/release.md): canary steps and their analysis.
     release_steps: list[int] = Field([5, 25, 50, 100], description="canary traffic weights, in order (percent)")
     release_servers: list[str] = Field(
-        default_factory=list, description="admin base URLs of every serving replica (default: http://RYZ_HOST:RYZ_PORT)"
+        default_factory=list,
+        description="base URLs of every serving replica (the fleet releases steer); unset: no fleet, and "
+        "`ryz pipeline run` releases against a server of its own on 127.0.0.1",
+    )
+    release_bake_s: float = Field(
+        0.0,
+        ge=0,
+        description="watch production this long after each promotion and roll back on a regression (0: no watch)",
+    )
+    release_bake_min_requests: int = Field(
+        50, ge=1, description="production requests the watch needs before its bake period may end"
+    )
+    release_watch_error_margin: float = Field(
+        0.01, ge=0, description="watch: roll back when production's error rate exceeds the previous one's by this"
+    )
+    release_watch_latency_ratio: float = Field(
+        1.5,
+        gt=1,
+        description="watch: roll back when production's p95 TTFT or time per token exceeds this x the previous one's",
     )
     release_min_requests: int = Field(20, ge=1, description="canary requests a step needs before it is judged")
     release_lease_s: float = Field(
@@ -213,15 +262,11 @@ class Settings(BaseSettings):
     release_speed_ratio: float = Field(
         0.9, gt=0, description="canary decode tok/s must be at least this x production's"
     )
-    release_ttft_min_delta_ms: float = Field(
-        50.0,
-        ge=0,
-        description="noise floor: a TTFT check fails only if the canary's p95 is also this many ms above production's",
-    )
-    release_tpot_min_delta_ms: float = Field(
-        2.0,
-        ge=0,
-        description="noise floor: a speed check fails only if the canary is also this many ms per token slower",
+    release_min_samples: int = Field(
+        5,
+        ge=2,
+        description="per-request figures each variant needs in a step for the TTFT and speed checks (fewer: not "
+        "compared, as for production at 100 %); their noise allowance is a bootstrap interval of the ratio",
     )
     release_synthetic_load: bool = Field(
         False,

@@ -410,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--model",
-        help="model loaded as production: artifact id or prefix, or a .gguf path "
-        "(omitted: start empty and load through POST /admin/variants)",
+        help="model loaded as production: artifact id or prefix, or a .gguf path (omitted: follow the registry: "
+        "its production and, during a release, the canary at the release's weight; docs/release.md)",
     )
     p.add_argument("--host", help="bind address (default RYZ_HOST, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default RYZ_PORT, 8000)")

@@ -16,7 +16,7 @@ EVAL_KEY = "index-eval"
 
 @flow(name="build-index", log_prints=True)
 def build_index(
-    corpus_dir: str,
+    corpus_dir: str | None = None,
     index_dir: str | None = None,
     quantization: str | None = None,
     full: bool = False,
@@ -26,7 +26,8 @@ def build_index(
     """Bring the index up to date with `corpus_dir` and register the result as a version of `index`.
 
     Args:
-        corpus_dir: the directory to index (in a git checkout: what git tracks or would track).
+        corpus_dir: the directory to index (in a git checkout: what git tracks or would track); default
+            RYZ_INDEX_CORPUS (this project's checkout, or the installed engine package).
         index_dir: the working index (default RYZ_INDEX_DIR, else $RYZ_HOME/indexes/default).
         quantization: none, int8, binary1, binary1.5 or binary2 (default RYZ_INDEX_QUANTIZATION); a change rebuilds.
         full: rebuild from scratch instead of re-indexing changed files only.
@@ -36,7 +37,10 @@ def build_index(
     Returns:
         {"update": stats, "evaluation": own row, "artifact_id", "version"}.
     """
-    index_dir = index_dir or str(default_index_dir(get_settings()))
+    settings = get_settings()
+    # A path the run names is taken as given; the default is resolved on the worker, so it exists there.
+    corpus_dir = corpus_dir or str(settings.index_corpus.expanduser())
+    index_dir = index_dir or str(default_index_dir(settings))
     # Extract + transform + load: changed files -> chunks -> vectors -> Qdrant (swapped in only when complete)
     update = update_corpus_index(corpus_dir, index_dir, quantization, full, strict)
     quantization = update["quantization"]
@@ -130,4 +134,4 @@ def evaluate_index_flow(
 if __name__ == "__main__":
     import sys
 
-    print(build_index(sys.argv[1] if len(sys.argv) > 1 else "."))
+    print(build_index(sys.argv[1] if len(sys.argv) > 1 else None))

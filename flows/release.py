@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -19,9 +20,11 @@ from tasks.bundle import build_serving_bundle
 from tasks.notify import notify_release
 from tasks.release import (
     Fleet,
+    FleetError,
     abort_release,
     check_offline_gates,
     ensure_production_served,
+    hold_version,
     load_canary,
     load_production,
     mark_canary,
@@ -31,6 +34,8 @@ from tasks.release import (
     reject_version,
     resolve_fleet,
     set_canary_weight,
+    watch_baseline,
+    watch_production,
 )
 
 
@@ -51,7 +56,8 @@ def release(
     RYZ_RELEASE_SERVERS) with `admin_token` (default RYZ_ADMIN_TOKEN; a secret, masked wherever Prefect shows it).
 
     Returns:
-        the release record (engine/artifacts/releases.py): status promoted, rejected, paused or aborted, with its log.
+        the release record (engine/artifacts/releases.py): status promoted, held, rejected, paused, aborted,
+        rolled_back (the watch after promotion) or degraded (a replica out of line, named), with its log.
     """
     settings, store = get_settings(), ReleaseStore(open_store())
     fleet = resolve_fleet(servers, admin_token, settings)
@@ -61,16 +67,20 @@ def release(
     rid, ref = rel["id"], rel["ref"]
     rel = store.take_lease(rid, f"{actor} (pid {os.getpid()} on {socket.gethostname()})", settings.release_lease_s)
     old_production = _production_artifact()
+    if rel["status"] == "baking":  # promoted; its watcher died: watch the rest of the bake period
+        return _bake(store, rid, actor, load, fleet)
     if rel["status"] == "abort_requested":  # its flow died before honouring the request: abort it here
         reason = next((e["reason"] for e in reversed(rel["log"]) if e["event"] == "abort_requested"), "abort")
-        abort_release(rid, ref, reason, actor, fleet)
-        return _finish(store, rid, "aborted", reason)
+        return _finish(store, rid, abort_release(rid, ref, reason, actor, fleet), reason)
     # Offline gates: reject, bootstrap the first model straight to production, or go on to the canary.
     if rel["status"] == "gating":
         gate = check_offline_gates(rid, ref)
         if not gate["passed"]:
             reject_version(rid, ref, gate["reason"], actor)
             return _finish(store, rid, "rejected", gate["reason"])
+        if gate["held"]:
+            hold_version(rid, ref, gate["reason"], actor)
+            return _finish(store, rid, "held", gate["reason"])
         if gate["bootstrap"]:
             with transaction():
                 load_production(rid, rel["artifact_id"], None, fleet)
@@ -99,12 +109,12 @@ def release(
                 if result["outcome"] in ("fail", "aborted"):
                     raise StepFailed("; ".join(result["reasons"]))
         except StepFailed as failed:
-            abort_release(rid, ref, f"canary step {weight}% failed: {failed}", actor, fleet)
-            return _finish(store, rid, "aborted", f"canary step {weight}% failed: {failed}")
-        except Exception as exc:
-            store.set_status(
-                rid, "failed", f"{type(exc).__name__}: {exc}; the step's transaction restored servers and registry"
-            )
+            reason = f"canary step {weight}% failed: {failed}"
+            return _finish(store, rid, abort_release(rid, ref, reason, actor, fleet), reason)
+        except Exception as exc:  # a replica down, a bug: the hooks undid the step on every replica that answers
+            reason = f"{type(exc).__name__}: {exc}; the step's transaction restored servers and registry"
+            store.set_status(rid, "failed", reason)
+            _finish(store, rid, "failed", reason)
             raise
         if result["outcome"] in ("inconclusive", "paused"):
             reason = "; ".join(result["reasons"])
@@ -118,12 +128,43 @@ def release(
         if force_promote
         else f"{ref} passed every canary step ({', '.join(f'{s}%' for s in rel['steps'])})"
     )
-    with transaction():
-        promote_on_servers(rid, old_production, fleet)
-        promote_in_registry(rid, ref, reason, actor)
-    store.set_status(rid, "promoted", reason)
+    try:  # all or nothing: a replica refusing undoes the promotion on every replica and in the registry
+        with transaction():
+            promote_on_servers(rid, old_production, fleet)
+            promote_in_registry(rid, ref, reason, actor)
+    except Exception as exc:  # noqa: BLE001 - the transaction's hooks compensated; say where it stands
+        return _promotion_refused(store, rid, ref, old_production, f"{type(exc).__name__}: {exc}", actor, fleet)
     _bundle(rid, ref)
-    return _finish(store, rid, "promoted", reason)
+    bake_s = settings.release_bake_s
+    if old_production is None or bake_s <= 0:
+        store.set_status(rid, "promoted", reason)
+        return _finish(store, rid, "promoted", reason)
+    watch = {"until": time.time() + bake_s, "baseline": watch_baseline(store.get(rid))}
+    store.update(rid, lambda doc: doc.update(watch=watch))
+    store.set_status(rid, "baking", f"{reason}; watching production for {bake_s:g} s")
+    return _bake(store, rid, actor, load, fleet)
+
+
+def _bake(store: ReleaseStore, rid: str, actor: str, load: bool, fleet: Fleet) -> dict:
+    """The watch after promotion: promoted for good, or rolled back on every replica with the numbers."""
+    try:
+        watched = watch_production(rid, actor, load, fleet)
+    except FleetError as exc:  # the rollback itself was refused: the fleet is named in the reason
+        store.set_status(rid, "degraded", f"watch rollback failed: {exc}")
+        return _finish(store, rid, "degraded", f"watch rollback failed: {exc}")
+    store.set_status(rid, watched["outcome"], watched["reason"])
+    return _finish(store, rid, watched["outcome"], watched["reason"])
+
+
+def _promotion_refused(
+    store: ReleaseStore, rid: str, ref: str, old_production: str | None, error: str, actor: str, fleet: Fleet
+) -> dict:
+    """A replica (or the registry) refused the promotion and the transaction's hooks put production back; the
+    abort then empties the canary slot everywhere and checks every replica: `aborted` when the fleet agrees again,
+    `degraded` naming the replicas that do not."""
+    reason = f"promotion of {ref} refused ({error}); promotion undone, production stays {str(old_production)[:19]}"
+    status = abort_release(rid, ref, reason, actor, fleet)
+    return _finish(store, rid, status, store.get(rid)["log"][-1]["reason"])
 
 
 def _bundle(rid: str, ref: str) -> None:
@@ -158,7 +199,7 @@ def _canary_loaded(artifact_id: str, fleet: Fleet) -> bool:
 
 def _finish(store: ReleaseStore, rid: str, outcome: str, reason: str) -> dict:
     rel = store.drop_lease(rid)
-    kind = {"promoted": "promoted", "rejected": "rejected", "paused": "paused", "aborted": "aborted"}[outcome]
+    kind = {"rolled_back": "rolled-back"}.get(outcome, outcome)
     notify_release(kind, rel["name"], rel["version"], reason, rid)
     lines = [f"# Release {rid}: {rel['ref']} {outcome}", "", reason, "", "| when | event | reason |", "|---|---|---|"]
     lines += [f"| {e['time']:.0f} | {e['event']} | {e['reason']} |" for e in rel["log"]]

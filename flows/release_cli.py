@@ -44,6 +44,10 @@ def _print_release(rel: dict | None, as_json: bool) -> None:
             else f"heartbeat {time.time() - lease['heartbeat']:.0f} s ago"
         )
         print(f"  run by {lease['owner']}: {state}")
+    if rel["status"] == "baking" and (watch := rel.get("watch")):
+        print(f"  watching production until {_when(watch['until'])} against the previous one's figures")
+    if fleet := rel.get("fleet"):
+        print(f"  on the replicas: canary {str(fleet['canary'])[:19]} at {fleet['weight']}%")
     for e in rel["log"]:
         print(f"  {_when(e['time'])}  {e['event']:<18} {e['reason']}")
 
@@ -78,7 +82,7 @@ def cmd_release(args) -> int:
     elif action == "abort":
         from tasks.release import abort_actions, resolve_fleet
 
-        rel = _current(releases, ("paused", *OWNED))
+        rel = _current(releases, ("paused", "degraded", *OWNED))
         reason = args.reason or f"aborted by {actor}"
         dead = stale_for(rel, get_settings().release_lease_s)
         if rel["status"] in OWNED and not dead:  # a live flow is stepping it: it aborts at its next check

@@ -14,6 +14,7 @@ from engine.settings import get_settings
 from flows.discovery import discover_models
 from flows.pipeline import candidate_pipeline
 from flows.release import release
+from tasks.release import Fleet, fleet_configured, resolve_fleet
 from tasks.report import write_run_report
 
 
@@ -24,9 +25,14 @@ def pipeline_run(
     suite: str = "gate",
     limit: int | None = None,
     release_candidates: bool = True,
+    servers: list[str] | None = None,
+    admin_token: SecretStr | None = None,
+    synthetic_load: bool | None = None,
 ) -> dict:
     """Discover new models and take each, in the order the source lists them, through the candidate pipeline
-    and then the release flow, against a server of its own on 127.0.0.1 (stopped at the end).
+    and then the release flow. The release goes to the fleet (`servers`, else RYZ_RELEASE_SERVERS) with its real
+    traffic (synthetic load only when asked: `synthetic_load` or RYZ_RELEASE_SYNTHETIC_LOAD); with no fleet
+    configured, to a server of its own on 127.0.0.1 with synthetic load (stopped at the end): the embedded default.
 
     Returns:
         {"report": path, "candidates": [per-candidate results]}.
@@ -36,8 +42,10 @@ def pipeline_run(
     # Discover: new (repo, revision) pairs only; a second run with nothing new stops here.
     candidates = discover_models(source=source, local_paths=[path] if path else None, include_errors=True)
     results = []
+    settings = get_settings()
+    fleet = resolve_fleet(servers, admin_token, settings) if servers or fleet_configured(settings) else None
+    load = settings.release_synthetic_load if synthetic_load is None else synthetic_load
     with contextlib.ExitStack() as stack:
-        server = None
         for candidate in candidates:
             if candidate["status"] == "error":  # seen but unreadable: reported with why, never "nothing new"
                 results.append({**candidate, "status": "refused", "version": None})
@@ -63,23 +71,23 @@ def pipeline_run(
                     "reason": f"pipeline failed: {state.message or state.name}",
                 }
             ref = outcome.get("version") and f"{outcome['name']}:{outcome['version']}"
-            # Release: gates, canary steps with synthetic traffic, promotion; the server starts with the first one.
+            # Release: gates, canary steps, promotion; without a fleet, our own server starts with the first one.
             if release_candidates and outcome["status"] == "candidate":
-                server = server or stack.enter_context(_own_server())
+                if fleet is None:
+                    server = stack.enter_context(_own_server())
+                    fleet, load = Fleet(servers=[server.url], admin_token=SecretStr(server.token)), True
                 rel_state = release(
                     ref=ref,
-                    synthetic_load=True,
-                    servers=[server.url],
-                    admin_token=SecretStr(server.token),
+                    synthetic_load=load,
+                    servers=fleet.servers,
+                    admin_token=fleet.admin_token,
                     return_state=True,
                 )
                 rel = rel_state.result(raise_on_failure=False) if rel_state.is_completed() else None
                 if not isinstance(rel, dict):
                     outcome = {**outcome, "release": "failed", "reason": outcome["reason"] + "; release flow failed"}
                 else:
-                    final = {"promoted": "production", "rejected": "rejected", "aborted": "rolled_back"}.get(
-                        rel["status"], rel["status"]
-                    )
+                    final = {"promoted": "production", "aborted": "rolled_back"}.get(rel["status"], rel["status"])
                     why = next(
                         (e["reason"] for e in reversed(rel["log"]) if e["event"] == rel["status"]),
                         rel["log"][-1]["reason"],

@@ -9,7 +9,9 @@ aborted attempt's results), and log through the release record what they did and
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 
+import numpy as np
 from prefect import get_run_logger, task
 from prefect.transactions import BaseTransaction, Transaction, get_transaction
 from pydantic import BaseModel, ConfigDict, SecretStr
@@ -17,8 +19,9 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 from engine.artifacts.registry import Registry
 from engine.artifacts.releases import ReleaseStore
 from engine.artifacts.store import open_store
-from engine.serving.admin import Replicas
-from engine.serving.canary import Thresholds, VariantStats, compare, decided, snapshot
+from engine.errors import RyzError
+from engine.serving.admin import AdminError, Replicas
+from engine.serving.canary import Samples, Thresholds, VariantStats, compare, decided, snapshot
 from engine.settings import Settings, get_settings
 
 
@@ -35,17 +38,55 @@ class Fleet(BaseModel):
         return Replicas(self.servers, self.admin_token.get_secret_value() if self.admin_token else None)
 
 
+class FleetError(RyzError, RuntimeError):
+    """The fleet is missing, or its replicas disagree and could not be brought in line (each one named)."""
+
+
 def resolve_fleet(
     servers: list[str] | None = None, admin_token: SecretStr | str | None = None, settings: Settings | None = None
 ) -> Fleet:
-    """The given servers and token, else the settings': RYZ_RELEASE_SERVERS (else this host's RYZ_HOST:RYZ_PORT)
-    and RYZ_ADMIN_TOKEN."""
+    """The given servers and token, else the settings': RYZ_RELEASE_SERVERS and RYZ_ADMIN_TOKEN. No servers given
+    and none set is no fleet, never a guess at this host's port."""
     settings = settings or get_settings()
+    if not (servers or settings.release_servers):
+        raise FleetError(
+            "no serving fleet is configured: set RYZ_RELEASE_SERVERS to the replicas' base URLs "
+            '(a JSON list, e.g. ["http://10.0.0.5:8000"]) or pass `servers` to the release flow'
+        )
     token = admin_token if admin_token is not None else settings.admin_token
     return Fleet(
-        servers=servers or settings.release_servers or [f"http://{settings.host}:{settings.port}"],
-        admin_token=SecretStr(token) if isinstance(token, str) else token,
+        servers=servers or settings.release_servers, admin_token=SecretStr(token) if isinstance(token, str) else token
     )
+
+
+def fleet_configured(settings: Settings | None = None) -> bool:
+    """RYZ_RELEASE_SERVERS is set: the main job releases to those replicas, not to a server of its own."""
+    return bool((settings or get_settings()).release_servers)
+
+
+def bring_in_line(fleet: Fleet, production: str | None, canary: str | None = None, weight: int = 0) -> list[str]:
+    """Make every replica hold `production` (None: leave it) and `canary` at `weight`, or an empty canary slot:
+    the one compensation every undo uses. It reaches every replica even when some fail.
+
+    Returns:
+        the replicas it could not bring in line, each with why (empty: the fleet agrees).
+    """
+    failed = []
+    for client in fleet.replicas().clients:
+        try:
+            held = {n: v["ref"] for n, v in client.state()["variants"].items()}
+            if production and held.get("production") != production:
+                client.load("production", production)
+            if canary is None and "canary" in held:
+                client.set_weight(0)
+                client.unload("canary")
+            elif canary is not None:
+                if held.get("canary") != canary:
+                    client.load("canary", canary)
+                client.set_weight(weight)
+        except AdminError as exc:
+            failed.append(str(exc))
+    return failed
 
 
 def registry(actor: str) -> Registry:
@@ -84,7 +125,8 @@ def check_offline_gates(release_id: str, ref: str) -> dict:
     """Parity, then accuracy and speed against production's record (or the floors for the first model).
 
     Returns:
-        {"passed", "reason", "checks", "bootstrap"}: bootstrap is true when there is no production yet.
+        {"passed", "held", "reason", "checks", "bootstrap"}: bootstrap is true when there is no production yet; held
+        when it passed but is better than production on no primary metric (RYZ_RELEASE_POLICY=improve).
     """
     from evaluations.evaluate import load_record
     from evaluations.gates import gate as combine_gates
@@ -94,28 +136,67 @@ def check_offline_gates(release_id: str, ref: str) -> dict:
     reg = Registry(store)
     version = reg.get(ref)
     if version.status == "rejected":
-        return {"passed": False, "reason": f"{ref} was rejected by the pipeline", "checks": [], "bootstrap": False}
+        return {
+            "passed": False,
+            "held": False,
+            "reason": f"{ref} was rejected by the pipeline",
+            "checks": [],
+            "bootstrap": False,
+        }
     if not version.evaluation:
-        return {"passed": False, "reason": f"{ref} has no evaluation record", "checks": [], "bootstrap": False}
+        return {
+            "passed": False,
+            "held": False,
+            "reason": f"{ref} has no evaluation record",
+            "checks": [],
+            "bootstrap": False,
+        }
     record = load_record(version.evaluation, store)
     if not record.get("valid"):
         return {
             "passed": False,
             "reason": "evaluation record invalid: " + "; ".join(record.get("failures", [])),
+            "held": False,
             "checks": [],
             "bootstrap": False,
         }
     production = reg.find("production")  # none yet: the floors apply
     baseline = load_record(production.evaluation, store) if production and production.evaluation else None
     gate = combine_gates(record, baseline, settings)
+    remeasured = ""
+    if production and baseline and _speed_decided(gate):
+        # Two records were benchmarked in different sessions; before speed alone rejects a candidate (or alone
+        # makes it better), both models run again now, interleaved on this host.
+        from engine.artifacts.refs import resolve_model
+        from evaluations.evaluate import BENCH_REPEATS, paired_bench
+
+        paths = [resolve_model(v.artifact_id, store) for v in (version, production)]
+        fresh = paired_bench(paths, BENCH_REPEATS, None, settings)
+        record = {**record, "bench": {**record["bench"], **fresh[0]}}
+        baseline = {**baseline, "bench": {**baseline["bench"], **fresh[1]}}
+        gate = combine_gates(record, baseline, settings)
+        remeasured = f"decode speed re-measured now, interleaved with production ({BENCH_REPEATS} runs each): "
     if production is None:
         reason = ("first model: " + gate.summary()) if gate.passed else gate.summary()
     else:
-        reason = (
+        reason = remeasured + (
             gate.summary() if not gate.passed else f"offline gates vs production {production.ref}: {gate.summary()}"
         )
     get_run_logger().info("offline gates for %s: %s", ref, reason)
-    return {"passed": gate.passed, "reason": reason, "checks": gate.checks, "bootstrap": production is None}
+    return {
+        "passed": gate.passed,
+        "held": gate.held,
+        "reason": reason,
+        "checks": gate.checks,
+        "bootstrap": production is None,
+    }
+
+
+def _speed_decided(gate) -> bool:
+    """Speed alone failed the gates, or is the only thing that made the candidate better."""
+    if not gate.passed:
+        return all(r.startswith("speed: ") for r in gate.reasons)
+    return bool(gate.improvements) and all(i.startswith("decode") for i in gate.improvements)
 
 
 # -- server and registry moves, each undone by its rollback hook ------------------------------------------
@@ -123,36 +204,32 @@ def check_offline_gates(release_id: str, ref: str) -> dict:
 def load_canary(release_id: str, artifact_id: str, fleet: Fleet) -> None:
     """Load the version into every replica's canary slot (weight stays 0)."""
     _remember(release_id, fleet)
+    releases().set_fleet(release_id, canary=artifact_id, weight=0)  # before the loads: a replica restarting now joins
     fleet.replicas().load("canary", artifact_id)
     releases().log(release_id, "canary-loaded", f"canary {artifact_id[:19]} loaded on the servers")
 
 
 @load_canary.on_rollback
 def _unload_canary(txn: Transaction) -> None:
-    group = txn.get("fleet").replicas()
-    for action in (lambda: group.set_weight(0), lambda: group.unload("canary")):
-        try:
-            action()
-        except Exception:  # noqa: BLE001 - a replica without a canary is already undone
-            pass
-    _note_rollback(txn, "canary weight 0 and canary unloaded")
+    failed = bring_in_line(txn.get("fleet"), None)
+    releases().set_fleet(txn.get("release_id"), canary=None, weight=0)
+    _note_rollback(txn, "canary weight 0 and canary unloaded" + (f"; NOT on {'; '.join(failed)}" if failed else ""))
 
 
 @task(name="set-canary-weight")
 def set_canary_weight(release_id: str, step: int, weight: int, fleet: Fleet) -> None:
     """Send `weight` percent of routed traffic to the canary on every replica."""
     _remember(release_id, fleet)
+    releases().set_fleet(release_id, weight=weight)
     fleet.replicas().set_weight(weight)
     releases().log(release_id, "weight", f"canary weight {weight}%", step=step)
 
 
 @set_canary_weight.on_rollback
 def _weight_to_zero(txn: Transaction) -> None:
-    try:
-        txn.get("fleet").replicas().set_weight(0)
-    except Exception:  # noqa: BLE001 - canary already gone
-        pass
-    _note_rollback(txn, "canary weight back to 0")
+    failed = txn.get("fleet").replicas().try_each("set_weight", 0)  # a 409 means that replica has no canary left
+    releases().set_fleet(txn.get("release_id"), weight=0)
+    _note_rollback(txn, "canary weight back to 0" + (f" (not answered: {'; '.join(failed)})" if failed else ""))
 
 
 @task(name="mark-canary")
@@ -195,14 +272,16 @@ def promote_on_servers(release_id: str, old_production_artifact: str | None, fle
     """The canary's engine becomes production on every replica; the canary slot empties."""
     _remember(release_id, fleet).set("old_production_artifact", old_production_artifact)
     fleet.replicas().promote()
+    releases().set_fleet(release_id, canary=None, weight=0)
 
 
 @promote_on_servers.on_rollback
 def _restore_production(txn: Transaction) -> None:
+    """On every replica, also those that did promote before another refused (a split fleet is never left)."""
     artifact = txn.get("old_production_artifact")
-    if artifact:
-        txn.get("fleet").replicas().load("production", artifact)
-    _note_rollback(txn, f"servers' production restored to {artifact[:19] if artifact else 'nothing'}")
+    failed = bring_in_line(txn.get("fleet"), artifact, canary=None) if artifact else []
+    note = f"; NOT on {'; '.join(failed)}" if failed else ""
+    _note_rollback(txn, f"servers' production restored to {artifact[:19] if artifact else 'nothing'}{note}")
 
 
 @task(name="load-production")
@@ -262,32 +341,20 @@ def observe_canary_step(
     Returns:
         {"outcome": pass|fail|inconclusive|paused|aborted, "reasons", "canary", "production"}.
     """
-    from contextlib import AbstractContextManager, nullcontext
-
     settings = get_settings()
     group = fleet.replicas()
     store = releases()
     thresholds = Thresholds(
-        settings.release_min_requests,
-        settings.release_error_margin,
-        settings.release_ttft_ratio,
-        settings.release_speed_ratio,
-        settings.release_ttft_min_delta_ms,
-        settings.release_tpot_min_delta_ms,
+        min_requests=settings.release_min_requests,
+        max_error_rate_delta=settings.release_error_margin,
+        max_ttft_ratio=settings.release_ttft_ratio,
+        min_speed_ratio=settings.release_speed_ratio,
+        min_samples=settings.release_min_samples,
     )
+    # Each replica's own clock opens the step's window of per-request figures: hosts' clocks need not agree.
+    starts = [answer["now"] for answer in group.samples(time.time())]
     before = [snapshot(text) for text in group.metrics()]
-    load: AbstractContextManager[object] = nullcontext()
-    if synthetic_load:
-        from engine.serving.loadgen import SyntheticLoad
-
-        load = SyntheticLoad(
-            group.clients[0].base_url,
-            settings.served_model_name,
-            _load_prompts(),
-            settings.release_load_concurrency,
-            api_key=_first_api_key(settings),
-            deadline_s=settings.release_step_timeout,
-        )
+    load = synthetic_traffic(fleet, synthetic_load, settings.release_step_timeout)
     deadline = time.monotonic() + settings.release_step_timeout
     outcome = None
     with load:
@@ -302,11 +369,14 @@ def observe_canary_step(
             if decided(canary_now, _sum(now, "production").minus(_sum(before, "production")), thresholds):
                 break
     after = [snapshot(text) for text in group.metrics()]
+    answers = [client.samples(since) for client, since in zip(group.clients, starts)]
     verdict = compare(
         _sum(after, "canary").minus(_sum(before, "canary")),
         _sum(after, "production").minus(_sum(before, "production")),
         thresholds,
         weight,
+        canary_samples=Samples.merge(answers, "canary"),
+        production_samples=Samples.merge(answers, "production"),
     )
     result = {
         "outcome": outcome or verdict.outcome,
@@ -351,28 +421,174 @@ def _load_prompts() -> list[str]:
     return prompts or ["The quick brown fox", "Once upon a time", "def add(a, b):", "2 + 3 ="]
 
 
-# -- outcomes -------------------------------------------------------------------------------------------------
-def abort_actions(release_id: str, ref: str, reason: str, actor: str, fleet: Fleet) -> None:
-    """Canary weight 0 and unloaded everywhere, registry status rolled_back (production untouched), release aborted."""
+# -- the watch after promotion ---------------------------------------------------------------------------------
+def synthetic_traffic(fleet: Fleet, on: bool, deadline_s: float) -> AbstractContextManager[object]:
+    """Bounded synthetic load spread over every replica, when asked; else nothing (real traffic only)."""
+    if not on:
+        return nullcontext()
+    from engine.serving.loadgen import SyntheticLoad
+
+    settings = get_settings()
+    return SyntheticLoad(
+        fleet.servers,
+        settings.served_model_name,
+        _load_prompts(),
+        settings.release_load_concurrency,
+        api_key=_first_api_key(settings),
+        deadline_s=deadline_s,
+    )
+
+
+def watch_baseline(rel: dict) -> dict:
+    """The previous production's figures while it served beside the canary (most of the traffic at the 5/25/50 %
+    steps): request-weighted over the steps the release logged."""
+    rows = [e["production"] for e in rel["log"] if e["event"].startswith("step-") and e.get("production")]
+    requests = sum(r["requests"] for r in rows)
+
+    def weighted(key: str) -> float | None:
+        pairs = [(r[key], r["requests"]) for r in rows if r.get(key) is not None and r["requests"]]
+        total = sum(n for _, n in pairs)
+        return sum(v * n for v, n in pairs) / total if total else None
+
+    return {
+        "requests": requests,
+        "error_rate": sum(r["errors"] for r in rows) / requests if requests else 0.0,
+        "ttft_p95_ms": weighted("ttft_p95_ms"),
+        "decode_tok_s": weighted("decode_tok_s"),
+    }
+
+
+def regressions(seen: VariantStats, samples: Samples, baseline: dict, settings: Settings) -> list[str]:
+    """Why production, as watched (counts from /metrics, latency from its per-request figures), is worse than the
+    previous production's figures beyond the watch's thresholds."""
+    found, ratio, n = [], settings.release_watch_latency_ratio, int(seen.requests)
+    limit = baseline["error_rate"] + settings.release_watch_error_margin
+    if seen.error_rate > limit:
+        found.append(
+            f"error rate {seen.error_rate:.1%} > previous {baseline['error_rate']:.1%} + "
+            f"{settings.release_watch_error_margin:.1%} over {n} requests"
+        )
+    p95, before = _p95_ms(samples), baseline["ttft_p95_ms"]
+    if p95 is not None and before and p95 > ratio * before:
+        found.append(f"p95 TTFT {p95:.0f} ms > {ratio} x previous {before:.0f} ms over {len(samples.ttft)} requests")
+    speed, before = _decode_tok_s(samples), baseline["decode_tok_s"]
+    if speed and before and 1 / speed > ratio / before:
+        found.append(
+            f"decode {speed:.1f} tok/s: time per token over {ratio} x previous ({before:.1f} tok/s) over "
+            f"{len(samples.tpot)} requests"
+        )
+    return found
+
+
+def _p95_ms(samples: Samples) -> float | None:
+    return float(np.quantile(samples.ttft, 0.95)) * 1000 if samples.ttft else None
+
+
+def _decode_tok_s(samples: Samples) -> float | None:
+    median = float(np.median(samples.tpot)) if samples.tpot else 0.0
+    return 1 / median if median > 0 else None
+
+
+@task(name="watch-production")
+def watch_production(release_id: str, actor: str, synthetic_load: bool, fleet: Fleet) -> dict:
+    """After a promotion, watch production on every replica until the bake period (its `watch.until`) has passed
+    and RYZ_RELEASE_BAKE_MIN_REQUESTS requests were answered; on a regression against the previous production's
+    figures (`watch.baseline`), roll back to `previous` on every replica.
+
+    Returns:
+        {"outcome": "promoted" | "rolled_back", "reason"}: the reason carries the numbers.
+    """
+    settings = get_settings()
+    store = releases()
+    watch = store.get(release_id)["watch"]
     group = fleet.replicas()
-    for action in (lambda: group.set_weight(0), lambda: group.unload("canary")):
-        try:
-            action()
-        except Exception:  # noqa: BLE001 - nothing to undo on that replica
-            pass
+    before = _sum([snapshot(t) for t in group.metrics()], "production")
+    starts = [answer["now"] for answer in group.samples(time.time())]  # each replica's own clock
+    give_up = watch["until"] + settings.release_step_timeout  # too little traffic: stop watching, say so
+    with synthetic_traffic(fleet, synthetic_load, max(1.0, give_up - time.time())):
+        while True:
+            time.sleep(0.5)
+            doc = store.heartbeat(release_id)  # renews the lease: a dead watcher is seen and resumed
+            seen = _sum([snapshot(t) for t in group.metrics()], "production").minus(before)
+            samples = Samples.merge([c.samples(t) for c, t in zip(group.clients, starts)], "production")
+            enough = seen.requests >= settings.release_min_requests
+            found = regressions(seen, samples, watch["baseline"], settings) if enough else []
+            if doc["status"] == "abort_requested":
+                found = ["rollback requested during the watch"]
+            if found:
+                reason = f"watch after promotion: {'; '.join(found)}; rolled back to previous"
+                back = rollback_production(actor, reason, fleet)
+                store.log(release_id, "watch-regressed", reason, production=back["production"])
+                return {"outcome": "rolled_back", "reason": reason}
+            now, n = time.time(), int(seen.requests)
+            if now >= watch["until"] and n >= settings.release_bake_min_requests:
+                return {
+                    "outcome": "promoted",
+                    "reason": f"watched {n} production requests for the bake period: error rate "
+                    f"{seen.error_rate:.1%}, p95 TTFT {_ms(_p95_ms(samples))}, decode {_rate(_decode_tok_s(samples))}; "
+                    f"no regression against the previous production",
+                }
+            if now >= give_up:
+                return {
+                    "outcome": "promoted",
+                    "reason": f"watch ended unjudged: {n} production requests by the end of the bake period "
+                    f"(need {settings.release_bake_min_requests}); production kept",
+                }
+
+
+def _ms(ms: float | None) -> str:
+    return "n/a" if ms is None else f"{ms:.0f} ms"
+
+
+def _rate(tok_s: float | None) -> str:
+    return "n/a" if tok_s is None else f"{tok_s:.1f} tok/s"
+
+
+# -- outcomes -------------------------------------------------------------------------------------------------
+def abort_actions(release_id: str, ref: str, reason: str, actor: str, fleet: Fleet) -> str:
+    """Canary weight 0 and unloaded on every replica, each holding the registry's production; registry status
+    rolled_back (production untouched); release aborted, or `degraded` naming the replicas that could not be
+    brought in line (`ryz release abort` again retries them).
+
+    Returns:
+        the release's new status.
+    """
     reg = registry(actor)
+    production = reg.find("production")
+    if releases().get(release_id).get("watch"):  # promoted, in its bake period: aborting it is a rollback
+        if production and production.ref == ref:
+            rollback_production(actor, reason, fleet)
+        releases().set_status(release_id, "rolled_back", reason)
+        return "rolled_back"
+    failed = bring_in_line(fleet, production.artifact_id if production else None, canary=None)
+    releases().set_fleet(release_id, canary=None, weight=0)
     canary = reg.aliases().get("canary")
     if canary and f"{canary['name']}:{canary['version']}" == ref:
         reg.set_alias("canary", None, f"release {release_id} aborted")
-    reg.set_status(ref, "rolled_back", reason)
+    if reg.get(ref).status != "rolled_back":
+        reg.set_status(ref, "rolled_back", reason)
+    if failed:
+        why = f"{reason}; replicas not brought in line: {'; '.join(failed)}; `ryz release abort` retries them"
+        releases().set_status(release_id, "degraded", why)
+        return "degraded"
     releases().set_status(release_id, "aborted", reason)
+    return "aborted"
 
 
 @task(name="abort-release")
-def abort_release(release_id: str, ref: str, reason: str, actor: str, fleet: Fleet) -> None:
-    """Abort: see abort_actions."""
-    abort_actions(release_id, ref, reason, actor, fleet)
-    get_run_logger().warning("release %s of %s aborted: %s", release_id, ref, reason)
+def abort_release(release_id: str, ref: str, reason: str, actor: str, fleet: Fleet) -> str:
+    """Abort: see abort_actions. Returns the release's new status (aborted, or degraded)."""
+    status = abort_actions(release_id, ref, reason, actor, fleet)
+    get_run_logger().warning("release %s of %s %s: %s", release_id, ref, status, reason)
+    return status
+
+
+@task(name="hold-version")
+def hold_version(release_id: str, ref: str, reason: str, actor: str) -> None:
+    """Passed the gates but is not better than production: registered as held with the numbers, not released."""
+    registry(actor).set_status(ref, "held", reason)
+    releases().set_status(release_id, "held", reason)
+    get_run_logger().info("%s held: %s", ref, reason)
 
 
 @task(name="reject-version")
@@ -388,9 +604,9 @@ def rollback_production(actor: str, reason: str, fleet: Fleet) -> dict:
     reg = registry(actor)
     before = reg.get("production")
     back = reg.rollback(reason)
-    try:
-        fleet.replicas().load("production", back.artifact_id)
-    except Exception:
+    failed = bring_in_line(fleet, back.artifact_id)
+    if failed:  # all or nothing: put every replica back on `before`, and the registry with them
+        stuck = bring_in_line(fleet, before.artifact_id)
         reg.update(
             lambda state: state["aliases"].update(
                 {
@@ -400,7 +616,10 @@ def rollback_production(actor: str, reason: str, fleet: Fleet) -> dict:
             ),
             "undoing a rollback the servers refused",
         )
-        raise
+        raise FleetError(
+            f"rollback to {back.ref} refused by {'; '.join(failed)}; production stays {before.ref}"
+            + (f"; NOT restored on {'; '.join(stuck)}" if stuck else " on every replica")
+        )
     # The replicas load the version's model artifact: the same bytes as its bundle's model.gguf (content-addressed);
     # hosts deployed from bundles redeploy `bundle` itself (`ryz bundle previous -o DIR` fetches it byte for byte).
     return {"production": back.ref, "rolled_back": before.ref, "bundle": (back.extra or {}).get("bundle")}

@@ -114,3 +114,22 @@ def falcon3_variant(src: Path, dst: Path, seed: int = 2) -> Path:
 def odd_width_shape() -> Shape:
     """A shape whose FFN (320) is not a multiple of 256, like 1bitLLM-3B's hidden 3200."""
     return replace(SHAPES["tiny"], ffn=320)
+
+
+def slower_twin(src: Path, dst: Path, factor: int = 3) -> Path:
+    """`src` with `factor` x its decoder layers and the same outputs: the added layers are copies of its layers
+    whose o_proj and down_proj are zero, so each adds exactly 0 to the residual stream (an all-zero matrix
+    quantizes to zero codes with a finite scale: quantize_absmean clamps mean|W| at SCALE_EPS). The layers' work
+    grows `factor` x; the head, the embedding and the engine's per-token overhead do not, so a tiny model slows
+    by less than `factor` per token (measure it; test_canary_analysis.py does)."""
+    if factor < 1:
+        raise ValueError(f"factor must be at least 1, got {factor}")
+    tensors = tensors_of(src)
+    layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    for extra in range(layers, layers * factor):
+        source = f"model.layers.{extra % layers}."
+        for name, value in list(tensors.items()):
+            if name.startswith(source):
+                inert = name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight"))
+                tensors[f"model.layers.{extra}.{name[len(source) :]}"] = np.zeros_like(value) if inert else value
+    return rewrite(src, dst, tensors, {"num_hidden_layers": layers * factor})

@@ -321,3 +321,99 @@ def test_force_rebuilds(cold, home):
     assert read_manifest(again.directory) == again.manifest
     kernels = home / "cache" / "kernels"
     assert not [p.name for p in kernels.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+
+
+# --- where the sources are: a checkout or an installed wheel ------------------------------------------
+
+
+def _copy_sources_as_installed(site: Path) -> Path:
+    """The hashed native sources laid out as a wheel installs them: site/ryz_native/..."""
+    installed = site / build.NATIVE_PACKAGE
+    for path in build._source_files(NATIVE_DIR):
+        target = installed / path.relative_to(NATIVE_DIR)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    return installed
+
+
+def test_native_sources_resolve_from_the_installed_package(tmp_path, monkeypatch):
+    """Without a checkout next to the engine, the sources are the installed `ryz_native` package's, with the
+    checkout's source hash (hence the same build key); with neither, the error names both places."""
+    installed = _copy_sources_as_installed(tmp_path / "site-packages")
+    checkout = tmp_path / "wheel-install" / "native"  # what parents[2] / "native" is in site-packages: absent
+    monkeypatch.setattr(build, "CHECKOUT_NATIVE_DIR", checkout)
+    monkeypatch.syspath_prepend(str(tmp_path / "site-packages"))
+    assert build.native_source_dir() == installed.resolve()
+    assert source_hash() == source_hash(installed) == source_hash(NATIVE_DIR)
+    assert build._native_root(None) == installed.resolve()
+
+    (installed / "CMakeLists.txt").unlink()  # a broken install
+    with pytest.raises(BuildError, match=rf"(?s){re.escape(str(checkout))}.*ryz_native.*{re.escape(str(installed))}"):
+        build.native_source_dir()
+    with pytest.raises(BuildError, match="neither the source checkout"):
+        source_hash()
+
+
+def test_setuptools_lists_every_package():
+    """pyproject.toml lists its packages (`ryz_native` is native/ under another name, which `packages.find` cannot
+    do): every directory under each listed top-level package must be listed too, or the wheel lacks it."""
+    import tomllib
+
+    setuptools = pytest.importorskip("setuptools")
+    root = Path(__file__).resolve().parents[1]
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    found = set()
+    for top in {p for p in listed if "." not in p}:
+        where = root / config.get("package-dir", {}).get(top, top)
+        found |= {top, *(f"{top}.{sub}" for sub in setuptools.find_namespace_packages(where=str(where)))}
+    assert listed == found
+
+
+def test_a_wheel_carries_the_native_sources(tmp_path):
+    """pip wheel of this project, unpacked and imported outside the checkout: the kernel build's sources are the
+    wheel's `ryz_native`, with the checkout's source hash."""
+    import zipfile
+
+    pytest.importorskip("setuptools")
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    for name in ("engine", "flows", "tasks", "evaluations", "deployments"):
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__", ".*"))
+    _copy_native(src / "native")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copyfile(root / name, src / name)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q"]
+        + ["-w", str(tmp_path / "dist"), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+        zf.extractall(tmp_path / "site")
+    carried = {n for n in names if n.startswith("ryz_native/")}
+    assert {f"ryz_native/{p.relative_to(NATIVE_DIR).as_posix()}" for p in build._source_files(NATIVE_DIR)} <= carried
+    assert "ryz_native/CMakeLists.txt" in carried and not [n for n in carried if n.endswith((".o", ".so"))]
+    probe = (
+        "import json, engine; from engine.model import build; d = build.native_source_dir(); "
+        "print(json.dumps([engine.__file__, str(d), build.source_hash(), str(build.NATIVE_DIR)]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env=_ryz_env(tmp_path / "home", PYTHONPATH=str(tmp_path / "site")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    engine_file, native, digest, native_dir = json.loads(proc.stdout)
+    site = (tmp_path / "site").resolve()
+    assert Path(engine_file).resolve().is_relative_to(site)  # the wheel's engine, not the checkout's
+    assert Path(native) == Path(native_dir) == site / "ryz_native" and (Path(native) / "CMakeLists.txt").is_file()
+    assert digest == source_hash(NATIVE_DIR)

@@ -85,7 +85,14 @@ def good_record(**changes) -> dict:
 
 
 def test_good_record_passes():
-    assert evaluate.validate_record(good_record()) == []
+    assert evaluate.validate_record(good_record()) == []  # an older record: one run, no decode_tok_s_runs
+    runs = {**good_record()["bench"], "repeats": 3, "decode_tok_s_runs": [310.0, 290.0, 300.0]}
+    assert evaluate.validate_record(good_record(bench=runs)) == []  # decode_tok_s 300 is their median
+    # with runs, roofline_fraction is the median of per-run fractions; the medians' fraction is what must add up
+    runs.update(roofline_fraction=0.27, roofline_fraction_of_medians=0.3)
+    assert evaluate.validate_record(good_record(bench=runs)) == []
+    runs.update(roofline_fraction_of_medians=0.27)
+    assert "roofline_fraction_of_medians 0.27 is off by 0.1" in evaluate.validate_record(good_record(bench=runs))[0]
 
 
 @pytest.mark.parametrize(
@@ -106,6 +113,15 @@ def test_good_record_passes():
         ),
         (lambda r: r["bench"].update(ttft_ms=1.0), "ttft_ms = 1 <"),
         (lambda r: r["bench"].update(roofline_fraction=2.0), "bench.roofline_fraction = 2"),
+        (
+            lambda r: r["bench"].update(repeats=3, decode_tok_s_runs=[290.0, 300.0, float("nan")]),
+            "bench.decode_tok_s_runs [290, 300, nan] is nan",
+        ),
+        (lambda r: r["bench"].update(decode_tok_s_runs=[290.0, 300.0, 310.0]), "is 3 runs for repeats 1"),
+        (
+            lambda r: r["bench"].update(repeats=3, decode_tok_s_runs=[200.0, 250.0, 310.0]),
+            "decode_tok_s 300 vs the median of runs [200, 250, 310]",
+        ),
     ],
 )
 def test_gx_rejects_a_bad_record(spoil, expected):
@@ -288,6 +304,8 @@ def test_ryz_eval_json_then_compare(home):
         evaluate.BENCH_GEN,
         evaluate.BENCH_REPEATS,
     )
+    runs = bench["decode_tok_s_runs"]  # every repeat's decode tok/s; decode_tok_s is their median
+    assert len(runs) == evaluate.BENCH_REPEATS and sorted(runs)[len(runs) // 2] == bench["decode_tok_s"]
     assert record["environment"]["cpu_fingerprint"] and record["environment"]["kernel_build"]
     html = Path(record["report"]).read_text()
     assert Path(record["report"]).parent == home / "reports" and '<table id="tasks">' in html and "<svg" in html

@@ -40,7 +40,41 @@ def home(tmp_path, kernel_build, monkeypatch):
     reload_settings()
 
 
-def test_pipeline_run_twice_and_resume_after_a_crash(home, prefect_harness, monkeypatch):
+@pytest.fixture
+def fleet(home, monkeypatch, tmp_path):
+    """Two replicas as RYZ_RELEASE_SERVERS, a bounded client load on them (their real traffic) and the probe."""
+    from engine.serving.admin import Replicas
+    from engine.serving.loadgen import SyntheticLoad
+    from tests.fleet import Probe, Replica, free_port
+
+    replicas = [Replica(free_port(), tmp_path / f"replica-{i}.log") for i in range(2)]
+    bases = [r.base for r in replicas]
+    for k, v in {
+        "RYZ_ADMIN_TOKEN": "fleet-token",
+        "RYZ_RELEASE_SERVERS": json.dumps(bases),
+        "RYZ_RELEASE_POLICY": "not-worse",
+        "RYZ_GATE_ACCURACY_MARGIN": "1.0",  # random tiny models: let beta through the gates to its canary
+        "RYZ_RELEASE_SYNTHETIC_LOAD": "false",
+        "RYZ_RELEASE_STEP_TIMEOUT": "120",
+    }.items():
+        monkeypatch.setenv(k, v)
+    reload_settings()
+    for replica in replicas:
+        replica.start()
+    probe = Probe(bases)
+    try:
+        with SyntheticLoad(bases, "ryzanstein", ["Once upon a time", "2 + 3 ="], 1, deadline_s=900):
+            yield {"replicas": Replicas(bases, "fleet-token"), "probe": probe}
+    finally:
+        probe.close()
+        for replica in replicas:
+            replica.stop()
+    assert probe.sent and probe.failures == [], probe.failures
+
+
+def test_pipeline_run_into_the_fleet_twice_and_resume_after_a_crash(home, fleet, prefect_harness, monkeypatch):
+    """With RYZ_RELEASE_SERVERS set, the main job releases into those two replicas with their own traffic, starts
+    no server of its own, and both replicas end on the same production; production answers the probe throughout."""
     import engine.model.quantize
     import evaluations.evaluate
     from flows.run import pipeline_run
@@ -77,7 +111,12 @@ def test_pipeline_run_twice_and_resume_after_a_crash(home, prefect_harness, monk
     second = pipeline_run(source="local", path=str(home["zoo"]), suite="demo_mc", limit=4)
     assert [c["repo"] for c in second["candidates"]] == ["beta"]
     assert len(quantized) == 2
-    assert second["candidates"][0]["status"] in ("production", "rejected", "rolled_back")
+    assert second["candidates"][0]["status"] == "production", second["candidates"]
+    assert "passed every canary step" in second["candidates"][0]["reason"]
+    production = Registry(open_store()).get("production")
+    served = [{n: v["ref"] for n, v in state["variants"].items()} for state in fleet["replicas"].state()]
+    assert production.name == "beta" and served == [{"production": production.artifact_id}] * 2
+    assert not (home["home"] / "logs" / "pipeline-serve.log").exists()  # no server of its own
 
     # Nothing new: a no-op that says so.
     third = pipeline_run(source="local", path=str(home["zoo"]), suite="demo_mc", limit=4)

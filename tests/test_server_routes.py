@@ -46,6 +46,8 @@ class FakeClient:
         return None
 
     def submit(self, request):
+        if self.closed:  # as the real core does once closed
+            raise RuntimeError("the engine is shutting down")
         if self.queue_full:
             raise QueueFullError("full")
         if self.crash:
@@ -195,3 +197,27 @@ def test_an_unhandled_error_is_a_counted_500(fake):
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     metrics = http.get("/metrics").text
     assert 'ryz_requests_total{endpoint="completions",status="500",variant="production"} 1.0' in metrics
+
+
+def test_a_production_replaced_between_routing_and_submit_still_answers(fake):
+    """A request routed to production, then held (a latency fault here; retrieval or parsing in real life) while a
+    rollback loads another production: the old one closes only after that request reached it."""
+    import threading
+
+    http, state, clients, scripts, _ = fake
+    scripts["prod2"] = HELLO
+    state.load("production", "prod")
+    state.faults["production_latency_ms"] = 400
+    answers = []
+    body = {"model": "production", "prompt": "hi", "max_tokens": 5}
+    sender = threading.Thread(target=lambda: answers.append(http.post("/v1/completions", json=body)))
+    sender.start()
+    time.sleep(0.15)
+    state.load("production", "prod2")  # clears production's faults: the faulty model is gone
+    sender.join(timeout=10)
+    assert answers[0].status_code == 200 and clients["prod"].submitted, answers[0].text
+    deadline = time.monotonic() + 5
+    while not clients["prod"].closed:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert state.faults["production_latency_ms"] == 0

@@ -9,7 +9,9 @@ state, up to a bound, and then raises ConflictError naming what it tried. Nothin
 is ever deleted: rollbacks move aliases and statuses and append events.
 
 Versions are immutable in what they point at (artifact, kernel build, evaluation record, source);
-only their status moves: candidate -> canary -> production -> retired, or rejected / rolled_back.
+only their status moves: candidate -> canary -> production -> retired, or rejected (a gate failed) / held
+(passed the gates but not better than production under RYZ_RELEASE_POLICY=improve: not released) /
+rolled_back.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from engine.errors import ConflictError, ModelReferenceError, SchemaVersionError
 SCHEMA = 1
 STATE_KEY = "registry/state"
 ALIASES = ("production", "canary", "previous")
-STATUSES = ("candidate", "canary", "production", "retired", "rejected", "rolled_back")
+# held: passed the gates, not better than production beyond noise (policy improve), so not released.
+STATUSES = ("candidate", "canary", "production", "retired", "rejected", "held", "rolled_back")
 _NAME_VERSION = re.compile(r"^(?P<name>[^:\s]+):(?P<version>\d+)$")
 _MAX_ATTEMPTS = 8
 

@@ -5,10 +5,16 @@ and a log of what happened with the numbers. A paused release resumes from its r
 retried release after an abort is a new document with a new id, so nothing of the aborted attempt
 (cached task results included: tasks are keyed on the release id) is reused.
 
-Statuses: `gating` -> `canary` -> `promoted`, or `rejected` (offline gates), `paused` (inconclusive or
-by hand), `aborted` (failed step or by hand), `failed` (an error the flow could not handle; the
-transaction undid the step). `pause_requested` / `abort_requested` are set by the CLI while a flow runs
-and honoured by it at the next check.
+Statuses: `gating` -> `canary` -> (`baking` ->) `promoted`, or `rejected` (offline gates), `held` (passed
+the gates but not better than production under RYZ_RELEASE_POLICY=improve: not released), `paused`
+(inconclusive or by hand), `aborted` (failed step, a promotion some replica refused, or by hand),
+`rolled_back` (the watch after promotion saw production regress and restored `previous`), `degraded` (a
+replica could not be brought in line with the others: named in the log; `ryz release abort` retries), `failed`
+(an error the flow could not handle; the transaction undid the step). `pause_requested` / `abort_requested` are
+set by the CLI while a flow runs and honoured by it at the next check.
+
+`fleet` records what the release has put on the replicas (`canary`: artifact id or None, `weight`): a replica
+that restarts reads it to rejoin in that state (engine/serving/follow.py).
 
 Leases: the flow running a release holds a lease in its document (`lease`: owner and heartbeat, renewed while it
 waits on traffic). A release in a state that needs a running flow (`OWNED`) whose lease is older than
@@ -27,8 +33,8 @@ SCHEMA = 1
 PREFIX = "releases/"
 STARTING_S = 60.0  # a pointer without its document yet: a start in progress, unless it is older than this
 CURRENT = "release-current"  # {"id"} of the release that last started: the one compare-and-swap that starts one
-ACTIVE = ("gating", "canary", "paused", "pause_requested", "abort_requested")
-OWNED = ("gating", "canary", "pause_requested", "abort_requested")  # statuses a running flow moves on
+ACTIVE = ("gating", "canary", "baking", "paused", "pause_requested", "abort_requested", "degraded")
+OWNED = ("gating", "canary", "baking", "pause_requested", "abort_requested")  # statuses a running flow moves on
 
 
 def stale_for(doc: dict, ttl: float, now: float | None = None) -> float | None:
@@ -155,6 +161,14 @@ class ReleaseStore:
             except ConflictError:
                 continue
         raise ConflictError(f"release {release_id}: 8 compare-and-swap races lost in a row")
+
+    def set_fleet(self, release_id: str, **held) -> dict:
+        """Record what the replicas now hold for this release (`canary`: artifact id or None, `weight`): what a
+        restarting replica rejoins to."""
+        return self.update(
+            release_id,
+            lambda doc: doc.__setitem__("fleet", {"canary": None, "weight": 0, **doc.get("fleet", {}), **held}),
+        )
 
     def log(self, release_id: str, event: str, reason: str, **fields) -> dict:
         def change(doc):

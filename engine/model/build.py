@@ -1,5 +1,8 @@
 """The kernel build (DESIGN.md "Kernel build"): native/ compiled by CMake for this CPU, cached by key.
 
+native/ is the checkout's, or in a wheel or sdist install the same files as the `ryz_native` package
+(`native_source_dir`): the same bytes hash to the same source hash, hence the same key, from either place.
+
     key = sha256(source hash, CMake flags, compiler, CPU fingerprint id)[:16]
     $RYZ_HOME/cache/kernels/<key>/    libryz.so, ryz_native_tests, build.log, build.json (the manifest)
 
@@ -15,6 +18,7 @@ records its table and winner in the same build.json.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -37,7 +41,8 @@ from engine.model.native import Library
 from engine.settings import Settings, get_settings
 
 SCHEMA = 1
-NATIVE_DIR = Path(__file__).resolve().parents[2] / "native"
+CHECKOUT_NATIVE_DIR = Path(__file__).resolve().parents[2] / "native"  # a source checkout or an editable install
+NATIVE_PACKAGE = "ryz_native"  # native/ in a wheel or sdist install (pyproject.toml maps the package to native/)
 SOURCE_PARTS = ("CMakeLists.txt", "include", "src", "kernels", "tests")  # what the build reads
 MIN_CMAKE = (3, 25)
 COMPILERS = ("c++", "g++", "clang++")  # cmake's own search order, minus exotic names
@@ -57,6 +62,42 @@ def print_to_stderr(message: str) -> None:
 
 
 # --- sources, toolchain, key ----------------------------------------------------------------------
+
+
+def _is_native_tree(path: Path) -> bool:
+    return (path / "CMakeLists.txt").is_file() and (path / "include" / "ryz.h").is_file()
+
+
+def native_source_dir() -> Path:
+    """The native/ source tree the kernel build compiles and hashes: the checkout's when this engine runs from one
+    (a source checkout or an editable install), else the installed `ryz_native` package (a wheel or sdist install).
+    Raises BuildError naming both places when neither holds the sources."""
+    if _is_native_tree(CHECKOUT_NATIVE_DIR):
+        return CHECKOUT_NATIVE_DIR
+    try:
+        spec = importlib.util.find_spec(NATIVE_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    locations = [Path(p) for p in spec.submodule_search_locations or []] if spec else []
+    for location in locations:
+        if _is_native_tree(location):
+            return location.resolve()
+    installed = ", ".join(map(str, locations)) or "not installed"
+    raise BuildError(
+        f"the native kernel sources are in neither the source checkout ({CHECKOUT_NATIVE_DIR}) nor the installed "
+        f"`{NATIVE_PACKAGE}` package ({installed}); reinstall Ryzanstein: pip install of its wheel or sdist, or "
+        "pip install -e of a checkout"
+    )
+
+
+try:  # for importers that copy the sources (engine/artifacts/bundle.py); the build calls native_source_dir() itself
+    NATIVE_DIR = native_source_dir()
+except BuildError:
+    NATIVE_DIR = CHECKOUT_NATIVE_DIR  # neither place holds them: a build that needs them says so, naming both
+
+
+def _native_root(native_dir: str | Path | None) -> Path:
+    return Path(native_dir).resolve() if native_dir else native_source_dir()
 
 
 def _digest(value: Any) -> str:
@@ -81,11 +122,9 @@ def _source_files(native_dir: Path) -> Iterator[Path]:
 
 def source_hash(native_dir: str | Path | None = None) -> str:
     """sha256 over native/'s sources: sorted relative paths and contents (build dirs excluded)."""
-    root = Path(native_dir) if native_dir else NATIVE_DIR
+    root = Path(native_dir) if native_dir else native_source_dir()
     if not (root / "CMakeLists.txt").is_file():
-        raise BuildError(
-            f"{root} is not the native source tree (no CMakeLists.txt); reinstall Ryzanstein from its source checkout"
-        )
+        raise BuildError(f"{root} is not the native source tree (no CMakeLists.txt)")
     h = hashlib.sha256()
     for path in sorted(_source_files(root), key=lambda p: p.relative_to(root).as_posix()):
         data = path.read_bytes()
@@ -235,7 +274,7 @@ def plan_build(
 ) -> BuildPlan:
     """What a build of these sources for this CPU would be called and where it lives (nothing is run but --version)."""
     settings = settings or get_settings()
-    root = Path(native_dir).resolve() if native_dir else NATIVE_DIR
+    root = _native_root(native_dir)
     source = source_hash(root)
     compiler = _compiler(settings)
     fingerprint = cpu_fingerprint()
@@ -510,7 +549,7 @@ def find_compatible(
     """The newest complete, self-tested build in the cache of these sources and flags for the CPU fingerprint
     `fingerprint_id`, whatever compiler made it: what a host without a compiler can use (e.g. one shipped in a
     serving bundle), and what a bundle for another CPU ships."""
-    source = source_hash(Path(native_dir).resolve() if native_dir else NATIVE_DIR)
+    source = source_hash(_native_root(native_dir))
     flags = build_flags(source)
     found = []
     for directory in kernels_dir(settings).glob("*/"):
@@ -551,7 +590,7 @@ _RESOLVED: dict[tuple[Path, Path], KernelBuild] = {}  # (kernels dir, native dir
 def current_build(settings: Settings | None = None, native_dir: str | Path | None = None) -> KernelBuild | None:
     """The build `load_library` loaded in this process for these settings, if any."""
     settings = settings or get_settings()
-    return _RESOLVED.get((kernels_dir(settings), Path(native_dir).resolve() if native_dir else NATIVE_DIR))
+    return _RESOLVED.get((kernels_dir(settings), _native_root(native_dir)))
 
 
 def load_library(
@@ -565,7 +604,7 @@ def load_library(
     Raises BuildError when there is no build and `build_if_missing` is false, ToolchainNotFoundError when one
     must be built and no compiler or CMake is installed, NativeError when RYZ_ISA names an ISA this CPU lacks."""
     settings = settings or get_settings()
-    memo = (kernels_dir(settings), Path(native_dir).resolve() if native_dir else NATIVE_DIR)
+    memo = (kernels_dir(settings), _native_root(native_dir))
     build = _RESOLVED.get(memo) or find_build(settings, native_dir)
     if build is None:
         if not build_if_missing:

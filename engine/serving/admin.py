@@ -57,6 +57,10 @@ class AdminClient:
     def drain(self, drain: bool = True) -> dict:
         return self._call("POST", "/admin/drain", json={"drain": drain})
 
+    def samples(self, since: float) -> dict:
+        """Per-request figures finished since `since` (this replica's unix time): GET /admin/samples."""
+        return self._call("GET", "/admin/samples", params={"since": since})
+
     def metrics(self) -> str:
         try:
             response = self._client.get("/metrics")
@@ -82,6 +86,17 @@ class Replicas:
             return [getattr(c, name)(*args, **kw) for c in self.clients]
 
         return each
+
+    def try_each(self, method: str, *args, **kw) -> list[str]:
+        """The call on every replica even when some fail (compensation must reach them all): the failures,
+        each naming its replica."""
+        failures = []
+        for c in self.clients:
+            try:
+                getattr(c, method)(*args, **kw)
+            except AdminError as exc:
+                failures.append(str(exc))
+        return failures
 
     def close(self) -> None:
         for c in self.clients:

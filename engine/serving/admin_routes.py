@@ -1,4 +1,5 @@
-"""The admin routes (docs/serving.md "Canary variants and admin"): load, unload, weights, faults, promote, drain.
+"""The admin routes (docs/serving.md "Canary variants and admin"): load, unload, weights, faults, promote, drain,
+and the per-request samples canary analysis reads.
 
 They need `RYZ_ADMIN_TOKEN` as a bearer token (checked in engine/serving/app.py's guard) and change variants
 without dropping requests in flight (engine/serving/variants.py). engine/serving/admin.py is their client.
@@ -7,6 +8,8 @@ without dropping requests in flight (engine/serving/variants.py). engine/serving
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 
 from fastapi import APIRouter, Request
 
@@ -64,15 +67,10 @@ async def admin_unload(name: str, request: Request):
 async def admin_weights(request: Request):
     state = _state(request)
     body = await read_json(request)
-    weight = body.get(CANARY)
     try:
-        state.router.set_weight(weight)
+        state.set_canary_weight(body.get(CANARY))
     except ValueError as exc:
         raise APIError(400, str(exc), param=CANARY) from None
-    if weight and CANARY not in state.variants:
-        state.router.set_weight(0)
-        raise APIError(409, "no canary is loaded: POST /admin/variants with name 'canary' first", code="no_canary")
-    state.metrics.canary_weight.set(weight)
     return state.describe()
 
 
@@ -85,11 +83,11 @@ async def admin_faults(request: Request):
             key not in state.faults
             or not isinstance(value, (int, float))
             or value < 0
-            or (key == "canary_error_rate" and value > 1)
+            or (key.endswith("_error_rate") and value > 1)
         ):
             raise APIError(
                 400,
-                f"faults take canary_error_rate (0-1) and canary_latency_ms (>= 0), got {key}={value!r}",
+                f"faults take {', '.join(state.faults)} (error rates 0-1, latencies in ms >= 0), got {key}={value!r}",
                 param=key,
             )
         state.faults[key] = float(value)
@@ -109,3 +107,23 @@ async def admin_drain(request: Request):
     body = await read_json(request, allow_empty=True)
     state.draining = bool(body.get("drain", True))
     return state.describe()
+
+
+@router.get("/admin/samples")
+async def admin_samples(request: Request):
+    """Per-request figures of each variant finished at or after `since` (unix time, default 0), for canary analysis:
+    `{"now", "fields": [...], "variants": {name: [[finished, ttft_s, tpot_s or null], ...]}}`. `now` is this
+    server's clock, so the caller can start its next window by it rather than by its own clock."""
+    raw = request.query_params.get("since", "0")
+    try:
+        since = float(raw)
+    except ValueError:
+        since = math.nan
+    if not math.isfinite(since):
+        raise APIError(400, f"`since` must be a unix time in seconds, got {raw!r}", param="since")
+    now = time.time()
+    return {
+        "now": now,
+        "fields": ["finished", "ttft_s", "tpot_s"],
+        "variants": _state(request).metrics.samples.since(since),
+    }

@@ -34,8 +34,10 @@ def create_app(
     model_ref: str | None = None,
     loader: Callable[[str, Settings], LoadedModel] | None = None,
     connect: ClientFactory | None = None,
+    follow_registry: bool = False,
 ) -> FastAPI:
-    """The server app; `model_ref` (if given) is loaded as production in the background at startup. Variants are
+    """The server app; `model_ref` (if given) is loaded as production in the background at startup, else with
+    `follow_registry` what the registry and the release in progress say (engine/serving/follow.py). Variants are
     opened by `connect` (an EngineClient factory), by default local engines over `loader` (the artifact store)."""
     settings = settings or get_settings()
     state = ServingState(settings, connect or local_clients(loader or load_model))
@@ -45,6 +47,12 @@ def create_app(
         if model_ref:
             state.loading.add(PRODUCTION)
             asyncio.get_running_loop().run_in_executor(None, load_logged, state, PRODUCTION, model_ref)
+        elif follow_registry:
+            from engine.artifacts.store import open_store
+            from engine.serving.follow import join_logged
+
+            state.loading.add("registry")
+            asyncio.get_running_loop().run_in_executor(None, join_logged, state, open_store)
         yield
         state.close()
 
@@ -139,11 +147,11 @@ def _refusal(request: Request, settings: Settings, api_keys: set[str]) -> APIErr
 def serve(
     model_ref: str | None, host: str | None = None, port: int | None = None, settings: Settings | None = None
 ) -> None:
-    """Run the server until interrupted (what `ryz serve` calls)."""
+    """Run the server until interrupted (what `ryz serve` calls). Without a model it follows the registry."""
     import uvicorn  # only when serving for real
 
     settings = settings or get_settings()
-    app = create_app(settings, model_ref)
+    app = create_app(settings, model_ref, follow_registry=model_ref is None)
     uvicorn.run(
         app, host=host or settings.host, port=port or settings.port, log_level="info", timeout_graceful_shutdown=10
     )

@@ -9,6 +9,7 @@ through `engine.serving.client.LocalEngineClient`, which turns that into an asyn
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 import uuid
@@ -73,6 +74,7 @@ class _Live:
     first_token_at: float | None = None
     last_token_at: float | None = None
     waited_at_last_token: float = 0.0  # the core's compute_wait when last_token_at was taken
+    token_latencies: list[float] = field(default_factory=list)  # this request's, for its median at the end
     stop_string_hit: bool = False
 
 
@@ -321,7 +323,9 @@ class EngineCore:
                 self.metrics.ttft(now - live.arrival)
             else:
                 assert live.last_token_at is not None  # set together with first_token_at
-                self.metrics.token_latency(now - live.last_token_at - (self.compute_wait - live.waited_at_last_token))
+                latency = now - live.last_token_at - (self.compute_wait - live.waited_at_last_token)
+                self.metrics.token_latency(latency)
+                live.token_latencies.append(latency)
         live.first_token_at = live.first_token_at or now
         live.last_token_at = now
         live.waited_at_last_token = self.compute_wait
@@ -364,6 +368,10 @@ class EngineCore:
             delta.prompt_logprobs = live.prompt_logprobs
         if self.metrics is not None:
             self.metrics.finished(delta)
+            if live.first_token_at is not None and delta.finish_reason in ("stop", "length"):
+                # per-request figures for canary analysis: successful requests only, like its evidence
+                tpot = statistics.median(live.token_latencies) if live.token_latencies else None
+                self.metrics.request(live.first_token_at - live.arrival, tpot)
         live.sink(delta)
 
 

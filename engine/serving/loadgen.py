@@ -2,7 +2,8 @@
 
 Clients post short completions with prompts drawn from a list, without session keys, so the router
 draws each request independently; every client stops when told to or at its deadline. Responses are
-not checked here: the server's own metrics are what the analysis reads.
+not checked here: the server's own metrics are what the analysis reads. Given several replicas, the clients are
+dealt out among them in turn, as a load balancer in front of a fleet would.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import httpx
 class SyntheticLoad:
     def __init__(
         self,
-        base_url: str,
+        base_url: str | list[str],
         model: str,
         prompts: list[str],
         concurrency: int = 4,
@@ -28,14 +29,16 @@ class SyntheticLoad:
     ):
         if not prompts:
             raise ValueError("synthetic load needs at least one prompt")
-        self.base_url, self.model, self.prompts = base_url.rstrip("/"), model, prompts
+        urls = [base_url] if isinstance(base_url, str) else base_url
+        self.base_urls, self.model, self.prompts = [u.rstrip("/") for u in urls], model, prompts
         self.concurrency, self.max_tokens, self.deadline_s = concurrency, max_tokens, deadline_s
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.sent = self.failed = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [
-            threading.Thread(target=self._client, args=(seed + i,), daemon=True) for i in range(concurrency)
+            threading.Thread(target=self._client, args=(seed + i, self.base_urls[i % len(self.base_urls)]), daemon=True)
+            for i in range(max(concurrency, len(self.base_urls)))
         ]
 
     def __enter__(self) -> SyntheticLoad:
@@ -48,10 +51,10 @@ class SyntheticLoad:
         for t in self._threads:
             t.join(timeout=60)
 
-    def _client(self, seed: int) -> None:
+    def _client(self, seed: int, base_url: str) -> None:
         rng = random.Random(seed)
         end = time.monotonic() + self.deadline_s
-        with httpx.Client(base_url=self.base_url, timeout=60, headers=self.headers) as client:
+        with httpx.Client(base_url=base_url, timeout=60, headers=self.headers) as client:
             while not self._stop.is_set() and time.monotonic() < end:
                 body = {
                     "model": self.model,

@@ -2,11 +2,17 @@
 
 One registry per server (not the process-global one), so tests and several apps in one process do
 not share counters. The release flow reads these from `/metrics` to compare canary with production:
-error rate from `ryz_requests_total`, p95 TTFT from `ryz_time_to_first_token_seconds`, decode speed
-from `ryz_time_per_output_token_seconds` (its median).
+requests and errors from `ryz_requests_total`, requests with a first token from the TTFT histogram's count. Latency
+is judged on per-request figures instead (`RequestSamples`, served at `GET /admin/samples`): a histogram bucket is
+too coarse for a sub-millisecond model, and the spread between requests is what tells a regression from noise. The
+latency histograms stay for dashboards.
 """
 
 from __future__ import annotations
+
+import threading
+import time
+from collections import deque
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,  # noqa: F401 - re-exported for the server
@@ -39,6 +45,26 @@ TPOT_BUCKETS = (
     1.0,
     2.5,
 )
+SAMPLES_PER_VARIANT = 2000  # per-request figures kept per variant: a step's window, at any traffic the canary sees
+
+
+class RequestSamples:
+    """Per-request figures of each variant, the last SAMPLES_PER_VARIANT: (finish unix time, TTFT seconds,
+    that request's median seconds per output token, None with fewer than two tokens)."""
+
+    def __init__(self, size: int = SAMPLES_PER_VARIANT):
+        self._size = size
+        self._lock = threading.Lock()  # a reader's copy must not race the engine threads' appends
+        self._by_variant: dict[str, deque[tuple[float, float, float | None]]] = {}
+
+    def add(self, variant: str, ttft: float, tpot: float | None) -> None:
+        with self._lock:
+            ring = self._by_variant.setdefault(variant, deque(maxlen=self._size))
+            ring.append((time.time(), ttft, tpot))
+
+    def since(self, since: float) -> dict[str, list[tuple[float, float, float | None]]]:
+        with self._lock:
+            return {v: [s for s in ring if s[0] >= since] for v, ring in self._by_variant.items()}
 
 
 class ServerMetrics:
@@ -86,6 +112,7 @@ class ServerMetrics:
         self.variant_info = Gauge(
             "ryz_variant_info", "Loaded variants (value 1) with their model", ["variant", "model"], registry=r
         )
+        self.samples = RequestSamples()
 
     def for_variant(self, variant: str) -> VariantMetrics:
         return VariantMetrics(self, variant)
@@ -107,6 +134,7 @@ class VariantMetrics:
     """The engine core's view: what it observes, already labelled with its variant."""
 
     def __init__(self, metrics: ServerMetrics, variant: str):
+        self._variant, self._samples = variant, metrics.samples
         self._ttft = metrics.ttft.labels(variant)
         self._tpot = metrics.tpot.labels(variant)
         self._prompt = metrics.prompt_tokens.labels(variant)
@@ -119,6 +147,11 @@ class VariantMetrics:
 
     def token_latency(self, seconds: float) -> None:
         self._tpot.observe(seconds)
+
+    def request(self, ttft: float, tpot: float | None) -> None:
+        """A request finished with tokens: its TTFT and median time per output token, for canary analysis.
+        Kept under this object's variant, so a promoted canary's requests count as production's, like its series."""
+        self._samples.add(self._variant, ttft, tpot)
 
     def step(self, tokens: int, waited: float = 0.0) -> None:
         self._step.inc(tokens)

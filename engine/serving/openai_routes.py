@@ -35,7 +35,6 @@ from engine.serving.protocol import (
     usage,
 )
 from engine.serving.retrieval_routes import add_retrieved_context
-from engine.serving.router import CANARY
 from engine.serving.sampling import SamplingParams
 from engine.serving.tools import parse_tool_calls, validate_tools
 from engine.serving.variants import ServingState, Variant
@@ -59,14 +58,20 @@ async def models(request: Request):
 @router.post("/v1/completions")
 async def completions(request: Request):
     state, body, variant = await _routed(request, CompletionBody)
-    return await run_completion(state, variant, body, request.state.arrival)
+    try:
+        return await run_completion(state, variant, body, request.state.arrival)
+    finally:  # submitted (or failed): the variant may close once its engine is idle
+        state.unclaim(variant)
 
 
 @router.post("/v1/chat/completions")
 async def chat(request: Request):
     state, body, variant = await _routed(request, ChatBody)
-    citations = await add_retrieved_context(state, body) if body.retrieval else None
-    return await run_chat(state, variant, body, request.state.arrival, citations)
+    try:
+        citations = await add_retrieved_context(state, body) if body.retrieval else None
+        return await run_chat(state, variant, body, request.state.arrival, citations)
+    finally:  # submitted (or failed): the variant may close once its engine is idle
+        state.unclaim(variant)
 
 
 async def _routed(request: Request, body_type: type[SamplingBody]) -> tuple[ServingState, Any, Variant]:
@@ -75,20 +80,21 @@ async def _routed(request: Request, body_type: type[SamplingBody]) -> tuple[Serv
     body = parse_body(body_type, await read_json(request))
     variant = state.route(body.model, request.headers.get("x-session-id") or body.user)
     request.state.variant = variant.name
-    if variant.name == CANARY:
-        await _inject_faults(state.faults)
+    try:
+        await _inject_faults(state.faults, variant.name)
+    except BaseException:
+        state.unclaim(variant)
+        raise
     return state, body, variant
 
 
-async def _inject_faults(faults: dict) -> None:
-    """Release drills: make the canary slow or failing on purpose (RYZ_FAULT_CANARY_*, POST /admin/faults; off by
+async def _inject_faults(faults: dict, variant: str) -> None:
+    """Release drills: make a variant slow or failing on purpose (RYZ_FAULT_CANARY_*, POST /admin/faults; off by
     default)."""
-    if faults["canary_latency_ms"]:
-        await asyncio.sleep(faults["canary_latency_ms"] / 1000)
-    if faults["canary_error_rate"] and random.random() < faults["canary_error_rate"]:
-        raise APIError(
-            500, "injected canary fault (RYZ_FAULT_CANARY_ERROR_RATE)", "server_error", code="injected_fault"
-        )
+    if delay := faults.get(f"{variant}_latency_ms"):
+        await asyncio.sleep(delay / 1000)
+    if (rate := faults.get(f"{variant}_error_rate")) and random.random() < rate:
+        raise APIError(500, f"injected {variant} fault (POST /admin/faults)", "server_error", code="injected_fault")
 
 
 def _sampling(body: SamplingBody, logprobs: int | None) -> SamplingParams:

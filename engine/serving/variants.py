@@ -26,6 +26,9 @@ class Variant:
     ref: str
     client: EngineClient
     loaded_at: float = field(default_factory=time.time)
+    # Requests routed here that have not reached the engine yet (faults, retrieval, parsing in between): a variant
+    # replaced meanwhile must not close under them.
+    claims: int = 0
 
     @property
     def model_id(self) -> str:
@@ -45,9 +48,14 @@ class ServingState:
         self.draining = False
         self.loading: set[str] = set()
         self.load_errors: dict[str, str] = {}
+        # Release drills (POST /admin/faults): per slot, so a regression can be injected into production after a
+        # promotion; loading a new production clears production's (the faulty model is gone).
         self.faults = {
             "canary_error_rate": settings.fault_canary_error_rate,
             "canary_latency_ms": settings.fault_canary_latency_ms,
+            "production_error_rate": 0.0,
+            "production_latency_ms": 0.0,
+            "refuse_promote": 0.0,  # 1: this replica answers promote with a 500 (all-or-nothing drills)
         }
         self.retrieval = Retriever(settings)  # embedder and indexes load on first use
         self.compute_lock = threading.Lock()  # one variant's forward at a time (engine.serving.core.EngineCore)
@@ -66,6 +74,8 @@ class ServingState:
             raise
         variant = Variant(name, ref, client)
         with self._lock:
+            if name == PRODUCTION:
+                self.faults.update(production_error_rate=0.0, production_latency_ms=0.0)
             old = self.variants.get(name)
             self.variants[name] = variant
             self.loading.discard(name)
@@ -89,6 +99,10 @@ class ServingState:
     def promote(self) -> None:
         """The canary becomes production; the old production finishes its requests and closes."""
         with self._lock:
+            if self.faults["refuse_promote"]:
+                raise APIError(
+                    500, "injected fault: this replica refuses promotion", "server_error", code="injected_fault"
+                )
             canary = self.variants.pop(CANARY, None)
             if canary is None:
                 raise APIError(409, "no canary is loaded to promote", code="no_canary")
@@ -102,12 +116,23 @@ class ServingState:
                 self._retire(old)
             self._publish_info()
 
+    def set_canary_weight(self, weight: object) -> None:
+        """Route `weight` percent of the served name's traffic to the canary (ValueError unless an int 0-100)."""
+        with self._lock:
+            self.router.set_weight(weight)
+            if self.router.weight and CANARY not in self.variants:
+                self.router.set_weight(0)
+                raise APIError(
+                    409, "no canary is loaded: POST /admin/variants with name 'canary' first", code="no_canary"
+                )
+            self.metrics.canary_weight.set(self.router.weight)
+
     def _retire(self, variant: Variant) -> None:
         self.retiring.append(variant)
         threading.Thread(target=self._close_when_idle, args=(variant,), daemon=True).start()
 
     def _close_when_idle(self, variant: Variant) -> None:
-        while variant.client.in_flight:
+        while variant.client.in_flight or variant.claims:
             time.sleep(0.05)
         variant.client.close()
         with self._lock:
@@ -148,41 +173,52 @@ class ServingState:
 
     def route(self, model: str, session_key: str | None) -> Variant:
         """The variant serving a request for `model`: the served name goes through the router; `production` or
-        production's model id always to production; the canary by name only with RYZ_CANARY_BY_NAME."""
+        production's model id always to production; the canary by name only with RYZ_CANARY_BY_NAME. The variant
+        is claimed for the request until `unclaim` (after its submit), so a replacement cannot close it first."""
         with self._lock:
-            if self.draining:
-                raise draining_error()
-            production, canary = self.variants.get(PRODUCTION), self.variants.get(CANARY)
-            if canary is not None and model in (CANARY, canary.model_id):
-                if not self.settings.canary_by_name:
-                    raise APIError(
-                        404,
-                        f"the canary is not served by name ({model!r}): ask for "
-                        f"{self.settings.served_model_name!r}, or start the server with RYZ_CANARY_BY_NAME=true",
-                        param="model",
-                        code="model_not_found",
-                    )
-                return canary
-            if model not in (self.settings.served_model_name, PRODUCTION, CANARY) and not (
-                production is not None and model == production.model_id
-            ):
+            variant = self._choose(model, session_key)
+            variant.claims += 1
+            return variant
+
+    def _choose(self, model: str, session_key: str | None) -> Variant:
+        if self.draining:
+            raise draining_error()
+        production, canary = self.variants.get(PRODUCTION), self.variants.get(CANARY)
+        if canary is not None and model in (CANARY, canary.model_id):
+            if not self.settings.canary_by_name:
                 raise APIError(
                     404,
-                    f"the model {model!r} does not exist; served models: {', '.join(self.model_names())}",
+                    f"the canary is not served by name ({model!r}): ask for "
+                    f"{self.settings.served_model_name!r}, or start the server with RYZ_CANARY_BY_NAME=true",
                     param="model",
                     code="model_not_found",
                 )
-            if production is None:
-                raise APIError(
-                    503,
-                    "no model is loaded yet" if self.loading else "no production model is loaded",
-                    "server_error",
-                    code="not_ready",
-                    headers={"Retry-After": "2"},
-                )
-            if model != self.settings.served_model_name:  # `production`, its model id, or `canary` with none loaded
-                return production
-            return self.variants[self.router.choose(session_key, canary is not None)]
+            return canary
+        if model not in (self.settings.served_model_name, PRODUCTION, CANARY) and not (
+            production is not None and model == production.model_id
+        ):
+            raise APIError(
+                404,
+                f"the model {model!r} does not exist; served models: {', '.join(self.model_names())}",
+                param="model",
+                code="model_not_found",
+            )
+        if production is None:
+            raise APIError(
+                503,
+                "no model is loaded yet" if self.loading else "no production model is loaded",
+                "server_error",
+                code="not_ready",
+                headers={"Retry-After": "2"},
+            )
+        if model != self.settings.served_model_name:  # `production`, its model id, or `canary` with none loaded
+            return production
+        return self.variants[self.router.choose(session_key, canary is not None)]
+
+    def unclaim(self, variant: Variant) -> None:
+        """The request `route` gave `variant` to has been submitted to its engine, or has failed before."""
+        with self._lock:
+            variant.claims -= 1
 
     def model_names(self) -> list[str]:
         """What a client may ask for: the served name and the model ids it may address directly."""
