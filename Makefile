@@ -4,11 +4,12 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: run test install install-dev fixtures zoo check-neon clean help
+.PHONY: run test fuzz install install-dev fixtures zoo check-neon clean help
 
 help:
 	@echo "make run   - install into $(VENV) and run the main job on the embedded defaults"
 	@echo "make test  - install into $(VENV) (with dev extras) and run the whole test suite"
+	@echo "make fuzz  - fuzz the GGUF and safetensors readers and the native loader at length (FUZZ_EXAMPLES, FUZZ_SECONDS)"
 
 $(PY):
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required (found %s); set PYTHON=python3.11" % sys.version.split()[0]'
@@ -44,6 +45,20 @@ test: install-dev
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 	$(PY) -m pytest -q
+
+# The file-format fuzz harness at length (tests/test_fuzz_formats.py; `make test` runs a fixed 150 cases per target):
+# FUZZ_EXAMPLES Hypothesis cases per reader and proportionally more under ASan + UBSan, then FUZZ_SECONDS of atheris's
+# coverage-guided search per reader (corpus kept in build/fuzz-corpus/). atheris is installed here, not with the dev
+# extras: it has wheels for few platforms and builds from source only with Clang's libFuzzer; where it cannot be
+# installed the Hypothesis run is the whole run. A crashing input is saved in build/fuzz-crashes/.
+FUZZ_EXAMPLES ?= 5000
+FUZZ_SECONDS ?= 300
+fuzz: install-dev
+	RYZ_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz_formats.py
+	@if $(PIP) install atheris; then \
+	  $(PY) -m tests.test_fuzz_formats atheris gguf $(FUZZ_SECONDS) && \
+	  $(PY) -m tests.test_fuzz_formats atheris safetensors $(FUZZ_SECONDS); \
+	else echo "atheris does not install here: the Hypothesis run above was the fuzz run"; fi
 
 # Dev only: regenerate the transformers parity fixtures (torch + transformers in a separate venv).
 fixtures:

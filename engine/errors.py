@@ -50,6 +50,14 @@ class GGUFFormatError(RyzError, ValueError):
     """A GGUF file is not a Ryzanstein model artifact or is missing required tensors/keys."""
 
 
+class TokenizerFileError(CheckpointError, GGUFFormatError):
+    """A tokenizer file a model brings is malformed, oversized or does not fit the model: a checkpoint's
+    tokenizer.json, tokenizer_config.json (its chat_template too) or special_tokens_map.json, or the copies a GGUF
+    carries in its metadata. The message names the file and the field: `/models/x/tokenizer.json: added_tokens[3].id
+    is 130000, outside the model's 128256 token ids (config.json vocab_size); the tokenizer does not belong to this
+    model`. Both a CheckpointError and a GGUFFormatError, so callers handling either source catch it."""
+
+
 # --- references -------------------------------------------------------------------------------------
 
 

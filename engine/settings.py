@@ -46,8 +46,16 @@ class Settings(BaseSettings):
     # Serving (`ryz serve`)
     host: str = Field("127.0.0.1", description="address `ryz serve` binds; 0.0.0.0 exposes it to the network")
     port: int = Field(8000, ge=1, le=65535, description="port `ryz serve` listens on")
-    admin_token: str | None = Field(None, description="bearer token for /admin routes; unset: admin routes are off")
-    api_keys: str | None = Field(None, description="comma-separated bearer keys for /v1 routes; unset: no key needed")
+    # secrets: kept out of repr() and redacted by describe_settings (`ryz config show`)
+    admin_token: str | None = Field(
+        None, repr=False, description="bearer token for /admin routes; unset: admin routes are off"
+    )
+    api_keys: str | None = Field(
+        None,
+        repr=False,
+        description="comma-separated bearer keys for /v1 routes; unset or empty: no key needed (a list of only "
+        "commas is refused at start)",
+    )
     served_model_name: str = Field(
         "ryzanstein", description="model name clients use; routed between production and canary"
     )
@@ -67,7 +75,24 @@ class Settings(BaseSettings):
     prefix_cache_slots: int = Field(
         2, ge=0, description="idle sequences whose KV is kept to reuse shared prompt prefixes"
     )
-    max_request_bytes: int = Field(4 << 20, ge=1024, description="largest request body accepted")
+    max_request_bytes: int = Field(
+        4 << 20, ge=1024, description="largest request body accepted, counted on the bytes read (chunked too): 413"
+    )
+    max_header_bytes: int = Field(
+        32 << 10, ge=1024, description="largest total of a request's header names and values: 431 beyond"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="seconds a client may take to send its whole request body after the headers: 408"
+    )
+    max_json_depth: int = Field(64, ge=4, le=500, description="deepest nesting of a request's JSON body: 400")
+    max_prompts: int = Field(64, ge=1, description="prompts one /v1/completions request may batch: 400 beyond")
+    max_stops: int = Field(4, ge=0, description="stop strings per request (OpenAI's limit): 400 beyond")
+    max_stop_chars: int = Field(1000, ge=1, description="longest stop string, in characters: 400 beyond")
+    parse_special: bool = Field(
+        False,
+        description="parse special-token text (e.g. <|eot_id|>) in client text as special tokens: completions "
+        "prompts and chat message contents; off: it is plain text (a chat template's own markers stay special)",
+    )
     fault_canary_error_rate: float = Field(
         0.0,
         ge=0,
@@ -292,12 +317,50 @@ class Settings(BaseSettings):
         return self.home / "cache"
 
 
+SECRET_SETTINGS = frozenset({"admin_token", "api_keys"})  # never printed: describe_settings shows them redacted
+_URL_SETTINGS = frozenset({"store", "s3_endpoint_url", "qdrant_url", "hf_endpoint", "release_servers"})
+
+
+def redacted(name: str, value: Any) -> Any:
+    """A setting's value as it may be printed: secrets replaced by a note that they are set, credentials and
+    query strings cut out of URLs, and a webhook URL's path (Slack-style webhooks carry their secret there)."""
+    if value is None or value == "":
+        return value
+    if name in SECRET_SETTINGS:
+        if name == "api_keys":
+            count = len([k for k in str(value).split(",") if k.strip()])
+            return f"<redacted: {count} key{'s' if count != 1 else ''}>"
+        return "<redacted>"
+    if name == "notify_webhook":
+        return _redact_url(str(value), keep_path=False)
+    if name in _URL_SETTINGS or name == "store_url":
+        if isinstance(value, list):
+            return [_redact_url(str(v)) for v in value]
+        return _redact_url(str(value))
+    return value
+
+
+def _redact_url(url: str, keep_path: bool = True) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<redacted: unparsable URL>"
+    if not parts.scheme or not parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    netloc = f"<redacted>@{host}" if "@" in parts.netloc else host
+    path = parts.path if keep_path or not parts.path.strip("/") else "/<redacted>"
+    return urlunsplit((parts.scheme, netloc, path, "<redacted>" if parts.query else "", ""))
+
+
 def describe_settings(settings: Settings) -> list[dict[str, Any]]:
-    """Each field's effective value and its source (`env RYZ_X` or `default`)."""
+    """Each field's effective value and its source (`env RYZ_X` or `default`); secrets redacted (`redacted`)."""
     rows = []
     for name, field in Settings.model_fields.items():
         env_name = f"RYZ_{name.upper()}"
-        value = getattr(settings, name)
+        value = redacted(name, getattr(settings, name))
         rows.append(
             {
                 "name": name,
@@ -311,7 +374,7 @@ def describe_settings(settings: Settings) -> list[dict[str, Any]]:
         {
             "name": "store_url",
             "env": "RYZ_STORE",
-            "value": settings.store_url,
+            "value": redacted("store_url", settings.store_url),
             "source": "env RYZ_STORE" if settings.store else "derived from RYZ_HOME",
             "description": "effective artifact store",
         }
@@ -321,7 +384,7 @@ def describe_settings(settings: Settings) -> list[dict[str, Any]]:
             {
                 "name": hf_name.lower(),
                 "env": hf_name,
-                "value": os.environ.get(hf_name),
+                "value": redacted(hf_name.lower(), os.environ.get(hf_name)),
                 "source": f"env {hf_name}" if hf_name in os.environ else "unset (huggingface_hub default)",
                 "description": "read by huggingface_hub",
             }

@@ -339,6 +339,9 @@ def _copy_sources_as_installed(site: Path) -> Path:
 def test_native_sources_resolve_from_the_installed_package(tmp_path, monkeypatch):
     """Without a checkout next to the engine, the sources are the installed `ryz_native` package's, with the
     checkout's source hash (hence the same build key); with neither, the error names both places."""
+    # Under its own package name: an editable install of this checkout maps `ryz_native` itself with a meta-path
+    # finder that wins over sys.path, so the real name would always resolve to the checkout.
+    monkeypatch.setattr(build, "NATIVE_PACKAGE", "ryz_native_as_installed")
     installed = _copy_sources_as_installed(tmp_path / "site-packages")
     checkout = tmp_path / "wheel-install" / "native"  # what parents[2] / "native" is in site-packages: absent
     monkeypatch.setattr(build, "CHECKOUT_NATIVE_DIR", checkout)

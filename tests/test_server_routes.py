@@ -7,7 +7,9 @@ variants being replaced and promoted while a client holds them.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
 
 import pytest
@@ -24,11 +26,24 @@ class FakeClient:
 
     vocab = 256
 
-    def __init__(self, ref: str, script: list[Delta], queue_full: bool = False, crash: bool = False):
+    def __init__(
+        self,
+        ref: str,
+        script: list[Delta],
+        queue_full: bool = False,
+        crash: bool = False,
+        queue_full_after: int | None = None,
+        endless: bool = False,
+    ):
         self.model_id, self.script, self.queue_full, self.crash = f"fake-{ref}", script, queue_full, crash
-        self.submitted, self.metrics, self.closed = [], None, False
+        self.queue_full_after, self.endless = queue_full_after, endless  # a queue that fills midway; no end
+        self.submitted: list = []
+        self.metrics, self.closed = None, False
+        self.aborted: list[str] = []
+        self.threads: dict[str, int] = {}  # input processing: the thread each step ran on
 
     def tokenize(self, text: str) -> list[int]:
+        self.threads["tokenize"] = threading.get_ident()
         return list(text.encode())
 
     def detokenize(self, ids) -> str:
@@ -38,9 +53,11 @@ class FakeClient:
         return chr(token_id)
 
     def render_chat(self, messages, tools=None) -> list[int]:
+        self.threads["render_chat"] = threading.get_ident()
         return self.tokenize("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
 
     def grammar(self, response_format=None, tools=None, tool_choice=None):
+        self.threads["grammar"] = threading.get_ident()
         if response_format and response_format.get("type") == "json_schema":
             raise InvalidRequestError("json_schema.schema: this fake compiles no grammars")
         return None
@@ -52,15 +69,20 @@ class FakeClient:
             raise QueueFullError("full")
         if self.crash:
             raise RuntimeError("a bug the routes do not expect")
+        if self.queue_full_after is not None and len(self.submitted) >= self.queue_full_after:
+            raise QueueFullError("full")
         self.submitted.append(request)
         return self._stream()
 
     async def _stream(self):
         for delta in self.script:
             yield delta
+        while self.endless:  # a generation that would run on until aborted
+            await asyncio.sleep(0.01)
+            yield Delta(text="x", token_ids=[120])
 
     def abort(self, request_id: str) -> None:
-        pass
+        self.aborted.append(request_id)
 
     def score(self, pairs):
         return [(0.0, True) for _ in pairs]
@@ -221,3 +243,182 @@ def test_a_production_replaced_between_routing_and_submit_still_answers(fake):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert state.faults["production_latency_ms"] == 0
+
+
+# --- hostile input (issue 16): the route-side halves; tests/test_hostile_http.py runs a real server ---------------
+
+
+def _asgi_post(app, path: str, body: dict, disconnect_after: float, timeout: float = 5.0) -> list[dict]:
+    """POST `body` to the app as raw ASGI, with a client that disconnects `disconnect_after` s after sending it;
+    returns the messages the app sent."""
+    raw = json.dumps(body).encode()
+    pending = [{"type": "http.request", "body": raw, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive():
+        if pending:
+            return pending.pop(0)
+        await asyncio.sleep(disconnect_after)
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+    }
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout))
+    return sent
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_disconnects_aborts_its_requests(fake, path, stream):
+    """Issue 16 row 4: a client that goes away, streaming or not (and before the first event), leaves nothing
+    running: its engine requests are aborted through the client protocol. A non-streaming one ran to the end."""
+    http, state, clients, scripts, options = fake
+    scripts["prod"] = [Delta(text="x", token_ids=[120])]
+    options["prod"] = {"endless": True}
+    state.load("production", "prod")
+    body = {"model": "ryzanstein", "max_tokens": 50, "stream": stream}
+    body.update({"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]})
+    _asgi_post(http.app, path, body, disconnect_after=0.0 if stream else 0.1)
+    fake_client = clients["prod"]
+    assert [r.request_id for r in fake_client.submitted] == fake_client.aborted != []
+    if not stream:
+        endpoint = "chat" if "chat" in path else "completions"
+        line = f'ryz_requests_total{{endpoint="{endpoint}",status="499",variant="production"}} 1.0'
+        assert line in http.get("/metrics").text
+
+
+def test_a_429_midway_aborts_what_the_request_had_submitted(fake):
+    """Issue 16 row 3: the queue fills after two of three prompts; the 429 leaves neither of the two running."""
+    http, state, clients, _, options = fake
+    options["prod"] = {"queue_full_after": 2}
+    state.load("production", "prod")
+    r = http.post("/v1/completions", json={"model": "ryzanstein", "prompt": ["a", "b", "c"], "max_tokens": 4})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+    fake_client = clients["prod"]
+    assert len(fake_client.submitted) == 2
+    assert fake_client.aborted == [req.request_id for req in fake_client.submitted]
+
+
+def test_a_batch_that_cannot_fit_the_queue_is_refused_before_submitting(tmp_path):
+    clients = {}
+
+    def connect(ref, settings, metrics, compute_lock):
+        clients[ref] = FakeClient(ref, HELLO)
+        return clients[ref]
+
+    app = create_app(Settings(store=f"file://{tmp_path}/store", max_queue=2, max_prompts=8), connect=connect)
+    with TestClient(app, raise_server_exceptions=False) as http:
+        app.state.serving.load("production", "prod")
+        ask = lambda n: http.post("/v1/completions", json={"model": "ryzanstein", "prompt": ["a"] * n})  # noqa: E731
+        assert ask(4).status_code == 429 and clients["prod"].submitted == []  # 4 > 2 queued + 1 free slot
+        r = ask(9)
+        assert r.status_code == 400 and "RYZ_MAX_PROMPTS" in r.json()["error"]["message"]
+        assert ask(3).status_code == 200 and len(clients["prod"].submitted) == 3
+
+
+def test_input_processing_runs_off_the_event_loop(fake):
+    """Tokenizing, template rendering and grammar compilation run on worker threads, not the event loop's."""
+    http, state, clients, *_ = fake
+    state.load("production", "prod")
+    loop_threads = []
+    fake_client = clients["prod"]
+    submit = fake_client.submit
+    fake_client.submit = lambda request: (loop_threads.append(threading.get_ident()), submit(request))[1]
+    assert http.post("/v1/completions", json={"model": "ryzanstein", "prompt": "hi"}).status_code == 200
+    assert fake_client.threads["tokenize"] != loop_threads[-1]
+    chat = {"model": "ryzanstein", "messages": [{"role": "user", "content": "x"}], "response_format": {
+        "type": "json_object"}}  # fmt: skip
+    assert http.post("/v1/chat/completions", json=chat).status_code == 200
+    assert loop_threads[-1] not in (fake_client.threads["render_chat"], fake_client.threads["grammar"])
+
+
+def test_secrets_are_compared_in_constant_time(tmp_path, monkeypatch):
+    """Issue 16 row 5: the admin token and the API keys go through hmac.compare_digest (bytes: a non-ASCII
+    bearer is a 401, not a TypeError's 500)."""
+    import hmac
+
+    compared = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    app = create_app(
+        Settings(store=f"file://{tmp_path}/store", admin_token="t0ken", api_keys="k1, k2"),
+        connect=lambda *a: FakeClient("prod", HELLO),
+    )
+    with TestClient(app, raise_server_exceptions=False) as http:
+        assert http.get("/admin/state", headers={"Authorization": "Bearer t0ken"}).status_code == 200
+        assert (b"t0ken", b"t0ken") in compared
+        compared.clear()
+        assert http.get("/v1/models", headers={"Authorization": "Bearer k2"}).status_code == 200
+        assert {b for _, b in compared} == {b"k1", b"k2"}  # every key compared, whichever matches
+        for token in ("t0ke", "é".encode("latin-1"), ""):
+            raw = token if isinstance(token, bytes) else token.encode()
+            r = http.get("/admin/state", headers=[(b"authorization", b"Bearer " + raw)])
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_admin_token"
+            r = http.get("/v1/models", headers=[(b"authorization", b"Bearer " + raw)])
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("keys", [",", " , ,", ",,"])
+def test_a_key_list_of_only_commas_is_refused_at_start(tmp_path, keys):
+    """Issue 16 row 5: RYZ_API_KEYS="," turned key checking off without a word; unset or empty still means open."""
+    with pytest.raises(ValueError, match="RYZ_API_KEYS"):
+        create_app(Settings(store=f"file://{tmp_path}/store", api_keys=keys))
+    create_app(Settings(store=f"file://{tmp_path}/store", api_keys=""))
+
+
+def test_an_unhandled_error_is_logged_and_answered_in_openai_shape(fake, caplog):
+    http, state, _, _, options = fake
+    options["prod"] = {"crash": True}
+    state.load("production", "prod")
+    with caplog.at_level("ERROR", logger="ryz.serve"):
+        r = http.post(
+            "/v1/chat/completions", json={"model": "ryzanstein", "messages": [{"role": "user", "content": "x"}]}
+        )
+    error = r.json()["error"]
+    assert r.status_code == 500 and error["code"] == "internal_error" and error["type"] == "server_error"
+    assert error["message"] == "internal error: RuntimeError"
+    assert "a bug the routes do not expect" in caplog.text  # the traceback is in the log
+    metrics = http.get("/metrics").text
+    assert 'ryz_requests_total{endpoint="chat",status="500",variant="production"} 1.0' in metrics
+    assert 'ryz_request_errors_total{kind="internal_error",variant="production"} 1.0' in metrics
+
+
+def test_every_error_is_openai_shaped_and_counted_even_before_routing(fake):
+    """Unknown routes and methods, bad JSON, lone surrogates, JSON nested 50,000 deep, 5,000-digit numbers,
+    NaN: a 4xx in OpenAI's shape, counted under variant `unrouted` (they never reached one)."""
+    http, state, *_ = fake
+    state.load("production", "prod")
+    raw = {
+        "not json": b'{"model": ',
+        "lone surrogate": b'{"model": "ryzanstein", "prompt": "\\ud800"}',
+        "5000 digits": b'{"model": "ryzanstein", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}",
+        "50000 deep": b'{"model": "ryzanstein", "prompt": ' + b"[" * 50000 + b"]" * 50000 + b"}",
+        "NaN": b'{"model": "ryzanstein", "prompt": "x", "temperature": NaN}',
+        "1e999": b'{"model": "ryzanstein", "prompt": "x", "temperature": 1e999}',
+    }
+    for name, body in raw.items():
+        r = http.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", (name, r.text)
+    assert http.post("/v1/nope", json={}).json()["error"]["code"] == "not_found"
+    assert http.get("/v1/completions").json()["error"]["code"] == "method_not_allowed"
+    r = http.post("/v1/completions", json={"model": "ryzanstein", "prompt": "x", "seed": -1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "seed"
+    metrics = http.get("/metrics").text
+    assert 'ryz_requests_total{endpoint="completions",status="400",variant="unrouted"} 7.0' in metrics
+    assert 'ryz_requests_total{endpoint="other",status="404",variant="unrouted"} 1.0' in metrics

@@ -73,6 +73,13 @@ SERVING_FIELDS = (
     "kv_budget_mb",
     "prefix_cache_slots",
     "max_request_bytes",
+    "max_header_bytes",
+    "body_timeout_s",
+    "max_json_depth",
+    "max_prompts",
+    "max_stops",
+    "max_stop_chars",
+    "parse_special",
 )
 # Template variables `build_bundle(deploy=...)` may set; their defaults are what the files say.
 DEPLOY_DEFAULTS = {
@@ -358,11 +365,33 @@ def read_bundle_manifest(bundle_dir: str | Path) -> dict:
     return manifest
 
 
+def bundle_library(bundle_dir: str | Path, manifest: dict) -> Path | None:
+    """The kernel library bundle.json names (kernel_build.library), resolved, or None when it names none. A path
+    that resolves outside the bundle directory (`..`, an absolute path, a symlink to elsewhere) is a BundleError:
+    only the bundle's own files are ever handed to dlopen."""
+    name = (manifest.get("kernel_build") or {}).get("library")
+    if not name:
+        return None
+    root = Path(bundle_dir).resolve()
+    if not isinstance(name, str):
+        raise BundleError(f"{root / MANIFEST}: kernel_build.library must be a path inside the bundle, got {name!r}")
+    path = (root / name).resolve()
+    if not path.is_relative_to(root) or path == root:
+        raise BundleError(
+            f"{root / MANIFEST}: kernel_build.library {name!r} resolves to {path}, outside the bundle {root}; a "
+            "bundle's kernel library must be one of its own files, so this one is refused (the bundle was tampered "
+            "with or is not a Ryzanstein bundle: build or fetch it again)"
+        )
+    return path
+
+
 def verify_bundle(bundle_dir: str | Path) -> dict:
-    """Check every file against bundle.json (size, sha256), that nothing else is there, and that model.gguf is
-    the artifact it names. Raises BundleError naming the first file that fails; returns bundle.json."""
+    """Check every file against bundle.json (size, sha256), that nothing else is there, that model.gguf is the
+    artifact it names and that its kernel library is inside it (bundle_library). Raises BundleError naming the first
+    file that fails; returns bundle.json."""
     bundle_dir = Path(bundle_dir)
     manifest = read_bundle_manifest(bundle_dir)
+    bundle_library(bundle_dir, manifest)
     files = manifest.get("files") or {}
     again = "the bundle was modified or damaged; fetch it again (`ryz bundle REF -o DIR --replace`)"
     for path, expected in sorted(files.items()):

@@ -7,6 +7,7 @@ truncated or corrupt file is caught before anything is written, and no tensor is
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +42,30 @@ class TensorRef:
     end: int
 
 
+class _DuplicateKeyError(ValueError):
+    """A JSON object with a key twice (json.loads would keep the last one silently)."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKeyError(key)
+        out[key] = value
+    return out
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
-    """Validate one .safetensors file's header against its size and return its tensors."""
+    """Validate one .safetensors file's header against its size and return its tensors.
+
+    Untrusted input: the header must be a JSON object with unique names; each tensor a known dtype, a shape of
+    non-negative integers and integer data offsets whose length is exactly dtype x shape (Python integers: no
+    overflow); and the tensors must tile the data section from its start to the end of the file with no overlap and
+    no hole, as the safetensors format requires. Any violation is a CheckpointError naming the tensor and field."""
     size = path.stat().st_size
     with path.open("rb") as handle:
         head = handle.read(8)
@@ -55,33 +78,59 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
                 f"re-download it"
             )
         try:
-            header = json.loads(handle.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            header = json.loads(handle.read(header_len), object_pairs_hook=_unique_keys)
+        except _DuplicateKeyError as exc:
+            raise CheckpointError(f"{path}: safetensors header has the key {exc.args[0]!r} twice") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise CheckpointError(
                 f"{path}: safetensors header is not valid JSON ({exc}); the file is corrupt, re-download it"
             ) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object; the file is corrupt, re-download it")
     base = 8 + header_len
     tensors: dict[str, TensorRef] = {}
-    data_end = 0
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: malformed header entry for tensor {name!r}") from None
-        if dtype not in _DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
-        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise CheckpointError(f"{where}: malformed header entry (needs dtype, shape and data_offsets)")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise CheckpointError(f"{where} has unsupported dtype {dtype!r} (supported: {', '.join(_DTYPES)})")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise CheckpointError(f"{where} has shape {shape!r}: it must be a list of non-negative integers")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_int(o) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise CheckpointError(f"{where} has data_offsets {offsets!r}: they must be two integers, begin <= end")
+        begin, end = offsets
+        expected = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
         if end - begin != expected:
+            raise CheckpointError(f"{where} {dtype}{shape} should take {expected} bytes, header says {end - begin}")
+        tensors[name] = TensorRef(path, dtype, tuple(shape), base + begin, base + end)
+    data_end = 0
+    for name, ref in sorted(tensors.items(), key=lambda item: (item[1].start, item[1].end)):
+        where = f"{path}: tensor {name!r}"
+        if ref.start < base + data_end:
+            raise CheckpointError(f"{where}: its data_offsets overlap another tensor's; the file is corrupt or crafted")
+        if ref.start > base + data_end:
             raise CheckpointError(
-                f"{path}: tensor {name!r} {dtype}{list(shape)} should take {expected} bytes, header says {end - begin}"
+                f"{where}: a hole of {ref.start - base - data_end} bytes before its data (safetensors allows none); "
+                "the file is corrupt or crafted"
             )
-        data_end = max(data_end, end)
-        tensors[name] = TensorRef(path, dtype, shape, base + begin, base + end)
+        data_end = ref.end - base
     if base + data_end > size:
         raise CheckpointError(
             f"{path}: truncated: tensors need {base + data_end} bytes but the file has {size}; re-download it"
+        )
+    if base + data_end < size:
+        raise CheckpointError(
+            f"{path}: {size - base - data_end} bytes after the last tensor (safetensors allows none); the file is "
+            "corrupt or crafted"
         )
     return tensors
 
@@ -272,12 +321,12 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             f"{path}: tokenizer.json is missing; Ryzanstein needs the fast tokenizer file (save it with "
             f"tokenizer.save_pretrained)"
         )
-    tokenizer_json = tokenizer_path.read_text(encoding="utf-8")
-    tokenizer_config = (
-        _read_json(path / "tokenizer_config.json", "tokenizer_config.json")
-        if (path / "tokenizer_config.json").is_file()
-        else {}
-    )
+    from engine.model.tokenizer import read_tokenizer_files  # checks sizes, shapes, ids and the chat template
+
+    vocab = config.get("vocab_size")
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+        raise CheckpointError(f"{path}: config.json vocab_size must be a positive integer, got {vocab!r}")
+    tokenizer_json, tokenizer_config = read_tokenizer_files(path, vocab)
     generation_config = (
         _read_json(path / "generation_config.json", "generation_config.json")
         if (path / "generation_config.json").is_file()

@@ -19,7 +19,9 @@ different model. `{arch}.ffn_activation` records `relu2` or `silu`.
 from __future__ import annotations
 
 import json
+import math
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,10 +167,24 @@ def _pre_tokenizer_name(spec: dict) -> str:
 
 
 # --- reading ------------------------------------------------------------------------------------------
+#
+# A GGUF file is untrusted input: everything the engine uses from it is checked here, before a tensor is mapped or
+# handed to the native engine, and every violation is a GGUFFormatError naming the field (docs/artifact-format.md
+# "Validation"). Counts are checked against the bytes left before anything is allocated for them, sizes are computed
+# with Python's integers (no overflow), and a file is a model only when every tensor the forward reads has the type
+# and shape the hyperparameters imply.
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+_VALUE_BYTES = {**{t: struct.calcsize(f) for t, f in _SCALARS.items()}, _STRING: 8}  # an array element's least size
+_KV_BYTES = 8 + 4 + 1  # the least a metadata pair takes: key length, value type, a one-byte value
+_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # the least a tensor info takes: name length, n_dims, one dim, type, offset
 GGUF_MAGIC = b"GGUF"
+MAX_DIMS = 4  # GGML_MAX_DIMS
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1
+DENSE_TYPES = ("q8_0", "q6_k", "f16", "f32")  # embedding and head: what the native engine's dense GEMM reads
+NORM_TYPES = ("f32",)
+TILE_ROWS = 4  # the native engine repacks ternary rows in tiles of 4 (native/src/blocks.h)
 
 
 @dataclass(frozen=True)
@@ -189,60 +205,92 @@ class LazyArray:
     offset: int
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _show(value) -> str:
+    text = "an array" if isinstance(value, (list, LazyArray)) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 class _Cursor:
+    """Reads a GGUF header; `field` names what is being read, for the error messages."""
+
     def __init__(self, buf: memoryview, path: Path):
-        self.buf, self.pos, self.path = buf, 0, path
+        self.buf, self.pos, self.path, self.field = buf, 0, path, "header"
+
+    def error(self, problem: str) -> GGUFFormatError:
+        return GGUFFormatError(f"{self.path}: {self.field}: {problem}")
+
+    @property
+    def left(self) -> int:
+        return len(self.buf) - self.pos
+
+    def need(self, n: int) -> None:
+        if n > self.left:
+            raise self.error(
+                f"needs {n} bytes at offset {self.pos} but the file ends {self.left} bytes later (truncated GGUF?)"
+            )
 
     def unpack(self, fmt: str):
-        try:
-            (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        except struct.error:
-            raise GGUFFormatError(f"{self.path}: truncated GGUF header") from None
-        self.pos += struct.calcsize(fmt)
+        size = struct.calcsize(fmt)
+        self.need(size)
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
         return value
 
     def string(self) -> str:
         n = self.unpack("<Q")
-        if self.pos + n > len(self.buf):
-            raise GGUFFormatError(f"{self.path}: truncated GGUF header")
+        self.need(n)
         value = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
         self.pos += n
         return value
 
     def skip_value(self, vtype: int) -> None:
         if vtype in _SCALARS:
-            self.pos += struct.calcsize(_SCALARS[vtype])
-        elif vtype == _STRING:
+            self.need(_VALUE_BYTES[vtype])
+            self.pos += _VALUE_BYTES[vtype]
+        else:  # a string: the only other element type value() lets through
             length = self.unpack("<Q")  # (not `pos += unpack()`: unpack moves pos first)
+            self.need(length)
             self.pos += length
-        else:
-            raise GGUFFormatError(f"{self.path}: unknown GGUF value type {vtype}")
 
     def value(self, vtype: int, lazy_arrays: bool):
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype])
         if vtype == _STRING:
             return self.string()
-        if vtype == _ARRAY:
-            elem, count = self.unpack("<I"), self.unpack("<Q")
-            start = self.pos
-            if elem in _SCALARS:  # fixed size: skip in one step
-                self.pos += count * struct.calcsize(_SCALARS[elem])
-            else:
-                for _ in range(count):
-                    self.skip_value(elem)
-            if lazy_arrays and count > 64:
-                return LazyArray(elem, count, start)
-            sub = _Cursor(self.buf, self.path)
-            sub.pos = start
-            return [sub.value(elem, False) for _ in range(count)]
-        raise GGUFFormatError(f"{self.path}: unknown GGUF value type {vtype}")
+        if vtype != _ARRAY:
+            raise self.error(f"unknown GGUF value type {vtype}")
+        elem, count = self.unpack("<I"), self.unpack("<Q")
+        if elem not in _VALUE_BYTES:
+            raise self.error(
+                f"arrays of GGUF value type {elem} are not read (only arrays of numbers, booleans or strings)"
+            )
+        if count * _VALUE_BYTES[elem] > self.left:
+            raise self.error(f"array count {count} cannot fit in the {self.left} bytes left in the file")
+        start = self.pos
+        if elem in _SCALARS:  # fixed size: skip in one step
+            self.pos += count * _VALUE_BYTES[elem]
+        else:
+            for _ in range(count):
+                self.skip_value(elem)
+        if lazy_arrays and count > 64:
+            return LazyArray(elem, count, start)
+        sub = _Cursor(self.buf, self.path)
+        sub.pos, sub.field = start, self.field
+        return [sub.value(elem, False) for _ in range(count)]
 
 
 def read_gguf_index(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
-    """Metadata (large arrays left lazy) and tensor infos of a GGUF file, without reading tensor data.
+    """Metadata (large arrays left lazy) and tensor infos of a GGUF file, without reading tensor data; every
+    structural field checked (counts, lengths, value types, alignment, tensor dims, types, offsets and extents).
     gguf's GGUFReader parses every vocabulary entry eagerly, seconds on a 128k vocabulary."""
     with path.open("rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size < 24:
+            raise GGUFFormatError(f"{path}: {size} bytes is too short for a GGUF header (truncated?)")
         mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     buf = memoryview(mapped)
     try:
@@ -253,72 +301,217 @@ def read_gguf_index(path: Path) -> tuple[dict, dict[str, TensorInfo]]:
         version, n_tensors, n_kv = cur.unpack("<I"), cur.unpack("<Q"), cur.unpack("<Q")
         if version not in (2, 3):
             raise GGUFFormatError(f"{path}: GGUF version {version} is not supported (2 or 3)")
-        metadata = {}
-        for _ in range(n_kv):
+        if n_kv * _KV_BYTES + n_tensors * _TENSOR_INFO_BYTES > cur.left:
+            raise GGUFFormatError(
+                f"{path}: header kv_count {n_kv} and tensor_count {n_tensors} cannot fit in a {size}-byte file"
+            )
+        metadata: dict = {}
+        for i in range(n_kv):
+            cur.field = f"metadata key #{i}"
             key = cur.string()
+            cur.field = f"metadata key {key!r}"
+            if key in metadata:
+                raise cur.error("appears twice")
             metadata[key] = cur.value(cur.unpack("<I"), lazy_arrays=True)
         infos = []
-        for _ in range(n_tensors):
+        for i in range(n_tensors):
+            cur.field = f"tensor info #{i}"
             name = cur.string()
-            dims = tuple(cur.unpack("<Q") for _ in range(cur.unpack("<I")))
+            cur.field = f"tensor {name!r}"
+            n_dims = cur.unpack("<I")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise cur.error(f"has {n_dims} dimensions (GGUF tensors have 1 to {MAX_DIMS})")
+            dims = tuple(cur.unpack("<Q") for _ in range(n_dims))
             infos.append((name, dims, cur.unpack("<I"), cur.unpack("<Q")))
-        alignment = int(metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+        alignment = metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+        if not _is_int(alignment) or alignment < 1 or alignment & (alignment - 1):
+            raise GGUFFormatError(
+                f"{path}: metadata key 'general.alignment' is {_show(alignment)}; it must be a power of two "
+                f"(GGUF's default is {gguf.GGUF_DEFAULT_ALIGNMENT})"
+            )
         data_start = (cur.pos + alignment - 1) // alignment * alignment
-        tensors = {}
+        tensors: dict[str, TensorInfo] = {}
         for name, dims, type_id, offset in infos:
-            qtype = gguf.GGMLQuantizationType(type_id)
-            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-            n_bytes = int(np.prod(dims, dtype=np.int64)) // block * type_size
-            if data_start + offset + n_bytes > len(buf):
-                raise GGUFFormatError(f"{path}: tensor {name!r} extends past the end of the file (truncated?)")
-            tensors[name] = TensorInfo(name, dims, qtype, data_start + offset, n_bytes)
+            if name in tensors:
+                raise GGUFFormatError(f"{path}: tensor {name!r} appears twice")
+            tensors[name] = _tensor_info(path, name, dims, type_id, offset, data_start, alignment, size)
+        # No byte belongs to two tensors (llama.cpp's reader goes further: data in tensor-info order, no gaps).
+        by_offset = sorted(tensors.values(), key=lambda t: t.offset)
+        for before, after in zip(by_offset, by_offset[1:]):
+            if after.offset < before.offset + before.n_bytes:
+                raise GGUFFormatError(f"{path}: tensor {after.name!r}: its data overlaps tensor {before.name!r}'s")
         return metadata, tensors
     finally:
         buf.release()
         mapped.close()
 
 
+def _tensor_info(
+    path: Path, name: str, dims: tuple[int, ...], type_id: int, offset: int, data_start: int, alignment: int, size: int
+) -> TensorInfo:
+    """One tensor info checked: a known type, whole blocks, an element count within 64 bits, an aligned offset and
+    data inside the file."""
+    where = f"{path}: tensor {name!r}"
+    try:
+        qtype = gguf.GGMLQuantizationType(type_id)
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    except (ValueError, KeyError):
+        raise GGUFFormatError(f"{where} has GGML type {type_id}, which is not a known tensor type") from None
+    if min(dims) < 1:
+        raise GGUFFormatError(f"{where} has shape {list(dims)}: every dimension must be at least 1")
+    if dims[0] % block:
+        raise GGUFFormatError(f"{where}: rows of {dims[0]} values are not whole {qtype.name} blocks of {block}")
+    n_elements = math.prod(dims)
+    if n_elements > INT64_MAX:
+        raise GGUFFormatError(f"{where} has shape {list(dims)}: {n_elements} elements overflow a 64-bit count")
+    n_bytes = n_elements // block * type_size
+    if offset % alignment:
+        raise GGUFFormatError(f"{where}: data offset {offset} is not a multiple of general.alignment ({alignment})")
+    if data_start + offset + n_bytes > size:
+        raise GGUFFormatError(
+            f"{where}: its {n_bytes} bytes at offset {data_start + offset} extend past the end of the {size}-byte "
+            "file (truncated?)"
+        )
+    return TensorInfo(name, dims, qtype, data_start + offset, n_bytes)
+
+
 class ModelFile:
-    """A model artifact opened for reading: header parsed lazily, tensors memory-mapped on demand."""
+    """A model artifact opened for reading: header parsed and checked, tensors memory-mapped on demand."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
             self.metadata, self.tensors = read_gguf_index(self.path)
-        except (ValueError, OSError) as exc:
-            if isinstance(exc, GGUFFormatError):
-                raise
+        except OSError as exc:
             raise GGUFFormatError(f"{self.path}: not a readable GGUF file ({exc})") from None
         self._map: np.memmap | None = None
-        self.arch = self.get_str("general.architecture")
+        self.arch = self._str("general.architecture")
         if self.arch not in ARCHES:
             raise GGUFFormatError(
                 f"{self.path}: architecture {self.arch!r} is not a BitNet model artifact (expected one of {ARCHES})"
             )
-        schema = self.get("ryz.schema", 1)
+        schema = self._int("ryz.schema", 1, low=0)
         if schema != FORMAT_SCHEMA:
             raise GGUFFormatError(
                 f"{self.path}: ryz.schema {schema} is not supported by this build (supports {FORMAT_SCHEMA}); upgrade "
                 f"Ryzanstein"
             )
+        self.hparams = self._read_hparams()
+        self._check_tensors()
+
+    # Typed, range-checked metadata fields: a violation names the key, its value and the rule.
+
+    def _field_error(self, key: str, rule: str) -> GGUFFormatError:
+        return GGUFFormatError(f"{self.path}: metadata key {key!r} is {_show(self.metadata.get(key))}; {rule}")
+
+    def _present(self, key: str, default):
+        if key not in self.metadata and default is None:
+            raise GGUFFormatError(f"{self.path}: metadata key {key!r} is missing")
+        return self.metadata.get(key, default)
+
+    def _int(self, key: str, default: int | None = None, low: int = 1, high: int = INT32_MAX) -> int:
+        value = self._present(key, default)
+        if not _is_int(value) or not low <= value <= high:
+            raise self._field_error(key, f"it must be an integer from {low} to {high}")
+        return value
+
+    def _float(self, key: str, default: float) -> float:
+        value = self._present(key, default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not (math.isfinite(value) and value > 0):
+            raise self._field_error(key, "it must be a finite number above 0")
+        return float(value)
+
+    def _str(self, key: str, default: str | None = None, choices: tuple[str, ...] = ()) -> str:
+        value = self._present(key, default)
+        if not isinstance(value, str) or (choices and value not in choices):
+            raise self._field_error(key, f"it must be {' or '.join(choices) if choices else 'a string'}")
+        return value
+
+    def _read_hparams(self) -> Hyperparams:
         a = self.arch
-        heads = int(self.get(f"{a}.attention.head_count"))
-        hidden = int(self.get(f"{a}.embedding_length"))
-        self.hparams = Hyperparams(
+        hidden = self._int(f"{a}.embedding_length")
+        heads = self._int(f"{a}.attention.head_count")
+        kv_heads = self._int(f"{a}.attention.head_count_kv", heads)
+        if hidden % heads:
+            raise self._field_error(f"{a}.attention.head_count", f"it must divide {a}.embedding_length ({hidden})")
+        if heads % kv_heads:
+            raise self._field_error(
+                f"{a}.attention.head_count_kv", f"it must divide {a}.attention.head_count ({heads})"
+            )
+        head_dim = self._int(f"{a}.attention.key_length", hidden // heads)
+        if head_dim % 2:
+            raise self._field_error(f"{a}.attention.key_length", "the head size must be even (RoPE rotates halves)")
+        for key in (f"{a}.attention.value_length", f"{a}.rope.dimension_count"):
+            if key in self.metadata and self._int(key) != head_dim:
+                raise self._field_error(key, f"the engine computes whole heads: it must equal the head size {head_dim}")
+        layers = self._int(f"{a}.block_count")
+        if layers * (2 + len(LINEAR_NAMES)) > len(self.tensors):
+            raise self._field_error(
+                f"{a}.block_count", f"the file holds {len(self.tensors)} tensors, too few for that many layers"
+            )
+        vocab_key = f"{a}.vocab_size"
+        return Hyperparams(
             hidden=hidden,
-            layers=int(self.get(f"{a}.block_count")),
+            layers=layers,
             heads=heads,
-            kv_heads=int(self.get(f"{a}.attention.head_count_kv", heads)),
-            head_dim=int(self.get(f"{a}.attention.key_length", hidden // heads)),
-            ffn=int(self.get(f"{a}.feed_forward_length")),
-            vocab=int(self.get(f"{a}.vocab_size", 0)) or self.shape("token_embd.weight")[0],
-            context=int(self.get(f"{a}.context_length", 4096)),
-            rope_theta=float(self.get(f"{a}.rope.freq_base", 10000.0)),
-            rms_eps=float(self.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
-            ffn_act=self.get_str(f"{a}.ffn_activation", "silu"),
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            ffn=self._int(f"{a}.feed_forward_length"),
+            vocab=self._int(vocab_key) if vocab_key in self.metadata else self.shape("token_embd.weight")[0],
+            context=self._int(f"{a}.context_length", 4096),
+            rope_theta=self._float(f"{a}.rope.freq_base", 10000.0),
+            rms_eps=self._float(f"{a}.attention.layer_norm_rms_epsilon", 1e-5),
+            ffn_act=self._str(f"{a}.ffn_activation", "silu", choices=("silu", "relu2")),
             sub_norms="blk.0.attn_sub_norm.weight" in self.tensors,
             tied="output.weight" not in self.tensors,
         )
+
+    def _check_tensors(self) -> None:
+        """Every tensor the forward reads is present, of a type the engine reads, and of the shape the hyperparameters
+        imply; a `.scale` beside a ternary weight is exactly one F32 value."""
+        hp = self.hparams
+        q_dim, kv_dim = hp.heads * hp.head_dim, hp.kv_heads * hp.head_dim
+        self._expect("token_embd.weight", (hp.vocab, hp.hidden), DENSE_TYPES)
+        if not hp.tied:
+            self._expect("output.weight", (hp.vocab, hp.hidden), DENSE_TYPES)
+        self._expect("output_norm.weight", (hp.hidden,), NORM_TYPES)
+        linears = {
+            "attn_q": (q_dim, hp.hidden),
+            "attn_k": (kv_dim, hp.hidden),
+            "attn_v": (kv_dim, hp.hidden),
+            "attn_output": (hp.hidden, q_dim),
+            "ffn_gate": (hp.ffn, hp.hidden),
+            "ffn_up": (hp.ffn, hp.hidden),
+            "ffn_down": (hp.hidden, hp.ffn),
+        }
+        for i in range(hp.layers):
+            norms = {"attn_norm": hp.hidden, "ffn_norm": hp.hidden}
+            if hp.sub_norms:
+                norms.update(attn_sub_norm=q_dim, ffn_sub_norm=hp.ffn)
+            for stem, n in norms.items():
+                self._expect(tensor_name(i, stem), (n,), NORM_TYPES)
+            for stem, shape in linears.items():
+                name = tensor_name(i, stem)
+                self._expect(name, shape, TERNARY_TYPES)
+                if shape[0] % TILE_ROWS:
+                    raise GGUFFormatError(
+                        f"{self.path}: tensor {name!r} has {shape[0]} rows; ternary rows must come in multiples of "
+                        f"{TILE_ROWS}"
+                    )
+                if tensor_name(i, stem, "scale") in self.tensors:
+                    self._expect(tensor_name(i, stem, "scale"), (1,), ("f32",))
+
+    def _expect(self, name: str, shape: tuple[int, ...], types: tuple[str, ...]) -> None:
+        kind = self.tensor_type(name)
+        if kind not in types:
+            raise GGUFFormatError(
+                f"{self.path}: tensor {name!r} is {kind}; the engine reads it only as {', '.join(types)}"
+            )
+        if self.shape(name) != shape:
+            raise GGUFFormatError(
+                f"{self.path}: tensor {name!r} has shape {list(self.shape(name))}, expected {list(shape)} from the "
+                "hyperparameters"
+            )
 
     def get(self, key: str, default=None):
         value = self.metadata.get(key)
@@ -393,5 +586,8 @@ class ModelFile:
         return None if value is None else str(value)
 
     def special_token(self, key: str) -> int | None:
-        value = self.metadata.get(key)
-        return None if value is None else int(value)
+        """A token id from the metadata (bos, eos, ...), None when absent; GGUFFormatError when it is not an integer
+        (the tokenizer checks it against its vocabulary, engine/model/tokenizer.py)."""
+        if key not in self.metadata:
+            return None
+        return self._int(key, low=0, high=INT64_MAX)

@@ -13,10 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from engine.errors import RyzError
-from engine.model.ggufio import LINEAR_NAMES, ModelFile, tensor_name
+from engine.model.ggufio import LINEAR_NAMES, Hyperparams, ModelFile, tensor_name
 from engine.model.reference import greedy_decode
 
-ABI_VERSION = 3
+# The ABI this engine is written for, and the older ones it still drives: a serving bundle carries its own kernel
+# build, so a bundle made before ABI 4 keeps serving on this engine. ABI 4 gave ryz_model_set_tensor the byte length
+# of the tensor's data (checked against its type and shape); an ABI 3 library takes none, and the checks before it
+# (ModelFile's validation of the file) are what stand between a crafted file and it.
+ABI_VERSION = 4
+COMPATIBLE_ABIS = (3, 4)
 GGML_TYPE_IDS = {"f32": 0, "f16": 1, "q8_0": 8, "q6_k": 14, "tq1_0": 34, "tq2_0": 35}
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3}
 ISA_NAMES = {v: k for k, v in ISAS.items()}
@@ -55,6 +60,24 @@ class _Hparams(ctypes.Structure):
     ]
 
 
+def hparams_struct(hp: Hyperparams) -> _Hparams:
+    """The C ABI's ryz_hparams for a model file's hyperparameters."""
+    return _Hparams(
+        hp.hidden,
+        hp.layers,
+        hp.heads,
+        hp.kv_heads,
+        hp.head_dim,
+        hp.ffn,
+        hp.vocab,
+        hp.rope_theta,
+        hp.rms_eps,
+        1 if hp.ffn_act == "relu2" else 0,
+        int(hp.sub_norms),
+        int(hp.tied),
+    )
+
+
 class _Tuning(ctypes.Structure):
     _fields_ = [("gemm_token_tile", ctypes.c_int32), ("rows_per_task", ctypes.c_int32)]
 
@@ -70,7 +93,7 @@ _SIGNATURES = {
     "ryz_last_error": (ctypes.c_char_p, []),
     "ryz_source_hash": (ctypes.c_char_p, []),
     "ryz_model_new": (_I32, [ctypes.POINTER(_Hparams), ctypes.POINTER(_P)]),
-    "ryz_model_set_tensor": (_I32, [_P, ctypes.c_char_p, _P, _I32, _I64, _I64]),
+    "ryz_model_set_tensor": (_I32, [_P, ctypes.c_char_p, _P, ctypes.c_size_t, _I32, _I64, _I64]),
     "ryz_model_finalize": (_I32, [_P, _I32]),
     "ryz_model_repack_seconds": (ctypes.c_double, [_P]),
     "ryz_model_repacked_bytes": (_I64, [_P]),
@@ -95,6 +118,7 @@ _SIGNATURES = {
     "ryz_top_k": (_I32, [_P, _I64, _I32, _P, _P]),
     "ryz_read_bandwidth": (ctypes.c_double, [_I64, _I32, _I32]),
 }
+_ABI_3_SIGNATURES = {"ryz_model_set_tensor": (_I32, [_P, ctypes.c_char_p, _P, _I32, _I64, _I64])}  # no byte length
 
 
 class Library:
@@ -108,14 +132,22 @@ class Library:
             raise NativeError(
                 f"cannot load the native library {self.path}: {exc}; rebuild it with `ryz build-kernels --force`"
             ) from None
-        for name, (restype, argtypes) in _SIGNATURES.items():
+        # The version first: a library of another ABI may lack symbols, or have them with other signatures.
+        try:
+            version = self.lib.ryz_abi_version
+        except AttributeError:
+            raise NativeError(f"{self.path} is not a Ryzanstein kernel library (no ryz_abi_version)") from None
+        version.restype, version.argtypes = _I32, []
+        self.abi: int = version()
+        if self.abi not in COMPATIBLE_ABIS:
+            raise NativeError(
+                f"{self.path} has ABI {self.abi}, but this engine runs ABI {ABI_VERSION} libraries (and ABI 3 ones, "
+                "from older serving bundles): rebuild it with `ryz build-kernels --force`, or a bundle's with "
+                "`ryz bundle REF -o DIR` on this Ryzanstein"
+            )
+        for name, (restype, argtypes) in {**_SIGNATURES, **(_ABI_3_SIGNATURES if self.abi == 3 else {})}.items():
             fn = getattr(self.lib, name)
             fn.restype, fn.argtypes = restype, argtypes
-        if self.lib.ryz_abi_version() != ABI_VERSION:
-            raise NativeError(
-                f"{self.path} has ABI {self.lib.ryz_abi_version()}, this engine needs {ABI_VERSION}; "
-                f"run `ryz build-kernels --force`"
-            )
 
     def check(self, status: int, what: str) -> None:
         if status == 0:
@@ -123,6 +155,11 @@ class Library:
         message = (self.lib.ryz_last_error() or b"").decode() or _STATUS.get(status, f"status {status}")
         cls = NativeCapacityError if status == 4 else NativeError
         raise cls(f"{what}: {message}")
+
+    def set_tensor(self, model, name: str, data: np.ndarray, qtype: str, rows: int, cols: int) -> None:
+        """Register one tensor of a model being built; `data` (C-contiguous) must stay alive as long as the model."""
+        args = (model, name.encode(), data.ctypes.data) + ((data.nbytes,) if self.abi >= 4 else ())
+        self.check(self.lib.ryz_model_set_tensor(*args, GGML_TYPE_IDS[qtype], rows, cols), name)
 
     @property
     def isa(self) -> str:
@@ -231,37 +268,18 @@ class NativeModel:
         self.file = file or ModelFile(path)  # a loader that read the file already passes it (engine/model/loader.py)
         self.hp = hp = self.file.hparams
         lib = library.lib
-        params = _Hparams(
-            hp.hidden,
-            hp.layers,
-            hp.heads,
-            hp.kv_heads,
-            hp.head_dim,
-            hp.ffn,
-            hp.vocab,
-            hp.rope_theta,
-            hp.rms_eps,
-            1 if hp.ffn_act == "relu2" else 0,
-            int(hp.sub_norms),
-            int(hp.tied),
-        )
         handle = _P()
-        library.check(lib.ryz_model_new(ctypes.byref(params), ctypes.byref(handle)), "model_new")
+        library.check(lib.ryz_model_new(ctypes.byref(hparams_struct(hp)), ctypes.byref(handle)), "model_new")
         self.model: ctypes.c_void_p | None = handle  # None once closed
         self.context: ctypes.c_void_p | None = _P()
         self._arrays = []  # keep every mapped array alive as long as the native model points into it
         try:
             for name in self._tensor_names():
-                data = np.asarray(self.file.raw(name))
+                data = np.ascontiguousarray(self.file.raw(name))
                 shape = self.file.shape(name)
                 rows, cols = (1, shape[0]) if len(shape) == 1 else shape
                 self._arrays.append(data)
-                library.check(
-                    lib.ryz_model_set_tensor(
-                        handle, name.encode(), data.ctypes.data, GGML_TYPE_IDS[self.file.tensor_type(name)], rows, cols
-                    ),
-                    name,
-                )
+                library.set_tensor(handle, name, data, self.file.tensor_type(name), rows, cols)
             library.check(lib.ryz_model_finalize(handle, max(threads, 1)), "model_finalize")
             # The repacked copies are what runs: release the file's ternary pages (about 0.5 GB on 2B4T).
             self.file.release([tensor_name(i, stem) for i in range(hp.layers) for stem in LINEAR_NAMES.values()])

@@ -13,7 +13,7 @@ import time
 
 from fastapi import APIRouter, Request
 
-from engine.errors import ModelReferenceError, RyzError
+from engine.errors import GGUFFormatError, ModelReferenceError, RyzError
 from engine.serving.protocol import APIError, read_json
 from engine.serving.router import CANARY, PRODUCTION
 from engine.serving.variants import ServingState
@@ -51,6 +51,8 @@ async def admin_load(request: Request):
         await asyncio.get_running_loop().run_in_executor(None, state.load, name, ref)
     except ModelReferenceError as exc:
         raise APIError(404, str(exc), param="model", code="model_not_found") from None
+    except GGUFFormatError as exc:  # the artifact itself is malformed or not a model this engine runs: not retryable
+        raise APIError(422, f"cannot load {ref!r}: {exc}", param="model", code="invalid_model") from None
     except RyzError as exc:
         raise APIError(500, f"loading {ref!r} failed: {exc}", "server_error", code="load_failed") from None
     return state.describe()

@@ -5,9 +5,12 @@
     state      engine/serving/variants.py: the production and canary variants, each an EngineClient
     engines    engine/serving/client.py: what the routes may ask of an engine (and the local implementation)
     shapes     engine/serving/protocol.py: request bodies, OpenAI's error shape, SSE
+    guard      engine/serving/guard.py: keys and token in constant time, body and header limits, error counting
 
-This module builds the app: the state, the guard every request passes (body size, API keys, the admin token),
-OpenAI-shaped errors for every failure, and the background load of the startup model.
+This module builds the app: the state, the guard every request passes (API keys and the admin token in constant
+time, the body's size on the bytes actually read and the time it may take to arrive), OpenAI-shaped errors for
+every failure (an unhandled exception too: logged, counted for its variant, the connection kept), and the
+background load of the startup model.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ from collections.abc import Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.serving import admin_routes, openai_routes, retrieval_routes
 from engine.serving.client import ClientFactory, LoadedModel, load_model, local_clients
+from engine.serving.guard import Guard, api_key_set, count_error, internal_error
 from engine.serving.metrics import CONTENT_TYPE_LATEST
-from engine.serving.protocol import APIError, bearer, error_response
+from engine.serving.protocol import APIError, error_response
 from engine.serving.router import PRODUCTION
 from engine.serving.variants import ServingState, load_logged
 from engine.settings import Settings, get_settings
@@ -40,6 +45,7 @@ def create_app(
     `follow_registry` what the registry and the release in progress say (engine/serving/follow.py). Variants are
     opened by `connect` (an EngineClient factory), by default local engines over `loader` (the artifact store)."""
     settings = settings or get_settings()
+    api_keys = api_key_set(settings)  # refuses a key list of only commas before anything starts
     state = ServingState(settings, connect or local_clients(loader or load_model))
 
     @contextlib.asynccontextmanager
@@ -56,36 +62,36 @@ def create_app(
         yield
         state.close()
 
+    # /openapi.json describes every route, the bodies the OpenAI routes read by hand included (protocol.openapi_body)
     app = FastAPI(title="Ryzanstein", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.serving = state
-    api_keys = {k.strip() for k in (settings.api_keys or "").split(",") if k.strip()}
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        variant = getattr(request.state, "variant", None)
-        if variant is not None:
-            endpoint = "chat" if request.url.path.endswith("/chat/completions") else "completions"
-            state.metrics.requests.labels(variant, endpoint, str(exc.status)).inc()
-            state.metrics.errors.labels(variant, exc.code or exc.type).inc()
+        count_error(state, request.scope, exc)
         return error_response(exc)
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception):
-        """A bug or an engine failure outside the routes' own checks: still a 500 in OpenAI's shape, and counted
-        for its variant, so the canary analysis sees the failures that matter most."""
-        return await _api_error(request, APIError(500, f"internal error: {type(exc).__name__}", "server_error"))
+        """The last resort, for an error in the guard itself (the guard answers everything inside it)."""
+        return await _api_error(request, internal_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        """No such route (404), a method the route does not take (405): OpenAI's shape too."""
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        headers = dict(exc.headers) if exc.headers else None
+        return await _api_error(request, APIError(exc.status_code, message, code=code, headers=headers))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         message = f"{where or 'body'}: {first.get('msg', 'invalid request')}"
-        return error_response(APIError(400, message, param=where, code="invalid_value"))
+        return await _api_error(request, APIError(400, message, param=where, code="invalid_value"))
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        refusal = _refusal(request, settings, api_keys)
-        return error_response(refusal) if refusal else await call_next(request)
+    app.add_middleware(Guard, settings=settings, state=state, api_keys=api_keys)
 
     @app.get("/health")
     async def health():
@@ -108,40 +114,6 @@ def create_app(
     for routes in (openai_routes, retrieval_routes, admin_routes):
         app.include_router(routes.router)
     return app
-
-
-def _refusal(request: Request, settings: Settings, api_keys: set[str]) -> APIError | None:
-    """Why the guard turns a request away before any route runs, if it does."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
-        return APIError(
-            413,
-            f"request body of {length} bytes exceeds the limit of {settings.max_request_bytes} (RYZ_MAX_REQUEST_BYTES)",
-            code="too_large",
-        )
-    path = request.url.path
-    if path.startswith("/v1/") and api_keys and bearer(request) not in api_keys:
-        return APIError(
-            401,
-            "missing or invalid API key: send `Authorization: Bearer <key>` with one of the keys in RYZ_API_KEYS",
-            "authentication_error",
-            code="invalid_api_key",
-        )
-    if path.startswith("/admin") and not settings.admin_token:
-        return APIError(
-            403,
-            "admin routes are disabled: start the server with RYZ_ADMIN_TOKEN set",
-            "permission_error",
-            code="admin_disabled",
-        )
-    if path.startswith("/admin") and bearer(request) != settings.admin_token:
-        return APIError(
-            401,
-            "admin routes need `Authorization: Bearer <RYZ_ADMIN_TOKEN>`",
-            "authentication_error",
-            code="invalid_admin_token",
-        )
-    return None
 
 
 def serve(

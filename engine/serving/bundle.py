@@ -19,6 +19,7 @@ from engine.artifacts.bundle import (
     SCHEMA,
     SERVING_FIELDS,
     SETTINGS,
+    bundle_library,
     read_bundle_manifest,
     verify_bundle,
 )
@@ -72,7 +73,8 @@ def _load_library(
     here = host.cpu_fingerprint()
     proven = bool((kernel.get("self_test") or {}).get("passed"))
     if kernel.get("library") and proven and kernel["fingerprint"].get("fingerprint_id") == here["fingerprint_id"]:
-        path = (bundle_dir / kernel["library"]).resolve()
+        path = bundle_library(bundle_dir, manifest)  # inside the bundle, or a BundleError: never dlopen'd
+        assert path is not None
         library = build._LOADED.get(path) or Library(path)
         built_from = (library.lib.ryz_source_hash() or b"").decode()
         if built_from != kernel["source_hash"]:
@@ -156,7 +158,7 @@ def bundle_loader(
         model_id = (
             f"{name}@{bundle.artifact_id[:19]}" if name else bundle.artifact_id[:19]
         )  # as a store-loaded artifact
-        return LoadedModel(model, ModelTokenizer(model.file), model_id)
+        return LoadedModel(model, ModelTokenizer(model.file, settings.parse_special), model_id)
 
     return load
 

@@ -79,7 +79,7 @@ def load_model(ref: str, settings: Settings, library=None) -> LoadedModel:
     tile, KV slots within RYZ_KV_BUDGET_MB)."""
     path = resolve_model(ref, open_store(settings.store_url, settings=settings))
     model = open_model(path, "serve", settings=settings, library=library)
-    return LoadedModel(model, ModelTokenizer(model.file), model_id(ref, model))
+    return LoadedModel(model, ModelTokenizer(model.file, settings.parse_special), model_id(ref, model))
 
 
 def model_id(ref: str, model) -> str:

@@ -256,7 +256,9 @@ class EngineCore:
                         self._end(request_id, Delta(error=f"engine error: {exc}"))
 
     def step(self) -> None:
-        """Schedule -> execute -> update."""
+        """Schedule -> execute -> update. What one request does with its logits (prompt logprobs, sampling under its
+        parameters and grammar, detokenizing, stop strings, its sink) fails that request alone (_fail); a failing
+        forward fails every request in flight (_loop), since the batch's KV state is unknown after it."""
         with self._lock:
             plan = self.scheduler.schedule()
         if not plan.chunks:
@@ -287,7 +289,10 @@ class EngineCore:
         row = 0
         with self._lock:
             for chunk, rows in zip(plan.chunks, rows_of):
-                self._update(chunk, logits[row : row + rows] if rows else None)
+                try:
+                    self._update(chunk, logits[row : row + rows] if rows else None)
+                except Exception as exc:  # noqa: BLE001 - this request's own work failed: it ends alone
+                    self._fail(chunk.request_id, exc)
                 row += rows
 
     def _update(self, chunk: Chunk, logits: np.ndarray | None) -> None:
@@ -352,6 +357,15 @@ class EngineCore:
             return
         delta.finish_reason = finish
         self._end(request.request_id, delta)
+
+    def _fail(self, request_id: str, exc: Exception) -> None:
+        """End one request whose own work in a step raised (lock held): an error delta for it alone, its slot freed;
+        the other requests of the batch carry on. A sink that raises again (its client is gone) is ignored: the
+        request has already left the core."""
+        try:
+            self._end(request_id, Delta(error=f"request failed: {type(exc).__name__}: {exc}"))
+        except Exception:  # noqa: BLE001 - _end pops the request first, so nothing of it is left to end
+            pass
 
     def _end(self, request_id: str, delta: Delta) -> None:
         """Finish a request (lock held): flush held-back text, free its slot, send the last delta."""

@@ -1,14 +1,18 @@
 """The OpenAI routes: /v1/completions, /v1/chat/completions, /v1/models.
 
 Each request is routed to a variant (engine/serving/variants.py), validated into `GenerationRequest`s through
-the variant's `EngineClient` (tokenize, render, grammar), submitted, and answered whole or as server-sent
-events in OpenAI's shapes. Every response names its variant in the `X-Ryz-Variant` header and every metric is
-labelled by it.
+the variant's `EngineClient` (tokenize, render, grammar: on a worker thread, so a long prompt or a hard schema
+never stalls the event loop), submitted, and answered whole or as server-sent events in OpenAI's shapes. Every
+response names its variant in the `X-Ryz-Variant` header and every metric is labelled by it.
+
+Nothing of a request runs on without a client: a client that disconnects aborts its engine requests, streaming or
+not (the client protocol's `abort`), and a request refused at submit (429) aborts what it had submitted already.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 import uuid
@@ -16,7 +20,8 @@ from collections.abc import AsyncIterator
 from typing import Any, cast
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from engine.errors import InvalidRequestError
 from engine.serving.chat import validate_messages
@@ -29,6 +34,8 @@ from engine.serving.protocol import (
     CompletionBody,
     SamplingBody,
     error_body,
+    error_response,
+    openapi_body,
     parse_body,
     read_json,
     sse,
@@ -40,6 +47,7 @@ from engine.serving.tools import parse_tool_calls, validate_tools
 from engine.serving.variants import ServingState, Variant
 
 router = APIRouter()
+logger = logging.getLogger("ryz.serve")
 
 
 @router.get("/v1/models")
@@ -55,21 +63,21 @@ async def models(request: Request):
     }
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=openapi_body(CompletionBody))
 async def completions(request: Request):
     state, body, variant = await _routed(request, CompletionBody)
     try:
-        return await run_completion(state, variant, body, request.state.arrival)
+        return await run_completion(state, variant, body, request.state.arrival, request)
     finally:  # submitted (or failed): the variant may close once its engine is idle
         state.unclaim(variant)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=openapi_body(ChatBody))
 async def chat(request: Request):
     state, body, variant = await _routed(request, ChatBody)
     try:
         citations = await add_retrieved_context(state, body) if body.retrieval else None
-        return await run_chat(state, variant, body, request.state.arrival, citations)
+        return await run_chat(state, variant, body, request.state.arrival, citations, request)
     finally:  # submitted (or failed): the variant may close once its engine is idle
         state.unclaim(variant)
 
@@ -127,14 +135,15 @@ def _generation_request(
     max_tokens: int,
     grammar,
     arrival: float,
+    stops: list[str],
     prompt_logprobs: int | None = None,
 ) -> GenerationRequest:
-    """A request for the engine from a validated body: its stops, stop ids and eos handling."""
+    """A request for the engine from a validated body: its stops (checked by `_stops`), stop ids and eos handling."""
     return GenerationRequest(
         prompt_ids,
         params,
         max_tokens,
-        _stops(body.stop),
+        stops,
         set(body.stop_token_ids or []),
         body.ignore_eos,
         grammar,
@@ -143,10 +152,19 @@ def _generation_request(
     )
 
 
-def _stops(stop) -> list[str]:
+def _stops(state: ServingState, stop) -> list[str]:
+    """The request's stop strings, within RYZ_MAX_STOPS and RYZ_MAX_STOP_CHARS."""
+    s = state.settings
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stops) > 4 or any(not s for s in stops):
-        raise APIError(400, "stop takes up to 4 non-empty strings", param="stop")
+    if len(stops) > s.max_stops or any(not x for x in stops):
+        raise APIError(400, f"stop takes up to {s.max_stops} non-empty strings (RYZ_MAX_STOPS)", param="stop")
+    if (longest := max((len(x) for x in stops), default=0)) > s.max_stop_chars:
+        raise APIError(
+            400,
+            f"a stop string of {longest} characters exceeds this server's limit of {s.max_stop_chars} "
+            "(RYZ_MAX_STOP_CHARS)",
+            param="stop",
+        )
     return stops
 
 
@@ -175,17 +193,96 @@ def _check_lengths(state: ServingState, prompt_ids: list[int], max_tokens: int |
     return max_tokens
 
 
-def _submit_all(variant: Variant, requests: list[GenerationRequest]) -> list[AsyncIterator[Delta]]:
+def _submit_all(state: ServingState, variant: Variant, requests: list[GenerationRequest]) -> list[AsyncIterator[Delta]]:
+    """Submit a request's engine requests, all or none: a batch that does not fit the queue (RYZ_MAX_QUEUE, with
+    the free slots) is refused before anything is submitted, and if the queue fills midway (other requests
+    raced it) the ones already submitted are aborted before the 429 goes out, so nothing of it runs on."""
+    client = variant.client
+    stats = client.stats()
+    free = max(0, stats.get("slots", 0) - stats.get("running", 0))
+    if len(requests) > 1 and stats.get("waiting", 0) + len(requests) > state.settings.max_queue + free:
+        raise _queue_full()
+    streams: list[AsyncIterator[Delta]] = []
     try:
-        return [variant.client.submit(r) for r in requests]
-    except QueueFullError:
-        raise APIError(
-            429,
-            "the server is at capacity: all sequence slots are busy and the queue is full; retry later",
-            "rate_limit_error",
-            code="queue_full",
-            headers={"Retry-After": "1"},
-        ) from None
+        for r in requests:
+            streams.append(client.submit(r))
+    except BaseException as exc:
+        _abort(client, requests[: len(streams)])
+        if isinstance(exc, QueueFullError):
+            raise _queue_full() from None
+        raise
+    return streams
+
+
+def _queue_full() -> APIError:
+    return APIError(
+        429,
+        "the server is at capacity: all sequence slots are busy and the queue is full; retry later",
+        "rate_limit_error",
+        code="queue_full",
+        headers={"Retry-After": "1"},
+    )
+
+
+def _abort(client: EngineClient, requests: list[GenerationRequest]) -> None:
+    """Abort engine requests (a no-op for those already finished)."""
+    for r in requests:
+        client.abort(r.request_id)
+
+
+async def _collect_or_abort(
+    request: Request, client: EngineClient, requests: list[GenerationRequest], streams: list[AsyncIterator[Delta]]
+) -> list[tuple[str, list, Delta, list[int]]] | None:
+    """Every stream collected, or None when the client disconnected first: then its engine requests are aborted
+    (they would otherwise run to max_tokens for nobody). Any failure aborts them too."""
+    collecting = asyncio.create_task(_collect_all(streams))
+    disconnect = asyncio.create_task(_disconnected(request))
+    try:
+        await asyncio.wait({collecting, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        return collecting.result() if collecting.done() else None
+    finally:
+        for task in (collecting, disconnect):
+            task.cancel()
+        _abort(client, requests)
+
+
+async def _collect_all(streams: list[AsyncIterator[Delta]]) -> list[tuple[str, list, Delta, list[int]]]:
+    return await asyncio.gather(*(_collect(s) for s in streams))
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body is read by now: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _client_gone(state: ServingState, variant: Variant, endpoint: str) -> Response:
+    """What a non-streaming request that lost its client answers (nobody reads it): counted as 499, a client error
+    (nginx's "client closed request"), not as an answer."""
+    state.metrics.requests.labels(variant.name, endpoint, "499").inc()
+    state.metrics.errors.labels(variant.name, "client_disconnected").inc()
+    return error_response(APIError(499, "the client disconnected", code="client_disconnected"))
+
+
+class _EngineStream(StreamingResponse):
+    """Server-sent events over engine requests: whatever ends the response (its last event, the client's
+    disconnect, even before the first event, an error), the requests still in flight are aborted."""
+
+    def __init__(self, content, client: EngineClient, requests: list[GenerationRequest], headers: dict):
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self._client, self._requests = client, requests
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            _abort(self._client, self._requests)
+
+
+def _stream_failed(exc: Exception) -> str:
+    """The event that ends a stream a bug broke: OpenAI's error shape, as for an engine error (logged here)."""
+    logger.error("ryz serve: a stream failed", exc_info=exc)
+    return sse(error_body(f"internal error: {type(exc).__name__}", "server_error", code="internal_error"))
 
 
 async def _collect(stream: AsyncIterator[Delta]) -> tuple[str, list, Delta, list[int]]:
@@ -200,7 +297,9 @@ async def _collect(stream: AsyncIterator[Delta]) -> tuple[str, list, Delta, list
     return "".join(text), samples, last, ids
 
 
-async def run_completion(state: ServingState, variant: Variant, body: CompletionBody, arrival: float):
+async def run_completion(
+    state: ServingState, variant: Variant, body: CompletionBody, arrival: float, request: Request | None = None
+):
     client = variant.client
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
@@ -218,20 +317,30 @@ async def run_completion(state: ServingState, variant: Variant, body: Completion
         prompts = cast("list[str] | list[list[int]]", body.prompt)  # a batch of texts or of token-id lists
     if not prompts:
         raise APIError(400, "the prompt is empty", param="prompt")
+    if len(prompts) > state.settings.max_prompts:
+        raise APIError(
+            400,
+            f"{len(prompts)} prompts in one request exceed this server's limit of {state.settings.max_prompts} "
+            "(RYZ_MAX_PROMPTS): send them in several requests",
+            param="prompt",
+        )
     if body.stream and len(prompts) > 1:
         raise APIError(400, "streaming takes one prompt per request", param="prompt")
+    if any(not p for p in prompts):
+        raise APIError(400, "the prompt is empty", param="prompt")
     params = _sampling(body, body.logprobs)
-    grammar = _grammar(client, body.response_format)
+    stops = _stops(state, body.stop)
+    grammar = await _grammar(client, body.response_format)
+    texts = [p for p in prompts if isinstance(p, str)]
+    encoded = iter(await asyncio.to_thread(lambda: [client.tokenize(t) for t in texts]) if texts else [])
     requests, prompt_ids_all = [], []
     for p in prompts:
-        if not p:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        ids = client.tokenize(p) if isinstance(p, str) else list(p)
+        ids = next(encoded) if isinstance(p, str) else list(p)
         max_tokens = _check_lengths(state, ids, body.max_tokens, client.vocab)
         prompt_ids_all.append(ids)
         echo_logprobs = body.logprobs if body.echo and body.logprobs is not None else (0 if body.echo else None)
-        requests.append(_generation_request(body, ids, params, max_tokens, grammar, arrival, echo_logprobs))
-    streams = _submit_all(variant, requests)
+        requests.append(_generation_request(body, ids, params, max_tokens, grammar, arrival, stops, echo_logprobs))
+    streams = _submit_all(state, variant, requests)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     headers = {VARIANT_HEADER: variant.name}
     endpoint = "completions"
@@ -268,12 +377,24 @@ async def run_completion(state: ServingState, variant: Variant, body: Completion
                     if delta.done and include_usage:
                         yield _usage_event(rid, "text_completion", created, body.model, delta)
                 yield sse("[DONE]")
+            except (asyncio.CancelledError, GeneratorExit):  # the client disconnected
+                status = "499"
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug mid-stream: an error event, logged and counted
+                status = "500"
+                yield _stream_failed(exc)
             finally:
                 state.metrics.requests.labels(variant.name, endpoint, status).inc()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+        return _EngineStream(events(), client, requests, headers)
 
-    results = await asyncio.gather(*(_collect(s) for s in streams))
+    results = (
+        await _collect_or_abort(request, client, requests, streams)
+        if request is not None
+        else await asyncio.gather(*(_collect(s) for s in streams))
+    )
+    if results is None:
+        return _client_gone(state, variant, endpoint)
     choices, prompt_total, completion_total = [], 0, 0
     for i, (text, samples, last, _ids) in enumerate(results):
         prompt_text = ""
@@ -346,37 +467,54 @@ def _usage_event(rid: str, object_: str, created: int, model: str, last: Delta) 
     )
 
 
-def _grammar(client: EngineClient, response_format: dict | None = None, tools=None, tool_choice=None):
+async def _grammar(client: EngineClient, response_format: dict | None = None, tools=None, tool_choice=None):
+    """The request's grammar, compiled on a worker thread (a crafted schema must not stall the event loop)."""
+    plain = response_format is None or (
+        isinstance(response_format, dict) and response_format.get("type") in (None, "text")
+    )
+    if not tools and plain:
+        return None  # nothing to compile: no thread hop for the common request
     try:
-        return client.grammar(response_format, tools, tool_choice)
+        return await asyncio.to_thread(client.grammar, response_format, tools, tool_choice)
     except (InvalidRequestError, ValueError) as exc:
         raise APIError(400, str(exc), param="tools" if tools else "response_format") from None
 
 
+def _chat_prompt(client: EngineClient, messages, tools, tool_choice) -> list[int]:
+    """Validate and render a chat (run on a worker thread: templates and tokenizing take time on long chats)."""
+    valid = validate_messages(messages)
+    if tools:
+        validate_tools(tools, tool_choice)
+    return client.render_chat(valid, tools)
+
+
 async def run_chat(
-    state: ServingState, variant: Variant, body: ChatBody, arrival: float, citations: list | None = None
+    state: ServingState,
+    variant: Variant,
+    body: ChatBody,
+    arrival: float,
+    citations: list | None = None,
+    http: Request | None = None,
 ):
     client = variant.client
     if body.top_logprobs is not None and not (body.logprobs and 0 <= body.top_logprobs <= 20):
         raise APIError(400, "top_logprobs needs logprobs=true and a value 0-20", param="top_logprobs")
     params = _sampling(body, (body.top_logprobs or 0) if body.logprobs else None)
+    stops = _stops(state, body.stop)
     tools = body.tools or None
     tool_choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
     try:
-        messages = validate_messages(body.messages)
-        if tools:
-            validate_tools(tools, tool_choice)
-        prompt_ids = client.render_chat(messages, tools)
+        prompt_ids = await asyncio.to_thread(_chat_prompt, client, body.messages, tools, tool_choice)
     except (InvalidRequestError, ValueError) as exc:
         raise APIError(400, str(exc), param=getattr(exc, "param", None) or "messages") from None
-    grammar = _grammar(client, body.response_format)
+    grammar = await _grammar(client, body.response_format)
     if tools and tool_choice != "none":
         if grammar is not None:
             raise APIError(400, "response_format and forced tool calls cannot be combined", param="tool_choice")
-        grammar = _grammar(client, None, tools, tool_choice)
+        grammar = await _grammar(client, None, tools, tool_choice)
     max_tokens = _check_lengths(state, prompt_ids, body.max_completion_tokens or body.max_tokens, client.vocab)
-    request = _generation_request(body, prompt_ids, params, max_tokens, grammar, arrival)
-    stream = _submit_all(variant, [request])[0]
+    request = _generation_request(body, prompt_ids, params, max_tokens, grammar, arrival, stops)
+    stream = _submit_all(state, variant, [request])[0]
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     headers = {VARIANT_HEADER: variant.name}
     endpoint = "chat"
@@ -428,12 +566,23 @@ async def run_chat(
                         if include_usage:
                             yield _usage_event(rid, "chat.completion.chunk", created, body.model, delta)
                 yield sse("[DONE]")
+            except (asyncio.CancelledError, GeneratorExit):  # the client disconnected
+                status = "499"
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug mid-stream: an error event, logged and counted
+                status = "500"
+                yield _stream_failed(exc)
             finally:
                 state.metrics.requests.labels(variant.name, endpoint, status).inc()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+        return _EngineStream(events(), client, [request], headers)
 
-    text, samples, last, _ids = await _collect(stream)
+    collected = (
+        await _collect_or_abort(http, client, [request], [stream]) if http is not None else [await _collect(stream)]
+    )
+    if collected is None:
+        return _client_gone(state, variant, endpoint)
+    text, samples, last, _ids = collected[0]
     message: dict[str, Any] = {"role": "assistant", "content": text}
     finish = last.finish_reason
     if buffer_for_tools and (calls := parse_tool_calls(text, tools)):

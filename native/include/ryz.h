@@ -1,9 +1,9 @@
 /* Ryzanstein native engine: the whole C ABI.
  *
  * POD structs, integer status codes, no exceptions across this boundary. Python reaches it through
- * ctypes (engine/native.py, the only importer). Tensors are passed by pointer into the caller's
- * memory-mapped GGUF; ternary weights are repacked into the kernels' layout at finalize time, every
- * other tensor is read in place, so the caller must keep the mapping alive while the model lives.
+ * ctypes (engine/model/native.py, the only importer). Tensors are passed by pointer and byte length into
+ * the caller's memory-mapped GGUF; ternary weights are repacked into the kernels' layout at finalize time,
+ * every other tensor is read in place, so the caller must keep the mapping alive while the model lives.
  */
 #ifndef RYZ_H
 #define RYZ_H
@@ -15,7 +15,8 @@
 extern "C" {
 #endif
 
-#define RYZ_ABI_VERSION 3
+/* ABI 4: ryz_model_set_tensor takes the byte length of the tensor's data. ABI 3 added ryz_kv_dot / ryz_kv_axpy. */
+#define RYZ_ABI_VERSION 4
 
 #if defined(__GNUC__)
 #define RYZ_API __attribute__((visibility("default")))
@@ -70,8 +71,11 @@ RYZ_API const char *ryz_source_hash(void);        /* hash of the sources this li
 
 /* Model */
 RYZ_API ryz_status ryz_model_new(const ryz_hparams *hp, ryz_model **out);
-/* Register one GGUF tensor by its GGUF name (e.g. "blk.3.attn_q.weight"); rows x cols in numpy order. */
-RYZ_API ryz_status ryz_model_set_tensor(ryz_model *m, const char *name, const void *data, int32_t type, int64_t rows, int64_t cols);
+/* Register one GGUF tensor by its GGUF name (e.g. "blk.3.attn_q.weight"); rows x cols in numpy order. `n_bytes` is
+ * the length of `data` and must be exactly what `type` takes for rows x cols (refused otherwise, as are a type the
+ * engine does not read, partial blocks, sizes that overflow and a name registered twice). */
+RYZ_API ryz_status ryz_model_set_tensor(ryz_model *m, const char *name, const void *data, size_t n_bytes, int32_t type,
+                                        int64_t rows, int64_t cols);
 RYZ_API ryz_status ryz_model_finalize(ryz_model *m, int32_t n_threads);  /* checks completeness, repacks ternary weights */
 RYZ_API double ryz_model_repack_seconds(const ryz_model *m);
 RYZ_API int64_t ryz_model_repacked_bytes(const ryz_model *m);

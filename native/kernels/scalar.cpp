@@ -46,7 +46,8 @@ fp16_t fp32_to_fp16(float f) {  // round to nearest even; only used for the KV c
     if (abs >= 0x477FF000) return static_cast<fp16_t>(sign | 0x7C00);  // overflows to inf
     if (abs < 0x38800000) {  // subnormal or zero in fp16
         const uint32_t shift = 113 - (abs >> 23);
-        if (shift > 24) return static_cast<fp16_t>(sign);
+        // Below 2^-25 (shift > 11) the value rounds to zero; larger shifts would also shift a uint32 by >= 32.
+        if (shift > 11) return static_cast<fp16_t>(sign);
         const uint32_t mant = (abs & 0x7FFFFF) | 0x800000;
         uint32_t h = mant >> (shift + 13);
         const uint32_t rem = mant & ((1u << (shift + 13)) - 1), half = 1u << (shift + 12);

@@ -242,31 +242,33 @@ ryz_status ryz_context_new(ryz_model *m, int32_t n_threads, int32_t max_seqs, in
     if (!m->finalized) return fail(RYZ_ERR_STATE, "finalize the model before creating a context");
     if (n_threads < 1 || max_seqs < 1 || max_positions < 1 || (kv_type != RYZ_KV_F32 && kv_type != RYZ_KV_F16))
         return fail(RYZ_ERR_INVALID_ARGUMENT, "n_threads, max_seqs and max_positions must be >= 1 and kv_type F32 or F16");
-    auto *c = new (std::nothrow) ryz_context();
-    if (!c) return fail(RYZ_ERR_OUT_OF_MEMORY, "out of memory");
-    c->model = m;
-    c->pool = std::make_unique<ThreadPool>(n_threads);
-    c->max_seqs = max_seqs;
-    c->max_positions = max_positions;
-    c->kv_type = kv_type;
-    c->seqs.resize(max_seqs);
-    c->scores.assign(n_threads, std::vector<float>(max_positions));
-    const ryz_hparams &hp = m->hp;
-    const int32_t half = hp.head_dim / 2;
-    c->rope_cos.resize(size_t(max_positions) * half);
-    c->rope_sin.resize(size_t(max_positions) * half);
-    for (int32_t i = 0; i < half; ++i) {
-        // As the reference: float32 theta^(2i/d), its float32 inverse, times the float32 position.
-        const float exponent = static_cast<float>(2 * i) / static_cast<float>(hp.head_dim);
-        const float inv_freq = 1.0f / static_cast<float>(std::pow(static_cast<double>(hp.rope_theta), static_cast<double>(exponent)));
-        for (int32_t p = 0; p < max_positions; ++p) {
-            const float angle = static_cast<float>(p) * inv_freq;
-            c->rope_cos[size_t(p) * half + i] = static_cast<float>(std::cos(static_cast<double>(angle)));
-            c->rope_sin[size_t(p) * half + i] = static_cast<float>(std::sin(static_cast<double>(angle)));
+    // Sizes come from a file's context_length: a failed allocation is a status, never an exception across the ABI.
+    return guarded([&]() -> ryz_status {
+        auto c = std::make_unique<ryz_context>();
+        c->model = m;
+        c->pool = std::make_unique<ThreadPool>(n_threads);
+        c->max_seqs = max_seqs;
+        c->max_positions = max_positions;
+        c->kv_type = kv_type;
+        c->seqs.resize(max_seqs);
+        c->scores.assign(n_threads, std::vector<float>(max_positions));
+        const ryz_hparams &hp = m->hp;
+        const int32_t half = hp.head_dim / 2;
+        c->rope_cos.resize(size_t(max_positions) * half);
+        c->rope_sin.resize(size_t(max_positions) * half);
+        for (int32_t i = 0; i < half; ++i) {
+            // As the reference: float32 theta^(2i/d), its float32 inverse, times the float32 position.
+            const float exponent = static_cast<float>(2 * i) / static_cast<float>(hp.head_dim);
+            const float inv_freq = 1.0f / static_cast<float>(std::pow(static_cast<double>(hp.rope_theta), static_cast<double>(exponent)));
+            for (int32_t p = 0; p < max_positions; ++p) {
+                const float angle = static_cast<float>(p) * inv_freq;
+                c->rope_cos[size_t(p) * half + i] = static_cast<float>(std::cos(static_cast<double>(angle)));
+                c->rope_sin[size_t(p) * half + i] = static_cast<float>(std::sin(static_cast<double>(angle)));
+            }
         }
-    }
-    *out = c;
-    return RYZ_OK;
+        *out = c.release();
+        return RYZ_OK;
+    });
 }
 
 void ryz_context_free(ryz_context *c) { delete c; }

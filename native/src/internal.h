@@ -3,7 +3,9 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <exception>
 #include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -19,6 +21,19 @@ const Kernels &kernels();  // the table chosen by dispatch (or forced by ryz_set
 inline auto kv_dot_kernel() { return kernels().kv_dot ? kernels().kv_dot : kernels_scalar().kv_dot; }
 inline auto kv_axpy_kernel() { return kernels().kv_axpy ? kernels().kv_axpy : kernels_scalar().kv_axpy; }
 ryz_status fail(ryz_status status, const std::string &message);  // records ryz_last_error
+
+// Runs an ABI entry's body so that no exception crosses the C ABI: a failed allocation (a size from a crafted
+// file that got this far) or thread start becomes a status and a message instead of std::terminate.
+template <typename Body>
+ryz_status guarded(Body &&body) {
+    try {
+        return body();
+    } catch (const std::bad_alloc &) {
+        return fail(RYZ_ERR_OUT_OF_MEMORY, "out of memory");
+    } catch (const std::exception &e) {
+        return fail(RYZ_ERR_STATE, std::string("internal error: ") + e.what());
+    }
+}
 
 // 64-byte aligned buffer (cache lines and AVX-512 loads), zero-initialised unless `zero` is false.
 struct AlignedBuffer {

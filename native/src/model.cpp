@@ -1,5 +1,7 @@
-// Model: tensors registered by GGUF name, checked against the hyperparameters, ternary weights
-// repacked from TQ2_0 / TQ1_0 into the kernels' T2P layout (blocks.h); everything else read in place.
+// Model: tensors registered by GGUF name with their byte length (checked against type and shape, so nothing
+// here reads past a caller's buffer), checked against the hyperparameters, ternary weights repacked from
+// TQ2_0 / TQ1_0 into the kernels' T2P layout (blocks.h); everything else read in place.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -122,6 +124,35 @@ ryz_status pack_parallel(const void *src, int32_t type, int64_t rows, int64_t co
     return RYZ_OK;
 }
 
+// The bytes a tensor of `type` with rows x cols (numpy order) takes, or a failing status: a type this engine does not
+// read, a non-positive size, a partial block, or a size that overflows. rows x row bytes is checked by division
+// before it is multiplied, so no product wraps: a crafted shape cannot make a small buffer look big enough.
+ryz_status stored_bytes(int32_t type, int64_t rows, int64_t cols, size_t *out) {
+    struct Layout { int32_t type; int64_t block, block_bytes; };
+    static const Layout layouts[] = {
+        {RYZ_TYPE_F32, 1, 4},
+        {RYZ_TYPE_F16, 1, 2},
+        {RYZ_TYPE_Q8_0, QK8_0, sizeof(block_q8_0)},
+        {RYZ_TYPE_Q6_K, QK_K, sizeof(block_q6_k)},
+        {RYZ_TYPE_TQ1_0, QK_K, sizeof(block_tq1_0)},
+        {RYZ_TYPE_TQ2_0, QK_K, sizeof(block_tq2_0)},
+    };
+    const Layout *layout = nullptr;
+    for (const Layout &l : layouts)
+        if (l.type == type) layout = &l;
+    if (!layout) return fail(RYZ_ERR_UNSUPPORTED, "GGML type " + std::to_string(type) + " is not one this engine reads");
+    if (rows <= 0 || cols <= 0) return fail(RYZ_ERR_INVALID_ARGUMENT, "rows and cols must be positive");
+    if (cols % layout->block) {
+        return fail(RYZ_ERR_INVALID_ARGUMENT,
+                    "rows of " + std::to_string(cols) + " values are not whole blocks of " + std::to_string(layout->block));
+    }
+    const int64_t blocks = cols / layout->block;
+    if (blocks > INT64_MAX / layout->block_bytes || blocks * layout->block_bytes > INT64_MAX / rows)
+        return fail(RYZ_ERR_INVALID_ARGUMENT, std::to_string(rows) + "x" + std::to_string(cols) + " values overflow a 64-bit size");
+    *out = static_cast<size_t>(blocks * layout->block_bytes * rows);
+    return RYZ_OK;
+}
+
 const Source *find(const ryz_model *m, const std::string &name) {
     for (const auto &entry : m->sources)
         if (entry.first == name) return &entry.second;
@@ -156,38 +187,18 @@ ryz_status require_dense(const ryz_model *m, const std::string &name, int64_t ro
     return RYZ_OK;
 }
 
-}  // namespace
-
-}  // namespace ryz
-
-using namespace ryz;
-
-extern "C" {
-
-ryz_status ryz_model_new(const ryz_hparams *hp, ryz_model **out) {
-    if (!hp || !out) return fail(RYZ_ERR_INVALID_ARGUMENT, "null argument");
-    if (hp->hidden <= 0 || hp->layers <= 0 || hp->heads <= 0 || hp->kv_heads <= 0 || hp->head_dim <= 0 || hp->ffn <= 0 ||
-        hp->vocab <= 0 || hp->heads % hp->kv_heads || hp->head_dim % 2 || (hp->ffn_act != RYZ_ACT_SILU && hp->ffn_act != RYZ_ACT_RELU2))
-        return fail(RYZ_ERR_INVALID_ARGUMENT, "invalid hyperparameters (sizes must be positive, heads a multiple of kv_heads, head_dim even)");
-    auto *m = new (std::nothrow) ryz_model();
-    if (!m) return fail(RYZ_ERR_OUT_OF_MEMORY, "out of memory");
-    m->hp = *hp;
-    m->layers.resize(hp->layers);
-    *out = m;
-    return RYZ_OK;
-}
-
-ryz_status ryz_model_set_tensor(ryz_model *m, const char *name, const void *data, int32_t type, int64_t rows, int64_t cols) {
-    if (!m || !name || !data) return fail(RYZ_ERR_INVALID_ARGUMENT, "null argument");
-    if (m->finalized) return fail(RYZ_ERR_STATE, "model is already finalized");
-    m->sources.emplace_back(name, Source{data, type, rows, cols});
-    return RYZ_OK;
-}
-
-ryz_status ryz_model_finalize(ryz_model *m, int32_t n_threads) {
-    if (!m) return fail(RYZ_ERR_INVALID_ARGUMENT, "null model");
-    if (m->finalized) return RYZ_OK;
+// Checks every tensor against the hyperparameters and repacks the ternary weights (ryz_model_finalize's body).
+ryz_status finalize_model(ryz_model *m, int32_t n_threads) {
     const ryz_hparams &hp = m->hp;
+    // Each layer registers at least its two norms and seven linears, so a block count beyond what was registered is
+    // refused before anything is sized by it (a crafted count would otherwise size the layer table).
+    if (static_cast<size_t>(hp.layers) > m->sources.size() / (2 + N_LINEARS)) {
+        return fail(RYZ_ERR_INVALID_ARGUMENT, std::to_string(hp.layers) + " layers need at least " + std::to_string(2 + N_LINEARS) +
+                                                  " tensors each; " + std::to_string(m->sources.size()) + " are registered");
+    }
+    m->layers.resize(hp.layers);
+    // Packing threads: no more than the CPU has (a thread that fails to start would throw with others running).
+    const int threads = std::max(1, std::min<int>(n_threads, static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))));
     const int64_t q_dim = int64_t(hp.heads) * hp.head_dim, kv_dim = int64_t(hp.kv_heads) * hp.head_dim;
     if (ryz_status st = require_dense(m, "token_embd.weight", hp.vocab, hp.hidden, &m->token_embd)) return st;
     if (hp.tied) {
@@ -215,8 +226,13 @@ ryz_status ryz_model_finalize(ryz_model *m, int32_t n_threads) {
             if (ryz_status st = check_ternary_shape(w->type, w->rows, w->cols)) return fail(st, name + ".weight: " + ryz_last_error());
             float tensor_scale = 1.0f, block = 1.0f;
             if (const Source *scale = find(m, name + ".scale")) {
-                if (scale->type != RYZ_TYPE_F32) return fail(RYZ_ERR_UNSUPPORTED, name + ".scale must be F32");
-                tensor_scale = *static_cast<const float *>(scale->data);
+                // set_tensor checked its bytes against its type and shape, so one F32 value is 4 readable bytes.
+                if (scale->type != RYZ_TYPE_F32 || scale->rows != 1 || scale->cols != 1) {
+                    return fail(RYZ_ERR_INVALID_ARGUMENT, name + ".scale must be one F32 value, got GGML type " + std::to_string(scale->type) + " " +
+                                                              std::to_string(scale->rows) + "x" + std::to_string(scale->cols));
+                }
+                std::memcpy(&tensor_scale, scale->data, sizeof tensor_scale);
+                if (!std::isfinite(tensor_scale)) return fail(RYZ_ERR_INVALID_ARGUMENT, name + ".scale is not a finite number");
             }
             if (ryz_status st = block_scale(static_cast<const uint8_t *>(w->data), w->type, w->rows * (w->cols / QK_K), &block)) return st;
             TernaryLinear &lin = layer.linear[s];
@@ -224,7 +240,7 @@ ryz_status ryz_model_finalize(ryz_model *m, int32_t n_threads) {
             lin.cols = w->cols;
             lin.scale = block == 1.0f ? tensor_scale : tensor_scale * block;
             if (!lin.packed.allocate(t2p_bytes(w->rows, w->cols))) return fail(RYZ_ERR_OUT_OF_MEMORY, "out of memory repacking " + name);
-            pack_parallel(w->data, w->type, w->rows, w->cols, lin.packed.get(), n_threads);
+            pack_parallel(w->data, w->type, w->rows, w->cols, lin.packed.get(), threads);
             m->repacked_bytes += static_cast<int64_t>(lin.packed.size);
         }
     }
@@ -232,6 +248,51 @@ ryz_status ryz_model_finalize(ryz_model *m, int32_t n_threads) {
     m->sources.clear();
     m->finalized = true;
     return RYZ_OK;
+}
+
+}  // namespace
+
+}  // namespace ryz
+
+using namespace ryz;
+
+extern "C" {
+
+ryz_status ryz_model_new(const ryz_hparams *hp, ryz_model **out) {
+    if (!hp || !out) return fail(RYZ_ERR_INVALID_ARGUMENT, "null argument");
+    if (hp->hidden <= 0 || hp->layers <= 0 || hp->heads <= 0 || hp->kv_heads <= 0 || hp->head_dim <= 0 || hp->ffn <= 0 ||
+        hp->vocab <= 0 || hp->heads % hp->kv_heads || hp->head_dim % 2 || (hp->ffn_act != RYZ_ACT_SILU && hp->ffn_act != RYZ_ACT_RELU2))
+        return fail(RYZ_ERR_INVALID_ARGUMENT, "invalid hyperparameters (sizes must be positive, heads a multiple of kv_heads, head_dim even)");
+    auto *m = new (std::nothrow) ryz_model();
+    if (!m) return fail(RYZ_ERR_OUT_OF_MEMORY, "out of memory");
+    m->hp = *hp;  // the layer table is sized at finalize, against the tensors actually registered
+    *out = m;
+    return RYZ_OK;
+}
+
+ryz_status ryz_model_set_tensor(ryz_model *m, const char *name, const void *data, size_t n_bytes, int32_t type, int64_t rows,
+                                int64_t cols) {
+    if (!m || !name || !data) return fail(RYZ_ERR_INVALID_ARGUMENT, "null argument");
+    if (m->finalized) return fail(RYZ_ERR_STATE, "model is already finalized");
+    return guarded([&] {
+        const std::string tensor = std::string("tensor '") + name + "'";
+        if (find(m, name)) return fail(RYZ_ERR_INVALID_ARGUMENT, tensor + " is registered twice");
+        size_t expected = 0;
+        if (ryz_status st = stored_bytes(type, rows, cols, &expected)) return fail(st, tensor + ": " + ryz_last_error());
+        if (n_bytes != expected) {
+            return fail(RYZ_ERR_INVALID_ARGUMENT, tensor + " is given " + std::to_string(n_bytes) + " bytes, but GGML type " +
+                                                      std::to_string(type) + " with " + std::to_string(rows) + "x" + std::to_string(cols) +
+                                                      " values takes " + std::to_string(expected));
+        }
+        m->sources.emplace_back(name, Source{data, type, rows, cols});
+        return RYZ_OK;
+    });
+}
+
+ryz_status ryz_model_finalize(ryz_model *m, int32_t n_threads) {
+    if (!m) return fail(RYZ_ERR_INVALID_ARGUMENT, "null model");
+    if (m->finalized) return RYZ_OK;
+    return guarded([&] { return finalize_model(m, n_threads); });
 }
 
 double ryz_model_repack_seconds(const ryz_model *m) { return m ? m->repack_seconds : 0.0; }
