@@ -4,12 +4,13 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: run test fuzz install install-dev fixtures zoo check-neon clean help
+.PHONY: run test fuzz soak install install-dev fixtures zoo check-neon clean help
 
 help:
 	@echo "make run   - install into $(VENV) and run the main job on the embedded defaults"
 	@echo "make test  - install into $(VENV) (with dev extras) and run the whole test suite"
 	@echo "make fuzz  - fuzz the GGUF and safetensors readers and the native loader at length (FUZZ_EXAMPLES, FUZZ_SECONDS)"
+	@echo "make soak  - a mixed-load soak of ryz serve on the demo model (SOAK_SECONDS, default 180) -> build/soak.json"
 
 $(PY):
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required (found %s); set PYTHON=python3.11" % sys.version.split()[0]'
@@ -59,6 +60,12 @@ fuzz: install-dev
 	  $(PY) -m tests.test_fuzz_formats atheris gguf $(FUZZ_SECONDS) && \
 	  $(PY) -m tests.test_fuzz_formats atheris safetensors $(FUZZ_SECONDS); \
 	else echo "atheris does not install here: the Hypothesis run above was the fuzz run"; fi
+
+# A soak of `ryz serve` (scripts/soak.py; docs/benchmarks.md "Soak"): the demo model served by a real subprocess under
+# a bounded mixed load (streaming and not, disconnects, bad requests) for SOAK_SECONDS; reports requests by status, 5xx
+# (target 0) and the server's RSS growth after warm-up (target flat). A benchmark, not part of `make test`.
+soak: install
+	$(PY) scripts/soak.py --seconds $${SOAK_SECONDS:-180} --json build/soak.json
 
 # Dev only: regenerate the transformers parity fixtures (torch + transformers in a separate venv).
 fixtures:

@@ -166,3 +166,19 @@ def test_queue_bound_and_bad_prompts():
     with pytest.raises(ValueError, match="at least one"):
         sched.add("e", [])
     assert sched.finish("b") == [] and sched.num_waiting == 0  # a waiting request can be cancelled
+
+
+def test_a_failed_forward_leaves_no_prefix_to_reuse():
+    """A forward that fails after the schedule counted its chunks computed: unwinding puts the requests and slots
+    back where the chunks started, so a later identical prompt recomputes instead of reusing unwritten KV."""
+    prompt = list(range(50, 90))
+    sched = Scheduler(SchedulerConfig(slots=2, max_context=128, prefill_chunk=64))
+    sched.add("failed", prompt)
+    plan = sched.schedule()  # the forward of this plan "fails"
+    assert plan.chunks and sched.running["failed"].computed == len(prompt)
+    sched.unwind(plan)
+    assert sched.running["failed"].computed == 0
+    sched.finish("failed")
+    sched.add("again", prompt)
+    plan = sched.schedule()
+    assert plan.chunks[0].start == 0 and not plan.copies and sched.prefix_tokens_reused == 0

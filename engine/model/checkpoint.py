@@ -315,13 +315,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     config = _read_json(path / "config.json", "config.json")
     arch = _architecture(path, config)
     tensors = _read_weights(path)
-    tokenizer_path = path / "tokenizer.json"
-    if not tokenizer_path.is_file():
-        raise CheckpointError(
-            f"{path}: tokenizer.json is missing; Ryzanstein needs the fast tokenizer file (save it with "
-            f"tokenizer.save_pretrained)"
-        )
-    from engine.model.tokenizer import read_tokenizer_files  # checks sizes, shapes, ids and the chat template
+    # tokenizer.json (required), tokenizer_config.json and special_tokens_map.json: sizes, shapes, ids and the chat
+    # template checked (TokenizerFileError, a CheckpointError, naming the file and field)
+    from engine.model.tokenizer import read_tokenizer_files
 
     vocab = config.get("vocab_size")
     if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:

@@ -255,6 +255,17 @@ class EngineCore:
                     for request_id in list(self._live):
                         self._end(request_id, Delta(error=f"engine error: {exc}"))
 
+    def _unwind(self, plan) -> None:
+        """A failed forward wrote an unknown part of its chunks' KV: the scheduler forgets those tokens and each
+        sequence is cut back to where its chunk started, so no later request reuses what was never computed."""
+        with self._lock:
+            self.scheduler.unwind(plan)
+        for chunk in plan.chunks:
+            try:
+                self.model.truncate_seq(chunk.slot, chunk.start)
+            except Exception:  # noqa: BLE001 - nothing was written past the start: nothing to cut
+                pass
+
     def step(self) -> None:
         """Schedule -> execute -> update. What one request does with its logits (prompt logprobs, sampling under its
         parameters and grammar, detokenizing, stop strings, its sink) fails that request alone (_fail); a failing
@@ -282,7 +293,11 @@ class EngineCore:
         started = time.perf_counter()
         with self._compute_lock:
             waited = time.perf_counter() - started
-            logits = self.model.forward_batch(tokens, seq_ids, want)
+            try:
+                logits = self.model.forward_batch(tokens, seq_ids, want)
+            except Exception:
+                self._unwind(plan)
+                raise
         self.compute_wait += waited
         if self.metrics is not None:
             self.metrics.step(len(tokens), waited)

@@ -180,6 +180,16 @@ class Scheduler:
             slot.last_used = self._tick()
         return out
 
+    def unwind(self, plan: SchedulerOutput) -> None:
+        """The forward of `plan` failed: its chunks' tokens are not in the KV cache after all, so neither their
+        requests nor their slots may claim them (an idle slot's tokens are a prefix later requests reuse)."""
+        for chunk in plan.chunks:
+            request = self.running.get(chunk.request_id)
+            if request is not None:
+                request.computed = min(request.computed, chunk.start)
+            slot = self.slots[chunk.slot]
+            slot.tokens = slot.tokens[: chunk.start]
+
     def _admit(self, out: SchedulerOutput) -> None:
         while self.waiting and (free := self._free_slots()):
             request = self.waiting[0]
