@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from contextlib import AbstractContextManager, nullcontext
 
-import numpy as np
 from prefect import get_run_logger, task
 from prefect.transactions import BaseTransaction, Transaction, get_transaction
 from pydantic import BaseModel, ConfigDict, SecretStr
@@ -468,25 +467,16 @@ def regressions(seen: VariantStats, samples: Samples, baseline: dict, settings: 
             f"error rate {seen.error_rate:.1%} > previous {baseline['error_rate']:.1%} + "
             f"{settings.release_watch_error_margin:.1%} over {n} requests"
         )
-    p95, before = _p95_ms(samples), baseline["ttft_p95_ms"]
+    p95, before = samples.ttft_p95_ms, baseline["ttft_p95_ms"]
     if p95 is not None and before and p95 > ratio * before:
         found.append(f"p95 TTFT {p95:.0f} ms > {ratio} x previous {before:.0f} ms over {len(samples.ttft)} requests")
-    speed, before = _decode_tok_s(samples), baseline["decode_tok_s"]
+    speed, before = samples.decode_tok_s, baseline["decode_tok_s"]
     if speed and before and 1 / speed > ratio / before:
         found.append(
             f"decode {speed:.1f} tok/s: time per token over {ratio} x previous ({before:.1f} tok/s) over "
             f"{len(samples.tpot)} requests"
         )
     return found
-
-
-def _p95_ms(samples: Samples) -> float | None:
-    return float(np.quantile(samples.ttft, 0.95)) * 1000 if samples.ttft else None
-
-
-def _decode_tok_s(samples: Samples) -> float | None:
-    median = float(np.median(samples.tpot)) if samples.tpot else 0.0
-    return 1 / median if median > 0 else None
 
 
 @task(name="watch-production")
@@ -525,8 +515,8 @@ def watch_production(release_id: str, actor: str, synthetic_load: bool, fleet: F
                 return {
                     "outcome": "promoted",
                     "reason": f"watched {n} production requests for the bake period: error rate "
-                    f"{seen.error_rate:.1%}, p95 TTFT {_ms(_p95_ms(samples))}, decode {_rate(_decode_tok_s(samples))}; "
-                    f"no regression against the previous production",
+                    f"{seen.error_rate:.1%}, p95 TTFT {_ms(samples.ttft_p95_ms)}, "
+                    f"decode {_rate(samples.decode_tok_s)}; no regression against the previous production",
                 }
             if now >= give_up:
                 return {

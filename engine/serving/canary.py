@@ -163,6 +163,20 @@ class Samples:
                     merged.tpot.append(float(tpot))
         return merged
 
+    @property
+    def ttft_p95_ms(self) -> float | None:
+        return float(np.quantile(self.ttft, 0.95)) * 1000 if self.ttft else None
+
+    @property
+    def tpot_median_s(self) -> float | None:
+        return float(np.median(self.tpot)) if self.tpot else None
+
+    @property
+    def decode_tok_s(self) -> float | None:
+        """1 / the median of the requests' own median time per token."""
+        tpot = self.tpot_median_s
+        return 1 / tpot if tpot else None
+
 
 @dataclass(frozen=True)
 class RatioEstimate:
@@ -210,7 +224,7 @@ class Verdict:
 
 def _describe(s: VariantStats, samples: Samples) -> dict:
     """Counts from /metrics; latency from the per-request figures the checks judged (None without any)."""
-    tpot = float(np.median(samples.tpot)) if samples.tpot else None
+    tpot = samples.tpot_median_s
     return {
         "requests": int(s.requests),
         "errors": int(s.errors),
@@ -218,9 +232,9 @@ def _describe(s: VariantStats, samples: Samples) -> dict:
         "error_rate": s.error_rate,
         "sampled": len(samples.ttft),
         "ttft_median_ms": float(np.median(samples.ttft)) * 1000 if samples.ttft else None,
-        "ttft_p95_ms": float(np.quantile(samples.ttft, 0.95)) * 1000 if samples.ttft else None,
+        "ttft_p95_ms": samples.ttft_p95_ms,
         "tpot_median_ms": None if tpot is None else tpot * 1000,
-        "decode_tok_s": 1 / tpot if tpot else None,
+        "decode_tok_s": samples.decode_tok_s,
     }
 
 
