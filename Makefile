@@ -4,13 +4,14 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: run test fuzz soak install install-dev fixtures zoo check-neon clean help
+.PHONY: run test fuzz soak install install-dev fixtures zoo check-neon exhaustive-exp clean help
 
 help:
 	@echo "make run   - install into $(VENV) and run the main job on the embedded defaults"
 	@echo "make test  - install into $(VENV) (with dev extras) and run the whole test suite"
 	@echo "make fuzz  - fuzz the GGUF and safetensors readers and the native loader at length (FUZZ_EXAMPLES, FUZZ_SECONDS)"
 	@echo "make soak  - a mixed-load soak of ryz serve on the demo model (SOAK_SECONDS, default 180) -> build/soak.json"
+	@echo "make exhaustive-exp - the softmax exp of every SIMD family against std::exp on all 2^32 floats (~2.5 min per family)"
 
 $(PY):
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required (found %s); set PYTHON=python3.11" % sys.version.split()[0]'
@@ -45,7 +46,7 @@ test: install-dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # The file-format fuzz harness at length (tests/test_fuzz_formats.py; `make test` runs a fixed 150 cases per target):
 # FUZZ_EXAMPLES Hypothesis cases per reader and proportionally more under ASan + UBSan, then FUZZ_SECONDS of atheris's
@@ -89,6 +90,13 @@ check-neon:
 	  -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++ -DCMAKE_BUILD_TYPE=Release > /dev/null
 	cmake --build build/neon -j 2
 	qemu-aarch64-static -L /usr/aarch64-linux-gnu build/neon/ryz_native_tests
+
+# The attention softmax's SIMD exp against (float)std::exp((double)x) for every one of the 2^32 floats, every family
+# this CPU runs (docs/kernels.md "Softmax exp"; `make test` checks every 97th float and the delicate regions). ~1 min.
+exhaustive-exp:
+	cmake -S native -B build/exhaustive-exp -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake --build build/exhaustive-exp -j 2
+	build/exhaustive-exp/ryz_native_tests --exhaustive-exp
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -26,6 +26,10 @@ _X86_FLAGS = {
     "avx512dq": "avx512dq",
     "avx512_vnni": "avx512vnni",
     "avx_vnni": "avxvnni",
+    "avx512vbmi": "avx512vbmi",
+    "amx_tile": "amxtile",  # the AMX family needs the tiles, their int8 products, and the OS's permission (run time)
+    "amx_int8": "amxint8",
+    "amx_bf16": "amxbf16",
 }
 _ARM_FLAGS = {"asimd": "neon", "asimddp": "asimddp", "asimdhp": "asimdhp", "fphp": "fphp"}
 

@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     )
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, moto, Ceph...); unset: AWS")
     threads: int = Field(0, ge=0, description="compute threads; 0 = all physical cores")
-    isa: Literal["auto", "avx512", "avx2", "neon", "scalar"] = Field("auto", description="force a kernel path")
+    isa: Literal["auto", "amx", "avx512", "avx2", "neon", "scalar"] = Field("auto", description="force a kernel path")
     cxx: str | None = Field(
         None, description="C++ compiler for the kernel build (name or path); unset: c++, g++ or clang++ on PATH"
     )
@@ -75,6 +75,20 @@ class Settings(BaseSettings):
     prefix_cache_slots: int = Field(
         2, ge=0, description="idle sequences whose KV is kept to reuse shared prompt prefixes"
     )
+    # Speculative decoding (engine/serving/speculative.py, docs/serving.md); requests override it with `speculative`
+    speculative: Literal["off", "ngram", "draft"] = Field(
+        "off",
+        description="default speculation of every request: off; ngram (prompt lookup: drafts copied from the "
+        "prompt and output); draft (a smaller model, RYZ_SPEC_DRAFT_MODEL)",
+    )
+    spec_tokens: int = Field(4, ge=1, le=16, description="speculative decoding: tokens drafted per step (k)")
+    spec_draft_model: str | None = Field(
+        None,
+        description="speculative decoding: a smaller model sharing the served model's tokenizer (artifact id or "
+        "prefix, name:version, or a .gguf path), loaded beside every variant; enables method draft",
+    )
+    spec_ngram_min: int = Field(1, ge=1, le=16, description="prompt lookup: shortest n-gram matched")
+    spec_ngram_max: int = Field(3, ge=1, le=16, description="prompt lookup: longest n-gram matched (tried first)")
     max_request_bytes: int = Field(
         4 << 20, ge=1024, description="largest request body accepted, counted on the bytes read (chunked too): 413"
     )

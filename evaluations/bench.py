@@ -254,7 +254,10 @@ def _worker(spec: dict) -> dict:
     model.new_cache(0)  # warm-up: thread pool, first touch of the mapped head, caches
     model.forward_batch(tokens[:WARMUP_TOKENS], seq[:WARMUP_TOKENS])
 
+    profiling = model.can_profile  # an older (ABI 4) library still benchmarks, without the per-part profile
     model.new_cache(0)
+    if profiling:
+        model.set_profiling(True)
     start = time.perf_counter()
     for i in range(0, prompt, ubatch):
         logits = model.forward_batch(tokens[i : i + ubatch], seq[: len(tokens[i : i + ubatch])])
@@ -262,7 +265,11 @@ def _worker(spec: dict) -> dict:
     first = int(np.argmax(logits[-1]))
     ttft = time.perf_counter() - start
 
+    prefill_profile = model.profile() if profiling else None
+
     model.new_cache(0)
+    if profiling:
+        model.set_profiling(True)
     token = np.array([first], np.int32)
     one = np.zeros(1, np.int32)
     start = time.perf_counter()
@@ -270,6 +277,7 @@ def _worker(spec: dict) -> dict:
         logits = model.forward_batch(token, one)
         token[0] = int(np.argmax(logits[-1]))
     decode = time.perf_counter() - start
+    decode_profile = model.profile() if profiling else None
     out = {
         "prefill_tok_s": prompt / prefill,
         "ttft_ms": ttft * 1e3,
@@ -280,8 +288,34 @@ def _worker(spec: dict) -> dict:
         "kv_bytes": int(library.lib.ryz_context_kv_bytes(model.context)),
         "isa": library.isa,
         "vm_hwm_mb": _vm_hwm_mb(),
+        "profile": {"prefill": prefill_profile, "decode": decode_profile} if profiling else None,
     }
     model.close()
+    return out
+
+
+def part_profile(samples: list[dict], sizes: dict) -> dict | None:
+    """Where a step's time goes: per part, the median over runs of its seconds per call (ms), its share of the
+    step, and for the two weight-streaming parts the rate they read their bytes at (decode only)."""
+    runs = [s["profile"] for s in samples if s.get("profile")]
+    if not runs:
+        return None
+    out = {}
+    for phase in ("decode", "prefill"):
+        per_run = [r[phase] for r in runs if r.get(phase) and r[phase]["calls"]]
+        if not per_run:
+            continue
+        parts = list(per_run[0]["seconds"])
+        ms = {p: float(statistics.median(r["seconds"][p] / r["calls"] * 1e3 for r in per_run)) for p in parts}
+        total = sum(ms.values())
+        entry = {
+            "ms_per_call": {p: _round(v, 3) for p, v in ms.items()},
+            "share": {p: _round(v / total, 3) for p, v in ms.items()},
+        }
+        if phase == "decode":
+            read = {"ternary_linears": sizes["ternary_bytes_engine"], "head": sizes["head_bytes"]}
+            entry["gb_s"] = {p: _round(b / (ms[p] / 1e3) / 1e9, 2) for p, b in read.items() if ms.get(p)}
+        out[phase] = entry
     return out
 
 
@@ -502,6 +536,7 @@ def run_bench(
         "best": _best(ours),
         "load_seconds": _round(_median([o["load_seconds"] for o in ours])),
         "repack_seconds": _round(_median([o["repack_seconds"] for o in ours])),
+        "profile": part_profile(ours, sizes),
         "bytes_per_token_gguf": sizes["bytes_per_token_gguf"],
         "kv_bytes_per_token": int(kv_avg),
         "kv_bytes_per_position": sizes["kv_bytes_per_position"],
@@ -538,6 +573,9 @@ def run_bench(
             "roofline_fraction_of_medians": "median decode_tok_s x bytes_per_token / bandwidth_gb_s",
             "bandwidth_gb_s": f"ryz_read_bandwidth: {BANDWIDTH_BYTES >> 30} GiB streamed with SIMD loads on `threads` "
             f"threads, best of {BANDWIDTH_REPEATS}; median over all probes (two per round)",
+            "profile": "ryz_context_profile over the timed prefill and decode: wall ms per forward call in the ternary "
+            "linears (activation quantization, GEMMs, rescale), the head (final norm + dense GEMM), attention and the "
+            "rest; share of the call; gb_s = the part's weight bytes / its time (decode); medians over repeats",
             "peak_rss_mb": "max RSS of the measured process alone (a fresh process per run, its rusage via a minimal "
             "parent), median over repeats",
         },
@@ -573,6 +611,13 @@ def format_report(r: dict) -> str:
         f"bandwidth {r['bandwidth_gb_s']} GB/s; {r['bytes_per_token']:,} bytes/token (engine), "
         f"{r['bytes_per_token_gguf']:,} (GGUF); load {r['load_seconds']} s (repack {r['repack_seconds']} s)"
     )
+    decode_profile = (r.get("profile") or {}).get("decode")
+    if decode_profile:
+        parts = ", ".join(
+            f"{p} {decode_profile['ms_per_call'][p]:.2f} ms ({decode_profile['share'][p]:.0%})"
+            for p in decode_profile["share"]
+        )
+        lines.append(f"decode step: {parts}")
     return "\n".join(lines)
 
 

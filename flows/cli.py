@@ -117,7 +117,7 @@ def cmd_generate(args) -> int:
 
     path = resolve_model(args.model, _store())
     model: NativeModel | ReferenceModel
-    if args.engine == "native":
+    if args.engine == "native" or args.speculative != "off":  # speculation runs on the native engine core
         from engine.model.loader import open_model
 
         model = open_model(path, "generate")
@@ -125,13 +125,57 @@ def cmd_generate(args) -> int:
         model = ReferenceModel(path)
     tokenizer = ModelTokenizer(model.file)
     prompt_ids = tokenizer.encode(args.prompt)
-    ids = model.generate(prompt_ids, args.max_tokens, stop_ids=tokenizer.stop_ids)
+    spec = None
+    if args.speculative == "off":
+        ids = model.generate(prompt_ids, args.max_tokens, stop_ids=tokenizer.stop_ids)
+    else:
+        ids, spec = _generate_speculative(args, model, tokenizer, prompt_ids)
     text = tokenizer.decode(ids)
     if args.json:
-        _print_json({"text": text, "token_ids": ids, "prompt_token_ids": prompt_ids, "engine": args.engine})
+        engine = "native" if spec else args.engine
+        out = {"text": text, "token_ids": ids, "prompt_token_ids": prompt_ids, "engine": engine}
+        _print_json({**out, "speculative": spec} if spec else out)
     else:
         print(text)
+    if spec:
+        rate = spec["accepted"] / spec["drafted"] if spec["drafted"] else 0.0
+        per_step = spec["emitted"] / spec["steps"] if spec["steps"] else 0.0
+        print(
+            f"speculative {spec['method']}: {spec['accepted']} of {spec['drafted']} drafted tokens accepted "
+            f"({rate:.0%}), {per_step:.2f} tokens per verification step ({spec['steps']} steps)",
+            file=sys.stderr,
+        )
     return 0
+
+
+def _generate_speculative(args, model, tokenizer, prompt_ids: list[int]) -> tuple[list[int], dict]:
+    """Greedy decoding through the engine core with speculation (the same tokens as without it)."""
+    from engine.artifacts.refs import resolve_model
+    from engine.model.loader import open_model
+    from engine.model.tokenizer import ModelTokenizer
+    from engine.serving.core import GenerationRequest, batch_engine
+    from engine.serving.sampling import SamplingParams
+    from engine.serving.speculative import DraftModel, SpecConfig
+
+    draft = None
+    if args.speculative == "draft":
+        if not args.draft_model:
+            raise SystemExit("ryz generate: --speculative draft needs --draft-model REF")
+        draft_native = open_model(resolve_model(args.draft_model, _store()), "generate")
+        draft = DraftModel(
+            draft_native,
+            ModelTokenizer(draft_native.file),
+            model.hp.vocab,
+            tokenizer,
+            f"draft model {args.draft_model!r}",
+        )
+    core = batch_engine(model, tokenizer, speculative=SpecConfig(args.speculative, args.spec_tokens), draft_model=draft)
+    try:
+        request = GenerationRequest(prompt_ids, SamplingParams(temperature=0), max_tokens=args.max_tokens)
+        result = core.run([request])[0]
+    finally:
+        core.close()
+    return result.token_ids, result.speculative or {}
 
 
 def cmd_artifacts(args) -> int:
@@ -354,6 +398,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="reference",
         help="reference: numpy (default); native: the C++ kernels built for this CPU",
     )
+    p.add_argument(
+        "--speculative",
+        choices=["off", "ngram", "draft"],
+        default="off",
+        help="speculative decoding (native engine, same output): ngram drafts from the prompt (prompt lookup), "
+        "draft from --draft-model; acceptance is printed on stderr",
+    )
+    p.add_argument("--draft-model", help="--speculative draft: a smaller model with the same tokenizer (reference)")
+    p.add_argument("--spec-tokens", type=_positive_int, default=4, help="tokens drafted per step (default 4)")
 
     p = command(
         "build-kernels",
@@ -397,6 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
     from evaluations import serve_bench
 
     serve_bench.add_arguments(command("bench-serve", serve_bench.main, serve_bench.HELP))
+
+    from evaluations import spec_bench
+
+    spec_bench.add_arguments(command("bench-spec", spec_bench.main, spec_bench.HELP))
 
     from flows.index_cli import add_index_commands
 

@@ -112,6 +112,7 @@ def results_table(record: dict, source: str, notes: bool = True) -> str:
         f"KV reads apart from bytes/token: {record.get('kv_bytes_per_token', 0) / 1e6:.1f} MB/token on average "
         f"over tg{record['gen']}.",
     ]
+    lines += profile_lines(record)
     if notes:
         lines.append("")
         for name, d in record.get("peers", {}).items():
@@ -194,6 +195,20 @@ def targets_table(records: list[dict]) -> str:
     lines = ["| target | measured (medians) | best repeats | verdict (medians) |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return "\n".join(lines)
+
+
+def profile_lines(record: dict) -> list[str]:
+    """Where our step's time goes (ryz bench's `profile`), one line per phase."""
+    out = []
+    for phase, entry in (record.get("profile") or {}).items():
+        parts = ", ".join(
+            f"{name.replace('_', ' ')} {entry['ms_per_call'][name]:.2f} ms ({entry['share'][name]:.0%}"
+            + (f", {entry['gb_s'][name]:.1f} GB/s" if name in entry.get("gb_s", {}) else "")
+            + ")"
+            for name in entry["share"]
+        )
+        out.append(f"Per-part profile, {phase} (per forward call): {parts}.")
+    return ["", *out] if out else []
 
 
 def render(paths: list[Path]) -> str:

@@ -81,6 +81,13 @@ def test_bench_tiny_json(tmp_path, kernel_build):
     assert result["bytes_per_token"] < result["bytes_per_token_gguf"]
     cached = tmp_path / "home" / "cache" / "bench" / "tiny-tq2_0-q8_0.gguf"
     assert Path(result["file"]) == cached and cached.is_file()
+    # where a decode step's time goes: every part timed, the shares add up, and the parts (the forward's own wall
+    # time) fit in the measured step
+    decode = result["profile"]["decode"]
+    assert set(decode["share"]) == {"ternary_linears", "head", "attention", "other"}
+    assert abs(sum(decode["share"].values()) - 1) < 0.01 and all(v > 0 for v in decode["ms_per_call"].values())
+    assert sum(decode["ms_per_call"].values()) <= 1e3 / result["decode_tok_s"] * 1.01
+    assert decode["gb_s"]["ternary_linears"] > 0 and "prefill" in result["profile"]
 
 
 def test_roofline_pairs_each_round_with_its_own_bandwidth():

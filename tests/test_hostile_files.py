@@ -218,7 +218,7 @@ def test_the_native_loader_checks_every_byte_length(tiny_gguf, native_library):
     """The C ABI takes each tensor's byte length (ABI 4) and refuses one that does not match its type and shape, so
     a caller that skipped the Python checks still cannot make it read past a buffer."""
     lib = native_library
-    assert lib.abi == ABI_VERSION == 4
+    assert lib.abi == ABI_VERSION == 5
     file = ModelFile(tiny_gguf)
     weight = np.ascontiguousarray(file.raw("blk.0.attn_q.weight"))
     scale = np.ones(2, np.float32)
@@ -339,7 +339,7 @@ def test_a_library_of_another_abi_is_refused_saying_so(tmp_path):
     source.write_text('extern "C" int ryz_abi_version(void) { return 99; }\n')
     stub = tmp_path / "libstub.so"
     subprocess.run([_compiler(), "-shared", "-fPIC", "-o", str(stub), str(source)], check=True)
-    with pytest.raises(NativeError, match=r"libstub\.so has ABI 99.*runs ABI 4.*ABI 3.*older serving bundles"):
+    with pytest.raises(NativeError, match=r"libstub\.so has ABI 99.*runs ABI 5.*ABI 3 and 4.*older serving bundles"):
         Library(stub)
 
 
@@ -370,7 +370,7 @@ def abi3_library(tmp_path_factory):
 def test_an_abi_3_library_from_an_older_bundle_keeps_serving(tiny_gguf, tmp_path, abi3_library, native_library):
     """An older bundle's own library (ABI 3: set_tensor without a byte length) still loads and computes what ABI 4
     does; the Python checks before it are what keep a crafted file away from it."""
-    assert abi3_library.abi == 3 and native_library.abi == 4
+    assert abi3_library.abi == 3 and native_library.abi == ABI_VERSION
     prompt = [256, *b"hostile"]
     old = NativeModel(tiny_gguf, abi3_library).forward(prompt)
     new = NativeModel(tiny_gguf, native_library).forward(prompt)

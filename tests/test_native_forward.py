@@ -44,6 +44,8 @@ def models(tmp_path_factory):
         quantize_checkpoint(path, out[name])
     out["tq1_0"] = root / "tq1.gguf"
     quantize_checkpoint(tiny, out["tq1_0"], weights="tq1_0", head="q6_k")
+    out["tq1_same_head"] = root / "tq1-same-head.gguf"  # tiny's weights and head, ternary stored as TQ1_0
+    quantize_checkpoint(tiny, out["tq1_same_head"], weights="tq1_0")
     out["f16head"] = root / "f16.gguf"
     quantize_checkpoint(tiny, out["f16head"], head="f16")
     medium = checkpoints.synth(root / "medium", "medium", seed=1)
@@ -52,7 +54,7 @@ def models(tmp_path_factory):
     return out
 
 
-@pytest.fixture(params=["scalar", "avx2", "avx512"])
+@pytest.fixture(params=["scalar", "avx2", "avx512", "amx"])
 def isa(request, native_library):
     if not native_library.isa_supported(request.param):
         pytest.skip(f"{request.param} kernels are not supported on this CPU")
@@ -140,6 +142,37 @@ def test_threads_do_not_change_results(models, native_library):
     np.testing.assert_array_equal(one, two)
 
 
+def test_tq1_0_runs_the_1_6_bit_layout_with_tq2_0_results(models, native_library, isa):
+    """TQ1_0 ternary tensors are repacked into T1P (1.6 bpw, fewer bytes than T2P) and give the TQ2_0 (T2P) model's
+    logits bit for bit, in prefill and in token-by-token decode (the GEMV path)."""
+    from engine.model.native import TERNARY_LAYOUTS
+
+    lib = native_library.lib
+    t1 = NativeModel(models["tq1_same_head"], native_library, threads=2, max_positions=64, kv_type="f32")
+    t2 = NativeModel(models["tiny"], native_library, threads=2, max_positions=64, kv_type="f32")
+    hp = t1.hp
+    shapes = [
+        (hp.heads * hp.head_dim, hp.hidden),
+        (hp.kv_heads * hp.head_dim, hp.hidden),
+        (hp.kv_heads * hp.head_dim, hp.hidden),
+        (hp.hidden, hp.heads * hp.head_dim),
+        (hp.ffn, hp.hidden),
+        (hp.ffn, hp.hidden),
+        (hp.hidden, hp.ffn),
+    ]
+    want = {
+        name: hp.layers * sum(lib.ryz_ternary_layout_bytes(layout, r, c) for r, c in shapes)
+        for name, layout in TERNARY_LAYOUTS.items()
+    }
+    assert lib.ryz_model_repacked_bytes(t1.model) == want["t1p"] < want["t2p"] == lib.ryz_model_repacked_bytes(t2.model)
+    np.testing.assert_array_equal(t1.forward(PROMPT), t2.forward(PROMPT))
+    c1, c2 = t1.new_cache(), t2.new_cache()
+    for token in PROMPT[:6]:
+        np.testing.assert_array_equal(t1.forward([token], c1), t2.forward([token], c2))
+    t1.close()
+    t2.close()
+
+
 def test_bad_inputs_are_refused(models, native_library):
     from engine.model.native import NativeCapacityError, NativeError
 
@@ -160,3 +193,26 @@ def test_top_k_matches_numpy(native_library):
     np.testing.assert_array_equal(ids, order)
     np.testing.assert_array_equal(values, logits[order])
     assert ids[0] == np.argmax(logits) == 10
+
+
+def test_profile_times_each_part_of_the_forward(models, native_library):
+    """ryz_context_profile: off until turned on; then every part of each call is timed and the parts add up to no
+    more than the calls' wall time."""
+    import time
+
+    model = NativeModel(models["tiny"], native_library, threads=2, max_positions=64)
+    model.forward(PROMPT[:8])
+    assert model.profile()["calls"] == 0  # off by default: nothing counted
+    model.set_profiling(True)
+    cache = model.new_cache()
+    start = time.perf_counter()
+    for token in PROMPT[:5]:
+        model.forward([token], cache)
+    wall = time.perf_counter() - start
+    profile = model.profile()
+    assert profile["calls"] == 5
+    assert set(profile["seconds"]) == {"ternary_linears", "head", "attention", "other"}
+    assert all(v > 0 for v in profile["seconds"].values()) and sum(profile["seconds"].values()) <= wall
+    model.set_profiling(False)
+    assert model.profile()["calls"] == 0 and not any(model.profile()["seconds"].values())
+    model.close()

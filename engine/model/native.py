@@ -19,11 +19,12 @@ from engine.model.reference import greedy_decode
 # The ABI this engine is written for, and the older ones it still drives: a serving bundle carries its own kernel
 # build, so a bundle made before ABI 4 keeps serving on this engine. ABI 4 gave ryz_model_set_tensor the byte length
 # of the tensor's data (checked against its type and shape); an ABI 3 library takes none, and the checks before it
-# (ModelFile's validation of the file) are what stand between a crafted file and it.
-ABI_VERSION = 4
-COMPATIBLE_ABIS = (3, 4)
+# (ModelFile's validation of the file) are what stand between a crafted file and it. ABI 5 only adds symbols
+# (_ABI_5_SIGNATURES), looked up when the library has them.
+ABI_VERSION = 5
+COMPATIBLE_ABIS = (3, 4, 5)
 GGML_TYPE_IDS = {"f32": 0, "f16": 1, "q8_0": 8, "q6_k": 14, "tq1_0": 34, "tq2_0": 35}
-ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3}
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "neon": 3, "amx": 4}  # amx: ABI 5 libraries
 ISA_NAMES = {v: k for k, v in ISAS.items()}
 KV_TYPES = {"f32": 0, "f16": 1}
 KV_ELEMENT_BYTES = {"f32": 4, "f16": 2}
@@ -119,6 +120,16 @@ _SIGNATURES = {
     "ryz_read_bandwidth": (ctypes.c_double, [_I64, _I32, _I32]),
 }
 _ABI_3_SIGNATURES = {"ryz_model_set_tensor": (_I32, [_P, ctypes.c_char_p, _P, _I32, _I64, _I64])}  # no byte length
+_ABI_5_SIGNATURES: dict = {  # symbols added in ABI 5 (declared only when the library is ABI 5 or later)
+    "ryz_context_set_profiling": (_I32, [_P, _I32]),
+    "ryz_context_profile": (_I32, [_P, _P, _P]),
+    # the ternary layouts (RYZ_LAYOUT_T2P = 0, RYZ_LAYOUT_T1P = 1): bytes, pack with dst length, GEMM with packed length
+    "ryz_ternary_layout_bytes": (ctypes.c_size_t, [_I32, _I64, _I64]),
+    "ryz_ternary_pack_layout": (_I32, [_P, _I32, _I32, _I64, _I64, _P, ctypes.c_size_t]),
+    "ryz_ternary_gemm_layout": (_I32, [_I32, _P, ctypes.c_size_t, _I64, _I64, _P, _I32, _I32, _P]),
+}
+TERNARY_LAYOUTS = {"t2p": 0, "t1p": 1}  # RYZ_LAYOUT_*
+PROFILE_PARTS = ("ternary_linears", "head", "attention", "other")  # RYZ_PART_* order
 
 
 class Library:
@@ -141,11 +152,16 @@ class Library:
         self.abi: int = version()
         if self.abi not in COMPATIBLE_ABIS:
             raise NativeError(
-                f"{self.path} has ABI {self.abi}, but this engine runs ABI {ABI_VERSION} libraries (and ABI 3 ones, "
-                "from older serving bundles): rebuild it with `ryz build-kernels --force`, or a bundle's with "
+                f"{self.path} has ABI {self.abi}, but this engine runs ABI {ABI_VERSION} libraries (and ABI 3 and 4 "
+                "ones, from older serving bundles): rebuild it with `ryz build-kernels --force`, or a bundle's with "
                 "`ryz bundle REF -o DIR` on this Ryzanstein"
             )
-        for name, (restype, argtypes) in {**_SIGNATURES, **(_ABI_3_SIGNATURES if self.abi == 3 else {})}.items():
+        signatures = {
+            **_SIGNATURES,
+            **(_ABI_3_SIGNATURES if self.abi == 3 else {}),
+            **(_ABI_5_SIGNATURES if self.abi >= 5 else {}),
+        }
+        for name, (restype, argtypes) in signatures.items():
             fn = getattr(self.lib, name)
             fn.restype, fn.argtypes = restype, argtypes
 
@@ -170,7 +186,7 @@ class Library:
 
     def set_isa(self, isa: str) -> None:
         if isa == "auto":
-            for name in ("avx512", "avx2", "neon", "scalar"):
+            for name in ("amx", "avx512", "avx2", "neon", "scalar"):
                 if self.isa_supported(name):
                     isa = name
                     break
@@ -351,6 +367,24 @@ class NativeModel:
     def kv_bytes_per_seq(self) -> int:
         """What one slot allocates on first use (keys + values for every position)."""
         return kv_bytes_per_position(self.hp, self.kv_type) * self.max_positions
+
+    @property
+    def can_profile(self) -> bool:
+        return self.library.abi >= 5
+
+    def set_profiling(self, on: bool) -> None:
+        """Turn per-part timing of forward calls on or off (either resets it); needs an ABI 5 library."""
+        if not self.can_profile:
+            raise NativeError(f"{self.library.path} (ABI {self.library.abi}) cannot profile; rebuild the kernels")
+        self.library.check(self.library.lib.ryz_context_set_profiling(self.context, int(on)), "set_profiling")
+
+    def profile(self) -> dict:
+        """Wall seconds per part (PROFILE_PARTS) summed over the forward calls since profiling was turned on."""
+        seconds, calls = (ctypes.c_double * len(PROFILE_PARTS))(), ctypes.c_int64()
+        self.library.check(
+            self.library.lib.ryz_context_profile(self.context, ctypes.byref(seconds), ctypes.byref(calls)), "profile"
+        )
+        return {"calls": calls.value, "seconds": dict(zip(PROFILE_PARTS, (float(v) for v in seconds)))}
 
     def forward_batch(
         self, tokens: np.ndarray, seq_ids: np.ndarray, want_logits: np.ndarray | None = None

@@ -31,7 +31,8 @@ from engine.model.native import ISAS, KV_TYPES, Library
 
 MAX_FAILURES = 8  # messages kept per family: the first ones say what is wrong
 TIMEOUT_S = 300  # a hung kernel is a failure too
-TERNARY_CASES = ((4, 256, 1), (12, 1024, 11), (16, 512, 1), (8, 2816, 7), (36, 768, 70))  # rows, cols, tokens
+# rows, cols, tokens; the last is AMX's path in full: 4 row tiles of 16 plus a 4-row tail, 3 token tiles (one partial)
+TERNARY_CASES = ((4, 256, 1), (12, 1024, 11), (16, 512, 1), (8, 2816, 7), (36, 768, 70), (68, 1280, 33))
 TOKEN_TILES = (0, 1, 3, 6)
 DENSE_CASES = (("q8_0", 8, 512, 3), ("f16", 5, 256, 2), ("q6_k", 4, 512, 1), ("f32", 3, 96, 1))
 KV_HEAD_SIZES = (8, 64, 100, 128)

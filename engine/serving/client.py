@@ -26,6 +26,7 @@ from engine.model.tokenizer import ModelTokenizer
 from engine.serving.chat import render_chat
 from engine.serving.core import Delta, EngineCore, GenerationRequest
 from engine.serving.scheduler import SchedulerConfig
+from engine.serving.speculative import DraftModel, spec_from_settings
 from engine.serving.structured import Grammar, GrammarCompiler
 from engine.settings import Settings
 
@@ -82,6 +83,27 @@ def load_model(ref: str, settings: Settings, library=None) -> LoadedModel:
     return LoadedModel(model, ModelTokenizer(model.file, settings.parse_special), model_id(ref, model))
 
 
+def load_draft_model(ref: str, settings: Settings, target: LoadedModel) -> DraftModel:
+    """RYZ_SPEC_DRAFT_MODEL beside a served model: resolved like the served one, a slot per target slot, and
+    refused (ValueError) unless it shares the target's tokenizer."""
+    path = resolve_model(ref, open_store(settings.store_url, settings=settings))
+    target_model = target.model
+    model = open_model(
+        path,
+        "serve",
+        settings=settings,
+        library=getattr(target_model, "library", None),
+        max_seqs=target_model.max_seqs,
+        max_positions=target_model.max_positions,
+    )
+    try:
+        tokenizer = ModelTokenizer(model.file, settings.parse_special)
+        return DraftModel(model, tokenizer, target_model.hp.vocab, target.tokenizer, f"draft model {ref!r}")
+    except BaseException:
+        model.close()
+        raise
+
+
 def model_id(ref: str, model) -> str:
     """The id a variant answers to: a file's stem, else the model's name at the artifact id's first 19 chars."""
     name = model.file.metadata.get("general.name")
@@ -107,8 +129,19 @@ class LocalEngineClient:
             prefix_cache_slots=settings.prefix_cache_slots,
             max_queue=settings.max_queue,
         )
+        speculative = spec_from_settings(settings)
+        draft = load_draft_model(settings.spec_draft_model, settings, loaded) if settings.spec_draft_model else None
+        if speculative.method == "draft" and draft is None:
+            raise ValueError("RYZ_SPECULATIVE=draft needs a draft model: set RYZ_SPEC_DRAFT_MODEL")
         self.core = EngineCore(
-            loaded.model, loaded.tokenizer, config, loaded.model_id, metrics, compute_lock=compute_lock
+            loaded.model,
+            loaded.tokenizer,
+            config,
+            loaded.model_id,
+            metrics,
+            compute_lock=compute_lock,
+            speculative=speculative,
+            draft_model=draft,
         )
         self.model_id, self.vocab = loaded.model_id, loaded.model.hp.vocab
         self._tok = loaded.tokenizer

@@ -22,6 +22,7 @@ import numpy as np
 from engine.errors import EngineError
 from engine.serving.sampling import Sample, Sampler, SamplingParams, token_logprobs
 from engine.serving.scheduler import Chunk, QueueFullError, Scheduler, SchedulerConfig
+from engine.serving.speculative import Drafter, DraftModel, SpecConfig, accept_drafts, make_drafter
 from engine.serving.textstream import IncrementalDetokenizer, StopMatcher
 
 __all__ = ["Delta", "EngineCore", "GenerationRequest", "QueueFullError", "batch_engine"]
@@ -38,6 +39,7 @@ class GenerationRequest:
     grammar: Any = None  # engine.serving.structured.Grammar: constrains every sampled token
     prompt_logprobs: int | None = None  # echo scoring: logprob of each prompt token and its top alternatives
     prompt_logprobs_from: int = 0  # ... from this prompt token on (batch scoring: where the continuation starts)
+    speculative: SpecConfig | None = None  # None: the engine's default (engine/serving/speculative.py)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     arrival: float = field(default_factory=time.perf_counter)  # TTFT counts from here (the server sets it on receipt)
 
@@ -54,6 +56,7 @@ class Delta:
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    speculative: dict | None = None  # on the last delta of a request that asked for speculation: what it did
 
     @property
     def done(self) -> bool:
@@ -76,6 +79,10 @@ class _Live:
     waited_at_last_token: float = 0.0  # the core's compute_wait when last_token_at was taken
     token_latencies: list[float] = field(default_factory=list)  # this request's, for its median at the end
     stop_string_hit: bool = False
+    spec: SpecConfig = field(default_factory=SpecConfig)
+    spec_skipped: str | None = None  # why a request that asked for speculation runs without it
+    drafter: Drafter | None = None
+    spec_counts: dict = field(default_factory=lambda: {"drafted": 0, "accepted": 0, "steps": 0, "emitted": 0})
 
 
 class EngineCore:
@@ -87,13 +94,19 @@ class EngineCore:
         model_id: str = "model",
         metrics=None,
         compute_lock: threading.Lock | None = None,
+        speculative: SpecConfig | None = None,
+        draft_model: DraftModel | None = None,
     ):
         """`compute_lock`: shared by every EngineCore of one server, so one variant's forward runs at a time
         on all the cores. Two variants computing at once oversubscribe them (each forward uses every core),
         and the one with less traffic, the canary, was preempted in nearly every step: its tokens read up to
         8x slower than production's on the same model. The time a step waits for the lock is kept out of
-        the per-token latency (it is the other variant's work, not this model's speed) and counted apart."""
+        the per-token latency (it is the other variant's work, not this model's speed) and counted apart.
+        `speculative`: requests' default speculation (engine/serving/speculative.py); `draft_model` serves method
+        "draft"."""
         self.model, self.tokenizer, self.model_id, self.metrics = model, tokenizer, model_id, metrics
+        self.speculative, self.draft_model = speculative or SpecConfig(), draft_model
+        self.spec_totals = {"drafted": 0, "accepted": 0, "steps": 0, "emitted": 0}
         self._compute_lock = compute_lock or threading.Lock()
         self.compute_wait = 0.0  # seconds this core's steps waited for another core's forward
         self.vocab = model.hp.vocab
@@ -120,6 +133,16 @@ class EngineCore:
             request.grammar.matcher() if request.grammar is not None else None,
             request.arrival,
         )
+        spec = request.speculative or self.speculative
+        spec.validate()
+        if spec.on and request.grammar is not None:
+            # a grammar's matcher advances token by token; drafts would need its state rolled back: not done
+            live.spec_skipped, spec = (
+                "structured output (response_format / tools) runs without speculation",
+                SpecConfig(),
+            )
+        if spec.on and request.max_tokens > 1:
+            live.spec, live.drafter = spec, make_drafter(spec, len(request.prompt_ids), self.draft_model)
         with self._lock:
             if self._stopping:
                 raise RuntimeError("the engine is shutting down")
@@ -142,6 +165,8 @@ class EngineCore:
                 "slots": self.config.slots,
                 "prefix_hits": self.scheduler.prefix_hits,
                 "prefix_tokens_reused": self.scheduler.prefix_tokens_reused,
+                "speculative": self.speculative.method,
+                **{f"spec_{name}": count for name, count in self.spec_totals.items()},
             }
 
     @property
@@ -160,6 +185,8 @@ class EngineCore:
         self._live.clear()
         if hasattr(self.model, "close"):
             self.model.close()
+        if self.draft_model is not None:
+            self.draft_model.close()
 
     # -- synchronous batches: lm-eval and the demo scorer call these, the scheduler batches them --------
     def run(self, requests: Iterable[GenerationRequest]) -> list[Delta]:
@@ -182,6 +209,7 @@ class EngineCore:
                     total.finish_reason, total.error = delta.finish_reason, delta.error
                     total.prompt_logprobs = delta.prompt_logprobs
                     total.prompt_tokens, total.completion_tokens = delta.prompt_tokens, delta.completion_tokens
+                    total.speculative = delta.speculative
                     with finished:
                         results[i] = total
                         count[0] += 1
@@ -270,8 +298,9 @@ class EngineCore:
         """Schedule -> execute -> update. What one request does with its logits (prompt logprobs, sampling under its
         parameters and grammar, detokenizing, stop strings, its sink) fails that request alone (_fail); a failing
         forward fails every request in flight (_loop), since the batch's KV state is unknown after it."""
+        drafts = self._draft()
         with self._lock:
-            plan = self.scheduler.schedule()
+            plan = self.scheduler.schedule(drafts)
         if not plan.chunks:
             return
         for src, dst, length in plan.copies:
@@ -287,7 +316,7 @@ class EngineCore:
             if c.logits_from is not None:
                 want[offset + max(0, c.logits_from - c.start) : offset + len(c.tokens)] = 1
             if c.samples:
-                want[offset + len(c.tokens) - 1] = 1
+                want[offset + len(c.tokens) - 1 - len(c.drafts) : offset + len(c.tokens)] = 1
             rows_of.append(int(want[offset : offset + len(c.tokens)].sum()))
             offset += len(c.tokens)
         started = time.perf_counter()
@@ -327,13 +356,70 @@ class EngineCore:
             self._end(request.request_id, Delta(finish_reason="length"))
             return
         assert logits is not None  # a sampling chunk always asks for its last row (step)
-        self._sample(live, logits[-1])
+        if chunk.drafts:
+            self._verify(live, chunk, logits[-1 - len(chunk.drafts) :])
+            return
+        allowed = live.matcher.allowed() if live.matcher is not None else None
+        self._emit(live, live.sampler.sample(logits[-1], request.prompt_ids, live.generated, allowed))
 
-    def _sample(self, live: _Live, logits: np.ndarray) -> None:
+    def _draft(self) -> dict[str, list[int]]:
+        """Drafts of the speculating requests that are decoding, at most up to their max_tokens and context."""
+        with self._lock:
+            speculating = [
+                (rid, live) for rid, live in self._live.items() if live.drafter is not None and live.generated
+            ]
+        drafts = {}
+        for rid, live in speculating:
+            request, done = live.request, len(live.request.prompt_ids) + len(live.generated)
+            k = min(
+                live.spec.num_tokens, request.max_tokens - len(live.generated) - 1, self.config.max_context - 1 - done
+            )
+            if k <= 0 or live.drafter is None:
+                continue
+            try:
+                with self._compute_lock:  # a draft model's forward uses the cores like the target's
+                    guess = live.drafter.propose([*request.prompt_ids, *live.generated], k)
+            except Exception as exc:  # noqa: BLE001 - a failing drafter costs speed, not the request
+                live.drafter, live.spec_skipped = None, f"drafter failed: {exc}"
+                continue
+            if guess:
+                drafts[rid] = [int(t) for t in guess[:k]]
+        return drafts
+
+    def _verify(self, live: _Live, chunk: Chunk, logits: np.ndarray) -> None:
+        """Speculative verification: keep the drafts the acceptance rule accepts (engine/serving/speculative.py),
+        cut the KV back past them, then emit them and the token after them one by one like any sampled token."""
+        request, drafts, base = live.request, chunk.drafts, list(live.generated)
+        n, token = accept_drafts(
+            lambda i: live.sampler.distribution(logits[i], request.prompt_ids, base + drafts[:i]),
+            drafts,
+            live.sampler.rng,
+        )
+        kept = self.scheduler.accept_drafts(request.request_id, drafts[:n])
+        if n < len(drafts):
+            self.model.truncate_seq(chunk.slot, kept)
+        # counted before emitting: the token that finishes the request sends its totals
+        self._count(live, drafted=len(drafts), accepted=n, steps=1)
+        emitted = 0
+        for i, t in enumerate([*drafts[:n], token]):
+            emitted += 1
+            self._count(live, emitted=1)
+            sample = live.sampler.report(logits[i], t) if request.params.logprobs is not None else Sample(t, 0.0, [])
+            if self._emit(live, sample, append=i == n):
+                break
+        if self.metrics is not None and hasattr(self.metrics, "spec_step"):
+            self.metrics.spec_step(len(drafts), n, emitted)
+
+    def _count(self, live: _Live, **counts: int) -> None:
+        for name, value in counts.items():
+            live.spec_counts[name] += value
+            self.spec_totals[name] += value
+
+    def _emit(self, live: _Live, sample: Sample, append: bool = True) -> bool:
+        """One output token through the one path every token takes (stops, eos, max_tokens, streaming delta);
+        True when it finished the request. `append`: add it to the scheduler's tokens (accepted drafts are there)."""
         request = live.request
         now = time.perf_counter()
-        allowed = live.matcher.allowed() if live.matcher is not None else None
-        sample = live.sampler.sample(logits, request.prompt_ids, live.generated, allowed)
         token = sample.token
         live.generated.append(token)
         if live.matcher is not None:
@@ -367,11 +453,13 @@ class EngineCore:
             finish = "length"
         delta = Delta(text=text, token_ids=[token], logprobs=[sample] if request.params.logprobs is not None else [])
         if finish is None:
-            self.scheduler.append_token(request.request_id, token)
+            if append:
+                self.scheduler.append_token(request.request_id, token)
             live.sink(delta)
-            return
+            return False
         delta.finish_reason = finish
         self._end(request.request_id, delta)
+        return True
 
     def _fail(self, request_id: str, exc: Exception) -> None:
         """End one request whose own work in a step raised (lock held): an error delta for it alone, its slot freed;
@@ -393,6 +481,14 @@ class EngineCore:
             self.model.release_seq(slot)
         delta.prompt_tokens = len(live.request.prompt_ids)
         delta.completion_tokens = len(live.generated)
+        if live.drafter is not None:
+            live.drafter.close()
+        if live.spec.on or live.spec_skipped:
+            delta.speculative = {"method": live.spec.method, **live.spec_counts}
+            if live.spec_skipped:
+                delta.speculative["skipped"] = live.spec_skipped
+            if self.metrics is not None and live.spec_skipped and hasattr(self.metrics, "spec_skipped"):
+                self.metrics.spec_skipped()
         if live.request.prompt_logprobs is not None:
             delta.prompt_logprobs = live.prompt_logprobs
         if self.metrics is not None:
@@ -414,11 +510,12 @@ def _logits_from(request: GenerationRequest) -> int | None:
 MAX_LOGIT_BYTES = 128 << 20  # logits one batch step may return (rows x vocab float32)
 
 
-def batch_engine(model, tokenizer, max_batch_tokens: int = 4096, model_id: str = "batch") -> EngineCore:
+def batch_engine(model, tokenizer, max_batch_tokens: int = 4096, model_id: str = "batch", **core: Any) -> EngineCore:
     """An EngineCore for synchronous batches (EngineCore.run / score): every sequence slot of the model, a
     sequence may fill every position, prefill steps of up to `max_batch_tokens` tokens (fewer where their
     logits would pass MAX_LOGIT_BYTES: scoring wants a row per token), idle slots kept as prefix cache, and
-    the queue waits for a shared prefix to be computed once (SchedulerConfig.wait_for_shared_prefix)."""
+    the queue waits for a shared prefix to be computed once (SchedulerConfig.wait_for_shared_prefix). `core`: more
+    EngineCore arguments (speculative, draft_model)."""
     rows = MAX_LOGIT_BYTES // (4 * model.hp.vocab)
     config = SchedulerConfig(
         slots=model.max_seqs,
@@ -428,4 +525,4 @@ def batch_engine(model, tokenizer, max_batch_tokens: int = 4096, model_id: str =
         max_queue=4 * model.max_seqs,
         wait_for_shared_prefix=8,
     )
-    return EngineCore(model, tokenizer, config, model_id)
+    return EngineCore(model, tokenizer, config, model_id, **core)  # speculative=, draft_model=

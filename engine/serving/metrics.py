@@ -106,6 +106,38 @@ class ServerMetrics:
         self.prefix_reused = Gauge(
             "ryz_prefix_cache_tokens_reused", "Prompt tokens served from the prefix cache", ["variant"], registry=r
         )
+        # speculative decoding: acceptance rate = accepted / drafted; tokens per step = emitted / steps
+        self.spec_drafted = Counter(
+            "ryz_spec_draft_tokens", "Speculative decoding: tokens drafted and verified", ["variant"], registry=r
+        )
+        self.spec_accepted = Counter(
+            "ryz_spec_accepted_tokens", "Speculative decoding: drafted tokens accepted", ["variant"], registry=r
+        )
+        self.spec_steps = Counter(
+            "ryz_spec_verify_steps",
+            "Speculative decoding: verification steps (one per request per step)",
+            ["variant"],
+            registry=r,
+        )
+        self.spec_emitted = Counter(
+            "ryz_spec_emitted_tokens",
+            "Speculative decoding: tokens emitted by verification steps (accepted drafts plus the token after them)",
+            ["variant"],
+            registry=r,
+        )
+        self.spec_tokens_per_step = Histogram(
+            "ryz_spec_tokens_per_step",
+            "Speculative decoding: tokens one verification step emitted for its request",
+            ["variant"],
+            buckets=tuple(range(1, 18)),
+            registry=r,
+        )
+        self.spec_skipped = Counter(
+            "ryz_spec_skipped_requests",
+            "Requests that asked for speculation but ran without it (structured output, a failed drafter)",
+            ["variant"],
+            registry=r,
+        )
         self.canary_weight = Gauge(
             "ryz_canary_weight_percent", "Share of routed traffic sent to the canary", registry=r
         )
@@ -141,6 +173,12 @@ class VariantMetrics:
         self._generated = metrics.generation_tokens.labels(variant)
         self._step = metrics.step_tokens.labels(variant)
         self._wait = metrics.compute_wait.labels(variant)
+        self._spec = [
+            m.labels(variant)
+            for m in (metrics.spec_drafted, metrics.spec_accepted, metrics.spec_steps, metrics.spec_emitted)
+        ]
+        self._spec_per_step = metrics.spec_tokens_per_step.labels(variant)
+        self._spec_skipped = metrics.spec_skipped.labels(variant)
 
     def ttft(self, seconds: float) -> None:
         self._ttft.observe(seconds)
@@ -156,6 +194,14 @@ class VariantMetrics:
     def step(self, tokens: int, waited: float = 0.0) -> None:
         self._step.inc(tokens)
         self._wait.inc(waited)
+
+    def spec_step(self, drafted: int, accepted: int, emitted: int) -> None:
+        for counter, value in zip(self._spec, (drafted, accepted, 1, emitted)):
+            counter.inc(value)
+        self._spec_per_step.observe(emitted)
+
+    def spec_skipped(self) -> None:
+        self._spec_skipped.inc()
 
     def finished(self, delta) -> None:
         self._prompt.inc(delta.prompt_tokens)

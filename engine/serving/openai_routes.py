@@ -43,6 +43,7 @@ from engine.serving.protocol import (
 )
 from engine.serving.retrieval_routes import add_retrieved_context
 from engine.serving.sampling import SamplingParams
+from engine.serving.speculative import SpecConfig, parse_spec, spec_from_settings
 from engine.serving.tools import parse_tool_calls, validate_tools
 from engine.serving.variants import ServingState, Variant
 
@@ -137,6 +138,7 @@ def _generation_request(
     arrival: float,
     stops: list[str],
     prompt_logprobs: int | None = None,
+    speculative: SpecConfig | None = None,
 ) -> GenerationRequest:
     """A request for the engine from a validated body: its stops (checked by `_stops`), stop ids and eos handling."""
     return GenerationRequest(
@@ -149,7 +151,30 @@ def _generation_request(
         grammar,
         prompt_logprobs,
         arrival=arrival,
+        speculative=speculative,
     )
+
+
+def _speculative(state: ServingState, body: SamplingBody) -> SpecConfig | None:
+    """The body's `speculative` field checked; None: the engine's default (RYZ_SPECULATIVE)."""
+    if body.speculative is None:
+        return None
+    try:
+        config = parse_spec(body.speculative, spec_from_settings(state.settings))
+    except InvalidRequestError as exc:
+        raise APIError(400, str(exc), param="speculative") from None
+    if config.method == "draft" and not state.settings.spec_draft_model:
+        raise APIError(
+            400,
+            "speculative method 'draft' needs a draft model, and this server has none (RYZ_SPEC_DRAFT_MODEL)",
+            param="speculative",
+        )
+    return config
+
+
+def _spec_field(delta: Delta) -> dict:
+    """A choice's `speculative` extension: what speculation did for it (only for requests that asked for it)."""
+    return {"speculative": delta.speculative} if delta.speculative is not None else {}
 
 
 def _stops(state: ServingState, stop) -> list[str]:
@@ -330,6 +355,7 @@ async def run_completion(
         raise APIError(400, "the prompt is empty", param="prompt")
     params = _sampling(body, body.logprobs)
     stops = _stops(state, body.stop)
+    spec = _speculative(state, body)
     grammar = await _grammar(client, body.response_format)
     texts = [p for p in prompts if isinstance(p, str)]
     encoded = iter(await asyncio.to_thread(lambda: [client.tokenize(t) for t in texts]) if texts else [])
@@ -339,7 +365,9 @@ async def run_completion(
         max_tokens = _check_lengths(state, ids, body.max_tokens, client.vocab)
         prompt_ids_all.append(ids)
         echo_logprobs = body.logprobs if body.echo and body.logprobs is not None else (0 if body.echo else None)
-        requests.append(_generation_request(body, ids, params, max_tokens, grammar, arrival, stops, echo_logprobs))
+        requests.append(
+            _generation_request(body, ids, params, max_tokens, grammar, arrival, stops, echo_logprobs, spec)
+        )
     streams = _submit_all(state, variant, requests)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     headers = {VARIANT_HEADER: variant.name}
@@ -371,6 +399,7 @@ async def run_completion(
                         "logprobs": _completion_logprobs(client, delta, [], False, 0)
                         if body.logprobs is not None
                         else None,
+                        **_spec_field(delta),
                     }
                     if text or delta.finish_reason or delta.token_ids:
                         yield sse(_envelope(rid, "text_completion", created, body.model, choices=[choice]))
@@ -405,7 +434,13 @@ async def run_completion(
         if body.logprobs is not None:
             logprobs = _completion_logprobs(client, last, samples, body.echo, 0, prompt_ids_all[i])
         choices.append(
-            {"index": i, "text": prompt_text + text, "logprobs": logprobs, "finish_reason": last.finish_reason}
+            {
+                "index": i,
+                "text": prompt_text + text,
+                "logprobs": logprobs,
+                "finish_reason": last.finish_reason,
+                **_spec_field(last),
+            }
         )
         prompt_total += last.prompt_tokens
         completion_total += last.completion_tokens
@@ -501,6 +536,7 @@ async def run_chat(
         raise APIError(400, "top_logprobs needs logprobs=true and a value 0-20", param="top_logprobs")
     params = _sampling(body, (body.top_logprobs or 0) if body.logprobs else None)
     stops = _stops(state, body.stop)
+    spec = _speculative(state, body)
     tools = body.tools or None
     tool_choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
     try:
@@ -513,24 +549,22 @@ async def run_chat(
             raise APIError(400, "response_format and forced tool calls cannot be combined", param="tool_choice")
         grammar = await _grammar(client, None, tools, tool_choice)
     max_tokens = _check_lengths(state, prompt_ids, body.max_completion_tokens or body.max_tokens, client.vocab)
-    request = _generation_request(body, prompt_ids, params, max_tokens, grammar, arrival, stops)
+    request = _generation_request(body, prompt_ids, params, max_tokens, grammar, arrival, stops, None, spec)
     stream = _submit_all(state, variant, [request])[0]
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     headers = {VARIANT_HEADER: variant.name}
     endpoint = "chat"
     buffer_for_tools = bool(tools) and tool_choice != "none"
 
-    def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None, extra: dict | None = None) -> str:
-        return sse(
-            _envelope(
-                rid,
-                "chat.completion.chunk",
-                created,
-                body.model,
-                choices=[{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
-                **(extra or {}),
-            )
-        )
+    def chunk(
+        delta: dict,
+        finish: str | None = None,
+        logprobs: dict | None = None,
+        extra: dict | None = None,
+        choice_extra: dict | None = None,
+    ) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish, **(choice_extra or {})}
+        return sse(_envelope(rid, "chat.completion.chunk", created, body.model, choices=[choice], **(extra or {})))
 
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -562,7 +596,7 @@ async def run_chat(
                                 yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
                             else:
                                 yield chunk({"content": "".join(held)})
-                        yield chunk({}, finish)
+                        yield chunk({}, finish, choice_extra=_spec_field(delta))
                         if include_usage:
                             yield _usage_event(rid, "chat.completion.chunk", created, body.model, delta)
                 yield sse("[DONE]")
@@ -601,6 +635,7 @@ async def run_chat(
                     "message": message,
                     "finish_reason": finish,
                     "logprobs": _chat_logprobs(client, samples) if body.logprobs else None,
+                    **_spec_field(last),
                 }
             ],
             usage=usage(last.prompt_tokens, last.completion_tokens),

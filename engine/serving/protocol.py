@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
 VARIANT_HEADER = "X-Ryz-Variant"
 
@@ -151,6 +151,25 @@ _RESPONSE_FORMAT = {
     ]
 }
 
+_SPEC_COUNT = {"type": "integer", "minimum": 1, "maximum": 16}
+_SPECULATIVE = {
+    "anyOf": [
+        {"type": "boolean"},
+        {"enum": ["off", "ngram", "draft"]},
+        {
+            "type": "object",
+            "properties": {
+                "method": {"enum": ["off", "ngram", "draft"]},
+                "num_tokens": _SPEC_COUNT,
+                "ngram_min": _SPEC_COUNT,
+                "ngram_max": _SPEC_COUNT,
+            },
+            "additionalProperties": False,
+        },
+        {"type": "null"},
+    ]
+}
+
 
 def _documented(default: Any, replace: dict | None = None, **schema: Any) -> Any:
     """A field whose range or shape the OpenAPI schema states while the routes check it (SamplingParams.validate,
@@ -198,6 +217,8 @@ class SamplingBody(BaseModel):
     repetition_penalty: float = Field(1.0, ge=0.01, le=100)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    # extension: speculative decoding (docs/serving.md); null: the server's RYZ_SPECULATIVE
+    speculative: StrictBool | StrictStr | dict | None = _documented(None, replace=_SPECULATIVE)
 
 
 class CompletionBody(SamplingBody):

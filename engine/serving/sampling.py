@@ -111,50 +111,100 @@ class Sampler:
         generated_ids: Sequence[int],
         allowed: np.ndarray | None = None,
     ) -> Sample:
-        p, n_vocab = self.params, self.vocab_size
+        p = self.params
+        raw, raw_max, buf = self._raw(logits)
+        raw_lse = _raw_lse(raw, raw_max, buf)  # one exp pass into buf.e, reused below when nothing changes the logits
+
+        x = raw
+        if self._history is not None:
+            x = self._history.apply(raw, p, prompt_ids, generated_ids, out=buf.x)
+        if allowed is not None:
+            x = np.add(self._mask(allowed, buf), x, out=buf.x)
+
+        token = self._choose(x, buf, buf.e if x is raw else None, raw_max if x is raw else float(x.max()))
+        return self._report(raw, raw_lse, token, buf)
+
+    def report(self, logits: np.ndarray, token: int) -> Sample:
+        """The Sample of a token chosen elsewhere (speculative verification): its raw logprob and the top
+        alternatives, as `sample` reports them."""
+        raw, raw_max, buf = self._raw(logits)
+        return self._report(raw, _raw_lse(raw, raw_max, buf), token, buf)
+
+    def distribution(
+        self,
+        logits: np.ndarray,
+        prompt_ids: Sequence[int],
+        generated_ids: Sequence[int],
+        allowed: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """The float64 probabilities over the vocabulary that `sample` draws from with these arguments (after
+        penalties, mask, temperature, top-k / top-p / min-p; greedy: all mass on the argmax). Speculative
+        decoding's acceptance rule compares drafts against it."""
+        raw, raw_max, buf = self._raw(logits)
+        x = raw
+        if self._history is not None:
+            x = self._history.apply(raw, self.params, prompt_ids, generated_ids, out=buf.x)
+        if allowed is not None:
+            x = np.add(self._mask(allowed, buf), x, out=buf.x)
+        out = np.zeros(self.vocab_size, dtype=np.float64)
+        ids, weights = self._weights(x, buf, None, float(x.max()))
+        if ids is None:  # greedy: weights is the argmax
+            out[weights] = 1.0
+            return out
+        out[ids] = weights
+        return out / out.sum()
+
+    def _raw(self, logits: np.ndarray) -> tuple[np.ndarray, float, _Buffers]:
+        """The real-vocabulary float32 logits, their max (checked finite) and this thread's scratch buffers."""
+        n_vocab = self.vocab_size
         logits = np.asarray(logits)
         if logits.ndim != 1 or logits.shape[0] < n_vocab:
             raise ValueError(f"logits must have shape ({n_vocab},) or wider, got {logits.shape}")
         raw = logits[:n_vocab]
         if raw.dtype != np.float32:
             raw = raw.astype(np.float32)
-        buf = _scratch(n_vocab)
-
-        # Raw distribution (for the reported logprob): one exp pass, reused below when nothing changes it.
         raw_max = float(raw.max())
         if not math.isfinite(raw_max):
             raise SamplingError(
                 f"the model produced non-finite logits (max {raw_max}); the weights or activations "
                 "overflowed — check the model file, or compare with the scalar kernels (RYZ_ISA=scalar)"
             )
-        np.subtract(raw, np.float32(raw_max), out=buf.e)
-        np.exp(buf.e, out=buf.e)
-        raw_lse = raw_max + math.log(float(buf.e.sum(dtype=np.float64)))
+        return raw, raw_max, _scratch(n_vocab)
 
-        x = raw
-        if self._history is not None:
-            x = self._history.apply(raw, p, prompt_ids, generated_ids, out=buf.x)
-        if allowed is not None:
-            allowed = np.asarray(allowed)
-            if allowed.dtype != np.bool_ or allowed.ndim != 1 or allowed.shape[0] < n_vocab:
-                raise ValueError(
-                    f"allowed must be a bool mask of shape ({n_vocab},), got {allowed.dtype} {allowed.shape}"
-                )
-            allowed = allowed[:n_vocab]
-            if not allowed.any():
-                raise SamplingError(
-                    f"the allowed-token mask allows none of the {n_vocab} tokens; the grammar cannot be "
-                    "continued from here — check the grammar / JSON schema accepts the text generated so far"
-                )
-            np.take(_MASK_BIAS, allowed.view(np.uint8), out=buf.w)  # 0 where allowed, -inf elsewhere: branch-free
-            x = np.add(buf.w, x, out=buf.x)
+    def _mask(self, allowed: np.ndarray, buf: _Buffers) -> np.ndarray:
+        """Checks the allowed-token mask and writes its additive bias (0 allowed, -inf not) to buf.w."""
+        n_vocab = self.vocab_size
+        allowed = np.asarray(allowed)
+        if allowed.dtype != np.bool_ or allowed.ndim != 1 or allowed.shape[0] < n_vocab:
+            raise ValueError(f"allowed must be a bool mask of shape ({n_vocab},), got {allowed.dtype} {allowed.shape}")
+        allowed = allowed[:n_vocab]
+        if not allowed.any():
+            raise SamplingError(
+                f"the allowed-token mask allows none of the {n_vocab} tokens; the grammar cannot be "
+                "continued from here — check the grammar / JSON schema accepts the text generated so far"
+            )
+        np.take(_MASK_BIAS, allowed.view(np.uint8), out=buf.w)  # 0 where allowed, -inf elsewhere: branch-free
+        return buf.w
 
-        token = self._choose(x, buf, buf.e if x is raw else None, raw_max if x is raw else float(x.max()))
-        top = _top_logprobs(raw, raw_lse, p.logprobs, buf) if p.logprobs else []
+    def _report(self, raw: np.ndarray, raw_lse: float, token: int, buf: _Buffers) -> Sample:
+        k = self.params.logprobs
+        top = _top_logprobs(raw, raw_lse, k, buf) if k else []
         return Sample(token=token, logprob=float(raw[token]) - raw_lse, top=top)
 
     def _choose(self, x: np.ndarray, buf: _Buffers, raw_exp: np.ndarray | None, m: float) -> int:
         """Pick a token id from the (penalized, masked) logits x, whose max is m."""
+        ids, weights = self._weights(x, buf, raw_exp, m)
+        if ids is None:
+            return int(weights)  # greedy
+        assert isinstance(weights, np.ndarray)  # not greedy: weights over the candidate ids
+        pos = _draw(weights, self.rng.random())
+        return int(ids[pos]) if not isinstance(ids, slice) else pos
+
+    def _weights(
+        self, x: np.ndarray, buf: _Buffers, raw_exp: np.ndarray | None, m: float
+    ) -> tuple[np.ndarray | slice | None, np.ndarray | int]:
+        """The candidates sampling draws from: (ids, unnormalized weights), ids a slice(None) when they are all
+        of x in order; greedy: (None, the argmax id). One place for `sample` and `distribution`."""
         p = self.params
         if m == -math.inf:
             raise SamplingError(
@@ -162,7 +212,7 @@ class Sampler:
                 "mask only allows tokens the model rules out"
             )
         if p.greedy or p.top_k == 1:
-            return int(np.argmax(x))  # first maximum: the lowest id on ties
+            return None, int(np.argmax(x))  # first maximum: the lowest id on ties
 
         ids = None  # candidate ids after top-k; None means all (position == id)
         if 0 < p.top_k < x.shape[0]:
@@ -184,10 +234,9 @@ class Sampler:
             keep = _nucleus(e, p.top_p, p.min_p, buf.b)
         elif p.min_p > 0.0:
             keep = np.flatnonzero(np.greater_equal(e, np.float32(p.min_p), out=buf.b[: e.shape[0]]))
-        pos = _draw(e if keep is None else e[keep], self.rng.random())
-        if keep is not None:
-            pos = int(keep[pos])
-        return int(ids[pos]) if ids is not None else pos
+        if keep is None:
+            return (ids if ids is not None else slice(None)), e
+        return (ids[keep] if ids is not None else keep), e[keep]
 
 
 def apply_penalties(
@@ -260,6 +309,13 @@ def _scratch(n: int) -> _Buffers:
             cache.clear()
         cache[n] = _Buffers(n)
     return cache[n]
+
+
+def _raw_lse(raw: np.ndarray, raw_max: float, buf: _Buffers) -> float:
+    """log-sum-exp of the raw logits; leaves exp(raw - max) in buf.e."""
+    np.subtract(raw, np.float32(raw_max), out=buf.e)
+    np.exp(buf.e, out=buf.e)
+    return raw_max + math.log(float(buf.e.sum(dtype=np.float64)))
 
 
 def _top_ids(x: np.ndarray, k: int, buf: _Buffers | None = None) -> np.ndarray:

@@ -47,6 +47,9 @@ class Chunk:
     start: int
     logits_from: int | None  # prompt scoring: logits after every position >= this one, not only the last
     samples: bool  # the chunk ends the known tokens: a new token is sampled from its last logits
+    # speculative decoding: guessed tokens that end `tokens`; the step verifies them (logits after each of the last
+    # 1 + len(drafts) tokens) and `accept_drafts` keeps those accepted, the caller cuts the KV back to the rest
+    drafts: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -126,6 +129,15 @@ class Scheduler:
     def append_token(self, request_id: str, token: int) -> None:
         self.running[request_id].tokens.append(token)
 
+    def accept_drafts(self, request_id: str, tokens: list[int]) -> int:
+        """The first drafts of the request's last chunk were accepted: they become its tokens, already computed.
+        Returns the length its slot's KV must be cut back to (the rejected drafts after them go)."""
+        request = self.running[request_id]
+        request.tokens += tokens
+        request.computed += len(tokens)
+        self.slots[request.held_slot].tokens = request.tokens[: request.computed]
+        return request.computed
+
     def finish(self, request_id: str) -> list[int]:
         """Remove a waiting or running request; returns slots whose KV the caller must release."""
         request = self.running.pop(request_id, None)
@@ -154,15 +166,19 @@ class Scheduler:
         return bool(self.running or self.waiting)
 
     # -- one step -------------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, drafts: dict[str, list[int]] | None = None) -> SchedulerOutput:
+        """`drafts`: per decoding request, tokens guessed to follow its last one (speculative decoding); they are
+        fed after it and stay out of the request's tokens until `accept_drafts`."""
         out = SchedulerOutput()
         self._admit(out)
         decoding = [r for r in self.running.values() if r.computed >= r.prompt_len]
         prefilling = [r for r in self.running.values() if r.computed < r.prompt_len]
+        drafts = drafts or {}
         for r in decoding:
             pending = r.tokens[r.computed :]  # the token sampled last step
             if pending:
-                out.chunks.append(Chunk(r.request_id, r.held_slot, pending, r.computed, None, True))
+                guess = list(drafts.get(r.request_id, ()))
+                out.chunks.append(Chunk(r.request_id, r.held_slot, pending + guess, r.computed, None, True, guess))
         budget = self.config.prefill_chunk
         for r in prefilling:
             if budget <= 0:
@@ -174,7 +190,7 @@ class Scheduler:
             budget -= take
         for chunk in out.chunks:
             request = self.running[chunk.request_id]
-            request.computed += len(chunk.tokens)
+            request.computed += len(chunk.tokens) - len(chunk.drafts)
             slot = self.slots[chunk.slot]
             slot.tokens = request.tokens[: request.computed]
             slot.last_used = self._tick()

@@ -15,8 +15,9 @@
 extern "C" {
 #endif
 
-/* ABI 4: ryz_model_set_tensor takes the byte length of the tensor's data. ABI 3 added ryz_kv_dot / ryz_kv_axpy. */
-#define RYZ_ABI_VERSION 4
+/* ABI 5: additions only (RYZ_ISA_AMX, the 1.6-bit T1P layout's test entry points, per-part profiling).
+ * ABI 4: ryz_model_set_tensor takes the byte length of the tensor's data. ABI 3 added ryz_kv_dot / ryz_kv_axpy. */
+#define RYZ_ABI_VERSION 5
 
 #if defined(__GNUC__)
 #define RYZ_API __attribute__((visibility("default")))
@@ -41,7 +42,7 @@ enum {
 
 enum { RYZ_ACT_SILU = 0, RYZ_ACT_RELU2 = 1 };
 enum { RYZ_KV_F32 = 0, RYZ_KV_F16 = 1 };
-enum { RYZ_ISA_SCALAR = 0, RYZ_ISA_AVX2 = 1, RYZ_ISA_AVX512 = 2, RYZ_ISA_NEON = 3 };
+enum { RYZ_ISA_SCALAR = 0, RYZ_ISA_AVX2 = 1, RYZ_ISA_AVX512 = 2, RYZ_ISA_NEON = 3, RYZ_ISA_AMX = 4 };
 
 typedef struct {
     int32_t hidden, layers, heads, kv_heads, head_dim, ffn, vocab;
@@ -98,6 +99,15 @@ RYZ_API int64_t ryz_context_kv_bytes(const ryz_context *c);
 RYZ_API ryz_status ryz_forward(ryz_context *c, int32_t n_tokens, const int32_t *tokens, const int32_t *seq_ids,
                        const uint8_t *want_logits, float *logits);
 
+/* Per-part profile of ryz_forward (ABI 5), so a benchmark shows where a step's time goes: wall seconds spent
+ * in the ternary linears (activation quantization + GEMMs + rescale), the head (final norm + dense GEMM), attention
+ * (scores, softmax, values) and everything else (embedding, norms, RoPE, KV stores, activation functions, residuals),
+ * summed over the forward calls since profiling was turned on. Off by default; turning it on (or off) resets it. */
+enum { RYZ_PART_TERNARY = 0, RYZ_PART_HEAD = 1, RYZ_PART_ATTENTION = 2, RYZ_PART_OTHER = 3, RYZ_PART_COUNT = 4 };
+RYZ_API ryz_status ryz_context_set_profiling(ryz_context *c, int32_t on);
+/* seconds[RYZ_PART_COUNT]; *calls = forward calls profiled. */
+RYZ_API ryz_status ryz_context_profile(const ryz_context *c, double *seconds, int64_t *calls);
+
 /* Kernels, exposed for tests and the autotuner (they use the current ISA). */
 RYZ_API size_t ryz_ternary_packed_bytes(int64_t rows, int64_t cols);
 RYZ_API ryz_status ryz_ternary_pack(const void *src, int32_t type, int64_t rows, int64_t cols, uint8_t *dst);
@@ -107,6 +117,15 @@ RYZ_API ryz_status ryz_ternary_gemm(const uint8_t *packed, int64_t rows, int64_t
 /* The same with an explicit token tile (tokens sharing one unpacking of a weight block; 0 = default). */
 RYZ_API ryz_status ryz_ternary_gemm_tiled(const uint8_t *packed, int64_t rows, int64_t cols, const int8_t *act,
                                   int32_t n_tokens, int32_t token_tile, int32_t *out);
+/* ABI 5: the in-memory ternary layouts (docs/kernels.md): T2P (2 bits, from TQ2_0) and T1P (1.6 bits, from TQ1_0;
+ * a model's TQ1_0 tensors are repacked into it at finalize). layout_bytes is 0 for a bad layout or shape. Packing
+ * to T1P takes TQ1_0 only; dst_bytes and packed_bytes must be what the layout takes for rows x cols. */
+enum { RYZ_LAYOUT_T2P = 0, RYZ_LAYOUT_T1P = 1 };
+RYZ_API size_t ryz_ternary_layout_bytes(int32_t layout, int64_t rows, int64_t cols);
+RYZ_API ryz_status ryz_ternary_pack_layout(const void *src, int32_t type, int32_t layout, int64_t rows, int64_t cols,
+                                           uint8_t *dst, size_t dst_bytes);
+RYZ_API ryz_status ryz_ternary_gemm_layout(int32_t layout, const uint8_t *packed, size_t packed_bytes, int64_t rows, int64_t cols,
+                                           const int8_t *act, int32_t n_tokens, int32_t token_tile, int32_t *out);
 /* Per-token absmax int8 quantization: q = clamp(rint(x * 127 / max|x|)); scale[t] = 127 / max|x|. */
 RYZ_API ryz_status ryz_quantize_activations(const float *x, int32_t n_tokens, int64_t cols, int8_t *q, float *scale, int32_t *sums);
 /* out[t * rows + r] = dot(dequant(W[r]), x[t]) for a Q8_0, Q6_K, F16 or F32 head / embedding. */
@@ -116,6 +135,11 @@ RYZ_API ryz_status ryz_dense_gemm(const void *w, int32_t type, int64_t rows, int
  * sequential over p. The forward's own kernels, exposed so tests can hold each family to scalar bit for bit. */
 RYZ_API ryz_status ryz_kv_dot(const float *q, const void *keys, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *scores);
 RYZ_API ryz_status ryz_kv_axpy(const float *probs, const void *values, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *out);
+/* ABI 5 addition: the attention softmax over n scores in place (n >= 0), the forward's own kernels, for the tests.
+ * ryz_softmax_exp: scores[p] = (float)exp((double)(scores[p] - max_score)). ryz_softmax: scores[p] /= divisor, then
+ * exp(score - max) as above, then each divided by their sum in numpy's pairwise order. */
+RYZ_API ryz_status ryz_softmax_exp(float *scores, int32_t n, float max_score);
+RYZ_API ryz_status ryz_softmax(float *scores, int32_t n, float divisor);
 /* The k largest logits, largest first (ties: lower id first). */
 RYZ_API ryz_status ryz_top_k(const float *logits, int64_t n, int32_t k, int32_t *ids, float *values);
 /* Memory read bandwidth probe: streams `bytes` with SIMD loads on n_threads threads, `repeats` times. */

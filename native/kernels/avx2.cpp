@@ -147,6 +147,12 @@ void ternary_gemm_avx2(const uint8_t *packed, int64_t row_begin, int64_t row_end
         });
 }
 
+// T1P: expanded to T2P, then the kernel above (kernels.h t1p_gemm_expanding).
+void ternary_gemm_t1p_avx2(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
+                       const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
+    t1p_gemm_expanding(packed, row_begin, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride, ternary_gemm_avx2);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Dense GEMM (output head, embedding)
 // ---------------------------------------------------------------------------------------------
@@ -454,8 +460,120 @@ void kv_axpy_avx2(const float *probs, const void *values, int32_t kv_type, int64
     }
 }
 
+// numpy's pairwise sum of x[0 .. n) (kernels.h's pairwise_sum over an array): its eight partial sums
+// r[j] += x[8i + j] are one ymm, the same additions in the same order, so the same bits.
+float pairwise_sum_avx2(const float *x, int64_t n) {
+    if (n < 8) {
+        float res = 0.0f;
+        for (int64_t i = 0; i < n; ++i) res += x[i];
+        return res;
+    }
+    if (n <= 128) {
+        __m256 r = _mm256_loadu_ps(x);
+        int64_t i = 8;
+        for (; i < n - (n % 8); i += 8) r = _mm256_add_ps(r, _mm256_loadu_ps(x + i));
+        alignas(32) float l[8];
+        _mm256_store_ps(l, r);
+        float res = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+        for (; i < n; ++i) res += x[i];
+        return res;
+    }
+    int64_t n2 = n / 2;
+    n2 -= n2 % 8;
+    return pairwise_sum_avx2(x, n2) + pairwise_sum_avx2(x + n2, n - n2);
+}
+
+namespace {
+
+// exp for the softmax, bit for bit (float)std::exp((double)x) (docs/kernels.md "Softmax exp"). In double:
+// k = rint(x log2 e), r = x - k ln2 (Cody-Waite, two FMAs, |r| <= 0.347), exp(r) by its Taylor polynomial
+// of degree 12 (truncation < 2^-51 relative) in Horner form, times 2^k: y is within 2^-49 of exp(x),
+// relative. libm's double exp is within 1 ulp (2^-52), so both lie inside y (1 +- 2^-40): where
+// y (1 - 2^-40) and y (1 + 2^-40) round to the same float, every value between them does (rounding is
+// monotone), libm's result included, and that float is the answer. Otherwise (about 1 lane in 30000) and
+// for NaN the lane is recomputed with std::exp. x is clamped to [-120, 89] first: exp(-120) rounds to
+// float 0 and exp(89) to inf, as everything beyond does.
+constexpr double EXP_LOG2E = 0x1.71547652b82fep0, EXP_LN2_HI = 0x1.62e42fefa39efp-1, EXP_LN2_LO = 0x1.abc9e3b39803fp-56;
+constexpr double EXP_MARGIN_LO = 1.0 - 0x1p-40, EXP_MARGIN_HI = 1.0 + 0x1p-40;
+constexpr double EXP_COEF[13] = {1.0,        1.0,         1.0 / 2,      1.0 / 6,       1.0 / 24,       1.0 / 120,       1.0 / 720,
+                                 1.0 / 5040, 1.0 / 40320, 1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600};
+
+// 4 lanes: the float to return where *exact, else anything (the caller recomputes the lane).
+inline __m128 exp4(__m128 xf, int *exact) {
+    __m256d x = _mm256_cvtps_pd(xf);
+    x = _mm256_min_pd(_mm256_max_pd(x, _mm256_set1_pd(-120.0)), _mm256_set1_pd(89.0));  // NaN -> -120 (recomputed)
+    const __m256d k = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(EXP_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256d r = _mm256_fnmadd_pd(k, _mm256_set1_pd(EXP_LN2_HI), x);
+    r = _mm256_fnmadd_pd(k, _mm256_set1_pd(EXP_LN2_LO), r);
+    __m256d p = _mm256_set1_pd(EXP_COEF[12]);
+    for (int i = 11; i >= 0; --i) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(EXP_COEF[i]));
+    const __m256i e = _mm256_slli_epi64(_mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(k)), _mm256_set1_epi64x(1023)), 52);
+    const __m256d y = _mm256_mul_pd(p, _mm256_castsi256_pd(e));  // 2^k is a normal double: k in [-174, 129]
+    const __m128i lo = _mm_castps_si128(_mm256_cvtpd_ps(_mm256_mul_pd(y, _mm256_set1_pd(EXP_MARGIN_LO))));
+    const __m128i hi = _mm_castps_si128(_mm256_cvtpd_ps(_mm256_mul_pd(y, _mm256_set1_pd(EXP_MARGIN_HI))));
+    const __m128i ok = _mm_andnot_si128(_mm_castps_si128(_mm_cmpunord_ps(xf, xf)), _mm_cmpeq_epi32(lo, hi));
+    *exact = _mm_movemask_ps(_mm_castsi128_ps(ok));
+    return _mm_castsi128_ps(lo);
+}
+
+// scores[0 .. 8) = exp(scores - max), as softmax_exp_scalar.
+inline void exp8(float *scores, __m256 max_score) {
+    const __m256 x = _mm256_sub_ps(_mm256_loadu_ps(scores), max_score);
+    int ok_lo, ok_hi;
+    const __m128 a = exp4(_mm256_castps256_ps128(x), &ok_lo), b = exp4(_mm256_extractf128_ps(x, 1), &ok_hi);
+    _mm256_storeu_ps(scores, _mm256_set_m128(b, a));
+    if ((ok_lo | ok_hi << 4) != 0xFF) {
+        alignas(32) float xs[8];
+        _mm256_store_ps(xs, x);
+        for (int i = 0; i < 8; ++i)
+            if (!((ok_lo | ok_hi << 4) >> i & 1)) scores[i] = static_cast<float>(std::exp(static_cast<double>(xs[i])));
+    }
+}
+
+void softmax_exp_avx2(float *scores, int32_t n, float max_score) {
+    const __m256 m = _mm256_set1_ps(max_score);
+    int32_t p = 0;
+    for (; p + 8 <= n; p += 8) exp8(scores + p, m);
+    if (p < n) {  // the tail through a padded copy (its padding lanes are computed and dropped)
+        float tail[8] = {};
+        std::memcpy(tail, scores + p, sizeof(float) * size_t(n - p));
+        exp8(tail, m);
+        std::memcpy(scores + p, tail, sizeof(float) * size_t(n - p));
+    }
+}
+
+// softmax_scalar's loops: IEEE division and max are exact, so lanes change no bits. vmaxps(s, m) keeps m
+// when s is NaN, as std::max(m, s) does; the lanes' maxima are combined in another order, which can only
+// change the sign of a zero maximum, and s - (+0) and s - (-0) have the same exp.
+void softmax_avx2(float *scores, int32_t n, float divisor) {
+    const __m256 dv = _mm256_set1_ps(divisor);
+    __m256 mv = _mm256_set1_ps(-INFINITY);
+    int32_t p = 0;
+    for (; p + 8 <= n; p += 8) {
+        const __m256 s = _mm256_div_ps(_mm256_loadu_ps(scores + p), dv);
+        _mm256_storeu_ps(scores + p, s);
+        mv = _mm256_max_ps(s, mv);
+    }
+    alignas(32) float l[8];
+    _mm256_store_ps(l, mv);
+    float max_score = -INFINITY;
+    for (int i = 0; i < 8; ++i) max_score = std::max(max_score, l[i]);
+    for (; p < n; ++p) {
+        scores[p] = scores[p] / divisor;
+        max_score = std::max(max_score, scores[p]);
+    }
+    softmax_exp_avx2(scores, n, max_score);
+    const __m256 sum = _mm256_set1_ps(pairwise_sum_avx2(scores, n));
+    p = 0;
+    for (; p + 8 <= n; p += 8) _mm256_storeu_ps(scores + p, _mm256_div_ps(_mm256_loadu_ps(scores + p), sum));
+    for (; p < n; ++p) scores[p] = scores[p] / _mm256_cvtss_f32(sum);
+}
+
+}  // namespace
+
 const Kernels *kernels_avx2() {
-    static const Kernels k{RYZ_ISA_AVX2, ternary_gemm_avx2, dense_gemm_avx2, quantize_act_avx2, kv_dot_avx2, kv_axpy_avx2};
+    static const Kernels k{RYZ_ISA_AVX2, ternary_gemm_avx2, dense_gemm_avx2, quantize_act_avx2, kv_dot_avx2, kv_axpy_avx2,
+                           ternary_gemm_t1p_avx2, softmax_exp_avx2, softmax_avx2};
     return &k;
 }
 

@@ -41,6 +41,7 @@
 #include <type_traits>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "../include/ryz.h"
 #include "../src/blocks.h"
@@ -198,6 +199,133 @@ void ternary_gemm_avx512(const uint8_t *packed, int64_t row_begin, int64_t row_e
     ternary_gemm_tiles(packed, row_begin, row_end, cols, n_tokens, token_tile, MAX_TOKEN_TILE, DEFAULT_TOKEN_TILE, out, out_stride,
         [&](const uint8_t *w, int64_t r) { _mm_storeu_si128(reinterpret_cast<__m128i *>(out + r), _mm_sub_epi32(gemv_tile(w, blocks, act), _mm_set1_epi32(act_sums[0]))); },
         [&](int n, const uint8_t *w, int64_t t, int64_t r) { MICRO[n](w, blocks, cols, act + t * cols, act_sums + t, out + t * out_stride + r, out_stride); });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ternary GEMV / GEMM over T1P (1.6 bpw, blocks.h; scalar spec: ternary_gemm_t1p_scalar)
+// ---------------------------------------------------------------------------------------------
+
+// Decode over T1P without decoding digits. For a byte q let q_k = 3^k q mod 256 (q_{k+1} = q_k * 3,
+// two wrapping byte adds). Digit k is d_k = floor(3 q_k / 256), and 3 q_k = 256 d_k + q_{k+1} exactly,
+// so d_k * a = (3 q_k a - q_{k+1} a) / 256. vpdpbusd takes q_k and q_{k+1} as they are (unsigned bytes):
+// A_k += q_k . a_k and B_k += q_{k+1} . a_k, and at the end each 32-bit lane holds 3 A - B = 256 x its
+// exact sum of d * a (A and B of a byte land in the same lane), an exact arithmetic shift by 8 away.
+// Per 64-byte vector (320 weights): 10 vpaddb + 10 vpdpbusd + 1 load + 5 broadcast loads; the digit
+// compare route (2 vpcmpub into masks, a masked move and add per digit, then vpdpbusd) took ~35 vector
+// ops. Lanes 4r..4r+3 are row r (blocks.h), so one accumulator serves the whole tile.
+// Bound: a lane adds 20 products <= 255 * 128 per vector, so 3 A stays < 2^31 over 512 vectors (40960
+// columns); longer rows are folded every 512 vectors.
+constexpr int64_t T1P_FOLD_VECTORS = 512;
+
+inline __m512i bcast16(const int8_t *p) { return in_register(_mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)))); }
+inline __m512i times3(__m512i q) { return _mm512_add_epi8(_mm512_add_epi8(q, q), q); }
+// The intrinsic here: with the asm dpbusd GCC 12 added 6 register copies per vector to this loop; with the
+// intrinsic it has none (and does not fold the broadcasts, which vpdpbusd could not take as memory operands).
+inline __m512i dpbusd_i(__m512i acc, __m512i u8, __m512i s8) { return _mm512_dpbusd_epi32(acc, u8, s8); }
+
+inline __m128i gemv_t1p_tile(const uint8_t *w, int64_t nv, int64_t cols, const int8_t *act) {
+    __m512i total = _mm512_setzero_si512();
+    const int tail_groups = static_cast<int>((cols - (nv - 1) * T1P_VECTOR_COLS) / 16);  // digits of the last vector with columns
+    for (int64_t i0 = 0; i0 < nv; i0 += T1P_FOLD_VECTORS) {
+        const int64_t i1 = std::min(nv, i0 + T1P_FOLD_VECTORS);
+        __m512i A0 = _mm512_setzero_si512(), A1 = A0, A2 = A0, A3 = A0, A4 = A0, B0 = A0, B1 = A0, B2 = A0, B3 = A0, B4 = A0;
+        const int64_t full_end = i1 == nv ? nv - 1 : i1;
+        const uint8_t *p = w + i0 * T1P_VECTOR_BYTES;
+        const int8_t *a = act + i0 * T1P_VECTOR_COLS;
+        for (int64_t i = i0; i < full_end; ++i, p += T1P_VECTOR_BYTES, a += T1P_VECTOR_COLS) {
+            _mm_prefetch(reinterpret_cast<const char *>(p + GEMV_PREFETCH), _MM_HINT_T0);
+            const __m512i a0 = bcast16(a), a1 = bcast16(a + 16), a2 = bcast16(a + 32), a3 = bcast16(a + 48), a4 = bcast16(a + 64);
+            const __m512i q0 = in_register(_mm512_loadu_si512(p));
+            A0 = dpbusd_i(A0, q0, a0);
+            const __m512i q1 = times3(q0);
+            A1 = dpbusd_i(A1, q1, a1);
+            B0 = dpbusd_i(B0, q1, a0);
+            const __m512i q2 = times3(q1);
+            A2 = dpbusd_i(A2, q2, a2);
+            B1 = dpbusd_i(B1, q2, a1);
+            const __m512i q3 = times3(q2);
+            A3 = dpbusd_i(A3, q3, a3);
+            B2 = dpbusd_i(B2, q3, a2);
+            const __m512i q4 = times3(q3);
+            A4 = dpbusd_i(A4, q4, a4);
+            B3 = dpbusd_i(B3, q4, a3);
+            B4 = dpbusd_i(B4, times3(q4), a4);
+        }
+        if (i1 == nv) {  // the last vector: digits without columns are skipped (their activations would be past the row)
+            __m512i q = _mm512_loadu_si512(p);
+            __m512i *As[5] = {&A0, &A1, &A2, &A3, &A4}, *Bs[5] = {&B0, &B1, &B2, &B3, &B4};
+            for (int k = 0; k < tail_groups; ++k) {
+                const __m512i ak = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i *>(a + 16 * k)));
+                const __m512i next = times3(q);
+                *As[k] = dpbusd(*As[k], q, ak);
+                *Bs[k] = dpbusd(*Bs[k], next, ak);
+                q = next;
+            }
+        }
+        const __m512i A = _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(A0, A1), _mm512_add_epi32(A2, A3)), A4);
+        const __m512i B = _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(B0, B1), _mm512_add_epi32(B2, B3)), B4);
+        total = _mm512_add_epi32(total, _mm512_srai_epi32(_mm512_sub_epi32(_mm512_add_epi32(_mm512_add_epi32(A, A), A), B), 8));
+    }
+    // lanes 4r..4r+3 -> row r
+    const __m512i s1 = _mm512_add_epi32(total, _mm512_shuffle_epi32(total, _MM_PERM_BADC));
+    const __m512i s2 = _mm512_add_epi32(s1, _mm512_shuffle_epi32(s1, _MM_PERM_CDAB));  // every lane of a 128-bit lane: its sum
+    return _mm512_castsi512_si128(_mm512_maskz_compress_epi32(0x1111, s2));
+}
+
+// T1P rows [row_begin, row_end) -> T2P at dst (t1p_to_t2p_scalar's contract): digits by compares
+// ([q_k >= 86] + [q_k >= 171]) into per-row code bytes, then four code vectors per T2P block.
+void t1p_to_t2p_avx512(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, uint8_t *dst) {
+    const int64_t nv = t1p_vectors(cols), blocks = cols / QK_K, stride = nv * T1P_VECTOR_COLS;
+    thread_local std::vector<uint8_t> codes;
+    if (codes.size() < static_cast<size_t>(TILE_ROWS * stride)) codes.resize(static_cast<size_t>(TILE_ROWS * stride));
+    const __m512i one = _mm512_set1_epi8(1), lo = _mm512_set1_epi8(85), hi = _mm512_set1_epi8(static_cast<char>(170));
+    for (int64_t r0 = row_begin; r0 < row_end; r0 += TILE_ROWS) {
+        const uint8_t *p = packed + (r0 / TILE_ROWS) * nv * T1P_VECTOR_BYTES;
+        for (int64_t i = 0; i < nv; ++i) {
+            __m512i q = _mm512_loadu_si512(p + i * T1P_VECTOR_BYTES);
+            for (int k = 0; k < 5; ++k) {
+                const __m512i d1 = _mm512_maskz_mov_epi8(_mm512_cmpgt_epu8_mask(q, lo), one);
+                const __m512i d = _mm512_mask_add_epi8(d1, _mm512_cmpgt_epu8_mask(q, hi), d1, one);
+                uint8_t *c = codes.data() + i * T1P_VECTOR_COLS + 16 * k;
+                _mm_storeu_si128(reinterpret_cast<__m128i *>(c), _mm512_castsi512_si128(d));
+                _mm_storeu_si128(reinterpret_cast<__m128i *>(c + stride), _mm512_extracti32x4_epi32(d, 1));
+                _mm_storeu_si128(reinterpret_cast<__m128i *>(c + 2 * stride), _mm512_extracti32x4_epi32(d, 2));
+                _mm_storeu_si128(reinterpret_cast<__m128i *>(c + 3 * stride), _mm512_extracti32x4_epi32(d, 3));
+                q = times3(q);
+            }
+        }
+        uint8_t *o = dst + (r0 - row_begin) / TILE_ROWS * blocks * TILE_ROWS * T2P_BLOCK_BYTES;
+        for (int64_t b = 0; b < blocks; ++b)
+            for (int r = 0; r < TILE_ROWS; ++r, o += T2P_BLOCK_BYTES) {
+                const uint8_t *c = codes.data() + r * stride + b * QK_K;
+                // codes are <= 2, so 16-bit shifts by up to 6 move no bit across a byte
+                const __m512i c0 = _mm512_loadu_si512(c), c1 = _mm512_loadu_si512(c + 64), c2 = _mm512_loadu_si512(c + 128),
+                              c3 = _mm512_loadu_si512(c + 192);
+                _mm512_storeu_si512(o, _mm512_or_si512(_mm512_or_si512(c0, _mm512_slli_epi16(c1, 2)),
+                                                       _mm512_or_si512(_mm512_slli_epi16(c2, 4), _mm512_slli_epi16(c3, 6))));
+            }
+    }
+}
+
+// Decode: the GEMV above per row tile. Several tokens: expand 32-row groups to T2P once per block of
+// up to 512 KB of activations and run the T2P kernels on them (same integers; the expansion is shared
+// by the block's tokens).
+void ternary_gemm_t1p_avx512(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
+                             const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
+    if (row_end <= row_begin || n_tokens < 1) return;
+    if (n_tokens == 1) {
+        const int64_t nv = t1p_vectors(cols);
+        for (int64_t r = row_begin; r < row_end; r += TILE_ROWS)
+            _mm_storeu_si128(reinterpret_cast<__m128i *>(out + r),
+                             _mm_sub_epi32(gemv_t1p_tile(packed + (r / TILE_ROWS) * nv * T1P_VECTOR_BYTES, nv, cols, act), _mm_set1_epi32(act_sums[0])));
+        return;
+    }
+    constexpr int64_t group_rows = GEMM_ROW_GROUP_TILES * TILE_ROWS;
+    thread_local std::vector<uint8_t> scratch;
+    const size_t need = static_cast<size_t>(group_rows / TILE_ROWS * cols);
+    if (scratch.size() < need) scratch.resize(need);
+    t1p_gemm_via_t2p(packed, row_begin, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride, scratch.data(), group_rows,
+                     4 * GEMM_ACT_BLOCK_BYTES, t1p_to_t2p_avx512, ternary_gemm_avx512);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -543,10 +671,80 @@ void kv_axpy_avx512(const float *probs, const void *values, int32_t kv_type, int
     else kv_axpy_rows<true>(probs, values, stride, n_pos, d, out);
 }
 
+// The softmax (kernels.h; scalar.cpp the spec), as avx2.cpp's with 16 lanes and vscalefpd for the 2^k:
+// the same exp (see exp4 there for why it gives std::exp's bits), margins and fallback.
+constexpr double EXP_LOG2E = 0x1.71547652b82fep0, EXP_LN2_HI = 0x1.62e42fefa39efp-1, EXP_LN2_LO = 0x1.abc9e3b39803fp-56;
+constexpr double EXP_MARGIN_LO = 1.0 - 0x1p-40, EXP_MARGIN_HI = 1.0 + 0x1p-40;
+constexpr double EXP_COEF[13] = {1.0,        1.0,         1.0 / 2,      1.0 / 6,       1.0 / 24,       1.0 / 120,       1.0 / 720,
+                                 1.0 / 5040, 1.0 / 40320, 1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600};
+
+// 8 lanes: the float to return where bit i of *exact is set, else anything (the caller recomputes the lane).
+inline __m256 exp8_pd(__m256 xf, __mmask8 *exact) {
+    __m512d x = _mm512_cvtps_pd(xf);
+    x = _mm512_min_pd(_mm512_max_pd(x, _mm512_set1_pd(-120.0)), _mm512_set1_pd(89.0));  // NaN -> -120 (recomputed)
+    const __m512d k = _mm512_roundscale_pd(_mm512_mul_pd(x, _mm512_set1_pd(EXP_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512d r = _mm512_fnmadd_pd(k, _mm512_set1_pd(EXP_LN2_HI), x);
+    r = _mm512_fnmadd_pd(k, _mm512_set1_pd(EXP_LN2_LO), r);
+    __m512d p = _mm512_set1_pd(EXP_COEF[12]);
+    for (int i = 11; i >= 0; --i) p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(EXP_COEF[i]));
+    const __m512d y = _mm512_scalef_pd(p, k);  // exact: k in [-174, 129], a normal double
+    const __m256 lo = _mm512_cvtpd_ps(_mm512_mul_pd(y, _mm512_set1_pd(EXP_MARGIN_LO)));
+    const __m256 hi = _mm512_cvtpd_ps(_mm512_mul_pd(y, _mm512_set1_pd(EXP_MARGIN_HI)));
+    *exact = _mm256_cmpeq_epi32_mask(_mm256_castps_si256(lo), _mm256_castps_si256(hi)) & _mm256_cmp_ps_mask(xf, xf, _CMP_ORD_Q);
+    return lo;
+}
+
+// scores[p] = exp(scores[p] - max) for the lanes of `mask` (16 positions from scores).
+inline void exp16(float *scores, __m512 max_score, __mmask16 mask) {
+    const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores), max_score);
+    __mmask8 ok_lo, ok_hi;
+    const __m256 a = exp8_pd(_mm512_castps512_ps256(x), &ok_lo);
+    const __m256 b = exp8_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)), &ok_hi);
+    _mm512_mask_storeu_ps(scores, mask, _mm512_insertf32x8(_mm512_castps256_ps512(a), b, 1));
+    const unsigned redo = mask & ~(unsigned(ok_lo) | unsigned(ok_hi) << 8);
+    if (redo) {
+        alignas(64) float xs[16];
+        _mm512_store_ps(xs, x);
+        for (int i = 0; i < 16; ++i)
+            if (redo >> i & 1) scores[i] = static_cast<float>(std::exp(static_cast<double>(xs[i])));
+    }
+}
+
+inline __mmask16 tail_mask(int32_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+
+void softmax_exp_avx512(float *scores, int32_t n, float max_score) {
+    const __m512 m = _mm512_set1_ps(max_score);
+    for (int32_t p = 0; p < n; p += 16) exp16(scores + p, m, tail_mask(n - p));
+}
+
+// softmax_avx2's argument for the lanes: division and max are exact, and the order the lanes' maxima are
+// combined in can only change the sign of a zero maximum, which no exp sees.
+void softmax_avx512(float *scores, int32_t n, float divisor) {
+    const __m512 dv = _mm512_set1_ps(divisor);
+    __m512 mv = _mm512_set1_ps(-INFINITY);
+    for (int32_t p = 0; p < n; p += 16) {
+        const __mmask16 mask = tail_mask(n - p);
+        const __m512 s = _mm512_div_ps(_mm512_maskz_loadu_ps(mask, scores + p), dv);
+        _mm512_mask_storeu_ps(scores + p, mask, s);
+        mv = _mm512_mask_max_ps(mv, mask, s, mv);  // vmaxps(s, m): m where s is NaN
+    }
+    alignas(64) float l[16];
+    _mm512_store_ps(l, mv);
+    float max_score = -INFINITY;
+    for (int i = 0; i < 16; ++i) max_score = std::max(max_score, l[i]);
+    softmax_exp_avx512(scores, n, max_score);
+    const __m512 sum = _mm512_set1_ps(pairwise_sum_avx2(scores, n));
+    for (int32_t p = 0; p < n; p += 16) {
+        const __mmask16 mask = tail_mask(n - p);
+        _mm512_mask_storeu_ps(scores + p, mask, _mm512_div_ps(_mm512_maskz_loadu_ps(mask, scores + p), sum));
+    }
+}
+
 }  // namespace
 
 const Kernels *kernels_avx512() {
-    static const Kernels k{RYZ_ISA_AVX512, ternary_gemm_avx512, dense_gemm_avx512, quantize_act_avx512, kv_dot_avx512, kv_axpy_avx512};
+    static const Kernels k{RYZ_ISA_AVX512, ternary_gemm_avx512, dense_gemm_avx512, quantize_act_avx512, kv_dot_avx512, kv_axpy_avx512,
+                           ternary_gemm_t1p_avx512, softmax_exp_avx512, softmax_avx512};
     return &k;
 }
 

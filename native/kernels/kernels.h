@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "../src/blocks.h"
 
@@ -37,12 +38,28 @@ struct Kernels {
     // Entries left null fall back to the scalar ones (forward.cpp), so a family may omit them.
     void (*kv_dot)(const float *q, const void *keys, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *scores);
     void (*kv_axpy)(const float *probs, const void *values, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *out);
+
+    // ternary_gemm's contract over T1P-packed weights (blocks.h; TQ1_0 models): the same integers.
+    // Last in the table so families written before it leave it null: forward.cpp then runs scalar's.
+    void (*ternary_gemm_t1p)(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols,
+                             const int8_t *act, const int32_t *act_sums, int32_t n_tokens, int32_t token_tile,
+                             int32_t *out, int64_t out_stride);
+
+    // The attention softmax's per-position work, bit for bit the scalar loops (scalar.cpp is the spec):
+    //   softmax_exp: scores[p] = float(exp(double(scores[p] - max_score))) for p < n (exp in double and
+    //                rounded once, as the reference; SIMD families must give exactly these bits)
+    //   softmax:     scores[p] /= divisor; m = max over p (NaNs skipped, -inf if none); softmax_exp(m);
+    //                scores[p] /= pairwise_sum(scores) (numpy's order)
+    // Null entries fall back to scalar's (forward.cpp), as ternary_gemm_t1p does.
+    void (*softmax_exp)(float *scores, int32_t n, float max_score);
+    void (*softmax)(float *scores, int32_t n, float divisor);
 };
 
 const Kernels &kernels_scalar();
 const Kernels *kernels_avx2();    // nullptr when not compiled in
 const Kernels *kernels_avx512();  // nullptr when not compiled in
 const Kernels *kernels_neon();    // nullptr when not compiled in
+const Kernels *kernels_amx();     // nullptr when not compiled in (AVX-512's table, AMX-INT8 batched GEMM)
 
 // numpy's pairwise summation (the order np.sum uses over a contiguous axis), so float sums here
 // repeat the reference's bit for bit: below 8 terms a plain loop; up to 128 terms eight interleaved
@@ -119,9 +136,71 @@ void ternary_gemm_tiles(const uint8_t *packed, int64_t row_begin, int64_t row_en
     }
 }
 
+// T1P rows [row_begin, row_end) (whole tiles) -> T2P bytes of the same rows at dst (dst's tile 0 is
+// row_begin's tile). Scalar; SIMD families may use their own. Same codes+1, so the same GEMM integers.
+inline void t1p_to_t2p_scalar(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, uint8_t *dst) {
+    const int64_t nv = t1p_vectors(cols), blocks = cols / QK_K;
+    uint8_t codes[T1P_VECTOR_COLS * 2 + QK_K];
+    for (int64_t r = row_begin; r < row_end; ++r) {
+        const uint8_t *tile = packed + (r / TILE_ROWS) * nv * T1P_VECTOR_BYTES + (r % TILE_ROWS) * 16;
+        uint8_t *out = dst + ((r - row_begin) / TILE_ROWS * blocks * TILE_ROWS + r % TILE_ROWS) * T2P_BLOCK_BYTES;
+        int64_t have = 0, done = 0, i = 0;  // codes[0 .. have) are columns done .. done + have
+        for (int64_t b = 0; b < blocks; ++b) {
+            while (have < QK_K) {  // one vector adds 80 columns (fewer at the end: padding is dropped)
+                for (int k = 0; k < 5; ++k)
+                    for (int m = 0; m < 16; ++m) codes[have + 16 * k + m] = t1p_digit(tile[i * T1P_VECTOR_BYTES + m], k);
+                have += std::min<int64_t>(T1P_VECTOR_COLS, cols - done - have);
+                ++i;
+            }
+            uint8_t *o = out + b * TILE_ROWS * T2P_BLOCK_BYTES;
+            for (int j = 0; j < 64; ++j)
+                o[j] = static_cast<uint8_t>(codes[j] | codes[64 + j] << 2 | codes[128 + j] << 4 | codes[192 + j] << 6);
+            for (int64_t j = QK_K; j < have; ++j) codes[j - QK_K] = codes[j];
+            have -= QK_K;
+            done += QK_K;
+        }
+    }
+}
+
+// T1P GEMM through a family's T2P kernel (`t2p`, ternary_gemm's signature): per token block of about
+// `act_block_bytes` of activations, each group of `group_rows` rows is expanded into T2P in `scratch`
+// (group_rows / TILE_ROWS * cols bytes) by `expand` (t1p_to_t2p_scalar's signature), then multiplied.
+// The expansion is paid once per (token block, row group), so it is amortised over the block's tokens.
+template <typename Expand, typename T2pGemm>
+void t1p_gemm_via_t2p(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
+                      const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride,
+                      uint8_t *scratch, int64_t group_rows, int64_t act_block_bytes, Expand expand, T2pGemm t2p) {
+    if (row_end <= row_begin || n_tokens < 1) return;
+    const int64_t token_block = std::max<int64_t>(1, act_block_bytes / std::max<int64_t>(cols, 1));
+    for (int64_t t0 = 0; t0 < n_tokens; t0 += token_block) {
+        const int32_t n = static_cast<int32_t>(std::min<int64_t>(token_block, n_tokens - t0));
+        for (int64_t g = row_begin; g < row_end; g += group_rows) {
+            const int64_t g_end = std::min(row_end, g + group_rows);
+            expand(packed, g, g_end, cols, scratch);
+            t2p(scratch, 0, g_end - g, cols, act + t0 * cols, act_sums + t0, n, token_tile, out + t0 * out_stride + g, out_stride);
+        }
+    }
+}
+
+// The simple T1P GEMM of a family without its own (AVX2, NEON): scalar expansion of 32-row groups
+// into a per-thread buffer, then the family's T2P kernel. Correct, and fine for prefill (the expansion
+// is shared by a block's tokens), but decode pays a scalar unpack of every weight per token.
+template <typename T2pGemm>
+void t1p_gemm_expanding(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
+                        const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride, T2pGemm t2p) {
+    constexpr int64_t group_rows = GEMM_ROW_GROUP_TILES * TILE_ROWS;
+    thread_local std::vector<uint8_t> scratch;
+    const size_t need = static_cast<size_t>(group_rows / TILE_ROWS * cols);
+    if (scratch.size() < need) scratch.resize(need);
+    t1p_gemm_via_t2p(packed, row_begin, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride, scratch.data(), group_rows,
+                     4 * GEMM_ACT_BLOCK_BYTES, t1p_to_t2p_scalar, t2p);
+}
+
 // The AVX2 attention kernels, the AVX-512 family's fallback for head sizes its own do not cover.
 void kv_dot_avx2(const float *q, const void *keys, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *scores);
 void kv_axpy_avx2(const float *probs, const void *values, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *out);
+// numpy's pairwise sum of x[0 .. n) in ymm lanes (pairwise_sum's order exactly), for the softmax of AVX2 and AVX-512.
+float pairwise_sum_avx2(const float *x, int64_t n);
 
 // Shared scalar helpers (scalar.cpp), used by SIMD files for ragged tails and rare types.
 void dense_gemm_scalar(const void *w, int32_t type, int64_t row_begin, int64_t row_end, int64_t cols,

@@ -132,6 +132,12 @@ void ternary_gemm_neon(const uint8_t *packed, int64_t row_begin, int64_t row_end
         [&](int n, const uint8_t *w, int64_t t, int64_t r) { MICRO[n](w, blocks, cols, act + t * cols, act_sums + t, out + t * out_stride + r, out_stride); });
 }
 
+// T1P: expanded to T2P, then the kernel above (kernels.h t1p_gemm_expanding).
+void ternary_gemm_t1p_neon(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
+                       const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
+    t1p_gemm_expanding(packed, row_begin, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride, ternary_gemm_neon);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Dense GEMM (output head, embedding)
 // ---------------------------------------------------------------------------------------------
@@ -310,7 +316,8 @@ void quantize_act_neon(const float *x, int64_t cols, int8_t *q, float *scale, in
 
 const Kernels *kernels_neon() {
     // kv_dot / kv_axpy left null: forward.cpp falls back to the scalar ones.
-    static const Kernels k{RYZ_ISA_NEON, ternary_gemm_neon, dense_gemm_neon, quantize_act_neon, nullptr, nullptr};
+    static const Kernels k{RYZ_ISA_NEON, ternary_gemm_neon, dense_gemm_neon, quantize_act_neon, nullptr, nullptr,
+                           ternary_gemm_t1p_neon};
     return &k;
 }
 

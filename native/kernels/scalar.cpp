@@ -83,6 +83,28 @@ static void ternary_gemm_scalar(const uint8_t *packed, int64_t row_begin, int64_
     }
 }
 
+// T1P (blocks.h): packed[tile][i][64]; byte 16 * (r % 4) + m of vector i holds, as base-3 digit k,
+// code+1 of column 80 i + 16 k + m. Digits decoded one by one from the definition.
+static void ternary_gemm_t1p_scalar(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols,
+                                    const int8_t *act, const int32_t * /*act_sums*/, int32_t n_tokens, int32_t /*token_tile*/,
+                                    int32_t *out, int64_t out_stride) {
+    const int64_t nv = t1p_vectors(cols);
+    for (int64_t r = row_begin; r < row_end; ++r) {
+        const uint8_t *row = packed + (r / TILE_ROWS) * nv * T1P_VECTOR_BYTES + (r % TILE_ROWS) * 16;
+        for (int32_t t = 0; t < n_tokens; ++t) {
+            const int8_t *a = act + t * cols;
+            int32_t acc = 0;
+            for (int64_t i = 0; i < nv; ++i)
+                for (int k = 0; k < 5; ++k)
+                    for (int m = 0; m < 16; ++m) {
+                        const int64_t c = i * T1P_VECTOR_COLS + 16 * k + m;
+                        if (c < cols) acc += (t1p_digit(row[i * T1P_VECTOR_BYTES + m], k) - 1) * a[c];
+                    }
+            out[t * out_stride + r] = acc;
+        }
+    }
+}
+
 size_t row_bytes(int32_t type, int64_t cols) {
     switch (type) {
         case RYZ_TYPE_F32: return static_cast<size_t>(cols) * 4;
@@ -188,8 +210,26 @@ static void kv_axpy_scalar(const float *probs, const void *values, int32_t kv_ty
         for (int32_t i = 0; i < d; ++i) out[i] += probs[p] * kv_at(values, kv_type, p * stride + i);
 }
 
+// The attention softmax, exactly the loops the forward ran inline (and the reference's float order): exp in
+// double, rounded once to float; std::max(m, s) keeps m when s is NaN, so NaN scores never become the max.
+static void softmax_exp_scalar(float *scores, int32_t n, float max_score) {
+    for (int32_t p = 0; p < n; ++p) scores[p] = static_cast<float>(std::exp(static_cast<double>(scores[p] - max_score)));
+}
+
+static void softmax_scalar(float *scores, int32_t n, float divisor) {
+    float max_score = -INFINITY;
+    for (int32_t p = 0; p < n; ++p) {
+        scores[p] = scores[p] / divisor;
+        max_score = std::max(max_score, scores[p]);
+    }
+    softmax_exp_scalar(scores, n, max_score);
+    const float sum = pairwise_sum([scores](int64_t p) { return scores[p]; }, n);
+    for (int32_t p = 0; p < n; ++p) scores[p] = scores[p] / sum;
+}
+
 const Kernels &kernels_scalar() {
-    static const Kernels k{RYZ_ISA_SCALAR, ternary_gemm_scalar, dense_gemm_scalar, quantize_act_scalar, kv_dot_scalar, kv_axpy_scalar};
+    static const Kernels k{RYZ_ISA_SCALAR, ternary_gemm_scalar, dense_gemm_scalar, quantize_act_scalar, kv_dot_scalar, kv_axpy_scalar,
+                           ternary_gemm_t1p_scalar, softmax_exp_scalar, softmax_scalar};
     return k;
 }
 

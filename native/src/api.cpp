@@ -79,6 +79,27 @@ ryz_status ryz_ternary_gemm_tiled(const uint8_t *packed, int64_t rows, int64_t c
     return RYZ_OK;
 }
 
+static_assert(RYZ_LAYOUT_T2P == LAYOUT_T2P && RYZ_LAYOUT_T1P == LAYOUT_T1P, "ABI layout ids are blocks.h's");
+
+ryz_status ryz_ternary_gemm_layout(int32_t layout, const uint8_t *packed, size_t packed_bytes, int64_t rows, int64_t cols,
+                                   const int8_t *act, int32_t n_tokens, int32_t token_tile, int32_t *out) {
+    if (!packed || !act || !out || n_tokens < 1) return fail(RYZ_ERR_INVALID_ARGUMENT, "null argument or no tokens");
+    const size_t need = ryz_ternary_layout_bytes(layout, rows, cols);
+    if (need == 0) return fail(RYZ_ERR_INVALID_ARGUMENT, "unknown layout, or rows not a multiple of 4 or cols of 256");
+    if (packed_bytes != need)
+        return fail(RYZ_ERR_INVALID_ARGUMENT, "packed weights are " + std::to_string(packed_bytes) + " bytes, the layout takes " + std::to_string(need));
+    return guarded([&] {
+        std::vector<int32_t> sums(n_tokens);
+        for (int32_t t = 0; t < n_tokens; ++t) {
+            int32_t s = 0;
+            for (int64_t k = 0; k < cols; ++k) s += act[t * cols + k];
+            sums[t] = s;
+        }
+        ternary_kernel(layout)(packed, 0, rows, cols, act, sums.data(), n_tokens, token_tile, out, rows);
+        return RYZ_OK;
+    });
+}
+
 ryz_status ryz_quantize_activations(const float *x, int32_t n_tokens, int64_t cols, int8_t *q, float *scale, int32_t *sums) {
     if (!x || !q || !scale || !sums || n_tokens < 1 || cols < 1) return fail(RYZ_ERR_INVALID_ARGUMENT, "null argument or empty input");
     for (int32_t t = 0; t < n_tokens; ++t) kernels().quantize_act(x + t * cols, cols, q + t * cols, scale + t, sums + t);
@@ -113,6 +134,18 @@ ryz_status ryz_kv_dot(const float *q, const void *keys, int32_t kv_type, int64_t
 ryz_status ryz_kv_axpy(const float *probs, const void *values, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *out) {
     if (ryz_status st = check_kv_args(probs, values, out, kv_type, stride, n_pos, d)) return st;
     kv_axpy_kernel()(probs, values, kv_type, stride, n_pos, d, out);
+    return RYZ_OK;
+}
+
+ryz_status ryz_softmax_exp(float *scores, int32_t n, float max_score) {
+    if ((!scores && n > 0) || n < 0) return fail(RYZ_ERR_INVALID_ARGUMENT, "need n >= 0 and scores for n > 0");
+    softmax_exp_kernel()(scores, n, max_score);
+    return RYZ_OK;
+}
+
+ryz_status ryz_softmax(float *scores, int32_t n, float divisor) {
+    if ((!scores && n > 0) || n < 0) return fail(RYZ_ERR_INVALID_ARGUMENT, "need n >= 0 and scores for n > 0");
+    softmax_kernel()(scores, n, divisor);
     return RYZ_OK;
 }
 

@@ -10,6 +10,10 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #elif defined(__aarch64__) && defined(__linux__)
 #include <asm/hwcap.h>
 #include <sys/auxv.h>
@@ -22,8 +26,21 @@ namespace {
 struct CpuFeatures {
     bool avx2 = false, fma = false, f16c = false;
     bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false, avx512vnni = false;
+    bool amx_int8 = false;  // AMX-TILE + AMX-INT8, tile state enabled in XCR0, and Linux's permission granted
     bool neon_dotprod = false;
 };
+
+#if defined(__x86_64__) && defined(__linux__)
+// Linux hands out tile data (8 KB of state per thread) only on request, once per process; without it the
+// first tile instruction faults. A refusal (old kernel, seccomp, a sigaltstack too small for the state)
+// leaves AMX unsupported.
+bool request_amx_permission() {
+    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+#else
+bool request_amx_permission() { return false; }
+#endif
 
 CpuFeatures probe() {
     CpuFeatures f;
@@ -48,6 +65,8 @@ CpuFeatures probe() {
         f.avx512bw = os_avx512 && (b & (1u << 30));
         f.avx512vl = os_avx512 && (b & (1u << 31));
         f.avx512vnni = os_avx512 && (c & (1u << 11));
+        const bool os_amx = (xcr0 & 0x60000) == 0x60000;  // XTILECFG (17) and XTILEDATA (18)
+        f.amx_int8 = os_amx && (d & (1u << 24)) && (d & (1u << 25)) && request_amx_permission();
     }
 #elif defined(__aarch64__) && defined(__linux__)
     f.neon_dotprod = (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;  // run-time: only neon.cpp is built with +dotprod
@@ -69,12 +88,13 @@ const Kernels *table_for(int32_t isa) {
             return (f.avx512f && f.avx512bw && f.avx512vl && f.avx512dq && f.avx512vnni && f.avx2 && f.fma && f.f16c)
                        ? kernels_avx512() : nullptr;
         case RYZ_ISA_NEON: return f.neon_dotprod ? kernels_neon() : nullptr;
+        case RYZ_ISA_AMX: return f.amx_int8 && table_for(RYZ_ISA_AVX512) ? kernels_amx() : nullptr;  // AVX-512 underneath
         default: return nullptr;
     }
 }
 
 const Kernels *best() {
-    for (int32_t isa : {RYZ_ISA_AVX512, RYZ_ISA_AVX2, RYZ_ISA_NEON}) {
+    for (int32_t isa : {RYZ_ISA_AMX, RYZ_ISA_AVX512, RYZ_ISA_AVX2, RYZ_ISA_NEON}) {
         if (const Kernels *k = table_for(isa)) return k;
     }
     return &kernels_scalar();
@@ -93,6 +113,9 @@ const Kernels *kernels_avx512() { return nullptr; }
 #endif
 #if !defined(RYZ_HAVE_NEON)
 const Kernels *kernels_neon() { return nullptr; }
+#endif
+#if !defined(RYZ_HAVE_AMX)
+const Kernels *kernels_amx() { return nullptr; }
 #endif
 
 const Kernels &kernels() {
@@ -121,6 +144,7 @@ const char *ryz_isa_name(int32_t isa) {
         case RYZ_ISA_AVX2: return "avx2";
         case RYZ_ISA_AVX512: return "avx512";
         case RYZ_ISA_NEON: return "neon";
+        case RYZ_ISA_AMX: return "amx";
         default: return "unknown";
     }
 }

@@ -8,6 +8,7 @@
 // A BitLinear output is float(int32 sum) / activation_scale * weight_scale, as the reference computes it.
 // Every parallel region splits work statically by thread index, so results never depend on timing.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <new>
@@ -37,6 +38,10 @@ struct ryz_context {
     std::vector<float> x, xb, q, k, v, att, gate, up, act_scale, head_in;
     std::vector<int8_t> act;
     std::vector<int32_t> act_sum, acc, positions;
+    // ryz_context_set_profiling: per-part wall seconds (RYZ_PART_*) over the calls since it was turned on.
+    bool profiling = false;
+    double part_seconds[RYZ_PART_COUNT] = {};
+    int64_t profiled_calls = 0;
 };
 
 namespace ryz {
@@ -53,6 +58,19 @@ void rms_norm(const float *x, const float *w, int64_t n, float eps, float *out) 
     const float sum = pairwise_sum([x](int64_t i) { return x[i] * x[i]; }, n);
     const float denom = std::sqrt(sum / static_cast<float>(n) + eps);
     for (int64_t i = 0; i < n; ++i) out[i] = x[i] / denom * w[i];
+}
+
+// Runs fn, adding its wall time to `part` when the context is profiling. The forward's parallel regions
+// return only when every thread is done, so wall time on the calling thread is the part's time.
+template <typename Fn>
+void timed(ryz_context *c, int part, Fn fn) {
+    if (!c->profiling) {
+        fn();
+        return;
+    }
+    const auto start = std::chrono::steady_clock::now();
+    fn();
+    c->part_seconds[part] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
 // Quantize n tokens of `cols` activations (rows of `x`) into the context's int8 buffer.
@@ -88,7 +106,6 @@ constexpr int64_t LINEAR_CHUNK_ROWS = 128;
 constexpr int32_t CHUNKED_MAX_TOKENS = 4;
 
 void bit_linears(ryz_context *c, const LinearJob *jobs, int n_jobs, int32_t n) {
-    const Kernels &kern = kernels();
     const int64_t cols = jobs[0].w->cols;
     const int32_t tile = c->tuning.gemm_token_tile;
     int64_t first_row[4] = {0, 0, 0, 0};  // where each job's rows start among all jobs' rows (n_jobs <= 3)
@@ -96,7 +113,7 @@ void bit_linears(ryz_context *c, const LinearJob *jobs, int n_jobs, int32_t n) {
     auto run_rows = [&](int j, int64_t rb, int64_t re) {  // rows [rb, re) of job j, whole row tiles
         const TernaryLinear &w = *jobs[j].w;
         int32_t *acc = c->acc.data() + first_row[j] * n;  // [job rows][...]: disjoint per job
-        kern.ternary_gemm(w.packed.get(), rb, re, cols, c->act.data(), c->act_sum.data(), n, tile, acc, w.rows);
+        ternary_kernel(w.layout)(w.packed.get(), rb, re, cols, c->act.data(), c->act_sum.data(), n, tile, acc, w.rows);
         for (int32_t t = 0; t < n; ++t) {
             const float act_scale = c->act_scale[t];
             float *out = jobs[j].out + int64_t(t) * w.rows;
@@ -185,6 +202,7 @@ void attention(ryz_context *c, int layer, int32_t n, const int32_t *seq_ids) {
     const size_t eb = kv_elem_bytes(c->kv_type);
     const float sqrt_d = std::sqrt(static_cast<float>(d));
     const auto kv_dot = kv_dot_kernel(), kv_axpy = kv_axpy_kernel();
+    const auto softmax = softmax_kernel();
     // Each thread takes its share of every token's heads (contiguous heads: neighbours share a KV head),
     // not a contiguous range of tokens: a causal prefill's later tokens attend to more positions, and
     // splitting by tokens left the first of 2 threads a quarter of the work. An item's result does not
@@ -199,15 +217,7 @@ void attention(ryz_context *c, int layer, int32_t n, const int32_t *seq_ids) {
                 const KVSeq &s = c->seqs[seq_ids[t]];
                 const size_t layer_off = (size_t(layer) * c->max_positions * kv_dim + size_t(kvh) * d) * eb;
                 kv_dot(c->q.data() + int64_t(t) * q_dim + int64_t(h) * d, s.keys.get() + layer_off, c->kv_type, kv_dim, n_pos, d, scores.data());
-                float max_score = -INFINITY;
-                for (int32_t p = 0; p < n_pos; ++p) {
-                    scores[p] = scores[p] / sqrt_d;
-                    max_score = std::max(max_score, scores[p]);
-                }
-                for (int32_t p = 0; p < n_pos; ++p) scores[p] = exp_f32(scores[p] - max_score);
-                const float *e_scores = scores.data();
-                const float sum = pairwise_sum([e_scores](int64_t p) { return e_scores[p]; }, n_pos);
-                for (int32_t p = 0; p < n_pos; ++p) scores[p] = scores[p] / sum;
+                softmax(scores.data(), n_pos, sqrt_d);  // scores / sqrt_d, exp(- max) in double, / pairwise sum
                 kv_axpy(scores.data(), s.values.get() + layer_off, c->kv_type, kv_dim, n_pos, d, c->att.data() + int64_t(t) * q_dim + int64_t(h) * d);
             }
         }
@@ -323,6 +333,8 @@ int64_t ryz_context_kv_bytes(const ryz_context *c) {
 ryz_status ryz_forward(ryz_context *c, int32_t n, const int32_t *tokens, const int32_t *seq_ids, const uint8_t *want_logits,
                        float *logits) {
     if (!c || !tokens || !seq_ids || !logits || n < 1) return fail(RYZ_ERR_INVALID_ARGUMENT, "null argument or empty batch");
+    const auto forward_start = std::chrono::steady_clock::now();
+    const double ternary_before = c->part_seconds[RYZ_PART_TERNARY], attention_before = c->part_seconds[RYZ_PART_ATTENTION];
     const ryz_model *m = c->model;
     const ryz_hparams &hp = m->hp;
     grow_scratch(c, n);
@@ -350,9 +362,8 @@ ryz_status ryz_forward(ryz_context *c, int32_t n, const int32_t *tokens, const i
         const Layer &layer = m->layers[l];
         // Attention block.
         per_token(c, n, [&](int32_t t) { rms_norm(x + int64_t(t) * hp.hidden, layer.attn_norm, hp.hidden, hp.rms_eps, xb + int64_t(t) * hp.hidden); });
-        quantize_tokens(c, xb, n, hp.hidden);
         const LinearJob qkv[3] = {{&layer.linear[Q], c->q.data()}, {&layer.linear[K], c->k.data()}, {&layer.linear[V], c->v.data()}};
-        bit_linears(c, qkv, 3, n);
+        timed(c, RYZ_PART_TERNARY, [&] { quantize_tokens(c, xb, n, hp.hidden); bit_linears(c, qkv, 3, n); });
         per_token(c, n, [&](int32_t t) {
             float *qt = c->q.data() + int64_t(t) * q_dim, *kt = c->k.data() + int64_t(t) * kv_dim, *vt = c->v.data() + int64_t(t) * kv_dim;
             rope(c, qt, hp.heads, hp.head_dim, c->positions[t]);
@@ -364,14 +375,13 @@ ryz_status ryz_forward(ryz_context *c, int32_t n, const int32_t *tokens, const i
                 kv_store(s.values.get(), c->kv_type, int64_t(base) + i, vt[i]);
             }
         });
-        attention(c, l, n, seq_ids);
+        timed(c, RYZ_PART_ATTENTION, [&] { attention(c, l, n, seq_ids); });
         if (hp.sub_norms)
             per_token(c, n, [&](int32_t t) { rms_norm(c->att.data() + int64_t(t) * q_dim, layer.attn_sub_norm, q_dim, hp.rms_eps, xb + int64_t(t) * q_dim); });
         else
             std::memcpy(xb, c->att.data(), sizeof(float) * size_t(n) * q_dim);
-        quantize_tokens(c, xb, n, q_dim);
         const LinearJob o[1] = {{&layer.linear[O], c->gate.data()}};  // gate buffer as scratch
-        bit_linears(c, o, 1, n);
+        timed(c, RYZ_PART_TERNARY, [&] { quantize_tokens(c, xb, n, q_dim); bit_linears(c, o, 1, n); });
         per_token(c, n, [&](int32_t t) {
             float *xt = x + int64_t(t) * hp.hidden;
             const float *y = c->gate.data() + int64_t(t) * hp.hidden;
@@ -379,9 +389,8 @@ ryz_status ryz_forward(ryz_context *c, int32_t n, const int32_t *tokens, const i
             rms_norm(xt, layer.ffn_norm, hp.hidden, hp.rms_eps, xb + int64_t(t) * hp.hidden);
         });
         // Feed-forward block.
-        quantize_tokens(c, xb, n, hp.hidden);
         const LinearJob gate_up[2] = {{&layer.linear[GATE], c->gate.data()}, {&layer.linear[UP], c->up.data()}};
-        bit_linears(c, gate_up, 2, n);
+        timed(c, RYZ_PART_TERNARY, [&] { quantize_tokens(c, xb, n, hp.hidden); bit_linears(c, gate_up, 2, n); });
         per_token(c, n, [&](int32_t t) {
             float *g = c->gate.data() + int64_t(t) * hp.ffn;
             const float *u = c->up.data() + int64_t(t) * hp.ffn;
@@ -392,9 +401,8 @@ ryz_status ryz_forward(ryz_context *c, int32_t n, const int32_t *tokens, const i
             if (hp.sub_norms) rms_norm(g, layer.ffn_sub_norm, hp.ffn, hp.rms_eps, xb + int64_t(t) * hp.ffn);
             else std::memcpy(xb + int64_t(t) * hp.ffn, g, sizeof(float) * hp.ffn);
         });
-        quantize_tokens(c, xb, n, hp.ffn);
         const LinearJob down[1] = {{&layer.linear[DOWN], c->up.data()}};
-        bit_linears(c, down, 1, n);
+        timed(c, RYZ_PART_TERNARY, [&] { quantize_tokens(c, xb, n, hp.ffn); bit_linears(c, down, 1, n); });
         per_token(c, n, [&](int32_t t) {
             float *xt = x + int64_t(t) * hp.hidden;
             const float *y = c->up.data() + int64_t(t) * hp.hidden;
@@ -403,6 +411,7 @@ ryz_status ryz_forward(ryz_context *c, int32_t n, const int32_t *tokens, const i
     }
 
     // Head: only the tokens whose logits are wanted.
+    const auto head_start = std::chrono::steady_clock::now();
     int32_t n_out = 0;
     for (int32_t t = 0; t < n; ++t) {
         if (want_logits ? want_logits[t] != 0 : t == n - 1) {
@@ -420,6 +429,31 @@ ryz_status ryz_forward(ryz_context *c, int32_t n, const int32_t *tokens, const i
         });
     }
     for (int32_t t = 0; t < n; ++t) c->seqs[seq_ids[t]].length = c->positions[t] + 1;
+    if (c->profiling) {  // "other" is the rest of the call, so the parts add up to the forward's wall time
+        const auto end = std::chrono::steady_clock::now();
+        const double head = std::chrono::duration<double>(end - head_start).count();
+        const double total = std::chrono::duration<double>(end - forward_start).count();
+        const double parts = (c->part_seconds[RYZ_PART_TERNARY] - ternary_before) +
+                             (c->part_seconds[RYZ_PART_ATTENTION] - attention_before) + head;
+        c->part_seconds[RYZ_PART_HEAD] += head;
+        c->part_seconds[RYZ_PART_OTHER] += std::max(0.0, total - parts);
+        ++c->profiled_calls;
+    }
+    return RYZ_OK;
+}
+
+ryz_status ryz_context_set_profiling(ryz_context *c, int32_t on) {
+    if (!c) return fail(RYZ_ERR_INVALID_ARGUMENT, "null context");
+    c->profiling = on != 0;
+    std::fill(std::begin(c->part_seconds), std::end(c->part_seconds), 0.0);
+    c->profiled_calls = 0;
+    return RYZ_OK;
+}
+
+ryz_status ryz_context_profile(const ryz_context *c, double *seconds, int64_t *calls) {
+    if (!c || !seconds || !calls) return fail(RYZ_ERR_INVALID_ARGUMENT, "null argument");
+    std::copy(std::begin(c->part_seconds), std::end(c->part_seconds), seconds);
+    *calls = c->profiled_calls;
     return RYZ_OK;
 }
 

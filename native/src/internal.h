@@ -20,6 +20,13 @@ const Kernels &kernels();  // the table chosen by dispatch (or forced by ryz_set
 // The attention kernels the forward runs: the family's own, or scalar's where the family leaves them null.
 inline auto kv_dot_kernel() { return kernels().kv_dot ? kernels().kv_dot : kernels_scalar().kv_dot; }
 inline auto kv_axpy_kernel() { return kernels().kv_axpy ? kernels().kv_axpy : kernels_scalar().kv_axpy; }
+inline auto softmax_exp_kernel() { return kernels().softmax_exp ? kernels().softmax_exp : kernels_scalar().softmax_exp; }
+inline auto softmax_kernel() { return kernels().softmax ? kernels().softmax : kernels_scalar().softmax; }
+// The ternary GEMM for a weight layout (LAYOUT_*): T1P's falls back to scalar's where a family has none.
+inline auto ternary_kernel(int32_t layout) {
+    if (layout != LAYOUT_T1P) return kernels().ternary_gemm;
+    return kernels().ternary_gemm_t1p ? kernels().ternary_gemm_t1p : kernels_scalar().ternary_gemm_t1p;
+}
 ryz_status fail(ryz_status status, const std::string &message);  // records ryz_last_error
 
 // Runs an ABI entry's body so that no exception crosses the C ABI: a failed allocation (a size from a crafted
@@ -51,7 +58,8 @@ struct DenseTensor {
 };
 
 struct TernaryLinear {
-    AlignedBuffer packed;  // T2P layout
+    AlignedBuffer packed;  // `layout`: T2P (from TQ2_0) or T1P (from TQ1_0), blocks.h
+    int32_t layout = LAYOUT_T2P;
     int64_t rows = 0, cols = 0;
     float scale = 1.0f;    // real weight = code * scale
 };

@@ -1,6 +1,6 @@
 // Model: tensors registered by GGUF name with their byte length (checked against type and shape, so nothing
-// here reads past a caller's buffer), checked against the hyperparameters, ternary weights repacked from
-// TQ2_0 / TQ1_0 into the kernels' T2P layout (blocks.h); everything else read in place.
+// here reads past a caller's buffer), checked against the hyperparameters, ternary weights repacked into the
+// kernels' layouts (blocks.h: TQ2_0 into T2P, TQ1_0 into T1P); everything else read in place.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -100,6 +100,27 @@ ryz_status pack_rows(const uint8_t *src, int32_t type, int64_t row_begin, int64_
     return RYZ_OK;
 }
 
+// T1P (blocks.h) from TQ1_0: the same codes+1 as the T2P repack, five to a byte; padding columns 1.
+// An all-zero-scale block becomes codes 1 (weight 0), as in pack_rows.
+void pack_rows_t1p(const uint8_t *src, int64_t row_begin, int64_t row_end, int64_t cols, uint8_t *dst) {
+    const int64_t blocks = cols / QK_K, nv = t1p_vectors(cols);
+    std::vector<uint8_t> codes(static_cast<size_t>(nv * T1P_VECTOR_COLS));
+    for (int64_t r = row_begin; r < row_end; ++r) {
+        std::fill(codes.begin(), codes.end(), uint8_t(1));
+        for (int64_t b = 0; b < blocks; ++b) {
+            const block_tq1_0 &blk = reinterpret_cast<const block_tq1_0 *>(src)[r * blocks + b];
+            if ((blk.d & 0x7FFF) != 0) tq1_codes(blk, codes.data() + b * QK_K);
+        }
+        uint8_t *out = dst + (r / TILE_ROWS) * nv * T1P_VECTOR_BYTES + (r % TILE_ROWS) * 16;
+        for (int64_t i = 0; i < nv; ++i)
+            for (int m = 0; m < 16; ++m) {
+                const uint8_t *c = codes.data() + i * T1P_VECTOR_COLS + m;
+                const uint8_t d[5] = {c[0], c[16], c[32], c[48], c[64]};
+                out[i * T1P_VECTOR_BYTES + m] = t1p_encode(d);
+            }
+    }
+}
+
 ryz_status check_ternary_shape(int32_t type, int64_t rows, int64_t cols) {
     if (type != RYZ_TYPE_TQ2_0 && type != RYZ_TYPE_TQ1_0)
         return fail(RYZ_ERR_UNSUPPORTED, "ternary weights must be TQ2_0 or TQ1_0, got GGML type " + std::to_string(type));
@@ -110,14 +131,29 @@ ryz_status check_ternary_shape(int32_t type, int64_t rows, int64_t cols) {
     return RYZ_OK;
 }
 
-ryz_status pack_parallel(const void *src, int32_t type, int64_t rows, int64_t cols, uint8_t *dst, int n_threads) {
-    if (n_threads <= 1 || rows < 64) return pack_rows(static_cast<const uint8_t *>(src), type, 0, rows, cols, dst);
+// The layout a ternary source type is repacked into: TQ1_0 keeps its 1.6 bits (T1P), TQ2_0 becomes T2P.
+int32_t layout_for(int32_t type) { return type == RYZ_TYPE_TQ1_0 ? LAYOUT_T1P : LAYOUT_T2P; }
+
+size_t layout_bytes(int32_t layout, int64_t rows, int64_t cols) {
+    return layout == LAYOUT_T1P ? t1p_bytes(rows, cols) : t2p_bytes(rows, cols);
+}
+
+void pack_layout_rows(const uint8_t *src, int32_t type, int32_t layout, int64_t begin, int64_t end, int64_t cols, uint8_t *dst) {
+    if (layout == LAYOUT_T1P) pack_rows_t1p(src, begin, end, cols, dst);
+    else pack_rows(src, type, begin, end, cols, dst);
+}
+
+ryz_status pack_parallel(const void *src, int32_t type, int32_t layout, int64_t rows, int64_t cols, uint8_t *dst, int n_threads) {
+    if (n_threads <= 1 || rows < 64) {
+        pack_layout_rows(static_cast<const uint8_t *>(src), type, layout, 0, rows, cols, dst);
+        return RYZ_OK;
+    }
     std::vector<std::thread> threads;
     for (int i = 0; i < n_threads; ++i) {
         threads.emplace_back([=] {
             const int64_t per = (rows / TILE_ROWS + n_threads - 1) / n_threads * TILE_ROWS;
             const int64_t begin = i * per, end = std::min(rows, begin + per);
-            if (begin < end) pack_rows(static_cast<const uint8_t *>(src), type, begin, end, cols, dst);
+            if (begin < end) pack_layout_rows(static_cast<const uint8_t *>(src), type, layout, begin, end, cols, dst);
         });
     }
     for (auto &t : threads) t.join();
@@ -239,8 +275,9 @@ ryz_status finalize_model(ryz_model *m, int32_t n_threads) {
             lin.rows = w->rows;
             lin.cols = w->cols;
             lin.scale = block == 1.0f ? tensor_scale : tensor_scale * block;
-            if (!lin.packed.allocate(t2p_bytes(w->rows, w->cols))) return fail(RYZ_ERR_OUT_OF_MEMORY, "out of memory repacking " + name);
-            pack_parallel(w->data, w->type, w->rows, w->cols, lin.packed.get(), threads);
+            lin.layout = layout_for(w->type);
+            if (!lin.packed.allocate(layout_bytes(lin.layout, w->rows, w->cols))) return fail(RYZ_ERR_OUT_OF_MEMORY, "out of memory repacking " + name);
+            pack_parallel(w->data, w->type, lin.layout, w->rows, w->cols, lin.packed.get(), threads);
             m->repacked_bytes += static_cast<int64_t>(lin.packed.size);
         }
     }
@@ -305,6 +342,27 @@ ryz_status ryz_ternary_pack(const void *src, int32_t type, int64_t rows, int64_t
     if (!src || !dst) return fail(RYZ_ERR_INVALID_ARGUMENT, "null argument");
     if (ryz_status st = check_ternary_shape(type, rows, cols)) return st;
     return pack_rows(static_cast<const uint8_t *>(src), type, 0, rows, cols, dst);
+}
+
+size_t ryz_ternary_layout_bytes(int32_t layout, int64_t rows, int64_t cols) {
+    if ((layout != RYZ_LAYOUT_T2P && layout != RYZ_LAYOUT_T1P) || rows <= 0 || rows % TILE_ROWS || cols <= 0 || cols % QK_K) return 0;
+    return layout_bytes(layout, rows, cols);
+}
+
+ryz_status ryz_ternary_pack_layout(const void *src, int32_t type, int32_t layout, int64_t rows, int64_t cols, uint8_t *dst,
+                                   size_t dst_bytes) {
+    if (!src || !dst) return fail(RYZ_ERR_INVALID_ARGUMENT, "null argument");
+    if (ryz_status st = check_ternary_shape(type, rows, cols)) return st;
+    if (layout != RYZ_LAYOUT_T2P && layout != RYZ_LAYOUT_T1P) return fail(RYZ_ERR_INVALID_ARGUMENT, "unknown layout " + std::to_string(layout));
+    // TQ2_0's spare code 3 has no base-3 digit, so only TQ1_0 packs to T1P (as at load).
+    if (layout == RYZ_LAYOUT_T1P && type != RYZ_TYPE_TQ1_0) return fail(RYZ_ERR_UNSUPPORTED, "only TQ1_0 packs to the T1P layout");
+    if (dst_bytes != layout_bytes(layout, rows, cols))
+        return fail(RYZ_ERR_INVALID_ARGUMENT, "destination is " + std::to_string(dst_bytes) + " bytes, the layout takes " +
+                                                  std::to_string(layout_bytes(layout, rows, cols)));
+    return guarded([&] {
+        pack_layout_rows(static_cast<const uint8_t *>(src), type, layout, 0, rows, cols, dst);
+        return RYZ_OK;
+    });
 }
 
 }  // extern "C"

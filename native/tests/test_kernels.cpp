@@ -14,9 +14,18 @@
 //                      assignment and reduction tree, so logits do not depend on the machine)
 //   ternary pack       TQ2_0 and TQ1_0 blocks built here from random codes repack to the T2P bytes
 //                      built here from the same codes; then GEMM on the repacked weights
+//   t1p                the 1.6-bit layout of TQ1_0 models: scalar spec vs a naive product from the codes
+//                      (canonical, arbitrary and all-255 bytes), every family and token tile bit-exact vs
+//                      scalar (cols 256..2816, 6912, 43008; rows 4/12/36/20/260/68; 1..70 tokens; odd
+//                      addresses), TQ1_0 repack to T1P bytes built here, and T1P GEMM == T2P GEMM of the
+//                      same file; byte lengths, layouts and types the entry points refuse
 //   attention          kv_dot / kv_axpy bit-exact vs scalar (they follow the reference's float order):
 //                      F32 and F16 caches, head sizes on and off every family's fast path, 0..130
 //                      positions, strides of several heads, buffers off 64-byte alignment
+//   softmax            softmax_exp bit-exact vs (float)std::exp((double)x): every 97th float and whole
+//                      delicate regions here, every one of the 2^32 floats with --exhaustive-exp (make
+//                      exhaustive-exp); the whole softmax (divide, max, exp, pairwise sum, divide) bit-exact
+//                      vs scalar for 0..4100 scores with NaN, infinities, signed zeros and ties
 #include <dlfcn.h>
 
 #include <chrono>
@@ -30,6 +39,7 @@
 #include <vector>
 
 #include "ryz.h"
+#include "../kernels/amx_layout.h"  // the AMX kernel's tile operands, emulated below on any host
 
 namespace {
 
@@ -79,8 +89,8 @@ struct Buffer {
 };
 
 const char *isa_name(int32_t isa) {
-    static const char *names[] = {"scalar", "avx2", "avx512", "neon"};
-    return isa >= 0 && isa < 4 ? names[isa] : "?";
+    static const char *names[] = {"scalar", "avx2", "avx512", "neon", "amx"};
+    return isa >= 0 && isa < 5 ? names[isa] : "?";
 }
 
 // Optional ABI entry with an explicit token tile; the sweep over tiles runs when the library has it.
@@ -250,6 +260,72 @@ void test_ternary() {
     ternary_case(rng, 68, 2560, 70, some_tiles, false, false);
     ternary_case(rng, 12, 1024, 11, all_tiles, true, true);
     ternary_case(rng, 8, 8192, 3, some_tiles, true, false);
+    // The AMX kernel's own edges (every family runs them): an odd number of 16-row tiles plus a 4-row
+    // tail, token tiles odd and partial, K chunks with a remainder (2816 = 44 steps of 64), token blocks
+    // that split (6912 columns: 96 tokens per block; 2560: 288) and prefill-sized calls.
+    ternary_case(rng, 84, 2816, 40, some_tiles, false, false);
+    ternary_case(rng, 48, 768, 16, {0}, true, false);
+    ternary_case(rng, 260, 6912, 128, {0}, false, false);
+    ternary_case(rng, 36, 2560, 515, {0}, true, false);
+}
+
+// The AMX kernel's tile operands (kernels/amx_layout.h: A = weight rows unpacked to code+1, B =
+// activations in the VNNI layout) multiplied as TDPBUSD defines (C[i][n] += sum A[i][4kk+m] *
+// B[kk][4n+m], u8 x s8 into int32), minus the activation sums, against the scalar kernel. Runs on every
+// host, so the layout is checked where there are no tiles; the A tiles are built in two K chunks, as the
+// kernel builds them.
+void amx_layout_case(Rng &rng, int64_t rows, int64_t cols, int32_t n_tokens, bool allow3) {
+    namespace amx = ryz::amx;
+    const std::vector<uint8_t> codes = random_codes(rng, rows, cols, allow3);
+    const std::vector<uint8_t> t2p = make_t2p(codes, rows, cols);
+    std::vector<int8_t> act(static_cast<size_t>(n_tokens * cols));
+    random_acts(rng, act.data(), n_tokens, cols);
+    std::vector<int32_t> ref(static_cast<size_t>(rows * n_tokens));
+    ryz_set_isa(RYZ_ISA_SCALAR);
+    check(ryz_ternary_gemm(t2p.data(), rows, cols, act.data(), n_tokens, ref.data()) == RYZ_OK, "amx layout: scalar failed");
+    const int64_t steps = cols / amx::TILE_K, blocks = cols / QK, split = steps / 3;
+    std::vector<uint8_t> a(static_cast<size_t>(steps * amx::TILE_BYTES));
+    std::vector<int8_t> b(static_cast<size_t>(steps * amx::TILE_BYTES));
+    std::vector<int32_t> got(ref.size(), 0x7EADBEEF);
+    for (int32_t t0 = 0; t0 < n_tokens; t0 += 16) {
+        const int nv = std::min(16, n_tokens - t0);
+        amx::pack_acts(act.data() + t0 * cols, cols, nv, b.data(), amx::TILE_BYTES);
+        for (int64_t r = 0; r + 16 <= rows; r += 16) {
+            amx::unpack_weights(t2p.data(), blocks, r, 0, split, a.data());
+            amx::unpack_weights(t2p.data(), blocks, r, split, steps, a.data() + split * amx::TILE_BYTES);
+            int32_t c[16][16] = {};
+            for (int64_t s = 0; s < steps; ++s)
+                for (int i = 0; i < 16; ++i)
+                    for (int n = 0; n < 16; ++n)
+                        for (int kk = 0; kk < 16; ++kk)
+                            for (int m = 0; m < 4; ++m)
+                                c[i][n] += static_cast<int32_t>(a[s * amx::TILE_BYTES + i * 64 + 4 * kk + m]) *
+                                           static_cast<int32_t>(b[s * amx::TILE_BYTES + kk * 64 + 4 * n + m]);
+            for (int n = 0; n < 16; ++n) {
+                if (n >= nv) {  // padding tokens: zero activations
+                    for (int i = 0; i < 16; ++i) check(c[i][n] == 0, "amx layout: padding token %d row %d = %d", n, i, c[i][n]);
+                    continue;
+                }
+                int32_t sum = 0;
+                for (int64_t k = 0; k < cols; ++k) sum += act[(t0 + n) * cols + k];
+                for (int i = 0; i < 16; ++i) got[(t0 + n) * rows + r + i] = c[i][n] - sum;
+            }
+        }
+    }
+    size_t bad = ref.size();
+    for (int32_t t = 0; t < n_tokens && bad == ref.size(); ++t)
+        for (int64_t r = 0; r < rows / 16 * 16; ++r)
+            if (got[t * rows + r] != ref[t * rows + r]) { bad = static_cast<size_t>(t * rows + r); break; }
+    check(bad == ref.size(), "amx layout emulation %lldx%lld n=%d%s: out[%zu] = %d, scalar %d", (long long)rows, (long long)cols,
+          n_tokens, allow3 ? " (code 3)" : "", bad, bad < ref.size() ? got[bad] : 0, bad < ref.size() ? ref[bad] : 0);
+}
+
+void test_amx_layout() {
+    Rng rng(7);
+    amx_layout_case(rng, 16, 256, 1, false);
+    amx_layout_case(rng, 48, 768, 37, false);
+    amx_layout_case(rng, 36, 2816, 16, true);  // 2 row tiles (+ 4 rows the kernel hands to AVX-512)
+    amx_layout_case(rng, 32, 512, 70, true);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -658,15 +734,293 @@ void test_attention() {
     check(ryz_kv_axpy(nullptr, q, RYZ_KV_F32, 8, 1, 8, out) != RYZ_OK, "kv_axpy accepted a null argument");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Softmax: its exp bit for bit (float)std::exp((double)x) over every float (--exhaustive-exp) or a
+// strided subset plus the boundary regions; the whole softmax bit for bit vs scalar
+// ---------------------------------------------------------------------------------------------
+
+float float_of(uint32_t bits) {
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+uint32_t bits_of(float f) {
+    uint32_t b;
+    std::memcpy(&b, &f, 4);
+    return b;
+}
+
+// Every SIMD family's ryz_softmax_exp (max_score 0, so x - max = x exactly) against the spec, over the float bit
+// patterns first, first + stride, ... < last; returns the floats compared, adds mismatches (reporting the first few).
+uint64_t exp_sweep(uint64_t first, uint64_t last, uint64_t stride, uint64_t *mismatches) {
+    constexpr size_t CHUNK = 1 << 16;
+    std::vector<float> x(CHUNK), ref(CHUNK), out(CHUNK);
+    uint64_t compared = 0;
+    for (uint64_t b = first; b < last;) {
+        size_t n = 0;
+        for (; n < CHUNK && b < last; ++n, b += stride) x[n] = float_of(static_cast<uint32_t>(b));
+        for (size_t i = 0; i < n; ++i) ref[i] = static_cast<float>(std::exp(static_cast<double>(x[i])));  // scalar.cpp's line
+        for (int32_t isa : g_simd_isas) {
+            ryz_set_isa(isa);
+            std::memcpy(out.data(), x.data(), n * 4);
+            if (ryz_softmax_exp(out.data(), static_cast<int32_t>(n), 0.0f) != RYZ_OK) {
+                check(false, "softmax_exp %s: %s", isa_name(isa), ryz_last_error());
+                return compared;
+            }
+            for (size_t i = 0; i < n; ++i)
+                if (bits_of(out[i]) != bits_of(ref[i]) && ++*mismatches <= 20)
+                    std::printf("MISMATCH softmax_exp %s: x = %a (0x%08x): %a (0x%08x), std::exp %a (0x%08x)\n", isa_name(isa), x[i], bits_of(x[i]),
+                                out[i], bits_of(out[i]), ref[i], bits_of(ref[i]));
+        }
+        compared += n;
+    }
+    return compared;
+}
+
+// Every float (2^32 bit patterns: the softmax's x = s - max <= 0 is the negative half, the rest for good measure).
+void exhaustive_exp() {
+    const auto t0 = std::chrono::steady_clock::now();
+    uint64_t mismatches = 0;
+    const uint64_t compared = exp_sweep(0, uint64_t(1) << 32, 1, &mismatches);
+    std::printf("exhaustive softmax_exp: %llu floats x %zu families compared in %.1f s, %llu mismatches\n", (unsigned long long)compared,
+                g_simd_isas.size(), std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), (unsigned long long)mismatches);
+    check(mismatches == 0 && compared == uint64_t(1) << 32, "exhaustive softmax_exp: %llu mismatches", (unsigned long long)mismatches);
+}
+
+void test_softmax() {
+    // The scalar kernel is the spec's line.
+    ryz_set_isa(RYZ_ISA_SCALAR);
+    float probe[4] = {-1.0f, 0.0f, -88.0f, -104.0f};
+    check(ryz_softmax_exp(probe, 4, 0.0f) == RYZ_OK && bits_of(probe[0]) == bits_of(static_cast<float>(std::exp(-1.0))) && probe[1] == 1.0f &&
+              bits_of(probe[2]) == bits_of(static_cast<float>(std::exp(-88.0))) && probe[3] == static_cast<float>(std::exp(-104.0)),
+          "softmax_exp scalar is not (float)std::exp((double)x)");
+    // Every 97th float over all 2^32, then whole regions where rounding is delicate: the results near 1 (x around
+    // -2^-25, where exp crosses the midpoint below 1.0f), the subnormal and vanishing results (x in [-104.5, -87]),
+    // near overflow (x in [88, 89]), and the specials (+-0, +-inf, NaNs with payloads).
+    uint64_t mismatches = 0, compared = exp_sweep(0, uint64_t(1) << 32, 97, &mismatches);
+    const struct { float a, b; } regions[] = {{-0x1p-24f, -0x1p-26f}, {0x1p-26f, 0x1p-24f}, {-104.5f, -87.0f}, {88.0f, 89.0f}, {-1e-3f, -0.99e-3f}};
+    for (const auto &r : regions) {
+        const uint32_t ba = bits_of(r.a), bb = bits_of(r.b);
+        compared += exp_sweep(std::min(ba, bb), uint64_t(std::max(ba, bb)) + 1, 1, &mismatches);
+    }
+    for (uint32_t b : {0x00000000u, 0x80000000u, 0x7F800000u, 0xFF800000u, 0x7FC00000u, 0xFFC00000u, 0x7F800001u, 0xFFBFFFFFu, 0x7FC12345u})
+        compared += exp_sweep(b, uint64_t(b) + 1, 1, &mismatches);
+    std::printf("softmax_exp: %llu floats compared per family, %llu mismatches (all 2^32: --exhaustive-exp)\n", (unsigned long long)compared,
+                (unsigned long long)mismatches);
+    check(mismatches == 0, "softmax_exp: %llu mismatches", (unsigned long long)mismatches);
+
+    // A non-zero max, ragged lengths and odd addresses: x = s - max as the kernel computes it.
+    Rng rng(11);
+    for (int32_t n : {0, 1, 5, 8, 15, 16, 17, 31, 33, 100, 127, 128, 129, 130, 255, 256, 257, 511, 512, 513, 1000, 2049, 4100}) {
+        for (int trial = 0; trial < 4; ++trial) {
+            std::vector<float> s(static_cast<size_t>(n) + 2);
+            const float spread = trial == 0 ? 1.0f : trial == 1 ? 30.0f : trial == 2 ? 300.0f : 1e-6f;
+            for (int32_t p = 0; p < n; ++p) s[p + 1] = spread * rng.symmetric();
+            if (trial == 3 && n > 6) {  // the specials a score can be (a NaN from an inf key, an inf, zeros of either sign)
+                s[1] = -0.0f;
+                s[3] = 0.0f;
+                s[4] = -INFINITY;
+                s[5] = std::numeric_limits<float>::quiet_NaN();
+                s[6] = INFINITY;
+            }
+            if (trial == 2 && n > 3) s[2] = s[3];  // a tied maximum somewhere
+            const float divisor = trial == 0 ? std::sqrt(128.0f) : trial == 1 ? 8.0f : 1.0f;
+            const float max_score = n > 0 ? s[1 + n / 2] : 0.0f;
+            std::vector<float> ref_e(s), ref_s(s);
+            ryz_set_isa(RYZ_ISA_SCALAR);
+            ryz_softmax_exp(ref_e.data() + 1, n, max_score);
+            ryz_softmax(ref_s.data() + 1, n, divisor);
+            for (int32_t isa : g_simd_isas) {
+                ryz_set_isa(isa);
+                std::vector<float> e(s), sm(s);
+                const ryz_status a = ryz_softmax_exp(e.data() + 1, n, max_score), b = ryz_softmax(sm.data() + 1, n, divisor);
+                size_t i = 0;
+                while (i < e.size() && bits_of(e[i]) == bits_of(ref_e[i])) ++i;
+                check(a == RYZ_OK && i == e.size(), "softmax_exp %s n=%d trial %d: [%zu] = %a, scalar %a", isa_name(isa), n, trial, i,
+                      i < e.size() ? e[i] : 0.0, i < e.size() ? ref_e[i] : 0.0);
+                // A sum over two NaNs (an inf - inf next to a NaN score) is the NaN of whichever operand the compiler put
+                // first, in the scalar spec as in SIMD (addition commutes for it), so there NaN only has to meet NaN.
+                i = 0;
+                while (i < sm.size() && (bits_of(sm[i]) == bits_of(ref_s[i]) || (std::isnan(sm[i]) && std::isnan(ref_s[i])))) ++i;
+                check(b == RYZ_OK && i == sm.size(), "softmax %s n=%d trial %d: [%zu] = %a, scalar %a", isa_name(isa), n, trial, i,
+                      i < sm.size() ? sm[i] : 0.0, i < sm.size() ? ref_s[i] : 0.0);
+            }
+        }
+    }
+    // All scores -inf or NaN: the max stays -inf and every exp is NaN, in every family.
+    for (float special : {-INFINITY, std::numeric_limits<float>::quiet_NaN()}) {
+        std::vector<float> ref(37, special);
+        ryz_set_isa(RYZ_ISA_SCALAR);
+        ryz_softmax(ref.data(), 37, 8.0f);
+        for (int32_t isa : g_simd_isas) {
+            ryz_set_isa(isa);
+            std::vector<float> sm(37, special);
+            ryz_softmax(sm.data(), 37, 8.0f);
+            bool same = true;
+            for (size_t i = 0; i < sm.size(); ++i) same = same && std::isnan(sm[i]) && std::isnan(ref[i]);
+            check(same, "softmax %s of all %g: not all NaN as scalar's", isa_name(isa), special);
+        }
+    }
+    check(ryz_softmax(nullptr, 3, 1.0f) != RYZ_OK && ryz_softmax_exp(probe, -1, 0.0f) != RYZ_OK, "softmax accepted a null or negative n");
+    check(ryz_softmax(nullptr, 0, 1.0f) == RYZ_OK, "softmax refused n = 0");
+}
+
+// ---------------------------------------------------------------------------------------------
+// T1P, the 1.6-bit layout of TQ1_0 models: scalar spec vs naive, every family vs scalar, repack
+// ---------------------------------------------------------------------------------------------
+
+// T1P (src/blocks.h), built here from codes: byte 16 (r % 4) + m of vector i of tile r / 4 holds the
+// codes+1 of columns 80 i + 16 k + m as base-3 digits (k = 0 the most significant), stored as
+// ceil(v * 256 / 243); columns past the row hold 1.
+std::vector<uint8_t> make_t1p(const std::vector<uint8_t> &codes, int64_t rows, int64_t cols) {
+    const int64_t nv = (cols + 79) / 80;
+    std::vector<uint8_t> out(static_cast<size_t>(rows / TILE * nv * 64));
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t i = 0; i < nv; ++i)
+            for (int m = 0; m < 16; ++m) {
+                int v = 0;
+                for (int k = 0; k < 5; ++k) {
+                    const int64_t c = 80 * i + 16 * k + m;
+                    v = 3 * v + (c < cols ? codes[static_cast<size_t>(r * cols + c)] : 1);
+                }
+                out[static_cast<size_t>((r / TILE * nv + i) * 64 + (r % TILE) * 16 + m)] = static_cast<uint8_t>((v * 256 + 242) / 243);
+            }
+    return out;
+}
+
+// The codes+1 any T1P bytes stand for (digit k of q: floor(3 * (3^k q mod 256) / 256)), for the naive product.
+std::vector<uint8_t> t1p_codes(const uint8_t *packed, int64_t rows, int64_t cols) {
+    const int64_t nv = (cols + 79) / 80;
+    std::vector<uint8_t> codes(static_cast<size_t>(rows * cols));
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) {
+            const int64_t i = c / 80, k = c % 80 / 16, m = c % 16;
+            unsigned q = packed[(r / TILE * nv + i) * 64 + (r % TILE) * 16 + m];
+            for (int j = 0; j < k; ++j) q = q * 3 % 256;
+            codes[static_cast<size_t>(r * cols + c)] = static_cast<uint8_t>(q * 3 / 256);
+        }
+    return codes;
+}
+
+// mode 0: codes from random_codes (canonical bytes); 1: any byte value (non-canonical ones too: the
+// spec defines every byte); 2: every byte 255 (digits 2, 2, 2, 2, 1: the largest products).
+void t1p_case(Rng &rng, int64_t rows, int64_t cols, int32_t n_tokens, const std::vector<int32_t> &tiles, int mode, bool naive) {
+    std::vector<uint8_t> bytes;
+    if (mode == 0) {
+        const std::vector<uint8_t> codes = random_codes(rng, rows, cols, false);
+        bytes = make_t1p(codes, rows, cols);
+        check(t1p_codes(bytes.data(), rows, cols) == codes, "t1p %lldx%lld: digits do not decode back to the codes", (long long)rows, (long long)cols);
+    } else {
+        bytes.resize(ryz_ternary_layout_bytes(RYZ_LAYOUT_T1P, rows, cols));
+        for (uint8_t &b : bytes) b = mode == 1 ? static_cast<uint8_t>(rng.next()) : 255;
+    }
+    check(bytes.size() == ryz_ternary_layout_bytes(RYZ_LAYOUT_T1P, rows, cols), "t1p %lldx%lld: layout bytes %zu, want %zu", (long long)rows,
+          (long long)cols, ryz_ternary_layout_bytes(RYZ_LAYOUT_T1P, rows, cols), bytes.size());
+    Buffer<uint8_t> w(bytes.size(), static_cast<size_t>(rng.range(1, 63)));
+    std::memcpy(w.ptr, bytes.data(), bytes.size());
+    Buffer<int8_t> act(static_cast<size_t>(n_tokens * cols), static_cast<size_t>(rng.range(1, 63)));
+    random_acts(rng, act.ptr, n_tokens, cols);
+    const size_t n_out = static_cast<size_t>(rows * n_tokens);
+
+    std::vector<int32_t> ref(n_out, 0x7EADBEEF);
+    ryz_set_isa(RYZ_ISA_SCALAR);
+    ryz_status st = ryz_ternary_gemm_layout(RYZ_LAYOUT_T1P, w.ptr, bytes.size(), rows, cols, act.ptr, n_tokens, 0, ref.data());
+    check(st == RYZ_OK, "t1p scalar %lldx%lld n=%d: status %d (%s)", (long long)rows, (long long)cols, n_tokens, st, ryz_last_error());
+    if (naive) {
+        const std::vector<int32_t> want = naive_ternary(t1p_codes(bytes.data(), rows, cols), rows, cols, act.ptr, n_tokens);
+        const size_t i = first_mismatch(ref.data(), want.data(), n_out);
+        check(i == n_out, "t1p scalar vs naive %lldx%lld n=%d mode %d: out[%zu] = %d, want %d", (long long)rows, (long long)cols, n_tokens, mode,
+              i, i < n_out ? ref[i] : 0, i < n_out ? want[i] : 0);
+    }
+    for (int32_t isa : g_simd_isas) {
+        ryz_set_isa(isa);
+        Buffer<int32_t> out(n_out, 4 * static_cast<size_t>(rng.range(1, 15)));
+        for (int32_t tile : tiles) {
+            std::fill(out.ptr, out.ptr + n_out, 0x7EADBEEF);
+            st = ryz_ternary_gemm_layout(RYZ_LAYOUT_T1P, w.ptr, bytes.size(), rows, cols, act.ptr, n_tokens, tile, out.ptr);
+            const size_t i = first_mismatch(out.ptr, ref.data(), n_out);
+            check(st == RYZ_OK && i == n_out, "t1p %s %lldx%lld n=%d token_tile=%d mode %d: out[%zu] = %d, scalar %d", isa_name(isa),
+                  (long long)rows, (long long)cols, n_tokens, tile, mode, i, i < n_out ? out[i] : 0, i < n_out ? ref[i] : 0);
+        }
+    }
+}
+
+void test_t1p() {
+    Rng rng(6);
+    const std::vector<int32_t> all_tiles = {-1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 1000};
+    const std::vector<int32_t> some_tiles = {0, 1, 3, 4, 8};
+    for (int32_t n = 1; n <= 70; ++n) t1p_case(rng, n % 2 ? 4 : 12, 256 * (1 + n % 3), n, all_tiles, n % 7 == 3 ? 1 : 0, n <= 6);
+    for (int64_t cols = 256; cols <= 2816; cols += 256)
+        for (int64_t rows : {4, 12, 36})
+            for (int32_t n : {1, 2, 5, 7, 13}) t1p_case(rng, rows, cols, n, some_tiles, (cols / 256 + n) % 3, n == 1 && rows == 4);
+    for (int mode : {0, 1, 2}) {
+        t1p_case(rng, 20, 6912, 1, some_tiles, mode, true);
+        t1p_case(rng, 12, 6912, 9, some_tiles, mode, mode == 2);
+        t1p_case(rng, 260, 2560, 1, {0}, mode, false);
+    }
+    t1p_case(rng, 68, 2560, 70, some_tiles, 0, false);
+    t1p_case(rng, 4, 43008, 1, {0}, 2, true);  // past the AVX-512 GEMV's fold of 512 vectors (40960 columns)
+
+    // TQ1_0 blocks from random codes repack to the T1P bytes built here, and GEMM on them equals GEMM on
+    // the T2P repack of the same file.
+    for (auto shape : {std::pair<int64_t, int64_t>{4, 256}, {12, 768}, {20, 2560}, {8, 6912}, {12, 2816}}) {
+        const int64_t rows = shape.first, cols = shape.second, blocks = cols / QK;
+        std::vector<uint8_t> codes = random_codes(rng, rows, cols, false);
+        std::vector<uint16_t> d(static_cast<size_t>(rows * blocks), 0x3C00);
+        const bool zero_block = rows >= 12;  // a zero block scale: all codes 0 whatever the digits say
+        if (zero_block) d[5] = 0x0000;
+        const std::vector<uint8_t> src = make_tq1(codes, rows, cols, d);
+        if (zero_block) std::memset(&codes[static_cast<size_t>((5 / blocks) * cols + (5 % blocks) * QK)], 1, QK);
+        const std::vector<uint8_t> want = make_t1p(codes, rows, cols);
+        std::vector<uint8_t> t1p(want.size() + 64, 0xA5), t2p(ryz_ternary_layout_bytes(RYZ_LAYOUT_T2P, rows, cols));
+        ryz_status st = ryz_ternary_pack_layout(src.data(), RYZ_TYPE_TQ1_0, RYZ_LAYOUT_T1P, rows, cols, t1p.data(), want.size());
+        bool tail_ok = true;
+        for (size_t i = want.size(); i < t1p.size(); ++i) tail_ok = tail_ok && t1p[i] == 0xA5;
+        check(st == RYZ_OK && std::equal(want.begin(), want.end(), t1p.begin()) && tail_ok, "t1p pack %lldx%lld: status %d, bytes differ%s",
+              (long long)rows, (long long)cols, st, tail_ok ? "" : " (wrote past the end)");
+        st = ryz_ternary_pack_layout(src.data(), RYZ_TYPE_TQ1_0, RYZ_LAYOUT_T2P, rows, cols, t2p.data(), t2p.size());
+        check(st == RYZ_OK && t2p == make_t2p(codes, rows, cols), "t2p pack_layout %lldx%lld: status %d, bytes differ", (long long)rows, (long long)cols, st);
+        const int32_t n_max = 9;
+        std::vector<int8_t> act(static_cast<size_t>(n_max * cols));
+        random_acts(rng, act.data(), n_max, cols);
+        for (int32_t isa : g_simd_isas)
+            for (int32_t n : {1, 3, n_max}) {
+                ryz_set_isa(isa);
+                std::vector<int32_t> a(static_cast<size_t>(rows * n), 1), b(static_cast<size_t>(rows * n), 2);
+                const ryz_status s1 = ryz_ternary_gemm_layout(RYZ_LAYOUT_T1P, t1p.data(), want.size(), rows, cols, act.data(), n, 0, a.data());
+                const ryz_status s2 = ryz_ternary_gemm_layout(RYZ_LAYOUT_T2P, t2p.data(), t2p.size(), rows, cols, act.data(), n, 0, b.data());
+                check(s1 == RYZ_OK && s2 == RYZ_OK && a == b, "t1p pack %lldx%lld then GEMM %s n=%d differs from the T2P repack", (long long)rows,
+                      (long long)cols, isa_name(isa), n);
+            }
+    }
+    // Refused: byte lengths other than the layout's, TQ2_0 into T1P, unknown layouts, bad shapes.
+    std::vector<uint8_t> src(54 * 8), dst(1024);
+    const size_t t1 = ryz_ternary_layout_bytes(RYZ_LAYOUT_T1P, 4, 512);
+    check(t1 == 4 / 4 * 7 * 64 && ryz_ternary_layout_bytes(RYZ_LAYOUT_T2P, 4, 512) == 512, "layout bytes for 4x512: T1P %zu", t1);
+    check(ryz_ternary_layout_bytes(RYZ_LAYOUT_T1P, 4, 300) == 0 && ryz_ternary_layout_bytes(RYZ_LAYOUT_T1P, 2, 256) == 0 &&
+              ryz_ternary_layout_bytes(7, 4, 256) == 0, "layout bytes of a bad shape or layout must be 0");
+    check(ryz_ternary_pack_layout(src.data(), RYZ_TYPE_TQ1_0, RYZ_LAYOUT_T1P, 4, 512, dst.data(), t1 - 1) != RYZ_OK, "t1p pack accepted a short dst");
+    check(ryz_ternary_pack_layout(src.data(), RYZ_TYPE_TQ1_0, RYZ_LAYOUT_T1P, 4, 512, dst.data(), t1 + 1) != RYZ_OK, "t1p pack accepted a wrong dst length");
+    check(ryz_ternary_pack_layout(src.data(), RYZ_TYPE_TQ2_0, RYZ_LAYOUT_T1P, 4, 512, dst.data(), t1) != RYZ_OK, "t1p pack accepted TQ2_0");
+    check(ryz_ternary_pack_layout(src.data(), RYZ_TYPE_TQ1_0, 9, 4, 512, dst.data(), t1) != RYZ_OK, "pack accepted an unknown layout");
+    std::vector<int8_t> act(512);
+    std::vector<int32_t> out(4);
+    check(ryz_ternary_gemm_layout(RYZ_LAYOUT_T1P, dst.data(), t1 - 64, 4, 512, act.data(), 1, 0, out.data()) != RYZ_OK, "t1p gemm accepted short weights");
+    check(ryz_ternary_gemm_layout(RYZ_LAYOUT_T1P, dst.data(), t1, 4, 500, act.data(), 1, 0, out.data()) != RYZ_OK, "t1p gemm accepted cols 500");
+    check(ryz_ternary_gemm_layout(5, dst.data(), t1, 4, 512, act.data(), 1, 0, out.data()) != RYZ_OK, "gemm accepted an unknown layout");
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char **argv) {
+    const bool exhaustive = argc > 1 && std::strcmp(argv[1], "--exhaustive-exp") == 0;
     const auto start = std::chrono::steady_clock::now();
     const int32_t initial = ryz_isa();
     std::printf("ryz kernel tests: ABI %d, default ISA %s\n", ryz_abi_version(), isa_name(initial));
     check(ryz_isa_supported(RYZ_ISA_SCALAR) == 1, "scalar kernels must always be supported");
     check(ryz_set_isa(99) != RYZ_OK, "ryz_set_isa accepted an unknown family");
-    for (int32_t isa : {RYZ_ISA_AVX2, RYZ_ISA_AVX512, RYZ_ISA_NEON}) {
+    for (int32_t isa : {RYZ_ISA_AVX2, RYZ_ISA_AVX512, RYZ_ISA_NEON, RYZ_ISA_AMX}) {
         if (ryz_isa_supported(isa)) {
             check(ryz_set_isa(isa) == RYZ_OK && ryz_isa() == isa, "ryz_set_isa(%s) failed though supported", isa_name(isa));
             g_simd_isas.push_back(isa);
@@ -678,11 +1032,18 @@ int main() {
     std::string families = "scalar";
     for (int32_t isa : g_simd_isas) families += std::string(", ") + isa_name(isa);
     std::printf("testing: %s%s\n", families.c_str(), tiled_gemm() ? "" : " (ryz_ternary_gemm_tiled not exported: default token tile only)");
+    if (!ryz_isa_supported(RYZ_ISA_AMX))
+        std::printf("amx: skipped (not compiled in, no AMX-INT8, or no tile permission); its tile layout is emulated\n");
     if (g_simd_isas.empty()) g_simd_isas.push_back(RYZ_ISA_SCALAR);
 
     struct { const char *name; void (*fn)(); } suites[] = {
-        {"ternary", test_ternary}, {"quantize", test_quantize}, {"dense", test_dense}, {"pack", test_pack},
-        {"attention", test_attention}};
+        {"ternary", test_ternary}, {"amx-layout", test_amx_layout}, {"quantize", test_quantize}, {"dense", test_dense}, {"pack", test_pack},
+        {"attention", test_attention}, {"t1p", test_t1p}, {"softmax", test_softmax}};
+    if (exhaustive) {  // only the exhaustive softmax exp (native/tests; `make exhaustive-exp`)
+        exhaustive_exp();
+        std::printf("%d passed, %d failed\n", g_passed, g_failed);
+        return g_failed == 0 ? 0 : 1;
+    }
     for (const auto &s : suites) {
         const int before = g_failed;
         const auto t0 = std::chrono::steady_clock::now();

@@ -1,0 +1,257 @@
+// AMX-INT8 family (Intel Sapphire Rapids and later): the AVX-512 family with the batched ternary GEMM
+// (prefill, batched decode) on the tile unit. This file alone is built with AVX-512 + AMX flags;
+// dispatch.cpp checks AMX-TILE/AMX-INT8 in CPUID, XTILECFG/XTILEDATA in XCR0, and asks Linux for
+// permission to use tile data (arch_prctl) before it lets anything here run.
+//
+// Tile operands (amx_layout.h): A = 16 weight rows x 64 columns, unpacked to code+1 in {0,1,2,(3)};
+// B = 16 tokens' activations for the same 64 columns in the VNNI layout; TDPBUSD (u8 x s8, int32 sums,
+// no saturation) gives C[row][token] = sum (code+1) * a, and act_sums[t] is subtracted once when C is
+// transposed into out[t][r], as the VNNI kernels do. Exact integer arithmetic: bit-equal to scalar.
+//
+// Why this orientation: a T2P plane is already 64 contiguous columns of one row, so an A tile is a
+// shift and a mask per 64 bytes, with no transpose of the weights; the activation reformat (a 4-byte
+// transpose) is shared by every row of the call, and the C transpose by a whole row of K steps.
+//
+// Blocking: token blocks of up to B_BLOCK_BYTES of B tiles (all of a 512-token prefill), packed once per
+// call and re-read (from L2/L3) by each row group: one byte per 64 MACs. In each block, row groups of
+// ROW_GROUP_TILES x 16 rows; in each, K chunks of K_CHUNK steps whose A tiles are unpacked once into
+// an L1 buffer and used by every token tile of the block; 2 x 2 register blocking (4 C tiles, 2 A,
+// 2 B: all 8 tile registers), C kept in a buffer across K chunks.
+//
+// Everything else (decode, few tokens, the row tail not a multiple of 16, every other kernel) is the
+// AVX-512 family's: its table is copied at first use, so entries added there are inherited.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+
+#include "../include/ryz.h"
+#include "../src/blocks.h"
+#include "amx_layout.h"
+#include "kernels.h"
+
+namespace ryz {
+
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__AVX512BW__)
+
+namespace {
+
+using amx::TILE_BYTES;
+using amx::TILE_M;
+
+// Below this many tokens the AVX-512 kernel runs: at 4 tokens both ran at the same speed (weights streamed
+// from L3), at 8 AMX was 1.2-1.6x ahead (docs/kernels.md "AMX").
+constexpr int32_t MIN_TOKENS = 8;
+// Row groups of 4 x 16 rows and K chunks of 4 steps (one T2P block): the A chunk is 16 KB (L1), each B
+// tile pair loaded for a chunk feeds 2 row pairs, and C tiles go through the buffer once per 16 TDPBUSD.
+// Of the settings tried (docs/kernels.md "AMX"), 4 x 4 was fastest or within noise at 16, 64 and 512 tokens.
+constexpr int ROW_GROUP_TILES = 4;
+constexpr int64_t K_CHUNK = 4;  // a multiple of 4: the unpack works in whole T2P blocks
+static_assert(K_CHUNK % 4 == 0, "K chunks are whole T2P blocks");
+constexpr int64_t B_BLOCK_BYTES = 4 << 20;  // a token block's B tiles (512 tokens x 6912 columns fit)
+
+// Palette 1, all 8 tiles 16 rows x 64 bytes (partial token tiles are zero-padded instead of
+// configured smaller, so one configuration serves every call).
+struct alignas(64) TileConfig {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+// Loaded on every call rather than once per thread: it costs next to nothing against a GEMM, and
+// another library in the process (oneDNN under PyTorch, say) may have configured this thread's tiles
+// its own way since our last call.
+void configure_tiles() {
+    TileConfig cfg{};
+    cfg.palette_id = 1;
+    for (int i = 0; i < 8; ++i) {
+        cfg.rows[i] = TILE_M;
+        cfg.colsb[i] = amx::TILE_K;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+// A per-thread, 64-byte aligned scratch buffer that only grows; nullptr when memory runs out (the
+// caller then takes the AVX-512 path: no exception may leave a kernel run by a pool thread).
+struct Scratch {
+    struct Free {
+        void operator()(uint8_t *p) const { std::free(p); }
+    };
+    std::unique_ptr<uint8_t, Free> data;
+    size_t size = 0;
+    uint8_t *get(size_t bytes) {
+        if (bytes > size) {
+            const size_t rounded = (bytes + 63) / 64 * 64;
+            data.reset(static_cast<uint8_t *>(std::aligned_alloc(64, rounded)));
+            size = data ? rounded : 0;
+        }
+        return data.get();
+    }
+};
+thread_local Scratch g_a, g_b, g_c;
+
+// C tiles (NR row tiles x NT token tiles, tiles 0..3) += A (tiles 4, 5) . B (tiles 6, 7) over `steps`
+// K steps (A tiles consecutive, B tiles b_step bytes apart). c[rt][tt] are 16 x 16 int32 buffers; first: start from zero instead of loading them.
+template <int NR, int NT>
+void tile_block(const uint8_t *a0, const uint8_t *a1, const int8_t *b0, const int8_t *b1, int64_t b_step, int64_t steps,
+                int32_t *c00, int32_t *c01, int32_t *c10, int32_t *c11, bool first) {
+    if (first) {
+        _tile_zero(0);
+        if constexpr (NT > 1) _tile_zero(1);
+        if constexpr (NR > 1) _tile_zero(2);
+        if constexpr (NR > 1 && NT > 1) _tile_zero(3);
+    } else {
+        _tile_loadd(0, c00, 64);
+        if constexpr (NT > 1) _tile_loadd(1, c01, 64);
+        if constexpr (NR > 1) _tile_loadd(2, c10, 64);
+        if constexpr (NR > 1 && NT > 1) _tile_loadd(3, c11, 64);
+    }
+    for (int64_t s = 0; s < steps; ++s) {
+        _tile_loadd(4, a0 + s * TILE_BYTES, 64);
+        _tile_loadd(6, b0 + s * b_step, 64);
+        _tile_dpbusd(0, 4, 6);
+        if constexpr (NT > 1) {
+            _tile_loadd(7, b1 + s * b_step, 64);
+            _tile_dpbusd(1, 4, 7);
+        }
+        if constexpr (NR > 1) {
+            _tile_loadd(5, a1 + s * TILE_BYTES, 64);
+            _tile_dpbusd(2, 5, 6);
+            if constexpr (NT > 1) _tile_dpbusd(3, 5, 7);
+        }
+    }
+    _tile_stored(0, c00, 64);
+    if constexpr (NT > 1) _tile_stored(1, c01, 64);
+    if constexpr (NR > 1) _tile_stored(2, c10, 64);
+    if constexpr (NR > 1 && NT > 1) _tile_stored(3, c11, 64);
+}
+
+// amx::unpack_weights for whole T2P blocks (s0, s1 multiples of 4), vectorized: per row and block one
+// 64-byte load, four planes by shift and mask. GCC's version of the plain loop ran at a third of this
+// speed, and the unpack is what a 16-token call spends most of its time on.
+inline void unpack_weights_avx512(const uint8_t *packed, int64_t blocks, int64_t r, int64_t s0, int64_t s1, uint8_t *dst) {
+    const __m512i m3 = _mm512_set1_epi8(3);
+    for (int i = 0; i < TILE_M; ++i) {
+        const int64_t row = r + i;
+        const uint8_t *base = packed + (row / TILE_ROWS * blocks * TILE_ROWS + row % TILE_ROWS) * T2P_BLOCK_BYTES;
+        for (int64_t b = s0 / 4; b < s1 / 4; ++b) {
+            const __m512i q = _mm512_loadu_si512(base + b * TILE_ROWS * T2P_BLOCK_BYTES);
+            uint8_t *d = dst + (4 * b - s0) * TILE_BYTES + i * amx::TILE_K;
+            _mm512_store_si512(d, _mm512_and_si512(q, m3));
+            _mm512_store_si512(d + TILE_BYTES, _mm512_and_si512(_mm512_srli_epi16(q, 2), m3));
+            _mm512_store_si512(d + 2 * TILE_BYTES, _mm512_and_si512(_mm512_srli_epi16(q, 4), m3));
+            _mm512_store_si512(d + 3 * TILE_BYTES, _mm512_and_si512(_mm512_srli_epi16(q, 6), m3));
+        }
+    }
+}
+
+// amx::pack_acts, vectorized: B row kk of step s is one gather of 16 tokens' dwords (masked past
+// n_valid, so nothing beyond the activations is read). The plain loop's 4-byte copies took ~10% of a
+// 512-token call.
+inline void pack_acts_avx512(const int8_t *act, int64_t cols, int n_valid, int8_t *dst, int64_t step_stride) {
+    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(static_cast<int>(cols / 4)));
+    const __mmask16 valid = static_cast<__mmask16>(n_valid >= TILE_M ? 0xFFFF : (1u << n_valid) - 1);
+    for (int64_t s = 0; s < cols / amx::TILE_K; ++s)
+        for (int kk = 0; kk < TILE_M; ++kk)
+            _mm512_store_si512(dst + s * step_stride + kk * amx::TILE_K,
+                               _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, idx, act + s * amx::TILE_K + 4 * kk, 4));
+}
+
+// out[(t + n) * out_stride + r + i] = c[i][n] - sums[t + n] for n < n_valid: a 16 x 16 int32 transpose.
+inline void store_transposed(const int32_t *c, const int32_t *sums, int n_valid, int32_t *out, int64_t out_stride) {
+    const __m512i idx = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0);
+    for (int n = 0; n < n_valid; ++n) {
+        const __m512i col = _mm512_i32gather_epi32(idx, c + n, 4);  // c[0..15][n]
+        _mm512_storeu_si512(out + n * out_stride, _mm512_sub_epi32(col, _mm512_set1_epi32(sums[n])));
+    }
+}
+
+void ternary_gemm_amx(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
+                      const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
+    const Kernels &avx = *kernels_avx512();
+    const int64_t blocks = cols / QK_K;
+    const int64_t amx_end = row_begin + (row_end - row_begin) / TILE_M * TILE_M;
+    if (n_tokens < MIN_TOKENS || blocks < 1 || amx_end <= row_begin) {
+        avx.ternary_gemm(packed, row_begin, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride);
+        return;
+    }
+    if (amx_end < row_end)  // 4 to 12 rows left over
+        avx.ternary_gemm(packed, amx_end, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride);
+    const int64_t steps = blocks * 4;  // K steps of 64 columns
+    const int64_t token_block = std::max<int64_t>(2 * TILE_M, B_BLOCK_BYTES / cols / (2 * TILE_M) * (2 * TILE_M));
+    const int64_t max_tiles = (std::min<int64_t>(token_block, n_tokens) + TILE_M - 1) / TILE_M;
+    int8_t *bbuf = reinterpret_cast<int8_t *>(g_b.get(static_cast<size_t>(max_tiles * steps * TILE_BYTES)));
+    uint8_t *abuf = g_a.get(static_cast<size_t>(ROW_GROUP_TILES * K_CHUNK * TILE_BYTES));
+    int32_t *cbuf = reinterpret_cast<int32_t *>(g_c.get(static_cast<size_t>(ROW_GROUP_TILES * max_tiles * TILE_M * TILE_M * 4)));
+    if (!bbuf || !abuf || !cbuf) {
+        avx.ternary_gemm(packed, row_begin, amx_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride);
+        return;
+    }
+    configure_tiles();
+
+    for (int64_t t0 = 0; t0 < n_tokens; t0 += token_block) {
+        const int64_t in_block = std::min<int64_t>(token_block, n_tokens - t0);
+        const int64_t n_tt = (in_block + TILE_M - 1) / TILE_M;
+        const int64_t step_stride = n_tt * TILE_BYTES;  // B tile of (step s, token tile tt) at s * step_stride + tt * TILE_BYTES
+        for (int64_t tt = 0; tt < n_tt; ++tt)
+            pack_acts_avx512(act + (t0 + tt * TILE_M) * cols, cols, static_cast<int>(std::min<int64_t>(TILE_M, in_block - tt * TILE_M)),
+                           bbuf + tt * TILE_BYTES, step_stride);
+        for (int64_t g = row_begin; g < amx_end; g += ROW_GROUP_TILES * TILE_M) {
+            const int64_t n_rt = std::min<int64_t>(ROW_GROUP_TILES, (amx_end - g) / TILE_M);
+            auto c_tile = [&](int64_t rt, int64_t tt) { return cbuf + (rt * n_tt + tt) * TILE_M * TILE_M; };
+            for (int64_t s0 = 0; s0 < steps; s0 += K_CHUNK) {
+                const int64_t n_s = std::min<int64_t>(K_CHUNK, steps - s0);
+                for (int64_t rt = 0; rt < n_rt; ++rt) unpack_weights_avx512(packed, blocks, g + rt * TILE_M, s0, s0 + n_s, abuf + rt * K_CHUNK * TILE_BYTES);
+                const bool first = s0 == 0;
+                for (int64_t tt = 0; tt < n_tt; tt += 2) {
+                    const int8_t *b0 = bbuf + s0 * step_stride + tt * TILE_BYTES, *b1 = b0 + TILE_BYTES;
+                    for (int64_t rt = 0; rt < n_rt; rt += 2) {
+                        const uint8_t *a0 = abuf + rt * K_CHUNK * TILE_BYTES, *a1 = a0 + K_CHUNK * TILE_BYTES;
+                        const bool two_r = rt + 1 < n_rt, two_t = tt + 1 < n_tt;
+                        int32_t *c00 = c_tile(rt, tt), *c01 = two_t ? c_tile(rt, tt + 1) : nullptr;
+                        int32_t *c10 = two_r ? c_tile(rt + 1, tt) : nullptr, *c11 = two_r && two_t ? c_tile(rt + 1, tt + 1) : nullptr;
+                        if (two_r && two_t) tile_block<2, 2>(a0, a1, b0, b1, step_stride, n_s, c00, c01, c10, c11, first);
+                        else if (two_r) tile_block<2, 1>(a0, a1, b0, b1, step_stride, n_s, c00, c01, c10, c11, first);
+                        else if (two_t) tile_block<1, 2>(a0, a1, b0, b1, step_stride, n_s, c00, c01, c10, c11, first);
+                        else tile_block<1, 1>(a0, a1, b0, b1, step_stride, n_s, c00, c01, c10, c11, first);
+                    }
+                }
+            }
+            for (int64_t rt = 0; rt < n_rt; ++rt)
+                for (int64_t tt = 0; tt < n_tt; ++tt) {
+                    const int64_t t = t0 + tt * TILE_M;
+                    store_transposed(c_tile(rt, tt), act_sums + t, static_cast<int>(std::min<int64_t>(TILE_M, n_tokens - t)),
+                                     out + t * out_stride + g + rt * TILE_M, out_stride);
+                }
+        }
+    }
+}
+
+}  // namespace
+
+const Kernels *kernels_amx() {
+    static const Kernels k = [] {
+        Kernels t = *kernels_avx512();  // every other entry is AVX-512's
+        t.isa = RYZ_ISA_AMX;
+        t.ternary_gemm = ternary_gemm_amx;
+        return t;
+    }();
+    return &k;
+}
+
+#else
+
+const Kernels *kernels_amx() { return nullptr; }
+
+#endif
+
+}  // namespace ryz
