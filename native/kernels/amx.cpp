@@ -236,6 +236,24 @@ void ternary_gemm_amx(const uint8_t *packed, int64_t row_begin, int64_t row_end,
     }
 }
 
+// T1P (TQ1_0 models) on AMX: decode keeps AVX-512's GEMV on the raw base-3 bytes; a batch expands each group
+// of T1P_GROUP_ROWS rows to T2P once per call (442 KB at 6912 columns: it stays in L2) and runs the AMX GEMM over
+// all the call's tokens on it, so each weight is expanded once per call, not once per block of tokens.
+constexpr int64_t T1P_GROUP_ROWS = 256;
+
+void ternary_gemm_t1p_amx(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
+                          const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
+    if (n_tokens < MIN_TOKENS) {
+        kernels_avx512()->ternary_gemm_t1p(packed, row_begin, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride);
+        return;
+    }
+    thread_local std::vector<uint8_t> scratch;
+    const size_t need = static_cast<size_t>(T1P_GROUP_ROWS / TILE_ROWS * cols);
+    if (scratch.size() < need) scratch.resize(need);
+    t1p_gemm_via_t2p(packed, row_begin, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride, scratch.data(),
+                     T1P_GROUP_ROWS, static_cast<int64_t>(n_tokens) * cols, t1p_to_t2p_avx512, ternary_gemm_amx);
+}
+
 }  // namespace
 
 const Kernels *kernels_amx() {
@@ -243,6 +261,7 @@ const Kernels *kernels_amx() {
         Kernels t = *kernels_avx512();  // every other entry is AVX-512's
         t.isa = RYZ_ISA_AMX;
         t.ternary_gemm = ternary_gemm_amx;
+        t.ternary_gemm_t1p = ternary_gemm_t1p_amx;
         return t;
     }();
     return &k;

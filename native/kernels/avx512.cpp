@@ -272,8 +272,11 @@ inline __m128i gemv_t1p_tile(const uint8_t *w, int64_t nv, int64_t cols, const i
     return _mm512_castsi512_si128(_mm512_maskz_compress_epi32(0x1111, s2));
 }
 
+}  // namespace
+
 // T1P rows [row_begin, row_end) -> T2P at dst (t1p_to_t2p_scalar's contract): digits by compares
 // ([q_k >= 86] + [q_k >= 171]) into per-row code bytes, then four code vectors per T2P block.
+// Outside the anonymous namespace: the AMX family expands with it too.
 void t1p_to_t2p_avx512(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, uint8_t *dst) {
     const int64_t nv = t1p_vectors(cols), blocks = cols / QK_K, stride = nv * T1P_VECTOR_COLS;
     thread_local std::vector<uint8_t> codes;
@@ -306,6 +309,8 @@ void t1p_to_t2p_avx512(const uint8_t *packed, int64_t row_begin, int64_t row_end
             }
     }
 }
+
+namespace {
 
 // Decode: the GEMV above per row tile. Several tokens: expand 32-row groups to T2P once per block of
 // up to 512 KB of activations and run the T2P kernels on them (same integers; the expansion is shared

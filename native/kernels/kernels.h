@@ -196,6 +196,9 @@ void t1p_gemm_expanding(const uint8_t *packed, int64_t row_begin, int64_t row_en
                      4 * GEMM_ACT_BLOCK_BYTES, t1p_to_t2p_scalar, t2p);
 }
 
+// AVX-512's T1P -> T2P expansion (t1p_to_t2p_scalar's contract), which the AMX family's T1P GEMM uses too.
+void t1p_to_t2p_avx512(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, uint8_t *dst);
+
 // The AVX2 attention kernels, the AVX-512 family's fallback for head sizes its own do not cover.
 void kv_dot_avx2(const float *q, const void *keys, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *scores);
 void kv_axpy_avx2(const float *probs, const void *values, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *out);
