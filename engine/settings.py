@@ -89,6 +89,17 @@ class Settings(BaseSettings):
     )
     spec_ngram_min: int = Field(1, ge=1, le=16, description="prompt lookup: shortest n-gram matched")
     spec_ngram_max: int = Field(3, ge=1, le=16, description="prompt lookup: longest n-gram matched (tried first)")
+    # adaptive draft length (engine/serving/speculative.py DraftLength; the defaults' reasons are in SpecAdapt)
+    spec_adapt: bool = Field(
+        True, description="speculative decoding: adapt each request's k to its acceptance (off: always k drafts)"
+    )
+    spec_adapt_warmup: int = Field(4, ge=0, description="adaptive k: verification steps at full k before lowering it")
+    spec_adapt_window: int = Field(16, ge=1, description="adaptive k: acceptance over the last this many drafts")
+    spec_adapt_low: float = Field(0.3, ge=0, le=1, description="adaptive k: acceptance below it halves k (1 -> paused)")
+    spec_adapt_high: float = Field(0.6, ge=0, le=1, description="adaptive k: acceptance at or above it doubles k")
+    spec_adapt_probe_every: int = Field(
+        16, ge=1, description="adaptive k: a paused request drafts 1 token after this many plain steps (kept: resumed)"
+    )
     max_request_bytes: int = Field(
         4 << 20, ge=1024, description="largest request body accepted, counted on the bytes read (chunked too): 413"
     )

@@ -231,7 +231,7 @@ def editing_prompts(n: int, seed: int = 0) -> list[str]:
 
 def zoo_acceptance(zoo: Path, library, n_prompts: int, spec_tokens: int, gen: int = 32) -> list[dict]:
     """Per zoo model: prompt lookup's acceptance on the editing prompts; ryz-demo-m also with ryz-demo-s drafting."""
-    from engine.model.native import NativeModel
+    from engine.model.loader import open_model
     from engine.model.quantize import quantize_checkpoint
     from engine.model.tokenizer import ModelTokenizer
     from engine.serving.core import GenerationRequest, batch_engine
@@ -250,11 +250,13 @@ def zoo_acceptance(zoo: Path, library, n_prompts: int, spec_tokens: int, gen: in
         if {"ryz-demo-m", "ryz-demo-s"} <= set(ggufs):
             cases.append(("ryz-demo-m", "draft", "ryz-demo-s"))
         for name, method, draft_name in cases:
-            model = NativeModel(ggufs[name], library, threads=1, max_seqs=4, max_positions=512)
+            model = open_model(ggufs[name], "bench", library=library, threads=1, max_seqs=4, max_positions=512)
             tok = ModelTokenizer(model.file)
             draft = None
             if draft_name:
-                draft_native = NativeModel(ggufs[draft_name], library, threads=1, max_seqs=4, max_positions=512)
+                draft_native = open_model(
+                    ggufs[draft_name], "bench", library=library, threads=1, max_seqs=4, max_positions=512
+                )
                 draft = DraftModel(draft_native, ModelTokenizer(draft_native.file), model.hp.vocab, tok)
             core = batch_engine(model, tok, draft_model=draft)
             try:

@@ -23,11 +23,14 @@ from engine.serving.core import EngineCore, GenerationRequest
 from engine.serving.sampling import Sampler, SamplingParams
 from engine.serving.scheduler import SchedulerConfig
 from engine.serving.speculative import (
+    DraftLength,
     DraftModel,
     PromptLookupDrafter,
+    SpecAdapt,
     SpecConfig,
     accept_drafts,
     parse_spec,
+    spec_from_settings,
 )
 from engine.settings import Settings
 
@@ -163,9 +166,50 @@ def test_request_field_parsing():
 
 def test_settings_validation():
     assert Settings(speculative="ngram", spec_tokens=6).spec_tokens == 6
-    for bad in ({"speculative": "maybe"}, {"spec_tokens": 0}, {"spec_tokens": 17}, {"spec_ngram_min": 0}):
+    for bad in (
+        {"speculative": "maybe"},
+        {"spec_tokens": 0},
+        {"spec_tokens": 17},
+        {"spec_ngram_min": 0},
+        {"spec_adapt_low": 1.5},
+        {"spec_adapt_window": 0},
+        {"spec_adapt_probe_every": 0},
+    ):
         with pytest.raises(ValueError):
             Settings(**bad)
+    # the adaptation policy comes from the settings and requests keep the server's
+    server = spec_from_settings(Settings(speculative="ngram", spec_adapt_low=0.2, spec_adapt_probe_every=5))
+    assert server.adapt == SpecAdapt(low=0.2, probe_every=5)
+    assert parse_spec({"num_tokens": 6}, server).adapt == server.adapt == parse_spec(False, server).adapt
+
+
+def test_draft_length_policy():
+    """k halves after the warm-up while acceptance is low, down to a pause; a paused request probes one token
+    every probe_every plain steps and resumes when it is kept; k doubles back while acceptance is high."""
+    policy = DraftLength(4, SpecAdapt(warmup=3, window=8, low=0.3, high=0.6, probe_every=5))
+    ks = []
+    for _ in range(5):  # every draft rejected
+        ks.append(policy.next_k())
+        policy.verified(ks[-1], 0)
+    assert ks == [4, 4, 4, 2, 1] and policy.k == 0 and policy.paused
+    for _ in range(5):
+        assert policy.next_k() == 0
+        policy.plain_step()
+    assert policy.next_k() == 1 and not policy.paused  # the probe
+    policy.verified(1, 0)  # rejected: paused again for probe_every plain steps
+    assert policy.next_k() == 0 and policy.paused
+    for _ in range(5):
+        policy.plain_step()
+    policy.verified(policy.next_k(), 1)  # kept: drafting resumes and k climbs back while drafts are kept
+    ks = []
+    for _ in range(4):
+        ks.append(policy.next_k())
+        policy.verified(ks[-1], ks[-1])
+    assert ks == [1, 2, 4, 4] and policy.paused_steps == 10
+    fixed = DraftLength(4, SpecAdapt(on=False))
+    for _ in range(20):
+        fixed.verified(4, 0)
+    assert fixed.next_k() == 4
 
 
 # --- the engine on the demo zoo ----------------------------------------------------------------------------------
@@ -222,7 +266,9 @@ def test_greedy_output_is_identical_token_for_token(engine, method):
     assert [(r.text, r.finish_reason) for r in spec] == [(r.text, r.finish_reason) for r in plain]
     edit, *free = [r.speculative for r in spec]
     rate = lambda runs: sum(r["accepted"] for r in runs) / max(1, sum(r["drafted"] for r in runs))  # noqa: E731
-    assert rate([edit]) >= 0.2, edit  # drafts get accepted (measured: ngram 0.50, the weak draft model 0.27)
+    # drafts get accepted (measured: ngram 0.50, the weak draft model 0.27 at a fixed k; adaptive k pauses the
+    # weak one through its rejecting runs, 0.19)
+    assert rate([edit]) >= 0.15, edit
     assert sum(f["drafted"] - f["accepted"] for f in free) > 0  # elsewhere many are rejected
     assert core.spec_totals["steps"] > before["steps"]
     # mixed: speculating and plain requests in one batch; then a plain run reusing the slots' prefix KV
@@ -255,6 +301,52 @@ def test_stops_and_limits_inside_an_accepted_run(engine):
     eos = next(iter(tok.stop_ids))
     forced = SpecConfig("replay", 8, replay=(*ids[:3], eos, *ids[3:9]))
     assert _run(core, tok, [prompt], forced, max_tokens=30)[0].token_ids == ids[:30]
+
+
+def _wrong(ids: list[int], vocab: int) -> tuple[int, ...]:
+    """A continuation that differs from `ids` at every position: every draft taken from it is rejected."""
+    return tuple((t + 1) % vocab for t in ids)
+
+
+def test_adaptive_k_pauses_a_drafter_that_is_always_wrong(engine):
+    core, tok = engine
+    kw = {"max_tokens": 60, "ignore_eos": True}
+    plain = _run(core, tok, [EDIT], SpecConfig(), **kw)[0]
+    wrong = SpecConfig("replay", 4, replay=_wrong(plain.token_ids, core.vocab))
+    before = core.spec_totals["paused"]
+    spec = _run(core, tok, [EDIT], wrong, **kw)[0]
+    assert (spec.token_ids, spec.text) == (plain.token_ids, plain.text)
+    meta = spec.speculative
+    # warm-up 4 steps x 4 drafts, then k 2 and 1, then a 1-token probe every 16 plain steps: 4 x steps would be ~240
+    assert meta["accepted"] == 0 and meta["drafted"] <= 4 * 4 + 2 + 1 + 4, meta
+    assert meta["paused"] >= 40 and core.spec_totals["paused"] - before == meta["paused"], meta
+    fixed = _run(core, tok, [EDIT], SpecConfig("replay", 4, replay=wrong.replay, adapt=SpecAdapt(on=False)), **kw)[0]
+    assert fixed.token_ids == plain.token_ids and fixed.speculative["drafted"] > 200  # without adaptation
+
+
+def test_adaptive_k_stays_at_its_maximum_while_drafts_are_kept(engine):
+    core, tok = engine
+    kw = {"max_tokens": 60, "ignore_eos": True}
+    plain = _run(core, tok, [EDIT], SpecConfig(), **kw)[0]
+    spec = _run(core, tok, [EDIT], SpecConfig("replay", 4, replay=tuple(plain.token_ids)), **kw)[0]
+    meta = spec.speculative
+    assert spec.token_ids == plain.token_ids
+    assert meta["paused"] == 0 and meta["accepted"] == meta["drafted"]
+    assert meta["drafted"] >= 4 * (meta["steps"] - 1), meta  # every step but the one capped by max_tokens: k = 4
+
+
+def test_adaptive_k_gives_drafting_back_when_the_text_starts_repeating(engine):
+    """Drafts wrong for the first 16 tokens, right afterwards: drafting pauses, the probe after 16 plain steps is
+    kept, and k climbs back to 4."""
+    core, tok = engine
+    kw = {"max_tokens": 60, "ignore_eos": True}
+    ids = _run(core, tok, [EDIT], SpecConfig(), **kw)[0].token_ids
+    switch = SpecConfig("replay", 4, replay=(*_wrong(ids[:16], core.vocab), *ids[16:]))
+    spec = _run(core, tok, [EDIT], switch, **kw)[0]
+    meta = spec.speculative
+    assert spec.token_ids == ids
+    assert meta["paused"] > 0 and meta["accepted"] >= 20, meta
+    assert meta["emitted"] - meta["steps"] == meta["accepted"]  # (each step emits its accepted drafts + 1)
 
 
 def test_sampled_requests_run_and_are_reproducible(engine):
@@ -316,7 +408,7 @@ def test_server_field_metadata_and_metrics(server):
         out = client.completions.create(**kw, extra_body={"speculative": spec})
         assert out.choices[0].text == plain.choices[0].text
         meta = out.choices[0].model_extra["speculative"]
-        assert meta["steps"] > 0 and 0 < meta["accepted"] <= meta["drafted"]
+        assert meta["steps"] > 0 and 0 < meta["accepted"] <= meta["drafted"] and meta["paused"] >= 0
     chat = client.chat.completions.create(
         model="ryzanstein",
         messages=[{"role": "user", "content": "copy a b c :"}],
@@ -350,6 +442,7 @@ def test_server_field_metadata_and_metrics(server):
     assert drafted >= accepted > 0 and emitted >= steps > 0
     assert values['ryz_spec_tokens_per_step_count{variant="production"}'] == steps
     assert values['ryz_spec_skipped_requests_total{variant="production"}'] >= 1
+    assert values['ryz_spec_paused_steps_total{variant="production"}'] >= 0
     schema = httpx.get(f"{server.url}/openapi.json").json()
     body = schema["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert "speculative" in body["properties"]

@@ -22,7 +22,7 @@ import numpy as np
 from engine.errors import EngineError
 from engine.serving.sampling import Sample, Sampler, SamplingParams, token_logprobs
 from engine.serving.scheduler import Chunk, QueueFullError, Scheduler, SchedulerConfig
-from engine.serving.speculative import Drafter, DraftModel, SpecConfig, accept_drafts, make_drafter
+from engine.serving.speculative import Drafter, DraftLength, DraftModel, SpecConfig, accept_drafts, make_drafter
 from engine.serving.textstream import IncrementalDetokenizer, StopMatcher
 
 __all__ = ["Delta", "EngineCore", "GenerationRequest", "QueueFullError", "batch_engine"]
@@ -82,7 +82,10 @@ class _Live:
     spec: SpecConfig = field(default_factory=SpecConfig)
     spec_skipped: str | None = None  # why a request that asked for speculation runs without it
     drafter: Drafter | None = None
-    spec_counts: dict = field(default_factory=lambda: {"drafted": 0, "accepted": 0, "steps": 0, "emitted": 0})
+    draft_length: DraftLength | None = None  # k per step, adapted to the acceptance (with the drafter)
+    spec_counts: dict = field(
+        default_factory=lambda: {"drafted": 0, "accepted": 0, "steps": 0, "emitted": 0, "paused": 0}
+    )
 
 
 class EngineCore:
@@ -106,7 +109,7 @@ class EngineCore:
         "draft"."""
         self.model, self.tokenizer, self.model_id, self.metrics = model, tokenizer, model_id, metrics
         self.speculative, self.draft_model = speculative or SpecConfig(), draft_model
-        self.spec_totals = {"drafted": 0, "accepted": 0, "steps": 0, "emitted": 0}
+        self.spec_totals = {"drafted": 0, "accepted": 0, "steps": 0, "emitted": 0, "paused": 0}
         self._compute_lock = compute_lock or threading.Lock()
         self.compute_wait = 0.0  # seconds this core's steps waited for another core's forward
         self.vocab = model.hp.vocab
@@ -143,6 +146,7 @@ class EngineCore:
             )
         if spec.on and request.max_tokens > 1:
             live.spec, live.drafter = spec, make_drafter(spec, len(request.prompt_ids), self.draft_model)
+            live.draft_length = DraftLength(spec.num_tokens, spec.adapt)
         with self._lock:
             if self._stopping:
                 raise RuntimeError("the engine is shutting down")
@@ -359,6 +363,11 @@ class EngineCore:
         if chunk.drafts:
             self._verify(live, chunk, logits[-1 - len(chunk.drafts) :])
             return
+        if live.drafter is not None and live.draft_length is not None and live.draft_length.paused and live.generated:
+            live.draft_length.plain_step()  # the policy paused drafting (_draft): a plain step
+            self._count(live, paused=1)
+            if self.metrics is not None and hasattr(self.metrics, "spec_paused"):
+                self.metrics.spec_paused()
         allowed = live.matcher.allowed() if live.matcher is not None else None
         self._emit(live, live.sampler.sample(logits[-1], request.prompt_ids, live.generated, allowed))
 
@@ -371,9 +380,8 @@ class EngineCore:
         drafts = {}
         for rid, live in speculating:
             request, done = live.request, len(live.request.prompt_ids) + len(live.generated)
-            k = min(
-                live.spec.num_tokens, request.max_tokens - len(live.generated) - 1, self.config.max_context - 1 - done
-            )
+            wanted = live.spec.num_tokens if live.draft_length is None else live.draft_length.next_k()
+            k = min(wanted, request.max_tokens - len(live.generated) - 1, self.config.max_context - 1 - done)
             if k <= 0 or live.drafter is None:
                 continue
             try:
@@ -400,6 +408,8 @@ class EngineCore:
             self.model.truncate_seq(chunk.slot, kept)
         # counted before emitting: the token that finishes the request sends its totals
         self._count(live, drafted=len(drafts), accepted=n, steps=1)
+        if live.draft_length is not None:
+            live.draft_length.verified(len(drafts), n)  # the next step's k; never this step's acceptance
         emitted = 0
         for i, t in enumerate([*drafts[:n], token]):
             emitted += 1

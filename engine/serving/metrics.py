@@ -138,6 +138,13 @@ class ServerMetrics:
             ["variant"],
             registry=r,
         )
+        self.spec_paused = Counter(
+            "ryz_spec_paused_steps",
+            "Speculative decoding: steps a speculating request decoded plainly because its low acceptance paused "
+            "drafting (adaptive draft length)",
+            ["variant"],
+            registry=r,
+        )
         self.canary_weight = Gauge(
             "ryz_canary_weight_percent", "Share of routed traffic sent to the canary", registry=r
         )
@@ -179,6 +186,7 @@ class VariantMetrics:
         ]
         self._spec_per_step = metrics.spec_tokens_per_step.labels(variant)
         self._spec_skipped = metrics.spec_skipped.labels(variant)
+        self._spec_paused = metrics.spec_paused.labels(variant)
 
     def ttft(self, seconds: float) -> None:
         self._ttft.observe(seconds)
@@ -202,6 +210,9 @@ class VariantMetrics:
 
     def spec_skipped(self) -> None:
         self._spec_skipped.inc()
+
+    def spec_paused(self) -> None:
+        self._spec_paused.inc()
 
     def finished(self, delta) -> None:
         self._prompt.inc(delta.prompt_tokens)

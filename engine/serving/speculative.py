@@ -19,12 +19,17 @@ on rejection the token comes from p with x removed. Drafters:
 * `DraftModelDrafter` (method "draft"): a smaller model with the same tokenizer, run greedily for k tokens on its
   own native context; its KV is cut back to what the target kept at the next proposal.
 * `ReplayDrafter` (method "replay", benchmarks and tests): proposes a recorded continuation.
+
+`DraftLength` adapts each request's draft length to its own acceptance (`SpecAdapt`, RYZ_SPEC_ADAPT*): a
+verification step of k tokens costs more than a 1-token step, so a request whose drafts keep being rejected
+drafts less, then pauses and only probes now and then. It changes which drafts are proposed, never the rule.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,17 +39,36 @@ from engine.serving.sampling import _draw
 
 METHODS = ("off", "ngram", "draft")  # what requests and settings may ask for; "replay" is the benchmarks' own
 MAX_SPEC_TOKENS = 16
+PROBE_TOKENS = 1  # draft length of the probe a paused request makes every `probe_every` plain steps
+
+
+@dataclass(frozen=True)
+class SpecAdapt:
+    """The adaptive draft-length policy (`DraftLength`); the defaults are the RYZ_SPEC_ADAPT* settings' defaults.
+    `low` / `high` come from the measured cost of a k-token verification step (1.08x a 1-token step at k=2,
+    1.37x at k=4 on the 2B4T shape): at a per-token acceptance a, a step of k drafts emits (1 - a^(k+1)) / (1 - a)
+    tokens on average, 1.43 at a = 0.3 and k = 4, about its cost, so k is halved below 0.3; at 0.6 a step of 4
+    emits 2.3 tokens for 1.37x, so k is doubled back (up to the request's num_tokens) from there."""
+
+    on: bool = True  # False: always draft num_tokens (the behaviour before adaptation)
+    warmup: int = 4  # verification steps at full k before k is first lowered (and again after a resume)
+    window: int = 16  # the acceptance rate is over the request's last `window` drafted tokens
+    low: float = 0.3  # rate below it (after the warm-up): k halved; from 1 to 0 = drafting paused
+    high: float = 0.6  # rate at or above it: k doubled, up to num_tokens
+    probe_every: int = 16  # a paused request drafts PROBE_TOKENS after this many plain steps; accepted: resumed
 
 
 @dataclass(frozen=True)
 class SpecConfig:
-    """How one request speculates. `replay`: the continuation a ReplayDrafter proposes (method "replay")."""
+    """How one request speculates. `replay`: the continuation a ReplayDrafter proposes (method "replay");
+    `adapt`: how its draft length follows its acceptance (the server's, RYZ_SPEC_ADAPT*)."""
 
     method: str = "off"
     num_tokens: int = 4
     ngram_min: int = 1
     ngram_max: int = 3
     replay: tuple[int, ...] = ()
+    adapt: SpecAdapt = SpecAdapt()
 
     @property
     def on(self) -> bool:
@@ -74,8 +98,18 @@ class SpecConfig:
 
 
 def spec_from_settings(settings) -> SpecConfig:
-    """The server's default (RYZ_SPECULATIVE, RYZ_SPEC_TOKENS, RYZ_SPEC_NGRAM_MIN / _MAX)."""
-    config = SpecConfig(settings.speculative, settings.spec_tokens, settings.spec_ngram_min, settings.spec_ngram_max)
+    """The server's default (RYZ_SPECULATIVE, RYZ_SPEC_TOKENS, RYZ_SPEC_NGRAM_MIN / _MAX, RYZ_SPEC_ADAPT*)."""
+    adapt = SpecAdapt(
+        settings.spec_adapt,
+        settings.spec_adapt_warmup,
+        settings.spec_adapt_window,
+        settings.spec_adapt_low,
+        settings.spec_adapt_high,
+        settings.spec_adapt_probe_every,
+    )
+    config = SpecConfig(
+        settings.speculative, settings.spec_tokens, settings.spec_ngram_min, settings.spec_ngram_max, adapt=adapt
+    )
     config.validate()
     return config
 
@@ -87,7 +121,7 @@ def parse_spec(value: Any, default: SpecConfig) -> SpecConfig:
     if value is None:
         return default
     if value is False:
-        return SpecConfig("off", default.num_tokens, default.ngram_min, default.ngram_max)
+        return replace(default, method="off")
     if value is True:
         value = {"method": default.method if default.on else "ngram"}
     if isinstance(value, str):
@@ -108,11 +142,12 @@ def parse_spec(value: Any, default: SpecConfig) -> SpecConfig:
         raise InvalidRequestError(
             f"speculative.method must be one of {', '.join(METHODS)}, got {method!r}", param="speculative"
         )
-    config = SpecConfig(
-        method,
-        value.get("num_tokens", default.num_tokens),
-        value.get("ngram_min", default.ngram_min),
-        value.get("ngram_max", max(default.ngram_max, value.get("ngram_min", default.ngram_min))),
+    config = replace(  # the server's adaptation policy (and replay) carried over
+        default,
+        method=method,
+        num_tokens=value.get("num_tokens", default.num_tokens),
+        ngram_min=value.get("ngram_min", default.ngram_min),
+        ngram_max=value.get("ngram_max", max(default.ngram_max, value.get("ngram_min", default.ngram_min))),
     )
     config.validate()
     return config
@@ -146,6 +181,69 @@ def accept_drafts(
             residual = p
         return i, int(_draw(residual, rng.random()))
     return len(drafts), int(_draw(p_of(len(drafts)), rng.random()))
+
+
+# --- the draft length ----------------------------------------------------------------------------------------
+
+
+class DraftLength:
+    """One request's draft length k, adapted to its running acceptance (`SpecAdapt`):
+
+    * k starts at num_tokens. Each verification step adds its drafts to a window of the last `window` drafted
+      tokens (accepted or not; drafts after the first rejection count as rejected, like accepted / drafted).
+    * rate >= `high`: k doubles, up to num_tokens. After `warmup` verification steps, rate < `low`: k halves; from
+      1 it goes to 0, drafting paused (the window cleared).
+    * Paused, the request decodes plainly (`paused_steps` counts those steps); after `probe_every` plain steps it
+      drafts PROBE_TOKENS. Accepted: drafting resumes at that k with a fresh window and warm-up, so a request whose
+      text starts repeating gets speculation back (and k back up while the rate stays high). Rejected: the count
+      of plain steps starts over.
+    """
+
+    def __init__(self, num_tokens: int, adapt: SpecAdapt = SpecAdapt()):
+        self.k_max, self.adapt, self.k = num_tokens, adapt, num_tokens
+        self.window: deque[bool] = deque(maxlen=max(1, adapt.window))
+        self.steps = 0  # verification steps since the start or the last resume
+        self.plain = 0  # plain steps since drafting was paused (or the last failed probe)
+        self.paused_steps = 0
+
+    @property
+    def paused(self) -> bool:
+        """Drafting paused and no probe due: this step decodes plainly."""
+        return self.k == 0 and self.plain < self.adapt.probe_every
+
+    def next_k(self) -> int:
+        """How many tokens to draft this step: k, a probe, or 0 (paused)."""
+        if self.k > 0:
+            return self.k
+        return 0 if self.paused else min(PROBE_TOKENS, self.k_max)
+
+    def plain_step(self) -> None:
+        """The request decoded a step without drafts while paused."""
+        self.plain += 1
+        self.paused_steps += 1
+
+    def verified(self, drafted: int, accepted: int) -> None:
+        """A verification step of `drafted` tokens kept `accepted` of them."""
+        if not self.adapt.on or drafted <= 0:
+            return
+        if self.k == 0:  # a probe
+            if accepted == drafted:
+                self.k, self.steps = drafted, 0
+                self.window.clear()
+                self.window.extend([True] * accepted)
+            else:
+                self.plain = 0
+            return
+        self.window.extend([True] * accepted + [False] * (drafted - accepted))
+        self.steps += 1
+        rate = sum(self.window) / len(self.window)
+        if rate >= self.adapt.high:
+            self.k = min(self.k_max, 2 * self.k)
+        elif rate < self.adapt.low and self.steps >= self.adapt.warmup:
+            self.k //= 2
+            if self.k == 0:
+                self.plain = 0
+                self.window.clear()
 
 
 # --- drafters --------------------------------------------------------------------------------------------------
