@@ -1,4 +1,5 @@
 // AVX-512 kernels (F, BW, VL, DQ, VNNI; this file alone is built with those flags).
+// dense_q6_k_vbmi alone also uses VBMI (a target attribute, checked with CPUID before it runs).
 //
 // Layouts (src/blocks.h; scalar.cpp is the spec):
 //   T2P ternary: packed[tile][block][row][64], 4 rows per tile, one 64-byte block per 256 columns.
@@ -500,6 +501,132 @@ void dense_q6_k(const uint8_t *w, size_t rb, int n_rows, int64_t cols, const flo
     store_rows<R, T>(acc, out, out_stride, n_rows);
 }
 
+// Q6_K rows with VBMI (used when the CPU has it and x passes q6_k_fast_x): the same weights and FMAs
+// in the same order as dense_q6_k, with the dequantisation rebuilt. Every weight (d * scale) * (q - 32)
+// is exact in float (d: 11 significant bits, scale: 7, q - 32: 5 or the power of two 32, so <= 23
+// bits; no overflow or underflow), so any exact way of producing it gives the same value. Here the
+// 64 six-bit q of a half-group are assembled as bytes with zmm bit ops, one vpermt2b per 16 columns
+// moves each q to byte 2 of a dword under the constant byte 0x43 (the float 128 + q, exact), and
+// one FMA gives (128 + q) * s - 160 * s = s * (q - 32) with s = d * scale and -160 * s exact (21
+// bits): one rounding of an exact value, i.e. the value itself. This replaces widen, convert and
+// multiply (3 uops) by permute and FMA (2). The one difference is the sign of a zero weight (q = 32
+// with s < 0, or s = 0): +0 here. A zero weight's product only changes an accumulator that is exactly
+// -0, and an accumulator starts at +0 and can only become -0 by rounding a negative sum of magnitude
+// below 2^-150 to zero; with every nonzero finite |x| >= 2^-60 each weight (a multiple of 2^-24)
+// times x is a multiple of 2^-107, so every accumulator stays a multiple of 2^-107 and never rounds
+// to zero from a nonzero sum (q6_k_fast_x checks this once per call; otherwise dense_q6_k runs).
+// Non-finite d (inf * 0 vs NaN) sends that block of that row to dense_q6_k's code.
+inline bool q6_k_fast_x(const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t b;
+        std::memcpy(&b, x + i, sizeof b);
+        b &= 0x7FFFFFFFu;
+        if (b != 0 && b < (67u << 23)) return false;  // nonzero with |x| < 2^-60 (denormals included)
+    }
+    return true;
+}
+
+template <int T>
+inline void q6_k_block_plain(const block_q6_k *blk, const float *xb, int64_t cols, __m512 (&acc)[T]) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
+    alignas(64) float sc[16];
+    _mm512_store_ps(sc, _mm512_mul_ps(_mm512_set1_ps(half_to_float(blk->d)),
+                                      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(blk->scales))))));
+    for (int h = 0; h < 2; ++h) {
+        const __m256i ql0 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk->ql + 64 * h));
+        const __m256i ql1 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk->ql + 64 * h + 32));
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk->qh + 32 * h));
+        for (int g = 0; g < 4; ++g) {
+            const __m256i lo = (g & 2) ? _mm256_and_si256(_mm256_srli_epi16(g & 1 ? ql1 : ql0, 4), m4) : _mm256_and_si256(g & 1 ? ql1 : ql0, m4);
+            const __m256i hi = _mm256_and_si256(g ? _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * g)) : qh, m2);
+            const __m256i v = _mm256_sub_epi8(_mm256_or_si256(lo, _mm256_slli_epi16(hi, 4)), bias);
+            const __m512 w0 = _mm512_mul_ps(_mm512_set1_ps(sc[8 * h + 2 * g]), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v))));
+            const __m512 w1 = _mm512_mul_ps(_mm512_set1_ps(sc[8 * h + 2 * g + 1]), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1))));
+            const float *xc = xb + 128 * h + 32 * g;
+            for (int t = 0; t < T; ++t)
+                acc[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xc + t * cols + 16), _mm512_fmadd_ps(w0, _mm512_loadu_ps(xc + t * cols), acc[t]));
+        }
+    }
+}
+
+template <int R, int T>
+__attribute__((target("avx512vbmi"))) void dense_q6_k_vbmi(const uint8_t *w, size_t rb, int n_rows, int64_t cols, const float *x, float *out,
+                                                           int64_t out_stride) {
+    RYZ_DENSE_ROWS
+    const __m512i m4 = _mm512_set1_epi8(0x0F), m30 = _mm512_set1_epi8(0x30), top = _mm512_set1_epi32(0x43000000);
+    // qh bits 2g..2g+1 to bits 4..5: g = 0 | 1 in the low | high 32 bytes (shift left 4 | 2), g = 2 | 3 (right 0 | 2)
+    const __m512i shl = _mm512_inserti64x4(_mm512_set1_epi16(4), _mm256_set1_epi16(2), 1);
+    const __m512i shr = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
+    // Sub-block k: byte 2 of dword i takes q[16k + i] (idx[k]); the other bytes keep top's 0x43000000.
+    const __mmask64 byte2 = 0x4444444444444444ull;
+    __m512i idx[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k)
+        idx[k] = _mm512_slli_epi32(_mm512_add_epi32(_mm512_set1_epi32(16 * k), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)), 16);
+    const __m512 neg160 = _mm512_set1_ps(-160.0f);
+    __m512 acc[R][T];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < cols / QK_K; ++b) {
+        const size_t pf = prefetch_offset(b * sizeof(block_q6_k), rb, R);
+        const float *xb = x + b * QK_K;
+        const block_q6_k *blk[R];
+        bool finite = true;
+        alignas(64) float sc[R][16], cc[R][16];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            for (int i = 0; i < 256; i += 64) prefetch(rows[r] + pf + i);
+            blk[r] = reinterpret_cast<const block_q6_k *>(rows[r] + b * sizeof(block_q6_k));
+            fp16_t dh;
+            std::memcpy(&dh, &blk[r]->d, sizeof dh);
+            finite = finite && (dh & 0x7C00) != 0x7C00;
+            const __m512 s = _mm512_mul_ps(_mm512_set1_ps(half_to_float(dh)),
+                                           _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(blk[r]->scales)))));
+            _mm512_store_ps(sc[r], s);
+            _mm512_store_ps(cc[r], _mm512_mul_ps(s, neg160));
+        }
+        if (__builtin_expect(!finite, 0)) {  // an inf or NaN d: this block the plain way (a row's order is its own)
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) q6_k_block_plain<T>(blk[r], xb, cols, acc[r]);
+            continue;
+        }
+        // Broadcast from memory (load ports): without this GCC keeps s in a register and spends a
+        // vpermd (port 5, the permute's port) per broadcast.
+        asm("" : "+m"(sc), "+m"(cc));
+        // The R rows advance together, sub-block by sub-block: each row's accumulator is one FMA
+        // chain (the fixed order), so R chains in flight hide the FMA latency.
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+            __m512i A[R][2];
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+                const __m512i L = _mm512_loadu_si512(blk[r]->ql + 64 * h);
+                const __m512i Q = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(blk[r]->qh + 32 * h)));
+                // (L & 0x0F) | (qh bits & 0x30): ternlog (a & c) | b = 0xEC
+                A[r][0] = _mm512_ternarylogic_epi32(L, _mm512_and_si512(_mm512_sllv_epi16(Q, shl), m30), m4, 0xEC);
+                A[r][1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(L, 4), _mm512_and_si512(_mm512_srlv_epi16(Q, shr), m30), m4, 0xEC);
+            }
+#pragma GCC unroll 2
+            for (int a = 0; a < 2; ++a)
+#pragma GCC unroll 4
+                for (int k = 0; k < 4; ++k) {
+                    const int j = 8 * h + 4 * a + k;
+                    const float *xc = xb + 16 * j;
+#pragma GCC unroll 8
+                    for (int r = 0; r < R; ++r) {
+                        const __m512 fl = _mm512_castsi512_ps(_mm512_mask_permutexvar_epi8(top, byte2, idx[k], A[r][a]));
+                        const __m512 wv = _mm512_fmadd_ps(fl, _mm512_set1_ps(sc[r][j]), _mm512_set1_ps(cc[r][j]));
+#pragma GCC unroll 4
+                        for (int t = 0; t < T; ++t) acc[r][t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xc + t * cols), acc[r][t]);
+                    }
+                }
+        }
+    }
+    store_rows<R, T>(acc, out, out_stride, n_rows);
+}
+
 using DenseFn = void (*)(const uint8_t *, size_t, int, int64_t, const float *, float *, int64_t);
 
 // R rows per pass and kernels for 4 (if registers allow), 2 and 1 tokens; n_tokens is covered greedily.
@@ -537,9 +664,15 @@ void dense_gemm_avx512(const void *w, int32_t type, int64_t row_begin, int64_t r
             else
                 dense_rows<4, dense_q8_0<4, 1>, dense_q8_0<4, 2>, dense_q8_0<4, 4>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
             break;
-        case RYZ_TYPE_Q6_K:
-            dense_rows<4, dense_q6_k<4, 1>, dense_q6_k<4, 2>, dense_q6_k<4, 4>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
+        case RYZ_TYPE_Q6_K: {
+            static const bool vbmi = __builtin_cpu_supports("avx512vbmi");
+            // 4 rows in decode too: 8 measured no faster from DRAM (Xeon 0xA7, 2 cores).
+            if (vbmi && q6_k_fast_x(x, static_cast<int64_t>(n_tokens) * cols))
+                dense_rows<4, dense_q6_k_vbmi<4, 1>, dense_q6_k_vbmi<4, 2>, dense_q6_k_vbmi<4, 4>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
+            else
+                dense_rows<4, dense_q6_k<4, 1>, dense_q6_k<4, 2>, dense_q6_k<4, 4>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
             break;
+        }
         default:
             dense_gemm_scalar(w, type, row_begin, row_end, cols, x, n_tokens, out, out_stride);
             break;

@@ -573,6 +573,47 @@ void dense_case(Rng &rng, int32_t type, int64_t rows, int64_t cols, int32_t n_to
     }
 }
 
+// Q6_K inputs that take the AVX-512 kernel's other paths (avx512.cpp, dense_q6_k_vbmi): blocks with an
+// inf or NaN d, zero scales and zero weights (q = 32) under negative scales, and activations with
+// zeros of both signs, or with denormals (the whole call then takes the plain kernel). The SIMD
+// families must still agree bit for bit, NaNs and signed zeros included.
+void dense_q6_k_edges() {
+    Rng rng(11);
+    const int64_t rows = 9, cols = 512;
+    std::vector<uint8_t> w;
+    std::vector<double> deq;
+    random_dense(rng, RYZ_TYPE_Q6_K, rows, cols, w, deq);
+    const size_t rb = dense_row_bytes(RYZ_TYPE_Q6_K, cols);
+    const uint16_t d_special[] = {0x7C00, 0xFC00, 0x7E00, 0x0000, 0x8000};
+    for (int i = 0; i < 5; ++i) std::memcpy(&w[rb * static_cast<size_t>(i + 1) + 210 * static_cast<size_t>(i % 2) + 208], &d_special[i], 2);
+    for (int64_t r = 0; r < rows; ++r) {
+        uint8_t *blk = &w[rb * static_cast<size_t>(r)];
+        blk[192 + r % 16] = 0;                                        // a zero scale
+        blk[192 + (r + 5) % 16] = static_cast<uint8_t>(-3);           // a negative one with q = 32 below
+        for (int j = 0; j < 128; ++j) blk[j] &= 0xF0;                 // low nibbles 0 and
+        for (int j = 0; j < 64; ++j) blk[128 + j] = static_cast<uint8_t>(blk[128 + j] & 0xFC) | 2;  // qh bits 0-1 = 2: q = 32
+    }
+    for (int tiny = 0; tiny < 2; ++tiny)
+        for (int32_t n_tokens : {1, 2, 5}) {
+            std::vector<float> x(static_cast<size_t>(n_tokens * cols));
+            for (size_t i = 0; i < x.size(); ++i) {
+                x[i] = rng.symmetric();
+                if (i % 5 == 0) x[i] = (i % 10 == 0) ? 0.0f : -0.0f;
+                if (tiny && i % 7 == 0) x[i] = (i % 14 == 0 ? 1.0f : -1.0f) * 1e-40f;
+            }
+            std::vector<float> first;
+            for (int32_t isa : g_simd_isas) {
+                if (isa == RYZ_ISA_SCALAR) continue;
+                ryz_set_isa(isa);
+                std::vector<float> out(static_cast<size_t>(rows * n_tokens));
+                check(ryz_dense_gemm(w.data(), RYZ_TYPE_Q6_K, rows, cols, x.data(), n_tokens, out.data()) == RYZ_OK, "dense Q6_K edges: %s", ryz_last_error());
+                if (first.empty()) first = out;
+                else check(std::memcmp(first.data(), out.data(), out.size() * 4) == 0, "dense %s Q6_K edges (tiny x %d, n=%d): differs from %s bit for bit",
+                           isa_name(isa), tiny, n_tokens, isa_name(g_simd_isas[0]));
+            }
+        }
+}
+
 void test_dense() {
     Rng rng(3);
     for (int32_t type : {RYZ_TYPE_F32, RYZ_TYPE_F16, RYZ_TYPE_Q8_0, RYZ_TYPE_Q6_K}) {
@@ -586,7 +627,7 @@ void test_dense() {
         if (any_cols)
             for (int64_t cols : {1, 15, 17, 100, 250, 1000}) dense_case(rng, type, 6, cols, 2);
         dense_case(rng, type, 67, 256 * 3, 1);
-    }
+    }    dense_q6_k_edges();
 }
 
 // ---------------------------------------------------------------------------------------------
