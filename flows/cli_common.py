@@ -10,6 +10,12 @@ import sys
 EXIT_ERROR = 1  # a failed command or check
 EXIT_USAGE = 2  # bad arguments
 
+# Every command that takes a model names the forms it accepts (engine/artifacts/refs.py resolves them).
+MODEL_REF_HELP = (
+    "a model reference: name:version (ryz-demo-m:1), an alias (production, canary, previous), "
+    "an artifact id or prefix of >= 12 hex digits, or a .gguf path"
+)
+
 
 def print_json(value) -> None:
     """`--json` output: JSON on stdout and nothing else there."""
