@@ -4,14 +4,16 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: run test fuzz soak install install-dev fixtures zoo check-neon exhaustive-exp clean help
+.PHONY: run test fuzz soak container-test install install-dev fixtures zoo check-neon check-ik-llama exhaustive-exp clean help
 
 help:
 	@echo "make run   - install into $(VENV) and run the main job on the embedded defaults"
 	@echo "make test  - install into $(VENV) (with dev extras) and run the whole test suite"
 	@echo "make fuzz  - fuzz the GGUF and safetensors readers and the native loader at length (FUZZ_EXAMPLES, FUZZ_SECONDS)"
 	@echo "make soak  - a mixed-load soak of ryz serve on the demo model (SOAK_SECONDS, default 180) -> build/soak.json"
+	@echo "make container-test - build the Dockerfile's image and serve a bundle from it (skips when no docker/podman answers)"
 	@echo "make exhaustive-exp - the softmax exp of every SIMD family against std::exp on all 2^32 floats (~2.5 min per family)"
+	@echo "make check-ik-llama - build ik_llama.cpp from its PyPI sdist (build/ik-llama, ~15 CPU-min) and run \`ryz export --to ik_llama\` files through it"
 
 $(PY):
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required (found %s); set PYTHON=python3.11" % sys.version.split()[0]'
@@ -68,6 +70,13 @@ fuzz: install-dev
 soak: install
 	$(PY) scripts/soak.py --seconds $${SOAK_SECONDS:-180} --json build/soak.json
 
+# The container image end to end (scripts/container_test.py, docs/container.md): `docker build` (or podman) of the
+# Dockerfile, then a serving bundle of the demo model served from the image through its rendered compose file, /ready,
+# a completion, the healthcheck. Says SKIPPED and succeeds where no container engine answers (`make test` lints the
+# Dockerfile with hadolint either way).
+container-test: install
+	$(PY) scripts/container_test.py
+
 # Dev only: regenerate the transformers parity fixtures (torch + transformers in a separate venv).
 fixtures:
 	$(PYTHON) -m venv .venv-scripts
@@ -90,6 +99,23 @@ check-neon:
 	  -DCMAKE_CXX_COMPILER=aarch64-linux-gnu-g++ -DCMAKE_BUILD_TYPE=Release > /dev/null
 	cmake --build build/neon -j 2
 	qemu-aarch64-static -L /usr/aarch64-linux-gnu build/neon/ryz_native_tests
+
+# Dev only: ik_llama.cpp (CPU, shared libraries) built from the vendored source of the ik-llama-cpp-python sdist
+# (PyPI) into build/ik-llama (15 min of CPU, 37 min wall on 2 shared cores; compiler warnings go to its build.log),
+# then exported small models run through it against our reference (tests/test_export.py, which skips those tests
+# while the build is absent). Not part of `make test`: the build alone is beyond its time budget.
+IK_LLAMA_SDIST := ik_llama_cpp_python-0.1.5
+IK_LLAMA_DIR := build/ik-llama
+check-ik-llama: install-dev
+	@test -d $(IK_LLAMA_DIR)/$(IK_LLAMA_SDIST) || { \
+	  $(PIP) download --no-deps --no-binary :all: ik-llama-cpp-python==0.1.5 -d $(IK_LLAMA_DIR)/dl && \
+	  tar xzf $(IK_LLAMA_DIR)/dl/$(IK_LLAMA_SDIST).tar.gz -C $(IK_LLAMA_DIR); }
+	cmake -S $(IK_LLAMA_DIR)/$(IK_LLAMA_SDIST)/vendor/ik_llama.cpp -B $(IK_LLAMA_DIR)/cmake -DCMAKE_BUILD_TYPE=Release \
+	  -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=ON -DGGML_IQK_FA_ALL_QUANTS=OFF -DGGML_CCACHE=OFF -DLLAMA_CURL=OFF \
+	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF > $(IK_LLAMA_DIR)/configure.log 2>&1
+	cmake --build $(IK_LLAMA_DIR)/cmake --target llama -j 2 > $(IK_LLAMA_DIR)/build.log 2>&1 || \
+	  { tail -n 40 $(IK_LLAMA_DIR)/build.log; exit 1; }
+	$(PY) -m pytest -q -s tests/test_export.py -k ik_llama
 
 # The attention softmax's SIMD exp against (float)std::exp((double)x) for every one of the 2^32 floats, every family
 # this CPU runs (docs/kernels.md "Softmax exp"; `make test` checks every 97th float and the delicate regions). ~1 min.

@@ -144,6 +144,10 @@ class EvaluationRecordError(RyzError, ValueError):
     `ryz eval sha256:1a2b...` first`."""
 
 
+class BaselineRunError(RyzError, RuntimeError):
+    """The CI gate's baseline installation (`ryz ci-bench --baseline-ryz`) failed or printed no JSON result."""
+
+
 # --- discovery (engine/artifacts/discovery.py) ----------------------------------------------------------------
 
 
@@ -159,6 +163,12 @@ class HubError(RyzError, ConnectionError):
 
     def __reduce__(self):  # Prefect pickles task exceptions into failed states
         return type(self), (str(self), self.retryable)
+
+
+class PullError(RyzError, RuntimeError):
+    """`ryz pull` cannot fetch or accept a model: `refusing ryz-fixtures/x@3f2a1b0c9d8e: license cc-by-nc-4.0 not
+    allowed (RYZ_DISCOVERY_LICENSES)`, or `ryz-fixtures/x is gated and no token was sent: accept its terms on the
+    Hub, then set HF_TOKEN or run `huggingface-cli login` (`hf auth login`)`."""
 
 
 # --- retrieval index (engine/retrieval/embedder.py, engine/retrieval/corpus.py, engine/retrieval/index.py) ------------
@@ -188,3 +198,13 @@ class BundleError(RyzError, ValueError):
     """A serving bundle cannot be built, read or served: `/opt/ryzanstein/bundle is not a serving bundle (no
     bundle.json)`, or `kernels/libryz.so in /opt/ryzanstein/bundle does not match bundle.json (sha256 3f2a...
     expected 9c1b...): the bundle was modified or damaged; fetch it again with `ryz bundle REF -o DIR``."""
+
+
+# --- export for other engines (engine/model/export.py) --------------------------------------------------------
+
+
+class ExportError(RyzError, ValueError):
+    """A model cannot be exported for the engine asked for, because no graph of that engine computes it, or the
+    output path is unusable: `llama.cpp cannot compute this model: its bitnet graph applies SiLU in the FFN and
+    this model uses relu² (bitnet-b1.58-2B-4T style); export it with --to ik_llama (ik_llama.cpp's bitnet-25 graph
+    computes relu² with sub-norms)`."""

@@ -51,3 +51,20 @@ def file_lock(path: Path) -> Iterator[None]:
     with path.open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         yield  # closing the file releases the lock
+
+
+@contextmanager
+def atomic_file(target: str | Path, mode: int = 0o644) -> Iterator[Path]:
+    """A temporary file beside `target` to write; on success it replaces `target` in one rename, on any failure
+    (Ctrl-C included) it is removed, so a reader never sees a half-written file at `target`."""
+    target = Path(target)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, mode)  # mkstemp makes it private; an exported model is read by other tools and users
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     spec_adapt_probe_every: int = Field(
         16, ge=1, description="adaptive k: a paused request drafts 1 token after this many plain steps (kept: resumed)"
     )
+    profile_steps: bool = Field(
+        False,
+        description="time each engine step by part (the native forward's parts and the Python around it), per "
+        "batch size; in GET /admin/state as `step_profile` (what `ryz bench-serve` records)",
+    )
     max_request_bytes: int = Field(
         4 << 20, ge=1024, description="largest request body accepted, counted on the bytes read (chunked too): 413"
     )

@@ -31,7 +31,6 @@ import json
 import math
 import platform
 import statistics
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 
 from engine import host
 from engine.errors import EvaluationRecordError, SchemaVersionError
+from evaluations import say
 
 SCHEMA = 1
 KIND = "evaluation"
@@ -96,7 +96,7 @@ HEADLINE_ORDER = ("acc", "exact_match", "pass@1", "acc_norm", "f1", "mc2")  # a 
 
 
 def log(message: str) -> None:
-    print(f"ryz eval: {message}", file=sys.stderr, flush=True)
+    say(f"ryz eval: {message}")
 
 
 def metric_kind(metric: str) -> str:

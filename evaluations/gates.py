@@ -11,7 +11,9 @@ distribution assumed, 3 runs a side). Records without runs (older ones, one run 
 noise floor (RYZ_GATE_SPEED_MIN_DELTA_MS): below the floor it fails only if also slower by more than that, and the
 check says the noise floor decided because a record has no runs. Each speed check states the comparison that
 decided it. Speeds are compared only when both records were measured on the same CPU fingerprint (or either lacks
-one).
+one); the check then says they were not compared, and a gate that `require_speed`s (the CI gate, `ryz ci-bench`)
+fails on it. A gate that compared nothing (no task in common, no speed comparison) fails with that reason, and one
+that `require_tasks` fails when no task is in common.
 
 Promote only when better (RYZ_RELEASE_POLICY=improve, the default): passing is not enough to replace production.
 The candidate must also be better beyond noise on at least one primary metric:
@@ -93,9 +95,12 @@ def compare_to_baseline(
     policy: str = "not-worse",
     improve_z: float = Z,
     improve_speed_margin: float = 0.10,
+    require_tasks: bool = False,
+    require_speed: bool = False,
 ) -> GateResult:
     """Not worse on any gated metric (passed), and under policy improve also whether better beyond noise on a
-    primary one (improved)."""
+    primary one (improved). Comparing nothing fails; `require_tasks` / `require_speed` fail a gate that compared
+    no task / no decode speed (a CI gate must compare both to mean anything)."""
     if policy not in POLICIES:
         raise ValueError(f"unknown release policy {policy!r}; one of {', '.join(POLICIES)}")
     improve = policy == "improve"
@@ -145,17 +150,43 @@ def compare_to_baseline(
                 improvements.append(improvement_checks[-1])
             else:
                 improvement_checks.append(f"{head} ({gain:+.4f} <= {improve_z} x stderr {se:.4f} = {bar:.4f})")
+    compared_tasks = len(checks)
     cb, bb = candidate.get("bench"), baseline.get("bench")
     cpu_c = (candidate.get("environment") or {}).get("cpu_fingerprint")
     cpu_b = (baseline.get("environment") or {}).get("cpu_fingerprint")
+    speed_skipped = None  # why decode speed was not compared
     if cb and bb and cpu_c and cpu_b and cpu_c != cpu_b:
         # Speeds measured on different CPUs do not compare (a CI runner vs the machine that wrote the baseline).
-        checks.append(f"decode speed not compared: baseline measured on CPU {cpu_b}, this run on {cpu_c}")
+        speed_skipped = f"baseline measured on CPU {cpu_b}, this run on {cpu_c}"
     elif cb and bb:
         slow, text = speed_regression(cb, bb, speed_margin, speed_min_delta_ms)
         checks.append(text)
         if slow:
             reasons.append(f"speed: {text}")
+    else:
+        missing = [who for who, b in (("candidate", cb), ("baseline", bb)) if not b]
+        speed_skipped = f"no benchmark in the {' and '.join(missing)} record"
+    if speed_skipped:
+        checks.append(f"decode speed not compared: {speed_skipped}")
+    no_task = None
+    if not compared_tasks:
+        common = sorted(set(candidate["tasks"]) & set(baseline["tasks"]))
+        no_task = (
+            f"no task in common (candidate: {', '.join(sorted(candidate['tasks'])) or 'none'}; baseline: "
+            f"{', '.join(sorted(baseline['tasks'])) or 'none'})"
+            if not common
+            else f"no headline metric in common on {', '.join(common)}"
+        )
+    if no_task and speed_skipped:
+        reasons.append(f"nothing compared: {no_task}, and decode speed not compared: {speed_skipped}")
+    else:
+        if no_task and require_tasks:
+            reasons.append(f"accuracy not compared: {no_task}")
+        if speed_skipped and require_speed:
+            reasons.append(
+                f"speed not compared: {speed_skipped}; measure the baseline on this machine "
+                "(ryz ci-bench --baseline-model)"
+            )
     if improve:
         improvement_checks.append(
             speed_improvement(cb, bb, cpu_c, cpu_b, improve_speed_margin, speed_min_delta_ms, improvements)
@@ -272,10 +303,13 @@ def speed_improvement(
     return improvements[-1]
 
 
-def gate(candidate: dict, baseline: dict | None, settings) -> GateResult:
+def gate(
+    candidate: dict, baseline: dict | None, settings, *, require_tasks: bool = False, require_speed: bool = False
+) -> GateResult:
     """The one rule the release and the CI evaluation share: against the baseline's record with the settings'
     margins and release policy (`held`: passed but not better, under improve), or, with no baseline (the first
-    model, or a production without a record), the settings' floors (improved None: nothing to be better than)."""
+    model, or a production without a record), the settings' floors (improved None: nothing to be better than).
+    `require_tasks` / `require_speed`: see compare_to_baseline (the CI gate sets both)."""
     if baseline is None:
         return check_floors(candidate, settings.gate_floors, settings.gate_min_decode_tok_s)
     return compare_to_baseline(
@@ -287,6 +321,8 @@ def gate(candidate: dict, baseline: dict | None, settings) -> GateResult:
         policy=settings.release_policy,
         improve_z=settings.gate_improve_z,
         improve_speed_margin=settings.gate_improve_speed_margin,
+        require_tasks=require_tasks,
+        require_speed=require_speed,
     )
 
 

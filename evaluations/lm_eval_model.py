@@ -44,6 +44,7 @@ from engine.serving.chat import render_chat
 from engine.serving.core import GenerationRequest, batch_engine
 from engine.serving.sampling import SamplingParams
 from engine.settings import get_settings
+from evaluations import bars_disabled
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +184,10 @@ class RyzansteinLM(TemplateLM):
 
     # -- scoring --
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        # TemplateLM's "Tokenizing inputs" bar passes disable= explicitly, so TQDM_DISABLE alone misses it.
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or bars_disabled())
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         pairs = []
         for _key, context, continuation in requests:
@@ -196,7 +201,7 @@ class RyzansteinLM(TemplateLM):
                 )
             pairs.append((context, list(continuation)))
         results = []
-        with tqdm(total=len(pairs), desc="ryzanstein loglikelihood", disable=disable_tqdm) as bar:
+        with tqdm(total=len(pairs), desc="ryzanstein loglikelihood", disable=disable_tqdm or bars_disabled()) as bar:
             for start in range(0, len(pairs), SCORE_CHUNK):  # chunks only to move the bar and fill the cache
                 scored = self.core.score(pairs[start : start + SCORE_CHUNK])
                 for (key, _, _), result in zip(requests[start : start + SCORE_CHUNK], scored):
@@ -247,7 +252,7 @@ class RyzansteinLM(TemplateLM):
             budgets.append(budget)
             untils.append([u for u in until if u])
         texts = []
-        with tqdm(total=len(prompts), desc="ryzanstein generate_until", disable=disable_tqdm) as bar:
+        with tqdm(total=len(prompts), desc="ryzanstein generate_until", disable=disable_tqdm or bars_disabled()) as bar:
             for start in range(0, len(prompts), SCORE_CHUNK):
                 batch = [
                     GenerationRequest(prompts[i], SamplingParams(temperature=0.0), budgets[i], untils[i])

@@ -40,6 +40,7 @@ import numpy as np
 
 from engine.fsutil import atomic_directory, file_lock
 from engine.host import available_cpus
+from evaluations import say
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 # ggml-org/llama.cpp commit vendored by each llama-cpp-python sdist (its CHANGELOG: "update llama.cpp to
@@ -83,7 +84,7 @@ OWN_ARCH_PREFIX = "ryz-bitnet."
 
 
 def log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
+    say(f"[bench] {message}")
 
 
 # --- measured subprocesses ------------------------------------------------------------------------

@@ -37,7 +37,12 @@ ZOO = Path(__file__).resolve().parents[1] / "examples" / "zoo"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("target", metavar="SHAPE_OR_MODEL", help="a shape (tiny, medium, bitnet-2b4t) or a model reference")
+    p.add_argument(
+        "target",
+        metavar="SHAPE_OR_MODEL",
+        help="a shape (tiny, medium, bitnet-2b4t) or a model reference: name:version, an alias (production, canary, "
+        "previous), an artifact id or prefix, or a .gguf path",
+    )
     p.add_argument("--threads", type=int, help="compute threads (default RYZ_THREADS, else all physical cores)")
     p.add_argument("--prompt", type=int, default=128, help="positions before the measured steps (default 128)")
     p.add_argument("--gen", type=int, default=128, help="decoded tokens per run (default 128)")

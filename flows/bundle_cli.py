@@ -9,7 +9,11 @@ from pathlib import Path
 
 
 def add_bundle_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ref", metavar="VERSION_OR_ALIAS", help="name:version or an alias (production, canary, previous)")
+    p.add_argument(
+        "ref",
+        metavar="VERSION_OR_ALIAS",
+        help="a registry version: name:version (ryz-demo-m:1) or an alias (production, canary, previous)",
+    )
     p.add_argument(
         "-o", "--output", required=True, type=Path, help="the bundle directory to write (must not exist, or be empty)"
     )

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flows.cli_common import EXIT_ERROR, EXIT_USAGE
+from flows.cli_common import EXIT_ERROR, EXIT_USAGE, MODEL_REF_HELP
 from flows.cli_common import positive_int as _positive_int
 from flows.cli_common import print_json as _print_json
 from flows.cli_common import store as _store
@@ -111,32 +111,43 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    """One completion through the engine core (the server's sampling, stops and limits) on the native engine, or on
+    the numpy reference behind the same core (`--engine reference`, the yardstick)."""
     from engine.artifacts.refs import resolve_model
-    from engine.model.reference import ReferenceModel
+    from engine.model.loader import open_model
+    from engine.model.reference import ReferenceModel, ReferenceSlots
     from engine.model.tokenizer import ModelTokenizer
+    from engine.serving.core import GenerationRequest, batch_engine
+    from engine.serving.speculative import SpecConfig
+    from flows.run_cli import sampling_options
 
+    params = sampling_options(args).sampling()
     path = resolve_model(args.model, _store())
-    model: NativeModel | ReferenceModel
-    if args.engine == "native" or args.speculative != "off":  # speculation runs on the native engine core
-        from engine.model.loader import open_model
-
-        model = open_model(path, "generate")
-    else:
-        model = ReferenceModel(path)
+    native = args.engine == "native" or args.speculative != "off"  # speculation runs on the native engine
+    model: NativeModel | ReferenceSlots
+    model = open_model(path, "generate", threads=args.threads) if native else ReferenceSlots(ReferenceModel(path))
     tokenizer = ModelTokenizer(model.file)
     prompt_ids = tokenizer.encode(args.prompt)
-    spec = None
-    if args.speculative == "off":
-        ids = model.generate(prompt_ids, args.max_tokens, stop_ids=tokenizer.stop_ids)
-    else:
-        ids, spec = _generate_speculative(args, model, tokenizer, prompt_ids)
-    text = tokenizer.decode(ids)
+    draft = _draft_model(args, model, tokenizer) if args.speculative == "draft" else None
+    core = batch_engine(model, tokenizer, speculative=SpecConfig(args.speculative, args.spec_tokens), draft_model=draft)
+    try:
+        max_tokens = min(args.max_tokens, model.max_positions - len(prompt_ids))
+        request = GenerationRequest(prompt_ids, params, max_tokens=max(max_tokens, 1), stop=list(args.stop))
+        result = core.run([request])[0]
+    finally:
+        core.close()
+    spec = result.speculative if args.speculative != "off" else None
     if args.json:
-        engine = "native" if spec else args.engine
-        out = {"text": text, "token_ids": ids, "prompt_token_ids": prompt_ids, "engine": engine}
+        out = {
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "prompt_token_ids": prompt_ids,
+            "finish_reason": result.finish_reason,
+            "engine": "native" if native else "reference",
+        }
         _print_json({**out, "speculative": spec} if spec else out)
     else:
-        print(text)
+        print(result.text)
     if spec:
         rate = spec["accepted"] / spec["drafted"] if spec["drafted"] else 0.0
         per_step = spec["emitted"] / spec["steps"] if spec["steps"] else 0.0
@@ -148,34 +159,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _generate_speculative(args, model, tokenizer, prompt_ids: list[int]) -> tuple[list[int], dict]:
-    """Greedy decoding through the engine core with speculation (the same tokens as without it)."""
+def _draft_model(args, model, tokenizer):
+    """--speculative draft: the --draft-model beside the target (same tokenizer, checked by DraftModel)."""
     from engine.artifacts.refs import resolve_model
     from engine.model.loader import open_model
     from engine.model.tokenizer import ModelTokenizer
-    from engine.serving.core import GenerationRequest, batch_engine
-    from engine.serving.sampling import SamplingParams
-    from engine.serving.speculative import DraftModel, SpecConfig
+    from engine.serving.speculative import DraftModel
 
-    draft = None
-    if args.speculative == "draft":
-        if not args.draft_model:
-            raise SystemExit("ryz generate: --speculative draft needs --draft-model REF")
-        draft_native = open_model(resolve_model(args.draft_model, _store()), "generate")
-        draft = DraftModel(
-            draft_native,
-            ModelTokenizer(draft_native.file),
-            model.hp.vocab,
-            tokenizer,
-            f"draft model {args.draft_model!r}",
-        )
-    core = batch_engine(model, tokenizer, speculative=SpecConfig(args.speculative, args.spec_tokens), draft_model=draft)
-    try:
-        request = GenerationRequest(prompt_ids, SamplingParams(temperature=0), max_tokens=args.max_tokens)
-        result = core.run([request])[0]
-    finally:
-        core.close()
-    return result.token_ids, result.speculative or {}
+    if not args.draft_model:
+        raise SystemExit("ryz generate: --speculative draft needs --draft-model REF")
+    draft_native = open_model(resolve_model(args.draft_model, _store()), "generate", threads=args.threads)
+    return DraftModel(
+        draft_native, ModelTokenizer(draft_native.file), model.hp.vocab, tokenizer, f"draft model {args.draft_model!r}"
+    )
 
 
 def cmd_artifacts(args) -> int:
@@ -337,14 +333,19 @@ def cmd_pipeline_run(args) -> int:
     import os
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from flows.run import pipeline_run
+    # The temporary Prefect server gets 20 s to start by default: too few on a busy 2-core machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    from flows.progress import console
 
-    result = pipeline_run(
-        source=args.source,
-        path=str(Path(args.path).resolve()) if args.path else None,
-        suite=args.suite,
-        limit=args.limit,
-    )
+    with console(verbose=args.verbose):  # before Prefect and lm-eval are imported: they read it at import
+        from flows.run import pipeline_run
+
+        result = pipeline_run(
+            source=args.source,
+            path=str(Path(args.path).resolve()) if args.path else None,
+            suite=args.suite,
+            limit=args.limit,
+        )
     if args.json:  # the JSON alone on stdout (it holds the report's path)
         _print_json(result)
         print(f"report: {result['report']}", file=sys.stderr)
@@ -388,15 +389,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", choices=["tq2_0", "tq1_0"], help="ternary GGUF type (default RYZ_WEIGHTS_TYPE)")
     p.add_argument("--head", choices=["q8_0", "q6_k", "f16"], help="embedding/head type (default RYZ_HEAD_TYPE)")
 
-    p = command("generate", cmd_generate, "greedy-decode (default: the numpy reference forward, slow: the yardstick)")
-    p.add_argument("model", help="artifact id or prefix, or a .gguf path")
-    p.add_argument("prompt")
-    p.add_argument("--max-tokens", type=_positive_int, default=32)
+    p = command(
+        "generate",
+        cmd_generate,
+        "complete a prompt once (no chat template: see `ryz run`) on the native engine, sampling as ollama and "
+        "llama-cli do by default; --temperature 0 is greedy",
+    )
+    p.add_argument("model", metavar="MODEL_REF", help=MODEL_REF_HELP)
+    p.add_argument("prompt", metavar="PROMPT", help="the text to complete (no chat template)")
+    from flows.run_cli import add_sampling_arguments
+
+    add_sampling_arguments(p, max_tokens=32)
     p.add_argument(
         "--engine",
-        choices=["reference", "native"],
-        default="reference",
-        help="reference: numpy (default); native: the C++ kernels built for this CPU",
+        choices=["native", "reference"],
+        default="native",
+        help="native: the C++ kernels built for this CPU (default); reference: the numpy forward (slow: the yardstick)",
+    )
+    p.add_argument(
+        "--threads", type=_positive_int, help="native compute threads (default RYZ_THREADS, else all physical cores)"
     )
     p.add_argument(
         "--speculative",
@@ -405,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="speculative decoding (native engine, same output): ngram drafts from the prompt (prompt lookup), "
         "draft from --draft-model; acceptance is printed on stderr",
     )
-    p.add_argument("--draft-model", help="--speculative draft: a smaller model with the same tokenizer (reference)")
+    p.add_argument(
+        "--draft-model", help=f"--speculative draft: a smaller model with the same tokenizer; {MODEL_REF_HELP}"
+    )
     p.add_argument("--spec-tokens", type=_positive_int, default=4, help="tokens drafted per step (default 4)")
 
     p = command(
@@ -413,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_build_kernels,
         "build (or find cached) native kernels for this CPU; optionally autotune on a model",
     )
-    p.add_argument("--model", help="autotune on this model's linear shapes (artifact id or prefix, or a .gguf path)")
+    p.add_argument("--model", help=f"autotune on this model's linear shapes: {MODEL_REF_HELP}")
     p.add_argument("--force", action="store_true", help="rebuild even if a build with the same key is cached")
 
     p = command(
@@ -425,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "target",
         metavar="SHAPE_OR_ARTIFACT",
-        help="a shape (tiny, medium, bitnet-2b4t: random weights, synthesized once and cached) or a model reference",
+        help=f"a shape (tiny, medium, bitnet-2b4t: random weights, synthesized once and cached) or {MODEL_REF_HELP}",
     )
     p.add_argument("--threads", type=int, help="compute threads (default RYZ_THREADS, else all physical cores)")
     p.add_argument("--prompt", type=int, default=512, help="prompt tokens for prefill and TTFT (default 512)")
@@ -467,8 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--model",
-        help="model loaded as production: artifact id or prefix, or a .gguf path (omitted: follow the registry: "
-        "its production and, during a release, the canary at the release's weight; docs/release.md)",
+        help=f"model loaded as production: {MODEL_REF_HELP} (omitted: follow the registry: its production and, "
+        "during a release, the canary at the release's weight; docs/release.md)",
     )
     p.add_argument("--host", help="bind address (default RYZ_HOST, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default RYZ_PORT, 8000)")
@@ -486,7 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and generate (the production model)",
         json_flag=False,
     )
-    p.add_argument("--model", default="production", help="model for `generate` (default: the production alias)")
+    p.add_argument(
+        "--model", default="production", help=f"model for `generate`: {MODEL_REF_HELP} (default: production)"
+    )
     p.add_argument("--index", default="production", help="index for `search_index` (default: the production index)")
 
     from flows.bundle_cli import add_bundle_arguments, cmd_bundle
@@ -528,6 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--suite", default="gate", help="evaluation suite (default gate)")
     p.add_argument("--limit", type=int, help="examples per task (default: the suite's own limits)")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Prefect's INFO logs, our evaluation/benchmark progress and progress bars on the console (default: "
+        "one line per stage per model, warnings and errors; bars only on a terminal)",
+    )
 
     p = command(
         "lm-eval",
@@ -539,8 +560,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, metavar="ARGS", help="lm-eval's own arguments")
 
     from flows.eval_cli import add_eval_commands
+    from flows.export_cli import add_export_command
+    from flows.ps_cli import add_ps_command
+    from flows.pull_cli import add_pull_command
     from flows.registry_cli import add_registry_commands
     from flows.release_cli import add_release_commands
+    from flows.run_cli import add_run_command
+
+    add_pull_command(sub, command)
+    add_run_command(sub, command)
+    add_export_command(sub, command)
+    add_ps_command(sub, command)
 
     add_release_commands(sub, command)
     add_registry_commands(sub, command)

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from flows.cli_common import EXIT_ERROR
+from flows.cli_common import EXIT_ERROR, EXIT_USAGE, MODEL_REF_HELP
 from flows.cli_common import positive_int as _positive_int
 from flows.cli_common import print_json as _print_json
 from flows.cli_common import store as _store
@@ -100,16 +100,43 @@ def cmd_ci_bench(args) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.evaluate import with_runner
 
+    measured = args.baseline_model is not None
+    misuse = (
+        "--baseline-ryz needs --baseline-model (the model it measures)"
+        if args.baseline_ryz and not measured
+        else "--write-baseline writes a record for --baseline; it does not combine with --baseline-model"
+        if args.write_baseline and measured
+        else "--accuracy-only skips the speed check; --baseline-model is there to measure it"
+        if args.accuracy_only and measured
+        else None
+    )
+    if misuse:
+        print(f"ryz ci-bench: {misuse}", file=sys.stderr)
+        return EXIT_USAGE
     baseline = args.baseline if args.baseline and Path(args.baseline).exists() else None
-    if args.baseline and baseline is None and not args.write_baseline:
+    if not measured and baseline is None and not args.write_baseline:
         print(
-            f"ryz ci-bench: no baseline record at {args.baseline}; run once with --write-baseline on the main branch",
+            f"ryz ci-bench: no baseline record at {args.baseline}; measure one in this run with --baseline-model REF, "
+            "or write one with --write-baseline on the main branch",
             file=sys.stderr,
         )
-        return 2
+        return EXIT_USAGE
     evaluate = with_runner(args.runner, args.shards)
     state = evaluate(
-        model=args.model, suite=args.suite, limit=args.limit, baseline=baseline, shards=args.shards, return_state=True
+        model=args.model,
+        suite=args.suite,
+        limit=args.limit,
+        baseline=None if measured else baseline,
+        shards=args.shards,
+        baseline_model=args.baseline_model,
+        baseline_ryz=args.baseline_ryz,
+        rounds=args.rounds,
+        bench=not args.accuracy_only,
+        # A CI gate that compared nothing says nothing: without a task in common, or (unless --accuracy-only)
+        # without a speed comparison, it fails with that reason. Writing the first baseline has nothing to compare.
+        require_tasks=not args.write_baseline,
+        require_speed=not args.write_baseline and not args.accuracy_only,
+        return_state=True,
     )
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):
@@ -117,13 +144,13 @@ def cmd_ci_bench(args) -> int:
         return 1
     if args.write_baseline:
         from engine.artifacts.store import open_store
+        from engine.fsutil import atomic_file
         from evaluations.evaluate import load_record
 
         out = Path(args.baseline)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(load_record(result["record_id"], open_store()), indent=1) + "\n")
-        tmp.replace(out)
+        with atomic_file(out) as tmp:
+            tmp.write_text(json.dumps(load_record(result["record_id"], open_store()), indent=1) + "\n")
         print(f"baseline written to {out}", file=sys.stderr)
     if args.json:
         _print_json(result)
@@ -140,9 +167,7 @@ def add_eval_commands(sub, command) -> None:
         "evaluate a model on a suite plus the speed benchmark, validate the record (Great "
         "Expectations), store it and write an HTML report; exits 1 when the record is invalid",
     )
-    p.add_argument(
-        "model", metavar="MODEL_REF", help="name:version, an alias, an artifact id or prefix, or a .gguf path"
-    )
+    p.add_argument("model", metavar="MODEL_REF", help=MODEL_REF_HELP)
     p.add_argument("--suite", default="gate", help="gate (default), full, or task names (demo_mc or demo_mc,demo_ppl)")
     p.add_argument(
         "--limit", type=_positive_int, help="documents per task (per subject of a group), overriding the suite's"
@@ -179,18 +204,47 @@ def add_eval_commands(sub, command) -> None:
     p = command(
         "ci-bench",
         cmd_ci_bench,
-        "CI: evaluate a model (suite + speed) and fail on a regression against a "
-        "stored baseline record (what .github/workflows/ci-bench.yml runs)",
+        "CI: evaluate a model (suite + speed) and fail on a regression against a baseline model measured in the "
+        "same run (--baseline-model: accuracy on the same suite, decode speed interleaved on this machine) or a "
+        "stored baseline record; a gate that compared nothing fails (what .github/workflows/ci-bench.yml runs)",
     )
     p.add_argument(
         "--model",
         default="examples/zoo/ryz-demo-m",
-        help="model reference or checkpoint directory (default: the demo zoo's ryz-demo-m)",
+        help=f"the candidate: {MODEL_REF_HELP}, or a checkpoint directory (default: the demo zoo's ryz-demo-m)",
     )
     p.add_argument("--suite", default="demo_mc,demo_gen", help="suite or task list (default demo_mc,demo_gen)")
     p.add_argument("--limit", type=int, default=50, help="examples per task (default 50)")
-    p.add_argument("--baseline", default="ci/baseline-record.json", help="baseline evaluation record (JSON file)")
-    p.add_argument("--write-baseline", action="store_true", help="store this run's record as the new baseline")
+    p.add_argument(
+        "--baseline-model",
+        metavar="REF",
+        help=f"measure the baseline in this run: {MODEL_REF_HELP}, or a checkpoint directory (e.g. production, or "
+        "the same directory with --baseline-ryz); --baseline is then not read",
+    )
+    p.add_argument(
+        "--baseline-ryz",
+        metavar="EXE",
+        help="the `ryz` executable of another installation (e.g. the main branch's checkout) that quantizes, "
+        "evaluates and benchmarks --baseline-model, with its own RYZ_HOME ($RYZ_HOME/ci-baseline)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="interleaved decode runs of each model with --baseline-model (default 5, at least 2)",
+    )
+    p.add_argument(
+        "--baseline",
+        default="ci/baseline-record.json",
+        help="without --baseline-model: a baseline evaluation record (JSON file); its speed counts only when it "
+        "was measured on this CPU, otherwise the gate fails unless --accuracy-only",
+    )
+    p.add_argument("--write-baseline", action="store_true", help="store this run's record as the new --baseline")
+    p.add_argument(
+        "--accuracy-only",
+        action="store_true",
+        help="with --baseline: no benchmark and no speed check (the verdict says so)",
+    )
     p.add_argument("--shards", type=_positive_int, default=1, help="run the suite's tasks as N concurrent shards")
     p.add_argument(
         "--runner", help="dask (a local cluster of --shards workers) or dask=ADDRESS (an existing scheduler)"

@@ -1,5 +1,6 @@
 """Evaluate flow (CI): a model -> suite + benchmark -> validated record -> gates against a baseline; fails on a
-regression."""
+regression. The baseline is a record (a file or a registry version's), or a model measured in this run: evaluated
+on the same suite, its decode speed interleaved with the candidate's on this machine (`ryz ci-bench`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from prefect.artifacts import create_markdown_artifact
 from engine.settings import get_settings
 from tasks.evaluate import (
     bench_artifact,
+    evaluate_baseline,
     evaluate_model,
     evaluate_shard,
+    interleave_decode,
     load_baseline,
     plan_evaluation_shards,
     resolve_model_artifact,
@@ -24,40 +27,71 @@ class GateFailed(RuntimeError):
 
 @flow(name="evaluate")
 def evaluate(
-    model: str, suite: str = "gate", limit: int | None = None, baseline: str | None = "production", shards: int = 1
+    model: str,
+    suite: str = "gate",
+    limit: int | None = None,
+    baseline: str | None = "production",
+    shards: int = 1,
+    baseline_model: str | None = None,
+    baseline_ryz: str | None = None,
+    rounds: int = 3,
+    bench: bool = True,
+    require_tasks: bool = False,
+    require_speed: bool = False,
 ) -> dict:
-    """Evaluate `model` and gate it against `baseline` (a record file or registry ref; none: the settings' floors).
-    With `shards` > 1 the suite's tasks run as that many concurrent tasks on the flow's task runner (Dask)."""
+    """Evaluate `model` and gate it against `baseline` (a record file or registry ref; none: the settings' floors),
+    or, with `baseline_model`, against that model measured now (by `baseline_ryz`, another installation's `ryz`,
+    if given): same suite, decode speed interleaved over `rounds` runs each. `require_*`: a gate that compared no
+    task / no speed fails. With `shards` > 1 the suite's tasks run as concurrent tasks on the flow's task runner."""
     from evaluations.gates import gate as combine_gates
 
     settings = get_settings()
     artifact_id = resolve_model_artifact(model)
+    own_bench = bench and baseline_model is None  # a measured baseline's speed is interleaved below instead
     if shards > 1:
         groups = plan_evaluation_shards(suite, limit, shards)
         parts = evaluate_shard.map(unmapped(artifact_id), unmapped(suite), unmapped(limit), groups)
-        evaluation = store_evaluation(parts.result(), bench_artifact(artifact_id))
+        evaluation = store_evaluation(parts.result(), bench_artifact(artifact_id) if own_bench else None)
     else:
-        evaluation = evaluate_model(artifact_id, suite, limit)
-    base = load_baseline(baseline)
-    if not evaluation["valid"]:
-        gate = None
-        verdict = "evaluation record invalid: " + "; ".join(evaluation["failures"])
+        evaluation = evaluate_model(artifact_id, suite, limit, bench=own_bench)
+    if baseline_model is None:
+        base = load_baseline(baseline)
+        about = baseline if base else "none (floors)"
+    else:
+        base = evaluate_baseline(baseline_model, suite, limit, baseline_ryz)
+        speeds = interleave_decode(artifact_id, base["ref"], rounds, baseline_ryz)
+        # Both measured here and now, interleaved: one CPU, whatever either record's environment says.
+        evaluation = {**evaluation, "bench": speeds["candidate"]}
+        base = {**base, "bench": speeds["baseline"], "environment": evaluation["environment"]}
+        about = f"{baseline_model} measured in this run (record {base['record_id']}, runs {speeds['order']})"
+    failures = [f"evaluation record invalid: {'; '.join(evaluation['failures'])}"] if not evaluation["valid"] else []
+    if base is not None and base.get("valid") is False:
+        failures.append(f"baseline evaluation record invalid: {'; '.join(base.get('failures') or [])}")
+    gate = None
+    if failures:
+        verdict = "; ".join(failures)
     else:
         record = {"tasks": evaluation["tasks"], "bench": evaluation["bench"], "environment": evaluation["environment"]}
-        gate = combine_gates(record, base, settings)
+        gate = combine_gates(record, base, settings, require_tasks=require_tasks, require_speed=require_speed)
         verdict = gate.summary()
-    passed = gate is not None and gate.passed  # gate is None when the record is invalid
+    passed = gate is not None and gate.passed  # gate is None when a record is invalid
     checks = "\n".join(f"- {c}" for c in (gate.checks if gate else []))
     create_markdown_artifact(
         key="evaluate-gates",
         markdown=f"# {'PASSED' if passed else 'FAILED'}: {model} on {suite}\n\n"
-        f"baseline: {baseline if base else 'none (floors)'}\n\n{verdict}\n\n{checks}\n\n"
-        f"record `{evaluation['record_id']}`",
+        f"baseline: {about}\n\n{verdict}\n\n{checks}\n\nrecord `{evaluation['record_id']}`",
     )
     get_run_logger().info("%s: %s", "gates passed" if passed else "GATE FAILED", verdict)
     if not passed:
         raise GateFailed(f"{model}: {verdict}")
-    return {"artifact_id": artifact_id, "record_id": evaluation["record_id"], "verdict": verdict, "passed": passed}
+    return {
+        "artifact_id": artifact_id,
+        "record_id": evaluation["record_id"],
+        "baseline": about,
+        "verdict": verdict,
+        "checks": gate.checks if gate else [],
+        "passed": passed,
+    }
 
 
 def with_runner(runner: str | None, shards: int):

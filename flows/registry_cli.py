@@ -91,7 +91,11 @@ def add_registry_commands(sub, command) -> None:
         p.set_defaults(handler=handler)
         p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
         if name == "show":
-            p.add_argument("ref", help="name:version, an alias, or a name (its newest version)")
+            p.add_argument(
+                "ref",
+                help="name:version (ryz-demo-m:1), an alias (production, canary, previous), or a name (its newest "
+                "version)",
+            )
         elif name in ("list", "history"):
             p.add_argument("name", nargs="?", help="only this model name")
 

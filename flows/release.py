@@ -12,7 +12,7 @@ from prefect.runtime import flow_run
 from prefect.transactions import transaction
 from pydantic import SecretStr
 
-from engine.artifacts.registry import Registry
+from engine.artifacts.registry import Registry, refuse_pulled
 from engine.artifacts.releases import ReleaseStore, new_release
 from engine.artifacts.store import open_store
 from engine.settings import get_settings
@@ -184,6 +184,7 @@ def _open(store: ReleaseStore, ref: str | None, lease_s: float) -> dict:
     if not ref:
         raise ValueError("release needs a model reference (name:version) or a release_id to resume")
     version = Registry(open_store()).get(ref)
+    refuse_pulled(version, "be released")  # before a release document exists: nothing to clean up
     steps = get_settings().release_steps
     return store.create(new_release(version.name, version.version, version.artifact_id, steps), lease_s)
 

@@ -59,6 +59,9 @@ def cmd_release(args) -> int:
     actor = f"user:{getpass.getuser()}"
     action = args.release_command
     if action == "start":
+        from engine.artifacts.registry import Registry, refuse_pulled
+
+        refuse_pulled(Registry(_store()).get(args.ref), "be released")  # at once, before Prefect starts
         rel = _release_flow(ref=args.ref, synthetic_load=args.synthetic_load or None)
     elif action == "status":
         rel = releases.get(args.id) if args.id else releases.latest()
@@ -133,7 +136,10 @@ def add_release_commands(sub, command) -> None:
         p.set_defaults(handler=cmd_release)
         p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
         if name == "start":
-            p.add_argument("ref", help="name:version (or an alias) of a registered candidate")
+            p.add_argument(
+                "ref",
+                help="a registered candidate: name:version (ryz-demo-m:1) or an alias (production, canary, previous)",
+            )
         if name in ("status", "resume"):
             p.add_argument("id", nargs="?", help="a release id (default: the latest)")
         if name in ("start", "resume"):

@@ -13,6 +13,7 @@ from pydantic import SecretStr
 from engine.settings import get_settings
 from flows.discovery import discover_models
 from flows.pipeline import candidate_pipeline
+from flows.progress import emit, seconds, shorten, stage
 from flows.release import release
 from tasks.release import Fleet, fleet_configured, resolve_fleet
 from tasks.report import write_run_report
@@ -40,7 +41,10 @@ def pipeline_run(
     started = time.monotonic()
     logger = get_run_logger()
     # Discover: new (repo, revision) pairs only; a second run with nothing new stops here.
-    candidates = discover_models(source=source, local_paths=[path] if path else None, include_errors=True)
+    with stage(source, "discover") as s:
+        candidates = discover_models(source=source, local_paths=[path] if path else None, include_errors=True)
+        unreadable = sum(c["status"] == "error" for c in candidates)
+        s.detail = f"{len(candidates) - unreadable} new" + (f", {unreadable} unreadable" if unreadable else "")
     results = []
     settings = get_settings()
     fleet = resolve_fleet(servers, admin_token, settings) if servers or fleet_configured(settings) else None
@@ -49,6 +53,7 @@ def pipeline_run(
         for candidate in candidates:
             if candidate["status"] == "error":  # seen but unreadable: reported with why, never "nothing new"
                 results.append({**candidate, "status": "refused", "version": None})
+                emit(candidate["repo"], "discover", f"refused  ({candidate.get('reason', '')})")
                 continue
             # Pipeline: one subflow per candidate; a failing candidate is reported, the others still run.
             state = candidate_pipeline(
@@ -76,6 +81,7 @@ def pipeline_run(
                 if fleet is None:
                     server = stack.enter_context(_own_server())
                     fleet, load = Fleet(servers=[server.url], admin_token=SecretStr(server.token)), True
+                release_started = time.monotonic()
                 rel_state = release(
                     ref=ref,
                     synthetic_load=load,
@@ -84,6 +90,7 @@ def pipeline_run(
                     return_state=True,
                 )
                 rel = rel_state.result(raise_on_failure=False) if rel_state.is_completed() else None
+                _release_line(candidate["repo"], rel, rel_state, time.monotonic() - release_started)
                 if not isinstance(rel, dict):
                     outcome = {**outcome, "release": "failed", "reason": outcome["reason"] + "; release flow failed"}
                 else:
@@ -99,6 +106,22 @@ def pipeline_run(
         "%s; report: %s", f"{len(results)} new candidate(s)" if results else "nothing new since the last run", report
     )
     return {"report": report, "candidates": results}
+
+
+def _release_line(model: str, rel: object, state, elapsed: float) -> None:
+    """`model  release  5% → 25% → 50% → 100% promoted 9.1 s`: the canary steps the release went through."""
+    took = seconds(elapsed)
+    if not isinstance(rel, dict):
+        emit(model, "release", f"failed {took}  ({shorten(state.message or state.name)})")
+        return
+    steps = [
+        f"{e['weight']}%" + ("" if e["event"] == "step-pass" else f" {e['event'].removeprefix('step-')}")
+        for e in rel["log"]
+        if e["event"].startswith("step-") and "weight" in e
+    ]
+    why = next((e["reason"] for e in reversed(rel["log"]) if e["event"] == rel["status"]), "")
+    text = "".join(f"{s} → " for s in steps) + f"{rel['status']} {took}"
+    emit(model, "release", text + (f"  ({shorten(why)})" if why and not steps else ""))
 
 
 def _own_server():

@@ -45,15 +45,59 @@ def _store(record: dict) -> dict:
 
 
 @task(name="evaluate-model", timeout_seconds=6 * 3600)
-def evaluate_model(artifact_id: str, suite: str = "gate", limit: int | None = None) -> dict:
-    """Run the suite and the benchmark on the artifact, validate the record (Great Expectations), store it.
+def evaluate_model(artifact_id: str, suite: str = "gate", limit: int | None = None, bench: bool = True) -> dict:
+    """Run the suite and (unless `bench` is false) the benchmark on the artifact, validate the record (Great
+    Expectations), store it.
 
     Returns:
         {"record_id", "valid", "failures", "tasks", "bench", "environment", "report"}.
     """
     from evaluations.evaluate import evaluate_model as run_evaluation
 
-    return _store(run_evaluation(artifact_id, suite=suite, limit=limit))
+    return _store(run_evaluation(artifact_id, suite=suite, limit=limit, bench=bench))
+
+
+def _baseline_home():
+    """The baseline installation's own RYZ_HOME: two versions never share a store or a kernel cache."""
+    return get_settings().home / "ci-baseline"
+
+
+@task(name="evaluate-baseline", timeout_seconds=6 * 3600)
+def evaluate_baseline(model: str, suite: str, limit: int | None, ryz: str | None = None) -> dict:
+    """The CI gate's baseline model evaluated now on the same suite (no benchmark: speed is interleaved), by this
+    installation (stored like any record) or by another installation's `ryz` (the main branch's checkout).
+
+    Returns:
+        {"ref" (what interleave_decode benchmarks), "record_id", "valid", "failures", "tasks", "environment"}.
+    """
+    from evaluations.ci_bench import ExternalRyz
+    from evaluations.evaluate import evaluate_model as run_evaluation
+
+    if ryz:
+        external = ExternalRyz(ryz, _baseline_home())
+        ref = external.resolve(model)
+        record = external.evaluate(ref, suite, limit)
+        keys = ("record_id", "valid", "failures", "tasks", "environment")
+        return {"ref": ref, **{k: record.get(k) for k in keys}}
+    ref = resolve_model_artifact.fn(model)
+    return {"ref": ref, **_store(run_evaluation(ref, suite=suite, limit=limit, bench=False))}
+
+
+@task(name="interleave-decode", timeout_seconds=3600)
+def interleave_decode(artifact_id: str, baseline_ref: str, rounds: int, ryz: str | None = None) -> dict:
+    """Decode speed of the candidate and the baseline on this machine, `rounds` runs each, interleaved
+    (evaluations/ci_bench.py). Returns {"candidate": bench, "baseline": bench, "order"}."""
+    from evaluations.ci_bench import ExternalRyz, bench_here, bench_workload, interleaved_decode
+
+    store = open_store()
+    path = store.local_path(artifact_id)
+    prompt, gen = bench_workload(path)
+    baseline = (
+        ExternalRyz(ryz, _baseline_home()).bench(baseline_ref, prompt, gen)
+        if ryz
+        else bench_here(store.local_path(baseline_ref), prompt, gen)
+    )
+    return interleaved_decode(baseline, bench_here(path, prompt, gen), rounds)
 
 
 @task(name="plan-evaluation-shards")

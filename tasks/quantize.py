@@ -10,20 +10,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import CacheKeyFnPolicy
 
 from engine.artifacts.store import open_store
-from engine.model.quantize import quantize_to_store
+from engine.model.quantize import find_quantized, quantize_to_store
 from engine.settings import get_settings
-
-
-def find_quantized(store, revision: str, weights: str, head: str) -> str | None:
-    """The stored model artifact already made from this source revision with these types, if any."""
-    for manifest in store.list_artifacts(kind="model"):
-        q = manifest.get("quantization", {})
-        if (manifest.get("source") or {}).get("revision") == revision and (q.get("weights"), q.get("head")) == (
-            weights,
-            head,
-        ):
-            return manifest["artifact_id"]
-    return None
 
 
 def _quantize_key(_context: Any, p: dict[str, Any]) -> str | None:

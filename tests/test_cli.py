@@ -33,6 +33,13 @@ def ryz(tmp_path):
 
 
 @pytest.fixture
+def native(ryz, kernel_build):
+    """`ryz`'s RYZ_HOME reusing the session's kernel build (the native engine, `generate`'s default)."""
+    (ryz.home / "cache").mkdir(parents=True, exist_ok=True)
+    (ryz.home / "cache" / "kernels").symlink_to(kernel_build.path.parent.parent)
+
+
+@pytest.fixture
 def tiny_dir(ryz, tmp_path):
     ryz("synth", "--shape", "tiny", "-o", str(tmp_path / "tiny"), "--seed", "3")
     return tmp_path / "tiny"
@@ -48,9 +55,10 @@ def test_synth_quantize_generate(ryz, tiny_dir):
         "scale": "per-tensor f32, block scale 1",
     }
     prefix = manifest["artifact_id"].split(":")[1][:12]
-    out = json.loads(ryz("generate", prefix, "hello", "--max-tokens", "8", "--json").stdout)
-    assert set(out) >= {"text", "token_ids"} and 1 <= len(out["token_ids"]) <= 8
-    again = json.loads(ryz("generate", manifest["artifact_id"], "hello", "--max-tokens", "8", "--json").stdout)
+    greedy = ["--engine", "reference", "--temperature", "0", "--max-tokens", "8", "--json"]
+    out = json.loads(ryz("generate", prefix, "hello", *greedy).stdout)
+    assert set(out) >= {"text", "token_ids"} and 1 <= len(out["token_ids"]) <= 8 and out["engine"] == "reference"
+    again = json.loads(ryz("generate", manifest["artifact_id"], "hello", *greedy).stdout)
     assert again["token_ids"] == out["token_ids"]  # greedy is deterministic
     listed = json.loads(ryz("artifacts", "--json").stdout)
     assert [m["artifact_id"] for m in listed] == [manifest["artifact_id"]]
@@ -97,7 +105,7 @@ def test_config_show(ryz):
     assert "RYZ_HOME" in text and "env RYZ_HOME" in text
 
 
-def test_generate_accepts_a_gguf_path(ryz, tiny_dir, tmp_path):
+def test_generate_accepts_a_gguf_path(ryz, native, tiny_dir, tmp_path):
     from engine.model.quantize import quantize_checkpoint
 
     path = tmp_path / "direct.gguf"
@@ -114,13 +122,52 @@ def test_engine_commands_do_not_import_prefect():
     assert out.stdout.strip() == "False"
 
 
-def test_generate_native_equals_reference(ryz, tiny_dir, native_library):
-    manifest = json.loads(ryz("quantize", str(tiny_dir), "--json").stdout)
-    reference = json.loads(ryz("generate", manifest["artifact_id"], "hello", "--max-tokens", "6", "--json").stdout)
-    native = json.loads(
-        ryz("generate", manifest["artifact_id"], "hello", "--max-tokens", "6", "--engine", "native", "--json").stdout
+def test_generate_native_equals_reference(ryz, native, tiny_dir):
+    model = json.loads(ryz("quantize", str(tiny_dir), "--json").stdout)["artifact_id"]
+    greedy = ["--temperature", "0", "--max-tokens", "6", "--json"]
+    reference = json.loads(ryz("generate", model, "hello", "--engine", "reference", *greedy).stdout)
+    default = json.loads(ryz("generate", model, "hello", *greedy).stdout)
+    assert default["engine"] == "native" and default["token_ids"] == reference["token_ids"]
+    # sampling by default (temperature 0.8): a seed repeats it, a stop string ends it
+    sampled = [ryz("generate", model, "hello", "--seed", "7", "--max-tokens", "12", "--json").stdout for _ in "ab"]
+    assert sampled[0] == sampled[1]
+    text = json.loads(sampled[0])["text"]
+    stop = text.strip()[:1]
+    cut = json.loads(
+        ryz("generate", model, "hello", "--seed", "7", "--max-tokens", "12", "--stop", stop, "--json").stdout
     )
-    assert native["engine"] == "native" and native["token_ids"] == reference["token_ids"]
+    assert cut["text"] == text[: text.index(stop)] and cut["finish_reason"] == "stop"
+
+
+def test_every_model_argument_names_the_reference_forms():
+    """Each argument that takes a model reference says which forms it accepts (DESIGN.md's names)."""
+    import argparse
+
+    from flows.cli import build_parser
+    from flows.cli_common import MODEL_REF_HELP
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, (*path, name))
+            else:
+                yield path, action
+
+    model_args, registry_args = {}, {}
+    for path, action in walk(build_parser(), ()):
+        where = f"{' '.join(path)} {action.option_strings[0] if action.option_strings else action.dest}"
+        if action.dest in ("model", "draft_model") or (action.dest == "target" and path[0].startswith("bench")):
+            model_args[where] = action.help or ""
+        elif action.dest == "ref" and path[0] in ("bundle", "release", "registry"):
+            registry_args[where] = action.help or ""
+    assert {"generate model", "run model", "serve --model", "bench target", "build-kernels --model"} <= set(model_args)
+    for where, text in model_args.items():
+        forms = ("name:version", "production, canary, previous", "prefix", ".gguf")
+        assert MODEL_REF_HELP in text or all(form in text for form in forms), where
+    assert len(registry_args) >= 3
+    for where, text in registry_args.items():
+        assert "name:version" in text and "production, canary, previous" in text, where
 
 
 def test_max_tokens_must_be_positive(ryz):

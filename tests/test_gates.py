@@ -359,3 +359,31 @@ def test_the_demo_story_under_policy_improve():
     ptq = improve(demo_record("ryz-demo-ptq"), demo_record("ryz-demo-m"))
     assert not ptq.passed and not ptq.held
     assert {r.split(" ")[1] for r in ptq.reasons} == {"demo_gen", "demo_mc", "demo_ppl"}
+
+
+def test_a_gate_that_compared_nothing_fails_with_the_reason():
+    candidate, baseline = record(0.6), record(0.6)
+    baseline["tasks"] = {"other_task": baseline["tasks"]["demo_mc"]}
+    candidate["bench"] = None
+    result = compare_to_baseline(candidate, baseline, 0.02, 0.1)
+    assert not result.passed
+    assert result.reasons == [
+        "nothing compared: no task in common (candidate: demo_mc, demo_ppl; baseline: other_task), and decode "
+        "speed not compared: no benchmark in the candidate record"
+    ]
+    # Speed alone was compared: the release's rule passes on it; the CI gate also requires a task in common.
+    candidate["bench"] = record(0.6)["bench"]
+    assert compare_to_baseline(candidate, baseline, 0.02, 0.1).passed
+    ci = compare_to_baseline(candidate, baseline, 0.02, 0.1, require_tasks=True, require_speed=True)
+    assert not ci.passed and ci.reasons[0].startswith("accuracy not compared: no task in common")
+
+
+def test_the_ci_gate_fails_when_speed_was_measured_on_another_cpu():
+    candidate, baseline = record(0.6, cpu="runner"), record(0.6, cpu="dev-box")
+    result = gate(candidate, baseline, Settings(), require_tasks=True, require_speed=True)
+    assert not result.passed
+    assert result.reasons == [
+        "speed not compared: baseline measured on CPU dev-box, this run on runner; measure the baseline on this "
+        "machine (ryz ci-bench --baseline-model)"
+    ]
+    assert gate(record(0.6, cpu="a"), record(0.6, cpu="a"), Settings(), require_speed=True).passed

@@ -11,18 +11,13 @@ transformers parity test; this one proves the file is llama.cpp-compatible.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from engine.model.quantize import quantize_checkpoint
-from engine.model.reference import ReferenceModel
 from tests import checkpoints
+from tests.interop import agreement, llama_cpp_logits, reference_logits
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install '.[interop]')")
-
-MIN_CORRELATION = 0.995
-MIN_TOP1 = 0.85
-MAX_REL_L2 = 0.05
 
 
 @pytest.mark.parametrize("weights", ["tq2_0", "tq1_0"])
@@ -31,20 +26,7 @@ def test_llama_cpp_agrees_with_reference(tmp_path, weights):
     gguf_path = tmp_path / f"silu-{weights}.gguf"
     manifest = quantize_checkpoint(silu, gguf_path, weights=weights, head="f16")
     assert manifest["architecture"]["gguf"] == "bitnet"
-    tokens = [256, *b"The quick brown fox jumps over the lazy dog. "]
-    ours = ReferenceModel(gguf_path).forward(tokens)
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=128, logits_all=True, verbose=False, n_threads=2, seed=0)
-    try:
-        llm.eval(tokens)
-        theirs = np.array(llm.scores[: len(tokens)], dtype=np.float32)
-    finally:
-        llm.close()
-    correlation = float(np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(ours, theirs)]))
-    top1 = float(np.mean(ours.argmax(-1) == theirs.argmax(-1)))
-    rel = float(np.linalg.norm(ours - theirs) / np.linalg.norm(ours))
-    assert correlation >= MIN_CORRELATION, (correlation, top1, rel)
-    assert top1 >= MIN_TOP1, (correlation, top1, rel)
-    assert rel <= MAX_REL_L2, (correlation, top1, rel)
+    agreement(reference_logits(gguf_path), llama_cpp_logits(gguf_path)).check()
 
 
 def test_llama_cpp_refuses_our_own_architecture(tmp_path):

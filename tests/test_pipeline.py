@@ -128,31 +128,62 @@ def test_pipeline_run_into_the_fleet_twice_and_resume_after_a_crash(home, fleet,
 
 
 def test_demo_zoo_story(tmp_path, kernel_build, monkeypatch, prefect_harness):
-    """From an empty registry: ryz-demo-s becomes production, ryz-demo-m is promoted through the canary steps,
-    the post-training-quantized model is rejected at the offline gate with its reason (DESIGN defaults)."""
+    """From an empty registry, `ryz pipeline run` as `make run` runs it (its own process, stderr not a terminal):
+    ryz-demo-s becomes production, ryz-demo-m is promoted through the canary steps, the post-training-quantized
+    model is rejected at the offline gate with its reason (DESIGN defaults). Its console says so in one line per
+    stage per model and the final table: no Prefect INFO logs, no progress bars."""
+    import os
+    import subprocess
+    import sys
+    from collections import Counter
     from pathlib import Path
 
-    from flows.run import pipeline_run
+    from prefect.settings import PREFECT_API_URL
 
+    root = Path(__file__).resolve().parents[1]
     home = tmp_path / "home"
     shutil.copytree(kernel_build.directory, home / "cache" / "kernels" / kernel_build.key)
-    monkeypatch.setenv("RYZ_HOME", str(home))
-    monkeypatch.setenv("RYZ_DISCOVERY_HF_CACHE", "")
-    reload_settings()
-    try:
-        result = pipeline_run(
-            source="local",
-            path=str(Path(__file__).resolve().parents[1] / "examples" / "zoo"),
-            suite="demo_mc,demo_gen",
-            limit=50,
-        )
-    finally:
-        reload_settings()
-    fates = {c["repo"]: c for c in result["candidates"]}
-    assert list(fates) == ["ryz-demo-s", "ryz-demo-m", "ryz-demo-ptq"]
-    assert fates["ryz-demo-s"]["status"] == "production" and "first model" in fates["ryz-demo-s"]["reason"]
-    assert fates["ryz-demo-m"]["status"] == "production" and "passed every canary step" in fates["ryz-demo-m"]["reason"]
-    assert fates["ryz-demo-ptq"]["status"] == "rejected" and "vs production" in fates["ryz-demo-ptq"]["reason"]
+    quiet = ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "PREFECT_LOGGING")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(quiet)}  # the CLI's own defaults, not ours
+    env |= {"RYZ_HOME": str(home), "RYZ_DISCOVERY_HF_CACHE": "", "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    run = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "pipeline", "run", "--path", str(root / "examples" / "zoo")]
+        + ["--suite", "demo_mc,demo_gen", "--limit", "50"],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    models = ["ryz-demo-s", "ryz-demo-m", "ryz-demo-ptq"]
+    lines = run.stderr.splitlines()
+    assert "\r" not in run.stderr and "it/s" not in run.stderr, run.stderr[-4000:]  # no tqdm bar
+    assert not [line for line in lines if "| INFO" in line or line.startswith(("ryz eval:", "[bench]"))]
+    per_stage = Counter(tuple(line.split()[:2]) for line in lines if line.split()[:1] and line.split()[0] in models)
+    stages = ["quantize", "kernels", "parity", "evaluate", "register", "release"]
+    assert per_stage == Counter((m, s) for m in models for s in stages), run.stderr
+    assert [line.split("(")[-1] for line in lines if line.split()[:2] == ["local", "discover"]] == ["3 new)"]
+    assert len(lines) <= 1 + len(per_stage) + 3, run.stderr  # a stray warning at most, not the old log
+    release_m = next(line for line in lines if line.split()[:2] == ["ryz-demo-m", "release"])
+    assert "5% → 25% → 50% → 100% → promoted" in release_m, run.stderr + run.stdout
+    # The final table (stdout): one row per model, its fate and why; then the report.
+    rows = {line.split()[0]: line for line in run.stdout.splitlines() if line.split()[:1] and line.split()[0] in models}
+    assert list(rows) == models, run.stdout
+    fates = {m: rows[m].split()[2] for m in models}
+    assert fates == {"ryz-demo-s": "production", "ryz-demo-m": "production", "ryz-demo-ptq": "rejected"}
+    assert "first model" in rows["ryz-demo-s"] and "passed every canary step" in rows["ryz-demo-m"]
+    assert "vs production" in rows["ryz-demo-ptq"]
+    assert run.stdout.splitlines()[-1].startswith("report: ")
+    # A quiet console, not quiet logs: the Prefect API (the UI) has the run's INFO lines, the stage lines included.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId
+
+    run_name = Path(run.stdout.splitlines()[-1].removeprefix("report: ")).stem.removeprefix("pipeline-")
+    with get_client(sync_client=True) as client:
+        (flow_run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name])))
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+    assert {(log.level, log.message) for log in logs} >= {(20, release_m), (20, "Finished in state Completed()")}
     monkeypatch.setenv("RYZ_HOME", str(home))
     reload_settings()
     try:
@@ -163,6 +194,30 @@ def test_demo_zoo_story(tmp_path, kernel_build, monkeypatch, prefect_harness):
         assert [a for a in actions if a.startswith("canary-")] == [f"canary-{w}%:pass" for w in (5, 25, 50, 100)]
     finally:
         reload_settings()
+
+
+def test_verbose_keeps_everything_and_the_quiet_default_restores_the_environment(monkeypatch):
+    """`--verbose` sets nothing (Prefect's INFO logs, our progress and the bars as before); the quiet default
+    lowers only Prefect's console handler (the API handler still gets INFO: the UI keeps the run logs), hides
+    bars only off a terminal, and puts the environment back when the run ends."""
+    import io
+    import os
+
+    from flows.cli import build_parser
+    from flows.progress import console, quiet_environment
+
+    assert build_parser().parse_args(["pipeline", "run", "--verbose"]).verbose
+    assert quiet_environment(verbose=True, stderr_tty=False) == {}
+    assert "TQDM_DISABLE" not in quiet_environment(verbose=False, stderr_tty=True)
+    quiet = quiet_environment(verbose=False, stderr_tty=False)
+    assert quiet["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] == "WARNING" and quiet["TQDM_DISABLE"] == "1"
+    assert not any(k in ("PREFECT_LOGGING_LEVEL", "PREFECT_LOGGING_TO_API_ENABLED") for k in quiet)
+    for key in quiet:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # the user's own choice wins
+    with console(verbose=False, stream=io.StringIO()):
+        assert os.environ["TQDM_DISABLE"] == "1" and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"
+    assert "TQDM_DISABLE" not in os.environ and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "0"
 
 
 def test_an_unreadable_candidate_is_reported_not_nothing_new(home, prefect_harness, capsys):

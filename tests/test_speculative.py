@@ -451,7 +451,7 @@ def test_server_field_metadata_and_metrics(server):
 def test_ryz_generate_speculative_flags(zoo, native_library, capsys):
     from flows.cli import main
 
-    base = ["generate", str(zoo["ryz-demo-m"]), EDIT, "--max-tokens", "16", "--engine", "native", "--json"]
+    base = ["generate", str(zoo["ryz-demo-m"]), EDIT, "--max-tokens", "16", "--temperature", "0", "--json"]
     outs = {}
     for method in ("off", "ngram", "draft"):
         assert main([*base, "--speculative", method, "--draft-model", str(zoo["ryz-demo-s"])]) == 0

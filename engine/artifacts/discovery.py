@@ -93,17 +93,30 @@ def list_hub_models(
     return _ask_hub("listing models", url, timeout, call)
 
 
-def read_hub_model(repo: str, *, endpoint: str, timeout: float = 30.0) -> Candidate:
-    """One Hub model's config, license, parameter count, download size and commit sha."""
+def read_hub_model(repo: str, *, endpoint: str, timeout: float = 30.0, revision: str | None = None) -> Candidate:
+    """One Hub model's config, license, parameter count, download size and commit sha (at `revision`, a branch,
+    tag or sha; default the default branch)."""
+    return hub_candidate(read_hub_info(repo, endpoint=endpoint, timeout=timeout, revision=revision))
+
+
+def read_hub_info(repo: str, *, endpoint: str, timeout: float = 30.0, revision: str | None = None):
+    """huggingface_hub's ModelInfo (with file sizes) of one repo at `revision`; every failure a HubError."""
+    from urllib.parse import quote
+
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=endpoint, library_name="ryzanstein")
-    info = _ask_hub(
-        f"reading {repo}",
-        f"{endpoint}/api/models/{repo}",
+    url = f"{endpoint}/api/models/{repo}" + (f"/revision/{quote(revision, safe='')}" if revision else "")
+    return _ask_hub(
+        f"reading {repo}" + (f"@{revision}" if revision else ""),
+        url,
         timeout,
-        lambda: api.model_info(repo, files_metadata=True, timeout=timeout),
+        lambda: api.model_info(repo, revision=revision, files_metadata=True, timeout=timeout),
     )
+
+
+def hub_candidate(info) -> Candidate:
+    """The candidate a ModelInfo describes."""
     config = info.config or {}
     quant_method = _quant_method(config)
     parameters = None
@@ -194,12 +207,25 @@ def scan_local_models(
     found = [read_local_model(d) for root in paths for d in _model_dirs(Path(root).expanduser(), warn)]
     if hf_cache and Path(hf_cache).expanduser().is_dir():
         for repo_dir in sorted(Path(hf_cache).expanduser().glob("models--*")):
-            repo = repo_dir.name[len("models--") :].replace("--", "/")  # the Hub forbids "--" in ids
+            repo = _cache_repo(repo_dir.name)
             snapshots = repo_dir / "snapshots"
             for snapshot in sorted(snapshots.iterdir()) if snapshots.is_dir() else []:
                 if (snapshot / "config.json").is_file():
                     found.append(read_local_model(snapshot, repo=repo, revision=snapshot.name))
     return found
+
+
+def _cache_repo(folder: str) -> str:
+    return folder[len("models--") :].replace("--", "/")  # the Hub forbids "--" in ids
+
+
+def hf_cache_snapshot(path: str | Path) -> tuple[str, str] | None:
+    """(repo, commit sha) when `path` is a snapshot in an HF cache (`models--org--name/snapshots/<sha>`), as the
+    local source names it; None for any other directory."""
+    path = Path(path).resolve()
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return _cache_repo(path.parent.parent.name), path.name
+    return None
 
 
 def _model_dirs(root: Path, warn: Callable[[str], None] | None) -> list[Path]:

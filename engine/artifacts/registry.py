@@ -11,7 +11,9 @@ is ever deleted: rollbacks move aliases and statuses and append events.
 Versions are immutable in what they point at (artifact, kernel build, evaluation record, source);
 only their status moves: candidate -> canary -> production -> retired, or rejected (a gate failed) / held
 (passed the gates but not better than production under RYZ_RELEASE_POLICY=improve: not released) /
-rolled_back.
+rolled_back. A `pulled` version (`ryz pull`, engine/artifacts/pull.py) is for local use only: it never gets an
+alias, so nothing the fleet serves can name it, and it does not count as "registered" for the pipeline's novelty
+test, so discovery still sends its source through the gates and the release.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ SCHEMA = 1
 STATE_KEY = "registry/state"
 ALIASES = ("production", "canary", "previous")
 # held: passed the gates, not better than production beyond noise (policy improve), so not released.
-STATUSES = ("candidate", "canary", "production", "retired", "rejected", "held", "rolled_back")
+# pulled: fetched by `ryz pull` for local use, never served by the fleet (no alias, no release).
+STATUSES = ("candidate", "canary", "production", "retired", "rejected", "held", "rolled_back", "pulled")
 _NAME_VERSION = re.compile(r"^(?P<name>[^:\s]+):(?P<version>\d+)$")
 _MAX_ATTEMPTS = 8
 
@@ -131,9 +134,10 @@ class Registry:
         except ModelReferenceError:
             return None
 
-    def find_source(self, repo: str, revision: str | None) -> Version | None:
-        """The version registered from this exact source revision, if any (discovery's novelty test)."""
-        return _from_source(self._read()[0], repo, revision)
+    def find_source(self, repo: str, revision: str | None, pulled: bool = False) -> Version | None:
+        """The version registered from this exact source revision, if any (discovery's novelty test). Pulled
+        versions count only with `pulled`: a pull must not hide a model from discovery and the release."""
+        return _from_source(self._read()[0], repo, revision, pulled)
 
     # -- writing (one CAS write per change) -----------------------------------------------------------
     def update(self, change: Callable[[dict], Any], describe: str) -> Any:
@@ -183,12 +187,13 @@ class Registry:
         status: str = "candidate",
     ) -> tuple[Version, bool]:
         """`register`, unless a version from the same source (repo, revision) exists: then that one and False.
-        The check and the write are one compare-and-swap, so two pipelines of one candidate register it once."""
+        The check and the write are one compare-and-swap, so two pipelines of one candidate register it once.
+        A pulled version of the source counts only when registering a pull (see `find_source`)."""
         _check_status(status)
         repo, revision = source.get("repo", name), source.get("revision")
 
         def change(state: dict) -> tuple[Version, bool]:
-            if (existing := _from_source(state, repo, revision)) is not None:
+            if (existing := _from_source(state, repo, revision, status == "pulled")) is not None:
                 return existing, False
             return self._add_version(state, name, artifact_id, source, evaluation, kernel_build, reason, status), True
 
@@ -250,6 +255,7 @@ class Registry:
                 self._event(state, f"alias:{alias}", None, reason, alias_from=current_ref, alias_to=None)
                 return
             version = _lookup(state, ref)
+            refuse_pulled(version, f"be given the alias {alias}")
             state["aliases"][alias] = {"name": version.name, "version": version.version}
             self._event(state, f"alias:{alias}", version, reason, alias_from=current_ref, alias_to=version.ref)
 
@@ -277,6 +283,7 @@ class Registry:
 
         def _promote(state: dict, reason: str) -> None:
             version = _lookup(state, ref)
+            refuse_pulled(version, "be promoted")
             old = state["aliases"].get("production")
             if old:
                 old_version = _lookup(state, f"{old['name']}:{old['version']}")
@@ -409,8 +416,20 @@ def _check_alias(alias: str) -> None:
         raise ValueError(f"unknown alias {alias!r}; one of {', '.join(ALIASES)}")
 
 
-def _from_source(state: dict, repo: str, revision: str | None) -> Version | None:
+def refuse_pulled(version: Version, action: str) -> None:
+    """Raise for a pulled version: the fleet never serves one, so it is never released nor given an alias."""
+    if version.status == "pulled":
+        raise ModelReferenceError(
+            f"{version.ref} was fetched by `ryz pull` for local use (status pulled, no evaluation record): the fleet "
+            f"never serves it, so it cannot {action}. To release this model, let the pipeline take its source through "
+            "the gates (`ryz pipeline run`); discovery still lists it as new"
+        )
+
+
+def _from_source(state: dict, repo: str, revision: str | None, pulled: bool = False) -> Version | None:
     for doc in (v for _name, versions in sorted(state["models"].items()) for v in versions):  # as versions()
+        if doc.get("status") == "pulled" and not pulled:
+            continue
         if doc.get("source", {}).get("repo") == repo and doc.get("source", {}).get("revision") == revision:
             return Version.from_json(doc)
     return None

@@ -295,6 +295,18 @@ def quantize_to_store(
         out.unlink(missing_ok=True)
 
 
+def find_quantized(store, revision: str, weights: str, head: str) -> str | None:
+    """The stored model artifact already made from this source revision with these types, if any."""
+    for manifest in store.list_artifacts(kind="model"):
+        q = manifest.get("quantization", {})
+        if (manifest.get("source") or {}).get("revision") == revision and (q.get("weights"), q.get("head")) == (
+            weights,
+            head,
+        ):
+            return manifest["artifact_id"]
+    return None
+
+
 def planned_bytes(model_dir: str | Path, weights: str, head: str) -> int:
     """Total tensor bytes `quantize_checkpoint` will write (for progress bars)."""
     return sum(t.nbytes for t in plan_tensors(read_checkpoint(model_dir), weights, head))

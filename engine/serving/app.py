@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server: wiring only.
 
     routes     engine/serving/openai_routes.py (completions, chat, models), retrieval_routes.py (embeddings,
-               retrieve), admin_routes.py (variants, weights, faults, promote, drain); probes and metrics here
+               retrieve), admin_routes.py (variants, weights, faults, promote, drain), ollama_routes.py (Ollama's
+               /api), llama_routes.py (llama-server's /tokenize, /detokenize, /props; /ps); probes and metrics here
     state      engine/serving/variants.py: the production and canary variants, each an EngineClient
     engines    engine/serving/client.py: what the routes may ask of an engine (and the local implementation)
     shapes     engine/serving/protocol.py: request bodies, OpenAI's error shape, SSE
@@ -9,8 +10,8 @@
 
 This module builds the app: the state, the guard every request passes (API keys and the admin token in constant
 time, the body's size on the bytes actually read and the time it may take to arrive), OpenAI-shaped errors for
-every failure (an unhandled exception too: logged, counted for its variant, the connection kept), and the
-background load of the startup model.
+every failure, Ollama-shaped on /api/ (an unhandled exception too: logged, counted for its variant, the connection
+kept), and the background load of the startup model.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.serving import admin_routes, openai_routes, retrieval_routes
+from engine.serving import admin_routes, llama_routes, ollama_routes, openai_routes, retrieval_routes
 from engine.serving.client import ClientFactory, LoadedModel, load_model, local_clients
 from engine.serving.guard import Guard, api_key_set, count_error, internal_error
 from engine.serving.metrics import CONTENT_TYPE_LATEST
@@ -69,7 +70,7 @@ def create_app(
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         count_error(state, request.scope, exc)
-        return error_response(exc)
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception):
@@ -111,7 +112,7 @@ def create_app(
         state.metrics.refresh({n: v.client for n, v in state.variants.items()})
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    for routes in (openai_routes, retrieval_routes, admin_routes):
+    for routes in (openai_routes, retrieval_routes, admin_routes, ollama_routes, llama_routes):
         app.include_router(routes.router)
     return app
 

@@ -12,6 +12,10 @@ routes against a fake client and a remote engine could stand in for the local on
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
+import math
+import re
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -38,11 +42,15 @@ class EngineClient(Protocol):
     model_id: str
     vocab: int
 
-    def tokenize(self, text: str) -> list[int]: ...
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]: ...
 
     def detokenize(self, ids: Sequence[int]) -> str: ...
 
     def token_text(self, token_id: int) -> str: ...
+
+    def token_bytes(self, token_id: int) -> bytes: ...
+
+    def model_info(self) -> dict: ...
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]: ...
 
@@ -142,20 +150,38 @@ class LocalEngineClient:
             compute_lock=compute_lock,
             speculative=speculative,
             draft_model=draft,
+            profile_steps=settings.profile_steps,
         )
         self.model_id, self.vocab = loaded.model_id, loaded.model.hp.vocab
         self._tok = loaded.tokenizer
         self._grammars: GrammarCompiler | None = None  # built on the first structured request
+        self._info: dict | None = None  # model_info(), computed once
 
     # -- input processing ------------------------------------------------------------------------------
-    def tokenize(self, text: str) -> list[int]:
-        return self._tok.encode(text)
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """`add_special=False`: without the bos the model's tokenizer puts first (llama-server's /tokenize)."""
+        ids = self._tok.encode(text)
+        if not add_special and ids and ids[0] == self._tok.bos_id:
+            ids = ids[1:]
+        return ids
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids))
 
     def token_text(self, token_id: int) -> str:
         return self._tok.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for, a part of a UTF-8 character included (token_text shows that as U+FFFD)."""
+        return token_bytes(self._tok.tokenizer, token_id)
+
+    def model_info(self) -> dict:
+        """What the model is (for /api/show, /api/tags, /props, /ps): the file, its size and digest, architecture,
+        parameters, tensor types, context, chat template. The digest of a file outside the store is hashed on the
+        first call (the caller runs this on a worker thread)."""
+        if self._info is None:
+            self._info = describe_model(self.core.model, self._tok)
+        return self._info
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         tok = self._tok
@@ -229,6 +255,90 @@ class LocalEngineClient:
         self.core.close()
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece byte fallback tokens
+
+
+def describe_model(model: Any, tokenizer: ModelTokenizer) -> dict:
+    """model_info() of an opened model (engine.model.native.NativeModel or anything with its `file`)."""
+    file = model.file
+    path = Path(file.path)
+    # A store blob is named by its hash (engine/artifacts/store.py); any other file is hashed here, once.
+    hex_ = path.name if _HEX64.fullmatch(path.name) else sha256_file(path)
+    types: dict[str, int] = {}
+    parameters = 0
+    for info in file.tensors.values():
+        count = math.prod(info.shape)
+        parameters += count
+        types[info.tensor_type.name] = types.get(info.tensor_type.name, 0) + count
+    linear = file.tensor_type("blk.0.attn_q.weight").upper() if "blk.0.attn_q.weight" in file.tensors else None
+    template = file.chat_template
+    hp = file.hparams
+    return {
+        "path": str(path),
+        "size_bytes": path.stat().st_size,
+        "digest": hex_,
+        "artifact_id": f"sha256:{hex_}",
+        "name": file.metadata.get("general.name"),
+        "architecture": file.arch,
+        "parameters": parameters,
+        "tensor_types": types,
+        "weights_type": linear,
+        "context_length": hp.context,
+        "served_context": getattr(model, "max_positions", hp.context),
+        "embedding_length": hp.hidden,
+        "block_count": hp.layers,
+        "head_count": hp.heads,
+        "head_count_kv": hp.kv_heads,
+        "feed_forward_length": hp.ffn,
+        "ffn_activation": hp.ffn_act,
+        "vocab_size": hp.vocab,
+        "chat_template": template if isinstance(template, str) else None,
+        "bos_token": _token(tokenizer, tokenizer.bos_id),
+        "eos_token": _token(tokenizer, tokenizer.eos_id),
+    }
+
+
+def _token(tokenizer: ModelTokenizer, token_id: int | None) -> str:
+    return (tokenizer.tokenizer.id_to_token(token_id) or "") if token_id is not None else ""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet inverted: the character each byte is written as -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    """A token's bytes from its vocabulary entry: byte-level BPE pieces through GPT-2's alphabet, sentencepiece's
+    byte-fallback `<0xAB>` pieces as that byte; anything else as its decoded text."""
+    piece = tokenizer.id_to_token(token_id)
+    if piece is None:
+        return b""
+    if (match := _BYTE_PIECE.fullmatch(piece)) is not None:
+        return bytes([int(match.group(1), 16)])
+    alphabet = _byte_level_alphabet()
+    if type(tokenizer.decoder).__name__ == "ByteLevel" and all(c in alphabet for c in piece):
+        return bytes(alphabet[c] for c in piece)
+    return tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8", "surrogateescape")
+
+
 ClientFactory = Callable[[str, Settings, Any, threading.Lock], EngineClient]
 
 
@@ -236,6 +346,12 @@ def local_clients(loader: Callable[[str, Settings], LoadedModel] = load_model) -
     """A factory of local clients over `loader` (ServingState's default: models from the artifact store)."""
 
     def connect(ref: str, settings: Settings, metrics: Any, compute_lock: threading.Lock) -> EngineClient:
-        return LocalEngineClient(loader(ref, settings), settings, metrics, compute_lock)
+        client = LocalEngineClient(loader(ref, settings), settings, metrics, compute_lock)
+        try:
+            client.model_info()  # now, while loading: a file outside the store is hashed before it serves
+        except BaseException:
+            client.close()
+            raise
+        return client
 
     return connect

@@ -63,6 +63,63 @@ class Delta:
         return self.finish_reason is not None or self.error is not None
 
 
+class StepProfile:
+    """Where the engine's steps spend their time (`RYZ_PROFILE_STEPS`, read by `ryz bench-serve`), summed per kind of
+    step: `decode` steps keyed by their batch (N sequences, one token each) and `mixed`, any step with prompt or
+    draft tokens. Parts: the native forward's own (`NativeModel.profile`: ternary linears, head, attention, other)
+    and `python`, the rest of the step as the loop thread sees it (scheduling, the ctypes call, sampling,
+    detokenizing, handing deltas to the HTTP side, and the gap since the previous step when the loop did not sleep).
+    A model that cannot profile by part (the numpy reference, an ABI 4 library) has one part, `forward`."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.native = bool(getattr(model, "can_profile", False))
+        if self.native:
+            model.set_profiling(True)
+            self._last = dict(model.profile()["seconds"])
+        self.decode: dict[str, dict] = {}
+        self.mixed: dict = self._entry()
+        self._lock = threading.Lock()  # snapshot() runs on the HTTP side
+
+    @staticmethod
+    def _entry() -> dict:
+        return {"steps": 0, "tokens": 0, "seconds": {}}
+
+    def forward_parts(self, forward_seconds: float) -> dict[str, float]:
+        """The parts of the forward call that just ended: the native profile's growth since the last call."""
+        if not self.native:
+            return {"forward": forward_seconds}
+        now = dict(self.model.profile()["seconds"])
+        parts = {p: max(0.0, now[p] - self._last.get(p, 0.0)) for p in now}
+        self._last = now
+        return parts
+
+    def add(self, chunks: list[Chunk], tokens: int, step_seconds: float, parts: dict[str, float]) -> None:
+        decode = all(len(c.tokens) == 1 and c.samples and not c.drafts for c in chunks)
+        with self._lock:
+            entry = self.decode.setdefault(str(tokens), self._entry()) if decode else self.mixed
+            entry["steps"] += 1
+            entry["tokens"] += tokens
+            seconds = entry["seconds"]
+            for part, value in parts.items():
+                seconds[part] = seconds.get(part, 0.0) + value
+            seconds["python"] = seconds.get("python", 0.0) + max(0.0, step_seconds - sum(parts.values()))
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            out: dict = {
+                "decode": {n: {**e, "seconds": dict(e["seconds"])} for n, e in self.decode.items()},
+                "mixed": {**self.mixed, "seconds": dict(self.mixed["seconds"])},
+            }
+        isa = getattr(getattr(self.model, "library", None), "isa", None)
+        if isa:
+            out["isa"] = str(isa)  # the kernels that ran (RYZ_ISA or the host's best)
+        repacked = getattr(self.model, "repacked_bytes", None)
+        if repacked:
+            out["ternary_bytes"] = int(repacked)  # what the ternary linears read per step (their repacked layout)
+        return out
+
+
 @dataclass
 class _Live:
     request: GenerationRequest
@@ -99,6 +156,7 @@ class EngineCore:
         compute_lock: threading.Lock | None = None,
         speculative: SpecConfig | None = None,
         draft_model: DraftModel | None = None,
+        profile_steps: bool = False,
     ):
         """`compute_lock`: shared by every EngineCore of one server, so one variant's forward runs at a time
         on all the cores. Two variants computing at once oversubscribe them (each forward uses every core),
@@ -106,7 +164,7 @@ class EngineCore:
         8x slower than production's on the same model. The time a step waits for the lock is kept out of
         the per-token latency (it is the other variant's work, not this model's speed) and counted apart.
         `speculative`: requests' default speculation (engine/serving/speculative.py); `draft_model` serves method
-        "draft"."""
+        "draft"; `profile_steps`: keep a StepProfile (in `stats()`)."""
         self.model, self.tokenizer, self.model_id, self.metrics = model, tokenizer, model_id, metrics
         self.speculative, self.draft_model = speculative or SpecConfig(), draft_model
         self.spec_totals = {"drafted": 0, "accepted": 0, "steps": 0, "emitted": 0, "paused": 0}
@@ -120,6 +178,8 @@ class EngineCore:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stopping = False
+        self.profile = StepProfile(model) if profile_steps else None
+        self._step_start = 0.0  # when the loop decided to run the current step (StepProfile's python part)
         self._thread = threading.Thread(target=self._loop, name=f"ryz-engine-{model_id}", daemon=True)
         self._thread.start()
 
@@ -167,10 +227,14 @@ class EngineCore:
                 "running": self.scheduler.num_running,
                 "kv_bytes": self.model.kv_bytes(),
                 "slots": self.config.slots,
+                # KV positions the slots hold (running sequences and idle prefix-cache slots) of all they could
+                "kv_positions": sum(len(slot.tokens) for slot in self.scheduler.slots),
+                "kv_capacity": self.config.slots * self.config.max_context,
                 "prefix_hits": self.scheduler.prefix_hits,
                 "prefix_tokens_reused": self.scheduler.prefix_tokens_reused,
                 "speculative": self.speculative.method,
                 **{f"spec_{name}": count for name, count in self.spec_totals.items()},
+                **({"step_profile": self.profile.snapshot()} if self.profile is not None else {}),
             }
 
     @property
@@ -271,21 +335,25 @@ class EngineCore:
 
     # -- the loop thread -------------------------------------------------------------------------------
     def _loop(self) -> None:
+        ended = time.perf_counter()
         while True:
             with self._lock:
                 while not self._stopping and not self._aborts and not self.scheduler.has_work():
                     self._wake.wait()
+                    ended = time.perf_counter()  # idle time is no step's
                 if self._stopping:
                     return
                 for request_id in self._aborts:
                     self._end(request_id, Delta(finish_reason="abort"))
                 self._aborts.clear()
+            self._step_start = ended
             try:
                 self.step()
             except Exception as exc:  # noqa: BLE001 - one failing batch must not take the server down
                 with self._lock:
                     for request_id in list(self._live):
                         self._end(request_id, Delta(error=f"engine error: {exc}"))
+            ended = time.perf_counter()
 
     def _unwind(self, plan) -> None:
         """A failed forward wrote an unknown part of its chunks' KV: the scheduler forgets those tokens and each
@@ -302,6 +370,7 @@ class EngineCore:
         """Schedule -> execute -> update. What one request does with its logits (prompt logprobs, sampling under its
         parameters and grammar, detokenizing, stop strings, its sink) fails that request alone (_fail); a failing
         forward fails every request in flight (_loop), since the batch's KV state is unknown after it."""
+        begin, self._step_start = self._step_start or time.perf_counter(), 0.0
         drafts = self._draft()
         with self._lock:
             plan = self.scheduler.schedule(drafts)
@@ -331,6 +400,7 @@ class EngineCore:
             except Exception:
                 self._unwind(plan)
                 raise
+            forward_seconds = time.perf_counter() - started - waited
         self.compute_wait += waited
         if self.metrics is not None:
             self.metrics.step(len(tokens), waited)
@@ -342,6 +412,10 @@ class EngineCore:
                 except Exception as exc:  # noqa: BLE001 - this request's own work failed: it ends alone
                     self._fail(chunk.request_id, exc)
                 row += rows
+        if self.profile is not None:
+            # the other variant's forward (compute_lock) is not this step's time
+            step_seconds = time.perf_counter() - begin - waited
+            self.profile.add(plan.chunks, len(tokens), step_seconds, self.profile.forward_parts(forward_seconds))
 
     def _update(self, chunk: Chunk, logits: np.ndarray | None) -> None:
         live = self._live.get(chunk.request_id)

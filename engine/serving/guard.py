@@ -24,7 +24,12 @@ _ENDPOINTS = {
     "/v1/embeddings": "embeddings",
     "/v1/retrieve": "retrieve",
     "/v1/models": "models",
+    "/api/generate": "ollama_generate",
+    "/api/chat": "ollama_chat",
 }
+# What answers without an API key when RYZ_API_KEYS is set: the probes and the scrape (load balancers and Prometheus
+# carry no key). Admin routes take the admin token instead (below); everything else needs a key.
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 
 def api_key_set(settings: Settings) -> frozenset[str]:
@@ -68,7 +73,8 @@ def _refusal(request: Request, settings: Settings, api_keys: frozenset[str]) -> 
     if length is not None and length.isdigit() and int(length) > settings.max_request_bytes:
         return _too_large(settings)
     path = request.url.path
-    if path.startswith("/v1/") and api_keys and not _matches(bearer(request), api_keys):
+    keyed = path not in OPEN_PATHS and not path.startswith("/admin")
+    if keyed and api_keys and not _matches(bearer(request), api_keys):
         return APIError(
             401,
             "missing or invalid API key: send `Authorization: Bearer <key>` with one of the keys in RYZ_API_KEYS",
@@ -118,12 +124,13 @@ class Guard:
     """What every HTTP request passes first, as plain ASGI (nothing buffered, no task per request):
 
     - refusals before any route runs: headers over RYZ_MAX_HEADER_BYTES (431), a Content-Length over
-      RYZ_MAX_REQUEST_BYTES (413), a missing or wrong API key (401), the admin token (403/401);
+      RYZ_MAX_REQUEST_BYTES (413), a missing or wrong API key on every route but /health, /ready, /metrics and
+      the admin routes (401), the admin token on those (403/401);
     - the body as the app reads it: bytes counted as they arrive, chunked or not (413 past the limit), and all
       of it within RYZ_BODY_TIMEOUT_S of the headers (408);
-    - any exception the routes and their handlers leave: a 500 in OpenAI's shape, logged with its traceback,
-      counted for the request's variant; nothing is re-raised, so the kept-alive connection stays usable (a
-      response already started is cut off instead)."""
+    - any exception the routes and their handlers leave: a 500 in OpenAI's shape (Ollama's on /api/), logged with
+      its traceback, counted for the request's variant; nothing is re-raised, so the kept-alive connection stays
+      usable (a response already started is cut off instead)."""
 
     def __init__(self, app: ASGIApp, settings: Settings, state: ServingState, api_keys: frozenset[str]):
         self.app, self.settings, self.state, self.api_keys = app, settings, state, api_keys
@@ -135,7 +142,7 @@ class Guard:
         refusal = _refusal(Request(scope), self.settings, self.api_keys)
         if refusal is not None:
             count_error(self.state, scope, refusal)
-            await error_response(refusal)(scope, receive, send)
+            await error_response(refusal, scope.get("path", ""))(scope, receive, send)
             return
         started = False
 
@@ -153,7 +160,7 @@ class Guard:
             error = internal_error(exc)
             count_error(self.state, scope, error)
             if not started:
-                await error_response(error)(scope, receive, send)
+                await error_response(error, scope.get("path", ""))(scope, receive, send)
 
     def _capped(self, receive: Receive) -> Receive:
         """`receive` with the body's byte and time limits; once the body is complete it passes messages through

@@ -293,8 +293,15 @@ class _EngineStream(StreamingResponse):
     """Server-sent events over engine requests: whatever ends the response (its last event, the client's
     disconnect, even before the first event, an error), the requests still in flight are aborted."""
 
-    def __init__(self, content, client: EngineClient, requests: list[GenerationRequest], headers: dict):
-        super().__init__(content, media_type="text/event-stream", headers=headers)
+    def __init__(
+        self,
+        content,
+        client: EngineClient,
+        requests: list[GenerationRequest],
+        headers: dict,
+        media_type: str = "text/event-stream",
+    ):
+        super().__init__(content, media_type=media_type, headers=headers)
         self._client, self._requests = client, requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -44,10 +44,18 @@ def error_body(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(exc: APIError) -> JSONResponse:
+def error_response(exc: APIError, path: str = "") -> JSONResponse:
+    """The error in OpenAI's shape, or in Ollama's (`{"error": message}`) for a request to Ollama's `/api/` routes,
+    so an Ollama client reads the message."""
+    if is_ollama_path(path):
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
     return JSONResponse(
         error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status, headers=exc.headers
     )
+
+
+def is_ollama_path(path: str) -> bool:
+    return path.startswith("/api/") or path == "/api"
 
 
 SEED_MAX = 2**63 - 1  # OpenAI's seed is an int64; the sampler's generator takes non-negative seeds

@@ -12,6 +12,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from engine.artifacts.registry import ALIASES, Registry, is_registry_ref
+from engine.artifacts.store import open_store
 from engine.retrieval.search import Retriever
 from engine.serving.client import ClientFactory, EngineClient, local_clients
 from engine.serving.metrics import ServerMetrics
@@ -59,6 +61,7 @@ class ServingState:
         }
         self.retrieval = Retriever(settings)  # embedder and indexes load on first use
         self.compute_lock = threading.Lock()  # one variant's forward at a time (engine.serving.core.EngineCore)
+        self._versions: dict[str, str | None] = {}  # artifact id -> name:version (loaded())
         self._lock = threading.Lock()
 
     def load(self, name: str, ref: str) -> Variant:
@@ -162,6 +165,57 @@ class ServingState:
                 "served_model_name": self.settings.served_model_name,
                 "faults": dict(self.faults),
             }
+
+    def loaded(self) -> list[dict]:
+        """What `GET /ps` (and `ryz ps`) shows, per variant: its model (name:version when the registry has its
+        artifact, the artifact id, the file and its size), its share of the served name's traffic, its slots and
+        KV use. Runs on a worker thread: the first call per model may hash its file and read the registry."""
+        with self._lock:
+            variants = list(self.variants.values())
+            canary_weight = self.router.weight if CANARY in self.variants else 0
+        rows = []
+        for v in variants:
+            info, stats = v.client.model_info(), v.client.stats()
+            rows.append(
+                {
+                    "variant": v.name,
+                    "model": v.model_id,
+                    "ref": v.ref,
+                    "version": self._version_of(v.ref, info["artifact_id"]),
+                    "artifact_id": info["artifact_id"],
+                    "weight": canary_weight if v.name == CANARY else 100 - canary_weight,
+                    "loaded_at": v.loaded_at,
+                    "path": info["path"],
+                    "weights_bytes": info["size_bytes"],
+                    "parameters": info["parameters"],
+                    "weights_type": info["weights_type"],
+                    "slots": stats.get("slots", 0),
+                    "active": stats.get("running", 0),
+                    "waiting": stats.get("waiting", 0),
+                    "kv_positions": stats.get("kv_positions", 0),
+                    "kv_capacity": stats.get("kv_capacity", 0),
+                    "kv_bytes": stats.get("kv_bytes", 0),
+                    "context_length": info["served_context"],
+                }
+            )
+        return rows
+
+    def _version_of(self, ref: str, artifact_id: str) -> str | None:
+        """`name:version` of the registry version holding this artifact (the latest if several do); None when the
+        registry has none or cannot be read. Cached per artifact: versions are immutable."""
+        if artifact_id in self._versions:
+            return self._versions[artifact_id]
+        found = None
+        try:
+            versions = Registry(open_store(self.settings.store_url, settings=self.settings)).versions()
+            matches = [v for v in versions if v.artifact_id == artifact_id]
+            found = max(matches, key=lambda v: v.version).ref if matches else None
+        except Exception:  # noqa: BLE001 - a listing nicety: no store here, or unreachable
+            found = None
+        if found is None and is_registry_ref(ref) and ref not in ALIASES:
+            found = ref
+        self._versions[artifact_id] = found
+        return found
 
     def close(self) -> None:
         with self._lock:
