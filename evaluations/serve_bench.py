@@ -9,6 +9,8 @@ server can answer from a prefix cache. Measured per level (see `run_load` for th
 
 * **decode tok/s**: aggregate decode throughput of the level, all streams together;
 * **TTFT p50/p95**: time to the first streamed token of a request, from the moment it was sent;
+* **step_profile** (our server): where its steps of exactly that many sequences went, by part (`level_profile`:
+  the native forward's parts and the Python around it, from the engine's RYZ_PROFILE_STEPS profile);
 * errors: a request that fails (HTTP error, server error event, stream cut short, fewer or more tokens than
   asked, no `[DONE]`, timeout) is counted and its message reported, never dropped silently.
 
@@ -23,6 +25,7 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import signal
 import socket
 import statistics
@@ -148,11 +151,11 @@ def _log_tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+def _get(url: str, timeout: float = 5.0, headers: dict | None = None) -> tuple[int, bytes]:
     # no proxies: a loopback benchmark must never be routed anywhere else
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(url, timeout=timeout) as resp:
+        with opener.open(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, b""
@@ -552,8 +555,8 @@ def make_prompts(pool: list[int], count: int, length: int, seed: int) -> list[li
 class _Server:
     """One engine under load: how to start it, its live process, and its per-level results."""
 
-    def __init__(self, name: str, cmd_for, ready_path: str, meta: dict):
-        self.name, self.cmd_for, self.ready_path, self.meta = name, cmd_for, ready_path, meta
+    def __init__(self, name: str, cmd_for, ready_path: str, meta: dict, env: dict | None = None):
+        self.name, self.cmd_for, self.ready_path, self.meta, self.env = name, cmd_for, ready_path, meta, env
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
         self.model: str | None = None  # the served model's id, set with proc (or error) by start()
@@ -563,6 +566,71 @@ class _Server:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+PROFILE_PARTS = ("ternary_linears", "head", "attention", "other", "python")
+
+
+def step_profile(base_url: str, admin_token: str) -> dict | None:
+    """Our server's StepProfile (engine/serving/core.py): the production variant's `step_profile` in
+    /admin/state; None when it has none (a server without RYZ_PROFILE_STEPS, or not answering)."""
+    try:
+        status, body = _get(
+            base_url.rstrip("/") + "/admin/state", timeout=10.0, headers={"Authorization": f"Bearer {admin_token}"}
+        )
+        if status != 200:
+            return None
+        return (json.loads(body).get("variants") or {}).get("production", {}).get("step_profile")
+    except (OSError, ValueError, urllib.error.URLError):
+        return None
+
+
+def _entry_delta(before: dict | None, after: dict | None) -> dict:
+    before = before or {"steps": 0, "tokens": 0, "seconds": {}}
+    after = after or {"steps": 0, "tokens": 0, "seconds": {}}
+    return {
+        "steps": after["steps"] - before["steps"],
+        "tokens": after["tokens"] - before["tokens"],
+        "seconds": {p: v - before["seconds"].get(p, 0.0) for p, v in after["seconds"].items()},
+    }
+
+
+def level_profile(before: dict, after: dict, streams: int, sizes: dict) -> dict:
+    """Where a level's decode steps spent their time: the steps that decoded `streams` sequences at once (the
+    level's steady state; steps with fewer are the ramps, listed in `decode_steps` by batch), per part ms per
+    step, share of the step, and for the two weight-streaming parts the rate they read their bytes at (a step reads
+    every weight once, whatever its batch). `mixed`: the steps that also fed prompt tokens."""
+    decode = {
+        n: _entry_delta(before["decode"].get(n), e)
+        for n, e in after["decode"].items()
+        if e["steps"] > (before["decode"].get(n) or {}).get("steps", 0)
+    }
+    mixed = _entry_delta(before.get("mixed"), after.get("mixed"))
+    out: dict = {
+        "isa": after.get("isa"),
+        "batch": streams,
+        "decode_steps": {n: e["steps"] for n, e in sorted(decode.items(), key=lambda kv: int(kv[0]))},
+        "mixed": {
+            "steps": mixed["steps"],
+            "tokens": mixed["tokens"],
+            "seconds": _round(sum(mixed["seconds"].values())),
+        },
+    }
+    entry = decode.get(str(streams))
+    if not entry or not entry["steps"]:
+        return out
+    steps = entry["steps"]
+    order = [*PROFILE_PARTS, *sorted(set(entry["seconds"]) - set(PROFILE_PARTS))]
+    ms = {p: entry["seconds"][p] / steps * 1e3 for p in order if p in entry["seconds"]}
+    total = sum(ms.values())
+    out["steps"] = steps
+    out["step_ms"] = _round(total)
+    out["tok_s"] = _round(streams / (total / 1e3)) if total > 0 else None
+    out["ms_per_step"] = {p: _round(v) for p, v in ms.items()}
+    out["share"] = {p: _round(v / total) for p, v in ms.items()} if total > 0 else {}
+    read = {"ternary_linears": after.get("ternary_bytes") or sizes["ternary_bytes_engine"], "head": sizes["head_bytes"]}
+    out["gb_s"] = {p: _round(b / (ms[p] / 1e3) / 1e9, 2) for p, b in read.items() if ms.get(p)}
+    return out
 
 
 def requests_per_stream(streams: int, min_requests: int) -> int:
@@ -613,7 +681,7 @@ def run_serve_bench(
     from engine.host import loadavg, machine_info
     from engine.model.loader import default_threads
     from engine.settings import get_settings
-    from evaluations.bench import BenchError, resolve_target
+    from evaluations.bench import BenchError, decode_bytes, resolve_target
 
     settings = settings or get_settings()
     levels = sorted({int(n) for n in streams})
@@ -628,6 +696,7 @@ def run_serve_bench(
     slots = max(levels)
     tgt = resolve_target(target, settings)
     pool = prompt_token_pool(tgt.path)
+    sizes = decode_bytes(tgt.path)
     plan = {n: requests_per_stream(n, min_requests) for n in levels}
     prompts = {n: make_prompts(pool, n * plan[n], prompt_tokens, seed * 7919 + n) for n in levels}
     warmup_prompt = make_prompts(pool, 1, min(prompt_tokens, WARMUP_TOKENS), seed * 7919 + 104729)[0]
@@ -639,6 +708,8 @@ def run_serve_bench(
     servers: list[_Server] = []
     peer_result: dict | None = None
     with tempfile.TemporaryDirectory(prefix="bench-serve-", dir=tmp_root) as tmp:
+        # our step profile (RYZ_PROFILE_STEPS) is read from /admin/state: a token of this run only
+        admin_token = secrets.token_hex(16)
         if ours:
             context = slot_context(prompt_tokens, gen_tokens)
             servers.append(
@@ -647,6 +718,7 @@ def run_serve_bench(
                     lambda port: ours_cmd(tgt.path, port, threads, slots, context),
                     "/ready",
                     {"model_file": str(tgt.path)},
+                    env={**os.environ, "RYZ_PROFILE_STEPS": "1", "RYZ_ADMIN_TOKEN": admin_token},
                 )
             )
         if peers:
@@ -686,7 +758,7 @@ def run_serve_bench(
             t = time.perf_counter()
             try:
                 s.proc = stack.enter_context(
-                    start_server(cmd, s.port, s.ready_path, ready_timeout, s.meta["log"], name=s.name)
+                    start_server(cmd, s.port, s.ready_path, ready_timeout, s.meta["log"], env=s.env, name=s.name)
                 )
                 s.meta["ready_seconds"] = round(time.perf_counter() - t, 2)
                 s.model = served_model(s.base_url, tgt.path.name)
@@ -708,6 +780,7 @@ def run_serve_bench(
                 f"{s.name}: {n} streams x {plan[n]} requests ({prompt_tokens} prompt + {gen_tokens} generated tokens "
                 f"each)"
             )
+            profile0 = step_profile(s.base_url, admin_token) if s.name == "ryzanstein" else None
             cpu0 = group_cpu_seconds(s.proc.pid)
             idle = [(o.name, o.proc) for o in others if o.proc is not None and o.proc.poll() is None]
             idle0 = [group_cpu_seconds(proc.pid) for _, proc in idle]
@@ -716,6 +789,10 @@ def run_serve_bench(
             except Exception as exc:  # noqa: BLE001 - recorded, the other levels go on
                 r = {"streams": n, "error": f"{type(exc).__name__}: {exc}"}
             r["server_cpu_s"] = round(group_cpu_seconds(s.proc.pid) - cpu0, 2)
+            if profile0 is not None:
+                profile1 = step_profile(s.base_url, admin_token)
+                if profile1 is not None:
+                    r["step_profile"] = level_profile(profile0, profile1, n, sizes)
             if idle:  # an idle server that burns CPU would slow the measured one down: shown here
                 r["idle_servers_cpu_s"] = {
                     name: round(group_cpu_seconds(proc.pid) - c, 2) for (name, proc), c in zip(idle, idle0)
@@ -772,6 +849,7 @@ def run_serve_bench(
             "prompt_tokens": prompt_tokens,
             "gen_tokens": gen_tokens,
             "threads": threads,
+            "isa": settings.isa,  # RYZ_ISA, which our server inherits (its step_profile names the kernels that ran)
             "slots": slots,
             "requests_per_stream": {str(n): plan[n] for n in levels},
             "min_requests": min_requests,
@@ -835,6 +913,9 @@ def format_report(r: dict) -> str:
             )
             for e in d.get("error_messages", [])[:3]:
                 lines.append(f"{'':<22}{e['count']} x {e['error']}")
+            prof = d.get("step_profile") or {}
+            if prof.get("ms_per_step"):
+                lines.append(f"{'':<22}{profile_line(prof)}")
     summary = r.get("summary") or {}
     if "scaling_8_vs_1" in summary:
         lines.append(
@@ -845,6 +926,17 @@ def format_report(r: dict) -> str:
         ratios = ", ".join(f"{n}: {v:.2f}x" if v else f"{n}: -" for n, v in summary["decode_vs_llama_server"].items())
         lines.append(f"decode vs llama-server per level: {ratios}")
     return "\n".join(lines)
+
+
+def profile_line(prof: dict) -> str:
+    """One level's decode-step profile in a line (also what scripts/bench_report.py prints)."""
+    parts = ", ".join(
+        f"{p.replace('_', ' ')} {ms:.1f} ms ({prof['share'][p]:.0%}"
+        + (f", {prof['gb_s'][p]:.1f} GB/s" if p in prof.get("gb_s", {}) else "")
+        + ")"
+        for p, ms in prof["ms_per_step"].items()
+    )
+    return f"{prof['batch']}-token decode step {prof['step_ms']:.1f} ms over {prof['steps']} steps: {parts}"
 
 
 def threading_is_main() -> bool:
@@ -870,7 +962,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "target",
         metavar="SHAPE_OR_ARTIFACT",
-        help="a shape (tiny, medium, bitnet-2b4t: random weights, synthesized once and cached) or a model reference",
+        help="a shape (tiny, medium, bitnet-2b4t: random weights, synthesized once and cached) or a model reference: "
+        "name:version, an alias (production, canary, previous), an artifact id or prefix, or a .gguf path",
     )
     parser.add_argument(
         "--streams",

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Render docs/benchmarks.md's result tables from `ryz bench --json` records.
+"""Render docs/benchmarks.md's result tables from `ryz bench --json` records (and `ryz bench-serve --json` ones).
 
     python scripts/bench_report.py docs/bench/bitnet-2b4t-t2.json docs/bench/bitnet-2b4t-t1.json
     python scripts/bench_report.py --write docs/benchmarks.md docs/bench/*.json
 
-Prints markdown (results per record, then the targets as met / not met). With --write, replaces the text
+Prints markdown (results per record, then the targets as met / not met; a bench-serve record gets its levels
+and the per-part profile of their decode steps, one table for all of them). With --write, replaces the text
 between `<!-- bench:begin -->` and `<!-- bench:end -->` in that file and leaves the rest alone.
 The targets are the issue's: decode >= 1.75x llama.cpp's best ternary type and >= 70 % of the roofline
 (multi-threaded run), prefill pp512 >= 3.5x, single-thread decode >= 1.5x, load < 3 s warm.
@@ -211,18 +212,69 @@ def profile_lines(record: dict) -> list[str]:
     return ["", *out] if out else []
 
 
+SERVE_PARTS = ("ternary_linears", "head", "attention", "other", "python")
+
+
+def is_serve_record(record: dict) -> bool:
+    return "threads" not in record and "streams" in (record.get("settings") or {})
+
+
+def serve_table(records: list[tuple[Path, dict]]) -> str:
+    """bench-serve levels, one row each: decode tok/s and where a decode step of that many sequences went (ms per
+    step and share; GB/s at which the ternary linears and the head read their bytes)."""
+    lines = [
+        "| record | ISA | streams | decode tok/s | 8 / 1 | steps | step ms | "
+        + " | ".join(p.replace("_", " ") for p in SERVE_PARTS)
+        + " |",
+        "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(SERVE_PARTS),
+    ]
+    for path, record in records:
+        ratio = (record.get("summary") or {}).get("scaling_8_vs_1")
+        for n, level in sorted(record.get("streams", {}).items(), key=lambda kv: int(kv[0])):
+            prof = level.get("step_profile") or {}
+            isa = prof.get("isa") or record["settings"].get("isa") or "?"
+            cells = []
+            for part in SERVE_PARTS:
+                ms = (prof.get("ms_per_step") or {}).get(part)
+                if ms is None:
+                    cells.append("—")
+                    continue
+                gb = (prof.get("gb_s") or {}).get(part)
+                cells.append(f"{ms:.1f} ({prof['share'][part]:.0%}{f', {gb:.1f} GB/s' if gb else ''})")
+            lines.append(
+                f"| `{path.name}` | {isa} | {n} | {_num(level.get('decode_tok_s'))} | "
+                f"{_num(ratio) + 'x' if ratio and n == '8' else ''} | {prof.get('steps', '—')} | "
+                f"{_num(prof.get('step_ms'), '.1f')} | " + " | ".join(cells) + " |"
+            )
+    lines += [
+        "",
+        "Per part: ms per decode step of that many sequences (share of the step; GB/s: the part's weight bytes, read "
+        "once per step, over its time). python: the engine step outside the native forward (scheduling, sampling, "
+        "detokenizing, streaming).",
+    ]
+    return "\n".join(lines)
+
+
 def render(paths: list[Path]) -> str:
-    records = [(p, json.loads(p.read_text())) for p in paths]
+    loaded = [(p, json.loads(p.read_text())) for p in paths]
+    serve = [(p, r) for p, r in loaded if is_serve_record(r)]
+    records = [(p, r) for p, r in loaded if not is_serve_record(r)]
     records.sort(key=lambda pr: -pr[1]["threads"])
-    parts = ["### Targets", "", targets_table([r for _, r in records]), "", "### Results", ""]
+    parts = []
+    if records:
+        parts += ["### Targets", "", targets_table([r for _, r in records]), "", "### Results", ""]
     for i, (path, record) in enumerate(records):
         parts += [results_table(record, path.as_posix(), notes=i == 0), ""]
+    if serve:
+        parts += ["### Serving: decode steps by part (`ryz bench-serve`)", "", serve_table(serve), ""]
     return "\n".join(parts).rstrip() + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("records", nargs="+", type=Path, help="`ryz bench --json` outputs")
+    parser.add_argument(
+        "records", nargs="+", type=Path, help="`ryz bench --json` (or `ryz bench-serve --json`) outputs"
+    )
     parser.add_argument("--write", type=Path, help="replace the marked section of this markdown file")
     args = parser.parse_args(argv)
     text = render(args.records)

@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -365,6 +366,30 @@ def test_ours_and_llama_server_interleaved_on_tiny(tmp_path, llama_server_binary
             assert level["decode_tok_s"] > 0 and set(level["idle_servers_cpu_s"]) == {other}  # both were up
     assert set(result["summary"]["decode_vs_llama_server"]) == {"1", "4"}
     assert result["ours"]["cmd"][3] == "serve" and Path(result["ours"]["log"]).is_file()
+    # our server's decode steps by part (RYZ_PROFILE_STEPS, read from /admin/state around each level)
+    for n, level in result["streams"].items():
+        prof = level["step_profile"]
+        assert prof["batch"] == int(n) and prof["steps"] > 0 and prof["decode_steps"][n] == prof["steps"]
+        assert list(prof["ms_per_step"]) == ["ternary_linears", "head", "attention", "other", "python"]
+        assert all(v >= 0 for v in prof["ms_per_step"].values()) and prof["ms_per_step"]["ternary_linears"] > 0
+        assert sum(prof["ms_per_step"].values()) == pytest.approx(prof["step_ms"], abs=0.01)
+        assert sum(prof["share"].values()) == pytest.approx(1, abs=0.01)
+        assert set(prof["gb_s"]) == {"ternary_linears", "head"} and prof["tok_s"] > 0
+        # every decoded token went through a profiled step: the level's requests x (tokens after the first)
+        decoded = sum(int(b) * steps for b, steps in prof["decode_steps"].items()) + prof["mixed"]["tokens"]
+        assert decoded >= 4 * 127
+    assert "step_profile" not in result["peers"]["llama-server"]["streams"]["4"]
+    assert "4-token decode step" in serve_bench.format_report(result)
+    record = tmp_path / "serve.json"
+    record.write_text(json.dumps(result))
+    report = subprocess.run(
+        [sys.executable, "scripts/bench_report.py", str(record)],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "decode steps by part" in report and report.count("| `serve.json` |") == 2
 
 
 def test_llama_server_is_added_to_the_llama_bench_tree(tmp_path, monkeypatch):

@@ -369,6 +369,11 @@ class NativeModel:
         return kv_bytes_per_position(self.hp, self.kv_type) * self.max_positions
 
     @property
+    def repacked_bytes(self) -> int:
+        """Bytes of the repacked ternary weights: what the ternary linears read per forward call."""
+        return int(self.library.lib.ryz_model_repacked_bytes(self.model))
+
+    @property
     def can_profile(self) -> bool:
         return self.library.abi >= 5
 

@@ -140,6 +140,13 @@ RYZ_API ryz_status ryz_kv_axpy(const float *probs, const void *values, int32_t k
  * exp(score - max) as above, then each divided by their sum in numpy's pairwise order. */
 RYZ_API ryz_status ryz_softmax_exp(float *scores, int32_t n, float max_score);
 RYZ_API ryz_status ryz_softmax(float *scores, int32_t n, float divisor);
+/* ABI 5 addition, for the tests: ryz_kv_dot / ryz_kv_axpy for nq queries over the same rows (the forward's GQA
+ * kernels: the heads of a KV group, a block of tokens), each query's result bit for bit its single-query one.
+ * ryz_kv_dot_multi: scores[j][p] = dot(q[j], key_p), p < n_pos; ryz_kv_axpy_multi: out[j] over n_pos[j] positions. */
+RYZ_API ryz_status ryz_kv_dot_multi(const float *const *q, int32_t nq, const void *keys, int32_t kv_type, int64_t stride, int32_t n_pos,
+                                    int32_t d, float *const *scores);
+RYZ_API ryz_status ryz_kv_axpy_multi(const float *const *probs, int32_t nq, const int32_t *n_pos, const void *values, int32_t kv_type,
+                                     int64_t stride, int32_t d, float *const *out);
 /* The k largest logits, largest first (ties: lower id first). */
 RYZ_API ryz_status ryz_top_k(const float *logits, int64_t n, int32_t k, int32_t *ids, float *values);
 /* Memory read bandwidth probe: streams `bytes` with SIMD loads on n_threads threads, `repeats` times. */

@@ -573,7 +573,8 @@ void softmax_avx2(float *scores, int32_t n, float divisor) {
 
 const Kernels *kernels_avx2() {
     static const Kernels k{RYZ_ISA_AVX2, ternary_gemm_avx2, dense_gemm_avx2, quantize_act_avx2, kv_dot_avx2, kv_axpy_avx2,
-                           ternary_gemm_t1p_avx2, softmax_exp_avx2, softmax_avx2};
+                           ternary_gemm_t1p_avx2, softmax_exp_avx2, softmax_avx2,
+                           nullptr, nullptr};  // no multi-query attention: the single-query kernels per query
     return &k;
 }
 

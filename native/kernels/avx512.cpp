@@ -777,6 +777,81 @@ void kv_dot_avx512(const float *q, const void *keys, int32_t kv_type, int64_t st
     else kv_dot_pairs<true>(q, keys, stride, n_pos, d, scores);
 }
 
+// kv_dot for QB queries at once (kernels.h kv_dot_multi): each pair of key rows is loaded (and converted) once
+// for QB queries, and every query's position gets exactly kv_dot_pairs' operations: the products of 8-lane
+// slices, added in i order, then fold_pair. An odd last position goes to kv_dot_avx2, as in kv_dot_pairs.
+template <bool HALF, int QB>
+void kv_dot_block(const float *const *q, const void *keys, int64_t stride, int32_t n_pos, int32_t d, float *const *scores) {
+    int32_t p = 0;
+    for (; p + 8 <= n_pos; p += 8) {  // 4 pairs x QB queries: up to 16 accumulators
+        const int64_t row = int64_t(p) * stride;
+        __m512 r[QB][4], k[4];
+#pragma GCC unroll 4
+        for (int m = 0; m < 4; ++m) k[m] = load_pair<HALF>(keys, row + 2 * m * stride, row + (2 * m + 1) * stride);
+#pragma GCC unroll 4
+        for (int j = 0; j < QB; ++j) {
+            const __m512 qv = _mm512_broadcast_f32x8(_mm256_loadu_ps(q[j]));
+#pragma GCC unroll 4
+            for (int m = 0; m < 4; ++m) r[j][m] = _mm512_mul_ps(qv, k[m]);
+        }
+        for (int32_t i = 8; i < d; i += 8) {
+#pragma GCC unroll 4
+            for (int m = 0; m < 4; ++m) k[m] = load_pair<HALF>(keys, row + 2 * m * stride + i, row + (2 * m + 1) * stride + i);
+#pragma GCC unroll 4
+            for (int j = 0; j < QB; ++j) {
+                const __m512 qv = _mm512_broadcast_f32x8(_mm256_loadu_ps(q[j] + i));
+#pragma GCC unroll 4
+                for (int m = 0; m < 4; ++m) r[j][m] = _mm512_add_ps(r[j][m], _mm512_mul_ps(qv, k[m]));
+            }
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < QB; ++j)
+#pragma GCC unroll 4
+            for (int m = 0; m < 4; ++m) fold_pair(r[j][m], scores[j] + p + 2 * m);
+    }
+    for (; p + 2 <= n_pos; p += 2) {
+        const int64_t row = int64_t(p) * stride;
+        __m512 r[QB];
+        __m512 k = load_pair<HALF>(keys, row, row + stride);
+#pragma GCC unroll 4
+        for (int j = 0; j < QB; ++j) r[j] = _mm512_mul_ps(_mm512_broadcast_f32x8(_mm256_loadu_ps(q[j])), k);
+        for (int32_t i = 8; i < d; i += 8) {
+            k = load_pair<HALF>(keys, row + i, row + stride + i);
+#pragma GCC unroll 4
+            for (int j = 0; j < QB; ++j) r[j] = _mm512_add_ps(r[j], _mm512_mul_ps(_mm512_broadcast_f32x8(_mm256_loadu_ps(q[j] + i)), k));
+        }
+#pragma GCC unroll 4
+        for (int j = 0; j < QB; ++j) fold_pair(r[j], scores[j] + p);
+    }
+    if (p < n_pos)
+        for (int j = 0; j < QB; ++j)
+            kv_dot_avx2(q[j], static_cast<const uint8_t *>(keys) + int64_t(p) * stride * (HALF ? 2 : 4), HALF ? RYZ_KV_F16 : RYZ_KV_F32, stride,
+                        n_pos - p, d, scores[j] + p);
+}
+
+template <bool HALF>
+void kv_dot_queries(const float *const *q, int32_t nq, const void *keys, int64_t stride, int32_t n_pos, int32_t d, float *const *scores) {
+    int32_t j = 0;
+    for (; j + 4 <= nq; j += 4) kv_dot_block<HALF, 4>(q + j, keys, stride, n_pos, d, scores + j);
+    switch (nq - j) {
+    case 3: kv_dot_block<HALF, 3>(q + j, keys, stride, n_pos, d, scores + j); break;
+    case 2: kv_dot_block<HALF, 2>(q + j, keys, stride, n_pos, d, scores + j); break;
+    case 1: kv_dot_block<HALF, 1>(q + j, keys, stride, n_pos, d, scores + j); break;
+    default: break;
+    }
+}
+
+void kv_dot_multi_avx512(const float *const *q, int32_t nq, const void *keys, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d,
+                         float *const *scores) {
+    if (d % 8 || d < 8 || d > 128) {  // off kv_dot_pairs' path: kv_dot itself, query by query
+        for (int32_t j = 0; j < nq; ++j) kv_dot_avx512(q[j], keys, kv_type, stride, n_pos, d, scores[j]);
+    } else if (kv_type == RYZ_KV_F32) {
+        kv_dot_queries<false>(q, nq, keys, stride, n_pos, d, scores);
+    } else {
+        kv_dot_queries<true>(q, nq, keys, stride, n_pos, d, scores);
+    }
+}
+
 // Weighted sum of values: out[i] = sum_p probs[p] * value_p[i], sequential over p for every i, as the
 // scalar kernel and the reference add them; each lane owns one i, so 16 lanes give the same bits as
 // the AVX2 kernel's 8 with half the instructions.
@@ -807,6 +882,76 @@ void kv_axpy_avx512(const float *probs, const void *values, int32_t kv_type, int
     if (d % 16) kv_axpy_avx2(probs, values, kv_type, stride, n_pos, d, out);
     else if (kv_type == RYZ_KV_F32) kv_axpy_rows<false>(probs, values, stride, n_pos, d, out);
     else kv_axpy_rows<true>(probs, values, stride, n_pos, d, out);
+}
+
+// kv_axpy for QB queries at once (kernels.h kv_axpy_multi), 64 columns at a time: each value row's 4 vectors are
+// loaded once for QB queries. Query j's lanes start at zero and add probs[j][p] * value_p[i] for p = 0, 1, ...
+// up to its own n_pos, kv_axpy_rows' operations and order: the positions all QB queries share first, then each
+// query's own remaining ones.
+template <bool HALF>
+inline __m512 value16(const void *values, int64_t at) {
+    if constexpr (HALF) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(static_cast<const fp16_t *>(values) + at)));
+    else return _mm512_loadu_ps(static_cast<const float *>(values) + at);
+}
+
+template <bool HALF, int QB>
+void kv_axpy_block(const float *const *probs, const int32_t *n_pos, const void *values, int64_t stride, int32_t d, float *const *out) {
+    int32_t shared = n_pos[0];
+    for (int j = 1; j < QB; ++j) shared = std::min(shared, n_pos[j]);
+    for (int32_t i0 = 0; i0 < d; i0 += 64) {
+        const int n_vec = std::min(64, d - i0) / 16;
+        __m512 acc[QB][4];
+#pragma GCC unroll 4
+        for (int j = 0; j < QB; ++j)
+#pragma GCC unroll 4
+            for (int m = 0; m < 4; ++m) acc[j][m] = _mm512_setzero_ps();
+        if (n_vec == 4) {
+            for (int32_t p = 0; p < shared; ++p) {
+                const int64_t row = int64_t(p) * stride + i0;
+                __m512 v[4];
+#pragma GCC unroll 4
+                for (int m = 0; m < 4; ++m) v[m] = value16<HALF>(values, row + 16 * m);
+#pragma GCC unroll 4
+                for (int j = 0; j < QB; ++j) {
+                    const __m512 w = _mm512_set1_ps(probs[j][p]);
+#pragma GCC unroll 4
+                    for (int m = 0; m < 4; ++m) acc[j][m] = _mm512_add_ps(acc[j][m], _mm512_mul_ps(w, v[m]));
+                }
+            }
+        }
+        for (int j = 0; j < QB; ++j)
+            for (int32_t p = n_vec == 4 ? shared : 0; p < n_pos[j]; ++p) {
+                const __m512 w = _mm512_set1_ps(probs[j][p]);
+                const int64_t row = int64_t(p) * stride + i0;
+                for (int m = 0; m < n_vec; ++m) acc[j][m] = _mm512_add_ps(acc[j][m], _mm512_mul_ps(w, value16<HALF>(values, row + 16 * m)));
+            }
+        for (int j = 0; j < QB; ++j)
+            for (int m = 0; m < n_vec; ++m) _mm512_storeu_ps(out[j] + i0 + 16 * m, acc[j][m]);
+    }
+}
+
+template <bool HALF>
+void kv_axpy_queries(const float *const *probs, int32_t nq, const int32_t *n_pos, const void *values, int64_t stride, int32_t d,
+                     float *const *out) {
+    int32_t j = 0;
+    for (; j + 4 <= nq; j += 4) kv_axpy_block<HALF, 4>(probs + j, n_pos + j, values, stride, d, out + j);
+    switch (nq - j) {
+    case 3: kv_axpy_block<HALF, 3>(probs + j, n_pos + j, values, stride, d, out + j); break;
+    case 2: kv_axpy_block<HALF, 2>(probs + j, n_pos + j, values, stride, d, out + j); break;
+    case 1: kv_axpy_block<HALF, 1>(probs + j, n_pos + j, values, stride, d, out + j); break;
+    default: break;
+    }
+}
+
+void kv_axpy_multi_avx512(const float *const *probs, int32_t nq, const int32_t *n_pos, const void *values, int32_t kv_type, int64_t stride,
+                          int32_t d, float *const *out) {
+    if (d % 16) {
+        for (int32_t j = 0; j < nq; ++j) kv_axpy_avx512(probs[j], values, kv_type, stride, n_pos[j], d, out[j]);
+    } else if (kv_type == RYZ_KV_F32) {
+        kv_axpy_queries<false>(probs, nq, n_pos, values, stride, d, out);
+    } else {
+        kv_axpy_queries<true>(probs, nq, n_pos, values, stride, d, out);
+    }
 }
 
 // The softmax (kernels.h; scalar.cpp the spec), as avx2.cpp's with 16 lanes and vscalefpd for the 2^k:
@@ -882,7 +1027,7 @@ void softmax_avx512(float *scores, int32_t n, float divisor) {
 
 const Kernels *kernels_avx512() {
     static const Kernels k{RYZ_ISA_AVX512, ternary_gemm_avx512, dense_gemm_avx512, quantize_act_avx512, kv_dot_avx512, kv_axpy_avx512,
-                           ternary_gemm_t1p_avx512, softmax_exp_avx512, softmax_avx512};
+                           ternary_gemm_t1p_avx512, softmax_exp_avx512, softmax_avx512, kv_dot_multi_avx512, kv_axpy_multi_avx512};
     return &k;
 }
 

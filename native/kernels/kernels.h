@@ -53,6 +53,17 @@ struct Kernels {
     // Null entries fall back to scalar's (forward.cpp), as ternary_gemm_t1p does.
     void (*softmax_exp)(float *scores, int32_t n, float max_score);
     void (*softmax)(float *scores, int32_t n, float divisor);
+
+    // kv_dot and kv_axpy for nq queries over the same KV rows (the heads of a GQA group, for a block of one
+    // sequence's tokens): every query's result is exactly what kv_dot / kv_axpy give it (the same float
+    // operations in the same order), but each K/V row is loaded once per few queries instead of once per query.
+    //   kv_dot_multi:  scores[j][p] = dot(q[j], key_p) for p < n_pos, j < nq
+    //   kv_axpy_multi: out[j][i] = sum over p < n_pos[j] of probs[j][p] * value_p[i], j < nq
+    // Null (families without them): forward.cpp calls kv_dot / kv_axpy once per query.
+    void (*kv_dot_multi)(const float *const *q, int32_t nq, const void *keys, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d,
+                         float *const *scores);
+    void (*kv_axpy_multi)(const float *const *probs, int32_t nq, const int32_t *n_pos, const void *values, int32_t kv_type, int64_t stride,
+                          int32_t d, float *const *out);
 };
 
 const Kernels &kernels_scalar();

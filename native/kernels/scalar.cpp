@@ -229,7 +229,8 @@ static void softmax_scalar(float *scores, int32_t n, float divisor) {
 
 const Kernels &kernels_scalar() {
     static const Kernels k{RYZ_ISA_SCALAR, ternary_gemm_scalar, dense_gemm_scalar, quantize_act_scalar, kv_dot_scalar, kv_axpy_scalar,
-                           ternary_gemm_t1p_scalar, softmax_exp_scalar, softmax_scalar};
+                           ternary_gemm_t1p_scalar, softmax_exp_scalar, softmax_scalar,
+                           nullptr, nullptr};  // no multi-query attention: the single-query kernels per query
     return k;
 }
 

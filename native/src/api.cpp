@@ -137,6 +137,24 @@ ryz_status ryz_kv_axpy(const float *probs, const void *values, int32_t kv_type, 
     return RYZ_OK;
 }
 
+ryz_status ryz_kv_dot_multi(const float *const *q, int32_t nq, const void *keys, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d,
+                            float *const *scores) {
+    if (!q || !scores || nq < 0) return fail(RYZ_ERR_INVALID_ARGUMENT, "need nq >= 0 and q / scores arrays");
+    for (int32_t j = 0; j < nq; ++j)
+        if (ryz_status st = check_kv_args(q[j], keys, scores[j], kv_type, stride, n_pos, d)) return st;
+    if (nq > 0) kv_dot_multi(q, nq, keys, kv_type, stride, n_pos, d, scores);
+    return RYZ_OK;
+}
+
+ryz_status ryz_kv_axpy_multi(const float *const *probs, int32_t nq, const int32_t *n_pos, const void *values, int32_t kv_type, int64_t stride,
+                             int32_t d, float *const *out) {
+    if (!probs || !out || !n_pos || nq < 0) return fail(RYZ_ERR_INVALID_ARGUMENT, "need nq >= 0 and probs / n_pos / out arrays");
+    for (int32_t j = 0; j < nq; ++j)
+        if (ryz_status st = check_kv_args(probs[j], values, out[j], kv_type, stride, n_pos[j], d)) return st;
+    if (nq > 0) kv_axpy_multi(probs, nq, n_pos, values, kv_type, stride, d, out);
+    return RYZ_OK;
+}
+
 ryz_status ryz_softmax_exp(float *scores, int32_t n, float max_score) {
     if ((!scores && n > 0) || n < 0) return fail(RYZ_ERR_INVALID_ARGUMENT, "need n >= 0 and scores for n > 0");
     softmax_exp_kernel()(scores, n, max_score);

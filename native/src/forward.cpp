@@ -203,6 +203,51 @@ void attention(ryz_context *c, int layer, int32_t n, const int32_t *seq_ids) {
     const float sqrt_d = std::sqrt(static_cast<float>(d));
     const auto kv_dot = kv_dot_kernel(), kv_axpy = kv_axpy_kernel();
     const auto softmax = softmax_kernel();
+    // GQA with a family that has the multi-query kernels: an item is one KV head for a block of consecutive tokens of
+    // one sequence, and all the group's query heads of the block's tokens (up to 16 queries) share every K/V row
+    // load, which the per-head loop below repeats for each query. Items go round robin to the threads (a causal
+    // prefill's later blocks attend to more positions). Too few items to share (a decode of one or two sequences)
+    // keep the per-head split. Each query's result is the same bits either way (kernels.h).
+    const int32_t block = std::max(1, 16 / group);
+    std::vector<int32_t> starts;  // the blocks' first tokens, then n
+    for (int32_t t = 0; t < n;) {
+        starts.push_back(t);
+        const int32_t first = t;
+        for (++t; t < n && t - first < block && seq_ids[t] == seq_ids[first]; ++t) {
+        }
+    }
+    starts.push_back(n);
+    const int64_t items = int64_t(starts.size() - 1) * hp.kv_heads;
+    if (kernels().kv_dot_multi && kernels().kv_axpy_multi && items >= 4 * c->pool->size()) {
+        const int32_t max_q = block * group;
+        c->pool->run([&](int ti, int nt) {
+            std::vector<float> &scores = c->scores[ti];
+            const size_t per_query = size_t(c->max_positions);
+            if (scores.size() < per_query * max_q) scores.resize(per_query * max_q);  // once per thread
+            std::vector<const float *> qs(max_q);
+            std::vector<float *> sc(max_q), outs(max_q);
+            std::vector<int32_t> n_pos(max_q);
+            for (int64_t item = ti; item < items; item += nt) {
+                const int32_t b = static_cast<int32_t>(item / hp.kv_heads), kvh = static_cast<int32_t>(item % hp.kv_heads);
+                const KVSeq &s = c->seqs[seq_ids[starts[b]]];
+                const size_t layer_off = (size_t(layer) * c->max_positions * kv_dim + size_t(kvh) * d) * eb;
+                int32_t nq = 0, n_max = 0;
+                for (int32_t t = starts[b]; t < starts[b + 1]; ++t)
+                    for (int32_t h = kvh * group; h < (kvh + 1) * group; ++h, ++nq) {
+                        qs[nq] = c->q.data() + int64_t(t) * q_dim + int64_t(h) * d;
+                        outs[nq] = c->att.data() + int64_t(t) * q_dim + int64_t(h) * d;
+                        sc[nq] = scores.data() + per_query * nq;
+                        n_pos[nq] = c->positions[t] + 1;  // causal: positions 0..pos
+                        n_max = std::max(n_max, n_pos[nq]);
+                    }
+                // every query's scores over the block's positions (those past a query's own are not read)
+                kv_dot_multi(qs.data(), nq, s.keys.get() + layer_off, c->kv_type, kv_dim, n_max, d, sc.data());
+                for (int32_t j = 0; j < nq; ++j) softmax(sc[j], n_pos[j], sqrt_d);
+                kv_axpy_multi(sc.data(), nq, n_pos.data(), s.values.get() + layer_off, c->kv_type, kv_dim, d, outs.data());
+            }
+        });
+        return;
+    }
     // Each thread takes its share of every token's heads (contiguous heads: neighbours share a KV head),
     // not a contiguous range of tokens: a causal prefill's later tokens attend to more positions, and
     // splitting by tokens left the first of 2 threads a quarter of the work. An item's result does not

@@ -22,6 +22,17 @@ inline auto kv_dot_kernel() { return kernels().kv_dot ? kernels().kv_dot : kerne
 inline auto kv_axpy_kernel() { return kernels().kv_axpy ? kernels().kv_axpy : kernels_scalar().kv_axpy; }
 inline auto softmax_exp_kernel() { return kernels().softmax_exp ? kernels().softmax_exp : kernels_scalar().softmax_exp; }
 inline auto softmax_kernel() { return kernels().softmax ? kernels().softmax : kernels_scalar().softmax; }
+// kv_dot / kv_axpy for several queries over the same rows: the family's kernel, else its single-query one per query.
+inline void kv_dot_multi(const float *const *q, int32_t nq, const void *keys, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d,
+                         float *const *scores) {
+    if (kernels().kv_dot_multi) return kernels().kv_dot_multi(q, nq, keys, kv_type, stride, n_pos, d, scores);
+    for (int32_t j = 0; j < nq; ++j) kv_dot_kernel()(q[j], keys, kv_type, stride, n_pos, d, scores[j]);
+}
+inline void kv_axpy_multi(const float *const *probs, int32_t nq, const int32_t *n_pos, const void *values, int32_t kv_type, int64_t stride,
+                          int32_t d, float *const *out) {
+    if (kernels().kv_axpy_multi) return kernels().kv_axpy_multi(probs, nq, n_pos, values, kv_type, stride, d, out);
+    for (int32_t j = 0; j < nq; ++j) kv_axpy_kernel()(probs[j], values, kv_type, stride, n_pos[j], d, out[j]);
+}
 // The ternary GEMM for a weight layout (LAYOUT_*): T1P's falls back to scalar's where a family has none.
 inline auto ternary_kernel(int32_t layout) {
     if (layout != LAYOUT_T1P) return kernels().ternary_gemm;

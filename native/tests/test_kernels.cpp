@@ -21,7 +21,9 @@
 //                      same file; byte lengths, layouts and types the entry points refuse
 //   attention          kv_dot / kv_axpy bit-exact vs scalar (they follow the reference's float order):
 //                      F32 and F16 caches, head sizes on and off every family's fast path, 0..130
-//                      positions, strides of several heads, buffers off 64-byte alignment
+//                      positions, strides of several heads, buffers off 64-byte alignment; the multi-query
+//                      kernels (the forward's GQA path) for 1..17 queries with ragged n_pos against scalar's
+//                      single-query ones per query, with inf/NaN rows (NaN only as NaN: its sign is free)
 //   softmax            softmax_exp bit-exact vs (float)std::exp((double)x): every 97th float and whole
 //                      delicate regions here, every one of the 2^32 floats with --exhaustive-exp (make
 //                      exhaustive-exp); the whole softmax (divide, max, exp, pairwise sum, divide) bit-exact
@@ -761,6 +763,75 @@ void attention_case(Rng &rng, int32_t kv_type, int32_t d, int64_t stride, int32_
     }
 }
 
+// The multi-query kernels (the forward's GQA path): nq queries over the same rows, each with its own n_pos for
+// kv_axpy_multi, bit for bit the scalar single-query kernels per query, in every family (scalar's own fallback
+// included). Rows past a query's n_pos may hold inf/NaN: a query must never read them.
+void attention_multi_case(Rng &rng, int32_t kv_type, int32_t d, int64_t stride, int32_t n_max, int32_t nq) {
+    const size_t es = kv_type == RYZ_KV_F16 ? 2 : 4, n_elems = static_cast<size_t>(std::max<int64_t>(n_max * stride, 1));
+    Buffer<uint8_t> kv(n_elems * es, es * static_cast<size_t>(rng.range(0, 15)));
+    const float scale = rng.range(0, 1) ? 1.0f : 40.0f;
+    const bool poison = rng.range(0, 2) == 0;
+    for (size_t i = 0; i < n_elems; ++i) {
+        float v = scale * rng.symmetric();
+        if (poison && rng.range(0, 200) == 0) v = rng.range(0, 1) ? INFINITY : NAN;
+        if (kv_type == RYZ_KV_F16) {
+            const uint16_t h = float_to_half(v);
+            std::memcpy(kv.ptr + 2 * i, &h, 2);
+        } else {
+            std::memcpy(kv.ptr + 4 * i, &v, 4);
+        }
+    }
+    std::vector<Buffer<float>> q, probs;
+    q.reserve(static_cast<size_t>(nq));
+    probs.reserve(static_cast<size_t>(nq));
+    std::vector<int32_t> n_pos(static_cast<size_t>(nq));
+    for (int32_t j = 0; j < nq; ++j) {
+        q.emplace_back(static_cast<size_t>(d), 4 * static_cast<size_t>(rng.range(0, 15)));
+        for (int32_t i = 0; i < d; ++i) q.back()[i] = rng.symmetric();
+        n_pos[j] = rng.range(0, 2) ? n_max : static_cast<int32_t>(rng.range(0, n_max));  // a causal block: ragged ends
+        probs.emplace_back(static_cast<size_t>(std::max(n_max, 1)), 4 * static_cast<size_t>(rng.range(0, 15)));
+        for (int32_t p = 0; p < n_max; ++p) probs.back()[p] = rng.uniform();
+    }
+    const char *type = kv_type == RYZ_KV_F16 ? "f16" : "f32";
+    const size_t n_scores = static_cast<size_t>(n_max) + 1;
+    std::vector<float> ref_scores(n_scores * nq, -7.0f), ref_out(static_cast<size_t>(d) * nq, -7.0f);
+    ryz_set_isa(RYZ_ISA_SCALAR);
+    for (int32_t j = 0; j < nq; ++j) {
+        check(ryz_kv_dot(q[j].ptr, kv.ptr, kv_type, stride, n_max, d, &ref_scores[n_scores * j]) == RYZ_OK, "kv_dot scalar: %s", ryz_last_error());
+        check(ryz_kv_axpy(probs[j].ptr, kv.ptr, kv_type, stride, n_pos[j], d, &ref_out[size_t(d) * j]) == RYZ_OK, "kv_axpy scalar: %s",
+              ryz_last_error());
+    }
+    std::vector<int32_t> isas{RYZ_ISA_SCALAR};
+    isas.insert(isas.end(), g_simd_isas.begin(), g_simd_isas.end());
+    for (int32_t isa : isas) {
+        ryz_set_isa(isa);
+        std::vector<float> scores(ref_scores.size(), -7.0f), out(ref_out.size(), -7.0f);
+        std::vector<const float *> qp, pp;
+        std::vector<float *> sp, op;
+        for (int32_t j = 0; j < nq; ++j) {
+            qp.push_back(q[j].ptr);
+            pp.push_back(probs[j].ptr);
+            sp.push_back(&scores[n_scores * j]);
+            op.push_back(&out[size_t(d) * j]);
+        }
+        const ryz_status a = ryz_kv_dot_multi(qp.data(), nq, kv.ptr, kv_type, stride, n_max, d, sp.data());
+        const ryz_status b = ryz_kv_axpy_multi(pp.data(), nq, n_pos.data(), kv.ptr, kv_type, stride, d, op.data());
+        // the same bits, or both NaN: a NaN's sign and payload are the compiler's choice (a sanitized build's scalar
+        // kernel and the single-query SIMD ones already differ there), whether it is NaN is not
+        const auto same = [](float x, float y) { return std::memcmp(&x, &y, 4) == 0 || (std::isnan(x) && std::isnan(y)); };
+        size_t i = 0;
+        while (i < scores.size() && same(scores[i], ref_scores[i])) ++i;
+        check(a == RYZ_OK && i == scores.size(), "kv_dot_multi %s %s d=%d stride=%lld n_pos=%d nq=%d: query %zu scores[%zu] = %.9g, scalar %.9g",
+              isa_name(isa), type, d, (long long)stride, n_max, nq, i / n_scores, i % n_scores, i < scores.size() ? scores[i] : 0.0,
+              i < scores.size() ? ref_scores[i] : 0.0);
+        i = 0;
+        while (i < out.size() && same(out[i], ref_out[i])) ++i;
+        check(b == RYZ_OK && i == out.size(), "kv_axpy_multi %s %s d=%d stride=%lld nq=%d: query %zu (n_pos %d) out[%zu] = %.9g, scalar %.9g",
+              isa_name(isa), type, d, (long long)stride, nq, i / d, i < out.size() ? n_pos[i / d] : 0, i % d, i < out.size() ? out[i] : 0.0,
+              i < out.size() ? ref_out[i] : 0.0);
+    }
+}
+
 void test_attention() {
     Rng rng(5);
     // 64 and 128: every family's fast path; 8/16/24: short; 100, 136, 256: off the AVX-512 dot path (d % 8,
@@ -769,7 +840,18 @@ void test_attention() {
         for (int32_t d : {8, 16, 24, 64, 100, 128, 136, 256})
             for (int32_t n_pos : {0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 33, 70, 130})
                 for (int64_t heads : {1, 5}) attention_case(rng, kv_type, d, heads * d + (heads > 1 ? rng.range(0, 1) * 8 : 0), n_pos);
+    // 1..17 queries: every block size of the AVX-512 kernels (4 at a time, then 3/2/1) and the forward's 16
+    for (int32_t kv_type : {RYZ_KV_F32, RYZ_KV_F16})
+        for (int32_t d : {8, 16, 48, 64, 100, 128, 136})
+            for (int32_t n_max : {0, 1, 2, 7, 8, 9, 17, 70, 130})
+                for (int32_t nq : {1, 2, 3, 4, 5, 8, 16, 17}) attention_multi_case(rng, kv_type, d, 5 * d + rng.range(0, 1) * 8, n_max, nq);
     float q[8] = {}, out[8];
+    const float *qs[1] = {q};
+    float *outs[1] = {out};
+    const int32_t one[1] = {1};
+    check(ryz_kv_dot_multi(qs, 1, q, RYZ_KV_F32, 4, 1, 8, outs) != RYZ_OK, "kv_dot_multi accepted a stride below d");
+    check(ryz_kv_axpy_multi(qs, 1, nullptr, q, RYZ_KV_F32, 8, 8, outs) != RYZ_OK, "kv_axpy_multi accepted null n_pos");
+    check(ryz_kv_axpy_multi(qs, 1, one, q, 7, 8, 8, outs) != RYZ_OK, "kv_axpy_multi accepted an unknown kv_type");
     check(ryz_kv_dot(q, q, 7, 8, 1, 8, out) != RYZ_OK, "kv_dot accepted an unknown kv_type");
     check(ryz_kv_dot(q, q, RYZ_KV_F32, 4, 1, 8, out) != RYZ_OK, "kv_dot accepted a stride below d");
     check(ryz_kv_axpy(nullptr, q, RYZ_KV_F32, 8, 1, 8, out) != RYZ_OK, "kv_axpy accepted a null argument");
