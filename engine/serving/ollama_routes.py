@@ -38,14 +38,14 @@ from engine.errors import InvalidRequestError
 from engine.serving.client import EngineClient
 from engine.serving.core import Delta, GenerationRequest
 from engine.serving.openai_routes import (
-    _chat_prompt,
-    _check_lengths,
-    _client_gone,
-    _collect_or_abort,
-    _EngineStream,
-    _grammar,
-    _stops,
-    _submit_all,
+    EngineStream,
+    chat_prompt,
+    check_lengths,
+    client_gone,
+    collect_or_abort,
+    request_grammar,
+    stop_strings,
+    submit_all,
 )
 from engine.serving.protocol import VARIANT_HEADER, APIError, openapi_body, parse_body, read_json
 from engine.serving.router import PRODUCTION
@@ -429,7 +429,7 @@ async def _answer(
     """Submit and answer: NDJSON lines (`chunk` per delta, `final` last) or one JSON object (`final`)."""
     client = variant.client
     try:
-        stream_of = _submit_all(state, variant, [engine_request])[0]
+        stream_of = submit_all(state, variant, [engine_request])[0]
     finally:
         state.unclaim(variant)
     timings.submitted = time.perf_counter()
@@ -467,7 +467,7 @@ async def _answer(
             finally:
                 state.metrics.requests.labels(variant.name, endpoint, status).inc()
 
-        return _EngineStream(lines(), client, [engine_request], headers, media_type=NDJSON)
+        return EngineStream(lines(), client, [engine_request], headers, media_type=NDJSON)
 
     async def first_token_watch() -> AsyncIterator[Delta]:
         async for delta in stream_of:
@@ -475,9 +475,9 @@ async def _answer(
                 timings.first = time.perf_counter()
             yield delta
 
-    collected = await _collect_or_abort(request, client, [engine_request], [first_token_watch()])
+    collected = await collect_or_abort(request, client, [engine_request], [first_token_watch()])
     if collected is None:
-        return _client_gone(state, variant, endpoint)
+        return client_gone(state, variant, endpoint)
     text, samples, last, ids = collected[0]
     state.metrics.requests.labels(variant.name, endpoint, "200").inc()
     return JSONResponse(final(text, last, ids, samples), headers=headers)
@@ -493,9 +493,9 @@ def _engine_request(
     arrival: float,
 ) -> GenerationRequest:
     params = _sampling(options, body)
-    stops = _stops(state, options.stop)
+    stops = stop_strings(state, options.stop)
     num_predict = options.num_predict
-    max_tokens = _check_lengths(
+    max_tokens = check_lengths(
         state, prompt_ids, None if num_predict is None or num_predict < 0 else num_predict, client.vocab
     )
     return GenerationRequest(prompt_ids, params, max_tokens, stops, grammar=grammar, arrival=arrival)
@@ -532,11 +532,11 @@ async def generate(request: Request):
                 messages = ([{"role": "system", "content": body.system}] if body.system else []) + [
                     {"role": "user", "content": prompt}
                 ]
-                ids = await asyncio.to_thread(_chat_prompt, client, messages, None, "none")
+                ids = await asyncio.to_thread(chat_prompt, client, messages, None, "none")
         except (InvalidRequestError, ValueError) as exc:
             raise APIError(400, str(exc), param="prompt") from None
         prompt_ids = [*(body.context or []), *ids]
-        grammar = await _grammar(client, _response_format(body.format))
+        grammar = await request_grammar(client, _response_format(body.format))
         engine_request = _engine_request(state, client, prompt_ids, options, body, grammar, request.state.arrival)
         timings = _Timings(request.state.arrival)
         want_logprobs = bool(body.logprobs)
@@ -639,14 +639,14 @@ async def chat(request: Request):
     try:
         client = variant.client
         try:
-            prompt_ids = await asyncio.to_thread(_chat_prompt, client, messages, tools, "auto" if tools else "none")
+            prompt_ids = await asyncio.to_thread(chat_prompt, client, messages, tools, "auto" if tools else "none")
         except (InvalidRequestError, ValueError) as exc:
             raise APIError(400, str(exc), param=getattr(exc, "param", None) or "messages") from None
-        grammar = await _grammar(client, _response_format(body.format))
+        grammar = await request_grammar(client, _response_format(body.format))
         if tools:
             if grammar is not None:
                 raise APIError(400, "format and tools cannot be combined", param="format")
-            grammar = await _grammar(client, None, tools, "auto")
+            grammar = await request_grammar(client, None, tools, "auto")
         engine_request = _engine_request(state, client, prompt_ids, options, body, grammar, request.state.arrival)
         timings = _Timings(request.state.arrival)
         want_logprobs = bool(body.logprobs)

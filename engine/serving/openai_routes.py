@@ -140,7 +140,7 @@ def _generation_request(
     prompt_logprobs: int | None = None,
     speculative: SpecConfig | None = None,
 ) -> GenerationRequest:
-    """A request for the engine from a validated body: its stops (checked by `_stops`), stop ids and eos handling."""
+    """A request for the engine from a validated body: its stops (checked by `stop_strings`), stop ids, eos."""
     return GenerationRequest(
         prompt_ids,
         params,
@@ -177,7 +177,7 @@ def _spec_field(delta: Delta) -> dict:
     return {"speculative": delta.speculative} if delta.speculative is not None else {}
 
 
-def _stops(state: ServingState, stop) -> list[str]:
+def stop_strings(state: ServingState, stop) -> list[str]:
     """The request's stop strings, within RYZ_MAX_STOPS and RYZ_MAX_STOP_CHARS."""
     s = state.settings
     stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -193,7 +193,7 @@ def _stops(state: ServingState, stop) -> list[str]:
     return stops
 
 
-def _check_lengths(state: ServingState, prompt_ids: list[int], max_tokens: int | None, vocab: int) -> int:
+def check_lengths(state: ServingState, prompt_ids: list[int], max_tokens: int | None, vocab: int) -> int:
     s = state.settings
     if not prompt_ids:
         raise APIError(400, "the prompt is empty", param="prompt")
@@ -218,7 +218,7 @@ def _check_lengths(state: ServingState, prompt_ids: list[int], max_tokens: int |
     return max_tokens
 
 
-def _submit_all(state: ServingState, variant: Variant, requests: list[GenerationRequest]) -> list[AsyncIterator[Delta]]:
+def submit_all(state: ServingState, variant: Variant, requests: list[GenerationRequest]) -> list[AsyncIterator[Delta]]:
     """Submit a request's engine requests, all or none: a batch that does not fit the queue (RYZ_MAX_QUEUE, with
     the free slots) is refused before anything is submitted, and if the queue fills midway (other requests
     raced it) the ones already submitted are aborted before the 429 goes out, so nothing of it runs on."""
@@ -255,7 +255,7 @@ def _abort(client: EngineClient, requests: list[GenerationRequest]) -> None:
         client.abort(r.request_id)
 
 
-async def _collect_or_abort(
+async def collect_or_abort(
     request: Request, client: EngineClient, requests: list[GenerationRequest], streams: list[AsyncIterator[Delta]]
 ) -> list[tuple[str, list, Delta, list[int]]] | None:
     """Every stream collected, or None when the client disconnected first: then its engine requests are aborted
@@ -281,7 +281,7 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def _client_gone(state: ServingState, variant: Variant, endpoint: str) -> Response:
+def client_gone(state: ServingState, variant: Variant, endpoint: str) -> Response:
     """What a non-streaming request that lost its client answers (nobody reads it): counted as 499, a client error
     (nginx's "client closed request"), not as an answer."""
     state.metrics.requests.labels(variant.name, endpoint, "499").inc()
@@ -289,7 +289,7 @@ def _client_gone(state: ServingState, variant: Variant, endpoint: str) -> Respon
     return error_response(APIError(499, "the client disconnected", code="client_disconnected"))
 
 
-class _EngineStream(StreamingResponse):
+class EngineStream(StreamingResponse):
     """Server-sent events over engine requests: whatever ends the response (its last event, the client's
     disconnect, even before the first event, an error), the requests still in flight are aborted."""
 
@@ -361,21 +361,21 @@ async def run_completion(
     if any(not p for p in prompts):
         raise APIError(400, "the prompt is empty", param="prompt")
     params = _sampling(body, body.logprobs)
-    stops = _stops(state, body.stop)
+    stops = stop_strings(state, body.stop)
     spec = _speculative(state, body)
-    grammar = await _grammar(client, body.response_format)
+    grammar = await request_grammar(client, body.response_format)
     texts = [p for p in prompts if isinstance(p, str)]
     encoded = iter(await asyncio.to_thread(lambda: [client.tokenize(t) for t in texts]) if texts else [])
     requests, prompt_ids_all = [], []
     for p in prompts:
         ids = next(encoded) if isinstance(p, str) else list(p)
-        max_tokens = _check_lengths(state, ids, body.max_tokens, client.vocab)
+        max_tokens = check_lengths(state, ids, body.max_tokens, client.vocab)
         prompt_ids_all.append(ids)
         echo_logprobs = body.logprobs if body.echo and body.logprobs is not None else (0 if body.echo else None)
         requests.append(
             _generation_request(body, ids, params, max_tokens, grammar, arrival, stops, echo_logprobs, spec)
         )
-    streams = _submit_all(state, variant, requests)
+    streams = submit_all(state, variant, requests)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     headers = {VARIANT_HEADER: variant.name}
     endpoint = "completions"
@@ -422,15 +422,15 @@ async def run_completion(
             finally:
                 state.metrics.requests.labels(variant.name, endpoint, status).inc()
 
-        return _EngineStream(events(), client, requests, headers)
+        return EngineStream(events(), client, requests, headers)
 
     results = (
-        await _collect_or_abort(request, client, requests, streams)
+        await collect_or_abort(request, client, requests, streams)
         if request is not None
         else await asyncio.gather(*(_collect(s) for s in streams))
     )
     if results is None:
-        return _client_gone(state, variant, endpoint)
+        return client_gone(state, variant, endpoint)
     choices, prompt_total, completion_total = [], 0, 0
     for i, (text, samples, last, _ids) in enumerate(results):
         prompt_text = ""
@@ -509,7 +509,7 @@ def _usage_event(rid: str, object_: str, created: int, model: str, last: Delta) 
     )
 
 
-async def _grammar(client: EngineClient, response_format: dict | None = None, tools=None, tool_choice=None):
+async def request_grammar(client: EngineClient, response_format: dict | None = None, tools=None, tool_choice=None):
     """The request's grammar, compiled on a worker thread (a crafted schema must not stall the event loop)."""
     plain = response_format is None or (
         isinstance(response_format, dict) and response_format.get("type") in (None, "text")
@@ -522,7 +522,7 @@ async def _grammar(client: EngineClient, response_format: dict | None = None, to
         raise APIError(400, str(exc), param="tools" if tools else "response_format") from None
 
 
-def _chat_prompt(client: EngineClient, messages, tools, tool_choice) -> list[int]:
+def chat_prompt(client: EngineClient, messages, tools, tool_choice) -> list[int]:
     """Validate and render a chat (run on a worker thread: templates and tokenizing take time on long chats)."""
     valid = validate_messages(messages)
     if tools:
@@ -542,22 +542,22 @@ async def run_chat(
     if body.top_logprobs is not None and not (body.logprobs and 0 <= body.top_logprobs <= 20):
         raise APIError(400, "top_logprobs needs logprobs=true and a value 0-20", param="top_logprobs")
     params = _sampling(body, (body.top_logprobs or 0) if body.logprobs else None)
-    stops = _stops(state, body.stop)
+    stops = stop_strings(state, body.stop)
     spec = _speculative(state, body)
     tools = body.tools or None
     tool_choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
     try:
-        prompt_ids = await asyncio.to_thread(_chat_prompt, client, body.messages, tools, tool_choice)
+        prompt_ids = await asyncio.to_thread(chat_prompt, client, body.messages, tools, tool_choice)
     except (InvalidRequestError, ValueError) as exc:
         raise APIError(400, str(exc), param=getattr(exc, "param", None) or "messages") from None
-    grammar = await _grammar(client, body.response_format)
+    grammar = await request_grammar(client, body.response_format)
     if tools and tool_choice != "none":
         if grammar is not None:
             raise APIError(400, "response_format and forced tool calls cannot be combined", param="tool_choice")
-        grammar = await _grammar(client, None, tools, tool_choice)
-    max_tokens = _check_lengths(state, prompt_ids, body.max_completion_tokens or body.max_tokens, client.vocab)
+        grammar = await request_grammar(client, None, tools, tool_choice)
+    max_tokens = check_lengths(state, prompt_ids, body.max_completion_tokens or body.max_tokens, client.vocab)
     request = _generation_request(body, prompt_ids, params, max_tokens, grammar, arrival, stops, None, spec)
-    stream = _submit_all(state, variant, [request])[0]
+    stream = submit_all(state, variant, [request])[0]
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     headers = {VARIANT_HEADER: variant.name}
     endpoint = "chat"
@@ -616,13 +616,13 @@ async def run_chat(
             finally:
                 state.metrics.requests.labels(variant.name, endpoint, status).inc()
 
-        return _EngineStream(events(), client, [request], headers)
+        return EngineStream(events(), client, [request], headers)
 
     collected = (
-        await _collect_or_abort(http, client, [request], [stream]) if http is not None else [await _collect(stream)]
+        await collect_or_abort(http, client, [request], [stream]) if http is not None else [await _collect(stream)]
     )
     if collected is None:
-        return _client_gone(state, variant, endpoint)
+        return client_gone(state, variant, endpoint)
     text, samples, last, _ids = collected[0]
     message: dict[str, Any] = {"role": "assistant", "content": text}
     finish = last.finish_reason
