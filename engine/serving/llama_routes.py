@@ -21,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from engine.serving.client import EngineClient
 from engine.serving.protocol import APIError, openapi_body, parse_body, read_json
-from engine.serving.router import PRODUCTION
 from engine.serving.variants import ServingState
 
 router = APIRouter()
@@ -43,16 +42,7 @@ class DetokenizeBody(BaseModel):
 
 def _production(request: Request) -> tuple[ServingState, EngineClient]:
     state: ServingState = request.app.state.serving
-    production = state.variants.get(PRODUCTION)
-    if production is None:
-        raise APIError(
-            503,
-            "no model is loaded yet" if state.loading else "no production model is loaded",
-            "server_error",
-            code="not_ready",
-            headers={"Retry-After": "2"},
-        )
-    return state, production.client
+    return state, state.production().client
 
 
 def _piece(client: EngineClient, token_id: int) -> str | list[int]:

@@ -234,6 +234,19 @@ class ServingState:
             variant.claims += 1
             return variant
 
+    def production(self) -> Variant:
+        """The production variant, or the 503 (with Retry-After) that tells a client to come back."""
+        production = self.variants.get(PRODUCTION)
+        if production is None:
+            raise APIError(
+                503,
+                "no model is loaded yet" if self.loading else "no production model is loaded",
+                "server_error",
+                code="not_ready",
+                headers={"Retry-After": "2"},
+            )
+        return production
+
     def _choose(self, model: str, session_key: str | None) -> Variant:
         if self.draining:
             raise draining_error()
@@ -257,14 +270,7 @@ class ServingState:
                 param="model",
                 code="model_not_found",
             )
-        if production is None:
-            raise APIError(
-                503,
-                "no model is loaded yet" if self.loading else "no production model is loaded",
-                "server_error",
-                code="not_ready",
-                headers={"Retry-After": "2"},
-            )
+        production = self.production()
         if model != self.settings.served_model_name:  # `production`, its model id, or `canary` with none loaded
             return production
         return self.variants[self.router.choose(session_key, canary is not None)]
