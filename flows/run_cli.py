@@ -14,16 +14,13 @@ from collections.abc import Callable
 from contextlib import closing
 from typing import TextIO
 
+from engine.serving.sampling import OLLAMA_TEMPERATURE, OLLAMA_TOP_K, OLLAMA_TOP_P
 from flows.cli_common import MODEL_REF_HELP, positive_int
 
 HELP = (
     "chat with a model in the terminal (streaming, the model's chat template, /? for commands) on the native "
     "engine; with a PROMPT, or a non-terminal stdin, answer once and exit"
 )
-# What `ollama run` and `llama-cli` users get by default (both 0.8 and top-k 40; top-p is Ollama's 0.9)
-DEFAULT_TEMPERATURE = 0.8
-DEFAULT_TOP_K = 40
-DEFAULT_TOP_P = 0.9
 PROMPT, CONTINUATION = ">>> ", "... "
 BLOCK = '"""'
 
@@ -57,15 +54,13 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int | None) -
     p.add_argument(
         "--temperature",
         type=float,
-        default=DEFAULT_TEMPERATURE,
-        help=f"sampling temperature, 0 = greedy (default {DEFAULT_TEMPERATURE}, as ollama and llama-cli)",
+        default=OLLAMA_TEMPERATURE,
+        help=f"sampling temperature, 0 = greedy (default {OLLAMA_TEMPERATURE}, as ollama and llama-cli)",
     )
     p.add_argument(
-        "--top-p", type=float, default=DEFAULT_TOP_P, help=f"nucleus sampling, 1 = off (default {DEFAULT_TOP_P})"
+        "--top-p", type=float, default=OLLAMA_TOP_P, help=f"nucleus sampling, 1 = off (default {OLLAMA_TOP_P})"
     )
-    p.add_argument(
-        "--top-k", type=int, default=DEFAULT_TOP_K, help=f"top-k sampling, 0 = off (default {DEFAULT_TOP_K})"
-    )
+    p.add_argument("--top-k", type=int, default=OLLAMA_TOP_K, help=f"top-k sampling, 0 = off (default {OLLAMA_TOP_K})")
     p.add_argument("--min-p", type=float, default=0.0, help="min-p sampling, 0 = off (default 0)")
     p.add_argument("--repeat-penalty", type=float, default=1.0, help="repetition penalty, 1 = off (default 1)")
     p.add_argument("--seed", type=int, help="random seed: the same seed gives the same output (default: random)")

@@ -49,7 +49,7 @@ from engine.serving.openai_routes import (
 )
 from engine.serving.protocol import VARIANT_HEADER, APIError, openapi_body, parse_body, read_json
 from engine.serving.router import PRODUCTION
-from engine.serving.sampling import Sample, SamplingParams
+from engine.serving.sampling import OLLAMA_TEMPERATURE, OLLAMA_TOP_K, OLLAMA_TOP_P, Sample, SamplingParams
 from engine.serving.tools import parse_tool_calls, validate_tools
 from engine.serving.variants import ServingState, Variant
 
@@ -59,8 +59,6 @@ logger = logging.getLogger("ryz.serve")
 OLLAMA_API_VERSION = "0.12.0"  # the Ollama release whose API these routes follow (clients gate features on it)
 NDJSON = "application/x-ndjson"
 FOREVER = "9999-12-31T23:59:59Z"  # /api/ps expires_at: a served model stays until an admin replaces it
-# Ollama's sampling defaults (its api.DefaultOptions), for fields a request leaves out
-DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P = 0.8, 40, 0.9
 _ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
 
 
@@ -246,7 +244,7 @@ async def show(request: Request):
         f"{arch}.vocab_size": info["vocab_size"],
     }
     parameters = (
-        f"temperature {DEFAULT_TEMPERATURE}\ntop_k {DEFAULT_TOP_K}\ntop_p {DEFAULT_TOP_P}\n"
+        f"temperature {OLLAMA_TEMPERATURE}\ntop_k {OLLAMA_TOP_K}\ntop_p {OLLAMA_TOP_P}\n"
         f"num_ctx {info['served_context']}"
     )
     return {
@@ -332,9 +330,9 @@ for _path in ("/api/embed", "/api/embeddings"):
 def _sampling(options: OllamaOptions, body: _GenerationBody) -> SamplingParams:
     seed = options.seed if options.seed is not None and options.seed >= 0 else None  # Ollama: -1 = random
     params = SamplingParams(
-        temperature=DEFAULT_TEMPERATURE if options.temperature is None else options.temperature,
-        top_k=DEFAULT_TOP_K if options.top_k is None else max(0, options.top_k),  # <= 0 turns it off
-        top_p=DEFAULT_TOP_P if options.top_p is None else options.top_p,
+        temperature=OLLAMA_TEMPERATURE if options.temperature is None else options.temperature,
+        top_k=OLLAMA_TOP_K if options.top_k is None else max(0, options.top_k),  # <= 0 turns it off
+        top_p=OLLAMA_TOP_P if options.top_p is None else options.top_p,
         min_p=options.min_p or 0.0,
         repetition_penalty=options.repeat_penalty or 1.0,
         frequency_penalty=options.frequency_penalty or 0.0,

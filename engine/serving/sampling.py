@@ -30,6 +30,9 @@ import numpy as np
 
 from engine.errors import InvalidRequestError, SamplingError
 
+# Ollama's sampling defaults (its api.DefaultOptions; llama-cli's temperature and top-k too): what the interfaces
+# that mimic Ollama (`ryz run`, the /api routes) use for a field the user leaves out.
+OLLAMA_TEMPERATURE, OLLAMA_TOP_K, OLLAMA_TOP_P = 0.8, 40, 0.9
 _GREEDY_EPS = 1e-5  # temperatures below this are greedy (vLLM's _SAMPLING_EPS)
 _BLOCK = 1024  # inverse-CDF block size for sampling from large candidate sets
 _FLOORS = (1e-3, 1e-5, 1e-7)  # top-p candidate floors, relative to the best token's probability
