@@ -70,7 +70,9 @@ BENCH_FIELDS = (
 )
 BENCH_POSITIVE = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb", "threads")
 TTFT_SLACK = 0.95  # ttft_ms >= 0.95 x the prefill time the prefill rate implies (TTFT = prefill + first token)
-ROOFLINE_MAX = 1.5  # a fraction above this means the bytes or the bandwidth are wrong
+# A fraction above this means the bytes or the bandwidth are wrong (bits for bytes is 8x). Not tighter: on a busy
+# 2-core host the bandwidth probe, descheduled mid-pass, read low enough for honest fractions of 1.6-2.0.
+ROOFLINE_MAX = 3.0
 ROOFLINE_TOLERANCE = 0.02  # roofline_fraction_of_medians vs decode x bytes / bandwidth, relative (field rounding)
 RUNS_MEDIAN_TOLERANCE = 0.001  # decode_tok_s vs the median of decode_tok_s_runs, relative (rounding)
 
@@ -397,7 +399,10 @@ def evaluate_model(
 
         lib = Library(library) if library else load_library(settings=settings)
     lm = RyzansteinLM(model=described["path"], engine=engine, threads=threads, library=lib)
-    manager = task_manager()
+    manager = task_manager(include_defaults=False)
+    if not {t for call in calls for t in call["tasks"]} <= set(manager.all_tasks):
+        # Indexing lm-eval's own thousands of task files takes ~10 s of CPU: only when a planned task needs them.
+        manager = task_manager()
     tasks: dict[str, dict] = {}
     lm_eval_seconds = 0.0
     for call in calls:

@@ -112,7 +112,7 @@ def test_good_record_passes():
             "demo_ppl/word_perplexity = 0.5",
         ),
         (lambda r: r["bench"].update(ttft_ms=1.0), "ttft_ms = 1 <"),
-        (lambda r: r["bench"].update(roofline_fraction=2.0), "bench.roofline_fraction = 2"),
+        (lambda r: r["bench"].update(roofline_fraction=8.0), "bench.roofline_fraction = 8"),
         (
             lambda r: r["bench"].update(repeats=3, decode_tok_s_runs=[290.0, 300.0, float("nan")]),
             "bench.decode_tok_s_runs [290, 300, nan] is nan",

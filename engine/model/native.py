@@ -127,6 +127,9 @@ _ABI_5_SIGNATURES: dict = {  # symbols added in ABI 5 (declared only when the li
     "ryz_ternary_layout_bytes": (ctypes.c_size_t, [_I32, _I64, _I64]),
     "ryz_ternary_pack_layout": (_I32, [_P, _I32, _I32, _I64, _I64, _P, ctypes.c_size_t]),
     "ryz_ternary_gemm_layout": (_I32, [_I32, _P, ctypes.c_size_t, _I64, _I64, _P, _I32, _I32, _P]),
+    # the GQA attention kernels: nq queries (arrays of pointers) over the same KV rows
+    "ryz_kv_dot_multi": (_I32, [_P, _I32, _P, _I32, _I64, _I32, _I32, _P]),
+    "ryz_kv_axpy_multi": (_I32, [_P, _I32, _P, _P, _I32, _I64, _I32, _P]),
 }
 TERNARY_LAYOUTS = {"t2p": 0, "t1p": 1}  # RYZ_LAYOUT_*
 PROFILE_PARTS = ("ternary_linears", "head", "attention", "other")  # RYZ_PART_* order

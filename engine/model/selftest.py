@@ -7,6 +7,8 @@ Each check runs on a few small shapes (about a second in all):
     family vs scalar    every SIMD family this CPU runs against the scalar spec: bit for bit on integer outputs
                         (ternary GEMM, every token tile), activation quantization and attention; dense GEMM within
                         the bound, and the same bits in every SIMD family (they share one reduction tree)
+    GQA kernels         in every family, kv_dot_multi / kv_axpy_multi give each query the bits the single-query
+                        kernels give it, and those equal scalar's
 
 The full suite (native/tests/test_kernels.cpp, ~20k checks) stays in `make test`; this is what every build runs.
 `run_self_test` executes it in a child process (`python -m engine.model.selftest LIB --json`), so a miscompiled library
@@ -17,6 +19,7 @@ keep it out of a process that serves.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import subprocess
 import sys
@@ -31,11 +34,13 @@ from engine.model.native import ISAS, KV_TYPES, Library
 
 MAX_FAILURES = 8  # messages kept per family: the first ones say what is wrong
 TIMEOUT_S = 300  # a hung kernel is a failure too
-# rows, cols, tokens; the last is AMX's path in full: 4 row tiles of 16 plus a 4-row tail, 3 token tiles (one partial)
-TERNARY_CASES = ((4, 256, 1), (12, 1024, 11), (16, 512, 1), (8, 2816, 7), (36, 768, 70), (68, 1280, 33))
+# rows, cols, tokens; the last two are AMX's paths in full: 4 row tiles of 16 plus a 4-row tail, 3 token tiles (one
+# partial), then its prefill path (128 tokens or more) with an odd number of row tiles and token tiles
+TERNARY_CASES = ((4, 256, 1), (12, 1024, 11), (16, 512, 1), (8, 2816, 7), (36, 768, 70), (68, 1280, 33), (52, 512, 131))
 TOKEN_TILES = (0, 1, 3, 6)
 DENSE_CASES = (("q8_0", 8, 512, 3), ("f16", 5, 256, 2), ("q6_k", 4, 512, 1), ("f32", 3, 96, 1))
 KV_HEAD_SIZES = (8, 64, 100, 128)
+GQA_QUERIES = 5  # queries per multi-query call (a KV group's heads for a block of tokens)
 
 
 class _Checks:
@@ -135,7 +140,10 @@ def _cases(rng: np.random.Generator):
         q = rng.standard_normal(d).astype(np.float32)
         probs = rng.random(n_pos).astype(np.float32)
         cache = rng.standard_normal((n_pos, stride)).astype(np.float32)
-        kv.append((d, n_pos, stride, q, probs, cache))
+        gqa_q = rng.standard_normal((GQA_QUERIES, d)).astype(np.float32)
+        gqa_probs = rng.random((GQA_QUERIES, n_pos)).astype(np.float32)
+        gqa_n_pos = np.array([n_pos, n_pos - 3, 1, n_pos, 7], np.int32)  # causal: each query its own length
+        kv.append((d, n_pos, stride, q, probs, cache, (gqa_q, gqa_probs, gqa_n_pos)))
     return ternary, x, dense, kv
 
 
@@ -151,7 +159,7 @@ def _family_outputs(library, isa: str, cases) -> dict:
     for qtype, rows, cols, raw, _deq, xs in dense:
         out["dense"].append(library.dense_gemm(raw, qtype, rows, cols, xs))
     lib = library.lib
-    for d, n_pos, stride, q, probs, cache in kv:
+    for d, n_pos, stride, q, probs, cache, gqa in kv:
         per_type = {}
         for kv_name, kv_type in KV_TYPES.items():
             data = np.ascontiguousarray(cache if kv_name == "f32" else cache.astype(np.float16))
@@ -165,9 +173,53 @@ def _family_outputs(library, isa: str, cases) -> dict:
                 ),
                 "kv_axpy",
             )
-            per_type[kv_name] = (scores, values)
+            per_type[kv_name] = (scores, values, _gqa_outputs(library, data, kv_type, stride, n_pos, d, gqa))
         out["kv"].append(per_type)
     return out
+
+
+def _pointers(rows: np.ndarray):
+    return (ctypes.c_void_p * len(rows))(*(row.ctypes.data for row in rows))
+
+
+def _gqa_outputs(library, data: np.ndarray, kv_type: int, stride: int, n_pos: int, d: int, gqa) -> dict:
+    """The multi-query kernels' outputs and the single-query kernels' on the same queries."""
+    qs, probs, lengths = gqa
+    lib, nq = library.lib, len(qs)
+    multi_scores, single_scores = np.zeros((nq, n_pos), np.float32), np.zeros((nq, n_pos), np.float32)
+    multi_values, single_values = np.zeros((nq, d), np.float32), np.zeros((nq, d), np.float32)
+    keys, values = data.ctypes.data, data[:, d:].ctypes.data
+    library.check(
+        lib.ryz_kv_dot_multi(_pointers(qs), nq, keys, kv_type, stride, n_pos, d, _pointers(multi_scores)),
+        "kv_dot_multi",
+    )
+    library.check(
+        lib.ryz_kv_axpy_multi(
+            _pointers(probs), nq, lengths.ctypes.data, values, kv_type, stride, d, _pointers(multi_values)
+        ),
+        "kv_axpy_multi",
+    )
+    for j in range(nq):
+        library.check(
+            lib.ryz_kv_dot(qs[j].ctypes.data, keys, kv_type, stride, n_pos, d, single_scores[j].ctypes.data), "kv_dot"
+        )
+        library.check(
+            lib.ryz_kv_axpy(
+                probs[j].ctypes.data, values, kv_type, stride, int(lengths[j]), d, single_values[j].ctypes.data
+            ),
+            "kv_axpy",
+        )
+    return {"multi": (multi_scores, multi_values), "single": (single_scores, single_values)}
+
+
+def _check_gqa(checks: _Checks, isa: str, d: int, kv_name: str, got: dict, scalar: dict) -> None:
+    """Each query of a multi-query call has its single-query bits, and those are scalar's."""
+    for j, (ms, mv, ss, sv) in enumerate(zip(*got["multi"], *got["single"])):
+        checks.equal(ms, ss, f"kv_dot_multi {kv_name} {isa} vs kv_dot d={d} query {j}")
+        checks.equal(mv, sv, f"kv_axpy_multi {kv_name} {isa} vs kv_axpy d={d} query {j}")
+    if got is not scalar:
+        checks.equal(got["single"][0], scalar["single"][0], f"kv_dot {kv_name} {isa} vs scalar d={d} (GQA queries)")
+        checks.equal(got["single"][1], scalar["single"][1], f"kv_axpy {kv_name} {isa} vs scalar d={d} (GQA queries)")
 
 
 def _check_scalar(checks: _Checks, cases, got: dict) -> None:
@@ -184,8 +236,9 @@ def _check_scalar(checks: _Checks, cases, got: dict) -> None:
         checks.close(
             out, exact, _rounding_bound(deq, xs), f"dense_gemm {qtype} scalar vs naive {rows}x{cols} n={len(xs)}"
         )
-    for (d, n_pos, stride, q, probs, cache), per_type in zip(kv, got["kv"]):
-        for kv_name, (scores, values) in per_type.items():
+    for (d, n_pos, stride, q, probs, cache, _gqa), per_type in zip(kv, got["kv"]):
+        for kv_name, (scores, values, gqa_out) in per_type.items():
+            _check_gqa(checks, "scalar", d, kv_name, gqa_out, gqa_out)
             c = (cache if kv_name == "f32" else cache.astype(np.float16)).astype(np.float64)
             keys, vals = c[:, :d], c[:, d : 2 * d]
             checks.close(
@@ -216,6 +269,7 @@ def _check_family(checks: _Checks, isa: str, cases, got: dict, scalar: dict, sim
         for kv_name in per_type:
             checks.equal(per_type[kv_name][0], want[kv_name][0], f"kv_dot {kv_name} {isa} vs scalar d={d}")
             checks.equal(per_type[kv_name][1], want[kv_name][1], f"kv_axpy {kv_name} {isa} vs scalar d={d}")
+            _check_gqa(checks, isa, d, kv_name, per_type[kv_name][2], want[kv_name][2])
 
 
 def self_test(library, seed: int = 0) -> dict:

@@ -147,6 +147,17 @@ RYZ_API ryz_status ryz_kv_dot_multi(const float *const *q, int32_t nq, const voi
                                     int32_t d, float *const *scores);
 RYZ_API ryz_status ryz_kv_axpy_multi(const float *const *probs, int32_t nq, const int32_t *n_pos, const void *values, int32_t kv_type,
                                      int64_t stride, int32_t d, float *const *out);
+/* ABI 5 addition, for the tests: the forward's per-token element-wise kernels (the current ISA's; kernels.h has
+ * their exact definitions), each family bit for bit the scalar one. n >= 0 elements.
+ * ryz_rms_norm: out = x / sqrt(sum(x^2) / n + eps) * w; ryz_ffn_act_mul: gate = act(gate) * up (act RYZ_ACT_*);
+ * ryz_add: x += y; ryz_rope: NEOX rotation of n_heads heads of head_dim by cos / sin[head_dim / 2];
+ * ryz_kv_store: dst = src as kv_type (RYZ_KV_F16: round to nearest even); ryz_linear_out: out = float(acc) / act_scale * w_scale. */
+RYZ_API ryz_status ryz_rms_norm(const float *x, const float *w, int64_t n, float eps, float *out);
+RYZ_API ryz_status ryz_ffn_act_mul(float *gate, const float *up, int64_t n, int32_t act);
+RYZ_API ryz_status ryz_add(float *x, const float *y, int64_t n);
+RYZ_API ryz_status ryz_rope(float *vec, int32_t n_heads, int32_t head_dim, const float *cos, const float *sin);
+RYZ_API ryz_status ryz_kv_store(const float *src, int64_t n, int32_t kv_type, void *dst);
+RYZ_API ryz_status ryz_linear_out(const int32_t *acc, int64_t n, float act_scale, float w_scale, float *out);
 /* The k largest logits, largest first (ties: lower id first). */
 RYZ_API ryz_status ryz_top_k(const float *logits, int64_t n, int32_t k, int32_t *ids, float *values);
 /* Memory read bandwidth probe: streams `bytes` with SIMD loads on n_threads threads, `repeats` times. */

@@ -12,11 +12,13 @@
 // shift and a mask per 64 bytes, with no transpose of the weights; the activation reformat (a 4-byte
 // transpose) is shared by every row of the call, and the C transpose by a whole row of K steps.
 //
-// Blocking: token blocks of up to B_BLOCK_BYTES of B tiles (all of a 512-token prefill), packed once per
-// call and re-read (from L2/L3) by each row group: one byte per 64 MACs. In each block, row groups of
-// ROW_GROUP_TILES x 16 rows; in each, K chunks of K_CHUNK steps whose A tiles are unpacked once into
-// an L1 buffer and used by every token tile of the block; 2 x 2 register blocking (4 C tiles, 2 A,
-// 2 B: all 8 tile registers), C kept in a buffer across K chunks.
+// Blocking, 12 to 127 tokens (batched decode, speculative verification, short prompts): token blocks of
+// TOKEN_BLOCK tokens (B tiles of a 64-token block are at most 432 KB: L2), re-read by each row group. In each
+// block, row groups of ROW_GROUP_TILES x 16 rows; in each, K chunks of K_CHUNK steps whose A tiles are unpacked
+// once into an L1 buffer and used by every token tile of the block; 2 x 2 register blocking (4 C tiles, 2 A,
+// 2 B: all 8 tile registers), C kept in an L1 buffer across K chunks.
+// From STATIONARY_MIN_TOKENS on (prefill), gemm_stationary: the same 2 x 2 tiles, C in the registers over all
+// of K, A (a row pair) and B (a token block of about 1 MB) from L2.
 //
 // Everything else (decode, few tokens, the row tail not a multiple of 16, every other kernel) is the
 // AVX-512 family's: its table is copied at first use, so entries added there are inherited.
@@ -45,16 +47,27 @@ namespace {
 using amx::TILE_BYTES;
 using amx::TILE_M;
 
-// Below this many tokens the AVX-512 kernel runs: at 4 tokens both ran at the same speed (weights streamed
-// from L3), at 8 AMX was 1.2-1.6x ahead (docs/kernels.md "AMX").
-constexpr int32_t MIN_TOKENS = 8;
+// Below this many tokens the AVX-512 kernel runs. At 8 tokens AMX's best calls were 1.3-1.5x ahead but its
+// medians 0.77-1.05x (thread CPU time on a busy host: the unpack of one token tile pair is exposed to cache
+// interference), and an 8-stream serving step was slower on AMX; at 12 its medians were 1.05-1.96x
+// (docs/kernels.md "AMX").
+constexpr int32_t MIN_TOKENS = 12;
 // Row groups of 4 x 16 rows and K chunks of 4 steps (one T2P block): the A chunk is 16 KB (L1), each B
 // tile pair loaded for a chunk feeds 2 row pairs, and C tiles go through the buffer once per 16 TDPBUSD.
 // Of the settings tried (docs/kernels.md "AMX"), 4 x 4 was fastest or within noise at 16, 64 and 512 tokens.
 constexpr int ROW_GROUP_TILES = 4;
 constexpr int64_t K_CHUNK = 4;  // a multiple of 4: the unpack works in whole T2P blocks
 static_assert(K_CHUNK % 4 == 0, "K chunks are whole T2P blocks");
-constexpr int64_t B_BLOCK_BYTES = 4 << 20;  // a token block's B tiles (512 tokens x 6912 columns fit)
+// 64-token blocks: with a 512-token call as one block the GEMM was 1.03-1.26x slower (median thread CPU time,
+// 4 shapes; docs/kernels.md "AMX"): its B tiles (1.3-3.5 MB) leave L2 and its C transposes scatter over 512
+// output rows. The weights, unpacked again for each block, come from L3 after the first.
+constexpr int64_t TOKEN_BLOCK = 64;
+// From this many tokens on, gemm_stationary: at 512 tokens its medians were 1.14-1.25x the 64-token blocks' (4 shapes;
+// at 64 tokens 0.87-1.05x). Its token blocks are STATIONARY_B_BYTES of B tiles (384 tokens at 2560 columns, 128 at
+// 6912); 512 KB and 2 MB were no faster.
+constexpr int32_t STATIONARY_MIN_TOKENS = 128;
+constexpr int64_t STATIONARY_B_BYTES = 1 << 20;
+static_assert(TOKEN_BLOCK % (2 * TILE_M) == 0, "token blocks are whole token-tile pairs");
 
 // Palette 1, all 8 tiles 16 rows x 64 bytes (partial token tiles are zero-padded instead of
 // configured smaller, so one configuration serves every call).
@@ -68,16 +81,21 @@ struct alignas(64) TileConfig {
 
 // Loaded on every call rather than once per thread: it costs next to nothing against a GEMM, and
 // another library in the process (oneDNN under PyTorch, say) may have configured this thread's tiles
-// its own way since our last call.
-void configure_tiles() {
+// its own way since our last call. A constant in static storage: GCC 12 dropped the stores of the column
+// widths when the configuration was built on the stack in a function it inlined twice, and LDTILECFG
+// faulted on the zero widths.
+TileConfig make_tile_config() {
     TileConfig cfg{};
     cfg.palette_id = 1;
     for (int i = 0; i < 8; ++i) {
         cfg.rows[i] = TILE_M;
         cfg.colsb[i] = amx::TILE_K;
     }
-    _tile_loadconfig(&cfg);
+    return cfg;
 }
+const TileConfig g_tile_config = make_tile_config();
+
+void configure_tiles() { _tile_loadconfig(&g_tile_config); }
 
 // A per-thread, 64-byte aligned scratch buffer that only grows; nullptr when memory runs out (the
 // caller then takes the AVX-512 path: no exception may leave a kernel run by a pool thread).
@@ -175,6 +193,52 @@ inline void store_transposed(const int32_t *c, const int32_t *sums, int n_valid,
     }
 }
 
+// Prefill: C stays in the tile registers over all of K (tile_block over every step, B tiles of a token tile one
+// after another). A row pair's A tiles for all of K (80-216 KB at 2560-6912 columns) and a token block's B tiles
+// (up to STATIONARY_B_BYTES) are read from L2; no C goes through memory until the transposed store. false when
+// scratch memory runs out (the caller then takes the chunked path).
+bool gemm_stationary(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act, const int32_t *act_sums,
+                     int32_t n_tokens, int32_t *out, int64_t out_stride) {
+    const int64_t blocks = cols / QK_K, steps = blocks * 4;
+    const int64_t per_tile = steps * TILE_BYTES;  // one row tile's or token tile's tiles over all of K
+    const int64_t block_tiles = std::max<int64_t>(2, STATIONARY_B_BYTES / per_tile / 2 * 2);
+    const int64_t max_tiles = std::min<int64_t>(block_tiles, (n_tokens + TILE_M - 1) / TILE_M);
+    int8_t *bbuf = reinterpret_cast<int8_t *>(g_b.get(static_cast<size_t>(max_tiles * per_tile)));
+    uint8_t *abuf = g_a.get(static_cast<size_t>(2 * per_tile));
+    int32_t *cbuf = reinterpret_cast<int32_t *>(g_c.get(4 * TILE_M * TILE_M * 4));
+    if (!bbuf || !abuf || !cbuf) return false;
+    configure_tiles();
+    int32_t *c[4] = {cbuf, cbuf + 256, cbuf + 512, cbuf + 768};  // (row tile, token tile): 00, 01, 10, 11
+    for (int64_t t0 = 0; t0 < n_tokens; t0 += block_tiles * TILE_M) {
+        const int64_t in_block = std::min<int64_t>(block_tiles * TILE_M, n_tokens - t0);
+        const int64_t n_tt = (in_block + TILE_M - 1) / TILE_M;
+        for (int64_t tt = 0; tt < n_tt; ++tt)
+            pack_acts_avx512(act + (t0 + tt * TILE_M) * cols, cols, static_cast<int>(std::min<int64_t>(TILE_M, in_block - tt * TILE_M)),
+                             bbuf + tt * per_tile, TILE_BYTES);
+        for (int64_t g = row_begin; g < row_end; g += 2 * TILE_M) {
+            const bool two_r = g + TILE_M < row_end;
+            unpack_weights_avx512(packed, blocks, g, 0, steps, abuf);
+            if (two_r) unpack_weights_avx512(packed, blocks, g + TILE_M, 0, steps, abuf + per_tile);
+            for (int64_t tt = 0; tt < n_tt; tt += 2) {
+                const bool two_t = tt + 1 < n_tt;
+                const int8_t *b0 = bbuf + tt * per_tile, *b1 = b0 + per_tile;
+                const uint8_t *a0 = abuf, *a1 = abuf + per_tile;
+                if (two_r && two_t) tile_block<2, 2>(a0, a1, b0, b1, TILE_BYTES, steps, c[0], c[1], c[2], c[3], true);
+                else if (two_r) tile_block<2, 1>(a0, a1, b0, b1, TILE_BYTES, steps, c[0], c[1], c[2], c[3], true);
+                else if (two_t) tile_block<1, 2>(a0, a1, b0, b1, TILE_BYTES, steps, c[0], c[1], c[2], c[3], true);
+                else tile_block<1, 1>(a0, a1, b0, b1, TILE_BYTES, steps, c[0], c[1], c[2], c[3], true);
+                for (int rt = 0; rt < (two_r ? 2 : 1); ++rt)
+                    for (int j = 0; j < (two_t ? 2 : 1); ++j) {
+                        const int64_t t = t0 + (tt + j) * TILE_M;
+                        store_transposed(c[2 * rt + j], act_sums + t, static_cast<int>(std::min<int64_t>(TILE_M, n_tokens - t)),
+                                         out + t * out_stride + g + rt * TILE_M, out_stride);
+                    }
+            }
+        }
+    }
+    return true;
+}
+
 void ternary_gemm_amx(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
                       const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
     const Kernels &avx = *kernels_avx512();
@@ -186,8 +250,10 @@ void ternary_gemm_amx(const uint8_t *packed, int64_t row_begin, int64_t row_end,
     }
     if (amx_end < row_end)  // 4 to 12 rows left over
         avx.ternary_gemm(packed, amx_end, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride);
+    if (n_tokens >= STATIONARY_MIN_TOKENS && gemm_stationary(packed, row_begin, amx_end, cols, act, act_sums, n_tokens, out, out_stride))
+        return;
     const int64_t steps = blocks * 4;  // K steps of 64 columns
-    const int64_t token_block = std::max<int64_t>(2 * TILE_M, B_BLOCK_BYTES / cols / (2 * TILE_M) * (2 * TILE_M));
+    const int64_t token_block = TOKEN_BLOCK;
     const int64_t max_tiles = (std::min<int64_t>(token_block, n_tokens) + TILE_M - 1) / TILE_M;
     int8_t *bbuf = reinterpret_cast<int8_t *>(g_b.get(static_cast<size_t>(max_tiles * steps * TILE_BYTES)));
     uint8_t *abuf = g_a.get(static_cast<size_t>(ROW_GROUP_TILES * K_CHUNK * TILE_BYTES));

@@ -460,28 +460,39 @@ void kv_axpy_avx2(const float *probs, const void *values, int32_t kv_type, int64
     }
 }
 
-// numpy's pairwise sum of x[0 .. n) (kernels.h's pairwise_sum over an array): its eight partial sums
-// r[j] += x[8i + j] are one ymm, the same additions in the same order, so the same bits.
-float pairwise_sum_avx2(const float *x, int64_t n) {
+// numpy's pairwise sum of x[0 .. n) (kernels.h's pairwise_sum over an array), of the squares when SQUARE: its
+// eight partial sums r[j] += term[8i + j] are one ymm, the same additions in the same order, so the same bits.
+// (In an unnamed namespace: an AVX2 instantiation must not be a weak symbol a baseline caller could bind to.)
+namespace {
+template <bool SQUARE>
+float pairwise_avx2(const float *x, int64_t n) {
     if (n < 8) {
         float res = 0.0f;
-        for (int64_t i = 0; i < n; ++i) res += x[i];
+        for (int64_t i = 0; i < n; ++i) res += SQUARE ? x[i] * x[i] : x[i];
         return res;
     }
     if (n <= 128) {
-        __m256 r = _mm256_loadu_ps(x);
+        auto load = [x](int64_t i) {
+            const __m256 v = _mm256_loadu_ps(x + i);
+            return SQUARE ? _mm256_mul_ps(v, v) : v;
+        };
+        __m256 r = load(0);
         int64_t i = 8;
-        for (; i < n - (n % 8); i += 8) r = _mm256_add_ps(r, _mm256_loadu_ps(x + i));
+        for (; i < n - (n % 8); i += 8) r = _mm256_add_ps(r, load(i));
         alignas(32) float l[8];
         _mm256_store_ps(l, r);
         float res = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
-        for (; i < n; ++i) res += x[i];
+        for (; i < n; ++i) res += SQUARE ? x[i] * x[i] : x[i];
         return res;
     }
     int64_t n2 = n / 2;
     n2 -= n2 % 8;
-    return pairwise_sum_avx2(x, n2) + pairwise_sum_avx2(x + n2, n - n2);
+    return pairwise_avx2<SQUARE>(x, n2) + pairwise_avx2<SQUARE>(x + n2, n - n2);
 }
+}  // namespace
+
+float pairwise_sum_avx2(const float *x, int64_t n) { return pairwise_avx2<false>(x, n); }
+float pairwise_sum_squares_avx2(const float *x, int64_t n) { return pairwise_avx2<true>(x, n); }
 
 namespace {
 
@@ -569,12 +580,102 @@ void softmax_avx2(float *scores, int32_t n, float divisor) {
     for (; p < n; ++p) scores[p] = scores[p] / _mm256_cvtss_f32(sum);
 }
 
+// The element-wise kernels (kernels.h; scalar.cpp the spec): per element the scalar loop's operations in its
+// order, 8 lanes at a time (no FMA: the file's -mfma is for intrinsics that ask), the ragged end in scalar.
+void rms_norm_avx2(const float *x, const float *w, int64_t n, float eps, float *out) {
+    const float denom = std::sqrt(pairwise_sum_squares_avx2(x, n) / static_cast<float>(n) + eps);
+    const __m256 dv = _mm256_set1_ps(denom);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(_mm256_loadu_ps(x + i), dv), _mm256_loadu_ps(w + i)));
+    for (; i < n; ++i) out[i] = x[i] / denom * w[i];
+}
+
+// relu^2: a lane not > 0 (NaN included) is +0 before the product, as the scalar's 0.0f. SiLU: exp(-g) by
+// softmax_exp's exact exp (max 0: x - 0 is x), then the scalar's division and product per lane.
+void ffn_act_mul_avx2(float *gate, const float *up, int64_t n, int32_t act) {
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        __m256 a;
+        if (act == RYZ_ACT_RELU2) {
+            a = _mm256_and_ps(_mm256_cmp_ps(g, zero, _CMP_GT_OQ), _mm256_mul_ps(g, g));
+        } else {
+            alignas(32) float e[8];
+            _mm256_store_ps(e, _mm256_xor_ps(g, sign));  // -g exactly
+            exp8(e, zero);
+            a = _mm256_div_ps(g, _mm256_add_ps(one, _mm256_load_ps(e)));
+        }
+        _mm256_storeu_ps(gate + i, _mm256_mul_ps(a, _mm256_loadu_ps(up + i)));
+    }
+    if (i < n) kernels_scalar().ffn_act_mul(gate + i, up + i, n - i, act);
+}
+
+void add_avx2(float *x, const float *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; ++i) x[i] += y[i];
+}
+
+void rope_avx2(float *vec, int32_t n_heads, int32_t head_dim, const float *cs, const float *sn) {
+    const int32_t half = head_dim / 2;
+    for (int32_t h = 0; h < n_heads; ++h) {
+        float *v = vec + int64_t(h) * head_dim;
+        int32_t i = 0;
+        for (; i + 8 <= half; i += 8) {
+            const __m256 a = _mm256_loadu_ps(v + i), b = _mm256_loadu_ps(v + i + half);
+            const __m256 c = _mm256_loadu_ps(cs + i), s = _mm256_loadu_ps(sn + i);
+            _mm256_storeu_ps(v + i, _mm256_sub_ps(_mm256_mul_ps(a, c), _mm256_mul_ps(b, s)));
+            _mm256_storeu_ps(v + i + half, _mm256_add_ps(_mm256_mul_ps(b, c), _mm256_mul_ps(a, s)));
+        }
+        for (; i < half; ++i) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * cs[i] - b * sn[i];
+            v[i + half] = b * cs[i] + a * sn[i];
+        }
+    }
+}
+
+// vcvtps2ph with round-to-nearest-even is fp32_to_fp16 on every non-NaN float (subnormal halves included; it
+// ignores MXCSR.FTZ, and a float that DAZ would zero rounds to a signed zero anyway). A NaN keeps its top payload
+// bits there, so NaN lanes are cut to sign | 0x7E00, fp32_to_fp16's NaN.
+void kv_store_avx2(const float *src, int64_t n, int32_t kv_type, void *dst) {
+    if (kv_type == RYZ_KV_F32) {
+        std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n));
+        return;
+    }
+    fp16_t *h = static_cast<fp16_t *>(dst);
+    const __m128i payload = _mm_set1_epi16(0x01FF);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(src + i);
+        const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        const __m128i nan16 = _mm_packs_epi32(_mm256_castsi256_si128(nan), _mm256_extracti128_si256(nan, 1));
+        const __m128i r = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+        _mm_storeu_si128(reinterpret_cast<__m128i *>(h + i), _mm_andnot_si128(_mm_and_si128(nan16, payload), r));
+    }
+    for (; i < n; ++i) h[i] = fp32_to_fp16(src[i]);
+}
+
+// vcvtdq2ps rounds to nearest even, as the scalar int -> float conversion does.
+void linear_out_avx2(const int32_t *acc, int64_t n, float act_scale, float w_scale, float *out) {
+    const __m256 as = _mm256_set1_ps(act_scale), ws = _mm256_set1_ps(w_scale);
+    int64_t r = 0;
+    for (; r + 8 <= n; r += 8) {
+        const __m256 a = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(acc + r)));
+        _mm256_storeu_ps(out + r, _mm256_mul_ps(_mm256_div_ps(a, as), ws));
+    }
+    for (; r < n; ++r) out[r] = static_cast<float>(acc[r]) / act_scale * w_scale;
+}
+
 }  // namespace
 
 const Kernels *kernels_avx2() {
     static const Kernels k{RYZ_ISA_AVX2, ternary_gemm_avx2, dense_gemm_avx2, quantize_act_avx2, kv_dot_avx2, kv_axpy_avx2,
                            ternary_gemm_t1p_avx2, softmax_exp_avx2, softmax_avx2,
-                           nullptr, nullptr};  // no multi-query attention: the single-query kernels per query
+                           nullptr, nullptr,  // no multi-query attention: the single-query kernels per query
+                           rms_norm_avx2, ffn_act_mul_avx2, add_avx2, rope_avx2, kv_store_avx2, linear_out_avx2};
     return &k;
 }
 

@@ -1023,11 +1023,92 @@ void softmax_avx512(float *scores, int32_t n, float divisor) {
     }
 }
 
+// The element-wise kernels (kernels.h; scalar.cpp the spec), avx2.cpp's with 16 lanes and masked ends: per
+// element the scalar loop's operations in its order (no FMA). The sum of squares keeps AVX2's ymm: numpy's
+// pairwise order has 8 partial sums.
+inline __mmask16 tail_mask64(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+
+void rms_norm_avx512(const float *x, const float *w, int64_t n, float eps, float *out) {
+    const __m512 denom = _mm512_set1_ps(std::sqrt(pairwise_sum_squares_avx2(x, n) / static_cast<float>(n) + eps));
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = tail_mask64(n - i);
+        _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(m, x + i), denom), _mm512_maskz_loadu_ps(m, w + i)));
+    }
+}
+
+// relu^2: lanes not > 0 (NaN included) are +0 before the product, as the scalar's 0.0f. SiLU: exp(-g) by the
+// softmax's exact exp (max 0: x - 0 is x), then the scalar's division and product.
+void ffn_act_mul_avx512(float *gate, const float *up, int64_t n, int32_t act) {
+    const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = tail_mask64(n - i);
+        const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
+        __m512 a;
+        if (act == RYZ_ACT_RELU2) {
+            a = _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(g, zero, _CMP_GT_OQ), g, g);
+        } else {
+            alignas(64) float e[16];
+            _mm512_store_ps(e, _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), _mm512_set1_epi32(INT32_MIN))));  // -g exactly
+            exp16(e, zero, 0xFFFF);
+            a = _mm512_div_ps(g, _mm512_add_ps(one, _mm512_load_ps(e)));
+        }
+        _mm512_mask_storeu_ps(gate + i, m, _mm512_mul_ps(a, _mm512_maskz_loadu_ps(m, up + i)));
+    }
+}
+
+void add_avx512(float *x, const float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = tail_mask64(n - i);
+        _mm512_mask_storeu_ps(x + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
+    }
+}
+
+void rope_avx512(float *vec, int32_t n_heads, int32_t head_dim, const float *cs, const float *sn) {
+    const int32_t half = head_dim / 2;
+    for (int32_t h = 0; h < n_heads; ++h) {
+        float *v = vec + int64_t(h) * head_dim;
+        for (int32_t i = 0; i < half; i += 16) {
+            const __mmask16 m = tail_mask64(half - i);
+            const __m512 a = _mm512_maskz_loadu_ps(m, v + i), b = _mm512_maskz_loadu_ps(m, v + i + half);
+            const __m512 c = _mm512_maskz_loadu_ps(m, cs + i), s = _mm512_maskz_loadu_ps(m, sn + i);
+            _mm512_mask_storeu_ps(v + i, m, _mm512_sub_ps(_mm512_mul_ps(a, c), _mm512_mul_ps(b, s)));
+            _mm512_mask_storeu_ps(v + i + half, m, _mm512_add_ps(_mm512_mul_ps(b, c), _mm512_mul_ps(a, s)));
+        }
+    }
+}
+
+// kv_store_avx2's conversion (vcvtps2ph, round to nearest even, NaN lanes cut to sign | 0x7E00), 16 lanes.
+void kv_store_avx512(const float *src, int64_t n, int32_t kv_type, void *dst) {
+    if (kv_type == RYZ_KV_F32) {
+        std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n));
+        return;
+    }
+    fp16_t *h = static_cast<fp16_t *>(dst);
+    const __m256i nan_bits = _mm256_set1_epi16(static_cast<short>(0xFE00));
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = tail_mask64(n - i);
+        const __m512 v = _mm512_maskz_loadu_ps(m, src + i);
+        const __m256i r = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        _mm256_mask_storeu_epi16(h + i, m, _mm256_mask_blend_epi16(nan, r, _mm256_and_si256(r, nan_bits)));
+    }
+}
+
+void linear_out_avx512(const int32_t *acc, int64_t n, float act_scale, float w_scale, float *out) {
+    const __m512 as = _mm512_set1_ps(act_scale), ws = _mm512_set1_ps(w_scale);
+    for (int64_t r = 0; r < n; r += 16) {
+        const __mmask16 m = tail_mask64(n - r);
+        const __m512 a = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, acc + r));  // round to nearest even, as the scalar cast
+        _mm512_mask_storeu_ps(out + r, m, _mm512_mul_ps(_mm512_div_ps(a, as), ws));
+    }
+}
+
 }  // namespace
 
 const Kernels *kernels_avx512() {
     static const Kernels k{RYZ_ISA_AVX512, ternary_gemm_avx512, dense_gemm_avx512, quantize_act_avx512, kv_dot_avx512, kv_axpy_avx512,
-                           ternary_gemm_t1p_avx512, softmax_exp_avx512, softmax_avx512, kv_dot_multi_avx512, kv_axpy_multi_avx512};
+                           ternary_gemm_t1p_avx512, softmax_exp_avx512, softmax_avx512, kv_dot_multi_avx512, kv_axpy_multi_avx512,
+                           rms_norm_avx512, ffn_act_mul_avx512, add_avx512, rope_avx512, kv_store_avx512, linear_out_avx512};
     return &k;
 }
 

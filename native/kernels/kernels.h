@@ -64,6 +64,26 @@ struct Kernels {
                          float *const *scores);
     void (*kv_axpy_multi)(const float *const *probs, int32_t nq, const int32_t *n_pos, const void *values, int32_t kv_type, int64_t stride,
                           int32_t d, float *const *out);
+
+    // The forward's per-token element-wise work, bit for bit the scalar loops (scalar.cpp is the spec): every
+    // element goes through the same IEEE operations in the same order, SIMD only adds lanes (no FMA).
+    //   rms_norm:    out[i] = x[i] / sqrt(pairwise_sum(x[k] * x[k]) / n + eps) * w[i] (the sum in numpy's order)
+    //   ffn_act_mul: gate[i] = act(gate[i]) * up[i]; act RYZ_ACT_RELU2: g > 0 ? g * g : 0,
+    //                RYZ_ACT_SILU: g / (1 + exp(-g)) with exp in double rounded once (softmax_exp's exp)
+    //   add:         x[i] += y[i] (the residuals)
+    //   rope:        NEOX rotation of n_heads heads of vec ([n_heads][head_dim]) by one position's cos / sin
+    //                ([head_dim / 2]): with a = v[i], b = v[i + half]: v[i] = a cos[i] - b sin[i],
+    //                v[i + half] = b cos[i] + a sin[i]
+    //   kv_store:    a row into the KV cache: dst[i] = src[i] as kv_type (RYZ_KV_F32 a copy; RYZ_KV_F16
+    //                fp32_to_fp16: round to nearest even, subnormals kept, NaN -> sign | 0x7E00)
+    //   linear_out:  a BitLinear's rescale: out[r] = float(acc[r]) / act_scale * w_scale
+    // Null entries fall back to scalar's (forward.cpp), as ternary_gemm_t1p does.
+    void (*rms_norm)(const float *x, const float *w, int64_t n, float eps, float *out);
+    void (*ffn_act_mul)(float *gate, const float *up, int64_t n, int32_t act);
+    void (*add)(float *x, const float *y, int64_t n);
+    void (*rope)(float *vec, int32_t n_heads, int32_t head_dim, const float *cos, const float *sin);
+    void (*kv_store)(const float *src, int64_t n, int32_t kv_type, void *dst);
+    void (*linear_out)(const int32_t *acc, int64_t n, float act_scale, float w_scale, float *out);
 };
 
 const Kernels &kernels_scalar();
@@ -215,6 +235,8 @@ void kv_dot_avx2(const float *q, const void *keys, int32_t kv_type, int64_t stri
 void kv_axpy_avx2(const float *probs, const void *values, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *out);
 // numpy's pairwise sum of x[0 .. n) in ymm lanes (pairwise_sum's order exactly), for the softmax of AVX2 and AVX-512.
 float pairwise_sum_avx2(const float *x, int64_t n);
+// The same order over x[i] * x[i] (rms_norm's sum of squares), for AVX2 and AVX-512.
+float pairwise_sum_squares_avx2(const float *x, int64_t n);
 
 // Shared scalar helpers (scalar.cpp), used by SIMD files for ragged tails and rare types.
 void dense_gemm_scalar(const void *w, int32_t type, int64_t row_begin, int64_t row_end, int64_t cols,

@@ -312,12 +312,118 @@ void quantize_act_neon(const float *x, int64_t cols, int8_t *q, float *scale, in
     *sum = acc;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Element-wise (kernels.h; scalar.cpp the spec): per element the scalar loop's operations in its order,
+// 4 lanes at a time (no FMA: -ffp-contract=off and explicit vmul + vadd), ragged ends in scalar.
+// ---------------------------------------------------------------------------------------------
+
+// numpy's pairwise sum of x[i] * x[i] (kernels.h's pairwise_sum): its eight partial sums are two q registers.
+float pairwise_sum_squares_neon(const float *x, int64_t n) {
+    if (n < 8) {
+        float res = 0.0f;
+        for (int64_t i = 0; i < n; ++i) res += x[i] * x[i];
+        return res;
+    }
+    if (n <= 128) {
+        float32x4_t a = vld1q_f32(x), b = vld1q_f32(x + 4);
+        a = vmulq_f32(a, a);
+        b = vmulq_f32(b, b);
+        int64_t i = 8;
+        for (; i < n - (n % 8); i += 8) {
+            const float32x4_t c = vld1q_f32(x + i), d = vld1q_f32(x + i + 4);
+            a = vaddq_f32(a, vmulq_f32(c, c));
+            b = vaddq_f32(b, vmulq_f32(d, d));
+        }
+        float l[8];
+        vst1q_f32(l, a);
+        vst1q_f32(l + 4, b);
+        float res = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+        for (; i < n; ++i) res += x[i] * x[i];
+        return res;
+    }
+    int64_t n2 = n / 2;
+    n2 -= n2 % 8;
+    return pairwise_sum_squares_neon(x, n2) + pairwise_sum_squares_neon(x + n2, n - n2);
+}
+
+void rms_norm_neon(const float *x, const float *w, int64_t n, float eps, float *out) {
+    const float denom = std::sqrt(pairwise_sum_squares_neon(x, n) / static_cast<float>(n) + eps);
+    const float32x4_t dv = vdupq_n_f32(denom);
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(out + i, vmulq_f32(vdivq_f32(vld1q_f32(x + i), dv), vld1q_f32(w + i)));
+    for (; i < n; ++i) out[i] = x[i] / denom * w[i];
+}
+
+// relu^2 in lanes (fcmgt is false for NaN: +0, as the scalar's 0.0f); SiLU keeps the scalar loop (exp in double).
+void ffn_act_mul_neon(float *gate, const float *up, int64_t n, int32_t act) {
+    int64_t i = 0;
+    if (act == RYZ_ACT_RELU2) {
+        for (; i + 4 <= n; i += 4) {
+            const float32x4_t g = vld1q_f32(gate + i);
+            const uint32x4_t pos = vcgtq_f32(g, vdupq_n_f32(0.0f));
+            const float32x4_t a = vreinterpretq_f32_u32(vandq_u32(pos, vreinterpretq_u32_f32(vmulq_f32(g, g))));
+            vst1q_f32(gate + i, vmulq_f32(a, vld1q_f32(up + i)));
+        }
+    }
+    if (i < n) kernels_scalar().ffn_act_mul(gate + i, up + i, n - i, act);
+}
+
+void add_neon(float *x, const float *y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(x + i, vaddq_f32(vld1q_f32(x + i), vld1q_f32(y + i)));
+    for (; i < n; ++i) x[i] += y[i];
+}
+
+void rope_neon(float *vec, int32_t n_heads, int32_t head_dim, const float *cs, const float *sn) {
+    const int32_t half = head_dim / 2;
+    for (int32_t h = 0; h < n_heads; ++h) {
+        float *v = vec + int64_t(h) * head_dim;
+        int32_t i = 0;
+        for (; i + 4 <= half; i += 4) {
+            const float32x4_t a = vld1q_f32(v + i), b = vld1q_f32(v + i + half), c = vld1q_f32(cs + i), s = vld1q_f32(sn + i);
+            vst1q_f32(v + i, vsubq_f32(vmulq_f32(a, c), vmulq_f32(b, s)));
+            vst1q_f32(v + i + half, vaddq_f32(vmulq_f32(b, c), vmulq_f32(a, s)));
+        }
+        for (; i < half; ++i) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * cs[i] - b * sn[i];
+            v[i + half] = b * cs[i] + a * sn[i];
+        }
+    }
+}
+
+// fcvtn rounds to nearest even (FPCR's default mode) with subnormal halves; a NaN keeps its top payload bits
+// there, so NaN lanes are cut to sign | 0x7E00, fp32_to_fp16's NaN.
+void kv_store_neon(const float *src, int64_t n, int32_t kv_type, void *dst) {
+    if (kv_type == RYZ_KV_F32) {
+        std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n));
+        return;
+    }
+    fp16_t *h = static_cast<fp16_t *>(dst);
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t v = vld1q_f32(src + i);
+        const uint16x4_t r = vreinterpret_u16_f16(vcvt_f16_f32(v));
+        const uint16x4_t nan = vmovn_u32(vmvnq_u32(vceqq_f32(v, v)));
+        vst1_u16(h + i, vbic_u16(r, vand_u16(nan, vdup_n_u16(0x01FF))));
+    }
+    for (; i < n; ++i) h[i] = fp32_to_fp16(src[i]);
+}
+
+void linear_out_neon(const int32_t *acc, int64_t n, float act_scale, float w_scale, float *out) {
+    const float32x4_t as = vdupq_n_f32(act_scale), ws = vdupq_n_f32(w_scale);
+    int64_t r = 0;
+    for (; r + 4 <= n; r += 4) vst1q_f32(out + r, vmulq_f32(vdivq_f32(vcvtq_f32_s32(vld1q_s32(acc + r)), as), ws));  // scvtf: nearest even
+    for (; r < n; ++r) out[r] = static_cast<float>(acc[r]) / act_scale * w_scale;
+}
+
 }  // namespace
 
 const Kernels *kernels_neon() {
-    // kv_dot / kv_axpy left null: forward.cpp falls back to the scalar ones.
+    // kv_dot / kv_axpy and the softmax left null: forward.cpp falls back to the scalar ones.
     static const Kernels k{RYZ_ISA_NEON, ternary_gemm_neon, dense_gemm_neon, quantize_act_neon, nullptr, nullptr,
-                           ternary_gemm_t1p_neon};
+                           ternary_gemm_t1p_neon, nullptr, nullptr, nullptr, nullptr,
+                           rms_norm_neon, ffn_act_mul_neon, add_neon, rope_neon, kv_store_neon, linear_out_neon};
     return &k;
 }
 

@@ -227,10 +227,55 @@ static void softmax_scalar(float *scores, int32_t n, float divisor) {
     for (int32_t p = 0; p < n; ++p) scores[p] = scores[p] / sum;
 }
 
+// The forward's element-wise work, exactly the loops it ran inline (the reference's float order).
+static void rms_norm_scalar(const float *x, const float *w, int64_t n, float eps, float *out) {
+    const float sum = pairwise_sum([x](int64_t i) { return x[i] * x[i]; }, n);
+    const float denom = std::sqrt(sum / static_cast<float>(n) + eps);
+    for (int64_t i = 0; i < n; ++i) out[i] = x[i] / denom * w[i];
+}
+
+static void ffn_act_mul_scalar(float *gate, const float *up, int64_t n, int32_t act) {
+    for (int64_t i = 0; i < n; ++i) {
+        const float g = gate[i];
+        const float a = act == RYZ_ACT_RELU2 ? (g > 0.0f ? g * g : 0.0f) : g / (1.0f + static_cast<float>(std::exp(static_cast<double>(-g))));
+        gate[i] = a * up[i];
+    }
+}
+
+static void add_scalar(float *x, const float *y, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+}
+
+static void rope_scalar(float *vec, int32_t n_heads, int32_t head_dim, const float *cs, const float *sn) {
+    const int32_t half = head_dim / 2;
+    for (int32_t h = 0; h < n_heads; ++h) {
+        float *v = vec + int64_t(h) * head_dim;
+        for (int32_t i = 0; i < half; ++i) {  // NEOX: rotate the two halves (transformers' rotate_half)
+            const float a = v[i], b = v[i + half];
+            v[i] = a * cs[i] - b * sn[i];
+            v[i + half] = b * cs[i] + a * sn[i];
+        }
+    }
+}
+
+static void kv_store_scalar(const float *src, int64_t n, int32_t kv_type, void *dst) {
+    if (kv_type == RYZ_KV_F32) {
+        std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(n));
+        return;
+    }
+    fp16_t *h = static_cast<fp16_t *>(dst);
+    for (int64_t i = 0; i < n; ++i) h[i] = fp32_to_fp16(src[i]);
+}
+
+static void linear_out_scalar(const int32_t *acc, int64_t n, float act_scale, float w_scale, float *out) {
+    for (int64_t r = 0; r < n; ++r) out[r] = static_cast<float>(acc[r]) / act_scale * w_scale;
+}
+
 const Kernels &kernels_scalar() {
     static const Kernels k{RYZ_ISA_SCALAR, ternary_gemm_scalar, dense_gemm_scalar, quantize_act_scalar, kv_dot_scalar, kv_axpy_scalar,
                            ternary_gemm_t1p_scalar, softmax_exp_scalar, softmax_scalar,
-                           nullptr, nullptr};  // no multi-query attention: the single-query kernels per query
+                           nullptr, nullptr,  // no multi-query attention: the single-query kernels per query
+                           rms_norm_scalar, ffn_act_mul_scalar, add_scalar, rope_scalar, kv_store_scalar, linear_out_scalar};
     return k;
 }
 

@@ -167,6 +167,45 @@ ryz_status ryz_softmax(float *scores, int32_t n, float divisor) {
     return RYZ_OK;
 }
 
+ryz_status ryz_rms_norm(const float *x, const float *w, int64_t n, float eps, float *out) {
+    if (n < 0 || (n > 0 && (!x || !w || !out))) return fail(RYZ_ERR_INVALID_ARGUMENT, "need n >= 0 and x, w, out for n > 0");
+    if (n > 0) elementwise_kernels().rms_norm(x, w, n, eps, out);
+    return RYZ_OK;
+}
+
+ryz_status ryz_ffn_act_mul(float *gate, const float *up, int64_t n, int32_t act) {
+    if (n < 0 || (n > 0 && (!gate || !up))) return fail(RYZ_ERR_INVALID_ARGUMENT, "need n >= 0 and gate, up for n > 0");
+    if (act != RYZ_ACT_SILU && act != RYZ_ACT_RELU2) return fail(RYZ_ERR_INVALID_ARGUMENT, "act must be RYZ_ACT_SILU or RYZ_ACT_RELU2");
+    elementwise_kernels().ffn_act_mul(gate, up, n, act);
+    return RYZ_OK;
+}
+
+ryz_status ryz_add(float *x, const float *y, int64_t n) {
+    if (n < 0 || (n > 0 && (!x || !y))) return fail(RYZ_ERR_INVALID_ARGUMENT, "need n >= 0 and x, y for n > 0");
+    elementwise_kernels().add(x, y, n);
+    return RYZ_OK;
+}
+
+ryz_status ryz_rope(float *vec, int32_t n_heads, int32_t head_dim, const float *cos, const float *sin) {
+    if (n_heads < 0 || head_dim < 0 || (n_heads > 0 && head_dim > 1 && (!vec || !cos || !sin)))
+        return fail(RYZ_ERR_INVALID_ARGUMENT, "need n_heads, head_dim >= 0 and vec, cos, sin");
+    elementwise_kernels().rope(vec, n_heads, head_dim, cos, sin);
+    return RYZ_OK;
+}
+
+ryz_status ryz_kv_store(const float *src, int64_t n, int32_t kv_type, void *dst) {
+    if (n < 0 || (n > 0 && (!src || !dst))) return fail(RYZ_ERR_INVALID_ARGUMENT, "need n >= 0 and src, dst for n > 0");
+    if (kv_type != RYZ_KV_F32 && kv_type != RYZ_KV_F16) return fail(RYZ_ERR_INVALID_ARGUMENT, "kv_type must be RYZ_KV_F32 or RYZ_KV_F16");
+    if (n > 0) elementwise_kernels().kv_store(src, n, kv_type, dst);
+    return RYZ_OK;
+}
+
+ryz_status ryz_linear_out(const int32_t *acc, int64_t n, float act_scale, float w_scale, float *out) {
+    if (n < 0 || (n > 0 && (!acc || !out))) return fail(RYZ_ERR_INVALID_ARGUMENT, "need n >= 0 and acc, out for n > 0");
+    elementwise_kernels().linear_out(acc, n, act_scale, w_scale, out);
+    return RYZ_OK;
+}
+
 ryz_status ryz_top_k(const float *logits, int64_t n, int32_t k, int32_t *ids, float *values) {
     if (!logits || !ids || !values || n < 1 || k < 1 || k > n) return fail(RYZ_ERR_INVALID_ARGUMENT, "need 1 <= k <= n and non-null buffers");
     // A size-k min-heap by (value, -index): ties resolve to the lower index, as numpy's argmax does.

@@ -48,17 +48,7 @@ namespace ryz {
 
 namespace {
 
-// Transcendentals are taken in double and rounded once, exactly as engine/reference.py does: an ulp of
-// difference in exp would flip int8 activation steps downstream.
-inline float exp_f32(float x) { return static_cast<float>(std::exp(static_cast<double>(x))); }
-
 size_t kv_elem_bytes(int32_t kv_type) { return kv_type == RYZ_KV_F32 ? 4 : 2; }
-
-void rms_norm(const float *x, const float *w, int64_t n, float eps, float *out) {
-    const float sum = pairwise_sum([x](int64_t i) { return x[i] * x[i]; }, n);
-    const float denom = std::sqrt(sum / static_cast<float>(n) + eps);
-    for (int64_t i = 0; i < n; ++i) out[i] = x[i] / denom * w[i];
-}
 
 // Runs fn, adding its wall time to `part` when the context is profiling. The forward's parallel regions
 // return only when every thread is done, so wall time on the calling thread is the part's time.
@@ -108,18 +98,15 @@ constexpr int32_t CHUNKED_MAX_TOKENS = 4;
 void bit_linears(ryz_context *c, const LinearJob *jobs, int n_jobs, int32_t n) {
     const int64_t cols = jobs[0].w->cols;
     const int32_t tile = c->tuning.gemm_token_tile;
+    const auto linear_out = elementwise_kernels().linear_out;
     int64_t first_row[4] = {0, 0, 0, 0};  // where each job's rows start among all jobs' rows (n_jobs <= 3)
     for (int j = 0; j < n_jobs; ++j) first_row[j + 1] = first_row[j] + jobs[j].w->rows;
     auto run_rows = [&](int j, int64_t rb, int64_t re) {  // rows [rb, re) of job j, whole row tiles
         const TernaryLinear &w = *jobs[j].w;
         int32_t *acc = c->acc.data() + first_row[j] * n;  // [job rows][...]: disjoint per job
         ternary_kernel(w.layout)(w.packed.get(), rb, re, cols, c->act.data(), c->act_sum.data(), n, tile, acc, w.rows);
-        for (int32_t t = 0; t < n; ++t) {
-            const float act_scale = c->act_scale[t];
-            float *out = jobs[j].out + int64_t(t) * w.rows;
-            const int32_t *a = acc + int64_t(t) * w.rows;
-            for (int64_t r = rb; r < re; ++r) out[r] = static_cast<float>(a[r]) / act_scale * w.scale;
-        }
+        for (int32_t t = 0; t < n; ++t)
+            linear_out(acc + int64_t(t) * w.rows + rb, re - rb, c->act_scale[t], w.scale, jobs[j].out + int64_t(t) * w.rows + rb);
     };
     if (n <= CHUNKED_MAX_TOKENS) {
         int64_t first_chunk[4] = {0, 0, 0, 0};  // where each job's chunks start
@@ -140,24 +127,6 @@ void bit_linears(ryz_context *c, const LinearJob *jobs, int n_jobs, int32_t n) {
             if (rb < re) run_rows(j, rb, re);
         }
     });
-}
-
-void rope(const ryz_context *c, float *vec, int32_t n_heads, int32_t head_dim, int32_t pos) {
-    const int32_t half = head_dim / 2;
-    const float *cs = c->rope_cos.data() + int64_t(pos) * half, *sn = c->rope_sin.data() + int64_t(pos) * half;
-    for (int32_t h = 0; h < n_heads; ++h) {
-        float *v = vec + int64_t(h) * head_dim;
-        for (int32_t i = 0; i < half; ++i) {  // NEOX: rotate the two halves (transformers' rotate_half)
-            const float a = v[i], b = v[i + half];
-            v[i] = a * cs[i] - b * sn[i];
-            v[i + half] = b * cs[i] + a * sn[i];
-        }
-    }
-}
-
-inline void kv_store(uint8_t *base, int32_t kv_type, int64_t index, float value) {
-    if (kv_type == RYZ_KV_F32) reinterpret_cast<float *>(base)[index] = value;
-    else reinterpret_cast<fp16_t *>(base)[index] = fp32_to_fp16(value);
 }
 
 ryz_status ensure_seq(ryz_context *c, int32_t seq) {
@@ -399,6 +368,10 @@ ryz_status ryz_forward(ryz_context *c, int32_t n, const int32_t *tokens, const i
 
     const int64_t q_dim = int64_t(hp.heads) * hp.head_dim, kv_dim = int64_t(hp.kv_heads) * hp.head_dim;
     const Kernels &kern = kernels();
+    // Norms, RoPE, KV stores, the activation and residuals run in the family's element-wise kernels: this file is
+    // built for the baseline ISA (kernels.h has their bit-exact contracts).
+    const Elementwise ew = elementwise_kernels();
+    const int32_t half = hp.head_dim / 2;
     float *x = c->x.data(), *xb = c->xb.data();
 
     per_token(c, n, [&](int32_t t) { dequantize_row(m->token_embd.data, m->token_embd.type, tokens[t], hp.hidden, x + int64_t(t) * hp.hidden); });
@@ -406,23 +379,22 @@ ryz_status ryz_forward(ryz_context *c, int32_t n, const int32_t *tokens, const i
     for (int32_t l = 0; l < hp.layers; ++l) {
         const Layer &layer = m->layers[l];
         // Attention block.
-        per_token(c, n, [&](int32_t t) { rms_norm(x + int64_t(t) * hp.hidden, layer.attn_norm, hp.hidden, hp.rms_eps, xb + int64_t(t) * hp.hidden); });
+        per_token(c, n, [&](int32_t t) { ew.rms_norm(x + int64_t(t) * hp.hidden, layer.attn_norm, hp.hidden, hp.rms_eps, xb + int64_t(t) * hp.hidden); });
         const LinearJob qkv[3] = {{&layer.linear[Q], c->q.data()}, {&layer.linear[K], c->k.data()}, {&layer.linear[V], c->v.data()}};
         timed(c, RYZ_PART_TERNARY, [&] { quantize_tokens(c, xb, n, hp.hidden); bit_linears(c, qkv, 3, n); });
         per_token(c, n, [&](int32_t t) {
             float *qt = c->q.data() + int64_t(t) * q_dim, *kt = c->k.data() + int64_t(t) * kv_dim, *vt = c->v.data() + int64_t(t) * kv_dim;
-            rope(c, qt, hp.heads, hp.head_dim, c->positions[t]);
-            rope(c, kt, hp.kv_heads, hp.head_dim, c->positions[t]);
+            const float *cs = c->rope_cos.data() + int64_t(c->positions[t]) * half, *sn = c->rope_sin.data() + int64_t(c->positions[t]) * half;
+            ew.rope(qt, hp.heads, hp.head_dim, cs, sn);
+            ew.rope(kt, hp.kv_heads, hp.head_dim, cs, sn);
             KVSeq &s = c->seqs[seq_ids[t]];
-            const size_t base = (size_t(l) * c->max_positions + c->positions[t]) * kv_dim;
-            for (int64_t i = 0; i < kv_dim; ++i) {
-                kv_store(s.keys.get(), c->kv_type, int64_t(base) + i, kt[i]);
-                kv_store(s.values.get(), c->kv_type, int64_t(base) + i, vt[i]);
-            }
+            const size_t at = (size_t(l) * c->max_positions + c->positions[t]) * kv_dim * kv_elem_bytes(c->kv_type);
+            ew.kv_store(kt, kv_dim, c->kv_type, s.keys.get() + at);
+            ew.kv_store(vt, kv_dim, c->kv_type, s.values.get() + at);
         });
         timed(c, RYZ_PART_ATTENTION, [&] { attention(c, l, n, seq_ids); });
         if (hp.sub_norms)
-            per_token(c, n, [&](int32_t t) { rms_norm(c->att.data() + int64_t(t) * q_dim, layer.attn_sub_norm, q_dim, hp.rms_eps, xb + int64_t(t) * q_dim); });
+            per_token(c, n, [&](int32_t t) { ew.rms_norm(c->att.data() + int64_t(t) * q_dim, layer.attn_sub_norm, q_dim, hp.rms_eps, xb + int64_t(t) * q_dim); });
         else
             std::memcpy(xb, c->att.data(), sizeof(float) * size_t(n) * q_dim);
         const LinearJob o[1] = {{&layer.linear[O], c->gate.data()}};  // gate buffer as scratch
@@ -430,8 +402,8 @@ ryz_status ryz_forward(ryz_context *c, int32_t n, const int32_t *tokens, const i
         per_token(c, n, [&](int32_t t) {
             float *xt = x + int64_t(t) * hp.hidden;
             const float *y = c->gate.data() + int64_t(t) * hp.hidden;
-            for (int32_t i = 0; i < hp.hidden; ++i) xt[i] += y[i];
-            rms_norm(xt, layer.ffn_norm, hp.hidden, hp.rms_eps, xb + int64_t(t) * hp.hidden);
+            ew.add(xt, y, hp.hidden);
+            ew.rms_norm(xt, layer.ffn_norm, hp.hidden, hp.rms_eps, xb + int64_t(t) * hp.hidden);
         });
         // Feed-forward block.
         const LinearJob gate_up[2] = {{&layer.linear[GATE], c->gate.data()}, {&layer.linear[UP], c->up.data()}};
@@ -439,19 +411,15 @@ ryz_status ryz_forward(ryz_context *c, int32_t n, const int32_t *tokens, const i
         per_token(c, n, [&](int32_t t) {
             float *g = c->gate.data() + int64_t(t) * hp.ffn;
             const float *u = c->up.data() + int64_t(t) * hp.ffn;
-            for (int32_t i = 0; i < hp.ffn; ++i) {
-                const float a = hp.ffn_act == RYZ_ACT_RELU2 ? (g[i] > 0.0f ? g[i] * g[i] : 0.0f) : g[i] / (1.0f + exp_f32(-g[i]));
-                g[i] = a * u[i];
-            }
-            if (hp.sub_norms) rms_norm(g, layer.ffn_sub_norm, hp.ffn, hp.rms_eps, xb + int64_t(t) * hp.ffn);
+            ew.ffn_act_mul(g, u, hp.ffn, hp.ffn_act);  // relu^2 or SiLU, exp in double as the reference
+            if (hp.sub_norms) ew.rms_norm(g, layer.ffn_sub_norm, hp.ffn, hp.rms_eps, xb + int64_t(t) * hp.ffn);
             else std::memcpy(xb + int64_t(t) * hp.ffn, g, sizeof(float) * hp.ffn);
         });
         const LinearJob down[1] = {{&layer.linear[DOWN], c->up.data()}};
         timed(c, RYZ_PART_TERNARY, [&] { quantize_tokens(c, xb, n, hp.ffn); bit_linears(c, down, 1, n); });
         per_token(c, n, [&](int32_t t) {
             float *xt = x + int64_t(t) * hp.hidden;
-            const float *y = c->up.data() + int64_t(t) * hp.hidden;
-            for (int32_t i = 0; i < hp.hidden; ++i) xt[i] += y[i];
+            ew.add(xt, c->up.data() + int64_t(t) * hp.hidden, hp.hidden);
         });
     }
 
@@ -460,7 +428,7 @@ ryz_status ryz_forward(ryz_context *c, int32_t n, const int32_t *tokens, const i
     int32_t n_out = 0;
     for (int32_t t = 0; t < n; ++t) {
         if (want_logits ? want_logits[t] != 0 : t == n - 1) {
-            rms_norm(x + int64_t(t) * hp.hidden, m->output_norm, hp.hidden, hp.rms_eps, c->head_in.data() + int64_t(n_out) * hp.hidden);
+            ew.rms_norm(x + int64_t(t) * hp.hidden, m->output_norm, hp.hidden, hp.rms_eps, c->head_in.data() + int64_t(n_out) * hp.hidden);
             ++n_out;
         }
     }

@@ -33,6 +33,20 @@ inline void kv_axpy_multi(const float *const *probs, int32_t nq, const int32_t *
     if (kernels().kv_axpy_multi) return kernels().kv_axpy_multi(probs, nq, n_pos, values, kv_type, stride, d, out);
     for (int32_t j = 0; j < nq; ++j) kv_axpy_kernel()(probs[j], values, kv_type, stride, n_pos[j], d, out[j]);
 }
+// The element-wise kernels (kernels.h): the family's own, or scalar's where the family leaves one null.
+struct Elementwise {
+    decltype(Kernels::rms_norm) rms_norm;
+    decltype(Kernels::ffn_act_mul) ffn_act_mul;
+    decltype(Kernels::add) add;
+    decltype(Kernels::rope) rope;
+    decltype(Kernels::kv_store) kv_store;
+    decltype(Kernels::linear_out) linear_out;
+};
+inline Elementwise elementwise_kernels() {
+    const Kernels &k = kernels(), &s = kernels_scalar();
+    return {k.rms_norm ? k.rms_norm : s.rms_norm, k.ffn_act_mul ? k.ffn_act_mul : s.ffn_act_mul, k.add ? k.add : s.add,
+            k.rope ? k.rope : s.rope, k.kv_store ? k.kv_store : s.kv_store, k.linear_out ? k.linear_out : s.linear_out};
+}
 // The ternary GEMM for a weight layout (LAYOUT_*): T1P's falls back to scalar's where a family has none.
 inline auto ternary_kernel(int32_t layout) {
     if (layout != LAYOUT_T1P) return kernels().ternary_gemm;

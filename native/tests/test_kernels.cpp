@@ -28,6 +28,10 @@
 //                      delicate regions here, every one of the 2^32 floats with --exhaustive-exp (make
 //                      exhaustive-exp); the whole softmax (divide, max, exp, pairwise sum, divide) bit-exact
 //                      vs scalar for 0..4100 scores with NaN, infinities, signed zeros and ties
+//   elementwise        the forward's per-token kernels (rms_norm, relu^2 / SiLU times up, residual add, RoPE, KV
+//                      store, BitLinear rescale) bit-exact vs scalar (NaN only as NaN) on odd lengths and the 2B4T
+//                      widths, with inf/NaN/subnormal/fp16-edge values, odd addresses and guards past the end; the
+//                      fp16 store over every 1009th float and whole subnormal/overflow regions
 #include <dlfcn.h>
 
 #include <chrono>
@@ -1136,6 +1140,149 @@ void test_t1p() {
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------------
+// Element-wise: the forward's per-token kernels (norms, activation, residual, RoPE, KV store,
+// BitLinear rescale), every family bit for bit vs scalar
+// ---------------------------------------------------------------------------------------------
+
+// Mostly `scale`-sized values; with `specials`, 1 in 16 is one of the values a forward can meet at an edge.
+float elementwise_value(Rng &rng, float scale, bool specials) {
+    static const float edges[] = {0.0f, -0.0f, INFINITY, -INFINITY, std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::quiet_NaN(),
+                                  1e-40f, -3e-39f, 3.4e38f, -3.4e38f, 65504.0f, 65519.0f, 65520.0f, -65520.0f, 6e-8f, 2.98e-8f, 2.9802322e-8f,
+                                  -5.9604645e-8f, 6.1035156e-5f, 6.1028e-5f, 1e-30f, 88.7f, -88.7f, 89.5f, -104.0f, 1.0f};
+    if (specials && rng.range(0, 15) == 0) return edges[rng.range(0, int(sizeof edges / sizeof edges[0]) - 1)];
+    return scale * rng.symmetric();
+}
+
+// `run(buf)` on a copy of `init` at an odd address, in scalar then in every family; every float of the buffer
+// (the outputs and the guard floats past them, which no kernel may write) must be scalar's bits. A NaN only has to
+// meet a NaN: which operand's NaN an IEEE operation returns is the compiler's operand order, in scalar code too.
+template <class Run>
+void elementwise_compare(const char *what, int64_t n, int variant, const std::vector<float> &init, Run run) {
+    Rng rng(static_cast<uint64_t>(n) * 31 + variant);
+    ryz_set_isa(RYZ_ISA_SCALAR);
+    std::vector<float> ref(init);
+    check(run(ref.data()) == RYZ_OK, "%s scalar n=%lld: %s", what, (long long)n, ryz_last_error());
+    for (int32_t isa : g_simd_isas) {
+        ryz_set_isa(isa);
+        Buffer<float> buf(init.size(), 4 * static_cast<size_t>(rng.range(0, 15)));
+        std::memcpy(buf.ptr, init.data(), init.size() * 4);
+        const ryz_status st = run(buf.ptr);
+        size_t i = 0;
+        while (i < init.size() && (bits_of(buf[i]) == bits_of(ref[i]) || (std::isnan(buf[i]) && std::isnan(ref[i])))) ++i;
+        check(st == RYZ_OK && i == init.size(), "%s %s n=%lld variant %d: [%zu] = %a, scalar %a", what, isa_name(isa), (long long)n, variant, i,
+              i < init.size() ? buf[i] : 0.0, i < init.size() ? ref[i] : 0.0);
+    }
+}
+
+// Every family's fp16 KV store against fp32_to_fp16 (scalar) over the float bit patterns first, first + stride, ...
+// < last, bit for bit (NaN included: the store writes one quiet NaN per sign); returns the floats compared.
+uint64_t kv_store_sweep(uint64_t first, uint64_t last, uint64_t stride, uint64_t *mismatches) {
+    constexpr size_t CHUNK = 1 << 16;
+    std::vector<float> x(CHUNK);
+    std::vector<uint16_t> ref(CHUNK), out(CHUNK);
+    uint64_t compared = 0;
+    for (uint64_t b = first; b < last;) {
+        size_t n = 0;
+        for (; n < CHUNK && b < last; ++n, b += stride) x[n] = float_of(static_cast<uint32_t>(b));
+        ryz_set_isa(RYZ_ISA_SCALAR);
+        ryz_kv_store(x.data(), static_cast<int64_t>(n), RYZ_KV_F16, ref.data());
+        for (int32_t isa : g_simd_isas) {
+            ryz_set_isa(isa);
+            ryz_kv_store(x.data(), static_cast<int64_t>(n), RYZ_KV_F16, out.data());
+            for (size_t i = 0; i < n; ++i)
+                if (out[i] != ref[i] && ++*mismatches <= 20)
+                    std::printf("MISMATCH kv_store f16 %s: x = %a (0x%08x): 0x%04x, scalar 0x%04x\n", isa_name(isa), x[i], bits_of(x[i]), out[i], ref[i]);
+        }
+        compared += n;
+    }
+    return compared;
+}
+
+void test_elementwise() {
+    // The scalar spec's fp16 rounding where it is delicate: ties to even, the largest half, overflow, subnormal halves.
+    ryz_set_isa(RYZ_ISA_SCALAR);
+    const float probe[] = {1.0f + 0x1p-11f, 1.0f + 3 * 0x1p-11f, 65504.0f, 65519.0f, 65520.0f, 0x1p-24f, 0x1p-25f, 0x1.8p-25f, -0x1p-14f, 0x1p-26f};
+    const uint16_t want[] = {0x3C00, 0x3C02, 0x7BFF, 0x7BFF, 0x7C00, 0x0001, 0x0000, 0x0001, 0x8400, 0x0000};
+    uint16_t got[10] = {};
+    check(ryz_kv_store(probe, 10, RYZ_KV_F16, got) == RYZ_OK && std::memcmp(got, want, sizeof got) == 0, "kv_store f16 scalar: not fp16 round to nearest even");
+
+    // fp16 stores over every 1009th float and the whole regions where the conversion is delicate (subnormal halves and
+    // their vanishing edge, the overflow edge), plus the specials.
+    uint64_t mismatches = 0, compared = kv_store_sweep(0, uint64_t(1) << 32, 1009, &mismatches);
+    for (uint32_t sign : {0u, 0x80000000u}) {
+        compared += kv_store_sweep(sign | bits_of(0x1p-26f), uint64_t(sign | bits_of(0x1p-14f)) + 1, 1, &mismatches);
+        compared += kv_store_sweep(sign | bits_of(65000.0f), uint64_t(sign | bits_of(66000.0f)) + 1, 1, &mismatches);
+    }
+    for (uint32_t b : {0x00000000u, 0x80000000u, 0x7F800000u, 0xFF800000u, 0x7FC00000u, 0xFFC00000u, 0x7F800001u, 0xFFBFFFFFu, 0x7FC12345u, 0x7FFFFFFFu})
+        compared += kv_store_sweep(b, uint64_t(b) + 1, 1, &mismatches);
+    std::printf("kv_store f16: %llu floats compared per family, %llu mismatches\n", (unsigned long long)compared, (unsigned long long)mismatches);
+    check(mismatches == 0, "kv_store f16: %llu mismatches", (unsigned long long)mismatches);
+
+    // Odd lengths around every lane count, and the 2B4T widths (head 128, kv 640, hidden 2560, ffn 6912).
+    Rng rng(17);
+    for (int64_t n : {0, 1, 3, 7, 8, 9, 15, 16, 17, 31, 33, 100, 127, 128, 129, 130, 255, 257, 640, 1000, 2560, 6912, 6913}) {
+        for (int variant = 0; variant < 3; ++variant) {
+            const bool specials = variant == 2;
+            const float scale = variant == 0 ? 1.0f : variant == 1 ? 40.0f : 3.0f;
+            std::vector<float> x(n), y(n);
+            for (auto &v : x) v = elementwise_value(rng, scale, specials);
+            for (auto &v : y) v = elementwise_value(rng, 1.5f, specials);
+            const float eps = variant == 1 ? 1e-6f : 1e-5f;
+            std::vector<float> out(static_cast<size_t>(n) + 3, -7.0f);  // 3 guards
+            elementwise_compare("rms_norm", n, variant, out, [&](float *o) { return ryz_rms_norm(x.data(), y.data(), n, eps, o); });
+            std::vector<float> io(x);
+            io.insert(io.end(), {-7.0f, -7.0f, -7.0f});
+            elementwise_compare("ffn relu2", n, variant, io, [&](float *g) { return ryz_ffn_act_mul(g, y.data(), n, RYZ_ACT_RELU2); });
+            elementwise_compare("ffn silu", n, variant, io, [&](float *g) { return ryz_ffn_act_mul(g, y.data(), n, RYZ_ACT_SILU); });
+            elementwise_compare("add", n, variant, io, [&](float *v) { return ryz_add(v, y.data(), n); });
+            elementwise_compare("kv_store f32", n, variant, out, [&](float *o) { return ryz_kv_store(x.data(), n, RYZ_KV_F32, o); });
+            // The f16 store: scalar's halves, and nothing past the row (guards 0xBEEF).
+            std::vector<uint16_t> ref(static_cast<size_t>(n) + 3, 0xBEEF);
+            ryz_set_isa(RYZ_ISA_SCALAR);
+            ryz_kv_store(x.data(), n, RYZ_KV_F16, ref.data());
+            for (int32_t isa : g_simd_isas) {
+                ryz_set_isa(isa);
+                Buffer<uint16_t> h(ref.size(), 2 * static_cast<size_t>(rng.range(0, 31)));
+                for (size_t i = 0; i < ref.size(); ++i) h[i] = 0xBEEF;
+                const ryz_status st = ryz_kv_store(x.data(), n, RYZ_KV_F16, h.ptr);
+                size_t i = 0;
+                while (i < ref.size() && h[i] == ref[i]) ++i;
+                check(st == RYZ_OK && i == ref.size(), "kv_store f16 %s n=%lld: [%zu] = 0x%04x, scalar 0x%04x", isa_name(isa), (long long)n, i,
+                      i < ref.size() ? h[i] : 0, i < ref.size() ? ref[i] : 0);
+            }
+            // The BitLinear rescale: sums of any size (above 2^24 the int -> float conversion rounds), extremes included.
+            std::vector<int32_t> acc(n);
+            for (auto &a : acc) {
+                const int kind = rng.range(0, 9);
+                a = kind == 0 ? std::numeric_limits<int32_t>::min() : kind == 1 ? std::numeric_limits<int32_t>::max()
+                    : kind < 5 ? static_cast<int32_t>(rng.next()) : rng.range(-200000, 200000);
+            }
+            const float act_scale = variant == 2 ? 127.0f / 1e-5f : 127.0f / (scale * 0.9f), w_scale = variant == 1 ? 0.0123f : 1.7f;
+            elementwise_compare("linear_out", n, variant, out, [&](float *o) { return ryz_linear_out(acc.data(), n, act_scale, w_scale, o); });
+        }
+    }
+    // RoPE: head sizes on and off the lane counts (2B4T: 128; halves of 1, 3, 8, 16, 17, 64, 65), several heads.
+    for (int32_t head_dim : {2, 6, 16, 32, 34, 64, 128, 130}) {
+        for (int32_t n_heads : {1, 3, 20}) {
+            const int32_t half = head_dim / 2;
+            std::vector<float> vec(size_t(n_heads) * head_dim), cs(half), sn(half);
+            for (auto &v : vec) v = elementwise_value(rng, 4.0f, n_heads == 3);
+            for (int32_t i = 0; i < half; ++i) {
+                const double angle = rng.uniform() * 4000.0;  // cos / sin of some position's angle, as the context tables
+                cs[i] = static_cast<float>(std::cos(angle));
+                sn[i] = static_cast<float>(std::sin(angle));
+            }
+            vec.insert(vec.end(), {-7.0f, -7.0f, -7.0f});
+            elementwise_compare("rope", head_dim, n_heads, vec, [&](float *v) { return ryz_rope(v, n_heads, head_dim, cs.data(), sn.data()); });
+        }
+    }
+    float v = 1.0f;
+    check(ryz_rms_norm(nullptr, &v, 3, 1e-5f, &v) != RYZ_OK && ryz_add(&v, &v, -1) != RYZ_OK && ryz_ffn_act_mul(&v, &v, 1, 7) != RYZ_OK &&
+              ryz_kv_store(&v, 1, 9, &v) != RYZ_OK,
+          "an element-wise entry accepted a null buffer, a negative length or an unknown act / kv_type");
+}
+
 int main(int argc, char **argv) {
     const bool exhaustive = argc > 1 && std::strcmp(argv[1], "--exhaustive-exp") == 0;
     const auto start = std::chrono::steady_clock::now();
@@ -1161,7 +1308,7 @@ int main(int argc, char **argv) {
 
     struct { const char *name; void (*fn)(); } suites[] = {
         {"ternary", test_ternary}, {"amx-layout", test_amx_layout}, {"quantize", test_quantize}, {"dense", test_dense}, {"pack", test_pack},
-        {"attention", test_attention}, {"t1p", test_t1p}, {"softmax", test_softmax}};
+        {"attention", test_attention}, {"t1p", test_t1p}, {"softmax", test_softmax}, {"elementwise", test_elementwise}};
     if (exhaustive) {  // only the exhaustive softmax exp (native/tests; `make exhaustive-exp`)
         exhaustive_exp();
         std::printf("%d passed, %d failed\n", g_passed, g_failed);
