@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 
 import pytest
 
@@ -41,44 +40,11 @@ def home(tmp_path, kernel_build, monkeypatch):
     reload_settings()
 
 
-class PacedTraffic:
-    """The replicas' own users: a client per replica posting a short completion every `every` seconds. Plenty for a
-    canary step (RYZ_RELEASE_MIN_REQUESTS=5); a client in a tight loop (SyntheticLoad) kept most of a core of a
-    2-core runner busy for the whole test, slowing the pipeline it waits on and making its benchmark noisy."""
-
-    def __init__(self, bases: list[str], every: float = 0.25):
-        self.bases, self.every, self.sent = bases, every, 0
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, args=(b, i), daemon=True) for i, b in enumerate(bases)]
-
-    def __enter__(self) -> PacedTraffic:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=60)
-
-    def _client(self, base: str, seed: int) -> None:
-        import httpx
-
-        prompts = ["Once upon a time", "2 + 3 ="]
-        with httpx.Client(base_url=base, timeout=60) as client:
-            while not self._stop.wait(self.every):
-                body = {"model": "ryzanstein", "prompt": prompts[self.sent % 2], "max_tokens": 16, "temperature": 0.7}
-                try:
-                    client.post("/v1/completions", json={**body, "seed": seed + self.sent})
-                except httpx.HTTPError:
-                    pass  # not checked here: the release reads the servers' own metrics
-                self.sent += 1
-
-
 @pytest.fixture
 def fleet(home, monkeypatch, tmp_path):
     """Two replicas as RYZ_RELEASE_SERVERS, a bounded client load on them (their real traffic) and the probe."""
     from engine.serving.admin import Replicas
+    from engine.serving.loadgen import SyntheticLoad
     from tests.fleet import Probe, Replica, free_port
 
     replicas = [Replica(free_port(), tmp_path / f"replica-{i}.log") for i in range(2)]
@@ -97,7 +63,9 @@ def fleet(home, monkeypatch, tmp_path):
         replica.start()
     probe = Probe(bases)
     try:
-        with PacedTraffic(bases):
+        # A request every 0.25 s per replica is plenty for a canary step (RYZ_RELEASE_MIN_REQUESTS=5); clients back to
+        # back kept most of a core of a 2-core runner busy, slowing the pipeline this test waits on.
+        with SyntheticLoad(bases, "ryzanstein", ["Once upon a time", "2 + 3 ="], 2, deadline_s=900, pause_s=0.25):
             yield {"replicas": Replicas(bases, "fleet-token"), "probe": probe}
     finally:
         probe.close()

@@ -26,12 +26,14 @@ class SyntheticLoad:
         api_key: str | None = None,
         deadline_s: float = 900.0,
         seed: int = 0,
+        pause_s: float = 0.0,
     ):
+        """pause_s: what each client waits between requests (0: back to back, as busy users)."""
         if not prompts:
             raise ValueError("synthetic load needs at least one prompt")
         urls = [base_url] if isinstance(base_url, str) else base_url
         self.base_urls, self.model, self.prompts = [u.rstrip("/") for u in urls], model, prompts
-        self.concurrency, self.max_tokens, self.deadline_s = concurrency, max_tokens, deadline_s
+        self.concurrency, self.max_tokens, self.deadline_s, self.pause_s = concurrency, max_tokens, deadline_s, pause_s
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.sent = self.failed = 0
         self._stop = threading.Event()
@@ -70,5 +72,5 @@ class SyntheticLoad:
                 with self._lock:
                     self.sent += 1
                     self.failed += not ok
-                if not ok:
-                    self._stop.wait(0.05)
+                if not ok or self.pause_s:
+                    self._stop.wait(max(self.pause_s, 0.0 if ok else 0.05))
