@@ -152,6 +152,15 @@ void tile_block(const uint8_t *a0, const uint8_t *a1, const int8_t *b0, const in
     if constexpr (NR > 1 && NT > 1) _tile_stored(3, c11, 64);
 }
 
+// tile_block with as many row and token tiles (1 or 2 each) as there are: the edges of a row group or token block.
+inline void tile_block_edge(bool two_r, bool two_t, const uint8_t *a0, const uint8_t *a1, const int8_t *b0, const int8_t *b1, int64_t b_step,
+                            int64_t steps, int32_t *c00, int32_t *c01, int32_t *c10, int32_t *c11, bool first) {
+    if (two_r && two_t) tile_block<2, 2>(a0, a1, b0, b1, b_step, steps, c00, c01, c10, c11, first);
+    else if (two_r) tile_block<2, 1>(a0, a1, b0, b1, b_step, steps, c00, c01, c10, c11, first);
+    else if (two_t) tile_block<1, 2>(a0, a1, b0, b1, b_step, steps, c00, c01, c10, c11, first);
+    else tile_block<1, 1>(a0, a1, b0, b1, b_step, steps, c00, c01, c10, c11, first);
+}
+
 // amx::unpack_weights for whole T2P blocks (s0, s1 multiples of 4), vectorized: per row and block one
 // 64-byte load, four planes by shift and mask. GCC's version of the plain loop ran at a third of this
 // speed, and the unpack is what a 16-token call spends most of its time on.
@@ -223,10 +232,7 @@ bool gemm_stationary(const uint8_t *packed, int64_t row_begin, int64_t row_end, 
                 const bool two_t = tt + 1 < n_tt;
                 const int8_t *b0 = bbuf + tt * per_tile, *b1 = b0 + per_tile;
                 const uint8_t *a0 = abuf, *a1 = abuf + per_tile;
-                if (two_r && two_t) tile_block<2, 2>(a0, a1, b0, b1, TILE_BYTES, steps, c[0], c[1], c[2], c[3], true);
-                else if (two_r) tile_block<2, 1>(a0, a1, b0, b1, TILE_BYTES, steps, c[0], c[1], c[2], c[3], true);
-                else if (two_t) tile_block<1, 2>(a0, a1, b0, b1, TILE_BYTES, steps, c[0], c[1], c[2], c[3], true);
-                else tile_block<1, 1>(a0, a1, b0, b1, TILE_BYTES, steps, c[0], c[1], c[2], c[3], true);
+                tile_block_edge(two_r, two_t, a0, a1, b0, b1, TILE_BYTES, steps, c[0], c[1], c[2], c[3], true);
                 for (int rt = 0; rt < (two_r ? 2 : 1); ++rt)
                     for (int j = 0; j < (two_t ? 2 : 1); ++j) {
                         const int64_t t = t0 + (tt + j) * TILE_M;
@@ -253,8 +259,7 @@ void ternary_gemm_amx(const uint8_t *packed, int64_t row_begin, int64_t row_end,
     if (n_tokens >= STATIONARY_MIN_TOKENS && gemm_stationary(packed, row_begin, amx_end, cols, act, act_sums, n_tokens, out, out_stride))
         return;
     const int64_t steps = blocks * 4;  // K steps of 64 columns
-    const int64_t token_block = TOKEN_BLOCK;
-    const int64_t max_tiles = (std::min<int64_t>(token_block, n_tokens) + TILE_M - 1) / TILE_M;
+    const int64_t max_tiles = (std::min<int64_t>(TOKEN_BLOCK, n_tokens) + TILE_M - 1) / TILE_M;
     int8_t *bbuf = reinterpret_cast<int8_t *>(g_b.get(static_cast<size_t>(max_tiles * steps * TILE_BYTES)));
     uint8_t *abuf = g_a.get(static_cast<size_t>(ROW_GROUP_TILES * K_CHUNK * TILE_BYTES));
     int32_t *cbuf = reinterpret_cast<int32_t *>(g_c.get(static_cast<size_t>(ROW_GROUP_TILES * max_tiles * TILE_M * TILE_M * 4)));
@@ -264,8 +269,8 @@ void ternary_gemm_amx(const uint8_t *packed, int64_t row_begin, int64_t row_end,
     }
     configure_tiles();
 
-    for (int64_t t0 = 0; t0 < n_tokens; t0 += token_block) {
-        const int64_t in_block = std::min<int64_t>(token_block, n_tokens - t0);
+    for (int64_t t0 = 0; t0 < n_tokens; t0 += TOKEN_BLOCK) {
+        const int64_t in_block = std::min<int64_t>(TOKEN_BLOCK, n_tokens - t0);
         const int64_t n_tt = (in_block + TILE_M - 1) / TILE_M;
         const int64_t step_stride = n_tt * TILE_BYTES;  // B tile of (step s, token tile tt) at s * step_stride + tt * TILE_BYTES
         for (int64_t tt = 0; tt < n_tt; ++tt)
@@ -285,10 +290,7 @@ void ternary_gemm_amx(const uint8_t *packed, int64_t row_begin, int64_t row_end,
                         const bool two_r = rt + 1 < n_rt, two_t = tt + 1 < n_tt;
                         int32_t *c00 = c_tile(rt, tt), *c01 = two_t ? c_tile(rt, tt + 1) : nullptr;
                         int32_t *c10 = two_r ? c_tile(rt + 1, tt) : nullptr, *c11 = two_r && two_t ? c_tile(rt + 1, tt + 1) : nullptr;
-                        if (two_r && two_t) tile_block<2, 2>(a0, a1, b0, b1, step_stride, n_s, c00, c01, c10, c11, first);
-                        else if (two_r) tile_block<2, 1>(a0, a1, b0, b1, step_stride, n_s, c00, c01, c10, c11, first);
-                        else if (two_t) tile_block<1, 2>(a0, a1, b0, b1, step_stride, n_s, c00, c01, c10, c11, first);
-                        else tile_block<1, 1>(a0, a1, b0, b1, step_stride, n_s, c00, c01, c10, c11, first);
+                        tile_block_edge(two_r, two_t, a0, a1, b0, b1, step_stride, n_s, c00, c01, c10, c11, first);
                     }
                 }
             }

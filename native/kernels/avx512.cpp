@@ -54,6 +54,9 @@ namespace ryz {
 
 namespace {
 
+// The lanes of a 16-float step with `left` elements still to go (all 16 once left >= 16).
+inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+
 // ---------------------------------------------------------------------------------------------
 // Ternary GEMV / GEMM
 // ---------------------------------------------------------------------------------------------
@@ -413,7 +416,7 @@ void dense_plain(const uint8_t *w, size_t rb, int n_rows, int64_t cols, const fl
         for (int j = 0; j < STEP; j += 16) chunk(k + j, static_cast<__mmask16>(0xFFFF));
     }
     for (; k < cols; k += 16)  // masked-off lanes keep their accumulator unchanged
-        chunk(k, cols - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (cols - k)) - 1));
+        chunk(k, tail_mask(cols - k));
     store_rows<R, T>(acc, out, out_stride, n_rows);
 }
 
@@ -697,7 +700,7 @@ void quantize_act_avx512(const float *x, int64_t cols, int8_t *q, float *scale, 
         m1 = _mm512_max_ps(_mm512_andnot_ps(sign, _mm512_loadu_ps(x + k + 16)), m1);
     }
     for (; k < cols; k += 16) {
-        const __mmask16 m = cols - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (cols - k)) - 1);
+        const __mmask16 m = tail_mask(cols - k);
         m0 = _mm512_max_ps(_mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(m, x + k)), m0);
     }
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
@@ -705,7 +708,7 @@ void quantize_act_avx512(const float *x, int64_t cols, int8_t *q, float *scale, 
     const __m512 vs = _mm512_set1_ps(s), lo = _mm512_set1_ps(-128.0f), hi = _mm512_set1_ps(127.0f);
     __m512i total = _mm512_setzero_si512();
     for (k = 0; k < cols; k += 16) {
-        const __mmask16 m = cols - k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (cols - k)) - 1);
+        const __mmask16 m = tail_mask(cols - k);
         const __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         const __m512i i = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi));
         _mm_mask_storeu_epi8(q + k, m, _mm512_cvtepi32_epi8(i));
@@ -993,7 +996,6 @@ inline void exp16(float *scores, __m512 max_score, __mmask16 mask) {
     }
 }
 
-inline __mmask16 tail_mask(int32_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
 
 void softmax_exp_avx512(float *scores, int32_t n, float max_score) {
     const __m512 m = _mm512_set1_ps(max_score);
@@ -1026,12 +1028,11 @@ void softmax_avx512(float *scores, int32_t n, float divisor) {
 // The element-wise kernels (kernels.h; scalar.cpp the spec), avx2.cpp's with 16 lanes and masked ends: per
 // element the scalar loop's operations in its order (no FMA). The sum of squares keeps AVX2's ymm: numpy's
 // pairwise order has 8 partial sums.
-inline __mmask16 tail_mask64(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
 
 void rms_norm_avx512(const float *x, const float *w, int64_t n, float eps, float *out) {
     const __m512 denom = _mm512_set1_ps(std::sqrt(pairwise_sum_squares_avx2(x, n) / static_cast<float>(n) + eps));
     for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 m = tail_mask64(n - i);
+        const __mmask16 m = tail_mask(n - i);
         _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(m, x + i), denom), _mm512_maskz_loadu_ps(m, w + i)));
     }
 }
@@ -1041,7 +1042,7 @@ void rms_norm_avx512(const float *x, const float *w, int64_t n, float eps, float
 void ffn_act_mul_avx512(float *gate, const float *up, int64_t n, int32_t act) {
     const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
     for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 m = tail_mask64(n - i);
+        const __mmask16 m = tail_mask(n - i);
         const __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
         __m512 a;
         if (act == RYZ_ACT_RELU2) {
@@ -1058,7 +1059,7 @@ void ffn_act_mul_avx512(float *gate, const float *up, int64_t n, int32_t act) {
 
 void add_avx512(float *x, const float *y, int64_t n) {
     for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 m = tail_mask64(n - i);
+        const __mmask16 m = tail_mask(n - i);
         _mm512_mask_storeu_ps(x + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
     }
 }
@@ -1068,7 +1069,7 @@ void rope_avx512(float *vec, int32_t n_heads, int32_t head_dim, const float *cs,
     for (int32_t h = 0; h < n_heads; ++h) {
         float *v = vec + int64_t(h) * head_dim;
         for (int32_t i = 0; i < half; i += 16) {
-            const __mmask16 m = tail_mask64(half - i);
+            const __mmask16 m = tail_mask(half - i);
             const __m512 a = _mm512_maskz_loadu_ps(m, v + i), b = _mm512_maskz_loadu_ps(m, v + i + half);
             const __m512 c = _mm512_maskz_loadu_ps(m, cs + i), s = _mm512_maskz_loadu_ps(m, sn + i);
             _mm512_mask_storeu_ps(v + i, m, _mm512_sub_ps(_mm512_mul_ps(a, c), _mm512_mul_ps(b, s)));
@@ -1086,7 +1087,7 @@ void kv_store_avx512(const float *src, int64_t n, int32_t kv_type, void *dst) {
     fp16_t *h = static_cast<fp16_t *>(dst);
     const __m256i nan_bits = _mm256_set1_epi16(static_cast<short>(0xFE00));
     for (int64_t i = 0; i < n; i += 16) {
-        const __mmask16 m = tail_mask64(n - i);
+        const __mmask16 m = tail_mask(n - i);
         const __m512 v = _mm512_maskz_loadu_ps(m, src + i);
         const __m256i r = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
@@ -1097,7 +1098,7 @@ void kv_store_avx512(const float *src, int64_t n, int32_t kv_type, void *dst) {
 void linear_out_avx512(const int32_t *acc, int64_t n, float act_scale, float w_scale, float *out) {
     const __m512 as = _mm512_set1_ps(act_scale), ws = _mm512_set1_ps(w_scale);
     for (int64_t r = 0; r < n; r += 16) {
-        const __mmask16 m = tail_mask64(n - r);
+        const __mmask16 m = tail_mask(n - r);
         const __m512 a = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(m, acc + r));  // round to nearest even, as the scalar cast
         _mm512_mask_storeu_ps(out + r, m, _mm512_mul_ps(_mm512_div_ps(a, as), ws));
     }
