@@ -323,6 +323,13 @@ class Settings(BaseSettings):
         description="per-request figures each variant needs in a step for the TTFT and speed checks (fewer: not "
         "compared, as for production at 100 %); their noise allowance is a bootstrap interval of the ratio",
     )
+    release_latency_windows: int = Field(
+        2,
+        ge=1,
+        description="a canary step failing on latency alone (TTFT or speed, not errors) is observed again in a fresh "
+        "window, up to this many in all, and fails only if every window fails: a burst of load on the host must not "
+        "roll back a model that is not slower (1: the first failing window aborts)",
+    )
     release_synthetic_load: bool = Field(
         False,
         description="drive bounded synthetic traffic during canary steps "

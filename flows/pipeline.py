@@ -50,7 +50,8 @@ def candidate_pipeline(
     with stage(name, "kernels") as s:
         compile_kernels()
         tuning = autotune_kernels(str(store.local_path(artifact_id)))
-        s.detail = f"build {tuning['build_key'][:12]}, {tuning['isa']}, tuned in {tuning['seconds']:.1f} s"
+        tuned = "tuning recorded" if tuning["reused"] else f"tuned in {tuning['seconds']:.1f} s"
+        s.detail = f"build {tuning['build_key'][:12]}, {tuning['isa']}, {tuned}"
     # Verify: the native path must equal the numpy reference before anything is measured.
     with stage(name, "parity") as s:
         parity = check_model_parity(artifact_id)

@@ -12,7 +12,7 @@ from prefect.cache_policies import CacheKeyFnPolicy
 from engine import host
 from engine.errors import RyzError
 from engine.model import build
-from engine.model.autotune import autotune
+from engine.model.autotune import autotune, recorded_entry
 
 
 def _build_cache_key(context: Any, parameters: dict[str, Any]) -> str | None:
@@ -79,19 +79,28 @@ def compile_kernels(force: bool = False) -> str:
 
 @task(name="autotune-kernels")
 def autotune_kernels(model_artifact_path: str) -> dict:
-    """Sweep the tuning knobs on a model's linear shapes; record and return the winner.
+    """Sweep the tuning knobs on a model's linear shapes; record and return the winner. A build already tuned on
+    this shape (a complete sweep in its build.json) is not swept again: `ryz build-kernels --model` re-tunes.
 
     Args:
         model_artifact_path: local path of the model's GGUF (e.g. `store.local_path(artifact_id)`).
 
     Returns:
-        {"build_key", "signature", "isa", "winner", "truncated", "seconds"}; the whole table is in build.json.
+        {"build_key", "signature", "isa", "winner", "truncated", "seconds", "reused"}; the whole table is in
+        build.json; seconds is the sweep's (the recorded one's when reused).
     """
     logger = get_run_logger()
     library = build.load_library(progress=logger.info)
-    entry = autotune(library, Path(model_artifact_path), progress=logger.info)
-    logger.info("autotune %s on %s: %s", entry["signature"], entry["isa"], entry["winner"])
+    manifest = build.read_manifest(library.path.parent) or {}
+    entry = recorded_entry(manifest, Path(model_artifact_path), library.isa)
+    reused = entry is not None and not entry["truncated"]
+    if entry is None or not reused:
+        entry = autotune(library, Path(model_artifact_path), progress=logger.info)
+    logger.info(
+        "autotune %s on %s: %s%s", entry["signature"], entry["isa"], entry["winner"], " (recorded)" if reused else ""
+    )
     return {
+        "reused": reused,
         "build_key": library.path.parent.name,
         "signature": entry["signature"],
         "isa": entry["isa"],

@@ -20,7 +20,7 @@ from engine.artifacts.releases import ReleaseStore
 from engine.artifacts.store import open_store
 from engine.errors import RyzError
 from engine.serving.admin import AdminError, Replicas
-from engine.serving.canary import Samples, Thresholds, VariantStats, compare, decided, snapshot
+from engine.serving.canary import Samples, Thresholds, VariantStats, Verdict, compare, decided, snapshot
 from engine.settings import Settings, get_settings
 
 
@@ -331,25 +331,18 @@ def _sum(stats: list[dict[str, VariantStats]], variant: str) -> VariantStats:
     return total
 
 
-@task(name="observe-canary-step")
-def observe_canary_step(
-    release_id: str, ref: str, actor: str, step: int, weight: int, synthetic_load: bool, fleet: Fleet
-) -> dict:
-    """Wait for enough canary requests (or the deadline, or a pause/abort request), then compare the variants.
-
-    Returns:
-        {"outcome": pass|fail|inconclusive|paused|aborted, "reasons", "canary", "production"}.
-    """
-    settings = get_settings()
-    group = fleet.replicas()
+def _observe_window(
+    release_id: str,
+    group: Replicas,
+    thresholds: Thresholds,
+    weight: int,
+    synthetic_load: bool,
+    fleet: Fleet,
+    settings: Settings,
+) -> tuple[str | None, Verdict]:
+    """One window of a step: wait for enough canary requests (or the deadline, or a pause/abort request), then
+    compare the variants on what the window saw. Returns (paused|aborted by request, else None; the verdict)."""
     store = releases()
-    thresholds = Thresholds(
-        min_requests=settings.release_min_requests,
-        max_error_rate_delta=settings.release_error_margin,
-        max_ttft_ratio=settings.release_ttft_ratio,
-        min_speed_ratio=settings.release_speed_ratio,
-        min_samples=settings.release_min_samples,
-    )
     # Each replica's own clock opens the step's window of per-request figures: hosts' clocks need not agree.
     starts = [answer["now"] for answer in group.samples(time.time())]
     before = [snapshot(text) for text in group.metrics()]
@@ -377,6 +370,45 @@ def observe_canary_step(
         canary_samples=Samples.merge(answers, "canary"),
         production_samples=Samples.merge(answers, "production"),
     )
+    return outcome, verdict
+
+
+@task(name="observe-canary-step")
+def observe_canary_step(
+    release_id: str, ref: str, actor: str, step: int, weight: int, synthetic_load: bool, fleet: Fleet
+) -> dict:
+    """Wait for enough canary requests (or the deadline, or a pause/abort request), then compare the variants;
+    a window failing on latency alone is followed by a fresh one, up to RYZ_RELEASE_LATENCY_WINDOWS in all.
+
+    Returns:
+        {"outcome": pass|fail|inconclusive|paused|aborted, "reasons", "canary", "production"}.
+    """
+    settings = get_settings()
+    group = fleet.replicas()
+    store = releases()
+    thresholds = Thresholds(
+        min_requests=settings.release_min_requests,
+        max_error_rate_delta=settings.release_error_margin,
+        max_ttft_ratio=settings.release_ttft_ratio,
+        min_speed_ratio=settings.release_speed_ratio,
+        min_samples=settings.release_min_samples,
+    )
+    windows = settings.release_latency_windows
+    latency_failures = []  # the summaries of windows that failed on latency alone
+    for window in range(1, windows + 1):
+        outcome, verdict = _observe_window(release_id, group, thresholds, weight, synthetic_load, fleet, settings)
+        if outcome is not None or verdict.outcome != "fail" or not verdict.latency_only:
+            break
+        latency_failures.append(verdict.summary())
+        if window < windows:
+            note = f"window {window} of {windows} failed on latency alone: {verdict.summary()}"
+            store.log(release_id, "step-retry", note)
+    if outcome is None and latency_failures:
+        if verdict.outcome == "fail" and verdict.latency_only:
+            verdict.reasons.append(f"latency failed in each of {windows} windows")
+        else:
+            earlier = " | ".join(latency_failures)
+            verdict.reasons.append(f"{len(latency_failures)} earlier window(s) failed on latency alone: {earlier}")
     result = {
         "outcome": outcome or verdict.outcome,
         "reasons": verdict.reasons if outcome is None else [f"{outcome} by request"],

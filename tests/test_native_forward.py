@@ -142,6 +142,60 @@ def test_threads_do_not_change_results(models, native_library):
     np.testing.assert_array_equal(one, two)
 
 
+def test_models_on_two_threads_share_the_pool_and_keep_their_results(models, native_library):
+    """Two models of one process (a server's production and canary) share one pool of workers: forwards called
+    from two threads at once take turns region by region and give what each gives alone."""
+    import threading
+
+    pair = [
+        NativeModel(models[n], native_library, threads=2, max_positions=64, kv_type="f32") for n in ("tiny", "silu")
+    ]
+    prompts = [PROMPT[:9], PROMPT]  # 9 tokens: decode-sized chunks; the whole prompt: the prefill path
+    alone = [[m.forward(p) for p in prompts] for m in pair]
+    mismatches: list[str] = []
+
+    def hammer(i: int) -> None:
+        for round_ in range(20):
+            for p, expected in zip(prompts, alone[i]):
+                if not np.array_equal(pair[i].forward(p), expected):
+                    mismatches.append(f"model {i}, round {round_}, {len(p)} tokens")
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a forward never returned: the shared pool deadlocked"
+    assert not mismatches
+
+
+def _forward_in_child(path, library_path, queue) -> None:
+    from engine.model.native import Library
+
+    model = NativeModel(path, Library(library_path), threads=2, max_positions=64, kv_type="f32")
+    queue.put(model.forward(PROMPT[:9]))
+
+
+def test_a_forked_child_gets_its_own_pool(models, native_library):
+    """A process forked while a model is alive (multiprocessing's default on Linux) has no worker threads of
+    its parent's pool: its models must start their own instead of waiting on workers that are not there."""
+    import multiprocessing
+
+    parent = NativeModel(models["tiny"], native_library, threads=2, max_positions=64, kv_type="f32")
+    expected = parent.forward(PROMPT[:9])
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_forward_in_child, args=(models["tiny"], native_library.path, queue))
+    child.start()
+    try:
+        got = queue.get(timeout=60)
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_tq1_0_runs_the_1_6_bit_layout_with_tq2_0_results(models, native_library, isa):
     """TQ1_0 ternary tensors are repacked into T1P (1.6 bpw, fewer bytes than T2P) and give the TQ2_0 (T2P) model's
     logits bit for bit, in prefill and in token-by-token decode (the GEMV path)."""

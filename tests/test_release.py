@@ -233,6 +233,8 @@ def test_latency_fault_and_inconclusive_pause(env, prefect_harness, monkeypatch)
         monkeypatch.delenv("RYZ_RELEASE_TTFT_RATIO")
         reload_settings()
     assert rel["status"] == "aborted" and "p95 TTFT" in rel["log"][-1]["reason"], rel["log"]
+    assert "latency failed in each of 2 windows" in rel["log"][-1]["reason"]  # a fault that stays fails twice
+    assert [e["event"] for e in rel["log"]].count("step-retry") == 1, rel["log"]
     assert (_aliases(env), _server_models(env)) == before
 
     # Too little traffic: no synthetic load and a short deadline -> paused at the first step, canary loaded.
@@ -573,6 +575,49 @@ def test_two_concurrent_release_starts_one_wins(env, prefect_harness, monkeypatc
     capsys.readouterr()
     assert main(["release", "abort", "--json"]) == 2
     assert json.loads(capsys.readouterr().out)["status"] == "aborted" and "canary" not in _server_models(env)
+
+
+def test_a_latency_burst_in_one_window_is_looked_at_again(env, prefect_harness, monkeypatch):
+    """A canary step failing on latency alone is observed again in a fresh window before it aborts: a burst of
+    load on the host (here the replicas' latency drill, cleared after the first window) does not roll back a model
+    that is not slower, and the step's reason keeps what the first window saw."""
+    import tasks.release
+    from flows.release import release
+
+    _ensure_production(env)
+    production = env["registry"].get("production")
+    ref = (
+        env["registry"]
+        .register(
+            "demo", production.artifact_id, {"repo": "demo", "revision": "burst"}, evaluation=production.evaluation
+        )
+        .ref
+    )
+    windows = []
+    observe = tasks.release._observe_window
+
+    def burst_in_the_first_window(*args, **kwargs):
+        outcome, verdict = observe(*args, **kwargs)
+        windows.append(verdict.outcome)
+        env["fleet"].set_faults(canary_latency_ms=0)  # the burst is over
+        return outcome, verdict
+
+    monkeypatch.setattr(tasks.release, "_observe_window", burst_in_the_first_window)
+    monkeypatch.setenv("RYZ_RELEASE_TTFT_RATIO", "1.5")
+    reload_settings()
+    env["fleet"].set_faults(canary_latency_ms=600)
+    try:
+        rel = release(ref=ref)
+    finally:
+        env["fleet"].set_faults(canary_latency_ms=0)
+        monkeypatch.delenv("RYZ_RELEASE_TTFT_RATIO")
+        reload_settings()
+    assert windows[:2] == ["fail", "pass"], (windows, rel["log"])
+    assert rel["status"] == "promoted", rel["log"]
+    retry = next(e for e in rel["log"] if e["event"] == "step-retry")
+    assert "window 1 of 2 failed on latency alone" in retry["reason"] and "p95 TTFT" in retry["reason"]
+    passed = next(e for e in rel["log"] if e["event"] == "step-pass")
+    assert "1 earlier window(s) failed on latency alone" in passed["reason"], passed
 
 
 def test_a_candidate_three_times_slower_per_token_is_stopped_every_time(env, prefect_harness, monkeypatch):

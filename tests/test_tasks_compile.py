@@ -1,5 +1,5 @@
 """tasks/compile.py under a real (temporary) Prefect: the compile task caches on the build key, the
-autotune task records its winner in the build manifest."""
+autotune task records its winner in the build manifest and reuses it for the next model of the same shape."""
 
 from __future__ import annotations
 
@@ -33,13 +33,14 @@ def test_compile_and_autotune_tasks(prefect_harness, kernel_build, tmp_path):
             compile_kernels(return_state=True),
             compile_kernels(return_state=True),
             autotune_kernels(model_path),
+            autotune_kernels(model_path),
         )
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RYZ_HOME", str(tmp_path / "home"))
         reload_settings()
         try:
-            fingerprint, first, second, tuned = kernels_smoke(str(model))
+            fingerprint, first, second, tuned, again = kernels_smoke(str(model))
         finally:
             mp.undo()
             reload_settings()
@@ -51,3 +52,5 @@ def test_compile_and_autotune_tasks(prefect_harness, kernel_build, tmp_path):
     assert tuned["build_key"] == kernel_build.key and tuned["signature"] == "h256-q4x64-kv2-ffn512"
     stored = read_manifest(library.parent)["autotune"][f"{tuned['signature']}/{tuned['isa']}"]
     assert stored["winner"] == tuned["winner"] and stored["table"]
+    assert not tuned["reused"] and again["reused"]  # the pipeline's next candidate of this shape is not swept again
+    assert again["winner"] == tuned["winner"] and again["seconds"] == stored["seconds"]

@@ -396,6 +396,11 @@ def token_tile_for(library: Library, model: str | Path | TuneShape) -> int:
 
 def tuned_parameters(manifest: dict, model: str | Path | TuneShape | Shape, isa: str) -> dict | None:
     """The recorded autotune winner for this model's shape and ISA, or None (engine defaults apply)."""
-    shape, _ = _tune_shape(model)
-    entry = manifest.get("autotune", {}).get(autotune_key(shape.signature, isa))
+    entry = recorded_entry(manifest, model, isa)
     return entry["winner"] if entry else None
+
+
+def recorded_entry(manifest: dict, model: str | Path | TuneShape | Shape, isa: str) -> dict | None:
+    """The whole autotune entry build.json holds for this model's shape and ISA, or None."""
+    shape, _ = _tune_shape(model)
+    return manifest.get("autotune", {}).get(autotune_key(shape.signature, isa))

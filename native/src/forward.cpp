@@ -27,7 +27,7 @@ struct KVSeq {
 
 struct ryz_context {
     ryz_model *model = nullptr;
-    std::unique_ptr<ryz::ThreadPool> pool;
+    std::shared_ptr<ryz::ThreadPool> pool;  // shared with the process's other contexts of this thread count
     int32_t max_seqs = 0, max_positions = 0, kv_type = RYZ_KV_F16;
     std::vector<ryz::KVSeq> seqs;
     ryz_tuning tuning{0, 0};  // 0: each kernel family's default tile
@@ -270,7 +270,7 @@ ryz_status ryz_context_new(ryz_model *m, int32_t n_threads, int32_t max_seqs, in
     return guarded([&]() -> ryz_status {
         auto c = std::make_unique<ryz_context>();
         c->model = m;
-        c->pool = std::make_unique<ThreadPool>(n_threads);
+        c->pool = shared_thread_pool(n_threads);
         c->max_seqs = max_seqs;
         c->max_positions = max_positions;
         c->kv_type = kv_type;

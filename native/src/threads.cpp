@@ -1,5 +1,9 @@
 #include "threads.h"
 
+#include <unistd.h>
+
+#include <map>
+
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 static inline void cpu_relax() { _mm_pause(); }
@@ -32,10 +36,15 @@ ThreadPool::~ThreadPool() {
 }
 
 void ThreadPool::run(const std::function<void(int, int)> &fn) {
-    if (n_threads_ == 1) {
+    if (n_threads_ == 1) {  // no workers, nothing shared: callers on several threads run at once
         fn(0, 1);
         return;
     }
+    std::lock_guard<std::mutex> turn(turn_);
+    run_region(fn);
+}
+
+void ThreadPool::run_region(const std::function<void(int, int)> &fn) {
     job_ = &fn;
     pending_.store(n_threads_ - 1, std::memory_order_relaxed);
     // seq_cst pairs with the worker's sleepers_ increment: either it sees the new generation before
@@ -57,13 +66,14 @@ void ThreadPool::run_chunks(int64_t n_chunks, const std::function<void(int, int6
         for (int64_t i = 0; i < n_chunks; ++i) fn(0, i);
         return;
     }
+    std::lock_guard<std::mutex> turn(turn_);  // the cursors are the region's too
     for (int t = 0; t < n_threads_; ++t) {  // published to the workers by run()'s generation bump
         int64_t begin, end;
         split_range(n_chunks, 1, t, n_threads_, &begin, &end);
         cursors_[t].next.store(begin, std::memory_order_relaxed);
         cursors_[t].end = end;
     }
-    run([&](int ti, int nt) {
+    run_region([&](int ti, int nt) {
         for (int k = 0; k < nt; ++k) {  // own share first, then the next threads' leftovers
             Cursor &c = cursors_[(ti + k) % nt];
             for (int64_t i; (i = c.next.fetch_add(1, std::memory_order_relaxed)) < c.end;) fn(ti, i);
@@ -93,6 +103,23 @@ void ThreadPool::worker(int index) {
         (*job_)(index, n_threads_);
         pending_.fetch_sub(1, std::memory_order_acq_rel);
     }
+}
+
+std::shared_ptr<ThreadPool> shared_thread_pool(int n_threads) {
+    static std::mutex mutex;
+    static std::map<int, std::weak_ptr<ThreadPool>> pools;
+    static pid_t owner = getpid();
+    std::lock_guard<std::mutex> lock(mutex);
+    if (getpid() != owner) {  // a forked child: the parent's pools have no workers here
+        pools.clear();
+        owner = getpid();
+    }
+    std::shared_ptr<ThreadPool> pool = pools[n_threads].lock();
+    if (!pool) {
+        pool = std::make_shared<ThreadPool>(n_threads);
+        pools[n_threads] = pool;
+    }
+    return pool;
 }
 
 }  // namespace ryz

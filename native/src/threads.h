@@ -1,5 +1,6 @@
 // A small fork-join thread pool: the caller is thread 0, workers spin briefly between regions (a
 // decode step runs a few hundred short parallel regions) and then sleep, so an idle engine costs nothing.
+// Contexts share one pool per thread count (shared_thread_pool): a server's models take turns on the cores.
 #pragma once
 
 #include <atomic>
@@ -21,7 +22,8 @@ public:
     ThreadPool &operator=(const ThreadPool &) = delete;
 
     int size() const { return n_threads_; }
-    // Runs fn(thread_index, n_threads) on every thread and returns when all are done.
+    // Runs fn(thread_index, n_threads) on every thread and returns when all are done. Callers on several
+    // threads take turns: one region runs at a time.
     void run(const std::function<void(int, int)> &fn);
 
     // Runs fn(thread_index, chunk) once for every chunk in [0, n_chunks) and returns when all are done.
@@ -32,6 +34,7 @@ public:
     void run_chunks(int64_t n_chunks, const std::function<void(int, int64_t)> &fn);
 
 private:
+    void run_region(const std::function<void(int, int)> &fn);  // the caller holds turn_
     void worker(int index);
 
     struct alignas(64) Cursor {  // one thread's share of run_chunks: next unclaimed chunk, end
@@ -49,7 +52,13 @@ private:
     std::atomic<bool> stop_{false};
     std::mutex mutex_;
     std::condition_variable wake_;
+    std::mutex turn_;  // one region at a time when contexts on several threads share the pool
 };
+
+// The process's pool of n_threads threads, created on first use and kept while a context holds it. Every
+// model of a server (production, canary, a draft model) gets the same workers: with a pool each, the waiting
+// model's workers spun on the cores the running model's workers needed (docs/serving.md).
+std::shared_ptr<ThreadPool> shared_thread_pool(int n_threads);
 
 // Split [0, n) into `parts` contiguous ranges aligned to `align`; returns range `part`.
 inline void split_range(int64_t n, int64_t align, int part, int parts, int64_t *begin, int64_t *end) {
