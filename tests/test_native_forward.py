@@ -79,6 +79,19 @@ def test_medium_shape(models, native_library, isa):
     assert _rel(native.forward(tokens), reference.forward(tokens)) < FP32_TOL
 
 
+def test_a_long_prefill_matches_the_reference(models, native_library, isa):
+    """160 tokens in one call: the AMX family's prefill path (>= 128 tokens, tokens as the tile rows) and every
+    other family's batched GEMM give the reference's logits; AMX, whose every other kernel is AVX-512's, gives
+    AVX-512's bits (the integer GEMM is exact)."""
+    tokens = (PROMPT * 4)[:160]
+    native = NativeModel(models["tiny"], native_library, threads=2, max_positions=192, kv_type="f32")
+    logits = native.forward(tokens)
+    assert _rel(logits, ReferenceModel(models["tiny"]).forward(tokens)) < FP32_TOL
+    if isa == "amx":
+        native_library.set_isa("avx512")
+        np.testing.assert_array_equal(logits, native.forward(tokens))
+
+
 def test_fp16_kv_cache(models, native_library):
     native = NativeModel(models["tiny"], native_library, threads=2, max_positions=128, kv_type="f16")
     reference = ReferenceModel(models["tiny"])

@@ -466,6 +466,14 @@ def _ensure_production(env) -> None:
         release(ref=env["versions"]["good"])
 
 
+def _production_twin(env, revision: str) -> str:
+    """Production's artifact and evaluation registered again as a new version (the same model, the same speed)."""
+    _ensure_production(env)
+    production = env["registry"].get("production")
+    source = {"repo": "demo", "revision": revision}
+    return env["registry"].register("demo", production.artifact_id, source, evaluation=production.evaluation).ref
+
+
 def test_a_replica_refusing_promotion_is_undone_on_every_replica(env, prefect_harness, monkeypatch):
     """Replica 2 refuses the promotion after replica 1 made it: both end on the old production with no canary,
     the release says which replica refused, and the abort is notified."""
@@ -524,15 +532,7 @@ def test_an_equal_candidate_is_held(env, prefect_harness, monkeypatch):
     """Under the improve policy, a candidate with production's own numbers is held and never reaches a replica."""
     from flows.release import release
 
-    _ensure_production(env)
-    production = env["registry"].get("production")
-    ref = (
-        env["registry"]
-        .register(
-            "demo", production.artifact_id, {"repo": "demo", "revision": "equal"}, evaluation=production.evaluation
-        )
-        .ref
-    )
+    ref = _production_twin(env, "equal")
     before = (_aliases(env), _server_models(env))
     monkeypatch.setenv("RYZ_RELEASE_POLICY", "improve")
     reload_settings()
@@ -584,15 +584,7 @@ def test_a_latency_burst_in_one_window_is_looked_at_again(env, prefect_harness, 
     import tasks.release
     from flows.release import release
 
-    _ensure_production(env)
-    production = env["registry"].get("production")
-    ref = (
-        env["registry"]
-        .register(
-            "demo", production.artifact_id, {"repo": "demo", "revision": "burst"}, evaluation=production.evaluation
-        )
-        .ref
-    )
+    ref = _production_twin(env, "burst")
     windows = []
     observe = tasks.release._observe_window
 

@@ -17,8 +17,12 @@
 // block, row groups of ROW_GROUP_TILES x 16 rows; in each, K chunks of K_CHUNK steps whose A tiles are unpacked
 // once into an L1 buffer and used by every token tile of the block; 2 x 2 register blocking (4 C tiles, 2 A,
 // 2 B: all 8 tile registers), C kept in an L1 buffer across K chunks.
-// From STATIONARY_MIN_TOKENS on (prefill), gemm_stationary: the same 2 x 2 tiles, C in the registers over all
-// of K, A (a row pair) and B (a token block of about 1 MB) from L2.
+// From STATIONARY_MIN_TOKENS on (prefill), gemm_tokens_as_rows: the orientation turned round (A = 16 tokens'
+// activations copied contiguously, B = 16 weight rows in the VNNI layout, TDPBSUD), so C is out[t][r] itself and
+// no transposed store is needed; the transpose moved to the weights, done on the packed T2P bytes (once per 4 K
+// steps) for the next row pair while the tile unit works on this one. 2 x 2 tiles, C in the registers over all
+// of K. It replaced gemm_stationary (C[row][token] over all of K, then a gathered transposed store): 1.03-1.26x
+// per call in thread CPU time (docs/kernels.md "AMX").
 //
 // Everything else (decode, few tokens, the row tail not a multiple of 16, every other kernel) is the
 // AVX-512 family's: its table is copied at first use, so entries added there are inherited.
@@ -62,7 +66,8 @@ static_assert(K_CHUNK % 4 == 0, "K chunks are whole T2P blocks");
 // 4 shapes; docs/kernels.md "AMX"): its B tiles (1.3-3.5 MB) leave L2 and its C transposes scatter over 512
 // output rows. The weights, unpacked again for each block, come from L3 after the first.
 constexpr int64_t TOKEN_BLOCK = 64;
-// From this many tokens on, gemm_stationary: at 512 tokens its medians were 1.14-1.25x the 64-token blocks' (4 shapes;
+// From this many tokens on, the prefill path (gemm_tokens_as_rows; its predecessor gemm_stationary, C in the
+// registers over all of K, was measured here): at 512 tokens its medians were 1.14-1.25x the 64-token blocks' (4 shapes;
 // at 64 tokens 0.87-1.05x). Its token blocks are STATIONARY_B_BYTES of B tiles (384 tokens at 2560 columns, 128 at
 // 6912); 512 KB and 2 MB were no faster.
 constexpr int32_t STATIONARY_MIN_TOKENS = 128;
@@ -202,44 +207,175 @@ inline void store_transposed(const int32_t *c, const int32_t *sums, int n_valid,
     }
 }
 
-// Prefill: C stays in the tile registers over all of K (tile_block over every step, B tiles of a token tile one
-// after another). A row pair's A tiles for all of K (80-216 KB at 2560-6912 columns) and a token block's B tiles
-// (up to STATIONARY_B_BYTES) are read from L2; no C goes through memory until the transposed store. false when
+// ---- Prefill with the tokens as the tile rows (gemm_tokens_as_rows) ----
+// A tiles = 16 tokens x 64 K bytes of activations (signed), copied contiguously per token tile (1 KB a tile, a
+// plain 64-byte copy per token row); B tiles = 16 weight rows in the VNNI layout, B[kk][4n+m] = code+1 of
+// (row r + n, column 64s + 4kk + m). TDPBSUD (s8 x u8) gives C[t][r] = sum a * (code+1); C starts from a tile
+// holding -act_sums[t] in row t, so it is the output itself and is stored with one TILESTORED (stride out_stride).
+
+// The VNNI B tiles of T2P block b (K steps 4b .. 4b + 3) of rows [r, r + 16): tile 4b + l at dst + (4b + l) * TILE_BYTES.
+// The transpose is done on the packed bytes, once per 64-byte block (4 K steps): a 16 x 16 dword transpose of the 16
+// rows' blocks (bytes move whole, so plane l of the transposed block is the VNNI tile of step 4b + l), then the
+// shift and mask of unpack_weights_avx512. 64 shuffles per 4 tiles.
+inline const uint8_t *t2p_block(const uint8_t *packed, int64_t blocks, int64_t row, int64_t b) {
+    return packed + (row / TILE_ROWS * blocks * TILE_ROWS + b * TILE_ROWS + row % TILE_ROWS) * T2P_BLOCK_BYTES;
+}
+inline void unpack_vnni_block(const uint8_t *packed, int64_t blocks, int64_t r, int64_t b, uint8_t *dst) {
+    const __m512i m3 = _mm512_set1_epi8(3);
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; ++i) {
+        const __m512i x = _mm512_loadu_si512(t2p_block(packed, blocks, r + 2 * i, b));
+        const __m512i y = _mm512_loadu_si512(t2p_block(packed, blocks, r + 2 * i + 1, b));
+        t[2 * i] = _mm512_unpacklo_epi32(x, y);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(x, y);
+    }
+    for (int i = 0; i < 4; ++i) {
+        u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    // u[4i + j], 128-bit lane L = dword column 4L + j of rows 4i .. 4i + 3
+    uint8_t *d = dst + 4 * b * TILE_BYTES;
+    for (int j = 0; j < 4; ++j) {
+        const __m512i x0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44), x1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
+        const __m512i y0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44), y1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
+        const __m512i col[4] = {_mm512_shuffle_i32x4(x0, y0, 0x88), _mm512_shuffle_i32x4(x0, y0, 0xDD),
+                                _mm512_shuffle_i32x4(x1, y1, 0x88), _mm512_shuffle_i32x4(x1, y1, 0xDD)};
+        for (int L = 0; L < 4; ++L) {
+            uint8_t *e = d + (4 * L + j) * amx::TILE_K;  // B row kk = 4L + j
+            _mm512_store_si512(e, _mm512_and_si512(col[L], m3));
+            _mm512_store_si512(e + TILE_BYTES, _mm512_and_si512(_mm512_srli_epi16(col[L], 2), m3));
+            _mm512_store_si512(e + 2 * TILE_BYTES, _mm512_and_si512(_mm512_srli_epi16(col[L], 4), m3));
+            _mm512_store_si512(e + 3 * TILE_BYTES, _mm512_and_si512(_mm512_srli_epi16(col[L], 6), m3));
+        }
+    }
+}
+
+// The VNNI weights of the next row pair, built a T2P block at a time between the TDPBSUDs of the current one
+// (the vector units are idle while the tile unit works). unit u = row tile u / blocks, T2P block u % blocks.
+struct VnniWork {
+    const uint8_t *packed;
+    int64_t blocks, r, per_tile;
+    uint8_t *dst;
+    int64_t next, end;
+    void one() {
+        const int64_t rt = next / blocks, b = next % blocks;
+        unpack_vnni_block(packed, blocks, r + rt * TILE_M, b, dst + rt * per_tile);
+        ++next;
+    }
+    void finish() {
+        while (next < end) one();
+    }
+};
+
+// C tiles 0..3 = (token tile 0, row tile 0), (0, 1), (1, 0), (1, 1); A (tokens) tiles 4, 5; B (weights) tiles 6, 7.
+// C starts from the -act_sums tiles n0 / n1 and is stored to o[k] with stride os[k] bytes.
+template <int NT, int NR>
+void tile_block_rows(const int8_t *a0, const int8_t *a1, const uint8_t *b0, const uint8_t *b1, int64_t steps, const int32_t *n0,
+                     const int32_t *n1, int32_t *const o[4], const int64_t os[4], VnniWork &work, int64_t units, int64_t every) {
+    _tile_loadd(0, n0, 64);
+    if constexpr (NR > 1) _tile_loadd(1, n0, 64);
+    if constexpr (NT > 1) _tile_loadd(2, n1, 64);
+    if constexpr (NT > 1 && NR > 1) _tile_loadd(3, n1, 64);
+    const int64_t stop = std::min(work.end, work.next + units);
+    for (int64_t s = 0; s < steps; ++s) {
+        if (s % every == 0 && work.next < stop) work.one();
+        _tile_loadd(4, a0 + s * TILE_BYTES, 64);
+        _tile_loadd(6, b0 + s * TILE_BYTES, 64);
+        _tile_dpbsud(0, 4, 6);
+        if constexpr (NR > 1) {
+            _tile_loadd(7, b1 + s * TILE_BYTES, 64);
+            _tile_dpbsud(1, 4, 7);
+        }
+        if constexpr (NT > 1) {
+            _tile_loadd(5, a1 + s * TILE_BYTES, 64);
+            _tile_dpbsud(2, 5, 6);
+            if constexpr (NR > 1) _tile_dpbsud(3, 5, 7);
+        }
+    }
+    _tile_stored(0, o[0], os[0]);
+    if constexpr (NR > 1) _tile_stored(1, o[1], os[1]);
+    if constexpr (NT > 1) _tile_stored(2, o[2], os[2]);
+    if constexpr (NT > 1 && NR > 1) _tile_stored(3, o[3], os[3]);
+}
+
+// Prefill (>= STATIONARY_MIN_TOKENS), ternary_gemm's contract for whole row tiles: token blocks of STATIONARY_B_BYTES of activation
+// tiles, packed once per block; per row pair its VNNI weight tiles over all of K (built once per token block, used by
+// every token tile, double-buffered: the next pair's are built inside this pair's K loops); 2 x 2 tiles, C in the
+// registers over all of K, stored straight into out (a partial last token tile through a buffer). false when
 // scratch memory runs out (the caller then takes the chunked path).
-bool gemm_stationary(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act, const int32_t *act_sums,
-                     int32_t n_tokens, int32_t *out, int64_t out_stride) {
+bool gemm_tokens_as_rows(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
+                         const int32_t *act_sums, int32_t n_tokens, int32_t *out, int64_t out_stride) {
     const int64_t blocks = cols / QK_K, steps = blocks * 4;
-    const int64_t per_tile = steps * TILE_BYTES;  // one row tile's or token tile's tiles over all of K
+    const int64_t per_tile = steps * TILE_BYTES;
     const int64_t block_tiles = std::max<int64_t>(2, STATIONARY_B_BYTES / per_tile / 2 * 2);
     const int64_t max_tiles = std::min<int64_t>(block_tiles, (n_tokens + TILE_M - 1) / TILE_M);
-    int8_t *bbuf = reinterpret_cast<int8_t *>(g_b.get(static_cast<size_t>(max_tiles * per_tile)));
-    uint8_t *abuf = g_a.get(static_cast<size_t>(2 * per_tile));
-    int32_t *cbuf = reinterpret_cast<int32_t *>(g_c.get(4 * TILE_M * TILE_M * 4));
-    if (!bbuf || !abuf || !cbuf) return false;
+    int8_t *abuf = reinterpret_cast<int8_t *>(g_b.get(static_cast<size_t>(max_tiles * per_tile)));
+    uint8_t *wbuf = g_a.get(static_cast<size_t>(4 * per_tile));  // two row pairs: the current one and the next
+    int32_t *sbuf = reinterpret_cast<int32_t *>(g_c.get(static_cast<size_t>((max_tiles + 4) * TILE_BYTES)));
+    if (!abuf || !wbuf || !sbuf) return false;
+    int32_t *cbuf = sbuf + max_tiles * TILE_M * TILE_M;  // 4 C tiles for a partial token tile
     configure_tiles();
-    int32_t *c[4] = {cbuf, cbuf + 256, cbuf + 512, cbuf + 768};  // (row tile, token tile): 00, 01, 10, 11
     for (int64_t t0 = 0; t0 < n_tokens; t0 += block_tiles * TILE_M) {
         const int64_t in_block = std::min<int64_t>(block_tiles * TILE_M, n_tokens - t0);
         const int64_t n_tt = (in_block + TILE_M - 1) / TILE_M;
-        for (int64_t tt = 0; tt < n_tt; ++tt)
-            pack_acts_avx512(act + (t0 + tt * TILE_M) * cols, cols, static_cast<int>(std::min<int64_t>(TILE_M, in_block - tt * TILE_M)),
-                             bbuf + tt * per_tile, TILE_BYTES);
-        for (int64_t g = row_begin; g < row_end; g += 2 * TILE_M) {
+        for (int64_t tt = 0; tt < n_tt; ++tt) {
+            int8_t *d = abuf + tt * per_tile;
+            int32_t *ns = sbuf + tt * TILE_M * TILE_M;
+            for (int n = 0; n < TILE_M; ++n) {
+                const int64_t t = t0 + tt * TILE_M + n;
+                const __m512i neg = _mm512_set1_epi32(t < n_tokens ? -act_sums[t] : 0);
+                _mm512_store_si512(ns + n * TILE_M, neg);
+                if (t < n_tokens) {
+                    const int8_t *src = act + t * cols;
+                    for (int64_t s = 0; s < steps; ++s)
+                        _mm512_store_si512(d + s * TILE_BYTES + n * amx::TILE_K, _mm512_loadu_si512(src + s * amx::TILE_K));
+                } else {
+                    for (int64_t s = 0; s < steps; ++s) _mm512_store_si512(d + s * TILE_BYTES + n * amx::TILE_K, _mm512_setzero_si512());
+                }
+            }
+        }
+        const int64_t n_calls = (n_tt + 1) / 2;  // tile_block_rows calls per row pair
+        VnniWork first{packed, blocks, row_begin, per_tile, wbuf, 0, (row_begin + TILE_M < row_end ? 2 : 1) * blocks};
+        first.finish();
+        for (int64_t g = row_begin, pair = 0; g < row_end; g += 2 * TILE_M, ++pair) {
             const bool two_r = g + TILE_M < row_end;
-            unpack_weights_avx512(packed, blocks, g, 0, steps, abuf);
-            if (two_r) unpack_weights_avx512(packed, blocks, g + TILE_M, 0, steps, abuf + per_tile);
+            const uint8_t *b0 = wbuf + (pair % 2) * 2 * per_tile, *b1 = b0 + per_tile;
+            const int64_t gn = g + 2 * TILE_M;  // the next pair, built while this one runs
+            VnniWork work{packed, blocks, gn, per_tile, wbuf + ((pair + 1) % 2) * 2 * per_tile, 0,
+                          gn >= row_end ? 0 : (gn + TILE_M < row_end ? 2 : 1) * blocks};
+            const int64_t units = (work.end + n_calls - 1) / n_calls, every = std::max<int64_t>(1, steps / std::max<int64_t>(1, units));
             for (int64_t tt = 0; tt < n_tt; tt += 2) {
                 const bool two_t = tt + 1 < n_tt;
-                const int8_t *b0 = bbuf + tt * per_tile, *b1 = b0 + per_tile;
-                const uint8_t *a0 = abuf, *a1 = abuf + per_tile;
-                tile_block_edge(two_r, two_t, a0, a1, b0, b1, TILE_BYTES, steps, c[0], c[1], c[2], c[3], true);
-                for (int rt = 0; rt < (two_r ? 2 : 1); ++rt)
-                    for (int j = 0; j < (two_t ? 2 : 1); ++j) {
-                        const int64_t t = t0 + (tt + j) * TILE_M;
-                        store_transposed(c[2 * rt + j], act_sums + t, static_cast<int>(std::min<int64_t>(TILE_M, n_tokens - t)),
-                                         out + t * out_stride + g + rt * TILE_M, out_stride);
+                const int8_t *a0 = abuf + tt * per_tile, *a1 = a0 + per_tile;
+                const int32_t *n0 = sbuf + tt * TILE_M * TILE_M, *n1 = n0 + TILE_M * TILE_M;
+                int32_t *o[4];
+                int64_t os[4];
+                int nv[2];
+                for (int j = 0; j < 2; ++j) {
+                    const int64_t t = t0 + (tt + j) * TILE_M;
+                    nv[j] = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(TILE_M, n_tokens - t)));
+                    for (int rt = 0; rt < 2; ++rt) {
+                        const bool full = nv[j] == TILE_M;
+                        o[2 * j + rt] = full ? out + t * out_stride + g + rt * TILE_M : cbuf + (2 * j + rt) * TILE_M * TILE_M;
+                        os[2 * j + rt] = full ? out_stride * 4 : 64;
                     }
+                }
+                if (two_t && two_r) tile_block_rows<2, 2>(a0, a1, b0, b1, steps, n0, n1, o, os, work, units, every);
+                else if (two_t) tile_block_rows<2, 1>(a0, a1, b0, b1, steps, n0, n1, o, os, work, units, every);
+                else if (two_r) tile_block_rows<1, 2>(a0, a1, b0, b1, steps, n0, n1, o, os, work, units, every);
+                else tile_block_rows<1, 1>(a0, a1, b0, b1, steps, n0, n1, o, os, work, units, every);
+                for (int j = 0; j < (two_t ? 2 : 1); ++j) {
+                    if (nv[j] == TILE_M) continue;
+                    const int64_t t = t0 + (tt + j) * TILE_M;
+                    for (int rt = 0; rt < (two_r ? 2 : 1); ++rt)
+                        for (int n = 0; n < nv[j]; ++n)
+                            _mm512_storeu_si512(out + (t + n) * out_stride + g + rt * TILE_M,
+                                                _mm512_load_si512(cbuf + (2 * j + rt) * TILE_M * TILE_M + n * TILE_M));
+                }
             }
+            work.finish();
         }
     }
     return true;
@@ -256,7 +392,7 @@ void ternary_gemm_amx(const uint8_t *packed, int64_t row_begin, int64_t row_end,
     }
     if (amx_end < row_end)  // 4 to 12 rows left over
         avx.ternary_gemm(packed, amx_end, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride);
-    if (n_tokens >= STATIONARY_MIN_TOKENS && gemm_stationary(packed, row_begin, amx_end, cols, act, act_sums, n_tokens, out, out_stride))
+    if (n_tokens >= STATIONARY_MIN_TOKENS && gemm_tokens_as_rows(packed, row_begin, amx_end, cols, act, act_sums, n_tokens, out, out_stride))
         return;
     const int64_t steps = blocks * 4;  // K steps of 64 columns
     const int64_t max_tiles = (std::min<int64_t>(TOKEN_BLOCK, n_tokens) + TILE_M - 1) / TILE_M;

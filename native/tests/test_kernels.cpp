@@ -273,6 +273,11 @@ void test_ternary() {
     ternary_case(rng, 48, 768, 16, {0}, true, false);
     ternary_case(rng, 260, 6912, 128, {0}, false, false);
     ternary_case(rng, 36, 2560, 515, {0}, true, false);
+    // Prefill (>= 128 tokens) edges: odd row-tile counts, a partial token tile alone and in a pair, a 1-token block.
+    ternary_case(rng, 80, 2560, 300, {0}, false, false);
+    ternary_case(rng, 48, 2560, 150, {0}, true, false);
+    ternary_case(rng, 96, 6912, 129, {0}, false, false);
+    ternary_case(rng, 2560, 2560, 300, {0}, false, false);
 }
 
 // The AMX kernel's tile operands (kernels/amx_layout.h: A = weight rows unpacked to code+1, B =
