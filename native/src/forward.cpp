@@ -37,7 +37,8 @@ struct ryz_context {
     int32_t capacity = 0;
     std::vector<float> x, xb, q, k, v, att, gate, up, act_scale, head_in;
     std::vector<int8_t> act;
-    std::vector<int32_t> act_sum, acc, positions;
+    std::vector<int32_t> act_sum, positions;
+    std::vector<int32_t, ryz::CacheLineAllocator<int32_t>> acc;  // GEMM outputs, [job][token][row]
     // ryz_context_set_profiling: per-part wall seconds (RYZ_PART_*) over the calls since it was turned on.
     bool profiling = false;
     double part_seconds[RYZ_PART_COUNT] = {};
