@@ -251,8 +251,11 @@ def _worker(spec: dict) -> dict:
     tokens = rng.integers(0, model.hp.vocab, size=prompt, dtype=np.int32)
     seq = np.zeros(max(prompt, 1), np.int32)
 
-    model.new_cache(0)  # warm-up: thread pool, first touch of the mapped head, caches
-    model.forward_batch(tokens[:WARMUP_TOKENS], seq[:WARMUP_TOKENS])
+    # Warm-up, as llama-bench's run before it times: the thread pool, first touch of the mapped head, caches, and
+    # scratch buffers grown to the timed batch (a first 512-token call faulted in ~115 MB of them inside the timing,
+    # 0.2-0.3 s more "other" when the page cache was full from the peers' runs).
+    model.new_cache(0)
+    model.forward_batch(tokens[:ubatch], seq[:ubatch])
 
     profiling = model.can_profile  # an older (ABI 4) library still benchmarks, without the per-part profile
     model.new_cache(0)
