@@ -276,7 +276,6 @@ ryz_status ryz_context_new(ryz_model *m, int32_t n_threads, int32_t max_seqs, in
         c->max_positions = max_positions;
         c->kv_type = kv_type;
         c->seqs.resize(max_seqs);
-        c->scores.assign(n_threads, std::vector<float>(max_positions));
         const ryz_hparams &hp = m->hp;
         const int32_t half = hp.head_dim / 2;
         c->rope_cos.resize(size_t(max_positions) * half);
@@ -291,6 +290,9 @@ ryz_status ryz_context_new(ryz_model *m, int32_t n_threads, int32_t max_seqs, in
                 c->rope_sin[size_t(p) * half + i] = static_cast<float>(std::sin(static_cast<double>(angle)));
             }
         }
+        // After the RoPE tables (head_dim floats per position, against n_threads here): an impossible context fails on them at once
+        // instead of first zero-filling n_threads x max_positions floats (16 GB and 25-48 s at 2^31 positions).
+        c->scores.assign(n_threads, std::vector<float>(max_positions));
         *out = c.release();
         return RYZ_OK;
     });
