@@ -304,6 +304,32 @@ def test_a_huge_context_is_a_status_not_an_abort(tiny_gguf, kernel_build):
     assert proc.returncode == 0 and "refused:" in proc.stdout, proc.stderr[-2000:]
 
 
+def test_a_batch_too_large_for_memory_is_a_status_not_an_abort(tiny_gguf, kernel_build):
+    """The forward's scratch buffers grow with the batch: 2M tokens want GBs of them. With the address space limited to
+    1 GB more than the process has, that allocation fails, and the caller gets a status (before the fix:
+    std::terminate across the ABI)."""
+    code = (
+        "import resource\n"
+        "import numpy as np\n"
+        "from engine.model.native import Library, NativeError, NativeModel\n"
+        f"model = NativeModel({str(tiny_gguf)!r}, Library({str(kernel_build.path)!r}), max_positions=64)\n"
+        "tokens = np.zeros(2_000_000, np.int32)\n"
+        "vm = next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmSize:')) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))\n"
+        "try:\n"
+        "    model.forward_batch(tokens, tokens)\n"
+        "except NativeError as exc:\n"
+        "    print('refused:', exc)\n"
+        "print('after:', model.forward_batch(np.array([1], np.int32), np.array([0], np.int32)).shape)\n"
+    )
+    no_core = lambda: resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # noqa: E731 - an abort leaves no core file
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, preexec_fn=no_core
+    )
+    assert proc.returncode == 0 and "refused:" in proc.stdout and "out of memory" in proc.stdout, proc.stderr[-2000:]
+    assert "after: (1," in proc.stdout  # the context still works
+
+
 def test_a_tiny_valid_scale_keeps_the_f16_cache_right(tiny_gguf, tmp_path, native_library):
     """A file whose attn_k scales are 2^-34 (valid: one finite F32 value) makes every key tiny; the f16 cache must
     still agree with the f32 one as it does at ordinary scales (2 % here), not differ by 140 %."""

@@ -111,6 +111,23 @@ inline __m128i hsum4_epi32(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
 // of a plain streaming read from DRAM, with it ~90% (Zen 5; a NTA hint or 1-2 KB was no better).
 constexpr int64_t GEMV_PREFETCH = 4096;
 
+// Where the streaming kernels' software prefetches put a line: the distances and prefetcht0 above were
+// tuned on Zen 5. On Intel (a Sapphire Rapids-class Xeon, 2 cores) prefetcht0 held the 2-thread decode
+// GEMV at 17-19 GB/s against a 26 GB/s plain read; prefetcht1, into L2 (an Intel core tracks more L2
+// misses than its 16 L1 fill buffers), reached 22-26 GB/s on T2P and T1P alike, interleaved runs of
+// scripts/bench_ternary_layouts.cpp (docs/kernels.md "Prefetch"). Intel only: T1 on Zen is unmeasured.
+// Each kernel is instantiated for both targets; the entry points pick one by CPU vendor.
+enum class Prefetch { L1, L2 };
+template <Prefetch P>
+inline void prefetch_line(const void *p) {
+    _mm_prefetch(static_cast<const char *>(p), P == Prefetch::L2 ? _MM_HINT_T1 : _MM_HINT_T0);
+}
+inline bool prefetch_to_l2() {
+    static const bool intel = __builtin_cpu_is("intel");
+    return intel;
+}
+
+template <Prefetch P>
 inline __m128i gemv_tile(const uint8_t *w, int64_t blocks, const int8_t *act) {
     const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0C), m2 = _mm512_set1_epi8(0x30),
                   m3 = _mm512_set1_epi8(static_cast<char>(0xC0));
@@ -118,7 +135,7 @@ inline __m128i gemv_tile(const uint8_t *w, int64_t blocks, const int8_t *act) {
     __m512i a00 = _mm512_setzero_si512(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00, a13 = a00;
     __m512i a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
     for (int64_t b = 0; b < blocks; ++b, w += TILE_ROWS * T2P_BLOCK_BYTES, act += QK_K) {
-        for (int r = 0; r < TILE_ROWS; ++r) _mm_prefetch(reinterpret_cast<const char *>(w + GEMV_PREFETCH + r * 64), _MM_HINT_T0);
+        for (int r = 0; r < TILE_ROWS; ++r) prefetch_line<P>(w + GEMV_PREFETCH + r * 64);
         const __m512i v0 = in_register(_mm512_loadu_si512(act));
         const __m512i v1 = in_register(_mm512_loadu_si512(act + 64));
         const __m512i v2 = in_register(_mm512_loadu_si512(act + 128));
@@ -151,7 +168,7 @@ inline __m128i gemv_tile(const uint8_t *w, int64_t blocks, const int8_t *act) {
 // Per plane step: 4T vpdpbusd, T activation loads, <= 4 shift/and pairs. Weights are prefetched as in the
 // GEMV: batched decode streams them from DRAM once, and without it 4 tokens ran at ~1/3 of the GEMV's
 // read rate (the loop's compute hid none of the misses).
-template <int T>
+template <Prefetch P, int T>
 inline void gemm_micro(const uint8_t *w, int64_t blocks, int64_t cols, const int8_t *act, const int32_t *sums,
                        int32_t *out, int64_t out_stride) {
     const __m512i m3 = _mm512_set1_epi8(3);
@@ -161,7 +178,7 @@ inline void gemm_micro(const uint8_t *w, int64_t blocks, int64_t cols, const int
 #pragma GCC unroll 8
         for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
     for (int64_t b = 0; b < blocks; ++b, w += TILE_ROWS * T2P_BLOCK_BYTES, act += QK_K) {
-        for (int r = 0; r < TILE_ROWS; ++r) _mm_prefetch(reinterpret_cast<const char *>(w + GEMV_PREFETCH + r * 64), _MM_HINT_T0);
+        for (int r = 0; r < TILE_ROWS; ++r) prefetch_line<P>(w + GEMV_PREFETCH + r * 64);
 #pragma GCC unroll 4
         for (int l = 0; l < 4; ++l) {
             __m512i p[TILE_ROWS];
@@ -194,15 +211,23 @@ using MicroFn = void (*)(const uint8_t *, int64_t, int64_t, const int8_t *, cons
 // unpacks least often.
 constexpr int MAX_TOKEN_TILE = 6;
 constexpr int DEFAULT_TOKEN_TILE = 6;
-const MicroFn MICRO[MAX_TOKEN_TILE + 1] = {nullptr, gemm_micro<1>, gemm_micro<2>, gemm_micro<3>,
-                                           gemm_micro<4>, gemm_micro<5>, gemm_micro<6>};
+template <Prefetch P>
+constexpr MicroFn MICRO[MAX_TOKEN_TILE + 1] = {nullptr, gemm_micro<P, 1>, gemm_micro<P, 2>, gemm_micro<P, 3>,
+                                               gemm_micro<P, 4>, gemm_micro<P, 5>, gemm_micro<P, 6>};
+
+template <Prefetch P>
+void ternary_gemm_rows(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
+                       const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
+    const int64_t blocks = cols / QK_K;
+    ternary_gemm_tiles(packed, row_begin, row_end, cols, n_tokens, token_tile, MAX_TOKEN_TILE, DEFAULT_TOKEN_TILE, out, out_stride,
+        [&](const uint8_t *w, int64_t r) { _mm_storeu_si128(reinterpret_cast<__m128i *>(out + r), _mm_sub_epi32(gemv_tile<P>(w, blocks, act), _mm_set1_epi32(act_sums[0]))); },
+        [&](int n, const uint8_t *w, int64_t t, int64_t r) { MICRO<P>[n](w, blocks, cols, act + t * cols, act_sums + t, out + t * out_stride + r, out_stride); });
+}
 
 void ternary_gemm_avx512(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
                          const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
-    const int64_t blocks = cols / QK_K;
-    ternary_gemm_tiles(packed, row_begin, row_end, cols, n_tokens, token_tile, MAX_TOKEN_TILE, DEFAULT_TOKEN_TILE, out, out_stride,
-        [&](const uint8_t *w, int64_t r) { _mm_storeu_si128(reinterpret_cast<__m128i *>(out + r), _mm_sub_epi32(gemv_tile(w, blocks, act), _mm_set1_epi32(act_sums[0]))); },
-        [&](int n, const uint8_t *w, int64_t t, int64_t r) { MICRO[n](w, blocks, cols, act + t * cols, act_sums + t, out + t * out_stride + r, out_stride); });
+    (prefetch_to_l2() ? ternary_gemm_rows<Prefetch::L2> : ternary_gemm_rows<Prefetch::L1>)(packed, row_begin, row_end, cols, act, act_sums,
+                                                                                            n_tokens, token_tile, out, out_stride);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -227,6 +252,7 @@ inline __m512i times3(__m512i q) { return _mm512_add_epi8(_mm512_add_epi8(q, q),
 // intrinsic it has none (and does not fold the broadcasts, which vpdpbusd could not take as memory operands).
 inline __m512i dpbusd_i(__m512i acc, __m512i u8, __m512i s8) { return _mm512_dpbusd_epi32(acc, u8, s8); }
 
+template <Prefetch P>
 inline __m128i gemv_t1p_tile(const uint8_t *w, int64_t nv, int64_t cols, const int8_t *act) {
     __m512i total = _mm512_setzero_si512();
     const int tail_groups = static_cast<int>((cols - (nv - 1) * T1P_VECTOR_COLS) / 16);  // digits of the last vector with columns
@@ -237,7 +263,7 @@ inline __m128i gemv_t1p_tile(const uint8_t *w, int64_t nv, int64_t cols, const i
         const uint8_t *p = w + i0 * T1P_VECTOR_BYTES;
         const int8_t *a = act + i0 * T1P_VECTOR_COLS;
         for (int64_t i = i0; i < full_end; ++i, p += T1P_VECTOR_BYTES, a += T1P_VECTOR_COLS) {
-            _mm_prefetch(reinterpret_cast<const char *>(p + GEMV_PREFETCH), _MM_HINT_T0);
+            prefetch_line<P>(p + GEMV_PREFETCH);
             const __m512i a0 = bcast16(a), a1 = bcast16(a + 16), a2 = bcast16(a + 32), a3 = bcast16(a + 48), a4 = bcast16(a + 64);
             const __m512i q0 = in_register(_mm512_loadu_si512(p));
             A0 = dpbusd_i(A0, q0, a0);
@@ -324,9 +350,10 @@ void ternary_gemm_t1p_avx512(const uint8_t *packed, int64_t row_begin, int64_t r
     if (row_end <= row_begin || n_tokens < 1) return;
     if (n_tokens == 1) {
         const int64_t nv = t1p_vectors(cols);
+        const auto tile = prefetch_to_l2() ? gemv_t1p_tile<Prefetch::L2> : gemv_t1p_tile<Prefetch::L1>;
         for (int64_t r = row_begin; r < row_end; r += TILE_ROWS)
             _mm_storeu_si128(reinterpret_cast<__m128i *>(out + r),
-                             _mm_sub_epi32(gemv_t1p_tile(packed + (r / TILE_ROWS) * nv * T1P_VECTOR_BYTES, nv, cols, act), _mm_set1_epi32(act_sums[0])));
+                             _mm_sub_epi32(tile(packed + (r / TILE_ROWS) * nv * T1P_VECTOR_BYTES, nv, cols, act), _mm_set1_epi32(act_sums[0])));
         return;
     }
     constexpr int64_t group_rows = GEMM_ROW_GROUP_TILES * TILE_ROWS;
@@ -347,17 +374,18 @@ inline float half_to_float(fp16_t h) { return _cvtsh_ss(h); }  // F16C: exact, l
 // products of columns k = i (mod 16) in increasing k with FMA, then _mm512_reduce_add_ps (a fixed
 // tree). Rows are processed R at a time so each x vector feeds R rows; rows past the end of the range
 // repeat the last row and are discarded, so every row goes through the identical operations. Each
-// row is its own stream: software prefetch DENSE_PREFETCH bytes ahead in each, as in the GEMV (the
-// head is 100s of MB, read once per token; without it the loop reached ~40% of a plain read).
-constexpr int64_t DENSE_PREFETCH = 2048;
+// row is its own stream: software prefetch dense_prefetch<P> bytes ahead in each, as in the GEMV (the
+// head is 100s of MB, read once per token; without it the loop reached ~40% of a plain read). Into L2
+// (Intel), 4 KB ahead: the Q6_K head went from 15-17 to 19-21 GB/s on 2 threads, Q8_0 stayed at 21-25.
+template <Prefetch P>
+constexpr int64_t dense_prefetch = P == Prefetch::L2 ? 4096 : 2048;
 
-inline void prefetch(const uint8_t *p) { _mm_prefetch(reinterpret_cast<const char *>(p), _MM_HINT_T0); }
-
-// The R rows of a pass are consecutive in memory, so DENSE_PREFETCH past byte `off` of a row is the
+// The R rows of a pass are consecutive in memory, so dense_prefetch<P> past byte `off` of a row is the
 // same row further on, or once that runs past the row's end, the same row of the next pass (R rows
 // down): without that jump every pass started with R cold streams.
+template <Prefetch P>
 inline size_t prefetch_offset(size_t off, size_t rb, int R) {
-    return off + DENSE_PREFETCH + (off + DENSE_PREFETCH >= rb ? (R - 1) * rb : 0);
+    return off + dense_prefetch<P> + (off + dense_prefetch<P> >= rb ? (R - 1) * rb : 0);
 }
 
 // Row pointers of a pass: rows past the end of the range repeat the last row (results discarded).
@@ -380,7 +408,7 @@ inline void store_rows(const __m512 (&acc)[R][T], float *out, int64_t out_stride
 
 // F32 / F16 rows, one 64-byte line of each row per step (one prefetch per row). 4 rows per pass: 8
 // rows (more FMA chains) measured slower, from DRAM and for 4 tokens (register pressure).
-template <bool HALF, int R, int T>
+template <Prefetch P, bool HALF, int R, int T>
 void dense_plain(const uint8_t *w, size_t rb, int n_rows, int64_t cols, const float *x, float *out, int64_t out_stride) {
     RYZ_DENSE_ROWS
     constexpr int ES = HALF ? 2 : 4;          // element size
@@ -409,9 +437,9 @@ void dense_plain(const uint8_t *w, size_t rb, int n_rows, int64_t cols, const fl
     };
     int64_t k = 0;
     for (; k + STEP <= cols; k += STEP) {
-        const size_t pf = prefetch_offset(static_cast<size_t>(k * ES), rb, R);
+        const size_t pf = prefetch_offset<P>(static_cast<size_t>(k * ES), rb, R);
 #pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) prefetch(rows[r] + pf);
+        for (int r = 0; r < R; ++r) prefetch_line<P>(rows[r] + pf);
 #pragma GCC unroll 2
         for (int j = 0; j < STEP; j += 16) chunk(k + j, static_cast<__mmask16>(0xFFFF));
     }
@@ -424,7 +452,7 @@ void dense_plain(const uint8_t *w, size_t rb, int n_rows, int64_t cols, const fl
 // (an 11-bit by 8-bit product: exact in float, the same value dequantize_row makes). 8 rows per pass:
 // from DRAM ~90% of a plain read, against ~80% with 4 (the loop is not far above DRAM speed, hot
 // ~45 GB/s on Zen 5, so more independent streams help).
-template <int R, int T>
+template <Prefetch P, int R, int T>
 void dense_q8_0(const uint8_t *w, size_t rb, int n_rows, int64_t cols, const float *x, float *out, int64_t out_stride) {
     RYZ_DENSE_ROWS
     __m512 acc[R][T];
@@ -433,12 +461,12 @@ void dense_q8_0(const uint8_t *w, size_t rb, int n_rows, int64_t cols, const flo
 #pragma GCC unroll 4
         for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < cols / QK8_0; ++b) {
-        const size_t pf = prefetch_offset(b * sizeof(block_q8_0), rb, R);
+        const size_t pf = prefetch_offset<P>(b * sizeof(block_q8_0), rb, R);
         __m512 w0[R], w1[R];
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
             const uint8_t *blk = rows[r] + b * sizeof(block_q8_0);
-            prefetch(rows[r] + pf);
+            prefetch_line<P>(rows[r] + pf);
             fp16_t dh;
             std::memcpy(&dh, blk + offsetof(block_q8_0, d), sizeof dh);
             const __m512 d = _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(dh)));
@@ -463,7 +491,7 @@ void dense_q8_0(const uint8_t *w, size_t rb, int n_rows, int64_t cols, const flo
 // two float vectors and multiplied into the accumulators at once (no buffer: GCC turned a
 // dequantise-to-L1 version into spill-heavy code at half this speed). Values are dequantize_row's:
 // (d * scale) * (q - 32), d * scale exact (11-bit by 8-bit), one rounding for the product with q.
-template <int R, int T>
+template <Prefetch P, int R, int T>
 void dense_q6_k(const uint8_t *w, size_t rb, int n_rows, int64_t cols, const float *x, float *out, int64_t out_stride) {
     RYZ_DENSE_ROWS
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
@@ -473,11 +501,11 @@ void dense_q6_k(const uint8_t *w, size_t rb, int n_rows, int64_t cols, const flo
 #pragma GCC unroll 4
         for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < cols / QK_K; ++b) {
-        const size_t pf = prefetch_offset(b * sizeof(block_q6_k), rb, R);
+        const size_t pf = prefetch_offset<P>(b * sizeof(block_q6_k), rb, R);
         const float *xb = x + b * QK_K;
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-            for (int i = 0; i < 256; i += 64) prefetch(rows[r] + pf + i);
+            for (int i = 0; i < 256; i += 64) prefetch_line<P>(rows[r] + pf + i);
             const block_q6_k *blk = reinterpret_cast<const block_q6_k *>(rows[r] + b * sizeof(block_q6_k));
             alignas(64) float sc[16];
             _mm512_store_ps(sc, _mm512_mul_ps(_mm512_set1_ps(half_to_float(blk->d)),
@@ -552,7 +580,7 @@ inline void q6_k_block_plain(const block_q6_k *blk, const float *xb, int64_t col
     }
 }
 
-template <int R, int T>
+template <Prefetch P, int R, int T>
 __attribute__((target("avx512vbmi"))) void dense_q6_k_vbmi(const uint8_t *w, size_t rb, int n_rows, int64_t cols, const float *x, float *out,
                                                            int64_t out_stride) {
     RYZ_DENSE_ROWS
@@ -573,14 +601,14 @@ __attribute__((target("avx512vbmi"))) void dense_q6_k_vbmi(const uint8_t *w, siz
 #pragma GCC unroll 4
         for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < cols / QK_K; ++b) {
-        const size_t pf = prefetch_offset(b * sizeof(block_q6_k), rb, R);
+        const size_t pf = prefetch_offset<P>(b * sizeof(block_q6_k), rb, R);
         const float *xb = x + b * QK_K;
         const block_q6_k *blk[R];
         bool finite = true;
         alignas(64) float sc[R][16], cc[R][16];
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-            for (int i = 0; i < 256; i += 64) prefetch(rows[r] + pf + i);
+            for (int i = 0; i < 256; i += 64) prefetch_line<P>(rows[r] + pf + i);
             blk[r] = reinterpret_cast<const block_q6_k *>(rows[r] + b * sizeof(block_q6_k));
             fp16_t dh;
             std::memcpy(&dh, &blk[r]->d, sizeof dh);
@@ -647,39 +675,46 @@ void dense_rows(const uint8_t *w, size_t rb, int64_t row_begin, int64_t row_end,
     }
 }
 
-void dense_gemm_avx512(const void *w, int32_t type, int64_t row_begin, int64_t row_end, int64_t cols, const float *x,
-                       int32_t n_tokens, float *out, int64_t out_stride) {
+template <Prefetch P>
+void dense_gemm_rows(const void *w, int32_t type, int64_t row_begin, int64_t row_end, int64_t cols, const float *x,
+                     int32_t n_tokens, float *out, int64_t out_stride) {
     const uint8_t *base = static_cast<const uint8_t *>(w);
     const size_t rb = row_bytes(type, cols);
     switch (type) {
         case RYZ_TYPE_F32:
-            dense_rows<4, dense_plain<false, 4, 1>, dense_plain<false, 4, 2>, dense_plain<false, 4, 4>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
+            dense_rows<4, dense_plain<P, false, 4, 1>, dense_plain<P, false, 4, 2>, dense_plain<P, false, 4, 4>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
             break;
         case RYZ_TYPE_F16:
-            dense_rows<4, dense_plain<true, 4, 1>, dense_plain<true, 4, 2>, dense_plain<true, 4, 4>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
+            dense_rows<4, dense_plain<P, true, 4, 1>, dense_plain<P, true, 4, 2>, dense_plain<P, true, 4, 4>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
             break;
         case RYZ_TYPE_Q8_0:
             // 8 rows for decode; 4 rows x up to 4 tokens otherwise (8 x 2 runs out of registers; 2 rows x
             // 8 tokens measured at ~55% of 4 x 4's FMA rate). A row's operations are the same either way,
             // so its result does not depend on n_tokens.
             if (n_tokens == 1)
-                dense_rows<8, dense_q8_0<8, 1>, dense_q8_0<8, 1>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
+                dense_rows<8, dense_q8_0<P, 8, 1>, dense_q8_0<P, 8, 1>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
             else
-                dense_rows<4, dense_q8_0<4, 1>, dense_q8_0<4, 2>, dense_q8_0<4, 4>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
+                dense_rows<4, dense_q8_0<P, 4, 1>, dense_q8_0<P, 4, 2>, dense_q8_0<P, 4, 4>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
             break;
         case RYZ_TYPE_Q6_K: {
             static const bool vbmi = __builtin_cpu_supports("avx512vbmi");
             // 4 rows in decode too: 8 measured no faster from DRAM (Xeon 0xA7, 2 cores).
             if (vbmi && q6_k_fast_x(x, static_cast<int64_t>(n_tokens) * cols))
-                dense_rows<4, dense_q6_k_vbmi<4, 1>, dense_q6_k_vbmi<4, 2>, dense_q6_k_vbmi<4, 4>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
+                dense_rows<4, dense_q6_k_vbmi<P, 4, 1>, dense_q6_k_vbmi<P, 4, 2>, dense_q6_k_vbmi<P, 4, 4>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
             else
-                dense_rows<4, dense_q6_k<4, 1>, dense_q6_k<4, 2>, dense_q6_k<4, 4>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
+                dense_rows<4, dense_q6_k<P, 4, 1>, dense_q6_k<P, 4, 2>, dense_q6_k<P, 4, 4>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
             break;
         }
         default:
             dense_gemm_scalar(w, type, row_begin, row_end, cols, x, n_tokens, out, out_stride);
             break;
     }
+}
+
+void dense_gemm_avx512(const void *w, int32_t type, int64_t row_begin, int64_t row_end, int64_t cols, const float *x,
+                       int32_t n_tokens, float *out, int64_t out_stride) {
+    (prefetch_to_l2() ? dense_gemm_rows<Prefetch::L2> : dense_gemm_rows<Prefetch::L1>)(w, type, row_begin, row_end, cols, x, n_tokens,
+                                                                                        out, out_stride);
 }
 
 // ---------------------------------------------------------------------------------------------

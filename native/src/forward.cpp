@@ -354,7 +354,9 @@ ryz_status ryz_forward(ryz_context *c, int32_t n, const int32_t *tokens, const i
     const double ternary_before = c->part_seconds[RYZ_PART_TERNARY], attention_before = c->part_seconds[RYZ_PART_ATTENTION];
     const ryz_model *m = c->model;
     const ryz_hparams &hp = m->hp;
-    grow_scratch(c, n);
+    // n comes from the caller: a batch too large for memory is a status, not an exception across the ABI. A failed
+    // resize leaves the buffers and capacity as they were (std::vector's strong guarantee).
+    if (ryz_status st = guarded([&] { grow_scratch(c, n); return RYZ_OK; })) return st;
     // Validate everything before touching any state: ids, sequences, capacity; assign positions.
     std::vector<int32_t> lengths(c->max_seqs);
     for (int32_t s = 0; s < c->max_seqs; ++s) lengths[s] = c->seqs[s].length;
