@@ -40,6 +40,7 @@
 #include "../include/ryz.h"
 #include "../src/blocks.h"
 #include "amx_layout.h"
+#include "amx_vnni.h"
 #include "kernels.h"
 
 namespace ryz {
@@ -212,45 +213,8 @@ inline void store_transposed(const int32_t *c, const int32_t *sums, int n_valid,
 // plain 64-byte copy per token row); B tiles = 16 weight rows in the VNNI layout, B[kk][4n+m] = code+1 of
 // (row r + n, column 64s + 4kk + m). TDPBSUD (s8 x u8) gives C[t][r] = sum a * (code+1); C starts from a tile
 // holding -act_sums[t] in row t, so it is the output itself and is stored with one TILESTORED (stride out_stride).
-
-// The VNNI B tiles of T2P block b (K steps 4b .. 4b + 3) of rows [r, r + 16): tile 4b + l at dst + (4b + l) * TILE_BYTES.
-// The transpose is done on the packed bytes, once per 64-byte block (4 K steps): a 16 x 16 dword transpose of the 16
-// rows' blocks (bytes move whole, so plane l of the transposed block is the VNNI tile of step 4b + l), then the
-// shift and mask of unpack_weights_avx512. 64 shuffles per 4 tiles.
-inline const uint8_t *t2p_block(const uint8_t *packed, int64_t blocks, int64_t row, int64_t b) {
-    return packed + (row / TILE_ROWS * blocks * TILE_ROWS + b * TILE_ROWS + row % TILE_ROWS) * T2P_BLOCK_BYTES;
-}
-inline void unpack_vnni_block(const uint8_t *packed, int64_t blocks, int64_t r, int64_t b, uint8_t *dst) {
-    const __m512i m3 = _mm512_set1_epi8(3);
-    __m512i t[16], u[16];
-    for (int i = 0; i < 8; ++i) {
-        const __m512i x = _mm512_loadu_si512(t2p_block(packed, blocks, r + 2 * i, b));
-        const __m512i y = _mm512_loadu_si512(t2p_block(packed, blocks, r + 2 * i + 1, b));
-        t[2 * i] = _mm512_unpacklo_epi32(x, y);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(x, y);
-    }
-    for (int i = 0; i < 4; ++i) {
-        u[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
-        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
-        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-    }
-    // u[4i + j], 128-bit lane L = dword column 4L + j of rows 4i .. 4i + 3
-    uint8_t *d = dst + 4 * b * TILE_BYTES;
-    for (int j = 0; j < 4; ++j) {
-        const __m512i x0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44), x1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
-        const __m512i y0 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44), y1 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
-        const __m512i col[4] = {_mm512_shuffle_i32x4(x0, y0, 0x88), _mm512_shuffle_i32x4(x0, y0, 0xDD),
-                                _mm512_shuffle_i32x4(x1, y1, 0x88), _mm512_shuffle_i32x4(x1, y1, 0xDD)};
-        for (int L = 0; L < 4; ++L) {
-            uint8_t *e = d + (4 * L + j) * amx::TILE_K;  // B row kk = 4L + j
-            _mm512_store_si512(e, _mm512_and_si512(col[L], m3));
-            _mm512_store_si512(e + TILE_BYTES, _mm512_and_si512(_mm512_srli_epi16(col[L], 2), m3));
-            _mm512_store_si512(e + 2 * TILE_BYTES, _mm512_and_si512(_mm512_srli_epi16(col[L], 4), m3));
-            _mm512_store_si512(e + 3 * TILE_BYTES, _mm512_and_si512(_mm512_srli_epi16(col[L], 6), m3));
-        }
-    }
-}
+// The operands as plain loops: amx_layout.h (pack_token_rows, unpack_vnni, neg_sums_tile); the vectorized weight
+// transpose, unpack_vnni_block, is in amx_vnni.h so the tests can hold it to unpack_vnni on any AVX-512 host.
 
 // The VNNI weights of the next row pair, built a T2P block at a time between the TDPBSUDs of the current one
 // (the vector units are idle while the tile unit works). unit u = row tile u / blocks, T2P block u % blocks.
@@ -261,7 +225,7 @@ struct VnniWork {
     int64_t next, end;
     void one() {
         const int64_t rt = next / blocks, b = next % blocks;
-        unpack_vnni_block(packed, blocks, r + rt * TILE_M, b, dst + rt * per_tile);
+        amx::unpack_vnni_block(packed, blocks, r + rt * TILE_M, b, dst + rt * per_tile);  // amx_vnni.h
         ++next;
     }
     void finish() {

@@ -114,7 +114,7 @@ constexpr int64_t GEMV_PREFETCH = 4096;
 // Where the streaming kernels' software prefetches put a line: the distances and prefetcht0 above were
 // tuned on Zen 5. On Intel (a Sapphire Rapids-class Xeon, 2 cores) prefetcht0 held the 2-thread decode
 // GEMV at 17-19 GB/s against a 26 GB/s plain read; prefetcht1, into L2 (an Intel core tracks more L2
-// misses than its 16 L1 fill buffers), reached 22-26 GB/s on T2P and T1P alike, interleaved runs of
+// misses than its 16 L1 fill buffers), reached 22-26 GB/s on T2P and T1P alike, in rounds of
 // scripts/bench_ternary_layouts.cpp (docs/kernels.md "Prefetch"). Intel only: T1 on Zen is unmeasured.
 // Each kernel is instantiated for both targets; the entry points pick one by CPU vendor.
 enum class Prefetch { L1, L2 };
@@ -762,6 +762,17 @@ void quantize_act_avx512(const float *x, int64_t cols, int8_t *q, float *scale, 
 // holds two positions, p in lanes 0-7 and p + 1 in lanes 8-15, against q repeated in both halves, so
 // each position's lanes see exactly the AVX2 kernel's operations with half the instructions; four
 // such vectors (8 positions) keep the add chains' latency covered.
+// K/V rows of one head are `stride` elements apart (1280 bytes for 2B4T: 5 KV heads x 128 x f16), so a head's
+// 256-byte rows are spread over every page and the hardware prefetchers never ramp up: an 8-sequence decode step
+// read its K/V at under 8 GB/s. The loops prefetch the rows KV_PREFETCH_ROWS positions ahead, which took that
+// step's attention from 16.0 to 10.4 ms on the Xeon of docs/kernels.md "Prefetch" (16 rows ahead: the same).
+constexpr int32_t KV_PREFETCH_ROWS = 8;
+template <bool HALF>
+inline void prefetch_kv_row(const void *base, int64_t row, int32_t d) {
+    const char *p = static_cast<const char *>(base) + row * (HALF ? 2 : 4);
+    for (int32_t b = 0; b < d * (HALF ? 2 : 4); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
 template <bool HALF>
 inline __m512 load_pair(const void *keys, int64_t row0, int64_t row1) {
     if constexpr (HALF) {
@@ -789,6 +800,7 @@ void kv_dot_pairs(const float *q, const void *keys, int64_t stride, int32_t n_po
     int32_t p = 0;
     for (; p + 8 <= n_pos; p += 8) {
         const int64_t row = int64_t(p) * stride;
+        for (int32_t a = p + KV_PREFETCH_ROWS; a < std::min(n_pos, p + KV_PREFETCH_ROWS + 8); ++a) prefetch_kv_row<HALF>(keys, int64_t(a) * stride, d);
         __m512 r[4];
 #pragma GCC unroll 4
         for (int j = 0; j < 4; ++j) r[j] = _mm512_mul_ps(qq[0], load_pair<HALF>(keys, row + 2 * j * stride, row + (2 * j + 1) * stride));
@@ -823,6 +835,7 @@ void kv_dot_block(const float *const *q, const void *keys, int64_t stride, int32
     int32_t p = 0;
     for (; p + 8 <= n_pos; p += 8) {  // 4 pairs x QB queries: up to 16 accumulators
         const int64_t row = int64_t(p) * stride;
+        for (int32_t a = p + KV_PREFETCH_ROWS; a < std::min(n_pos, p + KV_PREFETCH_ROWS + 8); ++a) prefetch_kv_row<HALF>(keys, int64_t(a) * stride, d);
         __m512 r[QB][4], k[4];
 #pragma GCC unroll 4
         for (int m = 0; m < 4; ++m) k[m] = load_pair<HALF>(keys, row + 2 * m * stride, row + (2 * m + 1) * stride);
@@ -901,6 +914,7 @@ void kv_axpy_rows(const float *probs, const void *values, int64_t stride, int32_
 #pragma GCC unroll 8
         for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
         for (int32_t p = 0; p < n_pos; ++p) {
+            if (i0 == 0 && p + KV_PREFETCH_ROWS < n_pos) prefetch_kv_row<HALF>(values, int64_t(p + KV_PREFETCH_ROWS) * stride, d);
             const __m512 w = _mm512_set1_ps(probs[p]);
             const int64_t row = int64_t(p) * stride + i0;
 #pragma GCC unroll 8
@@ -945,6 +959,7 @@ void kv_axpy_block(const float *const *probs, const int32_t *n_pos, const void *
             for (int m = 0; m < 4; ++m) acc[j][m] = _mm512_setzero_ps();
         if (n_vec == 4) {
             for (int32_t p = 0; p < shared; ++p) {
+                if (i0 == 0 && p + KV_PREFETCH_ROWS < shared) prefetch_kv_row<HALF>(values, int64_t(p + KV_PREFETCH_ROWS) * stride, d);
                 const int64_t row = int64_t(p) * stride + i0;
                 __m512 v[4];
 #pragma GCC unroll 4

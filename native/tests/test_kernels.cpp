@@ -46,6 +46,7 @@
 
 #include "ryz.h"
 #include "../kernels/amx_layout.h"  // the AMX kernel's tile operands, emulated below on any host
+#include "../kernels/amx_vnni.h"    // amx.cpp's vectorized VNNI weight tiles, held to amx_layout.h on AVX-512 hosts
 
 namespace {
 
@@ -331,12 +332,90 @@ void amx_layout_case(Rng &rng, int64_t rows, int64_t cols, int32_t n_tokens, boo
           n_tokens, allow3 ? " (code 3)" : "", bad, bad < ref.size() ? got[bad] : 0, bad < ref.size() ? ref[bad] : 0);
 }
 
+// The prefill orientation's operands (kernels/amx_layout.h, gemm_tokens_as_rows: A = 16 tokens' activation
+// rows, B = 16 weight rows in the VNNI layout, C starting from minus the activation sums) multiplied as TDPBSUD
+// defines (C[n][i] += sum A[n][4kk+m] * B[kk][4i+m], s8 x u8 into int32) against the scalar kernel, with
+// nothing subtracted after: C is the output. Runs on every host; both operands are built in two K ranges
+// (B's split on a T2P block, as the kernel builds it a block at a time), padding token rows must stay 0. On
+// AVX-512 hosts (AMX or not) the kernel's vectorized unpack_vnni_block (amx_vnni.h) must build the same B tiles.
+void amx_rows_layout_case(Rng &rng, int64_t rows, int64_t cols, int32_t n_tokens, bool allow3) {
+    namespace amx = ryz::amx;
+    const std::vector<uint8_t> codes = random_codes(rng, rows, cols, allow3);
+    const std::vector<uint8_t> t2p = make_t2p(codes, rows, cols);
+    std::vector<int8_t> act(static_cast<size_t>(n_tokens * cols));
+    random_acts(rng, act.data(), n_tokens, cols);
+    std::vector<int32_t> ref(static_cast<size_t>(rows * n_tokens)), sums(static_cast<size_t>(n_tokens), 0);
+    ryz_set_isa(RYZ_ISA_SCALAR);
+    check(ryz_ternary_gemm(t2p.data(), rows, cols, act.data(), n_tokens, ref.data()) == RYZ_OK, "amx rows layout: scalar failed");
+    for (int32_t t = 0; t < n_tokens; ++t)
+        for (int64_t k = 0; k < cols; ++k) sums[t] += act[t * cols + k];
+    const int64_t steps = cols / amx::TILE_K, blocks = cols / QK, split = steps / 3, bsplit = blocks / 2 * 4;
+    const int32_t n_tt = (n_tokens + 15) / 16;
+    std::vector<int8_t> a(static_cast<size_t>(n_tt * steps * amx::TILE_BYTES));  // a token tile's tiles over all of K, as the kernel's
+    std::vector<uint8_t> b(static_cast<size_t>(steps * amx::TILE_BYTES));
+    std::vector<int32_t> got(ref.size(), 0x7EADBEEF);
+    for (int32_t tt = 0; tt < n_tt; ++tt) {
+        int8_t *at = a.data() + tt * steps * amx::TILE_BYTES;
+        const int nv = std::min(16, n_tokens - 16 * tt);
+        amx::pack_token_rows(act.data() + 16 * tt * cols, cols, nv, 0, split, at);
+        amx::pack_token_rows(act.data() + 16 * tt * cols, cols, nv, split, steps, at + split * amx::TILE_BYTES);
+    }
+    for (int64_t r = 0; r + 16 <= rows; r += 16) {
+        amx::unpack_vnni(t2p.data(), blocks, r, 0, bsplit, b.data());
+        amx::unpack_vnni(t2p.data(), blocks, r, bsplit, steps, b.data() + bsplit * amx::TILE_BYTES);
+#ifdef RYZ_HAVE_AMX_VNNI_BLOCK
+        if (ryz_isa_supported(RYZ_ISA_AVX512)) {  // the kernel's own B tiles, a T2P block at a time, against the spec
+            Buffer<uint8_t> v(b.size(), 0);
+            for (int64_t bb = 0; bb < blocks; ++bb) amx::unpack_vnni_block(t2p.data(), blocks, r, bb, v.ptr);
+            check(std::memcmp(v.ptr, b.data(), b.size()) == 0, "amx unpack_vnni_block %lldx%lld rows %lld..: differs from unpack_vnni",
+                  (long long)rows, (long long)cols, (long long)r);
+        }
+#endif
+        for (int32_t tt = 0; tt < n_tt; ++tt) {
+            const int8_t *at = a.data() + tt * steps * amx::TILE_BYTES;
+            const int nv = std::min(16, n_tokens - 16 * tt);
+            int32_t c[16][16];
+            amx::neg_sums_tile(sums.data() + 16 * tt, nv, &c[0][0]);
+            for (int64_t s = 0; s < steps; ++s) {
+                const int8_t *ta = at + s * amx::TILE_BYTES;
+                const uint8_t *tb = b.data() + s * amx::TILE_BYTES;
+                for (int n = 0; n < 16; ++n)
+                    for (int i = 0; i < 16; ++i)
+                        for (int kk = 0; kk < 16; ++kk)
+                            for (int m = 0; m < 4; ++m)
+                                c[n][i] += static_cast<int32_t>(ta[n * 64 + 4 * kk + m]) * static_cast<int32_t>(tb[kk * 64 + 4 * i + m]);
+            }
+            for (int n = 0; n < 16; ++n) {
+                if (n >= nv) {  // padding tokens: zero rows from a zero start
+                    for (int i = 0; i < 16; ++i) check(c[n][i] == 0, "amx rows layout: padding token %d row %d = %d", n, i, c[n][i]);
+                    continue;
+                }
+                for (int i = 0; i < 16; ++i) got[(16 * tt + n) * rows + r + i] = c[n][i];
+            }
+        }
+    }
+    size_t bad = ref.size();
+    for (int32_t t = 0; t < n_tokens && bad == ref.size(); ++t)
+        for (int64_t r = 0; r < rows / 16 * 16; ++r)
+            if (got[t * rows + r] != ref[t * rows + r]) { bad = static_cast<size_t>(t * rows + r); break; }
+    check(bad == ref.size(), "amx rows layout emulation %lldx%lld n=%d%s: out[%zu] = %d, scalar %d", (long long)rows, (long long)cols,
+          n_tokens, allow3 ? " (code 3)" : "", bad, bad < ref.size() ? got[bad] : 0, bad < ref.size() ? ref[bad] : 0);
+}
+
 void test_amx_layout() {
     Rng rng(7);
     amx_layout_case(rng, 16, 256, 1, false);
     amx_layout_case(rng, 48, 768, 37, false);
     amx_layout_case(rng, 36, 2816, 16, true);  // 2 row tiles (+ 4 rows the kernel hands to AVX-512)
     amx_layout_case(rng, 32, 512, 70, true);
+    // Prefill orientation: 1- and 16-token tiles, partial last token tiles (130 = 8 x 16 + 2, 200 = 12 x 16 + 8),
+    // odd row-tile counts and a 4-row tail left to AVX-512, 6912 columns (108 steps: 27 T2P blocks).
+    amx_rows_layout_case(rng, 16, 256, 1, false);
+    amx_rows_layout_case(rng, 48, 768, 16, true);
+    amx_rows_layout_case(rng, 36, 2816, 130, false);
+    amx_rows_layout_case(rng, 48, 256, 200, true);
+    amx_rows_layout_case(rng, 16, 6912, 130, true);
+    amx_rows_layout_case(rng, 80, 2560, 150, false);
 }
 
 // ---------------------------------------------------------------------------------------------
