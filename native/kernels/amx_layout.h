@@ -41,19 +41,19 @@ constexpr int TILE_M = 16;          // rows of a tile (weight rows of A, K group
 constexpr int TILE_K = 64;          // bytes per tile row: one K step
 constexpr int TILE_BYTES = TILE_M * TILE_K;
 
+// code+1 of (row, col) in T2P (blocks.h; `blocks` = cols / 256): bits 2l..2l+1 of byte j of the row's block b,
+// where col = 256b + 64l + j. K step s is plane s % 4 of block s / 4.
+static inline uint8_t t2p_code1(const uint8_t *packed, int64_t blocks, int64_t row, int64_t col) {
+    const uint8_t *block = packed + (row / TILE_ROWS * blocks * TILE_ROWS + col / QK_K * TILE_ROWS + row % TILE_ROWS) * T2P_BLOCK_BYTES;
+    return static_cast<uint8_t>((block[col % TILE_K] >> (2 * (col % QK_K / TILE_K))) & 3);
+}
+
 // A tiles of rows [r, r + 16) (r a multiple of TILE_ROWS) for K steps [s0, s1), one after another:
 // dst[(s - s0) * TILE_BYTES + i * 64 + j]. (amx.cpp's unpack_weights_avx512 is this, vectorized.)
 static inline void unpack_weights(const uint8_t *packed, int64_t blocks, int64_t r, int64_t s0, int64_t s1, uint8_t *dst) {
-    for (int i = 0; i < TILE_M; ++i) {
-        const int64_t row = r + i;
-        const uint8_t *base = packed + (row / TILE_ROWS * blocks * TILE_ROWS + row % TILE_ROWS) * T2P_BLOCK_BYTES;
-        for (int64_t s = s0; s < s1; ++s) {
-            const uint8_t *q = base + (s / 4) * TILE_ROWS * T2P_BLOCK_BYTES;
-            const int shift = 2 * static_cast<int>(s % 4);
-            uint8_t *d = dst + (s - s0) * TILE_BYTES + i * TILE_K;
-            for (int j = 0; j < TILE_K; ++j) d[j] = static_cast<uint8_t>((q[j] >> shift) & 3);
-        }
-    }
+    for (int64_t s = s0; s < s1; ++s)
+        for (int i = 0; i < TILE_M; ++i)
+            for (int j = 0; j < TILE_K; ++j) dst[(s - s0) * TILE_BYTES + i * TILE_K + j] = t2p_code1(packed, blocks, r + i, TILE_K * s + j);
 }
 
 // B tiles of tokens [0, n_valid) of `act` (rows of `cols` int8), every K step s at dst + s * step_stride
@@ -88,17 +88,11 @@ static inline void pack_token_rows(const int8_t *act, int64_t cols, int n_valid,
 // dst[(s - s0) * TILE_BYTES + kk * 64 + 4i + m] = code+1 of (row r + i, column 64s + 4kk + m). (amx.cpp's
 // unpack_vnni_block is this for one T2P block, s0 = 4b, s1 = 4b + 4, vectorized as a dword transpose.)
 static inline void unpack_vnni(const uint8_t *packed, int64_t blocks, int64_t r, int64_t s0, int64_t s1, uint8_t *dst) {
-    for (int i = 0; i < TILE_M; ++i) {
-        const int64_t row = r + i;
-        const uint8_t *base = packed + (row / TILE_ROWS * blocks * TILE_ROWS + row % TILE_ROWS) * T2P_BLOCK_BYTES;
-        for (int64_t s = s0; s < s1; ++s) {
-            const uint8_t *q = base + (s / 4) * TILE_ROWS * T2P_BLOCK_BYTES;
-            const int shift = 2 * static_cast<int>(s % 4);
-            uint8_t *d = dst + (s - s0) * TILE_BYTES + 4 * i;
+    for (int64_t s = s0; s < s1; ++s)
+        for (int i = 0; i < TILE_M; ++i)
             for (int kk = 0; kk < TILE_M; ++kk)
-                for (int m = 0; m < 4; ++m) d[kk * TILE_K + m] = static_cast<uint8_t>((q[4 * kk + m] >> shift) & 3);
-        }
-    }
+                for (int m = 0; m < 4; ++m)
+                    dst[(s - s0) * TILE_BYTES + kk * TILE_K + 4 * i + m] = t2p_code1(packed, blocks, r + i, TILE_K * s + 4 * kk + m);
 }
 
 // The C tile a token tile starts from: dst[n * 16 + i] = -act_sums[n] for n < n_valid, 0 for padding, so
