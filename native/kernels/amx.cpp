@@ -12,7 +12,7 @@
 // shift and a mask per 64 bytes, with no transpose of the weights; the activation reformat (a 4-byte
 // transpose) is shared by every row of the call, and the C transpose by a whole row of K steps.
 //
-// Blocking, 12 to 127 tokens (batched decode, speculative verification, short prompts): token blocks of
+// Blocking, 12 to 31 tokens (batched decode of 12+ sequences, short prompt chunks): token blocks of
 // TOKEN_BLOCK tokens (B tiles of a 64-token block are at most 432 KB: L2), re-read by each row group. In each
 // block, row groups of ROW_GROUP_TILES x 16 rows; in each, K chunks of K_CHUNK steps whose A tiles are unpacked
 // once into an L1 buffer and used by every token tile of the block; 2 x 2 register blocking (4 C tiles, 2 A,
@@ -67,11 +67,12 @@ static_assert(K_CHUNK % 4 == 0, "K chunks are whole T2P blocks");
 // 4 shapes; docs/kernels.md "AMX"): its B tiles (1.3-3.5 MB) leave L2 and its C transposes scatter over 512
 // output rows. The weights, unpacked again for each block, come from L3 after the first.
 constexpr int64_t TOKEN_BLOCK = 64;
-// From this many tokens on, the prefill path (gemm_tokens_as_rows; its predecessor gemm_stationary, C in the
-// registers over all of K, was measured here): at 512 tokens its medians were 1.14-1.25x the 64-token blocks' (4 shapes;
-// at 64 tokens 0.87-1.05x). Its token blocks are STATIONARY_B_BYTES of B tiles (384 tokens at 2560 columns, 128 at
+// From this many tokens on, the prefill path (gemm_tokens_as_rows). Against the K-chunked kernel (2 threads, weights
+// from DRAM, scripts/bench_ternary_layouts.cpp, 2560 / 6912 columns): 32 tokens 1.24-1.93x, 48 1.03-1.25x, 64
+// 1.0-1.28x, 96 1.33-1.52x; at 16 tokens 1.04-1.08x on 2560 columns but 0.84-0.95x on 6912, at 8 0.77-0.95x
+// (docs/kernels.md "AMX"). Its token blocks are STATIONARY_B_BYTES of B tiles (384 tokens at 2560 columns, 128 at
 // 6912); 512 KB and 2 MB were no faster.
-constexpr int32_t STATIONARY_MIN_TOKENS = 128;
+constexpr int32_t STATIONARY_MIN_TOKENS = 32;
 constexpr int64_t STATIONARY_B_BYTES = 1 << 20;
 static_assert(TOKEN_BLOCK % (2 * TILE_M) == 0, "token blocks are whole token-tile pairs");
 

@@ -762,10 +762,10 @@ void quantize_act_avx512(const float *x, int64_t cols, int8_t *q, float *scale, 
 // holds two positions, p in lanes 0-7 and p + 1 in lanes 8-15, against q repeated in both halves, so
 // each position's lanes see exactly the AVX2 kernel's operations with half the instructions; four
 // such vectors (8 positions) keep the add chains' latency covered.
-// K/V rows of one head are `stride` elements apart (1280 bytes for 2B4T: 5 KV heads x 128 x f16), so a head's
-// 256-byte rows are spread over every page and the hardware prefetchers never ramp up: an 8-sequence decode step
-// read its K/V at under 8 GB/s. The loops prefetch the rows KV_PREFETCH_ROWS positions ahead, which took that
-// step's attention from 16.0 to 10.4 ms on the Xeon of docs/kernels.md "Prefetch" (16 rows ahead: the same).
+// K/V rows come from DRAM (an 8-sequence decode step reads ~120 MB of them), `stride` elements apart. The loops
+// prefetch the rows KV_PREFETCH_ROWS positions ahead. On the Xeon of docs/kernels.md "Prefetch", an 8-sequence
+// step's attention: with the forward's old position-major cache (a head's 256-byte rows 1280 bytes apart) 16.0 ->
+// 10.4 ms; with its head-major cache (one contiguous stream per head) 13.1-13.5 -> 9.2-9.6 ms. 16 rows ahead: the same.
 constexpr int32_t KV_PREFETCH_ROWS = 8;
 template <bool HALF>
 inline void prefetch_kv_row(const void *base, int64_t row, int32_t d) {

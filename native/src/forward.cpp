@@ -19,7 +19,9 @@
 namespace ryz {
 
 struct KVSeq {
-    AlignedBuffer keys, values;  // [layer][position][kv_heads * head_dim], fp32 or fp16
+    // [layer][kv_head][position][head_dim], fp32 or fp16: one head's rows are one contiguous stream for attention
+    // (position-major, a head's 256-byte rows sat 1280 bytes apart and the hardware prefetchers never ramped up).
+    AlignedBuffer keys, values;
     int32_t length = 0;
 };
 
@@ -50,6 +52,12 @@ namespace ryz {
 namespace {
 
 size_t kv_elem_bytes(int32_t kv_type) { return kv_type == RYZ_KV_F32 ? 4 : 2; }
+
+// Byte offset of (layer, KV head)'s rows in a sequence's K or V buffer (KVSeq: [layer][kv_head][position][head_dim]).
+size_t kv_head_offset(const ryz_context *c, int32_t layer, int32_t kv_head) {
+    const ryz_hparams &hp = c->model->hp;
+    return (size_t(layer) * hp.kv_heads + kv_head) * c->max_positions * hp.head_dim * kv_elem_bytes(c->kv_type);
+}
 
 // Runs fn, adding its wall time to `part` when the context is profiling. The forward's parallel regions
 // return only when every thread is done, so wall time on the calling thread is the part's time.
@@ -168,8 +176,7 @@ void grow_scratch(ryz_context *c, int32_t n) {
 void attention(ryz_context *c, int layer, int32_t n, const int32_t *seq_ids) {
     const ryz_hparams &hp = c->model->hp;
     const int32_t d = hp.head_dim, group = hp.heads / hp.kv_heads;
-    const int64_t kv_dim = int64_t(hp.kv_heads) * d, q_dim = int64_t(hp.heads) * d;
-    const size_t eb = kv_elem_bytes(c->kv_type);
+    const int64_t q_dim = int64_t(hp.heads) * d;
     const float sqrt_d = std::sqrt(static_cast<float>(d));
     const auto kv_dot = kv_dot_kernel(), kv_axpy = kv_axpy_kernel();
     const auto softmax = softmax_kernel();
@@ -200,7 +207,7 @@ void attention(ryz_context *c, int layer, int32_t n, const int32_t *seq_ids) {
             for (int64_t item = ti; item < items; item += nt) {
                 const int32_t b = static_cast<int32_t>(item / hp.kv_heads), kvh = static_cast<int32_t>(item % hp.kv_heads);
                 const KVSeq &s = c->seqs[seq_ids[starts[b]]];
-                const size_t layer_off = (size_t(layer) * c->max_positions * kv_dim + size_t(kvh) * d) * eb;
+                const size_t head_off = kv_head_offset(c, layer, kvh);
                 int32_t nq = 0, n_max = 0;
                 for (int32_t t = starts[b]; t < starts[b + 1]; ++t)
                     for (int32_t h = kvh * group; h < (kvh + 1) * group; ++h, ++nq) {
@@ -211,9 +218,9 @@ void attention(ryz_context *c, int layer, int32_t n, const int32_t *seq_ids) {
                         n_max = std::max(n_max, n_pos[nq]);
                     }
                 // every query's scores over the block's positions (those past a query's own are not read)
-                kv_dot_multi(qs.data(), nq, s.keys.get() + layer_off, c->kv_type, kv_dim, n_max, d, sc.data());
+                kv_dot_multi(qs.data(), nq, s.keys.get() + head_off, c->kv_type, d, n_max, d, sc.data());
                 for (int32_t j = 0; j < nq; ++j) softmax(sc[j], n_pos[j], sqrt_d);
-                kv_axpy_multi(sc.data(), nq, n_pos.data(), s.values.get() + layer_off, c->kv_type, kv_dim, d, outs.data());
+                kv_axpy_multi(sc.data(), nq, n_pos.data(), s.values.get() + head_off, c->kv_type, d, d, outs.data());
             }
         });
         return;
@@ -230,10 +237,10 @@ void attention(ryz_context *c, int layer, int32_t n, const int32_t *seq_ids) {
             for (int32_t h = static_cast<int32_t>(hb); h < he; ++h) {
                 const int32_t n_pos = c->positions[t] + 1, kvh = h / group;  // causal: positions 0..pos
                 const KVSeq &s = c->seqs[seq_ids[t]];
-                const size_t layer_off = (size_t(layer) * c->max_positions * kv_dim + size_t(kvh) * d) * eb;
-                kv_dot(c->q.data() + int64_t(t) * q_dim + int64_t(h) * d, s.keys.get() + layer_off, c->kv_type, kv_dim, n_pos, d, scores.data());
+                const size_t head_off = kv_head_offset(c, layer, kvh);
+                kv_dot(c->q.data() + int64_t(t) * q_dim + int64_t(h) * d, s.keys.get() + head_off, c->kv_type, d, n_pos, d, scores.data());
                 softmax(scores.data(), n_pos, sqrt_d);  // scores / sqrt_d, exp(- max) in double, / pairwise sum
-                kv_axpy(scores.data(), s.values.get() + layer_off, c->kv_type, kv_dim, n_pos, d, c->att.data() + int64_t(t) * q_dim + int64_t(h) * d);
+                kv_axpy(scores.data(), s.values.get() + head_off, c->kv_type, d, n_pos, d, c->att.data() + int64_t(t) * q_dim + int64_t(h) * d);
             }
         }
     });
@@ -324,12 +331,13 @@ ryz_status ryz_seq_copy(ryz_context *c, int32_t src, int32_t dst, int32_t length
     if (length < 0 || length > c->seqs[src].length) return fail(RYZ_ERR_INVALID_ARGUMENT, "copy length exceeds the source sequence");
     if (ryz_status st = ensure_seq(c, dst)) return st;
     const ryz_hparams &hp = c->model->hp;
-    const size_t row = size_t(hp.kv_heads) * hp.head_dim * kv_elem_bytes(c->kv_type);
-    for (int32_t l = 0; l < hp.layers; ++l) {
-        const size_t off = size_t(l) * c->max_positions * row;
-        std::memcpy(c->seqs[dst].keys.get() + off, c->seqs[src].keys.get() + off, size_t(length) * row);
-        std::memcpy(c->seqs[dst].values.get() + off, c->seqs[src].values.get() + off, size_t(length) * row);
-    }
+    const size_t row = size_t(hp.head_dim) * kv_elem_bytes(c->kv_type);
+    for (int32_t l = 0; l < hp.layers; ++l)
+        for (int32_t h = 0; h < hp.kv_heads; ++h) {
+            const size_t off = kv_head_offset(c, l, h);
+            std::memcpy(c->seqs[dst].keys.get() + off, c->seqs[src].keys.get() + off, size_t(length) * row);
+            std::memcpy(c->seqs[dst].values.get() + off, c->seqs[src].values.get() + off, size_t(length) * row);
+        }
     c->seqs[dst].length = length;
     return RYZ_OK;
 }
@@ -393,9 +401,11 @@ ryz_status ryz_forward(ryz_context *c, int32_t n, const int32_t *tokens, const i
             ew.rope(qt, hp.heads, hp.head_dim, cs, sn);
             ew.rope(kt, hp.kv_heads, hp.head_dim, cs, sn);
             KVSeq &s = c->seqs[seq_ids[t]];
-            const size_t at = (size_t(l) * c->max_positions + c->positions[t]) * kv_dim * kv_elem_bytes(c->kv_type);
-            ew.kv_store(kt, kv_dim, c->kv_type, s.keys.get() + at);
-            ew.kv_store(vt, kv_dim, c->kv_type, s.values.get() + at);
+            for (int32_t h = 0; h < hp.kv_heads; ++h) {
+                const size_t at = kv_head_offset(c, l, h) + size_t(c->positions[t]) * hp.head_dim * kv_elem_bytes(c->kv_type);
+                ew.kv_store(kt + int64_t(h) * hp.head_dim, hp.head_dim, c->kv_type, s.keys.get() + at);
+                ew.kv_store(vt + int64_t(h) * hp.head_dim, hp.head_dim, c->kv_type, s.values.get() + at);
+            }
         });
         timed(c, RYZ_PART_ATTENTION, [&] { attention(c, l, n, seq_ids); });
         if (hp.sub_norms)
