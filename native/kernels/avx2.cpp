@@ -414,9 +414,11 @@ void kv_dot_avx2(const float *q, const void *keys, int32_t kv_type, int64_t stri
     // Four positions at a time: each position's sum is one chain of d/8 dependent adds (4 cycles each),
     // so one position alone left the core idle between them; four independent chains fill that time.
     // Each position's operations and their order are unchanged.
+    const int64_t elem_bytes = kv_type == RYZ_KV_F32 ? 4 : 2;
     int32_t p = 0;
     for (; p + 4 <= n_pos; p += 4) {
         const int64_t row = int64_t(p) * stride;
+        for (int32_t a = p + KV_PREFETCH_ROWS; a < std::min(n_pos, p + KV_PREFETCH_ROWS + 4); ++a) prefetch_kv_row(keys, int64_t(a) * stride, d, elem_bytes);
         const __m256 q0 = _mm256_loadu_ps(q);
         __m256 r0 = _mm256_mul_ps(q0, load8(keys, kv_type, row));
         __m256 r1 = _mm256_mul_ps(q0, load8(keys, kv_type, row + stride));
@@ -452,6 +454,7 @@ void kv_axpy_avx2(const float *probs, const void *values, int32_t kv_type, int64
         __m256 acc[8];
         for (int j = 0; j < width / 8; ++j) acc[j] = _mm256_setzero_ps();
         for (int32_t p = 0; p < n_pos; ++p) {
+            if (i0 == 0 && p + KV_PREFETCH_ROWS < n_pos) prefetch_kv_row(values, int64_t(p + KV_PREFETCH_ROWS) * stride, d, kv_type == RYZ_KV_F32 ? 4 : 2);
             const __m256 w = _mm256_set1_ps(probs[p]);
             const int64_t row = int64_t(p) * stride + i0;
             for (int j = 0; j < width / 8; ++j) acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(w, load8(values, kv_type, row + 8 * j)));

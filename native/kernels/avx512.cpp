@@ -762,17 +762,6 @@ void quantize_act_avx512(const float *x, int64_t cols, int8_t *q, float *scale, 
 // holds two positions, p in lanes 0-7 and p + 1 in lanes 8-15, against q repeated in both halves, so
 // each position's lanes see exactly the AVX2 kernel's operations with half the instructions; four
 // such vectors (8 positions) keep the add chains' latency covered.
-// K/V rows come from DRAM (an 8-sequence decode step reads ~120 MB of them), `stride` elements apart. The loops
-// prefetch the rows KV_PREFETCH_ROWS positions ahead. On the Xeon of docs/kernels.md "Prefetch", an 8-sequence
-// step's attention: with the forward's old position-major cache (a head's 256-byte rows 1280 bytes apart) 16.0 ->
-// 10.4 ms; with its head-major cache (one contiguous stream per head) 13.1-13.5 -> 9.2-9.6 ms. 16 rows ahead: the same.
-constexpr int32_t KV_PREFETCH_ROWS = 8;
-template <bool HALF>
-inline void prefetch_kv_row(const void *base, int64_t row, int32_t d) {
-    const char *p = static_cast<const char *>(base) + row * (HALF ? 2 : 4);
-    for (int32_t b = 0; b < d * (HALF ? 2 : 4); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
-}
-
 template <bool HALF>
 inline __m512 load_pair(const void *keys, int64_t row0, int64_t row1) {
     if constexpr (HALF) {
@@ -800,7 +789,7 @@ void kv_dot_pairs(const float *q, const void *keys, int64_t stride, int32_t n_po
     int32_t p = 0;
     for (; p + 8 <= n_pos; p += 8) {
         const int64_t row = int64_t(p) * stride;
-        for (int32_t a = p + KV_PREFETCH_ROWS; a < std::min(n_pos, p + KV_PREFETCH_ROWS + 8); ++a) prefetch_kv_row<HALF>(keys, int64_t(a) * stride, d);
+        for (int32_t a = p + KV_PREFETCH_ROWS; a < std::min(n_pos, p + KV_PREFETCH_ROWS + 8); ++a) prefetch_kv_row(keys, int64_t(a) * stride, d, HALF ? 2 : 4);
         __m512 r[4];
 #pragma GCC unroll 4
         for (int j = 0; j < 4; ++j) r[j] = _mm512_mul_ps(qq[0], load_pair<HALF>(keys, row + 2 * j * stride, row + (2 * j + 1) * stride));
@@ -835,7 +824,7 @@ void kv_dot_block(const float *const *q, const void *keys, int64_t stride, int32
     int32_t p = 0;
     for (; p + 8 <= n_pos; p += 8) {  // 4 pairs x QB queries: up to 16 accumulators
         const int64_t row = int64_t(p) * stride;
-        for (int32_t a = p + KV_PREFETCH_ROWS; a < std::min(n_pos, p + KV_PREFETCH_ROWS + 8); ++a) prefetch_kv_row<HALF>(keys, int64_t(a) * stride, d);
+        for (int32_t a = p + KV_PREFETCH_ROWS; a < std::min(n_pos, p + KV_PREFETCH_ROWS + 8); ++a) prefetch_kv_row(keys, int64_t(a) * stride, d, HALF ? 2 : 4);
         __m512 r[QB][4], k[4];
 #pragma GCC unroll 4
         for (int m = 0; m < 4; ++m) k[m] = load_pair<HALF>(keys, row + 2 * m * stride, row + (2 * m + 1) * stride);
@@ -914,7 +903,7 @@ void kv_axpy_rows(const float *probs, const void *values, int64_t stride, int32_
 #pragma GCC unroll 8
         for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
         for (int32_t p = 0; p < n_pos; ++p) {
-            if (i0 == 0 && p + KV_PREFETCH_ROWS < n_pos) prefetch_kv_row<HALF>(values, int64_t(p + KV_PREFETCH_ROWS) * stride, d);
+            if (i0 == 0 && p + KV_PREFETCH_ROWS < n_pos) prefetch_kv_row(values, int64_t(p + KV_PREFETCH_ROWS) * stride, d, HALF ? 2 : 4);
             const __m512 w = _mm512_set1_ps(probs[p]);
             const int64_t row = int64_t(p) * stride + i0;
 #pragma GCC unroll 8
@@ -959,7 +948,7 @@ void kv_axpy_block(const float *const *probs, const int32_t *n_pos, const void *
             for (int m = 0; m < 4; ++m) acc[j][m] = _mm512_setzero_ps();
         if (n_vec == 4) {
             for (int32_t p = 0; p < shared; ++p) {
-                if (i0 == 0 && p + KV_PREFETCH_ROWS < shared) prefetch_kv_row<HALF>(values, int64_t(p + KV_PREFETCH_ROWS) * stride, d);
+                if (i0 == 0 && p + KV_PREFETCH_ROWS < shared) prefetch_kv_row(values, int64_t(p + KV_PREFETCH_ROWS) * stride, d, HALF ? 2 : 4);
                 const int64_t row = int64_t(p) * stride + i0;
                 __m512 v[4];
 #pragma GCC unroll 4

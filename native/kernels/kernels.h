@@ -118,6 +118,17 @@ float pairwise_sum(const Term &term, int64_t n, int64_t first = 0) {  // sums te
     return pairwise_sum(term, n2, first) + pairwise_sum(term, n - n2, first + n2);
 }
 
+// K/V rows come from DRAM in decode (an 8-sequence step reads ~120 MB of them): the AVX2 and AVX-512 attention
+// kernels prefetch the rows KV_PREFETCH_ROWS positions ahead, every 64-byte line of a row of d elements. On the Xeon
+// of docs/kernels.md "Prefetch", an 8-sequence step's attention (AVX-512): 13.1-13.5 -> 9.2-9.6 ms with the head-major
+// cache, 16.0 -> 10.4 ms with the earlier position-major one; 16 rows ahead measured the same ("K/V cache layout and
+// prefetch"). A prefetch never faults; callers stay within the n_pos rows anyway.
+constexpr int32_t KV_PREFETCH_ROWS = 8;
+inline void prefetch_kv_row(const void *rows, int64_t row, int32_t d, int64_t elem_bytes) {
+    const char *p = static_cast<const char *>(rows) + row * elem_bytes;
+    for (int64_t b = 0; b < int64_t(d) * elem_bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
+}
+
 // The loop structure every SIMD ternary GEMM shares; only the inner kernels are the ISA's own.
 // Decode (one token): `gemv(tile_weights, r)` writes the 4 outputs of the row tile starting at row r.
 // Several tokens: `micro(n, tile_weights, t, r)` for n <= tile tokens starting at token t, nested so
