@@ -251,6 +251,21 @@ def test_bad_inputs_are_refused(models, native_library):
     assert model.library.lib.ryz_seq_length(model.context, 0) == 0  # a refused batch changes nothing
 
 
+def test_logit_rows_are_the_nonzero_wants(models, native_library):
+    """forward_batch returns one row per nonzero want_logits entry, as the native forward counts them (the logits
+    buffer is not zeroed, so a row counted only on the Python side would be garbage), and refuses a want array of
+    another length."""
+    model = NativeModel(models["tiny"], native_library, threads=1, max_positions=16, kv_type="f32")
+    tokens, seqs = np.array([5, 6, 7], np.int32), np.zeros(3, np.int32)
+    expected = model.forward(tokens)[1:]
+    model.truncate_seq(0, 0)
+    got = model.forward_batch(tokens, seqs, np.array([0, 2, 1], np.uint8))
+    assert got.shape == (2, model.hp.vocab) and np.array_equal(got, expected)
+    model.truncate_seq(0, 0)
+    with pytest.raises(ValueError, match="2 entries for 3 tokens"):
+        model.forward_batch(tokens, seqs, np.array([1, 1], np.uint8))
+
+
 def test_top_k_matches_numpy(native_library):
     rng = np.random.default_rng(0)
     logits = rng.normal(size=5000).astype(np.float32)
