@@ -214,8 +214,9 @@ inline void store_transposed(const int32_t *c, const int32_t *sums, int n_valid,
 // plain 64-byte copy per token row); B tiles = 16 weight rows in the VNNI layout, B[kk][4n+m] = code+1 of
 // (row r + n, column 64s + 4kk + m). TDPBSUD (s8 x u8) gives C[t][r] = sum a * (code+1); C starts from a tile
 // holding -act_sums[t] in row t, so it is the output itself and is stored with one TILESTORED (stride out_stride).
-// The operands as plain loops: amx_layout.h (pack_token_rows, unpack_vnni, neg_sums_tile); the vectorized weight
-// transpose, unpack_vnni_block, is in amx_vnni.h so the tests can hold it to unpack_vnni on any AVX-512 host.
+// The operands as plain loops: amx_layout.h (pack_token_rows, unpack_vnni, neg_sums_tile); the kernel calls the first
+// and last itself, and its vectorized weight transpose, unpack_vnni_block, is in amx_vnni.h so the tests can hold it
+// to unpack_vnni on any AVX-512 host.
 
 // The VNNI weights of the next row pair, built a T2P block at a time between the TDPBSUDs of the current one
 // (the vector units are idle while the tile unit works). unit u = row tile u / blocks, T2P block u % blocks.
@@ -285,21 +286,11 @@ bool gemm_tokens_as_rows(const uint8_t *packed, int64_t row_begin, int64_t row_e
     for (int64_t t0 = 0; t0 < n_tokens; t0 += block_tiles * TILE_M) {
         const int64_t in_block = std::min<int64_t>(block_tiles * TILE_M, n_tokens - t0);
         const int64_t n_tt = (in_block + TILE_M - 1) / TILE_M;
-        for (int64_t tt = 0; tt < n_tt; ++tt) {
-            int8_t *d = abuf + tt * per_tile;
-            int32_t *ns = sbuf + tt * TILE_M * TILE_M;
-            for (int n = 0; n < TILE_M; ++n) {
-                const int64_t t = t0 + tt * TILE_M + n;
-                const __m512i neg = _mm512_set1_epi32(t < n_tokens ? -act_sums[t] : 0);
-                _mm512_store_si512(ns + n * TILE_M, neg);
-                if (t < n_tokens) {
-                    const int8_t *src = act + t * cols;
-                    for (int64_t s = 0; s < steps; ++s)
-                        _mm512_store_si512(d + s * TILE_BYTES + n * amx::TILE_K, _mm512_loadu_si512(src + s * amx::TILE_K));
-                } else {
-                    for (int64_t s = 0; s < steps; ++s) _mm512_store_si512(d + s * TILE_BYTES + n * amx::TILE_K, _mm512_setzero_si512());
-                }
-            }
+        for (int64_t tt = 0; tt < n_tt; ++tt) {  // the spec's own loops (amx_layout.h): 64-byte copies, no reformat
+            const int64_t t = t0 + tt * TILE_M;
+            const int nv = static_cast<int>(std::min<int64_t>(TILE_M, n_tokens - t));
+            amx::pack_token_rows(act + t * cols, cols, nv, 0, steps, abuf + tt * per_tile);
+            amx::neg_sums_tile(act_sums + t, nv, sbuf + tt * TILE_M * TILE_M);
         }
         const int64_t n_calls = (n_tt + 1) / 2;  // tile_block_rows calls per row pair
         VnniWork first{packed, blocks, row_begin, per_tile, wbuf, 0, (row_begin + TILE_M < row_end ? 2 : 1) * blocks};
