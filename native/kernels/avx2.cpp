@@ -449,12 +449,13 @@ void kv_axpy_avx2(const float *probs, const void *values, int32_t kv_type, int64
         kernels_scalar().kv_axpy(probs, values, kv_type, stride, n_pos, d, out);
         return;
     }
+    const int64_t elem_bytes = kv_type == RYZ_KV_F32 ? 4 : 2;
     for (int32_t i0 = 0; i0 < d; i0 += 64) {  // up to 8 accumulators live across the position loop
         const int32_t width = std::min(64, d - i0);
         __m256 acc[8];
         for (int j = 0; j < width / 8; ++j) acc[j] = _mm256_setzero_ps();
         for (int32_t p = 0; p < n_pos; ++p) {
-            if (i0 == 0 && p + KV_PREFETCH_ROWS < n_pos) prefetch_kv_row(values, int64_t(p + KV_PREFETCH_ROWS) * stride, d, kv_type == RYZ_KV_F32 ? 4 : 2);
+            if (i0 == 0 && p + KV_PREFETCH_ROWS < n_pos) prefetch_kv_row(values, int64_t(p + KV_PREFETCH_ROWS) * stride, d, elem_bytes);
             const __m256 w = _mm256_set1_ps(probs[p]);
             const int64_t row = int64_t(p) * stride + i0;
             for (int j = 0; j < width / 8; ++j) acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(w, load8(values, kv_type, row + 8 * j)));
