@@ -292,7 +292,7 @@ def test_nan_logits_are_a_clear_error():
 def test_padded_logits_beyond_the_vocabulary_are_never_sampled():
     logits = np.zeros(16, dtype=np.float32)
     logits[12:] = 100.0  # padding rows of the embedding
-    for params in (SamplingParams(temperature=0), SamplingParams(seed=1), SamplingParams(top_k=4, seed=1)):
+    for params in (SamplingParams(temperature=0, logprobs=0), SamplingParams(seed=1), SamplingParams(top_k=4, seed=1)):
         sampler = Sampler(params, 10)
         for _ in range(50):
             sample = sampler.sample(logits, [], [])
@@ -381,6 +381,17 @@ def test_logprobs_are_raw_log_softmax(params):
         assert values == sorted(values, reverse=True)
         assert ids == np.argsort(-reference, kind="stable")[: params.logprobs].tolist()
         np.testing.assert_allclose(values, reference[ids], atol=1e-5)
+
+
+def test_a_greedy_pick_without_logprobs_reports_none():
+    # No exp pass over the vocabulary when nothing asked for a logprob; the token is the same.
+    logits = np.arange(10, dtype=np.float32)
+    for params in (SamplingParams(temperature=0), SamplingParams(top_k=1, seed=3)):
+        sample = Sampler(params, 10).sample(logits, [], [])
+        assert sample.token == 9 and math.isnan(sample.logprob) and sample.top == []
+        asked = Sampler(SamplingParams(**{**params.__dict__, "logprobs": 0}), 10).sample(logits, [], [])
+        expected = float(logits[9] - np.log(np.exp(logits).sum()))
+        assert asked.token == 9 and math.isclose(asked.logprob, expected, rel_tol=1e-6)
 
 
 def test_no_top_alternatives_without_logprobs():

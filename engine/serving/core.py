@@ -9,6 +9,7 @@ through `engine.serving.client.LocalEngineClient`, which turns that into an asyn
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
@@ -488,7 +489,8 @@ class EngineCore:
         for i, t in enumerate([*drafts[:n], token]):
             emitted += 1
             self._count(live, emitted=1)
-            sample = live.sampler.report(logits[i], t) if request.params.logprobs is not None else Sample(t, 0.0, [])
+            asked = request.params.logprobs is not None
+            sample = live.sampler.report(logits[i], t) if asked else Sample(t, math.nan, [])
             if self._emit(live, sample, append=i == n):
                 break
         if self.metrics is not None and hasattr(self.metrics, "spec_step"):
