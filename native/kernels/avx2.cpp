@@ -5,6 +5,9 @@
 //     Byte j of a row's block holds code+1 of column 64l + j in bits 2l..2l+1. A 32-byte half h of
 //     the block (bytes 32h..32h+31) therefore holds, in plane l, columns 64l + 32h + 0..31: one ymm of
 //     activations per plane and half.
+//   T1P ternary (TQ1_0 models): packed[tile][i][64], byte 16r + m of vector i holds 5 base-3 digits
+//     (codes+1 of columns 80i + 16k + m of row r); a ymm half of a vector is rows 0-1 or 2-3, one
+//     128-bit lane per row. Digits are made by compares (gemv_t1p_tile).
 //   Activations: int8, row-major [token][cols], plus act_sums[token] = the sum of that token's row.
 //   Dense (head / embedding): ggml's F32, F16, Q8_0 and Q6_K rows, read in place.
 //
@@ -33,6 +36,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstring>
+#include <vector>
 
 #include "../include/ryz.h"
 #include "../src/blocks.h"
@@ -147,10 +151,120 @@ void ternary_gemm_avx2(const uint8_t *packed, int64_t row_begin, int64_t row_end
         });
 }
 
-// T1P: expanded to T2P, then the kernel above (kernels.h t1p_gemm_expanding).
+// ---------------------------------------------------------------------------------------------
+// Ternary GEMV / GEMM over T1P (1.6 bpw, blocks.h; scalar spec: ternary_gemm_t1p_scalar)
+// ---------------------------------------------------------------------------------------------
+
+// Digits by compares. Digit k of a byte q is d_k = floor(3 q_k / 256) with q_k = 3^k q mod 256, i.e.
+// [q_k >= 86] + [q_k >= 171]. AVX2 compares signed bytes only, so the kernels carry s_k = q_k ^ 0x80
+// (= q_k - 128): s_{k+1} = 3 s_k mod 256 as well (3 * 128 = 128 mod 256), and d_k = [s_k > -43] +
+// [s_k > 42]: two vpcmpgtb (masks 0 / -1) and two vpsubb. (AVX-512's GEMV multiplies q_k itself with
+// vpdpbusd; vpmaddubsw would saturate on 255 x 127 pairs, so here the digits are made.)
+struct T1pThresholds {
+    __m256i t1 = _mm256_set1_epi8(85 - 128), t2 = _mm256_set1_epi8(170 - 128);
+    // Opaque to GCC, which otherwise rewrites one compare against a known constant as vpminsb + vpcmpeqb.
+    T1pThresholds() { asm("" : "+x"(t1), "+x"(t2)); }
+};
+inline __m256i t1p_digits(__m256i s, const T1pThresholds &t) {
+    return _mm256_sub_epi8(_mm256_sub_epi8(_mm256_setzero_si256(), _mm256_cmpgt_epi8(s, t.t1)), _mm256_cmpgt_epi8(s, t.t2));
+}
+inline __m256i times3(__m256i s) { return _mm256_add_epi8(_mm256_add_epi8(s, s), s); }
+inline __m256i flip_sign(const uint8_t *p) { return _mm256_xor_si256(load32(p), _mm256_set1_epi8(static_cast<char>(0x80))); }
+
+// Decode over one T1P row tile: the 64-byte vector in two ymm halves (rows 0-1, rows 2-3; a 128-bit
+// lane is one row), each digit plane against its 16 activations broadcast to both lanes. vpmaddubsw
+// of digits <= 2 by int8 is exact (|pair| <= 512); a vector adds at most 5 x 512 to an int16 lane, so
+// 8 vectors (20480) are summed in int16 before vpmaddwd widens them.
+constexpr int64_t T1P_INT16_VECTORS = 8;
+
+inline __m128i gemv_t1p_tile(const uint8_t *w, int64_t nv, int64_t cols, const int8_t *act) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const T1pThresholds th;
+    __m256i acc01 = _mm256_setzero_si256(), acc23 = acc01;  // int32; lane (128-bit) j of acc01 is row j, of acc23 row 2 + j
+    auto vector = [&](const uint8_t *p, const int8_t *a, int groups, __m256i &sum01, __m256i &sum23) {
+        __m256i s01 = flip_sign(p), s23 = flip_sign(p + 32);
+#pragma GCC unroll 5
+        for (int k = 0; k < groups; ++k) {
+            const __m256i ak = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(a + 16 * k)));
+            sum01 = _mm256_add_epi16(sum01, _mm256_maddubs_epi16(t1p_digits(s01, th), ak));
+            sum23 = _mm256_add_epi16(sum23, _mm256_maddubs_epi16(t1p_digits(s23, th), ak));
+            s01 = times3(s01);
+            s23 = times3(s23);
+        }
+    };
+    const int64_t full = nv - 1;  // the last vector may have fewer digit groups with columns
+    for (int64_t i0 = 0; i0 < full; i0 += T1P_INT16_VECTORS) {
+        const int64_t i1 = std::min(full, i0 + T1P_INT16_VECTORS);
+        __m256i sum01 = _mm256_setzero_si256(), sum23 = sum01;
+        for (int64_t i = i0; i < i1; ++i) {
+            _mm_prefetch(reinterpret_cast<const char *>(w + i * T1P_VECTOR_BYTES + GEMV_PREFETCH), _MM_HINT_T0);
+            vector(w + i * T1P_VECTOR_BYTES, act + i * T1P_VECTOR_COLS, 5, sum01, sum23);
+        }
+        acc01 = _mm256_add_epi32(acc01, _mm256_madd_epi16(sum01, ones));
+        acc23 = _mm256_add_epi32(acc23, _mm256_madd_epi16(sum23, ones));
+    }
+    __m256i sum01 = _mm256_setzero_si256(), sum23 = sum01;
+    vector(w + full * T1P_VECTOR_BYTES, act + full * T1P_VECTOR_COLS, static_cast<int>((cols - full * T1P_VECTOR_COLS) / 16), sum01, sum23);
+    acc01 = _mm256_add_epi32(acc01, _mm256_madd_epi16(sum01, ones));
+    acc23 = _mm256_add_epi32(acc23, _mm256_madd_epi16(sum23, ones));
+    // lane sums: h2's low lane is [row 0, row 2, ..], its high lane [row 1, row 3, ..]
+    const __m256i h = _mm256_hadd_epi32(acc01, acc23), h2 = _mm256_hadd_epi32(h, h);
+    return _mm_unpacklo_epi32(_mm256_castsi256_si128(h2), _mm256_extracti128_si256(h2, 1));
+}
+
+// T1P rows [row_begin, row_end) -> T2P at dst (t1p_to_t2p_scalar's contract): the GEMV's digits into
+// per-row code bytes, then four code planes per T2P block.
+void t1p_to_t2p_avx2(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, uint8_t *dst) {
+    const int64_t nv = t1p_vectors(cols), blocks = cols / QK_K, stride = nv * T1P_VECTOR_COLS;
+    thread_local std::vector<uint8_t> codes;
+    if (codes.size() < static_cast<size_t>(TILE_ROWS * stride)) codes.resize(static_cast<size_t>(TILE_ROWS * stride));
+    const T1pThresholds th;
+    for (int64_t r0 = row_begin; r0 < row_end; r0 += TILE_ROWS) {
+        const uint8_t *p = packed + (r0 / TILE_ROWS) * nv * T1P_VECTOR_BYTES;
+        for (int64_t i = 0; i < nv; ++i) {
+            __m256i s01 = flip_sign(p + i * T1P_VECTOR_BYTES), s23 = flip_sign(p + i * T1P_VECTOR_BYTES + 32);
+            for (int k = 0; k < 5; ++k) {
+                const __m256i d01 = t1p_digits(s01, th), d23 = t1p_digits(s23, th);
+                uint8_t *c = codes.data() + i * T1P_VECTOR_COLS + 16 * k;
+                _mm_storeu_si128(reinterpret_cast<__m128i *>(c), _mm256_castsi256_si128(d01));
+                _mm_storeu_si128(reinterpret_cast<__m128i *>(c + stride), _mm256_extracti128_si256(d01, 1));
+                _mm_storeu_si128(reinterpret_cast<__m128i *>(c + 2 * stride), _mm256_castsi256_si128(d23));
+                _mm_storeu_si128(reinterpret_cast<__m128i *>(c + 3 * stride), _mm256_extracti128_si256(d23, 1));
+                s01 = times3(s01);
+                s23 = times3(s23);
+            }
+        }
+        uint8_t *o = dst + (r0 - row_begin) / TILE_ROWS * blocks * TILE_ROWS * T2P_BLOCK_BYTES;
+        for (int64_t b = 0; b < blocks; ++b)
+            for (int r = 0; r < TILE_ROWS; ++r, o += T2P_BLOCK_BYTES)
+                for (int h = 0; h < 2; ++h) {
+                    const uint8_t *c = codes.data() + r * stride + b * QK_K + 32 * h;
+                    // codes are <= 2, so 16-bit shifts by up to 6 move no bit across a byte
+                    _mm256_storeu_si256(reinterpret_cast<__m256i *>(o + 32 * h),
+                                        _mm256_or_si256(_mm256_or_si256(load32(c), _mm256_slli_epi16(load32(c + 64), 2)),
+                                                        _mm256_or_si256(_mm256_slli_epi16(load32(c + 128), 4), _mm256_slli_epi16(load32(c + 192), 6))));
+                }
+    }
+}
+
+// Decode: the GEMV above per row tile. Several tokens: 32-row groups expanded to T2P once per block
+// of activations (t1p_gemm_via_t2p), then the T2P kernels; the same integers either way.
 void ternary_gemm_t1p_avx2(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
-                       const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
-    t1p_gemm_expanding(packed, row_begin, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride, ternary_gemm_avx2);
+                           const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
+    if (row_end <= row_begin || n_tokens < 1) return;
+    if (n_tokens == 1) {
+        const int64_t nv = t1p_vectors(cols);
+        for (int64_t r = row_begin; r < row_end; r += TILE_ROWS)
+            _mm_storeu_si128(reinterpret_cast<__m128i *>(out + r),
+                             _mm_sub_epi32(gemv_t1p_tile(packed + (r / TILE_ROWS) * nv * T1P_VECTOR_BYTES, nv, cols, act), _mm_set1_epi32(act_sums[0])));
+        return;
+    }
+    constexpr int64_t group_rows = GEMM_ROW_GROUP_TILES * TILE_ROWS;
+    thread_local std::vector<uint8_t> scratch;
+    const size_t need = static_cast<size_t>(group_rows / TILE_ROWS * cols);
+    if (scratch.size() < need) scratch.resize(need);
+    t1p_gemm_via_t2p(packed, row_begin, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride, scratch.data(), group_rows,
+                     4 * GEMM_ACT_BLOCK_BYTES, t1p_to_t2p_avx2, ternary_gemm_avx2);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -224,7 +224,7 @@ void t1p_gemm_via_t2p(const uint8_t *packed, int64_t row_begin, int64_t row_end,
     }
 }
 
-// The simple T1P GEMM of a family without its own (AVX2, NEON): scalar expansion of 32-row groups
+// The simple T1P GEMM of a family without its own (NEON): scalar expansion of 32-row groups
 // into a per-thread buffer, then the family's T2P kernel. Correct, and fine for prefill (the expansion
 // is shared by a block's tokens), but decode pays a scalar unpack of every weight per token.
 template <typename T2pGemm>
