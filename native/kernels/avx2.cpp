@@ -212,7 +212,7 @@ inline __m128i gemv_t1p_tile(const uint8_t *w, int64_t nv, int64_t cols, const i
     return _mm_unpacklo_epi32(_mm256_castsi256_si128(h2), _mm256_extracti128_si256(h2, 1));
 }
 
-// T1P rows [row_begin, row_end) -> T2P at dst (t1p_to_t2p_scalar's contract): the GEMV's digits into
+// T1P rows [row_begin, row_end) -> T2P at dst (t1p_gemm_via_t2p's `expand`): the GEMV's digits into
 // per-row code bytes, then four code planes per T2P block.
 void t1p_to_t2p_avx2(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, uint8_t *dst) {
     const int64_t nv = t1p_vectors(cols), blocks = cols / QK_K, stride = nv * T1P_VECTOR_COLS;
@@ -259,12 +259,7 @@ void ternary_gemm_t1p_avx2(const uint8_t *packed, int64_t row_begin, int64_t row
                              _mm_sub_epi32(gemv_t1p_tile(packed + (r / TILE_ROWS) * nv * T1P_VECTOR_BYTES, nv, cols, act), _mm_set1_epi32(act_sums[0])));
         return;
     }
-    constexpr int64_t group_rows = GEMM_ROW_GROUP_TILES * TILE_ROWS;
-    thread_local std::vector<uint8_t> scratch;
-    const size_t need = static_cast<size_t>(group_rows / TILE_ROWS * cols);
-    if (scratch.size() < need) scratch.resize(need);
-    t1p_gemm_via_t2p(packed, row_begin, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride, scratch.data(), group_rows,
-                     4 * GEMM_ACT_BLOCK_BYTES, t1p_to_t2p_avx2, ternary_gemm_avx2);
+    t1p_gemm_expanding(packed, row_begin, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride, t1p_to_t2p_avx2, ternary_gemm_avx2);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -304,7 +304,7 @@ inline __m128i gemv_t1p_tile(const uint8_t *w, int64_t nv, int64_t cols, const i
 
 }  // namespace
 
-// T1P rows [row_begin, row_end) -> T2P at dst (t1p_to_t2p_scalar's contract): digits by compares
+// T1P rows [row_begin, row_end) -> T2P at dst (t1p_gemm_via_t2p's `expand`): digits by compares
 // ([q_k >= 86] + [q_k >= 171]) into per-row code bytes, then four code vectors per T2P block.
 // Outside the anonymous namespace: the AMX family expands with it too.
 void t1p_to_t2p_avx512(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, uint8_t *dst) {
@@ -356,12 +356,7 @@ void ternary_gemm_t1p_avx512(const uint8_t *packed, int64_t row_begin, int64_t r
                              _mm_sub_epi32(tile(packed + (r / TILE_ROWS) * nv * T1P_VECTOR_BYTES, nv, cols, act), _mm_set1_epi32(act_sums[0])));
         return;
     }
-    constexpr int64_t group_rows = GEMM_ROW_GROUP_TILES * TILE_ROWS;
-    thread_local std::vector<uint8_t> scratch;
-    const size_t need = static_cast<size_t>(group_rows / TILE_ROWS * cols);
-    if (scratch.size() < need) scratch.resize(need);
-    t1p_gemm_via_t2p(packed, row_begin, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride, scratch.data(), group_rows,
-                     4 * GEMM_ACT_BLOCK_BYTES, t1p_to_t2p_avx512, ternary_gemm_avx512);
+    t1p_gemm_expanding(packed, row_begin, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride, t1p_to_t2p_avx512, ternary_gemm_avx512);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -178,35 +178,11 @@ void ternary_gemm_tiles(const uint8_t *packed, int64_t row_begin, int64_t row_en
     }
 }
 
-// T1P rows [row_begin, row_end) (whole tiles) -> T2P bytes of the same rows at dst (dst's tile 0 is
-// row_begin's tile). Scalar; SIMD families may use their own. Same codes+1, so the same GEMM integers.
-inline void t1p_to_t2p_scalar(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, uint8_t *dst) {
-    const int64_t nv = t1p_vectors(cols), blocks = cols / QK_K;
-    uint8_t codes[T1P_VECTOR_COLS * 2 + QK_K];
-    for (int64_t r = row_begin; r < row_end; ++r) {
-        const uint8_t *tile = packed + (r / TILE_ROWS) * nv * T1P_VECTOR_BYTES + (r % TILE_ROWS) * 16;
-        uint8_t *out = dst + ((r - row_begin) / TILE_ROWS * blocks * TILE_ROWS + r % TILE_ROWS) * T2P_BLOCK_BYTES;
-        int64_t have = 0, done = 0, i = 0;  // codes[0 .. have) are columns done .. done + have
-        for (int64_t b = 0; b < blocks; ++b) {
-            while (have < QK_K) {  // one vector adds 80 columns (fewer at the end: padding is dropped)
-                for (int k = 0; k < 5; ++k)
-                    for (int m = 0; m < 16; ++m) codes[have + 16 * k + m] = t1p_digit(tile[i * T1P_VECTOR_BYTES + m], k);
-                have += std::min<int64_t>(T1P_VECTOR_COLS, cols - done - have);
-                ++i;
-            }
-            uint8_t *o = out + b * TILE_ROWS * T2P_BLOCK_BYTES;
-            for (int j = 0; j < 64; ++j)
-                o[j] = static_cast<uint8_t>(codes[j] | codes[64 + j] << 2 | codes[128 + j] << 4 | codes[192 + j] << 6);
-            for (int64_t j = QK_K; j < have; ++j) codes[j - QK_K] = codes[j];
-            have -= QK_K;
-            done += QK_K;
-        }
-    }
-}
-
 // T1P GEMM through a family's T2P kernel (`t2p`, ternary_gemm's signature): per token block of about
 // `act_block_bytes` of activations, each group of `group_rows` rows is expanded into T2P in `scratch`
-// (group_rows / TILE_ROWS * cols bytes) by `expand` (t1p_to_t2p_scalar's signature), then multiplied.
+// (group_rows / TILE_ROWS * cols bytes) by `expand`, then multiplied. `expand(packed, row_begin, row_end,
+// cols, dst)` writes the T2P bytes (blocks.h) of T1P rows [row_begin, row_end) (whole tiles) to dst, whose
+// tile 0 is row_begin's tile: the same codes+1, so the same GEMM integers.
 // The expansion is paid once per (token block, row group), so it is amortised over the block's tokens.
 template <typename Expand, typename T2pGemm>
 void t1p_gemm_via_t2p(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
@@ -224,21 +200,21 @@ void t1p_gemm_via_t2p(const uint8_t *packed, int64_t row_begin, int64_t row_end,
     }
 }
 
-// The simple T1P GEMM of a family without its own (NEON): scalar expansion of 32-row groups
-// into a per-thread buffer, then the family's T2P kernel. Correct, and fine for prefill (the expansion
-// is shared by a block's tokens), but decode pays a scalar unpack of every weight per token.
-template <typename T2pGemm>
+// Several tokens over T1P for a family with an expansion of its own: 32-row groups expanded into a
+// per-thread buffer, then the family's T2P kernel (t1p_gemm_via_t2p).
+template <typename Expand, typename T2pGemm>
 void t1p_gemm_expanding(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
-                        const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride, T2pGemm t2p) {
+                        const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride, Expand expand,
+                        T2pGemm t2p) {
     constexpr int64_t group_rows = GEMM_ROW_GROUP_TILES * TILE_ROWS;
     thread_local std::vector<uint8_t> scratch;
     const size_t need = static_cast<size_t>(group_rows / TILE_ROWS * cols);
     if (scratch.size() < need) scratch.resize(need);
     t1p_gemm_via_t2p(packed, row_begin, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride, scratch.data(), group_rows,
-                     4 * GEMM_ACT_BLOCK_BYTES, t1p_to_t2p_scalar, t2p);
+                     4 * GEMM_ACT_BLOCK_BYTES, expand, t2p);
 }
 
-// AVX-512's T1P -> T2P expansion (t1p_to_t2p_scalar's contract), which the AMX family's T1P GEMM uses too.
+// AVX-512's T1P -> T2P expansion (t1p_gemm_via_t2p's `expand`), which the AMX family's T1P GEMM uses too.
 void t1p_to_t2p_avx512(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, uint8_t *dst);
 
 // The AVX2 attention kernels, the AVX-512 family's fallback for head sizes its own do not cover.

@@ -5,6 +5,8 @@
 //   T2P ternary: packed[tile][block][row][64], 4 rows per tile, one 64-byte block per 256 columns.
 //     Byte j of a row's block holds code+1 of column 64l + j in bits 2l..2l+1, so the 16-byte slice
 //     j0..j0+15 holds, in plane l, columns 64l + j0 .. 64l + j0 + 15: one q register of activations.
+//   T1P ternary (TQ1_0 models): packed[tile][i][64], byte 16r + m of vector i holds 5 base-3 digits
+//     (codes+1 of columns 80i + 16k + m of row r): a q register per row. Digits by compares.
 //   Activations: int8, row-major [token][cols], plus act_sums[token] = the sum of that token's row.
 //   Dense (head / embedding): ggml's F32, F16, Q8_0 and Q6_K rows, read in place.
 //
@@ -25,6 +27,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstring>
+#include <vector>
 
 #include "../include/ryz.h"
 #include "../src/blocks.h"
@@ -132,10 +135,84 @@ void ternary_gemm_neon(const uint8_t *packed, int64_t row_begin, int64_t row_end
         [&](int n, const uint8_t *w, int64_t t, int64_t r) { MICRO[n](w, blocks, cols, act + t * cols, act_sums + t, out + t * out_stride + r, out_stride); });
 }
 
-// T1P: expanded to T2P, then the kernel above (kernels.h t1p_gemm_expanding).
+// ---------------------------------------------------------------------------------------------
+// Ternary GEMV / GEMM over T1P (1.6 bpw, blocks.h; scalar spec: ternary_gemm_t1p_scalar)
+// ---------------------------------------------------------------------------------------------
+
+// Digits by compares: digit k of a byte q is d_k = [q_k >= 86] + [q_k >= 171] with q_k = 3^k q mod 256
+// (a wrapping byte multiply per step). The two masks (0 or -1) added give -d_k; sdot of -d_k by int8
+// is exact (4 products of at most 2 x 128 per lane and digit).
+inline int8x16_t t1p_neg_digits(uint8x16_t q) { return s8(vaddq_u8(vcgeq_u8(q, vdupq_n_u8(86)), vcgeq_u8(q, vdupq_n_u8(171)))); }
+
+// Decode over one T1P row tile: byte 16r + m of a vector is row r, so each row is one q register and
+// each digit plane's 16 activations are loaded once for the 4 rows. Two accumulators per row (even and
+// odd digits) keep 8 sdot chains in flight; a lane adds at most 5 x 4 x 256 per vector.
+inline int32x4_t gemv_t1p_tile(const uint8_t *w, int64_t nv, int64_t cols, const int8_t *act) {
+    const uint8x16_t three = vdupq_n_u8(3);
+    int32x4_t acc[TILE_ROWS][2];
+    for (int r = 0; r < TILE_ROWS; ++r) acc[r][0] = acc[r][1] = vdupq_n_s32(0);
+    auto vector = [&](const uint8_t *p, const int8_t *a, int groups) {
+        uint8x16_t q[TILE_ROWS];
+        for (int r = 0; r < TILE_ROWS; ++r) q[r] = vld1q_u8(p + 16 * r);
+        for (int k = 0; k < groups; ++k) {
+            const int8x16_t ak = vld1q_s8(a + 16 * k);
+            for (int r = 0; r < TILE_ROWS; ++r) {
+                acc[r][k & 1] = vdotq_s32(acc[r][k & 1], t1p_neg_digits(q[r]), ak);
+                q[r] = vmulq_u8(q[r], three);
+            }
+        }
+    };
+    const int64_t full = nv - 1;  // the last vector may have fewer digit groups with columns
+    for (int64_t i = 0; i < full; ++i) {
+        __builtin_prefetch(w + i * T1P_VECTOR_BYTES + 2048);
+        vector(w + i * T1P_VECTOR_BYTES, act + i * T1P_VECTOR_COLS, 5);
+    }
+    vector(w + full * T1P_VECTOR_BYTES, act + full * T1P_VECTOR_COLS, static_cast<int>((cols - full * T1P_VECTOR_COLS) / 16));
+    int32_t s[TILE_ROWS];
+    for (int r = 0; r < TILE_ROWS; ++r) s[r] = -vaddvq_s32(vaddq_s32(acc[r][0], acc[r][1]));
+    return vld1q_s32(s);
+}
+
+// T1P rows [row_begin, row_end) -> T2P at dst (t1p_gemm_via_t2p's `expand`): the GEMV's digits into
+// per-row code bytes, then four code planes per T2P block.
+void t1p_to_t2p_neon(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, uint8_t *dst) {
+    const int64_t nv = t1p_vectors(cols), blocks = cols / QK_K, stride = nv * T1P_VECTOR_COLS;
+    thread_local std::vector<uint8_t> codes;
+    if (codes.size() < static_cast<size_t>(TILE_ROWS * stride)) codes.resize(static_cast<size_t>(TILE_ROWS * stride));
+    const uint8x16_t three = vdupq_n_u8(3);
+    for (int64_t r0 = row_begin; r0 < row_end; r0 += TILE_ROWS) {
+        const uint8_t *p = packed + (r0 / TILE_ROWS) * nv * T1P_VECTOR_BYTES;
+        for (int64_t i = 0; i < nv; ++i)
+            for (int r = 0; r < TILE_ROWS; ++r) {
+                uint8x16_t q = vld1q_u8(p + i * T1P_VECTOR_BYTES + 16 * r);
+                for (int k = 0; k < 5; ++k) {
+                    vst1q_s8(reinterpret_cast<int8_t *>(codes.data() + r * stride + i * T1P_VECTOR_COLS + 16 * k), vnegq_s8(t1p_neg_digits(q)));
+                    q = vmulq_u8(q, three);
+                }
+            }
+        uint8_t *o = dst + (r0 - row_begin) / TILE_ROWS * blocks * TILE_ROWS * T2P_BLOCK_BYTES;
+        for (int64_t b = 0; b < blocks; ++b)
+            for (int r = 0; r < TILE_ROWS; ++r, o += T2P_BLOCK_BYTES)
+                for (int j = 0; j < 4; ++j) {
+                    const uint8_t *c = codes.data() + r * stride + b * QK_K + 16 * j;
+                    vst1q_u8(o + 16 * j, vorrq_u8(vorrq_u8(vld1q_u8(c), vshlq_n_u8(vld1q_u8(c + 64), 2)),
+                                                  vorrq_u8(vshlq_n_u8(vld1q_u8(c + 128), 4), vshlq_n_u8(vld1q_u8(c + 192), 6))));
+                }
+    }
+}
+
+// Decode: the GEMV above per row tile. Several tokens: 32-row groups expanded to T2P once per block
+// of activations (t1p_gemm_via_t2p), then the T2P kernels; the same integers either way.
 void ternary_gemm_t1p_neon(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
-                       const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
-    t1p_gemm_expanding(packed, row_begin, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride, ternary_gemm_neon);
+                           const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
+    if (row_end <= row_begin || n_tokens < 1) return;
+    if (n_tokens == 1) {
+        const int64_t nv = t1p_vectors(cols);
+        for (int64_t r = row_begin; r < row_end; r += TILE_ROWS)
+            vst1q_s32(out + r, vsubq_s32(gemv_t1p_tile(packed + (r / TILE_ROWS) * nv * T1P_VECTOR_BYTES, nv, cols, act), vdupq_n_s32(act_sums[0])));
+        return;
+    }
+    t1p_gemm_expanding(packed, row_begin, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride, t1p_to_t2p_neon, ternary_gemm_neon);
 }
 
 // ---------------------------------------------------------------------------------------------

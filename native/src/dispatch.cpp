@@ -39,7 +39,7 @@ bool request_amx_permission() {
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
 }
 #else
-bool request_amx_permission() { return false; }
+[[maybe_unused]] bool request_amx_permission() { return false; }
 #endif
 
 CpuFeatures probe() {
