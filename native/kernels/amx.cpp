@@ -174,10 +174,8 @@ inline void tile_block_edge(bool two_r, bool two_t, const uint8_t *a0, const uin
 inline void unpack_weights_avx512(const uint8_t *packed, int64_t blocks, int64_t r, int64_t s0, int64_t s1, uint8_t *dst) {
     const __m512i m3 = _mm512_set1_epi8(3);
     for (int i = 0; i < TILE_M; ++i) {
-        const int64_t row = r + i;
-        const uint8_t *base = packed + (row / TILE_ROWS * blocks * TILE_ROWS + row % TILE_ROWS) * T2P_BLOCK_BYTES;
         for (int64_t b = s0 / 4; b < s1 / 4; ++b) {
-            const __m512i q = _mm512_loadu_si512(base + b * TILE_ROWS * T2P_BLOCK_BYTES);
+            const __m512i q = _mm512_loadu_si512(amx::t2p_block(packed, blocks, r + i, b));
             uint8_t *d = dst + (4 * b - s0) * TILE_BYTES + i * amx::TILE_K;
             _mm512_store_si512(d, _mm512_and_si512(q, m3));
             _mm512_store_si512(d + TILE_BYTES, _mm512_and_si512(_mm512_srli_epi16(q, 2), m3));

@@ -6,7 +6,7 @@
 //
 // One K step is 64 columns: step s = 4b + l is plane l of T2P block b, columns 64s .. 64s + 63.
 //
-// 12 to 127 tokens (weights as the tile rows):
+// 12 to 31 tokens (weights as the tile rows):
 //   A (16 weight rows x 64 bytes, unsigned): A[i][j] = code+1 of (row r + i, column 64s + j), which is
 //     (byte j of the row's T2P block b) >> 2l & 3: a plane is already 64 contiguous columns, so there
 //     is no transpose, only a shift and a mask.
@@ -15,7 +15,7 @@
 //   TDPBUSD: C[i][n] += sum_kk sum_m A[i][4kk + m] * B[kk][4n + m], so after every step
 //     C[i][n] = sum_k (code(r + i, k) + 1) * act[t + n][k], and out[t + n][r + i] = C[i][n] - act_sums[t + n].
 //
-// From 128 tokens, prefill (gemm_tokens_as_rows: tokens as the tile rows, the same product turned round):
+// From 32 tokens, prefill (gemm_tokens_as_rows: tokens as the tile rows, the same product turned round):
 //   A (16 tokens x 64 bytes, signed): A[n][j] = act[token t + n][64s + j], a plain copy of the token's
 //     64 columns; tokens past the end are zero rows. A token tile's A tiles for all K steps are one run.
 //   B (16 rows x 64 bytes, unsigned, VNNI layout): B[kk][4i + m] = code+1 of (row r + i, column 64s + 4kk + m)
@@ -41,11 +41,15 @@ constexpr int TILE_M = 16;          // rows of a tile (weight rows of A, K group
 constexpr int TILE_K = 64;          // bytes per tile row: one K step
 constexpr int TILE_BYTES = TILE_M * TILE_K;
 
-// code+1 of (row, col) in T2P (blocks.h; `blocks` = cols / 256): bits 2l..2l+1 of byte j of the row's block b,
-// where col = 256b + 64l + j. K step s is plane s % 4 of block s / 4.
+// The 64-byte T2P block b of `row` (blocks.h: packed[tile][block][row in tile][64]; `blocks` = cols / 256).
+static inline const uint8_t *t2p_block(const uint8_t *packed, int64_t blocks, int64_t row, int64_t b) {
+    return packed + (row / TILE_ROWS * blocks * TILE_ROWS + b * TILE_ROWS + row % TILE_ROWS) * T2P_BLOCK_BYTES;
+}
+
+// code+1 of (row, col) in T2P: bits 2l..2l+1 of byte j of the row's block b, where col = 256b + 64l + j.
+// K step s is plane s % 4 of block s / 4.
 static inline uint8_t t2p_code1(const uint8_t *packed, int64_t blocks, int64_t row, int64_t col) {
-    const uint8_t *block = packed + (row / TILE_ROWS * blocks * TILE_ROWS + col / QK_K * TILE_ROWS + row % TILE_ROWS) * T2P_BLOCK_BYTES;
-    return static_cast<uint8_t>((block[col % TILE_K] >> (2 * (col % QK_K / TILE_K))) & 3);
+    return static_cast<uint8_t>((t2p_block(packed, blocks, row, col / QK_K)[col % TILE_K] >> (2 * (col % QK_K / TILE_K))) & 3);
 }
 
 // A tiles of rows [r, r + 16) (r a multiple of TILE_ROWS) for K steps [s0, s1), one after another:

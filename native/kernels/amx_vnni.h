@@ -34,9 +34,6 @@ namespace amx {
 // The transpose is done on the packed bytes, once per 64-byte block (4 K steps): a 16 x 16 dword transpose of the 16
 // rows' blocks (bytes move whole, so plane l of the transposed block is the VNNI tile of step 4b + l), then the
 // shift and mask of unpack_weights_avx512. 64 shuffles per 4 tiles. dst is 64-byte aligned (aligned stores).
-static inline const uint8_t *t2p_block(const uint8_t *packed, int64_t blocks, int64_t row, int64_t b) {
-    return packed + (row / TILE_ROWS * blocks * TILE_ROWS + b * TILE_ROWS + row % TILE_ROWS) * T2P_BLOCK_BYTES;
-}
 RYZ_AMX_VNNI_TARGET static inline void unpack_vnni_block(const uint8_t *packed, int64_t blocks, int64_t r, int64_t b, uint8_t *dst) {
     const __m512i m3 = _mm512_set1_epi8(3);
     __m512i t[16], u[16];

@@ -53,10 +53,12 @@ namespace {
 
 size_t kv_elem_bytes(int32_t kv_type) { return kv_type == RYZ_KV_F32 ? 4 : 2; }
 
+// One position's row of one KV head in a sequence's K or V buffer, in bytes.
+size_t kv_row_bytes(const ryz_context *c) { return size_t(c->model->hp.head_dim) * kv_elem_bytes(c->kv_type); }
+
 // Byte offset of (layer, KV head)'s rows in a sequence's K or V buffer (KVSeq: [layer][kv_head][position][head_dim]).
 size_t kv_head_offset(const ryz_context *c, int32_t layer, int32_t kv_head) {
-    const ryz_hparams &hp = c->model->hp;
-    return (size_t(layer) * hp.kv_heads + kv_head) * c->max_positions * hp.head_dim * kv_elem_bytes(c->kv_type);
+    return (size_t(layer) * c->model->hp.kv_heads + kv_head) * c->max_positions * kv_row_bytes(c);
 }
 
 // Runs fn, adding its wall time to `part` when the context is profiling. The forward's parallel regions
@@ -142,7 +144,7 @@ ryz_status ensure_seq(ryz_context *c, int32_t seq) {
     KVSeq &s = c->seqs[seq];
     if (s.keys.get()) return RYZ_OK;
     const ryz_hparams &hp = c->model->hp;
-    const size_t bytes = size_t(hp.layers) * c->max_positions * hp.kv_heads * hp.head_dim * kv_elem_bytes(c->kv_type);
+    const size_t bytes = size_t(hp.layers) * hp.kv_heads * c->max_positions * kv_row_bytes(c);
     // Not zeroed: attention reads only positions already written. Zeroing touched every page of the
     // slot's capacity (315 MB for 2B4T at 4096 positions), ~0.1 s on the engine thread per new request,
     // and made all of it resident; untouched, the pages come in as positions are written.
@@ -331,7 +333,7 @@ ryz_status ryz_seq_copy(ryz_context *c, int32_t src, int32_t dst, int32_t length
     if (length < 0 || length > c->seqs[src].length) return fail(RYZ_ERR_INVALID_ARGUMENT, "copy length exceeds the source sequence");
     if (ryz_status st = ensure_seq(c, dst)) return st;
     const ryz_hparams &hp = c->model->hp;
-    const size_t row = size_t(hp.head_dim) * kv_elem_bytes(c->kv_type);
+    const size_t row = kv_row_bytes(c);
     for (int32_t l = 0; l < hp.layers; ++l)
         for (int32_t h = 0; h < hp.kv_heads; ++h) {
             const size_t off = kv_head_offset(c, l, h);
@@ -402,7 +404,7 @@ ryz_status ryz_forward(ryz_context *c, int32_t n, const int32_t *tokens, const i
             ew.rope(kt, hp.kv_heads, hp.head_dim, cs, sn);
             KVSeq &s = c->seqs[seq_ids[t]];
             for (int32_t h = 0; h < hp.kv_heads; ++h) {
-                const size_t at = kv_head_offset(c, l, h) + size_t(c->positions[t]) * hp.head_dim * kv_elem_bytes(c->kv_type);
+                const size_t at = kv_head_offset(c, l, h) + size_t(c->positions[t]) * kv_row_bytes(c);
                 ew.kv_store(kt + int64_t(h) * hp.head_dim, hp.head_dim, c->kv_type, s.keys.get() + at);
                 ew.kv_store(vt + int64_t(h) * hp.head_dim, hp.head_dim, c->kv_type, s.values.get() + at);
             }

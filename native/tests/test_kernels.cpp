@@ -281,6 +281,38 @@ void test_ternary() {
     ternary_case(rng, 2560, 2560, 300, {0}, false, false);
 }
 
+// What both AMX layout emulations start from: random T2P weights (code 3 too if allow3) and activations, the scalar
+// kernel's output for them, and each token's activation sum.
+struct AmxLayoutOperands {
+    std::vector<uint8_t> t2p;
+    std::vector<int8_t> act;
+    std::vector<int32_t> ref, sums;
+};
+AmxLayoutOperands amx_layout_operands(Rng &rng, int64_t rows, int64_t cols, int32_t n_tokens, bool allow3, const char *name) {
+    AmxLayoutOperands o;
+    o.t2p = make_t2p(random_codes(rng, rows, cols, allow3), rows, cols);
+    o.act.resize(static_cast<size_t>(n_tokens * cols));
+    random_acts(rng, o.act.data(), n_tokens, cols);
+    o.ref.resize(static_cast<size_t>(rows * n_tokens));
+    ryz_set_isa(RYZ_ISA_SCALAR);
+    check(ryz_ternary_gemm(o.t2p.data(), rows, cols, o.act.data(), n_tokens, o.ref.data()) == RYZ_OK, "%s: scalar failed", name);
+    o.sums.assign(static_cast<size_t>(n_tokens), 0);
+    for (int32_t t = 0; t < n_tokens; ++t)
+        for (int64_t k = 0; k < cols; ++k) o.sums[t] += o.act[t * cols + k];
+    return o;
+}
+
+// An emulation's outputs against the scalar kernel's, over the rows it covers (whole 16-row tiles).
+void check_amx_layout_outputs(const std::vector<int32_t> &got, const std::vector<int32_t> &ref, int64_t rows, int64_t cols,
+                              int32_t n_tokens, bool allow3, const char *name) {
+    size_t bad = ref.size();
+    for (int32_t t = 0; t < n_tokens && bad == ref.size(); ++t)
+        for (int64_t r = 0; r < rows / 16 * 16; ++r)
+            if (got[t * rows + r] != ref[t * rows + r]) { bad = static_cast<size_t>(t * rows + r); break; }
+    check(bad == ref.size(), "%s emulation %lldx%lld n=%d%s: out[%zu] = %d, scalar %d", name, (long long)rows, (long long)cols, n_tokens,
+          allow3 ? " (code 3)" : "", bad, bad < ref.size() ? got[bad] : 0, bad < ref.size() ? ref[bad] : 0);
+}
+
 // The AMX kernel's tile operands (kernels/amx_layout.h: A = weight rows unpacked to code+1, B =
 // activations in the VNNI layout) multiplied as TDPBUSD defines (C[i][n] += sum A[i][4kk+m] *
 // B[kk][4n+m], u8 x s8 into int32), minus the activation sums, against the scalar kernel. Runs on every
@@ -288,17 +320,13 @@ void test_ternary() {
 // kernel builds them.
 void amx_layout_case(Rng &rng, int64_t rows, int64_t cols, int32_t n_tokens, bool allow3) {
     namespace amx = ryz::amx;
-    const std::vector<uint8_t> codes = random_codes(rng, rows, cols, allow3);
-    const std::vector<uint8_t> t2p = make_t2p(codes, rows, cols);
-    std::vector<int8_t> act(static_cast<size_t>(n_tokens * cols));
-    random_acts(rng, act.data(), n_tokens, cols);
-    std::vector<int32_t> ref(static_cast<size_t>(rows * n_tokens));
-    ryz_set_isa(RYZ_ISA_SCALAR);
-    check(ryz_ternary_gemm(t2p.data(), rows, cols, act.data(), n_tokens, ref.data()) == RYZ_OK, "amx layout: scalar failed");
+    const AmxLayoutOperands o = amx_layout_operands(rng, rows, cols, n_tokens, allow3, "amx layout");
+    const std::vector<uint8_t> &t2p = o.t2p;
+    const std::vector<int8_t> &act = o.act;
     const int64_t steps = cols / amx::TILE_K, blocks = cols / QK, split = steps / 3;
     std::vector<uint8_t> a(static_cast<size_t>(steps * amx::TILE_BYTES));
     std::vector<int8_t> b(static_cast<size_t>(steps * amx::TILE_BYTES));
-    std::vector<int32_t> got(ref.size(), 0x7EADBEEF);
+    std::vector<int32_t> got(o.ref.size(), 0x7EADBEEF);
     for (int32_t t0 = 0; t0 < n_tokens; t0 += 16) {
         const int nv = std::min(16, n_tokens - t0);
         amx::pack_acts(act.data() + t0 * cols, cols, nv, b.data(), amx::TILE_BYTES);
@@ -318,18 +346,11 @@ void amx_layout_case(Rng &rng, int64_t rows, int64_t cols, int32_t n_tokens, boo
                     for (int i = 0; i < 16; ++i) check(c[i][n] == 0, "amx layout: padding token %d row %d = %d", n, i, c[i][n]);
                     continue;
                 }
-                int32_t sum = 0;
-                for (int64_t k = 0; k < cols; ++k) sum += act[(t0 + n) * cols + k];
-                for (int i = 0; i < 16; ++i) got[(t0 + n) * rows + r + i] = c[i][n] - sum;
+                for (int i = 0; i < 16; ++i) got[(t0 + n) * rows + r + i] = c[i][n] - o.sums[t0 + n];
             }
         }
     }
-    size_t bad = ref.size();
-    for (int32_t t = 0; t < n_tokens && bad == ref.size(); ++t)
-        for (int64_t r = 0; r < rows / 16 * 16; ++r)
-            if (got[t * rows + r] != ref[t * rows + r]) { bad = static_cast<size_t>(t * rows + r); break; }
-    check(bad == ref.size(), "amx layout emulation %lldx%lld n=%d%s: out[%zu] = %d, scalar %d", (long long)rows, (long long)cols,
-          n_tokens, allow3 ? " (code 3)" : "", bad, bad < ref.size() ? got[bad] : 0, bad < ref.size() ? ref[bad] : 0);
+    check_amx_layout_outputs(got, o.ref, rows, cols, n_tokens, allow3, "amx layout");
 }
 
 // The prefill orientation's operands (kernels/amx_layout.h, gemm_tokens_as_rows: A = 16 tokens' activation
@@ -340,20 +361,14 @@ void amx_layout_case(Rng &rng, int64_t rows, int64_t cols, int32_t n_tokens, boo
 // AVX-512 hosts (AMX or not) the kernel's vectorized unpack_vnni_block (amx_vnni.h) must build the same B tiles.
 void amx_rows_layout_case(Rng &rng, int64_t rows, int64_t cols, int32_t n_tokens, bool allow3) {
     namespace amx = ryz::amx;
-    const std::vector<uint8_t> codes = random_codes(rng, rows, cols, allow3);
-    const std::vector<uint8_t> t2p = make_t2p(codes, rows, cols);
-    std::vector<int8_t> act(static_cast<size_t>(n_tokens * cols));
-    random_acts(rng, act.data(), n_tokens, cols);
-    std::vector<int32_t> ref(static_cast<size_t>(rows * n_tokens)), sums(static_cast<size_t>(n_tokens), 0);
-    ryz_set_isa(RYZ_ISA_SCALAR);
-    check(ryz_ternary_gemm(t2p.data(), rows, cols, act.data(), n_tokens, ref.data()) == RYZ_OK, "amx rows layout: scalar failed");
-    for (int32_t t = 0; t < n_tokens; ++t)
-        for (int64_t k = 0; k < cols; ++k) sums[t] += act[t * cols + k];
+    const AmxLayoutOperands o = amx_layout_operands(rng, rows, cols, n_tokens, allow3, "amx rows layout");
+    const std::vector<uint8_t> &t2p = o.t2p;
+    const std::vector<int8_t> &act = o.act;
     const int64_t steps = cols / amx::TILE_K, blocks = cols / QK, split = steps / 3, bsplit = blocks / 2 * 4;
     const int32_t n_tt = (n_tokens + 15) / 16;
     std::vector<int8_t> a(static_cast<size_t>(n_tt * steps * amx::TILE_BYTES));  // a token tile's tiles over all of K, as the kernel's
     std::vector<uint8_t> b(static_cast<size_t>(steps * amx::TILE_BYTES));
-    std::vector<int32_t> got(ref.size(), 0x7EADBEEF);
+    std::vector<int32_t> got(o.ref.size(), 0x7EADBEEF);
     for (int32_t tt = 0; tt < n_tt; ++tt) {
         int8_t *at = a.data() + tt * steps * amx::TILE_BYTES;
         const int nv = std::min(16, n_tokens - 16 * tt);
@@ -375,7 +390,7 @@ void amx_rows_layout_case(Rng &rng, int64_t rows, int64_t cols, int32_t n_tokens
             const int8_t *at = a.data() + tt * steps * amx::TILE_BYTES;
             const int nv = std::min(16, n_tokens - 16 * tt);
             int32_t c[16][16];
-            amx::neg_sums_tile(sums.data() + 16 * tt, nv, &c[0][0]);
+            amx::neg_sums_tile(o.sums.data() + 16 * tt, nv, &c[0][0]);
             for (int64_t s = 0; s < steps; ++s) {
                 const int8_t *ta = at + s * amx::TILE_BYTES;
                 const uint8_t *tb = b.data() + s * amx::TILE_BYTES;
@@ -394,12 +409,7 @@ void amx_rows_layout_case(Rng &rng, int64_t rows, int64_t cols, int32_t n_tokens
             }
         }
     }
-    size_t bad = ref.size();
-    for (int32_t t = 0; t < n_tokens && bad == ref.size(); ++t)
-        for (int64_t r = 0; r < rows / 16 * 16; ++r)
-            if (got[t * rows + r] != ref[t * rows + r]) { bad = static_cast<size_t>(t * rows + r); break; }
-    check(bad == ref.size(), "amx rows layout emulation %lldx%lld n=%d%s: out[%zu] = %d, scalar %d", (long long)rows, (long long)cols,
-          n_tokens, allow3 ? " (code 3)" : "", bad, bad < ref.size() ? got[bad] : 0, bad < ref.size() ? ref[bad] : 0);
+    check_amx_layout_outputs(got, o.ref, rows, cols, n_tokens, allow3, "amx rows layout");
 }
 
 void test_amx_layout() {
