@@ -92,6 +92,22 @@ def test_a_long_prefill_matches_the_reference(models, native_library, isa):
         np.testing.assert_array_equal(logits, native.forward(tokens))
 
 
+@pytest.mark.parametrize("n_tokens", [8, 16])
+def test_a_one_token_tile_batch_matches_the_reference(models, native_library, isa, n_tokens):
+    """8 and 16 tokens in one call (an 8- or 16-sequence decode step has as many): AMX's one-token-tile kernel on the
+    medium shape (several 5-row-tile groups per thread, and a smaller last group) gives the reference's logits, and
+    AVX-512's bits."""
+    if isa == "scalar":
+        pytest.skip("the scalar path is covered on tiny; medium would take minutes")
+    tokens = PROMPT[:n_tokens]
+    native = NativeModel(models["medium"], native_library, threads=2, max_positions=32, kv_type="f32")
+    logits = native.forward(tokens)
+    assert _rel(logits, ReferenceModel(models["medium"]).forward(tokens)) < FP32_TOL
+    if isa == "amx":
+        native_library.set_isa("avx512")
+        np.testing.assert_array_equal(logits, native.forward(tokens))
+
+
 def test_fp16_kv_cache(models, native_library):
     native = NativeModel(models["tiny"], native_library, threads=2, max_positions=128, kv_type="f16")
     reference = ReferenceModel(models["tiny"])

@@ -12,7 +12,9 @@
 // shift and a mask per 64 bytes, with no transpose of the weights; the activation reformat (a 4-byte
 // transpose) is shared by every row of the call, and the C transpose by a whole row of K steps.
 //
-// Blocking, 12 to 31 tokens (batched decode of 12+ sequences, short prompt chunks): token blocks of
+// Batched decode, 8 to 16 tokens (gemm_one_token_tile): one B tile per K step shared by every row, 5 row tiles' C in
+// the registers over all of K, each A tile unpacked into L1 one K step ahead between the TDPBUSDs.
+// Blocking, 17 to 31 tokens (batched decode of 17+ sequences, short prompt chunks): token blocks of
 // TOKEN_BLOCK tokens (B tiles of a 64-token block are at most 432 KB: L2), re-read by each row group. In each
 // block, row groups of ROW_GROUP_TILES x 16 rows; in each, K chunks of K_CHUNK steps whose A tiles are unpacked
 // once into an L1 buffer and used by every token tile of the block; 2 x 2 register blocking (4 C tiles, 2 A,
@@ -52,11 +54,10 @@ namespace {
 using amx::TILE_BYTES;
 using amx::TILE_M;
 
-// Below this many tokens the AVX-512 kernel runs. At 8 tokens AMX's best calls were 1.3-1.5x ahead but its
-// medians 0.77-1.05x (thread CPU time on a busy host: the unpack of one token tile pair is exposed to cache
-// interference), and an 8-stream serving step was slower on AMX; at 12 its medians were 1.05-1.96x
-// (docs/kernels.md "AMX").
-constexpr int32_t MIN_TOKENS = 12;
+// Below this many tokens the AVX-512 kernel runs. 8 to 16 tokens (one token tile) take gemm_one_token_tile: at 8
+// tokens 1.04-1.5x AVX-512's G MAC/s, at 6 0.8-1.05x, at 4 0.7-0.9x (2 threads, weights from DRAM;
+// docs/kernels.md "AMX").
+constexpr int32_t MIN_TOKENS = 8;
 // Row groups of 4 x 16 rows and K chunks of 4 steps (one T2P block): the A chunk is 16 KB (L1), each B
 // tile pair loaded for a chunk feeds 2 row pairs, and C tiles go through the buffer once per 16 TDPBUSD.
 // Of the settings tried (docs/kernels.md "AMX"), 4 x 4 was fastest or within noise at 16, 64 and 512 tokens.
@@ -335,6 +336,95 @@ bool gemm_tokens_as_rows(const uint8_t *packed, int64_t row_begin, int64_t row_e
     return true;
 }
 
+// ---- Batched decode: one token tile (gemm_one_token_tile) ----
+// Up to 16 tokens fill one B tile, so a K step is one B tile (tile 7) shared by every row tile. A row group's C
+// tiles (ONE_TILE_GROUP of them: tiles 0..4) stay in the registers over all of K; A tiles alternate between tiles 5
+// and 6. Each A tile is unpacked (amx_layout.h unpack_weights: shift and mask of the row's T2P block) into a
+// two-step ring in L1 one K step ahead, between the TDPBUSDs. No C goes through memory before the row group's
+// transposed store.
+constexpr int ONE_TILE_GROUP = 5;
+
+// The A tile of rows [r, r + 16) for K step 4b + L (plane L of T2P block b): dst[i * 64 + j]. L is a template
+// argument so that each shift is by an immediate.
+template <int L>
+inline void unpack_plane_avx512(const uint8_t *packed, int64_t blocks, int64_t r, int64_t b, uint8_t *dst) {
+    const __m512i m3 = _mm512_set1_epi8(3);
+    for (int i = 0; i < TILE_M; ++i) {
+        const __m512i q = _mm512_loadu_si512(amx::t2p_block(packed, blocks, r + i, b));
+        _mm512_store_si512(dst + i * amx::TILE_K, _mm512_and_si512(L ? _mm512_srli_epi16(q, 2 * L) : q, m3));
+    }
+}
+inline void unpack_step_avx512(const uint8_t *packed, int64_t blocks, int64_t r, int64_t s, uint8_t *dst) {
+    switch (s % 4) {
+        case 0: unpack_plane_avx512<0>(packed, blocks, r, s / 4, dst); break;
+        case 1: unpack_plane_avx512<1>(packed, blocks, r, s / 4, dst); break;
+        case 2: unpack_plane_avx512<2>(packed, blocks, r, s / 4, dst); break;
+        default: unpack_plane_avx512<3>(packed, blocks, r, s / 4, dst); break;
+    }
+}
+
+template <int NR>
+void one_tile_group(const uint8_t *packed, int64_t blocks, int64_t g, const int8_t *bbuf, uint8_t *ring, int32_t *cbuf) {
+    static_assert(NR >= 1 && NR <= 5, "C tiles 0..4");
+    const int64_t steps = blocks * 4;
+    constexpr int64_t SLOT = NR * TILE_BYTES;  // one K step's A tiles
+    for (int rt = 0; rt < NR; ++rt) unpack_plane_avx512<0>(packed, blocks, g + rt * TILE_M, 0, ring + rt * TILE_BYTES);
+    _tile_zero(0);
+    if constexpr (NR > 1) _tile_zero(1);
+    if constexpr (NR > 2) _tile_zero(2);
+    if constexpr (NR > 3) _tile_zero(3);
+    if constexpr (NR > 4) _tile_zero(4);
+    for (int64_t s = 0; s < steps; ++s) {
+        const uint8_t *cur = ring + (s % 2) * SLOT;
+        uint8_t *next = ring + ((s + 1) % 2) * SLOT;
+        const bool more = s + 1 < steps;
+        _tile_loadd(7, bbuf + s * TILE_BYTES, 64);
+        // C tile rt += A(rt) . B, then rt's next A tile is unpacked while the tile unit works.
+#define RYZ_ONE_TILE_STEP(rt, a)                                                                         \
+    if constexpr (NR > rt) {                                                                             \
+        _tile_loadd(a, cur + rt * TILE_BYTES, 64);                                                      \
+        _tile_dpbusd(rt, a, 7);                                                                          \
+        if (more) unpack_step_avx512(packed, blocks, g + rt * TILE_M, s + 1, next + rt * TILE_BYTES);   \
+    }
+        RYZ_ONE_TILE_STEP(0, 5)
+        RYZ_ONE_TILE_STEP(1, 6)
+        RYZ_ONE_TILE_STEP(2, 5)
+        RYZ_ONE_TILE_STEP(3, 6)
+        RYZ_ONE_TILE_STEP(4, 5)
+#undef RYZ_ONE_TILE_STEP
+    }
+    _tile_stored(0, cbuf, 64);
+    if constexpr (NR > 1) _tile_stored(1, cbuf + 1 * TILE_M * TILE_M, 64);
+    if constexpr (NR > 2) _tile_stored(2, cbuf + 2 * TILE_M * TILE_M, 64);
+    if constexpr (NR > 3) _tile_stored(3, cbuf + 3 * TILE_M * TILE_M, 64);
+    if constexpr (NR > 4) _tile_stored(4, cbuf + 4 * TILE_M * TILE_M, 64);
+}
+
+// ternary_gemm's contract for at most 16 tokens and whole row tiles. false when scratch memory runs out.
+bool gemm_one_token_tile(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
+                         const int32_t *act_sums, int32_t n_tokens, int32_t *out, int64_t out_stride) {
+    const int64_t blocks = cols / QK_K, steps = blocks * 4;
+    int8_t *bbuf = reinterpret_cast<int8_t *>(g_b.get(static_cast<size_t>(steps * TILE_BYTES)));
+    uint8_t *ring = g_a.get(static_cast<size_t>(2 * ONE_TILE_GROUP * TILE_BYTES));
+    int32_t *cbuf = reinterpret_cast<int32_t *>(g_c.get(static_cast<size_t>(ONE_TILE_GROUP * TILE_BYTES)));
+    if (!bbuf || !ring || !cbuf) return false;
+    configure_tiles();
+    pack_acts_avx512(act, cols, n_tokens, bbuf, TILE_BYTES);
+    for (int64_t g = row_begin; g < row_end; g += ONE_TILE_GROUP * TILE_M) {
+        const int nr = static_cast<int>(std::min<int64_t>(ONE_TILE_GROUP, (row_end - g) / TILE_M));
+        switch (nr) {
+            case 5: one_tile_group<5>(packed, blocks, g, bbuf, ring, cbuf); break;
+            case 4: one_tile_group<4>(packed, blocks, g, bbuf, ring, cbuf); break;
+            case 3: one_tile_group<3>(packed, blocks, g, bbuf, ring, cbuf); break;
+            case 2: one_tile_group<2>(packed, blocks, g, bbuf, ring, cbuf); break;
+            default: one_tile_group<1>(packed, blocks, g, bbuf, ring, cbuf); break;
+        }
+        for (int rt = 0; rt < nr; ++rt)
+            store_transposed(cbuf + rt * TILE_M * TILE_M, act_sums, n_tokens, out + g + rt * TILE_M, out_stride);
+    }
+    return true;
+}
+
 void ternary_gemm_amx(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
                       const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
     const Kernels &avx = *kernels_avx512();
@@ -346,6 +436,7 @@ void ternary_gemm_amx(const uint8_t *packed, int64_t row_begin, int64_t row_end,
     }
     if (amx_end < row_end)  // 4 to 12 rows left over
         avx.ternary_gemm(packed, amx_end, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride);
+    if (n_tokens <= TILE_M && gemm_one_token_tile(packed, row_begin, amx_end, cols, act, act_sums, n_tokens, out, out_stride)) return;
     if (n_tokens >= STATIONARY_MIN_TOKENS && gemm_tokens_as_rows(packed, row_begin, amx_end, cols, act, act_sums, n_tokens, out, out_stride))
         return;
     const int64_t steps = blocks * 4;  // K steps of 64 columns
@@ -398,10 +489,13 @@ void ternary_gemm_amx(const uint8_t *packed, int64_t row_begin, int64_t row_end,
 // of T1P_GROUP_ROWS rows to T2P once per call (442 KB at 6912 columns: it stays in L2) and runs the AMX GEMM over
 // all the call's tokens on it, so each weight is expanded once per call, not once per block of tokens.
 constexpr int64_t T1P_GROUP_ROWS = 256;
+// Below 12 tokens T1P keeps AVX-512's batched kernel: at 8 tokens the expansion to T2P dominates and AMX over it ran
+// 0.84-0.91x AVX-512 on 2560 columns (1.1-1.45x on 6912); at 12 and 16 tokens 1.1-1.4x (docs/kernels.md "AMX").
+constexpr int32_t T1P_MIN_TOKENS = 12;
 
 void ternary_gemm_t1p_amx(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
                           const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
-    if (n_tokens < MIN_TOKENS) {
+    if (n_tokens < T1P_MIN_TOKENS) {
         kernels_avx512()->ternary_gemm_t1p(packed, row_begin, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride);
         return;
     }

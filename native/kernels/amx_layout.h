@@ -6,7 +6,8 @@
 //
 // One K step is 64 columns: step s = 4b + l is plane l of T2P block b, columns 64s .. 64s + 63.
 //
-// 12 to 31 tokens (weights as the tile rows):
+// 8 to 31 tokens (weights as the tile rows; 8 to 16 tokens are one token tile, gemm_one_token_tile, which unpacks
+// each A tile one K step at a time: plane l of block b for step 4b + l):
 //   A (16 weight rows x 64 bytes, unsigned): A[i][j] = code+1 of (row r + i, column 64s + j), which is
 //     (byte j of the row's T2P block b) >> 2l & 3: a plane is already 64 contiguous columns, so there
 //     is no transpose, only a shift and a mask.
