@@ -83,13 +83,7 @@ def test_a_long_prefill_matches_the_reference(models, native_library, isa):
     """160 tokens in one call: the AMX family's prefill path (>= 128 tokens, tokens as the tile rows) and every
     other family's batched GEMM give the reference's logits; AMX, whose every other kernel is AVX-512's, gives
     AVX-512's bits (the integer GEMM is exact)."""
-    tokens = (PROMPT * 4)[:160]
-    native = NativeModel(models["tiny"], native_library, threads=2, max_positions=192, kv_type="f32")
-    logits = native.forward(tokens)
-    assert _rel(logits, ReferenceModel(models["tiny"]).forward(tokens)) < FP32_TOL
-    if isa == "amx":
-        native_library.set_isa("avx512")
-        np.testing.assert_array_equal(logits, native.forward(tokens))
+    _matches_reference_and_amx_is_avx512(models["tiny"], native_library, isa, (PROMPT * 4)[:160])
 
 
 @pytest.mark.parametrize("n_tokens", [8, 16])
@@ -99,10 +93,15 @@ def test_a_one_token_tile_batch_matches_the_reference(models, native_library, is
     AVX-512's bits."""
     if isa == "scalar":
         pytest.skip("the scalar path is covered on tiny; medium would take minutes")
-    tokens = PROMPT[:n_tokens]
-    native = NativeModel(models["medium"], native_library, threads=2, max_positions=32, kv_type="f32")
+    _matches_reference_and_amx_is_avx512(models["medium"], native_library, isa, PROMPT[:n_tokens])
+
+
+def _matches_reference_and_amx_is_avx512(model, native_library, isa, tokens):
+    """One call over `tokens`: the reference's logits; on AMX (every kernel but the exact integer GEMM is
+    AVX-512's), AVX-512's bits."""
+    native = NativeModel(model, native_library, threads=2, max_positions=len(tokens) + 16, kv_type="f32")
     logits = native.forward(tokens)
-    assert _rel(logits, ReferenceModel(models["medium"]).forward(tokens)) < FP32_TOL
+    assert _rel(logits, ReferenceModel(model).forward(tokens)) < FP32_TOL
     if isa == "amx":
         native_library.set_isa("avx512")
         np.testing.assert_array_equal(logits, native.forward(tokens))
