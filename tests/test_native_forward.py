@@ -226,7 +226,7 @@ def test_a_forked_child_gets_its_own_pool(models, native_library):
 
 def test_tq1_0_runs_the_1_6_bit_layout_with_tq2_0_results(models, native_library, isa):
     """TQ1_0 ternary tensors are repacked into T1P (1.6 bpw, fewer bytes than T2P) and give the TQ2_0 (T2P) model's
-    logits bit for bit, in prefill and in token-by-token decode (the GEMV path)."""
+    logits bit for bit, in prefill (long, and 8 or 16 tokens) and in token-by-token decode (the GEMV path)."""
     from engine.model.native import TERNARY_LAYOUTS
 
     lib = native_library.lib
@@ -248,6 +248,8 @@ def test_tq1_0_runs_the_1_6_bit_layout_with_tq2_0_results(models, native_library
     }
     assert lib.ryz_model_repacked_bytes(t1.model) == want["t1p"] < want["t2p"] == lib.ryz_model_repacked_bytes(t2.model)
     np.testing.assert_array_equal(t1.forward(PROMPT), t2.forward(PROMPT))
+    for n in (8, 16):  # one token tile: AMX loads T1P's A tiles from code bytes, with no T2P in between
+        np.testing.assert_array_equal(t1.forward(PROMPT[:n]), t2.forward(PROMPT[:n]))
     c1, c2 = t1.new_cache(), t2.new_cache()
     for token in PROMPT[:6]:
         np.testing.assert_array_equal(t1.forward([token], c1), t2.forward([token], c2))

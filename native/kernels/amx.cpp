@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <type_traits>
 
 #include "../include/ryz.h"
 #include "../src/blocks.h"
@@ -363,17 +364,47 @@ inline void unpack_step_avx512(const uint8_t *packed, int64_t blocks, int64_t r,
     }
 }
 
+// C tiles 0..NR-1 of a row group (the one-token-tile kernels): zeroed, and stored to cbuf (16 x 16 int32 each).
+template <int NR>
+inline void zero_c_tiles() {
+    static_assert(NR >= 1 && NR <= 5, "C tiles 0..4");
+    _tile_zero(0);
+    if constexpr (NR > 1) _tile_zero(1);
+    if constexpr (NR > 2) _tile_zero(2);
+    if constexpr (NR > 3) _tile_zero(3);
+    if constexpr (NR > 4) _tile_zero(4);
+}
+template <int NR>
+inline void store_c_tiles(int32_t *cbuf) {
+    _tile_stored(0, cbuf, 64);
+    if constexpr (NR > 1) _tile_stored(1, cbuf + 1 * TILE_M * TILE_M, 64);
+    if constexpr (NR > 2) _tile_stored(2, cbuf + 2 * TILE_M * TILE_M, 64);
+    if constexpr (NR > 3) _tile_stored(3, cbuf + 3 * TILE_M * TILE_M, 64);
+    if constexpr (NR > 4) _tile_stored(4, cbuf + 4 * TILE_M * TILE_M, 64);
+}
+
+// group(std::integral_constant<int, nr>) for nr = 1..ONE_TILE_GROUP, then the group's C tiles (cbuf) into
+// out[t][16 rt + i] = C - act_sums[t].
+template <typename Group>
+inline void one_tile_rows(int nr, Group group, const int32_t *cbuf, const int32_t *act_sums, int32_t n_tokens, int32_t *out,
+                          int64_t out_stride) {
+    switch (nr) {
+        case 5: group(std::integral_constant<int, 5>{}); break;
+        case 4: group(std::integral_constant<int, 4>{}); break;
+        case 3: group(std::integral_constant<int, 3>{}); break;
+        case 2: group(std::integral_constant<int, 2>{}); break;
+        default: group(std::integral_constant<int, 1>{}); break;
+    }
+    for (int rt = 0; rt < nr; ++rt) store_transposed(cbuf + rt * TILE_M * TILE_M, act_sums, n_tokens, out + rt * TILE_M, out_stride);
+}
+
 template <int NR>
 void one_tile_group(const uint8_t *packed, int64_t blocks, int64_t g, const int8_t *bbuf, uint8_t *ring, int32_t *cbuf) {
     static_assert(NR >= 1 && NR <= 5, "C tiles 0..4");
     const int64_t steps = blocks * 4;
     constexpr int64_t SLOT = NR * TILE_BYTES;  // one K step's A tiles
     for (int rt = 0; rt < NR; ++rt) unpack_plane_avx512<0>(packed, blocks, g + rt * TILE_M, 0, ring + rt * TILE_BYTES);
-    _tile_zero(0);
-    if constexpr (NR > 1) _tile_zero(1);
-    if constexpr (NR > 2) _tile_zero(2);
-    if constexpr (NR > 3) _tile_zero(3);
-    if constexpr (NR > 4) _tile_zero(4);
+    zero_c_tiles<NR>();
     for (int64_t s = 0; s < steps; ++s) {
         const uint8_t *cur = ring + (s % 2) * SLOT;
         uint8_t *next = ring + ((s + 1) % 2) * SLOT;
@@ -393,34 +424,35 @@ void one_tile_group(const uint8_t *packed, int64_t blocks, int64_t g, const int8
         RYZ_ONE_TILE_STEP(4, 5)
 #undef RYZ_ONE_TILE_STEP
     }
-    _tile_stored(0, cbuf, 64);
-    if constexpr (NR > 1) _tile_stored(1, cbuf + 1 * TILE_M * TILE_M, 64);
-    if constexpr (NR > 2) _tile_stored(2, cbuf + 2 * TILE_M * TILE_M, 64);
-    if constexpr (NR > 3) _tile_stored(3, cbuf + 3 * TILE_M * TILE_M, 64);
-    if constexpr (NR > 4) _tile_stored(4, cbuf + 4 * TILE_M * TILE_M, 64);
+    store_c_tiles<NR>(cbuf);
 }
+
+// gemm_one_token_tile's scratch: the call's B tiles (one per K step), the A ring and the C tiles of a row group.
+struct OneTileScratch {
+    int8_t *bbuf;
+    uint8_t *ring;
+    int32_t *cbuf;
+    bool get(int64_t steps) {
+        bbuf = reinterpret_cast<int8_t *>(g_b.get(static_cast<size_t>(steps * TILE_BYTES)));
+        ring = g_a.get(static_cast<size_t>(2 * ONE_TILE_GROUP * TILE_BYTES));
+        cbuf = reinterpret_cast<int32_t *>(g_c.get(static_cast<size_t>(ONE_TILE_GROUP * TILE_BYTES)));
+        return bbuf && ring && cbuf;
+    }
+};
 
 // ternary_gemm's contract for at most 16 tokens and whole row tiles. false when scratch memory runs out.
 bool gemm_one_token_tile(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
                          const int32_t *act_sums, int32_t n_tokens, int32_t *out, int64_t out_stride) {
-    const int64_t blocks = cols / QK_K, steps = blocks * 4;
-    int8_t *bbuf = reinterpret_cast<int8_t *>(g_b.get(static_cast<size_t>(steps * TILE_BYTES)));
-    uint8_t *ring = g_a.get(static_cast<size_t>(2 * ONE_TILE_GROUP * TILE_BYTES));
-    int32_t *cbuf = reinterpret_cast<int32_t *>(g_c.get(static_cast<size_t>(ONE_TILE_GROUP * TILE_BYTES)));
-    if (!bbuf || !ring || !cbuf) return false;
+    const int64_t blocks = cols / QK_K;
+    OneTileScratch sc;
+    if (!sc.get(blocks * 4)) return false;
     configure_tiles();
-    pack_acts_avx512(act, cols, n_tokens, bbuf, TILE_BYTES);
+    pack_acts_avx512(act, cols, n_tokens, sc.bbuf, TILE_BYTES);
     for (int64_t g = row_begin; g < row_end; g += ONE_TILE_GROUP * TILE_M) {
         const int nr = static_cast<int>(std::min<int64_t>(ONE_TILE_GROUP, (row_end - g) / TILE_M));
-        switch (nr) {
-            case 5: one_tile_group<5>(packed, blocks, g, bbuf, ring, cbuf); break;
-            case 4: one_tile_group<4>(packed, blocks, g, bbuf, ring, cbuf); break;
-            case 3: one_tile_group<3>(packed, blocks, g, bbuf, ring, cbuf); break;
-            case 2: one_tile_group<2>(packed, blocks, g, bbuf, ring, cbuf); break;
-            default: one_tile_group<1>(packed, blocks, g, bbuf, ring, cbuf); break;
-        }
-        for (int rt = 0; rt < nr; ++rt)
-            store_transposed(cbuf + rt * TILE_M * TILE_M, act_sums, n_tokens, out + g + rt * TILE_M, out_stride);
+        one_tile_rows(
+            nr, [&](auto n) { one_tile_group<decltype(n)::value>(packed, blocks, g, sc.bbuf, sc.ring, sc.cbuf); }, sc.cbuf, act_sums,
+            n_tokens, out + g, out_stride);
     }
     return true;
 }
@@ -485,20 +517,64 @@ void ternary_gemm_amx(const uint8_t *packed, int64_t row_begin, int64_t row_end,
     }
 }
 
-// T1P (TQ1_0 models) on AMX: decode keeps AVX-512's GEMV on the raw base-3 bytes; a batch expands each group
-// of T1P_GROUP_ROWS rows to T2P once per call (442 KB at 6912 columns: it stays in L2) and runs the AMX GEMM over
-// all the call's tokens on it, so each weight is expanded once per call, not once per block of tokens.
+// T1P (TQ1_0 models) on AMX: decode and fewer than MIN_TOKENS keep AVX-512's kernels on the raw base-3 bytes; 8 to 16
+// tokens load their A tiles from code bytes (t1p_one_token_tile, below); more tokens expand each group of
+// T1P_GROUP_ROWS rows to T2P once per call (442 KB at 6912 columns: it stays in L2) and run the AMX GEMM over all
+// the call's tokens on it, so each weight is expanded once per call, not once per block of tokens.
 constexpr int64_t T1P_GROUP_ROWS = 256;
-// Below 12 tokens T1P keeps AVX-512's batched kernel: at 8 tokens the expansion to T2P dominates and AMX over it ran
-// 0.84-0.91x AVX-512 on 2560 columns (1.1-1.45x on 6912); at 12 and 16 tokens 1.1-1.4x (docs/kernels.md "AMX").
-constexpr int32_t T1P_MIN_TOKENS = 12;
+
+// T1P with one token tile, no T2P in between: each row group's 5 row tiles are expanded once into code+1 bytes, row
+// after row (t1p_codes_avx512: 200 KB at 2560 columns, in L2), and that buffer is the A tiles themselves (a tile
+// load with the buffer's row pitch as its stride). The B tiles and C handling are gemm_one_token_tile's. At 8 tokens
+// 1.06-1.47x AVX-512's batched T1P kernel, at 16 about 2x, and 1.4-1.6x the expansion to T2P followed by
+// gemm_one_token_tile (docs/kernels.md "AMX").
+template <int NR>
+void t1p_tile_group(const uint8_t *codes, int64_t pitch, int64_t steps, const int8_t *bbuf, int32_t *cbuf) {
+    zero_c_tiles<NR>();
+    for (int64_t s = 0; s < steps; ++s) {
+        _tile_loadd(7, bbuf + s * TILE_BYTES, 64);
+        const uint8_t *a = codes + s * amx::TILE_K;
+        _tile_loadd(5, a, pitch);
+        _tile_dpbusd(0, 5, 7);
+        if constexpr (NR > 1) { _tile_loadd(6, a + 1 * TILE_M * pitch, pitch); _tile_dpbusd(1, 6, 7); }
+        if constexpr (NR > 2) { _tile_loadd(5, a + 2 * TILE_M * pitch, pitch); _tile_dpbusd(2, 5, 7); }
+        if constexpr (NR > 3) { _tile_loadd(6, a + 3 * TILE_M * pitch, pitch); _tile_dpbusd(3, 6, 7); }
+        if constexpr (NR > 4) { _tile_loadd(5, a + 4 * TILE_M * pitch, pitch); _tile_dpbusd(4, 5, 7); }
+    }
+    store_c_tiles<NR>(cbuf);
+}
+
+bool t1p_one_token_tile(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
+                        const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
+    const int64_t blocks = cols / QK_K, steps = blocks * 4, nv = t1p_vectors(cols), pitch = nv * T1P_VECTOR_COLS;
+    const int64_t amx_end = row_begin + (row_end - row_begin) / TILE_M * TILE_M;
+    thread_local std::vector<uint8_t> codes;
+    OneTileScratch sc;
+    if (blocks < 1 || amx_end <= row_begin || !sc.get(steps)) return false;
+    const size_t need = static_cast<size_t>(ONE_TILE_GROUP * TILE_M * pitch);
+    if (codes.size() < need) codes.resize(need);
+    configure_tiles();
+    pack_acts_avx512(act, cols, n_tokens, sc.bbuf, TILE_BYTES);
+    for (int64_t g = row_begin; g < amx_end; g += ONE_TILE_GROUP * TILE_M) {
+        const int nr = static_cast<int>(std::min<int64_t>(ONE_TILE_GROUP, (amx_end - g) / TILE_M));
+        for (int64_t r = 0; r < nr * TILE_M; r += TILE_ROWS)
+            t1p_codes_avx512(packed + (g + r) / TILE_ROWS * nv * T1P_VECTOR_BYTES, nv, codes.data() + r * pitch, pitch);
+        one_tile_rows(
+            nr, [&](auto n) { t1p_tile_group<decltype(n)::value>(codes.data(), pitch, steps, sc.bbuf, sc.cbuf); }, sc.cbuf, act_sums,
+            n_tokens, out + g, out_stride);
+    }
+    if (amx_end < row_end)  // 4 to 12 rows left over
+        kernels_avx512()->ternary_gemm_t1p(packed, amx_end, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride);
+    return true;
+}
 
 void ternary_gemm_t1p_amx(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, const int8_t *act,
                           const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
-    if (n_tokens < T1P_MIN_TOKENS) {
+    if (n_tokens < MIN_TOKENS) {
         kernels_avx512()->ternary_gemm_t1p(packed, row_begin, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride);
         return;
     }
+    if (n_tokens <= TILE_M && t1p_one_token_tile(packed, row_begin, row_end, cols, act, act_sums, n_tokens, token_tile, out, out_stride)) return;
     thread_local std::vector<uint8_t> scratch;
     const size_t need = static_cast<size_t>(T1P_GROUP_ROWS / TILE_ROWS * cols);
     if (scratch.size() < need) scratch.resize(need);

@@ -304,29 +304,34 @@ inline __m128i gemv_t1p_tile(const uint8_t *w, int64_t nv, int64_t cols, const i
 
 }  // namespace
 
-// T1P rows [row_begin, row_end) -> T2P at dst (t1p_gemm_via_t2p's `expand`): digits by compares
-// ([q_k >= 86] + [q_k >= 171]) into per-row code bytes, then four code vectors per T2P block.
-// Outside the anonymous namespace: the AMX family expands with it too.
+// One T1P row tile (TILE_ROWS rows, nv vectors at `tile`) -> code+1 bytes: row r's column c at
+// codes[r * stride + c], stride >= nv * 80 (columns past the row's end come out as 1: weight 0). The digits
+// by compares ([q_k >= 86] + [q_k >= 171]). Outside the anonymous namespace: the AMX family uses it too.
+void t1p_codes_avx512(const uint8_t *tile, int64_t nv, uint8_t *codes, int64_t stride) {
+    const __m512i one = _mm512_set1_epi8(1), lo = _mm512_set1_epi8(85), hi = _mm512_set1_epi8(static_cast<char>(170));
+    for (int64_t i = 0; i < nv; ++i) {
+        __m512i q = _mm512_loadu_si512(tile + i * T1P_VECTOR_BYTES);
+        for (int k = 0; k < 5; ++k) {
+            const __m512i d1 = _mm512_maskz_mov_epi8(_mm512_cmpgt_epu8_mask(q, lo), one);
+            const __m512i d = _mm512_mask_add_epi8(d1, _mm512_cmpgt_epu8_mask(q, hi), d1, one);
+            uint8_t *c = codes + i * T1P_VECTOR_COLS + 16 * k;
+            _mm_storeu_si128(reinterpret_cast<__m128i *>(c), _mm512_castsi512_si128(d));
+            _mm_storeu_si128(reinterpret_cast<__m128i *>(c + stride), _mm512_extracti32x4_epi32(d, 1));
+            _mm_storeu_si128(reinterpret_cast<__m128i *>(c + 2 * stride), _mm512_extracti32x4_epi32(d, 2));
+            _mm_storeu_si128(reinterpret_cast<__m128i *>(c + 3 * stride), _mm512_extracti32x4_epi32(d, 3));
+            q = times3(q);
+        }
+    }
+}
+
+// T1P rows [row_begin, row_end) -> T2P at dst (t1p_gemm_via_t2p's `expand`): each row tile's code bytes
+// (t1p_codes_avx512), then four code vectors per T2P block.
 void t1p_to_t2p_avx512(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, uint8_t *dst) {
     const int64_t nv = t1p_vectors(cols), blocks = cols / QK_K, stride = nv * T1P_VECTOR_COLS;
     thread_local std::vector<uint8_t> codes;
     if (codes.size() < static_cast<size_t>(TILE_ROWS * stride)) codes.resize(static_cast<size_t>(TILE_ROWS * stride));
-    const __m512i one = _mm512_set1_epi8(1), lo = _mm512_set1_epi8(85), hi = _mm512_set1_epi8(static_cast<char>(170));
     for (int64_t r0 = row_begin; r0 < row_end; r0 += TILE_ROWS) {
-        const uint8_t *p = packed + (r0 / TILE_ROWS) * nv * T1P_VECTOR_BYTES;
-        for (int64_t i = 0; i < nv; ++i) {
-            __m512i q = _mm512_loadu_si512(p + i * T1P_VECTOR_BYTES);
-            for (int k = 0; k < 5; ++k) {
-                const __m512i d1 = _mm512_maskz_mov_epi8(_mm512_cmpgt_epu8_mask(q, lo), one);
-                const __m512i d = _mm512_mask_add_epi8(d1, _mm512_cmpgt_epu8_mask(q, hi), d1, one);
-                uint8_t *c = codes.data() + i * T1P_VECTOR_COLS + 16 * k;
-                _mm_storeu_si128(reinterpret_cast<__m128i *>(c), _mm512_castsi512_si128(d));
-                _mm_storeu_si128(reinterpret_cast<__m128i *>(c + stride), _mm512_extracti32x4_epi32(d, 1));
-                _mm_storeu_si128(reinterpret_cast<__m128i *>(c + 2 * stride), _mm512_extracti32x4_epi32(d, 2));
-                _mm_storeu_si128(reinterpret_cast<__m128i *>(c + 3 * stride), _mm512_extracti32x4_epi32(d, 3));
-                q = times3(q);
-            }
-        }
+        t1p_codes_avx512(packed + (r0 / TILE_ROWS) * nv * T1P_VECTOR_BYTES, nv, codes.data(), stride);
         uint8_t *o = dst + (r0 - row_begin) / TILE_ROWS * blocks * TILE_ROWS * T2P_BLOCK_BYTES;
         for (int64_t b = 0; b < blocks; ++b)
             for (int r = 0; r < TILE_ROWS; ++r, o += T2P_BLOCK_BYTES) {

@@ -216,6 +216,9 @@ void t1p_gemm_expanding(const uint8_t *packed, int64_t row_begin, int64_t row_en
 
 // AVX-512's T1P -> T2P expansion (t1p_gemm_via_t2p's `expand`), which the AMX family's T1P GEMM uses too.
 void t1p_to_t2p_avx512(const uint8_t *packed, int64_t row_begin, int64_t row_end, int64_t cols, uint8_t *dst);
+// Its first half: one T1P row tile's code+1 bytes, row r's column c at codes[r * stride + c] (stride >= the
+// tile's vectors x 80). The AMX family loads its A tiles from them directly.
+void t1p_codes_avx512(const uint8_t *tile, int64_t nv, uint8_t *codes, int64_t stride);
 
 // The AVX2 attention kernels, the AVX-512 family's fallback for head sizes its own do not cover.
 void kv_dot_avx2(const float *q, const void *keys, int32_t kv_type, int64_t stride, int32_t n_pos, int32_t d, float *scores);

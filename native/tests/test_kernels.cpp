@@ -1181,6 +1181,10 @@ void test_t1p() {
         t1p_case(rng, 260, 2560, 1, {0}, mode, false);
     }
     t1p_case(rng, 68, 2560, 70, some_tiles, 0, false);
+    // 8-16 tokens on the AMX family (t1p_one_token_tile): groups of 5 row tiles and a smaller last one, a 4-row tail
+    t1p_case(rng, 100, 2560, 8, some_tiles, 0, false);
+    t1p_case(rng, 84, 6912, 16, some_tiles, 1, false);
+    t1p_case(rng, 164, 768, 11, {0}, 2, false);
     t1p_case(rng, 4, 43008, 1, {0}, 2, true);  // past the AVX-512 GEMV's fold of 512 vectors (40960 columns)
 
     // TQ1_0 blocks from random codes repack to the T1P bytes built here, and GEMM on them equals GEMM on
