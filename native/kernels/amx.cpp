@@ -123,7 +123,7 @@ struct Scratch {
         return data.get();
     }
 };
-thread_local Scratch g_a, g_b, g_c;
+thread_local Scratch g_a, g_b, g_c, g_codes;
 
 // C tiles (NR row tiles x NT token tiles, tiles 0..3) += A (tiles 4, 5) . B (tiles 6, 7) over `steps`
 // K steps (A tiles consecutive, B tiles b_step bytes apart). c[rt][tt] are 16 x 16 int32 buffers; first: start from zero instead of loading them.
@@ -548,19 +548,17 @@ bool t1p_one_token_tile(const uint8_t *packed, int64_t row_begin, int64_t row_en
                         const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
     const int64_t blocks = cols / QK_K, steps = blocks * 4, nv = t1p_vectors(cols), pitch = nv * T1P_VECTOR_COLS;
     const int64_t amx_end = row_begin + (row_end - row_begin) / TILE_M * TILE_M;
-    thread_local std::vector<uint8_t> codes;
     OneTileScratch sc;
-    if (blocks < 1 || amx_end <= row_begin || !sc.get(steps)) return false;
-    const size_t need = static_cast<size_t>(ONE_TILE_GROUP * TILE_M * pitch);
-    if (codes.size() < need) codes.resize(need);
+    uint8_t *codes = g_codes.get(static_cast<size_t>(ONE_TILE_GROUP * TILE_M * pitch));
+    if (blocks < 1 || amx_end <= row_begin || !sc.get(steps) || !codes) return false;
     configure_tiles();
     pack_acts_avx512(act, cols, n_tokens, sc.bbuf, TILE_BYTES);
     for (int64_t g = row_begin; g < amx_end; g += ONE_TILE_GROUP * TILE_M) {
         const int nr = static_cast<int>(std::min<int64_t>(ONE_TILE_GROUP, (amx_end - g) / TILE_M));
         for (int64_t r = 0; r < nr * TILE_M; r += TILE_ROWS)
-            t1p_codes_avx512(packed + (g + r) / TILE_ROWS * nv * T1P_VECTOR_BYTES, nv, codes.data() + r * pitch, pitch);
+            t1p_codes_avx512(packed + (g + r) / TILE_ROWS * nv * T1P_VECTOR_BYTES, nv, codes + r * pitch, pitch);
         one_tile_rows(
-            nr, [&](auto n) { t1p_tile_group<decltype(n)::value>(codes.data(), pitch, steps, sc.bbuf, sc.cbuf); }, sc.cbuf, act_sums,
+            nr, [&](auto n) { t1p_tile_group<decltype(n)::value>(codes, pitch, steps, sc.bbuf, sc.cbuf); }, sc.cbuf, act_sums,
             n_tokens, out + g, out_stride);
     }
     if (amx_end < row_end)  // 4 to 12 rows left over
