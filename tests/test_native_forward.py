@@ -80,7 +80,7 @@ def test_medium_shape(models, native_library, isa):
 
 
 def test_a_long_prefill_matches_the_reference(models, native_library, isa):
-    """160 tokens in one call: the AMX family's prefill path (>= 128 tokens, tokens as the tile rows) and every
+    """160 tokens in one call: the AMX family's prefill path (from 32 tokens, tokens as the tile rows) and every
     other family's batched GEMM give the reference's logits; AMX, whose every other kernel is AVX-512's, gives
     AVX-512's bits (the integer GEMM is exact)."""
     _matches_reference_and_amx_is_avx512(models["tiny"], native_library, isa, (PROMPT * 4)[:160])

@@ -427,7 +427,8 @@ void one_tile_group(const uint8_t *packed, int64_t blocks, int64_t g, const int8
     store_c_tiles<NR>(cbuf);
 }
 
-// gemm_one_token_tile's scratch: the call's B tiles (one per K step), the A ring and the C tiles of a row group.
+// The one-token-tile kernels' scratch: the call's B tiles (one per K step), the A ring (gemm_one_token_tile's) and
+// the C tiles of a row group.
 struct OneTileScratch {
     int8_t *bbuf;
     uint8_t *ring;
@@ -548,9 +549,10 @@ bool t1p_one_token_tile(const uint8_t *packed, int64_t row_begin, int64_t row_en
                         const int32_t *act_sums, int32_t n_tokens, int32_t token_tile, int32_t *out, int64_t out_stride) {
     const int64_t blocks = cols / QK_K, steps = blocks * 4, nv = t1p_vectors(cols), pitch = nv * T1P_VECTOR_COLS;
     const int64_t amx_end = row_begin + (row_end - row_begin) / TILE_M * TILE_M;
+    if (blocks < 1 || amx_end <= row_begin) return false;
     OneTileScratch sc;
     uint8_t *codes = g_codes.get(static_cast<size_t>(ONE_TILE_GROUP * TILE_M * pitch));
-    if (blocks < 1 || amx_end <= row_begin || !sc.get(steps) || !codes) return false;
+    if (!sc.get(steps) || !codes) return false;
     configure_tiles();
     pack_acts_avx512(act, cols, n_tokens, sc.bbuf, TILE_BYTES);
     for (int64_t g = row_begin; g < amx_end; g += ONE_TILE_GROUP * TILE_M) {
