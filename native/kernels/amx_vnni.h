@@ -37,9 +37,12 @@ namespace amx {
 RYZ_AMX_VNNI_TARGET static inline void unpack_vnni_block(const uint8_t *packed, int64_t blocks, int64_t r, int64_t b, uint8_t *dst) {
     const __m512i m3 = _mm512_set1_epi8(3);
     __m512i t[16], u[16];
+    const uint8_t *base = t2p_block(packed, blocks, r, b);
+    const int64_t tile_stride = t2p_tile_stride(blocks);
     for (int i = 0; i < 8; ++i) {
-        const __m512i x = _mm512_loadu_si512(t2p_block(packed, blocks, r + 2 * i, b));
-        const __m512i y = _mm512_loadu_si512(t2p_block(packed, blocks, r + 2 * i + 1, b));
+        const uint8_t *row = base + 2 * i / TILE_ROWS * tile_stride + 2 * i % TILE_ROWS * T2P_BLOCK_BYTES;  // rows r + 2i, r + 2i + 1
+        const __m512i x = _mm512_loadu_si512(row);
+        const __m512i y = _mm512_loadu_si512(row + T2P_BLOCK_BYTES);
         t[2 * i] = _mm512_unpacklo_epi32(x, y);
         t[2 * i + 1] = _mm512_unpackhi_epi32(x, y);
     }
