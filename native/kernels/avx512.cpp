@@ -397,7 +397,7 @@ inline size_t prefetch_offset(size_t off, size_t rb, int R) {
 // array in memory and store it on every loop iteration).
 template <int R, int T>
 inline void store_rows(const __m512 (&acc)[R][T], float *out, int64_t out_stride, int n_rows) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int t = 0; t < T; ++t) {
         float res[R];
 #pragma GCC unroll 8
@@ -451,14 +451,15 @@ void dense_plain(const uint8_t *w, size_t rb, int n_rows, int64_t cols, const fl
 // Q8_0 rows, a block (32 columns, two vectors) per step: d converted once per block, values d * q
 // (an 11-bit by 8-bit product: exact in float, the same value dequantize_row makes). 8 rows per pass:
 // from DRAM ~90% of a plain read, against ~80% with 4 (the loop is not far above DRAM speed, hot
-// ~45 GB/s on Zen 5, so more independent streams help).
+// ~45 GB/s on Zen 5, so more independent streams help). Each activation vector is loaded once for the R
+// rows; a row's operations are the same for any R and T: acc = fma(w0, x0, acc), then fma(w1, x1, acc).
 template <Prefetch P, int R, int T>
 void dense_q8_0(const uint8_t *w, size_t rb, int n_rows, int64_t cols, const float *x, float *out, int64_t out_stride) {
     RYZ_DENSE_ROWS
     __m512 acc[R][T];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < cols / QK8_0; ++b) {
         const size_t pf = prefetch_offset<P>(b * sizeof(block_q8_0), rb, R);
@@ -474,11 +475,19 @@ void dense_q8_0(const uint8_t *w, size_t rb, int n_rows, int64_t cols, const flo
             w0[r] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(qs)))));
             w1[r] = _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(qs + 16)))));
         }
-#pragma GCC unroll 4
-        for (int t = 0; t < T; ++t) {
-            const __m512 x0 = _mm512_loadu_ps(x + t * cols + b * QK8_0), x1 = _mm512_loadu_ps(x + t * cols + b * QK8_0 + 16);
+        // Every loop unrolled (a runtime token index would put acc in memory), and each x vector pinned to a
+        // register: GCC otherwise folds a load of it into every FMA, which at 8 tokens (80 KB of x at 2560
+        // columns: L2, not L1) made the 3 x 8 kernel L2-bound and slower than 4 x 4.
 #pragma GCC unroll 8
-            for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(w1[r], x1, _mm512_fmadd_ps(w0[r], x0, acc[r][t]));
+        for (int t = 0; t < T; ++t) {
+            __m512 x0 = _mm512_loadu_ps(x + t * cols + b * QK8_0);
+            asm("" : "+v"(x0));
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(w0[r], x0, acc[r][t]);
+            __m512 x1 = _mm512_loadu_ps(x + t * cols + b * QK8_0 + 16);
+            asm("" : "+v"(x1));
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) acc[r][t] = _mm512_fmadd_ps(w1[r], x1, acc[r][t]);
         }
     }
     store_rows<R, T>(acc, out, out_stride, n_rows);
@@ -660,14 +669,16 @@ __attribute__((target("avx512vbmi"))) void dense_q6_k_vbmi(const uint8_t *w, siz
 
 using DenseFn = void (*)(const uint8_t *, size_t, int, int64_t, const float *, float *, int64_t);
 
-// R rows per pass and kernels for 4 (if registers allow), 2 and 1 tokens; n_tokens is covered greedily.
-template <int R, DenseFn F1, DenseFn F2, DenseFn F4 = nullptr>
+// R rows per pass and kernels for 8 and 4 (if registers allow), 2 and 1 tokens; n_tokens is covered greedily.
+template <int R, DenseFn F1, DenseFn F2, DenseFn F4 = nullptr, DenseFn F8 = nullptr>
 void dense_rows(const uint8_t *w, size_t rb, int64_t row_begin, int64_t row_end, int64_t cols, const float *x,
                 int32_t n_tokens, float *out, int64_t out_stride) {
     for (int64_t r = row_begin; r < row_end; r += R) {
         const int n_rows = static_cast<int>(std::min<int64_t>(R, row_end - r));
         const uint8_t *first = w + static_cast<size_t>(r) * rb;
         int32_t t = 0;
+        if constexpr (F8 != nullptr)
+            for (; t + 8 <= n_tokens; t += 8) F8(first, rb, n_rows, cols, x + t * cols, out + t * out_stride + r, out_stride);
         if constexpr (F4 != nullptr)
             for (; t + 4 <= n_tokens; t += 4) F4(first, rb, n_rows, cols, x + t * cols, out + t * out_stride + r, out_stride);
         for (; t + 2 <= n_tokens; t += 2) F2(first, rb, n_rows, cols, x + t * cols, out + t * out_stride + r, out_stride);
@@ -688,11 +699,15 @@ void dense_gemm_rows(const void *w, int32_t type, int64_t row_begin, int64_t row
             dense_rows<4, dense_plain<P, true, 4, 1>, dense_plain<P, true, 4, 2>, dense_plain<P, true, 4, 4>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
             break;
         case RYZ_TYPE_Q8_0:
-            // 8 rows for decode; 4 rows x up to 4 tokens otherwise (8 x 2 runs out of registers; 2 rows x
-            // 8 tokens measured at ~55% of 4 x 4's FMA rate). A row's operations are the same either way,
-            // so its result does not depend on n_tokens.
+            // 8 rows for decode; 3 rows x 8 tokens from 8 tokens (each weight dequantized once per 8 tokens: 24
+            // accumulators, 6 weight and 1 activation vector fill the registers; 2 x 8 loads an x vector per 2
+            // FMAs, too many); 4 rows x up to 4 tokens otherwise (8 x 2 runs out of registers). A row's operations
+            // are the same either way, so its result does not depend on n_tokens.
             if (n_tokens == 1)
                 dense_rows<8, dense_q8_0<P, 8, 1>, dense_q8_0<P, 8, 1>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
+            else if (n_tokens >= 8)
+                dense_rows<3, dense_q8_0<P, 3, 1>, dense_q8_0<P, 3, 2>, dense_q8_0<P, 3, 4>, dense_q8_0<P, 3, 8>>(base, rb, row_begin, row_end, cols, x, n_tokens,
+                                                                                                            out, out_stride);
             else
                 dense_rows<4, dense_q8_0<P, 4, 1>, dense_q8_0<P, 4, 2>, dense_q8_0<P, 4, 4>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
             break;

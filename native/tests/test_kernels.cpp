@@ -720,7 +720,7 @@ void test_dense() {
         const bool any_cols = type == RYZ_TYPE_F32 || type == RYZ_TYPE_F16;
         int i = 0;
         for (int64_t rows : {1, 3, 4, 5, 9, 37})
-            for (int32_t n : {1, 2, 3, 7, 8, 13}) {
+            for (int32_t n : {1, 2, 3, 7, 8, 13, 16}) {
                 const int64_t cols = (i++ % 2) ? 2560 : 512;
                 dense_case(rng, type, rows, cols, n);
             }
