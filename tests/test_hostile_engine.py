@@ -592,3 +592,71 @@ def test_a_failing_forward_fails_the_batch_and_the_core_serves_on(core):
     assert all(r["last"].error and "injected forward failure" in r["last"].error for r in results)
     again = _run_together(core, [_request("one request")])[0]
     assert again["last"].finish_reason == "length" and len(again["ids"]) == 10
+
+
+def test_a_steps_deltas_reach_the_sinks_after_every_update_of_the_step(core):
+    """EngineCore holds a step's deltas until every request of the step is updated (_flush): the deltas of one
+    forward all see the same tokens generated, and each request's deltas arrive in order."""
+    seen = []  # per delta: (request, its token count, forwards so far, every live request's token count)
+
+    def watcher(i):
+        count = [0]
+
+        def sink(delta):
+            count[0] += len(delta.token_ids)
+            generated = {rid: len(live.generated) for rid, live in list(core._live.items())}
+            seen.append((i, count[0], len(core.model.batches), generated))
+
+        return sink
+
+    core.model.batches.clear()
+    texts = ("the quick brown fox", "pack my box with jugs", "sphinx of black quartz")
+    results = _run_together(core, [_request(t) for t in texts], [watcher(i) for i in range(3)], hold=core._compute_lock)
+    assert all(r["last"].finish_reason == "length" and len(r["ids"]) == 10 for r in results)
+    by_forward = {}
+    for _, _, forwards, generated in seen:
+        by_forward.setdefault(forwards, []).append(generated)
+    shared = [snapshots for snapshots in by_forward.values() if len(snapshots) > 1]
+    assert shared  # batched steps happened
+    for snapshots in shared:  # (a request that ended is gone from the later snapshots of its step)
+        for a, b in zip(snapshots, snapshots[1:]):
+            assert all(b[rid] == n for rid, n in a.items() if rid in b), snapshots
+    for i in range(3):
+        counts = [k for j, k, _, _ in seen if j == i]
+        assert counts == sorted(counts)
+
+
+def test_the_event_loop_is_woken_once_for_a_burst_of_deltas():
+    """The client's mailbox: deltas put from the engine thread back to back reach their queues in order, with one
+    call_soon_threadsafe for the burst (each wake-up let the loop thread take the GIL between two deltas)."""
+    import asyncio
+
+    from engine.serving.client import _Mailbox
+    from engine.serving.core import Delta
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        wakes = [0]
+        schedule = loop.call_soon_threadsafe
+
+        def counting(*args):
+            wakes[0] += 1
+            return schedule(*args)
+
+        loop.call_soon_threadsafe = counting
+        mailbox = _Mailbox(loop)
+        queues = [asyncio.Queue(), asyncio.Queue()]
+
+        def engine_thread():
+            for n in range(6):
+                mailbox.put(queues[n % 2], Delta(text=str(n)))
+
+        thread = threading.Thread(target=engine_thread)
+        thread.start()
+        thread.join()
+        got = [[(await q.get()).text for _ in range(3)] for q in queues]
+        return got, wakes[0]
+
+    got, wakes = asyncio.run(main())
+    assert got == [["0", "2", "4"], ["1", "3", "5"]]
+    assert wakes == 1

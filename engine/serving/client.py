@@ -17,6 +17,7 @@ import hashlib
 import math
 import re
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,38 @@ def model_id(ref: str, model) -> str:
     return f"{name}@{ref[:19]}" if name else ref[:19]
 
 
+class _Mailbox:
+    """Deltas from the engine thread to one event loop, with one wake-up for all that arrive before the loop runs.
+    The engine sends a step's deltas back to back (EngineCore._flush); call_soon_threadsafe per delta wrote the
+    loop's self-pipe each time, and each write let the woken loop thread take the GIL before the next delta."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = weakref.ref(loop)  # the client's table of mailboxes must not keep a loop alive
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue[Delta], Delta]] = []
+
+    def put(self, queue: asyncio.Queue[Delta], delta: Delta) -> None:
+        with self._lock:
+            self._pending.append((queue, delta))
+            if len(self._pending) > 1:  # a wake-up is already on its way: it takes this one too
+                return
+        try:
+            loop = self._loop()
+            if loop is None:
+                raise RuntimeError("the request's event loop is gone")
+            loop.call_soon_threadsafe(self._drain)
+        except BaseException:  # a closed loop: the sink raises, as call_soon_threadsafe did, and nothing stays queued
+            with self._lock:
+                self._pending.clear()
+            raise
+
+    def _drain(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, delta in pending:
+            queue.put_nowait(delta)
+
+
 class LocalEngineClient:
     """An EngineCore in this process behind the EngineClient protocol."""
 
@@ -156,6 +189,8 @@ class LocalEngineClient:
         self._tok = loaded.tokenizer
         self._grammars: GrammarCompiler | None = None  # built on the first structured request
         self._info: dict | None = None  # model_info(), computed once
+        self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+        self._mailboxes_lock = threading.Lock()
 
     # -- input processing ------------------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
@@ -214,14 +249,21 @@ class LocalEngineClient:
     # -- requests --------------------------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Submit now (so capacity errors raise here, before any response starts); iterate the deltas."""
-        loop = asyncio.get_running_loop()
+        mailbox = self._mailbox(asyncio.get_running_loop())
         queue: asyncio.Queue[Delta] = asyncio.Queue()
 
         def sink(delta: Delta) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, delta)
+            mailbox.put(queue, delta)
 
         self.core.submit(request, sink)
         return self._deltas(request.request_id, queue)
+
+    def _mailbox(self, loop: asyncio.AbstractEventLoop) -> _Mailbox:
+        with self._mailboxes_lock:
+            mailbox = self._mailboxes.get(loop)
+            if mailbox is None:
+                mailbox = self._mailboxes[loop] = _Mailbox(loop)
+            return mailbox
 
     async def _deltas(self, request_id: str, queue: asyncio.Queue[Delta]) -> AsyncIterator[Delta]:
         done = False
