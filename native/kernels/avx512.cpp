@@ -402,7 +402,12 @@ inline void store_rows(const __m512 (&acc)[R][T], float *out, int64_t out_stride
         float res[R];
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) res[r] = _mm512_reduce_add_ps(acc[r][t]);
-        for (int r = 0; r < n_rows; ++r) out[t * out_stride + r] = res[r];
+        if (n_rows == R) {  // a fixed count: plain stores (with n_rows GCC called memcpy, per pass and token)
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) out[t * out_stride + r] = res[r];
+        } else {
+            for (int r = 0; r < n_rows; ++r) out[t * out_stride + r] = res[r];
+        }
     }
 }
 
