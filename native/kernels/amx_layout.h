@@ -48,7 +48,7 @@ static inline const uint8_t *t2p_block(const uint8_t *packed, int64_t blocks, in
 }
 
 // Bytes from a row's T2P block to the same block of the row TILE_ROWS further on. The 16 rows [r, r + 16) of a tile
-// (r a multiple of 16) have their block b at t2p_block(packed, blocks, r, b) + (i / TILE_ROWS) * t2p_tile_stride(blocks)
+// (r a multiple of TILE_ROWS) have their block b at t2p_block(packed, blocks, r, b) + (i / TILE_ROWS) * t2p_tile_stride(blocks)
 // + (i % TILE_ROWS) * T2P_BLOCK_BYTES: the vectorized unpacks address their 16 loads that way, from one base with
 // constant offsets (t2p_block per row made GCC spend more on index arithmetic, spilled to xmm registers, than on the
 // unpack itself).

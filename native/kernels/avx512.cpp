@@ -704,10 +704,10 @@ void dense_gemm_rows(const void *w, int32_t type, int64_t row_begin, int64_t row
             dense_rows<4, dense_plain<P, true, 4, 1>, dense_plain<P, true, 4, 2>, dense_plain<P, true, 4, 4>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
             break;
         case RYZ_TYPE_Q8_0:
-            // 8 rows for decode; 3 rows x 8 tokens from 8 tokens (each weight dequantized once per 8 tokens: 24
-            // accumulators, 6 weight and 1 activation vector fill the registers; 2 x 8 loads an x vector per 2
-            // FMAs, too many); 4 rows x up to 4 tokens otherwise (8 x 2 runs out of registers). A row's operations
-            // are the same either way, so its result does not depend on n_tokens.
+            // 8 rows for decode; 3 rows x 8 tokens from 8 tokens (each weight dequantized once per 8 tokens; 24
+            // accumulators, 6 weight and 1 activation vector fill the registers, and each activation load serves 3
+            // FMAs); 4 rows x up to 4 tokens otherwise (8 x 2 runs out of registers). A row's operations are the
+            // same either way, so its result does not depend on n_tokens.
             if (n_tokens == 1)
                 dense_rows<8, dense_q8_0<P, 8, 1>, dense_q8_0<P, 8, 1>>(base, rb, row_begin, row_end, cols, x, n_tokens, out, out_stride);
             else if (n_tokens >= 8)
