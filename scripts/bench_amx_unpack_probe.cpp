@@ -1,10 +1,13 @@
-// How TDPBUSD overlaps with the work of unpacking its A tiles (docs/kernels.md "Batched decode: one token tile").
+// How TDPBUSD overlaps with the work of unpacking its A tiles (docs/kernels.md "Batched decode: one token tile"), and
+// what the prefill kernel's tile loads cost (docs/kernels.md "Prefill with the tokens as the tile rows").
 //
 //     g++ -O2 -std=c++17 -mavx512f -mavx512bw -mamx-tile -mamx-int8 scripts/bench_amx_unpack_probe.cpp -o probe && ./probe
 //
 // Prints nominal cycles (wall time x 2.6 GHz, this Xeon's base clock) per TDPBUSD for: the tile unit alone; an
 // unpack alone (16 64-byte loads, shift and mask, 16 aligned stores into a ring of 1 KB slots); both, with each
-// tile loaded D slots after the unpack stored it; and both with the tiles loaded from a buffer never written.
+// tile loaded D slots after the unpack stored it; and both with the tiles loaded from a buffer never written. Then the
+// prefill kernel's inner loop (2 x 2 tiles: two token tiles and two weight tiles loaded per K step, 4 TDPBUSD, C in the
+// registers over all of K) over operands that fit in L1 and over operands that live in L2.
 // Linux only (arch_prctl for the tile data); exits 1 where AMX is missing or not granted.
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -13,6 +16,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 
 namespace {
 
@@ -22,9 +26,9 @@ struct __attribute__((packed)) TileConfig {
     uint8_t rows[16];
 };
 alignas(64) TileConfig g_config;
-alignas(64) uint8_t g_fixed[2][1024];   // tiles loaded but never written
+alignas(64) uint8_t g_fixed[2][1024];   // tiles loaded but never written (both on the zero page: L1)
 alignas(64) uint8_t g_ring[32][1024];   // the unpack's destination
-alignas(64) uint8_t g_src[64 * 1024];   // what the unpack reads
+alignas(64) uint8_t g_src[64 * 1024];   // what the unpack reads (never written: the zero page, L1)
 
 double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
@@ -62,6 +66,36 @@ double cycles_per_tdp(long iterations) {
     return (now() - start) / iterations / 4 * 2.6e9;
 }
 
+// gemm_tokens_as_rows's loop: token pairs of n_tiles token tiles, each over all `steps` K steps of one weight row pair.
+double cycles_per_tdp_2x2(const int8_t *a, const uint8_t *b, int n_tiles, int steps, int reps) {
+    alignas(64) static int32_t c[4][256];
+    const double start = now();
+    for (int rep = 0; rep < reps; ++rep)
+        for (int tt = 0; tt < n_tiles; tt += 2) {
+            const int8_t *a0 = a + static_cast<long>(tt) * steps * 1024, *a1 = a0 + static_cast<long>(steps) * 1024;
+            const uint8_t *b0 = b, *b1 = b + static_cast<long>(steps) * 1024;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int k = 0; k < steps; ++k) {
+                _tile_loadd(4, a0 + k * 1024, 64);
+                _tile_loadd(6, b0 + k * 1024, 64);
+                _tile_dpbusd(0, 4, 6);
+                _tile_loadd(7, b1 + k * 1024, 64);
+                _tile_dpbusd(1, 4, 7);
+                _tile_loadd(5, a1 + k * 1024, 64);
+                _tile_dpbusd(2, 5, 6);
+                _tile_dpbusd(3, 5, 7);
+            }
+            _tile_stored(0, c[0], 64);
+            _tile_stored(1, c[1], 64);
+            _tile_stored(2, c[2], 64);
+            _tile_stored(3, c[3], 64);
+        }
+    return (now() - start) / (static_cast<double>(reps) * n_tiles * 2 * steps) * 2.6e9;
+}
+
 }  // namespace
 
 int main() {
@@ -81,4 +115,13 @@ int main() {
                     cycles_per_tdp<true, true, true, 8>(n), cycles_per_tdp<true, true, true, 16>(n));
         std::printf("TDPBUSD + unpack + tile loads of a buffer never written: %.1f\n", cycles_per_tdp<true, true, true, 8, true>(n));
     }
+    // 2 token tiles x 4 steps and 2 weight tiles x 4 steps: 16 KB (L1); 10 token tiles x 40 steps (2560 columns) and 2
+    // weight tiles x 40 steps: 480 KB (L2).
+    alignas(64) static int8_t a[10 * 40 * 1024];
+    alignas(64) static uint8_t b[2 * 40 * 1024];
+    std::memset(a, 1, sizeof a);  // pages of their own (never written, they would all be the one zero page)
+    std::memset(b, 1, sizeof b);
+    for (int round = 0; round < 2; ++round)
+        std::printf("2 x 2 tiles, one 1 KB tile load per TDPBUSD: operands in L1 %.1f | in L2 %.1f\n", cycles_per_tdp_2x2(a, b, 2, 4, 200000),
+                    cycles_per_tdp_2x2(a, b, 10, 40, 4000));
 }
