@@ -175,9 +175,10 @@ inline void tile_block_edge(bool two_r, bool two_t, const uint8_t *a0, const uin
 // speed, and the unpack is what a 16-token call spends most of its time on.
 inline void unpack_weights_avx512(const uint8_t *packed, int64_t blocks, int64_t r, int64_t s0, int64_t s1, uint8_t *dst) {
     const __m512i m3 = _mm512_set1_epi8(3);
+    const uint8_t *base = amx::t2p_block(packed, blocks, r, 0);
     const int64_t tile_stride = amx::t2p_tile_stride(blocks);
     for (int i = 0; i < TILE_M; ++i) {
-        const uint8_t *row = amx::t2p_block(packed, blocks, r, 0) + i / TILE_ROWS * tile_stride + i % TILE_ROWS * T2P_BLOCK_BYTES;
+        const uint8_t *row = amx::t2p_block_in_tile(base, tile_stride, i);
         for (int64_t b = s0 / 4; b < s1 / 4; ++b) {
             const __m512i q = _mm512_loadu_si512(row + b * TILE_ROWS * T2P_BLOCK_BYTES);
             uint8_t *d = dst + (4 * b - s0) * TILE_BYTES + i * amx::TILE_K;
@@ -352,15 +353,13 @@ constexpr int ONE_TILE_GROUP = 5;
 template <int L>
 inline void unpack_plane_avx512(const uint8_t *packed, int64_t blocks, int64_t r, int64_t b, uint8_t *dst) {
     const __m512i m3 = _mm512_set1_epi8(3);
-    const uint8_t *rows = amx::t2p_block(packed, blocks, r, b);  // a T2P row tile's 4 rows, then the next tile's
+    const uint8_t *base = amx::t2p_block(packed, blocks, r, b);
     const int64_t tile_stride = amx::t2p_tile_stride(blocks);
-#pragma GCC unroll 4
-    for (int t = 0; t < TILE_M / TILE_ROWS; ++t, rows += tile_stride)
-#pragma GCC unroll 4
-        for (int i = 0; i < TILE_ROWS; ++i) {
-            const __m512i q = _mm512_loadu_si512(rows + i * T2P_BLOCK_BYTES);
-            _mm512_store_si512(dst + (t * TILE_ROWS + i) * amx::TILE_K, _mm512_and_si512(L ? _mm512_srli_epi16(q, 2 * L) : q, m3));
-        }
+#pragma GCC unroll 16
+    for (int i = 0; i < TILE_M; ++i) {
+        const __m512i q = _mm512_loadu_si512(amx::t2p_block_in_tile(base, tile_stride, i));
+        _mm512_store_si512(dst + i * amx::TILE_K, _mm512_and_si512(L ? _mm512_srli_epi16(q, 2 * L) : q, m3));
+    }
 }
 inline void unpack_step_avx512(const uint8_t *packed, int64_t blocks, int64_t r, int64_t s, uint8_t *dst) {
     switch (s % 4) {

@@ -47,12 +47,15 @@ static inline const uint8_t *t2p_block(const uint8_t *packed, int64_t blocks, in
     return packed + (row / TILE_ROWS * blocks * TILE_ROWS + b * TILE_ROWS + row % TILE_ROWS) * T2P_BLOCK_BYTES;
 }
 
-// Bytes from a row's T2P block to the same block of the row TILE_ROWS further on. The 16 rows [r, r + 16) of a tile
-// (r a multiple of TILE_ROWS) have their block b at t2p_block(packed, blocks, r, b) + (i / TILE_ROWS) * t2p_tile_stride(blocks)
-// + (i % TILE_ROWS) * T2P_BLOCK_BYTES: the vectorized unpacks address their 16 loads that way, from one base with
-// constant offsets (t2p_block per row made GCC spend more on index arithmetic, spilled to xmm registers, than on the
-// unpack itself).
+// Bytes from a row's T2P block to the same block of the row TILE_ROWS further on.
 static inline int64_t t2p_tile_stride(int64_t blocks) { return blocks * TILE_ROWS * T2P_BLOCK_BYTES; }
+
+// Row r + i's block, given row r's (`base` = t2p_block(packed, blocks, r, b), r a multiple of TILE_ROWS) and
+// t2p_tile_stride(blocks). The vectorized unpacks address their 16 rows this way, from one base with constant
+// offsets: t2p_block per row made GCC spend more on index arithmetic, spilled to xmm registers, than on the unpack.
+static inline const uint8_t *t2p_block_in_tile(const uint8_t *base, int64_t tile_stride, int i) {
+    return base + i / TILE_ROWS * tile_stride + i % TILE_ROWS * T2P_BLOCK_BYTES;
+}
 
 // code+1 of (row, col) in T2P: bits 2l..2l+1 of byte j of the row's block b, where col = 256b + 64l + j.
 // K step s is plane s % 4 of block s / 4.

@@ -40,7 +40,7 @@ RYZ_AMX_VNNI_TARGET static inline void unpack_vnni_block(const uint8_t *packed, 
     const uint8_t *base = t2p_block(packed, blocks, r, b);
     const int64_t tile_stride = t2p_tile_stride(blocks);
     for (int i = 0; i < 8; ++i) {
-        const uint8_t *row = base + 2 * i / TILE_ROWS * tile_stride + 2 * i % TILE_ROWS * T2P_BLOCK_BYTES;  // rows r + 2i, r + 2i + 1
+        const uint8_t *row = t2p_block_in_tile(base, tile_stride, 2 * i);  // rows r + 2i and r + 2i + 1: one row tile
         const __m512i x = _mm512_loadu_si512(row);
         const __m512i y = _mm512_loadu_si512(row + T2P_BLOCK_BYTES);
         t[2 * i] = _mm512_unpacklo_epi32(x, y);
