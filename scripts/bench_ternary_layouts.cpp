@@ -1,7 +1,7 @@
 // T2P vs T1P ternary GEMM through the C ABI (docs/kernels.md, "The 1.6-bit ternary layout"): threads on
 // disjoint halves of one matrix, layouts alternated, medians. Random bytes (results unused).
 //   g++ -O2 -std=c++17 -Inative/include scripts/bench_ternary_layouts.cpp -o /tmp/bench -L<build> -lryz -Wl,-rpath,<build> -lpthread
-//   /tmp/bench <cols> <T2P MB> <threads> <isa id> <reps> [calls per rep] [tokens]
+//   /tmp/bench <cols> <T2P MB> <threads> <isa id> <reps> [calls per rep] [tokens] [pages: huge (default, as the engine) | 4k]
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -9,6 +9,7 @@
 #include <cstring>
 #include <thread>
 #include <vector>
+#include <sys/mman.h>
 #include "ryz.h"
 
 int main(int argc, char **argv) {
@@ -19,6 +20,7 @@ int main(int argc, char **argv) {
     const int reps = argc > 5 ? atoi(argv[5]) : 15;
     const int inner = argc > 6 ? atoi(argv[6]) : 1;
     const int ntok = argc > 7 ? atoi(argv[7]) : 1;
+    const bool huge = !(argc > 8 && strcmp(argv[8], "4k") == 0);
     int64_t rows = static_cast<int64_t>(mb * 1e6 / (cols / 4)) / (4 * threads) * (4 * threads);
     if (ryz_set_isa(isa) != RYZ_OK) { printf("isa\n"); return 1; }
     std::vector<int8_t> act(cols * ntok);
@@ -28,7 +30,9 @@ int main(int argc, char **argv) {
     std::vector<std::vector<int32_t>> outs(threads, std::vector<int32_t>(per * ntok));
     for (int layout : {0, 1, 0, 1}) {
         const size_t bytes = ryz_ternary_layout_bytes(layout, rows, cols), per_bytes = ryz_ternary_layout_bytes(layout, per, cols);
-        uint8_t *w = static_cast<uint8_t *>(aligned_alloc(64, (bytes + 63) / 64 * 64));
+        const size_t align = huge ? size_t(2) << 20 : 64, alloc = (bytes + align - 1) / align * align;
+        uint8_t *w = static_cast<uint8_t *>(aligned_alloc(align, alloc));
+        if (huge) madvise(w, alloc, MADV_HUGEPAGE);  // as the engine's ternary_weights buffer
         for (size_t i = 0; i < bytes; ++i) w[i] = static_cast<uint8_t>(layout ? (i * 2654435761u >> 13) % 243 : ((i * 2654435761u >> 13) & 0x55) | 0x11);
         std::vector<double> t;
         for (int r = 0; r < reps; ++r) {

@@ -12,6 +12,9 @@ prompts, which is why the bound is 1e-5 and not looser. An fp16 KV cache rounds 
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -143,6 +146,29 @@ def test_batch_of_sequences_equals_separate_runs(models, native_library):
     together = model.forward_batch(tokens, seqs, want)
     for s in range(3):
         assert _rel(together[s], alone[s]) < 1e-6
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
+@pytest.mark.parametrize("name", ["tiny", "falcon3"])
+def test_head_is_read_into_its_own_huge_pages(models, native_library, name):
+    """The head (tied or not) is streamed every token: it is read into anonymous memory advised as huge
+    pages ("hg"), byte for byte the file's tensor, and not served from the file's mapping."""
+    model = NativeModel(models[name], native_library, threads=2, max_positions=16)
+    head_name = "token_embd.weight" if model.hp.tied else "output.weight"
+    head = model._head
+    address = head.ctypes.data
+    assert address % (2 << 20) == 0
+    np.testing.assert_array_equal(head.view(np.uint8).reshape(-1), model.file.raw(head_name).view(np.uint8).reshape(-1))
+    mapping, flags = None, ""
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            start, end = (int(v, 16) for v in line.split()[0].split("-"))
+            mapping = line if start <= address < end else None
+        elif mapping and line.startswith("VmFlags:"):
+            flags = line
+            break
+    assert mapping is not None and len(mapping.split()) == 5, f"the head is in a file mapping: {mapping}"
+    assert " hg" in flags, flags
 
 
 def test_prefix_copy_and_release(models, native_library):

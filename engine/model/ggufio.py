@@ -375,6 +375,19 @@ def _tensor_info(
     return TensorInfo(name, dims, qtype, data_start + offset, n_bytes)
 
 
+HUGE_PAGE = 2 << 20
+
+
+def _tensor_view(info: TensorInfo, data: np.ndarray) -> np.ndarray:
+    """A tensor's bytes as ModelFile.raw returns them: values for F32/F16, rows of block bytes otherwise."""
+    rows_shape = tuple(int(d) for d in reversed(info.shape))
+    if info.tensor_type == gguf.GGMLQuantizationType.F32:
+        return data.view(np.float32).reshape(rows_shape)
+    if info.tensor_type == gguf.GGMLQuantizationType.F16:
+        return data.view(np.float16).reshape(rows_shape)
+    return data.reshape(*rows_shape[:-1], -1)
+
+
 class ModelFile:
     """A model artifact opened for reading: header parsed and checked, tensors memory-mapped on demand."""
 
@@ -544,13 +557,35 @@ class ModelFile:
         info = self._tensor(name)
         if self._map is None:
             self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
-        data = self._map[info.offset : info.offset + info.n_bytes]
-        rows_shape = tuple(int(d) for d in reversed(info.shape))
-        if info.tensor_type == gguf.GGMLQuantizationType.F32:
-            return data.view(np.float32).reshape(rows_shape)
-        if info.tensor_type == gguf.GGMLQuantizationType.F16:
-            return data.view(np.float16).reshape(rows_shape)
-        return data.reshape(*rows_shape[:-1], -1)
+        return _tensor_view(info, self._map[info.offset : info.offset + info.n_bytes])
+
+    def allocate_resident(self, name: str) -> np.ndarray:
+        """An array shaped as raw(name) returns it, in anonymous memory advised as transparent huge pages and
+        not yet filled (read_into fills it). For what every decoded token streams, the head: from the file's
+        mapping it came in whatever pages the page cache held, and 4 KB ones cost the 2B4T head 1.1-1.2x
+        (docs/kernels.md "Huge pages"). Untouched pages are not resident, so a caller can register the
+        array first and fill it once it has released what it no longer needs."""
+        info = self._tensor(name)
+        anon = mmap.mmap(-1, info.n_bytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        start = -np.frombuffer(anon, dtype=np.uint8, count=1).ctypes.data % HUGE_PAGE  # the first 2 MB boundary
+        if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; elsewhere, or with THP off: 4 KB pages, the same bytes
+            anon.madvise(mmap.MADV_HUGEPAGE, start, info.n_bytes)
+        return _tensor_view(info, np.frombuffer(anon, dtype=np.uint8, count=info.n_bytes, offset=start))
+
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        """Read one tensor's stored bytes into `out` (from allocate_resident): read, not copied from the
+        mapping, so the file's pages never join this process's resident set."""
+        info = self._tensor(name)
+        view, done = out.reshape(-1).view(np.uint8).data, 0
+        if view.nbytes != info.n_bytes:
+            raise ValueError(f"{name}: {view.nbytes} bytes to read into, the tensor has {info.n_bytes}")
+        with self.path.open("rb", buffering=0) as handle:
+            handle.seek(info.offset)
+            while done < info.n_bytes:
+                got = handle.readinto(view[done:])
+                if not got:
+                    raise GGUFFormatError(f"{self.path}: tensor {name!r} ends past the end of the file (truncated?)")
+                done += got
 
     def release(self, names) -> None:
         """Drop the named tensors' pages from this process's resident set (they stay in the page cache

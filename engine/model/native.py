@@ -293,8 +293,12 @@ class NativeModel:
         self.context: ctypes.c_void_p | None = _P()
         self._arrays = []  # keep every mapped array alive as long as the native model points into it
         try:
+            # The head is streamed whole every token: it gets its own huge pages (read in below); the rest is
+            # mapped (finalize repacks the ternary weights, norms are small, embedding rows are looked up).
+            head_name = "token_embd.weight" if hp.tied else "output.weight"
+            head = self._head = self.file.allocate_resident(head_name)
             for name in self._tensor_names():
-                data = np.ascontiguousarray(self.file.raw(name))
+                data = head if name == head_name else np.ascontiguousarray(self.file.raw(name))
                 shape = self.file.shape(name)
                 rows, cols = (1, shape[0]) if len(shape) == 1 else shape
                 self._arrays.append(data)
@@ -302,6 +306,7 @@ class NativeModel:
             library.check(lib.ryz_model_finalize(handle, max(threads, 1)), "model_finalize")
             # The repacked copies are what runs: release the file's ternary pages (about 0.5 GB on 2B4T).
             self.file.release([tensor_name(i, stem) for i in range(hp.layers) for stem in LINEAR_NAMES.values()])
+            self.file.read_into(head_name, head)  # after the release: the peak RSS holds the head or those pages
             ctx = _P()
             positions = max_positions or hp.context
             library.check(

@@ -236,7 +236,7 @@ ryz_status ryz_top_k(const float *logits, int64_t n, int32_t k, int32_t *ids, fl
 double ryz_read_bandwidth(int64_t bytes, int32_t n_threads, int32_t repeats) {
     if (bytes < (1 << 20) || n_threads < 1 || repeats < 1) return 0.0;
     AlignedBuffer buffer;
-    if (!buffer.allocate(static_cast<size_t>(bytes))) return 0.0;
+    if (!buffer.allocate(static_cast<size_t>(bytes), true, true)) return 0.0;  // pages as the weights have them
     for (int64_t i = 0; i < bytes; i += 4096) buffer.get()[i] = static_cast<uint8_t>(i);  // fault pages in
     ThreadPool pool(n_threads);
     std::vector<uint64_t> sink(n_threads);

@@ -115,7 +115,7 @@ void bit_linears(ryz_context *c, const LinearJob *jobs, int n_jobs, int32_t n) {
     auto run_rows = [&](int j, int64_t rb, int64_t re) {  // rows [rb, re) of job j, whole row tiles
         const TernaryLinear &w = *jobs[j].w;
         int32_t *acc = c->acc.data() + first_row[j] * n;  // [job rows][...]: disjoint per job
-        ternary_kernel(w.layout)(w.packed.get(), rb, re, cols, c->act.data(), c->act_sum.data(), n, tile, acc, w.rows);
+        ternary_kernel(w.layout)(w.packed, rb, re, cols, c->act.data(), c->act_sum.data(), n, tile, acc, w.rows);
         for (int32_t t = 0; t < n; ++t)
             linear_out(acc + int64_t(t) * w.rows + rb, re - rb, c->act_scale[t], w.scale, jobs[j].out + int64_t(t) * w.rows + rb);
     };

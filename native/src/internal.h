@@ -68,11 +68,15 @@ ryz_status guarded(Body &&body) {
 }
 
 // 64-byte aligned buffer (cache lines and AVX-512 loads), zero-initialised unless `zero` is false.
+// `huge_pages`: 2 MB aligned and advised to the kernel as transparent huge pages (Linux; a hint that may be
+// ignored). For what is streamed every token: with 4 KB pages the decode GEMVs paid a TLB miss every 4 KB
+// (docs/kernels.md "Huge pages"). The last 2 MB page is whole once touched, so use it for one large buffer,
+// not for many small ones.
 struct AlignedBuffer {
     struct Free { void operator()(void *p) const { std::free(p); } };
     std::unique_ptr<uint8_t, Free> data;
     size_t size = 0;
-    bool allocate(size_t bytes, bool zero = true);
+    bool allocate(size_t bytes, bool zero = true, bool huge_pages = false);
     uint8_t *get() const { return data.get(); }
 };
 
@@ -104,7 +108,7 @@ struct DenseTensor {
 };
 
 struct TernaryLinear {
-    AlignedBuffer packed;  // `layout`: T2P (from TQ2_0) or T1P (from TQ1_0), blocks.h
+    const uint8_t *packed = nullptr;  // in ryz_model::ternary_weights; `layout`: T2P (from TQ2_0) or T1P (from TQ1_0), blocks.h
     int32_t layout = LAYOUT_T2P;
     int64_t rows = 0, cols = 0;
     float scale = 1.0f;    // real weight = code * scale
@@ -134,4 +138,5 @@ struct ryz_model {
     bool finalized = false;
     double repack_seconds = 0.0;
     int64_t repacked_bytes = 0;
+    ryz::AlignedBuffer ternary_weights;  // every layer's packed linears, one huge-page buffer
 };

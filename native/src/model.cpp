@@ -8,14 +8,23 @@
 #include <cstring>
 #include <thread>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #include "internal.h"
 
 namespace ryz {
 
-bool AlignedBuffer::allocate(size_t bytes, bool zero) {
-    const size_t rounded = (bytes + 63) / 64 * 64;
-    void *p = std::aligned_alloc(64, rounded ? rounded : 64);
+bool AlignedBuffer::allocate(size_t bytes, bool zero, bool huge_pages) {
+    constexpr size_t HUGE_PAGE = size_t(2) << 20;
+    const size_t align = huge_pages ? HUGE_PAGE : 64;
+    const size_t rounded = bytes ? (bytes + align - 1) / align * align : align;
+    void *p = std::aligned_alloc(align, rounded);
     if (!p) return false;
+#ifdef MADV_HUGEPAGE
+    if (huge_pages) madvise(p, rounded, MADV_HUGEPAGE);  // advice: THP off or unavailable leaves 4 KB pages
+#endif
     if (zero) std::memset(p, 0, rounded);
     data.reset(static_cast<uint8_t *>(p));
     size = bytes;
@@ -246,6 +255,10 @@ ryz_status finalize_model(ryz_model *m, int32_t n_threads) {
     const int64_t shapes[N_LINEARS][2] = {{q_dim, hp.hidden}, {kv_dim, hp.hidden}, {kv_dim, hp.hidden}, {hp.hidden, q_dim},
                                           {hp.ffn, hp.hidden},  {hp.ffn, hp.hidden},  {hp.hidden, hp.ffn}};
     const auto started = std::chrono::steady_clock::now();
+    // Checked and sized first, then packed into one buffer (huge pages without a partly used page per linear).
+    std::vector<const Source *> ternary_sources;
+    std::vector<size_t> offsets;
+    size_t total = 0;
     for (int i = 0; i < hp.layers; ++i) {
         Layer &layer = m->layers[i];
         const std::string p = "blk." + std::to_string(i) + ".";
@@ -276,9 +289,20 @@ ryz_status finalize_model(ryz_model *m, int32_t n_threads) {
             lin.cols = w->cols;
             lin.scale = block == 1.0f ? tensor_scale : tensor_scale * block;
             lin.layout = layout_for(w->type);
-            if (!lin.packed.allocate(layout_bytes(lin.layout, w->rows, w->cols))) return fail(RYZ_ERR_OUT_OF_MEMORY, "out of memory repacking " + name);
-            pack_parallel(w->data, w->type, lin.layout, w->rows, w->cols, lin.packed.get(), threads);
-            m->repacked_bytes += static_cast<int64_t>(lin.packed.size);
+            ternary_sources.push_back(w);
+            offsets.push_back(total);
+            total += (layout_bytes(lin.layout, w->rows, w->cols) + 63) / 64 * 64;
+        }
+    }
+    if (!m->ternary_weights.allocate(total, true, true)) return fail(RYZ_ERR_OUT_OF_MEMORY, "out of memory repacking the ternary weights");
+    size_t next = 0;
+    for (Layer &layer : m->layers) {
+        for (TernaryLinear &lin : layer.linear) {
+            const Source *w = ternary_sources[next];
+            uint8_t *dst = m->ternary_weights.get() + offsets[next++];
+            lin.packed = dst;
+            pack_parallel(w->data, w->type, lin.layout, w->rows, w->cols, dst, threads);
+            m->repacked_bytes += static_cast<int64_t>(layout_bytes(lin.layout, w->rows, w->cols));
         }
     }
     m->repack_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
