@@ -47,7 +47,7 @@ uint64_t read_scalar(const uint8_t *p, size_t bytes) {
 
 uint64_t read_block(const uint8_t *p, size_t bytes) {
 #if defined(__x86_64__) || defined(_M_X64)
-    if (kernels().isa == RYZ_ISA_AVX512) return read_avx512(p, bytes);
+    if (kernels().isa == RYZ_ISA_AVX512 || kernels().isa == RYZ_ISA_AMX) return read_avx512(p, bytes);  // AMX is AVX-512's family too
     if (kernels().isa == RYZ_ISA_AVX2) return read_avx2(p, bytes);
 #endif
     return read_scalar(p, bytes);
