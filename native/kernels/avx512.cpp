@@ -804,7 +804,7 @@ inline void fold_pair(__m512 r, float *scores) {  // the 8-lane fold of each hal
 
 // fold_pair for four vectors (8 positions) at once, in vector lanes: each level adds the even lanes to the odd ones
 // (a + b with a the left operand of fold_pair's sum), gathered from two vectors by one two-source permute, so every
-// score gets exactly fold_pair's additions. 8 permutes and 4 adds instead of a store, 16 reloads and 28 scalar adds.
+// score gets exactly fold_pair's additions. 8 permutes and 4 adds instead of 4 stores, 64 reloads and 56 scalar adds.
 inline void fold_eight(const __m512 (&r)[4], float *scores) {
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
