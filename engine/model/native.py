@@ -270,7 +270,7 @@ class NativeCache:
 
 
 class NativeModel:
-    """A GGUF model artifact on the native engine: mmap'd tensors, repacked ternary weights."""
+    """A GGUF model artifact on the native engine: mmap'd tensors, the head in huge pages, repacked ternary weights."""
 
     def __init__(
         self,
