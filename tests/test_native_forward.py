@@ -12,12 +12,14 @@ prompts, which is why the bound is 1e-5 and not looser. An fp16 KV cache rounds 
 
 from __future__ import annotations
 
+import mmap
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from engine.model.ggufio import ModelFile
 from engine.model.native import NativeModel
 from engine.model.quantize import quantize_checkpoint
 from engine.model.reference import ReferenceModel
@@ -169,6 +171,16 @@ def test_head_is_read_into_its_own_huge_pages(models, native_library, name):
             break
     assert mapping is not None and len(mapping.split()) == 5, f"the head is in a file mapping: {mapping}"
     assert " hg" in flags, flags
+
+
+def test_head_read_survives_a_kernel_that_refuses_the_advice(models, monkeypatch):
+    """madvise(MADV_HUGEPAGE) is advice: a kernel built without THP refuses it (EINVAL), and the head is then read
+    into ordinary pages, the same bytes."""
+    monkeypatch.setattr(mmap, "MADV_HUGEPAGE", 0x7FFF, raising=False)  # an advice no kernel knows: EINVAL
+    file = ModelFile(models["falcon3"])
+    head = file.allocate_resident("output.weight")
+    file.read_into("output.weight", head)
+    np.testing.assert_array_equal(head, file.raw("output.weight"))
 
 
 def test_prefix_copy_and_release(models, native_library):

@@ -18,6 +18,7 @@ different model. `{arch}.ffn_activation` records `relu2` or `silu`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
@@ -569,7 +570,8 @@ class ModelFile:
         anon = mmap.mmap(-1, info.n_bytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         start = -np.frombuffer(anon, dtype=np.uint8, count=1).ctypes.data % HUGE_PAGE  # the first 2 MB boundary
         if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux; elsewhere, or with THP off: 4 KB pages, the same bytes
-            anon.madvise(mmap.MADV_HUGEPAGE, start, info.n_bytes)
+            with contextlib.suppress(OSError):  # advice only: a kernel built without THP refuses it (EINVAL)
+                anon.madvise(mmap.MADV_HUGEPAGE, start, info.n_bytes)
         return _tensor_view(info, np.frombuffer(anon, dtype=np.uint8, count=info.n_bytes, offset=start))
 
     def read_into(self, name: str, out: np.ndarray) -> None:
