@@ -526,9 +526,11 @@ void ternary_gemm_amx(const uint8_t *packed, int64_t row_begin, int64_t row_end,
 
 // T1P (TQ1_0 models) on AMX: decode and fewer than MIN_TOKENS keep AVX-512's kernels on the raw base-3 bytes; 8 to 16
 // tokens load their A tiles from code bytes (t1p_one_token_tile, below); more tokens expand each group of
-// T1P_GROUP_ROWS rows to T2P once per call (442 KB at 6912 columns: it stays in L2) and run the AMX GEMM over all
-// the call's tokens on it, so each weight is expanded once per call, not once per block of tokens.
-constexpr int64_t T1P_GROUP_ROWS = 256;
+// T1P_GROUP_ROWS rows to T2P once per call (1.7 MB at 6912 columns) and run the AMX GEMM over all the call's tokens
+// on it, so each weight is expanded once per call, not once per block of tokens. Each group's GEMM packs every token's
+// activations again, so groups are large: 1024 rows against 256 took pp512 of the 2B4T TQ1_0 file from 1.19-1.21 s
+// to 1.11-1.16 s (4096 rows: 1.08-1.15, for 4x the scratch; 3 alternations, Xeon 0xA7).
+constexpr int64_t T1P_GROUP_ROWS = 1024;
 
 // T1P with one token tile, no T2P in between: each row group's 5 row tiles are expanded once into code+1 bytes, row
 // after row (t1p_codes_avx512: 200 KB at 2560 columns, in L2), and that buffer is the A tiles themselves (a tile

@@ -1186,6 +1186,7 @@ void test_t1p() {
     t1p_case(rng, 84, 6912, 16, some_tiles, 1, false);
     t1p_case(rng, 164, 768, 11, {0}, 2, false);
     t1p_case(rng, 4, 43008, 1, {0}, 2, true);  // past the AVX-512 GEMV's fold of 512 vectors (40960 columns)
+    t1p_case(rng, 1044, 512, 40, {0}, 0, false);  // prefill-sized on AMX: two T2P expansion groups, the second partial
 
     // TQ1_0 blocks from random codes repack to the T1P bytes built here, and GEMM on them equals GEMM on
     // the T2P repack of the same file.
