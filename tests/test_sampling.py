@@ -394,6 +394,19 @@ def test_a_greedy_pick_without_logprobs_reports_none():
         assert asked.token == 9 and math.isclose(asked.logprob, expected, rel_tol=1e-6)
 
 
+def test_a_scaled_draw_without_logprobs_skips_the_raw_pass():
+    # At a temperature other than 1 the draw's weights need their own exp pass, so the raw one (for the logprob)
+    # is made only when asked for; the tokens drawn are the same either way.
+    logits = (np.random.default_rng(3).standard_normal(500) * 3).astype(np.float32)
+    plain, asked = (
+        Sampler(SamplingParams(temperature=0.7, seed=4), 500),
+        Sampler(SamplingParams(temperature=0.7, seed=4, logprobs=0), 500),
+    )
+    for _ in range(20):
+        a, b = plain.sample(logits, [], []), asked.sample(logits, [], [])
+        assert a.token == b.token and math.isnan(a.logprob) and b.logprob <= 0
+
+
 def test_no_top_alternatives_without_logprobs():
     logits = np.arange(10, dtype=np.float32)
     assert Sampler(SamplingParams(), 10).sample(logits, [], []).top == []
