@@ -256,8 +256,11 @@ ryz_status finalize_model(ryz_model *m, int32_t n_threads) {
                                           {hp.ffn, hp.hidden},  {hp.ffn, hp.hidden},  {hp.hidden, hp.ffn}};
     const auto started = std::chrono::steady_clock::now();
     // Checked and sized first, then packed into one buffer (huge pages without a partly used page per linear).
-    std::vector<const Source *> ternary_sources;
-    std::vector<size_t> offsets;
+    struct Placement {
+        const Source *src;
+        size_t offset;  // in m->ternary_weights, 64-byte aligned
+    };
+    std::vector<Placement> placements;
     size_t total = 0;
     for (int i = 0; i < hp.layers; ++i) {
         Layer &layer = m->layers[i];
@@ -289,20 +292,20 @@ ryz_status finalize_model(ryz_model *m, int32_t n_threads) {
             lin.cols = w->cols;
             lin.scale = block == 1.0f ? tensor_scale : tensor_scale * block;
             lin.layout = layout_for(w->type);
-            ternary_sources.push_back(w);
-            offsets.push_back(total);
-            total += (layout_bytes(lin.layout, w->rows, w->cols) + 63) / 64 * 64;
+            const size_t bytes = layout_bytes(lin.layout, w->rows, w->cols);
+            placements.push_back({w, total});
+            total += (bytes + 63) / 64 * 64;
+            m->repacked_bytes += static_cast<int64_t>(bytes);
         }
     }
     if (!m->ternary_weights.allocate(total, true, true)) return fail(RYZ_ERR_OUT_OF_MEMORY, "out of memory repacking the ternary weights");
-    size_t next = 0;
+    const Placement *next = placements.data();
     for (Layer &layer : m->layers) {
         for (TernaryLinear &lin : layer.linear) {
-            const Source *w = ternary_sources[next];
-            uint8_t *dst = m->ternary_weights.get() + offsets[next++];
+            const Placement &at = *next++;
+            uint8_t *dst = m->ternary_weights.get() + at.offset;
             lin.packed = dst;
-            pack_parallel(w->data, w->type, lin.layout, w->rows, w->cols, dst, threads);
-            m->repacked_bytes += static_cast<int64_t>(layout_bytes(lin.layout, w->rows, w->cols));
+            pack_parallel(at.src->data, at.src->type, lin.layout, lin.rows, lin.cols, dst, threads);
         }
     }
     m->repack_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
