@@ -100,8 +100,9 @@ RYZ_API ryz_status ryz_forward(ryz_context *c, int32_t n_tokens, const int32_t *
                        const uint8_t *want_logits, float *logits);
 
 /* Per-part profile of ryz_forward (ABI 5), so a benchmark shows where a step's time goes: wall seconds spent
- * in the ternary linears (activation quantization + GEMMs + rescale), the head (final norm + dense GEMM), attention
- * (scores, softmax, values) and everything else (embedding, norms, RoPE, KV stores, activation functions, residuals),
+ * in the ternary linears (GEMMs + rescale), the head (final norm + dense GEMM), attention (scores, softmax, values)
+ * and everything else (embedding, norms, int8 activation quantization, RoPE, KV stores, activation functions,
+ * residuals; quantization counted with the linears until 2026-12-05),
  * summed over the forward calls since profiling was turned on. Off by default; turning it on (or off) resets it. */
 enum { RYZ_PART_TERNARY = 0, RYZ_PART_HEAD = 1, RYZ_PART_ATTENTION = 2, RYZ_PART_OTHER = 3, RYZ_PART_COUNT = 4 };
 RYZ_API ryz_status ryz_context_set_profiling(ryz_context *c, int32_t on);

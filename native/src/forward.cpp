@@ -74,19 +74,11 @@ void timed(ryz_context *c, int part, Fn fn) {
     c->part_seconds[part] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-// Quantize n tokens of `cols` activations (rows of `x`) into the context's int8 buffer.
-void quantize_tokens(ryz_context *c, const float *x, int32_t n, int64_t cols) {
-    const Kernels &kern = kernels();
-    if (n == 1) {  // decode: not worth a barrier
-        kern.quantize_act(x, cols, c->act.data(), &c->act_scale[0], &c->act_sum[0]);
-        return;
-    }
-    c->pool->run([&](int ti, int nt) {
-        int64_t b, e;
-        split_range(n, 1, ti, nt, &b, &e);
-        for (int64_t t = b; t < e; ++t)
-            kern.quantize_act(x + t * cols, cols, c->act.data() + t * cols, &c->act_scale[t], &c->act_sum[t]);
-    });
+// Quantize token t's `cols` activations into its row of the context's int8 buffer. The forward calls it from
+// the per-token work that produced the row, while the row is still in L1: a separate pass over the batch read
+// every row back from L2 or memory and cost a parallel region per linear input.
+void quantize_token(ryz_context *c, int32_t t, const float *x, int64_t cols) {
+    kernels().quantize_act(x, cols, c->act.data() + int64_t(t) * cols, &c->act_scale[t], &c->act_sum[t]);
 }
 
 // out[t, r] = float(acc) / act_scale[t] * w.scale for each linear, all run in one parallel region
@@ -389,14 +381,19 @@ ryz_status ryz_forward(ryz_context *c, int32_t n, const int32_t *tokens, const i
     const int32_t half = hp.head_dim / 2;
     float *x = c->x.data(), *xb = c->xb.data();
 
-    per_token(c, n, [&](int32_t t) { dequantize_row(m->token_embd.data, m->token_embd.type, tokens[t], hp.hidden, x + int64_t(t) * hp.hidden); });
+    // Each per-token step ends with the next linear's input norm and int8 quantization (quantize_token).
+    per_token(c, n, [&](int32_t t) {
+        float *xt = x + int64_t(t) * hp.hidden, *xbt = xb + int64_t(t) * hp.hidden;
+        dequantize_row(m->token_embd.data, m->token_embd.type, tokens[t], hp.hidden, xt);
+        ew.rms_norm(xt, m->layers[0].attn_norm, hp.hidden, hp.rms_eps, xbt);
+        quantize_token(c, t, xbt, hp.hidden);
+    });
 
     for (int32_t l = 0; l < hp.layers; ++l) {
         const Layer &layer = m->layers[l];
         // Attention block.
-        per_token(c, n, [&](int32_t t) { ew.rms_norm(x + int64_t(t) * hp.hidden, layer.attn_norm, hp.hidden, hp.rms_eps, xb + int64_t(t) * hp.hidden); });
         const LinearJob qkv[3] = {{&layer.linear[Q], c->q.data()}, {&layer.linear[K], c->k.data()}, {&layer.linear[V], c->v.data()}};
-        timed(c, RYZ_PART_TERNARY, [&] { quantize_tokens(c, xb, n, hp.hidden); bit_linears(c, qkv, 3, n); });
+        timed(c, RYZ_PART_TERNARY, [&] { bit_linears(c, qkv, 3, n); });
         per_token(c, n, [&](int32_t t) {
             float *qt = c->q.data() + int64_t(t) * q_dim, *kt = c->k.data() + int64_t(t) * kv_dim, *vt = c->v.data() + int64_t(t) * kv_dim;
             const float *cs = c->rope_cos.data() + int64_t(c->positions[t]) * half, *sn = c->rope_sin.data() + int64_t(c->positions[t]) * half;
@@ -410,33 +407,43 @@ ryz_status ryz_forward(ryz_context *c, int32_t n, const int32_t *tokens, const i
             }
         });
         timed(c, RYZ_PART_ATTENTION, [&] { attention(c, l, n, seq_ids); });
-        if (hp.sub_norms)
-            per_token(c, n, [&](int32_t t) { ew.rms_norm(c->att.data() + int64_t(t) * q_dim, layer.attn_sub_norm, q_dim, hp.rms_eps, xb + int64_t(t) * q_dim); });
-        else
-            std::memcpy(xb, c->att.data(), sizeof(float) * size_t(n) * q_dim);
-        const LinearJob o[1] = {{&layer.linear[O], c->gate.data()}};  // gate buffer as scratch
-        timed(c, RYZ_PART_TERNARY, [&] { quantize_tokens(c, xb, n, q_dim); bit_linears(c, o, 1, n); });
         per_token(c, n, [&](int32_t t) {
-            float *xt = x + int64_t(t) * hp.hidden;
-            const float *y = c->gate.data() + int64_t(t) * hp.hidden;
-            ew.add(xt, y, hp.hidden);
-            ew.rms_norm(xt, layer.ffn_norm, hp.hidden, hp.rms_eps, xb + int64_t(t) * hp.hidden);
+            const float *at = c->att.data() + int64_t(t) * q_dim;
+            if (hp.sub_norms) {
+                ew.rms_norm(at, layer.attn_sub_norm, q_dim, hp.rms_eps, xb + int64_t(t) * q_dim);
+                at = xb + int64_t(t) * q_dim;
+            }
+            quantize_token(c, t, at, q_dim);
+        });
+        const LinearJob o[1] = {{&layer.linear[O], c->gate.data()}};  // gate buffer as scratch
+        timed(c, RYZ_PART_TERNARY, [&] { bit_linears(c, o, 1, n); });
+        per_token(c, n, [&](int32_t t) {
+            float *xt = x + int64_t(t) * hp.hidden, *xbt = xb + int64_t(t) * hp.hidden;
+            ew.add(xt, c->gate.data() + int64_t(t) * hp.hidden, hp.hidden);
+            ew.rms_norm(xt, layer.ffn_norm, hp.hidden, hp.rms_eps, xbt);
+            quantize_token(c, t, xbt, hp.hidden);
         });
         // Feed-forward block.
         const LinearJob gate_up[2] = {{&layer.linear[GATE], c->gate.data()}, {&layer.linear[UP], c->up.data()}};
-        timed(c, RYZ_PART_TERNARY, [&] { quantize_tokens(c, xb, n, hp.hidden); bit_linears(c, gate_up, 2, n); });
+        timed(c, RYZ_PART_TERNARY, [&] { bit_linears(c, gate_up, 2, n); });
         per_token(c, n, [&](int32_t t) {
             float *g = c->gate.data() + int64_t(t) * hp.ffn;
-            const float *u = c->up.data() + int64_t(t) * hp.ffn;
-            ew.ffn_act_mul(g, u, hp.ffn, hp.ffn_act);  // relu^2 or SiLU, exp in double as the reference
-            if (hp.sub_norms) ew.rms_norm(g, layer.ffn_sub_norm, hp.ffn, hp.rms_eps, xb + int64_t(t) * hp.ffn);
-            else std::memcpy(xb + int64_t(t) * hp.ffn, g, sizeof(float) * hp.ffn);
+            ew.ffn_act_mul(g, c->up.data() + int64_t(t) * hp.ffn, hp.ffn, hp.ffn_act);  // relu^2 or SiLU, exp in double as the reference
+            if (hp.sub_norms) {
+                ew.rms_norm(g, layer.ffn_sub_norm, hp.ffn, hp.rms_eps, xb + int64_t(t) * hp.ffn);
+                g = xb + int64_t(t) * hp.ffn;
+            }
+            quantize_token(c, t, g, hp.ffn);
         });
         const LinearJob down[1] = {{&layer.linear[DOWN], c->up.data()}};
-        timed(c, RYZ_PART_TERNARY, [&] { quantize_tokens(c, xb, n, hp.ffn); bit_linears(c, down, 1, n); });
+        timed(c, RYZ_PART_TERNARY, [&] { bit_linears(c, down, 1, n); });
+        const bool last = l + 1 == hp.layers;
         per_token(c, n, [&](int32_t t) {
-            float *xt = x + int64_t(t) * hp.hidden;
+            float *xt = x + int64_t(t) * hp.hidden, *xbt = xb + int64_t(t) * hp.hidden;
             ew.add(xt, c->up.data() + int64_t(t) * hp.hidden, hp.hidden);
+            if (last) return;  // the head's norm runs on the tokens whose logits are wanted
+            ew.rms_norm(xt, m->layers[l + 1].attn_norm, hp.hidden, hp.rms_eps, xbt);
+            quantize_token(c, t, xbt, hp.hidden);
         });
     }
 
