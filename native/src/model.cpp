@@ -298,7 +298,10 @@ ryz_status finalize_model(ryz_model *m, int32_t n_threads) {
             m->repacked_bytes += static_cast<int64_t>(bytes);
         }
     }
-    if (!m->ternary_weights.allocate(total, true, true)) return fail(RYZ_ERR_OUT_OF_MEMORY, "out of memory repacking the ternary weights");
+    // Not zeroed: the packers write every byte of each linear's layout (whole tiles: rows are a multiple of
+    // TILE_ROWS), and the up to 63 bytes between two linears are never read. A memset here faulted in the whole
+    // buffer on one thread before the packers, on several, wrote it again.
+    if (!m->ternary_weights.allocate(total, false, true)) return fail(RYZ_ERR_OUT_OF_MEMORY, "out of memory repacking the ternary weights");
     const Placement *next = placements.data();
     for (Layer &layer : m->layers) {
         for (TernaryLinear &lin : layer.linear) {
