@@ -74,11 +74,17 @@ void timed(ryz_context *c, int part, Fn fn) {
     c->part_seconds[part] += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-// Quantize token t's `cols` activations into its row of the context's int8 buffer. The forward calls it from
-// the per-token work that produced the row, while the row is still in L1: a separate pass over the batch read
-// every row back from L2 or memory and cost a parallel region per linear input.
-void quantize_token(ryz_context *c, int32_t t, const float *x, int64_t cols) {
-    kernels().quantize_act(x, cols, c->act.data() + int64_t(t) * cols, &c->act_scale[t], &c->act_sum[t]);
+// Token t's input to the next linear: `src` (cols values), RMS-normed by `norm` into the context's xb row when a
+// norm is given, then quantized to int8 into its row of the act buffer. The forward calls it from the per-token
+// work that produced `src`, while the row is still in L1: a separate pass over the batch read every row back from
+// L2 or memory and cost a parallel region per linear input.
+void linear_input(ryz_context *c, const Elementwise &ew, int32_t t, const float *src, const float *norm, int64_t cols) {
+    if (norm) {
+        float *normed = c->xb.data() + int64_t(t) * cols;
+        ew.rms_norm(src, norm, cols, c->model->hp.rms_eps, normed);
+        src = normed;
+    }
+    kernels().quantize_act(src, cols, c->act.data() + int64_t(t) * cols, &c->act_scale[t], &c->act_sum[t]);
 }
 
 // out[t, r] = float(acc) / act_scale[t] * w.scale for each linear, all run in one parallel region
@@ -379,14 +385,13 @@ ryz_status ryz_forward(ryz_context *c, int32_t n, const int32_t *tokens, const i
     // built for the baseline ISA (kernels.h has their bit-exact contracts).
     const Elementwise ew = elementwise_kernels();
     const int32_t half = hp.head_dim / 2;
-    float *x = c->x.data(), *xb = c->xb.data();
+    float *x = c->x.data();
 
-    // Each per-token step ends with the next linear's input norm and int8 quantization (quantize_token).
+    // Each per-token step ends with the next linear's input (linear_input).
     per_token(c, n, [&](int32_t t) {
-        float *xt = x + int64_t(t) * hp.hidden, *xbt = xb + int64_t(t) * hp.hidden;
+        float *xt = x + int64_t(t) * hp.hidden;
         dequantize_row(m->token_embd.data, m->token_embd.type, tokens[t], hp.hidden, xt);
-        ew.rms_norm(xt, m->layers[0].attn_norm, hp.hidden, hp.rms_eps, xbt);
-        quantize_token(c, t, xbt, hp.hidden);
+        linear_input(c, ew, t, xt, m->layers[0].attn_norm, hp.hidden);
     });
 
     for (int32_t l = 0; l < hp.layers; ++l) {
@@ -407,21 +412,13 @@ ryz_status ryz_forward(ryz_context *c, int32_t n, const int32_t *tokens, const i
             }
         });
         timed(c, RYZ_PART_ATTENTION, [&] { attention(c, l, n, seq_ids); });
-        per_token(c, n, [&](int32_t t) {
-            const float *at = c->att.data() + int64_t(t) * q_dim;
-            if (hp.sub_norms) {
-                ew.rms_norm(at, layer.attn_sub_norm, q_dim, hp.rms_eps, xb + int64_t(t) * q_dim);
-                at = xb + int64_t(t) * q_dim;
-            }
-            quantize_token(c, t, at, q_dim);
-        });
+        per_token(c, n, [&](int32_t t) { linear_input(c, ew, t, c->att.data() + int64_t(t) * q_dim, layer.attn_sub_norm, q_dim); });
         const LinearJob o[1] = {{&layer.linear[O], c->gate.data()}};  // gate buffer as scratch
         timed(c, RYZ_PART_TERNARY, [&] { bit_linears(c, o, 1, n); });
         per_token(c, n, [&](int32_t t) {
-            float *xt = x + int64_t(t) * hp.hidden, *xbt = xb + int64_t(t) * hp.hidden;
+            float *xt = x + int64_t(t) * hp.hidden;
             ew.add(xt, c->gate.data() + int64_t(t) * hp.hidden, hp.hidden);
-            ew.rms_norm(xt, layer.ffn_norm, hp.hidden, hp.rms_eps, xbt);
-            quantize_token(c, t, xbt, hp.hidden);
+            linear_input(c, ew, t, xt, layer.ffn_norm, hp.hidden);
         });
         // Feed-forward block.
         const LinearJob gate_up[2] = {{&layer.linear[GATE], c->gate.data()}, {&layer.linear[UP], c->up.data()}};
@@ -429,21 +426,15 @@ ryz_status ryz_forward(ryz_context *c, int32_t n, const int32_t *tokens, const i
         per_token(c, n, [&](int32_t t) {
             float *g = c->gate.data() + int64_t(t) * hp.ffn;
             ew.ffn_act_mul(g, c->up.data() + int64_t(t) * hp.ffn, hp.ffn, hp.ffn_act);  // relu^2 or SiLU, exp in double as the reference
-            if (hp.sub_norms) {
-                ew.rms_norm(g, layer.ffn_sub_norm, hp.ffn, hp.rms_eps, xb + int64_t(t) * hp.ffn);
-                g = xb + int64_t(t) * hp.ffn;
-            }
-            quantize_token(c, t, g, hp.ffn);
+            linear_input(c, ew, t, g, layer.ffn_sub_norm, hp.ffn);
         });
         const LinearJob down[1] = {{&layer.linear[DOWN], c->up.data()}};
         timed(c, RYZ_PART_TERNARY, [&] { bit_linears(c, down, 1, n); });
         const bool last = l + 1 == hp.layers;
         per_token(c, n, [&](int32_t t) {
-            float *xt = x + int64_t(t) * hp.hidden, *xbt = xb + int64_t(t) * hp.hidden;
+            float *xt = x + int64_t(t) * hp.hidden;
             ew.add(xt, c->up.data() + int64_t(t) * hp.hidden, hp.hidden);
-            if (last) return;  // the head's norm runs on the tokens whose logits are wanted
-            ew.rms_norm(xt, m->layers[l + 1].attn_norm, hp.hidden, hp.rms_eps, xbt);
-            quantize_token(c, t, xbt, hp.hidden);
+            if (!last) linear_input(c, ew, t, xt, m->layers[l + 1].attn_norm, hp.hidden);  // the head's norm is its own
         });
     }
 
